@@ -1,0 +1,294 @@
+"""Typed configuration: `FLAME_*` environment variables and/or a config file (`FLAME_CONFIG`).
+
+Priority, highest first: explicit arguments (CLI flags), environment, config file, defaults.
+Nested sections use a double underscore in the environment: `FLAME_BROKER__URL`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
+
+from flame.errors import ConfigError
+
+__all__ = [
+    "BrokerSettings",
+    "DataSourceSettings",
+    "FlameConfig",
+    "SecureAggregationSettings",
+    "StorageSettings",
+    "TokenSettings",
+    "load_config",
+]
+
+Role = Literal["analysis", "aggregation"]
+ENV_PREFIX = "FLAME_"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TokenSettings(_Section):
+    """Where a service's token comes from: inline (env) or a mounted file (re-read on change)."""
+
+    token: SecretStr | None = None
+    token_file: Path | None = None
+    issuer: str | None = None
+    audience: str | None = None
+    jwks_url: str | None = None
+    verify_key_file: Path | None = Field(None, description="PEM public key to check signatures")
+    verify: bool = Field(True, description="check the token's expiry (and signature if keys given)")
+
+
+class BrokerSettings(TokenSettings):
+    """The MQTT broker. `url=None` means the in-process memory transport (simulation)."""
+
+    url: str | None = Field(None, description="mqtt://host:1883 or mqtts://host:8883")
+    username: str | None = None
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    keepalive: int = Field(30, ge=5, le=3600)
+    session_expiry: int = Field(3600, ge=0)
+    chunk_size: int = Field(1024 * 1024, ge=1024, description="payloads above this are split")
+    max_message_bytes: int = Field(512 * 1024 * 1024, ge=1024)
+    connect_timeout: float = Field(10.0, gt=0)
+    send_timeout: float = Field(30.0, gt=0)
+
+
+class DataSourceSettings(TokenSettings):
+    """One data source of this node."""
+
+    name: str = "default"
+    kind: Literal["local", "http", "fhir", "s3"] = "local"
+    url: str | None = Field(None, description="base URL (http, fhir) or S3 endpoint")
+    path: Path | None = Field(None, description="directory for kind=local")
+    bucket: str | None = None
+    prefix: str = ""
+    access_key: str | None = None
+    secret_key: SecretStr | None = None
+    timeout: float = Field(30.0, gt=0)
+    retries: int = Field(3, ge=0, le=20)
+
+
+class StorageSettings(TokenSettings):
+    """Result and checkpoint storage (MinIO / S3). `endpoint=None` disables it."""
+
+    endpoint: str | None = Field(None, description="host:port of MinIO / S3")
+    bucket: str = "flame"
+    prefix: str = ""
+    access_key: str | None = None
+    secret_key: SecretStr | None = None
+    secure: bool = True
+    region: str | None = None
+    timeout: float = Field(30.0, gt=0)
+    results_dir: Path | None = Field(None, description="local folder for results (simulation)")
+
+
+class SecureAggregationSettings(_Section):
+    """Paillier-encrypted sums. The aggregator gets the public key only."""
+
+    enabled: bool = False
+    public_key_file: Path | None = None
+    private_key_file: Path | None = None
+    precision: int = Field(16, ge=0, le=52, description="fractional bits of fixed-point values")
+    bound: float = Field(2.0**15, gt=0, description="declared maximum |value| of one node")
+    max_nodes: int = Field(100, ge=1)
+    min_contributors: int = Field(2, ge=1)
+
+
+def _split_list(value: Any) -> Any:
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            return json.loads(text)
+        return [item.strip() for item in text.split(",") if item.strip()]
+    return value
+
+
+class FlameConfig(BaseSettings):
+    """Everything a node (or a simulation) needs to know before it starts."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+        validate_default=True,
+    )
+
+    analysis_id: str = Field("local", min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._-]+$")
+    node_id: str | None = Field(None, min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._-]+$")
+    role: Role | None = None
+    participants: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    aggregator_id: str = Field("aggregator", pattern=r"^[A-Za-z0-9._-]+$")
+    epochs: int = Field(1, ge=1, le=100_000)
+    epoch_timeout: float = Field(600.0, gt=0, description="seconds to wait for a round")
+    presence_timeout: float = Field(300.0, gt=0, description="seconds to wait for nodes")
+    quorum: int | None = Field(None, ge=1, description="results needed per epoch (all)")
+    seed: int | None = None
+    data_dir: Path | None = None
+    data: list[DataSourceSettings] = Field(default_factory=list)
+    broker: BrokerSettings = BrokerSettings()
+    storage: StorageSettings = StorageSettings()
+    secure: SecureAggregationSettings = SecureAggregationSettings()
+    log_format: Literal["text", "json"] = "text"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @field_validator("participants", mode="before")
+    @classmethod
+    def _participants_list(cls, value: Any) -> Any:
+        return _split_list(value)
+
+    @field_validator("participants")
+    @classmethod
+    def _participants_unique(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError("participants must be unique")
+        for node in value:
+            if not node or not all(c.isalnum() or c in "._-" for c in node):
+                raise ValueError(f"participant {node!r} may use only letters, digits, '.', '_', '-'")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> FlameConfig:
+        if self.quorum is not None and self.participants and self.quorum > len(self.participants):
+            raise ValueError(
+                f"quorum {self.quorum} is larger than the {len(self.participants)} participants"
+            )
+        if self.aggregator_id in self.participants:
+            raise ValueError(f"aggregator_id {self.aggregator_id!r} is also listed as a participant")
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, _FileSource(settings_cls))
+
+    def effective_quorum(self) -> int:
+        return self.quorum if self.quorum is not None else len(self.participants)
+
+    def secrets(self) -> list[str]:
+        """Every secret value this config holds, so logs can redact them."""
+        found: list[str] = []
+
+        def walk(value: Any) -> None:
+            if isinstance(value, SecretStr):
+                secret = value.get_secret_value()
+                if secret:
+                    found.append(secret)
+            elif isinstance(value, BaseModel):
+                for name in type(value).model_fields:
+                    walk(getattr(value, name))
+            elif isinstance(value, list):
+                for item in value:
+                    walk(item)
+
+        walk(self)
+        return found
+
+    def public_dict(self) -> dict[str, Any]:
+        """The config as JSON-ready data with secrets masked (for manifests and `flame check`)."""
+        return json.loads(self.model_dump_json())  # type: ignore[no-any-return]
+
+
+class _FileSource(PydanticBaseSettingsSource):
+    """Reads the file named by FLAME_CONFIG (TOML, YAML or JSON)."""
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        path_text = os.environ.get(f"{ENV_PREFIX}CONFIG")
+        return read_config_file(Path(path_text)) if path_text else {}
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """Parse a TOML / YAML / JSON config file into a dict, with errors naming the file."""
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"FLAME_CONFIG: cannot read {path}: {exc.strerror}") from None
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".toml":
+            if sys.version_info >= (3, 11):
+                import tomllib
+            else:  # pragma: no cover
+                import tomli as tomllib
+            data: Any = tomllib.loads(raw.decode())
+        elif suffix in (".yaml", ".yml"):
+            try:
+                import yaml
+            except ImportError:
+                raise ConfigError(
+                    f"FLAME_CONFIG: {path} is YAML; install PyYAML (pip install 'flame[yaml]')"
+                ) from None
+            data = yaml.safe_load(raw)
+        elif suffix == ".json":
+            data = json.loads(raw)
+        else:
+            raise ConfigError(f"FLAME_CONFIG: {path} must end in .toml, .yaml, .yml or .json")
+    except ConfigError:
+        raise
+    except Exception as exc:  # the parsers raise many types; all mean "not valid syntax"
+        raise ConfigError(f"FLAME_CONFIG: {path} is not valid {suffix[1:]}: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"FLAME_CONFIG: {path} must hold a table/mapping at the top level")
+    return data
+
+
+_SECRET_FIELDS = {"token", "secret_key"}
+
+
+def _describe(error: Any) -> str:
+    loc = [str(part) for part in error.get("loc", ())]
+    names = [p for p in loc if not p.isdigit()]
+    variable = ENV_PREFIX + "__".join(p.upper() for p in loc) if loc else "config"
+    key = ".".join(loc) if loc else "config"
+    message = str(error.get("msg", "invalid"))
+    if error.get("type") == "extra_forbidden":
+        message = "is not a known setting"
+    shown = ""
+    if "input" in error and not (set(names) & _SECRET_FIELDS) and error.get("type") != "missing":
+        text = repr(error["input"])
+        shown = f" (got {text if len(text) <= 60 else text[:57] + '...'})"
+    return f"{variable} / {key}: {message}{shown}"
+
+
+def format_validation_error(exc: ValidationError) -> str:
+    """One line per wrong field, naming the variable and what was expected."""
+    return "\n".join(_describe(err) for err in exc.errors())
+
+
+def load_config(**overrides: Any) -> FlameConfig:
+    """Build the config; `overrides` (from CLI flags) win over environment and file."""
+    try:
+        return FlameConfig(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc)) from None
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"a FLAME_* variable holds invalid JSON: {exc.msg}") from None
