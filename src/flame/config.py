@@ -162,7 +162,9 @@ class FlameConfig(BaseSettings):
             raise ValueError("participants must be unique")
         for node in value:
             if not node or not all(c.isalnum() or c in "._-" for c in node):
-                raise ValueError(f"participant {node!r} may use only letters, digits, '.', '_', '-'")
+                raise ValueError(
+                    f"participant {node!r} may use only letters, digits, '.', '_', '-'"
+                )
         return value
 
     @model_validator(mode="after")
@@ -172,7 +174,9 @@ class FlameConfig(BaseSettings):
                 f"quorum {self.quorum} is larger than the {len(self.participants)} participants"
             )
         if self.aggregator_id in self.participants:
-            raise ValueError(f"aggregator_id {self.aggregator_id!r} is also listed as a participant")
+            raise ValueError(
+                f"aggregator_id {self.aggregator_id!r} is also listed as a participant"
+            )
         return self
 
     @classmethod

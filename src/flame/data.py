@@ -58,7 +58,8 @@ class LocalSource:
         return sorted(
             p.relative_to(self.root).as_posix()
             for p in self.root.rglob("*")
-            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(self.root).parts)
+            if p.is_file()
+            and not any(part.startswith(".") for part in p.relative_to(self.root).parts)
         )
 
     def open(self, name: str) -> IO[bytes]:
@@ -66,7 +67,9 @@ class LocalSource:
         try:
             return path.open("rb")
         except OSError as exc:
-            raise DataError(f"data source {self.name!r}: cannot read {name!r}: {exc.strerror}") from None
+            raise DataError(
+                f"data source {self.name!r}: cannot read {name!r}: {exc.strerror}"
+            ) from None
 
 
 class MemorySource:
@@ -75,7 +78,8 @@ class MemorySource:
     def __init__(self, files: Mapping[str, bytes | str], name: str = "memory") -> None:
         self.name = name
         self._files = {
-            _safe_relative(k): v.encode() if isinstance(v, str) else bytes(v) for k, v in files.items()
+            _safe_relative(k): v.encode() if isinstance(v, str) else bytes(v)
+            for k, v in files.items()
         }
 
     def files(self) -> list[str]:

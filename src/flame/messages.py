@@ -1,0 +1,285 @@
+"""The wire envelope and its binary encoding; no pickle anywhere.
+
+A frame is `b"FLM" + version byte + u32 header length + JSON header + blobs`. The header holds
+the envelope fields and the body as JSON in which numpy arrays and bytes are references to
+blobs (`{"$nd": i, "dtype": "<f8", "shape": [..]}`, `{"$b": i}`). User dict keys that start
+with "$" are escaped by doubling the "$". Decoding validates every field and reference and
+raises `MessageError`; callers drop such a message, they never act on it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal, get_args
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from flame.errors import MessageError
+
+__all__ = ["KINDS", "Envelope", "Kind", "decode", "encode", "encode_parts", "to_jsonable"]
+
+FORMAT_VERSION = 1
+MAGIC = b"FLM"
+_PREFIX = struct.Struct(">3sBI")
+DEFAULT_MAX_BYTES = 512 * 1024 * 1024
+
+Kind = Literal[
+    "status", "start", "result", "aggregate", "finished", "error", "abort", "message", "ack"
+]
+KINDS: frozenset[str] = frozenset(get_args(Kind))
+_NAME = r"^[A-Za-z0-9._-]{1,128}$"
+_DTYPE = re.compile(r"^[<>|=]?(b1|[iu][1248]|f[248]|c(8|16))$")
+
+
+@dataclass(frozen=True)
+class Envelope:
+    """One message between nodes. `body` is JSON-like data, numpy arrays and bytes."""
+
+    analysis: str
+    sender: str
+    recipient: str
+    kind: Kind
+    epoch: int = 0
+    body: Any = None
+    category: str | None = None
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    sent: float = field(default_factory=time.time)
+    version: int = FORMAT_VERSION
+
+    def reply(self, kind: Kind, body: Any = None, **changes: Any) -> Envelope:
+        """A new envelope back to this one's sender."""
+        return replace(
+            self,
+            sender=self.recipient,
+            recipient=self.sender,
+            kind=kind,
+            body=body,
+            id=uuid.uuid4().hex,
+            sent=time.time(),
+            **changes,
+        )
+
+
+class _Header(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    id: str = Field(pattern=r"^[0-9a-f]{8,64}$")
+    analysis: str = Field(pattern=_NAME)
+    sender: str = Field(pattern=_NAME)
+    recipient: str = Field(pattern=_NAME)
+    kind: Kind
+    epoch: int = Field(ge=-1, le=10_000_000)
+    sent: float
+    category: str | None = Field(None, max_length=256)
+    body: Any = None
+    blobs: list[list[int]] = Field(default_factory=list, max_length=100_000)
+
+
+# --- encoding --------------------------------------------------------------------------------
+
+
+class _Encoder:
+    def __init__(self) -> None:
+        self.blobs: list[memoryview] = []
+
+    def blob(self, data: memoryview) -> int:
+        self.blobs.append(data)
+        return len(self.blobs) - 1
+
+    def value(self, obj: Any, path: str) -> Any:
+        if obj is None or isinstance(obj, (bool, str)):
+            return obj
+        if isinstance(obj, (int, float)):
+            return obj
+        if isinstance(obj, np.generic):
+            return self.value(obj.item(), path)
+        if isinstance(obj, np.ndarray):
+            if obj.dtype.kind not in "biufc" or not _DTYPE.match(obj.dtype.str):
+                raise TypeError(f"{path}: numpy dtype {obj.dtype} cannot be sent (numbers only)")
+            array = np.ascontiguousarray(obj)
+            index = self.blob(memoryview(array).cast("B") if array.size else memoryview(b""))
+            return {"$nd": index, "dtype": array.dtype.str, "shape": list(array.shape)}
+        if isinstance(obj, (bytes, bytearray, memoryview)):
+            return {"$b": self.blob(memoryview(obj).cast("B"))}
+        if isinstance(obj, Mapping):
+            out: dict[str, Any] = {}
+            for key, item in obj.items():
+                if not isinstance(key, str):
+                    raise TypeError(
+                        f"{path}: dict key {key!r} is a {type(key).__name__}; use str keys"
+                    )
+                out["$" + key if key.startswith("$") else key] = self.value(item, f"{path}.{key}")
+            return out
+        if isinstance(obj, (list, tuple)):
+            return [self.value(item, f"{path}[{i}]") for i, item in enumerate(obj)]
+        raise TypeError(
+            f"{path}: a {type(obj).__name__} cannot be sent; use dicts, lists, numbers, "
+            "strings, bytes or numpy arrays"
+        )
+
+
+def encode_parts(envelope: Envelope) -> list[bytes | memoryview]:
+    """The frame as buffers, so a large array is copied once (by the caller's join/write)."""
+    encoder = _Encoder()
+    body = encoder.value(envelope.body, "body")
+    offsets: list[tuple[int, int]] = []
+    position = 0
+    for blob in encoder.blobs:
+        offsets.append((position, blob.nbytes))
+        position += blob.nbytes
+    header = {
+        "id": envelope.id,
+        "analysis": envelope.analysis,
+        "sender": envelope.sender,
+        "recipient": envelope.recipient,
+        "kind": envelope.kind,
+        "epoch": envelope.epoch,
+        "sent": envelope.sent,
+        "category": envelope.category,
+        "body": body,
+        "blobs": offsets,
+    }
+    header_bytes = json.dumps(header, separators=(",", ":"), allow_nan=True).encode()
+    return [_PREFIX.pack(MAGIC, FORMAT_VERSION, len(header_bytes)), header_bytes, *encoder.blobs]
+
+
+def encode(envelope: Envelope) -> bytes:
+    """The envelope as one frame. Raises TypeError naming the path of a value it cannot send."""
+    return b"".join(encode_parts(envelope))
+
+
+# --- decoding --------------------------------------------------------------------------------
+
+
+def _decode_value(obj: Any, blobs: list[memoryview], writable: bool, depth: int = 0) -> Any:
+    if depth > 200:
+        raise MessageError("body nests too deeply")
+    if isinstance(obj, list):
+        return [_decode_value(item, blobs, writable, depth + 1) for item in obj]
+    if not isinstance(obj, dict):
+        return obj
+    if "$nd" in obj:
+        return _decode_array(obj, blobs, writable)
+    if "$b" in obj:
+        if set(obj) != {"$b"}:
+            raise MessageError("bytes reference has extra fields")
+        return bytes(_blob(obj["$b"], blobs))
+    out: dict[str, Any] = {}
+    for key, item in obj.items():
+        if key.startswith("$"):
+            if not key.startswith("$$"):
+                raise MessageError(f"unknown reference key {key[:20]!r} in body")
+            key = key[1:]
+        out[key] = _decode_value(item, blobs, writable, depth + 1)
+    return out
+
+
+def _blob(index: Any, blobs: list[memoryview]) -> memoryview:
+    if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < len(blobs):
+        raise MessageError(f"blob reference {index!r} is out of range")
+    return blobs[index]
+
+
+def _decode_array(obj: dict[str, Any], blobs: list[memoryview], writable: bool) -> np.ndarray:
+    if set(obj) != {"$nd", "dtype", "shape"}:
+        raise MessageError("array reference must have exactly $nd, dtype and shape")
+    dtype_text, shape = obj["dtype"], obj["shape"]
+    if not isinstance(dtype_text, str) or not _DTYPE.match(dtype_text):
+        raise MessageError(f"array dtype {str(dtype_text)[:20]!r} is not an allowed number type")
+    if (
+        not isinstance(shape, list)
+        or len(shape) > 32
+        or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape)
+    ):
+        raise MessageError("array shape must be a list of at most 32 non-negative integers")
+    dtype = np.dtype(dtype_text)
+    data = _blob(obj["$nd"], blobs)
+    count = 1
+    for size in shape:
+        count *= size
+    if count * dtype.itemsize != data.nbytes:
+        raise MessageError(
+            f"array of shape {shape} and dtype {dtype_text} needs {count * dtype.itemsize} "
+            f"bytes, the message carries {data.nbytes}"
+        )
+    array = np.frombuffer(data, dtype=dtype, count=count).reshape(shape)
+    return array if writable else array.copy()
+
+
+def decode(
+    frame: bytes | bytearray | memoryview, *, max_bytes: int = DEFAULT_MAX_BYTES
+) -> Envelope:
+    """Parse and validate one frame. Arrays are views of a bytearray frame, copies otherwise."""
+    view = memoryview(frame).cast("B")
+    if view.nbytes > max_bytes:
+        raise MessageError(f"message of {view.nbytes} bytes is over the limit of {max_bytes}")
+    if view.nbytes < _PREFIX.size:
+        raise MessageError(f"message of {view.nbytes} bytes is too short to be a flame frame")
+    magic, version, header_length = _PREFIX.unpack_from(view)
+    if magic != MAGIC:
+        raise MessageError("not a flame frame (bad magic bytes)")
+    if version != FORMAT_VERSION:
+        raise MessageError(f"frame format version {version} is not supported ({FORMAT_VERSION} is)")
+    body_start = _PREFIX.size + header_length
+    if body_start > view.nbytes:
+        raise MessageError("frame header length points past the end of the message")
+    try:
+        raw = json.loads(bytes(view[_PREFIX.size : body_start]))
+        header = _Header.model_validate(raw)
+    except (ValueError, RecursionError) as exc:
+        detail = exc.errors()[0]["msg"] if isinstance(exc, ValidationError) else "invalid JSON"
+        where = ""
+        if isinstance(exc, ValidationError):
+            where = ".".join(str(p) for p in exc.errors()[0]["loc"]) + ": "
+        raise MessageError(f"frame header is invalid: {where}{detail}") from None
+    payload = view[body_start:]
+    blobs: list[memoryview] = []
+    expected = 0
+    for entry in header.blobs:
+        if len(entry) != 2:
+            raise MessageError("frame blob table entries must be [offset, length]")
+        offset, length = entry
+        if offset != expected or length < 0 or offset + length > payload.nbytes:
+            raise MessageError("frame blob table does not match the payload")
+        blobs.append(payload[offset : offset + length])
+        expected = offset + length
+    if expected != payload.nbytes:
+        raise MessageError(f"frame has {payload.nbytes - expected} trailing bytes")
+    writable = isinstance(frame, bytearray)
+    try:
+        body = _decode_value(header.body, blobs, writable)
+    except RecursionError:
+        raise MessageError("body nests too deeply") from None
+    return Envelope(
+        analysis=header.analysis,
+        sender=header.sender,
+        recipient=header.recipient,
+        kind=header.kind,
+        epoch=header.epoch,
+        body=body,
+        category=header.category,
+        id=header.id,
+        sent=header.sent,
+    )
+
+
+def to_jsonable(value: Any) -> Any:
+    """Plain JSON data for output files: arrays become (nested) lists, bytes become hex."""
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value).hex()
+    if isinstance(value, Mapping):
+        return {str(k): to_jsonable(v) for k, v in value.items()}
+    if isinstance(value, Sequence) and not isinstance(value, str):
+        return [to_jsonable(v) for v in value]
+    return value

@@ -1,0 +1,167 @@
+"""An in-process broker: what `flame simulate` and `flame.testing` run on.
+
+Frames really are encoded and decoded on the way through, so an analysis that runs here
+sends exactly what it would send over MQTT, and bad values fail here first.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from flame._deadline import Deadline
+from flame.errors import MessageError, TransportError
+from flame.messages import DEFAULT_MAX_BYTES, Envelope, decode, encode
+from flame.transport.base import Transport
+
+__all__ = ["MemoryBroker", "MemoryTransport"]
+
+log = logging.getLogger(__name__)
+
+
+class MemoryBroker:
+    """Inboxes, retained statuses and status subscriptions, shared by the nodes of a process.
+
+    `duplicate_every=N` delivers every N-th message twice (at-least-once in earnest);
+    `on_send` sees each envelope before delivery and may return False to drop it.
+    """
+
+    def __init__(
+        self,
+        *,
+        duplicate_every: int = 0,
+        max_message_bytes: int = DEFAULT_MAX_BYTES,
+        on_send: Callable[[Envelope], bool] | None = None,
+    ) -> None:
+        self.duplicate_every = duplicate_every
+        self.max_message_bytes = max_message_bytes
+        self.on_send = on_send
+        self._lock = threading.Lock()
+        self._inboxes: dict[tuple[str, str], queue.SimpleQueue[bytes]] = {}
+        self._statuses: dict[tuple[str, str], dict[str, Any]] = {}
+        self._watchers: dict[tuple[str, str], set[str] | None] = {}
+        self._sent = 0
+        self.delivered: list[Envelope] = []
+        self.record = False
+
+    def inbox(self, analysis_id: str, node_id: str) -> queue.SimpleQueue[bytes]:
+        with self._lock:
+            return self._inboxes.setdefault((analysis_id, node_id), queue.SimpleQueue())
+
+    def publish(self, envelope: Envelope) -> None:
+        frame = encode(envelope)
+        if len(frame) > self.max_message_bytes:
+            raise TransportError(
+                f"message to {envelope.recipient!r} is {len(frame)} bytes, over the broker "
+                f"limit of {self.max_message_bytes}"
+            )
+        if self.on_send is not None and not self.on_send(envelope):
+            return
+        inbox = self.inbox(envelope.analysis, envelope.recipient)
+        with self._lock:
+            self._sent += 1
+            twice = self.duplicate_every > 0 and self._sent % self.duplicate_every == 0
+            if self.record:
+                self.delivered.append(envelope)
+        inbox.put(frame)
+        if twice:
+            inbox.put(frame)
+
+    def inject(self, analysis_id: str, node_id: str, frame: bytes) -> None:
+        """Put raw bytes in an inbox, as a hostile or broken publisher could."""
+        self.inbox(analysis_id, node_id).put(frame)
+
+    def set_status(self, analysis_id: str, node_id: str, status: dict[str, Any]) -> None:
+        with self._lock:
+            self._statuses[(analysis_id, node_id)] = dict(status)
+            targets = [
+                watcher
+                for (analysis, watcher), nodes in self._watchers.items()
+                if analysis == analysis_id
+                and watcher != node_id
+                and (nodes is None or node_id in nodes)
+            ]
+        for watcher in targets:
+            self._deliver_status(analysis_id, watcher, node_id, status)
+
+    def statuses(self, analysis_id: str) -> dict[str, dict[str, Any]]:
+        with self._lock:
+            return {node: dict(s) for (a, node), s in self._statuses.items() if a == analysis_id}
+
+    def add_watch(self, analysis_id: str, watcher: str, nodes: set[str] | None) -> None:
+        with self._lock:
+            self._watchers[(analysis_id, watcher)] = nodes
+            retained = [
+                (node, dict(s))
+                for (a, node), s in self._statuses.items()
+                if a == analysis_id and node != watcher and (nodes is None or node in nodes)
+            ]
+        for node, status in retained:
+            self._deliver_status(analysis_id, watcher, node, status)
+
+    def _deliver_status(
+        self, analysis_id: str, watcher: str, node: str, status: dict[str, Any]
+    ) -> None:
+        envelope = Envelope(analysis_id, node, watcher, "status", epoch=-1, body=status)
+        self.inbox(analysis_id, watcher).put(encode(envelope))
+
+
+class MemoryTransport(Transport):
+    """One node's handle on a `MemoryBroker`."""
+
+    def __init__(self, broker: MemoryBroker, analysis_id: str, node_id: str) -> None:
+        super().__init__(analysis_id, node_id)
+        self.broker = broker
+        self._inbox = broker.inbox(analysis_id, node_id)
+        self._connected = False
+
+    def connect(self, status: dict[str, Any]) -> None:
+        self._connected = True
+        self.announce(status)
+
+    def close(self) -> None:
+        if self._connected:
+            self._connected = False
+            self.broker.set_status(self.analysis_id, self.node_id, {"state": "offline"})
+
+    def kill(self) -> None:
+        """Vanish without a goodbye, as a crashed process does; the 'last will' fires."""
+        self.close()
+
+    def send(self, envelope: Envelope, timeout: float | None = None) -> None:
+        if not self._connected:
+            raise TransportError(
+                f"cannot send to {envelope.recipient!r}: {self.node_id} is not connected"
+            )
+        self.broker.publish(envelope)
+
+    def receive(self, timeout: float) -> Envelope | None:
+        deadline = Deadline(timeout)
+        while True:
+            try:
+                frame = self._inbox.get(timeout=deadline.left())
+            except queue.Empty:
+                return None
+            try:
+                envelope = decode(frame, max_bytes=self.broker.max_message_bytes)
+            except MessageError as exc:
+                log.warning("%s dropped a malformed message: %s", self.node_id, exc)
+                continue
+            if envelope.analysis != self.analysis_id or envelope.recipient != self.node_id:
+                log.warning(
+                    "%s dropped a message addressed to %s/%s",
+                    self.node_id,
+                    envelope.analysis,
+                    envelope.recipient,
+                )
+                continue
+            return envelope
+
+    def announce(self, status: dict[str, Any]) -> None:
+        self.broker.set_status(self.analysis_id, self.node_id, status)
+
+    def watch(self, nodes: Iterable[str] | None = None) -> None:
+        self.broker.add_watch(self.analysis_id, self.node_id, None if nodes is None else set(nodes))
