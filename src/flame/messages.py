@@ -104,7 +104,7 @@ class _Encoder:
             if obj.dtype.kind not in "biufc" or not _DTYPE.match(obj.dtype.str):
                 raise TypeError(f"{path}: numpy dtype {obj.dtype} cannot be sent (numbers only)")
             array = np.ascontiguousarray(obj)
-            index = self.blob(memoryview(array).cast("B") if array.size else memoryview(b""))
+            index = self.blob(memoryview(array).cast("B") if array.size else memoryview(b""))  # type: ignore[arg-type]
             return {"$nd": index, "dtype": array.dtype.str, "shape": list(array.shape)}
         if isinstance(obj, (bytes, bytearray, memoryview)):
             return {"$b": self.blob(memoryview(obj).cast("B"))}

@@ -1,0 +1,1 @@
+"""flame: federated analytics as two plain functions."""
