@@ -1,0 +1,1 @@
+"""Clients of the services a node talks to: data APIs, object storage, the message broker."""
