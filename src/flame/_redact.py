@@ -1,0 +1,22 @@
+"""Keep secrets out of text that leaves the process (logs, error reports, messages)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+MASK = "***"
+
+
+def redact(text: str, secrets: Iterable[str]) -> str:
+    """`text` with every secret (of 4+ characters) replaced by a mask."""
+    for secret in sorted({s for s in secrets if s and len(s) >= 4}, key=len, reverse=True):
+        text = text.replace(secret, MASK)
+    return text
+
+
+def describe_exception(exc: BaseException, secrets: Iterable[str] = ()) -> str:
+    """'TypeName: message', one line, secrets masked, capped at 500 characters."""
+    message = " ".join(str(exc).split())
+    text = f"{type(exc).__name__}: {message}" if message else type(exc).__name__
+    text = redact(text, secrets)
+    return text if len(text) <= 500 else text[:497] + "..."

@@ -1,0 +1,162 @@
+"""The `flame` command: simulate, run, keys. The only module that prints."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+from flame import _logging
+from flame.config import load_config
+from flame.errors import ConfigError, FlameError
+from flame.federated.records import Event, RunResult
+from flame.loader import load_analysis
+from flame.messages import to_jsonable
+
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+
+class _Progress:
+    """Per-epoch progress: a live line on a terminal, plain lines otherwise."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+        self.live = stream.isatty()
+        self.started = time.perf_counter()
+        self.answered: list[str] = []
+
+    def __call__(self, event: Event) -> None:
+        if event.kind == "epoch_started":
+            self.answered = []
+            self._live(f"epoch {event.epoch}: waiting for {event.expected} nodes")
+        elif event.kind == "result" and event.node is not None:
+            self.answered.append(event.node)
+            self._live(f"epoch {event.epoch}: {event.received}/{event.expected} answered")
+        elif event.kind == "epoch_finished" and event.record is not None:
+            record = event.record
+            missing = f", missing {', '.join(record.missing)}" if record.missing else ""
+            flag = ", converged" if record.converged else ""
+            self._line(
+                f"epoch {record.epoch}: {len(record.nodes)} nodes answered "
+                f"({', '.join(record.nodes)}){missing} in {record.duration:.3f} s{flag}"
+            )
+
+    def _live(self, text: str) -> None:
+        if self.live:
+            self.stream.write(f"\r\033[K{text}")
+            self.stream.flush()
+
+    def _line(self, text: str) -> None:
+        self.stream.write(("\r\033[K" if self.live else "") + text + "\n")
+        self.stream.flush()
+
+
+def _cmd_simulate(args: argparse.Namespace) -> int:
+    from flame.simulate import simulate
+
+    config = load_config(epochs=args.epochs, seed=args.seed, epoch_timeout=args.timeout)
+    _logging.configure(
+        level=config.log_level if not args.verbose else "DEBUG",
+        fmt=config.log_format,
+        secrets=config.secrets(),
+    )
+    analysis = load_analysis(args.analysis)
+    progress = None if args.quiet else _Progress(sys.stderr)
+    result = simulate(
+        analysis.functions.analyze,
+        analysis.functions.aggregate,
+        analysis.functions.converged,
+        data=args.data,
+        config=config,
+        on_event=progress,
+    )
+    _report(result, args.output)
+    return 0
+
+
+def _report(result: RunResult, output: Path | None) -> None:
+    document = result.to_dict()
+    if output is not None:
+        output.write_text(json.dumps(document, indent=2) + "\n")
+        print(f"wrote {output}", file=sys.stderr)
+    converged = ", converged" if result.converged else ""
+    print(f"finished after {result.epochs} epoch(s){converged}", file=sys.stderr)
+    print(json.dumps(document["result"], indent=2))
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from flame.main import run
+
+    config = load_config()
+    _logging.configure(
+        level=config.log_level,
+        fmt=config.log_format,
+        secrets=config.secrets(),
+        analysis_id=config.analysis_id,
+        node_id=config.node_id or "",
+    )
+    analysis = load_analysis(args.analysis)
+    value: Any = run(
+        analysis.functions.analyze,
+        analysis.functions.aggregate,
+        analysis.functions.converged,
+        config=config,
+    )
+    print(json.dumps(to_jsonable(value)))
+    return 0
+
+
+def _cmd_keys(args: argparse.Namespace) -> int:
+    from flame.protocols.aggregation_paillier import keys_cli
+
+    return int(keys_cli(args.rest))
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="flame", description="Federated analytics: analyze() on each node, aggregate() once."
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    sim = commands.add_parser("simulate", help="run an analysis on N simulated nodes locally")
+    sim.add_argument("analysis", type=Path, help="a .py file or a folder (e.g. copied templates)")
+    sim.add_argument("--data", type=Path, required=True, help="folder with one sub-folder per node")
+    sim.add_argument("--epochs", type=int, help="maximum number of epochs (FLAME_EPOCHS)")
+    sim.add_argument("--seed", type=int, help="seed for context().rng (FLAME_SEED)")
+    sim.add_argument("--timeout", type=float, help="seconds per epoch (FLAME_EPOCH_TIMEOUT)")
+    sim.add_argument("--output", type=Path, help="write result and per-epoch history as JSON")
+    sim.add_argument("--quiet", action="store_true", help="no progress lines")
+    sim.add_argument("--verbose", action="store_true", help="debug logging")
+    sim.set_defaults(handler=_cmd_simulate)
+
+    run = commands.add_parser("run", help="play this node's role (config from FLAME_* / file)")
+    run.add_argument("analysis", type=Path, nargs="?", default=Path("."), help="default: .")
+    run.set_defaults(handler=_cmd_run)
+
+    keys = commands.add_parser("keys", help="Paillier keys: flame keys generate --out DIR")
+    keys.add_argument("rest", nargs=argparse.REMAINDER)
+    keys.set_defaults(handler=_cmd_keys)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns the exit code (0 success, 1 run failed, 2 bad input)."""
+    args = _parser().parse_args(argv)
+    try:
+        return int(args.handler(args))
+    except ConfigError as exc:
+        lines = str(exc).splitlines() or ["invalid configuration"]
+        for line in lines:
+            print(f"flame: config error: {line}", file=sys.stderr)
+        return EXIT_USAGE
+    except FlameError as exc:
+        print(f"flame: error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        print("flame: interrupted", file=sys.stderr)
+        return 130

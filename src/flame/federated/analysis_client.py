@@ -1,0 +1,232 @@
+"""The analysis node: wait for the aggregator's word, analyze, send, repeat until finished.
+
+The aggregator drives the epochs: `start` (epoch 0, or a resume), `aggregate` (epoch e done,
+compute e+1), `finished` or `abort`. A node that restarts simply waits; the aggregator sees
+its new session and sends it the current epoch again.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from flame._deadline import Deadline
+from flame._redact import describe_exception
+from flame.errors import RunFailed, RunTimeout
+from flame.federated.context import Context, active
+from flame.federated.functions import AnalysisFunctions
+from flame.federated.mailbox import Mailbox
+from flame.messages import Envelope
+from flame.transport.base import Transport
+
+__all__ = ["AnalysisClient", "Instruction"]
+
+log = logging.getLogger(__name__)
+
+_CONTROL = ("start", "aggregate", "finished", "abort")
+
+
+@dataclass(frozen=True)
+class Instruction:
+    """What the aggregator told this node to do next."""
+
+    kind: str
+    epoch: int
+    previous: Any = None
+    value: Any = None
+    converged: bool = False
+    location: str | None = None
+    reason: str = ""
+
+
+class AnalysisClient:
+    """One analysis node's side of the star protocol."""
+
+    def __init__(
+        self,
+        transport: Transport,
+        *,
+        aggregator_id: str,
+        participants: Sequence[str] = (),
+        wait_timeout: float = 900.0,
+        seed: int | None = None,
+        state: Any = None,
+        secrets: Sequence[str] = (),
+        encode_result: Callable[[Any, int], Any] | None = None,
+    ) -> None:
+        self.transport = transport
+        self.mailbox = Mailbox(transport)
+        self.aggregator_id = aggregator_id
+        self.wait_timeout = wait_timeout
+        self.session = uuid.uuid4().hex
+        self.secrets = list(secrets)
+        self.encode_result = encode_result
+        self.context = Context(
+            analysis_id=transport.analysis_id,
+            node_id=transport.node_id,
+            role="analysis",
+            participants=list(participants),
+            aggregator_id=aggregator_id,
+            mailbox=self.mailbox,
+            seed=seed,
+            state=state,
+            on_progress=self._report_progress,
+        )
+        self._last_epoch = -1
+
+    # --- the protocol steps ------------------------------------------------------------------
+    def connect(self) -> None:
+        self.transport.connect(self._status("waiting"))
+        self.transport.watch([self.aggregator_id])
+
+    def await_instruction(self) -> Instruction:
+        """The next new instruction from the aggregator; duplicates and old epochs are skipped."""
+        deadline = Deadline(self.wait_timeout)
+        while True:
+            envelope = self.mailbox.next(self._from_aggregator, deadline)
+            if envelope is None:
+                raise RunTimeout(
+                    f"node {self.transport.node_id!r} heard nothing from aggregator "
+                    f"{self.aggregator_id!r} within {self.wait_timeout:g} s"
+                )
+            if envelope.kind == "status":
+                state = envelope.body.get("state") if isinstance(envelope.body, dict) else None
+                if state == "offline":
+                    log.warning("aggregator %s is offline; waiting for it", self.aggregator_id)
+                continue
+            instruction = self._parse(envelope)
+            if instruction is None:
+                continue
+            if instruction.kind in ("start", "aggregate") and instruction.epoch <= self._last_epoch:
+                log.debug("ignored instruction for epoch %d (already done)", instruction.epoch)
+                continue
+            return instruction
+
+    def send_results(self, epoch: int, result: Any) -> None:
+        """Send this epoch's result to the aggregator (returns once the broker has it)."""
+        body = self.encode_result(result, epoch) if self.encode_result is not None else result
+        envelope = Envelope(
+            self.transport.analysis_id,
+            self.transport.node_id,
+            self.aggregator_id,
+            "result",
+            epoch,
+            body,
+        )
+        self.transport.send(envelope)
+        self._last_epoch = epoch
+        self.transport.announce(self._status("sent", epoch))
+
+    def await_aggregation(self) -> Instruction:
+        """Wait for the aggregate of the epoch just sent (or the final result / an abort)."""
+        return self.await_instruction()
+
+    def report_failure(self, epoch: int, exc: BaseException) -> str:
+        """Tell the aggregator this node failed; returns the (secret-free) reason sent."""
+        reason = describe_exception(exc, self.secrets)
+        body = {"node": self.transport.node_id, "epoch": epoch, "error": reason}
+        try:
+            self.transport.send(
+                Envelope(
+                    self.transport.analysis_id,
+                    self.transport.node_id,
+                    self.aggregator_id,
+                    "error",
+                    epoch,
+                    body,
+                )
+            )
+            self.transport.announce(self._status("failed", epoch, reason=reason))
+        except Exception as send_exc:  # the failure report must not mask the failure
+            log.error("could not report the failure to the aggregator: %s", send_exc)
+        return reason
+
+    # --- the whole run -----------------------------------------------------------------------
+    def run(self, functions: AnalysisFunctions, data: Any) -> Instruction:
+        """Play this node's part until the aggregator says finished; returns that instruction."""
+        self.connect()
+        try:
+            while True:
+                instruction = self.await_instruction()
+                if instruction.kind == "abort":
+                    raise RunFailed(instruction.reason, epoch=instruction.epoch)
+                if instruction.kind == "finished":
+                    self.transport.announce(self._status("done", instruction.epoch))
+                    return instruction
+                epoch = instruction.epoch
+                self.transport.announce(self._status("computing", epoch))
+                self.context.epoch = epoch
+                self.context._progress = 0.0
+                started = time.perf_counter()
+                try:
+                    with active(self.context):
+                        result = functions.analyze(data, epoch=epoch, previous=instruction.previous)
+                    self.send_results(epoch, result)
+                except RunFailed:
+                    raise
+                except Exception as exc:
+                    reason = self.report_failure(epoch, exc)
+                    raise RunFailed(
+                        f"node {self.transport.node_id!r} failed in epoch {epoch}: {reason}",
+                        node=self.transport.node_id,
+                        epoch=epoch,
+                    ) from exc
+                log.debug("epoch %d: result sent in %.3f s", epoch, time.perf_counter() - started)
+        finally:
+            self.transport.close()
+
+    # --- helpers -----------------------------------------------------------------------------
+    def _from_aggregator(self, envelope: Envelope) -> bool:
+        return envelope.sender == self.aggregator_id and (
+            envelope.kind in _CONTROL or envelope.kind == "status"
+        )
+
+    def _parse(self, envelope: Envelope) -> Instruction | None:
+        body = envelope.body if isinstance(envelope.body, dict) else {}
+        if envelope.kind == "start":
+            return Instruction("start", envelope.epoch, previous=body.get("previous"))
+        if envelope.kind == "aggregate":
+            return Instruction(
+                "aggregate",
+                envelope.epoch + 1,
+                previous=body.get("value"),
+                value=body.get("value"),
+                converged=bool(body.get("converged", False)),
+            )
+        if envelope.kind == "finished":
+            location = body.get("location")
+            return Instruction(
+                "finished",
+                envelope.epoch,
+                value=body.get("value"),
+                converged=bool(body.get("converged", False)),
+                location=location if isinstance(location, str) else None,
+            )
+        if envelope.kind == "abort":
+            return Instruction("abort", envelope.epoch, reason=str(body.get("reason", "aborted")))
+        return None
+
+    def _status(self, state: str, epoch: int = -1, **extra: Any) -> dict[str, Any]:
+        status = {
+            "state": state,
+            "role": "analysis",
+            "session": self.session,
+            "epoch": epoch,
+            "time": time.time(),
+            **extra,
+        }
+        if state == "computing":
+            status["progress"] = 0.0
+        return status
+
+    def _report_progress(self, fraction: float) -> None:
+        try:
+            self.transport.announce(
+                self._status("computing", self.context.epoch, progress=round(fraction, 4))
+            )
+        except Exception as exc:  # progress is best effort
+            log.debug("progress not published: %s", exc)

@@ -1,0 +1,109 @@
+"""Container entry: read the config, pick the node's role, play it, return the result."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from flame.config import FlameConfig, load_config
+from flame.data import Data, LocalSource
+from flame.errors import ConfigError
+from flame.federated.aggregator_server import Aggregator
+from flame.federated.analysis_client import AnalysisClient
+from flame.federated.functions import AnalysisFunctions
+from flame.federated.records import EventSink
+from flame.transport.base import Transport
+
+__all__ = ["run"]
+
+log = logging.getLogger(__name__)
+
+
+def _require(config: FlameConfig) -> tuple[str, str]:
+    problems = []
+    if config.node_id is None:
+        problems.append("FLAME_NODE_ID / node_id: required for a node run (this node's id)")
+    if config.role is None:
+        problems.append("FLAME_ROLE / role: required for a node run ('analysis' or 'aggregation')")
+    if not config.participants:
+        problems.append("FLAME_PARTICIPANTS / participants: required (the analysis nodes' ids)")
+    if config.broker.url is None:
+        problems.append(
+            "FLAME_BROKER__URL / broker.url: required for a node run (mqtt://host:1883)"
+        )
+    if config.role == "analysis" and config.node_id not in config.participants:
+        problems.append(
+            f"FLAME_NODE_ID / node_id: {config.node_id!r} is not one of the participants"
+        )
+    if problems:
+        raise ConfigError("\n".join(problems))
+    assert config.node_id is not None and config.role is not None
+    return config.node_id, config.role
+
+
+def node_transport(config: FlameConfig, node_id: str) -> Transport:
+    """The MQTT transport for this node (imported lazily: simulation does not need paho)."""
+    from flame.transport.mqtt import MqttTransport
+
+    return MqttTransport(config.broker, config.analysis_id, node_id)
+
+
+def node_data_handle(config: FlameConfig) -> Data:
+    """This node's data sources from config: a local folder and/or the configured sources."""
+    sources: dict[str, object] = {}
+    if config.data_dir is not None:
+        sources["local"] = LocalSource(config.data_dir)
+    for source in config.data:
+        if source.kind == "local":
+            if source.path is None:
+                raise ConfigError(f"data source {source.name!r}: kind 'local' needs a path")
+            sources[source.name] = LocalSource(source.path, name=source.name)
+        else:
+            from flame.clients.data_api_client import open_source
+
+            sources[source.name] = open_source(source)
+    return Data(sources, node_id=config.node_id or "")
+
+
+def run(
+    analyze: Callable[..., Any] | None = None,
+    aggregate: Callable[..., Any] | None = None,
+    converged: Callable[..., Any] | None = None,
+    *,
+    config: FlameConfig | None = None,
+    on_event: EventSink | None = None,
+) -> Any:
+    """Play this node's role (from FLAME_ROLE) in a real federated run; return the final value.
+
+    Both functions are passed on every node, so one image serves both roles.
+    """
+    config = config if config is not None else load_config()
+    node_id, role = _require(config)
+    functions = AnalysisFunctions.of(analyze, aggregate, converged)
+    secrets = config.secrets()
+    transport = node_transport(config, node_id)
+    if role == "aggregation":
+        aggregator = Aggregator(
+            transport,
+            functions,
+            participants=config.participants,
+            epochs=config.epochs,
+            quorum=config.quorum,
+            epoch_timeout=config.epoch_timeout,
+            presence_timeout=config.presence_timeout,
+            on_event=on_event,
+            seed=config.seed,
+            secrets=secrets,
+        )
+        return aggregator.execute().value
+    data = node_data_handle(config)
+    client = AnalysisClient(
+        transport,
+        aggregator_id=config.aggregator_id,
+        participants=config.participants,
+        wait_timeout=config.presence_timeout + 2 * config.epoch_timeout,
+        seed=config.seed,
+        secrets=secrets,
+    )
+    return client.run(functions, data).value

@@ -1,0 +1,163 @@
+"""A whole federation on one machine: the aggregator and one thread per analysis node.
+
+The nodes talk through a transport exactly as in production (the in-process memory broker by
+default, a real MQTT broker when one is given), so what runs here runs on the nodes.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from flame.config import FlameConfig, load_config
+from flame.data import Data, LocalSource, MemorySource
+from flame.errors import DataError, FlameError, RunFailed
+from flame.federated.aggregator_server import Aggregator
+from flame.federated.analysis_client import AnalysisClient
+from flame.federated.functions import AnalysisFunctions
+from flame.federated.records import EventSink, RunResult, RunStore
+from flame.transport.base import Transport
+from flame.transport.memory import MemoryBroker, MemoryTransport
+
+__all__ = ["DataSpec", "node_data", "simulate"]
+
+log = logging.getLogger(__name__)
+
+DataSpec = str | Path | Mapping[str, "str | Path | Mapping[str, bytes | str] | Data"]
+_NODE_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+TransportFactory = Callable[[str], Transport]
+
+
+def node_data(spec: DataSpec) -> dict[str, Data]:
+    """One `Data` handle per node: from a folder of node folders, or a mapping node -> data."""
+    if isinstance(spec, (str, Path)):
+        root = Path(spec)
+        if not root.is_dir():
+            raise DataError(f"data folder {root} does not exist")
+        folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        if not folders:
+            raise DataError(f"data folder {root} has no node folders (one sub-folder per node)")
+        spec = {folder.name: folder for folder in folders}
+    nodes: dict[str, Data] = {}
+    for node, item in spec.items():
+        if not _NODE_ID.match(node):
+            raise DataError(
+                f"node name {node!r} may use only letters, digits, '.', '_' and '-' "
+                "(it is the node id)"
+            )
+        if isinstance(item, Data):
+            handle = item
+        elif isinstance(item, (str, Path)):
+            handle = Data({"local": LocalSource(item)}, node_id=node)
+        else:
+            handle = Data({"memory": MemorySource(item)}, node_id=node)
+        if not handle.files():
+            where = f" ({item})" if isinstance(item, (str, Path)) else ""
+            raise DataError(f"node {node!r} has no data files{where}")
+        nodes[node] = handle
+    if not nodes:
+        raise DataError("no nodes to simulate")
+    return nodes
+
+
+def simulate(
+    analyze: Callable[..., Any],
+    aggregate: Callable[..., Any],
+    converged: Callable[..., Any] | None = None,
+    *,
+    data: DataSpec,
+    epochs: int | None = None,
+    seed: int | None = None,
+    config: FlameConfig | None = None,
+    broker: MemoryBroker | TransportFactory | None = None,
+    on_event: EventSink | None = None,
+    store: RunStore | None = None,
+) -> RunResult:
+    """Run `analyze` on every node's data and `aggregate` once per epoch; return the result.
+
+    `data` is a folder with one sub-folder per node (the folder name is the node id) or a
+    mapping of node id to a folder, a `{file name: content}` mapping, or a `Data` handle.
+    FLAME_* variables apply (epochs, timeouts, quorum, seed); arguments given here win.
+    Raises `RunFailed` with the failing node and its error if any node fails.
+    """
+    functions = AnalysisFunctions.of(analyze, aggregate, converged)
+    nodes = node_data(data)
+    if config is None:
+        config = load_config(epochs=epochs, seed=seed)
+    else:
+        changes = {k: v for k, v in {"epochs": epochs, "seed": seed}.items() if v is not None}
+        config = config.model_copy(update=changes) if changes else config
+    participants = sorted(nodes)
+    if config.aggregator_id in nodes:
+        raise DataError(f"a node may not be named {config.aggregator_id!r} (the aggregator's id)")
+    if config.quorum is not None and config.quorum > len(participants):
+        raise FlameError(
+            f"FLAME_QUORUM is {config.quorum}, but only {len(participants)} nodes have data"
+        )
+    connect = _transport_factory(broker, config)
+    secrets = config.secrets()
+    failures: dict[str, BaseException] = {}
+
+    def run_node(node: str) -> None:
+        client = AnalysisClient(
+            connect(node),
+            aggregator_id=config.aggregator_id,
+            participants=participants,
+            wait_timeout=config.presence_timeout + 2 * config.epoch_timeout,
+            seed=config.seed,
+            secrets=secrets,
+        )
+        try:
+            client.run(functions, nodes[node])
+        except BaseException as exc:  # recorded; the aggregator reports the run's outcome
+            failures[node] = exc
+            log.debug("node %s stopped: %s", node, exc)
+
+    threads = [
+        threading.Thread(target=run_node, args=(node,), name=f"flame-{node}", daemon=True)
+        for node in participants
+    ]
+    aggregator = Aggregator(
+        connect(config.aggregator_id),
+        functions,
+        participants=participants,
+        epochs=config.epochs,
+        quorum=config.quorum,
+        epoch_timeout=config.epoch_timeout,
+        presence_timeout=config.presence_timeout,
+        store=store,
+        on_event=on_event,
+        seed=config.seed,
+        secrets=secrets,
+    )
+    for thread in threads:
+        thread.start()
+    try:
+        result = aggregator.execute()
+    finally:
+        for thread in threads:
+            thread.join(timeout=10.0)
+    stuck = [t.name for t in threads if t.is_alive()]
+    if stuck:
+        log.warning("nodes still running after the run ended: %s", ", ".join(stuck))
+    for node, exc in failures.items():
+        if not isinstance(exc, RunFailed):
+            raise RunFailed(f"node {node!r} failed: {exc}", node=node) from exc
+    return result
+
+
+def _transport_factory(
+    broker: MemoryBroker | TransportFactory | None, config: FlameConfig
+) -> TransportFactory:
+    if broker is None or isinstance(broker, MemoryBroker):
+        shared = (
+            broker
+            if broker is not None
+            else MemoryBroker(max_message_bytes=config.broker.max_message_bytes)
+        )
+        return lambda node: MemoryTransport(shared, config.analysis_id, node)
+    return broker
