@@ -1,0 +1,81 @@
+"""Each shipped example, run federated, equals the same statistic computed on pooled data."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import flame
+from flame.loader import load_analysis
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def pooled(example: str) -> dict[str, np.ndarray]:
+    """All CSV rows of every node of an example, read with the csv module (not flame)."""
+    columns: dict[str, list[float]] = {}
+    for path in sorted((EXAMPLES / example / "data").rglob("*.csv")):
+        with path.open(newline="") as handle:
+            for row in csv.DictReader(handle):
+                for key, value in row.items():
+                    columns.setdefault(key, []).append(float(value))
+    return {key: np.array(values) for key, values in columns.items()}
+
+
+def run_example(example: str, epochs: int = 1) -> flame.RunResult:
+    analysis = load_analysis(EXAMPLES / example)
+    f = analysis.functions
+    return flame.simulate(
+        f.analyze, f.aggregate, f.converged, data=EXAMPLES / example / "data", epochs=epochs
+    )
+
+
+def test_federated_mean_equals_pooled_mean_and_std() -> None:
+    result = run_example("federated_mean")
+    data = pooled("federated_mean")
+    assert set(result.value) == set(data)
+    for column, values in data.items():
+        assert result.value[column]["n"] == values.size
+        assert result.value[column]["mean"] == pytest.approx(values.mean(), abs=1e-9, rel=0)
+        assert result.value[column]["std"] == pytest.approx(values.std(ddof=1), abs=1e-9, rel=0)
+    assert result.history[0].nodes == ["clinic_a", "clinic_b", "clinic_c"]
+
+
+def test_federated_histogram_counts_equal_pooled_counts() -> None:
+    result = run_example("federated_histogram")
+    data = pooled("federated_histogram")
+    for column, part in result.value.items():
+        edges = np.array(part["edges"])
+        expected, _ = np.histogram(data[column], bins=edges)
+        assert np.array_equal(part["counts"], expected)
+        assert part["under"] == int((data[column] < edges[0]).sum())
+        assert part["over"] == int((data[column] > edges[-1]).sum())
+        assert int(part["counts"].sum()) + part["under"] + part["over"] == data[column].size
+
+
+def central_logistic_fit(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Maximum-likelihood fit on pooled rows by iteratively reweighted least squares."""
+    beta = np.zeros(x.shape[1])
+    for _ in range(100):
+        p = 1.0 / (1.0 + np.exp(-x @ beta))
+        w = p * (1.0 - p)
+        z = x @ beta + (y - p) / w
+        new = np.linalg.lstsq(x * np.sqrt(w)[:, None], z * np.sqrt(w), rcond=None)[0]
+        if np.abs(new - beta).max() < 1e-12:
+            return new
+        beta = new
+    return beta
+
+
+def test_federated_logistic_regression_matches_a_central_fit() -> None:
+    result = run_example("federated_logistic_regression", epochs=50)
+    data = pooled("federated_logistic_regression")
+    x = np.column_stack([np.ones(data["outcome"].size), data["age"], data["bmi"], data["systolic_bp"]])
+    expected = central_logistic_fit(x, data["outcome"])
+    assert result.converged
+    assert 2 <= result.epochs < 50
+    assert np.allclose(result.value["beta"], expected, atol=1e-3, rtol=0)
+    assert [record.epoch for record in result.history] == list(range(result.epochs))
