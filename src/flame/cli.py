@@ -141,6 +141,10 @@ def _parser() -> argparse.ArgumentParser:
     keys = commands.add_parser("keys", help="Paillier keys: flame keys generate --out DIR")
     keys.add_argument("rest", nargs=argparse.REMAINDER)
     keys.set_defaults(handler=_cmd_keys)
+
+    from flame._cli_ops import add_commands
+
+    add_commands(commands)
     return parser
 
 
