@@ -235,4 +235,3 @@ class FileStore:
         for key in keys:
             self.delete(key)
         return len(keys)
-
