@@ -23,7 +23,18 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from flame.errors import MessageError
 
-__all__ = ["KINDS", "Envelope", "Kind", "decode", "encode", "encode_parts", "to_jsonable"]
+__all__ = [
+    "KINDS",
+    "Envelope",
+    "Kind",
+    "Sealed",
+    "decode",
+    "encode",
+    "encode_parts",
+    "pack",
+    "to_jsonable",
+    "unpack",
+]
 
 FORMAT_VERSION = 1
 MAGIC = b"FLM"
@@ -67,6 +78,14 @@ class Envelope:
         )
 
 
+@dataclass(frozen=True)
+class Sealed:
+    """An opaque encrypted payload (a Paillier ciphertext vector): travels as raw bytes."""
+
+    scheme: str
+    data: bytes
+
+
 class _Header(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
@@ -108,6 +127,8 @@ class _Encoder:
             return {"$nd": index, "dtype": array.dtype.str, "shape": list(array.shape)}
         if isinstance(obj, (bytes, bytearray, memoryview)):
             return {"$b": self.blob(memoryview(obj).cast("B"))}
+        if isinstance(obj, Sealed):
+            return {"$sealed": self.blob(memoryview(obj.data).cast("B")), "scheme": obj.scheme}
         if isinstance(obj, Mapping):
             out: dict[str, Any] = {}
             for key, item in obj.items():
@@ -167,6 +188,11 @@ def _decode_value(obj: Any, blobs: list[memoryview], writable: bool, depth: int 
         return obj
     if "$nd" in obj:
         return _decode_array(obj, blobs, writable)
+    if "$sealed" in obj:
+        scheme = obj.get("scheme")
+        if set(obj) != {"$sealed", "scheme"} or not isinstance(scheme, str) or len(scheme) > 32:
+            raise MessageError("sealed reference must have exactly $sealed and a short scheme")
+        return Sealed(scheme, bytes(_blob(obj["$sealed"], blobs)))
     if "$b" in obj:
         if set(obj) != {"$b"}:
             raise MessageError("bytes reference has extra fields")
@@ -270,6 +296,16 @@ def decode(
     )
 
 
+def pack(value: Any) -> bytes:
+    """A value (JSON-like, arrays, bytes) as bytes, for storage: the wire format, no pickle."""
+    return encode(Envelope("stored", "flame", "flame", "status", -1, value))
+
+
+def unpack(data: bytes | bytearray, *, max_bytes: int = 1 << 40) -> Any:
+    """The value `pack` stored; MessageError if the bytes are not such a value."""
+    return decode(data, max_bytes=max_bytes).body
+
+
 def to_jsonable(value: Any) -> Any:
     """Plain JSON data for output files: arrays become (nested) lists, bytes become hex."""
     if isinstance(value, np.ndarray):
@@ -278,6 +314,8 @@ def to_jsonable(value: Any) -> Any:
         return value.item()
     if isinstance(value, (bytes, bytearray, memoryview)):
         return bytes(value).hex()
+    if isinstance(value, Sealed):
+        return {"sealed": value.scheme, "bytes": len(value.data)}
     if isinstance(value, Mapping):
         return {str(k): to_jsonable(v) for k, v in value.items()}
     if isinstance(value, Sequence) and not isinstance(value, str):

@@ -20,6 +20,7 @@ from flame.federated.aggregator_server import Aggregator
 from flame.federated.analysis_client import AnalysisClient
 from flame.federated.functions import AnalysisFunctions
 from flame.federated.records import EventSink, RunResult, RunStore
+from flame.main import aggregator_store, node_state
 from flame.transport.base import Transport
 from flame.transport.memory import MemoryBroker, MemoryTransport
 
@@ -109,6 +110,7 @@ def simulate(
             participants=participants,
             wait_timeout=config.presence_timeout + 2 * config.epoch_timeout,
             seed=config.seed,
+            state=node_state(config, node),
             secrets=secrets,
         )
         try:
@@ -129,7 +131,9 @@ def simulate(
         quorum=config.quorum,
         epoch_timeout=config.epoch_timeout,
         presence_timeout=config.presence_timeout,
-        store=store,
+        store=store
+        if store is not None
+        else aggregator_store(config, functions, config.aggregator_id),
         on_event=on_event,
         seed=config.seed,
         secrets=secrets,

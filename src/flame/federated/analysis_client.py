@@ -77,6 +77,7 @@ class AnalysisClient:
             on_progress=self._report_progress,
         )
         self._last_epoch = -1
+        self._last_sent: Envelope | None = None
 
     # --- the protocol steps ------------------------------------------------------------------
     def connect(self) -> None:
@@ -102,7 +103,10 @@ class AnalysisClient:
             if instruction is None:
                 continue
             if instruction.kind in ("start", "aggregate") and instruction.epoch <= self._last_epoch:
-                log.debug("ignored instruction for epoch %d (already done)", instruction.epoch)
+                if instruction.epoch == self._last_epoch and self._last_sent is not None:
+                    # A restarted aggregator may have lost it: send again, never recompute.
+                    log.info("resending the result of epoch %d", instruction.epoch)
+                    self.transport.send(self._last_sent)
                 continue
             return instruction
 
@@ -119,6 +123,7 @@ class AnalysisClient:
         )
         self.transport.send(envelope)
         self._last_epoch = epoch
+        self._last_sent = envelope
         self.transport.announce(self._status("sent", epoch))
 
     def await_aggregation(self) -> Instruction:
