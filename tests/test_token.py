@@ -224,7 +224,7 @@ def test_opaque_token_without_checks_is_accepted() -> None:
 
 def test_jwt_shape_is_always_checked_for_expiry(make: Make) -> None:
     token = make(exp=int(time.time()) - 120)
-    with pytest.raises(TokenError, match="^broker: token expired at "):
+    with pytest.raises(TokenError, match=r"^broker: token expired at "):
         check_token(token, service="broker")  # no issuer, audience or key configured
 
 
@@ -238,19 +238,19 @@ def test_leeway_and_verify_off(make: Make) -> None:
 
 
 def test_jwks_problems(data_api: DataApiServer, make: Make, jwks_url: str) -> None:
-    with pytest.raises(TokenError, match="token key id is not in the JWKS at http://127.0.0.1"):
+    with pytest.raises(TokenError, match=r"token key id is not in the JWKS at http://127\.0\.0\.1"):
         check_token(make(kid="rotated-away"), service="storage", jwks_url=jwks_url)
     # unreachable JWKS endpoint: a closed port
     from servers.s3_server import free_port
 
     url = f"http://127.0.0.1:{free_port()}/jwks.json?secret=x"
-    with pytest.raises(TokenError, match="cannot fetch JWKS from http://127.0.0.1:") as caught:
+    with pytest.raises(TokenError, match=r"cannot fetch JWKS from http://127\.0\.0\.1:") as caught:
         check_token(make(), service="storage", jwks_url=url)
     assert "secret=x" not in str(caught.value)
     # a slow JWKS endpoint is cut off by the timeout
     data_api.add_fault("/.well-known/jwks-slow", None, delay=3.0)
     started = time.monotonic()
-    with pytest.raises(TokenError, match="timed out after 0.3 s"):
+    with pytest.raises(TokenError, match=r"timed out after 0\.3 s"):
         check_token(
             make(), service="storage", jwks_url=f"{data_api.url}/.well-known/jwks-slow", timeout=0.3
         )
