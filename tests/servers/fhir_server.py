@@ -24,6 +24,14 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
+TEST_FILES: dict[str, bytes] = {
+    "cohort.csv": b"age,weight\n34,70.5\n51,82.0\n47,\n",
+    "notes/readme.txt": "hello from the data API \u2713\n".encode(),
+    "dir with space/r\u00e9sum\u00e9.txt": b"unicode and spaces in names\n",
+    "large.bin": bytes(range(256)) * (12 * 1024 * 4),  # 12 MiB
+}
+"""The files the session data API serves (names with spaces and non-ASCII on purpose)."""
+
 LOINC_WEIGHT = "29463-7"
 LOINC_HEIGHT = "8302-2"
 

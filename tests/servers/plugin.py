@@ -11,15 +11,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from servers.fhir_server import DataApiServer
+from servers.fhir_server import TEST_FILES, DataApiServer
 from servers.s3_server import S3Server
-
-TEST_FILES = {
-    "cohort.csv": b"age,weight\n34,70.5\n51,82.0\n47,\n",
-    "notes/readme.txt": "hello from the data API \u2713\n".encode(),
-    "dir with space/r\u00e9sum\u00e9.txt": b"unicode and spaces in names\n",
-    "large.bin": bytes(range(256)) * (12 * 1024 * 4),  # 12 MiB
-}
 
 _bucket_ids = itertools.count(1)
 
