@@ -1,0 +1,707 @@
+"""MQTT for flame, on paho-mqtt 2.x: one connection that loses no QoS 1 message.
+
+What this module adds to paho, and why:
+
+* Persistent sessions (MQTT 5 `clean_start=False` + session expiry, or 3.1.1
+  `clean_session=False`) under a client id that is stable across restarts, so messages sent
+  while a node or the broker was down are delivered when it is back.
+* Manual acknowledgements: a message is acknowledged (PUBACK) only when the application took
+  it from `get()` and called `ack()`, so a process that dies with messages still in its local
+  queue gets them again from the broker after a restart. A message taken before a reconnect is
+  not acknowledged on the new connection (its packet id may mean another message there); the
+  broker redelivers it instead: at least once, never lost.
+* `publish` returns only after the broker's PUBACK (or raises `TransportError` after the
+  timeout), also across reconnects, which paho's `wait_for_publish` does not survive.
+* Presence: a last will, and a "birth" message (the retained status) republished after every
+  reconnect, because the broker published the will when the connection dropped.
+* A password callable re-read before every (re)connect, so a rotated token file is honoured.
+* Errors that name the broker and the reason in one line and never contain the password.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import queue
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import parse_qs, urlsplit
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+
+from flame._deadline import Deadline
+from flame.errors import TransportError
+
+__all__ = [
+    "BrokerAddress",
+    "Consume",
+    "Dispatch",
+    "IncomingMessage",
+    "MessageBrokerClient",
+    "PasswordSource",
+    "PendingPublish",
+    "Will",
+    "broker_connection",
+    "parse_broker_url",
+]
+
+log = logging.getLogger(__name__)
+
+PasswordSource = Callable[[], "str | None"]
+ProtocolName = Literal["5", "3.1.1"]
+
+_SCHEMES = {"mqtt": False, "tcp": False, "mqtts": True, "ssl": True, "tls": True}
+_PROTOCOLS: dict[str, ProtocolName] = {"5": "5", "5.0": "5", "3.1.1": "3.1.1", "311": "3.1.1"}
+
+
+@dataclass(frozen=True)
+class BrokerAddress:
+    """Where the broker is. `str()` is the form used in every log line and error."""
+
+    host: str
+    port: int
+    tls: bool
+    protocol: ProtocolName = "5"
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{'mqtts' if self.tls else 'mqtt'}://{host}:{self.port}"
+
+
+def parse_broker_url(url: str) -> BrokerAddress:
+    """`mqtt://host:1883`, `mqtts://host:8883`, `host:port` or `host`; `?protocol=3.1.1` opts
+    out of MQTT 5 for brokers without it (amqtt). Credentials in the URL are refused so they
+    cannot leak into logs; they belong in the username and token settings."""
+    text = url.strip()
+    if not text:
+        raise ValueError("broker URL is empty")
+    if "://" not in text:
+        text = "mqtt://" + text
+    try:
+        parts = urlsplit(text)
+        port = parts.port
+    except ValueError:
+        raise ValueError(
+            "broker URL has an invalid port; expected mqtt://host:port or mqtts://host:port"
+        ) from None
+    scheme = parts.scheme.lower()
+    if scheme not in _SCHEMES:
+        raise ValueError(f"broker URL scheme {scheme!r} is not supported; use mqtt:// or mqtts://")
+    if parts.username is not None or parts.password is not None:
+        raise ValueError(
+            "broker URL must not contain credentials; set the broker username and token instead"
+        )
+    if not parts.hostname:
+        raise ValueError("broker URL has no host; expected mqtt://host:port")
+    if parts.path not in ("", "/"):
+        raise ValueError("broker URL must not have a path (websockets are not supported)")
+    tls = _SCHEMES[scheme]
+    protocol: ProtocolName = "5"
+    query = parse_qs(parts.query)
+    for key, values in query.items():
+        if key != "protocol":
+            raise ValueError(f"broker URL option {key!r} is unknown (known: protocol)")
+        if values[-1] not in _PROTOCOLS:
+            raise ValueError("broker URL option protocol must be 5 or 3.1.1")
+        protocol = _PROTOCOLS[values[-1]]
+    return BrokerAddress(parts.hostname, port or (8883 if tls else 1883), tls, protocol)
+
+
+@dataclass(frozen=True)
+class Will:
+    """The message the broker publishes for this client when its connection dies."""
+
+    topic: str
+    payload: bytes | bytearray
+    qos: int = 1
+    retain: bool = True
+
+
+@dataclass(frozen=True)
+class IncomingMessage:
+    """One message from the broker. Hand it back to `ack()` once it has been dealt with."""
+
+    topic: str
+    payload: bytes | bytearray
+    qos: int
+    retain: bool
+    mid: int
+    generation: int
+
+
+class _Waiter:
+    """A broker acknowledgement (PUBACK or SUBACK) someone is waiting for."""
+
+    __slots__ = ("_event", "reasons")
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+        self.reasons: list[ReasonCode] = []
+
+    def resolve(self, reasons: list[ReasonCode]) -> None:
+        self.reasons = reasons
+        self._event.set()
+
+    def wait(self, timeout: float) -> bool:
+        return self._event.wait(timeout)
+
+
+class _Acks:
+    """Matches broker acknowledgements (PUBACK, SUBACK) to waiters by packet id.
+
+    A publish registers its packet id while holding paho's outgoing-message lock, which paho
+    also holds while it handles a PUBACK, so a PUBACK always finds its waiter, and one nobody
+    waits for (a waiter gave up, a birth republish) is simply ignored. SUBACKs are handled
+    without that lock, so one that arrives before its waiter registered is parked until it is
+    claimed. Lock order is always paho's lock, then this one.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._waiting: dict[int, _Waiter] = {}
+        self._early: dict[int, list[ReasonCode]] = {}
+
+    def expect(self, mid: int) -> _Waiter:
+        waiter = _Waiter()
+        with self._lock:
+            early = self._early.pop(mid, None)
+            if early is None:
+                self._waiting[mid] = waiter
+        if early is not None:
+            waiter.resolve(early)
+        return waiter
+
+    def resolve(self, mid: int, reasons: list[ReasonCode], *, park: bool) -> None:
+        with self._lock:
+            waiter = self._waiting.pop(mid, None)
+            if waiter is None:
+                if park:
+                    self._early[mid] = reasons
+                return
+        waiter.resolve(reasons)
+
+    def forget(self, mid: int) -> None:
+        with self._lock:
+            self._waiting.pop(mid, None)
+
+
+class PendingPublish:
+    """A publish on its way to the broker; `wait()` blocks until the PUBACK."""
+
+    def __init__(self, client: MessageBrokerClient, topic: str, mid: int, waiter: _Waiter) -> None:
+        self._client = client
+        self.topic = topic
+        self.mid = mid
+        self._waiter = waiter
+        self.done = False
+
+    def wait(self, timeout: float) -> None:
+        """Return once the broker accepted the message; raise TransportError otherwise."""
+        if self.done:
+            return
+        if not self._waiter.wait(timeout):
+            self._client._acks.forget(self.mid)
+            self.done = True
+            state = "" if self._client.connected else " (the connection is down)"
+            raise TransportError(
+                f"broker {self._client.address} did not acknowledge the message on "
+                f"{self.topic} within {timeout:g} s{state}"
+            )
+        self.done = True
+        failures = [reason for reason in self._waiter.reasons if reason.is_failure]
+        if failures:
+            raise TransportError(
+                f"broker {self._client.address} refused the message on {self.topic}: "
+                f"{_reason_text(failures[0])}"
+            )
+
+    def abandon(self) -> None:
+        if not self.done:
+            self.done = True
+            self._client._acks.forget(self.mid)
+
+
+def _reason_text(reason: ReasonCode | MQTTErrorCode | int) -> str:
+    if isinstance(reason, ReasonCode):
+        text = reason.getName()
+    elif isinstance(reason, MQTTErrorCode):
+        text = mqtt.error_string(reason)
+    else:
+        text = f"code {reason}"
+    text = text.strip().rstrip(".")
+    return text[:1].lower() + text[1:]
+
+
+def _read_file_setting(path: Path | str | None, what: str) -> str | None:
+    if path is None:
+        return None
+    text = str(path)
+    if not Path(text).is_file():
+        raise TransportError(f"broker {what} {text} does not exist or is not a file")
+    return text
+
+
+class MessageBrokerClient:
+    """One MQTT connection: persistent session, QoS 1, manual acks, presence, reconnects.
+
+    paho's network thread runs the callbacks; they only enqueue, count or set events, so a slow
+    application never stalls keep-alives. All blocking methods have a deadline.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        client_id: str,
+        username: str | None = None,
+        password: PasswordSource | None = None,
+        ca_file: Path | str | None = None,
+        cert_file: Path | str | None = None,
+        key_file: Path | str | None = None,
+        keepalive: int = 30,
+        session_expiry: int = 3600,
+        connect_timeout: float = 10.0,
+        will: Will | None = None,
+        protocol: ProtocolName | None = None,
+        reconnect_delay: tuple[int, int] = (1, 16),
+        receive_maximum: int = 32,
+        max_inflight: int = 64,
+    ) -> None:
+        try:
+            address = parse_broker_url(url)
+        except ValueError as exc:
+            raise TransportError(str(exc)) from None
+        if protocol is not None:
+            address = BrokerAddress(address.host, address.port, address.tls, protocol)
+        self.address = address
+        self.client_id = client_id
+        self.username = username
+        self._password = password
+        self.keepalive = keepalive
+        self.session_expiry = session_expiry
+        self.connect_timeout = connect_timeout
+        self._receive_maximum = receive_maximum
+        self._inbox: queue.SimpleQueue[IncomingMessage] = queue.SimpleQueue()
+        self._acks = _Acks()
+        self._connected = threading.Event()
+        self._first_connack = threading.Event()
+        self._refusal: ReasonCode | None = None
+        self._generation = 0
+        self._subscriptions: dict[str, int] = {}
+        self._birth: tuple[str, bytes] | None = None
+        self._birth_lock = threading.Lock()
+        self._started = False
+        self._closing = False
+
+        v5 = address.protocol == "5"
+        self._client = mqtt.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=client_id,
+            clean_session=None if v5 else False,
+            protocol=MQTTProtocolVersion.MQTTv5 if v5 else MQTTProtocolVersion.MQTTv311,
+            manual_ack=True,
+        )
+        self._client.enable_logger(logging.getLogger(__name__ + ".paho"))
+        self._client.connect_timeout = connect_timeout
+        self._client.reconnect_delay_set(*reconnect_delay)
+        self._client.max_inflight_messages_set(max_inflight)
+        if address.tls or ca_file is not None:
+            self._configure_tls(ca_file, cert_file, key_file)
+        if will is not None:
+            self._client.will_set(will.topic, will.payload, qos=will.qos, retain=will.retain)
+        self._client.on_pre_connect = self._on_pre_connect
+        self._client.on_connect = self._on_connect
+        self._client.on_disconnect = self._on_disconnect
+        self._client.on_message = self._on_message
+        self._client.on_publish = self._on_publish
+        self._client.on_subscribe = self._on_subscribe
+
+    # --- configuration -----------------------------------------------------------------------
+
+    def _configure_tls(
+        self, ca_file: Path | str | None, cert_file: Path | str | None, key_file: Path | str | None
+    ) -> None:
+        ca = _read_file_setting(ca_file, "CA file")
+        cert = _read_file_setting(cert_file, "client certificate")
+        key = _read_file_setting(key_file, "client key")
+        if key is not None and cert is None:
+            raise TransportError("a broker client key needs a client certificate (cert_file)")
+        try:
+            self._client.tls_set(
+                ca_certs=ca,
+                certfile=cert,
+                keyfile=key,
+                cert_reqs=ssl.CERT_REQUIRED,
+                tls_version=ssl.PROTOCOL_TLS_CLIENT,
+            )
+        except (ssl.SSLError, OSError, ValueError) as exc:
+            reason = getattr(exc, "reason", None) or type(exc).__name__
+            raise TransportError(
+                f"broker {self.address}: cannot load the TLS files ({reason})"
+            ) from None
+
+    def _credentials(self) -> tuple[str | None, str | None]:
+        password = None
+        if self._password is not None:
+            try:
+                password = self._password()
+            except Exception as exc:  # the token source is user-provided; name it, no secret
+                raise TransportError(
+                    f"broker {self.address}: cannot read the broker token ({type(exc).__name__})"
+                ) from None
+        return self.username, password
+
+    # --- paho callbacks (network thread) ------------------------------------------------------
+
+    def _on_pre_connect(self, client: mqtt.Client, userdata: Any) -> None:
+        try:
+            username, password = self._credentials()
+        except TransportError as exc:
+            log.warning("%s", exc)
+            return
+        client.username_pw_set(username, password)
+
+    def _on_connect(
+        self,
+        client: mqtt.Client,
+        userdata: Any,
+        flags: mqtt.ConnectFlags,
+        reason: ReasonCode,
+        properties: Properties | None,
+    ) -> None:
+        if reason.is_failure:
+            self._refusal = reason
+            self._first_connack.set()
+            log.warning(
+                "broker %s refused the connection of %s: %s",
+                self.address,
+                self.client_id,
+                _reason_text(reason),
+            )
+            return
+        self._refusal = None
+        self._generation += 1
+        if self._generation > 1:
+            log.info(
+                "%s reconnected to broker %s (session %s)",
+                self.client_id,
+                self.address,
+                "resumed" if flags.session_present else "new",
+            )
+        subscriptions = list(self._subscriptions.items())
+        if not flags.session_present and subscriptions:
+            # The broker lost the session (no persistence, or it expired): subscribe again.
+            rc, mid = client.subscribe(subscriptions)
+            if rc == MQTTErrorCode.MQTT_ERR_SUCCESS and mid is not None:
+                self._acks.expect(mid)  # so its SUBACK is consumed, not parked
+        with self._birth_lock:
+            if self._birth is not None and self._generation > 1:
+                client.publish(self._birth[0], self._birth[1], qos=1, retain=True)
+        self._connected.set()
+        self._first_connack.set()
+
+    def _on_disconnect(
+        self,
+        client: mqtt.Client,
+        userdata: Any,
+        flags: mqtt.DisconnectFlags,
+        reason: ReasonCode,
+        properties: Properties | None,
+    ) -> None:
+        was_connected = self._connected.is_set()
+        self._connected.clear()
+        if was_connected and not self._closing:
+            log.warning(
+                "%s lost the connection to broker %s (%s); reconnecting",
+                self.client_id,
+                self.address,
+                _reason_text(reason),
+            )
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
+        try:
+            topic = message.topic
+        except UnicodeDecodeError:
+            topic = ""
+        self._inbox.put(
+            IncomingMessage(
+                topic=topic,
+                payload=message.payload,
+                qos=message.qos,
+                retain=bool(message.retain),
+                mid=message.mid,
+                generation=self._generation,
+            )
+        )
+
+    def _on_publish(
+        self,
+        client: mqtt.Client,
+        userdata: Any,
+        mid: int,
+        reason: ReasonCode,
+        properties: Properties | None,
+    ) -> None:
+        self._acks.resolve(mid, [reason], park=False)
+
+    def _on_subscribe(
+        self,
+        client: mqtt.Client,
+        userdata: Any,
+        mid: int,
+        reasons: list[ReasonCode],
+        properties: Properties | None,
+    ) -> None:
+        self._acks.resolve(mid, list(reasons), park=True)
+
+    # --- connection ---------------------------------------------------------------------------
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    def connect(self) -> None:
+        """Connect within `connect_timeout`, retrying while the broker is unreachable.
+
+        A refusal (bad credentials, not authorized) or a TLS verification failure is final at
+        once: retrying cannot fix it, and the error says what to fix.
+        """
+        if self._started:
+            raise TransportError(f"{self.client_id} is already connected to {self.address}")
+        deadline = Deadline(self.connect_timeout)
+        username, password = self._credentials()
+        self._client.username_pw_set(username, password)
+        properties = None
+        clean_start: bool | Literal[3] = mqtt.MQTT_CLEAN_START_FIRST_ONLY
+        if self.address.protocol == "5":
+            clean_start = False
+            properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+            properties.SessionExpiryInterval = self.session_expiry
+            properties.ReceiveMaximum = self._receive_maximum
+        delay = 0.1
+        while True:
+            self._client.connect_timeout = max(min(self.connect_timeout, deadline.left()), 0.1)
+            try:
+                self._client.connect(
+                    self.address.host,
+                    self.address.port,
+                    keepalive=self.keepalive,
+                    clean_start=clean_start,
+                    properties=properties,
+                )
+                break
+            except ssl.SSLError as exc:
+                reason = getattr(exc, "reason", None) or getattr(exc, "verify_message", None)
+                raise TransportError(
+                    f"cannot connect to broker {self.address}: TLS handshake failed "
+                    f"({reason or type(exc).__name__})"
+                ) from None
+            except (OSError, ValueError) as exc:
+                reason = _os_error_text(exc)
+                if deadline.passed():
+                    raise TransportError(
+                        f"cannot connect to broker {self.address}: {reason} "
+                        f"(gave up after {self.connect_timeout:g} s)"
+                    ) from None
+                log.info("broker %s not reachable yet (%s); retrying", self.address, reason)
+                time.sleep(min(delay, deadline.left()))
+                delay = min(delay * 2, 2.0)
+        self._client.loop_start()
+        self._started = True
+        if not self._first_connack.wait(max(deadline.left(), 0.5)):
+            self._stop()
+            raise TransportError(
+                f"cannot connect to broker {self.address}: no answer to CONNECT within "
+                f"{self.connect_timeout:g} s"
+            )
+        if self._refusal is not None:
+            refusal = self._refusal
+            self._stop()
+            raise TransportError(
+                f"broker {self.address} refused the connection: {_reason_text(refusal)}"
+            )
+        log.info("%s connected to broker %s", self.client_id, self.address)
+
+    def wait_connected(self, timeout: float) -> bool:
+        return self._connected.wait(timeout)
+
+    def disconnect(self, timeout: float = 5.0) -> None:
+        """Leave cleanly (no last will); the persistent session stays on the broker."""
+        if not self._started:
+            return
+        self._closing = True
+        with self._birth_lock:
+            self._birth = None
+        self._stop(timeout)
+
+    def abort(self, timeout: float = 5.0) -> None:
+        """Drop the connection without a goodbye, as a crashed process does: the will fires."""
+        if not self._started:
+            return
+        self._closing = True
+        self._client._thread_terminate = True  # so the loop exits instead of reconnecting
+        sock = self._client.socket()
+        if isinstance(sock, socket.socket):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+        self._join_loop(timeout)
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.close()
+
+    def _stop(self, timeout: float = 5.0) -> None:
+        with contextlib.suppress(OSError):
+            self._client.disconnect()
+        self._join_loop(timeout)
+
+    def _join_loop(self, timeout: float) -> None:
+        """paho's `loop_stop()` waits for its thread without a deadline; this has one."""
+        thread = self._client._thread
+        self._client._thread_terminate = True
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
+            if thread.is_alive():
+                log.warning("%s: the MQTT network thread did not stop in time", self.client_id)
+        self._started = False
+        self._connected.clear()
+
+    # --- messages -----------------------------------------------------------------------------
+
+    def set_birth(self, topic: str, payload: bytes) -> PendingPublish:
+        """Publish `payload` retained on `topic` now and again after every reconnect."""
+        with self._birth_lock:
+            self._birth = (topic, payload)
+            return self.publish_nowait(topic, payload, qos=1, retain=True)
+
+    def publish_nowait(
+        self, topic: str, payload: bytes | bytearray, *, qos: int = 1, retain: bool = False
+    ) -> PendingPublish:
+        """Queue a QoS 1 publish; paho sends it now or after the next reconnect."""
+        if qos != 1:
+            raise ValueError("flame publishes at QoS 1 only")
+        # paho's lock: its network thread cannot handle the PUBACK before we expect it.
+        with self._client._out_message_mutex:
+            try:
+                info = self._client.publish(topic, payload, qos=qos, retain=retain)
+            except ValueError as exc:
+                raise TransportError(f"cannot publish on {topic}: {exc}") from None
+            if info.rc == MQTTErrorCode.MQTT_ERR_QUEUE_SIZE:
+                raise TransportError(f"cannot publish on {topic}: the outgoing queue is full")
+            if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
+                raise TransportError(f"cannot publish on {topic}: {_reason_text(info.rc)}")
+            waiter = self._acks.expect(info.mid)
+        return PendingPublish(self, topic, info.mid, waiter)
+
+    def publish(
+        self,
+        topic: str,
+        payload: bytes | bytearray,
+        *,
+        qos: int = 1,
+        retain: bool = False,
+        timeout: float = 30.0,
+    ) -> None:
+        """Publish and return after the broker's PUBACK; TransportError after `timeout`."""
+        self.publish_nowait(topic, payload, qos=qos, retain=retain).wait(timeout)
+
+    def subscribe(self, topics: Sequence[tuple[str, int]], *, timeout: float = 30.0) -> None:
+        """Subscribe and wait for the SUBACK; TransportError naming a refused topic."""
+        if not topics:
+            return
+        deadline = Deadline(timeout)
+        for topic, qos in topics:
+            self._subscriptions[topic] = qos
+        if not self._connected.wait(deadline.left()):
+            raise TransportError(
+                f"cannot subscribe to {topics[0][0]}: not connected to broker {self.address}"
+            )
+        rc, mid = self._client.subscribe(list(topics))
+        if rc != MQTTErrorCode.MQTT_ERR_SUCCESS or mid is None:
+            raise TransportError(
+                f"cannot subscribe to {topics[0][0]} on broker {self.address}: {_reason_text(rc)}"
+            )
+        waiter = self._acks.expect(mid)
+        if not waiter.wait(deadline.left()):
+            self._acks.forget(mid)
+            raise TransportError(
+                f"broker {self.address} did not acknowledge the subscription to "
+                f"{topics[0][0]} within {timeout:g} s"
+            )
+        for (topic, _), reason in zip(topics, waiter.reasons, strict=False):
+            if reason.is_failure:
+                self._subscriptions.pop(topic, None)
+                raise TransportError(
+                    f"broker {self.address} refused the subscription to {topic}: "
+                    f"{_reason_text(reason)}"
+                )
+
+    def get(self, timeout: float) -> IncomingMessage | None:
+        """The next incoming message, or None after `timeout` seconds."""
+        try:
+            return self._inbox.get(timeout=max(timeout, 0.0))
+        except queue.Empty:
+            return None
+
+    def ack(self, message: IncomingMessage) -> None:
+        """Acknowledge a message from `get()`; the broker will not deliver it again."""
+        if message.qos > 0 and message.generation == self._generation and self.connected:
+            self._client.ack(message.mid, message.qos)
+
+
+def _os_error_text(exc: BaseException) -> str:
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror[:1].lower() + exc.strerror[1:]
+    return type(exc).__name__
+
+
+Consume = Callable[[float], "IncomingMessage | None"]
+Dispatch = Callable[[str, bytes], None]
+
+
+@contextlib.contextmanager
+def broker_connection(
+    url: str,
+    *,
+    client_id: str,
+    topics: Iterable[str] = (),
+    publish_timeout: float = 30.0,
+    **options: Any,
+) -> Iterator[tuple[Consume, Dispatch]]:
+    """A connection for analyses with their own protocol: yields `(consume, dispatch)`.
+
+    `consume(timeout)` returns the next message on `topics` (already acknowledged) or None;
+    `dispatch(topic, payload)` publishes at QoS 1 and returns after the broker's PUBACK.
+    `options` are `MessageBrokerClient` keyword arguments (username, password, ca_file, ...).
+    """
+    client = MessageBrokerClient(url, client_id=client_id, **options)
+    client.connect()
+    try:
+        wanted = [(topic, 1) for topic in topics]
+        client.subscribe(wanted, timeout=publish_timeout)
+
+        def consume(timeout: float) -> IncomingMessage | None:
+            message = client.get(timeout)
+            if message is not None:
+                client.ack(message)
+            return message
+
+        def dispatch(topic: str, payload: bytes) -> None:
+            client.publish(topic, payload, timeout=publish_timeout)
+
+        yield consume, dispatch
+    finally:
+        client.disconnect()

@@ -1,0 +1,429 @@
+"""The transport over a real MQTT broker; behaves like `MemoryTransport`, across processes.
+
+Topics (DESIGN.md): `flame/{analysis}/{node}/inbox` (QoS 1; a node subscribes to its own inbox
+only, so broker ACLs can enforce that nobody reads another's mail) and
+`flame/{analysis}/{node}/status` (retained; the last will sets `{"state": "offline"}`).
+
+Frames on an inbox are one of three kinds, told apart by their first three bytes: a flame
+frame (`FLM`, see `flame.messages`), a chunk of a larger frame (`FLC`) or a claim-check
+reference (`FLR`, see `_chunks.ClaimCheck`). paho's network thread only queues what arrives;
+decoding, reassembly and verification happen in `receive()`, on the caller's thread, and
+every frame that fails any check is logged once and dropped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+from collections import deque
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
+
+from flame._deadline import Deadline
+from flame.clients.message_broker_client import (
+    IncomingMessage,
+    MessageBrokerClient,
+    PasswordSource,
+    PendingPublish,
+    ProtocolName,
+    Will,
+)
+from flame.errors import MessageError, TransportError
+from flame.messages import MAGIC, Envelope, decode, encode_parts, to_jsonable
+from flame.transport._chunks import (
+    CHUNK_HEADER_SIZE,
+    CHUNK_MAGIC,
+    REFERENCE_MAGIC,
+    ClaimCheck,
+    Reassembler,
+    decode_reference,
+    encode_reference,
+    frame_digest,
+    frame_size,
+    split_frame,
+)
+from flame.transport.base import Transport
+
+if TYPE_CHECKING:
+    from flame.config import BrokerSettings, FlameConfig
+
+__all__ = ["ClaimCheck", "MqttTransport", "client_id_for", "inbox_topic", "status_topic"]
+
+log = logging.getLogger(__name__)
+
+_NAME = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+OFFLINE = b'{"state":"offline"}'
+MAX_STATUS_BYTES = 64 * 1024
+
+
+def inbox_topic(analysis_id: str, node_id: str) -> str:
+    return f"flame/{analysis_id}/{node_id}/inbox"
+
+
+def status_topic(analysis_id: str, node_id: str) -> str:
+    return f"flame/{analysis_id}/{node_id}/status"
+
+
+def client_id_for(analysis_id: str, node_id: str) -> str:
+    """Stable across restarts (so the persistent session is found again) and one per node.
+
+    ':' cannot occur in either name, so two different pairs never share a client id.
+    """
+    client_id = f"flame:{analysis_id}:{node_id}"
+    if len(client_id) <= 128:
+        return client_id
+    return "flame:" + hashlib.sha256(f"{analysis_id}:{node_id}".encode()).hexdigest()[:40]
+
+
+def password_from_settings(settings: BrokerSettings) -> PasswordSource | None:
+    """The broker token from settings, the file re-read on every call (it may be rotated)."""
+    token_file = settings.token_file
+    if token_file is not None:
+
+        def read() -> str | None:
+            try:
+                return token_file.read_text().strip() or None
+            except OSError as exc:
+                raise TransportError(
+                    f"cannot read the broker token file {token_file}: {exc.strerror}"
+                ) from None
+
+        return read
+    if settings.token is not None:
+        token = settings.token.get_secret_value()
+        return lambda: token
+    return None
+
+
+class MqttTransport(Transport):
+    """One node's connection to the federation through an MQTT broker."""
+
+    def __init__(
+        self,
+        settings: BrokerSettings,
+        analysis_id: str,
+        node_id: str,
+        password: PasswordSource | None = None,
+        *,
+        claim_check: ClaimCheck | None = None,
+        claim_check_threshold: int | None = None,
+        max_transfers: int = 64,
+        max_reassembly_bytes: int | None = None,
+        reassembly_timeout: float | None = None,
+        send_window: int = 16,
+        protocol: ProtocolName | None = None,
+        reconnect_delay: tuple[int, int] = (1, 16),
+    ) -> None:
+        for what, name in (("analysis id", analysis_id), ("node id", node_id)):
+            if not _NAME.match(name):
+                raise ValueError(f"{what} {name!r} may use only letters, digits, '.', '_', '-'")
+        if settings.url is None:
+            raise TransportError("the MQTT transport needs a broker URL (FLAME_BROKER__URL)")
+        super().__init__(analysis_id, node_id)
+        self.settings = settings
+        self._password = password if password is not None else password_from_settings(settings)
+        self._claim_check = claim_check
+        self._claim_check_threshold = (
+            claim_check_threshold if claim_check_threshold is not None else settings.chunk_size
+        )
+        self._send_window = max(1, send_window)
+        self._protocol = protocol
+        self._reconnect_delay = reconnect_delay
+        self._inbox = inbox_topic(analysis_id, node_id)
+        self._reassembler = Reassembler(
+            max_bytes=settings.max_message_bytes,
+            timeout=reassembly_timeout
+            if reassembly_timeout is not None
+            else 2 * settings.send_timeout,
+            max_transfers=max_transfers,
+            max_total_bytes=max_reassembly_bytes,
+        )
+        self._watching: set[str] | None = set()
+        self._client: MessageBrokerClient | None = None
+        self._connected = False
+        self.dropped = 0
+
+    @classmethod
+    def from_config(
+        cls, config: FlameConfig, password: PasswordSource | None = None, **options: Any
+    ) -> MqttTransport:
+        """The transport for this node as the config describes it."""
+        if config.node_id is None:
+            raise TransportError("the MQTT transport needs this node's id (FLAME_NODE_ID)")
+        return cls(config.broker, config.analysis_id, config.node_id, password, **options)
+
+    @property
+    def client(self) -> MessageBrokerClient:
+        if self._client is None:
+            raise TransportError(f"{self.node_id} is not connected")
+        return self._client
+
+    @property
+    def connected(self) -> bool:
+        return self._connected
+
+    # --- Transport ----------------------------------------------------------------------------
+
+    def connect(self, status: dict[str, Any]) -> None:
+        if self._connected:
+            raise TransportError(f"{self.node_id} is already connected")
+        settings = self.settings
+        assert settings.url is not None
+        username = settings.username
+        password = self._password
+        if username is None and password is not None:
+            username = self.node_id  # brokers key ACLs on the user name; the node id is natural
+        client = MessageBrokerClient(
+            settings.url,
+            client_id=client_id_for(self.analysis_id, self.node_id),
+            username=username,
+            password=password,
+            ca_file=settings.ca_file,
+            cert_file=settings.cert_file,
+            key_file=settings.key_file,
+            keepalive=settings.keepalive,
+            session_expiry=settings.session_expiry,
+            connect_timeout=settings.connect_timeout,
+            will=Will(status_topic(self.analysis_id, self.node_id), OFFLINE, qos=1, retain=True),
+            protocol=self._protocol,
+            reconnect_delay=self._reconnect_delay,
+        )
+        client.connect()
+        try:
+            client.subscribe([(self._inbox, 1)], timeout=settings.send_timeout)
+            self._client = client
+            self._connected = True
+            self.announce(status)
+        except BaseException:
+            self._connected = False
+            self._client = None
+            client.disconnect()
+            raise
+
+    def close(self) -> None:
+        if not self._connected or self._client is None:
+            return
+        self._connected = False
+        client = self._client
+        try:
+            client.set_birth(status_topic(self.analysis_id, self.node_id), OFFLINE).wait(
+                min(self.settings.send_timeout, 5.0)
+            )
+        except TransportError as exc:
+            log.warning("%s could not publish its offline status: %s", self.node_id, exc)
+        finally:
+            client.disconnect()
+
+    def kill(self) -> None:
+        """Vanish without a goodbye, as a crashed process does; the broker fires the will."""
+        if self._client is not None:
+            self._connected = False
+            self._client.abort()
+
+    def announce(self, status: dict[str, Any]) -> None:
+        if not self._connected:
+            raise TransportError(f"cannot announce: {self.node_id} is not connected")
+        payload = json.dumps(to_jsonable(status), separators=(",", ":")).encode()
+        if len(payload) > MAX_STATUS_BYTES:
+            raise TransportError(f"status of {len(payload)} bytes is over {MAX_STATUS_BYTES}")
+        pending = self.client.set_birth(status_topic(self.analysis_id, self.node_id), payload)
+        try:
+            pending.wait(self.settings.send_timeout)
+        except TransportError as exc:
+            raise TransportError(f"{self.node_id} could not announce its status: {exc}") from None
+
+    def watch(self, nodes: Iterable[str] | None = None) -> None:
+        if nodes is None:
+            self._watching = None
+            topics = [status_topic(self.analysis_id, "+")]
+        else:
+            wanted = {node for node in nodes if node != self.node_id}
+            for node in wanted:
+                if not _NAME.match(node):
+                    raise ValueError(f"cannot watch {node!r}: not a valid node id")
+            self._watching = wanted if self._watching is None else self._watching | wanted
+            topics = [status_topic(self.analysis_id, node) for node in sorted(wanted)]
+        for start in range(0, len(topics), 100):
+            batch = [(topic, 1) for topic in topics[start : start + 100]]
+            self.client.subscribe(batch, timeout=self.settings.send_timeout)
+
+    def send(self, envelope: Envelope, timeout: float | None = None) -> None:
+        recipient = envelope.recipient
+        if not self._connected:
+            raise TransportError(f"cannot send to {recipient!r}: {self.node_id} is not connected")
+        if not _NAME.match(recipient) or envelope.analysis != self.analysis_id:
+            raise TransportError(
+                f"cannot send to {recipient!r} in analysis {envelope.analysis!r}: "
+                "not a node of this analysis"
+            )
+        parts = encode_parts(envelope)
+        size = frame_size(parts)
+        limit = self.settings.max_message_bytes
+        if size > limit:
+            raise TransportError(
+                f"message to {recipient!r} is {size} bytes, over the broker limit of {limit}"
+            )
+        wait = timeout if timeout is not None else self.settings.send_timeout
+        topic = inbox_topic(self.analysis_id, recipient)
+        try:
+            if self._claim_check is not None and size > self._claim_check_threshold:
+                self._send_claim_check(topic, parts, size, wait)
+            elif size <= self.settings.chunk_size:
+                self.client.publish(topic, b"".join(parts), timeout=wait)
+            else:
+                self._send_chunks(topic, parts, wait)
+        except TransportError as exc:
+            raise TransportError(f"cannot send to {recipient!r}: {exc}") from None
+
+    def _send_chunks(self, topic: str, parts: list[bytes | memoryview], timeout: float) -> None:
+        """A window of chunks in flight: memory stays `send_window` chunks, throughput high.
+
+        `timeout` bounds each wait for a broker acknowledgement (progress), not the whole
+        transfer, so a large frame over a slow link is not cut off while it is moving.
+        """
+        piece = max(self.settings.chunk_size - CHUNK_HEADER_SIZE, 1)
+        window: deque[PendingPublish] = deque()
+        try:
+            for chunk in split_frame(parts, piece):
+                if len(window) >= self._send_window:
+                    window.popleft().wait(timeout)
+                window.append(self.client.publish_nowait(topic, chunk))
+            while window:
+                window.popleft().wait(timeout)
+        finally:
+            for pending in window:
+                pending.abandon()
+
+    def _send_claim_check(
+        self, topic: str, parts: list[bytes | memoryview], size: int, timeout: float
+    ) -> None:
+        assert self._claim_check is not None
+        digest = frame_digest(parts)
+        try:
+            reference = self._claim_check.put(parts, size, digest)
+        except Exception as exc:  # storage is pluggable; its errors become transport errors
+            raise TransportError(
+                f"claim check could not store {size} bytes ({type(exc).__name__}: {exc})"
+            ) from None
+        self.client.publish(topic, encode_reference(reference, size, digest), timeout=timeout)
+
+    def receive(self, timeout: float) -> Envelope | None:
+        if self._client is None:
+            raise TransportError(f"{self.node_id} is not connected")
+        client = self._client
+        deadline = Deadline(timeout)
+        while True:
+            for dropped in self._reassembler.expire():
+                self._drop(f"an incomplete {dropped}")
+            message = client.get(deadline.left())
+            if message is None:
+                return None
+            try:
+                envelope = self._handle(message)
+            except Exception as exc:  # never let a hostile frame take the node down
+                log.exception("%s failed on a message on %s", self.node_id, message.topic)
+                self._drop(f"a message that raised {type(exc).__name__}")
+                envelope = None
+            finally:
+                client.ack(message)
+            if envelope is not None:
+                return envelope
+
+    # --- receiving ----------------------------------------------------------------------------
+
+    def _drop(self, what: str) -> None:
+        self.dropped += 1
+        log.warning("%s dropped %s", self.node_id, what)
+
+    def _handle(self, message: IncomingMessage) -> Envelope | None:
+        if message.topic == self._inbox:
+            return self._handle_frame(message.payload)
+        parts = message.topic.split("/")
+        if (
+            len(parts) == 4
+            and parts[0] == "flame"
+            and parts[1] == self.analysis_id
+            and parts[3] == "status"
+        ):
+            return self._handle_status(parts[2], message.payload)
+        self._drop(f"a message on unexpected topic {message.topic[:200]!r}")
+        return None
+
+    def _handle_status(self, node: str, payload: bytes | bytearray) -> Envelope | None:
+        if node == self.node_id or not payload:
+            return None  # our own status, or a cleared retained message
+        if not _NAME.match(node):
+            self._drop(f"a status from invalid node id {node[:40]!r}")
+            return None
+        if self._watching is not None and node not in self._watching:
+            return None
+        if len(payload) > MAX_STATUS_BYTES:
+            self._drop(f"a status of {len(payload)} bytes from {node}")
+            return None
+        try:
+            status = json.loads(payload)
+        except (ValueError, RecursionError):
+            status = None
+        if not isinstance(status, dict):
+            self._drop(f"a status from {node} that is not a JSON object")
+            return None
+        return Envelope(self.analysis_id, node, self.node_id, "status", epoch=-1, body=status)
+
+    def _handle_frame(self, payload: bytes | bytearray) -> Envelope | None:
+        limit = self.settings.max_message_bytes
+        magic = payload[:3]
+        frame: bytes | bytearray
+        try:
+            if magic == CHUNK_MAGIC:
+                if len(payload) > limit + CHUNK_HEADER_SIZE:
+                    raise MessageError(f"chunk of {len(payload)} bytes is over the limit")
+                whole = self._reassembler.add(payload)
+                if whole is None:
+                    return None
+                frame = whole
+            elif magic == REFERENCE_MAGIC:
+                frame = self._fetch_claim_check(payload)
+            elif magic == MAGIC:
+                frame = payload
+            else:
+                raise MessageError(f"not a flame frame ({len(payload)} bytes, bad magic)")
+            envelope = decode(frame, max_bytes=limit)
+        except MessageError as exc:
+            self._drop(f"a malformed message: {exc}")
+            return None
+        if envelope.analysis != self.analysis_id or envelope.recipient != self.node_id:
+            self._drop(f"a message addressed to {envelope.analysis}/{envelope.recipient}")
+            return None
+        return envelope
+
+    def _fetch_claim_check(self, payload: bytes | bytearray) -> bytearray:
+        reference = decode_reference(payload)
+        if self._claim_check is None:
+            raise MessageError("a claim-check reference arrived but no claim check is set up")
+        if reference.size > self.settings.max_message_bytes:
+            raise MessageError(f"claim-checked frame of {reference.size} bytes is over the limit")
+        try:
+            frame = self._claim_check.fetch(reference.reference, reference.size)
+        except Exception as exc:  # storage is pluggable; a failed fetch drops the message
+            raise MessageError(
+                f"claim check could not fetch the frame ({type(exc).__name__}: {exc})"
+            ) from None
+        if len(frame) != reference.size or hashlib.sha256(frame).digest() != reference.sha256:
+            raise MessageError("claim-checked frame fails its size or SHA-256 check")
+        return frame
+
+
+def mqtt_transport_factory(
+    settings: BrokerSettings,
+    analysis_id: str,
+    password: PasswordSource | None = None,
+    **options: Any,
+) -> Callable[[str], MqttTransport]:
+    """`node_id -> MqttTransport` for runs that build one transport per node."""
+
+    def make(node_id: str) -> MqttTransport:
+        return MqttTransport(settings, analysis_id, node_id, password, **options)
+
+    return make
