@@ -32,7 +32,14 @@ from flame.clients.object_store import (
     validate_prefix,
 )
 
-__all__ = ["CHUNK_SIZE", "FileStore", "ObjectStore", "StoredObject", "atomic_writer"]
+__all__ = [
+    "CHUNK_SIZE",
+    "FileStore",
+    "ObjectStore",
+    "StoredObject",
+    "atomic_writer",
+    "read_chunks",
+]
 
 CHUNK_SIZE = 1024 * 1024
 INDEX_DIR = ".flame-index"
@@ -54,6 +61,18 @@ def atomic_writer(path: Path) -> Iterator[IO[bytes]]:
         with suppress(FileNotFoundError):
             os.unlink(temp_name)
         raise
+
+
+def read_chunks(key: str, stream: IO[bytes]) -> Iterator[bytes]:
+    """The stream's chunks; a failing *source* is reported as such, not as a storage fault."""
+    while True:
+        try:
+            chunk = stream.read(CHUNK_SIZE)
+        except OSError as exc:
+            raise StorageError(f"{key}: cannot read the source stream: {exc}") from None
+        if not chunk:
+            return
+        yield chunk
 
 
 def _as_buffer(data: bytes | bytearray | memoryview) -> memoryview:
@@ -118,7 +137,8 @@ class FileStore:
                     size += len(chunk)
             self._write_index(key, digest.hexdigest(), size, meta)
         except OSError as exc:
-            raise StorageError(f"{key}: cannot write under {self.root}: {exc.strerror}") from None
+            reason = exc.strerror or type(exc).__name__
+            raise StorageError(f"{key}: cannot write under {self.root}: {reason}") from None
         return StoredObject(self.bucket, key, digest.hexdigest(), size, self._uri(key), meta)
 
     def put_bytes(
@@ -133,7 +153,7 @@ class FileStore:
     def put_stream(
         self, key: str, stream: IO[bytes], metadata: Mapping[str, str] | None = None
     ) -> StoredObject:
-        return self._put_chunks(key, iter(lambda: stream.read(CHUNK_SIZE), b""), metadata)
+        return self._put_chunks(key, read_chunks(key, stream), metadata)
 
     def put_file(
         self, key: str, path: StrPath, metadata: Mapping[str, str] | None = None

@@ -36,7 +36,7 @@ from minio.credentials.providers import Provider
 from minio.error import MinioException, S3Error, ServerError
 from urllib3.exceptions import HTTPError as Urllib3Error
 
-from flame.clients.file_store import CHUNK_SIZE, FileStore, atomic_writer
+from flame.clients.file_store import CHUNK_SIZE, FileStore, atomic_writer, read_chunks
 from flame.clients.object_store import (
     SHA256_META,
     AnalysisLayout,
@@ -176,10 +176,10 @@ def _as_buffer(data: bytes | bytearray | memoryview) -> memoryview:
     return view if view.format == "B" and view.ndim == 1 else view.cast("B")
 
 
-def _hash_stream(stream: IO[bytes]) -> tuple[str, int]:
+def _hash_stream(key: str, stream: IO[bytes]) -> tuple[str, int]:
     digest = hashlib.sha256()
     size = 0
-    for chunk in iter(lambda: stream.read(CHUNK_SIZE), b""):
+    for chunk in read_chunks(key, stream):
         digest.update(chunk)
         size += len(chunk)
     return digest.hexdigest(), size
@@ -352,7 +352,7 @@ class MinioStore:
             seekable = False
         if seekable:
             start = stream.tell()
-            digest, size = _hash_stream(stream)
+            digest, size = _hash_stream(key, stream)
             stream.seek(start)
             stored = self._upload(key, stream, size, digest, metadata)
             if stream.tell() != start + size:
@@ -362,7 +362,7 @@ class MinioStore:
         with tempfile.SpooledTemporaryFile(max_size=self.spool_threshold) as spool:
             hasher = hashlib.sha256()
             size = 0
-            for chunk in iter(lambda: stream.read(CHUNK_SIZE), b""):
+            for chunk in read_chunks(key, stream):
                 hasher.update(chunk)
                 spool.write(chunk)
                 size += len(chunk)
