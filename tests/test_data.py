@@ -56,7 +56,7 @@ def test_local_source_needs_a_directory(tmp_path: Path) -> None:
 
 
 def test_local_source_missing_file(folder: Path) -> None:
-    with pytest.raises(DataError, match="nope.csv"):
+    with pytest.raises(DataError, match=r"nope\.csv"):
         LocalSource(folder).open("nope.csv")
 
 
@@ -102,7 +102,7 @@ def test_data_read_bytes_and_text(folder: Path) -> None:
     assert data.read_bytes("notes.txt") == b"hello"
     assert data.read_text("notes.txt") == "hello"
     write(folder, "latin.txt", "café".encode("latin-1"))
-    with pytest.raises(DataError, match="latin.txt"):
+    with pytest.raises(DataError, match=r"latin\.txt"):
         data.read_text("latin.txt")
     assert data.read_text("latin.txt", encoding="latin-1") == "café"
 
@@ -218,7 +218,7 @@ def test_mismatched_headers_name_both_files(tmp_path: Path) -> None:
 def test_same_columns_in_other_order_is_a_mismatch(tmp_path: Path) -> None:
     write(tmp_path, "a.csv", "x,y\n1,2\n")
     write(tmp_path, "b.csv", "y,x\n3,4\n")
-    with pytest.raises(DataError, match="b.csv"):
+    with pytest.raises(DataError, match=r"b\.csv"):
         Data.from_path(tmp_path).read_csv()
 
 
