@@ -20,6 +20,7 @@ from flame.errors import (
 )
 from flame.federated.context import Context, Received, context
 from flame.federated.records import EpochRecord, Event, RunResult
+from flame.federated.secure import Results, secure
 from flame.main import run
 from flame.simulate import simulate
 
@@ -37,6 +38,7 @@ __all__ = [
     "FlameError",
     "MessageError",
     "Received",
+    "Results",
     "RunFailed",
     "RunResult",
     "RunTimeout",
@@ -45,5 +47,6 @@ __all__ = [
     "context",
     "load_config",
     "run",
+    "secure",
     "simulate",
 ]

@@ -74,6 +74,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         data=args.data,
         config=config,
         on_event=progress,
+        secure=args.secure,
     )
     _report(result, args.output)
     return 0
@@ -130,6 +131,12 @@ def _parser() -> argparse.ArgumentParser:
     sim.add_argument("--seed", type=int, help="seed for context().rng (FLAME_SEED)")
     sim.add_argument("--timeout", type=float, help="seconds per epoch (FLAME_EPOCH_TIMEOUT)")
     sim.add_argument("--output", type=Path, help="write result and per-epoch history as JSON")
+    sim.add_argument(
+        "--secure",
+        action="store_true",
+        help="sum flame.secure(...) values under "
+        "Paillier encryption (FLAME_SECURE__*; throwaway keys if none configured)",
+    )
     sim.add_argument("--quiet", action="store_true", help="no progress lines")
     sim.add_argument("--verbose", action="store_true", help="debug logging")
     sim.set_defaults(handler=_cmd_simulate)

@@ -109,7 +109,10 @@ class SecureAggregationSettings(_Section):
     precision: int = Field(16, ge=0, le=52, description="fractional bits of fixed-point values")
     bound: float = Field(2.0**15, gt=0, description="declared maximum |value| of one node")
     max_nodes: int = Field(100, ge=1)
-    min_contributors: int = Field(2, ge=1)
+    min_contributors: int = Field(2, ge=1, description="fewest nodes a decrypted sum may hold")
+    obfuscation: Literal["standard", "djn"] = Field(
+        "standard", description="'djn' is faster but rests on an extra assumption (README)"
+    )
 
 
 def _split_list(value: Any) -> Any:

@@ -16,6 +16,7 @@ from flame.federated.aggregator_server import Aggregator
 from flame.federated.analysis_client import AnalysisClient
 from flame.federated.functions import AnalysisFunctions
 from flame.federated.records import EventSink, RunStore
+from flame.federated.secure import SecureKeys
 from flame.transport.base import Transport
 
 __all__ = ["run"]
@@ -115,6 +116,13 @@ def node_state(config: FlameConfig, node_id: str) -> Any:
     return MemoryState() if store is None else NodeState(store, config.analysis_id, node_id)
 
 
+def secure_keys(config: FlameConfig, role: str) -> SecureKeys | None:
+    """This node's secure-aggregation keys, or None when secure aggregation is off."""
+    if not config.secure.enabled:
+        return None
+    return SecureKeys.from_settings(config.secure, role=role)
+
+
 def run(
     analyze: Callable[..., Any] | None = None,
     aggregate: Callable[..., Any] | None = None,
@@ -131,6 +139,7 @@ def run(
     node_id, role = _require(config)
     functions = AnalysisFunctions.of(analyze, aggregate, converged)
     secrets = config.secrets()
+    keys = secure_keys(config, role)
     transport = node_transport(config, node_id)
     if role == "aggregation":
         aggregator = Aggregator(
@@ -145,6 +154,7 @@ def run(
             on_event=on_event,
             seed=config.seed,
             secrets=secrets,
+            keys=keys,
         )
         return aggregator.execute().value
     data = node_data_handle(config)
@@ -156,5 +166,6 @@ def run(
         seed=config.seed,
         state=node_state(config, node_id),
         secrets=secrets,
+        keys=keys,
     )
     return client.run(functions, data).value

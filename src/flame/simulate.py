@@ -20,6 +20,7 @@ from flame.federated.aggregator_server import Aggregator
 from flame.federated.analysis_client import AnalysisClient
 from flame.federated.functions import AnalysisFunctions
 from flame.federated.records import EventSink, RunResult, RunStore
+from flame.federated.secure import SecureKeys
 from flame.main import aggregator_store, node_state
 from flame.transport.base import Transport
 from flame.transport.memory import MemoryBroker, MemoryTransport
@@ -77,12 +78,15 @@ def simulate(
     broker: MemoryBroker | TransportFactory | None = None,
     on_event: EventSink | None = None,
     store: RunStore | None = None,
+    secure: bool = False,
 ) -> RunResult:
     """Run `analyze` on every node's data and `aggregate` once per epoch; return the result.
 
     `data` is a folder with one sub-folder per node (the folder name is the node id) or a
     mapping of node id to a folder, a `{file name: content}` mapping, or a `Data` handle.
     FLAME_* variables apply (epochs, timeouts, quorum, seed); arguments given here win.
+    `secure=True` (or FLAME_SECURE__ENABLED) sums `flame.secure(...)` values under
+    Paillier encryption, with the configured key files or a throwaway key pair.
     Raises `RunFailed` with the failing node and its error if any node fails.
     """
     functions = AnalysisFunctions.of(analyze, aggregate, converged)
@@ -100,6 +104,7 @@ def simulate(
             f"FLAME_QUORUM is {config.quorum}, but only {len(participants)} nodes have data"
         )
     connect = _transport_factory(broker, config)
+    keys = _simulation_keys(config) if secure or config.secure.enabled else None
     secrets = config.secrets()
     failures: dict[str, BaseException] = {}
 
@@ -112,6 +117,7 @@ def simulate(
             seed=config.seed,
             state=node_state(config, node),
             secrets=secrets,
+            keys=keys,
         )
         try:
             client.run(functions, nodes[node])
@@ -137,6 +143,7 @@ def simulate(
         on_event=on_event,
         seed=config.seed,
         secrets=secrets,
+        keys=None if keys is None else keys.public_only(),
     )
     for thread in threads:
         thread.start()
@@ -152,6 +159,23 @@ def simulate(
         if not isinstance(exc, RunFailed):
             raise RunFailed(f"node {node!r} failed: {exc}", node=node) from exc
     return result
+
+
+def _simulation_keys(config: FlameConfig) -> SecureKeys:
+    """The configured keys, or a throwaway pair that lives only in this process."""
+    if config.secure.private_key_file is not None:
+        return SecureKeys.from_settings(config.secure, role="analysis")
+    from flame.protocols.aggregation_paillier import generate_keypair
+
+    log.info("secure simulation: generating a throwaway 2048-bit key pair")
+    public, private = generate_keypair(2048)
+    return SecureKeys(
+        public,
+        private,
+        SecureKeys.spec_of(config.secure),
+        config.secure.min_contributors,
+        config.secure.obfuscation,
+    )
 
 
 def _transport_factory(

@@ -11,16 +11,17 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from flame._deadline import Deadline
 from flame._redact import describe_exception
-from flame.errors import RunFailed, RunTimeout, TransportError
+from flame.errors import ConfigError, RunFailed, RunTimeout, TransportError
 from flame.federated.context import Context, active
 from flame.federated.functions import AnalysisFunctions
 from flame.federated.mailbox import Mailbox
 from flame.federated.records import Checkpoint, EpochRecord, Event, EventSink, RunResult, RunStore
+from flame.federated.secure import SecureKeys, SecureSummer
 from flame.messages import Envelope, Kind
 from flame.transport.base import Transport
 
@@ -46,7 +47,7 @@ class Aggregator:
         on_event: EventSink | None = None,
         seed: int | None = None,
         secrets: Sequence[str] = (),
-        combine_results: Callable[[dict[str, Any], int], dict[str, Any]] | None = None,
+        keys: SecureKeys | None = None,
     ) -> None:
         if not participants:
             raise ValueError("an aggregator needs at least one participant")
@@ -60,7 +61,10 @@ class Aggregator:
         self.store = store
         self.on_event = on_event
         self.secrets = list(secrets)
-        self.combine_results = combine_results
+        if keys is not None and keys.private_key is not None:
+            raise ConfigError(
+                "the aggregation node must not hold the private key of secure aggregation"
+            )
         self.mailbox = Mailbox(transport)
         self.session = uuid.uuid4().hex
         self.context = Context(
@@ -72,6 +76,7 @@ class Aggregator:
             mailbox=self.mailbox,
             seed=seed,
         )
+        self.secure_sum = SecureSummer(keys, epoch_timeout, self.context)
         self._sessions: dict[str, str] = {}
         self._online: set[str] = set()
         self._kickoff: tuple[Kind, int, Any] | None = None
@@ -221,9 +226,8 @@ class Aggregator:
         return {node: results[node] for node in sorted(results)}
 
     def _aggregate_parameters(self, results: dict[str, Any], epoch: int, previous: Any) -> Any:
-        if self.combine_results is not None:
-            results = self.combine_results(results, epoch)
         self.context.epoch = epoch
+        results = self.secure_sum(results, epoch)
         try:
             with active(self.context):
                 return self.functions.aggregate(results, epoch=epoch, previous=previous)

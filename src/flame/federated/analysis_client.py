@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +20,7 @@ from flame.errors import RunFailed, RunTimeout
 from flame.federated.context import Context, active
 from flame.federated.functions import AnalysisFunctions
 from flame.federated.mailbox import Mailbox
+from flame.federated.secure import DECRYPT, DECRYPTED, SecureKeys, answer_decrypt, seal
 from flame.messages import Envelope
 from flame.transport.base import Transport
 
@@ -56,7 +57,7 @@ class AnalysisClient:
         seed: int | None = None,
         state: Any = None,
         secrets: Sequence[str] = (),
-        encode_result: Callable[[Any, int], Any] | None = None,
+        keys: SecureKeys | None = None,
     ) -> None:
         self.transport = transport
         self.mailbox = Mailbox(transport)
@@ -64,7 +65,7 @@ class AnalysisClient:
         self.wait_timeout = wait_timeout
         self.session = uuid.uuid4().hex
         self.secrets = list(secrets)
-        self.encode_result = encode_result
+        self.keys = keys
         self.context = Context(
             analysis_id=transport.analysis_id,
             node_id=transport.node_id,
@@ -94,6 +95,9 @@ class AnalysisClient:
                     f"node {self.transport.node_id!r} heard nothing from aggregator "
                     f"{self.aggregator_id!r} within {self.wait_timeout:g} s"
                 )
+            if envelope.kind == "message":
+                self._answer_decrypt(envelope)
+                continue
             if envelope.kind == "status":
                 state = envelope.body.get("state") if isinstance(envelope.body, dict) else None
                 if state == "offline":
@@ -112,7 +116,7 @@ class AnalysisClient:
 
     def send_results(self, epoch: int, result: Any) -> None:
         """Send this epoch's result to the aggregator (returns once the broker has it)."""
-        body = self.encode_result(result, epoch) if self.encode_result is not None else result
+        body = seal(result, self.keys)
         envelope = Envelope(
             self.transport.analysis_id,
             self.transport.node_id,
@@ -187,8 +191,20 @@ class AnalysisClient:
     # --- helpers -----------------------------------------------------------------------------
     def _from_aggregator(self, envelope: Envelope) -> bool:
         return envelope.sender == self.aggregator_id and (
-            envelope.kind in _CONTROL or envelope.kind == "status"
+            envelope.kind in _CONTROL
+            or envelope.kind == "status"
+            or (envelope.kind == "message" and envelope.category == DECRYPT)
         )
+
+    def _answer_decrypt(self, envelope: Envelope) -> None:
+        if self.keys is None or self.keys.private_key is None:
+            reply: dict[str, Any] = {"error": "this node has no private key to decrypt with"}
+        elif envelope.epoch != self._last_epoch:
+            reply = {"error": f"no result of this node in epoch {envelope.epoch}"}
+        else:
+            reply = answer_decrypt(envelope, self.keys, self.transport.node_id)
+        answer = envelope.reply("message", reply, category=DECRYPTED)
+        self.transport.send(answer)
 
     def _parse(self, envelope: Envelope) -> Instruction | None:
         body = envelope.body if isinstance(envelope.body, dict) else {}

@@ -51,6 +51,8 @@ class Mailbox:
                 self._acknowledge(envelope)
             if accept(envelope):
                 return envelope
+            if envelope.kind == "ack":
+                continue  # nobody waits for it any more: its send() has timed out
             if len(self._pending) >= _PENDING_LIMIT:
                 dropped = self._pending.popleft()
                 log.warning("inbox buffer full; dropped a %s from %s", dropped.kind, dropped.sender)

@@ -1,0 +1,333 @@
+"""Secure sums inside a run: the aggregator adds what it cannot read.
+
+The analyst marks values with `flame.secure(x)` in what `analyze` returns. Analysis nodes
+encrypt them (Paillier, packed) before sending; the aggregator, holding only the public key,
+adds the ciphertexts of each marked field over the nodes that answered, sends the encrypted
+sums back to those nodes, and they decrypt: one reports the plaintext sums, every other one
+confirms a digest of them. A mismatch or a refusal stops the run. `aggregate` then sees
+`results.secure[field]` (the sum) and `results.contributors[field]` (whose values it holds).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from flame.config import SecureAggregationSettings
+from flame.errors import ConfigError, FlameError, RunFailed
+from flame.messages import Envelope, Sealed
+
+if TYPE_CHECKING:
+    from phe.paillier import PaillierPrivateKey, PaillierPublicKey
+
+    from flame.federated.context import Context
+
+__all__ = ["Results", "Secure", "SecureKeys", "SecureSummer", "secure"]
+
+log = logging.getLogger(__name__)
+
+SCHEME = "paillier"
+DECRYPT = "flame.secure.decrypt"
+DECRYPTED = "flame.secure.decrypted"
+
+
+@dataclass(frozen=True)
+class Secure:
+    """A value `analyze` wants summed under encryption (see `flame.secure`)."""
+
+    values: Any
+
+
+def secure(values: Any) -> Secure:
+    """Mark numbers (a scalar, list or numpy array) to be summed without the aggregator
+    seeing them: `return {"n": n, "total": flame.secure(x.sum(axis=0))}`."""
+    return Secure(values)
+
+
+class Summed:
+    """Stands in `results[node][field]` for a securely summed field: only the sum exists."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __repr__(self) -> str:
+        return f"<securely summed: see results.secure[{self.path!r}]>"
+
+
+class Results(dict[str, Any]):
+    """`{node id: result}` for `aggregate`, plus the securely summed fields."""
+
+    def __init__(
+        self,
+        results: dict[str, Any],
+        secure: dict[str, np.ndarray] | None = None,
+        contributors: dict[str, list[str]] | None = None,
+    ) -> None:
+        super().__init__(results)
+        self.secure: dict[str, np.ndarray] = dict(secure or {})
+        self.contributors: dict[str, list[str]] = dict(contributors or {})
+
+
+@dataclass
+class SecureKeys:
+    """Keys and encoding of one node; the aggregator's never has a private key."""
+
+    public_key: PaillierPublicKey
+    private_key: PaillierPrivateKey | None
+    spec: Any
+    min_contributors: int
+    obfuscation: str = "standard"
+
+    @classmethod
+    def from_settings(cls, settings: SecureAggregationSettings, *, role: str) -> SecureKeys:
+        from flame.protocols import aggregation_paillier as paillier
+
+        if role == "aggregation" and settings.private_key_file is not None:
+            raise ConfigError(
+                "FLAME_SECURE__PRIVATE_KEY_FILE / secure.private_key_file: the aggregation "
+                "node must not hold the private key; configure only the public key for it"
+            )
+        if role == "analysis" and settings.private_key_file is None:
+            raise ConfigError(
+                "FLAME_SECURE__PRIVATE_KEY_FILE / secure.private_key_file: required on "
+                "analysis nodes when secure aggregation is enabled"
+            )
+        private = None
+        if settings.private_key_file is not None:
+            private = paillier.load_private_key(Path(settings.private_key_file))
+            public = private.public_key
+        elif settings.public_key_file is not None:
+            public = paillier.load_public_key(Path(settings.public_key_file))
+        else:
+            raise ConfigError(
+                "FLAME_SECURE__PUBLIC_KEY_FILE / secure.public_key_file: required when "
+                "secure aggregation is enabled (make keys with `flame keys generate`)"
+            )
+        return cls(
+            public, private, cls.spec_of(settings), settings.min_contributors, settings.obfuscation
+        )
+
+    @staticmethod
+    def spec_of(settings: SecureAggregationSettings) -> Any:
+        from flame.protocols.aggregation_paillier import SecureSumSpec
+
+        return SecureSumSpec(settings.precision, settings.bound, settings.max_nodes)
+
+    def public_only(self) -> SecureKeys:
+        return SecureKeys(self.public_key, None, self.spec, self.min_contributors, self.obfuscation)
+
+
+# --- walking result trees --------------------------------------------------------------------
+
+
+def _walk(value: Any, path: str = "") -> Iterator[tuple[str, Any]]:
+    yield path, value
+    if isinstance(value, dict):
+        for key, item in value.items():
+            yield from _walk(item, f"{path}.{key}" if path else str(key))
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            yield from _walk(item, f"{path}[{index}]")
+
+
+def _replace(value: Any, change: Any, path: str = "") -> Any:
+    replaced = change(path, value)
+    if replaced is not value:
+        return replaced
+    if isinstance(value, dict):
+        return {k: _replace(v, change, f"{path}.{k}" if path else str(k)) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_replace(v, change, f"{path}[{i}]") for i, v in enumerate(value)]
+    return value
+
+
+def _digest(sums: dict[str, np.ndarray]) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(sums):
+        array = np.ascontiguousarray(sums[path], dtype=np.float64)
+        digest.update(path.encode() + b"\0" + str(array.shape).encode() + array.tobytes())
+    return digest.hexdigest()
+
+
+# --- the analysis node's side ----------------------------------------------------------------
+
+
+def seal(result: Any, keys: SecureKeys | None) -> Any:
+    """Encrypt every `flame.secure(...)` in a result (errors name the field and index)."""
+
+    def change(path: str, value: Any) -> Any:
+        if not isinstance(value, Secure):
+            return value
+        if keys is None:
+            raise FlameError(
+                f"analyze returned flame.secure(...) at {path or 'the top'!r}, but secure "
+                "aggregation is not enabled (FLAME_SECURE__ENABLED=true, or --secure)"
+            )
+        from flame.protocols.aggregation_paillier import encrypt_vector
+
+        key = keys.private_key if keys.private_key is not None else keys.public_key
+        encrypted = encrypt_vector(
+            value.values,
+            key,
+            keys.spec,
+            field=path or "value",
+            obfuscation=keys.obfuscation,  # type: ignore[arg-type]
+        )
+        return Sealed(SCHEME, encrypted.to_bytes())
+
+    return _replace(result, change)
+
+
+def answer_decrypt(envelope: Envelope, keys: SecureKeys, node_id: str) -> dict[str, Any]:
+    """Decrypt the aggregator's encrypted sums, refusing sums of too few contributors."""
+    from flame.protocols.aggregation_paillier import EncryptedVector, decrypt_vector
+
+    assert keys.private_key is not None
+    body = envelope.body if isinstance(envelope.body, dict) else {}
+    sums = body.get("sums")
+    contributors = body.get("contributors")
+    if not isinstance(sums, dict) or not isinstance(contributors, dict):
+        return {"error": "malformed decryption request"}
+    plain: dict[str, np.ndarray] = {}
+    try:
+        for path, sealed in sums.items():
+            who = contributors.get(path)
+            if not isinstance(sealed, Sealed) or not isinstance(who, list):
+                return {"error": f"malformed decryption request for {path!r}"}
+            if node_id not in who:
+                return {"error": f"asked to decrypt {path!r}, to which this node did not add"}
+            vector = EncryptedVector.from_bytes(sealed.data, keys.public_key)
+            if vector.contributors != len(who):
+                return {
+                    "error": f"{path!r} holds {vector.contributors} contributions, "
+                    f"the request names {len(who)}"
+                }
+            plain[path] = decrypt_vector(
+                vector, keys.private_key, keys.spec, min_contributors=keys.min_contributors
+            )
+    except FlameError as exc:
+        return {"error": str(exc)}
+    reply: dict[str, Any] = {"digest": _digest(plain)}
+    if body.get("reporter") == node_id:
+        reply["sums"] = plain
+    return reply
+
+
+# --- the aggregator's side -------------------------------------------------------------------
+
+
+@dataclass
+class SecureSummer:
+    """Adds the sealed fields of an epoch's results and has the analysis nodes decrypt."""
+
+    keys: SecureKeys | None
+    timeout: float
+    context: Context | None = None
+    _log: list[str] = field(default_factory=list)
+
+    def __call__(self, results: dict[str, Any], epoch: int) -> Results:
+        sealed: dict[str, dict[str, Sealed]] = {}
+        for node, result in results.items():
+            for path, value in _walk(result):
+                if isinstance(value, Sealed):
+                    sealed.setdefault(path, {})[node] = value
+        if not sealed:
+            return Results(results)
+        if self.keys is None:
+            raise RunFailed(
+                "nodes sent encrypted values, but secure aggregation is not enabled on the "
+                "aggregator (FLAME_SECURE__ENABLED=true and a public key)"
+            )
+        assert self.context is not None
+        from flame.protocols.aggregation_paillier import EncryptedVector
+
+        sums: dict[str, Sealed] = {}
+        contributors: dict[str, list[str]] = {}
+        for path, by_node in sealed.items():
+            vectors = []
+            for node, item in sorted(by_node.items()):
+                if item.scheme != SCHEME:
+                    raise RunFailed(f"node {node!r} sent {path!r} sealed with {item.scheme!r}")
+                try:
+                    vectors.append(EncryptedVector.from_bytes(item.data, self.keys.public_key))
+                except FlameError as exc:
+                    raise RunFailed(
+                        f"node {node!r} sent an invalid encrypted {path!r}: {exc}", node=node
+                    ) from exc
+            try:
+                total = EncryptedVector.sum(vectors)
+            except FlameError as exc:
+                raise RunFailed(f"cannot add the encrypted {path!r}: {exc}") from exc
+            sums[path] = Sealed(SCHEME, total.to_bytes())
+            contributors[path] = sorted(by_node)
+        plain = self._decrypt(epoch, sums, contributors)
+        stripped = {
+            node: _replace(result, lambda p, v: Summed(p) if isinstance(v, Sealed) else v)
+            for node, result in results.items()
+        }
+        return Results(stripped, plain, contributors)
+
+    def _decrypt(
+        self, epoch: int, sums: dict[str, Sealed], contributors: dict[str, list[str]]
+    ) -> dict[str, np.ndarray]:
+        assert self.context is not None
+        nodes = sorted({n for who in contributors.values() for n in who})
+        reporter = nodes[0]
+        mailbox = self.context._mailbox
+        for node in nodes:
+            asked = {p: s for p, s in sums.items() if node in contributors[p]}
+            mailbox.transport.send(
+                Envelope(
+                    self.context.analysis_id,
+                    self.context.node_id,
+                    node,
+                    "message",
+                    epoch,
+                    {"sums": asked, "contributors": contributors, "reporter": reporter},
+                    DECRYPT,
+                )
+            )
+        received = self.context.receive(DECRYPTED, senders=nodes, timeout=self.timeout)
+        for node, reply in received.messages.items():
+            if not isinstance(reply, dict):
+                raise RunFailed(f"node {node!r} sent a malformed decryption reply", node=node)
+            if "error" in reply:
+                raise RunFailed(
+                    f"node {node!r} refused to decrypt the sum of epoch {epoch}: "
+                    f"{str(reply['error'])[:300]}",
+                    node=node,
+                    epoch=epoch,
+                )
+        report = received.messages.get(reporter)
+        if not isinstance(report, dict) or not isinstance(report.get("sums"), dict):
+            raise RunFailed(
+                f"node {reporter!r} did not report the decrypted sum of epoch {epoch} within "
+                f"{self.timeout:g} s",
+                node=reporter,
+                epoch=epoch,
+            )
+        plain = {p: np.asarray(v, dtype=np.float64) for p, v in report["sums"].items()}
+        if set(plain) != set(sums) or _digest(plain) != report.get("digest"):
+            raise RunFailed(f"node {reporter!r} reported an inconsistent decrypted sum")
+        expected = _digest(plain)
+        for node, reply in received.messages.items():
+            if reply.get("digest") != expected:
+                raise RunFailed(
+                    f"secure sum of epoch {epoch}: node {node!r} decrypted a different sum "
+                    f"than {reporter!r}; stopping",
+                    node=node,
+                    epoch=epoch,
+                )
+        if received.missing:
+            log.warning(
+                "epoch %d: no confirmation of the secure sum from %s",
+                epoch,
+                ", ".join(received.missing),
+            )
+        return plain
