@@ -108,6 +108,7 @@ class _Server(ThreadingHTTPServer):
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # headers and body go out in separate writes
     server: _Server
 
     def log_message(self, format: str, *args: Any) -> None:
@@ -424,3 +425,27 @@ class DataApiServer:
                     continue
             found.append(index)
         return found
+
+
+def main() -> None:
+    """Serve from a separate process (benchmarks): prints the base URL, runs until stdin closes."""
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--patients", type=int, default=100)
+    parser.add_argument("--observations", type=int, default=10_000)
+    parser.add_argument("--token", default="flame-test-token")
+    args = parser.parse_args()
+    server = DataApiServer(
+        token=args.token, patients=args.patients, observations=args.observations
+    ).start()
+    print(server.url, flush=True)
+    try:
+        sys.stdin.read()
+    finally:
+        server.stop()
+
+
+if __name__ == "__main__":
+    main()
