@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -67,15 +68,28 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     )
     analysis = load_analysis(args.analysis)
     progress = None if args.quiet else _Progress(sys.stderr)
-    result = simulate(
-        analysis.functions.analyze,
-        analysis.functions.aggregate,
-        analysis.functions.converged,
-        data=args.data,
-        config=config,
-        on_event=progress,
-        secure=args.secure,
-    )
+    with contextlib.ExitStack() as stack:
+        broker_url = args.broker
+        if broker_url == "embedded":
+            from flame.transport.embedded import EmbeddedBroker
+
+            broker_url = stack.enter_context(EmbeddedBroker())
+        broker = None
+        if broker_url is not None:
+            from flame.transport.mqtt import mqtt_transport_factory
+
+            settings = config.broker.model_copy(update={"url": broker_url})
+            broker = mqtt_transport_factory(settings, config.analysis_id)
+        result = simulate(
+            analysis.functions.analyze,
+            analysis.functions.aggregate,
+            analysis.functions.converged,
+            data=args.data,
+            config=config,
+            broker=broker,
+            on_event=progress,
+            secure=args.secure,
+        )
     _report(result, args.output)
     return 0
 
@@ -136,6 +150,11 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="sum flame.secure(...) values under "
         "Paillier encryption (FLAME_SECURE__*; throwaway keys if none configured)",
+    )
+    sim.add_argument(
+        "--broker",
+        metavar="URL",
+        help="run over a real MQTT broker (mqtt://host:port), or 'embedded' to start a local one",
     )
     sim.add_argument("--quiet", action="store_true", help="no progress lines")
     sim.add_argument("--verbose", action="store_true", help="debug logging")

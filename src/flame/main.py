@@ -138,6 +138,9 @@ def run(
     config = config if config is not None else load_config()
     node_id, role = _require(config)
     functions = AnalysisFunctions.of(analyze, aggregate, converged)
+    from flame.utils.token import check_service_tokens
+
+    check_service_tokens(config)  # a bad token stops the node before any work
     secrets = config.secrets()
     keys = secure_keys(config, role)
     transport = node_transport(config, node_id)
