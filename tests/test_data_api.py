@@ -311,7 +311,9 @@ def test_open_sources(tmp_path: Path, data_api: DataApiServer) -> None:
         ]
     )
     assert isinstance(sources["disk"], LocalSource) and isinstance(sources["ehr"], FhirSource)
-    sources["ehr"].close()  # type: ignore[attr-defined]
+    ehr = sources["ehr"]
+    assert isinstance(ehr, FhirSource)
+    ehr.close()
     with pytest.raises(DataError, match="kind=fhir needs a url"):
         open_source(DataSourceSettings(name="x", kind="fhir"))
     with pytest.raises(DataError, match="two data sources are named"):

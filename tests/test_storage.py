@@ -6,7 +6,7 @@ import hashlib
 import io
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -128,12 +128,19 @@ def test_list_exists_delete(store: ObjectStore) -> None:
 
 def test_large_streamed_put_and_get(store: ObjectStore, tmp_path: Path) -> None:
     update = np.random.default_rng(7).standard_normal(20 * MB // 8)  # a 20 MB numpy update
-    stored = store.put_bytes("a1/epochs/000001/big.bin", memoryview(update))
+    stored = store.put_bytes("a1/epochs/000001/big.bin", update)
     assert stored.size == update.nbytes
     back = np.frombuffer(store.get_bytes("a1/epochs/000001/big.bin"), dtype=np.float64)
     np.testing.assert_array_equal(back, update)
 
     raw = update.tobytes()
+    grid = update[: 1000 * 64].reshape(1000, 64)
+    assert store.put_bytes("a1/grid.bin", grid).size == grid.nbytes
+    assert store.get_bytes("a1/grid.bin") == grid.tobytes()
+    store.put_bytes("a1/strided.bin", grid[:, ::2])  # not contiguous: copied once
+    assert store.get_bytes("a1/strided.bin") == grid[:, ::2].tobytes()
+    with pytest.raises(StorageError, match="Python objects"):
+        store.put_bytes("a1/objects.bin", np.array([{}, []], dtype=object))
     streamed = store.put_stream("a1/streamed.bin", OneWayStream(raw))  # type: ignore[arg-type]
     assert streamed.sha256 == stored.sha256
     source = tmp_path / "upload.bin"
@@ -188,12 +195,13 @@ def test_layout_with_store(store: ObjectStore) -> None:
     }
     assert layout.node_states(store, "node-1") == ["model"]
     assert AnalysisLayout("other-run").latest_checkpoint(store) == 9
-    for bad in [
+    bad_calls: list[Callable[[], object]] = [
         lambda: AnalysisLayout("../x"),
         lambda: layout.node_state("n", "a/b"),
         lambda: layout.epoch_result(-1, "n"),
         lambda: layout.epoch_result(1, "checkpoint"),
-    ]:
+    ]
+    for bad in bad_calls:
         with pytest.raises(StorageError):
             bad()
 

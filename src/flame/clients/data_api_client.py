@@ -29,7 +29,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import PurePosixPath
 from types import TracebackType
-from typing import IO, Any, Literal
+from typing import IO, Any, Literal, TypeVar
 from urllib.parse import quote
 
 import httpx
@@ -62,6 +62,8 @@ DEFAULT_SPOOL_THRESHOLD = 8 * 1024 * 1024
 CHUNK_SIZE = 256 * 1024
 _RETRY_STATUSES = {429, 500, 502, 503, 504}
 _RESOURCE_TYPE = re.compile(r"^[A-Z][A-Za-z]{1,63}$")
+
+_S = TypeVar("_S", bound="_HttpService")
 
 Scalar = str | int | float
 Params = Mapping[str, Scalar | Sequence[Scalar]]
@@ -143,7 +145,7 @@ class _HttpService:
         if self._owns_client:
             self._client.close()
 
-    def __enter__(self) -> Any:
+    def __enter__(self: _S) -> _S:
         return self
 
     def __exit__(

@@ -22,9 +22,11 @@ from flame.clients.object_store import (
     IntegrityError,
     ObjectNotFound,
     ObjectStore,
+    Payload,
     StorageError,
     StoredObject,
     StrPath,
+    as_buffer,
     decode_json,
     encode_json,
     validate_key,
@@ -73,11 +75,6 @@ def read_chunks(key: str, stream: IO[bytes]) -> Iterator[bytes]:
         if not chunk:
             return
         yield chunk
-
-
-def _as_buffer(data: bytes | bytearray | memoryview) -> memoryview:
-    view = memoryview(data)
-    return view if view.format == "B" and view.ndim == 1 else view.cast("B")
 
 
 class FileStore:
@@ -144,10 +141,10 @@ class FileStore:
     def put_bytes(
         self,
         key: str,
-        data: bytes | bytearray | memoryview,
+        data: Payload,
         metadata: Mapping[str, str] | None = None,
     ) -> StoredObject:
-        view = _as_buffer(data)
+        view = as_buffer(data)
         return self._put_chunks(key, iter([view]), metadata)
 
     def put_stream(

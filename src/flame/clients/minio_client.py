@@ -43,9 +43,11 @@ from flame.clients.object_store import (
     IntegrityError,
     ObjectNotFound,
     ObjectStore,
+    Payload,
     StorageError,
     StoredObject,
     StrPath,
+    as_buffer,
     decode_json,
     encode_json,
     validate_key,
@@ -169,11 +171,6 @@ class _BufferReader:
         chunk = bytes(self._view[self._pos : end])
         self._pos = end
         return chunk
-
-
-def _as_buffer(data: bytes | bytearray | memoryview) -> memoryview:
-    view = memoryview(data)
-    return view if view.format == "B" and view.ndim == 1 else view.cast("B")
 
 
 def _hash_stream(key: str, stream: IO[bytes]) -> tuple[str, int]:
@@ -322,12 +319,12 @@ class MinioStore:
     def put_bytes(
         self,
         key: str,
-        data: bytes | bytearray | memoryview,
+        data: Payload,
         metadata: Mapping[str, str] | None = None,
         *,
         content_type: str = "application/octet-stream",
     ) -> StoredObject:
-        view = _as_buffer(data)
+        view = as_buffer(data)
         digest = hashlib.sha256(view).hexdigest()
         return self._upload(key, _BufferReader(view), len(view), digest, metadata, content_type)
 

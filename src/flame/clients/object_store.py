@@ -16,6 +16,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import IO, Any, Protocol, runtime_checkable
 
+import numpy as np
+
 from flame.errors import FlameError
 
 __all__ = [
@@ -25,7 +27,9 @@ __all__ = [
     "ObjectStore",
     "SHA256_META",
     "StorageError",
+    "Payload",
     "StrPath",
+    "as_buffer",
     "decode_json",
     "encode_json",
     "StoredObject",
@@ -37,6 +41,8 @@ SHA256_META = "flame-sha256"
 """User-metadata name of the object's SHA-256 (S3 sends it as `x-amz-meta-flame-sha256`)."""
 
 StrPath = str | os.PathLike[str]
+Payload = bytes | bytearray | memoryview | np.ndarray
+"""What `put_bytes` takes: numpy arrays go up without a copy when C-contiguous."""
 
 _SEGMENT = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._=+@,-]*$")
 _ID = re.compile(r"^[A-Za-z0-9._-]+$")
@@ -65,6 +71,16 @@ class StoredObject:
     size: int
     uri: str = ""
     metadata: Mapping[str, str] = field(default_factory=dict, compare=False)
+
+
+def as_buffer(data: Payload) -> memoryview:
+    """A flat byte view of `data`; a non-contiguous array is copied once to make it flat."""
+    if isinstance(data, np.ndarray):
+        if data.dtype.hasobject:
+            raise StorageError("arrays of Python objects cannot be stored as bytes")
+        return np.ascontiguousarray(data).data.cast("B")
+    view = memoryview(data)
+    return view if view.format == "B" and view.ndim == 1 else view.cast("B")
 
 
 def validate_key(key: str) -> str:
@@ -120,7 +136,7 @@ class ObjectStore(Protocol):
     def put_bytes(
         self,
         key: str,
-        data: bytes | bytearray | memoryview,
+        data: Payload,
         metadata: Mapping[str, str] | None = None,
     ) -> StoredObject: ...
 
