@@ -1,0 +1,64 @@
+#!/bin/sh
+# The install steps of flame's container image, in one place: the Dockerfile runs this
+# script, and so does tests/test_container.py, so the smoke test installs what the image does.
+#
+#   install.sh wheel OUT_DIR      in a copy of the source: build flame's wheel into OUT_DIR
+#   install.sh install WHEEL_DIR  install that wheel with its dependencies, the entry point,
+#                                 the runtime user and /app; then self-test the result
+#
+# Knobs (environment; the defaults are the image's):
+#   FLAME_INSTALL_PYTHON   the interpreter to install into                   (python3)
+#   FLAME_INSTALL_APP_DIR  where the analysis code goes                      (/app)
+#   FLAME_INSTALL_UID      uid/gid of the runtime user "flame"; empty creates no user
+#                          (the smoke test runs outside a container and sets it empty)  (10001)
+set -eu
+
+mode="${1:-}"
+target="${2:-}"
+python="${FLAME_INSTALL_PYTHON:-python3}"
+here="$(cd "$(dirname "$0")" && pwd)"
+
+usage() {
+    echo "usage: install.sh wheel OUT_DIR | install.sh install WHEEL_DIR" >&2
+    exit 2
+}
+
+[ -n "$target" ] || usage
+
+case "$mode" in
+wheel)
+    "$python" -m pip wheel --no-deps --no-cache-dir --wheel-dir "$target" .
+    ;;
+install)
+    set -- "$target"/flame-*.whl
+    if [ "$#" -ne 1 ] || [ ! -f "$1" ]; then
+        echo "install.sh: expected exactly one flame wheel in $target" >&2
+        exit 1
+    fi
+    "$python" -m pip install --no-cache-dir --no-warn-script-location "$1"
+    bindir="$("$python" -c 'import sysconfig; print(sysconfig.get_path("scripts"))')"
+    cp "$here/entrypoint" "$bindir/flame-entrypoint"
+    chmod 0755 "$bindir/flame-entrypoint"
+
+    uid="${FLAME_INSTALL_UID-10001}"
+    if [ -n "$uid" ]; then
+        groupadd --system --gid "$uid" flame
+        useradd --system --uid "$uid" --gid "$uid" --home-dir /home/flame --create-home \
+            --shell /usr/sbin/nologin flame
+    fi
+    # The analysis code belongs to root: the node's process may read it, never change it.
+    mkdir -p "${FLAME_INSTALL_APP_DIR:-/app}"
+
+    # Self-test, so a broken image fails its build instead of its first run: every module a
+    # node run needs imports, and the packaged templates run as a local simulation.
+    "$python" -c "import flame.main, flame.transport.mqtt, flame.clients.minio_client, \
+flame.clients.data_api_client, flame.check, flame.status"
+    scratch="$(mktemp -d)"
+    "$bindir/flame" init "$scratch/analysis" 2>/dev/null
+    "$bindir/flame" simulate "$scratch/analysis" --data "$scratch/analysis/data" --quiet >/dev/null
+    rm -rf "$scratch"
+    ;;
+*)
+    usage
+    ;;
+esac
