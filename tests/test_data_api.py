@@ -20,8 +20,9 @@ from flame.clients.data_api_client import (
     S3Source,
     open_source,
     open_sources,
+    probe_sources,
 )
-from flame.config import DataSourceSettings
+from flame.config import DataSourceSettings, TokenSettings
 from flame.data import Data, FileSource, LocalSource
 from flame.errors import DataError
 from flame.utils.token import TokenError, TokenSource
@@ -201,6 +202,41 @@ def test_token_file_rotation(data_api: DataApiServer, tmp_path: Path) -> None:
     finally:
         data_api.token = "flame-test-token"
         source.close()
+
+
+class SwitchingTokens(TokenSource):
+    """Hands out the old token once, then the new one: a rotation racing a request."""
+
+    def __init__(self, old: str, new: str) -> None:
+        super().__init__(TokenSettings(token=new), "data API 'fhir'")
+        self._queue = [old]
+
+    def get(self) -> str | None:
+        return self._queue.pop(0) if self._queue else super().get()
+
+
+def test_401_after_rotation_retries_once_with_the_new_token(data_api: DataApiServer) -> None:
+    tokens = SwitchingTokens("stale-token", data_api.token or "")
+    with FhirSource("fhir", data_api.fhir_url, tokens) as source:
+        assert source.count("Patient") == 25
+    assert [r.status for r in data_api.requests_to("/fhir/Patient")] == [401, 200]
+
+
+def test_probe_sources(data_api: DataApiServer, tmp_path: Path) -> None:
+    good = open_sources(
+        [
+            DataSourceSettings(name="disk", kind="local", path=tmp_path),
+            DataSourceSettings(
+                name="ehr", kind="fhir", url=data_api.fhir_url, token=data_api.token
+            ),
+        ]
+    )
+    probe_sources(good)
+    bad = open_sources(
+        [DataSourceSettings(name="ehr", kind="fhir", url=data_api.fhir_url, token="nope-nope")]
+    )
+    with pytest.raises(TokenError, match=r"^data API 'ehr': token rejected by the server"):
+        probe_sources(bad)
 
 
 # ------------------------------------------------------------------------------ HTTP files

@@ -250,6 +250,22 @@ def test_minio_prefix_isolation(s3_server: S3Server, s3_bucket: str) -> None:
     assert store.stat("x.bin").uri == f"s3://{s3_bucket}/team-a/x.bin"
 
 
+def test_minio_session_token_is_reread(s3_server: S3Server, s3_bucket: str, tmp_path: Path) -> None:
+    token_file = tmp_path / "session-token"
+    token_file.write_text("session-one")
+    store = MinioStore.from_settings(
+        StorageSettings(**s3_server.settings(bucket=s3_bucket, token_file=token_file))
+    )
+    provider = store.client._provider  # the credentials minio asks for on every request
+    assert provider is not None and provider.retrieve().session_token == "session-one"
+    store.ensure_bucket()
+    store.put_bytes("x", b"signed with a session token")
+    (tmp_path / "next").write_text("session-two-rotated")
+    (tmp_path / "next").replace(token_file)
+    assert provider.retrieve().session_token == "session-two-rotated"
+    assert store.get_bytes("x") == b"signed with a session token"
+
+
 def test_minio_service_errors(s3_server: S3Server, s3_bucket: str) -> None:
     missing = minio_store(s3_server, s3_bucket)
     with pytest.raises(StorageError, match=rf"bucket '{s3_bucket}' does not exist"):

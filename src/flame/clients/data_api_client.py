@@ -53,6 +53,7 @@ __all__ = [
     "S3Source",
     "open_source",
     "open_sources",
+    "probe_sources",
 ]
 
 log = logging.getLogger(__name__)
@@ -633,6 +634,18 @@ def open_source(settings: DataSourceSettings, token_source: TokenSource | None =
     if settings.kind == "http":
         return HttpFileSource.from_settings(settings, tokens)
     return S3Source.from_settings(settings, tokens)
+
+
+def probe_sources(sources: Mapping[str, object]) -> None:
+    """Touch every source once at start-up; a rejected token raises `TokenError`.
+
+    Local sources have nothing to probe. The first failure is raised, so the node stops
+    before any work with one line naming the source.
+    """
+    for source in sources.values():
+        probe = getattr(source, "probe", None)
+        if callable(probe):
+            probe()
 
 
 def open_sources(settings: Sequence[DataSourceSettings]) -> dict[str, object]:
