@@ -37,6 +37,7 @@ from flame.protocols import (
     SecureAggregationError,
     SecureSumSpec,
     SpecMismatchError,
+    SumMismatchError,
     ValueOutOfBoundsError,
     WireFormatError,
     decrypt_fixed_point,
@@ -50,6 +51,7 @@ from flame.protocols import (
     load_private_key,
     load_public_key,
     shutdown_workers,
+    verify_reported_sum,
     write_keypair,
 )
 from flame.protocols import _paillier_math as _math
@@ -173,7 +175,8 @@ def test_sum_survives_the_wire(keys: KeyPair, encryptor: Encryptor) -> None:
 )
 def test_shapes_and_dtypes(keys: KeyPair, values: Any, shape: tuple[int, ...]) -> None:
     pub, priv = keys
-    enc = encrypt_vector(values, priv, SPEC, field="x", workers=1)
+    enc = encrypt_vector(values, priv, SPEC, field="x")  # all cores allowed ...
+    assert not ap._PROCESS_POOLS  # ... but a small input starts no worker processes
     enc = EncryptedVector.from_bytes(enc.to_bytes(), pub)
     out = decrypt_vector(enc, priv, SPEC, min_contributors=1)
     assert out.dtype == np.float64 and out.shape == shape
@@ -384,6 +387,31 @@ def test_mismatched_specs_and_shapes_are_refused(keys: KeyPair, encryptor: Encry
 def test_spec_validation(kwargs: dict[str, Any], why: str) -> None:
     with pytest.raises(SecureAggregationError, match=why):
         SecureSumSpec(**kwargs)
+
+
+def test_reported_sums_are_verified(keys: KeyPair, encryptor: Encryptor) -> None:
+    pub, priv = keys
+    slots = SPEC.layout(pub).slots_per_ciphertext
+    x = np.random.default_rng(4).uniform(-1000, 1000, (5 * slots + 3,))
+    total = encryptor.encrypt(x, SPEC) + encryptor.encrypt(-x / 2, SPEC)
+    honest = decrypt_vector(total, priv, SPEC, min_contributors=2)
+    assert verify_reported_sum(total, priv, SPEC, honest, min_contributors=2) == 6
+    assert verify_reported_sum(total, priv, SPEC, honest, min_contributors=2, fraction=0.3) == 2
+    lie = honest.copy()
+    lie[5 * slots + 1] += 2.0**-16  # one value, in the last (partly filled) ciphertext
+    with pytest.raises(SumMismatchError, match="ciphertext 5"):
+        verify_reported_sum(total, priv, SPEC, lie, min_contributors=2)
+    with pytest.raises(SumMismatchError, match="shape"):
+        verify_reported_sum(total, priv, SPEC, honest[:-1], min_contributors=2)
+    with pytest.raises(ContributorCountError):
+        verify_reported_sum(total, priv, SPEC, honest, min_contributors=3)
+    caught = 0
+    for _ in range(20):
+        try:
+            verify_reported_sum(total, priv, SPEC, lie, min_contributors=2, fraction=0.5)
+        except SumMismatchError:
+            caught += 1
+    assert 0 < caught < 20  # a sample finds the lie about half of the time
 
 
 # --------------------------------------------------------------------------- encryption paths

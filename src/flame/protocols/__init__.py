@@ -14,6 +14,7 @@ from flame.protocols.aggregation_paillier import (
     SecureSumSpec,
     SlotLayout,
     SpecMismatchError,
+    SumMismatchError,
     ValueOutOfBoundsError,
     WireFormatError,
     decrypt_fixed_point,
@@ -27,6 +28,7 @@ from flame.protocols.aggregation_paillier import (
     load_private_key,
     load_public_key,
     shutdown_workers,
+    verify_reported_sum,
     write_keypair,
 )
 
@@ -44,6 +46,7 @@ __all__ = [
     "SecureSumSpec",
     "SlotLayout",
     "SpecMismatchError",
+    "SumMismatchError",
     "ValueOutOfBoundsError",
     "WireFormatError",
     "decrypt_fixed_point",
@@ -57,5 +60,6 @@ __all__ = [
     "load_private_key",
     "load_public_key",
     "shutdown_workers",
+    "verify_reported_sum",
     "write_keypair",
 ]

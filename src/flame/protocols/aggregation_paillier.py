@@ -36,6 +36,7 @@ import logging
 import math
 import multiprocessing
 import os
+import secrets
 import stat
 import struct
 import sys
@@ -70,6 +71,7 @@ __all__ = [
     "SecureSumSpec",
     "SlotLayout",
     "SpecMismatchError",
+    "SumMismatchError",
     "ValueOutOfBoundsError",
     "WireFormatError",
     "decrypt_fixed_point",
@@ -83,6 +85,7 @@ __all__ = [
     "load_private_key",
     "load_public_key",
     "shutdown_workers",
+    "verify_reported_sum",
     "write_keypair",
 ]
 
@@ -144,6 +147,10 @@ class SpecMismatchError(SecureAggregationError):
 
 class WireFormatError(SecureAggregationError):
     """Bytes from the wire are not a valid ciphertext vector for this key."""
+
+
+class SumMismatchError(SecureAggregationError):
+    """A reported plaintext sum does not match the encrypted sum it claims to decrypt."""
 
 
 # --------------------------------------------------------------------------- keys
@@ -1133,13 +1140,12 @@ def encrypt_vector(
     return _encryptor_for(key, obfuscation, workers).encrypt(values, spec, field=field)
 
 
-def _decrypt_checked(
+def _check_decryptable(
     enc: EncryptedVector,
     private_key: PaillierPrivateKey,
     spec: SecureSumSpec,
     min_contributors: int,
-    workers: int | None,
-) -> npt.NDArray[Any]:
+) -> None:
     expected = key_id(private_key.public_key)
     if enc.key_id != expected:
         raise KeyMismatchError(f"vector is under key {enc.key_id}, private key is {expected}")
@@ -1155,12 +1161,24 @@ def _decrypt_checked(
             f"refusing to decrypt a sum of {enc.contributors} contribution(s); "
             f"at least {min_contributors} are required"
         )
+
+
+def _decrypt_ciphertexts(
+    ciphertexts: Sequence[Mpz], private_key: PaillierPrivateKey, workers: int | None
+) -> list[Mpz]:
     threads = _available_cores() if workers is None else max(1, workers)
     decryptor = pm.CrtDecryptor(
         int(private_key.public_key.n), int(private_key.p), int(private_key.q)
     )
-    plaintexts = decryptor.decrypt(enc.ciphertexts, threads=threads)
-    return _unpack(plaintexts, enc.layout, enc.size, enc.contributors)
+    return decryptor.decrypt(ciphertexts, threads=threads)
+
+
+def _to_float(sums: npt.NDArray[Any], spec: SecureSumSpec) -> npt.NDArray[np.float64]:
+    if sums.dtype == object:
+        floats = np.array([float(s) for s in sums], dtype=np.float64)
+    else:
+        floats = sums.astype(np.float64)
+    return floats / spec.scale
 
 
 def decrypt_vector(
@@ -1177,13 +1195,10 @@ def decrypt_vector(
     decrypted by the others), a different key or spec, and any slot that honest
     contributions could not have produced. Error is at most spec.max_error(contributors).
     """
-    sums = _decrypt_checked(enc, private_key, spec, min_contributors, workers)
-    floats = (
-        sums.astype(np.float64)
-        if sums.dtype != object
-        else np.array([float(s) for s in sums], dtype=np.float64)
-    )
-    return cast(npt.NDArray[np.float64], (floats / spec.scale).reshape(enc.shape))
+    _check_decryptable(enc, private_key, spec, min_contributors)
+    plaintexts = _decrypt_ciphertexts(enc.ciphertexts, private_key, workers)
+    sums = _unpack(plaintexts, enc.layout, enc.size, enc.contributors)
+    return _to_float(sums, spec).reshape(enc.shape)
 
 
 def decrypt_fixed_point(
@@ -1195,8 +1210,58 @@ def decrypt_fixed_point(
     workers: int | None = None,
 ) -> list[int]:
     """The exact integer sums (flattened) of the encoded values: for exact checks."""
-    sums = _decrypt_checked(enc, private_key, spec, min_contributors, workers)
-    return [int(s) for s in sums]
+    _check_decryptable(enc, private_key, spec, min_contributors)
+    plaintexts = _decrypt_ciphertexts(enc.ciphertexts, private_key, workers)
+    return [int(s) for s in _unpack(plaintexts, enc.layout, enc.size, enc.contributors)]
+
+
+def verify_reported_sum(
+    enc: EncryptedVector,
+    private_key: PaillierPrivateKey,
+    spec: SecureSumSpec,
+    reported: object,
+    *,
+    min_contributors: int,
+    fraction: float = 1.0,
+    workers: int | None = None,
+) -> int:
+    """Check a sum reported by another node against the encrypted sum; return how many
+    ciphertexts were checked.
+
+    Why: one node decrypts and reports, the others confirm. Confirming everything costs
+    each of them a full decryption; with ``fraction`` < 1 a node decrypts only a random
+    sample of the ciphertexts, picked with the OS's CSPRNG so the reporter cannot predict
+    it. If t ciphertexts were misreported, one confirming node misses all of them with
+    probability about (1 - fraction)**t. ``reported`` must be decrypt_vector's output; it
+    is compared exactly. A mismatch raises SumMismatchError.
+    """
+    if not 0 < fraction <= 1:
+        raise SecureAggregationError("fraction must be in (0, 1]")
+    _check_decryptable(enc, private_key, spec, min_contributors)
+    claimed = np.asarray(reported)
+    if claimed.dtype != np.float64 or tuple(claimed.shape) != enc.shape:
+        raise SumMismatchError(
+            f"reported sum has shape {tuple(claimed.shape)} and dtype {claimed.dtype}, "
+            f"expected shape {enc.shape} and float64"
+        )
+    n_ct = len(enc.ciphertexts)
+    if fraction >= 1:
+        picked = list(range(n_ct))
+    else:
+        count = min(n_ct, max(1, math.ceil(fraction * n_ct)))
+        picked = sorted(secrets.SystemRandom().sample(range(n_ct), count))
+    plaintexts = _decrypt_ciphertexts([enc.ciphertexts[i] for i in picked], private_key, workers)
+    slots = enc.layout.slots_per_ciphertext
+    flat = claimed.reshape(-1)
+    for i, m in zip(picked, plaintexts, strict=True):
+        part = flat[i * slots : (i + 1) * slots]
+        sums = _unpack([m], enc.layout, len(part), enc.contributors)
+        if not np.array_equal(_to_float(sums, spec), part):
+            raise SumMismatchError(
+                f"the reported sum differs from the encrypted sum in ciphertext {i} "
+                f"(values {i * slots} to {i * slots + len(part) - 1})"
+            )
+    return len(picked)
 
 
 def decrypt_raw(private_key: PaillierPrivateKey, ciphertexts: Sequence[int]) -> list[int]:
