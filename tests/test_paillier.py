@@ -657,6 +657,10 @@ def test_keys_cli_and_a_2048_bit_round_trip(
     assert "already exists" in capsys.readouterr().err
     assert keys_cli(["generate", "--bits", "1024", "--out", str(tmp_path / "x")]) == 2
     assert "too small" in capsys.readouterr().err
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert keys_cli(["generate", "--out", str(blocker / "sub")]) == 1
+    assert "cannot write the key pair" in capsys.readouterr().err
     assert keys_cli(["info", str(priv_path)]) == 0
     info = capsys.readouterr().out
     assert key_id(pub) in info and "2048 bits" in info

@@ -272,7 +272,6 @@ def write_keypair(
             if path.exists():
                 raise KeyFileError(f"{path} already exists; refusing to overwrite a key")
     public_key, private_key = generate_keypair(bits, allow_insecure=allow_insecure)
-    out_dir.mkdir(parents=True, exist_ok=True)
     public_jwk = _public_jwk(public_key)
     private_jwk = {
         "kty": "DAJ",
@@ -282,8 +281,12 @@ def write_keypair(
         "pub": public_jwk,
         "kid": public_jwk["kid"],
     }
-    _write_file(private_path, json.dumps(private_jwk) + "\n", 0o600)
-    _write_file(public_path, json.dumps(public_jwk) + "\n", 0o644)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        _write_file(private_path, json.dumps(private_jwk) + "\n", 0o600)
+        _write_file(public_path, json.dumps(public_jwk) + "\n", 0o644)
+    except OSError as exc:
+        raise KeyFileError(f"cannot write the key pair to {out_dir}: {exc.strerror}") from None
     logger.info("wrote key pair %s to %s", public_jwk["kid"], out_dir)
     return public_path, private_path
 
