@@ -134,6 +134,10 @@ class Data:
             known = ", ".join(self._sources) or "none"
             raise DataError(f"no data source named {name!r} (configured: {known})") from None
 
+    def has_files(self) -> bool:
+        """Whether any source serves files (FHIR sources serve resources instead)."""
+        return any(isinstance(s, FileSource) for s in self._sources.values())
+
     def _files_source(self, source: str | None) -> FileSource:
         if source is None:
             for candidate in self._sources.values():

@@ -54,19 +54,18 @@ def node_transport(config: FlameConfig, node_id: str) -> Transport:
 
 
 def node_data_handle(config: FlameConfig) -> Data:
-    """This node's data sources from config: a local folder and/or the configured sources."""
+    """This node's data sources from config, each probed once (a bad token stops here)."""
+    from flame.clients.data_api_client import open_sources, probe_sources
+
     sources: dict[str, object] = {}
     if config.data_dir is not None:
         sources["local"] = LocalSource(config.data_dir)
-    for source in config.data:
-        if source.kind == "local":
-            if source.path is None:
-                raise ConfigError(f"data source {source.name!r}: kind 'local' needs a path")
-            sources[source.name] = LocalSource(source.path, name=source.name)
-        else:
-            from flame.clients.data_api_client import open_source
-
-            sources[source.name] = open_source(source)
+    sources.update(open_sources(config.data))
+    if not sources:
+        raise ConfigError(
+            "FLAME_DATA_DIR / data_dir or FLAME_DATA / data: an analysis node needs data"
+        )
+    probe_sources(sources)
     return Data(sources, node_id=config.node_id or "")
 
 

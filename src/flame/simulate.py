@@ -57,7 +57,9 @@ def node_data(spec: DataSpec) -> dict[str, Data]:
             handle = Data({"local": LocalSource(item)}, node_id=node)
         else:
             handle = Data({"memory": MemorySource(item)}, node_id=node)
-        if not handle.files():
+        if not handle.sources:
+            raise DataError(f"node {node!r} has no data source")
+        if handle.has_files() and not handle.files():
             where = f" ({item})" if isinstance(item, (str, Path)) else ""
             raise DataError(f"node {node!r} has no data files{where}")
         nodes[node] = handle
