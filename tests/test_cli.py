@@ -385,3 +385,80 @@ def test_output_in_a_missing_folder(tmp_path: Path) -> None:
 def test_malformed_json_section_variable() -> None:
     run = flame("simulate", EXAMPLE, "--data", EXAMPLE / "data", env=clean_env(FLAME_BROKER="{bad"))
     assert_clean_failure(run, "FLAME_BROKER")
+
+
+def test_flags_override_the_environment(tmp_path: Path) -> None:
+    output = tmp_path / "r.json"
+    run = flame(
+        "simulate", EXAMPLE, "--data", EXAMPLE / "data", "--epochs", "2", "--output", output,
+        env=clean_env(FLAME_EPOCHS="abc"),
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    assert json.loads(output.read_text())["epochs"] == 2
+
+
+def test_timeout_flag_is_validated() -> None:
+    run = flame("simulate", EXAMPLE, "--data", EXAMPLE / "data", "--timeout", "0")
+    assert run.returncode == 2
+    assert_clean_failure(run, "FLAME_EPOCH_TIMEOUT")
+
+
+# --- flame run: a node's role needs its config -----------------------------------------------
+
+
+def test_run_without_node_config_lists_every_missing_setting() -> None:
+    run = flame("run", EXAMPLE)
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    errors = [line for line in lines(run.stderr) if line.startswith("flame:")]
+    for variable in ("FLAME_NODE_ID", "FLAME_ROLE", "FLAME_PARTICIPANTS", "FLAME_BROKER__URL"):
+        assert sum(variable in line for line in errors) == 1, (variable, run.stderr)
+
+
+def test_run_analysis_node_must_be_a_participant() -> None:
+    env = clean_env(
+        FLAME_ROLE="analysis",
+        FLAME_NODE_ID="outsider",
+        FLAME_PARTICIPANTS="a,b",
+        FLAME_BROKER__URL="mqtt://127.0.0.1:1",
+    )
+    run = flame("run", EXAMPLE, env=env)
+    assert run.returncode == 2
+    assert_clean_failure(run, "FLAME_NODE_ID", "outsider")
+
+
+# --- progress display ------------------------------------------------------------------------
+
+
+class FakeTerminal:
+    def __init__(self, tty: bool) -> None:
+        self.tty = tty
+        self.text = ""
+
+    def isatty(self) -> bool:
+        return self.tty
+
+    def write(self, text: str) -> int:
+        self.text += text
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("tty", [True, False])
+def test_progress_lines(tty: bool) -> None:
+    from flame.cli import _Progress
+    from flame.federated.records import EpochRecord, Event
+
+    stream = FakeTerminal(tty)
+    progress = _Progress(stream)  # type: ignore[arg-type]
+    record = EpochRecord(0, ["a", "b"], ["c"], started=0.0, duration=1.25, converged=True)
+    progress(Event("epoch_started", 0, expected=3))
+    progress(Event("result", 0, node="a", received=1, expected=3))
+    progress(Event("epoch_finished", 0, record=record, received=2))
+    final = stream.text.split("\r\x1b[K")[-1] if tty else stream.text
+    assert final == "epoch 0: 2 nodes answered (a, b), missing c in 1.250 s, converged\n"
+    if tty:
+        assert "1/3 answered" in stream.text
+    else:
+        assert "\r" not in stream.text and "\x1b" not in stream.text

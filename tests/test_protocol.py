@@ -839,3 +839,21 @@ def test_receive_defaults_to_everyone_else() -> None:
     for node, seen in value.items():
         assert seen["messages"] == {n: n for n in NODES if n != node}
         assert seen["missing"] == ["aggregator"]
+
+
+def test_result_over_the_broker_limit_fails_naming_the_node() -> None:
+    def analyze(data: Data) -> Any:
+        size = 10_000 if flame.context().node_id == "gamma" else 10
+        return np.zeros(size)
+
+    started = time.monotonic()
+    with pytest.raises(RunFailed) as caught:
+        flame.simulate(
+            analyze,
+            lambda results: 0,
+            data=data_spec(),
+            config=config(broker={"max_message_bytes": 4096}, **SLOW),
+        )
+    assert time.monotonic() - started < 20
+    assert caught.value.node == "gamma"
+    assert "limit" in str(caught.value)
