@@ -98,6 +98,9 @@ class StorageSettings(TokenSettings):
     region: str | None = None
     timeout: float = Field(30.0, gt=0)
     results_dir: Path | None = Field(None, description="local folder for results (simulation)")
+    claim_check: bool = Field(
+        False, description="send large messages through this (shared) store instead of chunks"
+    )
 
 
 class SecureAggregationSettings(_Section):

@@ -50,7 +50,19 @@ def node_transport(config: FlameConfig, node_id: str) -> Transport:
     """The MQTT transport for this node (imported lazily: simulation does not need paho)."""
     from flame.transport.mqtt import MqttTransport
 
-    return MqttTransport(config.broker, config.analysis_id, node_id)
+    claim_check = None
+    if config.storage.claim_check:
+        from flame.clients.minio_client import open_store
+        from flame.transport.claim_check import StorageClaimCheck
+
+        store = open_store(config.storage)
+        if store is None:
+            raise ConfigError(
+                "FLAME_STORAGE__CLAIM_CHECK / storage.claim_check: needs "
+                "FLAME_STORAGE__ENDPOINT (a store every node shares)"
+            )
+        claim_check = StorageClaimCheck(store, config.analysis_id, node_id)
+    return MqttTransport(config.broker, config.analysis_id, node_id, claim_check=claim_check)
 
 
 def node_data_handle(config: FlameConfig) -> Data:
