@@ -237,7 +237,9 @@ class Broker:
         kind: str | None = None,
     ) -> None:
         self._own_directory = directory is None
-        self.directory = Path(tempfile.mkdtemp(prefix="flame-broker-")) if directory is None else directory
+        self.directory = (
+            Path(tempfile.mkdtemp(prefix="flame-broker-")) if directory is None else directory
+        )
         self.directory.mkdir(parents=True, exist_ok=True)
         self.kind = kind or ("mosquitto" if have_mosquitto() else "amqtt")
         self.host = "127.0.0.1"

@@ -40,7 +40,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from flame._deadline import Deadline
-from flame.errors import TransportError
+from flame.errors import FlameError, TransportError
 
 __all__ = [
     "BrokerAddress",
@@ -242,6 +242,13 @@ def _reason_text(reason: ReasonCode | MQTTErrorCode | int) -> str:
     return text[:1].lower() + text[1:]
 
 
+def _refusal_text(reason: ReasonCode) -> str:
+    """Mosquitto answers a wrong password with 'not authorized' (0x87), not 0x86: say both."""
+    if reason.value == 0x87:
+        return "not authorized: bad user name or password, or this user may not connect"
+    return _reason_text(reason)
+
+
 def _read_file_setting(path: Path | str | None, what: str) -> str | None:
     if path is None:
         return None
@@ -311,7 +318,11 @@ class MessageBrokerClient:
             protocol=MQTTProtocolVersion.MQTTv5 if v5 else MQTTProtocolVersion.MQTTv311,
             manual_ack=True,
         )
-        self._client.enable_logger(logging.getLogger(__name__ + ".paho"))
+        paho_log = logging.getLogger(__name__ + ".paho")
+        if paho_log.isEnabledFor(logging.DEBUG):
+            # paho's own lines (socket errors during a broker restart) are noise at any higher
+            # level: the callbacks below log what matters once.
+            self._client.on_log = lambda client, userdata, level, text: paho_log.debug("%s", text)
         self._client.connect_timeout = connect_timeout
         self._client.reconnect_delay_set(*reconnect_delay)
         self._client.max_inflight_messages_set(max_inflight)
@@ -355,7 +366,9 @@ class MessageBrokerClient:
         if self._password is not None:
             try:
                 password = self._password()
-            except Exception as exc:  # the token source is user-provided; name it, no secret
+            except FlameError as exc:  # flame's token errors name the file, never the token
+                raise TransportError(f"broker {self.address}: {exc}") from None
+            except Exception as exc:  # a user-provided source: name the error type only
                 raise TransportError(
                     f"broker {self.address}: cannot read the broker token ({type(exc).__name__})"
                 ) from None
@@ -425,7 +438,7 @@ class MessageBrokerClient:
                 "%s lost the connection to broker %s (%s); reconnecting",
                 self.client_id,
                 self.address,
-                _reason_text(reason),
+                "connection closed" if reason.value == 0x80 else _reason_text(reason),
             )
 
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
@@ -490,7 +503,6 @@ class MessageBrokerClient:
             properties.ReceiveMaximum = self._receive_maximum
         delay = 0.1
         while True:
-            self._client.connect_timeout = max(min(self.connect_timeout, deadline.left()), 0.1)
             try:
                 self._client.connect(
                     self.address.host,
@@ -528,7 +540,7 @@ class MessageBrokerClient:
             refusal = self._refusal
             self._stop()
             raise TransportError(
-                f"broker {self.address} refused the connection: {_reason_text(refusal)}"
+                f"broker {self.address} refused the connection: {_refusal_text(refusal)}"
             )
         log.info("%s connected to broker %s", self.client_id, self.address)
 

@@ -78,23 +78,11 @@ def client_id_for(analysis_id: str, node_id: str) -> str:
 
 
 def password_from_settings(settings: BrokerSettings) -> PasswordSource | None:
-    """The broker token from settings, the file re-read on every call (it may be rotated)."""
-    token_file = settings.token_file
-    if token_file is not None:
+    """The broker token from settings; a token file is re-read when it changes (rotation)."""
+    from flame.utils.token import TokenSource
 
-        def read() -> str | None:
-            try:
-                return token_file.read_text().strip() or None
-            except OSError as exc:
-                raise TransportError(
-                    f"cannot read the broker token file {token_file}: {exc.strerror}"
-                ) from None
-
-        return read
-    if settings.token is not None:
-        token = settings.token.get_secret_value()
-        return lambda: token
-    return None
+    source = TokenSource(settings, "message broker")
+    return source.get if source.configured else None
 
 
 class MqttTransport(Transport):
