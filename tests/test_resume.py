@@ -17,6 +17,7 @@ from broker import Broker
 from servers.s3_server import S3Server
 
 import flame
+import flame.main
 from flame.clients.minio_client import MinioStore
 from flame.clients.object_store import AnalysisLayout
 from flame.config import StorageSettings
@@ -134,3 +135,9 @@ def test_killed_aggregator_resumes_from_its_checkpoint(
     manifest = store.get_json(layout.manifest())
     assert [h["epoch"] for h in manifest["history"]] == [0, 1, 2, 3]
     assert manifest["result"]["sha256"]
+    assert manifest["code_sha256"] == flame.main.code_hash(analysis.functions)
+    assert manifest["participants"] == list(NODES)
+    assert manifest["config"]["epochs"] == 4
+    text = json.dumps(manifest)
+    for secret in (fresh_broker.password, s3_server.settings()["secret_key"]):
+        assert secret not in text

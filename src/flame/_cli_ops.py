@@ -72,6 +72,9 @@ def _cmd_status(args: argparse.Namespace) -> int:
         run: st.RunStatus | None = None
         try:
             for change in client.watch(args.analysis_id, timeout=args.timeout):
+                if change.kind == "watching":
+                    _err(f"watching analysis {args.analysis_id} (Ctrl-C to stop)")
+                    continue
                 print(st.render_change(change), flush=True)
                 run = change.run if change.kind == "end" else run
         except RunTimeout as exc:

@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 FINAL_STATES = ("done", "failed")
 MAX_STATUS_BYTES = 64 * 1024
 _SETTLE = 0.3  # seconds without a new retained message before a snapshot counts as complete
+_GRACE = 3.0  # seconds to wait for the nodes' final states after the aggregator's
 
 
 class StatusError(FlameError):
@@ -236,7 +237,7 @@ class RunStatus:
 class StatusChange:
     """What `watch` reports: a node's new status, or an epoch the aggregator completed."""
 
-    kind: Literal["node", "epoch", "end"]
+    kind: Literal["watching", "node", "epoch", "end"]
     at: float
     node: NodeStatus | None = None
     previous: NodeStatus | None = None
@@ -473,8 +474,9 @@ class StatusClient:
     def watch(self, analysis_id: str, *, timeout: float | None = None) -> Iterator[StatusChange]:
         """Every node status change, and every epoch the aggregator completes, as they happen.
 
-        Ends with a change of kind "end" once the aggregator is done or failed (or, when
-        watching starts after the run, once storage holds its final result). Raises
+        Starts with a change of kind "watching" once subscribed (from then on no change is
+        missed) and ends with one of kind "end" once the aggregator is done or failed (or,
+        when watching starts after the run, once storage holds its final result). Raises
         `RunTimeout` if neither happens within `timeout` seconds.
         """
         if timeout is None:
@@ -487,15 +489,23 @@ class StatusClient:
         answered: dict[int, dict[str, float]] = {}
         reported: set[int] = set()
         settled = False
+        ending: float | None = None  # when the aggregator ended: the nodes' last words follow
         try:
+            yield StatusChange("watching", time.time())
             while True:
-                left = deadline - time.monotonic()
-                if left <= 0:
+                now_mono = time.monotonic()
+                if ending is not None and (
+                    now_mono >= ending or _all_settled(known, self.config.aggregator_id)
+                ):
+                    yield self._end(analysis_id, known)
+                    return
+                left = (ending if ending is not None else deadline) - now_mono
+                if ending is None and left <= 0:
                     raise RunTimeout(
                         f"analysis {analysis_id!r} did not finish within {timeout:g} s"
                     )
                 try:
-                    node, payload = inbox.get(timeout=min(left, _SETTLE))
+                    node, payload = inbox.get(timeout=max(0.01, min(left, _SETTLE)))
                 except queue.Empty:
                     if not settled:
                         settled = True
@@ -526,9 +536,8 @@ class StatusClient:
                 if status.state == "sent" and status.epoch is not None:
                     answered.setdefault(status.epoch, {})[node] = now
                 yield StatusChange("node", now, node=status, previous=previous)
-                if is_aggregator and status.state in FINAL_STATES:
-                    yield self._end(analysis_id, known)
-                    return
+                if is_aggregator and status.state in FINAL_STATES and ending is None:
+                    ending = time.monotonic() + _GRACE
         finally:
             _stop(client)
 
@@ -595,6 +604,15 @@ class StatusClient:
         return StatusChange("end", time.time(), run=run)
 
 
+def _all_settled(known: dict[str, NodeStatus], aggregator_id: str) -> bool:
+    """Every analysis node has said its last word (done, failed) or gone offline."""
+    return all(
+        status.state in (*FINAL_STATES, "offline")
+        for node, status in known.items()
+        if node != aggregator_id and status.role != "aggregation"
+    )
+
+
 def _same(a: NodeStatus, b: NodeStatus) -> bool:
     return (a.state, a.epoch, a.progress, a.reason, a.session) == (
         b.state,
@@ -651,10 +669,9 @@ def render_status(run: RunStatus) -> list[str]:
         for node, status in sorted(
             run.nodes.items(), key=lambda item: (item[1].role != "aggregation", item[0])
         ):
-            role = status.role or "-"
-            lines.append(
-                f"  {node:<{width}}  {role:<11}  {status.describe()}  (at {_clock(status.time)})"
-            )
+            role = status.role or ""
+            at = f"  (at {_clock(status.time)})" if status.time is not None else ""
+            lines.append(f"  {node:<{width}}  {role:<11}  {status.describe()}{at}")
     if run.history:
         lines.append("epochs")
         for record in run.history:
@@ -695,6 +712,8 @@ def render_change(change: StatusChange) -> str:
         return f"{stamp} {node.node}{role}: {node.describe()}"
     if change.kind == "epoch" and change.epoch is not None:
         return f"{stamp} {render_epoch(change.epoch)}"
+    if change.kind == "watching":
+        return f"{stamp} watching"
     run = change.run
     state = run.state if run is not None else "ended"
     return f"{stamp} run {state}"

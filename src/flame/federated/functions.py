@@ -25,6 +25,8 @@ _ALLOWED = {
 def _adapt(name: str, function: Callable[..., Any]) -> Callable[..., Any]:
     if not callable(function):
         raise AnalysisLoadError(f"{name} must be a function, got {type(function).__name__}")
+    if getattr(function, "_flame_adapted", False):
+        return function
     first, optional = _ALLOWED[name]
     try:
         signature = inspect.signature(function)
@@ -49,6 +51,7 @@ def _adapt(name: str, function: Callable[..., Any]) -> Callable[..., Any]:
 
     call.__name__ = getattr(function, "__name__", name)
     call.__wrapped__ = function  # type: ignore[attr-defined]
+    call._flame_adapted = True  # type: ignore[attr-defined]
     return call
 
 
