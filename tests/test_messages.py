@@ -13,7 +13,17 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from flame.errors import MessageError
-from flame.messages import FORMAT_VERSION, MAGIC, Envelope, decode, encode, encode_parts
+from flame.messages import (
+    FORMAT_VERSION,
+    MAGIC,
+    Envelope,
+    Sealed,
+    decode,
+    encode,
+    encode_parts,
+    pack,
+    unpack,
+)
 
 PREFIX = struct.Struct(">3sBI")
 
@@ -206,6 +216,36 @@ def test_dollar_keys_next_to_real_arrays() -> None:
     assert isinstance(decoded, dict)
     assert_same(decoded["$nd"], array)
     assert decoded["x"] == {"$b": b"raw"}
+
+
+def test_sealed_payloads_round_trip() -> None:
+    sealed = Sealed("paillier", bytes(range(200)))
+    body = {"s": sealed, "$sealed": "user key", "list": [Sealed("x", b"")]}
+    assert roundtrip(body) == body
+
+
+@pytest.mark.parametrize(
+    "reference",
+    [
+        {"$sealed": 0},
+        {"$sealed": 0, "scheme": 5},
+        {"$sealed": 0, "scheme": "s" * 33},
+        {"$sealed": 0, "scheme": "p", "extra": 1},
+        {"$sealed": 9, "scheme": "p"},
+    ],
+)
+def test_bad_sealed_references(reference: dict) -> None:
+    header, payload = split(encode(envelope({"s": Sealed("p", b"abc")})))
+    header["body"]["s"] = reference
+    with pytest.raises(MessageError):
+        decode(join(header, payload))
+
+
+def test_pack_and_unpack_values() -> None:
+    value = {"a": np.arange(5, dtype=">u2"), "b": [b"x", 1.5, None], "$c": "d"}
+    assert_same(unpack(pack(value)), value)
+    with pytest.raises(MessageError):
+        unpack(b"not packed")
 
 
 def test_arrays_from_bytearray_are_writable_views() -> None:
@@ -519,7 +559,7 @@ _json = st.recursive(
     lambda inner: (
         st.lists(inner, max_size=4)
         | st.dictionaries(
-            st.sampled_from(["$nd", "$b", "dtype", "shape", "$$x", "$y", "a", ""])
+            st.sampled_from(["$nd", "$b", "$sealed", "scheme", "dtype", "shape", "$$x", "$y", ""])
             | st.text(max_size=4),
             inner,
             max_size=4,

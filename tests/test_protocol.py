@@ -661,7 +661,7 @@ class DictStore:
         self.final: RunResult | None = None
 
     def load_checkpoint(self) -> Checkpoint | None:
-        return self.checkpoint
+        return self.saved[-1] if self.saved else self.checkpoint
 
     def save_checkpoint(self, checkpoint: Checkpoint) -> None:
         self.saved.append(checkpoint)
@@ -857,3 +857,65 @@ def test_result_over_the_broker_limit_fails_naming_the_node() -> None:
     assert time.monotonic() - started < 20
     assert caught.value.node == "gamma"
     assert "limit" in str(caught.value)
+
+
+def test_aggregator_restart_resumes_from_its_checkpoint() -> None:
+    """The first aggregator dies after consuming epoch 1's results; the nodes re-send them."""
+    broker = MemoryBroker()
+    analysis = "agg-restart"
+    store = DictStore()
+    in_aggregate = threading.Event()
+    release = threading.Event()
+    recorder = Recorder()
+
+    def analyze(data: Data, epoch: int, previous: Any) -> float:
+        recorder.add("analyze", flame.context().node_id, epoch, previous)
+        return node_sum(data) * (epoch + 1)
+
+    def aggregate(results: dict[str, Any], epoch: int, previous: Any) -> float:
+        if threading.current_thread().name == "flame-aggregator" and epoch == 1:
+            in_aggregate.set()
+            release.wait(30)  # the first aggregator "crashes" while aggregating epoch 1
+        return (previous or 0.0) + sum(results.values())
+
+    functions = functions_of(analyze, aggregate)
+
+    def make_aggregator() -> Aggregator:
+        return Aggregator(
+            MemoryTransport(broker, analysis, "aggregator"),
+            functions,
+            participants=NODES,
+            epochs=3,
+            epoch_timeout=3.0,
+            presence_timeout=3.0,
+            store=store,
+        )
+
+    first = make_aggregator()
+    nodes = [Node(broker, analysis, n, functions, memory_data(n)) for n in NODES]
+    for node in nodes:
+        node.start()
+    first_thread, _ = run_aggregator(first)
+    try:
+        assert in_aggregate.wait(10)
+        first.transport.kill()  # type: ignore[attr-defined]
+        assert [c.next_epoch for c in store.saved] == [1]
+        second = make_aggregator()
+        box: dict[str, Any] = {}
+
+        def resume() -> None:
+            try:
+                box["result"] = second.execute()
+            except BaseException as exc:
+                box["error"] = exc
+
+        thread = threading.Thread(target=resume, name="flame-aggregator-2", daemon=True)
+        thread.start()
+        thread.join(20)
+    finally:
+        release.set()
+    first_thread.join(10)
+    for node in nodes:
+        node.join(25)
+    assert "error" not in box, box.get("error")
+    assert box["result"].value == pytest.approx(expected_running_totals(3)[-1])
