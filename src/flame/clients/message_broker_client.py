@@ -330,6 +330,7 @@ class MessageBrokerClient:
             self._configure_tls(ca_file, cert_file, key_file)
         if will is not None:
             self._client.will_set(will.topic, will.payload, qos=will.qos, retain=will.retain)
+        self._client.on_socket_open = _no_delay
         self._client.on_pre_connect = self._on_pre_connect
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
@@ -668,6 +669,15 @@ class MessageBrokerClient:
         """Acknowledge a message from `get()`; the broker will not deliver it again."""
         if message.qos > 0 and message.generation == self._generation and self.connected:
             self._client.ack(message.mid, message.qos)
+
+
+def _no_delay(client: mqtt.Client, userdata: Any, sock: Any) -> None:
+    """Small packets (PUBACKs, small messages) go out at once instead of waiting for Nagle:
+    without this a QoS 1 round trip costs the peer's 40 ms delayed-ACK timer."""
+    raw = sock if isinstance(sock, socket.socket) else getattr(sock, "_socket", None)
+    if isinstance(raw, socket.socket) and raw.family in (socket.AF_INET, socket.AF_INET6):
+        with contextlib.suppress(OSError):
+            raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 def _os_error_text(exc: BaseException) -> str:

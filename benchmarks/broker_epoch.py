@@ -1,0 +1,415 @@
+"""Broker benchmark: what flame's MQTT transport costs over raw paho, on a real Mosquitto.
+
+    python benchmarks/broker_epoch.py                 # starts its own mosquitto on a free port
+    python benchmarks/broker_epoch.py --quick         # fewer rounds, 10 MB, 10 and 100 nodes
+    python benchmarks/broker_epoch.py --broker mqtt://host:1883   # an existing broker (anonymous)
+
+Prints, from one run:
+  1. raw paho QoS 1 round trip (publish -> echo -> receive), median;
+  2. flame transport round trip (send -> receive -> reply -> receive), median, and the ratio;
+  3. flame epoch time for 10 nodes with a tiny payload (median) and its ratio to two raw round
+     trips (target <= 3x), and for 100 and 1,000 nodes in one process group (target: 1,000
+     nodes, epoch <= 2 s) -- `flame.simulate` with an MqttTransport per node;
+  4. a 100 MB numpy update through flame (chunked) vs the same bytes as one raw paho publish,
+     sender and receiver each in their own process, with each side's peak RSS growth as a
+     multiple of the payload (target <= 2x).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+
+from flame.config import BrokerSettings
+from flame.messages import Envelope
+from flame.transport.mqtt import MqttTransport
+
+# --- broker ---------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextmanager
+def mosquitto() -> Iterator[str]:
+    binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+    if not Path(binary).exists():
+        raise SystemExit("mosquitto not found; pass --broker mqtt://host:port")
+    folder = Path(tempfile.mkdtemp(prefix="flame-bench-"))
+    port = _free_port()
+    lines = [
+        f"listener {port} 127.0.0.1",
+        "allow_anonymous true",
+        "persistence true",
+        f"persistence_location {folder}/",
+        "autosave_interval 30",
+        "max_queued_messages 0",
+        "set_tcp_nodelay true",
+        "log_dest none",
+    ]
+    if os.geteuid() == 0:
+        lines.append("user root")
+    (folder / "mosquitto.conf").write_text("\n".join(lines) + "\n")
+    process = subprocess.Popen(
+        [binary, "-c", str(folder / "mosquitto.conf")],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline or process.poll() is not None:
+                    raise SystemExit("mosquitto did not start") from None
+                time.sleep(0.02)
+        yield f"mqtt://127.0.0.1:{port}"
+    finally:
+        process.terminate()
+        process.wait(10)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _host_port(url: str) -> tuple[str, int]:
+    from flame.clients.message_broker_client import parse_broker_url
+
+    address = parse_broker_url(url)
+    return address.host, address.port
+
+
+# --- 1. raw paho round trip ------------------------------------------------------------------
+
+
+def raw_client(url: str, name: str) -> mqtt.Client:
+    host, port = _host_port(url)
+    client = mqtt.Client(
+        CallbackAPIVersion.VERSION2, client_id=name, protocol=MQTTProtocolVersion.MQTTv5
+    )
+    # The same socket option flame sets; without it every raw round trip costs ~40 ms of
+    # delayed-ACK wait, which would make any ratio against it meaningless.
+    client.on_socket_open = lambda c, u, sock: sock.setsockopt(
+        socket.IPPROTO_TCP, socket.TCP_NODELAY, 1
+    )
+    client.connect(host, port, keepalive=30)
+    client.loop_start()
+    return client
+
+
+def raw_round_trip(url: str, rounds: int) -> list[float]:
+    tag = f"{os.getpid()}-{time.monotonic_ns()}"
+    ping, pong = f"bench/{tag}/ping", f"bench/{tag}/pong"
+    echo, caller = raw_client(url, f"echo-{tag}"), raw_client(url, f"caller-{tag}")
+    got = threading.Event()
+    subscribed = threading.Semaphore(0)
+    echo.on_message = lambda c, u, m: c.publish(pong, m.payload, qos=1)
+    caller.on_message = lambda c, u, m: got.set()
+    for client in (echo, caller):
+        client.on_subscribe = lambda *args: subscribed.release()
+    echo.subscribe(ping, qos=1)
+    caller.subscribe(pong, qos=1)
+    for _ in range(2):
+        if not subscribed.acquire(timeout=10):
+            raise SystemExit("raw subscribe timed out")
+    times = []
+    payload = b"x" * 64
+    for _ in range(rounds):
+        got.clear()
+        start = time.perf_counter()
+        caller.publish(ping, payload, qos=1)
+        if not got.wait(10):
+            raise SystemExit("raw round trip timed out")
+        times.append(time.perf_counter() - start)
+    for client in (echo, caller):
+        client.disconnect()
+        client.loop_stop()
+    return times
+
+
+# --- 2. flame transport round trip ------------------------------------------------------------
+
+
+def flame_round_trip(url: str, rounds: int) -> list[float]:
+    analysis = f"bench-rt-{os.getpid()}"
+    settings = BrokerSettings(url=url)
+    a = MqttTransport(settings, analysis, "caller")
+    b = MqttTransport(settings, analysis, "echo")
+    a.connect({"state": "online"})
+    b.connect({"state": "online"})
+    stop = threading.Event()
+
+    def echo() -> None:
+        while not stop.is_set():
+            item = b.receive(0.2)
+            if item is not None:
+                b.send(item.reply("result", item.body))
+
+    thread = threading.Thread(target=echo, daemon=True)
+    thread.start()
+    times = []
+    for i in range(rounds):
+        start = time.perf_counter()
+        a.send(Envelope(analysis, "caller", "echo", "message", epoch=i, body={"x": 1.0}))
+        if a.receive(10) is None:
+            raise SystemExit("flame round trip timed out")
+        times.append(time.perf_counter() - start)
+    stop.set()
+    thread.join(5)
+    a.close()
+    b.close()
+    return times
+
+
+# --- 3. epochs over the broker ------------------------------------------------------------------
+
+
+def _analyze(data: Any, epoch: int, previous: Any) -> dict[str, float]:
+    return {"x": 1.0, "epoch": float(epoch)}
+
+
+def _aggregate(results: dict[str, Any], epoch: int, previous: Any) -> dict[str, float]:
+    return {"sum": sum(r["x"] for r in results.values()), "n": float(len(results))}
+
+
+def epoch_times(url: str, nodes: int, epochs: int) -> tuple[list[float], float]:
+    """Per-epoch durations of a `flame.simulate` run with one MqttTransport per node."""
+    from flame.config import FlameConfig
+    from flame.simulate import simulate
+
+    analysis = f"bench-ep-{nodes}-{os.getpid()}-{time.monotonic_ns() % 10**6}"
+    settings = BrokerSettings(url=url, connect_timeout=60, send_timeout=60)
+    config = FlameConfig(
+        analysis_id=analysis,
+        epochs=epochs,
+        epoch_timeout=120,
+        presence_timeout=300,
+        broker=settings,
+    )
+    data = {f"n{i:04d}": {"d.txt": b"1"} for i in range(nodes)}
+
+    def factory(node: str) -> MqttTransport:
+        return MqttTransport(settings, analysis, node)
+
+    started = time.perf_counter()
+    result = simulate(_analyze, _aggregate, data=data, config=config, broker=factory)
+    total = time.perf_counter() - started
+    assert result.value["n"] == nodes, result.value
+    return [record.duration for record in result.history], total
+
+
+# --- 4. a large update, each side in its own process -------------------------------------------
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _peak_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def child_receive(url: str, mode: str, analysis: str, size: int) -> None:
+    """Print READY, wait for the payload, print timings and memory as JSON."""
+    settings = BrokerSettings(url=url, send_timeout=120)
+    done: dict[str, Any] = {}
+    if mode == "flame":
+        node = MqttTransport(settings, analysis, "receiver")
+        node.connect({"state": "online"})
+        baseline = _rss_bytes()
+        print("READY", flush=True)
+        item = node.receive(300)
+        assert item is not None
+        array = item.body["w"]
+        done["arrived"] = time.time()
+        done["ok"] = bool(array.nbytes == size and array[-1] == (size // 8 - 1))
+        node.close()
+    else:
+        client = raw_client(url, f"raw-receiver-{analysis}")
+        arrived = threading.Event()
+        box: list[Any] = []
+
+        def on_message(c: Any, u: Any, message: mqtt.MQTTMessage) -> None:
+            box.append(np.frombuffer(message.payload, dtype=np.float64))
+            done["arrived"] = time.time()
+            arrived.set()
+
+        subscribed = threading.Event()
+        client.on_message = on_message
+        client.on_subscribe = lambda *args: subscribed.set()
+        client.subscribe(f"bench/{analysis}/raw", qos=1)
+        subscribed.wait(10)
+        baseline = _rss_bytes()
+        print("READY", flush=True)
+        arrived.wait(300)
+        array = box[0]
+        done["ok"] = bool(array.nbytes == size and array[-1] == (size // 8 - 1))
+        client.disconnect()
+        client.loop_stop()
+    done["growth"] = _peak_bytes() - baseline
+    print(json.dumps(done), flush=True)
+
+
+def child_send(url: str, mode: str, analysis: str, size: int) -> None:
+    settings = BrokerSettings(url=url, send_timeout=120)
+    if mode == "flame":
+        node = MqttTransport(settings, analysis, "sender")
+        node.connect({"state": "online"})
+        baseline = _rss_bytes()
+        weights = np.arange(size // 8, dtype=np.float64)
+        started = time.time()
+        node.send(Envelope(analysis, "sender", "receiver", "result", body={"w": weights}))
+        acked = time.time()
+        node.close()
+    else:
+        client = raw_client(url, f"raw-sender-{analysis}")
+        baseline = _rss_bytes()
+        weights = np.arange(size // 8, dtype=np.float64)
+        started = time.time()
+        info = client.publish(f"bench/{analysis}/raw", weights.tobytes(), qos=1)
+        info.wait_for_publish(300)
+        acked = time.time()
+        client.disconnect()
+        client.loop_stop()
+    print(
+        json.dumps({"started": started, "acked": acked, "growth": _peak_bytes() - baseline}),
+        flush=True,
+    )
+
+
+def large_update(url: str, mode: str, size: int) -> dict[str, Any]:
+    analysis = f"bench-big-{mode}-{os.getpid()}"
+    script = str(Path(__file__).resolve())
+    args = [url, mode, analysis, str(size)]
+    receiver = subprocess.Popen(
+        [sys.executable, script, "--child-receive", *args],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert receiver.stdout is not None
+    line = receiver.stdout.readline()
+    if not line.startswith("READY"):
+        receiver.kill()
+        raise SystemExit(f"receiver did not start ({mode})")
+    sender = subprocess.run(
+        [sys.executable, script, "--child-send", *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=True,
+    )
+    sent = json.loads(sender.stdout.strip().splitlines()[-1])
+    out, _ = receiver.communicate(timeout=600)
+    got = json.loads(out.strip().splitlines()[-1])
+    return {
+        "mode": mode,
+        "ok": got["ok"],
+        "seconds": got["arrived"] - sent["started"],
+        "acked": sent["acked"] - sent["started"],
+        "sender_growth": sent["growth"] / size,
+        "receiver_growth": got["growth"] / size,
+    }
+
+
+# --- report ---------------------------------------------------------------------------------------
+
+
+def ms(values: list[float]) -> str:
+    return f"{statistics.median(values) * 1000:.2f} ms"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--broker", help="an existing broker (anonymous access)")
+    parser.add_argument("--quick", action="store_true", help="fewer rounds, smaller payload")
+    parser.add_argument("--nodes", default=None, help="comma list of federation sizes")
+    parser.add_argument("--payload-mb", type=int, default=None)
+    parser.add_argument("--child-receive", nargs=4, help=argparse.SUPPRESS)
+    parser.add_argument("--child-send", nargs=4, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child_receive:
+        url, mode, analysis, size = args.child_receive
+        child_receive(url, mode, analysis, int(size))
+        return
+    if args.child_send:
+        url, mode, analysis, size = args.child_send
+        child_send(url, mode, analysis, int(size))
+        return
+    rounds = 100 if args.quick else 500
+    sizes = [int(n) for n in (args.nodes or ("10,100" if args.quick else "10,100,1000")).split(",")]
+    payload_mb = args.payload_mb or (10 if args.quick else 100)
+    with mosquitto() if args.broker is None else _given(args.broker) as url:
+        report(url, rounds, sizes, payload_mb)
+
+
+@contextmanager
+def _given(url: str) -> Iterator[str]:
+    yield url
+
+
+def report(url: str, rounds: int, sizes: list[int], payload_mb: int) -> None:
+    print(f"broker: {url}  (python {sys.version.split()[0]}, {os.cpu_count()} cores)")
+    raw = raw_round_trip(url, rounds)
+    flame = flame_round_trip(url, rounds)
+    raw_median = statistics.median(raw)
+    print(f"1. raw paho QoS 1 round trip, median of {rounds}:      {ms(raw)}")
+    print(
+        f"2. flame transport round trip, median of {rounds}:     {ms(flame)}"
+        f"   ({statistics.median(flame) / raw_median:.2f}x raw)"
+    )
+    for nodes in sizes:
+        epochs = 5 if nodes <= 100 else 3
+        durations, total = epoch_times(url, nodes, epochs)
+        median = statistics.median(durations)
+        line = (
+            f"3. epoch with {nodes:>4} nodes, tiny payload, median of {epochs}: "
+            f"{median * 1000:8.1f} ms  (whole run incl. connect {total:.1f} s)"
+        )
+        if nodes == 10:
+            line += f"   {median / (2 * raw_median):.2f}x two raw round trips (target <= 3x)"
+        if nodes == 1000:
+            line += f"   target <= 2 s: {'met' if median <= 2 else 'NOT met'}"
+        print(line, flush=True)
+    size = payload_mb * 1024 * 1024
+    results = [large_update(url, mode, size) for mode in ("flame", "raw")]
+    for result in results:
+        label = "flame (chunked)" if result["mode"] == "flame" else "raw paho publish"
+        print(
+            f"4. {payload_mb} MB numpy, {label:<17}: {result['seconds']:6.2f} s to decoded"
+            f" (sender acked {result['acked']:.2f} s); peak RSS growth sender "
+            f"{result['sender_growth']:.2f}x, receiver {result['receiver_growth']:.2f}x payload"
+            f"{'' if result['ok'] else '  WRONG DATA'}"
+        )
+    flame_big, raw_big = results
+    worst = max(flame_big["sender_growth"], flame_big["receiver_growth"])
+    print(
+        f"   chunked / raw time: {flame_big['seconds'] / raw_big['seconds']:.2f}x; "
+        f"target peak RSS <= 2x payload (sender's includes the array itself): "
+        f"{'met' if worst <= 2 else 'NOT met'}"
+    )
+
+
+if __name__ == "__main__":
+    main()
