@@ -331,6 +331,15 @@ def test_node_folder_without_files(tmp_path: Path) -> None:
     assert_clean_failure(run, "empty_node")
 
 
+def test_node_folder_with_an_invalid_name(tmp_path: Path) -> None:
+    write_data(tmp_path / "data")
+    bad = tmp_path / "data" / "bad name"
+    bad.mkdir()
+    (bad / "x.csv").write_text("site,dose\na,1\n")
+    run = flame("simulate", EXAMPLE, "--data", tmp_path / "data")
+    assert_clean_failure(run, "bad name")
+
+
 def test_data_folder_that_does_not_exist(tmp_path: Path) -> None:
     run = flame("simulate", EXAMPLE, "--data", tmp_path / "nowhere")
     assert_clean_failure(run, "nowhere")

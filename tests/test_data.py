@@ -270,3 +270,15 @@ def test_read_csv_from_named_source(folder: Path) -> None:
 def test_utf8_bom_is_not_part_of_the_first_column() -> None:
     data = Data({"m": MemorySource({"r.csv": "age,bmi\n50,20\n".encode("utf-8-sig")})})
     assert list(data.read_csv()) == ["age", "bmi"]
+
+
+@pytest.mark.xfail(
+    reason="bug: a CSV with a repeated column name silently keeps only the last of those "
+    "columns (csv.DictReader overwrites); read_csv/rows should raise DataError naming it",
+    raises=pytest.fail.Exception,
+    strict=True,
+)
+def test_repeated_column_names_are_refused() -> None:
+    data = Data({"m": MemorySource({"r.csv": "a,a,b\n1,2,3\n"})})
+    with pytest.raises(DataError, match="'a'"):
+        data.read_csv()

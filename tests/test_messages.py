@@ -313,6 +313,35 @@ def test_unsendable_values_raise_type_error_naming_the_path(body: object, path: 
     assert message.startswith(path + ":") or f"{path}:" in message, message
 
 
+@pytest.mark.xfail(
+    reason="bug: a numpy masked array is sent as its raw data; the mask is silently lost, so "
+    "masked (invalid or withheld) values reach the receiver (messages.py _Encoder.value: "
+    "refuse np.ma.MaskedArray with a TypeError, or send the mask too)",
+    raises=pytest.fail.Exception,
+    strict=True,
+)
+def test_masked_arrays_are_not_sent_without_their_mask() -> None:
+    masked = np.ma.masked_array([1.0, 99.0, 3.0], mask=[False, True, False])
+    with pytest.raises(TypeError, match=r"body\.m"):
+        encode(envelope({"m": masked}))
+
+
+@pytest.mark.xfail(
+    reason="bug: encode accepts a body nested deeper than decode allows (200 levels), so the "
+    "message is built, sent and then silently dropped by every receiver",
+    raises=pytest.fail.Exception,
+    strict=True,
+)
+def test_encode_refuses_what_decode_would_drop() -> None:
+    deep: list = []
+    level = deep
+    for _ in range(250):
+        level.append([])
+        level = level[0]
+    with pytest.raises((TypeError, ValueError)):
+        encode(envelope(deep))
+
+
 def test_long_double_is_refused() -> None:
     if np.dtype(np.longdouble).itemsize == 8:
         pytest.skip("long double is plain double here")
