@@ -364,6 +364,28 @@ def test_analysis_with_a_syntax_error(tmp_path: Path) -> None:
     assert_clean_failure(run, "broken.py", "SyntaxError")
 
 
+@pytest.mark.xfail(
+    reason="bug: an analysis file named flame.py or json.py replaces the installed module in "
+    "sys.modules (loader.py _import), and flame simulate dies with a traceback",
+    raises=AssertionError,
+    strict=True,
+)
+@pytest.mark.parametrize("module", ["flame", "json"])
+def test_analysis_file_named_like_an_installed_module(tmp_path: Path, module: str) -> None:
+    folder = tmp_path / "shadow"
+    folder.mkdir()
+    (folder / f"{module}.py").write_text(
+        "def analyze(data):\n    return 1\n\ndef aggregate(results):\n"
+        "    return sum(results.values())\n"
+    )
+    run = flame("simulate", folder, "--data", EXAMPLE / "data", "--quiet")
+    assert "Traceback" not in run.stderr, run.stderr
+    if run.returncode == 0:
+        assert json.loads(run.stdout) == len(list((EXAMPLE / "data").iterdir()))
+    else:
+        assert_clean_failure(run, f"{module}.py")
+
+
 def test_mismatched_csv_headers_on_a_node(tmp_path: Path) -> None:
     files = write_data(tmp_path / "data")
     files["lab.3"][1].write_text("site,amount\nx,1\n")
