@@ -287,6 +287,14 @@ def test_status_after_the_run_and_verified_download(
     assert sum(line.startswith("  epoch ") for line in lines) == EPOCHS
     assert "  s3://flame-status/status-run/final/result.bin" in "\n".join(lines)
 
+    as_json = subprocess.run(
+        [sys.executable, "-m", "flame", "status", "status-run", "--json"],
+        env=_as_operator(env), capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    document = json.loads(as_json.stdout)
+    assert document["state"] == "finished" and len(document["history"]) == EPOCHS
+    assert document["final"]["location"] == "s3://flame-status/status-run/final/result.bin"
+
     target = tmp_path / "result.bin"
     fetched = subprocess.run(
         [sys.executable, "-m", "flame", "status", "status-run", "--download", str(target)],
@@ -425,6 +433,8 @@ def test_statuses_from_the_wire_are_validated() -> None:
     assert status.extra == {"extra": 1}
     offline = st._parse_status("n", b'{"state":"offline"}')
     assert offline is not None and offline.describe() == "offline"
+    gone = st._parse_status("n", b'{"state":"offline","last_state":"done"}')
+    assert gone is not None and gone.describe() == "offline (last: done)"
 
 
 def test_rendering_a_run() -> None:

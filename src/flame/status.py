@@ -111,6 +111,9 @@ class NodeStatus:
     def describe(self) -> str:
         """`computing epoch 2 (40%)`, `failed in epoch 1: ValueError: ...`, `offline`."""
         text = self.state
+        last = self.extra.get("last_state")
+        if self.state == "offline" and isinstance(last, str) and last:
+            text += f" (last: {last[:64]})"
         if self.epoch is not None and self.state not in ("offline",):
             text += f" {'in ' if self.state == 'failed' else ''}epoch {self.epoch}"
         if self.state == "computing" and self.progress is not None:
