@@ -54,7 +54,7 @@ install)
     "$python" -c "import flame.main, flame.transport.mqtt, flame.clients.minio_client, \
 flame.clients.data_api_client, flame.check, flame.status"
     scratch="$(mktemp -d)"
-    "$bindir/flame" init "$scratch/analysis" 2>/dev/null
+    "$bindir/flame" init "$scratch/analysis"
     "$bindir/flame" simulate "$scratch/analysis" --data "$scratch/analysis/data" --quiet >/dev/null
     rm -rf "$scratch"
     ;;

@@ -14,6 +14,7 @@ broker, configured by environment variables only.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -38,6 +39,12 @@ STEP_TIMEOUT = 300.0
 # instructions that change nothing a process sees, or that the harness applies itself
 _KNOWN = {"FROM", "ARG", "ENV", "WORKDIR", "COPY", "RUN", "USER", "ENTRYPOINT", "CMD",
           "STOPSIGNAL", "LABEL", "EXPOSE"}  # fmt: skip
+
+
+_NETWORK_VARIABLES = {
+    "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "ALL_PROXY", "SSL_CERT_FILE", "SSL_CERT_DIR",
+    "REQUESTS_CA_BUNDLE",
+}  # fmt: skip
 
 
 class Unreproducible(AssertionError):
@@ -420,9 +427,9 @@ class Replay:
             "FLAME_INSTALL_UID": "",
             "FLAME_INSTALL_APP_DIR": str(root / "app"),
         }
-        for name in ("PIP_CONFIG_FILE", "PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL", "PIP_FIND_LINKS"):
-            if name in os.environ:  # the machine's package mirror, as docker build has its own
-                environment.setdefault(name, os.environ[name])
+        for name, value in os.environ.items():  # the machine's package index settings and
+            if name.startswith("PIP_") or name.upper() in _NETWORK_VARIABLES:  # proxies, as a
+                environment.setdefault(name, value)  # docker build has its own
         try:
             done = subprocess.run(
                 command,
@@ -487,7 +494,7 @@ def broker() -> Iterator[object]:
         from broker import Broker, have_mosquitto
     except ImportError:
         pytest.skip("tests/broker.py is not available")
-    if not have_mosquitto() and shutil.which("amqtt") is None:
+    if not have_mosquitto() and importlib.util.find_spec("amqtt") is None:
         pytest.skip("neither mosquitto nor amqtt is installed")
     users = ("aggregator", "clinic-a", "clinic-b", "watcher")
     with Broker(users=users) as running:
