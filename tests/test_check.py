@@ -248,3 +248,27 @@ def test_line_format() -> None:
         == "FAIL storage http://s:9000: connection refused \u2014 check X"
     )
     assert CheckItem("ok", "x", detail="d", fix="ignored when ok").line() == "ok   x: d"
+
+
+def test_secure_aggregation_keys_must_parse_and_match(
+    node_env: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from flame.protocols.aggregation_paillier import write_keypair
+
+    public, _ = write_keypair(tmp_path / "pair_a")
+    _, other_private = write_keypair(tmp_path / "pair_b")
+    monkeypatch.setenv("FLAME_SECURE__ENABLED", "true")
+    monkeypatch.setenv("FLAME_SECURE__PUBLIC_KEY_FILE", str(public))
+    monkeypatch.setenv("FLAME_SECURE__PRIVATE_KEY_FILE", str(other_private))
+    report = run_checks(timeout=3)
+    [failed] = report.failed
+    assert failed.name == "secure private key"
+    assert "not to the public key" in failed.detail
+    secret_p = json.loads(other_private.read_text())["p"]
+    assert str(other_private) in failed.line() and secret_p not in failed.line()
+    # the aggregator is checked for the public key only: it must never hold the private one
+    monkeypatch.setenv("FLAME_ROLE", "aggregation")
+    monkeypatch.setenv("FLAME_NODE_ID", "aggregator")
+    report = run_checks(timeout=3)
+    assert report.ok, [item.line() for item in report.items]
+    assert not any("private" in item.name for item in report.items)

@@ -427,23 +427,63 @@ def _check_storage(config: FlameConfig, failed_tokens: set[str], timeout: float)
 
 
 def _check_keys(config: FlameConfig) -> list[CheckItem]:
+    """Parse the key files as the run will (public: aggregator and nodes; private: nodes) and
+    check that the two belong together, so a wrong mount fails here, not in epoch 0."""
+    from flame.protocols.aggregation_paillier import (
+        SecureAggregationError,
+        key_id,
+        load_private_key,
+        load_public_key,
+    )
+
     secure = config.secure
-    wanted: list[tuple[str, Path | None, str]] = [
-        ("public key", secure.public_key_file, "FLAME_SECURE__PUBLIC_KEY_FILE")
-    ]
-    if config.role == "analysis":
-        wanted.append(("private key", secure.private_key_file, "FLAME_SECURE__PRIVATE_KEY_FILE"))
     items: list[CheckItem] = []
-    for what, path, variable in wanted:
-        name = f"secure aggregation {what}"
-        if path is None:
-            items.append(CheckItem("FAIL", name, detail="not configured", fix=f"set {variable}"))
-        elif not path.is_file() or not os.access(path, os.R_OK):
+    public_id: str | None = None
+    variable = "FLAME_SECURE__PUBLIC_KEY_FILE"
+    if secure.public_key_file is None:
+        items.append(
+            CheckItem("FAIL", "secure public key", detail="not configured", fix=f"set {variable}")
+        )
+    else:
+        try:
+            public_id = key_id(load_public_key(secure.public_key_file))
+        except SecureAggregationError as exc:
             items.append(
-                CheckItem("FAIL", name, str(path), "missing or unreadable", f"check {variable}")
+                CheckItem("FAIL", "secure public key", detail=str(exc), fix=f"check {variable}")
             )
         else:
-            items.append(CheckItem("ok", name, str(path)))
+            items.append(
+                CheckItem(
+                    "ok", "secure public key", str(secure.public_key_file), f"key id {public_id}"
+                )
+            )
+    if config.role != "analysis":
+        return items  # the aggregator must never hold the private key
+    variable = "FLAME_SECURE__PRIVATE_KEY_FILE"
+    if secure.private_key_file is None:
+        items.append(
+            CheckItem("FAIL", "secure private key", detail="not configured", fix=f"set {variable}")
+        )
+        return items
+    try:
+        private_id = key_id(load_private_key(secure.private_key_file).public_key)
+    except SecureAggregationError as exc:
+        items.append(
+            CheckItem("FAIL", "secure private key", detail=str(exc), fix=f"check {variable}")
+        )
+        return items
+    if public_id is not None and private_id != public_id:
+        items.append(
+            CheckItem(
+                "FAIL",
+                "secure private key",
+                str(secure.private_key_file),
+                f"belongs to key {private_id}, not to the public key {public_id}",
+                "mount the key pair from the same `flame keys generate`",
+            )
+        )
+    else:
+        items.append(CheckItem("ok", "secure private key", str(secure.private_key_file)))
     return items
 
 
