@@ -389,3 +389,31 @@ def test_misspelt_secret_setting_is_not_echoed(clean_env: pytest.MonkeyPatch) ->
 def test_flame_config_class_is_the_same_as_load_config(clean_env: pytest.MonkeyPatch) -> None:
     clean_env.setenv("FLAME_EPOCHS", "3")
     assert FlameConfig().epochs == load_config().epochs == 3
+
+
+def test_data_source_secrets_are_known_and_masked(
+    clean_env: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text(
+        '[[data]]\nname = "s3"\nkind = "s3"\nbucket = "b"\n'
+        f'access_key = "AKIA"\nsecret_key = "{SECRET}-s3"\n'
+        '[[data]]\nname = "api"\nkind = "http"\nurl = "https://x"\n'
+        f'token = "{SECRET}-http"\n'
+    )
+    clean_env.setenv("FLAME_CONFIG", str(path))
+    config = load_config()
+    assert [d.name for d in config.data] == ["s3", "api"]
+    assert sorted(config.secrets()) == sorted([f"{SECRET}-s3", f"{SECRET}-http"])
+    assert SECRET not in json.dumps(config.public_dict())
+
+
+def test_data_source_secret_of_wrong_type_is_not_echoed(
+    clean_env: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"data": [{"kind": "s3", "secret_key": {"v": SECRET}}]}))
+    clean_env.setenv("FLAME_CONFIG", str(path))
+    message = error_text()
+    assert lines_about(message, "FLAME_DATA__0__SECRET_KEY")
+    assert SECRET not in message
