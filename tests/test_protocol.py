@@ -621,8 +621,9 @@ def test_a_node_that_never_comes_online(quorum: int | None) -> None:
 # --- restarts and checkpoints ----------------------------------------------------------------
 
 
-def test_node_restart_mid_run_rejoins() -> None:
-    broker = MemoryBroker()
+@pytest.mark.parametrize("duplicate_every", [0, 1])
+def test_node_restart_mid_run_rejoins(duplicate_every: int) -> None:
+    broker = MemoryBroker(duplicate_every=duplicate_every)
     analysis = "restart"
     in_epoch_1 = threading.Event()
     release = threading.Event()
