@@ -378,6 +378,7 @@ def test_watch_reports_a_failing_node_and_exits_1(
         for m in watched
     ), watched
     assert "run failed" in watched
+    assert "analysis status-fail: failed" in out.splitlines()  # the summary after the live lines
     assert "no such column" in outputs["aggregator.err"]
 
 

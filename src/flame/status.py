@@ -488,6 +488,7 @@ class StatusClient:
         client, inbox = self._subscribe(analysis_id)
         deadline = time.monotonic() + timeout
         known: dict[str, NodeStatus] = {}
+        last_real: dict[str, NodeStatus] = {}  # each node's last status other than offline
         epoch_start: dict[int, float] = {}
         answered: dict[int, dict[str, float]] = {}
         reported: set[int] = set()
@@ -500,7 +501,7 @@ class StatusClient:
                 if ending is not None and (
                     now_mono >= ending or _all_settled(known, self.config.aggregator_id)
                 ):
-                    yield self._end(analysis_id, known)
+                    yield self._end(analysis_id, known, last_real)
                     return
                 left = (ending if ending is not None else deadline) - now_mono
                 if ending is None and left <= 0:
@@ -513,7 +514,7 @@ class StatusClient:
                     if not settled:
                         settled = True
                         if self._finished_in_storage(analysis_id, known):
-                            yield self._end(analysis_id, known)
+                            yield self._end(analysis_id, known, last_real)
                             return
                     continue
                 status = _parse_status(node, payload)
@@ -523,6 +524,8 @@ class StatusClient:
                 if previous is not None and _same(previous, status):
                     continue
                 known[node] = status
+                if status.state != "offline":
+                    last_real[node] = status
                 now = status.time or time.time()
                 is_aggregator = status.role == "aggregation" or node == self.config.aggregator_id
                 if is_aggregator and status.epoch is not None:
@@ -533,7 +536,7 @@ class StatusClient:
                         if ends and finished not in reported:
                             reported.add(finished)
                             record = self._epoch(
-                                analysis_id, finished, epoch_start, answered, known, now
+                                analysis_id, finished, epoch_start, answered, last_real, now
                             )
                             yield StatusChange("epoch", now, epoch=record)
                 if status.state == "sent" and status.epoch is not None:
@@ -594,10 +597,20 @@ class StatusClient:
             log.debug("storage not readable while watching: %s", exc)
             return False
 
-    def _end(self, analysis_id: str, known: dict[str, NodeStatus]) -> StatusChange:
-        run = RunStatus(
-            analysis_id, nodes=dict(sorted(known.items())), aggregator_id=self.config.aggregator_id
-        )
+    def _end(
+        self, analysis_id: str, known: dict[str, NodeStatus], last_real: dict[str, NodeStatus]
+    ) -> StatusChange:
+        """The run as it ended: a node that said done or failed and then left keeps that
+        state in the summary (its retained status says only "offline" by now)."""
+        nodes = {
+            node: last_real[node]
+            if status.state == "offline"
+            and node in last_real
+            and last_real[node].state in FINAL_STATES
+            else status
+            for node, status in sorted(known.items())
+        }
+        run = RunStatus(analysis_id, nodes=nodes, aggregator_id=self.config.aggregator_id)
         if self.has_storage:
             try:
                 run.history = self.history(analysis_id)
