@@ -113,6 +113,13 @@ class SecureAggregationSettings(_Section):
     bound: float = Field(2.0**15, gt=0, description="declared maximum |value| of one node")
     max_nodes: int = Field(100, ge=1)
     min_contributors: int = Field(2, ge=1, description="fewest nodes a decrypted sum may hold")
+    confirm_fraction: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="share of the reported sum each other node re-decrypts to confirm it "
+        "(default: enough for every ciphertext to be checked 3 times on average)",
+    )
     obfuscation: Literal["standard", "djn"] = Field(
         "standard", description="'djn' is faster but rests on an extra assumption (README)"
     )

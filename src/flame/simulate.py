@@ -177,6 +177,7 @@ def _simulation_keys(config: FlameConfig) -> SecureKeys:
         SecureKeys.spec_of(config.secure),
         config.secure.min_contributors,
         config.secure.obfuscation,
+        config.secure.confirm_fraction,
     )
 
 

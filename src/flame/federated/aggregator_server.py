@@ -76,7 +76,9 @@ class Aggregator:
             mailbox=self.mailbox,
             seed=seed,
         )
-        self.secure_sum = SecureSummer(keys, epoch_timeout, self.context)
+        self.secure_sum = SecureSummer(
+            keys, epoch_timeout, self.context, None if keys is None else keys.confirm_fraction
+        )
         self._sessions: dict[str, str] = {}
         self._online: set[str] = set()
         self._kickoff: tuple[Kind, int, Any] | None = None

@@ -2,18 +2,18 @@
 
 The analyst marks values with `flame.secure(x)` in what `analyze` returns. Analysis nodes
 encrypt them (Paillier, packed) before sending; the aggregator, holding only the public key,
-adds the ciphertexts of each marked field over the nodes that answered, sends the encrypted
-sums back to those nodes, and they decrypt: one reports the plaintext sums, every other one
-confirms a digest of them. A mismatch or a refusal stops the run. `aggregate` then sees
+adds the ciphertexts of each marked field over the nodes that answered, and sends the
+encrypted sums back: one node (the reporter) decrypts and reports the plaintext sums, then
+every other contributor checks that report against the ciphertexts (all of them, or a random
+sample: `confirm_fraction`). A mismatch or a refusal stops the run. `aggregate` then sees
 `results.secure[field]` (the sum) and `results.contributors[field]` (whose values it holds).
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -83,6 +83,7 @@ class SecureKeys:
     spec: Any
     min_contributors: int
     obfuscation: str = "standard"
+    confirm_fraction: float | None = None
 
     @classmethod
     def from_settings(cls, settings: SecureAggregationSettings, *, role: str) -> SecureKeys:
@@ -147,14 +148,6 @@ def _replace(value: Any, change: Any, path: str = "") -> Any:
     return value
 
 
-def _digest(sums: dict[str, np.ndarray]) -> str:
-    digest = hashlib.sha256()
-    for path in sorted(sums):
-        array = np.ascontiguousarray(sums[path], dtype=np.float64)
-        digest.update(path.encode() + b"\0" + str(array.shape).encode() + array.tobytes())
-    return digest.hexdigest()
-
-
 # --- the analysis node's side ----------------------------------------------------------------
 
 
@@ -185,8 +178,13 @@ def seal(result: Any, keys: SecureKeys | None) -> Any:
 
 
 def answer_decrypt(envelope: Envelope, keys: SecureKeys, node_id: str) -> dict[str, Any]:
-    """Decrypt the aggregator's encrypted sums, refusing sums of too few contributors."""
-    from flame.protocols.aggregation_paillier import EncryptedVector, decrypt_vector
+    """Decrypt the aggregator's encrypted sums (as the reporter), or check the reporter's
+    plaintext against them (as a confirmer); refuse sums of too few contributors."""
+    from flame.protocols.aggregation_paillier import (
+        EncryptedVector,
+        decrypt_vector,
+        verify_reported_sum,
+    )
 
     assert keys.private_key is not None
     body = envelope.body if isinstance(envelope.body, dict) else {}
@@ -194,7 +192,14 @@ def answer_decrypt(envelope: Envelope, keys: SecureKeys, node_id: str) -> dict[s
     contributors = body.get("contributors")
     if not isinstance(sums, dict) or not isinstance(contributors, dict):
         return {"error": "malformed decryption request"}
+    reported = body.get("reported")
+    fraction = body.get("fraction", 1.0)
+    if reported is not None and not isinstance(reported, dict):
+        return {"error": "malformed decryption request (reported sums)"}
+    if not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
+        return {"error": "malformed decryption request (fraction)"}
     plain: dict[str, np.ndarray] = {}
+    checked = 0
     try:
         for path, sealed in sums.items():
             who = contributors.get(path)
@@ -208,15 +213,24 @@ def answer_decrypt(envelope: Envelope, keys: SecureKeys, node_id: str) -> dict[s
                     "error": f"{path!r} holds {vector.contributors} contributions, "
                     f"the request names {len(who)}"
                 }
-            plain[path] = decrypt_vector(
-                vector, keys.private_key, keys.spec, min_contributors=keys.min_contributors
-            )
+            if reported is None:
+                plain[path] = decrypt_vector(
+                    vector, keys.private_key, keys.spec, min_contributors=keys.min_contributors
+                )
+            else:
+                checked += verify_reported_sum(
+                    vector,
+                    keys.private_key,
+                    keys.spec,
+                    reported.get(path),
+                    min_contributors=keys.min_contributors,
+                    fraction=float(fraction),
+                )
     except FlameError as exc:
         return {"error": str(exc)}
-    reply: dict[str, Any] = {"digest": _digest(plain)}
-    if body.get("reporter") == node_id:
-        reply["sums"] = plain
-    return reply
+    if reported is None:
+        return {"sums": plain}
+    return {"confirmed": checked}
 
 
 # --- the aggregator's side -------------------------------------------------------------------
@@ -229,7 +243,7 @@ class SecureSummer:
     keys: SecureKeys | None
     timeout: float
     context: Context | None = None
-    _log: list[str] = field(default_factory=list)
+    confirm_fraction: float | None = None
 
     def __call__(self, results: dict[str, Any], epoch: int) -> Results:
         sealed: dict[str, dict[str, Sealed]] = {}
@@ -276,58 +290,75 @@ class SecureSummer:
     def _decrypt(
         self, epoch: int, sums: dict[str, Sealed], contributors: dict[str, list[str]]
     ) -> dict[str, np.ndarray]:
-        assert self.context is not None
         nodes = sorted({n for who in contributors.values() for n in who})
-        reporter = nodes[0]
-        mailbox = self.context._mailbox
+        reporter, confirmers = nodes[0], nodes[1:]
+        request = {"sums": sums, "contributors": contributors, "reporter": reporter}
+        report = self._ask(epoch, [reporter], request)[reporter]
+        plain = report.get("sums")
+        if not isinstance(plain, dict) or set(plain) != set(sums):
+            raise RunFailed(
+                f"node {reporter!r} reported a malformed decrypted sum", node=reporter, epoch=epoch
+            )
+        plain = {p: np.asarray(v, dtype=np.float64) for p, v in plain.items()}
+        if confirmers:
+            fraction = self.confirm_fraction or min(1.0, 3.0 / len(confirmers))
+            replies = self._ask(
+                epoch,
+                confirmers,
+                {**request, "reported": plain, "fraction": fraction},
+                required=False,
+            )
+            for node, reply in replies.items():
+                if not isinstance(reply.get("confirmed"), int):
+                    raise RunFailed(
+                        f"node {node!r} sent a malformed confirmation", node=node, epoch=epoch
+                    )
+        return plain
+
+    def _ask(
+        self, epoch: int, nodes: list[str], body: dict[str, Any], *, required: bool = True
+    ) -> dict[str, dict[str, Any]]:
+        """Send a decryption request to `nodes` and collect their replies."""
+        assert self.context is not None
+        transport = self.context._mailbox.transport
         for node in nodes:
-            asked = {p: s for p, s in sums.items() if node in contributors[p]}
-            mailbox.transport.send(
+            asked = {p: s for p, s in body["sums"].items() if node in body["contributors"][p]}
+            transport.send(
                 Envelope(
                     self.context.analysis_id,
                     self.context.node_id,
                     node,
                     "message",
                     epoch,
-                    {"sums": asked, "contributors": contributors, "reporter": reporter},
+                    {**body, "sums": asked},
                     DECRYPT,
                 )
             )
         received = self.context.receive(DECRYPTED, senders=nodes, timeout=self.timeout)
+        replies: dict[str, dict[str, Any]] = {}
         for node, reply in received.messages.items():
             if not isinstance(reply, dict):
                 raise RunFailed(f"node {node!r} sent a malformed decryption reply", node=node)
             if "error" in reply:
+                role = "decrypt" if "reported" not in body else "confirm"
                 raise RunFailed(
-                    f"node {node!r} refused to decrypt the sum of epoch {epoch}: "
+                    f"node {node!r} refused to {role} the secure sum of epoch {epoch}: "
                     f"{str(reply['error'])[:300]}",
                     node=node,
                     epoch=epoch,
                 )
-        report = received.messages.get(reporter)
-        if not isinstance(report, dict) or not isinstance(report.get("sums"), dict):
-            raise RunFailed(
-                f"node {reporter!r} did not report the decrypted sum of epoch {epoch} within "
-                f"{self.timeout:g} s",
-                node=reporter,
-                epoch=epoch,
-            )
-        plain = {p: np.asarray(v, dtype=np.float64) for p, v in report["sums"].items()}
-        if set(plain) != set(sums) or _digest(plain) != report.get("digest"):
-            raise RunFailed(f"node {reporter!r} reported an inconsistent decrypted sum")
-        expected = _digest(plain)
-        for node, reply in received.messages.items():
-            if reply.get("digest") != expected:
+            replies[node] = reply
+        if received.missing:
+            if required:
                 raise RunFailed(
-                    f"secure sum of epoch {epoch}: node {node!r} decrypted a different sum "
-                    f"than {reporter!r}; stopping",
-                    node=node,
+                    f"node {received.missing[0]!r} did not decrypt the sum of epoch {epoch} "
+                    f"within {self.timeout:g} s",
+                    node=received.missing[0],
                     epoch=epoch,
                 )
-        if received.missing:
             log.warning(
                 "epoch %d: no confirmation of the secure sum from %s",
                 epoch,
                 ", ".join(received.missing),
             )
-        return plain
+        return replies
