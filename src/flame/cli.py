@@ -1,4 +1,4 @@
-"""The `flame` command: simulate, run, keys. The only module that prints."""
+"""The `flame` command: simulate, run, keys, init, check, status. The only module that prints."""
 
 from __future__ import annotations
 

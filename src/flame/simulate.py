@@ -13,6 +13,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from flame import _logging
 from flame.config import FlameConfig, load_config
 from flame.data import Data, LocalSource, MemorySource
 from flame.errors import DataError, FlameError, RunFailed
@@ -111,6 +112,7 @@ def simulate(
     failures: dict[str, BaseException] = {}
 
     def run_node(node: str) -> None:
+        _logging.set_node(node)
         client = AnalysisClient(
             connect(node),
             aggregator_id=config.aggregator_id,

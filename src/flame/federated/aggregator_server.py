@@ -14,6 +14,7 @@ import uuid
 from collections.abc import Sequence
 from typing import Any
 
+from flame import _logging
 from flame._deadline import Deadline
 from flame._redact import describe_exception
 from flame.errors import ConfigError, RunFailed, RunTimeout, TransportError
@@ -118,8 +119,10 @@ class Aggregator:
         value: Any = previous
         converged = False
         for epoch in range(first, self.epochs):
+            _logging.set_epoch(epoch)
             started = time.time()
-            self.transport.announce(self._status("collecting", epoch))
+            last_epoch = {"last_epoch": history[-1].to_dict()} if history else {}
+            self.transport.announce(self._status("collecting", epoch, **last_epoch))
             self._emit(Event("epoch_started", epoch, expected=len(self.participants)))
             results = self._await_parameters(epoch)
             value = self._aggregate_parameters(results, epoch, previous)
@@ -159,7 +162,14 @@ class Aggregator:
                 "location": result.location,
             },
         )
-        self.transport.announce(self._status("done", len(history) - 1))
+        self.transport.announce(
+            self._status(
+                "done",
+                len(history) - 1,
+                location=result.location,
+                last_epoch=history[-1].to_dict() if history else None,
+            )
+        )
         self._emit(Event("finished", len(history) - 1, detail=result.location or ""))
         return result
 

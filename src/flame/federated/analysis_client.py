@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from flame import _logging
 from flame._deadline import Deadline
 from flame._redact import describe_exception
 from flame.errors import RunFailed, RunTimeout
@@ -170,6 +171,7 @@ class AnalysisClient:
                 self.transport.announce(self._status("computing", epoch))
                 self.context.epoch = epoch
                 self.context._progress = 0.0
+                _logging.set_epoch(epoch)
                 started = time.perf_counter()
                 try:
                     with active(self.context):
@@ -241,7 +243,7 @@ class AnalysisClient:
             **extra,
         }
         if state == "computing":
-            status["progress"] = 0.0
+            status.setdefault("progress", 0.0)
         return status
 
     def _report_progress(self, fraction: float) -> None:
