@@ -364,12 +364,6 @@ def test_analysis_with_a_syntax_error(tmp_path: Path) -> None:
     assert_clean_failure(run, "broken.py", "SyntaxError")
 
 
-@pytest.mark.xfail(
-    reason="bug: an analysis file named flame.py or json.py replaces the installed module in "
-    "sys.modules (loader.py _import), and flame simulate dies with a traceback",
-    raises=AssertionError,
-    strict=True,
-)
 @pytest.mark.parametrize("module", ["flame", "json"])
 def test_analysis_file_named_like_an_installed_module(tmp_path: Path, module: str) -> None:
     folder = tmp_path / "shadow"
@@ -393,13 +387,6 @@ def test_mismatched_csv_headers_on_a_node(tmp_path: Path) -> None:
     assert_clean_failure(run, "lab.3", "part_1.csv")
 
 
-@pytest.mark.xfail(
-    reason="bug: an --output path in a missing folder raises FileNotFoundError with a "
-    "traceback after the whole run (cli.py _report writes without checking; check the "
-    "folder up front and report a one-line error)",
-    raises=AssertionError,
-    strict=True,
-)
 def test_output_in_a_missing_folder(tmp_path: Path) -> None:
     run = flame(
         "simulate", EXAMPLE, "--data", EXAMPLE / "data", "--output", tmp_path / "no" / "r.json"
@@ -407,12 +394,6 @@ def test_output_in_a_missing_folder(tmp_path: Path) -> None:
     assert_clean_failure(run, "r.json")
 
 
-@pytest.mark.xfail(
-    reason="bug: FLAME_BROKER='{bad' makes pydantic-settings raise SettingsError, which "
-    "load_config does not turn into ConfigError: the CLI prints a traceback",
-    raises=AssertionError,
-    strict=True,
-)
 def test_malformed_json_section_variable() -> None:
     run = flame("simulate", EXAMPLE, "--data", EXAMPLE / "data", env=clean_env(FLAME_BROKER="{bad"))
     assert_clean_failure(run, "FLAME_BROKER")
@@ -500,14 +481,6 @@ def test_quorum_larger_than_the_nodes() -> None:
     assert_clean_failure(run, "FLAME_QUORUM", "7")
 
 
-@pytest.mark.xfail(
-    reason="bug: a NaN or infinity in the result is written as bare NaN/Infinity, which is "
-    "not JSON (RFC 8259): --output files and stdout fail strict parsers such as jq or "
-    "JavaScript (cli.py _report uses json.dumps with allow_nan=True; map them to null or "
-    "strings)",
-    raises=ValueError,
-    strict=True,
-)
 def test_output_is_strict_json_even_with_nan(tmp_path: Path) -> None:
     analysis = tmp_path / "nan.py"
     analysis.write_text(

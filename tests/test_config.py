@@ -7,7 +7,6 @@ import os
 from pathlib import Path
 
 import pytest
-from pydantic_settings import SettingsError
 
 from flame.config import FlameConfig, load_config
 from flame.errors import ConfigError
@@ -284,12 +283,6 @@ def test_quorum_larger_than_participants_is_refused(clean_env: pytest.MonkeyPatc
     assert load_config().effective_quorum() == 2
 
 
-@pytest.mark.xfail(
-    reason="bug: model-level errors (quorum > participants) are reported as 'config / config' "
-    "instead of naming FLAME_QUORUM (config.py _describe)",
-    raises=AssertionError,
-    strict=True,
-)
 def test_quorum_error_names_the_variable(clean_env: pytest.MonkeyPatch) -> None:
     clean_env.setenv("FLAME_PARTICIPANTS", "a,b")
     clean_env.setenv("FLAME_QUORUM", "3")
@@ -302,12 +295,6 @@ def test_aggregator_may_not_be_a_participant(clean_env: pytest.MonkeyPatch) -> N
     assert "hub" in error_text()
 
 
-@pytest.mark.xfail(
-    reason="bug: a malformed JSON value for a nested section (FLAME_BROKER='{bad') raises "
-    "pydantic_settings.SettingsError out of load_config, not ConfigError (CLI traceback)",
-    raises=SettingsError,
-    strict=True,
-)
 @pytest.mark.parametrize(("variable", "value"), [("FLAME_BROKER", "{bad"), ("FLAME_DATA", "x")])
 def test_malformed_json_section_is_a_config_error(
     clean_env: pytest.MonkeyPatch, variable: str, value: str
@@ -349,13 +336,6 @@ def test_secret_of_wrong_type_is_not_echoed(clean_env: pytest.MonkeyPatch, tmp_p
     assert SECRET not in message
 
 
-@pytest.mark.xfail(
-    reason="bug: a model-level error (quorum/aggregator check) echoes the whole input dict, "
-    "which can hold broker.token in clear (config.py _describe shows error['input'] when "
-    "loc is empty)",
-    raises=AssertionError,
-    strict=True,
-)
 @pytest.mark.parametrize("source", ["env", "file"])
 def test_secret_never_in_model_level_errors(
     clean_env: pytest.MonkeyPatch, tmp_path: Path, source: str
@@ -373,12 +353,6 @@ def test_secret_never_in_model_level_errors(
     assert SECRET[:3] not in message.replace("aggregator", "")  # not even a prefix of it
 
 
-@pytest.mark.xfail(
-    reason="bug: a misspelt secret key (FLAME_BROKER__TOKN) is echoed as '(got <secret>)' "
-    "in the 'is not a known setting' line",
-    raises=AssertionError,
-    strict=True,
-)
 def test_misspelt_secret_setting_is_not_echoed(clean_env: pytest.MonkeyPatch) -> None:
     clean_env.setenv("FLAME_BROKER__TOKN", SECRET)
     message = error_text()

@@ -261,23 +261,11 @@ def test_read_csv_from_named_source(folder: Path) -> None:
     assert data.read_csv(source="mem")["k"].tolist() == [7.0, 8.0]
 
 
-@pytest.mark.xfail(
-    reason="bug: read_text decodes CSVs as 'utf-8', so a UTF-8 BOM (Excel's CSV export) "
-    "becomes part of the first column name ('\\ufeffage')",
-    raises=AssertionError,
-    strict=True,
-)
 def test_utf8_bom_is_not_part_of_the_first_column() -> None:
     data = Data({"m": MemorySource({"r.csv": "age,bmi\n50,20\n".encode("utf-8-sig")})})
     assert list(data.read_csv()) == ["age", "bmi"]
 
 
-@pytest.mark.xfail(
-    reason="bug: a CSV with a repeated column name silently keeps only the last of those "
-    "columns (csv.DictReader overwrites); read_csv/rows should raise DataError naming it",
-    raises=pytest.fail.Exception,
-    strict=True,
-)
 def test_repeated_column_names_are_refused() -> None:
     data = Data({"m": MemorySource({"r.csv": "a,a,b\n1,2,3\n"})})
     with pytest.raises(DataError, match="'a'"):

@@ -73,7 +73,8 @@ def central_logistic_fit(x: np.ndarray, y: np.ndarray) -> np.ndarray:
 def test_federated_logistic_regression_matches_a_central_fit() -> None:
     result = run_example("federated_logistic_regression", epochs=50)
     data = pooled("federated_logistic_regression")
-    x = np.column_stack([np.ones(data["outcome"].size), data["age"], data["bmi"], data["systolic_bp"]])
+    columns = [data["age"], data["bmi"], data["systolic_bp"]]
+    x = np.column_stack([np.ones(data["outcome"].size), *columns])
     expected = central_logistic_fit(x, data["outcome"])
     assert result.converged
     assert 2 <= result.epochs < 50

@@ -178,14 +178,6 @@ def test_two_single_files_with_the_same_name(tmp_path: Path) -> None:
     assert load_analysis(b).functions.analyze(None) == "b"
 
 
-@pytest.mark.xfail(
-    reason="bug: a helper module imported by an analysis (here stats_util.py, imported by "
-    "analyzer_generic.py before the loader reaches it) stays cached in sys.modules, so a "
-    "second analysis with a helper of the same name gets the first one's helper "
-    "(loader.py _import only replaces modules it imports itself)",
-    raises=AssertionError,
-    strict=True,
-)
 @pytest.mark.parametrize("helper", ["stats_util.py", "_stats_util.py"])
 def test_two_analyses_with_same_named_helper_modules(tmp_path: Path, helper: str) -> None:
     module = helper[:-3]
@@ -212,14 +204,6 @@ def test_two_analyses_with_same_named_helper_modules(tmp_path: Path, helper: str
     assert second.analyze(10) == 30
 
 
-@pytest.mark.xfail(
-    reason="bug: an analysis file named like an installed module (json.py, flame.py, csv.py) "
-    "makes loader._import delete that module from sys.modules and put the analysis in its "
-    "place, breaking every later import of it (flame simulate then dies with a traceback); "
-    "refuse with AnalysisLoadError or load it under a private name",
-    raises=AssertionError,
-    strict=True,
-)
 @pytest.mark.parametrize("module", ["json", "flame"])
 def test_analysis_file_named_like_an_installed_module(tmp_path: Path, module: str) -> None:
     installed = sys.modules[module]
@@ -380,13 +364,6 @@ def test_refused_signatures(tmp_path: Path, source: str) -> None:
         _load(tmp_path, source)
 
 
-@pytest.mark.xfail(
-    reason="bug: a required keyword-only parameter (def analyze(data, *, scale)) is not "
-    "checked at load time (functions.py _adapt checks positional ones only); the run fails "
-    "later with a TypeError",
-    raises=pytest.fail.Exception,
-    strict=True,
-)
 def test_required_keyword_only_parameter_is_refused_at_load(tmp_path: Path) -> None:
     with pytest.raises(AnalysisLoadError, match="scale"):
         _load(tmp_path, "def analyze(data, *, scale):\n    return data * scale")

@@ -328,13 +328,6 @@ def test_garbage_in_inboxes_is_dropped(caplog: pytest.LogCaptureFixture) -> None
     assert "malformed" in caplog.text
 
 
-@pytest.mark.xfail(
-    reason="bug: a frame whose zero-size array has a huge dimension raises ValueError out of "
-    "decode, which MemoryTransport.receive does not catch: the aggregator dies "
-    "(messages.py _decode_array)",
-    raises=RunFailed,
-    strict=True,
-)
 def test_crafted_array_frame_is_dropped_not_fatal() -> None:
     broker = MemoryBroker()
     analysis = "crafted"
@@ -354,12 +347,6 @@ def test_crafted_array_frame_is_dropped_not_fatal() -> None:
     assert result.value["sum"] == pytest.approx(pooled_sum())
 
 
-@pytest.mark.xfail(
-    reason="bug: Aggregator._fail_from accepts an 'error' message from any sender, so a "
-    "non-participant can abort the run (results from non-participants are ignored)",
-    raises=RunFailed,
-    strict=True,
-)
 def test_error_from_a_non_participant_does_not_abort() -> None:
     broker = MemoryBroker()
     analysis = "foreign-error"
@@ -402,13 +389,6 @@ def test_analyze_raising_on_one_node_fails_fast_naming_it() -> None:
     assert "\n" not in message
 
 
-@pytest.mark.xfail(
-    reason="bug: analyze calling sys.exit() (SystemExit is not an Exception) is not reported: "
-    "AnalysisClient.run only catches Exception, the node just goes offline and the run "
-    "waits the whole epoch timeout, then fails with RunTimeout instead of the node's reason",
-    raises=RunTimeout,
-    strict=True,
-)
 def test_analyze_calling_sys_exit_fails_fast_naming_the_node() -> None:
     def analyze(data: Data) -> float:
         if flame.context().node_id == "beta":
@@ -789,12 +769,6 @@ def test_rng_is_reproducible_with_a_seed() -> None:
     assert unseeded[0] != unseeded[1]
 
 
-@pytest.mark.xfail(
-    reason="bug: Context.rng builds a new generator from the same seed on every access, so "
-    "two draws in one analyze call return the same numbers (context.py rng property)",
-    raises=AssertionError,
-    strict=True,
-)
 def test_rng_draws_within_one_call_differ() -> None:
     def analyze(data: Data) -> list[list[float]]:
         ctx = flame.context()
@@ -944,13 +918,6 @@ def test_aggregator_restart_resumes_from_its_checkpoint() -> None:
     assert box["result"].value == pytest.approx(expected_running_totals(3)[-1])
 
 
-@pytest.mark.xfail(
-    reason="bug: Context.receive does not look at the epoch: a peer's message that arrived "
-    "after an epoch's receive() timed out is buffered and handed out in the next epoch as if "
-    "it were new (context.py receive/wanted should take envelope.epoch == self.epoch only)",
-    raises=AssertionError,
-    strict=True,
-)
 def test_receive_does_not_serve_a_stale_message_from_an_earlier_epoch() -> None:
     def analyze(data: Data, epoch: int) -> Any:
         ctx = flame.context()

@@ -232,7 +232,7 @@ def test_watch_shows_every_state_change_of_every_node(finished_run: dict[str, ob
         mine = [
             m.split(": ", 1)[1]
             for m in watched
-            if m.startswith(f"{node}: ") and not m.endswith("(50%)")  # see the xfail below
+            if m.startswith(f"{node}: ") and not m.endswith("(50%)")  # progress: its own test
         ]
         expected = ["waiting"]
         for epoch in range(EPOCHS):
@@ -260,11 +260,6 @@ def test_watch_shows_every_state_change_of_every_node(finished_run: dict[str, ob
     )  # type: ignore[union-attr]
 
 
-@pytest.mark.xfail(
-    reason="bug: AnalysisClient._status overwrites the progress of a 'computing' status with "
-    "0.0 (federated/analysis_client.py), so set_progress never reaches the broker",
-    strict=False,
-)
 def test_watch_shows_the_progress_analyze_sets(finished_run: dict[str, object]) -> None:
     watched = _messages(finished_run["watch"])  # type: ignore[arg-type]
     for node in NODES:

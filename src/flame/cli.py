@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import sys
 import time
 from collections.abc import Sequence
@@ -60,6 +61,8 @@ class _Progress:
 def _cmd_simulate(args: argparse.Namespace) -> int:
     from flame.simulate import simulate
 
+    if args.output is not None and not args.output.parent.is_dir():
+        raise FlameError(f"--output {args.output}: folder {args.output.parent} does not exist")
     config = load_config(epochs=args.epochs, seed=args.seed, epoch_timeout=args.timeout)
     _logging.configure(
         level=config.log_level if not args.verbose else "DEBUG",
@@ -94,8 +97,19 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _strict_json(value: Any) -> Any:
+    """NaN and infinities as null: JSON has no such numbers and strict parsers reject them."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _strict_json(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_strict_json(v) for v in value]
+    return value
+
+
 def _report(result: RunResult, output: Path | None) -> None:
-    document = result.to_dict()
+    document = _strict_json(result.to_dict())
     if output is not None:
         output.write_text(json.dumps(document, indent=2) + "\n")
         print(f"wrote {output}", file=sys.stderr)
@@ -122,7 +136,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         analysis.functions.converged,
         config=config,
     )
-    print(json.dumps(to_jsonable(value)))
+    print(json.dumps(_strict_json(to_jsonable(value))))
     return 0
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -21,7 +22,13 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    SettingsError,
+)
 
 from flame.errors import ConfigError
 
@@ -184,11 +191,11 @@ class FlameConfig(BaseSettings):
     def _consistent(self) -> FlameConfig:
         if self.quorum is not None and self.participants and self.quorum > len(self.participants):
             raise ValueError(
-                f"quorum {self.quorum} is larger than the {len(self.participants)} participants"
+                f"quorum: {self.quorum} is larger than the {len(self.participants)} participants"
             )
         if self.aggregator_id in self.participants:
             raise ValueError(
-                f"aggregator_id {self.aggregator_id!r} is also listed as a participant"
+                f"aggregator_id: {self.aggregator_id!r} is also listed as a participant"
             )
         return self
 
@@ -281,16 +288,25 @@ def read_config_file(path: Path) -> dict[str, Any]:
 _SECRET_FIELDS = {"token", "secret_key"}
 
 
+_MODEL_ERROR = re.compile(r"^Value error, ([a-z_]+): (.*)$", re.DOTALL)
+
+
 def _describe(error: Any) -> str:
     loc = [str(part) for part in error.get("loc", ())]
+    message = str(error.get("msg", "invalid"))
+    model_level = not loc
+    if model_level:  # our cross-field checks say which field they are about
+        found = _MODEL_ERROR.match(message)
+        if found:
+            loc, message = [found.group(1)], found.group(2)
     names = [p for p in loc if not p.isdigit()]
     variable = ENV_PREFIX + "__".join(p.upper() for p in loc) if loc else "config"
     key = ".".join(loc) if loc else "config"
-    message = str(error.get("msg", "invalid"))
+    hide_input = model_level or error.get("type") in ("missing", "extra_forbidden")
     if error.get("type") == "extra_forbidden":
         message = "is not a known setting"
     shown = ""
-    if "input" in error and not (set(names) & _SECRET_FIELDS) and error.get("type") != "missing":
+    if "input" in error and not (set(names) & _SECRET_FIELDS) and not hide_input:
         text = repr(error["input"])
         shown = f" (got {text if len(text) <= 60 else text[:57] + '...'})"
     return f"{variable} / {key}: {message}{shown}"
@@ -309,3 +325,9 @@ def load_config(**overrides: Any) -> FlameConfig:
         raise ConfigError(format_validation_error(exc)) from None
     except json.JSONDecodeError as exc:
         raise ConfigError(f"a FLAME_* variable holds invalid JSON: {exc.msg}") from None
+    except SettingsError as exc:  # a section variable (FLAME_BROKER, FLAME_DATA) is not JSON
+        found = re.search(r'field "([a-z_]+)"', str(exc))
+        field = found.group(1) if found else "?"
+        raise ConfigError(
+            f"{ENV_PREFIX}{field.upper()} / {field}: must be JSON (an object or a list)"
+        ) from None

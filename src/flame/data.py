@@ -161,6 +161,9 @@ class Data:
             return stream.read()
 
     def read_text(self, name: str, *, source: str | None = None, encoding: str = "utf-8") -> str:
+        """The file as text; a UTF-8 byte-order mark (Excel's CSV export) is dropped."""
+        if encoding.lower().replace("_", "-") == "utf-8":
+            encoding = "utf-8-sig"
         try:
             return self.read_bytes(name, source=source).decode(encoding)
         except UnicodeDecodeError as exc:
@@ -170,6 +173,10 @@ class Data:
         """The rows of one CSV file as dicts of header -> cell text."""
         text = self.read_text(name, source=source)
         reader = csv.DictReader(io.StringIO(text, newline=""))
+        header = reader.fieldnames or []
+        repeated = sorted({column for column in header if header.count(column) > 1})
+        if repeated:
+            raise DataError(f"{name!r} repeats the column name(s) {', '.join(map(repr, repeated))}")
         for line, row in enumerate(reader, start=2):
             if None in row or any(v is None for v in row.values()):
                 raise DataError(f"{name!r} line {line}: number of cells does not match the header")

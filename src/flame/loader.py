@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import sys
+import sysconfig
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,13 +56,44 @@ def _candidates(path: Path) -> list[Path]:
     raise AnalysisLoadError(f"analysis {path} does not exist")
 
 
-def _import(file: Path, folder: Path) -> ModuleType:
+_analysis_folders: set[Path] = set()
+"""Folders analyses were loaded from: their modules may be replaced, nothing else may."""
+
+
+def _module_folder(module: ModuleType) -> Path | None:
+    file = getattr(module, "__file__", None)
+    return Path(file).resolve().parent if file else None
+
+
+def _forget_analysis_modules() -> None:
+    """Drop modules of earlier analyses (helpers too), so names cannot leak between them."""
+    for name, module in list(sys.modules.items()):
+        if module is not None and _module_folder(module) in _analysis_folders:
+            del sys.modules[name]
+
+
+def _installed(module: ModuleType) -> bool:
+    """A module of Python, of an installed package or of flame: never to be replaced."""
+    file = getattr(module, "__file__", None)
+    if not file or hasattr(module, "__path__"):
+        return True
+    path = Path(file).resolve()
+    roots = {Path(p).resolve() for k, p in sysconfig.get_paths().items() if "lib" in k}
+    roots.add(Path(__file__).resolve().parent)
+    return any(path.is_relative_to(root) for root in roots)
+
+
+def _import(file: Path) -> ModuleType:
     name = file.stem
-    stale = sys.modules.get(name)
-    if stale is not None and Path(getattr(stale, "__file__", "") or "").resolve() != file.resolve():
-        del sys.modules[name]  # another analysis's module of the same name
-    if name in sys.modules:
-        return sys.modules[name]
+    existing = sys.modules.get(name)
+    if existing is not None:
+        if _module_folder(existing) == file.resolve().parent:
+            return existing  # imported already by a sibling module of this analysis
+        if _installed(existing):
+            raise AnalysisLoadError(
+                f"{file.name} has the name of the installed module {name!r}; rename the file"
+            )
+        del sys.modules[name]  # a same-named module of some other script
     spec = importlib.util.spec_from_file_location(name, file)
     if spec is None or spec.loader is None:
         raise AnalysisLoadError(f"cannot import {file}")
@@ -81,10 +113,12 @@ def load_analysis(path: str | Path) -> LoadedAnalysis:
     files = _candidates(path)
     folder = path if path.is_dir() else path.parent
     found: dict[str, tuple[Callable[..., Any], Path]] = {}
+    _forget_analysis_modules()
+    _analysis_folders.add(folder.resolve())
     sys.path.insert(0, str(folder.resolve()))
     try:
         for file in files:
-            module = _import(file, folder)
+            module = _import(file)
             for name in NAMES:
                 function = getattr(module, name, None)
                 if function is None:

@@ -46,6 +46,7 @@ Kind = Literal[
 ]
 KINDS: frozenset[str] = frozenset(get_args(Kind))
 _NAME = r"^[A-Za-z0-9._-]{1,128}$"
+_MAX_DEPTH = 100
 _DTYPE = re.compile(r"^[<>|=]?(b1|[iu][1248]|f[248]|c(8|16))$")
 
 
@@ -112,19 +113,25 @@ class _Encoder:
         self.blobs.append(data)
         return len(self.blobs) - 1
 
-    def value(self, obj: Any, path: str) -> Any:
+    def value(self, obj: Any, path: str, depth: int = 0) -> Any:
+        if depth > _MAX_DEPTH:
+            raise TypeError(f"{path}: nests deeper than {_MAX_DEPTH} levels")
         if obj is None or isinstance(obj, (bool, str)):
             return obj
         if isinstance(obj, (int, float)):
             return obj
         if isinstance(obj, np.generic):
             return self.value(obj.item(), path)
+        if isinstance(obj, np.ma.MaskedArray):
+            raise TypeError(
+                f"{path}: a masked array would lose its mask; send .filled() or the mask"
+            )
         if isinstance(obj, np.ndarray):
             if obj.dtype.kind not in "biufc" or not _DTYPE.match(obj.dtype.str):
                 raise TypeError(f"{path}: numpy dtype {obj.dtype} cannot be sent (numbers only)")
-            array = np.ascontiguousarray(obj)
-            index = self.blob(memoryview(array).cast("B") if array.size else memoryview(b""))  # type: ignore[arg-type]
-            return {"$nd": index, "dtype": array.dtype.str, "shape": list(array.shape)}
+            flat = np.ascontiguousarray(obj.reshape(-1))
+            index = self.blob(memoryview(flat).cast("B") if flat.size else memoryview(b""))  # type: ignore[arg-type]
+            return {"$nd": index, "dtype": obj.dtype.str, "shape": list(obj.shape)}
         if isinstance(obj, (bytes, bytearray, memoryview)):
             return {"$b": self.blob(memoryview(obj).cast("B"))}
         if isinstance(obj, Sealed):
@@ -136,10 +143,11 @@ class _Encoder:
                     raise TypeError(
                         f"{path}: dict key {key!r} is a {type(key).__name__}; use str keys"
                     )
-                out["$" + key if key.startswith("$") else key] = self.value(item, f"{path}.{key}")
+                escaped = "$" + key if key.startswith("$") else key
+                out[escaped] = self.value(item, f"{path}.{key}", depth + 1)
             return out
         if isinstance(obj, (list, tuple)):
-            return [self.value(item, f"{path}[{i}]") for i, item in enumerate(obj)]
+            return [self.value(item, f"{path}[{i}]", depth + 1) for i, item in enumerate(obj)]
         raise TypeError(
             f"{path}: a {type(obj).__name__} cannot be sent; use dicts, lists, numbers, "
             "strings, bytes or numpy arrays"
@@ -180,7 +188,7 @@ def encode(envelope: Envelope) -> bytes:
 
 
 def _decode_value(obj: Any, blobs: list[memoryview], writable: bool, depth: int = 0) -> Any:
-    if depth > 200:
+    if depth > _MAX_DEPTH + 1:
         raise MessageError("body nests too deeply")
     if isinstance(obj, list):
         return [_decode_value(item, blobs, writable, depth + 1) for item in obj]
@@ -235,7 +243,10 @@ def _decode_array(obj: dict[str, Any], blobs: list[memoryview], writable: bool) 
             f"array of shape {shape} and dtype {dtype_text} needs {count * dtype.itemsize} "
             f"bytes, the message carries {data.nbytes}"
         )
-    array = np.frombuffer(data, dtype=dtype, count=count).reshape(shape)
+    try:
+        array = np.frombuffer(data, dtype=dtype, count=count).reshape(shape)
+    except ValueError as exc:
+        raise MessageError(f"array of shape {shape[:4]}... cannot be built: {exc}") from None
     return array if writable else array.copy()
 
 

@@ -292,6 +292,9 @@ class Aggregator:
             self.transport.announce(self._status("failed", epoch, reason=reason))
 
     def _fail_from(self, envelope: Envelope) -> None:
+        if envelope.sender not in self.participants:
+            log.warning("ignored an error report from %r, not a participant", envelope.sender)
+            return
         body = envelope.body if isinstance(envelope.body, dict) else {}
         error = str(body.get("error", "unknown error"))[:500]
         raise RunFailed(

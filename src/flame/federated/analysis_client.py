@@ -179,8 +179,10 @@ class AnalysisClient:
                     self.send_results(epoch, result)
                 except RunFailed:
                     raise
-                except Exception as exc:
+                except (Exception, SystemExit, KeyboardInterrupt) as exc:
                     reason = self.report_failure(epoch, exc)
+                    if isinstance(exc, KeyboardInterrupt):
+                        raise
                     raise RunFailed(
                         f"node {self.transport.node_id!r} failed in epoch {epoch}: {reason}",
                         node=self.transport.node_id,

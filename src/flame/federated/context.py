@@ -64,14 +64,16 @@ class Context:
         self._state = state
         self._on_progress = on_progress
         self._progress = 0.0
+        self._rng: tuple[int, np.random.Generator] | None = None
 
     @property
     def rng(self) -> np.random.Generator:
-        """A generator seeded from (seed, node, epoch): reproducible with `--seed`."""
-        node_salt = zlib.crc32(self.node_id.encode())
-        if self._seed is None:
-            return np.random.default_rng()
-        return np.random.default_rng([self._seed, node_salt, self.epoch])
+        """One generator per epoch, seeded from (seed, node, epoch): reproducible with --seed."""
+        if self._rng is None or self._rng[0] != self.epoch:
+            node_salt = zlib.crc32(self.node_id.encode())
+            seed = None if self._seed is None else [self._seed, node_salt, self.epoch]
+            self._rng = (self.epoch, np.random.default_rng(seed))
+        return self._rng[1]
 
     # --- progress ----------------------------------------------------------------------------
     @property
@@ -130,12 +132,21 @@ class Context:
                 and envelope.category == category
                 and envelope.sender in expected
                 and envelope.sender not in messages
+                and envelope.epoch <= self.epoch
             )
 
         while len(messages) < len(expected):
             envelope = self._mailbox.next(wanted, deadline)
             if envelope is None:
                 break
+            if envelope.epoch < self.epoch:
+                log.info(
+                    "dropped a stale %r message from %s (epoch %d)",
+                    category,
+                    envelope.sender,
+                    envelope.epoch,
+                )
+                continue
             messages[envelope.sender] = envelope.body
         return Received(messages, sorted(expected - set(messages)))
 

@@ -38,7 +38,8 @@ def _adapt(name: str, function: Callable[..., Any]) -> Callable[..., Any]:
     if not positional and not any(p.kind is p.VAR_POSITIONAL for p in params):
         raise AnalysisLoadError(f"{name}() must take its {first!r} as first argument")
     accepted = {p.name for p in params[1:]} & set(optional)
-    for p in positional[1:]:
+    keyword_only = [p for p in params if p.kind is p.KEYWORD_ONLY]
+    for p in positional[1:] + keyword_only:
         if p.name not in optional and p.default is p.empty:
             raise AnalysisLoadError(
                 f"{name}() has a required argument {p.name!r}; flame passes only "

@@ -150,6 +150,9 @@ class MemoryTransport(Transport):
             except MessageError as exc:
                 log.warning("%s dropped a malformed message: %s", self.node_id, exc)
                 continue
+            except Exception as exc:  # a decoder bug must not take the node down either
+                log.error("%s dropped a message it could not decode: %r", self.node_id, exc)
+                continue
             if envelope.analysis != self.analysis_id or envelope.recipient != self.node_id:
                 log.warning(
                     "%s dropped a message addressed to %s/%s",
