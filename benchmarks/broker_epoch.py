@@ -9,7 +9,9 @@ Prints, from one run:
   2. flame transport round trip (send -> receive -> reply -> receive), median, and the ratio;
   3. flame epoch time for 10 nodes with a tiny payload (median) and its ratio to two raw round
      trips (target <= 3x), and for 100 and 1,000 nodes in one process group (target: 1,000
-     nodes, epoch <= 2 s) -- `flame.simulate` with an MqttTransport per node;
+     nodes, epoch <= 2 s): the Aggregator in this process, the AnalysisClients as threads of
+     worker processes (250 per process: paho's select() caps descriptors at 1024), one MQTT
+     connection per node;
   4. a 100 MB numpy update through flame (chunked) vs the same bytes as one raw paho publish,
      sender and receiver each in their own process, with each side's peak RSS growth as a
      multiple of the payload (target <= 2x).
@@ -193,27 +195,92 @@ def _aggregate(results: dict[str, Any], epoch: int, previous: Any) -> dict[str, 
     return {"sum": sum(r["x"] for r in results.values()), "n": float(len(results))}
 
 
+NODES_PER_PROCESS = 250  # paho uses select(): file descriptors must stay below 1024
+
+
+def _participants(total: int) -> list[str]:
+    return [f"n{i:04d}" for i in range(total)]
+
+
+def child_nodes(url: str, analysis: str, first: int, count: int, total: int) -> None:
+    """Run `count` analysis nodes as threads of this process, each with its own connection."""
+    from flame.data import Data, MemorySource
+    from flame.federated.analysis_client import AnalysisClient
+    from flame.federated.functions import AnalysisFunctions
+    from flame.federated.run_store import MemoryState
+
+    settings = BrokerSettings(url=url, connect_timeout=120, send_timeout=120)
+    participants = _participants(total)
+    functions = AnalysisFunctions.of(_analyze, _aggregate, None)
+    failures: list[str] = []
+
+    def run(node: str) -> None:
+        client = AnalysisClient(
+            MqttTransport(settings, analysis, node),
+            aggregator_id="aggregator",
+            participants=participants,
+            wait_timeout=600,
+            state=MemoryState(),
+        )
+        try:
+            client.run(functions, Data({"memory": MemorySource({"d.txt": b"1"})}, node_id=node))
+        except Exception as exc:
+            failures.append(f"{node}: {exc}")
+
+    threads = [
+        threading.Thread(target=run, args=(node,), daemon=True)
+        for node in participants[first : first + count]
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(900)
+    if failures:
+        raise SystemExit(f"{len(failures)} nodes failed, first: {failures[0]}")
+
+
 def epoch_times(url: str, nodes: int, epochs: int) -> tuple[list[float], float]:
-    """Per-epoch durations of a `flame.simulate` run with one MqttTransport per node."""
-    from flame.config import FlameConfig
-    from flame.simulate import simulate
+    """Per-epoch durations: the aggregator here, the analysis nodes in worker processes of
+    at most NODES_PER_PROCESS threads each, every node with its own MQTT connection."""
+    from flame.federated.aggregator_server import Aggregator
+    from flame.federated.functions import AnalysisFunctions
 
     analysis = f"bench-ep-{nodes}-{os.getpid()}-{time.monotonic_ns() % 10**6}"
-    settings = BrokerSettings(url=url, connect_timeout=60, send_timeout=60)
-    config = FlameConfig(
-        analysis_id=analysis,
-        epochs=epochs,
-        epoch_timeout=120,
-        presence_timeout=300,
-        broker=settings,
-    )
-    data = {f"n{i:04d}": {"d.txt": b"1"} for i in range(nodes)}
-
-    def factory(node: str) -> MqttTransport:
-        return MqttTransport(settings, analysis, node)
-
+    settings = BrokerSettings(url=url, connect_timeout=120, send_timeout=120)
+    script = str(Path(__file__).resolve())
     started = time.perf_counter()
-    result = simulate(_analyze, _aggregate, data=data, config=config, broker=factory)
+    workers = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                script,
+                "--child-nodes",
+                url,
+                analysis,
+                str(first),
+                str(min(NODES_PER_PROCESS, nodes - first)),
+                str(nodes),
+            ]
+        )
+        for first in range(0, nodes, NODES_PER_PROCESS)
+    ]
+    try:
+        aggregator = Aggregator(
+            MqttTransport(settings, analysis, "aggregator"),
+            AnalysisFunctions.of(_analyze, _aggregate, None),
+            participants=_participants(nodes),
+            epochs=epochs,
+            epoch_timeout=300,
+            presence_timeout=300,
+        )
+        result = aggregator.execute()
+    finally:
+        for worker in workers:
+            try:
+                worker.wait(120)
+            except subprocess.TimeoutExpired:
+                worker.kill()
+                worker.wait(10)
     total = time.perf_counter() - started
     assert result.value["n"] == nodes, result.value
     return [record.duration for record in result.history], total
@@ -348,7 +415,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--payload-mb", type=int, default=None)
     parser.add_argument("--child-receive", nargs=4, help=argparse.SUPPRESS)
     parser.add_argument("--child-send", nargs=4, help=argparse.SUPPRESS)
+    parser.add_argument("--child-nodes", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.child_nodes:
+        url, analysis, first, count, total = args.child_nodes
+        child_nodes(url, analysis, int(first), int(count), int(total))
+        return
     if args.child_receive:
         url, mode, analysis, size = args.child_receive
         child_receive(url, mode, analysis, int(size))

@@ -531,6 +531,7 @@ class MessageBrokerClient:
                 delay = min(delay * 2, 2.0)
         self._client.loop_start()
         self._started = True
+        self._check_descriptors()
         if not self._first_connack.wait(max(deadline.left(), 0.5)):
             self._stop()
             raise TransportError(
@@ -544,6 +545,19 @@ class MessageBrokerClient:
                 f"broker {self.address} refused the connection: {_refusal_text(refusal)}"
             )
         log.info("%s connected to broker %s", self.client_id, self.address)
+
+    def _check_descriptors(self) -> None:
+        """paho waits with select(), which cannot watch descriptors numbered 1024 or more: such
+        a connection would hang silently, so refuse it with the reason instead."""
+        handles = [self._client.socket(), self._client._sockpairR]
+        highest = max((h.fileno() for h in handles if h is not None), default=-1)
+        if highest >= 1024:
+            self._stop()
+            raise TransportError(
+                f"cannot connect to broker {self.address}: this process has too many open "
+                f"files for paho-mqtt (descriptor {highest} >= 1024, the select() limit); "
+                "run fewer nodes per process"
+            )
 
     def wait_connected(self, timeout: float) -> bool:
         return self._connected.wait(timeout)
