@@ -8,9 +8,10 @@ file named by FLAME_CONFIG; see the README's configuration reference. Locally, t
 import json
 import sys
 
-import flame
 from aggregator_generic import aggregate, converged
 from analyzer_generic import analyze
+
+import flame
 
 if __name__ == "__main__":
     try:
