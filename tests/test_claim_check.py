@@ -26,10 +26,10 @@ def test_parts_reader_reads_and_seeks_across_buffers() -> None:
 
 
 def test_large_frame_travels_through_storage(
-    mqtt_broker: Broker, s3_server: S3Server, s3_bucket: str
+    fresh_broker: Broker, s3_server: S3Server, s3_bucket: str
 ) -> None:
     store = MinioStore.from_settings(StorageSettings(**s3_server.settings(bucket=s3_bucket)))
-    settings = mqtt_broker.settings(chunk_size=64 * 1024)
+    settings = fresh_broker.settings(chunk_size=64 * 1024)
     sender = MqttTransport(
         settings, "claims", "alice", claim_check=StorageClaimCheck(store, "claims", "alice")
     )

@@ -101,6 +101,7 @@ class Aggregator:
             self._emit(Event("failed", detail=reason))
             raise RunFailed(reason, node=self.transport.node_id) from exc
         finally:
+            _logging.set_epoch(None)
             self.transport.close()
 
     def _execute(self) -> RunResult:

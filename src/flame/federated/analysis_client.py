@@ -190,6 +190,7 @@ class AnalysisClient:
                     ) from exc
                 log.debug("epoch %d: result sent in %.3f s", epoch, time.perf_counter() - started)
         finally:
+            _logging.set_epoch(None)
             self.transport.close()
 
     # --- helpers -----------------------------------------------------------------------------
