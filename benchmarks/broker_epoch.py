@@ -442,7 +442,8 @@ def _given(url: str) -> Iterator[str]:
 
 
 def report(url: str, rounds: int, sizes: list[int], payload_mb: int) -> None:
-    print(f"broker: {url}  (python {sys.version.split()[0]}, {os.cpu_count()} cores)")
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    print(f"broker: {url}  (python {sys.version.split()[0]}, {os.cpu_count()} cores, load {load})")
     raw = raw_round_trip(url, rounds)
     flame = flame_round_trip(url, rounds)
     raw_median = statistics.median(raw)

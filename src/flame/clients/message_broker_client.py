@@ -230,6 +230,22 @@ class PendingPublish:
             self.done = True
             self._client._acks.forget(self.mid)
 
+    @property
+    def acknowledged(self) -> bool:
+        return self._waiter.wait(0)
+
+    @property
+    def failed(self) -> str | None:
+        """The broker's refusal, if it has answered with one; None while it has not answered."""
+        if not self._waiter.wait(0):
+            return None
+        failures = [reason for reason in self._waiter.reasons if reason.is_failure]
+        if not failures:
+            return None
+        return f"broker {self._client.address} refused the message on {self.topic}: " + (
+            _reason_text(failures[0])
+        )
+
 
 def _reason_text(reason: ReasonCode | MQTTErrorCode | int) -> str:
     if isinstance(reason, ReasonCode):

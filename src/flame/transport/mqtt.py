@@ -131,6 +131,8 @@ class MqttTransport(Transport):
         self._watching: set[str] | None = set()
         self._client: MessageBrokerClient | None = None
         self._connected = False
+        self._announced = False
+        self._status_pending: PendingPublish | None = None
         self.dropped = 0
 
     @classmethod
@@ -211,16 +213,34 @@ class MqttTransport(Transport):
             self._client.abort()
 
     def announce(self, status: dict[str, Any]) -> None:
+        """Queue the new retained status; only the first (in `connect`) waits for the broker.
+
+        Why not wait every time: a node announces two or three times per epoch, and each wait
+        is a broker round trip on the epoch's critical path. The status still travels at QoS 1
+        on the node's one connection, so it reaches watchers in order with the node's messages,
+        survives reconnects (paho resends it) and is republished after every reconnect. A
+        failure to deliver an earlier status is reported by the next call.
+        """
         if not self._connected:
             raise TransportError(f"cannot announce: {self.node_id} is not connected")
         payload = json.dumps(to_jsonable(status), separators=(",", ":")).encode()
         if len(payload) > MAX_STATUS_BYTES:
             raise TransportError(f"status of {len(payload)} bytes is over {MAX_STATUS_BYTES}")
+        previous, self._status_pending = self._status_pending, None
+        if previous is not None:
+            refusal = previous.failed
+            previous.abandon()  # superseded: its acknowledgement is no longer awaited
+            if refusal is not None:
+                raise TransportError(f"{self.node_id} could not announce its status: {refusal}")
         pending = self.client.set_birth(status_topic(self.analysis_id, self.node_id), payload)
+        if self._announced:
+            self._status_pending = pending
+            return
         try:
             pending.wait(self.settings.send_timeout)
         except TransportError as exc:
             raise TransportError(f"{self.node_id} could not announce its status: {exc}") from None
+        self._announced = True
 
     def watch(self, nodes: Iterable[str] | None = None) -> None:
         if nodes is None:
