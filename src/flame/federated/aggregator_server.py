@@ -12,6 +12,7 @@ import logging
 import time
 import uuid
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 from flame import _logging
@@ -122,6 +123,7 @@ class Aggregator:
         for epoch in range(first, self.epochs):
             _logging.set_epoch(epoch)
             started = time.time()
+            received, sent = self.transport.bytes_received, self.transport.bytes_sent
             last_epoch = {"last_epoch": history[-1].to_dict()} if history else {}
             self.transport.announce(self._status("collecting", epoch, **last_epoch))
             self._emit(Event("epoch_started", epoch, expected=len(self.participants)))
@@ -135,15 +137,19 @@ class Aggregator:
                 started=started,
                 duration=time.time() - started,
                 converged=converged,
+                bytes_received=self.transport.bytes_received - received,
+                bytes_sent=self.transport.bytes_sent - sent,
             )
+            last = converged or epoch + 1 == self.epochs
+            if not last:
+                self._send_parameters(epoch, value)
+                record = replace(record, bytes_sent=self.transport.bytes_sent - sent)
             history.append(record)
             self._emit(Event("epoch_finished", epoch, record=record, received=len(results)))
-            last = converged or epoch + 1 == self.epochs
-            if self.store is not None and not last:
-                self.store.save_checkpoint(Checkpoint(epoch + 1, value, list(history)))
             if last:
                 break
-            self._send_parameters(epoch, value)
+            if self.store is not None:
+                self.store.save_checkpoint(Checkpoint(epoch + 1, value, list(history)))
             previous = value
         result = RunResult(
             self.transport.analysis_id, value, converged, len(history), list(history)

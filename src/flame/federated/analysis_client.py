@@ -80,6 +80,7 @@ class AnalysisClient:
         )
         self._last_epoch = -1
         self._last_sent: Envelope | None = None
+        self._epoch_started = time.perf_counter()
 
     # --- the protocol steps ------------------------------------------------------------------
     def connect(self) -> None:
@@ -129,7 +130,7 @@ class AnalysisClient:
         self.transport.send(envelope)
         self._last_epoch = epoch
         self._last_sent = envelope
-        self.transport.announce(self._status("sent", epoch))
+        self.transport.announce(self._status("sent", epoch, **self._metrics()))
 
     def await_aggregation(self) -> Instruction:
         """Wait for the aggregate of the epoch just sent (or the final result / an abort)."""
@@ -172,7 +173,7 @@ class AnalysisClient:
                 self.context.epoch = epoch
                 self.context._progress = 0.0
                 _logging.set_epoch(epoch)
-                started = time.perf_counter()
+                started = self._epoch_started = time.perf_counter()
                 try:
                     with active(self.context):
                         result = functions.analyze(data, epoch=epoch, previous=instruction.previous)
@@ -248,6 +249,14 @@ class AnalysisClient:
         if state == "computing":
             status.setdefault("progress", 0.0)
         return status
+
+    def _metrics(self) -> dict[str, Any]:
+        """Per-epoch figures for `flame status`: compute time and traffic so far."""
+        return {
+            "duration_s": round(time.perf_counter() - self._epoch_started, 6),
+            "bytes_sent": self.transport.bytes_sent,
+            "bytes_received": self.transport.bytes_received,
+        }
 
     def _report_progress(self, fraction: float) -> None:
         try:

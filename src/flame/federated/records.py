@@ -19,6 +19,8 @@ class EpochRecord:
     started: float
     duration: float
     converged: bool
+    bytes_received: int = 0
+    bytes_sent: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -28,6 +30,8 @@ class EpochRecord:
             "started": self.started,
             "duration_s": round(self.duration, 6),
             "converged": self.converged,
+            "bytes_received": self.bytes_received,
+            "bytes_sent": self.bytes_sent,
         }
 
 

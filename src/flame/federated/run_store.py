@@ -29,6 +29,8 @@ def _record(data: dict[str, Any]) -> EpochRecord:
         started=float(data["started"]),
         duration=float(data["duration_s"]),
         converged=bool(data["converged"]),
+        bytes_received=int(data.get("bytes_received", 0)),
+        bytes_sent=int(data.get("bytes_sent", 0)),
     )
 
 

@@ -26,6 +26,8 @@ class Transport(abc.ABC):
     def __init__(self, analysis_id: str, node_id: str) -> None:
         self.analysis_id = analysis_id
         self.node_id = node_id
+        self.bytes_sent = 0  # frame bytes of envelopes sent / received: per-epoch metrics
+        self.bytes_received = 0
 
     @abc.abstractmethod
     def connect(self, status: dict[str, Any]) -> None:

@@ -51,7 +51,8 @@ class MemoryBroker:
         with self._lock:
             return self._inboxes.setdefault((analysis_id, node_id), queue.SimpleQueue())
 
-    def publish(self, envelope: Envelope) -> None:
+    def publish(self, envelope: Envelope) -> int:
+        """Deliver one envelope; returns its size in bytes."""
         frame = encode(envelope)
         if len(frame) > self.max_message_bytes:
             raise TransportError(
@@ -59,7 +60,7 @@ class MemoryBroker:
                 f"limit of {self.max_message_bytes}"
             )
         if self.on_send is not None and not self.on_send(envelope):
-            return
+            return len(frame)
         inbox = self.inbox(envelope.analysis, envelope.recipient)
         with self._lock:
             self._sent += 1
@@ -69,6 +70,7 @@ class MemoryBroker:
         inbox.put(frame)
         if twice:
             inbox.put(frame)
+        return len(frame)
 
     def inject(self, analysis_id: str, node_id: str, frame: bytes) -> None:
         """Put raw bytes in an inbox, as a hostile or broken publisher could."""
@@ -136,7 +138,7 @@ class MemoryTransport(Transport):
             raise TransportError(
                 f"cannot send to {envelope.recipient!r}: {self.node_id} is not connected"
             )
-        self.broker.publish(envelope)
+        self.bytes_sent += self.broker.publish(envelope)
 
     def receive(self, timeout: float) -> Envelope | None:
         deadline = Deadline(timeout)
@@ -145,6 +147,7 @@ class MemoryTransport(Transport):
                 frame = self._inbox.get(timeout=deadline.left())
             except queue.Empty:
                 return None
+            self.bytes_received += len(frame)
             try:
                 envelope = decode(frame, max_bytes=self.broker.max_message_bytes)
             except MessageError as exc:
