@@ -16,9 +16,6 @@ from flame.clients.message_broker_client import (
 )
 from flame.errors import TransportError
 
-# The real-broker fixtures (mqtt_broker, fresh_broker) live in tests/broker.py.
-pytest_plugins = ["broker"]
-
 
 def client_for(broker: Broker, user: str, **options: object) -> MessageBrokerClient:
     values: dict[str, object] = {

@@ -24,8 +24,6 @@ from flame.messages import Envelope, decode, encode
 from flame.transport._chunks import CHUNK_MAGIC, REFERENCE_MAGIC, split_frame
 from flame.transport.mqtt import MqttTransport, inbox_topic, status_topic
 
-pytest_plugins = ["broker"]
-
 COUNT = 10_000
 LIMIT = 16 * 1024  # max_message_bytes of the fuzzed node, so oversized payloads stay cheap
 NODE = "receiver"

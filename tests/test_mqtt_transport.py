@@ -25,9 +25,6 @@ from flame.messages import Envelope, encode, encode_parts
 from flame.transport._chunks import Buffer, split_frame
 from flame.transport.mqtt import MqttTransport, client_id_for, inbox_topic
 
-# The real-broker fixtures (mqtt_broker, fresh_broker) live in tests/broker.py.
-pytest_plugins = ["broker"]
-
 ANALYSIS = "mqtt-test"
 _counter = iter(range(1_000_000))
 
