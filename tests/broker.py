@@ -278,6 +278,15 @@ class Broker:
         return self.kind == "mosquitto"
 
     @property
+    def queues_offline(self) -> bool:
+        """Whether QoS 1 messages for a disconnected persistent session wait for it.
+
+        amqtt 0.12 accepts clean_session=False but delivers nothing queued while away (checked
+        with raw paho), so tests of that skip on it.
+        """
+        return self.kind == "mosquitto"
+
+    @property
     def url(self) -> str:
         suffix = "" if self.kind == "mosquitto" else "?protocol=3.1.1"
         return f"mqtt://{self.host}:{self.port}{suffix}"

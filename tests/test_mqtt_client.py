@@ -279,6 +279,7 @@ def test_tls_with_a_client_certificate(mqtt_broker: Broker) -> None:
     )
     client.connect()
     client.disconnect()
+    common["connect_timeout"] = 1
     without = MessageBrokerClient(mqtt_broker.mtls_url, client_id="mtls-none", **common)  # type: ignore[arg-type]
     with pytest.raises(TransportError, match=f"broker {mqtt_broker.mtls_url}"):
         without.connect()

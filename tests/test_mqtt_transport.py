@@ -183,8 +183,14 @@ def test_misaddressed_and_junk_frames_are_dropped(
         with caplog.at_level(logging.WARNING, logger="flame.transport.mqtt"):
             got = bob.receive(5)
         assert got is not None and got.id == good.id
-        assert bob.dropped == 4
-        assert len([r for r in caplog.records if "bob dropped" in r.getMessage()]) == 4
+        drops = [r.getMessage() for r in caplog.records if "bob dropped" in r.getMessage()]
+        # amqtt (the fallback broker) also leaks other sessions' retained statuses to bob;
+        # they are dropped too. Mosquitto delivers exactly the four.
+        ours = [d for d in drops if "unexpected topic" not in d]
+        assert len(ours) == 4, drops
+        assert bob.dropped == len(drops)
+        if nodes.broker.kind == "mosquitto":
+            assert len(drops) == 4
     finally:
         admin.disconnect()
 
@@ -293,6 +299,8 @@ def test_reconnect_republishes_the_status_after_the_will(own_nodes: Nodes) -> No
 
 
 def test_message_sent_while_recipient_is_away_arrives_after_it_returns(nodes: Nodes) -> None:
+    if not nodes.broker.queues_offline:
+        pytest.skip("amqtt does not deliver messages queued for an offline session")
     analysis = unique("away")
     bob = nodes.join(analysis, "bob")
     bob.close()
@@ -307,6 +315,8 @@ def test_message_sent_while_recipient_is_away_arrives_after_it_returns(nodes: No
 
 def test_messages_held_by_a_killed_process_are_not_lost(nodes: Nodes) -> None:
     """Delivered to the process but never taken by receive(): not acknowledged, so redelivered."""
+    if not nodes.broker.queues_offline:
+        pytest.skip("amqtt does not deliver messages queued for an offline session")
     analysis = unique("held")
     child = start_child(nodes.broker, analysis, "receiver")
     try:
