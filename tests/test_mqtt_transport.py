@@ -589,3 +589,47 @@ def test_claim_check_seam_carries_only_a_reference(nodes: Nodes) -> None:
     carol = nodes.join(analysis, "carol")
     alice.send(envelope(analysis, "alice", "carol", payload))
     assert carol.receive(1.0) is None and carol.dropped == 1
+
+
+# --- credentials and identity -------------------------------------------------------------------
+
+
+def test_token_file_is_used_and_a_wrong_one_is_refused_clearly(nodes: Nodes, tmp_path: Any) -> None:
+    if not nodes.broker.supports_acl:
+        pytest.skip("amqtt runs without a password file")
+    analysis = unique("tokfile")
+    token_file = tmp_path / "broker-token"
+    token_file.write_text(nodes.broker.password + "\n")
+    settings = nodes.broker.settings(token=None, token_file=token_file)
+    alice = nodes.make(analysis, "alice", settings)
+    alice.connect({"state": "online"})
+    alice.close()
+    token_file.write_text("not-the-token-" + "x" * 20)
+    again = nodes.make(analysis, "alice", settings)
+    with pytest.raises(TransportError) as info:
+        again.connect({"state": "online"})
+    text = str(info.value)
+    assert f"broker mqtt://127.0.0.1:{nodes.broker.port} refused the connection" in text
+    assert "not-the-token" not in text and nodes.broker.password not in text
+
+
+def test_a_node_cannot_speak_for_another(nodes: Nodes) -> None:
+    """User mallory claiming node id alice: the broker refuses her 'alice' status (ACL)."""
+    if not nodes.broker.supports_acl:
+        pytest.skip("ACLs need mosquitto (amqtt fallback has none)")
+    analysis = unique("spoof")
+    settings = nodes.broker.settings(username="mallory")
+    spoof = nodes.make(analysis, "alice", settings)
+    with pytest.raises(TransportError, match=r"could not announce its status.*not authorized"):
+        spoof.connect({"state": "online"})
+
+
+def test_close_then_connect_again(nodes: Nodes) -> None:
+    analysis = unique("again")
+    alice = nodes.join(analysis, "alice")
+    bob = nodes.join(analysis, "bob")
+    alice.close()
+    alice.connect({"state": "back"})
+    alice.send(envelope(analysis, "alice", "bob", "after reconnect"))
+    got = receive_kind(bob, "result", 5)
+    assert got is not None and got.body == "after reconnect"

@@ -190,9 +190,11 @@ class _Acks:
                 return
         waiter.resolve(reasons)
 
-    def forget(self, mid: int) -> None:
+    def forget(self, mid: int, waiter: _Waiter | None = None) -> None:
+        """Stop waiting for `mid` (only if `waiter` is still the one waiting: ids are reused)."""
         with self._lock:
-            self._waiting.pop(mid, None)
+            if waiter is None or self._waiting.get(mid) is waiter:
+                self._waiting.pop(mid, None)
 
 
 class PendingPublish:
@@ -210,7 +212,7 @@ class PendingPublish:
         if self.done:
             return
         if not self._waiter.wait(timeout):
-            self._client._acks.forget(self.mid)
+            self._client._acks.forget(self.mid, self._waiter)
             self.done = True
             state = "" if self._client.connected else " (the connection is down)"
             raise TransportError(
@@ -228,7 +230,7 @@ class PendingPublish:
     def abandon(self) -> None:
         if not self.done:
             self.done = True
-            self._client._acks.forget(self.mid)
+            self._client._acks.forget(self.mid, self._waiter)
 
     @property
     def acknowledged(self) -> bool:
@@ -675,7 +677,7 @@ class MessageBrokerClient:
             )
         waiter = self._acks.expect(mid)
         if not waiter.wait(deadline.left()):
-            self._acks.forget(mid)
+            self._acks.forget(mid, waiter)
             raise TransportError(
                 f"broker {self.address} did not acknowledge the subscription to "
                 f"{topics[0][0]} within {timeout:g} s"

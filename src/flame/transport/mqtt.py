@@ -181,6 +181,8 @@ class MqttTransport(Transport):
             reconnect_delay=self._reconnect_delay,
         )
         client.connect()
+        self._announced = False
+        self._status_pending = None
         try:
             client.subscribe([(self._inbox, 1)], timeout=settings.send_timeout)
             self._client = client
