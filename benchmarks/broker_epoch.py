@@ -9,9 +9,9 @@ Prints, from one run:
   2. flame transport round trip (send -> receive -> reply -> receive), median, and the ratio;
   3. flame epoch time for 10 nodes with a tiny payload (median) and its ratio to two raw round
      trips (target <= 3x), and for 100 and 1,000 nodes in one process group (target: 1,000
-     nodes, epoch <= 2 s): the Aggregator in this process, the AnalysisClients as threads of
-     worker processes (250 per process: paho's select() caps descriptors at 1024), one MQTT
-     connection per node;
+     nodes, epoch <= 2 s): the Aggregator in this process, the AnalysisClients in worker
+     processes (one per node up to 10 nodes, else 20 processes sharing them as threads), one
+     MQTT connection per node;
   4. a 100 MB numpy update through flame (chunked) vs the same bytes as one raw paho publish,
      sender and receiver each in their own process, with each side's peak RSS growth as a
      multiple of the payload (target <= 2x).
@@ -196,6 +196,16 @@ def _aggregate(results: dict[str, Any], epoch: int, previous: Any) -> dict[str, 
 
 
 NODES_PER_PROCESS = 250  # paho uses select(): file descriptors must stay below 1024
+WORKER_PROCESSES = 20
+
+
+def nodes_per_process(nodes: int) -> int:
+    """One process per node up to 10 nodes (production runs one container per node); beyond
+    that 20 worker processes share the nodes: threads of one process share one GIL, which
+    serialises their message handling and would measure Python, not the transport."""
+    if nodes <= 10:
+        return 1
+    return min(NODES_PER_PROCESS, -(-nodes // WORKER_PROCESSES))
 
 
 def _participants(total: int) -> list[str]:
@@ -240,14 +250,15 @@ def child_nodes(url: str, analysis: str, first: int, count: int, total: int) -> 
 
 
 def epoch_times(url: str, nodes: int, epochs: int) -> tuple[list[float], float]:
-    """Per-epoch durations: the aggregator here, the analysis nodes in worker processes of
-    at most NODES_PER_PROCESS threads each, every node with its own MQTT connection."""
+    """Per-epoch durations: the aggregator here, the analysis nodes in worker processes
+    (see `nodes_per_process`), every node with its own MQTT connection."""
     from flame.federated.aggregator_server import Aggregator
     from flame.federated.functions import AnalysisFunctions
 
     analysis = f"bench-ep-{nodes}-{os.getpid()}-{time.monotonic_ns() % 10**6}"
     settings = BrokerSettings(url=url, connect_timeout=120, send_timeout=120)
     script = str(Path(__file__).resolve())
+    per_process = nodes_per_process(nodes)
     started = time.perf_counter()
     workers = [
         subprocess.Popen(
@@ -258,11 +269,11 @@ def epoch_times(url: str, nodes: int, epochs: int) -> tuple[list[float], float]:
                 url,
                 analysis,
                 str(first),
-                str(min(NODES_PER_PROCESS, nodes - first)),
+                str(min(per_process, nodes - first)),
                 str(nodes),
             ]
         )
-        for first in range(0, nodes, NODES_PER_PROCESS)
+        for first in range(0, nodes, per_process)
     ]
     try:
         aggregator = Aggregator(
