@@ -464,7 +464,7 @@ def report(url: str, rounds: int, sizes: list[int], payload_mb: int) -> None:
         f"   ({statistics.median(flame) / raw_median:.2f}x raw)"
     )
     for nodes in sizes:
-        epochs = 5 if nodes <= 100 else 3
+        epochs = 20 if nodes <= 10 else 5 if nodes <= 100 else 3
         durations, total = epoch_times(url, nodes, epochs)
         median = statistics.median(durations)
         line = (
