@@ -36,6 +36,7 @@ from flame.config import BrokerSettings
 
 __all__ = [
     "ADMIN",
+    "say",
     "Broker",
     "TlsFiles",
     "free_port",
@@ -81,6 +82,12 @@ def have_mosquitto() -> bool:
     if forced == "amqtt":
         return False
     return MOSQUITTO is not None and MOSQUITTO_PASSWD is not None
+
+
+def say(capsys: pytest.CaptureFixture[str], text: str) -> None:
+    """Print past pytest's capture: the fault tests report their counts in every CI log."""
+    with capsys.disabled():
+        print(f"\n  [mqtt] {text}", flush=True)
 
 
 def free_port() -> int:

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 
 import numpy as np
 import pytest
-from broker import ADMIN, Broker
+from broker import ADMIN, Broker, say
 
 from flame.clients.message_broker_client import MessageBrokerClient, PendingPublish
 from flame.errors import MessageError
@@ -35,7 +35,16 @@ def _valid(analysis: str, rng: random.Random, recipient: str = NODE) -> Envelope
         "a": np.arange(rng.randrange(1, 20), dtype=np.float64),
         "n": rng.randrange(100),
     }
-    return Envelope(analysis, "alice", recipient, "result", epoch=rng.randrange(5), body=body)
+    return Envelope(
+        analysis,
+        "alice",
+        recipient,
+        "result",
+        epoch=rng.randrange(5),
+        body=body,
+        id=f"{rng.getrandbits(128):032x}",  # fixed id and time: the same seed, the same bytes
+        sent=1_700_000_000.0,
+    )
 
 
 def _with_header(frame: bytes, header: dict[str, object]) -> bytes:
@@ -146,7 +155,7 @@ def status_junk(seed: int) -> Iterator[bytes]:
 
 
 def test_fuzzed_inbox_and_status_feed(
-    mqtt_broker: Broker, caplog: pytest.LogCaptureFixture
+    mqtt_broker: Broker, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]
 ) -> None:
     analysis = f"fuzz-{time.monotonic_ns()}"
     settings = mqtt_broker.settings(max_message_bytes=LIMIT, chunk_size=4096)
@@ -199,9 +208,10 @@ def test_fuzzed_inbox_and_status_feed(
         assert got is not None
         np.testing.assert_array_equal(got.body["a"], good.body["a"])
         drops = [r for r in caplog.records if f"{NODE} dropped" in r.getMessage()]
-        print(
+        say(
+            capsys,
             f"fuzz: {sent} hostile payloads ({dict(categories)}, {status_sent} status junk); "
-            f"{node.dropped} dropped with a log line, handled in {elapsed:.1f} s"
+            f"{node.dropped} dropped with a log line, handled in {elapsed:.1f} s",
         )
         # Every payload is dropped with one line, except chunks of a transfer that was
         # refused earlier (one line per transfer, not per chunk).
@@ -219,7 +229,7 @@ def test_fuzzed_inbox_and_status_feed(
 
 
 def test_a_run_completes_while_the_aggregator_inbox_is_flooded(
-    mqtt_broker: Broker, caplog: pytest.LogCaptureFixture
+    mqtt_broker: Broker, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """10,000 hostile payloads land in the aggregator's inbox mid-run; the epochs complete."""
     import threading
@@ -285,9 +295,10 @@ def test_a_run_completes_while_the_aggregator_inbox_is_flooded(
         flooder.join(60)
         publisher.disconnect()
     aggregator = next(t for t in made if t.node_id == "aggregator")
-    print(
+    say(
+        capsys,
         f"fuzz during a run: {COUNT} hostile payloads to the aggregator, "
-        f"{aggregator.dropped} dropped; {result.epochs} epochs completed"
+        f"{aggregator.dropped} dropped; {result.epochs} epochs completed",
     )
     assert flooded.is_set()
     assert result.value == expected.value and result.epochs == 3

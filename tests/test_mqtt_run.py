@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from broker import Broker
+from broker import Broker, say
 
 from flame.transport.mqtt import MqttTransport
 
@@ -229,16 +229,20 @@ class Watcher:
 
 
 def test_four_flame_run_processes_match_simulate(
-    mqtt_broker: Broker, analysis_folder: Path, federation_of: Any
+    mqtt_broker: Broker,
+    analysis_folder: Path,
+    federation_of: Any,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     expected = simulated(analysis_folder)
     federation = federation_of(mqtt_broker, analysis_folder, f"run-{os.getpid()}-plain")
     started = time.monotonic()
     federation.start_all()
     values = federation.finish()
-    print(
+    say(
+        capsys,
         f"distributed run: 4 processes, {EPOCHS} epochs in {time.monotonic() - started:.1f} s; "
-        f"result {values['aggregator']}"
+        f"result {values['aggregator']}",
     )
     assert values["aggregator"] == expected
     for node in NODES:
@@ -246,7 +250,7 @@ def test_four_flame_run_processes_match_simulate(
 
 
 def test_broker_sigkilled_three_times_mid_epoch_same_result(
-    tmp_path: Path, federation_of: Any
+    tmp_path: Path, federation_of: Any, capsys: pytest.CaptureFixture[str]
 ) -> None:
     folder = write_analysis(tmp_path / "analysis", slow=1.0)
     expected = simulated(folder)
@@ -267,16 +271,19 @@ def test_broker_sigkilled_three_times_mid_epoch_same_result(
             values = federation.finish()
         finally:
             watcher.close()
-    print(
+    say(
+        capsys,
         f"broker SIGKILLed and restarted {broker.restarts} times (mid-epoch {killed_in}); "
-        f"final {values['aggregator']} == simulate {expected}"
+        f"final {values['aggregator']} == simulate {expected}",
     )
     assert broker.restarts == 3
     assert values["aggregator"] == expected
     assert all(values[node] == expected for node in NODES)
 
 
-def test_analysis_node_sigkilled_mid_epoch_rejoins(tmp_path: Path, federation_of: Any) -> None:
+def test_analysis_node_sigkilled_mid_epoch_rejoins(
+    tmp_path: Path, federation_of: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
     folder = write_analysis(tmp_path / "analysis", slow=1.0)
     expected = simulated(folder)
     with Broker() as broker:
@@ -293,6 +300,6 @@ def test_analysis_node_sigkilled_mid_epoch_rejoins(tmp_path: Path, federation_of
             values = federation.finish()
         finally:
             watcher.close()
-    print(f"analysis node SIGKILLed in epoch 2 and restarted; final {values['aggregator']}")
+    say(capsys, f"analysis node SIGKILLed in epoch 2 and restarted; final {values['aggregator']}")
     assert values["aggregator"] == expected
     assert all(values[node] == expected for node in NODES)

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from broker import ADMIN, Broker
+from broker import ADMIN, Broker, say
 
 from flame.clients.message_broker_client import MessageBrokerClient
 from flame.config import BrokerSettings
@@ -411,21 +411,26 @@ def _stream(
     return sent, received, duplicates
 
 
-def test_broker_restarted_mid_stream_loses_nothing(own_nodes: Nodes) -> None:
+def test_broker_restarted_mid_stream_loses_nothing(
+    own_nodes: Nodes, capsys: pytest.CaptureFixture[str]
+) -> None:
     broker = own_nodes.broker
     if not broker.persistent:
         pytest.skip("amqtt keeps no sessions across a restart")
     sent, received, duplicates = _stream(broker, own_nodes, count=300, restarts=3, kill=False)
     missing = set(sent) - received
-    print(
+    say(
+        capsys,
         f"broker restarts: 3 (SIGTERM), sent {len(sent)}, received {len(received)}, "
-        f"missing {len(missing)}, duplicates {duplicates}"
+        f"missing {len(missing)}, duplicates {duplicates}",
     )
     assert len(sent) == 300
     assert not missing
 
 
-def test_broker_sigkilled_mid_stream_loses_nothing(fresh_broker: Broker) -> None:
+def test_broker_sigkilled_mid_stream_loses_nothing(
+    fresh_broker: Broker, capsys: pytest.CaptureFixture[str]
+) -> None:
     """SIGKILL: the broker cannot save on the way out; it saves after every change instead."""
     if not fresh_broker.persistent:
         pytest.skip("amqtt keeps no sessions across a restart")
@@ -437,9 +442,10 @@ def test_broker_sigkilled_mid_stream_loses_nothing(fresh_broker: Broker) -> None
         finally:
             own.close()
     missing = set(sent) - received
-    print(
+    say(
+        capsys,
         f"broker restarts: 3 (SIGKILL), sent {len(sent)}, received {len(received)}, "
-        f"missing {len(missing)}, duplicates {duplicates}"
+        f"missing {len(missing)}, duplicates {duplicates}",
     )
     assert len(sent) == 300
     assert not missing
