@@ -552,9 +552,14 @@ class MessageBrokerClient:
         self._check_descriptors()
         if not self._first_connack.wait(max(deadline.left(), 0.5)):
             self._stop()
+            hint = (
+                " (a broker without MQTT 5, such as amqtt, needs ?protocol=3.1.1 on the URL)"
+                if self.address.protocol == "5"
+                else ""
+            )
             raise TransportError(
                 f"cannot connect to broker {self.address}: no answer to CONNECT within "
-                f"{self.connect_timeout:g} s"
+                f"{self.connect_timeout:g} s{hint}"
             )
         if self._refusal is not None:
             refusal = self._refusal
