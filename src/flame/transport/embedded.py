@@ -35,10 +35,12 @@ class EmbeddedBroker:
         self.port = _free_port()
         self._dir = tempfile.TemporaryDirectory(prefix="flame-broker-")
         self._process: subprocess.Popen[bytes] | None = None
+        self._amqtt = False
 
     @property
     def url(self) -> str:
-        return f"mqtt://127.0.0.1:{self.port}"
+        suffix = "?protocol=3.1.1" if self._amqtt else ""  # amqtt does not speak MQTT 5
+        return f"mqtt://127.0.0.1:{self.port}{suffix}"
 
     def _command(self) -> list[str]:
         folder = Path(self._dir.name)
@@ -59,6 +61,7 @@ class EmbeddedBroker:
                 "--broker embedded needs the mosquitto binary or the amqtt package "
                 "(pip install amqtt)"
             ) from None
+        self._amqtt = True
         config = folder / "amqtt.yaml"
         config.write_text(
             "listeners:\n  default:\n    type: tcp\n"

@@ -277,6 +277,7 @@ class MqttTransport(Transport):
             )
         wait = timeout if timeout is not None else self.settings.send_timeout
         topic = inbox_topic(self.analysis_id, recipient)
+        self.bytes_sent += size
         try:
             if self._claim_check is not None and size > self._claim_check_threshold:
                 self._send_claim_check(topic, parts, size, wait)
@@ -403,6 +404,7 @@ class MqttTransport(Transport):
         except MessageError as exc:
             self._drop(f"a malformed message: {exc}")
             return None
+        self.bytes_received += len(frame)
         if envelope.analysis != self.analysis_id or envelope.recipient != self.node_id:
             self._drop(f"a message addressed to {envelope.analysis}/{envelope.recipient}")
             return None
