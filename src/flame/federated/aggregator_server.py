@@ -247,25 +247,22 @@ class Aggregator:
     def _aggregate_parameters(self, results: dict[str, Any], epoch: int, previous: Any) -> Any:
         self.context.epoch = epoch
         results = self.secure_sum(results, epoch)
-        try:
-            with active(self.context):
-                return self.functions.aggregate(results, epoch=epoch, previous=previous)
-        except Exception as exc:
-            raise RunFailed(
-                f"aggregate failed in epoch {epoch}: {describe_exception(exc, self.secrets)}",
-                node=self.transport.node_id,
-                epoch=epoch,
-            ) from exc
+        return self._call("aggregate", epoch, results, previous=previous)
 
     def _converged(self, value: Any, previous: Any, epoch: int) -> bool:
         if self.functions.converged is None:
             return False
+        return bool(self._call("converged", epoch, value, previous=previous))
+
+    def _call(self, name: str, epoch: int, first: Any, **kwargs: Any) -> Any:
+        """Run one of the analyst's functions; its exception becomes the run's reason."""
+        function = getattr(self.functions, name)
         try:
             with active(self.context):
-                return bool(self.functions.converged(value, previous=previous, epoch=epoch))
+                return function(first, epoch=epoch, **kwargs)
         except Exception as exc:
             raise RunFailed(
-                f"converged failed in epoch {epoch}: {describe_exception(exc, self.secrets)}",
+                f"{name} failed in epoch {epoch}: {describe_exception(exc, self.secrets)}",
                 node=self.transport.node_id,
                 epoch=epoch,
             ) from exc
