@@ -1,0 +1,54 @@
+"""Free-form messages between nodes from inside analyze/aggregate, the same over the memory
+transport and a real MQTT broker: who acknowledged, what arrived, who is missing."""
+
+from __future__ import annotations
+
+from broker import Broker
+
+import flame
+from flame.config import load_config
+from flame.transport.mqtt import mqtt_transport_factory
+
+NODES = {f"node-{i}": {"x.csv": f"v\n{i + 1}\n"} for i in range(3)}
+
+
+def analyze(data, epoch, previous):
+    ctx = flame.context()
+    mine = float(data.read_csv()["v"][0])
+    others = [n for n in ctx.participants if n != ctx.node_id]
+    acked = ctx.send("share", {"value": mine}, to=others, timeout=20)
+    got = ctx.receive("share", senders=others, timeout=20)
+    silent = ctx.receive("never-sent", senders=others[:1], timeout=0.3)
+    return {
+        "acked": sorted(acked),
+        "peer_sum": sum(m["value"] for m in got.messages.values()),
+        "missing": got.missing,
+        "silent_missing": silent.missing,
+    }
+
+
+def aggregate(results, epoch, previous):
+    ctx = flame.context()
+    acked = ctx.send("thanks", {"epoch": epoch}, to=list(results), timeout=20)
+    return {"results": results, "aggregator_acked": sorted(acked)}
+
+
+def check(value: dict) -> None:
+    values = {n: float(n[-1]) + 1 for n in NODES}
+    for node, result in value["results"].items():
+        others = sorted(n for n in NODES if n != node)
+        assert result["acked"] == others
+        assert result["peer_sum"] == sum(values[n] for n in others)
+        assert result["missing"] == []
+        assert result["silent_missing"] == others[:1]
+    assert value["aggregator_acked"] == sorted(NODES)
+
+
+def test_messages_between_nodes_in_memory() -> None:
+    check(flame.simulate(analyze, aggregate, data=NODES).value)
+
+
+def test_messages_between_nodes_over_mqtt(mqtt_broker: Broker) -> None:
+    config = load_config(analysis_id="messaging", epoch_timeout=60, presence_timeout=60)
+    factory = mqtt_transport_factory(mqtt_broker.settings(), "messaging")
+    check(flame.simulate(analyze, aggregate, data=NODES, config=config, broker=factory).value)
