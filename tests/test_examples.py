@@ -80,3 +80,17 @@ def test_federated_logistic_regression_matches_a_central_fit() -> None:
     assert 2 <= result.epochs < 50
     assert np.allclose(result.value["beta"], expected, atol=1e-3, rtol=0)
     assert [record.epoch for record in result.history] == list(range(result.epochs))
+
+
+def test_secure_mean_matches_the_pooled_statistics_within_precision() -> None:
+    analysis = load_analysis(EXAMPLES / "secure_mean")
+    f = analysis.functions
+    result = flame.simulate(
+        f.analyze, f.aggregate, data=EXAMPLES / "secure_mean" / "data", secure=True
+    )
+    data = pooled("secure_mean")
+    assert result.value["contributors"] == ["clinic_a", "clinic_b", "clinic_c"]
+    for column, values in data.items():
+        assert result.value[column]["n"] == values.size
+        assert result.value[column]["mean"] == pytest.approx(values.mean(), abs=1e-6, rel=0)
+        assert result.value[column]["std"] == pytest.approx(values.std(ddof=1), abs=1e-5, rel=0)
