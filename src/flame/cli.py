@@ -150,6 +150,9 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="flame", description="Federated analytics: analyze() on each node, aggregate() once."
     )
+    from flame import __version__
+
+    parser.add_argument("--version", action="version", version=f"flame {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     sim = commands.add_parser("simulate", help="run an analysis on N simulated nodes locally")
