@@ -48,7 +48,7 @@ def test_messages_between_nodes_in_memory() -> None:
     check(flame.simulate(analyze, aggregate, data=NODES).value)
 
 
-def test_messages_between_nodes_over_mqtt(mqtt_broker: Broker) -> None:
+def test_messages_between_nodes_over_mqtt(fresh_broker: Broker) -> None:
     config = load_config(analysis_id="messaging", epoch_timeout=60, presence_timeout=60)
-    factory = mqtt_transport_factory(mqtt_broker.settings(), "messaging")
+    factory = mqtt_transport_factory(fresh_broker.settings(), "messaging")
     check(flame.simulate(analyze, aggregate, data=NODES, config=config, broker=factory).value)
