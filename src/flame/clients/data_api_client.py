@@ -112,8 +112,27 @@ def _check_name(source: str, name: str) -> str:
     return name
 
 
+_Service = TypeVar("_Service", bound="_HttpService")
+
+
 class _HttpService:
     """Shared request machinery: bearer token per request, timeouts, retries, safe errors."""
+
+    kind: str = "http"
+
+    @classmethod
+    def from_settings(
+        cls: type[_Service],
+        settings: DataSourceSettings,
+        tokens: TokenSource | None = None,
+        **options: Any,
+    ) -> _Service:
+        """The source `settings` describe (timeouts and retries from the settings)."""
+        if not settings.url:
+            raise DataError(f"data source {settings.name!r}: kind={cls.kind} needs a url")
+        options.setdefault("timeout", settings.timeout)
+        options.setdefault("retries", settings.retries)
+        return cls(settings.name, settings.url, tokens, **options)
 
     def __init__(
         self,
@@ -327,16 +346,6 @@ class FhirSource(_HttpService):
         super().__init__(name, base_url, tokens, **options)
         self.page_size = page_size
 
-    @classmethod
-    def from_settings(
-        cls, settings: DataSourceSettings, tokens: TokenSource | None = None, **options: Any
-    ) -> FhirSource:
-        if not settings.url:
-            raise DataError(f"data source {settings.name!r}: kind=fhir needs a url")
-        options.setdefault("timeout", settings.timeout)
-        options.setdefault("retries", settings.retries)
-        return cls(settings.name, settings.url, tokens, **options)
-
     def _type_url(self, resource_type: str) -> str:
         if not _RESOURCE_TYPE.match(resource_type):
             raise DataError(f"data source {self.name!r}: {resource_type!r} is not a resource type")
@@ -450,16 +459,6 @@ class HttpFileSource(_HttpService):
     ) -> None:
         super().__init__(name, base_url, tokens, **options)
         self.spool_threshold = spool_threshold
-
-    @classmethod
-    def from_settings(
-        cls, settings: DataSourceSettings, tokens: TokenSource | None = None, **options: Any
-    ) -> HttpFileSource:
-        if not settings.url:
-            raise DataError(f"data source {settings.name!r}: kind=http needs a url")
-        options.setdefault("timeout", settings.timeout)
-        options.setdefault("retries", settings.retries)
-        return cls(settings.name, settings.url, tokens, **options)
 
     def files(self) -> list[str]:
         names = self._json("GET", self.base_url)
