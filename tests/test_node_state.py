@@ -45,6 +45,8 @@ def test_state_saved_in_epoch_0_is_read_later_and_kept_on_disk(tmp_path) -> None
 def test_state_survives_a_restart_of_the_run(tmp_path) -> None:
     config = load_config(analysis_id="state-test", epochs=1, storage={"results_dir": tmp_path})
     flame.simulate(analyze, aggregate, data=NODES, config=config)
+    # as if the run had crashed before finishing: otherwise its stored result is announced
+    FileStore(tmp_path).delete_prefix("state-test/final/")
 
     def analyze_after_restart(data, epoch, previous):
         model = flame.context().load("model")

@@ -663,6 +663,9 @@ class DictStore:
         self.saved: list[Checkpoint] = []
         self.final: RunResult | None = None
 
+    def load_final(self) -> RunResult | None:
+        return None
+
     def load_checkpoint(self) -> Checkpoint | None:
         return self.saved[-1] if self.saved else self.checkpoint
 

@@ -92,7 +92,7 @@ class Aggregator:
         self.transport.watch(self.participants)
         try:
             return self._execute()
-        except (RunFailed, RunTimeout) as exc:
+        except (RunFailed, RunTimeout, ConfigError) as exc:
             self._abort(str(exc), getattr(exc, "epoch", None) or -1)
             self._emit(Event("failed", detail=str(exc)))
             raise
@@ -106,6 +106,13 @@ class Aggregator:
             self.transport.close()
 
     def _execute(self) -> RunResult:
+        finished = self.store.load_final() if self.store is not None else None
+        if finished is not None:
+            log.warning(
+                "analysis %s already finished; announcing its stored result", finished.analysis_id
+            )
+            self._announce_final(finished)
+            return finished
         checkpoint = self.store.load_checkpoint() if self.store is not None else None
         history: list[EpochRecord] = list(checkpoint.history) if checkpoint else []
         previous: Any = checkpoint.previous if checkpoint else None
@@ -159,26 +166,27 @@ class Aggregator:
             result = RunResult(
                 result.analysis_id, value, converged, result.epochs, result.history, location
             )
-        self._broadcast(
-            "finished",
-            len(history) - 1,
-            {
-                "value": value,
-                "converged": converged,
-                "epochs": result.epochs,
-                "location": result.location,
-            },
-        )
+        self._announce_final(result)
+        return result
+
+    def _announce_final(self, result: RunResult) -> None:
+        last = result.epochs - 1
+        body = {
+            "value": result.value,
+            "converged": result.converged,
+            "epochs": result.epochs,
+            "location": result.location,
+        }
+        self._broadcast("finished", last, body)
         self.transport.announce(
             self._status(
                 "done",
-                len(history) - 1,
+                last,
                 location=result.location,
-                last_epoch=history[-1].to_dict() if history else None,
+                last_epoch=result.history[-1].to_dict() if result.history else None,
             )
         )
-        self._emit(Event("finished", len(history) - 1, detail=result.location or ""))
-        return result
+        self._emit(Event("finished", last, detail=result.location or ""))
 
     # --- the protocol steps ------------------------------------------------------------------
     def _await_presence(self) -> None:

@@ -87,6 +87,10 @@ class Checkpoint:
 class RunStore(Protocol):
     """Where the aggregator keeps checkpoints and the final result (storage issue plugs in)."""
 
+    def load_final(self) -> RunResult | None:
+        """The result of a run that already finished under this analysis id, if any."""
+        ...
+
     def load_checkpoint(self) -> Checkpoint | None: ...
 
     def save_checkpoint(self, checkpoint: Checkpoint) -> None: ...

@@ -13,6 +13,7 @@ import time
 from typing import Any
 
 from flame.clients.object_store import AnalysisLayout, ObjectNotFound, ObjectStore
+from flame.errors import ConfigError
 from flame.federated.records import Checkpoint, EpochRecord, RunResult
 from flame.messages import pack, unpack
 
@@ -51,11 +52,39 @@ class StorageRunStore:
         self.provenance = dict(provenance or {})
         store.ensure_bucket()
 
+    def _same_code(self, stored: dict[str, Any], what: str) -> None:
+        """Refuse to mix runs of different analysis code under one analysis id."""
+        mine, theirs = self.provenance.get("code_sha256"), stored.get("code_sha256")
+        if mine and theirs and mine != theirs:
+            raise ConfigError(
+                f"FLAME_ANALYSIS_ID / analysis_id: {self.layout.analysis_id!r} has a {what} "
+                "from different analysis code; use a new analysis id (or remove "
+                f"{self.layout.root} from storage) to start over"
+            )
+
+    def load_final(self) -> RunResult | None:
+        """The stored result of a run that already finished under this analysis id."""
+        try:
+            manifest = self.store.get_json(self.layout.manifest())
+        except ObjectNotFound:
+            return None
+        self._same_code(manifest, "finished run")
+        value = unpack(self.store.get_bytes(self.layout.final_result()))
+        return RunResult(
+            self.layout.analysis_id,
+            value,
+            bool(manifest["converged"]),
+            int(manifest["epochs"]),
+            [_record(item) for item in manifest["history"]],
+            manifest["result"]["key"],
+        )
+
     def load_checkpoint(self) -> Checkpoint | None:
         epoch = self.layout.latest_checkpoint(self.store)
         if epoch is None:
             return None
         meta = self.store.get_json(self.layout.checkpoint(epoch))
+        self._same_code(meta, "checkpoint")
         value = unpack(self.store.get_bytes(self.layout.epoch_result(epoch, self.aggregator_id)))
         history = [_record(item) for item in meta["history"]]
         return Checkpoint(int(meta["next_epoch"]), value, history)
@@ -72,6 +101,7 @@ class StorageRunStore:
                 "aggregate_sha256": stored.sha256,
                 "history": [record.to_dict() for record in checkpoint.history],
                 "saved": time.time(),
+                "code_sha256": self.provenance.get("code_sha256"),
             },
         )
 
