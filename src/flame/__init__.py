@@ -20,6 +20,7 @@ from flame.errors import (
 )
 from flame.federated.context import Context, Received, context
 from flame.federated.records import EpochRecord, Event, RunResult
+from flame.federated.run_store import load_result
 from flame.federated.secure import Results, secure
 from flame.main import run
 from flame.simulate import simulate
@@ -46,6 +47,7 @@ __all__ = [
     "__version__",
     "context",
     "load_config",
+    "load_result",
     "run",
     "secure",
     "simulate",

@@ -13,11 +13,11 @@ import time
 from typing import Any
 
 from flame.clients.object_store import AnalysisLayout, ObjectNotFound, ObjectStore
-from flame.errors import ConfigError
+from flame.errors import ConfigError, FlameError
 from flame.federated.records import Checkpoint, EpochRecord, RunResult
 from flame.messages import pack, unpack
 
-__all__ = ["MemoryState", "NodeState", "StorageRunStore"]
+__all__ = ["MemoryState", "NodeState", "StorageRunStore", "load_result"]
 
 log = logging.getLogger(__name__)
 
@@ -157,3 +157,30 @@ class MemoryState:
         with self._lock:
             data = self._values.get(tag)
         return default if data is None else unpack(data)
+
+
+def load_result(analysis_id: str, *, epoch: int | None = None, config: Any = None) -> Any:
+    """A stored result of an earlier or running analysis ("old information"): the final
+    aggregate, or with `epoch` the aggregate of that epoch (kept as its checkpoint).
+
+    Reads the storage configured by FLAME_STORAGE__* (or `config`), SHA-256 verified.
+    """
+    from flame.clients.minio_client import open_store
+    from flame.config import load_config
+
+    config = config if config is not None else load_config()
+    store = open_store(config.storage)
+    if store is None:
+        raise ConfigError(
+            "FLAME_STORAGE__ENDPOINT or FLAME_STORAGE__RESULTS_DIR: needed to read stored results"
+        )
+    layout = AnalysisLayout(analysis_id)
+    if epoch is None:
+        key, what = layout.final_result(), "final result"
+    else:
+        key = layout.epoch_result(epoch, config.aggregator_id)
+        what = f"aggregate of epoch {epoch}"
+    try:
+        return unpack(store.get_bytes(key))
+    except ObjectNotFound:
+        raise FlameError(f"analysis {analysis_id!r} has no stored {what}") from None
