@@ -34,12 +34,9 @@ def broker() -> Iterator[Broker]:
 
 
 @pytest.fixture(scope="module")
-def s3() -> Iterator[S3Server]:
-    server = S3Server().start()
-    try:
-        yield server
-    finally:
-        server.stop()
+def s3(s3_server: S3Server) -> S3Server:
+    """The session's S3 server (tests/servers/plugin.py)."""
+    return s3_server
 
 
 @pytest.fixture(scope="module")
