@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 from broker import Broker, say
+from identities import federation as make_identities
 
 from flame.transport.mqtt import MqttTransport
 
@@ -106,12 +107,14 @@ class Federation:
     def __init__(self, broker: Broker, folder: Path, analysis_id: str) -> None:
         self.folder = folder
         self.env = base_env(broker, analysis_id)
+        self.identities = make_identities(folder / "identities", NODES)
         self.processes: dict[str, subprocess.Popen[str]] = {}
         self.replaced: list[subprocess.Popen[str]] = []
 
     def start(self, node: str) -> None:
         self.processes[node] = flame(
-            ["run", str(self.folder / "analysis.py")], node_env(self.env, self.folder, node)
+            ["run", str(self.folder / "analysis.py")],
+            {**node_env(self.env, self.folder, node), **self.identities[node]},
         )
 
     def start_all(self) -> None:

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from broker import Broker
+from identities import federation
 from servers.s3_server import S3Server
 
 import flame
@@ -69,6 +70,13 @@ def node_env(broker: Broker, s3: S3Server, bucket: str, node: str, tmp: Path) ->
     )
     if node != "aggregator":
         env["FLAME_DATA_DIR"] = str(tmp / "data" / node)
+    if not (tmp / "identities").exists():
+        federation(tmp / "identities", NODES)
+    roster = tmp / "identities" / "roster.toml"
+    env.update(
+        FLAME_ROSTER=str(roster),
+        FLAME_IDENTITY__KEY_FILE=str(tmp / "identities" / "keys" / f"{node}.key"),
+    )
     return env
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 from broker import Broker
+from identities import federation
 from servers.s3_server import S3Server
 
 from flame import status as st
@@ -150,10 +151,16 @@ def _wait_for_line(stream: io.TextIOBase | object, needle: str, timeout: float) 
 
 
 def _run_federation(env: dict[str, str], folder: Path) -> dict[str, subprocess.Popen[str]]:
+    identities = federation(folder / "identities", NODES)
     processes = {
         "aggregator": _flame(
             ["run", str(folder)],
-            {**env, "FLAME_NODE_ID": "aggregator", "FLAME_ROLE": "aggregation"},
+            {
+                **env,
+                "FLAME_NODE_ID": "aggregator",
+                "FLAME_ROLE": "aggregation",
+                **identities["aggregator"],
+            },
         )
     }
     for node in NODES:
@@ -164,6 +171,7 @@ def _run_federation(env: dict[str, str], folder: Path) -> dict[str, subprocess.P
                 "FLAME_NODE_ID": node,
                 "FLAME_ROLE": "analysis",
                 "FLAME_DATA_DIR": str(folder / "data" / node),
+                **identities[node],
             },
         )
     return processes

@@ -141,6 +141,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_keys(args: argparse.Namespace) -> int:
+    if args.rest[:1] == ["identity"]:
+        from flame._cli_auth import keys_identity
+
+        return keys_identity(args.rest[1:])
     from flame.protocols.aggregation_paillier import keys_cli
 
     return int(keys_cli(args.rest))
@@ -181,13 +185,19 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("analysis", type=Path, nargs="?", default=Path("."), help="default: .")
     run.set_defaults(handler=_cmd_run)
 
-    keys = commands.add_parser("keys", help="Paillier keys: flame keys generate --out DIR")
+    keys = commands.add_parser(
+        "keys",
+        help="keys: flame keys identity NODE_ID --out DIR | generate --out DIR (Paillier)",
+    )
     keys.add_argument("rest", nargs=argparse.REMAINDER)
     keys.set_defaults(handler=_cmd_keys)
 
     from flame._cli_ops import add_commands
 
     add_commands(commands)
+    from flame._cli_auth import add_commands as add_auth_commands
+
+    add_auth_commands(commands)
     return parser
 
 

@@ -7,7 +7,7 @@ import inspect
 import logging
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flame.config import FlameConfig, load_config
 from flame.data import Data, LocalSource
@@ -18,6 +18,9 @@ from flame.federated.functions import AnalysisFunctions
 from flame.federated.records import EventSink, RunStore
 from flame.federated.secure import SecureKeys
 from flame.transport.base import Transport
+
+if TYPE_CHECKING:
+    from flame.identity import Authenticator
 
 __all__ = ["run"]
 
@@ -46,7 +49,9 @@ def _require(config: FlameConfig) -> tuple[str, str]:
     return config.node_id, config.role
 
 
-def node_transport(config: FlameConfig, node_id: str) -> Transport:
+def node_transport(
+    config: FlameConfig, node_id: str, auth: Authenticator | None = None
+) -> Transport:
     """The MQTT transport for this node (imported lazily: simulation does not need paho)."""
     from flame.transport.mqtt import MqttTransport
 
@@ -62,7 +67,9 @@ def node_transport(config: FlameConfig, node_id: str) -> Transport:
                 "FLAME_STORAGE__ENDPOINT (a store every node shares)"
             )
         claim_check = StorageClaimCheck(store, config.analysis_id, node_id)
-    return MqttTransport(config.broker, config.analysis_id, node_id, claim_check=claim_check)
+    return MqttTransport(
+        config.broker, config.analysis_id, node_id, claim_check=claim_check, auth=auth
+    )
 
 
 def node_data_handle(config: FlameConfig) -> Data:
@@ -112,10 +119,18 @@ def aggregator_store(
         return None
     provenance = {
         "code_sha256": code_hash(functions),
+        "roster_sha256": roster_fingerprint(config),
         "participants": list(config.participants),
         "config": config.public_dict(),
     }
     return StorageRunStore(store, config.analysis_id, aggregator_id, provenance=provenance)
+
+
+def roster_fingerprint(config: FlameConfig) -> str | None:
+    """The SHA-256 of the roster this node runs with (None: an unsigned run)."""
+    from flame.identity import Roster
+
+    return None if config.roster is None else Roster.load(config.roster).fingerprint
 
 
 def node_state(config: FlameConfig, node_id: str) -> Any:
@@ -154,7 +169,12 @@ def run(
     check_service_tokens(config)  # a bad token stops the node before any work
     secrets = config.secrets()
     keys = secure_keys(config, role)
-    transport = node_transport(config, node_id)
+    from flame.identity import for_config
+
+    auth = for_config(config, node_id)
+    if auth is not None:
+        log.info("roster %s: %d members", auth.roster.fingerprint, len(auth.roster))
+    transport = node_transport(config, node_id, auth)
     if role == "aggregation":
         aggregator = Aggregator(
             transport,

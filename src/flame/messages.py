@@ -64,6 +64,9 @@ class Envelope:
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     sent: float = field(default_factory=time.time)
     version: int = FORMAT_VERSION
+    # The signed message as received (flame.identity.signing), kept so a verified envelope
+    # can be forwarded to a third party who checks the sender's signature itself.
+    signed: bytes | bytearray | memoryview | None = field(default=None, compare=False, repr=False)
 
     def reply(self, kind: Kind, body: Any = None, **changes: Any) -> Envelope:
         """A new envelope back to this one's sender."""
@@ -75,6 +78,7 @@ class Envelope:
             body=body,
             id=uuid.uuid4().hex,
             sent=time.time(),
+            signed=None,
             **changes,
         )
 
@@ -289,7 +293,9 @@ def decode(
         expected = offset + length
     if expected != payload.nbytes:
         raise MessageError(f"frame has {payload.nbytes - expected} trailing bytes")
-    writable = isinstance(frame, bytearray)
+    writable = isinstance(frame, bytearray) or (
+        isinstance(frame, memoryview) and not frame.readonly
+    )
     try:
         body = _decode_value(header.body, blobs, writable)
     except RecursionError:

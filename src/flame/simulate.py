@@ -106,7 +106,7 @@ def simulate(
         raise FlameError(
             f"FLAME_QUORUM is {config.quorum}, but only {len(participants)} nodes have data"
         )
-    connect = _transport_factory(broker, config)
+    connect = _signed(_transport_factory(broker, config), config.aggregator_id, participants)
     keys = _simulation_keys(config) if secure or config.secure.enabled else None
     secrets = config.secrets()
     failures: dict[str, BaseException] = {}
@@ -181,6 +181,23 @@ def _simulation_keys(config: FlameConfig) -> SecureKeys:
         config.secure.obfuscation,
         config.secure.confirm_fraction,
     )
+
+
+def _signed(
+    connect: TransportFactory, aggregator_id: str, participants: list[str]
+) -> TransportFactory:
+    """Transports signing with throwaway identities: the production path, every time."""
+    from flame.identity import throwaway
+
+    auths = throwaway(aggregator_id, participants)
+
+    def make(node: str) -> Transport:
+        transport = connect(node)
+        if transport.auth is None:
+            transport.use_auth(auths[node])
+        return transport
+
+    return make
 
 
 def _transport_factory(

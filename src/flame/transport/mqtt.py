@@ -18,7 +18,7 @@ import json
 import logging
 import re
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from flame._deadline import Deadline
@@ -31,11 +31,13 @@ from flame.clients.message_broker_client import (
     Will,
 )
 from flame.errors import MessageError, TransportError
-from flame.messages import MAGIC, Envelope, decode, encode_parts, to_jsonable
+from flame.identity.signing import SIGNED_MAGIC, SignatureError
+from flame.messages import MAGIC, Envelope, to_jsonable
 from flame.transport._chunks import (
     CHUNK_HEADER_SIZE,
     CHUNK_MAGIC,
     REFERENCE_MAGIC,
+    Buffer,
     ClaimCheck,
     Reassembler,
     decode_reference,
@@ -48,13 +50,13 @@ from flame.transport.base import Transport
 
 if TYPE_CHECKING:
     from flame.config import BrokerSettings, FlameConfig
+    from flame.identity.signing import Authenticator
 
 __all__ = ["ClaimCheck", "MqttTransport", "client_id_for", "inbox_topic", "status_topic"]
 
 log = logging.getLogger(__name__)
 
 _NAME = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
-OFFLINE = b'{"state":"offline"}'
 MAX_STATUS_BYTES = 64 * 1024
 
 
@@ -103,13 +105,14 @@ class MqttTransport(Transport):
         send_window: int = 16,
         protocol: ProtocolName | None = None,
         reconnect_delay: tuple[int, int] = (1, 16),
+        auth: Authenticator | None = None,
     ) -> None:
         for what, name in (("analysis id", analysis_id), ("node id", node_id)):
             if not _NAME.match(name):
                 raise ValueError(f"{what} {name!r} may use only letters, digits, '.', '_', '-'")
         if settings.url is None:
             raise TransportError("the MQTT transport needs a broker URL (FLAME_BROKER__URL)")
-        super().__init__(analysis_id, node_id)
+        super().__init__(analysis_id, node_id, auth=auth)
         self.settings = settings
         self._password = password if password is not None else password_from_settings(settings)
         self._claim_check = claim_check
@@ -176,7 +179,12 @@ class MqttTransport(Transport):
             keepalive=settings.keepalive,
             session_expiry=settings.session_expiry,
             connect_timeout=settings.connect_timeout,
-            will=Will(status_topic(self.analysis_id, self.node_id), OFFLINE, qos=1, retain=True),
+            will=Will(
+                status_topic(self.analysis_id, self.node_id),
+                self._status_payload(self.offline_status()),
+                qos=1,
+                retain=True,
+            ),
             protocol=self._protocol,
             reconnect_delay=self._reconnect_delay,
         )
@@ -200,7 +208,8 @@ class MqttTransport(Transport):
         self._connected = False
         client = self._client
         try:
-            client.set_birth(status_topic(self.analysis_id, self.node_id), OFFLINE).wait(
+            offline = self._status_payload(self.offline_status())
+            client.set_birth(status_topic(self.analysis_id, self.node_id), offline).wait(
                 min(self.settings.send_timeout, 5.0)
             )
         except TransportError as exc:
@@ -225,7 +234,7 @@ class MqttTransport(Transport):
         """
         if not self._connected:
             raise TransportError(f"cannot announce: {self.node_id} is not connected")
-        payload = json.dumps(to_jsonable(status), separators=(",", ":")).encode()
+        payload = self._status_payload(self.sign_status(status))
         if len(payload) > MAX_STATUS_BYTES:
             raise TransportError(f"status of {len(payload)} bytes is over {MAX_STATUS_BYTES}")
         previous, self._status_pending = self._status_pending, None
@@ -243,6 +252,10 @@ class MqttTransport(Transport):
         except TransportError as exc:
             raise TransportError(f"{self.node_id} could not announce its status: {exc}") from None
         self._announced = True
+
+    @staticmethod
+    def _status_payload(status: dict[str, Any]) -> bytes:
+        return json.dumps(to_jsonable(status), separators=(",", ":")).encode()
 
     def watch(self, nodes: Iterable[str] | None = None) -> None:
         if nodes is None:
@@ -268,7 +281,7 @@ class MqttTransport(Transport):
                 f"cannot send to {recipient!r} in analysis {envelope.analysis!r}: "
                 "not a node of this analysis"
             )
-        parts = encode_parts(envelope)
+        parts = self.outgoing(envelope)
         size = frame_size(parts)
         limit = self.settings.max_message_bytes
         if size > limit:
@@ -288,7 +301,7 @@ class MqttTransport(Transport):
         except TransportError as exc:
             raise TransportError(f"cannot send to {recipient!r}: {exc}") from None
 
-    def _send_chunks(self, topic: str, parts: list[bytes | memoryview], timeout: float) -> None:
+    def _send_chunks(self, topic: str, parts: Sequence[Buffer], timeout: float) -> None:
         """A window of chunks in flight: memory stays `send_window` chunks, throughput high.
 
         `timeout` bounds each wait for a broker acknowledgement (progress), not the whole
@@ -308,7 +321,7 @@ class MqttTransport(Transport):
                 pending.abandon()
 
     def _send_claim_check(
-        self, topic: str, parts: list[bytes | memoryview], size: int, timeout: float
+        self, topic: str, parts: Sequence[Buffer], size: int, timeout: float
     ) -> None:
         assert self._claim_check is not None
         digest = frame_digest(parts)
@@ -370,17 +383,10 @@ class MqttTransport(Transport):
             return None
         if self._watching is not None and node not in self._watching:
             return None
-        if len(payload) > MAX_STATUS_BYTES:
-            self._drop(f"a status of {len(payload)} bytes from {node}")
-            return None
-        try:
-            status = json.loads(payload)
-        except (ValueError, RecursionError):
-            status = None
-        if not isinstance(status, dict):
-            self._drop(f"a status from {node} that is not a JSON object")
-            return None
-        return Envelope(self.analysis_id, node, self.node_id, "status", epoch=-1, body=status)
+        envelope = self.status_envelope(node, payload)
+        if envelope is None:
+            self.dropped += 1
+        return envelope
 
     def _handle_frame(self, payload: bytes | bytearray) -> Envelope | None:
         limit = self.settings.max_message_bytes
@@ -396,11 +402,14 @@ class MqttTransport(Transport):
                 frame = whole
             elif magic == REFERENCE_MAGIC:
                 frame = self._fetch_claim_check(payload)
-            elif magic == MAGIC:
+            elif magic in (MAGIC, SIGNED_MAGIC):
                 frame = payload
             else:
                 raise MessageError(f"not a flame frame ({len(payload)} bytes, bad magic)")
-            envelope = decode(frame, max_bytes=limit)
+            envelope = self.incoming(frame, max_bytes=limit)
+        except SignatureError:
+            self.dropped += 1  # logged (WARNING, claimed sender) and counted by the authenticator
+            return None
         except MessageError as exc:
             self._drop(f"a malformed message: {exc}")
             return None
