@@ -100,10 +100,16 @@ def code_hash(functions: AnalysisFunctions) -> str:
     return digest.hexdigest()
 
 
+def _has_storage(config: FlameConfig) -> bool:
+    return config.storage.endpoint is not None or config.storage.results_dir is not None
+
+
 def aggregator_store(
     config: FlameConfig, functions: AnalysisFunctions, aggregator_id: str
 ) -> RunStore | None:
     """Checkpoints and final results on the configured storage (None: keep nothing)."""
+    if not _has_storage(config):
+        return None  # and no import of the S3 client: a simulation starts faster
     from flame.clients.minio_client import open_store
     from flame.federated.run_store import StorageRunStore
 
@@ -120,8 +126,11 @@ def aggregator_store(
 
 def node_state(config: FlameConfig, node_id: str) -> Any:
     """Where `context().save/load` keep this node's values."""
-    from flame.clients.minio_client import open_store
     from flame.federated.run_store import MemoryState, NodeState
+
+    if not _has_storage(config):
+        return MemoryState()
+    from flame.clients.minio_client import open_store
 
     store = open_store(config.storage)
     return MemoryState() if store is None else NodeState(store, config.analysis_id, node_id)
