@@ -148,7 +148,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_keys(args: argparse.Namespace) -> int:
-    from flame.protocols.aggregation_paillier import keys_cli
+    from flame._cli_keys import keys_cli
 
     return int(keys_cli(args.rest))
 
