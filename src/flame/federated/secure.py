@@ -89,7 +89,7 @@ class SecureKeys:
 
     @classmethod
     def from_settings(cls, settings: SecureAggregationSettings, *, role: str) -> SecureKeys:
-        from flame.protocols import aggregation_paillier as paillier
+        from flame.protocols import paillier
 
         if role == "aggregation" and settings.private_key_file is not None:
             raise ConfigError(
@@ -118,7 +118,7 @@ class SecureKeys:
 
     @staticmethod
     def spec_of(settings: SecureAggregationSettings) -> Any:
-        from flame.protocols.aggregation_paillier import SecureSumSpec
+        from flame.protocols.paillier import SecureSumSpec
 
         return SecureSumSpec(settings.precision, settings.bound, settings.max_nodes)
 
@@ -164,7 +164,7 @@ def seal(result: Any, keys: SecureKeys | None) -> Any:
                 f"analyze returned flame.secure(...) at {path or 'the top'!r}, but secure "
                 "aggregation is not enabled (FLAME_SECURE__ENABLED=true, or --secure)"
             )
-        from flame.protocols.aggregation_paillier import encrypt_vector
+        from flame.protocols.paillier import encrypt_vector
 
         key = keys.private_key if keys.private_key is not None else keys.public_key
         encrypted = encrypt_vector(
@@ -182,7 +182,7 @@ def seal(result: Any, keys: SecureKeys | None) -> Any:
 def answer_decrypt(envelope: Envelope, keys: SecureKeys, node_id: str) -> dict[str, Any]:
     """Decrypt the aggregator's encrypted sums (as the reporter), or check the reporter's
     plaintext against them (as a confirmer); refuse sums of too few contributors."""
-    from flame.protocols.aggregation_paillier import (
+    from flame.protocols.paillier import (
         EncryptedVector,
         decrypt_vector,
         verify_reported_sum,
@@ -261,7 +261,7 @@ class SecureSummer:
                 "aggregator (FLAME_SECURE__ENABLED=true and a public key)"
             )
         assert self.context is not None
-        from flame.protocols.aggregation_paillier import EncryptedVector
+        from flame.protocols.paillier import EncryptedVector
 
         sums: dict[str, Sealed] = {}
         contributors: dict[str, list[str]] = {}
