@@ -221,10 +221,16 @@ def code_hash(functions: AnalysisFunctions) -> str:
     return digest.hexdigest()
 
 
+def _has_storage(config: FlameConfig) -> bool:
+    return config.storage.endpoint is not None or config.storage.results_dir is not None
+
+
 def open_run_store(
     config: FlameConfig, functions: AnalysisFunctions, aggregator_id: str
 ) -> RunStore | None:
     """Checkpoints and final results on the configured storage (None: keep nothing)."""
+    if not _has_storage(config):
+        return None  # without importing the S3 client: a simulation starts faster
     from flame.clients.minio_client import open_store
 
     store = open_store(config.storage)
@@ -240,6 +246,8 @@ def open_run_store(
 
 def open_node_state(config: FlameConfig, node_id: str) -> Any:
     """Where `context().save/load` keep this node's values."""
+    if not _has_storage(config):
+        return MemoryState()
     from flame.clients.minio_client import open_store
 
     store = open_store(config.storage)
