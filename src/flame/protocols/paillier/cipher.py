@@ -32,8 +32,6 @@ import math
 import secrets
 import threading
 from collections.abc import Sequence
-from concurrent.futures import Future
-from concurrent.futures.process import BrokenProcessPool
 from typing import Any, Literal
 
 import gmpy2
@@ -52,7 +50,12 @@ from flame.protocols.paillier.errors import (
     SumMismatchError,
 )
 from flame.protocols.paillier.keys import key_id
-from flame.protocols.paillier.pool import available_cores, drop_pool, process_pool
+from flame.protocols.paillier.pool import (
+    WorkerError,
+    available_cores,
+    drop_pool,
+    process_pool,
+)
 from flame.protocols.paillier.wire import EncryptedVector, check_ciphertexts
 
 __all__ = [
@@ -189,17 +192,11 @@ class Encryptor:
         n_chunks = max(1, min(self.workers * 4, count // 32))
         step = -(-count // n_chunks)
         sizes = [min(step, count - i) for i in range(0, count, step)]
-        params = source.params()
         try:
-            futures: list[Future[bytes]] = [
-                pool.submit(pm.worker_obfuscators, source.kind, params, size, self._width)
-                for size in sizes
-            ]
-            blobs = [f.result() for f in futures]
-        except (BrokenProcessPool, OSError, RuntimeError) as exc:
+            blobs = pool.generate(source.kind, source.params(), sizes, self._width)
+        except (WorkerError, OSError) as exc:
             logger.warning(
-                "Paillier worker processes failed (%s); encrypting in this process instead",
-                type(exc).__name__,
+                "Paillier worker processes failed (%s); encrypting in this process instead", exc
             )
             drop_pool(self.workers, pool)
             return source.generate(count)

@@ -72,6 +72,18 @@ class SecureSumSpec:
                 "lower the precision or the bound"
             )
 
+    def with_overrides(
+        self, *, bound: float | None = None, precision: int | None = None
+    ) -> SecureSumSpec:
+        """This spec with one field's own bound and/or precision (``flame.secure(x,
+        bound=..., precision=...)``); max_nodes stays shared. The slot layout, and so the
+        packing and wire size, follow from the result, field by field."""
+        return SecureSumSpec(
+            self.precision if precision is None else precision,
+            self.bound if bound is None else bound,
+            self.max_nodes,
+        )
+
     @property
     def scale(self) -> float:
         """2**precision: the factor between a value and its integer encoding."""
