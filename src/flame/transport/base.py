@@ -14,7 +14,6 @@ from __future__ import annotations
 import abc
 import json
 import logging
-import time
 import uuid
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
@@ -85,7 +84,7 @@ class Transport(abc.ABC):
 
     def offline_status(self) -> dict[str, Any]:
         """What the last will says: this instance went offline (signed at connect time)."""
-        return self.sign_status({"state": "offline", "time": time.time()})
+        return self.sign_status({"state": "offline"})
 
     def status_envelope(self, node: str, payload: bytes | bytearray) -> Envelope | None:
         """A watched node's retained status as an envelope, verified; None to drop it."""
