@@ -67,7 +67,7 @@ def node_transport(config: FlameConfig, node_id: str) -> Transport:
 
 def node_data_handle(config: FlameConfig) -> Data:
     """This node's data sources from config, each probed once (a bad token stops here)."""
-    from flame.clients.data_api_client import open_sources, probe_sources
+    from flame.sources import open_sources, probe_sources
 
     sources: dict[str, object] = {}
     if config.data_dir is not None:
