@@ -10,14 +10,16 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from flame import _logging
-from flame.config import load_config
 from flame.errors import ConfigError, FlameError
-from flame.federated.records import Event, RunResult
-from flame.loader import load_analysis
-from flame.messages import to_jsonable
+
+if TYPE_CHECKING:
+    from flame.federated.records import Event, RunResult
+
+# Commands import what they need when they run: `flame --version` and `flame --help` stay
+# free of pydantic, numpy and the network clients (benchmarks/startup.py measures it).
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -59,6 +61,8 @@ class _Progress:
 
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
+    from flame.config import load_config
+    from flame.loader import load_analysis
     from flame.simulate import simulate
 
     if args.output is not None and not args.output.parent.is_dir():
@@ -119,7 +123,10 @@ def _report(result: RunResult, output: Path | None) -> None:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    from flame.config import load_config
+    from flame.loader import load_analysis
     from flame.main import run
+    from flame.messages import to_jsonable
 
     config = load_config()
     _logging.configure(
@@ -141,7 +148,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_keys(args: argparse.Namespace) -> int:
-    from flame.protocols.aggregation_paillier import keys_cli
+    from flame._cli_keys import keys_cli
 
     return int(keys_cli(args.rest))
 

@@ -21,8 +21,8 @@ from flame.federated.aggregator_server import Aggregator
 from flame.federated.analysis_client import AnalysisClient
 from flame.federated.functions import AnalysisFunctions
 from flame.federated.records import EventSink, RunResult, RunStore
+from flame.federated.run_store import open_node_state, open_run_store
 from flame.federated.secure import SecureKeys
-from flame.main import aggregator_store, node_state
 from flame.transport.base import Transport
 from flame.transport.memory import MemoryBroker, MemoryTransport
 
@@ -119,7 +119,7 @@ def simulate(
             participants=participants,
             wait_timeout=config.presence_timeout + 2 * config.epoch_timeout,
             seed=config.seed,
-            state=node_state(config, node),
+            state=open_node_state(config, node),
             secrets=secrets,
             keys=keys,
         )
@@ -143,7 +143,7 @@ def simulate(
         presence_timeout=config.presence_timeout,
         store=store
         if store is not None
-        else aggregator_store(config, functions, config.aggregator_id),
+        else open_run_store(config, functions, config.aggregator_id),
         on_event=on_event,
         seed=config.seed,
         secrets=secrets,
@@ -169,7 +169,7 @@ def _simulation_keys(config: FlameConfig) -> SecureKeys:
     """The configured keys, or a throwaway pair that lives only in this process."""
     if config.secure.private_key_file is not None:
         return SecureKeys.from_settings(config.secure, role="analysis")
-    from flame.protocols.aggregation_paillier import generate_keypair
+    from flame.protocols.paillier import generate_keypair
 
     log.info("secure simulation: generating a throwaway 2048-bit key pair")
     public, private = generate_keypair(2048)

@@ -67,6 +67,7 @@ class AnalysisClient:
         self.session = uuid.uuid4().hex
         self.secrets = list(secrets)
         self.keys = keys
+        self._specs: dict[str, Any] = {}  # field -> the encoding this node sealed it with
         self.context = Context(
             analysis_id=transport.analysis_id,
             node_id=transport.node_id,
@@ -118,7 +119,8 @@ class AnalysisClient:
 
     def send_results(self, epoch: int, result: Any) -> None:
         """Send this epoch's result to the aggregator (returns once the broker has it)."""
-        body = seal(result, self.keys)
+        self._specs = {}
+        body = seal(result, self.keys, self._specs)
         envelope = Envelope(
             self.transport.analysis_id,
             self.transport.node_id,
@@ -208,7 +210,7 @@ class AnalysisClient:
         elif envelope.epoch != self._last_epoch:
             reply = {"error": f"no result of this node in epoch {envelope.epoch}"}
         else:
-            reply = answer_decrypt(envelope, self.keys, self.transport.node_id)
+            reply = answer_decrypt(envelope, self.keys, self.transport.node_id, self._specs)
         answer = envelope.reply("message", reply, category=DECRYPTED)
         self.transport.send(answer)
 
