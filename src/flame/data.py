@@ -14,15 +14,16 @@ import io
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import ExitStack
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import numpy as np
-import pyarrow as pa
 
 from flame.errors import DataError
-from flame.readers import FORMATS, read_tables, to_numpy
 from flame.sources.base import FileSource
 from flame.sources.local import LocalSource, MemorySource
+
+if TYPE_CHECKING:  # pyarrow is imported on the first table read (keeps start-up fast)
+    import pyarrow as pa
 
 __all__ = ["Data", "FileSource", "LocalSource", "MemorySource", "Table"]
 
@@ -120,6 +121,8 @@ class Data:
         names = [name] if name is not None else self.files("*.csv", source=source)
         if not names:
             raise DataError(f"node {self.node_id!r} has no CSV files")
+        from flame.readers import to_numpy
+
         table = self._read(names, source)
         return {column: to_numpy(table.column(column)) for column in table.column_names}
 
@@ -187,18 +190,21 @@ class Data:
                 if names:
                     break
         if not names:
+            from flame.readers import FORMATS
+
             known = ", ".join(sorted(FORMATS))
             raise DataError(f"node {self.node_id!r} has no table files ({known}) matching {name!r}")
         return names
 
     def _read(self, names: list[str], source: str | None) -> pa.Table:
+        from flame.readers import read_tables
+
         files = self._files_source(source)
-        path_of = getattr(files, "path", None)
         with ExitStack() as stack:
             entries: list[tuple[str, Path | IO[bytes]]] = []
             for file_name in names:
-                if callable(path_of):
-                    path = path_of(file_name)
+                if isinstance(files, LocalSource):  # read natively (not wrapped or metered)
+                    path = files.path(file_name)
                     if not path.is_file():
                         raise DataError(f"data source {files.name!r}: no file {file_name!r}")
                     entries.append((file_name, path))

@@ -21,11 +21,15 @@ import decimal
 import importlib
 import logging
 import math
-from typing import Any
-
-import pyarrow as pa
+from typing import TYPE_CHECKING, Any
 
 from flame.errors import MessageError
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+# pyarrow, pandas and polars are imported only when a table is actually sent or received,
+# so a process that never handles tables does not pay for importing them.
 
 __all__ = ["KEY_TYPES", "decode_table", "dict_key", "encode_table", "is_table", "to_columns"]
 
@@ -46,12 +50,10 @@ _SERIES_COLUMN = "__flame_series__"
 
 
 def _kind(obj: Any) -> str | None:
-    if isinstance(obj, pa.Table):
-        return "arrow.Table"
-    if isinstance(obj, pa.RecordBatch):
-        return "arrow.RecordBatch"
     package = type(obj).__module__.split(".", 1)[0]
     name = type(obj).__name__
+    if package == "pyarrow" and name in ("Table", "RecordBatch"):
+        return f"arrow.{name}"
     if package in ("pandas", "polars") and name in ("DataFrame", "Series"):
         return f"{package}.{name}"
     return None
@@ -63,6 +65,8 @@ def is_table(obj: Any) -> bool:
 
 
 def _as_arrow(obj: Any, kind: str, path: str) -> tuple[pa.Table, dict[str, Any]]:
+    import pyarrow as pa
+
     extra: dict[str, Any] = {}
     if kind == "arrow.Table":
         return obj, extra
@@ -92,6 +96,8 @@ def _as_arrow(obj: Any, kind: str, path: str) -> tuple[pa.Table, dict[str, Any]]
 
 def encode_table(obj: Any, path: str) -> tuple[dict[str, Any], pa.Buffer] | None:
     """`(reference fields, IPC bytes)` for a table value, None for anything else."""
+    import pyarrow as pa
+
     kind = _kind(obj)
     if kind is None:
         return None
@@ -103,6 +109,8 @@ def encode_table(obj: Any, path: str) -> tuple[dict[str, Any], pa.Buffer] | None
 
 
 def _read(data: memoryview) -> pa.Table:
+    import pyarrow as pa
+
     try:
         with pa.ipc.open_stream(pa.py_buffer(data)) as reader:
             table = reader.read_all()
@@ -114,6 +122,8 @@ def _read(data: memoryview) -> pa.Table:
 
 def decode_table(ref: dict[str, Any], data: memoryview) -> Any:
     """The value `encode_table` sent, as the same type where this process can make it."""
+    import pyarrow as pa
+
     kind = ref.get("type")
     allowed = {"$arrow", "type", "name"} if str(kind).endswith(".Series") else {"$arrow", "type"}
     if kind not in _TYPES or not set(ref) <= allowed or "type" not in ref:
@@ -166,6 +176,8 @@ def check_key(key: Any) -> Any:
 
 def to_columns(obj: Any) -> dict[str, list[Any]]:
     """A table as `{column: [values]}` of JSON-ready values (for output files)."""
+    import pyarrow as pa
+
     kind = _kind(obj)
     if kind is None:
         raise TypeError(f"{type(obj).__name__} is not a table")

@@ -23,6 +23,7 @@ import pyarrow as pa
 
 from flame.errors import DataError
 from flame.sources.base import FileSource
+from flame.sources.local import LocalSource
 
 __all__ = ["DuckDbEngine", "table_name"]
 
@@ -86,11 +87,8 @@ class DuckDbEngine:
             self.tables[view] = name
 
     def _local_path(self, name: str) -> Path:
-        path_of = getattr(self.source, "path", None)
-        if callable(path_of):
-            found = path_of(name)
-            if isinstance(found, Path):
-                return found
+        if isinstance(self.source, LocalSource):  # DuckDB scans it in place
+            return self.source.path(name)
         target = self._spill / "files" / name
         target.parent.mkdir(parents=True, exist_ok=True)
         with self.source.open(name) as stream, target.open("wb") as out:

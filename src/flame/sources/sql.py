@@ -64,6 +64,7 @@ class SqlSource:
     """A PostgreSQL database: `query(sql, params)` -> `pyarrow.Table`, `batches(...)` streams."""
 
     kind: Literal["sql"] = "sql"
+    remote_methods = ("query", "to_pandas")  # what an isolated analysis may call
 
     def __init__(
         self,
