@@ -98,6 +98,9 @@ def run(
 
     Both functions are passed on every node, so one image serves both roles.
     """
+    from flame.isolation.child import refuse_nested_run
+
+    refuse_nested_run("flame.run")
     config = config if config is not None else load_config()
     node_id, role = _require(config)
     functions = AnalysisFunctions.of(analyze, aggregate, converged)
@@ -133,5 +136,6 @@ def run(
         state=open_node_state(config, node_id),
         secrets=secrets,
         keys=keys,
+        isolate=True,
     )
     return client.run(functions, data).value

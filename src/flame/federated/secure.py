@@ -21,6 +21,7 @@ import numpy as np
 
 from flame.config import SecureAggregationSettings
 from flame.errors import ConfigError, FlameError, RunFailed
+from flame.markers import register
 from flame.messages import Envelope, Sealed
 
 if TYPE_CHECKING:
@@ -37,6 +38,7 @@ DECRYPT = "flame.secure.decrypt"
 DECRYPTED = "flame.secure.decrypted"
 
 
+@register("secure")
 @dataclass(frozen=True)
 class Secure:
     """A value `analyze` wants summed under encryption (see `flame.secure`)."""
