@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -112,6 +113,7 @@ def test_a_wrong_partial_is_detected_named_and_outvoted(tkey, caplog, monkeypatc
     def cheating(self: ThresholdParty, envelope: Envelope) -> dict:
         reply = honest(self, envelope)
         if self.share.node_id != "b" or "partials" not in reply:
+            time.sleep(1.0)  # b answers first, so the aggregator must look at its answer
             return reply
         public = self.share.public
         for path, sealed in reply["partials"].items():

@@ -96,6 +96,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
             broker=broker,
             on_event=progress,
             secure=args.secure,
+            isolate=not args.in_process,
         )
     _report(result, args.output)
     return 0
@@ -179,6 +180,11 @@ def _parser() -> argparse.ArgumentParser:
         "--broker",
         metavar="URL",
         help="run over a real MQTT broker (mqtt://host:port), or 'embedded' to start a local one",
+    )
+    sim.add_argument(
+        "--in-process",
+        action="store_true",
+        help="run analyze in this process instead of an isolated child per node (debugging)",
     )
     sim.add_argument("--quiet", action="store_true", help="no progress lines")
     sim.add_argument("--verbose", action="store_true", help="debug logging")

@@ -39,3 +39,21 @@ class RunFailed(FlameError):
         self.reason = reason
         self.node = node
         self.epoch = epoch
+
+
+class AnalysisError(FlameError):
+    """`analyze` raised in the analysis child: its exception type, message and traceback.
+
+    `str()` is the original message; `remote_type` the original exception's type name;
+    `traceback_text` the formatted frames of the analysis code only (flame's own left out).
+    """
+
+    def __init__(self, remote_type: str, message: str, traceback_text: str = "") -> None:
+        super().__init__(message)
+        self.remote_type = remote_type
+        self.message = message
+        self.traceback_text = traceback_text
+
+
+class PolicyRefused(FlameError):
+    """The node policy refused to release a result; the message names the field and rule."""

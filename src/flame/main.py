@@ -65,7 +65,7 @@ def node_transport(config: FlameConfig, node_id: str) -> Transport:
 
 def node_data_handle(config: FlameConfig) -> Data:
     """This node's data sources from config, each probed once (a bad token stops here)."""
-    from flame.clients.data_api_client import open_sources, probe_sources
+    from flame.sources import open_sources, probe_sources
 
     sources: dict[str, object] = {}
     if config.data_dir is not None:
@@ -98,6 +98,9 @@ def run(
 
     Both functions are passed on every node, so one image serves both roles.
     """
+    from flame.isolation.child import refuse_nested_run
+
+    refuse_nested_run("flame.run")
     config = config if config is not None else load_config()
     node_id, role = _require(config)
     functions = AnalysisFunctions.of(analyze, aggregate, converged)
@@ -133,5 +136,6 @@ def run(
         state=open_node_state(config, node_id),
         secrets=secrets,
         keys=keys,
+        isolate=True,
     )
     return client.run(functions, data).value

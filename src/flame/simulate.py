@@ -23,6 +23,7 @@ from flame.federated.functions import AnalysisFunctions
 from flame.federated.records import EventSink, RunResult, RunStore
 from flame.federated.run_store import open_node_state, open_run_store
 from flame.federated.secure import SecureKeys
+from flame.isolation.child import refuse_nested_run
 from flame.transport.base import Transport
 from flame.transport.memory import MemoryBroker, MemoryTransport
 
@@ -82,6 +83,7 @@ def simulate(
     on_event: EventSink | None = None,
     store: RunStore | None = None,
     secure: bool = False,
+    isolate: bool = False,
 ) -> RunResult:
     """Run `analyze` on every node's data and `aggregate` once per epoch; return the result.
 
@@ -90,8 +92,11 @@ def simulate(
     FLAME_* variables apply (epochs, timeouts, quorum, seed); arguments given here win.
     `secure=True` (or FLAME_SECURE__ENABLED) sums `flame.secure(...)` values under
     Paillier encryption, with the configured key files or a throwaway key pair.
+    `isolate=True` runs each node's `analyze` in a child process as on a production node
+    (the `flame simulate` command does); `analyze` must then live in a module or file.
     Raises `RunFailed` with the failing node and its error if any node fails.
     """
+    refuse_nested_run("flame.simulate")
     functions = AnalysisFunctions.of(analyze, aggregate, converged)
     nodes = node_data(data)
     if config is None:
@@ -122,6 +127,7 @@ def simulate(
             state=open_node_state(config, node),
             secrets=secrets,
             keys=None if keys is None else keys.for_node(node),
+            isolate=isolate,
         )
         try:
             client.run(functions, nodes[node])

@@ -18,10 +18,11 @@ from flame import _logging
 from flame._deadline import Deadline
 from flame._redact import describe_exception
 from flame.errors import RunFailed, RunTimeout
-from flame.federated.context import Context, active
+from flame.federated.context import Context
 from flame.federated.functions import AnalysisFunctions
 from flame.federated.mailbox import Mailbox
 from flame.federated.secure import DECRYPT, DECRYPTED, SecureKeys, answer_decrypt, seal
+from flame.isolation.runner import ChildRunner, InProcessRunner, Runner
 from flame.messages import Envelope
 from flame.transport.base import Transport
 
@@ -59,6 +60,7 @@ class AnalysisClient:
         state: Any = None,
         secrets: Sequence[str] = (),
         keys: SecureKeys | None = None,
+        isolate: bool = False,
     ) -> None:
         self.transport = transport
         self.mailbox = Mailbox(transport)
@@ -79,6 +81,7 @@ class AnalysisClient:
             state=state,
             on_progress=self._report_progress,
         )
+        self.isolate = isolate
         self._last_epoch = -1
         self._last_sent: Envelope | None = None
         self._epoch_started = time.perf_counter()
@@ -163,7 +166,12 @@ class AnalysisClient:
     def run(self, functions: AnalysisFunctions, data: Any) -> Instruction:
         """Play this node's part until the aggregator says finished; returns that instruction."""
         self.connect()
+        runner = self._runner(functions, data)
         try:
+            try:
+                runner.start()  # the child starts while the aggregator gathers the nodes
+            except Exception as exc:  # tried again, and reported, in the first epoch
+                log.warning("the analysis could not be started yet: %s", exc)
             while True:
                 instruction = self.await_instruction()
                 if instruction.kind == "abort":
@@ -178,9 +186,8 @@ class AnalysisClient:
                 _logging.set_epoch(epoch)
                 started = self._epoch_started = time.perf_counter()
                 try:
-                    with active(self.context):
-                        result = functions.analyze(data, epoch=epoch, previous=instruction.previous)
-                    self.send_results(epoch, result)
+                    outcome = runner.run(epoch, instruction.previous)
+                    self.send_results(epoch, outcome.result)
                 except RunFailed:
                     raise
                 except (Exception, SystemExit, KeyboardInterrupt) as exc:
@@ -195,9 +202,16 @@ class AnalysisClient:
                 log.debug("epoch %d: result sent in %.3f s", epoch, time.perf_counter() - started)
         finally:
             _logging.set_epoch(None)
+            runner.close()
             self.transport.close()
 
     # --- helpers -----------------------------------------------------------------------------
+    def _runner(self, functions: AnalysisFunctions, data: Any) -> Runner:
+        """Where `analyze` runs: an isolated child (nodes, CLI) or this process (Python API)."""
+        if self.isolate:
+            return ChildRunner(functions.analyze, data, self.context, timeout=self.wait_timeout)
+        return InProcessRunner(functions.analyze, data, self.context)
+
     def _from_aggregator(self, envelope: Envelope) -> bool:
         return envelope.sender == self.aggregator_id and (
             envelope.kind in _CONTROL

@@ -21,6 +21,7 @@ import numpy as np
 
 from flame.config import SecureAggregationSettings
 from flame.errors import ConfigError, FlameError, RunFailed
+from flame.markers import register
 from flame.messages import Envelope, Sealed
 
 if TYPE_CHECKING:
@@ -44,6 +45,7 @@ DECRYPT = "flame.secure.decrypt"
 DECRYPTED = "flame.secure.decrypted"
 
 
+@register("secure")
 @dataclass(frozen=True)
 class Secure:
     """A value `analyze` wants summed under encryption (see `flame.secure`)."""
