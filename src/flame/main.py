@@ -121,6 +121,9 @@ def run(
     auth = for_config(config, node_id)
     if auth is not None:
         log.info("roster %s: %d members", auth.roster.fingerprint, len(auth.roster))
+        if keys is not None:  # contributions signed by this node, checked against the roster
+            keys.signer = auth.identity.sign
+            keys.verifier = auth.roster.verifier("analysis")
     transport = node_transport(config, node_id, auth)
     if role == "aggregation":
         aggregator = Aggregator(

@@ -10,8 +10,9 @@ import logging
 import re
 import threading
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flame import _logging
 from flame.config import FlameConfig, load_config
@@ -26,6 +27,9 @@ from flame.federated.secure import SecureKeys
 from flame.isolation.child import refuse_nested_run
 from flame.transport.base import Transport
 from flame.transport.memory import MemoryBroker, MemoryTransport
+
+if TYPE_CHECKING:
+    from flame.identity import Authenticator
 
 __all__ = ["DataSpec", "node_data", "simulate"]
 
@@ -111,8 +115,13 @@ def simulate(
         raise FlameError(
             f"FLAME_QUORUM is {config.quorum}, but only {len(participants)} nodes have data"
         )
-    connect = _signed(_transport_factory(broker, config), config.aggregator_id, participants)
+    from flame.identity import throwaway
+
+    auths = throwaway(config.aggregator_id, participants)
+    connect = _signed(_transport_factory(broker, config), auths)
     keys = _simulation_keys(config) if secure or config.secure.enabled else None
+    if keys is not None:  # contributions signed, checked against the throwaway roster
+        keys.verifier = auths[config.aggregator_id].roster.verifier("analysis")
     secrets = config.secrets()
     failures: dict[str, BaseException] = {}
 
@@ -126,7 +135,7 @@ def simulate(
             seed=config.seed,
             state=open_node_state(config, node),
             secrets=secrets,
-            keys=None if keys is None else keys.for_node(node),
+            keys=None if keys is None else _node_keys(keys, auths[node]),
             isolate=isolate,
         )
         try:
@@ -200,13 +209,13 @@ def _simulation_keys(config: FlameConfig) -> SecureKeys:
     )
 
 
-def _signed(
-    connect: TransportFactory, aggregator_id: str, participants: list[str]
-) -> TransportFactory:
-    """Transports signing with throwaway identities: the production path, every time."""
-    from flame.identity import throwaway
+def _node_keys(keys: SecureKeys, auth: Authenticator) -> SecureKeys:
+    """This node's keys, signing its contributions with its (throwaway) identity."""
+    return replace(keys.for_node(auth.node_id), signer=auth.identity.sign)
 
-    auths = throwaway(aggregator_id, participants)
+
+def _signed(connect: TransportFactory, auths: dict[str, Authenticator]) -> TransportFactory:
+    """Transports signing with throwaway identities: the production path, every time."""
 
     def make(node: str) -> Transport:
         transport = connect(node)

@@ -20,11 +20,12 @@ import hashlib
 import json
 import re
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from flame.errors import ConfigError
@@ -154,6 +155,30 @@ class Roster:
 
     def ids(self, role: str | None = None) -> list[str]:
         return [m.node_id for m in self._members.values() if role is None or m.role == role]
+
+    def check_signature(
+        self, node_id: str, message: bytes, signature: bytes, role: str | None = None
+    ) -> str | None:
+        """None if `signature` is `node_id`'s (in `role`, if given) over `message`, else why not.
+
+        For signatures on raw bytes (e.g. secure-aggregation contributions); callers put a
+        domain prefix of their own at the start of `message`."""
+        member = self._members.get(node_id)
+        if member is None:
+            return f"{node_id!r} is not in the roster"
+        if role is not None and member.role != role:
+            return f"{node_id!r} is not an {role} member of the roster"
+        try:
+            member.public_key.verify(signature, message)
+        except InvalidSignature:
+            return f"the signature is not {node_id!r}'s"
+        return None
+
+    def verifier(self, role: str | None = "analysis") -> Callable[[str, bytes, bytes], str | None]:
+        """`check_signature` for members of `role`: the threshold protocol's Verifier."""
+        return lambda node, message, signature: self.check_signature(
+            node, message, signature, role
+        )
 
     def require(self, node_id: str, role: str, what: str) -> Member:
         """The member `node_id` in `role`, or a ConfigError saying what is wrong."""
