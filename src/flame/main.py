@@ -126,6 +126,9 @@ def run(
             keys=keys,
         )
         return aggregator.execute().value
+    from flame.policy import load_policy
+
+    policy = load_policy(config.policy)  # the operator's file; never from the aggregator
     data = node_data_handle(config)
     client = AnalysisClient(
         transport,
@@ -136,6 +139,7 @@ def run(
         state=open_node_state(config, node_id),
         secrets=secrets,
         keys=keys,
-        isolate=True,
+        isolate=policy.isolate,
+        policy=policy,
     )
     return client.run(functions, data).value

@@ -21,9 +21,11 @@ from flame.errors import RunFailed, RunTimeout
 from flame.federated.context import Context
 from flame.federated.functions import AnalysisFunctions
 from flame.federated.mailbox import Mailbox
+from flame.federated.release import Gate
 from flame.federated.secure import DECRYPT, DECRYPTED, SecureKeys, answer_decrypt, seal
 from flame.isolation.runner import ChildRunner, InProcessRunner, Runner
 from flame.messages import Envelope
+from flame.policy import NodePolicy
 from flame.transport.base import Transport
 
 __all__ = ["AnalysisClient", "Instruction"]
@@ -61,6 +63,7 @@ class AnalysisClient:
         secrets: Sequence[str] = (),
         keys: SecureKeys | None = None,
         isolate: bool = False,
+        policy: NodePolicy | None = None,
     ) -> None:
         self.transport = transport
         self.mailbox = Mailbox(transport)
@@ -81,7 +84,9 @@ class AnalysisClient:
             state=state,
             on_progress=self._report_progress,
         )
+        self.policy = policy if policy is not None else NodePolicy()
         self.isolate = isolate
+        self.gate = Gate(self.policy, node_id=transport.node_id, analysis_id=transport.analysis_id)
         self._last_epoch = -1
         self._last_sent: Envelope | None = None
         self._epoch_started = time.perf_counter()
@@ -120,7 +125,7 @@ class AnalysisClient:
                 continue
             return instruction
 
-    def send_results(self, epoch: int, result: Any) -> None:
+    def send_results(self, epoch: int, result: Any, privacy: dict[str, Any] | None = None) -> None:
         """Send this epoch's result to the aggregator (returns once the broker has it)."""
         self._specs = {}
         body = seal(result, self.keys, self._specs)
@@ -135,7 +140,8 @@ class AnalysisClient:
         self.transport.send(envelope)
         self._last_epoch = epoch
         self._last_sent = envelope
-        self.transport.announce(self._status("sent", epoch, **self._metrics()))
+        extra = {} if privacy is None else {"privacy": privacy}
+        self.transport.announce(self._status("sent", epoch, **self._metrics(), **extra))
 
     def await_aggregation(self) -> Instruction:
         """Wait for the aggregate of the epoch just sent (or the final result / an abort)."""
@@ -185,8 +191,11 @@ class AnalysisClient:
                 _logging.set_epoch(epoch)
                 started = self._epoch_started = time.perf_counter()
                 try:
+                    runner.start()
+                    self.gate.before(epoch, runner.declared_spend)  # before any data is read
                     outcome = runner.run(epoch, instruction.previous)
-                    self.send_results(epoch, outcome.result)
+                    release = self.gate.release(epoch, outcome)  # policy, here in the runtime
+                    self.send_results(epoch, release.result, release.report())
                 except RunFailed:
                     raise
                 except (Exception, SystemExit, KeyboardInterrupt) as exc:
@@ -208,7 +217,13 @@ class AnalysisClient:
     def _runner(self, functions: AnalysisFunctions, data: Any) -> Runner:
         """Where `analyze` runs: an isolated child (nodes, CLI) or this process (Python API)."""
         if self.isolate:
-            return ChildRunner(functions.analyze, data, self.context, timeout=self.wait_timeout)
+            return ChildRunner(
+                functions.analyze,
+                data,
+                self.context,
+                timeout=self.wait_timeout,
+                cut_network=self.policy.cut_network,
+            )
         return InProcessRunner(functions.analyze, data, self.context)
 
     def _from_aggregator(self, envelope: Envelope) -> bool:

@@ -267,7 +267,8 @@ class ChildRunner:
         )
         self.network = str(ready.get("network", "unknown"))
         self._declared = ready.get("declared")
-        log.info("analysis child %s started; network %s", ready.get("pid"), self.network)
+        level = logging.DEBUG if self.network == "cut" else logging.INFO
+        log.log(level, "analysis child %s started; network %s", ready.get("pid"), self.network)
 
     def run(self, epoch: int, previous: Any) -> Outcome:
         self.start()
