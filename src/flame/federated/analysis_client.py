@@ -87,6 +87,7 @@ class AnalysisClient:
         self.policy = policy if policy is not None else NodePolicy()
         self.isolate = isolate
         self.gate = Gate(self.policy, node_id=transport.node_id, analysis_id=transport.analysis_id)
+        self._privacy: dict[str, Any] = {}  # per epoch: DP spend, suppressed cells
         self._last_epoch = -1
         self._last_sent: Envelope | None = None
         self._epoch_started = time.perf_counter()
@@ -140,8 +141,9 @@ class AnalysisClient:
         self.transport.send(envelope)
         self._last_epoch = epoch
         self._last_sent = envelope
-        extra = {} if privacy is None else {"privacy": privacy}
-        self.transport.announce(self._status("sent", epoch, **self._metrics(), **extra))
+        if privacy is not None and (privacy["spend"]["epsilon"] or privacy.get("suppressed")):
+            self._privacy[str(epoch)] = privacy
+        self.transport.announce(self._status("sent", epoch, **self._metrics()))
 
     def await_aggregation(self) -> Instruction:
         """Wait for the aggregate of the epoch just sent (or the final result / an abort)."""
@@ -279,6 +281,8 @@ class AnalysisClient:
         }
         if state == "computing":
             status.setdefault("progress", 0.0)
+        if self._privacy:
+            status["privacy"] = dict(self._privacy)
         return status
 
     def _metrics(self) -> dict[str, Any]:
