@@ -40,7 +40,14 @@ class _Rpc:
         if kind != "reply" or not isinstance(body, dict):
             raise RemoteError(f"unexpected answer {kind!r} from the node runtime")
         if "error" in body:
-            raise RemoteError(str(body["error"]))
+            import flame.errors
+
+            e = flame.errors
+            same = {c.__name__: c for c in (e.DataError, e.FlameError, e.TransportError)}
+            kind = same.get(str(body.get("type")))
+            if kind is not None:
+                raise kind(str(body["error"]))  # as the analysis would see it in-process
+            raise RemoteError(f"{body.get('type')}: {body['error']}")
         return body.get("value")
 
 
