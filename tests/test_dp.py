@@ -90,7 +90,7 @@ def test_distributed_gaussian_shares_sum_to_the_full_noise() -> None:
 def test_distributed_noise_outside_secure_is_refused(tmp_path: Path) -> None:
     gate = Gate(flame.NodePolicy(), node_id="a", analysis_id="x")
     outcome = Outcome({"s": flame.dp.gaussian(1.0, 1.0, 1.0, 1e-5, contributors=3)}, 10)
-    with pytest.raises(flame.PolicyRefused, match="only safe inside flame.secure"):
+    with pytest.raises(flame.PolicyRefused, match=r"only safe inside flame\.secure"):
         gate.release(0, outcome)
 
 

@@ -44,9 +44,9 @@ class _Rpc:
 
             e = flame.errors
             same = {c.__name__: c for c in (e.DataError, e.FlameError, e.TransportError)}
-            kind = same.get(str(body.get("type")))
-            if kind is not None:
-                raise kind(str(body["error"]))  # as the analysis would see it in-process
+            error_type = same.get(str(body.get("type")))
+            if error_type is not None:
+                raise error_type(str(body["error"]))  # as the analysis would see it in-process
             raise RemoteError(f"{body.get('type')}: {body['error']}")
         return body.get("value")
 
