@@ -133,6 +133,14 @@ class SecureAggregationSettings(_Section):
     obfuscation: Literal["standard", "djn"] = Field(
         "standard", description="'djn' is faster but rests on an extra assumption (README)"
     )
+    key_share_file: Path | None = Field(
+        None, description="threshold mode: this analysis node's share-<node>.json (mode 0600)"
+    )
+    allow_changing_contributors: bool = Field(
+        False,
+        description="threshold mode: decrypt sums of a field over changing contributor sets "
+        "(off: the first sum fixes the set, so sums cannot be differenced)",
+    )
 
 
 def _split_list(value: Any) -> Any:

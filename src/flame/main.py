@@ -83,7 +83,7 @@ def secure_keys(config: FlameConfig, role: str) -> SecureKeys | None:
     """This node's secure-aggregation keys, or None when secure aggregation is off."""
     if not config.secure.enabled:
         return None
-    return SecureKeys.from_settings(config.secure, role=role)
+    return SecureKeys.from_settings(config.secure, role=role, node_id=config.node_id)
 
 
 def run(
