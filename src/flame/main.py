@@ -125,6 +125,7 @@ def run(
             secrets=secrets,
             keys=keys,
         )
+        aggregator.context.params = dict(config.params)
         return aggregator.execute().value
     data = node_data_handle(config)
     client = AnalysisClient(
@@ -138,4 +139,5 @@ def run(
         keys=keys,
         isolate=True,
     )
+    client.context.params = dict(config.params)
     return client.run(functions, data).value

@@ -129,6 +129,7 @@ def simulate(
             keys=None if keys is None else keys.for_node(node),
             isolate=isolate,
         )
+        client.context.params = dict(config.params)
         try:
             client.run(functions, nodes[node])
         except BaseException as exc:  # recorded; the aggregator reports the run's outcome
@@ -155,6 +156,7 @@ def simulate(
         secrets=secrets,
         keys=None if keys is None else keys.public_only(),
     )
+    aggregator.context.params = dict(config.params)
     for thread in threads:
         thread.start()
     try:
