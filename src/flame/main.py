@@ -125,6 +125,7 @@ def run(
             secrets=secrets,
             keys=keys,
         )
+        aggregator.context.params = dict(config.params)
         return aggregator.execute().value
     from flame.policy import load_policy
 
@@ -142,4 +143,5 @@ def run(
         isolate=policy.isolate,
         policy=policy,
     )
+    client.context.params = dict(config.params)
     return client.run(functions, data).value

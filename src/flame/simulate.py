@@ -155,6 +155,7 @@ def simulate(
             isolate=isolate,
             policy=policies[node],
         )
+        client.context.params = dict(config.params)
         try:
             client.run(functions, nodes[node])
         except BaseException as exc:  # recorded; the aggregator reports the run's outcome
@@ -181,6 +182,7 @@ def simulate(
         secrets=secrets,
         keys=None if keys is None else keys.public_only(),
     )
+    aggregator.context.params = dict(config.params)
     for thread in threads:
         thread.start()
     try:
