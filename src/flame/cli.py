@@ -13,8 +13,9 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from flame import _logging
+from flame._signals import stop_on_sigterm
 from flame.config import load_config
-from flame.errors import ConfigError, FlameError
+from flame.errors import ConfigError, FlameError, stop_exit_code, stop_signal
 from flame.federated.records import Event, RunResult
 from flame.loader import load_analysis
 from flame.messages import to_jsonable
@@ -83,6 +84,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
 
             settings = config.broker.model_copy(update={"url": broker_url})
             broker = mqtt_transport_factory(settings, config.analysis_id)
+        stack.enter_context(stop_on_sigterm())
         result = simulate(
             analysis.functions.analyze,
             analysis.functions.aggregate,
@@ -192,7 +194,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point; returns the exit code (0 success, 1 run failed, 2 bad input)."""
+    """Entry point; returns the exit code (0 success, 1 run failed, 2 bad input, 130 SIGINT,
+    143 SIGTERM)."""
     args = _parser().parse_args(argv)
     try:
         return int(args.handler(args))
@@ -202,8 +205,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"flame: config error: {line}", file=sys.stderr)
         return EXIT_USAGE
     except FlameError as exc:
+        # The failing analysis's traceback, when its node sent one, is in the aggregator's log.
         print(f"flame: error: {exc}", file=sys.stderr)
         return EXIT_FAILED
-    except KeyboardInterrupt:
-        print("flame: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:  # SIGINT, or SIGTERM (see flame._signals)
+        print(f"flame: stopped: {stop_signal(exc)}", file=sys.stderr)
+        return stop_exit_code(exc)

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from flame._signals import stop_on_sigterm
 from flame.config import FlameConfig, load_config
 from flame.data import Data, LocalSource
 from flame.errors import ConfigError
@@ -147,6 +148,17 @@ def run(
     Both functions are passed on every node, so one image serves both roles.
     """
     config = config if config is not None else load_config()
+    with stop_on_sigterm():
+        return _run(analyze, aggregate, converged, config, on_event)
+
+
+def _run(
+    analyze: Callable[..., Any] | None,
+    aggregate: Callable[..., Any] | None,
+    converged: Callable[..., Any] | None,
+    config: FlameConfig,
+    on_event: EventSink | None,
+) -> Any:
     node_id, role = _require(config)
     functions = AnalysisFunctions.of(analyze, aggregate, converged)
     from flame.utils.token import check_service_tokens
@@ -181,5 +193,6 @@ def run(
         state=node_state(config, node_id),
         secrets=secrets,
         keys=keys,
+        resend_interval=config.resend_interval,
     )
     return client.run(functions, data).value

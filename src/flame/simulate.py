@@ -122,6 +122,7 @@ def simulate(
             state=node_state(config, node),
             secrets=secrets,
             keys=keys,
+            log_traceback=False,  # the aggregator's log, in this same process, shows it
         )
         try:
             client.run(functions, nodes[node])
