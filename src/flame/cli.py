@@ -10,15 +10,17 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from flame import _logging
 from flame._signals import stop_on_sigterm
-from flame.config import load_config
 from flame.errors import ConfigError, FlameError, stop_exit_code, stop_signal
-from flame.federated.records import Event, RunResult
-from flame.loader import load_analysis
-from flame.messages import to_jsonable
+
+if TYPE_CHECKING:
+    from flame.federated.records import Event, RunResult
+
+# Commands import what they need when they run: `flame --version` and `flame --help` stay
+# free of pydantic, numpy and the network clients (benchmarks/startup.py measures it).
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -60,6 +62,8 @@ class _Progress:
 
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
+    from flame.config import load_config
+    from flame.loader import load_analysis
     from flame.simulate import simulate
 
     if args.output is not None and not args.output.parent.is_dir():
@@ -94,6 +98,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
             broker=broker,
             on_event=progress,
             secure=args.secure,
+            isolate=not args.in_process,
         )
     _report(result, args.output)
     return 0
@@ -121,7 +126,10 @@ def _report(result: RunResult, output: Path | None) -> None:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    from flame.config import load_config
+    from flame.loader import load_analysis
     from flame.main import run
+    from flame.messages import to_jsonable
 
     config = load_config()
     _logging.configure(
@@ -143,7 +151,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_keys(args: argparse.Namespace) -> int:
-    from flame.protocols.aggregation_paillier import keys_cli
+    from flame._cli_keys import keys_cli
 
     return int(keys_cli(args.rest))
 
@@ -174,6 +182,11 @@ def _parser() -> argparse.ArgumentParser:
         "--broker",
         metavar="URL",
         help="run over a real MQTT broker (mqtt://host:port), or 'embedded' to start a local one",
+    )
+    sim.add_argument(
+        "--in-process",
+        action="store_true",
+        help="run analyze in this process instead of an isolated child per node (debugging)",
     )
     sim.add_argument("--quiet", action="store_true", help="no progress lines")
     sim.add_argument("--verbose", action="store_true", help="debug logging")

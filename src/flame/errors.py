@@ -66,3 +66,21 @@ def stop_signal(exc: BaseException) -> str:
 def stop_exit_code(exc: BaseException) -> int:
     """128 + the signal number: 130 for SIGINT, 143 for SIGTERM."""
     return exc.exit_code if isinstance(exc, Stopped) else 130
+
+
+class AnalysisError(FlameError):
+    """`analyze` raised in the analysis child: its exception type, message and traceback.
+
+    `str()` is the original message; `remote_type` the original exception's type name;
+    `traceback_text` the formatted frames of the analysis code only (flame's own left out).
+    """
+
+    def __init__(self, remote_type: str, message: str, traceback_text: str = "") -> None:
+        super().__init__(message)
+        self.remote_type = remote_type
+        self.message = message
+        self.traceback_text = traceback_text
+
+
+class PolicyRefused(FlameError):
+    """The node policy refused to release a result; the message names the field and rule."""

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import hashlib
-import inspect
 import logging
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from flame._signals import stop_on_sigterm
@@ -16,11 +13,12 @@ from flame.errors import ConfigError
 from flame.federated.aggregator_server import Aggregator
 from flame.federated.analysis_client import AnalysisClient
 from flame.federated.functions import AnalysisFunctions
-from flame.federated.records import EventSink, RunStore
+from flame.federated.records import EventSink
+from flame.federated.run_store import code_hash, open_node_state, open_run_store
 from flame.federated.secure import SecureKeys
 from flame.transport.base import Transport
 
-__all__ = ["run"]
+__all__ = ["code_hash", "run"]
 
 log = logging.getLogger(__name__)
 
@@ -82,52 +80,6 @@ def node_data_handle(config: FlameConfig) -> Data:
     return Data(sources, node_id=config.node_id or "")
 
 
-def code_hash(functions: AnalysisFunctions) -> str:
-    """SHA-256 over the source files that define the analyst's functions (provenance)."""
-    files: set[str] = set()
-    for function in (functions.analyze, functions.aggregate, functions.converged):
-        if function is None:
-            continue
-        original: Callable[..., Any] = getattr(function, "__wrapped__", function)
-        try:
-            source = inspect.getsourcefile(original)
-        except TypeError:
-            source = None
-        if source:
-            files.add(source)
-    digest = hashlib.sha256()
-    for name in sorted(files):
-        digest.update(Path(name).name.encode() + b"\0" + Path(name).read_bytes() + b"\0")
-    return digest.hexdigest()
-
-
-def aggregator_store(
-    config: FlameConfig, functions: AnalysisFunctions, aggregator_id: str
-) -> RunStore | None:
-    """Checkpoints and final results on the configured storage (None: keep nothing)."""
-    from flame.clients.minio_client import open_store
-    from flame.federated.run_store import StorageRunStore
-
-    store = open_store(config.storage)
-    if store is None:
-        return None
-    provenance = {
-        "code_sha256": code_hash(functions),
-        "participants": list(config.participants),
-        "config": config.public_dict(),
-    }
-    return StorageRunStore(store, config.analysis_id, aggregator_id, provenance=provenance)
-
-
-def node_state(config: FlameConfig, node_id: str) -> Any:
-    """Where `context().save/load` keep this node's values."""
-    from flame.clients.minio_client import open_store
-    from flame.federated.run_store import MemoryState, NodeState
-
-    store = open_store(config.storage)
-    return MemoryState() if store is None else NodeState(store, config.analysis_id, node_id)
-
-
 def secure_keys(config: FlameConfig, role: str) -> SecureKeys | None:
     """This node's secure-aggregation keys, or None when secure aggregation is off."""
     if not config.secure.enabled:
@@ -147,6 +99,9 @@ def run(
 
     Both functions are passed on every node, so one image serves both roles.
     """
+    from flame.isolation.child import refuse_nested_run
+
+    refuse_nested_run("flame.run")
     config = config if config is not None else load_config()
     with stop_on_sigterm():
         return _run(analyze, aggregate, converged, config, on_event)
@@ -176,7 +131,7 @@ def _run(
             quorum=config.quorum,
             epoch_timeout=config.epoch_timeout,
             presence_timeout=config.presence_timeout,
-            store=aggregator_store(config, functions, node_id),
+            store=open_run_store(config, functions, node_id),
             on_event=on_event,
             seed=config.seed,
             secrets=secrets,
@@ -190,9 +145,10 @@ def _run(
         participants=config.participants,
         wait_timeout=config.presence_timeout + 2 * config.epoch_timeout,
         seed=config.seed,
-        state=node_state(config, node_id),
+        state=open_node_state(config, node_id),
         secrets=secrets,
         keys=keys,
         resend_interval=config.resend_interval,
+        isolate=True,
     )
     return client.run(functions, data).value

@@ -10,6 +10,7 @@ raises `MessageError`; callers drop such a message, they never act on it.
 from __future__ import annotations
 
 import json
+import mmap
 import re
 import struct
 import time
@@ -253,7 +254,8 @@ def _decode_array(obj: dict[str, Any], blobs: list[memoryview], writable: bool) 
 def decode(
     frame: bytes | bytearray | memoryview, *, max_bytes: int = DEFAULT_MAX_BYTES
 ) -> Envelope:
-    """Parse and validate one frame. Arrays are views of a bytearray frame, copies otherwise."""
+    """Parse and validate one frame. Arrays are views of a bytearray or mmap frame, copies
+    otherwise."""
     view = memoryview(frame).cast("B")
     if view.nbytes > max_bytes:
         raise MessageError(f"message of {view.nbytes} bytes is over the limit of {max_bytes}")
@@ -289,7 +291,7 @@ def decode(
         expected = offset + length
     if expected != payload.nbytes:
         raise MessageError(f"frame has {payload.nbytes - expected} trailing bytes")
-    writable = isinstance(frame, bytearray)
+    writable = isinstance(frame, (bytearray, mmap.mmap))  # arrays are views of it
     try:
         body = _decode_value(header.body, blobs, writable)
     except RecursionError:

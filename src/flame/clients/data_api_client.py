@@ -333,6 +333,7 @@ class FhirSource(_HttpService):
     """A FHIR R4 REST endpoint: searches streamed page by page, optionally as columns."""
 
     kind: Literal["fhir"] = "fhir"
+    remote_methods = ("search", "table", "count")  # what an isolated analysis may call
 
     def __init__(
         self,

@@ -27,10 +27,11 @@ from flame._deadline import Deadline
 from flame._redact import describe_exception
 from flame._traceback import analysis_traceback, trim_traceback_text
 from flame.errors import ConfigError, RunFailed, RunTimeout, TransportError, stop_signal
-from flame.federated.context import Context, active
+from flame.federated.context import Context
 from flame.federated.functions import AnalysisFunctions
 from flame.federated.mailbox import Mailbox
 from flame.federated.secure import DECRYPT, DECRYPTED, SecureKeys, answer_decrypt, seal
+from flame.isolation.runner import ChildRunner, InProcessRunner, Runner
 from flame.messages import Envelope
 from flame.transport.base import Transport
 
@@ -77,6 +78,7 @@ class AnalysisClient:
         resend_interval: float = 10.0,
         send_traceback: bool = True,
         log_traceback: bool = True,
+        isolate: bool = False,
     ) -> None:
         self.transport = transport
         self.mailbox = Mailbox(transport)
@@ -88,6 +90,7 @@ class AnalysisClient:
         self.resend_interval = resend_interval
         self.send_traceback = send_traceback
         self.log_traceback = log_traceback  # off where the aggregator logs to the same place
+        self._specs: dict[str, Any] = {}  # field -> the encoding this node sealed it with
         self.context = Context(
             analysis_id=transport.analysis_id,
             node_id=transport.node_id,
@@ -99,6 +102,7 @@ class AnalysisClient:
             state=state,
             on_progress=self._report_progress,
         )
+        self.isolate = isolate
         self._last_epoch = -1
         self._last_sent: Envelope | None = None
         self._epoch_started = time.perf_counter()
@@ -165,7 +169,8 @@ class AnalysisClient:
 
     def send_results(self, epoch: int, result: Any) -> None:
         """Send this epoch's result to the aggregator; it is re-sent until acknowledged."""
-        body = seal(result, self.keys)
+        self._specs = {}
+        body = seal(result, self.keys, self._specs)
         envelope = Envelope(
             self.transport.analysis_id,
             self.transport.node_id,
@@ -198,6 +203,8 @@ class AnalysisClient:
         reason = describe_exception(exc, self.secrets)
         body: dict[str, Any] = {"node": self.transport.node_id, "epoch": epoch, "error": reason}
         if traceback_text is None:
+            traceback_text = getattr(exc, "traceback_text", None)  # from the analysis child
+        if not traceback_text:
             traceback_text = analysis_traceback(exc, self.secrets)
         else:
             traceback_text = trim_traceback_text(traceback_text, self.secrets)
@@ -244,7 +251,12 @@ class AnalysisClient:
         """Play this node's part until the aggregator says finished; returns that instruction."""
         self.connect()
         epoch = -1
+        runner = self._runner(functions, data)
         try:
+            try:
+                runner.start()  # the child starts while the aggregator gathers the nodes
+            except Exception as exc:  # tried again, and reported, in the first epoch
+                log.warning("the analysis could not be started yet: %s", exc)
             while True:
                 instruction = self.await_instruction()
                 if instruction.kind == "abort":
@@ -262,8 +274,8 @@ class AnalysisClient:
                 _logging.set_epoch(epoch)
                 started = self._epoch_started = time.perf_counter()
                 try:
-                    with active(self.context):
-                        result = functions.analyze(data, epoch=epoch, previous=instruction.previous)
+                    outcome = runner.run(epoch, instruction.previous)
+                    self.send_results(epoch, outcome.result)
                 except (Exception, SystemExit) as exc:
                     reason = self.report_failure(epoch, exc)
                     raise RunFailed(
@@ -271,7 +283,6 @@ class AnalysisClient:
                         node=self.transport.node_id,
                         epoch=epoch,
                     ) from exc
-                self.send_results(epoch, result)
                 log.debug("epoch %d: result sent in %.3f s", epoch, time.perf_counter() - started)
         except KeyboardInterrupt as exc:
             self.report_stop(epoch, stop_signal(exc))
@@ -292,6 +303,7 @@ class AnalysisClient:
             raise
         finally:
             _logging.set_epoch(None)
+            runner.close()
             self.transport.close()
 
     # --- delivery ----------------------------------------------------------------------------
@@ -386,6 +398,12 @@ class AnalysisClient:
         return instruction
 
     # --- helpers -----------------------------------------------------------------------------
+    def _runner(self, functions: AnalysisFunctions, data: Any) -> Runner:
+        """Where `analyze` runs: an isolated child (nodes, CLI) or this process (Python API)."""
+        if self.isolate:
+            return ChildRunner(functions.analyze, data, self.context, timeout=self.wait_timeout)
+        return InProcessRunner(functions.analyze, data, self.context)
+
     def _from_aggregator(self, envelope: Envelope) -> bool:
         return envelope.sender == self.aggregator_id and (
             envelope.kind in _CONTROL
@@ -399,7 +417,7 @@ class AnalysisClient:
         elif envelope.epoch != self._last_epoch:
             reply = {"error": f"no result of this node in epoch {envelope.epoch}"}
         else:
-            reply = answer_decrypt(envelope, self.keys, self.transport.node_id)
+            reply = answer_decrypt(envelope, self.keys, self.transport.node_id, self._specs)
         answer = envelope.reply("message", reply, category=DECRYPTED)
         self.transport.send(answer)
 
