@@ -364,7 +364,7 @@ def _check_source(source: DataSourceSettings, failed_tokens: set[str], timeout: 
     unreachable = _tcp_reachable(host, port, timeout)
     if unreachable:
         return CheckItem("FAIL", name, _public_url(target), unreachable, fix)
-    from flame.clients.data_api_client import open_source
+    from flame.sources import open_source
 
     quick = source.model_copy(update={"retries": 0, "timeout": min(timeout, source.timeout)})
     try:

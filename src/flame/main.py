@@ -66,7 +66,7 @@ def node_transport(config: FlameConfig, node_id: str) -> Transport:
 
 def node_data_handle(config: FlameConfig) -> Data:
     """This node's data sources from config, each probed once (a bad token stops here)."""
-    from flame.clients.data_api_client import open_sources, probe_sources
+    from flame.sources import open_sources, probe_sources
 
     sources: dict[str, object] = {}
     if config.data_dir is not None:
@@ -84,7 +84,7 @@ def secure_keys(config: FlameConfig, role: str) -> SecureKeys | None:
     """This node's secure-aggregation keys, or None when secure aggregation is off."""
     if not config.secure.enabled:
         return None
-    return SecureKeys.from_settings(config.secure, role=role)
+    return SecureKeys.from_settings(config.secure, role=role, node_id=config.node_id)
 
 
 def run(

@@ -126,7 +126,7 @@ def simulate(
             seed=config.seed,
             state=open_node_state(config, node),
             secrets=secrets,
-            keys=keys,
+            keys=None if keys is None else keys.for_node(node),
             log_traceback=False,  # the aggregator's log, in this same process, shows it
             isolate=isolate,
         )
@@ -176,6 +176,17 @@ def _simulation_keys(config: FlameConfig) -> SecureKeys:
     """The configured keys, or a throwaway pair that lives only in this process."""
     if config.secure.private_key_file is not None:
         return SecureKeys.from_settings(config.secure, role="analysis")
+    if config.secure.public_key_file is not None:
+        keys = SecureKeys.from_settings(config.secure, role="aggregation")
+        if keys.threshold is not None:  # every node's share-<node>.json beside the public key
+            from flame.protocols.paillier.threshold_files import load_key_share, share_file_name
+
+            folder = Path(config.secure.public_key_file).parent
+            keys.shares = {
+                node: load_key_share(folder / share_file_name(node), node_id=node)
+                for node, _ in keys.threshold.members
+            }
+            return keys
     from flame.protocols.paillier import generate_keypair
 
     log.info("secure simulation: generating a throwaway 2048-bit key pair")

@@ -170,7 +170,8 @@ class AnalysisClient:
     def send_results(self, epoch: int, result: Any) -> None:
         """Send this epoch's result to the aggregator; it is re-sent until acknowledged."""
         self._specs = {}
-        body = seal(result, self.keys, self._specs)
+        origin = (self.transport.analysis_id, epoch, self.transport.node_id)
+        body = seal(result, self.keys, self._specs, origin)
         envelope = Envelope(
             self.transport.analysis_id,
             self.transport.node_id,
@@ -412,8 +413,10 @@ class AnalysisClient:
         )
 
     def _answer_decrypt(self, envelope: Envelope) -> None:
-        if self.keys is None or self.keys.private_key is None:
-            reply: dict[str, Any] = {"error": "this node has no private key to decrypt with"}
+        if self.keys is not None and self.keys.share is not None:
+            reply: dict[str, Any] = self.keys.party().answer(envelope)
+        elif self.keys is None or self.keys.private_key is None:
+            reply = {"error": "this node has no private key to decrypt with"}
         elif envelope.epoch != self._last_epoch:
             reply = {"error": f"no result of this node in epoch {envelope.epoch}"}
         else:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -28,6 +28,13 @@ if TYPE_CHECKING:
     from phe.paillier import PaillierPrivateKey, PaillierPublicKey
 
     from flame.federated.context import Context
+    from flame.federated.secure_threshold import (
+        Signer,
+        ThresholdCollector,
+        ThresholdParty,
+        Verifier,
+    )
+    from flame.protocols.paillier.threshold import ThresholdKeyShare, ThresholdPublicKey
 
 __all__ = ["Results", "Secure", "SecureKeys", "SecureSummer", "secure"]
 
@@ -116,9 +123,20 @@ class SecureKeys:
     min_contributors: int
     obfuscation: str = "standard"
     confirm_fraction: float | None = None
+    threshold: ThresholdPublicKey | None = None
+    """Threshold mode: no node holds the private key; any T share holders decrypt."""
+    share: ThresholdKeyShare | None = None
+    signer: Signer | None = None
+    verifier: Verifier | None = None
+    allow_changing_contributors: bool = False
+    shares: dict[str, ThresholdKeyShare] | None = None
+    """Simulation only: every node's share, handed out by `for_node`."""
+    _party: ThresholdParty | None = None
 
     @classmethod
-    def from_settings(cls, settings: SecureAggregationSettings, *, role: str) -> SecureKeys:
+    def from_settings(
+        cls, settings: SecureAggregationSettings, *, role: str, node_id: str | None = None
+    ) -> SecureKeys:
         from flame.protocols import paillier
 
         if role == "aggregation" and settings.private_key_file is not None:
@@ -131,6 +149,8 @@ class SecureKeys:
                 "FLAME_SECURE__PRIVATE_KEY_FILE / secure.private_key_file: required on "
                 "analysis nodes when secure aggregation is enabled"
             )
+        if settings.key_share_file is not None or _is_threshold(settings.public_key_file):
+            return cls._threshold_from_settings(settings, role=role, node_id=node_id)
         private = None
         if settings.private_key_file is not None:
             private = paillier.load_private_key(Path(settings.private_key_file))
@@ -146,6 +166,74 @@ class SecureKeys:
             public, private, cls.spec_of(settings), settings.min_contributors, settings.obfuscation
         )
 
+    @classmethod
+    def _threshold_from_settings(
+        cls, settings: SecureAggregationSettings, *, role: str, node_id: str | None
+    ) -> SecureKeys:
+        from flame.protocols.paillier.threshold_files import (
+            load_key_share,
+            load_threshold_public_key,
+        )
+
+        if settings.private_key_file is not None:
+            raise ConfigError(
+                "FLAME_SECURE__PRIVATE_KEY_FILE / secure.private_key_file: not used with a "
+                "threshold key (no node holds the private key); give this node its "
+                "FLAME_SECURE__KEY_SHARE_FILE instead"
+            )
+        share = None
+        if role == "aggregation":
+            if settings.key_share_file is not None:
+                raise ConfigError(
+                    "FLAME_SECURE__KEY_SHARE_FILE / secure.key_share_file: the aggregation "
+                    "node must not hold a key share"
+                )
+            assert settings.public_key_file is not None
+            public = load_threshold_public_key(Path(settings.public_key_file))
+        else:
+            if settings.key_share_file is None:
+                raise ConfigError(
+                    "FLAME_SECURE__KEY_SHARE_FILE / secure.key_share_file: required on analysis "
+                    "nodes with a threshold key (share-<node>.json from `flame keys generate "
+                    "--threshold`)"
+                )
+            share = load_key_share(Path(settings.key_share_file), node_id=node_id)
+            public = share.public
+            if settings.public_key_file is not None:
+                given = load_threshold_public_key(Path(settings.public_key_file))
+                if given != public:
+                    raise ConfigError(
+                        "FLAME_SECURE__PUBLIC_KEY_FILE and FLAME_SECURE__KEY_SHARE_FILE belong "
+                        "to different threshold keys"
+                    )
+        return cls(
+            public.paillier,
+            None,
+            cls.spec_of(settings),
+            settings.min_contributors,
+            settings.obfuscation,
+            threshold=public,
+            share=share,
+            allow_changing_contributors=settings.allow_changing_contributors,
+        )
+
+    def for_node(self, node_id: str) -> SecureKeys:
+        """This node's keys: in a threshold simulation, with its own share and ledger."""
+        if self.shares is None:
+            return self
+        return replace(self, share=self.shares[node_id], shares=None, _party=None)
+
+    def party(self) -> ThresholdParty:
+        """The share holder's decision-maker (one per node: it remembers what it decrypted)."""
+        from flame.federated.secure_threshold import ThresholdParty
+
+        assert self.share is not None
+        if self._party is None:
+            self._party = ThresholdParty(
+                self.share, self.verifier, self.min_contributors, self.allow_changing_contributors
+            )
+        return self._party
+
     @staticmethod
     def spec_of(settings: SecureAggregationSettings) -> Any:
         from flame.protocols.paillier import SecureSumSpec
@@ -159,7 +247,30 @@ class SecureKeys:
         return self.spec.with_overrides(bound=marker.bound, precision=marker.precision)
 
     def public_only(self) -> SecureKeys:
-        return SecureKeys(self.public_key, None, self.spec, self.min_contributors, self.obfuscation)
+        return SecureKeys(
+            self.public_key,
+            None,
+            self.spec,
+            self.min_contributors,
+            self.obfuscation,
+            threshold=self.threshold,
+            verifier=self.verifier,
+            allow_changing_contributors=self.allow_changing_contributors,
+        )
+
+
+def _is_threshold(path: Path | None) -> bool:
+    """Whether a public key file is a threshold key (it has a "threshold" part)."""
+    if path is None:
+        return False
+    from flame.protocols.paillier import KeyFileError
+    from flame.protocols.paillier.threshold_files import load_threshold_public_key
+
+    try:
+        load_threshold_public_key(Path(path), allow_insecure=True)
+    except KeyFileError as exc:
+        return "not a threshold public key" not in str(exc)
+    return True
 
 
 # --- walking result trees --------------------------------------------------------------------
@@ -189,7 +300,12 @@ def _replace(value: Any, change: Any, path: str = "") -> Any:
 # --- the analysis node's side ----------------------------------------------------------------
 
 
-def seal(result: Any, keys: SecureKeys | None, specs: dict[str, Any] | None = None) -> Any:
+def seal(
+    result: Any,
+    keys: SecureKeys | None,
+    specs: dict[str, Any] | None = None,
+    origin: tuple[str, int, str] | None = None,
+) -> Any:
     """Encrypt every `flame.secure(...)` in a result (errors name the field and index).
 
     `specs` (if given) receives the encoding used for each field path: the node checks a
@@ -237,15 +353,42 @@ def seal(result: Any, keys: SecureKeys | None, specs: dict[str, Any] | None = No
             ) from None
         if specs is not None:
             specs[path] = spec
+        if keys.threshold is not None:
+            return _signed(encrypted.to_bytes(), keys, path, origin)
         return Sealed(SCHEME, encrypted.to_bytes())
 
     return _replace(result, change)
+
+
+def _signed(
+    data: bytes, keys: SecureKeys, path: str, origin: tuple[str, int, str] | None
+) -> Sealed:
+    """A threshold contribution: the vector with this node's signature over where it belongs."""
+    from flame.federated.secure_threshold import (
+        CONTRIBUTION,
+        contribution_message,
+        pack_contribution,
+    )
+
+    signature = b""
+    if keys.signer is not None:
+        if origin is None:
+            raise FlameError("a signed contribution needs the analysis, epoch and node id")
+        analysis, epoch, node = origin
+        signature = keys.signer(contribution_message(analysis, epoch, path, node, data))
+    return Sealed(CONTRIBUTION, pack_contribution(signature, data))
 
 
 def _bound_origin(marker: Secure) -> str:
     if marker.bound is not None:
         return f"set by flame.secure(..., bound={marker.bound:g})"
     return "the configured default, FLAME_SECURE__BOUND"
+
+
+def _as_floats(sums: np.ndarray) -> np.ndarray:
+    if sums.dtype == object:
+        return np.array([float(s) for s in sums], dtype=np.float64)
+    return sums.astype(np.float64)
 
 
 def _plain(value: np.ndarray, precision: int) -> Any:
@@ -332,6 +475,7 @@ class SecureSummer:
     timeout: float
     context: Context | None = None
     confirm_fraction: float | None = None
+    _collector: ThresholdCollector | None = None
 
     def __call__(self, results: dict[str, Any], epoch: int) -> Results:
         sealed: dict[str, dict[str, Sealed]] = {}
@@ -347,6 +491,8 @@ class SecureSummer:
                 "aggregator (FLAME_SECURE__ENABLED=true and a public key)"
             )
         assert self.context is not None
+        if self.keys.threshold is not None:
+            return self._threshold(results, sealed, epoch)
         from flame.protocols.paillier import EncryptedVector
 
         sums: dict[str, Sealed] = {}
@@ -378,6 +524,49 @@ class SecureSummer:
             precision[path] = total.layout.precision
         decrypted = self._decrypt(epoch, sums, contributors)
         plain = {p: _plain(v, precision[p]) for p, v in decrypted.items()}
+        stripped = {
+            node: _replace(result, lambda p, v: Summed(p) if isinstance(v, Sealed) else v)
+            for node, result in results.items()
+        }
+        return Results(stripped, plain, contributors)
+
+    def _threshold(
+        self, results: dict[str, Any], sealed: dict[str, dict[str, Sealed]], epoch: int
+    ) -> Results:
+        """Threshold mode: the share holders check and decrypt; the aggregator combines."""
+        from flame.federated.secure_threshold import ThresholdCollector, sum_contributions
+        from flame.protocols.paillier.encoding import _unpack
+
+        assert self.keys is not None and self.keys.threshold is not None
+        assert self.context is not None
+        public = self.keys.threshold
+        if self._collector is None:
+            self._collector = ThresholdCollector(
+                public,
+                self.context,
+                self.timeout,
+                self.keys.allow_changing_contributors,
+                DECRYPT,
+                DECRYPTED,
+            )
+        totals = {}
+        for path, by_node in sealed.items():
+            try:
+                totals[path] = sum_contributions(
+                    public, self.context.analysis_id, epoch, path, by_node, self.keys.verifier
+                )
+            except FlameError as exc:
+                raise RunFailed(f"cannot add the encrypted {path!r}: {exc}", epoch=epoch) from exc
+        packed = self._collector.decrypt(epoch, sealed, totals)
+        plain: dict[str, Any] = {}
+        for path, total in totals.items():
+            try:
+                sums = _unpack(packed[path], total.layout, total.size, total.contributors)
+            except FlameError as exc:
+                raise RunFailed(f"the decrypted sum of {path!r}: {exc}", epoch=epoch) from exc
+            floats = _as_floats(sums) / float(2**total.layout.precision)
+            plain[path] = _plain(floats.reshape(total.shape), total.layout.precision)
+        contributors = {path: sorted(by_node) for path, by_node in sealed.items()}
         stripped = {
             node: _replace(result, lambda p, v: Summed(p) if isinstance(v, Sealed) else v)
             for node, result in results.items()

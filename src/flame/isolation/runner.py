@@ -92,7 +92,9 @@ class RowMeter:
             self.rows += max(records - 1, 0)
 
     def records(self, value: Any) -> None:
-        if isinstance(value, list):
+        if hasattr(value, "num_rows") or hasattr(value, "shape"):  # Arrow / pandas tables
+            self.rows += int(value.num_rows if hasattr(value, "num_rows") else value.shape[0])
+        elif isinstance(value, list):
             self.rows += len(value)
         elif isinstance(value, dict) and value:
             first = next(iter(value.values()))
