@@ -69,6 +69,8 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     if args.output is not None and not args.output.parent.is_dir():
         raise FlameError(f"--output {args.output}: folder {args.output.parent} does not exist")
     config = load_config(epochs=args.epochs, seed=args.seed, epoch_timeout=args.timeout)
+    if args.param:
+        config = config.model_copy(update={"params": {**config.params, **_params(args.param)}})
     _logging.configure(
         level=config.log_level if not args.verbose else "DEBUG",
         fmt=config.log_format,
@@ -93,7 +95,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
             analysis.functions.analyze,
             analysis.functions.aggregate,
             analysis.functions.converged,
-            data=args.data,
+            data=args.data if args.nodes is None else _nodes(args.nodes),
             config=config,
             broker=broker,
             on_event=progress,
@@ -102,6 +104,26 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         )
     _report(result, args.output)
     return 0
+
+
+def _params(items: list[str]) -> dict[str, Any]:
+    """`--param key=value` pairs; a value that parses as JSON (10, 0.5, true, [1]) is typed."""
+    params: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--param {item!r}: expected KEY=VALUE")
+        try:
+            params[key.strip()] = json.loads(text)
+        except ValueError:
+            params[key.strip()] = text
+    return params
+
+
+def _nodes(path: Path) -> Any:
+    from flame.nodes_file import load_nodes
+
+    return load_nodes(path)
 
 
 def _strict_json(value: Any) -> Any:
@@ -167,7 +189,19 @@ def _parser() -> argparse.ArgumentParser:
 
     sim = commands.add_parser("simulate", help="run an analysis on N simulated nodes locally")
     sim.add_argument("analysis", type=Path, help="a .py file or a folder (e.g. copied templates)")
-    sim.add_argument("--data", type=Path, required=True, help="folder with one sub-folder per node")
+    where = sim.add_mutually_exclusive_group(required=True)
+    where.add_argument("--data", type=Path, help="folder with one sub-folder per node")
+    where.add_argument(
+        "--nodes", type=Path, help="TOML file: each node's own sources (folder, FHIR, SQL, S3)"
+    )
+    sim.add_argument(
+        "--param",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="run parameter for flame.context().params (JSON value or text; repeatable; "
+        "over FLAME_PARAMS)",
+    )
     sim.add_argument("--epochs", type=int, help="maximum number of epochs (FLAME_EPOCHS)")
     sim.add_argument("--seed", type=int, help="seed for context().rng (FLAME_SEED)")
     sim.add_argument("--timeout", type=float, help="seconds per epoch (FLAME_EPOCH_TIMEOUT)")

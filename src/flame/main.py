@@ -137,6 +137,7 @@ def _run(
             secrets=secrets,
             keys=keys,
         )
+        aggregator.context.params = dict(config.params)
         return aggregator.execute().value
     data = node_data_handle(config)
     client = AnalysisClient(
@@ -151,4 +152,5 @@ def _run(
         resend_interval=config.resend_interval,
         isolate=True,
     )
+    client.context.params = dict(config.params)
     return client.run(functions, data).value

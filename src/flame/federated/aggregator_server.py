@@ -31,6 +31,7 @@ from flame._traceback import trim_traceback_text
 from flame.errors import ConfigError, RunFailed, RunTimeout, TransportError, stop_signal
 from flame.federated.context import Context, active
 from flame.federated.functions import AnalysisFunctions
+from flame.federated.honesty import warn_if_dishonest
 from flame.federated.mailbox import Mailbox
 from flame.federated.records import Checkpoint, EpochRecord, Event, EventSink, RunResult, RunStore
 from flame.federated.secure import SecureKeys, SecureSummer
@@ -191,6 +192,7 @@ class Aggregator:
             if self.store is not None:
                 self.store.save_checkpoint(Checkpoint(epoch + 1, value, list(history)))
             previous = value
+        warn_if_dishonest(value, converged, self.functions.converged is not None, self.epochs)
         result = RunResult(
             self.transport.analysis_id, value, converged, len(history), list(history)
         )

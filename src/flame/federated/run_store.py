@@ -240,6 +240,7 @@ def open_run_store(
         "code_sha256": code_hash(functions),
         "participants": list(config.participants),
         "config": config.public_dict(),
+        "params": dict(config.params),
     }
     return StorageRunStore(store, config.analysis_id, aggregator_id, provenance=provenance)
 

@@ -231,7 +231,7 @@ def _child_context(body: dict[str, Any], rpc: _Rpc) -> Any:
             found = rpc.call("load", tag=tag)
             return default if not found["present"] else found["value"]
 
-    return ChildContext(
+    context = ChildContext(
         analysis_id=body["analysis_id"],
         node_id=body["node_id"],
         role="analysis",
@@ -240,6 +240,9 @@ def _child_context(body: dict[str, Any], rpc: _Rpc) -> Any:
         mailbox=None,  # type: ignore[arg-type]
         seed=body.get("seed"),
     )
+    params = body.get("params")
+    context.params = dict(params) if isinstance(params, dict) else {}
+    return context
 
 
 def refuse_nested_run(what: str) -> None:
