@@ -102,8 +102,22 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
             secure=args.secure,
             isolate=not args.in_process,
         )
-    _report(result, args.output)
+    _report(result, args.output, _manifest(analysis.functions, result))
     return 0
+
+
+def _manifest(functions: Any, result: RunResult) -> dict[str, Any]:
+    """What produced a simulated result (as a stored run's manifest.json says it)."""
+    from flame import __version__
+    from flame.federated.run_store import code_hash
+
+    nodes = {n for record in result.history for n in (*record.nodes, *record.missing)}
+    return {
+        "flame_version": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "code_sha256": code_hash(functions),
+        "participants": sorted(nodes),
+    }
 
 
 def _params(items: list[str]) -> dict[str, Any]:
@@ -137,8 +151,10 @@ def _strict_json(value: Any) -> Any:
     return value
 
 
-def _report(result: RunResult, output: Path | None) -> None:
-    document = _strict_json(result.to_dict())
+def _report(
+    result: RunResult, output: Path | None, manifest: dict[str, Any] | None = None
+) -> None:
+    document = _strict_json({**result.to_dict(), "manifest": manifest or {}})
     if output is not None:
         output.write_text(json.dumps(document, indent=2) + "\n")
         print(f"wrote {output}", file=sys.stderr)
@@ -235,8 +251,10 @@ def _parser() -> argparse.ArgumentParser:
     keys.set_defaults(handler=_cmd_keys)
 
     from flame._cli_ops import add_commands
+    from flame._cli_report import add_command as add_report
 
     add_commands(commands)
+    add_report(commands)
     return parser
 
 

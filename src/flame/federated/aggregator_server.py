@@ -33,9 +33,17 @@ from flame.federated.context import Context, active
 from flame.federated.functions import AnalysisFunctions
 from flame.federated.honesty import warn_if_dishonest
 from flame.federated.mailbox import Mailbox
-from flame.federated.records import Checkpoint, EpochRecord, Event, EventSink, RunResult, RunStore
+from flame.federated.records import (
+    Checkpoint,
+    EpochRecord,
+    Event,
+    EventSink,
+    RunResult,
+    RunStore,
+    numeric_summary,
+)
 from flame.federated.secure import SecureKeys, SecureSummer
-from flame.messages import Envelope, Kind
+from flame.messages import Envelope, Kind, encode_parts
 from flame.transport.base import Transport
 
 __all__ = ["Aggregator"]
@@ -104,6 +112,8 @@ class Aggregator:
         self._kickoff: tuple[Kind, int, Any] | None = None
         self._epoch = -1
         self.run_id: str | None = None
+        self._arrivals: dict[str, float] = {}
+        self._result_bytes: dict[str, int] = {}
 
     # --- the run -----------------------------------------------------------------------------
     def execute(self) -> RunResult:
@@ -165,7 +175,7 @@ class Aggregator:
             _logging.set_epoch(epoch)
             started = time.time()
             received, sent = self.transport.bytes_received, self.transport.bytes_sent
-            last_epoch = {"last_epoch": history[-1].to_dict()} if history else {}
+            last_epoch = {"last_epoch": history[-1].to_dict(summary=False)} if history else {}
             self.transport.announce(self._status("collecting", epoch, **last_epoch))
             self._emit(Event("epoch_started", epoch, expected=len(self.participants)))
             results = self._await_parameters(epoch)
@@ -180,6 +190,9 @@ class Aggregator:
                 converged=converged,
                 bytes_received=self.transport.bytes_received - received,
                 bytes_sent=self.transport.bytes_sent - sent,
+                arrivals=dict(self._arrivals),
+                result_bytes=dict(self._result_bytes),
+                summary=numeric_summary(value),
             )
             last = converged or epoch + 1 == self.epochs
             if not last:
@@ -221,7 +234,7 @@ class Aggregator:
                 "done",
                 last,
                 location=result.location,
-                last_epoch=result.history[-1].to_dict() if result.history else None,
+                last_epoch=result.history[-1].to_dict(summary=False) if result.history else None,
             )
         )
         self._emit(Event("finished", last, detail=result.location or ""))
@@ -302,7 +315,9 @@ class Aggregator:
     def _await_parameters(self, epoch: int) -> dict[str, Any]:
         """Collect this epoch's results: each node counted once, old epochs ignored."""
         deadline = Deadline(self.epoch_timeout)
+        started = time.monotonic()
         results: dict[str, Any] = {}
+        self._arrivals, self._result_bytes = {}, {}  # for the epoch record (reports)
         while len(results) < len(self.participants):
             envelope = self.mailbox.next(self._is_protocol, deadline)
             if envelope is None:
@@ -333,6 +348,8 @@ class Aggregator:
                     log.info("ignored a second result from %s in epoch %d", envelope.sender, epoch)
                 else:
                     results[envelope.sender] = envelope.body
+                    self._arrivals[envelope.sender] = time.monotonic() - started
+                    self._result_bytes[envelope.sender] = _size(envelope)
                     self._emit(
                         Event(
                             "result",
@@ -551,3 +568,11 @@ class Aggregator:
                 self.on_event(event)
             except Exception as exc:  # a broken display must not break the run
                 log.warning("progress handler failed: %s", exc)
+
+
+def _size(envelope: Envelope) -> int:
+    """Bytes of a message in flame's wire encoding (its arrays are not copied)."""
+    try:
+        return sum(memoryview(part).nbytes for part in encode_parts(envelope))
+    except (TypeError, ValueError):
+        return 0
