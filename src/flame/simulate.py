@@ -127,8 +127,10 @@ def simulate(
             state=open_node_state(config, node),
             secrets=secrets,
             keys=None if keys is None else keys.for_node(node),
+            log_traceback=False,  # the aggregator's log, in this same process, shows it
             isolate=isolate,
         )
+        client.context.params = dict(config.params)
         try:
             client.run(functions, nodes[node])
         except BaseException as exc:  # recorded; the aggregator reports the run's outcome
@@ -155,6 +157,7 @@ def simulate(
         secrets=secrets,
         keys=None if keys is None else keys.public_only(),
     )
+    aggregator.context.params = dict(config.params)
     for thread in threads:
         thread.start()
     try:

@@ -263,6 +263,7 @@ class ChildRunner:
                 "aggregator_id": ctx.aggregator_id,
                 "participants": ctx.participants,
                 "seed": ctx._seed,
+                "params": ctx.params,
             },
             "ready",
             deadline=time.monotonic() + 120.0,
