@@ -172,6 +172,9 @@ class FlameConfig(BaseSettings):
     epoch_timeout: float = Field(600.0, gt=0, description="seconds to wait for a round")
     presence_timeout: float = Field(300.0, gt=0, description="seconds to wait for nodes")
     quorum: int | None = Field(None, ge=1, description="results needed per epoch (all)")
+    resend_interval: float = Field(
+        10.0, gt=0, description="seconds before an unacknowledged result is re-sent (doubling)"
+    )
     seed: int | None = None
     data_dir: Path | None = None
     data: list[DataSourceSettings] = Field(default_factory=list)

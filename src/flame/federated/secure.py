@@ -139,6 +139,8 @@ class SecureKeys:
     ) -> SecureKeys:
         from flame.protocols import paillier
 
+        if settings.key_share_file is not None or _is_threshold(settings.public_key_file):
+            return cls._threshold_from_settings(settings, role=role, node_id=node_id)
         if role == "aggregation" and settings.private_key_file is not None:
             raise ConfigError(
                 "FLAME_SECURE__PRIVATE_KEY_FILE / secure.private_key_file: the aggregation "
@@ -149,8 +151,6 @@ class SecureKeys:
                 "FLAME_SECURE__PRIVATE_KEY_FILE / secure.private_key_file: required on "
                 "analysis nodes when secure aggregation is enabled"
             )
-        if settings.key_share_file is not None or _is_threshold(settings.public_key_file):
-            return cls._threshold_from_settings(settings, role=role, node_id=node_id)
         private = None
         if settings.private_key_file is not None:
             private = paillier.load_private_key(Path(settings.private_key_file))
