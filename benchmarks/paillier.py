@@ -34,7 +34,7 @@ from flame.protocols import (
     generate_keypair,
     shutdown_workers,
 )
-from flame.protocols import _paillier_math as pm
+from flame.protocols.paillier import _math as pm
 
 SPEC = SecureSumSpec(precision=16, bound=32768.0, max_nodes=100)  # 32-bit fixed point
 NODES_IN_SUM = 10

@@ -16,7 +16,7 @@ from phe import paillier
 
 import flame
 from flame.config import load_config
-from flame.protocols.aggregation_paillier import generate_keypair
+from flame.protocols.paillier import generate_keypair
 from flame.testing import memory_data
 
 

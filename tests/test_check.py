@@ -250,7 +250,7 @@ def test_line_format() -> None:
 def test_secure_aggregation_keys_must_parse_and_match(
     node_env: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    from flame.protocols.aggregation_paillier import write_keypair
+    from flame.protocols.paillier import write_keypair
 
     public, _ = write_keypair(tmp_path / "pair_a")
     _, other_private = write_keypair(tmp_path / "pair_b")

@@ -26,6 +26,7 @@ from phe import paillier
 from phe import util as phe_util
 from phe.paillier import EncryptedNumber, PaillierPrivateKey, PaillierPublicKey
 
+from flame._cli_keys import keys_cli
 from flame.protocols import (
     AggregationOverflowError,
     ContributorCountError,
@@ -47,15 +48,14 @@ from flame.protocols import (
     encrypt_vector,
     generate_keypair,
     key_id,
-    keys_cli,
     load_private_key,
     load_public_key,
     shutdown_workers,
     verify_reported_sum,
     write_keypair,
 )
-from flame.protocols import _paillier_math as _math
-from flame.protocols import aggregation_paillier as ap
+from flame.protocols.paillier import _math, pool, wire
+from flame.protocols.paillier.encoding import SlotLayout
 
 BITS = 1024
 SPEC = SecureSumSpec(precision=16, bound=1000.0, max_nodes=8)
@@ -176,7 +176,7 @@ def test_sum_survives_the_wire(keys: KeyPair, encryptor: Encryptor) -> None:
 def test_shapes_and_dtypes(keys: KeyPair, values: Any, shape: tuple[int, ...]) -> None:
     pub, priv = keys
     enc = encrypt_vector(values, priv, SPEC, field="x")  # all cores allowed ...
-    assert not ap._PROCESS_POOLS  # ... but a small input starts no worker processes
+    assert not pool._PROCESS_POOLS  # ... but a small input starts no worker processes
     enc = EncryptedVector.from_bytes(enc.to_bytes(), pub)
     out = decrypt_vector(enc, priv, SPEC, min_contributors=1)
     assert out.dtype == np.float64 and out.shape == shape
@@ -185,7 +185,7 @@ def test_shapes_and_dtypes(keys: KeyPair, values: Any, shape: tuple[int, ...]) -
 
 def test_wire_size_per_value_at_2048_bits_layout(keys: KeyPair) -> None:
     spec = SecureSumSpec(precision=16, bound=32768.0, max_nodes=100)
-    layout = ap.SlotLayout.build(16, spec.max_abs_encoded, 100, 2048)
+    layout = SlotLayout.build(16, spec.max_abs_encoded, 100, 2048)
     assert layout.slot_bytes == 5 and layout.slots_per_ciphertext == 51
     assert 512 / layout.slots_per_ciphertext < 20
 
@@ -261,7 +261,7 @@ def test_non_numeric_input_is_refused(encryptor: Encryptor) -> None:
 
 
 def _forge(data: bytes, index: int, value: int, width: int, n_dims: int = 1) -> bytes:
-    start = ap._HEADER.size + 8 * n_dims + index * width
+    start = wire._HEADER.size + 8 * n_dims + index * width
     return data[:start] + value.to_bytes(width, "big") + data[start + width :]
 
 
@@ -330,7 +330,7 @@ def test_malformed_wire_bytes_are_refused(keys: KeyPair, encryptor: Encryptor) -
         "slot layout parameters out of range": _patched(data, ">Q", 26, 0),
     }
     n_ct = SPEC.layout(pub).ciphertexts_for(100)
-    assert len(data) == ap._HEADER.size + 8 + n_ct * ((int(pub.nsquare).bit_length() + 7) // 8)
+    assert len(data) == wire._HEADER.size + 8 + n_ct * ((int(pub.nsquare).bit_length() + 7) // 8)
     for why, blob in cases.items():
         with pytest.raises(WireFormatError, match=why.split(":")[0]):
             EncryptedVector.from_bytes(blob, pub)
@@ -473,7 +473,7 @@ def test_worker_processes(keys: KeyPair, worker_pool: None) -> None:
     djn = Encryptor(pub, obfuscation="djn", workers=2, parallel_threshold=8)
     threads = Encryptor(pub, workers=2, parallel_threshold=8)
     total = fast.encrypt(x, SPEC) + djn.encrypt(x, SPEC) + threads.encrypt(x, SPEC)
-    assert 2 in ap._PROCESS_POOLS  # the fixed-base paths really went through processes
+    assert 2 in pool._PROCESS_POOLS  # the fixed-base paths really went through processes
     out = decrypt_vector(total, priv, SPEC, min_contributors=3, workers=2)
     np.testing.assert_allclose(out, 3 * x, atol=SPEC.max_error(3))
 

@@ -16,7 +16,7 @@ import flame
 from flame.config import load_config
 from flame.errors import ConfigError, RunFailed
 from flame.messages import Envelope, Sealed
-from flame.protocols.aggregation_paillier import write_keypair
+from flame.protocols.paillier import write_keypair
 from flame.testing import MemoryBroker
 
 NODES = {

@@ -17,6 +17,7 @@ def redact(text: str, secrets: Iterable[str]) -> str:
 def describe_exception(exc: BaseException, secrets: Iterable[str] = ()) -> str:
     """'TypeName: message', one line, secrets masked, capped at 500 characters."""
     message = " ".join(str(exc).split())
-    text = f"{type(exc).__name__}: {message}" if message else type(exc).__name__
+    name = getattr(exc, "remote_type", None) or type(exc).__name__  # analysis child's error
+    text = f"{name}: {message}" if message else name
     text = redact(text, secrets)
     return text if len(text) <= 500 else text[:497] + "..."

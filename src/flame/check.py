@@ -364,7 +364,7 @@ def _check_source(source: DataSourceSettings, failed_tokens: set[str], timeout: 
     unreachable = _tcp_reachable(host, port, timeout)
     if unreachable:
         return CheckItem("FAIL", name, _public_url(target), unreachable, fix)
-    from flame.clients.data_api_client import open_source
+    from flame.sources import open_source
 
     quick = source.model_copy(update={"retries": 0, "timeout": min(timeout, source.timeout)})
     try:
@@ -429,7 +429,7 @@ def _check_storage(config: FlameConfig, failed_tokens: set[str], timeout: float)
 def _check_keys(config: FlameConfig) -> list[CheckItem]:
     """Parse the key files as the run will (public: aggregator and nodes; private: nodes) and
     check that the two belong together, so a wrong mount fails here, not in epoch 0."""
-    from flame.protocols.aggregation_paillier import (
+    from flame.protocols.paillier import (
         SecureAggregationError,
         key_id,
         load_private_key,

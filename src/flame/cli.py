@@ -10,14 +10,17 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from flame import _logging
-from flame.config import load_config
-from flame.errors import ConfigError, FlameError
-from flame.federated.records import Event, RunResult
-from flame.loader import load_analysis
-from flame.messages import to_jsonable
+from flame._signals import stop_on_sigterm
+from flame.errors import ConfigError, FlameError, stop_exit_code, stop_signal
+
+if TYPE_CHECKING:
+    from flame.federated.records import Event, RunResult
+
+# Commands import what they need when they run: `flame --version` and `flame --help` stay
+# free of pydantic, numpy and the network clients (benchmarks/startup.py measures it).
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -59,11 +62,15 @@ class _Progress:
 
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
+    from flame.config import load_config
+    from flame.loader import load_analysis
     from flame.simulate import simulate
 
     if args.output is not None and not args.output.parent.is_dir():
         raise FlameError(f"--output {args.output}: folder {args.output.parent} does not exist")
     config = load_config(epochs=args.epochs, seed=args.seed, epoch_timeout=args.timeout)
+    if args.param:
+        config = config.model_copy(update={"params": {**config.params, **_params(args.param)}})
     _logging.configure(
         level=config.log_level if not args.verbose else "DEBUG",
         fmt=config.log_format,
@@ -83,18 +90,54 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
 
             settings = config.broker.model_copy(update={"url": broker_url})
             broker = mqtt_transport_factory(settings, config.analysis_id)
+        stack.enter_context(stop_on_sigterm())
         result = simulate(
             analysis.functions.analyze,
             analysis.functions.aggregate,
             analysis.functions.converged,
-            data=args.data,
+            data=args.data if args.nodes is None else _nodes(args.nodes),
             config=config,
             broker=broker,
             on_event=progress,
             secure=args.secure,
+            isolate=not args.in_process,
         )
-    _report(result, args.output)
+    _report(result, args.output, _manifest(analysis.functions, result))
     return 0
+
+
+def _manifest(functions: Any, result: RunResult) -> dict[str, Any]:
+    """What produced a simulated result (as a stored run's manifest.json says it)."""
+    from flame import __version__
+    from flame.federated.run_store import code_hash
+
+    nodes = {n for record in result.history for n in (*record.nodes, *record.missing)}
+    return {
+        "flame_version": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "code_sha256": code_hash(functions),
+        "participants": sorted(nodes),
+    }
+
+
+def _params(items: list[str]) -> dict[str, Any]:
+    """`--param key=value` pairs; a value that parses as JSON (10, 0.5, true, [1]) is typed."""
+    params: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--param {item!r}: expected KEY=VALUE")
+        try:
+            params[key.strip()] = json.loads(text)
+        except ValueError:
+            params[key.strip()] = text
+    return params
+
+
+def _nodes(path: Path) -> Any:
+    from flame.nodes_file import load_nodes
+
+    return load_nodes(path)
 
 
 def _strict_json(value: Any) -> Any:
@@ -108,8 +151,10 @@ def _strict_json(value: Any) -> Any:
     return value
 
 
-def _report(result: RunResult, output: Path | None) -> None:
-    document = _strict_json(result.to_dict())
+def _report(
+    result: RunResult, output: Path | None, manifest: dict[str, Any] | None = None
+) -> None:
+    document = _strict_json({**result.to_dict(), "manifest": manifest or {}})
     if output is not None:
         output.write_text(json.dumps(document, indent=2) + "\n")
         print(f"wrote {output}", file=sys.stderr)
@@ -119,7 +164,10 @@ def _report(result: RunResult, output: Path | None) -> None:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    from flame.config import load_config
+    from flame.loader import load_analysis
     from flame.main import run
+    from flame.messages import to_jsonable
 
     config = load_config()
     _logging.configure(
@@ -141,7 +189,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_keys(args: argparse.Namespace) -> int:
-    from flame.protocols.aggregation_paillier import keys_cli
+    from flame._cli_keys import keys_cli
 
     return int(keys_cli(args.rest))
 
@@ -157,7 +205,19 @@ def _parser() -> argparse.ArgumentParser:
 
     sim = commands.add_parser("simulate", help="run an analysis on N simulated nodes locally")
     sim.add_argument("analysis", type=Path, help="a .py file or a folder (e.g. copied templates)")
-    sim.add_argument("--data", type=Path, required=True, help="folder with one sub-folder per node")
+    where = sim.add_mutually_exclusive_group(required=True)
+    where.add_argument("--data", type=Path, help="folder with one sub-folder per node")
+    where.add_argument(
+        "--nodes", type=Path, help="TOML file: each node's own sources (folder, FHIR, SQL, S3)"
+    )
+    sim.add_argument(
+        "--param",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="run parameter for flame.context().params (JSON value or text; repeatable; "
+        "over FLAME_PARAMS)",
+    )
     sim.add_argument("--epochs", type=int, help="maximum number of epochs (FLAME_EPOCHS)")
     sim.add_argument("--seed", type=int, help="seed for context().rng (FLAME_SEED)")
     sim.add_argument("--timeout", type=float, help="seconds per epoch (FLAME_EPOCH_TIMEOUT)")
@@ -173,6 +233,11 @@ def _parser() -> argparse.ArgumentParser:
         metavar="URL",
         help="run over a real MQTT broker (mqtt://host:port), or 'embedded' to start a local one",
     )
+    sim.add_argument(
+        "--in-process",
+        action="store_true",
+        help="run analyze in this process instead of an isolated child per node (debugging)",
+    )
     sim.add_argument("--quiet", action="store_true", help="no progress lines")
     sim.add_argument("--verbose", action="store_true", help="debug logging")
     sim.set_defaults(handler=_cmd_simulate)
@@ -186,13 +251,16 @@ def _parser() -> argparse.ArgumentParser:
     keys.set_defaults(handler=_cmd_keys)
 
     from flame._cli_ops import add_commands
+    from flame._cli_report import add_command as add_report
 
     add_commands(commands)
+    add_report(commands)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point; returns the exit code (0 success, 1 run failed, 2 bad input)."""
+    """Entry point; returns the exit code (0 success, 1 run failed, 2 bad input, 130 SIGINT,
+    143 SIGTERM)."""
     args = _parser().parse_args(argv)
     try:
         return int(args.handler(args))
@@ -202,8 +270,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"flame: config error: {line}", file=sys.stderr)
         return EXIT_USAGE
     except FlameError as exc:
+        # The failing analysis's traceback, when its node sent one, is in the aggregator's log.
         print(f"flame: error: {exc}", file=sys.stderr)
         return EXIT_FAILED
-    except KeyboardInterrupt:
-        print("flame: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:  # SIGINT, or SIGTERM (see flame._signals)
+        print(f"flame: stopped: {stop_signal(exc)}", file=sys.stderr)
+        return stop_exit_code(exc)

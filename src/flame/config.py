@@ -82,8 +82,10 @@ class DataSourceSettings(TokenSettings):
     """One data source of this node."""
 
     name: str = "default"
-    kind: Literal["local", "http", "fhir", "s3"] = "local"
-    url: str | None = Field(None, description="base URL (http, fhir) or S3 endpoint")
+    kind: Literal["local", "http", "fhir", "s3", "sql"] = "local"
+    url: str | None = Field(
+        None, description="base URL (http, fhir), S3 endpoint or postgresql:// URL (sql)"
+    )
     path: Path | None = Field(None, description="directory for kind=local")
     bucket: str | None = None
     prefix: str = ""
@@ -91,6 +93,7 @@ class DataSourceSettings(TokenSettings):
     secret_key: SecretStr | None = None
     timeout: float = Field(30.0, gt=0)
     retries: int = Field(3, ge=0, le=20)
+    statement_timeout: float = Field(300.0, gt=0, description="seconds per SQL statement")
 
 
 class StorageSettings(TokenSettings):
@@ -130,6 +133,14 @@ class SecureAggregationSettings(_Section):
     obfuscation: Literal["standard", "djn"] = Field(
         "standard", description="'djn' is faster but rests on an extra assumption (README)"
     )
+    key_share_file: Path | None = Field(
+        None, description="threshold mode: this analysis node's share-<node>.json (mode 0600)"
+    )
+    allow_changing_contributors: bool = Field(
+        False,
+        description="threshold mode: decrypt sums of a field over changing contributor sets "
+        "(off: the first sum fixes the set, so sums cannot be differenced)",
+    )
 
 
 def _split_list(value: Any) -> Any:
@@ -161,9 +172,15 @@ class FlameConfig(BaseSettings):
     epoch_timeout: float = Field(600.0, gt=0, description="seconds to wait for a round")
     presence_timeout: float = Field(300.0, gt=0, description="seconds to wait for nodes")
     quorum: int | None = Field(None, ge=1, description="results needed per epoch (all)")
+    resend_interval: float = Field(
+        10.0, gt=0, description="seconds before an unacknowledged result is re-sent (doubling)"
+    )
     seed: int | None = None
     data_dir: Path | None = None
     data: list[DataSourceSettings] = Field(default_factory=list)
+    params: dict[str, Any] = Field(
+        default_factory=dict, description="run parameters (JSON) -> flame.context().params"
+    )
     broker: BrokerSettings = BrokerSettings()
     storage: StorageSettings = StorageSettings()
     secure: SecureAggregationSettings = SecureAggregationSettings()

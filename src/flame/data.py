@@ -1,7 +1,9 @@
 """The `data` handle an analysis receives: the same calls on a laptop and on a node.
 
-A handle wraps one or more *sources* (a local folder here; HTTP, FHIR and S3 sources live in
-`flame.clients.data_api_client`). File-like sources implement `FileSource`.
+A handle wraps one or more *sources* (`flame.sources`: a local folder, HTTP files, FHIR, S3,
+SQL). Tables are Apache Arrow: `table()` gives a `pyarrow.Table`, `read_csv()` numpy
+columns, `to_pandas()` / `to_polars()` DataFrames, `sql()` DuckDB over the node's files.
+Missing values are never silent: they become null/NaN and are counted in `missing`.
 """
 
 from __future__ import annotations
@@ -9,102 +11,23 @@ from __future__ import annotations
 import csv
 import fnmatch
 import io
-import math
-from collections.abc import Iterator, Mapping
-from pathlib import Path, PurePosixPath
-from typing import IO, Protocol, runtime_checkable
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import ExitStack
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any
 
 import numpy as np
 
 from flame.errors import DataError
+from flame.sources.base import FileSource
+from flame.sources.local import LocalSource, MemorySource
+
+if TYPE_CHECKING:  # pyarrow is imported on the first table read (keeps start-up fast)
+    import pyarrow as pa
 
 __all__ = ["Data", "FileSource", "LocalSource", "MemorySource", "Table"]
 
 Table = dict[str, "np.ndarray"]
-
-
-@runtime_checkable
-class FileSource(Protocol):
-    """A source of named files: what a node folder, an HTTP file API or a bucket share."""
-
-    name: str
-
-    def files(self) -> list[str]:
-        """All file names, relative, '/'-separated, sorted."""
-        ...
-
-    def open(self, name: str) -> IO[bytes]:
-        """A binary stream of one file; the caller closes it."""
-        ...
-
-
-def _safe_relative(name: str) -> str:
-    path = PurePosixPath(name)
-    if path.is_absolute() or ".." in path.parts or not path.parts:
-        raise DataError(f"file name {name!r} must be relative and stay inside the source")
-    return str(path)
-
-
-class LocalSource:
-    """A directory on this machine (what `flame simulate` gives each node)."""
-
-    def __init__(self, root: str | Path, name: str = "local") -> None:
-        self.root = Path(root)
-        self.name = name
-        if not self.root.is_dir():
-            raise DataError(f"data source {name!r}: {self.root} is not a directory")
-
-    def files(self) -> list[str]:
-        return sorted(
-            p.relative_to(self.root).as_posix()
-            for p in self.root.rglob("*")
-            if p.is_file()
-            and not any(part.startswith(".") for part in p.relative_to(self.root).parts)
-        )
-
-    def open(self, name: str) -> IO[bytes]:
-        path = self.root / _safe_relative(name)
-        try:
-            return path.open("rb")
-        except OSError as exc:
-            raise DataError(
-                f"data source {self.name!r}: cannot read {name!r}: {exc.strerror}"
-            ) from None
-
-
-class MemorySource:
-    """Files held in memory: for tests of an analysis (`flame.testing`)."""
-
-    def __init__(self, files: Mapping[str, bytes | str], name: str = "memory") -> None:
-        self.name = name
-        self._files = {
-            _safe_relative(k): v.encode() if isinstance(v, str) else bytes(v)
-            for k, v in files.items()
-        }
-
-    def files(self) -> list[str]:
-        return sorted(self._files)
-
-    def open(self, name: str) -> IO[bytes]:
-        try:
-            return io.BytesIO(self._files[_safe_relative(name)])
-        except KeyError:
-            raise DataError(f"data source {self.name!r}: no file {name!r}") from None
-
-
-def _column(values: list[str]) -> np.ndarray:
-    """Numeric when every non-empty cell parses as a number (empty -> NaN), else text."""
-    parsed: list[float] = []
-    for cell in values:
-        text = cell.strip()
-        if not text:
-            parsed.append(math.nan)
-            continue
-        try:
-            parsed.append(float(text))
-        except ValueError:
-            return np.array(values, dtype=str)
-    return np.array(parsed, dtype=np.float64)
 
 
 class Data:
@@ -113,6 +36,11 @@ class Data:
     def __init__(self, sources: Mapping[str, object] | None = None, *, node_id: str = "") -> None:
         self.node_id = node_id
         self._sources: dict[str, object] = dict(sources or {})
+        self._engines: dict[str, Any] = {}
+        self.missing: dict[str, int] = {}
+        """Missing cells per column in the last table read (now NaN / null)."""
+        self.invalid: dict[str, int] = {}
+        """Stray text cells per numeric column in the last table read (now NaN / null)."""
 
     @classmethod
     def from_path(cls, root: str | Path, node_id: str = "") -> Data:
@@ -183,31 +111,106 @@ class Data:
             yield row
 
     def read_csv(self, name: str | None = None, *, source: str | None = None) -> Table:
-        """A CSV file as columns of numpy arrays (float where every cell is numeric).
+        """A CSV file as columns of numpy arrays (float64 where the column is numeric).
 
         Without a name, every `*.csv` file of the source is read and stacked; they must share
-        one header. This is what an analysis usually wants from a node with several files.
+        one header. Missing markers (empty, NA, N/A, NULL, null, NaN, ".") become NaN in
+        numeric columns and "" in text columns; stray text in a numeric column becomes NaN
+        with a warning. Counts are in `self.missing` and `self.invalid` afterwards.
         """
         names = [name] if name is not None else self.files("*.csv", source=source)
         if not names:
             raise DataError(f"node {self.node_id!r} has no CSV files")
-        header: list[str] | None = None
-        cells: dict[str, list[str]] = {}
-        for file_name in names:
-            rows = list(self.rows(file_name, source=source))
-            file_header = list(rows[0].keys()) if rows else self._header(file_name, source)
-            if header is None:
-                header = file_header
-                cells = {column: [] for column in header}
-            elif file_header != header:
-                raise DataError(
-                    f"{file_name!r} has columns {file_header}, but {names[0]!r} has {header}"
-                )
-            for row in rows:
-                for column in header:
-                    cells[column].append(row[column])
-        return {column: _column(values) for column, values in cells.items()}
+        from flame.readers import to_numpy
 
-    def _header(self, name: str, source: str | None) -> list[str]:
-        first = self.read_text(name, source=source).splitlines()[:1]
-        return next(csv.reader(first), []) if first else []
+        table = self._read(names, source)
+        return {column: to_numpy(table.column(column)) for column in table.column_names}
+
+    def table(self, name: str | None = None, *, source: str | None = None) -> pa.Table:
+        """A table file (CSV, TSV, Parquet, JSON lines) as a `pyarrow.Table`, types kept.
+
+        `name` may be a glob pattern; without one, every CSV file (else every Parquet, else
+        every JSON-lines file) of the source is read and stacked.
+        """
+        return self._read(self._table_names(name, source), source)
+
+    def to_pandas(self, name: str | None = None, *, source: str | None = None) -> Any:
+        """`table(...)` as a pandas DataFrame (needs `pip install 'flame[pandas]'`)."""
+        try:
+            import pandas  # noqa: F401
+        except ImportError:
+            raise DataError("to_pandas needs pandas: pip install 'flame[pandas]'") from None
+        return self.table(name, source=source).to_pandas()
+
+    def to_polars(self, name: str | None = None, *, source: str | None = None) -> Any:
+        """`table(...)` as a polars DataFrame (needs `pip install 'flame[polars]'`)."""
+        try:
+            import polars
+        except ImportError:
+            raise DataError("to_polars needs polars: pip install 'flame[polars]'") from None
+        return polars.from_arrow(self.table(name, source=source))
+
+    def sql(
+        self, query: str, params: Sequence[Any] | None = None, *, source: str | None = None
+    ) -> pa.Table:
+        """DuckDB SQL over this node's table files, each a view named after its file.
+
+        `data.sql("select avg(age) from records")` reads `records.csv` out of core. The
+        result is a `pyarrow.Table`; `?` placeholders take `params`.
+        """
+        from flame.sources.duckdb import DuckDbEngine
+
+        files = self._files_source(source)
+        key = files.name
+        engine = self._engines.get(key)
+        if engine is None:
+            engine = self._engines[key] = DuckDbEngine(files)
+        return engine.sql(query, params)
+
+    def close(self) -> None:
+        """Release DuckDB engines and source connections (idempotent)."""
+        for engine in self._engines.values():
+            engine.close()
+        self._engines.clear()
+        for item in self._sources.values():
+            closer = getattr(item, "close", None)
+            if callable(closer):
+                closer()
+
+    def _table_names(self, name: str | None, source: str | None) -> list[str]:
+        available = self.files(source=source)
+        if name is not None and any(ch in name for ch in "*?["):
+            names = [f for f in available if fnmatch.fnmatch(f, name)]
+        elif name is not None:
+            names = [name]
+        else:
+            names = []
+            for suffixes in ((".csv",), (".parquet", ".pq"), (".jsonl", ".ndjson"), (".tsv",)):
+                names = [f for f in available if f.lower().endswith(suffixes)]
+                if names:
+                    break
+        if not names:
+            from flame.readers import FORMATS
+
+            known = ", ".join(sorted(FORMATS))
+            raise DataError(f"node {self.node_id!r} has no table files ({known}) matching {name!r}")
+        return names
+
+    def _read(self, names: list[str], source: str | None) -> pa.Table:
+        from flame.readers import read_tables
+
+        files = self._files_source(source)
+        with ExitStack() as stack:
+            entries: list[tuple[str, Path | IO[bytes]]] = []
+            for file_name in names:
+                if isinstance(files, LocalSource):  # read natively (not wrapped or metered)
+                    path = files.path(file_name)
+                    if not path.is_file():
+                        raise DataError(f"data source {files.name!r}: no file {file_name!r}")
+                    entries.append((file_name, path))
+                else:
+                    entries.append((file_name, stack.enter_context(files.open(file_name))))
+            table, report = read_tables(entries)
+        self.missing = report.missing
+        self.invalid = report.invalid
+        return table

@@ -2,24 +2,23 @@
 
 from __future__ import annotations
 
-import hashlib
-import inspect
 import logging
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
+from flame._signals import stop_on_sigterm
 from flame.config import FlameConfig, load_config
 from flame.data import Data, LocalSource
 from flame.errors import ConfigError
 from flame.federated.aggregator_server import Aggregator
 from flame.federated.analysis_client import AnalysisClient
 from flame.federated.functions import AnalysisFunctions
-from flame.federated.records import EventSink, RunStore
+from flame.federated.records import EventSink
+from flame.federated.run_store import code_hash, open_node_state, open_run_store
 from flame.federated.secure import SecureKeys
 from flame.transport.base import Transport
 
-__all__ = ["run"]
+__all__ = ["code_hash", "run"]
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +66,7 @@ def node_transport(config: FlameConfig, node_id: str) -> Transport:
 
 def node_data_handle(config: FlameConfig) -> Data:
     """This node's data sources from config, each probed once (a bad token stops here)."""
-    from flame.clients.data_api_client import open_sources, probe_sources
+    from flame.sources import open_sources, probe_sources
 
     sources: dict[str, object] = {}
     if config.data_dir is not None:
@@ -81,57 +80,11 @@ def node_data_handle(config: FlameConfig) -> Data:
     return Data(sources, node_id=config.node_id or "")
 
 
-def code_hash(functions: AnalysisFunctions) -> str:
-    """SHA-256 over the source files that define the analyst's functions (provenance)."""
-    files: set[str] = set()
-    for function in (functions.analyze, functions.aggregate, functions.converged):
-        if function is None:
-            continue
-        original: Callable[..., Any] = getattr(function, "__wrapped__", function)
-        try:
-            source = inspect.getsourcefile(original)
-        except TypeError:
-            source = None
-        if source:
-            files.add(source)
-    digest = hashlib.sha256()
-    for name in sorted(files):
-        digest.update(Path(name).name.encode() + b"\0" + Path(name).read_bytes() + b"\0")
-    return digest.hexdigest()
-
-
-def aggregator_store(
-    config: FlameConfig, functions: AnalysisFunctions, aggregator_id: str
-) -> RunStore | None:
-    """Checkpoints and final results on the configured storage (None: keep nothing)."""
-    from flame.clients.minio_client import open_store
-    from flame.federated.run_store import StorageRunStore
-
-    store = open_store(config.storage)
-    if store is None:
-        return None
-    provenance = {
-        "code_sha256": code_hash(functions),
-        "participants": list(config.participants),
-        "config": config.public_dict(),
-    }
-    return StorageRunStore(store, config.analysis_id, aggregator_id, provenance=provenance)
-
-
-def node_state(config: FlameConfig, node_id: str) -> Any:
-    """Where `context().save/load` keep this node's values."""
-    from flame.clients.minio_client import open_store
-    from flame.federated.run_store import MemoryState, NodeState
-
-    store = open_store(config.storage)
-    return MemoryState() if store is None else NodeState(store, config.analysis_id, node_id)
-
-
 def secure_keys(config: FlameConfig, role: str) -> SecureKeys | None:
     """This node's secure-aggregation keys, or None when secure aggregation is off."""
     if not config.secure.enabled:
         return None
-    return SecureKeys.from_settings(config.secure, role=role)
+    return SecureKeys.from_settings(config.secure, role=role, node_id=config.node_id)
 
 
 def run(
@@ -146,7 +99,21 @@ def run(
 
     Both functions are passed on every node, so one image serves both roles.
     """
+    from flame.isolation.child import refuse_nested_run
+
+    refuse_nested_run("flame.run")
     config = config if config is not None else load_config()
+    with stop_on_sigterm():
+        return _run(analyze, aggregate, converged, config, on_event)
+
+
+def _run(
+    analyze: Callable[..., Any] | None,
+    aggregate: Callable[..., Any] | None,
+    converged: Callable[..., Any] | None,
+    config: FlameConfig,
+    on_event: EventSink | None,
+) -> Any:
     node_id, role = _require(config)
     functions = AnalysisFunctions.of(analyze, aggregate, converged)
     from flame.utils.token import check_service_tokens
@@ -164,12 +131,13 @@ def run(
             quorum=config.quorum,
             epoch_timeout=config.epoch_timeout,
             presence_timeout=config.presence_timeout,
-            store=aggregator_store(config, functions, node_id),
+            store=open_run_store(config, functions, node_id),
             on_event=on_event,
             seed=config.seed,
             secrets=secrets,
             keys=keys,
         )
+        aggregator.context.params = dict(config.params)
         return aggregator.execute().value
     data = node_data_handle(config)
     client = AnalysisClient(
@@ -178,8 +146,11 @@ def run(
         participants=config.participants,
         wait_timeout=config.presence_timeout + 2 * config.epoch_timeout,
         seed=config.seed,
-        state=node_state(config, node_id),
+        state=open_node_state(config, node_id),
         secrets=secrets,
         keys=keys,
+        resend_interval=config.resend_interval,
+        isolate=True,
     )
+    client.context.params = dict(config.params)
     return client.run(functions, data).value

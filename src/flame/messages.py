@@ -2,14 +2,16 @@
 
 A frame is `b"FLM" + version byte + u32 header length + JSON header + blobs`. The header holds
 the envelope fields and the body as JSON in which numpy arrays and bytes are references to
-blobs (`{"$nd": i, "dtype": "<f8", "shape": [..]}`, `{"$b": i}`). User dict keys that start
-with "$" are escaped by doubling the "$". Decoding validates every field and reference and
-raises `MessageError`; callers drop such a message, they never act on it.
+blobs (`{"$nd": i, "dtype": "<f8", "shape": [..]}`, `{"$b": i}`); tables (pandas, polars,
+Arrow) are Arrow IPC blobs and dicts with non-str keys are key/value pairs (`flame.wire_tables`).
+User dict keys that start with "$" are escaped by doubling the "$". Decoding validates every
+field and reference and raises `MessageError`; callers drop such a message, they never act on it.
 """
 
 from __future__ import annotations
 
 import json
+import mmap
 import re
 import struct
 import time
@@ -21,6 +23,7 @@ from typing import Any, Literal, get_args
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from flame import wire_tables
 from flame.errors import MessageError
 
 __all__ = [
@@ -136,6 +139,13 @@ class _Encoder:
             return {"$b": self.blob(memoryview(obj).cast("B"))}
         if isinstance(obj, Sealed):
             return {"$sealed": self.blob(memoryview(obj.data).cast("B")), "scheme": obj.scheme}
+        if isinstance(obj, Mapping) and not all(isinstance(key, str) for key in obj):
+            return {
+                "$kd": [
+                    [wire_tables.dict_key(k, path), self.value(v, f"{path}[{k!r}]", depth + 1)]
+                    for k, v in obj.items()
+                ]
+            }
         if isinstance(obj, Mapping):
             out: dict[str, Any] = {}
             for key, item in obj.items():
@@ -148,9 +158,13 @@ class _Encoder:
             return out
         if isinstance(obj, (list, tuple)):
             return [self.value(item, f"{path}[{i}]", depth + 1) for i, item in enumerate(obj)]
+        table = wire_tables.encode_table(obj, path)
+        if table is not None:
+            ref, data = table
+            return {"$arrow": self.blob(memoryview(data)), **ref}
         raise TypeError(
             f"{path}: a {type(obj).__name__} cannot be sent; use dicts, lists, numbers, "
-            "strings, bytes or numpy arrays"
+            "strings, bytes, numpy arrays or tables (pandas, polars, Arrow)"
         )
 
 
@@ -196,6 +210,20 @@ def _decode_value(obj: Any, blobs: list[memoryview], writable: bool, depth: int 
         return obj
     if "$nd" in obj:
         return _decode_array(obj, blobs, writable)
+    if "$arrow" in obj:
+        return wire_tables.decode_table(obj, _blob(obj["$arrow"], blobs))
+    if "$kd" in obj:
+        pairs = obj["$kd"]
+        if set(obj) != {"$kd"} or not isinstance(pairs, list):
+            raise MessageError("keyed dict must be exactly $kd with a list of pairs")
+        keyed: dict[Any, Any] = {}
+        for pair in pairs:
+            if not isinstance(pair, list) or len(pair) != 2:
+                raise MessageError("keyed dict entries must be [key, value] pairs")
+            keyed[wire_tables.check_key(pair[0])] = _decode_value(
+                pair[1], blobs, writable, depth + 1
+            )
+        return keyed
     if "$sealed" in obj:
         scheme = obj.get("scheme")
         if set(obj) != {"$sealed", "scheme"} or not isinstance(scheme, str) or len(scheme) > 32:
@@ -253,7 +281,8 @@ def _decode_array(obj: dict[str, Any], blobs: list[memoryview], writable: bool) 
 def decode(
     frame: bytes | bytearray | memoryview, *, max_bytes: int = DEFAULT_MAX_BYTES
 ) -> Envelope:
-    """Parse and validate one frame. Arrays are views of a bytearray frame, copies otherwise."""
+    """Parse and validate one frame. Arrays are views of a bytearray or mmap frame, copies
+    otherwise."""
     view = memoryview(frame).cast("B")
     if view.nbytes > max_bytes:
         raise MessageError(f"message of {view.nbytes} bytes is over the limit of {max_bytes}")
@@ -289,7 +318,7 @@ def decode(
         expected = offset + length
     if expected != payload.nbytes:
         raise MessageError(f"frame has {payload.nbytes - expected} trailing bytes")
-    writable = isinstance(frame, bytearray)
+    writable = isinstance(frame, (bytearray, mmap.mmap))  # arrays are views of it
     try:
         body = _decode_value(header.body, blobs, writable)
     except RecursionError:
@@ -327,6 +356,8 @@ def to_jsonable(value: Any) -> Any:
         return bytes(value).hex()
     if isinstance(value, Sealed):
         return {"sealed": value.scheme, "bytes": len(value.data)}
+    if wire_tables.is_table(value):
+        return wire_tables.to_columns(value)
     if isinstance(value, Mapping):
         return {str(k): to_jsonable(v) for k, v in value.items()}
     if isinstance(value, Sequence) and not isinstance(value, str):

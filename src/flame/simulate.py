@@ -21,8 +21,9 @@ from flame.federated.aggregator_server import Aggregator
 from flame.federated.analysis_client import AnalysisClient
 from flame.federated.functions import AnalysisFunctions
 from flame.federated.records import EventSink, RunResult, RunStore
+from flame.federated.run_store import open_node_state, open_run_store
 from flame.federated.secure import SecureKeys
-from flame.main import aggregator_store, node_state
+from flame.isolation.child import refuse_nested_run
 from flame.transport.base import Transport
 from flame.transport.memory import MemoryBroker, MemoryTransport
 
@@ -82,6 +83,7 @@ def simulate(
     on_event: EventSink | None = None,
     store: RunStore | None = None,
     secure: bool = False,
+    isolate: bool = False,
 ) -> RunResult:
     """Run `analyze` on every node's data and `aggregate` once per epoch; return the result.
 
@@ -90,8 +92,11 @@ def simulate(
     FLAME_* variables apply (epochs, timeouts, quorum, seed); arguments given here win.
     `secure=True` (or FLAME_SECURE__ENABLED) sums `flame.secure(...)` values under
     Paillier encryption, with the configured key files or a throwaway key pair.
+    `isolate=True` runs each node's `analyze` in a child process as on a production node
+    (the `flame simulate` command does); `analyze` must then live in a module or file.
     Raises `RunFailed` with the failing node and its error if any node fails.
     """
+    refuse_nested_run("flame.simulate")
     functions = AnalysisFunctions.of(analyze, aggregate, converged)
     nodes = node_data(data)
     if config is None:
@@ -119,10 +124,13 @@ def simulate(
             participants=participants,
             wait_timeout=config.presence_timeout + 2 * config.epoch_timeout,
             seed=config.seed,
-            state=node_state(config, node),
+            state=open_node_state(config, node),
             secrets=secrets,
-            keys=keys,
+            keys=None if keys is None else keys.for_node(node),
+            log_traceback=False,  # the aggregator's log, in this same process, shows it
+            isolate=isolate,
         )
+        client.context.params = dict(config.params)
         try:
             client.run(functions, nodes[node])
         except BaseException as exc:  # recorded; the aggregator reports the run's outcome
@@ -143,12 +151,13 @@ def simulate(
         presence_timeout=config.presence_timeout,
         store=store
         if store is not None
-        else aggregator_store(config, functions, config.aggregator_id),
+        else open_run_store(config, functions, config.aggregator_id),
         on_event=on_event,
         seed=config.seed,
         secrets=secrets,
         keys=None if keys is None else keys.public_only(),
     )
+    aggregator.context.params = dict(config.params)
     for thread in threads:
         thread.start()
     try:
@@ -169,7 +178,18 @@ def _simulation_keys(config: FlameConfig) -> SecureKeys:
     """The configured keys, or a throwaway pair that lives only in this process."""
     if config.secure.private_key_file is not None:
         return SecureKeys.from_settings(config.secure, role="analysis")
-    from flame.protocols.aggregation_paillier import generate_keypair
+    if config.secure.public_key_file is not None:
+        keys = SecureKeys.from_settings(config.secure, role="aggregation")
+        if keys.threshold is not None:  # every node's share-<node>.json beside the public key
+            from flame.protocols.paillier.threshold_files import load_key_share, share_file_name
+
+            folder = Path(config.secure.public_key_file).parent
+            keys.shares = {
+                node: load_key_share(folder / share_file_name(node), node_id=node)
+                for node, _ in keys.threshold.members
+            }
+            return keys
+    from flame.protocols.paillier import generate_keypair
 
     log.info("secure simulation: generating a throwaway 2048-bit key pair")
     public, private = generate_keypair(2048)

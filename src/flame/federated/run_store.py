@@ -7,32 +7,39 @@ that says what produced it. Values are stored in flame's wire format (no pickle)
 
 from __future__ import annotations
 
+import hashlib
+import inspect
 import logging
 import threading
 import time
-from typing import Any
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from flame.clients.object_store import AnalysisLayout, ObjectNotFound, ObjectStore
 from flame.errors import ConfigError, FlameError
-from flame.federated.records import Checkpoint, EpochRecord, RunResult
+from flame.federated.records import Checkpoint, EpochRecord, RunResult, RunStore
 from flame.messages import pack, unpack
 
-__all__ = ["MemoryState", "NodeState", "StorageRunStore", "load_result"]
+if TYPE_CHECKING:
+    from flame.config import FlameConfig
+    from flame.federated.functions import AnalysisFunctions
+
+__all__ = [
+    "MemoryState",
+    "NodeState",
+    "StorageRunStore",
+    "code_hash",
+    "load_result",
+    "open_node_state",
+    "open_run_store",
+]
 
 log = logging.getLogger(__name__)
 
 
 def _record(data: dict[str, Any]) -> EpochRecord:
-    return EpochRecord(
-        epoch=int(data["epoch"]),
-        nodes=[str(n) for n in data["nodes"]],
-        missing=[str(n) for n in data["missing"]],
-        started=float(data["started"]),
-        duration=float(data["duration_s"]),
-        converged=bool(data["converged"]),
-        bytes_received=int(data.get("bytes_received", 0)),
-        bytes_sent=int(data.get("bytes_sent", 0)),
-    )
+    return EpochRecord.from_dict(data)
 
 
 class StorageRunStore:
@@ -184,3 +191,56 @@ def load_result(analysis_id: str, *, epoch: int | None = None, config: Any = Non
         return unpack(store.get_bytes(key))
     except ObjectNotFound:
         raise FlameError(f"analysis {analysis_id!r} has no stored {what}") from None
+
+
+def code_hash(functions: AnalysisFunctions) -> str:
+    """SHA-256 over the source files that define the analyst's functions (provenance)."""
+    files: set[str] = set()
+    for function in (functions.analyze, functions.aggregate, functions.converged):
+        if function is None:
+            continue
+        original: Callable[..., Any] = getattr(function, "__wrapped__", function)
+        try:
+            source = inspect.getsourcefile(original)
+        except TypeError:
+            source = None
+        if source:
+            files.add(source)
+    digest = hashlib.sha256()
+    for name in sorted(files):
+        digest.update(Path(name).name.encode() + b"\0" + Path(name).read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
+def _has_storage(config: FlameConfig) -> bool:
+    return config.storage.endpoint is not None or config.storage.results_dir is not None
+
+
+def open_run_store(
+    config: FlameConfig, functions: AnalysisFunctions, aggregator_id: str
+) -> RunStore | None:
+    """Checkpoints and final results on the configured storage (None: keep nothing)."""
+    if not _has_storage(config):
+        return None  # without importing the S3 client: a simulation starts faster
+    from flame.clients.minio_client import open_store
+
+    store = open_store(config.storage)
+    if store is None:
+        return None
+    provenance = {
+        "code_sha256": code_hash(functions),
+        "participants": list(config.participants),
+        "config": config.public_dict(),
+        "params": dict(config.params),
+    }
+    return StorageRunStore(store, config.analysis_id, aggregator_id, provenance=provenance)
+
+
+def open_node_state(config: FlameConfig, node_id: str) -> Any:
+    """Where `context().save/load` keep this node's values."""
+    if not _has_storage(config):
+        return MemoryState()
+    from flame.clients.minio_client import open_store
+
+    store = open_store(config.storage)
+    return MemoryState() if store is None else NodeState(store, config.analysis_id, node_id)

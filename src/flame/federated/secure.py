@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -21,12 +21,20 @@ import numpy as np
 
 from flame.config import SecureAggregationSettings
 from flame.errors import ConfigError, FlameError, RunFailed
+from flame.markers import register
 from flame.messages import Envelope, Sealed
 
 if TYPE_CHECKING:
     from phe.paillier import PaillierPrivateKey, PaillierPublicKey
 
     from flame.federated.context import Context
+    from flame.federated.secure_threshold import (
+        Signer,
+        ThresholdCollector,
+        ThresholdParty,
+        Verifier,
+    )
+    from flame.protocols.paillier.threshold import ThresholdKeyShare, ThresholdPublicKey
 
 __all__ = ["Results", "Secure", "SecureKeys", "SecureSummer", "secure"]
 
@@ -37,17 +45,48 @@ DECRYPT = "flame.secure.decrypt"
 DECRYPTED = "flame.secure.decrypted"
 
 
+@register("secure")
 @dataclass(frozen=True)
 class Secure:
     """A value `analyze` wants summed under encryption (see `flame.secure`)."""
 
     values: Any
+    bound: float | None = None
+    precision: int | None = None
 
 
-def secure(values: Any) -> Secure:
+def secure(values: Any, *, bound: float | None = None, precision: int | None = None) -> Secure:
     """Mark numbers (a scalar, list or numpy array) to be summed without the aggregator
-    seeing them: `return {"n": n, "total": flame.secure(x.sum(axis=0))}`."""
-    return Secure(values)
+    seeing them: `return {"n": n, "total": flame.secure(x.sum(axis=0))}`.
+
+    `bound` (largest |value|) and `precision` (fractional bits) override the configured
+    defaults (FLAME_SECURE__BOUND, FLAME_SECURE__PRECISION) for this field only, so one
+    large-magnitude field neither fails at the global bound nor widens every other field's
+    slots: `flame.secure((age**2).sum(), bound=1e7)`. With `precision=0` the values are
+    summed as exact integers and come back as ints. A scalar comes back as a Python
+    float (int with `precision=0`) in `results.secure[...]`, an array as a numpy array.
+    Every node must mark a field the same way.
+    """
+    if bound is not None and (
+        isinstance(bound, bool)
+        or not isinstance(bound, (int, float, np.integer, np.floating))
+        or not (np.isfinite(bound) and bound > 0)
+    ):
+        raise FlameError(f"flame.secure(bound={bound!r}): the bound must be a positive number")
+    if precision is not None and (
+        isinstance(precision, bool)
+        or not isinstance(precision, (int, np.integer))
+        or not 0 <= precision <= 60
+    ):
+        raise FlameError(
+            f"flame.secure(precision={precision!r}): the precision is a number of fractional "
+            "bits, an int from 0 to 60"
+        )
+    return Secure(
+        values,
+        None if bound is None else float(bound),
+        None if precision is None else int(precision),
+    )
 
 
 class Summed:
@@ -66,11 +105,11 @@ class Results(dict[str, Any]):
     def __init__(
         self,
         results: dict[str, Any],
-        secure: dict[str, np.ndarray] | None = None,
+        secure: dict[str, Any] | None = None,
         contributors: dict[str, list[str]] | None = None,
     ) -> None:
         super().__init__(results)
-        self.secure: dict[str, np.ndarray] = dict(secure or {})
+        self.secure: dict[str, Any] = dict(secure or {})
         self.contributors: dict[str, list[str]] = dict(contributors or {})
 
 
@@ -84,11 +123,24 @@ class SecureKeys:
     min_contributors: int
     obfuscation: str = "standard"
     confirm_fraction: float | None = None
+    threshold: ThresholdPublicKey | None = None
+    """Threshold mode: no node holds the private key; any T share holders decrypt."""
+    share: ThresholdKeyShare | None = None
+    signer: Signer | None = None
+    verifier: Verifier | None = None
+    allow_changing_contributors: bool = False
+    shares: dict[str, ThresholdKeyShare] | None = None
+    """Simulation only: every node's share, handed out by `for_node`."""
+    _party: ThresholdParty | None = None
 
     @classmethod
-    def from_settings(cls, settings: SecureAggregationSettings, *, role: str) -> SecureKeys:
-        from flame.protocols import aggregation_paillier as paillier
+    def from_settings(
+        cls, settings: SecureAggregationSettings, *, role: str, node_id: str | None = None
+    ) -> SecureKeys:
+        from flame.protocols import paillier
 
+        if settings.key_share_file is not None or _is_threshold(settings.public_key_file):
+            return cls._threshold_from_settings(settings, role=role, node_id=node_id)
         if role == "aggregation" and settings.private_key_file is not None:
             raise ConfigError(
                 "FLAME_SECURE__PRIVATE_KEY_FILE / secure.private_key_file: the aggregation "
@@ -114,14 +166,111 @@ class SecureKeys:
             public, private, cls.spec_of(settings), settings.min_contributors, settings.obfuscation
         )
 
+    @classmethod
+    def _threshold_from_settings(
+        cls, settings: SecureAggregationSettings, *, role: str, node_id: str | None
+    ) -> SecureKeys:
+        from flame.protocols.paillier.threshold_files import (
+            load_key_share,
+            load_threshold_public_key,
+        )
+
+        if settings.private_key_file is not None:
+            raise ConfigError(
+                "FLAME_SECURE__PRIVATE_KEY_FILE / secure.private_key_file: not used with a "
+                "threshold key (no node holds the private key); give this node its "
+                "FLAME_SECURE__KEY_SHARE_FILE instead"
+            )
+        share = None
+        if role == "aggregation":
+            if settings.key_share_file is not None:
+                raise ConfigError(
+                    "FLAME_SECURE__KEY_SHARE_FILE / secure.key_share_file: the aggregation "
+                    "node must not hold a key share"
+                )
+            assert settings.public_key_file is not None
+            public = load_threshold_public_key(Path(settings.public_key_file))
+        else:
+            if settings.key_share_file is None:
+                raise ConfigError(
+                    "FLAME_SECURE__KEY_SHARE_FILE / secure.key_share_file: required on analysis "
+                    "nodes with a threshold key (share-<node>.json from `flame keys generate "
+                    "--threshold`)"
+                )
+            share = load_key_share(Path(settings.key_share_file), node_id=node_id)
+            public = share.public
+            if settings.public_key_file is not None:
+                given = load_threshold_public_key(Path(settings.public_key_file))
+                if given != public:
+                    raise ConfigError(
+                        "FLAME_SECURE__PUBLIC_KEY_FILE and FLAME_SECURE__KEY_SHARE_FILE belong "
+                        "to different threshold keys"
+                    )
+        return cls(
+            public.paillier,
+            None,
+            cls.spec_of(settings),
+            settings.min_contributors,
+            settings.obfuscation,
+            threshold=public,
+            share=share,
+            allow_changing_contributors=settings.allow_changing_contributors,
+        )
+
+    def for_node(self, node_id: str) -> SecureKeys:
+        """This node's keys: in a threshold simulation, with its own share and ledger."""
+        if self.shares is None:
+            return self
+        return replace(self, share=self.shares[node_id], shares=None, _party=None)
+
+    def party(self) -> ThresholdParty:
+        """The share holder's decision-maker (one per node: it remembers what it decrypted)."""
+        from flame.federated.secure_threshold import ThresholdParty
+
+        assert self.share is not None
+        if self._party is None:
+            self._party = ThresholdParty(
+                self.share, self.verifier, self.min_contributors, self.allow_changing_contributors
+            )
+        return self._party
+
     @staticmethod
     def spec_of(settings: SecureAggregationSettings) -> Any:
-        from flame.protocols.aggregation_paillier import SecureSumSpec
+        from flame.protocols.paillier import SecureSumSpec
 
         return SecureSumSpec(settings.precision, settings.bound, settings.max_nodes)
 
+    def spec_for(self, marker: Secure) -> Any:
+        """The encoding of one marked field: the configured spec with its own overrides."""
+        if marker.bound is None and marker.precision is None:
+            return self.spec
+        return self.spec.with_overrides(bound=marker.bound, precision=marker.precision)
+
     def public_only(self) -> SecureKeys:
-        return SecureKeys(self.public_key, None, self.spec, self.min_contributors, self.obfuscation)
+        return SecureKeys(
+            self.public_key,
+            None,
+            self.spec,
+            self.min_contributors,
+            self.obfuscation,
+            threshold=self.threshold,
+            verifier=self.verifier,
+            allow_changing_contributors=self.allow_changing_contributors,
+        )
+
+
+def _is_threshold(path: Path | None) -> bool:
+    """Whether a public key file is a threshold key (it has a "threshold" part)."""
+    if path is None:
+        return False
+    from flame.protocols.paillier import KeyFileError
+    from flame.protocols.paillier.threshold_files import load_threshold_public_key
+
+    try:
+        load_threshold_public_key(Path(path), allow_insecure=True)
+    except KeyFileError as exc:
+        return "not a threshold public key" not in str(exc)
+    return True
 
 
 # --- walking result trees --------------------------------------------------------------------
@@ -151,36 +300,117 @@ def _replace(value: Any, change: Any, path: str = "") -> Any:
 # --- the analysis node's side ----------------------------------------------------------------
 
 
-def seal(result: Any, keys: SecureKeys | None) -> Any:
-    """Encrypt every `flame.secure(...)` in a result (errors name the field and index)."""
+def seal(
+    result: Any,
+    keys: SecureKeys | None,
+    specs: dict[str, Any] | None = None,
+    origin: tuple[str, int, str] | None = None,
+) -> Any:
+    """Encrypt every `flame.secure(...)` in a result (errors name the field and index).
+
+    `specs` (if given) receives the encoding used for each field path: the node checks a
+    decryption request against it, so the sums are read at the precision it sent.
+    """
 
     def change(path: str, value: Any) -> Any:
         if not isinstance(value, Secure):
             return value
+        field = path or "value"
         if keys is None:
             raise FlameError(
                 f"analyze returned flame.secure(...) at {path or 'the top'!r}, but secure "
                 "aggregation is not enabled (FLAME_SECURE__ENABLED=true, or --secure)"
             )
-        from flame.protocols.aggregation_paillier import encrypt_vector
-
-        key = keys.private_key if keys.private_key is not None else keys.public_key
-        encrypted = encrypt_vector(
-            value.values,
-            key,
-            keys.spec,
-            field=path or "value",
-            obfuscation=keys.obfuscation,  # type: ignore[arg-type]
+        from flame.protocols.paillier import (
+            SecureAggregationError,
+            ValueOutOfBoundsError,
+            encrypt_vector,
         )
+
+        try:
+            spec = keys.spec_for(value)
+        except SecureAggregationError as exc:
+            raise FlameError(f"flame.secure(...) at {field!r}: {exc}") from None
+        key = keys.private_key if keys.private_key is not None else keys.public_key
+        try:
+            encrypted = encrypt_vector(
+                value.values,
+                key,
+                spec,
+                field=field,
+                obfuscation=keys.obfuscation,  # type: ignore[arg-type]
+            )
+        except ValueOutOfBoundsError as exc:
+            if "bound" not in str(exc):
+                raise
+            raise ValueOutOfBoundsError(
+                f"{exc}. The bound in force for {field!r} is +-{spec.bound:g} "
+                f"({_bound_origin(value)}); raise it for this field with "
+                f"flame.secure(value, bound=...) in analyze, or for every field with "
+                f"FLAME_SECURE__BOUND (secure.bound in a config file)",
+                field=exc.field,
+                index=exc.index,
+            ) from None
+        if specs is not None:
+            specs[path] = spec
+        if keys.threshold is not None:
+            return _signed(encrypted.to_bytes(), keys, path, origin)
         return Sealed(SCHEME, encrypted.to_bytes())
 
     return _replace(result, change)
 
 
-def answer_decrypt(envelope: Envelope, keys: SecureKeys, node_id: str) -> dict[str, Any]:
+def _signed(
+    data: bytes, keys: SecureKeys, path: str, origin: tuple[str, int, str] | None
+) -> Sealed:
+    """A threshold contribution: the vector with this node's signature over where it belongs."""
+    from flame.federated.secure_threshold import (
+        CONTRIBUTION,
+        contribution_message,
+        pack_contribution,
+    )
+
+    signature = b""
+    if keys.signer is not None:
+        if origin is None:
+            raise FlameError("a signed contribution needs the analysis, epoch and node id")
+        analysis, epoch, node = origin
+        signature = keys.signer(contribution_message(analysis, epoch, path, node, data))
+    return Sealed(CONTRIBUTION, pack_contribution(signature, data))
+
+
+def _bound_origin(marker: Secure) -> str:
+    if marker.bound is not None:
+        return f"set by flame.secure(..., bound={marker.bound:g})"
+    return "the configured default, FLAME_SECURE__BOUND"
+
+
+def _as_floats(sums: np.ndarray) -> np.ndarray:
+    if sums.dtype == object:
+        return np.array([float(s) for s in sums], dtype=np.float64)
+    return sums.astype(np.float64)
+
+
+def _plain(value: np.ndarray, precision: int) -> Any:
+    """A decrypted sum as the analyst wants it: a scalar as a Python number, integers
+    (precision 0) as ints."""
+    if precision == 0:
+        value = np.rint(value).astype(np.int64)
+    return value.item() if value.ndim == 0 else value
+
+
+def answer_decrypt(
+    envelope: Envelope,
+    keys: SecureKeys,
+    node_id: str,
+    specs: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """Decrypt the aggregator's encrypted sums (as the reporter), or check the reporter's
-    plaintext against them (as a confirmer); refuse sums of too few contributors."""
-    from flame.protocols.aggregation_paillier import (
+    plaintext against them (as a confirmer); refuse sums of too few contributors.
+
+    `specs` are the encodings this node used per field when it sealed its result (see
+    `seal`); fields not in it are read with the configured spec."""
+    from flame.protocols.paillier import (
         EncryptedVector,
         decrypt_vector,
         verify_reported_sum,
@@ -213,15 +443,16 @@ def answer_decrypt(envelope: Envelope, keys: SecureKeys, node_id: str) -> dict[s
                     "error": f"{path!r} holds {vector.contributors} contributions, "
                     f"the request names {len(who)}"
                 }
+            spec = (specs or {}).get(path, keys.spec)
             if reported is None:
                 plain[path] = decrypt_vector(
-                    vector, keys.private_key, keys.spec, min_contributors=keys.min_contributors
+                    vector, keys.private_key, spec, min_contributors=keys.min_contributors
                 )
             else:
                 checked += verify_reported_sum(
                     vector,
                     keys.private_key,
-                    keys.spec,
+                    spec,
                     reported.get(path),
                     min_contributors=keys.min_contributors,
                     fraction=float(fraction),
@@ -244,6 +475,7 @@ class SecureSummer:
     timeout: float
     context: Context | None = None
     confirm_fraction: float | None = None
+    _collector: ThresholdCollector | None = None
 
     def __call__(self, results: dict[str, Any], epoch: int) -> Results:
         sealed: dict[str, dict[str, Sealed]] = {}
@@ -259,10 +491,13 @@ class SecureSummer:
                 "aggregator (FLAME_SECURE__ENABLED=true and a public key)"
             )
         assert self.context is not None
-        from flame.protocols.aggregation_paillier import EncryptedVector
+        if self.keys.threshold is not None:
+            return self._threshold(results, sealed, epoch)
+        from flame.protocols.paillier import EncryptedVector
 
         sums: dict[str, Sealed] = {}
         contributors: dict[str, list[str]] = {}
+        precision: dict[str, int] = {}
         for path, by_node in sealed.items():
             vectors = []
             for node, item in sorted(by_node.items()):
@@ -277,10 +512,61 @@ class SecureSummer:
             try:
                 total = EncryptedVector.sum(vectors)
             except FlameError as exc:
-                raise RunFailed(f"cannot add the encrypted {path!r}: {exc}") from exc
+                hint = ""
+                if "SecureSumSpec" in str(exc):
+                    hint = (
+                        " (the nodes encoded it differently: every node must mark it with "
+                        "the same flame.secure(..., bound=, precision=) and FLAME_SECURE__*)"
+                    )
+                raise RunFailed(f"cannot add the encrypted {path!r}: {exc}{hint}") from exc
             sums[path] = Sealed(SCHEME, total.to_bytes())
             contributors[path] = sorted(by_node)
-        plain = self._decrypt(epoch, sums, contributors)
+            precision[path] = total.layout.precision
+        decrypted = self._decrypt(epoch, sums, contributors)
+        plain = {p: _plain(v, precision[p]) for p, v in decrypted.items()}
+        stripped = {
+            node: _replace(result, lambda p, v: Summed(p) if isinstance(v, Sealed) else v)
+            for node, result in results.items()
+        }
+        return Results(stripped, plain, contributors)
+
+    def _threshold(
+        self, results: dict[str, Any], sealed: dict[str, dict[str, Sealed]], epoch: int
+    ) -> Results:
+        """Threshold mode: the share holders check and decrypt; the aggregator combines."""
+        from flame.federated.secure_threshold import ThresholdCollector, sum_contributions
+        from flame.protocols.paillier.encoding import _unpack
+
+        assert self.keys is not None and self.keys.threshold is not None
+        assert self.context is not None
+        public = self.keys.threshold
+        if self._collector is None:
+            self._collector = ThresholdCollector(
+                public,
+                self.context,
+                self.timeout,
+                self.keys.allow_changing_contributors,
+                DECRYPT,
+                DECRYPTED,
+            )
+        totals = {}
+        for path, by_node in sealed.items():
+            try:
+                totals[path] = sum_contributions(
+                    public, self.context.analysis_id, epoch, path, by_node, self.keys.verifier
+                )
+            except FlameError as exc:
+                raise RunFailed(f"cannot add the encrypted {path!r}: {exc}", epoch=epoch) from exc
+        packed = self._collector.decrypt(epoch, sealed, totals)
+        plain: dict[str, Any] = {}
+        for path, total in totals.items():
+            try:
+                sums = _unpack(packed[path], total.layout, total.size, total.contributors)
+            except FlameError as exc:
+                raise RunFailed(f"the decrypted sum of {path!r}: {exc}", epoch=epoch) from exc
+            floats = _as_floats(sums) / float(2**total.layout.precision)
+            plain[path] = _plain(floats.reshape(total.shape), total.layout.precision)
+        contributors = {path: sorted(by_node) for path, by_node in sealed.items()}
         stripped = {
             node: _replace(result, lambda p, v: Summed(p) if isinstance(v, Sealed) else v)
             for node, result in results.items()

@@ -1,6 +1,6 @@
 """Cryptographic protocols used by the federated layer; they know nothing of the network."""
 
-from flame.protocols.aggregation_paillier import (
+from flame.protocols.paillier import (
     MIN_KEY_BITS,
     AggregationOverflowError,
     ContributorCountError,
@@ -24,7 +24,6 @@ from flame.protocols.aggregation_paillier import (
     encrypt_vector,
     generate_keypair,
     key_id,
-    keys_cli,
     load_private_key,
     load_public_key,
     shutdown_workers,
@@ -56,7 +55,6 @@ __all__ = [
     "encrypt_vector",
     "generate_keypair",
     "key_id",
-    "keys_cli",
     "load_private_key",
     "load_public_key",
     "shutdown_workers",

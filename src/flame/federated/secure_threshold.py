@@ -1,0 +1,363 @@
+"""Threshold decryption inside a run: no single party can decrypt, any T share holders do.
+
+Analysis nodes sign each encrypted field they send (Ed25519, their roster identity) over
+(analysis, epoch, field, node, SHA-256 of the ciphertext vector). For each secure field the
+aggregator forwards every signed contribution to every share holder. A share holder
+(`ThresholdParty`) checks the signatures against the roster, that at least
+`min_contributors` distinct analysis members contributed, that no ciphertext was copied
+between contributions, that the contributor set equals the one fixed by the field's first
+sum (the differencing guard), and that it has not decrypted another sum for this
+(analysis, epoch, field); then it adds the contributions itself and returns its partial
+decryption with a proof. The aggregator (`ThresholdCollector`) checks every proof, names a
+holder whose partial is wrong, and combines the first T valid ones: up to n - T holders may
+be offline, slow or cheating.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import struct
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from flame.errors import FlameError, RunFailed
+from flame.messages import Envelope, Sealed
+
+if TYPE_CHECKING:
+    from flame.federated.context import Context
+    from flame.protocols.paillier import EncryptedVector
+    from flame.protocols.paillier.threshold import ThresholdKeyShare, ThresholdPublicKey
+
+__all__ = [
+    "CONTRIBUTION",
+    "PARTIAL",
+    "Signer",
+    "ThresholdCollector",
+    "ThresholdParty",
+    "Verifier",
+    "contribution_message",
+    "pack_contribution",
+    "request_context",
+    "unpack_contribution",
+]
+
+log = logging.getLogger(__name__)
+
+CONTRIBUTION = "paillier-t1"
+"""Sealed scheme of a signed contribution: u16 signature length, signature, vector bytes."""
+PARTIAL = "paillier-partial"
+
+Signer = Callable[[bytes], bytes]
+"""Signs bytes with this node's roster identity."""
+Verifier = Callable[[str, bytes, bytes], str | None]
+"""(node id, message, signature) -> None if it is a valid signature of that analysis member
+of the roster, else the reason it is not."""
+
+_SIG_LEN = struct.Struct(">H")
+
+
+def contribution_message(analysis: str, epoch: int, path: str, node: str, vector: bytes) -> bytes:
+    """What a node signs for one encrypted field: binds it to run, epoch, field and sender."""
+    digest = hashlib.sha256(vector).digest()
+    parts = [b"flame-contribution-v1", analysis.encode(), str(epoch).encode(), path.encode()]
+    return b"\0".join([*parts, node.encode(), digest])
+
+
+def pack_contribution(signature: bytes, vector: bytes) -> bytes:
+    return _SIG_LEN.pack(len(signature)) + signature + vector
+
+
+def unpack_contribution(data: bytes) -> tuple[bytes, bytes]:
+    if len(data) < _SIG_LEN.size:
+        raise FlameError("signed contribution truncated")
+    (size,) = _SIG_LEN.unpack_from(data)
+    if size > 1024 or len(data) < _SIG_LEN.size + size:
+        raise FlameError("signed contribution has a malformed signature")
+    return data[2 : 2 + size], data[2 + size :]
+
+
+def request_context(
+    analysis: str, epoch: int, path: str, contributors: Sequence[str], total: bytes
+) -> bytes:
+    """What a partial decryption's proof is bound to: run, epoch, field, who, which sum."""
+    h = hashlib.sha256(b"flame-threshold-request-v1\0")
+    for part in (analysis, str(epoch), path, ",".join(sorted(contributors))):
+        h.update(part.encode() + b"\0")
+    h.update(hashlib.sha256(total).digest())
+    return h.digest()
+
+
+def differencing_problem(path: str, fixed: Sequence[str], now: Sequence[str]) -> str | None:
+    """Why a sum over `now` must not be decrypted after one over `fixed`, or None."""
+    missing = sorted(set(fixed) - set(now))
+    new = sorted(set(now) - set(fixed))
+    if not missing and not new:
+        return None
+    what = "; ".join(
+        text
+        for text in (
+            f"missing {', '.join(missing)}" if missing else "",
+            f"new {', '.join(new)}" if new else "",
+        )
+        if text
+    )
+    return (
+        f"the contributor set of {path!r} is fixed by its first sum ({', '.join(fixed)}); "
+        f"this sum differs ({what}). Decrypting it would reveal a difference of sums "
+        "(FLAME_SECURE__ALLOW_CHANGING_CONTRIBUTORS=true lifts this guard)"
+    )
+
+
+def sum_contributions(
+    public: ThresholdPublicKey,
+    analysis: str,
+    epoch: int,
+    path: str,
+    contributions: Mapping[str, Any],
+    verify: Verifier | None,
+) -> EncryptedVector:
+    """Check every signed contribution and add them; FlameError says what is wrong."""
+    from flame.protocols.paillier import EncryptedVector
+
+    vectors = []
+    seen: set[bytes] = set()
+    for node, sealed in sorted(contributions.items()):
+        if not isinstance(sealed, Sealed) or sealed.scheme != CONTRIBUTION:
+            raise FlameError(f"the contribution of {node!r} to {path!r} is not a signed one")
+        signature, data = unpack_contribution(bytes(sealed.data))
+        if verify is not None:
+            problem = verify(
+                node, contribution_message(analysis, epoch, path, node, data), signature
+            )
+            if problem is not None:
+                raise FlameError(f"the contribution of {node!r} to {path!r}: {problem}")
+        vector = EncryptedVector.from_bytes(data, public.paillier)
+        if vector.contributors != 1:
+            raise FlameError(
+                f"the contribution of {node!r} to {path!r} claims to hold "
+                f"{vector.contributors} contributions; one node sends one"
+            )
+        for c in vector.ciphertexts:
+            raw = int(c).to_bytes((int(c).bit_length() + 7) // 8, "big")
+            if raw in seen:
+                raise FlameError(
+                    f"the contribution of {node!r} to {path!r} repeats a ciphertext of "
+                    "another contribution"
+                )
+            seen.add(raw)
+        vectors.append(vector)
+    return EncryptedVector.sum(vectors)
+
+
+@dataclass
+class ThresholdParty:
+    """A share holder's side: decides whether to decrypt, and does it at most once."""
+
+    share: ThresholdKeyShare
+    verify: Verifier | None
+    min_contributors: int
+    allow_changing_contributors: bool = False
+    _fixed: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    _answered: dict[tuple[int, str], tuple[bytes, bytes]] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _warned: bool = False
+
+    def answer(self, envelope: Envelope) -> dict[str, Any]:
+        body = envelope.body if isinstance(envelope.body, dict) else {}
+        fields = body.get("fields")
+        if not isinstance(fields, dict) or not fields:
+            return {"error": "malformed threshold decryption request"}
+        partials: dict[str, Sealed] = {}
+        try:
+            for path, contributions in fields.items():
+                if not isinstance(path, str) or not isinstance(contributions, dict):
+                    return {"error": "malformed threshold decryption request"}
+                partials[path] = self._field(envelope.analysis, envelope.epoch, path, contributions)
+        except FlameError as exc:
+            return {"error": str(exc)}
+        return {"partials": partials}
+
+    def _field(self, analysis: str, epoch: int, path: str, contributions: dict[str, Any]) -> Sealed:
+        from flame.protocols.paillier.threshold import partial_decrypt
+
+        public = self.share.public
+        who = tuple(sorted(contributions))
+        if len(who) < self.min_contributors:
+            raise FlameError(
+                f"refusing to decrypt {path!r}: a sum of {len(who)} contribution(s); at least "
+                f"{self.min_contributors} distinct nodes are required"
+            )
+        if self.verify is None and not self._warned:
+            self._warned = True
+            log.warning("decrypting without checking contributors' signatures (unsigned run)")
+        total = sum_contributions(public, analysis, epoch, path, contributions, self.verify)
+        total_bytes = total.to_bytes()
+        with self._lock:
+            fixed = self._fixed.get(path)
+            if fixed is not None and not self.allow_changing_contributors:
+                problem = differencing_problem(path, fixed, who)
+                if problem is not None:
+                    raise FlameError(f"refusing to decrypt: {problem}")
+            done = self._answered.get((epoch, path))
+            digest = hashlib.sha256(total_bytes).digest()
+            if done is not None:
+                if done[0] != digest:
+                    raise FlameError(
+                        f"refusing to decrypt: this node already decrypted a different sum "
+                        f"of {path!r} in epoch {epoch} (a replayed or changed request)"
+                    )
+                return Sealed(PARTIAL, done[1])  # the same request again: the same answer
+            context = request_context(analysis, epoch, path, who, total_bytes)
+            partial = partial_decrypt(self.share, total.ciphertexts, context)
+            data = partial.to_bytes(public)
+            self._answered[(epoch, path)] = (digest, data)
+            self._fixed.setdefault(path, who)
+        log.info("epoch %d: partial decryption of %r over %d contributions", epoch, path, len(who))
+        return Sealed(PARTIAL, data)
+
+
+@dataclass
+class ThresholdCollector:
+    """The aggregator's side: ask every share holder, combine the first T valid answers."""
+
+    public: ThresholdPublicKey
+    context: Context
+    timeout: float
+    allow_changing_contributors: bool = False
+    request_category: str = "flame.secure.decrypt"
+    reply_category: str = "flame.secure.decrypted"
+    invalid: list[str] = field(default_factory=list)
+    _fixed: dict[str, tuple[str, ...]] = field(default_factory=dict)
+
+    def decrypt(
+        self, epoch: int, fields: dict[str, dict[str, Sealed]], totals: dict[str, EncryptedVector]
+    ) -> dict[str, list[Any]]:
+        """Plaintext slot integers (packed) per field, from T verified partial decryptions."""
+        from flame.protocols.paillier.threshold import (
+            InvalidPartialError,
+            PartialDecryption,
+            _combine,
+            verify_partial,
+        )
+
+        analysis = self.context.analysis_id
+        for path, by_node in fields.items():
+            who = tuple(sorted(by_node))
+            fixed = self._fixed.get(path)
+            if fixed is not None and not self.allow_changing_contributors:
+                problem = differencing_problem(path, fixed, who)
+                if problem is not None:
+                    raise RunFailed(f"epoch {epoch}: {problem}", epoch=epoch)
+        contexts = {
+            path: request_context(analysis, epoch, path, list(by_node), totals[path].to_bytes())
+            for path, by_node in fields.items()
+        }
+        holders = [node for node, _ in self.public.members if node in self.context.participants]
+        transport = self.context._mailbox.transport
+        log.info(
+            "epoch %d: asking %d share holders to decrypt %s (any %d suffice)",
+            epoch,
+            len(holders),
+            ", ".join(repr(p) for p in fields),
+            self.public.threshold,
+        )
+        for node in holders:
+            transport.send(
+                Envelope(
+                    analysis,
+                    self.context.node_id,
+                    node,
+                    "message",
+                    epoch,
+                    {"threshold": 1, "fields": fields},
+                    self.request_category,
+                )
+            )
+        valid: dict[str, dict[int, Any]] = {path: {} for path in fields}
+        refusals: dict[str, str] = {}
+        answered: set[str] = set()
+        from flame._deadline import Deadline
+
+        deadline = Deadline(self.timeout)
+
+        def wanted(envelope: Envelope) -> bool:
+            return (
+                envelope.kind == "message"
+                and envelope.category == self.reply_category
+                and envelope.sender in holders
+                and envelope.sender not in answered
+                and envelope.epoch == epoch
+            )
+
+        t = self.public.threshold
+        while any(len(v) < t for v in valid.values()):
+            envelope = self.context._mailbox.next(wanted, deadline)
+            if envelope is None:
+                break
+            node = envelope.sender
+            answered.add(node)
+            reply = envelope.body if isinstance(envelope.body, dict) else {}
+            if "error" in reply:
+                refusals[node] = str(reply["error"])[:300]
+                log.warning("epoch %d: %s refused to decrypt: %s", epoch, node, refusals[node])
+                continue
+            partials = reply.get("partials")
+            if not isinstance(partials, dict):
+                refusals[node] = "malformed reply"
+                continue
+            for path in fields:
+                sealed = partials.get(path)
+                if len(valid[path]) >= t:
+                    continue
+                try:
+                    if not isinstance(sealed, Sealed) or sealed.scheme != PARTIAL:
+                        raise FlameError("no partial decryption for this field")
+                    partial = PartialDecryption.from_bytes(bytes(sealed.data), self.public)
+                    if self.public.node_of(partial.index) != node:
+                        raise FlameError(f"it sent share {partial.index}, which is not its own")
+                    verify_partial(self.public, totals[path].ciphertexts, partial, contexts[path])
+                except (InvalidPartialError, FlameError) as exc:
+                    self.invalid.append(node)
+                    log.warning(
+                        "epoch %d: node %s sent a wrong partial decryption of %r (%s); "
+                        "it is ignored",
+                        epoch,
+                        node,
+                        path,
+                        exc,
+                    )
+                    refusals[node] = f"wrong partial decryption of {path!r}: {exc}"
+                    continue
+                valid[path][partial.index] = partial
+        short = [path for path, v in valid.items() if len(v) < t]
+        if short:
+            missing = [n for n in holders if n not in answered]
+            parts = [
+                f"{len(valid[short[0]])} valid partial decryption(s) of {short[0]!r}, {t} needed"
+            ]
+            if refusals:
+                parts.append("; ".join(f"{n}: {r}" for n, r in sorted(refusals.items())))
+            if missing:
+                parts.append(f"no answer within {self.timeout:g} s from {', '.join(missing)}")
+            raise RunFailed(
+                f"epoch {epoch}: threshold decryption failed: " + " | ".join(parts), epoch=epoch
+            )
+        for path, by_node in fields.items():
+            self._fixed.setdefault(path, tuple(sorted(by_node)))
+            log.info(
+                "epoch %d: %r decrypted with the partial decryptions of %s",
+                epoch,
+                path,
+                ", ".join(self.public.node_of(i) for i in sorted(valid[path])),
+            )
+        import gmpy2
+
+        return {
+            path: _combine(
+                self.public, [gmpy2.mpz(c) for c in totals[path].ciphertexts], valid[path]
+            )
+            for path in fields
+        }

@@ -1,0 +1,112 @@
+"""Framed messages between the node runtime and its analysis child, no pickle.
+
+Each message is a flame envelope frame (`flame.messages`) on a Unix stream socket, preceded
+by a 9-byte header: a mode byte and the frame length. Large frames (Linux) travel in a memfd
+whose descriptor is passed with SCM_RIGHTS: the receiver maps it and decodes arrays as views
+of the mapping, so a big numpy result crosses without being copied through the socket.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import socket
+import struct
+from typing import Any
+
+from flame.errors import MessageError
+from flame.messages import Envelope, decode, encode_parts
+
+__all__ = ["Channel", "ChannelClosed"]
+
+_HEAD = struct.Struct(">BQ")
+_INLINE, _MEMFD = 0, 1
+SHARED_THRESHOLD = 256 * 1024
+_MAX_INLINE = 64 * 1024 * 1024
+
+
+class ChannelClosed(EOFError):
+    """The other side closed the socket (or died)."""
+
+
+def _memfd_supported() -> bool:
+    return hasattr(os, "memfd_create") and hasattr(socket, "send_fds")
+
+
+class Channel:
+    """One end of the parent/child socket: `send(op, body)`, `receive() -> (op, body)`."""
+
+    def __init__(self, sock: socket.socket, *, max_bytes: int = 1 << 40) -> None:
+        self.sock = sock
+        self.max_bytes = max_bytes
+        self.shared = _memfd_supported() and sock.family == socket.AF_UNIX
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def send(self, op: str, body: Any = None) -> None:
+        parts = encode_parts(Envelope("flame", "node", "node", "message", 0, body, op))
+        size = sum(memoryview(p).nbytes for p in parts)
+        if self.shared and size >= SHARED_THRESHOLD:
+            fd = os.memfd_create("flame-frame", os.MFD_CLOEXEC)
+            try:
+                _write_all(fd, parts)
+                socket.send_fds(self.sock, [_HEAD.pack(_MEMFD, size)], [fd])
+            finally:
+                os.close(fd)
+            return
+        self.sock.sendall(_HEAD.pack(_INLINE, size))
+        for part in parts:
+            self.sock.sendall(part)
+
+    def receive(self, timeout: float | None = None) -> tuple[str, Any]:
+        """The next message; `TimeoutError` after `timeout` s, `ChannelClosed` at EOF."""
+        self.sock.settimeout(timeout)
+        data, fds, _flags, _addr = socket.recv_fds(self.sock, _HEAD.size, 4)
+        try:
+            if not data:
+                raise ChannelClosed("the other side closed the channel")
+            head = data + self._exactly(_HEAD.size - len(data)) if len(data) < _HEAD.size else data
+            mode, size = _HEAD.unpack(head)
+            if size > self.max_bytes:
+                raise MessageError(f"channel frame of {size} bytes is over the limit")
+            if mode == _MEMFD:
+                if len(fds) != 1:
+                    raise MessageError("shared-memory frame without its descriptor")
+                if os.fstat(fds[0]).st_size < size:
+                    raise MessageError("shared-memory frame is shorter than announced")
+                # A private copy-on-write mapping: arrays decode as writable views of it.
+                frame: Any = mmap.mmap(fds[0], size, flags=mmap.MAP_PRIVATE)
+            elif mode == _INLINE and not fds and size <= _MAX_INLINE:
+                frame = bytearray(size)
+                self._into(memoryview(frame))
+            else:
+                raise MessageError("malformed channel frame header")
+        finally:
+            for fd in fds:
+                os.close(fd)
+        envelope = decode(frame, max_bytes=self.max_bytes)
+        return envelope.category or "", envelope.body
+
+    def _exactly(self, count: int) -> bytes:
+        buffer = bytearray(count)
+        self._into(memoryview(buffer))
+        return bytes(buffer)
+
+    def _into(self, view: memoryview) -> None:
+        while view.nbytes:
+            got = self.sock.recv_into(view)
+            if got == 0:
+                raise ChannelClosed("the other side closed the channel mid-frame")
+            view = view[got:]
+
+
+def _write_all(fd: int, parts: list[bytes | memoryview]) -> None:
+    for part in parts:
+        view = memoryview(part).cast("B")
+        while view.nbytes:
+            written = os.write(fd, view)
+            view = view[written:]

@@ -1,0 +1,428 @@
+"""How a node runs `analyze`: in this process, or in an isolated child (the default on nodes).
+
+Both runners return an `Outcome`: the result (markers still in place, for the policy) and the
+rows the epoch read, counted here in the runtime from what the data handle served. The
+child's answer is checked by the caller exactly like an in-process result.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import logging
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any, Protocol
+
+import numpy as np
+
+from flame.data import Data, FileSource
+from flame.errors import AnalysisError, FlameError, RunTimeout
+from flame.federated.context import Context, active
+from flame.isolation.channel import Channel, ChannelClosed
+from flame.markers import from_plain, to_plain
+
+__all__ = [
+    "ChildRunner",
+    "InProcessRunner",
+    "Outcome",
+    "Runner",
+    "RowMeter",
+    "locate",
+    "scrubbed_environment",
+]
+
+log = logging.getLogger(__name__)
+
+_BOOT = Path(__file__).resolve().parent / "_boot.py"
+_ENV_KEEP = {
+    "PATH",
+    "HOME",
+    "LANG",
+    "LANGUAGE",
+    "TZ",
+    "TMPDIR",
+    "PYTHONPATH",
+    "VIRTUAL_ENV",
+    "PYTHONUNBUFFERED",
+    "PYTHONDONTWRITEBYTECODE",
+    "PYTHONHASHSEED",
+    "OMP_NUM_THREADS",
+    "OPENBLAS_NUM_THREADS",
+    "MKL_NUM_THREADS",
+    "SYSTEMROOT",
+    "COVERAGE_PROCESS_START",
+}
+_STOP_TIMEOUT = 5.0
+
+
+def scrubbed_environment(environ: dict[str, str] | None = None) -> dict[str, str]:
+    """The child's environment: an allow-list of harmless variables, no FLAME_*, no tokens."""
+    source = os.environ if environ is None else environ
+    return {k: v for k, v in source.items() if k in _ENV_KEEP or k.startswith("LC_")}
+
+
+class RowMeter:
+    """Counts the rows an epoch read: CSV records of every distinct file served, plus the
+    records returned by other sources (FHIR searches and tables)."""
+
+    def __init__(self) -> None:
+        self.rows = 0
+        self._seen: set[tuple[str, str]] = set()
+
+    def reset(self) -> None:
+        self.rows = 0
+        self._seen.clear()
+
+    def file(self, source: str, name: str, content: bytes) -> None:
+        if (source, name) in self._seen:
+            return
+        self._seen.add((source, name))
+        if name.lower().endswith((".csv", ".tsv")):
+            text = content.decode("utf-8-sig", errors="replace")
+            dialect = "excel-tab" if name.lower().endswith(".tsv") else "excel"
+            records = sum(1 for row in csv.reader(io.StringIO(text, newline=""), dialect) if row)
+            self.rows += max(records - 1, 0)
+
+    def records(self, value: Any) -> None:
+        if hasattr(value, "num_rows") or hasattr(value, "shape"):  # Arrow / pandas tables
+            self.rows += int(value.num_rows if hasattr(value, "num_rows") else value.shape[0])
+        elif isinstance(value, list):
+            self.rows += len(value)
+        elif isinstance(value, dict) and value:
+            first = next(iter(value.values()))
+            if isinstance(first, (np.ndarray, list)):
+                self.rows += len(first)
+
+
+@dataclass
+class Outcome:
+    """What one epoch's `analyze` produced, as the runtime saw it."""
+
+    result: Any
+    rows_read: int
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+class Runner(Protocol):
+    def start(self) -> None: ...
+
+    def run(self, epoch: int, previous: Any) -> Outcome: ...
+
+    def close(self) -> None: ...
+
+    @property
+    def declared_spend(self) -> Any: ...
+
+
+class _MeteredSource:
+    """A file source whose reads the runtime counts (in-process runs)."""
+
+    def __init__(self, inner: FileSource, meter: RowMeter) -> None:
+        self.name = inner.name
+        self._inner = inner
+        self._meter = meter
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    def files(self) -> list[str]:
+        return self._inner.files()
+
+    def open(self, name: str) -> IO[bytes]:
+        with self._inner.open(name) as stream:
+            content = stream.read()
+        self._meter.file(self.name, name, content)
+        return io.BytesIO(content)
+
+
+class InProcessRunner:
+    """`analyze` in the node's own process: fast, for the Python API and tests. The policy is
+    still checked on what comes back, but the analysis shares the runtime's memory."""
+
+    def __init__(self, analyze: Callable[..., Any], data: Any, context: Context) -> None:
+        self.analyze = analyze
+        self.context = context
+        self.meter = RowMeter()
+        if not isinstance(data, Data):
+            self.data: Any = data
+            return
+        metered: dict[str, object] = {
+            name: _MeteredSource(source, self.meter) if isinstance(source, FileSource) else source
+            for name, source in data.sources.items()
+        }
+        self.data = Data(metered, node_id=data.node_id)
+
+    @property
+    def declared_spend(self) -> Any:
+        original = getattr(self.analyze, "__wrapped__", self.analyze)
+        return getattr(original, "__flame_spend__", None)
+
+    def start(self) -> None:
+        return None
+
+    def run(self, epoch: int, previous: Any) -> Outcome:
+        self.meter.reset()
+        with active(self.context):
+            result = self.analyze(self.data, epoch=epoch, previous=previous)
+        return Outcome(result, self.meter.rows)
+
+    def close(self) -> None:
+        return None
+
+
+def locate(function: Callable[..., Any]) -> dict[str, Any] | None:
+    """Where the child can find `function` again (module, file, qualified name), or None
+    for a lambda, a closure or code typed at a prompt."""
+    original = getattr(function, "__wrapped__", function)
+    qualname = getattr(original, "__qualname__", "")
+    module_name = getattr(original, "__module__", None)
+    if not qualname or "<" in qualname or module_name is None:
+        return None
+    module = sys.modules.get(module_name)
+    file = getattr(module, "__file__", None) if module is not None else None
+    if module_name == "__main__" and not file:
+        return None
+    return {"module": module_name, "file": file, "qualname": qualname}
+
+
+class ChildRunner:
+    """`analyze` in a child process with a scrubbed environment, no keys and no broker."""
+
+    def __init__(
+        self,
+        analyze: Callable[..., Any],
+        data: Data,
+        context: Context,
+        *,
+        timeout: float = 3600.0,
+        cut_network: bool = True,
+    ) -> None:
+        locator = locate(analyze)
+        if locator is None:
+            name = getattr(analyze, "__name__", "analyze")
+            raise FlameError(
+                f"{name} cannot run isolated: define it in a module or file (not a lambda, "
+                "closure or prompt), or run this node without isolation"
+            )
+        self.locator = locator
+        self.data = data
+        self.context = context
+        self.timeout = timeout
+        self.cut_network = cut_network
+        self.meter = RowMeter()
+        self.network = "not started"
+        self._declared: Any = None
+        self._process: subprocess.Popen[bytes] | None = None
+        self._channel: Channel | None = None
+
+    @property
+    def declared_spend(self) -> Any:
+        return self._declared
+
+    # --- life cycle --------------------------------------------------------------------------
+    def start(self) -> None:
+        if self._process is not None:
+            return
+        self._declared = None
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        command = [sys.executable, str(_BOOT), str(theirs.fileno())]
+        if not self.cut_network:
+            command.append("--keep-network")
+        try:
+            self._process = subprocess.Popen(  # noqa: S603 (our own script, no shell)
+                command,
+                pass_fds=[theirs.fileno()],
+                env=scrubbed_environment(),
+                stdin=subprocess.DEVNULL,
+                close_fds=True,
+            )
+        finally:
+            theirs.close()
+        self._channel = Channel(ours)
+        sources = {
+            name: "files" if isinstance(source, FileSource) else "other"
+            for name, source in self.data.sources.items()
+        }
+        ctx = self.context
+        ready = self._request(
+            "load",
+            {
+                "analyze": self.locator,
+                "sys_path": [p for p in sys.path if p and Path(p).is_dir()],
+                "sources": sources,
+                "node_id": ctx.node_id,
+                "analysis_id": ctx.analysis_id,
+                "aggregator_id": ctx.aggregator_id,
+                "participants": ctx.participants,
+                "seed": ctx._seed,
+                "params": ctx.params,
+            },
+            "ready",
+            deadline=time.monotonic() + 120.0,
+        )
+        self.network = str(ready.get("network", "unknown"))
+        self._declared = ready.get("declared")
+        log.info("analysis child %s started; network %s", ready.get("pid"), self.network)
+
+    def run(self, epoch: int, previous: Any) -> Outcome:
+        self.start()
+        self.meter.reset()
+        body = self._request(
+            "analyze",
+            {"epoch": epoch, "previous": previous},
+            "result",
+            deadline=time.monotonic() + self.timeout,
+        )
+        try:
+            result = from_plain(body["value"])
+        except ValueError as exc:
+            raise AnalysisError(
+                "ValueError", f"malformed result from the analysis: {exc}"
+            ) from None
+        return Outcome(result, self.meter.rows, {"network": self.network})
+
+    def close(self) -> None:
+        process, channel = self._process, self._channel
+        self._process = self._channel = None
+        if channel is not None:
+            with contextlib.suppress(OSError):
+                channel.send("stop")
+            channel.close()
+        if process is not None:
+            try:
+                process.wait(timeout=_STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(timeout=_STOP_TIMEOUT)
+
+    # --- the conversation --------------------------------------------------------------------
+    def _request(self, op: str, body: Any, answer: str, *, deadline: float) -> dict[str, Any]:
+        assert self._channel is not None
+        self._channel.send(op, body)
+        for kind, reply in self._messages(deadline):
+            if kind == "call":
+                self._serve(reply)
+            elif kind == answer and isinstance(reply, dict):
+                return reply
+            elif kind == "failure" and isinstance(reply, dict):
+                raise AnalysisError(
+                    str(reply.get("type", "Exception")),
+                    str(reply.get("message", "")),
+                    str(reply.get("traceback", "")),
+                )
+            else:
+                self._abandon()
+                raise AnalysisError("ProtocolError", f"unexpected {kind!r} from the analysis")
+        raise AssertionError("unreachable")
+
+    def _messages(self, deadline: float) -> Iterator[tuple[str, Any]]:
+        assert self._channel is not None
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                self._abandon()
+                raise RunTimeout("analyze did not finish within its deadline; child stopped")
+            try:
+                yield self._channel.receive(timeout=min(left, 1.0))
+            except TimeoutError:
+                if self._process is not None and self._process.poll() is not None:
+                    code = self._process.returncode
+                    self._abandon()
+                    raise AnalysisError(
+                        "ProcessExit", f"the analysis process exited with code {code}"
+                    ) from None
+            except (ChannelClosed, ConnectionError) as exc:
+                code = None if self._process is None else self._process.wait(timeout=5.0)
+                self._abandon()
+                raise AnalysisError(
+                    "ProcessExit", f"the analysis process exited with code {code}"
+                ) from exc
+
+    def _abandon(self) -> None:
+        process, channel = self._process, self._channel
+        self._process = self._channel = None
+        if process is not None and process.poll() is None:
+            process.kill()
+            process.wait(timeout=_STOP_TIMEOUT)
+        if channel is not None:
+            channel.close()
+
+    def _serve(self, call: Any) -> None:
+        assert self._channel is not None
+        try:
+            if not isinstance(call, dict) or not isinstance(call.get("args"), dict):
+                raise FlameError("malformed request")
+            value = self._dispatch(str(call.get("op")), from_plain(call["args"]))
+            self._channel.send("reply", {"value": to_plain(value)})
+        except (FlameError, OSError, TypeError, ValueError, KeyError) as exc:
+            from flame._redact import describe_exception
+
+            self._channel.send("reply", {"error": describe_exception(exc)})
+
+    def _dispatch(self, op: str, args: dict[str, Any]) -> Any:
+        ctx = self.context
+        if op == "files":
+            source = self.data.source(str(args["source"]))
+            if not isinstance(source, FileSource):
+                raise FlameError("not a file source")
+            return source.files()
+        if op == "read":
+            name, source_name = str(args["name"]), str(args["source"])
+            content = self.data.read_bytes(name, source=source_name)
+            self.meter.file(source_name, name, content)
+            return content
+        if op == "source_call":
+            return self._source_call(args)
+        if op == "progress":
+            ctx.set_progress(float(args["fraction"]))
+            return None
+        if op == "send":
+            to = args.get("to")
+            return sorted(
+                ctx.send(
+                    str(args["category"]),
+                    args.get("body"),
+                    to=to,
+                    timeout=float(args.get("timeout", 30.0)),
+                )
+            )
+        if op == "receive":
+            got = ctx.receive(
+                str(args["category"]),
+                senders=args.get("senders"),
+                timeout=float(args.get("timeout", 30.0)),
+            )
+            return {"messages": got.messages, "missing": got.missing}
+        if op == "save":
+            ctx.save(str(args["tag"]), args.get("value"))
+            return None
+        if op == "load":
+            missing = object()
+            value = ctx.load(str(args["tag"]), missing)
+            return {"present": value is not missing, "value": None if value is missing else value}
+        raise FlameError(f"unknown request {op[:40]!r}")
+
+    def _source_call(self, args: dict[str, Any]) -> Any:
+        source = self.data.source(str(args["source"]))
+        method = str(args["method"])
+        allowed = getattr(source, "remote_methods", ())
+        if method not in allowed:
+            raise FlameError(f"data source {args['source']!r} does not offer {method!r}")
+        value = getattr(source, method)(*args.get("args", []), **args.get("kwargs", {}))
+        if isinstance(value, Iterator):
+            value = list(value)
+        if isinstance(value, dict):
+            value = {
+                k: v.tolist() if isinstance(v, np.ndarray) and v.dtype.kind in "US" else v
+                for k, v in value.items()
+            }
+        self.meter.records(value)
+        return value

@@ -1,0 +1,207 @@
+"""Tables and non-string dict keys on the wire: Arrow IPC inside flame's envelope, no pickle.
+
+`messages` calls in here for the payload values JSON cannot carry:
+
+* pandas DataFrame / Series, pyarrow Table / RecordBatch, polars DataFrame / Series travel as
+  one Arrow IPC stream blob, `{"$arrow": i, "type": "pandas.DataFrame", ...}`, and arrive as
+  the same type (pandas index, nullable and categorical dtypes come back through the pandas
+  metadata Arrow keeps in the schema). A receiver without pandas/polars gets a
+  `pyarrow.Table` and a warning.
+* dicts with int (or float, bool, None) keys, such as `value_counts().to_dict()`, travel as
+  `{"$kd": [[key, value], ...]}` and arrive with the same keys.
+
+Decoding validates the Arrow data fully (`validate(full=True)`) and raises `MessageError`.
+Arrow's pickle-based Python extension type is never loaded (pyarrow >= 14.0.1).
+"""
+
+from __future__ import annotations
+
+import datetime
+import decimal
+import importlib
+import logging
+import math
+from typing import TYPE_CHECKING, Any
+
+from flame.errors import MessageError
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+# pyarrow, pandas and polars are imported only when a table is actually sent or received,
+# so a process that never handles tables does not pay for importing them.
+
+__all__ = ["KEY_TYPES", "decode_table", "dict_key", "encode_table", "is_table", "to_columns"]
+
+log = logging.getLogger(__name__)
+
+KEY_TYPES = (str, int, float, bool, type(None))
+_TYPES = frozenset(
+    {
+        "arrow.Table",
+        "arrow.RecordBatch",
+        "pandas.DataFrame",
+        "pandas.Series",
+        "polars.DataFrame",
+        "polars.Series",
+    }
+)
+_SERIES_COLUMN = "__flame_series__"
+
+
+def _kind(obj: Any) -> str | None:
+    package = type(obj).__module__.split(".", 1)[0]
+    name = type(obj).__name__
+    if package == "pyarrow" and name in ("Table", "RecordBatch"):
+        return f"arrow.{name}"
+    if package in ("pandas", "polars") and name in ("DataFrame", "Series"):
+        return f"{package}.{name}"
+    return None
+
+
+def is_table(obj: Any) -> bool:
+    """Whether `obj` is one of the table types that travel as Arrow IPC."""
+    return _kind(obj) is not None
+
+
+def _as_arrow(obj: Any, kind: str, path: str) -> tuple[pa.Table, dict[str, Any]]:
+    import pyarrow as pa
+
+    extra: dict[str, Any] = {}
+    if kind == "arrow.Table":
+        return obj, extra
+    if kind == "arrow.RecordBatch":
+        return pa.Table.from_batches([obj]), extra
+    if kind.endswith(".Series"):
+        name = obj.name
+        if isinstance(name, (float, int)) and not isinstance(name, bool):
+            name = name.item() if hasattr(name, "item") else name
+        if not isinstance(name, KEY_TYPES):
+            raise TypeError(f"{path}: a Series named by a {type(name).__name__} cannot be sent")
+        extra["name"] = name
+        frame = (
+            obj.to_frame(name=_SERIES_COLUMN)
+            if kind == "pandas.Series"
+            else obj.rename(_SERIES_COLUMN).to_frame()
+        )
+    else:
+        frame = obj
+    if kind.startswith("pandas."):
+        try:
+            return pa.Table.from_pandas(frame), extra
+        except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as exc:
+            raise TypeError(f"{path}: this DataFrame cannot be sent as Arrow: {exc}") from None
+    return frame.to_arrow(), extra
+
+
+def encode_table(obj: Any, path: str) -> tuple[dict[str, Any], pa.Buffer] | None:
+    """`(reference fields, IPC bytes)` for a table value, None for anything else."""
+    import pyarrow as pa
+
+    kind = _kind(obj)
+    if kind is None:
+        return None
+    table, extra = _as_arrow(obj, kind, path)
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return {"type": kind, **extra}, sink.getvalue()
+
+
+def _read(data: memoryview) -> pa.Table:
+    import pyarrow as pa
+
+    try:
+        with pa.ipc.open_stream(pa.py_buffer(data)) as reader:
+            table = reader.read_all()
+        table.validate(full=True)
+    except (pa.ArrowException, ValueError, OSError) as exc:
+        raise MessageError(f"Arrow payload is invalid: {str(exc)[:200]}") from None
+    return table
+
+
+def decode_table(ref: dict[str, Any], data: memoryview) -> Any:
+    """The value `encode_table` sent, as the same type where this process can make it."""
+    import pyarrow as pa
+
+    kind = ref.get("type")
+    allowed = {"$arrow", "type", "name"} if str(kind).endswith(".Series") else {"$arrow", "type"}
+    if kind not in _TYPES or not set(ref) <= allowed or "type" not in ref:
+        raise MessageError(f"Arrow reference has an unknown type or fields ({str(kind)[:40]!r})")
+    name = ref.get("name")
+    if not isinstance(name, KEY_TYPES):
+        raise MessageError("Series name must be a JSON scalar")
+    table = _read(data)
+    if kind == "arrow.Table":
+        return table
+    if kind == "arrow.RecordBatch":
+        combined = table.combine_chunks()
+        batches = combined.to_batches()
+        return batches[0] if batches else pa.RecordBatch.from_pylist([], schema=table.schema)
+    package = kind.split(".", 1)[0]
+    try:
+        module = importlib.import_module(package)
+    except ImportError:
+        log.warning("received a %s but %s is not installed; passing a pyarrow.Table", kind, package)
+        return table
+    try:
+        frame = table.to_pandas() if package == "pandas" else module.from_arrow(table)
+    except Exception as exc:  # the schema's metadata is sender-controlled
+        raise MessageError(f"{kind} cannot be rebuilt: {type(exc).__name__}") from None
+    if kind.endswith(".Series"):
+        if frame.columns[0] != _SERIES_COLUMN or len(frame.columns) != 1:
+            raise MessageError("a Series payload must hold exactly its one column")
+        series = frame[_SERIES_COLUMN] if package == "pandas" else frame.to_series()
+        return series.rename(name) if package == "pandas" else series.alias(str(name or ""))
+    return frame
+
+
+def dict_key(key: Any, path: str) -> Any:
+    """A dict key as JSON (int, float, bool, None or str); TypeError for anything else."""
+    if hasattr(key, "item") and not isinstance(key, (str, bytes)):  # numpy scalars
+        key = key.item()
+    if not isinstance(key, KEY_TYPES):
+        raise TypeError(
+            f"{path}: dict key {key!r} is a {type(key).__name__}; use str, int or float keys"
+        )
+    return key
+
+
+def check_key(key: Any) -> Any:
+    """A decoded dict key, validated."""
+    if not isinstance(key, KEY_TYPES):
+        raise MessageError("dict keys must be JSON scalars")
+    return key
+
+
+def to_columns(obj: Any) -> dict[str, list[Any]]:
+    """A table as `{column: [values]}` of JSON-ready values (for output files)."""
+    import pyarrow as pa
+
+    kind = _kind(obj)
+    if kind is None:
+        raise TypeError(f"{type(obj).__name__} is not a table")
+    table, extra = _as_arrow(obj, kind, "value")
+    if kind == "pandas.DataFrame" or kind == "pandas.Series":
+        table = pa.Table.from_pandas(
+            obj.reset_index(drop=True)
+            if kind == "pandas.DataFrame"
+            else obj.to_frame(name=_SERIES_COLUMN).reset_index(drop=True),
+            preserve_index=False,
+        )
+    columns = table.to_pydict()
+    if kind.endswith(".Series"):
+        return {str(extra.get("name")): [_plain(v) for v in columns[_SERIES_COLUMN]]}
+    return {str(k): [_plain(v) for v in values] for k, values in columns.items()}
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, (datetime.date, datetime.time)):
+        return value.isoformat()
+    if isinstance(value, datetime.timedelta):
+        return value.total_seconds()
+    if isinstance(value, decimal.Decimal):
+        return float(value)
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    return value

@@ -1,0 +1,353 @@
+"""Threshold secure sums inside a run, and the attacks a share holder must refuse.
+
+One 2048-bit threshold key (5 shares, T = 3) is dealt once for the module; every run here
+uses it. The share holders' decisions are tested directly on `ThresholdParty` with real
+Ed25519 signatures; whole runs go through `flame.simulate` (memory broker).
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+import flame
+from flame.config import load_config
+from flame.errors import RunFailed
+from flame.federated.secure_threshold import (
+    CONTRIBUTION,
+    PARTIAL,
+    ThresholdParty,
+    contribution_message,
+    pack_contribution,
+    request_context,
+    sum_contributions,
+)
+from flame.messages import Envelope, Sealed
+from flame.protocols.paillier import Encryptor, SecureSumSpec
+from flame.protocols.paillier.encoding import _unpack
+from flame.protocols.paillier.threshold import (
+    NotEnoughPartialsError,
+    PartialDecryption,
+    ThresholdKeyShare,
+    ThresholdPublicKey,
+    combine_partials,
+    generate_threshold_key,
+    partial_decrypt,
+    verify_partial,
+)
+from flame.protocols.paillier.threshold_files import load_key_share, write_threshold_key
+from flame.testing import MemoryBroker
+
+MEMBERS = ["a", "b", "c", "d", "e"]
+SPEC = SecureSumSpec(precision=16, bound=2.0**15, max_nodes=100)
+
+
+@pytest.fixture(scope="module")
+def tkey(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, ThresholdPublicKey]:
+    folder = tmp_path_factory.mktemp("tkey")
+    public, shares = generate_threshold_key(2048, 3, MEMBERS)
+    write_threshold_key(folder, public, shares)
+    return folder, public
+
+
+def shares_of(folder: Path) -> dict[str, ThresholdKeyShare]:
+    return {n: load_key_share(folder / f"share-{n}.json", node_id=n) for n in MEMBERS}
+
+
+def analyze(data, epoch, previous):
+    x = np.array([float(v) for v in data.read_text("x.txt").split()])
+    return {
+        "n": len(x),
+        "total": flame.secure(x + epoch),
+        "count": flame.secure(len(x), precision=0),
+    }
+
+
+def aggregate(results, epoch, previous):
+    return {
+        "total": results.secure["total"],
+        "count": results.secure["count"],
+        "who": results.contributors["total"],
+    }
+
+
+def data_for(nodes: list[str]) -> dict[str, dict[str, str]]:
+    return {n: {"x.txt": f"{i + 1.5} {-2.25 * i} {10 * i}"} for i, n in enumerate(nodes)}
+
+
+def expected_total(nodes: list[str], epoch: int) -> np.ndarray:
+    rows = [np.array([i + 1.5, -2.25 * i, 10.0 * i]) + epoch for i in range(len(nodes))]
+    return np.sum(rows, axis=0)
+
+
+def tconfig(folder: Path, **changes: object) -> flame.FlameConfig:
+    secure = {"enabled": True, "public_key_file": folder / "public_key.json"}
+    secure.update(changes.pop("secure", {}))  # type: ignore[arg-type]
+    return load_config(secure=secure, **{"epoch_timeout": 30, "presence_timeout": 30, **changes})
+
+
+def test_threshold_run_equals_the_plaintext_sums(tkey, caplog) -> None:
+    caplog.set_level(logging.INFO)
+    folder, _ = tkey
+    nodes = MEMBERS
+    result = flame.simulate(
+        analyze, aggregate, data=data_for(nodes), config=tconfig(folder, epochs=2)
+    )
+    assert np.allclose(result.value["total"], expected_total(nodes, 1), atol=1e-3, rtol=0)
+    assert result.value["count"] == 15 and result.value["who"] == nodes
+    assert "decrypted with the partial decryptions of" in caplog.text
+
+
+def test_a_wrong_partial_is_detected_named_and_outvoted(tkey, caplog, monkeypatch) -> None:
+    folder, _ = tkey
+    honest = ThresholdParty.answer
+
+    def cheating(self: ThresholdParty, envelope: Envelope) -> dict:
+        reply = honest(self, envelope)
+        if self.share.node_id != "b" or "partials" not in reply:
+            time.sleep(1.0)  # b answers first, so the aggregator must look at its answer
+            return reply
+        public = self.share.public
+        for path, sealed in reply["partials"].items():
+            partial = PartialDecryption.from_bytes(sealed.data, public)
+            values = list(partial.values)
+            values[0] = values[0] * (1 + public.n) % public.nsquare  # shifts the plaintext
+            forged = PartialDecryption(
+                partial.key_id, partial.index, tuple(values), partial.challenge, partial.response
+            )
+            reply["partials"][path] = Sealed(PARTIAL, forged.to_bytes(public))
+        return reply
+
+    monkeypatch.setattr(ThresholdParty, "answer", cheating)
+    caplog.set_level(logging.WARNING)
+    result = flame.simulate(analyze, aggregate, data=data_for(MEMBERS), config=tconfig(folder))
+    assert np.allclose(result.value["total"], expected_total(MEMBERS, 0), atol=1e-3, rtol=0)
+    assert "node b sent a wrong partial decryption" in caplog.text
+
+
+def test_a_changed_contributor_set_is_refused_naming_the_node(tkey) -> None:
+    folder, _ = tkey
+    nodes = ["a", "b", "c", "d"]
+    drop_c_later = MemoryBroker(
+        on_send=lambda e: not (e.kind == "result" and e.sender == "c" and e.epoch == 1)
+    )
+    config = tconfig(folder, epochs=2, quorum=3, epoch_timeout=3)
+    with pytest.raises(RunFailed, match=r"contributor set of 'total' is fixed.*missing c"):
+        flame.simulate(analyze, aggregate, data=data_for(nodes), config=config, broker=drop_c_later)
+    allowed = tconfig(
+        folder, epochs=2, quorum=3, epoch_timeout=3, secure={"allow_changing_contributors": True}
+    )
+    drop_again = MemoryBroker(
+        on_send=lambda e: not (e.kind == "result" and e.sender == "c" and e.epoch == 1)
+    )
+    result = flame.simulate(
+        analyze, aggregate, data=data_for(nodes), config=allowed, broker=drop_again
+    )
+    assert result.value["who"] == ["a", "b", "d"]
+
+
+# --- a share holder's decisions, with real signatures --------------------------------------
+
+
+class Roster:
+    """Ed25519 identities of analysis members (what the federation roster provides)."""
+
+    def __init__(self, nodes: list[str]) -> None:
+        self.keys = {n: Ed25519PrivateKey.generate() for n in nodes}
+
+    def signer(self, node: str) -> Callable[[bytes], bytes]:
+        return self.keys[node].sign
+
+    def verify(self, node: str, message: bytes, signature: bytes) -> str | None:
+        key = self.keys.get(node)
+        if key is None:
+            return f"{node!r} is not an analysis member of the roster"
+        try:
+            key.public_key().verify(signature, message)
+        except InvalidSignature:
+            return f"the signature is not {node!r}'s"
+        return None
+
+
+def contribution(
+    public: ThresholdPublicKey,
+    roster: Roster,
+    node: str,
+    values: list[float],
+    epoch: int = 0,
+    path: str = "total",
+    signer: str | None = None,
+) -> Sealed:
+    data = Encryptor(public.paillier, workers=1).encrypt(values, SPEC).to_bytes()
+    sign = roster.signer(signer or node)
+    return Sealed(
+        CONTRIBUTION,
+        pack_contribution(sign(contribution_message("run1", epoch, path, node, data)), data),
+    )
+
+
+def request(fields: dict, epoch: int = 0) -> Envelope:
+    return Envelope("run1", "aggregator", "a", "message", epoch, {"threshold": 1, "fields": fields})
+
+
+@pytest.fixture(scope="module")
+def parties(tkey):
+    folder, public = tkey
+    roster = Roster(MEMBERS)
+    shares = shares_of(folder)
+    return public, roster, shares
+
+
+def party(shares, roster, node="a", min_contributors=2) -> ThresholdParty:
+    return ThresholdParty(shares[node], roster.verify, min_contributors)
+
+
+def test_three_honest_parties_decrypt_exactly_the_signed_sum(parties) -> None:
+    public, roster, shares = parties
+    values = {n: [float(i), -3.5 * i] for i, n in enumerate(["a", "b", "c"])}
+    fields = {"total": {n: contribution(public, roster, n, v) for n, v in values.items()}}
+    partials = []
+    for node in ("c", "d", "e"):  # d and e did not contribute: they may still decrypt
+        reply = party(shares, roster, node).answer(request(fields))
+        partials.append(PartialDecryption.from_bytes(reply["partials"]["total"].data, public))
+    total = sum_contributions(public, "run1", 0, "total", fields["total"], roster.verify)
+    context = request_context("run1", 0, "total", ["a", "b", "c"], total.to_bytes())
+    plain, _ = combine_partials(public, total.ciphertexts, partials, context)
+    sums = _unpack(plain, total.layout, total.size, total.contributors) / SPEC.scale
+    assert np.allclose(sums, np.sum(list(values.values()), axis=0), atol=1e-4)
+
+
+def test_a_single_ciphertext_presented_as_a_sum_is_refused(parties) -> None:
+    public, roster, shares = parties
+    alone = {"total": {"b": contribution(public, roster, "b", [42.0])}}
+    assert "at least 2 distinct nodes" in party(shares, roster).answer(request(alone))["error"]
+    # b's vector presented as two contributions (one under c's name) fails c's signature
+    b = contribution(public, roster, "b", [42.0])
+    twice = {"total": {"b": b, "c": b}}
+    assert "signature is not 'c'" in party(shares, roster).answer(request(twice))["error"]
+    # a pre-added vector signed by one node claims more than one contribution
+    enc = Encryptor(public.paillier, workers=1)
+    pre = (enc.encrypt([1.0], SPEC) + enc.encrypt([2.0], SPEC)).to_bytes()
+    sig = roster.signer("d")(contribution_message("run1", 0, "total", "d", pre))
+    fields = {
+        "total": {
+            "d": Sealed(CONTRIBUTION, pack_contribution(sig, pre)),
+            "e": contribution(public, roster, "e", [1.0]),
+        }
+    }
+    assert "claims to hold 2" in party(shares, roster).answer(request(fields))["error"]
+
+
+def test_sybil_and_foreign_contributions_are_refused(parties) -> None:
+    public, roster, shares = parties
+    stranger = Roster(["mallory"])
+    fields = {
+        "total": {
+            "a": contribution(public, roster, "a", [1.0]),
+            "mallory": contribution(public, stranger, "mallory", [1.0]),
+        }
+    }
+    assert (
+        "'mallory' is not an analysis member"
+        in party(shares, roster).answer(request(fields))["error"]
+    )
+    # b's name, signed with a's key (the aggregator, or a, inventing a second member)
+    forged = {
+        "total": {
+            "a": contribution(public, roster, "a", [1.0]),
+            "b": contribution(public, roster, "b", [1.0], signer="a"),
+        }
+    }
+    assert "signature is not 'b'" in party(shares, roster).answer(request(forged))["error"]
+    unsigned = {
+        "total": {"a": contribution(public, roster, "a", [1.0]), "b": Sealed("paillier", b"x")}
+    }
+    assert "not a signed one" in party(shares, roster).answer(request(unsigned))["error"]
+
+
+def test_a_copied_ciphertext_is_refused(parties) -> None:
+    public, roster, shares = parties
+    a = contribution(public, roster, "a", [5.0])
+    data = a.data[2 + 64 :]
+    sig = roster.signer("c")(contribution_message("run1", 0, "total", "c", data))
+    fields = {
+        "total": {
+            "a": a,
+            "c": Sealed(CONTRIBUTION, pack_contribution(sig, data)),
+            "b": contribution(public, roster, "b", [1.0]),
+        }
+    }
+    assert "repeats a ciphertext" in party(shares, roster).answer(request(fields))["error"]
+
+
+def test_replayed_and_changed_requests(parties) -> None:
+    public, roster, shares = parties
+    holder = party(shares, roster, "e")
+    fields = {"total": {n: contribution(public, roster, n, [1.0]) for n in ("a", "b", "c")}}
+    first = holder.answer(request(fields))
+    assert holder.answer(request(fields)) == first  # a repeat gets the same answer, no more
+    other = {"total": {n: contribution(public, roster, n, [2.0]) for n in ("a", "b", "c")}}
+    assert "already decrypted a different sum" in holder.answer(request(other))["error"]
+    # epoch 0's signed contributions replayed as epoch 1's: the signatures do not cover it
+    assert "signature is not" in holder.answer(request(fields, epoch=1))["error"]
+    # a different set in a later epoch: the differencing guard names the missing node
+    later = {"total": {n: contribution(public, roster, n, [1.0], epoch=1) for n in ("a", "b")}}
+    assert "missing c" in holder.answer(request(later, epoch=1))["error"]
+    new = {"total": {n: contribution(public, roster, n, [1.0], epoch=2) for n in "abcd"}}
+    assert "new d" in holder.answer(request(new, epoch=2))["error"]
+
+
+def test_no_single_partys_files_decrypt_a_contribution(parties, tkey) -> None:
+    """One share + the public key + every byte on the broker (contributions, the sums'
+    partial decryptions) is not enough to decrypt one node's contribution."""
+    public, roster, shares = parties
+    values = {n: [float(10 + i)] for i, n in enumerate("abc")}
+    fields = {"total": {n: contribution(public, roster, n, v) for n, v in values.items()}}
+    captured = []  # the broker capture: requests and the T replies
+    for node in ("c", "d", "e"):
+        reply = party(shares, roster, node).answer(request(fields))
+        captured.append(PartialDecryption.from_bytes(reply["partials"]["total"].data, public))
+    # the adversary is node a: its own share, and everything above
+    target = fields["total"]["b"].data[2 + 64 :]
+    from flame.protocols.paillier import EncryptedVector
+
+    vector = EncryptedVector.from_bytes(target, public.paillier)
+    own = partial_decrypt(shares["a"], vector.ciphertexts, b"anything")
+    with pytest.raises(NotEnoughPartialsError):
+        combine_partials(public, vector.ciphertexts, [own], b"anything")
+    # the captured partials are of the sum, not of b's ciphertext: they fail as partials of it
+    for partial in captured:
+        with pytest.raises(Exception, match="fails its proof"):
+            verify_partial(public, vector.ciphertexts, partial, b"anything")
+    # and forcing a combination with them yields garbage, not b's value
+    from flame.protocols.paillier.threshold import _combine
+
+    forced = _combine(
+        public,
+        vector.ciphertexts,
+        {own.index: own, captured[0].index: captured[0], captured[1].index: captured[1]},
+    )
+    slots = int(forced[0]) >> (
+        8 * vector.layout.slot_bytes * (vector.layout.slots_per_ciphertext - 1)
+    )
+    assert abs(slots - vector.layout.max_abs - round(11.0 * SPEC.scale)) > 1000
+    folder, _ = tkey
+    for name in ("public_key.json", "share-a.json"):
+        text = (folder / name).read_text()
+        assert '"p"' not in text and '"q"' not in text and '"lambda"' not in text
+
+
+def test_one_share_alone_is_random_looking(parties) -> None:
+    """Sanity: shares are different, full-size numbers (no share equals the secret)."""
+    _public, _, shares = parties
+    values = {s.secret for s in shares.values()}
+    assert len(values) == 5 and all(v.bit_length() > 4000 for v in values)
+    assert secrets.compare_digest(b"x", b"x")
