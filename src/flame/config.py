@@ -136,6 +136,19 @@ class SecureAggregationSettings(_Section):
     key_share_file: Path | None = Field(
         None, description="threshold mode: this analysis node's share-<node>.json (mode 0600)"
     )
+    decrypters: int | None = Field(
+        None,
+        ge=1,
+        description="threshold mode: share holders asked to decrypt at first (default: all); "
+        "more are asked when one refuses, cheats or is slow",
+    )
+    precompute: int = Field(
+        0,
+        ge=0,
+        le=10_000_000,
+        description="threshold mode: encryption obfuscators (one per ciphertext) to make "
+        "while the node waits for its first epoch; later epochs refill what the last used",
+    )
     allow_changing_contributors: bool = Field(
         False,
         description="threshold mode: decrypt sums of a field over changing contributor sets "

@@ -30,7 +30,14 @@ from flame.errors import ConfigError, RunFailed, RunTimeout, TransportError, sto
 from flame.federated.context import Context
 from flame.federated.functions import AnalysisFunctions
 from flame.federated.mailbox import Mailbox
-from flame.federated.secure import DECRYPT, DECRYPTED, SecureKeys, answer_decrypt, seal
+from flame.federated.secure import (
+    DECRYPT,
+    DECRYPTED,
+    Precomputer,
+    SecureKeys,
+    answer_decrypt,
+    seal,
+)
 from flame.isolation.runner import ChildRunner, InProcessRunner, Runner
 from flame.messages import Envelope
 from flame.transport.base import Transport
@@ -90,6 +97,7 @@ class AnalysisClient:
         self.resend_interval = resend_interval
         self.send_traceback = send_traceback
         self.log_traceback = log_traceback  # off where the aggregator logs to the same place
+        self._precomputer: Precomputer | None = None
         self._specs: dict[str, Any] = {}  # field -> the encoding this node sealed it with
         self.context = Context(
             analysis_id=transport.analysis_id,
@@ -117,6 +125,9 @@ class AnalysisClient:
 
     # --- the protocol steps ------------------------------------------------------------------
     def connect(self) -> None:
+        if self.keys is not None and self.keys.private_key is None and self._precomputer is None:
+            self._precomputer = Precomputer(self.keys)
+            self._precomputer.fill(self.keys.precompute)
         self.transport.connect(self._status("waiting"))
         self._link = self.transport.link
         self.transport.watch([self.aggregator_id])
@@ -170,6 +181,8 @@ class AnalysisClient:
     def send_results(self, epoch: int, result: Any) -> None:
         """Send this epoch's result to the aggregator; it is re-sent until acknowledged."""
         self._specs = {}
+        if self.keys is not None:
+            self.keys.used_ciphertexts = 0
         origin = (self.transport.analysis_id, epoch, self.transport.node_id)
         body = seal(result, self.keys, self._specs, origin)
         envelope = Envelope(
@@ -188,6 +201,8 @@ class AnalysisClient:
         self._resend_every = self.resend_interval
         self._resend_at = time.monotonic() + self._resend_every
         self.transport.announce(self._status("sent", epoch, **self._metrics()))
+        if self._precomputer is not None and self.keys is not None:
+            self._precomputer.fill(self.keys.used_ciphertexts)  # for the next epoch
 
     def await_aggregation(self) -> Instruction:
         """Wait for the aggregate of the epoch just sent (or the final result / an abort)."""
@@ -305,6 +320,8 @@ class AnalysisClient:
         finally:
             _logging.set_epoch(None)
             runner.close()
+            if self._precomputer is not None:
+                self._precomputer.stop()
             self.transport.close()
 
     # --- delivery ----------------------------------------------------------------------------
