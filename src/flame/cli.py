@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 from flame import _logging
-from flame.errors import ConfigError, FlameError
+from flame._signals import stop_on_sigterm
+from flame.errors import ConfigError, FlameError, stop_exit_code, stop_signal
 
 if TYPE_CHECKING:
     from flame.federated.records import Event, RunResult
@@ -68,6 +69,8 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     if args.output is not None and not args.output.parent.is_dir():
         raise FlameError(f"--output {args.output}: folder {args.output.parent} does not exist")
     config = load_config(epochs=args.epochs, seed=args.seed, epoch_timeout=args.timeout)
+    if args.param:
+        config = config.model_copy(update={"params": {**config.params, **_params(args.param)}})
     _logging.configure(
         level=config.log_level if not args.verbose else "DEBUG",
         fmt=config.log_format,
@@ -87,19 +90,79 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
 
             settings = config.broker.model_copy(update={"url": broker_url})
             broker = mqtt_transport_factory(settings, config.analysis_id)
+        stack.enter_context(stop_on_sigterm())
         result = simulate(
             analysis.functions.analyze,
             analysis.functions.aggregate,
             analysis.functions.converged,
-            data=args.data,
+            data=args.data if args.nodes is None else _nodes(args.nodes),
             config=config,
             broker=broker,
             on_event=progress,
             secure=args.secure,
             isolate=not args.in_process,
+            policy=_policy_arguments(args.policy),
         )
-    _report(result, args.output)
+    _report(result, args.output, _manifest(analysis.functions, result))
     return 0
+
+
+def _policy_arguments(items: list[str]) -> Any:
+    """`--policy FILE` (all nodes) and/or `--policy NODE=FILE` (one node) as simulate wants."""
+    if not items:
+        return None
+    every = [item for item in items if "=" not in item]
+    if len(every) > 1:
+        raise FlameError("--policy FILE may be given once; use NODE=FILE for single nodes")
+    if not any("=" in item for item in items):
+        return Path(every[0])
+    named = dict(item.split("=", 1) for item in items if "=" in item)
+    return _PerNode(Path(every[0]) if every else None, named)
+
+
+class _PerNode(dict[str, Any]):
+    """Per-node policies; nodes not named get the common file (or none)."""
+
+    def __init__(self, common: Path | None, named: dict[str, str]) -> None:
+        super().__init__({node: Path(path) for node, path in named.items()})
+        self.common = common
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return super().get(key, self.common)
+
+
+def _manifest(functions: Any, result: RunResult) -> dict[str, Any]:
+    """What produced a simulated result (as a stored run's manifest.json says it)."""
+    from flame import __version__
+    from flame.federated.run_store import code_hash
+
+    nodes = {n for record in result.history for n in (*record.nodes, *record.missing)}
+    return {
+        "flame_version": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "code_sha256": code_hash(functions),
+        "participants": sorted(nodes),
+    }
+
+
+def _params(items: list[str]) -> dict[str, Any]:
+    """`--param key=value` pairs; a value that parses as JSON (10, 0.5, true, [1]) is typed."""
+    params: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--param {item!r}: expected KEY=VALUE")
+        try:
+            params[key.strip()] = json.loads(text)
+        except ValueError:
+            params[key.strip()] = text
+    return params
+
+
+def _nodes(path: Path) -> Any:
+    from flame.nodes_file import load_nodes
+
+    return load_nodes(path)
 
 
 def _strict_json(value: Any) -> Any:
@@ -113,8 +176,10 @@ def _strict_json(value: Any) -> Any:
     return value
 
 
-def _report(result: RunResult, output: Path | None) -> None:
-    document = _strict_json(result.to_dict())
+def _report(
+    result: RunResult, output: Path | None, manifest: dict[str, Any] | None = None
+) -> None:
+    document = _strict_json({**result.to_dict(), "manifest": manifest or {}})
     if output is not None:
         output.write_text(json.dumps(document, indent=2) + "\n")
         print(f"wrote {output}", file=sys.stderr)
@@ -169,7 +234,19 @@ def _parser() -> argparse.ArgumentParser:
 
     sim = commands.add_parser("simulate", help="run an analysis on N simulated nodes locally")
     sim.add_argument("analysis", type=Path, help="a .py file or a folder (e.g. copied templates)")
-    sim.add_argument("--data", type=Path, required=True, help="folder with one sub-folder per node")
+    where = sim.add_mutually_exclusive_group(required=True)
+    where.add_argument("--data", type=Path, help="folder with one sub-folder per node")
+    where.add_argument(
+        "--nodes", type=Path, help="TOML file: each node's own sources (folder, FHIR, SQL, S3)"
+    )
+    sim.add_argument(
+        "--param",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="run parameter for flame.context().params (JSON value or text; repeatable; "
+        "over FLAME_PARAMS)",
+    )
     sim.add_argument("--epochs", type=int, help="maximum number of epochs (FLAME_EPOCHS)")
     sim.add_argument("--seed", type=int, help="seed for context().rng (FLAME_SEED)")
     sim.add_argument("--timeout", type=float, help="seconds per epoch (FLAME_EPOCH_TIMEOUT)")
@@ -184,6 +261,13 @@ def _parser() -> argparse.ArgumentParser:
         "--broker",
         metavar="URL",
         help="run over a real MQTT broker (mqtt://host:port), or 'embedded' to start a local one",
+    )
+    sim.add_argument(
+        "--policy",
+        action="append",
+        default=[],
+        metavar="[NODE=]FILE",
+        help="node policy file for every node, or NODE=FILE for one node (repeatable)",
     )
     sim.add_argument(
         "--in-process",
@@ -206,8 +290,11 @@ def _parser() -> argparse.ArgumentParser:
     keys.set_defaults(handler=_cmd_keys)
 
     from flame._cli_ops import add_commands
+    from flame._cli_report import add_command as add_report
 
     add_commands(commands)
+    add_report(commands)
+
     from flame._cli_auth import add_commands as add_auth_commands
 
     add_auth_commands(commands)
@@ -215,7 +302,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point; returns the exit code (0 success, 1 run failed, 2 bad input)."""
+    """Entry point; returns the exit code (0 success, 1 run failed, 2 bad input, 130 SIGINT,
+    143 SIGTERM)."""
     args = _parser().parse_args(argv)
     try:
         return int(args.handler(args))
@@ -225,8 +313,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"flame: config error: {line}", file=sys.stderr)
         return EXIT_USAGE
     except FlameError as exc:
+        # The failing analysis's traceback, when its node sent one, is in the aggregator's log.
         print(f"flame: error: {exc}", file=sys.stderr)
         return EXIT_FAILED
-    except KeyboardInterrupt:
-        print("flame: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:  # SIGINT, or SIGTERM (see flame._signals)
+        print(f"flame: stopped: {stop_signal(exc)}", file=sys.stderr)
+        return stop_exit_code(exc)

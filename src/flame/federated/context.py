@@ -13,7 +13,7 @@ import zlib
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -25,6 +25,8 @@ from flame.messages import Envelope
 __all__ = ["Context", "Received", "context"]
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 _current: contextvars.ContextVar[Context] = contextvars.ContextVar("flame_context")
 
@@ -65,6 +67,19 @@ class Context:
         self._on_progress = on_progress
         self._progress = 0.0
         self._rng: tuple[int, np.random.Generator] | None = None
+        self.params: dict[str, Any] = {}
+        """The run's parameters (`--param k=v`, FLAME_PARAMS); the same on every node."""
+
+    def params_as(self, model: Callable[..., T]) -> T:
+        """The parameters as the analysis's own type: a pydantic model or any `cls(**params)`.
+
+        A pydantic model validates and converts (`bins: int` from "10"); a wrong or missing
+        parameter raises its validation error naming the field.
+        """
+        validate = getattr(model, "model_validate", None)
+        if callable(validate):
+            return validate(self.params)  # type: ignore[no-any-return]
+        return model(**self.params)
 
     @property
     def rng(self) -> np.random.Generator:

@@ -39,16 +39,7 @@ log = logging.getLogger(__name__)
 
 
 def _record(data: dict[str, Any]) -> EpochRecord:
-    return EpochRecord(
-        epoch=int(data["epoch"]),
-        nodes=[str(n) for n in data["nodes"]],
-        missing=[str(n) for n in data["missing"]],
-        started=float(data["started"]),
-        duration=float(data["duration_s"]),
-        converged=bool(data["converged"]),
-        bytes_received=int(data.get("bytes_received", 0)),
-        bytes_sent=int(data.get("bytes_sent", 0)),
-    )
+    return EpochRecord.from_dict(data)
 
 
 class StorageRunStore:
@@ -241,6 +232,7 @@ def open_run_store(
         "roster_sha256": _roster_fingerprint(config),
         "participants": list(config.participants),
         "config": config.public_dict(),
+        "params": dict(config.params),
     }
     return StorageRunStore(store, config.analysis_id, aggregator_id, provenance=provenance)
 

@@ -176,32 +176,52 @@ class SqlSource:
 
     # --- queries -----------------------------------------------------------------------------
     def batches(self, sql: str, params: QueryParams = None) -> Iterator[pa.RecordBatch]:
-        """The result as Arrow record batches of up to `batch_rows` rows, streamed."""
+        """The result as Arrow record batches of up to `batch_rows` rows, streamed.
+
+        A SELECT runs through a server-side cursor. Anything else (which DECLARE CURSOR
+        refuses) runs as one prepared statement in the same kind of READ ONLY transaction,
+        after a first query has fixed the snapshot, so it can neither write nor switch the
+        transaction to read-write; multiple statements in one string are refused.
+        """
         psycopg = _psycopg()
         with self._lock:
             connection = self._connect()
-            cursor_name = f"flame_{uuid.uuid4().hex[:12]}"
+            produced = False
             try:
-                with (
-                    connection.transaction(),
-                    connection.cursor(name=cursor_name, binary=True) as cursor,
-                ):
-                    cursor.itersize = self.batch_rows
-                    cursor.execute(sql, params)
-                    schema = self._schema(cursor.description or [])
-                    produced = False
-                    while True:
-                        rows = cursor.fetchmany(self.batch_rows)
-                        if not rows:
-                            break
+                try:
+                    for batch in self._stream(connection, sql, params, server_side=True):
                         produced = True
-                        yield self._batch(schema, rows)
-                    if not produced:
-                        yield pa.RecordBatch.from_pylist([], schema=schema)
+                        yield batch
+                except psycopg.errors.SyntaxError:
+                    if produced:
+                        raise
+                    yield from self._stream(connection, sql, params, server_side=False)
             except psycopg.Error as exc:
                 if connection.broken:
                     self._connection = None
                 raise self._fail(exc, "query failed") from None
+
+    def _stream(
+        self, connection: Any, sql: str, params: QueryParams, *, server_side: bool
+    ) -> Iterator[pa.RecordBatch]:
+        name = f"flame_{uuid.uuid4().hex[:12]}" if server_side else None
+        with connection.transaction(), connection.cursor(name=name) as cursor:
+            if server_side:
+                cursor.itersize = self.batch_rows
+                cursor.execute(sql, params)
+            else:
+                cursor.execute("select 1")  # takes the snapshot: no switch to read-write
+                cursor.execute(sql, params, prepare=True)
+            schema = self._schema(cursor.description or [])
+            produced = False
+            while cursor.description is not None:
+                rows = cursor.fetchmany(self.batch_rows)
+                if not rows:
+                    break
+                produced = True
+                yield self._batch(schema, rows)
+            if not produced:
+                yield pa.RecordBatch.from_pylist([], schema=schema)
 
     def query(self, sql: str, params: QueryParams = None) -> pa.Table:
         """The whole result as a `pyarrow.Table` (`%s` / `%(name)s` placeholders for params)."""
