@@ -65,6 +65,23 @@ def _cmd_hash(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_broker(args: argparse.Namespace) -> int:
+    from flame.identity import Roster
+    from flame.identity.broker_config import write_broker_config
+
+    roster = Roster.load(args.roster)
+    files = write_broker_config(
+        roster, args.out, analysis=args.analysis or "+", operators=tuple(args.operator or ())
+    )
+    print(f"password file: {files.passwd} (hashed by {files.tool})")
+    print(f"ACL:           {files.acl}")
+    print(f"config:        {files.config} (include it in mosquitto.conf)")
+    print(f"tokens:        {args.out / 'tokens'}/NODE.token: give each node its own file as")
+    print("               FLAME_BROKER__TOKEN_FILE (mode 0600; the broker user is the node id)")
+    print(f"roster SHA-256 {roster.fingerprint}")
+    return EXIT_OK
+
+
 def add_commands(commands: argparse._SubParsersAction[Any]) -> None:
     """Register `roster` and `hash` on the `flame` parser."""
     roster = commands.add_parser(
@@ -83,6 +100,26 @@ def add_commands(commands: argparse._SubParsersAction[Any]) -> None:
     )
     roster.add_argument("--key-share", type=int, help="add: its secure-aggregation key-share id")
     roster.set_defaults(handler=_cmd_roster)
+
+    broker = commands.add_parser(
+        "broker",
+        help="flame broker config --roster R --out DIR: Mosquitto passwords, ACL, settings",
+        description="Write a Mosquitto password file and ACL for the roster's members (each "
+        "reads only its own inbox, writes any inbox and its own status, reads statuses), one "
+        "random broker token per member, and a config snippet with the persistence settings "
+        "flame needs.",
+    )
+    broker.add_argument("action", choices=("config",))
+    broker.add_argument("--roster", type=Path, required=True, help="the federation roster")
+    broker.add_argument("--out", type=Path, required=True, help="a new or empty folder")
+    broker.add_argument("--analysis", help="scope the rules to this analysis id (default: any)")
+    broker.add_argument(
+        "--operator",
+        action="append",
+        metavar="USER",
+        help="an extra user who may only read statuses (flame status); repeatable",
+    )
+    broker.set_defaults(handler=_cmd_broker)
 
     hashing = commands.add_parser(
         "hash",

@@ -87,6 +87,26 @@ def node_data_handle(config: FlameConfig) -> Data:
     return Data(sources, node_id=config.node_id or "")
 
 
+def check_code_approval(config: FlameConfig, role: str, code: str) -> None:
+    """Refuse analysis code the operator has not approved (FLAME_APPROVED_CODE), naming its
+    hash, so the operator can review it and add it. Without a list, any code runs (warned)."""
+    if not config.approved_code:
+        if role == "analysis":
+            log.warning(
+                "no FLAME_APPROVED_CODE: this node runs any analysis code it is given "
+                "(this one: SHA-256 %s)",
+                code,
+            )
+        return
+    if code not in config.approved_code:
+        raise ConfigError(
+            f"FLAME_APPROVED_CODE / approved_code: this analysis code (SHA-256 {code}) is not "
+            f"approved on node {config.node_id!r}; review it, then add its hash "
+            "(`flame hash ANALYSIS` prints it)"
+        )
+    log.info("analysis code %s is approved on this node", code[:16])
+
+
 def secure_keys(config: FlameConfig, role: str) -> SecureKeys | None:
     """This node's secure-aggregation keys, or None when secure aggregation is off."""
     if not config.secure.enabled:
@@ -123,9 +143,11 @@ def _run(
 ) -> Any:
     node_id, role = _require(config)
     functions = AnalysisFunctions.of(analyze, aggregate, converged)
+    code = code_hash(functions)
     from flame.utils.token import check_service_tokens
 
     check_service_tokens(config)  # a bad token stops the node before any work
+    check_code_approval(config, role, code)  # before any data or the broker is touched
     secrets = config.secrets()
     keys = secure_keys(config, role)
     from flame.identity import for_config
@@ -151,6 +173,7 @@ def _run(
             seed=config.seed,
             secrets=secrets,
             keys=keys,
+            code=code,
         )
         aggregator.context.params = dict(config.params)
         return aggregator.execute().value
@@ -170,6 +193,7 @@ def _run(
         resend_interval=config.resend_interval,
         isolate=policy.isolate,
         policy=policy,
+        code=code,
     )
     client.context.params = dict(config.params)
     return client.run(functions, data).value

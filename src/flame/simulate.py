@@ -22,7 +22,7 @@ from flame.federated.aggregator_server import Aggregator
 from flame.federated.analysis_client import AnalysisClient
 from flame.federated.functions import AnalysisFunctions
 from flame.federated.records import EventSink, RunResult, RunStore
-from flame.federated.run_store import open_node_state, open_run_store
+from flame.federated.run_store import code_hash, open_node_state, open_run_store
 from flame.federated.secure import SecureKeys
 from flame.isolation.child import refuse_nested_run
 from flame.policy import NodePolicy, load_policy
@@ -142,6 +142,10 @@ def simulate(
     from flame.identity import throwaway
 
     auths = throwaway(config.aggregator_id, participants)
+    try:
+        code: str | None = code_hash(functions)  # every node announces it; the aggregator
+    except OSError:  # compares. Functions typed into a notebook cell have no source file.
+        code = None
     connect = _signed(_transport_factory(broker, config), auths)
     keys = _simulation_keys(config) if secure or config.secure.enabled else None
     if keys is not None:  # contributions signed, checked against the throwaway roster
@@ -161,6 +165,7 @@ def simulate(
             state=open_node_state(config, node),
             secrets=secrets,
             keys=None if keys is None else _node_keys(keys, auths[node]),
+            code=code,
             log_traceback=False,  # the aggregator's log, in this same process, shows it
             isolate=isolate,
             policy=policies[node],
@@ -191,6 +196,7 @@ def simulate(
         seed=config.seed,
         secrets=secrets,
         keys=None if keys is None else keys.public_only(),
+        code=code,
     )
     aggregator.context.params = dict(config.params)
     for thread in threads:

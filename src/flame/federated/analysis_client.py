@@ -30,6 +30,7 @@ from flame.errors import ConfigError, RunFailed, RunTimeout, TransportError, sto
 from flame.federated.context import Context
 from flame.federated.functions import AnalysisFunctions
 from flame.federated.mailbox import Mailbox
+from flame.federated.membership import Instances
 from flame.federated.release import Gate
 from flame.federated.secure import (
     DECRYPT,
@@ -89,6 +90,7 @@ class AnalysisClient:
         log_traceback: bool = True,
         isolate: bool = False,
         policy: NodePolicy | None = None,
+        code: str | None = None,
     ) -> None:
         self.transport = transport
         self.mailbox = Mailbox(transport)
@@ -119,6 +121,8 @@ class AnalysisClient:
         self._privacy: dict[str, Any] = {}  # per epoch: DP spend, suppressed cells
         self._last_epoch = -1
         self._decrypted: set[tuple[int, str]] = set()  # (epoch, field) answered: at most once
+        self.code = code  # SHA-256 of the analysis code, announced for the aggregator to compare
+        self._instances = Instances()  # the aggregator's process: two at once stop the run
         self._last_sent: Envelope | None = None
         self._epoch_started = time.perf_counter()
         self._run: str | None = None
@@ -374,6 +378,9 @@ class AnalysisClient:
         """Track the aggregator's process; its `failed` status stops us even if the abort is
         lost. A stale status of an earlier aggregator process (other session) is not acted on."""
         body = envelope.body if isinstance(envelope.body, dict) else {}
+        problem = self._instances.note(self.aggregator_id, body)
+        if problem is not None:
+            return Instruction("abort", -1, reason=problem)
         state = body.get("state")
         session = body.get("session")
         if state == "offline" or (body.get("online") is False and state not in ("failed",)):
@@ -535,6 +542,7 @@ class AnalysisClient:
             "state": state,
             "role": "analysis",
             "session": self.session,
+            **({"code": self.code} if self.code else {}),
             "run": self._run,
             "epoch": epoch,
             "time": time.time(),

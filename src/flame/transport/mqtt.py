@@ -17,6 +17,7 @@ import hashlib
 import json
 import logging
 import re
+import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -139,6 +140,7 @@ class MqttTransport(Transport):
         self._status_pending: PendingPublish | None = None
         self._last_status: dict[str, Any] = {}
         self.dropped = 0
+        self.conflict: str | None = None  # set when another process took this node's session
 
     @classmethod
     def from_config(
@@ -173,6 +175,101 @@ class MqttTransport(Transport):
         watchers (the aggregator) know that what was queued for us is gone."""
         return self._status_payload(self._last_status) if self._last_status else None
 
+    def _new_client(
+        self, client_id: str, will: Will | None, session_expiry: int | None = None
+    ) -> MessageBrokerClient:
+        settings = self.settings
+        assert settings.url is not None
+        username = settings.username
+        password = self._password
+        if username is None and password is not None:
+            username = self.node_id  # brokers key ACLs on the user name; the node id is natural
+        return MessageBrokerClient(
+            settings.url,
+            client_id=client_id,
+            username=username,
+            password=password,
+            ca_file=settings.ca_file,
+            cert_file=settings.cert_file,
+            key_file=settings.key_file,
+            keepalive=settings.keepalive,
+            session_expiry=settings.session_expiry if session_expiry is None else session_expiry,
+            connect_timeout=settings.connect_timeout,
+            will=will,
+            protocol=self._protocol,
+            reconnect_delay=self._reconnect_delay,
+        )
+
+    # --- one process per node id --------------------------------------------------------------
+
+    def _on_taken_over(self) -> None:
+        """(network thread) Another process connected as this node and took its session."""
+        self.conflict = (
+            f"two processes claim node {self.node_id!r}: another process took over this node's "
+            f"broker session; this one (instance {self.instance}) stops instead of taking turns"
+        )
+        threading.Thread(target=self._report_conflict, name="flame-conflict", daemon=True).start()
+
+    def _report_conflict(self) -> None:
+        """Tell the run, through a short connection of its own (the node's session belongs to
+        the other process now): a signed status naming this instance, so the aggregator (or,
+        for a duplicated aggregator, every node) stops the run within seconds."""
+        side_id = client_id_for(self.analysis_id, self.node_id)[:100] + ":" + self.instance[:12]
+        status = {"state": "failed", "conflict": self.instance, "reason": self.conflict}
+        try:
+            side = self._new_client(side_id, None, session_expiry=0)
+            side.connect()
+            try:
+                side.publish(
+                    status_topic(self.analysis_id, self.node_id),
+                    self._status_payload(status),
+                    retain=True,
+                    timeout=min(self.settings.send_timeout, 5.0),
+                )
+            finally:
+                side.disconnect()
+        except Exception as exc:  # best effort: the aggregator also sees instances alternate
+            log.error("%s could not report the second process: %s", self.node_id, exc)
+
+    def _own_status(self, message: IncomingMessage) -> None:
+        """This node's status topic, as the broker holds it. Another live instance there after
+        we reconnected means two processes take this node's session in turns: stop, say so."""
+        if not message.payload or self.conflict is not None:
+            return
+        try:
+            status = json.loads(message.payload)
+        except (ValueError, RecursionError):
+            return
+        if not isinstance(status, dict):
+            return
+        other = status.get("instance")
+        if not isinstance(other, str) or other == self.instance:
+            return
+        if status.get("state") == "offline" or status.get("online") is False:
+            return  # an earlier process's farewell or last will
+        if not message.retain or message.generation <= 1:
+            # Only the broker's current state after a reconnect of ours counts: live copies
+            # may be an earlier process's statuses still queued in the session, and the state
+            # at our first connect is what an earlier process left behind.
+            return
+        if self.auth is not None and not self.auth.verify_status(
+            self.analysis_id, self.node_id, status
+        ):
+            return
+        self.conflict = (
+            f"two processes claim node {self.node_id!r} (instances {self.instance}, {other}): "
+            "they take this node's broker session in turns; this one stops"
+        )
+        log.error("%s", self.conflict)
+        self._report_conflict()
+        if self._client is not None:
+            self._connected = False
+            self._client.disconnect()
+
+    def _check_conflict(self) -> None:
+        if self.conflict is not None:
+            raise TransportError(self.conflict)
+
     # --- Transport ----------------------------------------------------------------------------
 
     def connect(self, status: dict[str, Any]) -> None:
@@ -180,36 +277,23 @@ class MqttTransport(Transport):
             raise TransportError(f"{self.node_id} is already connected")
         settings = self.settings
         assert settings.url is not None
-        username = settings.username
-        password = self._password
-        if username is None and password is not None:
-            username = self.node_id  # brokers key ACLs on the user name; the node id is natural
-        client = MessageBrokerClient(
-            settings.url,
-            client_id=client_id_for(self.analysis_id, self.node_id),
-            username=username,
-            password=password,
-            ca_file=settings.ca_file,
-            cert_file=settings.cert_file,
-            key_file=settings.key_file,
-            keepalive=settings.keepalive,
-            session_expiry=settings.session_expiry,
-            connect_timeout=settings.connect_timeout,
-            will=Will(
-                status_topic(self.analysis_id, self.node_id),
-                self._status_payload(self.offline_status()),
-                qos=1,
-                retain=True,
-            ),
-            protocol=self._protocol,
-            reconnect_delay=self._reconnect_delay,
+        will = Will(
+            status_topic(self.analysis_id, self.node_id),
+            self._status_payload(self.offline_status()),
+            qos=1,
+            retain=True,
         )
+        client = self._new_client(client_id_for(self.analysis_id, self.node_id), will)
         client.on_session_lost = self._renew_status
+        client.on_taken_over = self._on_taken_over
+        self.conflict = None
         client.connect()
         self._announced = False
         self._status_pending = None
         try:
-            client.subscribe([(self._inbox, 1)], timeout=settings.send_timeout)
+            own_status = (status_topic(self.analysis_id, self.node_id), 1)
+            client.subscribe([(self._inbox, 1), own_status], timeout=settings.send_timeout)
+            client.refresh_topics = [own_status]  # after a reconnect: who holds this node now?
             self._client = client
             self._connected = True
             self.announce(status)
@@ -295,6 +379,7 @@ class MqttTransport(Transport):
 
     def send(self, envelope: Envelope, timeout: float | None = None) -> None:
         recipient = envelope.recipient
+        self._check_conflict()
         if not self._connected:
             raise TransportError(f"cannot send to {recipient!r}: {self.node_id} is not connected")
         if not _NAME.match(recipient) or envelope.analysis != self.analysis_id:
@@ -360,6 +445,7 @@ class MqttTransport(Transport):
         client = self._client
         deadline = Deadline(timeout)
         while True:
+            self._check_conflict()
             for dropped in self._reassembler.expire():
                 self._drop(f"an incomplete {dropped}")
             message = client.get(deadline.left())
@@ -385,6 +471,9 @@ class MqttTransport(Transport):
     def _handle(self, message: IncomingMessage) -> Envelope | None:
         if message.topic == self._inbox:
             return self._handle_frame(message.payload)
+        if message.topic == status_topic(self.analysis_id, self.node_id):
+            self._own_status(message)
+            return None
         parts = message.topic.split("/")
         if (
             len(parts) == 4
