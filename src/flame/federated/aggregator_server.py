@@ -405,12 +405,16 @@ class Aggregator:
 
     # --- helpers -----------------------------------------------------------------------------
     def _broadcast(self, kind: Kind, epoch: int, body: Any) -> None:
+        """To every participant; control bodies name this process (`session`), so a node
+        can tell them from leftovers of an earlier aggregator process in its broker session."""
         for node in self.participants:
             self._send(node, kind, epoch, body)
 
     def _send(
         self, node: str, kind: Kind, epoch: int, body: Any, timeout: float | None = None
     ) -> None:
+        if kind in ("start", "aggregate", "finished", "abort") and isinstance(body, dict):
+            body = {**body, "session": self.session}
         envelope = Envelope(
             self.transport.analysis_id, self.transport.node_id, node, kind, epoch, body
         )
@@ -440,7 +444,7 @@ class Aggregator:
     def _abort(self, reason: str, epoch: int, exc: BaseException | None = None) -> None:
         """Every node is told, then the retained status says `failed` with the reason (and the
         failing analysis's traceback, when its node sent one) after this process is gone."""
-        body = {"reason": reason, "run": self.run_id}
+        body = {"reason": reason, "run": self.run_id, "session": self.session}
         for node in self.participants:
             try:
                 self._send(node, "abort", epoch, body, timeout=_SEND_TIMEOUT)
@@ -458,6 +462,10 @@ class Aggregator:
             log.warning("ignored an error report from %r, not a participant", envelope.sender)
             return
         body = envelope.body if isinstance(envelope.body, dict) else {}
+        session = body.get("session")
+        if isinstance(session, str) and self._processes.get(envelope.sender) != session:
+            log.info("ignored an error report of an earlier process of %s", envelope.sender)
+            return
         error = str(body.get("error", "unknown error"))[:500]
         stopped = body.get("stopped")
         if isinstance(stopped, str) and stopped:
@@ -499,7 +507,12 @@ class Aggregator:
                 node,
                 "abort",
                 self._epoch,
-                {"reason": reason, "code": NOT_PARTICIPANT, "run": self.run_id},
+                {
+                    "reason": reason,
+                    "code": NOT_PARTICIPANT,
+                    "run": self.run_id,
+                    "session": self.session,
+                },
                 timeout=_SEND_TIMEOUT,
             )
         except (TransportError, RunFailed) as exc:

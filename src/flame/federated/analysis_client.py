@@ -15,6 +15,7 @@ status with the reason.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 import uuid
@@ -112,7 +113,9 @@ class AnalysisClient:
         self._resend_every = resend_interval
         self._resend_at = 0.0
         self._link = 0
-        self._aggregator_session: str | None = None
+        self._aggregator_session: str | None = None  # the live aggregator process
+        self._aggregator_last: tuple[str | None, str | None] = (None, None)  # session, state
+        self._parked: list[Envelope] = []
         self._said_goodbye = False
 
     # --- the protocol steps ------------------------------------------------------------------
@@ -133,7 +136,7 @@ class AnalysisClient:
         while True:
             self._keep_delivering()
             wait = Deadline(0.0 if chosen is not None else min(deadline.left(), _TICK))
-            envelope = self.mailbox.next(self._from_aggregator, wait)
+            envelope = self._unparked() or self.mailbox.next(self._from_aggregator, wait)
             if envelope is None:
                 if chosen is not None:
                     return chosen
@@ -153,6 +156,8 @@ class AnalysisClient:
                 stop = self._note_aggregator_status(envelope)
                 if stop is not None:
                     return stop
+                continue
+            if not self._from_current_aggregator(envelope):
                 continue
             instruction = self._admit(envelope)
             if instruction is None:
@@ -202,7 +207,12 @@ class AnalysisClient:
         the node's policy allows; without it, the traceback of `exc` is formatted here.
         """
         reason = describe_exception(exc, self.secrets)
-        body: dict[str, Any] = {"node": self.transport.node_id, "epoch": epoch, "error": reason}
+        body: dict[str, Any] = {
+            "node": self.transport.node_id,
+            "epoch": epoch,
+            "error": reason,
+            "session": self.session,
+        }
         if traceback_text is None:
             traceback_text = getattr(exc, "traceback_text", None)  # from the analysis child
         if not traceback_text:
@@ -222,6 +232,7 @@ class AnalysisClient:
         """Tell the aggregator this node was stopped (SIGINT/SIGTERM) before it exits."""
         reason = f"stopped: {signal_name}"
         body = {"node": self.transport.node_id, "epoch": epoch, "error": reason}
+        body["session"] = self.session
         self._say_goodbye(epoch, reason, {**body, "stopped": signal_name})
         return reason
 
@@ -287,6 +298,10 @@ class AnalysisClient:
                 log.debug("epoch %d: result sent in %.3f s", epoch, time.perf_counter() - started)
         except KeyboardInterrupt as exc:
             self.report_stop(epoch, stop_signal(exc))
+            kill = getattr(runner, "_abandon", None)  # an analysis child: no polite wait
+            if callable(kill):
+                with contextlib.suppress(Exception):
+                    kill()
             raise
         except (RunFailed, ConfigError):
             raise
@@ -299,12 +314,14 @@ class AnalysisClient:
                     "node": self.transport.node_id,
                     "epoch": epoch,
                     "error": describe_exception(exc, self.secrets),
+                    "session": self.session,
                 },
             )
             raise
         finally:
             _logging.set_epoch(None)
             runner.close()
+            self._drain()
             self.transport.close()
 
     # --- delivery ----------------------------------------------------------------------------
@@ -347,6 +364,10 @@ class AnalysisClient:
         body = envelope.body if isinstance(envelope.body, dict) else {}
         state = body.get("state")
         session = body.get("session")
+        self._aggregator_last = (
+            session if isinstance(session, str) else None,
+            state if isinstance(state, str) else None,
+        )
         if state == "offline" or (body.get("online") is False and state not in ("failed",)):
             log.warning("aggregator %s is offline; waiting for it", self.aggregator_id)
             return None
@@ -365,6 +386,41 @@ class AnalysisClient:
             log.info("aggregator %s restarted (new process)", self.aggregator_id)
         self._aggregator_session = session
         return None
+
+    def _from_current_aggregator(self, envelope: Envelope) -> bool:
+        """Whether a control message comes from the aggregator process running now.
+
+        A persistent broker session can hold an abort or kick-off of an earlier run of this
+        analysis id (an aggregator process that is gone). Each names its process session;
+        one from another process than the live one is dropped. Until the live one is known
+        (its retained status arrives right after connecting), messages wait here.
+        """
+        body = envelope.body if isinstance(envelope.body, dict) else {}
+        session = body.get("session")
+        if not isinstance(session, str):
+            return True
+        if self._aggregator_session is None:
+            last_session, last_state = self._aggregator_last
+            if envelope.kind == "finished" and last_state == "done" and session == last_session:
+                return True  # the run ended before this node joined: take its result
+            self._parked.append(envelope)
+            return False
+        if session == self._aggregator_session:
+            return True
+        log.info("ignored a %s from an earlier aggregator process", envelope.kind)
+        return False
+
+    def _unparked(self) -> Envelope | None:
+        """A parked control message, once the live aggregator process is known."""
+        if self._parked and self._aggregator_session is not None:
+            return self._parked.pop(0)
+        return None
+
+    def _drain(self) -> None:
+        """Take (and acknowledge to the broker) what is queued before leaving, so a later
+        process of this node does not find this run's leftovers in its session."""
+        with contextlib.suppress(Exception):
+            self.mailbox.next(lambda envelope: False, Deadline(0.2))
 
     def _admit(self, envelope: Envelope) -> Instruction | None:
         """The instruction in `envelope` if it is new for this node, after run-id bookkeeping."""
