@@ -23,7 +23,9 @@ from typing import Any
 
 import pytest
 from broker import Broker, have_mosquitto, say
-from nodes import AGGREGATOR, Federation, StatusWatcher, federation_env
+from nodes import AGGREGATOR, Federation, StatusWatcher, federation_env, storage_env
+from servers.s3_server import S3Server
+from servers.tcp_proxy import TcpProxy
 
 import flame
 from flame import status as st
@@ -435,6 +437,68 @@ def test_late_node(row: Row, capsys: pytest.CaptureFixture[str]) -> None:
     values = federation.finish(timeout=90)
     report(capsys, "analysis node started 5 s late", "result == simulate", "completes")
     assert values[AGGREGATOR] == expected
+
+
+# --- storage faults --------------------------------------------------------------------------
+
+
+def test_storage_refusing_connections_for_20_s(
+    row: Row, s3_server: S3Server, s3_bucket: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The checkpoint write after epoch 1 meets a storage outage of 20 s (a TCP proxy in
+    front of the S3 server refuses connections): it is retried, the run completes, right."""
+    folder = write_analysis(row.tmp / "analysis", slow={"*": 0.3})
+    expected = simulated(folder, NODES, epochs=4)
+    with TcpProxy("127.0.0.1", int(s3_server.endpoint.rsplit(":", 1)[1])) as proxy:
+        storage = storage_env(s3_server.settings(bucket=s3_bucket, endpoint=proxy.endpoint))
+        watcher = row.watch()
+        federation = row.federation(folder, epochs=4, **storage)
+        federation.start_all()
+        watcher.wait_for(AGGREGATOR, "collecting", 1, timeout=90)
+        proxy.refuse_for(20)
+        cut = time.monotonic()
+        values = federation.finish(timeout=150)
+        ended = federation.processes[AGGREGATOR].ended
+    assert ended is not None
+    log = federation.processes[AGGREGATOR].stderr()
+    report(
+        capsys,
+        "storage refuses connections for 20 s at epoch 1",
+        f"writes retried; run finished {ended - cut - 20:.1f} s after storage was back; "
+        "result == simulate",
+        "no abort (FLAME_STORAGE__RETRY_S = 120)",
+    )
+    assert values[AGGREGATOR] == expected
+    assert "retrying for" in log, log[-3000:]
+    stored = s3_server.client().list_objects(s3_bucket, recursive=True)
+    assert any(item.object_name.endswith("final/manifest.json") for item in stored)
+
+
+def test_results_folder_not_writable_stops_before_joining(
+    row: Row, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder = write_analysis(row.tmp / "analysis")
+    blocker = row.tmp / "not-a-folder"
+    blocker.write_text("a file where the results folder's parent should be")
+    federation = row.federation(
+        folder, FLAME_STORAGE__RESULTS_DIR=str(blocker / "results"), FLAME_PRESENCE_TIMEOUT="5"
+    )
+    watcher = row.watch()
+    aggregator = federation.start(AGGREGATOR)
+    assert aggregator.wait(60) == 1, aggregator.tail()
+    assert aggregator.ended is not None
+    stderr = aggregator.stderr()
+    assert "not joining the run" in stderr and "not writable" in stderr, stderr
+    assert str(blocker) in stderr
+    with pytest.raises(AssertionError):
+        watcher.wait_for(AGGREGATOR, "waiting", timeout=1)  # it never announced itself
+    report(
+        capsys,
+        "results folder not writable",
+        f"flame run refused before joining, {aggregator.ended - aggregator.started:.1f} s "
+        "after start, naming the folder",
+        "before epoch 0",
+    )
 
 
 def _operator_config(row: Row) -> Any:
