@@ -197,6 +197,9 @@ class FlameConfig(BaseSettings):
     broker: BrokerSettings = BrokerSettings()
     storage: StorageSettings = StorageSettings()
     secure: SecureAggregationSettings = SecureAggregationSettings()
+    policy: Path | None = Field(
+        None, description="this node's policy file (disclosure rules, DP budget); operator's"
+    )
     log_format: Literal["text", "json"] = "text"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
