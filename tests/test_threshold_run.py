@@ -372,7 +372,7 @@ def test_obfuscators_are_made_while_waiting_and_used_by_the_epoch(tkey, caplog) 
     encrypt_vector([1.0, 2.0], keys.public_key, SPEC)
     assert pre.ready == ready - 1
     caplog.set_level(logging.INFO)
-    config = tconfig(folder, secure={"precompute": 4})
+    config = tconfig(folder, secure={"precompute": pre.ready + 4})  # more than are ready
     result = flame.simulate(analyze, aggregate, data=data_for(MEMBERS), config=config)
     assert np.allclose(result.value["total"], expected_total(MEMBERS, 0), atol=1e-3, rtol=0)
     assert "precomputed" in caplog.text
