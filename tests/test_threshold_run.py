@@ -351,3 +351,52 @@ def test_one_share_alone_is_random_looking(parties) -> None:
     values = {s.secret for s in shares.values()}
     assert len(values) == 5 and all(v.bit_length() > 4000 for v in values)
     assert secrets.compare_digest(b"x", b"x")
+
+
+def test_obfuscators_are_made_while_waiting_and_used_by_the_epoch(tkey, caplog) -> None:
+    from flame.federated.secure import Precomputer, SecureKeys
+
+    folder, _ = tkey
+    keys = SecureKeys.from_settings(tconfig(folder).secure, role="aggregation")
+    pre = Precomputer(keys)
+    before = pre.ready
+    pre.fill(before + 6)
+    deadline = time.monotonic() + 60
+    while pre.ready < before + 6 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert pre.ready >= before + 6
+    ready = pre.ready
+    # the same cached encryptor serves seal(): its pool shrinks by what it used
+    from flame.protocols.paillier import encrypt_vector
+
+    encrypt_vector([1.0, 2.0], keys.public_key, SPEC)
+    assert pre.ready == ready - 1
+    caplog.set_level(logging.INFO)
+    config = tconfig(folder, secure={"precompute": 4})
+    result = flame.simulate(analyze, aggregate, data=data_for(MEMBERS), config=config)
+    assert np.allclose(result.value["total"], expected_total(MEMBERS, 0), atol=1e-3, rtol=0)
+    assert "precomputed" in caplog.text
+
+
+def test_a_subset_is_asked_first_and_replaced_when_it_cheats_or_stalls(
+    tkey, caplog, monkeypatch
+) -> None:
+    folder, _ = tkey
+    honest = ThresholdParty.answer
+
+    def flaky(self: ThresholdParty, envelope: Envelope) -> dict:
+        node = self.share.node_id
+        if node == "a":
+            time.sleep(4.0)  # slow: the aggregator stops waiting for it after timeout / 4
+        if node == "b":
+            return {"error": "not today"}
+        return honest(self, envelope)
+
+    monkeypatch.setattr(ThresholdParty, "answer", flaky)
+    caplog.set_level(logging.INFO)
+    config = tconfig(folder, epoch_timeout=8, secure={"decrypters": 3})
+    result = flame.simulate(analyze, aggregate, data=data_for(MEMBERS), config=config)
+    assert np.allclose(result.value["total"], expected_total(MEMBERS, 0), atol=1e-3, rtol=0)
+    assert "asking 3 share holders" in caplog.text and "b refused to decrypt" in caplog.text
+    assert "no decryption from a within 2 s" in caplog.text
+    assert "decrypted with the partial decryptions of c, d, e" in caplog.text

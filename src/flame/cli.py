@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 from flame import _logging
-from flame.errors import ConfigError, FlameError
+from flame._signals import stop_on_sigterm
+from flame.errors import ConfigError, FlameError, stop_exit_code, stop_signal
 
 if TYPE_CHECKING:
     from flame.federated.records import Event, RunResult
@@ -89,6 +90,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
 
             settings = config.broker.model_copy(update={"url": broker_url})
             broker = mqtt_transport_factory(settings, config.analysis_id)
+        stack.enter_context(stop_on_sigterm())
         result = simulate(
             analysis.functions.analyze,
             analysis.functions.aggregate,
@@ -99,9 +101,48 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
             on_event=progress,
             secure=args.secure,
             isolate=not args.in_process,
+            policy=_policy_arguments(args.policy),
         )
-    _report(result, args.output)
+    _report(result, args.output, _manifest(analysis.functions, result))
     return 0
+
+
+def _policy_arguments(items: list[str]) -> Any:
+    """`--policy FILE` (all nodes) and/or `--policy NODE=FILE` (one node) as simulate wants."""
+    if not items:
+        return None
+    every = [item for item in items if "=" not in item]
+    if len(every) > 1:
+        raise FlameError("--policy FILE may be given once; use NODE=FILE for single nodes")
+    if not any("=" in item for item in items):
+        return Path(every[0])
+    named = dict(item.split("=", 1) for item in items if "=" in item)
+    return _PerNode(Path(every[0]) if every else None, named)
+
+
+class _PerNode(dict[str, Any]):
+    """Per-node policies; nodes not named get the common file (or none)."""
+
+    def __init__(self, common: Path | None, named: dict[str, str]) -> None:
+        super().__init__({node: Path(path) for node, path in named.items()})
+        self.common = common
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return super().get(key, self.common)
+
+
+def _manifest(functions: Any, result: RunResult) -> dict[str, Any]:
+    """What produced a simulated result (as a stored run's manifest.json says it)."""
+    from flame import __version__
+    from flame.federated.run_store import code_hash
+
+    nodes = {n for record in result.history for n in (*record.nodes, *record.missing)}
+    return {
+        "flame_version": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "code_sha256": code_hash(functions),
+        "participants": sorted(nodes),
+    }
 
 
 def _params(items: list[str]) -> dict[str, Any]:
@@ -135,8 +176,10 @@ def _strict_json(value: Any) -> Any:
     return value
 
 
-def _report(result: RunResult, output: Path | None) -> None:
-    document = _strict_json(result.to_dict())
+def _report(
+    result: RunResult, output: Path | None, manifest: dict[str, Any] | None = None
+) -> None:
+    document = _strict_json({**result.to_dict(), "manifest": manifest or {}})
     if output is not None:
         output.write_text(json.dumps(document, indent=2) + "\n")
         print(f"wrote {output}", file=sys.stderr)
@@ -216,6 +259,13 @@ def _parser() -> argparse.ArgumentParser:
         help="run over a real MQTT broker (mqtt://host:port), or 'embedded' to start a local one",
     )
     sim.add_argument(
+        "--policy",
+        action="append",
+        default=[],
+        metavar="[NODE=]FILE",
+        help="node policy file for every node, or NODE=FILE for one node (repeatable)",
+    )
+    sim.add_argument(
         "--in-process",
         action="store_true",
         help="run analyze in this process instead of an isolated child per node (debugging)",
@@ -233,13 +283,16 @@ def _parser() -> argparse.ArgumentParser:
     keys.set_defaults(handler=_cmd_keys)
 
     from flame._cli_ops import add_commands
+    from flame._cli_report import add_command as add_report
 
     add_commands(commands)
+    add_report(commands)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point; returns the exit code (0 success, 1 run failed, 2 bad input)."""
+    """Entry point; returns the exit code (0 success, 1 run failed, 2 bad input, 130 SIGINT,
+    143 SIGTERM)."""
     args = _parser().parse_args(argv)
     try:
         return int(args.handler(args))
@@ -249,8 +302,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"flame: config error: {line}", file=sys.stderr)
         return EXIT_USAGE
     except FlameError as exc:
+        # The failing analysis's traceback, when its node sent one, is in the aggregator's log.
         print(f"flame: error: {exc}", file=sys.stderr)
         return EXIT_FAILED
-    except KeyboardInterrupt:
-        print("flame: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:  # SIGINT, or SIGTERM (see flame._signals)
+        print(f"flame: stopped: {stop_signal(exc)}", file=sys.stderr)
+        return stop_exit_code(exc)

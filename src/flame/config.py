@@ -137,6 +137,19 @@ class SecureAggregationSettings(_Section):
     key_share_file: Path | None = Field(
         None, description="threshold mode: this analysis node's share-<node>.json (mode 0600)"
     )
+    decrypters: int | None = Field(
+        None,
+        ge=1,
+        description="threshold mode: share holders asked to decrypt at first (default: all); "
+        "more are asked when one refuses, cheats or is slow",
+    )
+    precompute: int = Field(
+        0,
+        ge=0,
+        le=10_000_000,
+        description="threshold mode: encryption obfuscators (one per ciphertext) to make "
+        "while the node waits for its first epoch; later epochs refill what the last used",
+    )
     allow_changing_contributors: bool = Field(
         False,
         description="threshold mode: decrypt sums of a field over changing contributor sets "
@@ -173,6 +186,9 @@ class FlameConfig(BaseSettings):
     epoch_timeout: float = Field(600.0, gt=0, description="seconds to wait for a round")
     presence_timeout: float = Field(300.0, gt=0, description="seconds to wait for nodes")
     quorum: int | None = Field(None, ge=1, description="results needed per epoch (all)")
+    resend_interval: float = Field(
+        10.0, gt=0, description="seconds before an unacknowledged result is re-sent (doubling)"
+    )
     seed: int | None = None
     data_dir: Path | None = None
     data: list[DataSourceSettings] = Field(default_factory=list)
@@ -182,6 +198,9 @@ class FlameConfig(BaseSettings):
     broker: BrokerSettings = BrokerSettings()
     storage: StorageSettings = StorageSettings()
     secure: SecureAggregationSettings = SecureAggregationSettings()
+    policy: Path | None = Field(
+        None, description="this node's policy file (disclosure rules, DP budget); operator's"
+    )
     log_format: Literal["text", "json"] = "text"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 

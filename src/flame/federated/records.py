@@ -6,7 +6,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
-__all__ = ["Checkpoint", "EpochRecord", "Event", "EventSink", "RunResult", "RunStore"]
+__all__ = [
+    "Checkpoint",
+    "EpochRecord",
+    "Event",
+    "EventSink",
+    "RunResult",
+    "RunStore",
+    "numeric_summary",
+]
 
 
 @dataclass(frozen=True)
@@ -21,9 +29,14 @@ class EpochRecord:
     converged: bool
     bytes_received: int = 0
     bytes_sent: int = 0
+    arrivals: dict[str, float] = field(default_factory=dict)  # node -> s after the start
+    result_bytes: dict[str, int] = field(default_factory=dict)  # node -> size of its result
+    summary: dict[str, float] = field(default_factory=dict)  # numeric fields of the aggregate
 
-    def to_dict(self) -> dict[str, Any]:
-        return {
+    def to_dict(self, *, summary: bool = True) -> dict[str, Any]:
+        """JSON-ready; `summary=False` leaves out the aggregate's numbers (for status
+        announcements, which operators see without access to results)."""
+        data: dict[str, Any] = {
             "epoch": self.epoch,
             "nodes": self.nodes,
             "missing": self.missing,
@@ -33,6 +46,71 @@ class EpochRecord:
             "bytes_received": self.bytes_received,
             "bytes_sent": self.bytes_sent,
         }
+        if self.arrivals:
+            data["arrivals_s"] = {n: round(t, 6) for n, t in self.arrivals.items()}
+        if self.result_bytes:
+            data["result_bytes"] = dict(self.result_bytes)
+        if summary and self.summary:
+            data["summary"] = dict(self.summary)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> EpochRecord:
+        """Back from `to_dict` (checkpoints, manifests, `--output` files)."""
+        return cls(
+            epoch=int(data["epoch"]),
+            nodes=[str(n) for n in data["nodes"]],
+            missing=[str(n) for n in data["missing"]],
+            started=float(data["started"]),
+            duration=float(data["duration_s"]),
+            converged=bool(data["converged"]),
+            bytes_received=int(data.get("bytes_received", 0)),
+            bytes_sent=int(data.get("bytes_sent", 0)),
+            arrivals={str(k): float(v) for k, v in (data.get("arrivals_s") or {}).items()},
+            result_bytes={str(k): int(v) for k, v in (data.get("result_bytes") or {}).items()},
+            summary={str(k): float(v) for k, v in (data.get("summary") or {}).items()},
+        )
+
+
+SUMMARY_FIELDS = 64  # at most this many numbers of an aggregate are kept per epoch
+SUMMARY_ARRAY = 16  # arrays up to this size are kept element by element
+
+
+def numeric_summary(value: Any, limit: int = SUMMARY_FIELDS) -> dict[str, float]:
+    """The numbers of an aggregate by path (`coef[2]`, `age.mean`): what a report plots
+    over the epochs. Scalars, and small numeric arrays/lists element by element; at most
+    `limit` entries, in the aggregate's order. Non-finite numbers are left out."""
+    out: dict[str, float] = {}
+
+    def walk(item: Any, path: str) -> None:
+        if len(out) >= limit:
+            return
+        if isinstance(item, bool) or item is None or isinstance(item, (str, bytes)):
+            return
+        if isinstance(item, dict):
+            for key, sub in item.items():
+                walk(sub, f"{path}.{key}" if path else str(key))
+            return
+        if isinstance(item, (list, tuple)):
+            if len(item) <= SUMMARY_ARRAY:
+                for i, sub in enumerate(item):
+                    walk(sub, f"{path}[{i}]")
+            return
+        size, kind = getattr(item, "size", None), getattr(getattr(item, "dtype", None), "kind", "")
+        if kind and kind in "iuf" and isinstance(size, int):
+            if getattr(item, "ndim", 0) == 0:
+                walk(item.item(), path)
+            elif size <= SUMMARY_ARRAY:
+                for i, sub in enumerate(item.reshape(-1).tolist()):
+                    walk(sub, f"{path}[{i}]")
+            return
+        if isinstance(item, (int, float)):
+            number = float(item)
+            if number == number and abs(number) != float("inf"):
+                out[path or "value"] = number
+
+    walk(value, "")
+    return out
 
 
 @dataclass(frozen=True)
@@ -57,6 +135,39 @@ class RunResult:
             "history": [record.to_dict() for record in self.history],
             "location": self.location,
         }
+
+    def history_frame(self) -> Any:
+        """The history as a pandas DataFrame, one row per (epoch, node): answered or
+        missing, arrival time and result size, plus the epoch's duration and bytes.
+        Needs pandas (`pip install 'flame[pandas]'`)."""
+        try:
+            import pandas as pd
+        except ImportError:
+            from flame.errors import FlameError
+
+            raise FlameError(
+                "RunResult.history_frame() needs pandas: pip install 'flame[pandas]'"
+            ) from None
+        rows = [
+            {
+                "epoch": record.epoch,
+                "node": node,
+                "state": "answered" if node in record.nodes else "missing",
+                "arrival_s": record.arrivals.get(node),
+                "result_bytes": record.result_bytes.get(node),
+                "epoch_duration_s": record.duration,
+                "epoch_bytes_received": record.bytes_received,
+                "epoch_bytes_sent": record.bytes_sent,
+                "converged": record.converged,
+            }
+            for record in self.history
+            for node in sorted({*record.nodes, *record.missing})
+        ]
+        columns = [
+            "epoch", "node", "state", "arrival_s", "result_bytes", "epoch_duration_s",
+            "epoch_bytes_received", "epoch_bytes_sent", "converged",
+        ]  # fmt: skip
+        return pd.DataFrame(rows, columns=columns)
 
 
 @dataclass(frozen=True)

@@ -39,16 +39,7 @@ log = logging.getLogger(__name__)
 
 
 def _record(data: dict[str, Any]) -> EpochRecord:
-    return EpochRecord(
-        epoch=int(data["epoch"]),
-        nodes=[str(n) for n in data["nodes"]],
-        missing=[str(n) for n in data["missing"]],
-        started=float(data["started"]),
-        duration=float(data["duration_s"]),
-        converged=bool(data["converged"]),
-        bytes_received=int(data.get("bytes_received", 0)),
-        bytes_sent=int(data.get("bytes_sent", 0)),
-    )
+    return EpochRecord.from_dict(data)
 
 
 class StorageRunStore:

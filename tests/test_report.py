@@ -1,0 +1,227 @@
+"""`flame report`: the run page, rendered by a real headless Chromium; the history as pandas.
+
+The run behind the page is real: three nodes over three epochs, one of which misses epoch 1
+(quorum 2, its `analyze` sleeps past the epoch deadline), with an aggregate that moves.
+Chromium (Debian's `chromium` package; .ci/run installs it) loads the file with networking
+off, a script injected into a copy measures every chart after layout, and the screenshot is
+kept under pytest's tmp folder (its path is printed).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import flame
+from flame.config import load_config
+from flame.report import load_run, render
+
+NODES = {
+    "a": {"x.csv": "v\n1\n2\n3\n"},
+    "b": {"x.csv": "v\n10\n"},
+    "c": {"x.csv": "v\n4\n5\n"},
+}
+
+
+def analyze(data, epoch, previous):
+    if data.node_id == "c" and epoch == 1:
+        time.sleep(1.6)  # past the epoch deadline: c is missing from epoch 1
+    values = [float(row["v"]) for row in data.rows("x.csv")]
+    shift = 0.0 if previous is None else previous["mean"] / 2
+    return {"n": len(values), "sum": sum(v - shift for v in values), "tag": "x"}
+
+
+def aggregate(results, epoch, previous):
+    n = sum(r["n"] for r in results.values())
+    return {"n": n, "mean": sum(r["sum"] for r in results.values()) / n, "nodes": len(results)}
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[flame.RunResult, Path]:
+    store = tmp_path_factory.mktemp("results")
+    config = load_config(
+        analysis_id="report-run",
+        epochs=3,
+        quorum=2,
+        epoch_timeout=1.0,
+        presence_timeout=20,
+        storage={"results_dir": store},
+    )
+    return flame.simulate(analyze, aggregate, data=NODES, config=config), store
+
+
+def _document(result: flame.RunResult) -> dict:
+    return json.loads(
+        json.dumps({**result.to_dict(), "manifest": {"participants": ["a", "b", "c"]}})
+    )
+
+
+def test_the_history_records_arrivals_sizes_and_the_aggregates_numbers(run) -> None:
+    result, _ = run
+    assert [h.missing for h in result.history] == [[], ["c"], []]
+    first, second = result.history[0], result.history[1]
+    assert set(first.arrivals) == {"a", "b", "c"} and set(second.arrivals) == {"a", "b"}
+    assert all(0 <= t <= first.duration for t in first.arrivals.values())
+    assert all(size > 50 for size in first.result_bytes.values())
+    assert first.summary == {"n": 6.0, "mean": 25 / 6, "nodes": 3.0}
+    assert second.summary["nodes"] == 2.0  # epoch 1 was aggregated without c
+    status_form = second.to_dict(summary=False)
+    assert "summary" not in status_form and "arrivals_s" in status_form
+
+
+def test_history_frame_is_one_row_per_epoch_and_node(run) -> None:
+    pd = pytest.importorskip("pandas")
+    frame = run[0].history_frame()
+    assert isinstance(frame, pd.DataFrame)
+    assert len(frame) == 9
+    missing = frame[frame.state == "missing"]
+    assert missing[["epoch", "node"]].values.tolist() == [[1, "c"]]
+    assert missing.arrival_s.isna().all()
+    answered = frame[frame.state == "answered"]
+    assert (answered.arrival_s >= 0).all() and (answered.result_bytes > 0).all()
+
+
+def test_the_page_holds_every_chart_and_loads_nothing(run) -> None:
+    page = render(_document(run[0]))
+    assert page.count('data-chart="timeline"') == 1
+    assert len(re.findall(r'class="cell answered" data-node="\w" data-epoch="\d"', page)) == 8
+    assert re.search(r'class="cell missing" data-node="c" data-epoch="1"', page)
+    fields = set(re.findall(r'data-chart="convergence" data-field="([^"]+)"', page))
+    assert fields == {"n", "mean", "nodes"}
+    for chart in ("durations", "bytes", "arrivals"):
+        assert f'data-chart="{chart}"' in page
+    assert "Content-Security-Policy" in page and "default-src 'none'" in page
+    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", page)
+    assert "<script" not in page
+
+
+def test_failures_and_unknown_sections_render_generically() -> None:
+    document = {
+        "analysis_id": "x<y>",
+        "history": [{"epoch": 0, "nodes": ["a"], "missing": [], "duration_s": 0.5}],
+        "failure": {"node": "b", "epoch": 1, "reason": "ValueError: <bad>"},
+        "privacy": {"epsilon_spent": 0.5, "budget": 1.0},
+        "manifest": {"policy": {"min_rows": 10}},
+    }
+    page = render(document)
+    assert 'class="cell failed" data-node="b" data-epoch="1"' in page
+    assert "ValueError: &lt;bad&gt;" in page and "x&lt;y&gt;" in page
+    assert '<h3 class="highlight">privacy</h3>' in page and "epsilon_spent" in page
+    assert '<h3 class="highlight">policy</h3>' in page and "min_rows" in page
+
+
+def test_report_by_analysis_id_reads_the_stored_run(run, tmp_path) -> None:
+    _, store = run
+    out = tmp_path / "by-id.html"
+    env = {**os.environ, "FLAME_STORAGE__RESULTS_DIR": str(store)}
+    done = subprocess.run(
+        [sys.executable, "-m", "flame", "report", "report-run", "--out", str(out)],
+        capture_output=True, text=True, timeout=120, env=env,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    page = out.read_text()
+    manifest = json.loads((store / "report-run" / "final" / "manifest.json").read_text())
+    assert manifest["code_sha256"] in page
+    assert 'data-field="mean"' in page and 'class="cell missing" data-node="c"' in page
+    document = load_run("report-run", config=load_config(storage={"results_dir": store}))
+    assert [h["missing"] for h in document["history"]] == [[], ["c"], []]
+
+
+def test_bad_sources_are_clear_errors(tmp_path) -> None:
+    (tmp_path / "not-a-run.json").write_text('{"result": 1}')
+    for source, message in (
+        (tmp_path / "nope.json", "no such file"),
+        (tmp_path / "not-a-run.json", "not a run result"),
+        ("some-analysis", "no storage is configured"),
+    ):
+        env = {k: v for k, v in os.environ.items() if not k.startswith("FLAME_")}
+        done = subprocess.run(
+            [sys.executable, "-m", "flame", "report", str(source), "--out", tmp_path / "r.html"],
+            capture_output=True, text=True, timeout=60, env=env,
+        )  # fmt: skip
+        assert done.returncode == 1 and message in done.stderr, done.stderr
+        assert "Traceback" not in done.stderr
+
+
+# --------------------------------------------------------------------------- in Chromium
+
+MEASURE = """<script>
+for (const svg of document.querySelectorAll('svg.chart')) {
+  const box = svg.getBoundingClientRect();
+  const marks = svg.querySelectorAll('rect.cell, rect.bar, polyline, circle').length;
+  const size = Math.round(box.width) + 'x' + Math.round(box.height);
+  svg.setAttribute('data-rendered', size + 'x' + marks);
+}
+document.body.setAttribute('data-measured', document.querySelectorAll('svg.chart').length);
+</script>"""
+
+
+def _chromium() -> str:
+    found = shutil.which("chromium") or shutil.which("chromium-browser")
+    if found is None:
+        pytest.skip("chromium is not installed (Debian package 'chromium'; .ci/run installs it)")
+    return found
+
+
+def _headless(binary: str, profile: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [
+            binary, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+            "--no-first-run", "--disable-background-networking", "--disable-component-update",
+            "--disable-sync", "--disable-dev-shm-usage", f"--user-data-dir={profile}", *args,
+        ],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+
+
+def test_flame_report_renders_in_headless_chromium(run, tmp_path) -> None:
+    chromium = _chromium()
+    source = tmp_path / "result.json"
+    source.write_text(json.dumps(_document(run[0])))
+    page = tmp_path / "report.html"
+    done = subprocess.run(
+        [sys.executable, "-m", "flame", "report", str(source), "--out", str(page)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+
+    # Layout: a copy with a measuring script (the report itself runs none; its CSP forbids it).
+    probe = tmp_path / "probe.html"
+    html = page.read_text()
+    html = re.sub(r'<meta http-equiv="Content-Security-Policy"[^>]*>', "", html)
+    probe.write_text(html.replace("</body>", MEASURE + "</body>"))
+    dom = _headless(chromium, tmp_path / "profile", "--dump-dom", probe.as_uri())
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    charts = re.findall(
+        r'<svg class="chart" data-chart="(\w+)"[^>]*data-rendered="(\d+)x(\d+)x(\d+)"', dom.stdout
+    )
+    assert re.search(r'data-measured="(\d+)"', dom.stdout).group(1) == str(len(charts))
+    kinds = [kind for kind, *_ in charts]
+    assert kinds.count("timeline") == 1 and kinds.count("convergence") == 3
+    assert {"durations", "bytes", "arrivals"} <= set(kinds)
+    for kind, width, height, marks in charts:
+        assert int(width) > 100 and int(height) > 50, (kind, width, height)
+        assert int(marks) > 0, kind
+    timeline = next(c for c in charts if c[0] == "timeline")
+    assert int(timeline[3]) == 9  # 3 nodes x 3 epochs
+
+    # The page itself, as an analyst opens it: a screenshot kept as the test's artifact.
+    shot = tmp_path / "report.png"
+    blank = tmp_path / "blank.png"
+    (tmp_path / "blank.html").write_text("<!DOCTYPE html><html><body></body></html>")
+    for target, url in ((shot, page.as_uri()), (blank, (tmp_path / "blank.html").as_uri())):
+        taken = _headless(
+            chromium, tmp_path / "profile", f"--screenshot={target}", "--window-size=1200,1600", url
+        )
+        assert taken.returncode == 0 and target.is_file(), taken.stderr[-2000:]
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert shot.stat().st_size > 5 * blank.stat().st_size  # charts and text, not a blank page
+    print(f"\nflame report screenshot: {shot}", file=sys.__stderr__)
