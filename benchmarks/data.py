@@ -102,7 +102,7 @@ def write_csv(path: Path, rows: int, seed: int = 0) -> None:
                 ("height", pa.float64()),
                 ("smoker", pa.int8()),
             ]
-        ),  # fmt: skip
+        ),
         write_options=pacsv.WriteOptions(quoting_style="none"),
     ) as writer:
         done = 0
