@@ -12,6 +12,7 @@ import re
 import sys
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import (
     BaseModel,
@@ -139,6 +140,19 @@ class SecureAggregationSettings(_Section):
     key_share_file: Path | None = Field(
         None, description="threshold mode: this analysis node's share-<node>.json (mode 0600)"
     )
+    decrypters: int | None = Field(
+        None,
+        ge=1,
+        description="threshold mode: share holders asked to decrypt at first (default: all); "
+        "more are asked when one refuses, cheats or is slow",
+    )
+    precompute: int = Field(
+        0,
+        ge=0,
+        le=10_000_000,
+        description="threshold mode: encryption obfuscators (one per ciphertext) to make "
+        "while the node waits for its first epoch; later epochs refill what the last used",
+    )
     allow_changing_contributors: bool = Field(
         False,
         description="threshold mode: decrypt sums of a field over changing contributor sets "
@@ -187,6 +201,9 @@ class FlameConfig(BaseSettings):
     broker: BrokerSettings = BrokerSettings()
     storage: StorageSettings = StorageSettings()
     secure: SecureAggregationSettings = SecureAggregationSettings()
+    policy: Path | None = Field(
+        None, description="this node's policy file (disclosure rules, DP budget); operator's"
+    )
     log_format: Literal["text", "json"] = "text"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
@@ -250,11 +267,27 @@ class FlameConfig(BaseSettings):
                     walk(item)
 
         walk(self)
+        found.extend(p for p in (_url_password(s.url) for s in self.data) if p)
         return found
 
     def public_dict(self) -> dict[str, Any]:
         """The config as JSON-ready data with secrets masked (for manifests and `flame check`)."""
-        return json.loads(self.model_dump_json())  # type: ignore[no-any-return]
+        public: dict[str, Any] = json.loads(self.model_dump_json())
+        for entry in public.get("data", []):  # a password inside a source URL (postgresql://)
+            password = _url_password(entry.get("url"))
+            if password:
+                entry["url"] = entry["url"].replace(f":{password}@", ":**********@", 1)
+        return public
+
+
+def _url_password(url: str | None) -> str | None:
+    """The password in a URL's user info (`scheme://user:password@host`), if any."""
+    if not url or "@" not in url:
+        return None
+    try:
+        return urlsplit(url).password
+    except ValueError:
+        return None
 
 
 class _FileSource(PydanticBaseSettingsSource):

@@ -19,15 +19,17 @@ import contextlib
 import logging
 import time
 import uuid
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
 from flame import _logging
 from flame._deadline import Deadline
-from flame._redact import describe_exception
+from flame._log_forward import LOG_CATEGORY, MAX_LINE
+from flame._redact import describe_exception, redact
 from flame._traceback import trim_traceback_text
+from flame.disclosure import reveal_suppressed
 from flame.errors import ConfigError, RunFailed, RunTimeout, TransportError, stop_signal
 from flame.federated.context import Context, active
 from flame.federated.functions import AnalysisFunctions
@@ -49,9 +51,11 @@ from flame.transport.base import Transport
 __all__ = ["Aggregator"]
 
 log = logging.getLogger(__name__)
+node_log = logging.getLogger("flame.node_logs")  # lines the nodes forwarded (policy)
 
 NOT_PARTICIPANT = "not_participant"  # an abort's code (the analysis client's constant)
 _SEND_TIMEOUT = 5.0  # seconds for an abort or ack: a dead broker must not delay the exit
+_STATUS_LOG_LINES = 40  # forwarded node log lines kept in the retained status
 _FAREWELL = 5.0  # seconds to see the nodes take `finished` (re-sent after a lost session)
 
 
@@ -112,6 +116,7 @@ class Aggregator:
         self._kickoff: tuple[Kind, int, Any] | None = None
         self._epoch = -1
         self.run_id: str | None = None
+        self._logs: deque[str] = deque(maxlen=_STATUS_LOG_LINES)
         self._arrivals: dict[str, float] = {}
         self._result_bytes: dict[str, int] = {}
 
@@ -286,7 +291,9 @@ class Aggregator:
             envelope = self.mailbox.next(self._is_status_or_error, deadline)
             if envelope is None:
                 return
-            if envelope.kind == "status":
+            if envelope.kind == "message":
+                self._note_logs(envelope)
+            elif envelope.kind == "status":
                 with contextlib.suppress(RunFailed):
                     self._note_status(envelope, rejoin_epoch=self._kickoff_epoch())
 
@@ -301,6 +308,9 @@ class Aggregator:
             envelope = self.mailbox.next(self._is_status_or_error, deadline)
             if envelope is None:
                 break
+            if envelope.kind == "message":
+                self._note_logs(envelope)
+                continue
             if envelope.kind == "error":
                 self._fail_from(envelope)
             self._note_status(envelope)
@@ -328,6 +338,8 @@ class Aggregator:
                 )
             elif envelope.kind == "error":
                 self._fail_from(envelope)
+            elif envelope.kind == "message":
+                self._note_logs(envelope)
             elif envelope.kind == "result":
                 if envelope.sender not in self.participants:
                     log.warning("ignored a result from %r, not a participant", envelope.sender)
@@ -373,6 +385,7 @@ class Aggregator:
 
     def _aggregate_parameters(self, results: dict[str, Any], epoch: int, previous: Any) -> Any:
         self.context.epoch = epoch
+        results = {node: reveal_suppressed(result) for node, result in results.items()}
         results = self.secure_sum(results, epoch)
         return self._call("aggregate", epoch, results, previous=previous)
 
@@ -559,13 +572,27 @@ class Aggregator:
             self._send(node, *self._kickoff)
 
     def _is_status_or_error(self, envelope: Envelope) -> bool:
-        return envelope.kind in ("status", "error")
+        return envelope.kind in ("status", "error") or self._is_logs(envelope)
 
     def _is_protocol(self, envelope: Envelope) -> bool:
-        return envelope.kind in ("status", "error", "result")
+        return envelope.kind in ("status", "error", "result") or self._is_logs(envelope)
+
+    def _is_logs(self, envelope: Envelope) -> bool:
+        return envelope.kind == "message" and envelope.category == LOG_CATEGORY
+
+    def _note_logs(self, envelope: Envelope) -> None:
+        """A node's forwarded log lines: into this log, the latest into the status."""
+        body = envelope.body if isinstance(envelope.body, dict) else {}
+        lines = body.get("lines")
+        if envelope.sender not in self.participants or not isinstance(lines, list):
+            return
+        for line in lines[:200]:
+            text = redact(str(line)[:MAX_LINE], self.secrets)
+            node_log.info("[%s] %s", envelope.sender, text)
+            self._logs.append(f"{envelope.sender}: {text}")
 
     def _status(self, state: str, epoch: int = -1, **extra: Any) -> dict[str, Any]:
-        return {
+        status = {
             "state": state,
             "role": "aggregation",
             "session": self.session,
@@ -574,6 +601,9 @@ class Aggregator:
             "time": time.time(),
             **extra,
         }
+        if self._logs:
+            status["logs"] = list(self._logs)  # the nodes' latest forwarded lines
+        return status
 
     def _emit(self, event: Event) -> None:
         if self.on_event is not None:

@@ -25,15 +25,25 @@ from typing import Any
 
 from flame import _logging
 from flame._deadline import Deadline
+from flame._log_forward import LOG_CATEGORY, LogForwarder
 from flame._redact import describe_exception
 from flame._traceback import analysis_traceback, trim_traceback_text
 from flame.errors import ConfigError, RunFailed, RunTimeout, TransportError, stop_signal
 from flame.federated.context import Context
 from flame.federated.functions import AnalysisFunctions
 from flame.federated.mailbox import Mailbox
-from flame.federated.secure import DECRYPT, DECRYPTED, SecureKeys, answer_decrypt, seal
+from flame.federated.release import Gate
+from flame.federated.secure import (
+    DECRYPT,
+    DECRYPTED,
+    Precomputer,
+    SecureKeys,
+    answer_decrypt,
+    seal,
+)
 from flame.isolation.runner import ChildRunner, InProcessRunner, Runner
 from flame.messages import Envelope
+from flame.policy import NodePolicy
 from flame.transport.base import Transport
 
 __all__ = ["NOT_PARTICIPANT", "AnalysisClient", "Instruction"]
@@ -77,9 +87,9 @@ class AnalysisClient:
         secrets: Sequence[str] = (),
         keys: SecureKeys | None = None,
         resend_interval: float = 10.0,
-        send_traceback: bool = True,
         log_traceback: bool = True,
         isolate: bool = False,
+        policy: NodePolicy | None = None,
     ) -> None:
         self.transport = transport
         self.mailbox = Mailbox(transport)
@@ -89,8 +99,8 @@ class AnalysisClient:
         self.secrets = list(secrets)
         self.keys = keys
         self.resend_interval = resend_interval
-        self.send_traceback = send_traceback
         self.log_traceback = log_traceback  # off where the aggregator logs to the same place
+        self._precomputer: Precomputer | None = None
         self._specs: dict[str, Any] = {}  # field -> the encoding this node sealed it with
         self.context = Context(
             analysis_id=transport.analysis_id,
@@ -103,7 +113,10 @@ class AnalysisClient:
             state=state,
             on_progress=self._report_progress,
         )
+        self.policy = policy if policy is not None else NodePolicy()
         self.isolate = isolate
+        self.gate = Gate(self.policy, node_id=transport.node_id, analysis_id=transport.analysis_id)
+        self._privacy: dict[str, Any] = {}  # per epoch: DP spend, suppressed cells
         self._last_epoch = -1
         self._last_sent: Envelope | None = None
         self._epoch_started = time.perf_counter()
@@ -116,10 +129,14 @@ class AnalysisClient:
         self._aggregator_session: str | None = None  # the live aggregator process
         self._aggregator_last: tuple[str | None, str | None] = (None, None)  # session, state
         self._parked: list[Envelope] = []
+        self._forwarder: LogForwarder | None = None
         self._said_goodbye = False
 
     # --- the protocol steps ------------------------------------------------------------------
     def connect(self) -> None:
+        if self.keys is not None and self.keys.private_key is None and self._precomputer is None:
+            self._precomputer = Precomputer(self.keys)
+            self._precomputer.fill(self.keys.precompute)
         self.transport.connect(self._status("waiting"))
         self._link = self.transport.link
         self.transport.watch([self.aggregator_id])
@@ -172,9 +189,11 @@ class AnalysisClient:
                 )
             chosen = instruction
 
-    def send_results(self, epoch: int, result: Any) -> None:
+    def send_results(self, epoch: int, result: Any, privacy: dict[str, Any] | None = None) -> None:
         """Send this epoch's result to the aggregator; it is re-sent until acknowledged."""
         self._specs = {}
+        if self.keys is not None:
+            self.keys.used_ciphertexts = 0
         origin = (self.transport.analysis_id, epoch, self.transport.node_id)
         body = seal(result, self.keys, self._specs, origin)
         envelope = Envelope(
@@ -192,7 +211,11 @@ class AnalysisClient:
         self._acked = False
         self._resend_every = self.resend_interval
         self._resend_at = time.monotonic() + self._resend_every
+        if privacy is not None and (privacy["spend"]["epsilon"] or privacy.get("suppressed")):
+            self._privacy[str(epoch)] = privacy
         self.transport.announce(self._status("sent", epoch, **self._metrics()))
+        if self._precomputer is not None and self.keys is not None:
+            self._precomputer.fill(self.keys.used_ciphertexts)  # for the next epoch
 
     def await_aggregation(self) -> Instruction:
         """Wait for the aggregate of the epoch just sent (or the final result / an abort)."""
@@ -223,7 +246,7 @@ class AnalysisClient:
             log.error("epoch %d failed: %s\n%s", epoch, reason, traceback_text)
         else:
             log.debug("epoch %d failed: %s", epoch, reason)
-        if self.send_traceback:
+        if self.policy.send_tracebacks:
             body["traceback"] = traceback_text
         self._say_goodbye(epoch, reason, body)
         return reason
@@ -241,6 +264,7 @@ class AnalysisClient:
         if self._said_goodbye:
             return
         self._said_goodbye = True
+        self._forward_logs()
         try:
             if body is not None:
                 self.transport.send(
@@ -263,6 +287,10 @@ class AnalysisClient:
         """Play this node's part until the aggregator says finished; returns that instruction."""
         self.connect()
         epoch = -1
+        forwarder = LogForwarder(self.secrets) if self.policy.forward_logs else None
+        if forwarder is not None:
+            logging.getLogger().addHandler(forwarder)
+            self._forwarder = forwarder
         runner = self._runner(functions, data)
         try:
             try:
@@ -286,8 +314,11 @@ class AnalysisClient:
                 _logging.set_epoch(epoch)
                 started = self._epoch_started = time.perf_counter()
                 try:
+                    runner.start()
+                    self.gate.before(epoch, runner.declared_spend)  # before any data is read
                     outcome = runner.run(epoch, instruction.previous)
-                    self.send_results(epoch, outcome.result)
+                    release = self.gate.release(epoch, outcome)  # policy, here in the runtime
+                    self.send_results(epoch, release.result, release.report())
                 except (Exception, SystemExit) as exc:
                     reason = self.report_failure(epoch, exc)
                     raise RunFailed(
@@ -321,12 +352,39 @@ class AnalysisClient:
         finally:
             _logging.set_epoch(None)
             runner.close()
+            if self._precomputer is not None:
+                self._precomputer.stop()
+            self._forward_logs()
+            if forwarder is not None:
+                logging.getLogger().removeHandler(forwarder)
             self._drain()
             self.transport.close()
 
     # --- delivery ----------------------------------------------------------------------------
+    def _forward_logs(self) -> None:
+        """This node's collected log lines to the aggregator (policy `forward_logs`)."""
+        if self._forwarder is None:
+            return
+        lines = self._forwarder.take()
+        if not lines:
+            return
+        envelope = Envelope(
+            self.transport.analysis_id,
+            self.transport.node_id,
+            self.aggregator_id,
+            "message",
+            max(self.context.epoch, 0),
+            {"lines": lines},
+            LOG_CATEGORY,
+        )
+        try:
+            self.transport.send(envelope, _GOODBYE_TIMEOUT)
+        except Exception as exc:  # forwarding is best effort
+            log.debug("could not forward %d log lines: %s", len(lines), exc)
+
     def _keep_delivering(self) -> None:
         """Re-send the unacknowledged result: at once after a lost session, else on a timer."""
+        self._forward_logs()
         if self._acked or self._last_sent is None:
             return
         link = self.transport.link
@@ -458,7 +516,14 @@ class AnalysisClient:
     def _runner(self, functions: AnalysisFunctions, data: Any) -> Runner:
         """Where `analyze` runs: an isolated child (nodes, CLI) or this process (Python API)."""
         if self.isolate:
-            return ChildRunner(functions.analyze, data, self.context, timeout=self.wait_timeout)
+            return ChildRunner(
+                functions.analyze,
+                data,
+                self.context,
+                timeout=self.wait_timeout,
+                cut_network=self.policy.cut_network,
+                capture_output=self.policy.forward_logs,
+            )
         return InProcessRunner(functions.analyze, data, self.context)
 
     def _from_aggregator(self, envelope: Envelope) -> bool:
@@ -527,6 +592,8 @@ class AnalysisClient:
         }
         if state == "computing":
             status.setdefault("progress", 0.0)
+        if self._privacy:
+            status["privacy"] = dict(self._privacy)
         return status
 
     def _metrics(self) -> dict[str, Any]:

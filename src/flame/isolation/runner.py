@@ -15,6 +15,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -178,6 +179,17 @@ class InProcessRunner:
         return None
 
 
+def _relay_output(stream: IO[bytes]) -> None:
+    """The analysis child's prints and log lines, as lines of this node's log (so they can
+    be forwarded when the node's policy allows it)."""
+    relay = logging.getLogger("flame.analysis")
+    with contextlib.suppress(OSError, ValueError):
+        for raw in stream:
+            line = raw.decode(errors="replace").rstrip()
+            if line:
+                relay.info("%s", line[:1000])
+
+
 def locate(function: Callable[..., Any]) -> dict[str, Any] | None:
     """Where the child can find `function` again (module, file, qualified name), or None
     for a lambda, a closure or code typed at a prompt."""
@@ -204,6 +216,7 @@ class ChildRunner:
         *,
         timeout: float = 3600.0,
         cut_network: bool = True,
+        capture_output: bool = False,
     ) -> None:
         locator = locate(analyze)
         if locator is None:
@@ -217,6 +230,7 @@ class ChildRunner:
         self.context = context
         self.timeout = timeout
         self.cut_network = cut_network
+        self.capture_output = capture_output  # the child's stderr as node log lines
         self.meter = RowMeter()
         self.network = "not started"
         self._declared: Any = None
@@ -242,10 +256,16 @@ class ChildRunner:
                 pass_fds=[theirs.fileno()],
                 env=scrubbed_environment(),
                 stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE if self.capture_output else None,
+                stderr=subprocess.STDOUT if self.capture_output else None,
                 close_fds=True,
             )
         finally:
             theirs.close()
+        if self.capture_output and self._process.stdout is not None:
+            threading.Thread(
+                target=_relay_output, args=(self._process.stdout,), daemon=True
+            ).start()
         self._channel = Channel(ours)
         sources = {
             name: "files" if isinstance(source, FileSource) else "other"
@@ -270,7 +290,8 @@ class ChildRunner:
         )
         self.network = str(ready.get("network", "unknown"))
         self._declared = ready.get("declared")
-        log.info("analysis child %s started; network %s", ready.get("pid"), self.network)
+        level = logging.DEBUG if self.network == "cut" else logging.INFO
+        log.log(level, "analysis child %s started; network %s", ready.get("pid"), self.network)
 
     def run(self, epoch: int, previous: Any) -> Outcome:
         self.start()
@@ -363,9 +384,9 @@ class ChildRunner:
             value = self._dispatch(str(call.get("op")), from_plain(call["args"]))
             self._channel.send("reply", {"value": to_plain(value)})
         except (FlameError, OSError, TypeError, ValueError, KeyError) as exc:
-            from flame._redact import describe_exception
-
-            self._channel.send("reply", {"error": describe_exception(exc)})
+            self._channel.send(
+                "reply", {"error": " ".join(str(exc).split())[:500], "type": type(exc).__name__}
+            )
 
     def _dispatch(self, op: str, args: dict[str, Any]) -> Any:
         ctx = self.context
