@@ -239,12 +239,17 @@ def federation_env(built: Built, tmp_path: Path) -> Iterator[tuple[dict[str, str
 
 
 def _start(
-    built: Built, env: dict[str, str], secrets_dir: Path, results: Path, tmp_path: Path
+    built: Built,
+    env: dict[str, str],
+    secrets_dir: Path,
+    results: Path,
+    tmp_path: Path,
+    nodes: tuple[str, ...] = ("aggregator", *NODES),
 ) -> Federation:
     podman = built.podman
     analysis_id = env["FLAME_ANALYSIS_ID"]
     names, processes, logs = {}, {}, {}
-    for node in ("aggregator", *NODES):
+    for node in nodes:
         name = f"flame-test-{analysis_id}-{node}".replace("_", "-")
         flags = [
             "--rm", "--name", name, "--network=host", "--read-only", *podman.runtime,
@@ -398,3 +403,38 @@ def test_stopping_one_container_stops_the_others_with_its_reason(
                     f"{codes[victim]}); the other {len(others)} exited "
                     f"{sorted({codes[n] for n in others})} naming it, the last "
                     f"{slowest:.1f} s after the stop; aggregator: {why[-1]!r}")  # fmt: skip
+
+
+def test_sigterm_stops_a_waiting_container_with_143(
+    request: pytest.FixtureRequest,
+    built: Built,
+    federation_env: tuple[dict[str, str], Path, Path],
+    tmp_path: Path,
+) -> None:
+    """PID 1 ignores a signal it has no handler for: the node must install one for SIGTERM."""
+    env, secrets_dir, results = federation_env
+    env |= {"FLAME_ANALYSIS_ID": f"ct-{secrets.token_hex(4)}"}
+    federation = _start(built, env, secrets_dir, results, tmp_path, nodes=("aggregator",))
+    try:
+        name = federation.names["aggregator"]
+        deadline = time.monotonic() + 120
+        while (
+            "connected to broker" not in federation.stderr("aggregator")
+            and time.monotonic() < deadline
+        ):
+            assert federation.processes["aggregator"].poll() is None, federation.stderr(
+                "aggregator"
+            )
+            time.sleep(0.2)
+        sent = time.monotonic()
+        built.podman("kill", "--signal", "TERM", name, timeout=60)
+    except BaseException:
+        _finish(federation, built.podman, time.monotonic())
+        raise
+    _, exited = _finish(federation, built.podman, time.monotonic() + 60)
+    log = federation.stderr("aggregator")
+    assert "aggregator" in exited, f"SIGTERM did not stop the container:\n{log[-2000:]}"
+    assert federation.processes["aggregator"].returncode == 143, log[-2000:]
+    assert "flame: stopped: SIGTERM" in log
+    report(request, f"podman kill -s TERM on a waiting aggregator: exit 143 after "
+                    f"{exited['aggregator'] - sent:.1f} s")  # fmt: skip

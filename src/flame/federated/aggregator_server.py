@@ -29,7 +29,7 @@ from flame._deadline import Deadline
 from flame._log_forward import LOG_CATEGORY, MAX_LINE
 from flame._redact import describe_exception, redact
 from flame._traceback import trim_traceback_text
-from flame.disclosure import reveal_suppressed
+from flame.disclosure import reveal_suppressed, unwrap_release
 from flame.errors import ConfigError, RunFailed, RunTimeout, TransportError, stop_signal
 from flame.federated.context import Context, active
 from flame.federated.functions import AnalysisFunctions
@@ -118,6 +118,7 @@ class Aggregator:
         self.run_id: str | None = None
         self._logs: deque[str] = deque(maxlen=_STATUS_LOG_LINES)
         self._arrivals: dict[str, float] = {}
+        self._privacy: dict[str, Any] = {}
         self._result_bytes: dict[str, int] = {}
 
     # --- the run -----------------------------------------------------------------------------
@@ -196,6 +197,7 @@ class Aggregator:
                 bytes_received=self.transport.bytes_received - received,
                 bytes_sent=self.transport.bytes_sent - sent,
                 arrivals=dict(self._arrivals),
+                privacy=dict(self._privacy),
                 result_bytes=dict(self._result_bytes),
                 summary=numeric_summary(value),
             )
@@ -328,6 +330,7 @@ class Aggregator:
         started = time.monotonic()
         results: dict[str, Any] = {}
         self._arrivals, self._result_bytes = {}, {}  # for the epoch record (reports)
+        self._privacy = {}  # node -> DP spend / suppressed cells this epoch
         while len(results) < len(self.participants):
             envelope = self.mailbox.next(self._is_protocol, deadline)
             if envelope is None:
@@ -359,7 +362,9 @@ class Aggregator:
                 elif envelope.sender in results:
                     log.info("ignored a second result from %s in epoch %d", envelope.sender, epoch)
                 else:
-                    results[envelope.sender] = envelope.body
+                    results[envelope.sender], privacy = unwrap_release(envelope.body)
+                    if privacy is not None:
+                        self._privacy[envelope.sender] = privacy
                     self._arrivals[envelope.sender] = time.monotonic() - started
                     self._result_bytes[envelope.sender] = _size(envelope)
                     self._emit(
