@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -13,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+import flame as flame_package
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "examples" / "federated_mean"
@@ -44,9 +47,12 @@ def lines(text: str) -> list[str]:
 
 
 def assert_clean_failure(run: subprocess.CompletedProcess[str], *fragments: str) -> str:
-    """Exit != 0, no traceback, exactly one error line on stderr naming the fragments."""
+    """Exit != 0, no flame frames in any traceback (the failing analysis's own frames are
+    shown), exactly one error line on stderr naming the fragments."""
     assert run.returncode != 0, run
-    assert "Traceback" not in run.stderr, run.stderr
+    flame_dir = str(Path(flame_package.__file__).resolve().parent)
+    frames = re.findall(r'File "([^"]+)"', run.stderr)
+    assert not [f for f in frames if str(Path(f).resolve()).startswith(flame_dir)], run.stderr
     error_lines = [line for line in lines(run.stderr) if line.startswith("flame:")]
     assert len(error_lines) == 1, run.stderr
     for fragment in fragments:
@@ -304,9 +310,12 @@ def test_analyzer_raising_on_one_node(tmp_path: Path) -> None:
             """
             import flame
 
-            def analyze(data):
-                if flame.context().node_id == "hospital-2":
+            def check_doses(node):
+                if node == "hospital-2":
                     raise ValueError("dose column has negative values")
+
+            def analyze(data):
+                check_doses(flame.context().node_id)
                 return 1
 
             def aggregate(results):
@@ -320,7 +329,17 @@ def test_analyzer_raising_on_one_node(tmp_path: Path) -> None:
     elapsed = time.monotonic() - started
     assert elapsed < 20, elapsed
     assert run.returncode == 1
-    assert_clean_failure(run, "hospital-2", "ValueError", "negative values")
+    # One error line, and once the analyst's traceback: their frames only, not flame's.
+    errors = [line for line in lines(run.stderr) if line.startswith("flame:")]
+    assert len(errors) == 1, run.stderr
+    for fragment in ("hospital-2", "ValueError", "negative values"):
+        assert fragment in errors[0], run.stderr
+    assert run.stderr.count("Traceback (most recent call last)") == 1, run.stderr
+    frames = re.findall(r'File "([^"]+)", line (\d+), in (\w+)', run.stderr)
+    assert [(Path(f).name, int(n), fn) for f, n, fn in frames] == [
+        ("fragile.py", 9, "analyze"),
+        ("fragile.py", 6, "check_doses"),
+    ], run.stderr
 
 
 def test_node_folder_without_files(tmp_path: Path) -> None:

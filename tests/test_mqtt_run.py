@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import textwrap
@@ -19,6 +18,7 @@ from typing import Any
 
 import pytest
 from broker import Broker, say
+from nodes import Federation, clean_env, federation_env
 
 from flame.transport.mqtt import MqttTransport
 
@@ -62,95 +62,6 @@ def write_analysis(folder: Path, slow: float) -> Path:
     return folder
 
 
-def flame(args: list[str], env: dict[str, str]) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "flame", *args],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        stdin=subprocess.DEVNULL,
-        text=True,
-    )
-
-
-def base_env(broker: Broker, analysis_id: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FLAME_")}
-    env.update(
-        {
-            "FLAME_ANALYSIS_ID": analysis_id,
-            "FLAME_PARTICIPANTS": ",".join(NODES),
-            "FLAME_BROKER__URL": broker.url,
-            "FLAME_BROKER__TOKEN": broker.password,
-            "FLAME_EPOCHS": str(EPOCHS),
-            "FLAME_PRESENCE_TIMEOUT": "90",
-            "FLAME_EPOCH_TIMEOUT": "90",
-        }
-    )
-    return env
-
-
-def node_env(env: dict[str, str], folder: Path, node: str) -> dict[str, str]:
-    if node == "aggregator":
-        return {**env, "FLAME_NODE_ID": "aggregator", "FLAME_ROLE": "aggregation"}
-    return {
-        **env,
-        "FLAME_NODE_ID": node,
-        "FLAME_ROLE": "analysis",
-        "FLAME_DATA_DIR": str(folder / "data" / node),
-    }
-
-
-class Federation:
-    """The four processes of one run; all of them are gone when the test ends."""
-
-    def __init__(self, broker: Broker, folder: Path, analysis_id: str) -> None:
-        self.folder = folder
-        self.env = base_env(broker, analysis_id)
-        self.processes: dict[str, subprocess.Popen[str]] = {}
-        self.replaced: list[subprocess.Popen[str]] = []
-
-    def start(self, node: str) -> None:
-        self.processes[node] = flame(
-            ["run", str(self.folder / "analysis.py")], node_env(self.env, self.folder, node)
-        )
-
-    def start_all(self) -> None:
-        for node in ("aggregator", *NODES):
-            self.start(node)
-
-    def kill(self, node: str) -> None:
-        process = self.processes[node]
-        process.send_signal(signal.SIGKILL)
-        process.wait(10)
-        self.replaced.append(process)
-
-    def finish(self, timeout: float = 150) -> dict[str, Any]:
-        """Each node's final value (stdout JSON); fails with every node's stderr otherwise."""
-        deadline = time.monotonic() + timeout
-        values: dict[str, Any] = {}
-        errors: dict[str, str] = {}
-        for node, process in self.processes.items():
-            try:
-                out, err = process.communicate(timeout=max(1.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                process.kill()
-                out, err = process.communicate(timeout=10)
-                errors[node] = "timed out\n" + err[-3000:]
-                continue
-            if process.returncode != 0:
-                errors[node] = f"exit {process.returncode}\n{err[-3000:]}"
-                continue
-            values[node] = json.loads(out.strip().splitlines()[-1])
-        assert not errors, "\n\n".join(f"--- {n}: {e}" for n, e in errors.items())
-        return values
-
-    def close(self) -> None:
-        for process in [*self.processes.values(), *self.replaced]:
-            if process.poll() is None:
-                process.kill()
-            process.communicate(timeout=10)
-
-
 @pytest.fixture
 def analysis_folder(tmp_path: Path) -> Path:
     return write_analysis(tmp_path / "analysis", slow=0.0)
@@ -158,7 +69,7 @@ def analysis_folder(tmp_path: Path) -> Path:
 
 def simulated(folder: Path, epochs: int = EPOCHS) -> Any:
     """What `flame simulate` says on the same analysis and data."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FLAME_")}
+    env = clean_env()
     output = folder / "simulated.json"
     done = subprocess.run(
         [
@@ -189,7 +100,12 @@ def federation_of(tmp_path: Path) -> Iterator[Any]:
     made: list[Federation] = []
 
     def make(broker: Broker, folder: Path, analysis_id: str) -> Federation:
-        federation = Federation(broker, folder, analysis_id)
+        env = federation_env(
+            broker, analysis_id, NODES, epochs=EPOCHS, presence_timeout=90, epoch_timeout=90
+        )
+        federation = Federation(
+            env, folder / "analysis.py", folder / "data", NODES, tmp_path / f"logs-{analysis_id}"
+        )
         made.append(federation)
         return federation
 

@@ -9,11 +9,11 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 from broker import Broker
+from nodes import federation_env, flame_process, node_env
 from servers.s3_server import S3Server
 
 import flame
@@ -45,39 +45,20 @@ def aggregate(results, epoch, previous):
 NODES = {"node-0": "x\n1\n2\n3\n", "node-1": "x\n10\n20\n"}
 
 
-def node_env(broker: Broker, s3: S3Server, bucket: str, node: str, tmp: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FLAME_")}
-    env.update(
-        {
-            "FLAME_ANALYSIS_ID": "resume-test",
-            "FLAME_NODE_ID": node,
-            "FLAME_ROLE": "aggregation" if node == "aggregator" else "analysis",
-            "FLAME_PARTICIPANTS": ",".join(NODES),
-            "FLAME_EPOCHS": "4",
-            "FLAME_EPOCH_TIMEOUT": "60",
-            "FLAME_PRESENCE_TIMEOUT": "60",
-            "FLAME_BROKER__URL": broker.url,
-            "FLAME_BROKER__TOKEN": broker.password,
-            "FLAME_STORAGE__ENDPOINT": s3.endpoint,
-            "FLAME_STORAGE__ACCESS_KEY": s3.settings()["access_key"],
-            "FLAME_STORAGE__SECRET_KEY": s3.settings()["secret_key"],
-            "FLAME_STORAGE__SECURE": "false",
-            "FLAME_STORAGE__REGION": s3.settings()["region"],
-            "FLAME_STORAGE__BUCKET": bucket,
-            "AGGREGATE_LOG": str(tmp / "aggregate.log"),
-        }
+def resume_env(broker: Broker, s3: S3Server, bucket: str, node: str, tmp: Path) -> dict[str, str]:
+    env = federation_env(
+        broker,
+        "resume-test",
+        NODES,
+        epochs=4,
+        storage=s3.settings(bucket=bucket),
+        AGGREGATE_LOG=str(tmp / "aggregate.log"),
     )
-    if node != "aggregator":
-        env["FLAME_DATA_DIR"] = str(tmp / "data" / node)
-    return env
+    return node_env(env, node, data_dir=None if node == "aggregator" else tmp / "data" / node)
 
 
 def start(env: dict[str, str], tmp: Path, name: str) -> subprocess.Popen[str]:
-    log = (tmp / f"{name}.log").open("a")
-    return subprocess.Popen(
-        [sys.executable, "-m", "flame", "run", str(tmp / "analysis")],
-        env=env, stdout=log, stderr=subprocess.STDOUT, text=True,
-    )
+    return flame_process(["run", str(tmp / "analysis")], env, log=tmp / f"{name}.log")
 
 
 def test_killed_aggregator_resumes_from_its_checkpoint(
@@ -90,7 +71,7 @@ def test_killed_aggregator_resumes_from_its_checkpoint(
         (tmp_path / "data" / node / "x.csv").write_text(text)
 
     envs = {
-        n: node_env(fresh_broker, s3_server, s3_bucket, n, tmp_path)
+        n: resume_env(fresh_broker, s3_server, s3_bucket, n, tmp_path)
         for n in [*NODES, "aggregator"]
     }
     store = MinioStore.from_settings(StorageSettings(**s3_server.settings(bucket=s3_bucket)))

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 from broker import Broker
+from nodes import federation_env, flame_process, node_env
 from servers.s3_server import S3Server
 
 from flame import status as st
@@ -81,23 +82,15 @@ def _analysis(folder: Path, fail_at: int = -1) -> Path:
 def _env(
     broker: Broker, s3: S3Server, analysis_id: str, bucket: str, **extra: str
 ) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FLAME_")}
-    env.update(
-        {
-            "FLAME_ANALYSIS_ID": analysis_id,
-            "FLAME_PARTICIPANTS": ",".join(NODES),
-            "FLAME_BROKER__URL": broker.url,
-            "FLAME_BROKER__TOKEN": broker.password,
-            "FLAME_EPOCHS": str(EPOCHS),
-            "FLAME_PRESENCE_TIMEOUT": "60",
-            "FLAME_EPOCH_TIMEOUT": "60",
-            "FLAME_LOG_FORMAT": "json",
-        }
+    return federation_env(
+        broker,
+        analysis_id,
+        NODES,
+        epochs=EPOCHS,
+        storage=s3.settings(bucket=bucket),
+        FLAME_LOG_FORMAT="json",
+        **extra,
     )
-    for key, value in s3.settings(bucket=bucket).items():
-        env[f"FLAME_STORAGE__{key.upper()}"] = str(value)
-    env.update(extra)
-    return env
 
 
 def _as_operator(env: dict[str, str]) -> dict[str, str]:
@@ -118,16 +111,8 @@ def _config(env: dict[str, str], **update: object) -> FlameConfig:
     return config.model_copy(update=update) if update else config
 
 
-def _flame(args: list[str], env: dict[str, str], **kw: object) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "flame", *args],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        stdin=subprocess.DEVNULL,
-        text=True,
-        **kw,  # type: ignore[call-overload]
-    )
+def _flame(args: list[str], env: dict[str, str]) -> subprocess.Popen[str]:
+    return flame_process(args, env)
 
 
 def _wait_for_line(stream: io.TextIOBase | object, needle: str, timeout: float) -> list[str]:
@@ -150,23 +135,13 @@ def _wait_for_line(stream: io.TextIOBase | object, needle: str, timeout: float) 
 
 
 def _run_federation(env: dict[str, str], folder: Path) -> dict[str, subprocess.Popen[str]]:
-    processes = {
-        "aggregator": _flame(
+    return {
+        node: _flame(
             ["run", str(folder)],
-            {**env, "FLAME_NODE_ID": "aggregator", "FLAME_ROLE": "aggregation"},
+            node_env(env, node, data_dir=None if node == "aggregator" else folder / "data" / node),
         )
+        for node in ("aggregator", *NODES)
     }
-    for node in NODES:
-        processes[node] = _flame(
-            ["run", str(folder)],
-            {
-                **env,
-                "FLAME_NODE_ID": node,
-                "FLAME_ROLE": "analysis",
-                "FLAME_DATA_DIR": str(folder / "data" / node),
-            },
-        )
-    return processes
 
 
 def _finish(processes: dict[str, subprocess.Popen[str]], timeout: float = 120) -> dict[str, str]:

@@ -351,3 +351,28 @@ def test_one_share_alone_is_random_looking(parties) -> None:
     values = {s.secret for s in shares.values()}
     assert len(values) == 5 and all(v.bit_length() > 4000 for v in values)
     assert secrets.compare_digest(b"x", b"x")
+
+
+def test_obfuscators_are_made_while_waiting_and_used_by_the_epoch(tkey, caplog) -> None:
+    from flame.federated.secure import Precomputer, SecureKeys
+
+    folder, _ = tkey
+    keys = SecureKeys.from_settings(tconfig(folder).secure, role="aggregation")
+    pre = Precomputer(keys)
+    before = pre.ready
+    pre.fill(before + 6)
+    deadline = time.monotonic() + 60
+    while pre.ready < before + 6 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert pre.ready >= before + 6
+    ready = pre.ready
+    # the same cached encryptor serves seal(): its pool shrinks by what it used
+    from flame.protocols.paillier import encrypt_vector
+
+    encrypt_vector([1.0, 2.0], keys.public_key, SPEC)
+    assert pre.ready == ready - 1
+    caplog.set_level(logging.INFO)
+    config = tconfig(folder, secure={"precompute": 4})
+    result = flame.simulate(analyze, aggregate, data=data_for(MEMBERS), config=config)
+    assert np.allclose(result.value["total"], expected_total(MEMBERS, 0), atol=1e-3, rtol=0)
+    assert "precomputed" in caplog.text

@@ -13,7 +13,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 from flame import _logging
-from flame.errors import ConfigError, FlameError, RunFailed, RunTimeout
+from flame._signals import stop_on_sigterm
+from flame.errors import (
+    ConfigError,
+    FlameError,
+    RunFailed,
+    RunTimeout,
+    stop_exit_code,
+    stop_signal,
+)
 
 if TYPE_CHECKING:
     from flame.federated.records import Event, RunResult
@@ -97,6 +105,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
 
             settings = config.broker.model_copy(update={"url": broker_url})
             broker = mqtt_transport_factory(settings, config.analysis_id)
+        stack.enter_context(stop_on_sigterm())
         try:
             result = simulate(
                 analysis.functions.analyze,
@@ -286,7 +295,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point; returns the exit code (0 success, 1 run failed, 2 bad input)."""
+    """Entry point; returns the exit code (0 success, 1 run failed, 2 bad input, 130 SIGINT,
+    143 SIGTERM)."""
     args = _parser().parse_args(argv)
     try:
         return int(args.handler(args))
@@ -296,8 +306,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"flame: config error: {line}", file=sys.stderr)
         return EXIT_USAGE
     except FlameError as exc:
+        # The failing analysis's traceback, when its node sent one, is in the aggregator's log.
         print(f"flame: error: {exc}", file=sys.stderr)
         return EXIT_FAILED
-    except KeyboardInterrupt:
-        print("flame: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:  # SIGINT, or SIGTERM (see flame._signals)
+        print(f"flame: stopped: {stop_signal(exc)}", file=sys.stderr)
+        return stop_exit_code(exc)

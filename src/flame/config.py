@@ -136,6 +136,13 @@ class SecureAggregationSettings(_Section):
     key_share_file: Path | None = Field(
         None, description="threshold mode: this analysis node's share-<node>.json (mode 0600)"
     )
+    precompute: int = Field(
+        0,
+        ge=0,
+        le=10_000_000,
+        description="threshold mode: encryption obfuscators (one per ciphertext) to make "
+        "while the node waits for its first epoch; later epochs refill what the last used",
+    )
     allow_changing_contributors: bool = Field(
         False,
         description="threshold mode: decrypt sums of a field over changing contributor sets "
@@ -172,6 +179,9 @@ class FlameConfig(BaseSettings):
     epoch_timeout: float = Field(600.0, gt=0, description="seconds to wait for a round")
     presence_timeout: float = Field(300.0, gt=0, description="seconds to wait for nodes")
     quorum: int | None = Field(None, ge=1, description="results needed per epoch (all)")
+    resend_interval: float = Field(
+        10.0, gt=0, description="seconds before an unacknowledged result is re-sent (doubling)"
+    )
     seed: int | None = None
     data_dir: Path | None = None
     data: list[DataSourceSettings] = Field(default_factory=list)

@@ -34,11 +34,38 @@ class RunTimeout(FlameError):
 class RunFailed(FlameError):
     """The federated run stopped; the message says which node failed and why."""
 
-    def __init__(self, reason: str, *, node: str | None = None, epoch: int | None = None):
+    def __init__(
+        self,
+        reason: str,
+        *,
+        node: str | None = None,
+        epoch: int | None = None,
+        traceback: str | None = None,
+    ):
         super().__init__(reason)
         self.reason = reason
         self.node = node
         self.epoch = epoch
+        self.traceback = traceback  # the failing analysis's frames, when its node sent them
+
+
+class Stopped(KeyboardInterrupt):
+    """The process was told to stop (SIGTERM; SIGINT arrives as a plain KeyboardInterrupt)."""
+
+    def __init__(self, signal_name: str, exit_code: int) -> None:
+        super().__init__(signal_name)
+        self.signal_name = signal_name
+        self.exit_code = exit_code
+
+
+def stop_signal(exc: BaseException) -> str:
+    """The signal behind a KeyboardInterrupt: `SIGTERM` for `Stopped`, else `SIGINT`."""
+    return exc.signal_name if isinstance(exc, Stopped) else "SIGINT"
+
+
+def stop_exit_code(exc: BaseException) -> int:
+    """128 + the signal number: 130 for SIGINT, 143 for SIGTERM."""
+    return exc.exit_code if isinstance(exc, Stopped) else 130
 
 
 class AnalysisError(FlameError):

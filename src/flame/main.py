@@ -6,6 +6,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+from flame._signals import stop_on_sigterm
 from flame.config import FlameConfig, load_config
 from flame.data import Data, LocalSource
 from flame.errors import ConfigError
@@ -102,6 +103,17 @@ def run(
 
     refuse_nested_run("flame.run")
     config = config if config is not None else load_config()
+    with stop_on_sigterm():
+        return _run(analyze, aggregate, converged, config, on_event)
+
+
+def _run(
+    analyze: Callable[..., Any] | None,
+    aggregate: Callable[..., Any] | None,
+    converged: Callable[..., Any] | None,
+    config: FlameConfig,
+    on_event: EventSink | None,
+) -> Any:
     node_id, role = _require(config)
     functions = AnalysisFunctions.of(analyze, aggregate, converged)
     from flame.utils.token import check_service_tokens
@@ -137,6 +149,7 @@ def run(
         state=open_node_state(config, node_id),
         secrets=secrets,
         keys=keys,
+        resend_interval=config.resend_interval,
         isolate=True,
     )
     client.context.params = dict(config.params)

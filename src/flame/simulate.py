@@ -127,6 +127,7 @@ def simulate(
             state=open_node_state(config, node),
             secrets=secrets,
             keys=None if keys is None else keys.for_node(node),
+            log_traceback=False,  # the aggregator's log, in this same process, shows it
             isolate=isolate,
         )
         client.context.params = dict(config.params)

@@ -327,6 +327,11 @@ class MessageBrokerClient:
         self._birth_lock = threading.Lock()
         self._started = False
         self._closing = False
+        # Connections that found the broker without our session (restarted without
+        # persistence, or the session expired): whatever was queued for us is gone.
+        self.sessions_lost = 0
+        # Called (network thread) on such a connection; may return a new birth payload.
+        self.on_session_lost: Callable[[], bytes | None] | None = None
 
         v5 = address.protocol == "5"
         self._client = mqtt.Client(
@@ -423,6 +428,9 @@ class MessageBrokerClient:
             return
         self._refusal = None
         self._generation += 1
+        session_lost = self._generation > 1 and not flags.session_present
+        if session_lost:
+            self.sessions_lost += 1
         if self._generation > 1:
             log.info(
                 "%s reconnected to broker %s (session %s)",
@@ -438,6 +446,14 @@ class MessageBrokerClient:
                 self._acks.expect(mid)  # so its SUBACK is consumed, not parked
         with self._birth_lock:
             if self._birth is not None and self._generation > 1:
+                if session_lost and self.on_session_lost is not None:
+                    try:
+                        renewed = self.on_session_lost()
+                    except Exception as exc:  # a hook must not break the network thread
+                        log.warning("%s: session-lost hook failed: %r", self.client_id, exc)
+                        renewed = None
+                    if renewed is not None:
+                        self._birth = (self._birth[0], renewed)
                 client.publish(self._birth[0], self._birth[1], qos=1, retain=True)
         self._connected.set()
         self._first_connack.set()

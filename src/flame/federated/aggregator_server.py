@@ -3,6 +3,14 @@
 presence -> for each epoch: send the kick-off, await results (all, or quorum at the
 deadline), aggregate, decide convergence, checkpoint -> finished. Every wait has a deadline;
 a failing node aborts the run for everyone with that node's reason.
+
+Every kick-off names a run id. A restarted aggregator learns where the run stands from the
+nodes' retained statuses (run id, epoch): with a checkpoint, or while the nodes are still in
+epoch 0, it continues the nodes' run (they re-send cached results); otherwise, having lost the
+previous aggregate, it starts the analysis over under a new run id, which the nodes accept.
+Results are acknowledged end to end (`ack`), and a node whose broker session was lost (its
+status' `link` count changed) is sent the current kick-off again. Any stop other than a
+finished run (a failure, SIGINT/SIGTERM) sends every node an abort with the reason.
 """
 
 from __future__ import annotations
@@ -11,6 +19,7 @@ import contextlib
 import logging
 import time
 import uuid
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
@@ -18,7 +27,8 @@ from typing import Any
 from flame import _logging
 from flame._deadline import Deadline
 from flame._redact import describe_exception
-from flame.errors import ConfigError, RunFailed, RunTimeout, TransportError
+from flame._traceback import trim_traceback_text
+from flame.errors import ConfigError, RunFailed, RunTimeout, TransportError, stop_signal
 from flame.federated.context import Context, active
 from flame.federated.functions import AnalysisFunctions
 from flame.federated.honesty import warn_if_dishonest
@@ -39,6 +49,10 @@ from flame.transport.base import Transport
 __all__ = ["Aggregator"]
 
 log = logging.getLogger(__name__)
+
+NOT_PARTICIPANT = "not_participant"  # an abort's code (the analysis client's constant)
+_SEND_TIMEOUT = 5.0  # seconds for an abort or ack: a dead broker must not delay the exit
+_FAREWELL = 5.0  # seconds to see the nodes take `finished` (re-sent after a lost session)
 
 
 class Aggregator:
@@ -90,9 +104,14 @@ class Aggregator:
         self.secure_sum = SecureSummer(
             keys, epoch_timeout, self.context, None if keys is None else keys.confirm_fraction
         )
-        self._sessions: dict[str, str] = {}
+        self._sessions: dict[str, str] = {}  # node -> "process session:broker link"
+        self._processes: dict[str, str] = {}  # node -> process session seen in this run
+        self._statuses: dict[str, dict[str, Any]] = {}
         self._online: set[str] = set()
+        self._told: set[str] = set()
         self._kickoff: tuple[Kind, int, Any] | None = None
+        self._epoch = -1
+        self.run_id: str | None = None
         self._arrivals: dict[str, float] = {}
         self._result_bytes: dict[str, int] = {}
 
@@ -100,16 +119,23 @@ class Aggregator:
     def execute(self) -> RunResult:
         """Run every epoch and return the final result; raise RunFailed/RunTimeout otherwise."""
         self.transport.connect(self._status("waiting"))
-        self.transport.watch(self.participants)
+        self.transport.watch(None)  # participants, and anyone who thinks they are one
         try:
             return self._execute()
         except (RunFailed, RunTimeout, ConfigError) as exc:
-            self._abort(str(exc), getattr(exc, "epoch", None) or -1)
+            epoch = getattr(exc, "epoch", None)
+            self._abort(str(exc), self._epoch if epoch is None else epoch, exc)
             self._emit(Event("failed", detail=str(exc)))
+            raise
+        except KeyboardInterrupt as exc:
+            reason = f"node {self.transport.node_id!r} stopped: {stop_signal(exc)}"
+            log.error("%s; telling every node", reason)
+            self._abort(reason, self._epoch)
+            self._emit(Event("failed", detail=reason))
             raise
         except Exception as exc:
             reason = f"aggregator failed: {describe_exception(exc, self.secrets)}"
-            self._abort(reason, -1)
+            self._abort(reason, self._epoch)
             self._emit(Event("failed", detail=reason))
             raise RunFailed(reason, node=self.transport.node_id) from exc
         finally:
@@ -122,6 +148,7 @@ class Aggregator:
             log.warning(
                 "analysis %s already finished; announcing its stored result", finished.analysis_id
             )
+            self.run_id = uuid.uuid4().hex[:16]
             self._announce_final(finished)
             return finished
         checkpoint = self.store.load_checkpoint() if self.store is not None else None
@@ -131,14 +158,20 @@ class Aggregator:
         if checkpoint:
             log.info("resuming from checkpoint: next epoch %d", first)
         self._await_presence()
+        self._choose_run(resuming=checkpoint is not None)
         if first == 0:
-            self._kickoff = ("start", 0, {"previous": None})
+            self._kickoff = ("start", 0, {"previous": None, "run": self.run_id})
         else:
-            self._kickoff = ("aggregate", first - 1, {"value": previous, "converged": False})
+            self._kickoff = (
+                "aggregate",
+                first - 1,
+                {"value": previous, "converged": False, "run": self.run_id},
+            )
         self._broadcast(*self._kickoff)
         value: Any = previous
         converged = False
         for epoch in range(first, self.epochs):
+            self._epoch = epoch
             _logging.set_epoch(epoch)
             started = time.time()
             received, sent = self.transport.bytes_received, self.transport.bytes_sent
@@ -191,8 +224,11 @@ class Aggregator:
             "converged": result.converged,
             "epochs": result.epochs,
             "location": result.location,
+            "run": self.run_id,
         }
         self._broadcast("finished", last, body)
+        self._kickoff = ("finished", last, body)
+        self._await_farewell()
         self.transport.announce(
             self._status(
                 "done",
@@ -204,6 +240,59 @@ class Aggregator:
         self._emit(Event("finished", last, detail=result.location or ""))
 
     # --- the protocol steps ------------------------------------------------------------------
+    def _choose_run(self, *, resuming: bool) -> None:
+        """Continue the nodes' run where that is sound, else start over under a new run id.
+
+        Sound: resuming from a checkpoint (the aggregate the nodes need is in it), or every
+        node still in epoch 0 (their cached results are all we need). A run whose nodes are
+        past epoch 0 while this aggregator has no checkpoint lost the previous aggregate with
+        the previous aggregator process: computing it again from epoch 0 is the only way.
+        """
+        statuses = {n: s for n, s in self._statuses.items() if n in self._online}
+        runs = Counter(s["run"] for s in statuses.values() if isinstance(s.get("run"), str))
+        ahead = sorted(
+            node
+            for node, s in statuses.items()
+            if isinstance(s.get("run"), str) and isinstance(s.get("epoch"), int) and s["epoch"] > 0
+        )
+        if runs and (resuming or not ahead):
+            self.run_id = runs.most_common(1)[0][0]
+            log.info("continuing run %s of the nodes", self.run_id)
+            return
+        self.run_id = uuid.uuid4().hex[:16]
+        if ahead:
+            furthest = max(int(statuses[node]["epoch"]) for node in ahead)
+            log.warning(
+                "nodes are in epoch %d of run %s, but this aggregator has no checkpoint (no "
+                "storage): starting the analysis over as run %s",
+                furthest,
+                runs.most_common(1)[0][0],
+                self.run_id,
+            )
+
+    def _await_farewell(self) -> None:
+        """Briefly see the nodes take `finished`; one whose broker session was lost meanwhile
+        gets it again (see `_note_status`). Nodes still computing are not waited for."""
+        deadline = Deadline(min(_FAREWELL, self.epoch_timeout))
+        while not deadline.passed():
+            waiting = [
+                node
+                for node in self.participants
+                if node in self._online
+                and self._statuses.get(node, {}).get("state") not in ("done", "failed", "computing")
+            ]
+            if not waiting:
+                return
+            envelope = self.mailbox.next(self._is_status_or_error, deadline)
+            if envelope is None:
+                return
+            if envelope.kind == "status":
+                with contextlib.suppress(RunFailed):
+                    self._note_status(envelope, rejoin_epoch=self._kickoff_epoch())
+
+    def _kickoff_epoch(self) -> int | None:
+        return None if self._kickoff is None else self._kickoff[1]
+
     def _await_presence(self) -> None:
         """Wait for every participant, or for quorum when the presence deadline passes."""
         deadline = Deadline(self.presence_timeout)
@@ -242,7 +331,18 @@ class Aggregator:
             elif envelope.kind == "result":
                 if envelope.sender not in self.participants:
                     log.warning("ignored a result from %r, not a participant", envelope.sender)
-                elif envelope.epoch != epoch:
+                elif envelope.category is not None and envelope.category != self.run_id:
+                    log.info(
+                        "ignored %s's result of run %s (this is run %s)",
+                        envelope.sender,
+                        envelope.category,
+                        self.run_id,
+                    )
+                elif envelope.epoch > epoch:
+                    log.warning(
+                        "ignored %s's result for future epoch %d", envelope.sender, envelope.epoch
+                    )
+                elif self._acknowledge(envelope) and envelope.epoch != epoch:
                     log.info("ignored %s's result for epoch %d", envelope.sender, envelope.epoch)
                 elif envelope.sender in results:
                     log.info("ignored a second result from %s in epoch %d", envelope.sender, epoch)
@@ -296,7 +396,11 @@ class Aggregator:
 
     def _send_parameters(self, epoch: int, value: Any) -> None:
         """Send the aggregate of `epoch`; the nodes start epoch + 1 from it."""
-        self._kickoff = ("aggregate", epoch, {"value": value, "converged": False})
+        self._kickoff = (
+            "aggregate",
+            epoch,
+            {"value": value, "converged": False, "run": self.run_id},
+        )
         self._broadcast(*self._kickoff)
 
     # --- helpers -----------------------------------------------------------------------------
@@ -304,23 +408,50 @@ class Aggregator:
         for node in self.participants:
             self._send(node, kind, epoch, body)
 
-    def _send(self, node: str, kind: Kind, epoch: int, body: Any) -> None:
+    def _send(
+        self, node: str, kind: Kind, epoch: int, body: Any, timeout: float | None = None
+    ) -> None:
         envelope = Envelope(
             self.transport.analysis_id, self.transport.node_id, node, kind, epoch, body
         )
         try:
-            self.transport.send(envelope)
+            self.transport.send(envelope, timeout)
         except TypeError as exc:
             raise RunFailed(f"the aggregate of epoch {epoch} cannot be sent: {exc}") from exc
 
-    def _abort(self, reason: str, epoch: int) -> None:
+    def _acknowledge(self, envelope: Envelope) -> bool:
+        """Tell the node its result arrived (it re-sends until then); True, even if the ack
+        cannot be sent now: the node's re-send will get another one."""
+        body = {"ack": envelope.id, "epoch": envelope.epoch, "run": self.run_id}
+        ack = Envelope(
+            self.transport.analysis_id,
+            self.transport.node_id,
+            envelope.sender,
+            "ack",
+            envelope.epoch,
+            body,
+        )
+        try:
+            self.transport.send(ack, _SEND_TIMEOUT)
+        except TransportError as exc:
+            log.warning("could not acknowledge %s's result: %s", envelope.sender, exc)
+        return True
+
+    def _abort(self, reason: str, epoch: int, exc: BaseException | None = None) -> None:
+        """Every node is told, then the retained status says `failed` with the reason (and the
+        failing analysis's traceback, when its node sent one) after this process is gone."""
+        body = {"reason": reason, "run": self.run_id}
         for node in self.participants:
             try:
-                self._send(node, "abort", epoch, {"reason": reason})
-            except (TransportError, RunFailed) as exc:
-                log.warning("could not tell %s to abort: %s", node, exc)
+                self._send(node, "abort", epoch, body, timeout=_SEND_TIMEOUT)
+            except (TransportError, RunFailed) as send_exc:
+                log.warning("could not tell %s to abort: %s", node, send_exc)
+        extra: dict[str, Any] = {"reason": reason}
+        traceback_text = getattr(exc, "traceback", None)
+        if isinstance(traceback_text, str) and traceback_text:
+            extra["traceback"] = traceback_text
         with contextlib.suppress(TransportError):
-            self.transport.announce(self._status("failed", epoch, reason=reason))
+            self.transport.announce(self._status("failed", epoch, **extra))
 
     def _fail_from(self, envelope: Envelope) -> None:
         if envelope.sender not in self.participants:
@@ -328,29 +459,90 @@ class Aggregator:
             return
         body = envelope.body if isinstance(envelope.body, dict) else {}
         error = str(body.get("error", "unknown error"))[:500]
+        stopped = body.get("stopped")
+        if isinstance(stopped, str) and stopped:
+            reason = f"node {envelope.sender!r} stopped: {stopped[:32]}"
+        else:
+            reason = f"node {envelope.sender!r} failed in epoch {envelope.epoch}: {error}"
+        traceback_text = body.get("traceback")
+        if isinstance(traceback_text, str) and traceback_text:
+            traceback_text = trim_traceback_text(traceback_text, self.secrets)
+            log.error("%s\n%s", reason, traceback_text)
+        else:
+            traceback_text = None
+            log.error("%s", reason)
         raise RunFailed(
-            f"node {envelope.sender!r} failed in epoch {envelope.epoch}: {error}",
-            node=envelope.sender,
-            epoch=envelope.epoch,
+            reason, node=envelope.sender, epoch=envelope.epoch, traceback=traceback_text
         )
+
+    def _tell_outsider(self, node: str, body: dict[str, Any]) -> None:
+        """A live analysis node that is not in our participant list is told so (it exits 2)
+        rather than waiting for kick-offs that never come."""
+        if node == self.transport.node_id or body.get("role") != "analysis":
+            return
+        if body.get("state") in ("offline", "done", "failed") or body.get("online") is False:
+            return
+        key = f"{node}:{body.get('session')}"
+        if key in self._told:
+            return
+        self._told.add(key)
+        listed = ", ".join(self.participants[:20]) + (
+            ", ..." if len(self.participants) > 20 else ""
+        )
+        reason = (
+            f"node {node!r} is not a participant of analysis {self.transport.analysis_id!r} "
+            f"(the aggregator's participants: {listed})"
+        )
+        log.warning("%s; telling it", reason)
+        try:
+            self._send(
+                node,
+                "abort",
+                self._epoch,
+                {"reason": reason, "code": NOT_PARTICIPANT, "run": self.run_id},
+                timeout=_SEND_TIMEOUT,
+            )
+        except (TransportError, RunFailed) as exc:
+            log.warning("could not tell %s: %s", node, exc)
 
     def _note_status(self, envelope: Envelope, rejoin_epoch: int | None = None) -> None:
         node = envelope.sender
-        if node not in self.participants or not isinstance(envelope.body, dict):
+        body = envelope.body
+        if not isinstance(body, dict):
             return
-        state = envelope.body.get("state")
-        session = envelope.body.get("session")
-        if state == "offline":
+        if node not in self.participants:
+            self._tell_outsider(node, body)
+            return
+        state = body.get("state")
+        session = body.get("session")
+        if state == "offline" or body.get("online") is False:
             if node in self._online:
                 log.warning("node %s went offline", node)
             self._online.discard(node)
             return
+        if state == "failed":
+            self._online.discard(node)
+            if isinstance(session, str) and self._processes.get(node) == session:
+                # Its error report should have come first; the status is the backstop.
+                reason = str(body.get("reason") or "failed")[:500]
+                raise RunFailed(
+                    f"node {node!r} {reason}"
+                    if reason.startswith("stopped: ")
+                    else f"node {node!r} failed: {reason}",
+                    node=node,
+                )
+            return  # a failure of an earlier process of that node
+        self._statuses[node] = body
         self._online.add(node)
-        if not isinstance(session, str) or self._sessions.get(node) == session:
+        if not isinstance(session, str):
             return
-        self._sessions[node] = session
+        key = f"{session}:{body.get('link', 0)}"
+        if self._sessions.get(node) == key:
+            return
+        self._sessions[node] = key
+        self._processes[node] = session
         if self._kickoff is not None and rejoin_epoch is not None:
-            log.info("node %s (re)joined; sending it epoch %d", node, rejoin_epoch)
+            log.info("node %s (re)joined or lost its broker session; sending it again", node)
             self._send(node, *self._kickoff)
 
     def _is_status_or_error(self, envelope: Envelope) -> bool:
@@ -364,6 +556,7 @@ class Aggregator:
             "state": state,
             "role": "aggregation",
             "session": self.session,
+            "run": self.run_id,
             "epoch": epoch,
             "time": time.time(),
             **extra,

@@ -3,6 +3,14 @@
 The aggregator drives the epochs: `start` (epoch 0, or a resume), `aggregate` (epoch e done,
 compute e+1), `finished` or `abort`. A node that restarts simply waits; the aggregator sees
 its new session and sends it the current epoch again.
+
+Delivery is end to end: a result counts once the aggregator acknowledges it (an `ack`
+envelope), not when the broker has it. Until then the node re-sends it after the broker lost
+its session and on a backing-off timer. Every kick-off names a run id; a `start` under a new
+run id (an aggregator that restarted without storage) makes the node start over, and nothing
+of a run it left is acted on again. Whatever stops the node other than `finished` (a failure,
+an abort, SIGINT/SIGTERM) is announced: an error report to the aggregator and a `failed`
+status with the reason.
 """
 
 from __future__ import annotations
@@ -11,26 +19,38 @@ import logging
 import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from flame import _logging
 from flame._deadline import Deadline
 from flame._redact import describe_exception
-from flame.errors import RunFailed, RunTimeout
+from flame._traceback import analysis_traceback, trim_traceback_text
+from flame.errors import ConfigError, RunFailed, RunTimeout, TransportError, stop_signal
 from flame.federated.context import Context
 from flame.federated.functions import AnalysisFunctions
 from flame.federated.mailbox import Mailbox
-from flame.federated.secure import DECRYPT, DECRYPTED, SecureKeys, answer_decrypt, seal
+from flame.federated.secure import (
+    DECRYPT,
+    DECRYPTED,
+    Precomputer,
+    SecureKeys,
+    answer_decrypt,
+    seal,
+)
 from flame.isolation.runner import ChildRunner, InProcessRunner, Runner
 from flame.messages import Envelope
 from flame.transport.base import Transport
 
-__all__ = ["AnalysisClient", "Instruction"]
+__all__ = ["NOT_PARTICIPANT", "AnalysisClient", "Instruction"]
 
 log = logging.getLogger(__name__)
 
 _CONTROL = ("start", "aggregate", "finished", "abort")
+NOT_PARTICIPANT = "not_participant"  # an abort's code: this node is not in the run's roster
+_TICK = 1.0  # seconds between checks for re-sends while waiting
+_MAX_RESEND_INTERVAL = 120.0
+_GOODBYE_TIMEOUT = 5.0  # seconds for a last report or a re-send: never stall on a dead broker
 
 
 @dataclass(frozen=True)
@@ -44,6 +64,8 @@ class Instruction:
     converged: bool = False
     location: str | None = None
     reason: str = ""
+    run: str | None = None
+    code: str = ""
 
 
 class AnalysisClient:
@@ -60,6 +82,9 @@ class AnalysisClient:
         state: Any = None,
         secrets: Sequence[str] = (),
         keys: SecureKeys | None = None,
+        resend_interval: float = 10.0,
+        send_traceback: bool = True,
+        log_traceback: bool = True,
         isolate: bool = False,
     ) -> None:
         self.transport = transport
@@ -69,6 +94,10 @@ class AnalysisClient:
         self.session = uuid.uuid4().hex
         self.secrets = list(secrets)
         self.keys = keys
+        self.resend_interval = resend_interval
+        self.send_traceback = send_traceback
+        self.log_traceback = log_traceback  # off where the aggregator logs to the same place
+        self._precomputer: Precomputer | None = None
         self._specs: dict[str, Any] = {}  # field -> the encoding this node sealed it with
         self.context = Context(
             analysis_id=transport.analysis_id,
@@ -85,44 +114,75 @@ class AnalysisClient:
         self._last_epoch = -1
         self._last_sent: Envelope | None = None
         self._epoch_started = time.perf_counter()
+        self._run: str | None = None
+        self._left_runs: set[str] = set()
+        self._acked = True
+        self._resend_every = resend_interval
+        self._resend_at = 0.0
+        self._link = 0
+        self._aggregator_session: str | None = None
+        self._said_goodbye = False
 
     # --- the protocol steps ------------------------------------------------------------------
     def connect(self) -> None:
+        if self.keys is not None and self.keys.private_key is None and self._precomputer is None:
+            self._precomputer = Precomputer(self.keys)
+            self._precomputer.fill(self.keys.precompute)
         self.transport.connect(self._status("waiting"))
+        self._link = self.transport.link
         self.transport.watch([self.aggregator_id])
 
     def await_instruction(self) -> Instruction:
-        """The next new instruction from the aggregator; duplicates and old epochs are skipped."""
+        """The next instruction from the aggregator; duplicates, old epochs and runs skipped.
+
+        When several kick-offs are queued (a slow node under a quorum), only the newest counts,
+        and a queued `finished` or `abort` wins over any kick-off: a finished run is not
+        worked through epoch by epoch.
+        """
         deadline = Deadline(self.wait_timeout)
+        chosen: Instruction | None = None
         while True:
-            envelope = self.mailbox.next(self._from_aggregator, deadline)
+            self._keep_delivering()
+            wait = Deadline(0.0 if chosen is not None else min(deadline.left(), _TICK))
+            envelope = self.mailbox.next(self._from_aggregator, wait)
             if envelope is None:
-                raise RunTimeout(
-                    f"node {self.transport.node_id!r} heard nothing from aggregator "
-                    f"{self.aggregator_id!r} within {self.wait_timeout:g} s"
-                )
+                if chosen is not None:
+                    return chosen
+                if deadline.passed():
+                    raise RunTimeout(
+                        f"node {self.transport.node_id!r} heard nothing from aggregator "
+                        f"{self.aggregator_id!r} within {self.wait_timeout:g} s"
+                    )
+                continue
             if envelope.kind == "message":
                 self._answer_decrypt(envelope)
                 continue
-            if envelope.kind == "status":
-                state = envelope.body.get("state") if isinstance(envelope.body, dict) else None
-                if state == "offline":
-                    log.warning("aggregator %s is offline; waiting for it", self.aggregator_id)
+            if envelope.kind == "ack":
+                self._note_ack(envelope)
                 continue
-            instruction = self._parse(envelope)
+            if envelope.kind == "status":
+                stop = self._note_aggregator_status(envelope)
+                if stop is not None:
+                    return stop
+                continue
+            instruction = self._admit(envelope)
             if instruction is None:
                 continue
-            if instruction.kind in ("start", "aggregate") and instruction.epoch <= self._last_epoch:
-                if instruction.epoch == self._last_epoch and self._last_sent is not None:
-                    # A restarted aggregator may have lost it: send again, never recompute.
-                    log.info("resending the result of epoch %d", instruction.epoch)
-                    self.transport.send(self._last_sent)
-                continue
-            return instruction
+            if instruction.kind in ("finished", "abort"):
+                return instruction
+            if chosen is not None:
+                log.info(
+                    "skipped the queued kick-off of epoch %d: epoch %d is newer",
+                    chosen.epoch,
+                    instruction.epoch,
+                )
+            chosen = instruction
 
     def send_results(self, epoch: int, result: Any) -> None:
-        """Send this epoch's result to the aggregator (returns once the broker has it)."""
+        """Send this epoch's result to the aggregator; it is re-sent until acknowledged."""
         self._specs = {}
+        if self.keys is not None:
+            self.keys.used_ciphertexts = 0
         origin = (self.transport.analysis_id, epoch, self.transport.node_id)
         body = seal(result, self.keys, self._specs, origin)
         envelope = Envelope(
@@ -132,40 +192,81 @@ class AnalysisClient:
             "result",
             epoch,
             body,
+            self._run,
         )
         self.transport.send(envelope)
         self._last_epoch = epoch
         self._last_sent = envelope
+        self._acked = False
+        self._resend_every = self.resend_interval
+        self._resend_at = time.monotonic() + self._resend_every
         self.transport.announce(self._status("sent", epoch, **self._metrics()))
+        if self._precomputer is not None and self.keys is not None:
+            self._precomputer.fill(self.keys.used_ciphertexts)  # for the next epoch
 
     def await_aggregation(self) -> Instruction:
         """Wait for the aggregate of the epoch just sent (or the final result / an abort)."""
         return self.await_instruction()
 
-    def report_failure(self, epoch: int, exc: BaseException) -> str:
-        """Tell the aggregator this node failed; returns the (secret-free) reason sent."""
+    def report_failure(
+        self, epoch: int, exc: BaseException, *, traceback_text: str | None = None
+    ) -> str:
+        """Tell the aggregator this node failed; returns the (secret-free) reason sent.
+
+        `traceback_text` (already trimmed, e.g. from an isolated child process) is sent when
+        the node's policy allows; without it, the traceback of `exc` is formatted here.
+        """
         reason = describe_exception(exc, self.secrets)
+        body: dict[str, Any] = {"node": self.transport.node_id, "epoch": epoch, "error": reason}
+        if traceback_text is None:
+            traceback_text = getattr(exc, "traceback_text", None)  # from the analysis child
+        if not traceback_text:
+            traceback_text = analysis_traceback(exc, self.secrets)
+        else:
+            traceback_text = trim_traceback_text(traceback_text, self.secrets)
+        if self.log_traceback:
+            log.error("epoch %d failed: %s\n%s", epoch, reason, traceback_text)
+        else:
+            log.debug("epoch %d failed: %s", epoch, reason)
+        if self.send_traceback:
+            body["traceback"] = traceback_text
+        self._say_goodbye(epoch, reason, body)
+        return reason
+
+    def report_stop(self, epoch: int, signal_name: str) -> str:
+        """Tell the aggregator this node was stopped (SIGINT/SIGTERM) before it exits."""
+        reason = f"stopped: {signal_name}"
         body = {"node": self.transport.node_id, "epoch": epoch, "error": reason}
+        self._say_goodbye(epoch, reason, {**body, "stopped": signal_name})
+        return reason
+
+    def _say_goodbye(self, epoch: int, reason: str, body: dict[str, Any] | None) -> None:
+        """The error report (if any) and the `failed` status; once, and never raising."""
+        if self._said_goodbye:
+            return
+        self._said_goodbye = True
         try:
-            self.transport.send(
-                Envelope(
-                    self.transport.analysis_id,
-                    self.transport.node_id,
-                    self.aggregator_id,
-                    "error",
-                    epoch,
-                    body,
+            if body is not None:
+                self.transport.send(
+                    Envelope(
+                        self.transport.analysis_id,
+                        self.transport.node_id,
+                        self.aggregator_id,
+                        "error",
+                        epoch,
+                        body,
+                    ),
+                    _GOODBYE_TIMEOUT,
                 )
-            )
             self.transport.announce(self._status("failed", epoch, reason=reason))
         except Exception as send_exc:  # the failure report must not mask the failure
             log.error("could not report the failure to the aggregator: %s", send_exc)
-        return reason
 
     # --- the whole run -----------------------------------------------------------------------
     def run(self, functions: AnalysisFunctions, data: Any) -> Instruction:
         """Play this node's part until the aggregator says finished; returns that instruction."""
         self.connect()
+        epoch = -1
         runner = self._runner(functions, data)
         try:
             try:
@@ -175,6 +276,9 @@ class AnalysisClient:
             while True:
                 instruction = self.await_instruction()
                 if instruction.kind == "abort":
+                    self._say_goodbye(instruction.epoch, instruction.reason, None)
+                    if instruction.code == NOT_PARTICIPANT:
+                        raise ConfigError(instruction.reason)
                     raise RunFailed(instruction.reason, epoch=instruction.epoch)
                 if instruction.kind == "finished":
                     self.transport.announce(self._status("done", instruction.epoch))
@@ -188,22 +292,128 @@ class AnalysisClient:
                 try:
                     outcome = runner.run(epoch, instruction.previous)
                     self.send_results(epoch, outcome.result)
-                except RunFailed:
-                    raise
-                except (Exception, SystemExit, KeyboardInterrupt) as exc:
+                except (Exception, SystemExit) as exc:
                     reason = self.report_failure(epoch, exc)
-                    if isinstance(exc, KeyboardInterrupt):
-                        raise
                     raise RunFailed(
                         f"node {self.transport.node_id!r} failed in epoch {epoch}: {reason}",
                         node=self.transport.node_id,
                         epoch=epoch,
                     ) from exc
                 log.debug("epoch %d: result sent in %.3f s", epoch, time.perf_counter() - started)
+        except KeyboardInterrupt as exc:
+            self.report_stop(epoch, stop_signal(exc))
+            raise
+        except (RunFailed, ConfigError):
+            raise
+        except Exception as exc:
+            # Lost the broker, heard nothing, could not send: say so while we still can.
+            self._say_goodbye(
+                epoch,
+                describe_exception(exc, self.secrets),
+                {
+                    "node": self.transport.node_id,
+                    "epoch": epoch,
+                    "error": describe_exception(exc, self.secrets),
+                },
+            )
+            raise
         finally:
             _logging.set_epoch(None)
             runner.close()
+            if self._precomputer is not None:
+                self._precomputer.stop()
             self.transport.close()
+
+    # --- delivery ----------------------------------------------------------------------------
+    def _keep_delivering(self) -> None:
+        """Re-send the unacknowledged result: at once after a lost session, else on a timer."""
+        if self._acked or self._last_sent is None:
+            return
+        link = self.transport.link
+        if link != self._link:
+            self._link = link
+            self._resend("the broker lost this node's session")
+        elif time.monotonic() >= self._resend_at:
+            self._resend(f"not acknowledged within {self._resend_every:g} s")
+            self._resend_every = min(self._resend_every * 2, _MAX_RESEND_INTERVAL)
+        else:
+            return
+        self._resend_at = time.monotonic() + self._resend_every
+
+    def _resend(self, why: str) -> None:
+        assert self._last_sent is not None
+        log.info("re-sending the result of epoch %d (%s)", self._last_sent.epoch, why)
+        again = replace(self._last_sent, id=uuid.uuid4().hex, sent=time.time())
+        try:
+            self.transport.send(again, _GOODBYE_TIMEOUT)
+        except TransportError as exc:
+            log.warning("could not re-send the result of epoch %d: %s", again.epoch, exc)
+
+    def _note_ack(self, envelope: Envelope) -> None:
+        body = envelope.body if isinstance(envelope.body, dict) else {}
+        if (
+            self._last_sent is not None
+            and body.get("epoch") == self._last_sent.epoch
+            and body.get("run") in (None, self._run)
+        ):
+            self._acked = True
+
+    def _note_aggregator_status(self, envelope: Envelope) -> Instruction | None:
+        """Track the aggregator's process; its `failed` status stops us even if the abort is
+        lost. A stale status of an earlier aggregator process (other session) is not acted on."""
+        body = envelope.body if isinstance(envelope.body, dict) else {}
+        state = body.get("state")
+        session = body.get("session")
+        if state == "offline" or (body.get("online") is False and state not in ("failed",)):
+            log.warning("aggregator %s is offline; waiting for it", self.aggregator_id)
+            return None
+        if state == "failed":
+            if session is not None and session == self._aggregator_session:
+                epoch = body.get("epoch")
+                return Instruction(
+                    "abort",
+                    epoch if isinstance(epoch, int) else -1,
+                    reason=str(body.get("reason") or "the aggregator failed")[:2000],
+                )
+            return None
+        if state == "done" or not isinstance(session, str):
+            return None
+        if session != self._aggregator_session and self._aggregator_session is not None:
+            log.info("aggregator %s restarted (new process)", self.aggregator_id)
+        self._aggregator_session = session
+        return None
+
+    def _admit(self, envelope: Envelope) -> Instruction | None:
+        """The instruction in `envelope` if it is new for this node, after run-id bookkeeping."""
+        instruction = self._parse(envelope)
+        if instruction is None:
+            return None
+        run = instruction.run
+        if run is not None and run != self._run:
+            if run in self._left_runs:
+                log.info("ignored a %s of run %s, which this node left", instruction.kind, run)
+                return None
+            if instruction.kind in ("start", "aggregate"):
+                if self._run is not None:
+                    log.warning(
+                        "the aggregator started run %s over (this node was in run %s, epoch "
+                        "%d); computing again from epoch %d",
+                        run,
+                        self._run,
+                        self._last_epoch,
+                        instruction.epoch,
+                    )
+                    self._left_runs.add(self._run)
+                    self._last_epoch = -1
+                    self._last_sent = None
+                    self._acked = True
+                self._run = run
+        if instruction.kind in ("start", "aggregate") and instruction.epoch <= self._last_epoch:
+            if instruction.epoch == self._last_epoch and self._last_sent is not None:
+                # A restarted aggregator may have lost it: send again, never recompute.
+                self._resend("the aggregator asked for this epoch again")
+            return None
+        return instruction
 
     # --- helpers -----------------------------------------------------------------------------
     def _runner(self, functions: AnalysisFunctions, data: Any) -> Runner:
@@ -215,7 +425,7 @@ class AnalysisClient:
     def _from_aggregator(self, envelope: Envelope) -> bool:
         return envelope.sender == self.aggregator_id and (
             envelope.kind in _CONTROL
-            or envelope.kind == "status"
+            or envelope.kind in ("status", "ack")
             or (envelope.kind == "message" and envelope.category == DECRYPT)
         )
 
@@ -233,8 +443,9 @@ class AnalysisClient:
 
     def _parse(self, envelope: Envelope) -> Instruction | None:
         body = envelope.body if isinstance(envelope.body, dict) else {}
+        run = body.get("run") if isinstance(body.get("run"), str) else None
         if envelope.kind == "start":
-            return Instruction("start", envelope.epoch, previous=body.get("previous"))
+            return Instruction("start", envelope.epoch, previous=body.get("previous"), run=run)
         if envelope.kind == "aggregate":
             return Instruction(
                 "aggregate",
@@ -242,6 +453,7 @@ class AnalysisClient:
                 previous=body.get("value"),
                 value=body.get("value"),
                 converged=bool(body.get("converged", False)),
+                run=run,
             )
         if envelope.kind == "finished":
             location = body.get("location")
@@ -251,9 +463,17 @@ class AnalysisClient:
                 value=body.get("value"),
                 converged=bool(body.get("converged", False)),
                 location=location if isinstance(location, str) else None,
+                run=run,
             )
         if envelope.kind == "abort":
-            return Instruction("abort", envelope.epoch, reason=str(body.get("reason", "aborted")))
+            code = body.get("code")
+            return Instruction(
+                "abort",
+                envelope.epoch,
+                reason=str(body.get("reason", "aborted"))[:2000],
+                run=run,
+                code=code if isinstance(code, str) else "",
+            )
         return None
 
     def _status(self, state: str, epoch: int = -1, **extra: Any) -> dict[str, Any]:
@@ -261,6 +481,7 @@ class AnalysisClient:
             "state": state,
             "role": "analysis",
             "session": self.session,
+            "run": self._run,
             "epoch": epoch,
             "time": time.time(),
             **extra,

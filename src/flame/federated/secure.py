@@ -12,6 +12,8 @@ sample: `confirm_fraction`). A mismatch or a refusal stops the run. `aggregate` 
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -132,6 +134,9 @@ class SecureKeys:
     shares: dict[str, ThresholdKeyShare] | None = None
     """Simulation only: every node's share, handed out by `for_node`."""
     _party: ThresholdParty | None = None
+    precompute: int = 0
+    """Public-key encryption: obfuscators to make ahead while waiting for the first epoch."""
+    used_ciphertexts: int = 0
 
     @classmethod
     def from_settings(
@@ -139,6 +144,8 @@ class SecureKeys:
     ) -> SecureKeys:
         from flame.protocols import paillier
 
+        if settings.key_share_file is not None or _is_threshold(settings.public_key_file):
+            return cls._threshold_from_settings(settings, role=role, node_id=node_id)
         if role == "aggregation" and settings.private_key_file is not None:
             raise ConfigError(
                 "FLAME_SECURE__PRIVATE_KEY_FILE / secure.private_key_file: the aggregation "
@@ -149,8 +156,6 @@ class SecureKeys:
                 "FLAME_SECURE__PRIVATE_KEY_FILE / secure.private_key_file: required on "
                 "analysis nodes when secure aggregation is enabled"
             )
-        if settings.key_share_file is not None or _is_threshold(settings.public_key_file):
-            return cls._threshold_from_settings(settings, role=role, node_id=node_id)
         private = None
         if settings.private_key_file is not None:
             private = paillier.load_private_key(Path(settings.private_key_file))
@@ -215,6 +220,7 @@ class SecureKeys:
             threshold=public,
             share=share,
             allow_changing_contributors=settings.allow_changing_contributors,
+            precompute=settings.precompute,
         )
 
     def for_node(self, node_id: str) -> SecureKeys:
@@ -257,6 +263,46 @@ class SecureKeys:
             verifier=self.verifier,
             allow_changing_contributors=self.allow_changing_contributors,
         )
+
+
+class Precomputer:
+    """Makes encryption obfuscators (r^n, or h^a with DJN) in a background thread while the
+    node waits, so that encrypting with the public key alone costs about one multiplication
+    per ciphertext when the epoch starts. Each obfuscator is used once."""
+
+    def __init__(self, keys: SecureKeys) -> None:
+        from flame.protocols.paillier.cipher import _encryptor_for
+
+        self._encryptor = _encryptor_for(keys.public_key, keys.obfuscation, None)  # type: ignore[arg-type]
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def ready(self) -> int:
+        return self._encryptor.precomputed
+
+    def fill(self, target: int) -> None:
+        """Start making obfuscators until `target` are ready (returns at once)."""
+        if target <= self.ready or (self._thread is not None and self._thread.is_alive()):
+            return
+        self._stop.clear()
+        self._thread = threading.Thread(
+            target=self._run, args=(target,), name="flame-precompute", daemon=True
+        )
+        self._thread.start()
+
+    def _run(self, target: int) -> None:
+        started = time.perf_counter()
+        while not self._stop.is_set() and self.ready < target:
+            self._encryptor.precompute(min(64, target - self.ready))
+        log.info(
+            "precomputed %d encryption obfuscators in %.1f s",
+            self.ready,
+            time.perf_counter() - started,
+        )
+
+    def stop(self) -> None:
+        self._stop.set()
 
 
 def _is_threshold(path: Path | None) -> bool:
@@ -353,6 +399,7 @@ def seal(
             ) from None
         if specs is not None:
             specs[path] = spec
+        keys.used_ciphertexts += len(encrypted.ciphertexts)
         if keys.threshold is not None:
             return _signed(encrypted.to_bytes(), keys, path, origin)
         return Sealed(SCHEME, encrypted.to_bytes())

@@ -257,6 +257,13 @@ class ThresholdCollector:
         }
         holders = [node for node, _ in self.public.members if node in self.context.participants]
         transport = self.context._mailbox.transport
+        log.info(
+            "epoch %d: asking %d share holders to decrypt %s (any %d suffice)",
+            epoch,
+            len(holders),
+            ", ".join(repr(p) for p in fields),
+            self.public.threshold,
+        )
         for node in holders:
             transport.send(
                 Envelope(

@@ -12,7 +12,6 @@ import importlib.util
 import os
 import socket
 import sys
-import traceback
 from pathlib import Path
 from types import ModuleType
 from typing import IO, Any
@@ -122,14 +121,11 @@ def _locate(locator: dict[str, Any]) -> Any:
 
 
 def _analysis_traceback(exc: BaseException) -> str:
-    frames = [
-        frame
-        for frame in traceback.extract_tb(exc.__traceback__)
-        if not frame.filename.startswith(_FLAME_DIR)
-    ]
-    text = "".join(traceback.format_list(frames))
-    text += "".join(traceback.format_exception_only(type(exc), exc))
-    return text if len(text) <= _TRACEBACK_LIMIT else "...\n" + text[-_TRACEBACK_LIMIT:]
+    """The analysis frames only (flame._traceback, shared with in-process runs); the node
+    runtime masks secrets and applies its policy before anything leaves the node."""
+    from flame._traceback import analysis_traceback
+
+    return analysis_traceback(exc, limit=_TRACEBACK_LIMIT)
 
 
 def _failure(exc: BaseException) -> dict[str, Any]:

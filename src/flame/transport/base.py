@@ -35,7 +35,8 @@ class Transport(abc.ABC):
 
     @abc.abstractmethod
     def close(self) -> None:
-        """Leave cleanly: publish an `offline` status and release the connection."""
+        """Leave cleanly and release the connection. The retained status left behind keeps a
+        final state (`done`/`failed`, marked `"online": false`); any other becomes `offline`."""
 
     @abc.abstractmethod
     def send(self, envelope: Envelope, timeout: float | None = None) -> None:
@@ -52,6 +53,12 @@ class Transport(abc.ABC):
     @abc.abstractmethod
     def watch(self, nodes: Iterable[str] | None = None) -> None:
         """Deliver status changes of these nodes (all when None) as `status` envelopes."""
+
+    @property
+    def link(self) -> int:
+        """How many times the broker lost this node's session (restart without persistence):
+        messages queued for the node then are gone, so unacknowledged ones must be re-sent."""
+        return 0
 
     def __enter__(self) -> Transport:
         return self

@@ -119,6 +119,7 @@ class MemoryTransport(Transport):
         self.broker = broker
         self._inbox = broker.inbox(analysis_id, node_id)
         self._connected = False
+        self._last_status: dict[str, Any] = {}
 
     def connect(self, status: dict[str, Any]) -> None:
         self._connected = True
@@ -127,10 +128,15 @@ class MemoryTransport(Transport):
     def close(self) -> None:
         if self._connected:
             self._connected = False
-            self.broker.set_status(self.analysis_id, self.node_id, {"state": "offline"})
+            last = self._last_status
+            farewell: dict[str, Any] = {"state": "offline"}
+            if last.get("state") in ("done", "failed"):
+                farewell = {**last, "online": False}
+            self.broker.set_status(self.analysis_id, self.node_id, farewell)
 
     def kill(self) -> None:
         """Vanish without a goodbye, as a crashed process does; the 'last will' fires."""
+        self._last_status = {}
         self.close()
 
     def send(self, envelope: Envelope, timeout: float | None = None) -> None:
@@ -167,6 +173,7 @@ class MemoryTransport(Transport):
             return envelope
 
     def announce(self, status: dict[str, Any]) -> None:
+        self._last_status = dict(status)
         self.broker.set_status(self.analysis_id, self.node_id, status)
 
     def watch(self, nodes: Iterable[str] | None = None) -> None:

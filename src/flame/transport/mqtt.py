@@ -55,6 +55,7 @@ log = logging.getLogger(__name__)
 
 _NAME = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 OFFLINE = b'{"state":"offline"}'
+FINAL_STATES = ("done", "failed")
 MAX_STATUS_BYTES = 64 * 1024
 
 
@@ -102,7 +103,7 @@ class MqttTransport(Transport):
         reassembly_timeout: float | None = None,
         send_window: int = 16,
         protocol: ProtocolName | None = None,
-        reconnect_delay: tuple[int, int] = (1, 16),
+        reconnect_delay: tuple[int, int] = (1, 5),
     ) -> None:
         for what, name in (("analysis id", analysis_id), ("node id", node_id)):
             if not _NAME.match(name):
@@ -133,6 +134,7 @@ class MqttTransport(Transport):
         self._connected = False
         self._announced = False
         self._status_pending: PendingPublish | None = None
+        self._last_status: dict[str, Any] = {}
         self.dropped = 0
 
     @classmethod
@@ -153,6 +155,20 @@ class MqttTransport(Transport):
     @property
     def connected(self) -> bool:
         return self._connected
+
+    @property
+    def link(self) -> int:
+        return 0 if self._client is None else self._client.sessions_lost
+
+    def _status_payload(self, status: dict[str, Any]) -> bytes:
+        link = self.link
+        full = {**status, "link": link} if link else status  # `link` only once it counts
+        return json.dumps(to_jsonable(full), separators=(",", ":")).encode()
+
+    def _renew_status(self) -> bytes | None:
+        """The broker lost our session: republish the status with the new `link` count, so
+        watchers (the aggregator) know that what was queued for us is gone."""
+        return self._status_payload(self._last_status) if self._last_status else None
 
     # --- Transport ----------------------------------------------------------------------------
 
@@ -180,6 +196,7 @@ class MqttTransport(Transport):
             protocol=self._protocol,
             reconnect_delay=self._reconnect_delay,
         )
+        client.on_session_lost = self._renew_status
         client.connect()
         self._announced = False
         self._status_pending = None
@@ -200,13 +217,21 @@ class MqttTransport(Transport):
         self._connected = False
         client = self._client
         try:
-            client.set_birth(status_topic(self.analysis_id, self.node_id), OFFLINE).wait(
+            client.set_birth(status_topic(self.analysis_id, self.node_id), self._farewell()).wait(
                 min(self.settings.send_timeout, 5.0)
             )
         except TransportError as exc:
             log.warning("%s could not publish its offline status: %s", self.node_id, exc)
         finally:
             client.disconnect()
+
+    def _farewell(self) -> bytes:
+        """The status left behind: a final state (done / failed + reason + epoch) stays, marked
+        `online: false`, so `flame status` shows the outcome after every process is gone."""
+        last = self._last_status
+        if last.get("state") in FINAL_STATES:
+            return self._status_payload({**last, "online": False})
+        return OFFLINE
 
     def kill(self) -> None:
         """Vanish without a goodbye, as a crashed process does; the broker fires the will."""
@@ -225,7 +250,7 @@ class MqttTransport(Transport):
         """
         if not self._connected:
             raise TransportError(f"cannot announce: {self.node_id} is not connected")
-        payload = json.dumps(to_jsonable(status), separators=(",", ":")).encode()
+        payload = self._status_payload(status)
         if len(payload) > MAX_STATUS_BYTES:
             raise TransportError(f"status of {len(payload)} bytes is over {MAX_STATUS_BYTES}")
         previous, self._status_pending = self._status_pending, None
@@ -234,6 +259,7 @@ class MqttTransport(Transport):
             previous.abandon()  # superseded: its acknowledgement is no longer awaited
             if refusal is not None:
                 raise TransportError(f"{self.node_id} could not announce its status: {refusal}")
+        self._last_status = dict(status)
         pending = self.client.set_birth(status_topic(self.analysis_id, self.node_id), payload)
         if self._announced:
             self._status_pending = pending
