@@ -68,7 +68,18 @@ class _Progress:
         self.stream.flush()
 
 
+def _warm_children(args: argparse.Namespace) -> None:
+    """Start one analysis child per node folder now: they import while we do (see spawn)."""
+    if args.in_process or args.nodes is not None or not args.data.is_dir():
+        return
+    from flame.isolation.spawn import prestart
+
+    with contextlib.suppress(OSError):
+        prestart(sum(1 for p in args.data.iterdir() if p.is_dir() and not p.name.startswith(".")))
+
+
 def _cmd_simulate(args: argparse.Namespace) -> int:
+    _warm_children(args)
     from flame.config import load_config
     from flame.loader import load_analysis
     from flame.simulate import simulate
