@@ -376,3 +376,27 @@ def test_obfuscators_are_made_while_waiting_and_used_by_the_epoch(tkey, caplog) 
     result = flame.simulate(analyze, aggregate, data=data_for(MEMBERS), config=config)
     assert np.allclose(result.value["total"], expected_total(MEMBERS, 0), atol=1e-3, rtol=0)
     assert "precomputed" in caplog.text
+
+
+def test_a_subset_is_asked_first_and_replaced_when_it_cheats_or_stalls(
+    tkey, caplog, monkeypatch
+) -> None:
+    folder, _ = tkey
+    honest = ThresholdParty.answer
+
+    def flaky(self: ThresholdParty, envelope: Envelope) -> dict:
+        node = self.share.node_id
+        if node == "a":
+            time.sleep(4.0)  # slow: the aggregator stops waiting for it after timeout / 4
+        if node == "b":
+            return {"error": "not today"}
+        return honest(self, envelope)
+
+    monkeypatch.setattr(ThresholdParty, "answer", flaky)
+    caplog.set_level(logging.INFO)
+    config = tconfig(folder, epoch_timeout=8, secure={"decrypters": 3})
+    result = flame.simulate(analyze, aggregate, data=data_for(MEMBERS), config=config)
+    assert np.allclose(result.value["total"], expected_total(MEMBERS, 0), atol=1e-3, rtol=0)
+    assert "asking 3 share holders" in caplog.text and "b refused to decrypt" in caplog.text
+    assert "no decryption from a within 2 s" in caplog.text
+    assert "decrypted with the partial decryptions of c, d, e" in caplog.text

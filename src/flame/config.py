@@ -136,6 +136,12 @@ class SecureAggregationSettings(_Section):
     key_share_file: Path | None = Field(
         None, description="threshold mode: this analysis node's share-<node>.json (mode 0600)"
     )
+    decrypters: int | None = Field(
+        None,
+        ge=1,
+        description="threshold mode: share holders asked to decrypt at first (default: all); "
+        "more are asked when one refuses, cheats or is slow",
+    )
     precompute: int = Field(
         0,
         ge=0,

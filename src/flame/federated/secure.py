@@ -137,6 +137,7 @@ class SecureKeys:
     precompute: int = 0
     """Public-key encryption: obfuscators to make ahead while waiting for the first epoch."""
     used_ciphertexts: int = 0
+    decrypters: int | None = None
 
     @classmethod
     def from_settings(
@@ -221,6 +222,7 @@ class SecureKeys:
             share=share,
             allow_changing_contributors=settings.allow_changing_contributors,
             precompute=settings.precompute,
+            decrypters=settings.decrypters,
         )
 
     def for_node(self, node_id: str) -> SecureKeys:
@@ -262,6 +264,7 @@ class SecureKeys:
             threshold=self.threshold,
             verifier=self.verifier,
             allow_changing_contributors=self.allow_changing_contributors,
+            decrypters=self.decrypters,
         )
 
 
@@ -595,6 +598,7 @@ class SecureSummer:
                 self.keys.allow_changing_contributors,
                 DECRYPT,
                 DECRYPTED,
+                decrypters=self.keys.decrypters,
             )
         totals = {}
         for path, by_node in sealed.items():
