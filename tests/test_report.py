@@ -261,3 +261,25 @@ def test_a_failed_simulation_still_writes_its_history_and_the_page_shows_the_fai
     assert 'class="cell failed" data-node="b" data-epoch="1"' in html
     assert 'class="cell answered" data-node="b" data-epoch="0"' in html
     assert "no rows left" in html and ">failed<" in html
+
+
+def test_privacy_reports_of_the_nodes_get_their_own_section() -> None:
+    history = [
+        {
+            "epoch": e,
+            "nodes": ["a", "b"],
+            "missing": [],
+            "duration_s": 0.1,
+            "privacy": {
+                "a": {"spend": {"epsilon": 0.5, "delta": 0.0}, "suppressed": {"hist": 2}},
+                "b": {"spend": {"epsilon": 0.5, "delta": 0.0},
+                      "spent_total": {"epsilon": 0.5 * (e + 1), "delta": 0.0}},
+            },
+        }
+        for e in range(3)
+    ]  # fmt: skip
+    page = render({"analysis_id": "dp", "history": history})
+    assert 'data-chart="privacy"' in page
+    assert re.search(r'data-series="a"[^>]*points="[^"]+"', page)
+    assert "suppressed" in page and "spent_total" in page
+    assert render({"history": []}).count('id="privacy"') == 0

@@ -128,6 +128,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
                 on_event=on_event,
                 secure=args.secure,
                 isolate=not args.in_process,
+                policy=_policy_arguments(args.policy),
             )
         except (RunFailed, RunTimeout) as exc:
             if args.output is not None:
@@ -153,6 +154,30 @@ def _write_failure(
     document = _strict_json({**partial.to_dict(), "manifest": _manifest(functions, partial)})
     output.write_text(json.dumps({**document, "failure": failure}, indent=2) + "\n")
     print(f"wrote {output}", file=sys.stderr)
+
+
+def _policy_arguments(items: list[str]) -> Any:
+    """`--policy FILE` (all nodes) and/or `--policy NODE=FILE` (one node) as simulate wants."""
+    if not items:
+        return None
+    every = [item for item in items if "=" not in item]
+    if len(every) > 1:
+        raise FlameError("--policy FILE may be given once; use NODE=FILE for single nodes")
+    if not any("=" in item for item in items):
+        return Path(every[0])
+    named = dict(item.split("=", 1) for item in items if "=" in item)
+    return _PerNode(Path(every[0]) if every else None, named)
+
+
+class _PerNode(dict[str, Any]):
+    """Per-node policies; nodes not named get the common file (or none)."""
+
+    def __init__(self, common: Path | None, named: dict[str, str]) -> None:
+        super().__init__({node: Path(path) for node, path in named.items()})
+        self.common = common
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return super().get(key, self.common)
 
 
 def _manifest(functions: Any, result: RunResult) -> dict[str, Any]:
@@ -215,6 +240,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from flame.loader import load_analysis
     from flame.main import run
     from flame.messages import to_jsonable
+    from flame.policy import load_policy
 
     config = load_config()
     _logging.configure(
@@ -224,13 +250,22 @@ def _cmd_run(args: argparse.Namespace) -> int:
         analysis_id=config.analysis_id,
         node_id=config.node_id or "",
     )
-    analysis = load_analysis(args.analysis)
-    value: Any = run(
-        analysis.functions.analyze,
-        analysis.functions.aggregate,
-        analysis.functions.converged,
-        config=config,
-    )
+    if config.role == "analysis" and load_policy(config.policy).isolate:
+        # The analysis is imported only in its isolated child, never next to the keys.
+        from flame.isolation.runner import AnalysisAt
+        from flame.loader import analysis_files
+
+        analysis_files(args.analysis)  # a wrong path fails here, before connecting
+        placeholder = AnalysisAt(args.analysis)
+        value: Any = run(placeholder, placeholder, config=config)
+    else:
+        analysis = load_analysis(args.analysis)
+        value = run(
+            analysis.functions.analyze,
+            analysis.functions.aggregate,
+            analysis.functions.converged,
+            config=config,
+        )
     print(json.dumps(_strict_json(to_jsonable(value))))
     return 0
 
@@ -279,6 +314,13 @@ def _parser() -> argparse.ArgumentParser:
         "--broker",
         metavar="URL",
         help="run over a real MQTT broker (mqtt://host:port), or 'embedded' to start a local one",
+    )
+    sim.add_argument(
+        "--policy",
+        action="append",
+        default=[],
+        metavar="[NODE=]FILE",
+        help="node policy file for every node, or NODE=FILE for one node (repeatable)",
     )
     sim.add_argument(
         "--in-process",
