@@ -13,6 +13,7 @@ import io
 import logging
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -152,6 +153,17 @@ class InProcessRunner:
         return None
 
 
+def _relay_output(stream: IO[bytes]) -> None:
+    """The analysis child's prints and log lines, as lines of this node's log (so they can
+    be forwarded when the node's policy allows it)."""
+    relay = logging.getLogger("flame.analysis")
+    with contextlib.suppress(OSError, ValueError):
+        for raw in stream:
+            line = raw.decode(errors="replace").rstrip()
+            if line:
+                relay.info("%s", line[:1000])
+
+
 class AnalysisAt:
     """`analyze` of the analysis at `path`, never imported into the node runtime: only the
     isolated child loads it (what `flame run` does on an analysis node), so not even the
@@ -196,6 +208,7 @@ class ChildRunner:
         *,
         timeout: float = 3600.0,
         cut_network: bool = True,
+        capture_output: bool = False,
     ) -> None:
         locator = locate(analyze)
         if locator is None:
@@ -209,6 +222,7 @@ class ChildRunner:
         self.context = context
         self.timeout = timeout
         self.cut_network = cut_network
+        self.capture_output = capture_output  # the child's stderr as node log lines
         self.meter = RowMeter()
         self.network = "not started"
         self._declared: Any = None
@@ -225,7 +239,12 @@ class ChildRunner:
             return
         self._declared = None
         # a child started early by `prestart` (flame simulate) if one waits, else a new one
-        self._process, ours = take_warm(self.cut_network) or spawn_child(self.cut_network)
+        warm = None if self.capture_output else take_warm(self.cut_network)
+        self._process, ours = warm or spawn_child(self.cut_network, self.capture_output)
+        if self.capture_output and self._process.stdout is not None:
+            threading.Thread(
+                target=_relay_output, args=(self._process.stdout,), daemon=True
+            ).start()
         self._channel = Channel(ours)
         sources = {
             name: "files" if isinstance(source, FileSource) else "other"

@@ -53,8 +53,11 @@ def scrubbed_environment(environ: dict[str, str] | None = None) -> dict[str, str
     return {k: v for k, v in source.items() if k in ENV_KEEP or k.startswith("LC_")}
 
 
-def spawn_child(cut_network: bool) -> tuple[subprocess.Popen[bytes], socket.socket]:
-    """A new analysis child and our end of its socket."""
+def spawn_child(
+    cut_network: bool, capture_output: bool = False
+) -> tuple[subprocess.Popen[bytes], socket.socket]:
+    """A new analysis child and our end of its socket (with `capture_output`, its stdout
+    and stderr on one pipe for the caller to relay)."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     command = [sys.executable, str(BOOT), str(theirs.fileno())]
     if not cut_network:
@@ -65,6 +68,8 @@ def spawn_child(cut_network: bool) -> tuple[subprocess.Popen[bytes], socket.sock
             pass_fds=[theirs.fileno()],
             env=scrubbed_environment(),
             stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE if capture_output else None,
+            stderr=subprocess.STDOUT if capture_output else None,
             close_fds=True,
         )
     except BaseException:
