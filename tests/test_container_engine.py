@@ -299,7 +299,7 @@ def _start(
         else:
             node_env |= {"FLAME_ROLE": "analysis", "FLAME_DATA_DIR": "/data"}
             if IDENTITIES:  # the node runs only code its operator approved: the image's label
-                node_env["FLAME_APPROVED_CODE"] = built.code_sha256
+                node_env.setdefault("FLAME_APPROVED_CODE", built.code_sha256)
             flags += ["-v", f"{built.folder / 'data' / node}:/data:ro"]
         for key, value in node_env.items():
             flags += ["-e", f"{key}={value}"]
@@ -385,6 +385,9 @@ def test_a_federation_of_containers_equals_simulate(
     assert _same(unpack(stored[0].read_bytes()), expected)
     manifest = json.loads((stored[0].parent / "manifest.json").read_text())
     assert manifest["code_sha256"] == built.code_sha256  # the image label's hash
+    if IDENTITIES:  # the hash each node computed from /app is the label it was approved by
+        for node in NODES:
+            assert f"analysis code {built.code_sha256[:16]} is approved" in federation.stderr(node)
     for node in federation.logs:
         for secret in (secrets_dir / node).iterdir():  # the token, the signing key
             assert secret.read_text().strip() not in federation.stderr(node) + outputs[node]
@@ -477,3 +480,17 @@ def test_sigterm_stops_a_waiting_container_with_143(
     assert "flame: stopped: SIGTERM" in log
     report(request, f"podman kill -s TERM on a waiting aggregator: exit 143 after "
                     f"{exited['aggregator'] - sent:.1f} s")  # fmt: skip
+
+
+@pytest.mark.skipif(not IDENTITIES, reason="code approval arrives with flame's identities")
+def test_a_node_refuses_an_image_whose_code_it_has_not_approved(
+    built: Built, federation_env: tuple[dict[str, str], Path, Path], tmp_path: Path
+) -> None:
+    env, secrets_dir, results = federation_env
+    env |= {"FLAME_ANALYSIS_ID": f"ct-{secrets.token_hex(4)}", "FLAME_APPROVED_CODE": "0" * 64}
+    federation = _start(built, env, secrets_dir, results, tmp_path, nodes=("clinic_a",))
+    _, exited = _finish(federation, built.podman, time.monotonic() + 120)
+    log = federation.stderr("clinic_a")
+    assert "clinic_a" in exited, log[-2000:]
+    assert federation.processes["clinic_a"].returncode == 2, log[-2000:]
+    assert f"(SHA-256 {built.code_sha256}) is not approved" in log
