@@ -15,6 +15,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -178,6 +179,17 @@ class InProcessRunner:
         return None
 
 
+def _relay_output(stream: IO[bytes]) -> None:
+    """The analysis child's prints and log lines, as lines of this node's log (so they can
+    be forwarded when the node's policy allows it)."""
+    relay = logging.getLogger("flame.analysis")
+    with contextlib.suppress(OSError, ValueError):
+        for raw in stream:
+            line = raw.decode(errors="replace").rstrip()
+            if line:
+                relay.info("%s", line[:1000])
+
+
 class AnalysisAt:
     """`analyze` of the analysis at `path`, never imported into the node runtime: only the
     isolated child loads it (what `flame run` does on an analysis node), so not even the
@@ -222,6 +234,7 @@ class ChildRunner:
         *,
         timeout: float = 3600.0,
         cut_network: bool = True,
+        capture_output: bool = False,
     ) -> None:
         locator = locate(analyze)
         if locator is None:
@@ -235,6 +248,7 @@ class ChildRunner:
         self.context = context
         self.timeout = timeout
         self.cut_network = cut_network
+        self.capture_output = capture_output  # the child's stderr as node log lines
         self.meter = RowMeter()
         self.network = "not started"
         self._declared: Any = None
@@ -260,10 +274,16 @@ class ChildRunner:
                 pass_fds=[theirs.fileno()],
                 env=scrubbed_environment(),
                 stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE if self.capture_output else None,
+                stderr=subprocess.STDOUT if self.capture_output else None,
                 close_fds=True,
             )
         finally:
             theirs.close()
+        if self.capture_output and self._process.stdout is not None:
+            threading.Thread(
+                target=_relay_output, args=(self._process.stdout,), daemon=True
+            ).start()
         self._channel = Channel(ours)
         sources = {
             name: "files" if isinstance(source, FileSource) else "other"
