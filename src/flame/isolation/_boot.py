@@ -38,9 +38,20 @@ def _cut_network() -> str:
     return f"not permitted here ({os.strerror(ctypes.get_errno())})"
 
 
+def _confine(argv: list[str], keep_network: bool) -> str:
+    """Enter the Landlock domain (`_landlock`) hiding every `--hide PATH` of argv."""
+    hidden = [argv[i + 1] for i, arg in enumerate(argv[:-1]) if arg == "--hide"]
+    import _landlock  # this folder is still sys.path[0]
+
+    return _landlock.confine(hidden, cut_tcp=not keep_network)
+
+
 if __name__ == "__main__":
-    network = _cut_network() if "--keep-network" not in sys.argv else "kept (requested)"
+    keep = "--keep-network" in sys.argv
+    network = _cut_network() if not keep else "kept (requested)"
+    confinement = _confine(sys.argv, keep)
     del sys.path[0]  # this folder: its module names must not shadow anything
+    sys.modules.pop("_landlock", None)
     from flame.isolation.child import main
 
-    sys.exit(main(int(sys.argv[1]), network))
+    sys.exit(main(int(sys.argv[1]), network, confinement))

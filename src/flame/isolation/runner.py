@@ -16,7 +16,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Protocol
@@ -178,6 +178,26 @@ class InProcessRunner:
         return None
 
 
+def child_hidden_paths(paths: Sequence[str | Path], analysis_file: str | None) -> list[str]:
+    """The node paths the child may not touch, minus any it needs to start (a path holding
+    Python, flame or the analysis code is left visible, with a warning)."""
+    needed = [sys.prefix, sys.base_prefix, sys.exec_prefix, str(Path(__file__).parents[1])]
+    if analysis_file:
+        needed.append(analysis_file)
+    needed_real = [os.path.realpath(p) for p in needed]
+    hidden: list[str] = []
+    for path in paths:
+        real = os.path.realpath(str(path))
+        if real == os.sep:
+            continue
+        if any(n == real or n.startswith(real.rstrip(os.sep) + os.sep) for n in needed_real):
+            log.warning("%s holds code the analysis needs: not hidden from the analysis", real)
+            continue
+        if real not in hidden:
+            hidden.append(real)
+    return hidden
+
+
 def locate(function: Callable[..., Any]) -> dict[str, Any] | None:
     """Where the child can find `function` again (module, file, qualified name), or None
     for a lambda, a closure or code typed at a prompt."""
@@ -204,6 +224,7 @@ class ChildRunner:
         *,
         timeout: float = 3600.0,
         cut_network: bool = True,
+        hide: Sequence[str | Path] = (),
     ) -> None:
         locator = locate(analyze)
         if locator is None:
@@ -217,8 +238,10 @@ class ChildRunner:
         self.context = context
         self.timeout = timeout
         self.cut_network = cut_network
+        self.hide = child_hidden_paths(hide, locator.get("file"))
         self.meter = RowMeter()
         self.network = "not started"
+        self.confinement = "not started"
         self._declared: Any = None
         self._process: subprocess.Popen[bytes] | None = None
         self._channel: Channel | None = None
@@ -236,6 +259,8 @@ class ChildRunner:
         command = [sys.executable, str(_BOOT), str(theirs.fileno())]
         if not self.cut_network:
             command.append("--keep-network")
+        for path in self.hide:
+            command += ["--hide", path]
         try:
             self._process = subprocess.Popen(  # noqa: S603 (our own script, no shell)
                 command,
@@ -269,8 +294,14 @@ class ChildRunner:
             deadline=time.monotonic() + 120.0,
         )
         self.network = str(ready.get("network", "unknown"))
+        self.confinement = str(ready.get("confinement", "unknown"))
         self._declared = ready.get("declared")
-        log.info("analysis child %s started; network %s", ready.get("pid"), self.network)
+        log.info(
+            "analysis child %s started; network %s; %s",
+            ready.get("pid"),
+            self.network,
+            self.confinement,
+        )
 
     def run(self, epoch: int, previous: Any) -> Outcome:
         self.start()
