@@ -18,8 +18,8 @@ COPY pyproject.toml README.md ./
 COPY src ./src
 COPY templates ./templates
 COPY examples ./examples
-RUN --mount=type=bind,source=docker,target=/tmp/flame-docker \
-    sh /tmp/flame-docker/install.sh wheel /wheels
+COPY docker ./docker
+RUN sh docker/install.sh wheel /wheels
 
 # --- stage 2: the runtime image -------------------------------------------------------------
 FROM ${PYTHON_IMAGE}
@@ -28,9 +28,13 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     FLAME_LOG_FORMAT=json
-RUN --mount=type=bind,source=docker,target=/tmp/flame-docker \
-    --mount=type=bind,from=wheel,source=/wheels,target=/tmp/flame-wheels \
-    sh /tmp/flame-docker/install.sh install /tmp/flame-wheels
+# The install script and the wheel's checksum are copied, not only mounted: podman/buildah
+# do not key their layer cache on what a RUN --mount brings, so a changed script or wheel
+# must change a layer before the install step, or the image would silently stay stale.
+COPY docker/install.sh docker/entrypoint /usr/local/share/flame/
+COPY --from=wheel /wheels/SHA256SUMS /usr/local/share/flame/wheel.sha256
+RUN --mount=type=bind,from=wheel,source=/wheels,target=/tmp/flame-wheels \
+    sh /usr/local/share/flame/install.sh install /tmp/flame-wheels
 WORKDIR /app
 USER 10001:10001
 # Python turns SIGINT into a clean stop even as PID 1, where SIGTERM would be ignored.

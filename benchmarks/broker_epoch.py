@@ -14,7 +14,11 @@ Prints, from one run:
      MQTT connection per node;
   4. a 100 MB numpy update through flame (chunked) vs the same bytes as one raw paho publish,
      sender and receiver each in their own process, with each side's peak RSS growth as a
-     multiple of the payload (target <= 2x).
+     multiple of the payload (target <= 2x);
+  5. `analyze` in its isolated child process vs in the node's own process: the added time per
+     epoch with a tiny result (target <= 20 ms) and, for a large numpy result, the node
+     runtime's peak RSS growth against the in-process run's (target <= 1.2x; the array comes
+     back through a shared-memory mapping, not pickled through a pipe).
 """
 
 from __future__ import annotations
@@ -297,6 +301,87 @@ def epoch_times(url: str, nodes: int, epochs: int) -> tuple[list[float], float]:
     return [record.duration for record in result.history], total
 
 
+# --- 5. analyze isolated in a child process vs in-process ----------------------------------------
+
+
+def _iso_analyze(data: Any, epoch: int, previous: Any) -> Any:
+    count = int(previous["count"]) if isinstance(previous, dict) else 1
+    return {"w": np.ones(count)} if count > 1 else {"x": 1.0}
+
+
+def child_isolation(mode: str, size: int, rounds: int) -> None:
+    """In a fresh process: per-epoch time (tiny result) and peak RSS growth (large result)."""
+    from flame.data import Data, MemorySource
+    from flame.federated.context import Context
+    from flame.federated.mailbox import Mailbox
+    from flame.isolation.runner import ChildRunner, InProcessRunner
+    from flame.transport.memory import MemoryBroker, MemoryTransport
+
+    context = Context(
+        analysis_id="bench",
+        node_id="n",
+        role="analysis",
+        participants=["n"],
+        aggregator_id="aggregator",
+        mailbox=Mailbox(MemoryTransport(MemoryBroker(), "bench", "n")),
+    )
+    data = Data({"m": MemorySource({"x.csv": "v\n1\n"})})
+    runner: Any = (
+        ChildRunner(_iso_analyze, data, context)
+        if mode == "child"
+        else InProcessRunner(_iso_analyze, data, context)
+    )
+    started = time.perf_counter()
+    runner.start()
+    startup = time.perf_counter() - started
+    runner.run(0, None)  # warm
+    times = []
+    for epoch in range(rounds):
+        start = time.perf_counter()
+        runner.run(epoch, None)
+        times.append(time.perf_counter() - start)
+    baseline = _rss_bytes()
+    start = time.perf_counter()
+    result = runner.run(0, {"count": size // 8}).result["w"]
+    checksum = float(result.sum())  # touches every page, as a real use of the result would
+    seconds = time.perf_counter() - start
+    growth = _peak_bytes() - baseline
+    runner.close()
+    print(
+        json.dumps(
+            {
+                "epoch": statistics.median(times),
+                "growth": growth,
+                "seconds": seconds,
+                "ok": checksum == size // 8,
+                "startup": startup,
+            }
+        ),
+        flush=True,
+    )
+
+
+def isolation(size: int, rounds: int) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    for mode in ("in-process", "child"):
+        done = subprocess.run(
+            [
+                sys.executable,
+                str(Path(__file__).resolve()),
+                "--child-isolation",
+                mode,
+                str(size),
+                str(rounds),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            check=True,
+        )
+        out[mode] = json.loads(done.stdout.strip().splitlines()[-1])
+    return out
+
+
 # --- 4. a large update, each side in its own process -------------------------------------------
 
 
@@ -427,7 +512,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--child-receive", nargs=4, help=argparse.SUPPRESS)
     parser.add_argument("--child-send", nargs=4, help=argparse.SUPPRESS)
     parser.add_argument("--child-nodes", nargs=5, help=argparse.SUPPRESS)
+    parser.add_argument("--child-isolation", nargs=3, help=argparse.SUPPRESS)
+    parser.add_argument("--only-isolation", action="store_true", help="just row 5 (no broker)")
     args = parser.parse_args(argv)
+    if args.child_isolation:
+        mode, size, count = args.child_isolation
+        child_isolation(mode, int(size), int(count))
+        return
     if args.child_nodes:
         url, analysis, first, count, total = args.child_nodes
         child_nodes(url, analysis, int(first), int(count), int(total))
@@ -443,6 +534,9 @@ def main(argv: list[str] | None = None) -> None:
     rounds = 100 if args.quick else 500
     sizes = [int(n) for n in (args.nodes or ("10,100" if args.quick else "10,100,1000")).split(",")]
     payload_mb = args.payload_mb or (10 if args.quick else 100)
+    if args.only_isolation:
+        report_isolation(payload_mb, rounds)
+        return
     with mosquitto() if args.broker is None else _given(args.broker) as url:
         report(url, rounds, sizes, payload_mb)
 
@@ -492,6 +586,27 @@ def report(url: str, rounds: int, sizes: list[int], payload_mb: int) -> None:
         f"   chunked / raw time: {flame_big['seconds'] / raw_big['seconds']:.2f}x; "
         f"target peak RSS <= 2x payload (sender's includes the array itself): "
         f"{'met' if worst <= 2 else 'NOT met'}"
+    )
+    report_isolation(payload_mb, rounds)
+
+
+def report_isolation(payload_mb: int, rounds: int) -> None:
+    result = isolation(payload_mb * 1024 * 1024, rounds)
+    inproc, child = result["in-process"], result["child"]
+    added = (child["epoch"] - inproc["epoch"]) * 1000
+    ratio = child["growth"] / max(inproc["growth"], 1)
+    print(
+        f"5. analyze in an isolated child, tiny result, median of {rounds}: "
+        f"{child['epoch'] * 1000:.2f} ms vs {inproc['epoch'] * 1000:.3f} ms in-process: "
+        f"+{added:.2f} ms per epoch (target <= 20 ms: {'met' if added <= 20 else 'NOT met'}); "
+        f"the child starts once per run in {child['startup']:.2f} s, while nodes gather"
+    )
+    print(
+        f"   {payload_mb} MB numpy result: node runtime peak RSS growth "
+        f"{child['growth'] / 2**20:.0f} MB isolated vs {inproc['growth'] / 2**20:.0f} MB "
+        f"in-process = {ratio:.2f}x (target <= 1.2x: {'met' if ratio <= 1.2 else 'NOT met'}); "
+        f"back in {child['seconds']:.2f} s vs {inproc['seconds']:.2f} s"
+        f"{'' if child['ok'] and inproc['ok'] else '  WRONG DATA'}"
     )
 
 

@@ -6,6 +6,13 @@
 #   install.sh install WHEEL_DIR  install that wheel with its dependencies, the entry point,
 #                                 the runtime user and /app; then self-test the result
 #
+# The image keeps this script as `flame-install`, for the analysis image's Dockerfile (the
+# one `flame init` writes):
+#   flame-install requirements FILE   pip-install an analysis's requirements.txt, with
+#                                     --require-hashes when it holds hashes; nothing if empty
+#   flame-install code DIR SHA256     load the analysis in DIR and check that SHA256 is its
+#                                     code's hash (the one the run's manifest records)
+#
 # Knobs (environment; the defaults are the image's):
 #   FLAME_INSTALL_PYTHON   the interpreter to install into                   (python3)
 #   FLAME_INSTALL_APP_DIR  where the analysis code goes                      (/app)
@@ -19,7 +26,8 @@ python="${FLAME_INSTALL_PYTHON:-python3}"
 here="$(cd "$(dirname "$0")" && pwd)"
 
 usage() {
-    echo "usage: install.sh wheel OUT_DIR | install.sh install WHEEL_DIR" >&2
+    echo "usage: install.sh wheel OUT_DIR | install WHEEL_DIR | requirements FILE |" \
+        "code DIR SHA256" >&2
     exit 2
 }
 
@@ -28,6 +36,7 @@ usage() {
 case "$mode" in
 wheel)
     "$python" -m pip wheel --no-deps --no-cache-dir --wheel-dir "$target" .
+    (cd "$target" && sha256sum flame-*.whl >SHA256SUMS)
     ;;
 install)
     set -- "$target"/flame-*.whl
@@ -35,10 +44,14 @@ install)
         echo "install.sh: expected exactly one flame wheel in $target" >&2
         exit 1
     fi
+    if [ -f "$target/SHA256SUMS" ]; then
+        (cd "$target" && sha256sum -c --quiet SHA256SUMS)
+    fi
     "$python" -m pip install --no-cache-dir --no-warn-script-location "$1"
     bindir="$("$python" -c 'import sysconfig; print(sysconfig.get_path("scripts"))')"
     cp "$here/entrypoint" "$bindir/flame-entrypoint"
-    chmod 0755 "$bindir/flame-entrypoint"
+    cp "$here/install.sh" "$bindir/flame-install"
+    chmod 0755 "$bindir/flame-entrypoint" "$bindir/flame-install"
 
     uid="${FLAME_INSTALL_UID-10001}"
     if [ -n "$uid" ]; then
@@ -57,6 +70,37 @@ flame.clients.data_api_client, flame.check, flame.status"
     "$bindir/flame" init "$scratch/analysis"
     "$bindir/flame" simulate "$scratch/analysis" --data "$scratch/analysis/data" --quiet >/dev/null
     rm -rf "$scratch"
+    ;;
+requirements)
+    if ! grep -qvE '^[[:space:]]*(#|$)' "$target"; then
+        echo "install.sh: $target names no packages; nothing to install"
+        exit 0
+    fi
+    set -- --no-cache-dir --no-warn-script-location -r "$target"
+    if grep -qE -- '--hash[=[:space:]]' "$target"; then
+        set -- --require-hashes "$@"
+    fi
+    "$python" -m pip install "$@"
+    # the analysis's packages must leave flame and its dependencies working
+    "$python" -m pip check
+    "$python" -c "import flame.main, flame.transport.mqtt"
+    ;;
+code)
+    expected="${3:-}"
+    actual="$("$python" -c "import sys; from pathlib import Path; \
+from flame.loader import load_analysis; from flame.main import code_hash; \
+print(code_hash(load_analysis(Path(sys.argv[1])).functions))" "$target")"
+    hint="build with --build-arg FLAME_CODE_SHA256=\"\$(flame hash .)\""
+    if [ -z "$expected" ]; then
+        echo "install.sh: no FLAME_CODE_SHA256 given; $hint (the code in $target has $actual)" >&2
+        exit 1
+    fi
+    if [ "$expected" != "$actual" ]; then
+        echo "install.sh: FLAME_CODE_SHA256 $expected is not the hash of the code in" \
+            "$target ($actual); $hint" >&2
+        exit 1
+    fi
+    echo "analysis code in $target: sha256 $actual"
     ;;
 *)
     usage

@@ -31,6 +31,10 @@ from pathlib import Path, PurePosixPath
 
 import pytest
 
+from flame.loader import load_analysis
+from flame.main import code_hash
+from flame.scaffold import IMAGE_LABEL
+
 REPO = Path(__file__).resolve().parents[1]
 DOCKERFILE = REPO / "Dockerfile"
 INSTALL_SCRIPT = "install.sh"
@@ -154,12 +158,16 @@ def _dockerignore(context: Path) -> list[str]:
 
 
 def _ignored(relative: str, patterns: list[str]) -> bool:
+    """Docker's rule: the last pattern that matches decides; `!pattern` lets a path back in."""
+    ignored = False
+    parts = relative.split("/")
     for pattern in patterns:
+        negated = pattern.startswith("!")
+        pattern = pattern.removeprefix("!")
         bare = pattern.removeprefix("**/")
-        parts = relative.split("/")
         if fnmatch(relative, pattern) or any(fnmatch(part, bare) for part in parts):
-            return True
-    return False
+            ignored = not negated
+    return ignored
 
 
 # --------------------------------------------------------------------------------- replay
@@ -178,6 +186,7 @@ class Image:
     stopsignal: str
     home: Path
     app_dir: Path | None = None  # an analysis image's /app, kept apart from the base image's
+    labels: dict[str, str] = field(default_factory=dict)
 
     def host(self, path: str) -> Path:
         return self.root / path.lstrip("/")
@@ -236,21 +245,67 @@ class Image:
                 stdin=subprocess.DEVNULL,
             )
 
-    def derive(self, dockerfile: Path, app: Path) -> Image:
-        """Replay an analysis image's Dockerfile (FROM this image, COPY files into /app);
-        its /app is `app`, so the base image stays as built for other tests."""
+    def derive(
+        self, dockerfile: Path, app: Path, build_args: dict[str, str] | None = None
+    ) -> Image:
+        """Replay an analysis image's Dockerfile (`flame init` writes it: FROM this image,
+        COPY into /app honouring its .dockerignore, RUN flame-install, LABEL); its /app is
+        `app`, so the base image stays as built for other tests. The labels land in
+        `self.labels` of the result."""
         context = dockerfile.parent
+        ignore = _dockerignore(context)
         app.mkdir(parents=True, exist_ok=True)
+        args = dict(build_args or {})
+        labels: dict[str, str] = {}
+
+        def expand(text: str) -> str:
+            return re.sub(r"\$\{(\w+)\}|\$(\w+)", lambda m: args.get(m[1] or m[2], ""), text)
+
+        def host(path: str) -> str:
+            if path == "/app" or path.startswith("/app/"):
+                return str(app) + path[len("/app") :]
+            return path
+
         for stage in parse_dockerfile(dockerfile.read_text()):
             for step in stage.instructions:
-                if step.keyword != "COPY":
-                    raise Unreproducible(f"analysis Dockerfile {step}: only COPY is expected")
-                *sources, dest = shlex.split(step.args)
-                if dest.rstrip("/") != "/app":
-                    raise Unreproducible(f"analysis Dockerfile {step}: copies outside /app")
-                for source in sources:
-                    shutil.copy2(context / source, app / Path(source).name)
-        return replace(self, app_dir=app)
+                if step.keyword in ("USER", "WORKDIR"):
+                    continue  # the replay has no users; /app is the only folder it writes
+                if step.keyword == "ARG":
+                    name, _, default = step.args.partition("=")
+                    args.setdefault(name.strip(), default.strip().strip('"'))
+                elif step.keyword == "LABEL":
+                    for item in shlex.split(expand(step.args)):
+                        key, _, value = item.partition("=")
+                        labels[key] = value
+                elif step.keyword == "COPY":
+                    *sources, dest = shlex.split(step.args)
+                    if not (dest.rstrip("/") == "/app" or dest.startswith("/app/")):
+                        raise Unreproducible(f"analysis Dockerfile {step}: copies outside /app")
+                    for pattern in sources:
+                        matches = [
+                            path
+                            for path in sorted(context.glob(pattern))
+                            if not _ignored(path.relative_to(context).as_posix(), ignore)
+                        ]
+                        if not matches:
+                            raise StepFailed(str(step), f"no file in the context matches {pattern}")
+                        for path in matches:
+                            shutil.copy2(path, app / path.name)
+                elif step.keyword == "RUN":
+                    words = [expand(word) for word in shlex.split(step.args)]
+                    if not words or words[0] != "flame-install":
+                        raise Unreproducible(f"analysis Dockerfile {step}: only flame-install runs")
+                    done = subprocess.run(
+                        [str(self.bin / "flame-install"), *(host(word) for word in words[1:])],
+                        env={**self.environment(), "FLAME_INSTALL_PYTHON": str(self.python)},
+                        cwd=self.home, capture_output=True, text=True, timeout=STEP_TIMEOUT,
+                        check=False,
+                    )  # fmt: skip
+                    if done.returncode != 0:
+                        raise StepFailed(str(step), done.stdout + done.stderr)
+                else:
+                    raise Unreproducible(f"analysis Dockerfile {step}: not expected there")
+        return replace(self, app_dir=app, labels=labels)
 
 
 def outer_site_packages() -> list[str]:
@@ -553,7 +608,11 @@ def _analysis_image(image: Image, tmp_path: Path) -> tuple[Image, Path]:
     """`flame init` run inside the image, then the analysis image built FROM it."""
     made = image.run(["init", str(tmp_path / "analysis")])
     assert made.returncode == 0, made.stderr
-    derived = image.derive(tmp_path / "analysis" / "Dockerfile", tmp_path / "app")
+    digest = code_hash(load_analysis(tmp_path / "analysis").functions)
+    derived = image.derive(
+        tmp_path / "analysis" / "Dockerfile", tmp_path / "app", {"FLAME_CODE_SHA256": digest}
+    )
+    assert derived.labels == {IMAGE_LABEL: digest}
     return derived, tmp_path / "analysis"
 
 
@@ -579,11 +638,13 @@ def test_container_runs_a_federation_with_env_only(
     from broker import Broker
 
     assert isinstance(broker, Broker)
-    image, analysis = _analysis_image(image, tmp_path)  # FROM flame; COPY the two files
+    image, analysis = _analysis_image(image, tmp_path)  # FROM flame; COPY the code files
     assert sorted(p.name for p in image.app.iterdir()) == [
         "aggregator_generic.py",
         "analyzer_generic.py",
-    ]
+        "main_generic.py",
+        "requirements.txt",
+    ]  # not test_analysis.py, not data/, not Dockerfile (the .dockerignore `flame init` wrote)
     common = {
         "FLAME_ANALYSIS_ID": "smoke",
         "FLAME_PARTICIPANTS": "clinic-a,clinic-b",
@@ -631,6 +692,36 @@ def test_container_runs_a_federation_with_env_only(
         for line in lines:  # JSON lines (the image's FLAME_LOG_FORMAT), each naming its node
             assert line["node_id"] == name and line["analysis_id"] == "smoke"
         assert broker.password not in logs[name] + outputs[name]
+
+
+def test_a_single_file_analysis_builds_and_is_labelled(image: Image, tmp_path: Path) -> None:
+    made = image.run(["init", str(tmp_path / "mean"), "--example", "federated_mean"])
+    assert made.returncode == 0, made.stderr
+    (tmp_path / "mean" / ".env").write_text("TOKEN=never-in-the-image\n")
+    digest = code_hash(load_analysis(tmp_path / "mean").functions)
+    derived = image.derive(
+        tmp_path / "mean" / "Dockerfile", tmp_path / "app", {"FLAME_CODE_SHA256": digest}
+    )
+    assert sorted(p.name for p in derived.app.iterdir()) == ["analysis.py", "requirements.txt"]
+    assert derived.labels[IMAGE_LABEL] == digest
+
+
+@pytest.mark.parametrize(
+    ("given", "says"),
+    [("0" * 64, "is not the hash of the code"), ("", "no FLAME_CODE_SHA256 given")],
+)
+def test_the_analysis_image_refuses_a_wrong_code_hash(
+    image: Image, tmp_path: Path, given: str, says: str
+) -> None:
+    made = image.run(["init", str(tmp_path / "analysis")])
+    assert made.returncode == 0, made.stderr
+    digest = code_hash(load_analysis(tmp_path / "analysis").functions)
+    with pytest.raises(StepFailed) as failed:
+        image.derive(
+            tmp_path / "analysis" / "Dockerfile", tmp_path / "app", {"FLAME_CODE_SHA256": given}
+        )
+    assert "flame-install code" in failed.value.step
+    assert says in failed.value.output and digest in failed.value.output
 
 
 # ------------------------------------------------------------- the test fails when it should

@@ -94,3 +94,34 @@ def test_secure_mean_matches_the_pooled_statistics_within_precision() -> None:
         assert result.value[column]["n"] == values.size
         assert result.value[column]["mean"] == pytest.approx(values.mean(), abs=1e-6, rel=0)
         assert result.value[column]["std"] == pytest.approx(values.std(ddof=1), abs=1e-5, rel=0)
+
+
+def test_crosstab_min_count_equals_pooled_table_less_small_cells() -> None:
+    example = EXAMPLES / "crosstab_min_count"
+    f = load_analysis(example).functions
+    policy = flame.load_policy(example / "policy.toml")
+    result = flame.simulate(f.analyze, f.aggregate, data=example / "data", policy=policy).value
+    expected = np.zeros((2, 3), dtype=np.int64)
+    hidden = {}
+    for folder in sorted((example / "data").iterdir()):
+        with (folder / "patients.csv").open(newline="") as handle:
+            rows = [(int(r["sex"]), float(r["age"])) for r in csv.DictReader(handle)]
+        table = np.zeros((2, 3), dtype=np.int64)
+        for sex, age in rows:
+            table[sex, 0 if age < 40 else 1 if age < 65 else 2] += 1
+        small = (table > 0) & (table < 5)
+        hidden[folder.name] = int(small.sum())
+        expected += np.where(small, 0, table)
+    assert np.array_equal(result["table"], expected)
+    assert result["suppressed_cells"] == hidden == {"clinic_a": 0, "clinic_b": 1, "clinic_c": 0}
+
+
+def test_dp_mean_is_near_the_pooled_mean(tmp_path: Path) -> None:
+    example = EXAMPLES / "dp_mean"
+    f = load_analysis(example).functions
+    policy = flame.load_policy(example / "policy.toml").model_copy(update={"ledger_dir": tmp_path})
+    result = flame.simulate(f.analyze, f.aggregate, data=example / "data", policy=policy).value
+    ages = pooled("dp_mean")["age"]
+    # three nodes' Laplace(200) on sums of ~10 000 and Laplace(2) on counts: sd ~2.5 years
+    assert abs(result["mean"] - ages.mean()) < 15
+    assert abs(result["n"] - ages.size) < 30

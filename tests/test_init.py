@@ -144,12 +144,28 @@ def test_written_folder_is_clean_and_has_an_image_recipe(tmp_path: Path) -> None
     names = sorted(p.relative_to(made.root).as_posix() for p in made.files)
     assert not [n for n in names if "__pycache__" in n or n.endswith(".pyc")]
     assert "data/node_1/values.csv" in names and "test_analysis.py" in names
+    assert {"Dockerfile", ".dockerignore", "requirements.txt"} <= set(names)
     dockerfile = (made.root / "Dockerfile").read_text()
     assert "FROM ${FLAME_IMAGE}" in dockerfile
-    assert "COPY aggregator_generic.py analyzer_generic.py /app/" in dockerfile
+    assert "COPY *.py /app/" in dockerfile  # two template files or one analysis.py alike
+    assert "RUN flame-install requirements /app/requirements.txt" in dockerfile
+    assert f'LABEL {scaffold.IMAGE_LABEL}="${{FLAME_CODE_SHA256}}"' in dockerfile
+    # the context is an allow-list: code and requirements in, data, tests and secrets out
+    ignore = (made.root / ".dockerignore").read_text().split()
+    assert ignore[ignore.index("*") :][:3] == ["*", "!*.py", "!requirements.txt"]
+    assert "test_*.py" in ignore
+    requirements = (made.root / "requirements.txt").read_text()
+    assert all(line.startswith("#") for line in requirements.splitlines())  # installs nothing
     example = scaffold.init(tmp_path / "b", "federated_mean")
-    assert "COPY analysis.py /app/" in (example.root / "Dockerfile").read_text()
+    assert (example.root / "Dockerfile").read_text() == dockerfile
     assert example.data == tmp_path / "b" / "data"
+
+
+def test_force_keeps_the_analysts_requirements(tmp_path: Path) -> None:
+    (tmp_path / "requirements.txt").write_text("pandas==2.2.3\n")
+    scaffold.init(tmp_path, force=True)
+    assert (tmp_path / "requirements.txt").read_text() == "pandas==2.2.3\n"
+    assert (tmp_path / "Dockerfile").is_file()
 
 
 def test_simulate_runs_right_after_init(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -376,3 +376,62 @@ def test_obfuscators_are_made_while_waiting_and_used_by_the_epoch(tkey, caplog) 
     result = flame.simulate(analyze, aggregate, data=data_for(MEMBERS), config=config)
     assert np.allclose(result.value["total"], expected_total(MEMBERS, 0), atol=1e-3, rtol=0)
     assert "precomputed" in caplog.text
+
+
+def test_a_subset_is_asked_first_and_replaced_when_it_cheats_or_stalls(
+    tkey, caplog, monkeypatch
+) -> None:
+    folder, _ = tkey
+    honest = ThresholdParty.answer
+
+    def flaky(self: ThresholdParty, envelope: Envelope) -> dict:
+        node = self.share.node_id
+        if node == "a":
+            time.sleep(4.0)  # slow: the aggregator stops waiting for it after timeout / 4
+        if node == "b":
+            return {"error": "not today"}
+        return honest(self, envelope)
+
+    monkeypatch.setattr(ThresholdParty, "answer", flaky)
+    caplog.set_level(logging.INFO)
+    config = tconfig(folder, epoch_timeout=8, secure={"decrypters": 3})
+    result = flame.simulate(analyze, aggregate, data=data_for(MEMBERS), config=config)
+    assert np.allclose(result.value["total"], expected_total(MEMBERS, 0), atol=1e-3, rtol=0)
+    assert "asking 3 share holders" in caplog.text and "b refused to decrypt" in caplog.text
+    assert "no decryption from a within 2 s" in caplog.text
+    assert "decrypted with the partial decryptions of c, d, e" in caplog.text
+
+
+def test_threshold_key_configuration_is_checked(tkey, tmp_path) -> None:
+    from flame.errors import ConfigError
+    from flame.federated.secure import SecureKeys
+    from flame.protocols.paillier import KeyFileError, write_keypair
+
+    folder, public = tkey
+    share = folder / "share-b.json"
+    agg = load_config(
+        secure={
+            "enabled": True,
+            "public_key_file": folder / "public_key.json",
+            "key_share_file": share,
+        }
+    ).secure
+    with pytest.raises(ConfigError, match="aggregation node must not hold a key share"):
+        SecureKeys.from_settings(agg, role="aggregation")
+    node = load_config(secure={"enabled": True, "key_share_file": share}).secure
+    assert SecureKeys.from_settings(node, role="analysis", node_id="b").threshold == public
+    with pytest.raises(KeyFileError, match="belongs to 'b', not to 'c'"):
+        SecureKeys.from_settings(node, role="analysis", node_id="c")
+    single = write_keypair(tmp_path, 2048)
+    both = load_config(
+        secure={"enabled": True, "key_share_file": share, "private_key_file": single[1]}
+    ).secure
+    with pytest.raises(ConfigError, match="not used with a threshold key"):
+        SecureKeys.from_settings(both, role="analysis", node_id="b")
+    no_share = load_config(
+        secure={"enabled": True, "public_key_file": folder / "public_key.json"}
+    ).secure
+    with pytest.raises(ConfigError, match=r"KEY_SHARE_FILE.*required"):
+        SecureKeys.from_settings(no_share, role="analysis", node_id="b")
+    plain_agg = load_config(secure={"enabled": True, "public_key_file": single[0]}).secure
+    assert SecureKeys.from_settings(plain_agg, role="aggregation").threshold is None

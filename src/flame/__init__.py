@@ -20,14 +20,18 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:  # what mypy and IDEs see; at run time these load lazily below
+    from flame import dp
     from flame.config import FlameConfig, load_config
     from flame.data import Data
+    from flame.disclosure import counts
     from flame.errors import (
+        AnalysisError,
         AnalysisLoadError,
         ConfigError,
         DataError,
         FlameError,
         MessageError,
+        PolicyRefused,
         RunFailed,
         RunTimeout,
         TransportError,
@@ -37,6 +41,7 @@ if TYPE_CHECKING:  # what mypy and IDEs see; at run time these load lazily below
     from flame.federated.run_store import load_result
     from flame.federated.secure import Results, secure
     from flame.main import run
+    from flame.policy import NodePolicy, load_policy
     from flame.simulate import simulate
 
 # public name -> the module that defines it
@@ -44,6 +49,11 @@ _LAZY: dict[str, str] = {
     "FlameConfig": "flame.config",
     "load_config": "flame.config",
     "Data": "flame.data",
+    "counts": "flame.disclosure",
+    "AnalysisError": "flame.errors",
+    "PolicyRefused": "flame.errors",
+    "NodePolicy": "flame.policy",
+    "load_policy": "flame.policy",
     "AnalysisLoadError": "flame.errors",
     "ConfigError": "flame.errors",
     "DataError": "flame.errors",
@@ -67,6 +77,8 @@ _LAZY: dict[str, str] = {
 
 
 def __getattr__(name: str) -> Any:
+    if name == "dp":  # a submodule: flame.dp.laplace(...), flame.dp.gaussian(...)
+        return importlib.import_module("flame.dp")
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'flame' has no attribute {name!r}")
@@ -76,7 +88,7 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted({*globals(), *_LAZY})
+    return sorted({*globals(), *_LAZY, "dp"})
 
 
 class _Package(ModuleType):
@@ -96,7 +108,13 @@ sys.modules[__name__].__class__ = _Package
 
 
 __all__ = [
+    "AnalysisError",
     "AnalysisLoadError",
+    "NodePolicy",
+    "PolicyRefused",
+    "counts",
+    "dp",
+    "load_policy",
     "ConfigError",
     "Context",
     "Data",

@@ -487,6 +487,30 @@ def _check_keys(config: FlameConfig) -> list[CheckItem]:
     return items
 
 
+def _check_policy(config: FlameConfig) -> CheckItem:
+    """The node policy in force, one line: the rules and what is left of the budget."""
+    from flame.federated.release import Gate
+    from flame.policy import load_policy
+
+    try:
+        policy = load_policy(config.policy)
+    except ConfigError as exc:
+        return CheckItem("FAIL", "policy", str(config.policy), str(exc), "fix FLAME_POLICY's file")
+    rules = {k: v for k, v in policy.summary().items() if v is not None and k != "ledger_dir"}
+    detail = " ".join(f"{k}={v}" for k, v in rules.items())
+    if policy.epsilon_budget is not None:
+        try:
+            gate = Gate(policy, node_id=config.node_id or "node", analysis_id=config.analysis_id)
+            assert gate.ledger is not None
+            left = gate.ledger.remaining()
+            detail += f"; left: epsilon {left.epsilon:g}, delta {left.delta:g}"
+            detail += f" (ledger {gate.ledger.path})"
+        except FlameError as exc:
+            return CheckItem("FAIL", "policy", str(config.policy), str(exc))
+    target = str(config.policy) if config.policy is not None else "(none: FLAME_POLICY unset)"
+    return CheckItem("ok", "policy", target, detail)
+
+
 def run_checks(*, timeout: float = 5.0) -> CheckReport:
     """Check everything this node's config uses; every item is tried, none stops the rest."""
     report = CheckReport()
@@ -510,6 +534,7 @@ def run_checks(*, timeout: float = 5.0) -> CheckReport:
         items.append(_check_storage(config, failed_tokens, timeout))
     if config.secure.enabled:
         items.extend(_check_keys(config))
+    items.append(_check_policy(config))
     secrets = config.secrets()
     for item in items:
         report.items.append(

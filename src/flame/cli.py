@@ -101,9 +101,34 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
             on_event=progress,
             secure=args.secure,
             isolate=not args.in_process,
+            policy=_policy_arguments(args.policy),
         )
     _report(result, args.output, _manifest(analysis.functions, result))
     return 0
+
+
+def _policy_arguments(items: list[str]) -> Any:
+    """`--policy FILE` (all nodes) and/or `--policy NODE=FILE` (one node) as simulate wants."""
+    if not items:
+        return None
+    every = [item for item in items if "=" not in item]
+    if len(every) > 1:
+        raise FlameError("--policy FILE may be given once; use NODE=FILE for single nodes")
+    if not any("=" in item for item in items):
+        return Path(every[0])
+    named = dict(item.split("=", 1) for item in items if "=" in item)
+    return _PerNode(Path(every[0]) if every else None, named)
+
+
+class _PerNode(dict[str, Any]):
+    """Per-node policies; nodes not named get the common file (or none)."""
+
+    def __init__(self, common: Path | None, named: dict[str, str]) -> None:
+        super().__init__({node: Path(path) for node, path in named.items()})
+        self.common = common
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return super().get(key, self.common)
 
 
 def _manifest(functions: Any, result: RunResult) -> dict[str, Any]:
@@ -232,6 +257,13 @@ def _parser() -> argparse.ArgumentParser:
         "--broker",
         metavar="URL",
         help="run over a real MQTT broker (mqtt://host:port), or 'embedded' to start a local one",
+    )
+    sim.add_argument(
+        "--policy",
+        action="append",
+        default=[],
+        metavar="[NODE=]FILE",
+        help="node policy file for every node, or NODE=FILE for one node (repeatable)",
     )
     sim.add_argument(
         "--in-process",

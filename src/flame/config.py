@@ -136,6 +136,12 @@ class SecureAggregationSettings(_Section):
     key_share_file: Path | None = Field(
         None, description="threshold mode: this analysis node's share-<node>.json (mode 0600)"
     )
+    decrypters: int | None = Field(
+        None,
+        ge=1,
+        description="threshold mode: share holders asked to decrypt at first (default: all); "
+        "more are asked when one refuses, cheats or is slow",
+    )
     precompute: int = Field(
         0,
         ge=0,
@@ -191,6 +197,9 @@ class FlameConfig(BaseSettings):
     broker: BrokerSettings = BrokerSettings()
     storage: StorageSettings = StorageSettings()
     secure: SecureAggregationSettings = SecureAggregationSettings()
+    policy: Path | None = Field(
+        None, description="this node's policy file (disclosure rules, DP budget); operator's"
+    )
     log_format: Literal["text", "json"] = "text"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 

@@ -139,6 +139,9 @@ def _run(
         )
         aggregator.context.params = dict(config.params)
         return aggregator.execute().value
+    from flame.policy import load_policy
+
+    policy = load_policy(config.policy)  # the operator's file; never from the aggregator
     data = node_data_handle(config)
     client = AnalysisClient(
         transport,
@@ -150,7 +153,8 @@ def _run(
         secrets=secrets,
         keys=keys,
         resend_interval=config.resend_interval,
-        isolate=True,
+        isolate=policy.isolate,
+        policy=policy,
     )
     client.context.params = dict(config.params)
     return client.run(functions, data).value

@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     else:
         from importlib.abc import Traversable
 
-__all__ = ["ScaffoldError", "Scaffolded", "examples", "init", "kit_root"]
+__all__ = ["IMAGE_LABEL", "ScaffoldError", "Scaffolded", "examples", "init", "kit_root"]
 
 _SKIP_NAMES = {"__pycache__", ".pytest_cache", ".mypy_cache", ".ruff_cache", ".DS_Store"}
 _SKIP_SUFFIXES = (".pyc", ".pyo")
@@ -83,17 +83,56 @@ def _files(
     return found
 
 
-def _dockerfile(code_files: list[str]) -> bytes:
+IMAGE_LABEL = "org.flame.code-sha256"
+"""The analysis image's label holding the SHA-256 of its analysis code (`flame.main.code_hash`,
+the hash the run's manifest records), for node operators who approve code by hash."""
+
+
+def _dockerfile() -> bytes:
     from flame import __version__
 
-    return (
-        "# The analysis image: flame's base image plus this analysis's code, never its data.\n"
-        "# Build the base image first (see flame's README), then: docker build -t my-analysis .\n"
-        "# Each node runs it with its own FLAME_* settings; the entry point is `flame run /app`.\n"
-        f"ARG FLAME_IMAGE=flame:{__version__}\n"
-        "FROM ${FLAME_IMAGE}\n"
-        f"COPY {' '.join(code_files)} /app/\n"
-    ).encode()
+    return f"""\
+# The analysis image: flame's base image plus this folder's top-level *.py files and the
+# packages requirements.txt names; never its data, tests or secrets (see .dockerignore).
+# Build flame's base image first (flame's README, "Containers"), then, in this folder:
+#
+#     docker build --build-arg FLAME_CODE_SHA256="$(flame hash .)" -t my-analysis .
+#
+# The build loads the analysis and refuses a FLAME_CODE_SHA256 that is not its code's hash;
+# the image carries the hash as the label {IMAGE_LABEL}, for node-side approval.
+# Each node runs the image with its own FLAME_* settings; the entry point is `flame run /app`.
+# A package folder of your own: add `COPY mypackage /app/mypackage` below the *.py line and
+# `!mypackage` to .dockerignore.
+ARG FLAME_IMAGE=flame:{__version__}
+FROM ${{FLAME_IMAGE}}
+USER root
+COPY requirements.txt /app/
+RUN flame-install requirements /app/requirements.txt
+USER 10001:10001
+COPY *.py /app/
+ARG FLAME_CODE_SHA256=
+RUN flame-install code /app "${{FLAME_CODE_SHA256}}"
+LABEL {IMAGE_LABEL}="${{FLAME_CODE_SHA256}}"
+""".encode()
+
+
+_DOCKERIGNORE = b"""\
+# The analysis image's build context: top-level Python files and requirements.txt, nothing
+# else (no data, no tests, no secrets). Allow more with a `!name` line.
+*
+!*.py
+!requirements.txt
+test_*.py
+conftest.py
+"""
+
+_REQUIREMENTS = b"""\
+# Python packages this analysis needs beyond flame and its dependencies (numpy, pyarrow, ...
+# are in the image already), installed into the analysis image. Pin exact versions; with a
+# hash on every line (`pip hash FILE`, or pip-compile --generate-hashes) the image installs
+# them with --require-hashes, e.g.
+#   pandas==2.2.3 --hash=sha256:<64 hex digits>
+"""
 
 
 def init(dest: Path, example: str | None = None, *, force: bool = False) -> Scaffolded:
@@ -119,15 +158,15 @@ def init(dest: Path, example: str | None = None, *, force: bool = False) -> Scaf
     if dest.is_dir() and any(dest.iterdir()) and not force:
         raise ScaffoldError(f"{dest} is not empty; use --force to write into it anyway")
     files = _files(source)
-    code = sorted(
-        "/".join(parts)
-        for parts, _ in files
-        if len(parts) == 1 and parts[0].endswith(".py") and not parts[0].startswith("test_")
-    )
-    if example is None:
-        # the analyst's two files; main_generic.py only matters when run without flame's CLI
-        code = [name for name in code if name != "main_generic.py"] or code
-    files.append((("Dockerfile",), _dockerfile(code)))
+    shipped = {parts for parts, _ in files}
+    for name, content in (
+        ("Dockerfile", _dockerfile()),
+        (".dockerignore", _DOCKERIGNORE),
+        ("requirements.txt", _REQUIREMENTS),
+    ):
+        if (name,) in shipped or (name == "requirements.txt" and (dest / name).exists()):
+            continue  # the example's own, or the analyst's list (never replaced, even --force)
+        files.append(((name,), content))
     written: list[Path] = []
     try:
         dest.mkdir(parents=True, exist_ok=True)

@@ -24,6 +24,7 @@ from flame.federated.records import EventSink, RunResult, RunStore
 from flame.federated.run_store import open_node_state, open_run_store
 from flame.federated.secure import SecureKeys
 from flame.isolation.child import refuse_nested_run
+from flame.policy import NodePolicy, load_policy
 from flame.transport.base import Transport
 from flame.transport.memory import MemoryBroker, MemoryTransport
 
@@ -70,6 +71,26 @@ def node_data(spec: DataSpec) -> dict[str, Data]:
     return nodes
 
 
+PolicySpec = NodePolicy | str | Path
+
+
+def node_policies(
+    spec: PolicySpec | Mapping[str, PolicySpec] | None, nodes: list[str]
+) -> dict[str, NodePolicy]:
+    """Each simulated node's policy (files are read once; unknown node ids are an error)."""
+    if not isinstance(spec, Mapping):
+        one = spec if isinstance(spec, NodePolicy) else load_policy(spec)
+        return {node: one for node in nodes}
+    unknown = sorted(set(spec) - set(nodes))
+    if unknown:
+        raise FlameError(f"policy given for unknown node(s): {', '.join(unknown)}")
+    policies: dict[str, NodePolicy] = {}
+    for node in nodes:
+        item = spec.get(node)  # a node not named: the mapping's default (or no policy)
+        policies[node] = item if isinstance(item, NodePolicy) else load_policy(item)
+    return policies
+
+
 def simulate(
     analyze: Callable[..., Any],
     aggregate: Callable[..., Any],
@@ -84,6 +105,7 @@ def simulate(
     store: RunStore | None = None,
     secure: bool = False,
     isolate: bool = False,
+    policy: PolicySpec | Mapping[str, PolicySpec] | None = None,
 ) -> RunResult:
     """Run `analyze` on every node's data and `aggregate` once per epoch; return the result.
 
@@ -92,6 +114,8 @@ def simulate(
     FLAME_* variables apply (epochs, timeouts, quorum, seed); arguments given here win.
     `secure=True` (or FLAME_SECURE__ENABLED) sums `flame.secure(...)` values under
     Paillier encryption, with the configured key files or a throwaway key pair.
+    `policy` is the node policy (a `NodePolicy` or a policy file) for every node, or a
+    mapping node id -> policy; default: FLAME_POLICY's file, if set.
     `isolate=True` runs each node's `analyze` in a child process as on a production node
     (the `flame simulate` command does); `analyze` must then live in a module or file.
     Raises `RunFailed` with the failing node and its error if any node fails.
@@ -114,6 +138,7 @@ def simulate(
     connect = _transport_factory(broker, config)
     keys = _simulation_keys(config) if secure or config.secure.enabled else None
     secrets = config.secrets()
+    policies = node_policies(policy if policy is not None else config.policy, participants)
     failures: dict[str, BaseException] = {}
 
     def run_node(node: str) -> None:
@@ -129,6 +154,7 @@ def simulate(
             keys=None if keys is None else keys.for_node(node),
             log_traceback=False,  # the aggregator's log, in this same process, shows it
             isolate=isolate,
+            policy=policies[node],
         )
         client.context.params = dict(config.params)
         try:

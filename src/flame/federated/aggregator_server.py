@@ -28,6 +28,7 @@ from flame import _logging
 from flame._deadline import Deadline
 from flame._redact import describe_exception
 from flame._traceback import trim_traceback_text
+from flame.disclosure import reveal_suppressed
 from flame.errors import ConfigError, RunFailed, RunTimeout, TransportError, stop_signal
 from flame.federated.context import Context, active
 from flame.federated.functions import AnalysisFunctions
@@ -373,6 +374,7 @@ class Aggregator:
 
     def _aggregate_parameters(self, results: dict[str, Any], epoch: int, previous: Any) -> Any:
         self.context.epoch = epoch
+        results = {node: reveal_suppressed(result) for node, result in results.items()}
         results = self.secure_sum(results, epoch)
         return self._call("aggregate", epoch, results, previous=previous)
 

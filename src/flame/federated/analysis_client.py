@@ -30,6 +30,7 @@ from flame.errors import ConfigError, RunFailed, RunTimeout, TransportError, sto
 from flame.federated.context import Context
 from flame.federated.functions import AnalysisFunctions
 from flame.federated.mailbox import Mailbox
+from flame.federated.release import Gate
 from flame.federated.secure import (
     DECRYPT,
     DECRYPTED,
@@ -40,6 +41,7 @@ from flame.federated.secure import (
 )
 from flame.isolation.runner import ChildRunner, InProcessRunner, Runner
 from flame.messages import Envelope
+from flame.policy import NodePolicy
 from flame.transport.base import Transport
 
 __all__ = ["NOT_PARTICIPANT", "AnalysisClient", "Instruction"]
@@ -86,6 +88,7 @@ class AnalysisClient:
         send_traceback: bool = True,
         log_traceback: bool = True,
         isolate: bool = False,
+        policy: NodePolicy | None = None,
     ) -> None:
         self.transport = transport
         self.mailbox = Mailbox(transport)
@@ -110,7 +113,10 @@ class AnalysisClient:
             state=state,
             on_progress=self._report_progress,
         )
+        self.policy = policy if policy is not None else NodePolicy()
         self.isolate = isolate
+        self.gate = Gate(self.policy, node_id=transport.node_id, analysis_id=transport.analysis_id)
+        self._privacy: dict[str, Any] = {}  # per epoch: DP spend, suppressed cells
         self._last_epoch = -1
         self._last_sent: Envelope | None = None
         self._epoch_started = time.perf_counter()
@@ -178,7 +184,7 @@ class AnalysisClient:
                 )
             chosen = instruction
 
-    def send_results(self, epoch: int, result: Any) -> None:
+    def send_results(self, epoch: int, result: Any, privacy: dict[str, Any] | None = None) -> None:
         """Send this epoch's result to the aggregator; it is re-sent until acknowledged."""
         self._specs = {}
         if self.keys is not None:
@@ -200,6 +206,8 @@ class AnalysisClient:
         self._acked = False
         self._resend_every = self.resend_interval
         self._resend_at = time.monotonic() + self._resend_every
+        if privacy is not None and (privacy["spend"]["epsilon"] or privacy.get("suppressed")):
+            self._privacy[str(epoch)] = privacy
         self.transport.announce(self._status("sent", epoch, **self._metrics()))
         if self._precomputer is not None and self.keys is not None:
             self._precomputer.fill(self.keys.used_ciphertexts)  # for the next epoch
@@ -290,8 +298,11 @@ class AnalysisClient:
                 _logging.set_epoch(epoch)
                 started = self._epoch_started = time.perf_counter()
                 try:
+                    runner.start()
+                    self.gate.before(epoch, runner.declared_spend)  # before any data is read
                     outcome = runner.run(epoch, instruction.previous)
-                    self.send_results(epoch, outcome.result)
+                    release = self.gate.release(epoch, outcome)  # policy, here in the runtime
+                    self.send_results(epoch, release.result, release.report())
                 except (Exception, SystemExit) as exc:
                     reason = self.report_failure(epoch, exc)
                     raise RunFailed(
@@ -419,7 +430,13 @@ class AnalysisClient:
     def _runner(self, functions: AnalysisFunctions, data: Any) -> Runner:
         """Where `analyze` runs: an isolated child (nodes, CLI) or this process (Python API)."""
         if self.isolate:
-            return ChildRunner(functions.analyze, data, self.context, timeout=self.wait_timeout)
+            return ChildRunner(
+                functions.analyze,
+                data,
+                self.context,
+                timeout=self.wait_timeout,
+                cut_network=self.policy.cut_network,
+            )
         return InProcessRunner(functions.analyze, data, self.context)
 
     def _from_aggregator(self, envelope: Envelope) -> bool:
@@ -488,6 +505,8 @@ class AnalysisClient:
         }
         if state == "computing":
             status.setdefault("progress", 0.0)
+        if self._privacy:
+            status["privacy"] = dict(self._privacy)
         return status
 
     def _metrics(self) -> dict[str, Any]:

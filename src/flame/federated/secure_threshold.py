@@ -23,6 +23,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from flame._deadline import Deadline
 from flame.errors import FlameError, RunFailed
 from flame.messages import Envelope, Sealed
 
@@ -229,6 +230,10 @@ class ThresholdCollector:
     allow_changing_contributors: bool = False
     request_category: str = "flame.secure.decrypt"
     reply_category: str = "flame.secure.decrypted"
+    decrypters: int | None = None
+    """How many holders to ask at first (None: all); more are asked on refusal or delay."""
+    stall: float | None = None
+    """Seconds without an answer before asking the remaining holders (default timeout / 4)."""
     invalid: list[str] = field(default_factory=list)
     _fixed: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
@@ -257,56 +262,78 @@ class ThresholdCollector:
         }
         holders = [node for node, _ in self.public.members if node in self.context.participants]
         transport = self.context._mailbox.transport
-        log.info(
-            "epoch %d: asking %d share holders to decrypt %s (any %d suffice)",
-            epoch,
-            len(holders),
-            ", ".join(repr(p) for p in fields),
-            self.public.threshold,
-        )
-        for node in holders:
-            transport.send(
-                Envelope(
-                    analysis,
-                    self.context.node_id,
-                    node,
-                    "message",
-                    epoch,
-                    {"threshold": 1, "fields": fields},
-                    self.request_category,
-                )
+        asked: list[str] = []
+
+        def ask(count: int) -> None:
+            fresh = [n for n in holders if n not in asked][: max(0, count)]
+            if not fresh:
+                return
+            log.info(
+                "epoch %d: asking %d share holders to decrypt %s (any %d suffice): %s",
+                epoch,
+                len(fresh),
+                ", ".join(repr(p) for p in fields),
+                self.public.threshold,
+                ", ".join(fresh),
             )
+            for node in fresh:
+                asked.append(node)
+                transport.send(
+                    Envelope(
+                        analysis,
+                        self.context.node_id,
+                        node,
+                        "message",
+                        epoch,
+                        {"threshold": 1, "fields": fields},
+                        self.request_category,
+                    )
+                )
+
+        first = len(holders) if self.decrypters is None else max(self.decrypters, 1)
+        ask(max(first, self.public.threshold))
         valid: dict[str, dict[int, Any]] = {path: {} for path in fields}
         refusals: dict[str, str] = {}
         answered: set[str] = set()
-        from flame._deadline import Deadline
-
         deadline = Deadline(self.timeout)
 
         def wanted(envelope: Envelope) -> bool:
             return (
                 envelope.kind == "message"
                 and envelope.category == self.reply_category
-                and envelope.sender in holders
+                and envelope.sender in asked
                 and envelope.sender not in answered
                 and envelope.epoch == epoch
             )
 
         t = self.public.threshold
+        stall = self.timeout / 4 if self.stall is None else self.stall
         while any(len(v) < t for v in valid.values()):
-            envelope = self.context._mailbox.next(wanted, deadline)
+            wait = Deadline(min(deadline.left(), stall)) if len(asked) < len(holders) else deadline
+            envelope = self.context._mailbox.next(wanted, wait)
             if envelope is None:
-                break
+                if deadline.passed() or len(asked) == len(holders):
+                    break
+                log.warning(
+                    "epoch %d: no decryption from %s within %g s; asking the other holders",
+                    epoch,
+                    ", ".join(n for n in asked if n not in answered) or "anyone",
+                    stall,
+                )
+                ask(len(holders))
+                continue
             node = envelope.sender
             answered.add(node)
             reply = envelope.body if isinstance(envelope.body, dict) else {}
             if "error" in reply:
                 refusals[node] = str(reply["error"])[:300]
                 log.warning("epoch %d: %s refused to decrypt: %s", epoch, node, refusals[node])
+                ask(1)
                 continue
             partials = reply.get("partials")
             if not isinstance(partials, dict):
                 refusals[node] = "malformed reply"
+                ask(1)
                 continue
             for path in fields:
                 sealed = partials.get(path)
@@ -330,11 +357,12 @@ class ThresholdCollector:
                         exc,
                     )
                     refusals[node] = f"wrong partial decryption of {path!r}: {exc}"
+                    ask(1)
                     continue
                 valid[path][partial.index] = partial
         short = [path for path, v in valid.items() if len(v) < t]
         if short:
-            missing = [n for n in holders if n not in answered]
+            missing = [n for n in asked if n not in answered]
             parts = [
                 f"{len(valid[short[0]])} valid partial decryption(s) of {short[0]!r}, {t} needed"
             ]

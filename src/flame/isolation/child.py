@@ -39,7 +39,14 @@ class _Rpc:
         if kind != "reply" or not isinstance(body, dict):
             raise RemoteError(f"unexpected answer {kind!r} from the node runtime")
         if "error" in body:
-            raise RemoteError(str(body["error"]))
+            import flame.errors
+
+            e = flame.errors
+            same = {c.__name__: c for c in (e.DataError, e.FlameError, e.TransportError)}
+            error_type = same.get(str(body.get("type")))
+            if error_type is not None:
+                raise error_type(str(body["error"]))  # as the analysis would see it in-process
+            raise RemoteError(f"{body.get('type')}: {body['error']}")
         return body.get("value")
 
 

@@ -296,7 +296,9 @@ class ChildRunner:
         self.network = str(ready.get("network", "unknown"))
         self.confinement = str(ready.get("confinement", "unknown"))
         self._declared = ready.get("declared")
-        log.info(
+        level = logging.DEBUG if self.network == "cut" else logging.INFO
+        log.log(
+            level,
             "analysis child %s started; network %s; %s",
             ready.get("pid"),
             self.network,
@@ -394,9 +396,9 @@ class ChildRunner:
             value = self._dispatch(str(call.get("op")), from_plain(call["args"]))
             self._channel.send("reply", {"value": to_plain(value)})
         except (FlameError, OSError, TypeError, ValueError, KeyError) as exc:
-            from flame._redact import describe_exception
-
-            self._channel.send("reply", {"error": describe_exception(exc)})
+            self._channel.send(
+                "reply", {"error": " ".join(str(exc).split())[:500], "type": type(exc).__name__}
+            )
 
     def _dispatch(self, op: str, args: dict[str, Any]) -> Any:
         ctx = self.context

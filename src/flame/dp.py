@@ -1,0 +1,191 @@
+"""Differential privacy on the node: `flame.dp.laplace`, `flame.dp.gaussian`, clipping.
+
+`laplace(x, sensitivity, epsilon)` and `gaussian(x, sensitivity, epsilon, delta)` mark a
+scalar or an array for release with noise. The node runtime (never the analysis) draws the
+noise with OpenDP's floating-point-safe samplers (a CSPRNG: unseedable on purpose), charges
+(epsilon, delta) to the node's budget ledger, and only then sends. Sensitivity is the
+analyst's claim: clip first (`clip`, `clip_norm`) so it holds. For arrays, Laplace takes the
+L1 sensitivity of the whole vector and Gaussian the L2 sensitivity.
+
+Distributed noise for secure sums: `flame.secure(flame.dp.gaussian(x, s, eps, delta,
+contributors=k))` makes each of k nodes add Gaussian noise of variance sigma^2 / k, so the
+decrypted sum of k contributions carries noise of variance sigma^2 and is (eps, delta)-DP
+for each node's data. The guarantee assumes all k contributors add their share honestly
+and that nobody sees a single node's noisy contribution (secure aggregation); if t of them
+collude and remove their own noise, the sum keeps variance sigma^2 (k - t) / k. Set k to
+the number of contributors you trust, no more. Laplace has no such split here.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import numpy as np
+
+from flame.errors import FlameError
+from flame.markers import register
+
+__all__ = [
+    "Noise",
+    "clip",
+    "clip_norm",
+    "gaussian",
+    "gaussian_sigma",
+    "laplace",
+    "laplace_scale",
+    "spends",
+]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+@register("noise")
+@dataclass(frozen=True)
+class Noise:
+    """A value the node releases only with noise of the given mechanism and parameters."""
+
+    values: Any
+    mechanism: str
+    sensitivity: float
+    epsilon: float
+    delta: float = 0.0
+    contributors: int = 1
+
+
+def _positive(name: str, value: float, *, upper: float | None = None) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise FlameError(f"flame.dp: {name} must be a number, got {type(value).__name__}")
+    number = float(value)
+    if not (math.isfinite(number) and number > 0 and (upper is None or number < upper)):
+        bound = f" and below {upper:g}" if upper is not None else ""
+        raise FlameError(f"flame.dp: {name} must be positive{bound}, got {number!r}")
+    return number
+
+
+def laplace(values: Any, sensitivity: float, epsilon: float) -> Noise:
+    """Release `values` with Laplace noise of scale sensitivity/epsilon ((epsilon, 0)-DP)."""
+    return Noise(
+        values, "laplace", _positive("sensitivity", sensitivity), _positive("epsilon", epsilon)
+    )
+
+
+def gaussian(
+    values: Any, sensitivity: float, epsilon: float, delta: float, *, contributors: int = 1
+) -> Noise:
+    """Release `values` with Gaussian noise calibrated by OpenDP to (epsilon, delta)-DP.
+
+    `contributors=k` (inside `flame.secure`) splits the noise over k nodes (module doc).
+    """
+    if isinstance(contributors, bool) or not isinstance(contributors, int) or contributors < 1:
+        raise FlameError(
+            f"flame.dp.gaussian: contributors must be an int >= 1, got {contributors!r}"
+        )
+    return Noise(
+        values,
+        "gaussian",
+        _positive("sensitivity", sensitivity),
+        _positive("epsilon", epsilon),
+        _positive("delta", delta, upper=1.0),
+        contributors,
+    )
+
+
+def clip(values: Any, lower: float, upper: float) -> np.ndarray:
+    """Each value into [lower, upper]: bounds a sum's sensitivity by max(|lower|, |upper|)."""
+    if not lower <= upper:
+        raise FlameError(f"flame.dp.clip: lower {lower!r} must not exceed upper {upper!r}")
+    array = np.asarray(values, dtype=np.float64)
+    if np.isnan(array).any():
+        raise FlameError("flame.dp.clip: values hold NaN; drop or impute them first")
+    return np.clip(array, lower, upper)
+
+
+def clip_norm(rows: Any, max_norm: float, *, order: int = 2) -> np.ndarray:
+    """Scale each row (last axis) down to norm <= max_norm: bounds per-record contributions."""
+    _positive("max_norm", max_norm)
+    array = np.asarray(rows, dtype=np.float64)
+    norms = np.linalg.norm(array, ord=order, axis=-1, keepdims=True)
+    factor = np.minimum(1.0, max_norm / np.maximum(norms, np.finfo(np.float64).tiny))
+    return np.asarray(array * factor)
+
+
+def spends(epsilon: float, delta: float = 0.0) -> Callable[[F], F]:
+    """Declare what one epoch of `analyze` spends, so a node whose budget cannot cover it
+    refuses before `analyze` reads any data: `@flame.dp.spends(epsilon=0.5)`."""
+    eps = float(epsilon)
+    dlt = float(delta)
+    if not (eps >= 0 and 0 <= dlt < 1):
+        raise FlameError("flame.dp.spends: epsilon >= 0 and 0 <= delta < 1 are required")
+
+    def mark(function: F) -> F:
+        function.__flame_spend__ = {"epsilon": eps, "delta": dlt}  # type: ignore[attr-defined]
+        return function
+
+    return mark
+
+
+# --- the runtime's side: OpenDP -------------------------------------------------------------
+
+
+def _opendp() -> Any:
+    try:
+        import opendp.prelude as dp
+    except ImportError:  # pragma: no cover - opendp is a dependency
+        raise FlameError("flame.dp needs OpenDP: pip install 'opendp>=0.12'") from None
+    dp.enable_features("contrib")
+    return dp
+
+
+def laplace_scale(sensitivity: float, epsilon: float) -> float:
+    return sensitivity / epsilon
+
+
+@functools.lru_cache(maxsize=256)
+def gaussian_sigma(sensitivity: float, epsilon: float, delta: float) -> float:
+    """The smallest sigma OpenDP proves (epsilon, delta)-DP for this sensitivity (via zCDP)."""
+    dp = _opendp()
+    import opendp.combinators as comb
+
+    def measurement(scale: float) -> Any:
+        base = dp.m.make_gaussian(
+            dp.atom_domain(T=float, nan=False), dp.absolute_distance(T=float), scale=scale
+        )
+        return comb.make_fix_delta(comb.make_zCDP_to_approxDP(base), delta)
+
+    return float(
+        dp.binary_search_param(measurement, d_in=float(sensitivity), d_out=(epsilon, delta))
+    )
+
+
+def noise_scale(marker: Noise) -> float:
+    """Per-node noise scale (Laplace b, or Gaussian sigma / sqrt(contributors))."""
+    if marker.mechanism == "laplace":
+        return laplace_scale(marker.sensitivity, marker.epsilon)
+    if marker.mechanism == "gaussian":
+        sigma = gaussian_sigma(marker.sensitivity, marker.epsilon, marker.delta)
+        return sigma / math.sqrt(marker.contributors)
+    raise FlameError(f"unknown noise mechanism {marker.mechanism[:20]!r}")
+
+
+def add_noise(values: Any, mechanism: str, scale: float, path: str) -> Any:
+    """`values` plus OpenDP noise (a float, or a float64 array of the same shape)."""
+    dp = _opendp()
+    try:
+        array = np.asarray(values, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise FlameError(f"flame.dp at {path or 'the top'!r}: values must be numbers") from None
+    if not np.isfinite(array).all():
+        raise FlameError(f"flame.dp at {path or 'the top'!r}: values must be finite numbers")
+    make = dp.m.make_laplace if mechanism == "laplace" else dp.m.make_gaussian
+    metric = dp.l1_distance(T=float) if mechanism == "laplace" else dp.l2_distance(T=float)
+    if array.ndim == 0:
+        scalar_metric = dp.absolute_distance(T=float)
+        sampler = make(dp.atom_domain(T=float, nan=False), scalar_metric, scale=scale)
+        return float(sampler(float(array)))
+    sampler = make(dp.vector_domain(dp.atom_domain(T=float, nan=False)), metric, scale=scale)
+    noisy = np.asarray(sampler(array.reshape(-1).tolist()), dtype=np.float64)
+    return noisy.reshape(array.shape)

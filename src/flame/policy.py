@@ -1,0 +1,96 @@
+"""The node policy: disclosure rules and the privacy budget, owned by the node's operator.
+
+It is a file named by `FLAME_POLICY` (TOML, YAML or JSON) on each analysis node. Nothing the
+aggregator sends and nothing the analysis does changes it: it is read by the node runtime
+before the analysis child starts, and enforced by that runtime on every result.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from flame.errors import ConfigError
+
+__all__ = ["NodePolicy", "load_policy"]
+
+
+class NodePolicy(BaseModel):
+    """What this node lets leave it. The defaults enforce nothing beyond isolation."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    min_cell_count: int | None = Field(
+        None, ge=1, description="values marked flame.counts(...) below this are small cells"
+    )
+    on_small_cell: Literal["suppress", "refuse"] = Field(
+        "suppress", description="suppress: the cell is masked; refuse: the epoch fails"
+    )
+    count_zero_as_small: bool = Field(
+        False, description="treat empty cells (0) as small too (default: 0 is not disclosive)"
+    )
+    min_rows: int | None = Field(
+        None, ge=1, description="an epoch whose analyze read fewer rows is refused"
+    )
+    max_epochs: int | None = Field(None, ge=1, description="epochs this node answers at most")
+    epsilon_budget: float | None = Field(
+        None, ge=0, description="total epsilon this node's dataset may spend (None: no DP limit)"
+    )
+    delta_budget: float = Field(0.0, ge=0, lt=1, description="total delta it may spend")
+    budget_scope: str = Field(
+        "default", pattern=r"^[A-Za-z0-9._-]{1,64}$", description="the dataset the budget is of"
+    )
+    ledger_dir: Path | None = Field(
+        None, description="where the budget ledger lives (default: .flame-ledger beside the policy)"
+    )
+    share_aggregate: bool = Field(
+        True, description="whether this node asks to receive other sites' aggregates"
+    )
+    forward_logs: bool = Field(False, description="whether analysis logs may leave the node")
+    isolate: bool = Field(True, description="run analyze in a child process without secrets")
+    cut_network: bool = Field(True, description="take the child's network away where possible")
+
+    @model_validator(mode="after")
+    def _budget(self) -> NodePolicy:
+        if self.delta_budget > 0 and self.epsilon_budget is None:
+            raise ValueError("delta_budget: set epsilon_budget too (the ledger tracks both)")
+        return self
+
+    @property
+    def enforces_budget(self) -> bool:
+        return self.epsilon_budget is not None
+
+    def summary(self) -> dict[str, Any]:
+        """The policy as JSON-ready data (for `flame check` and the node's status)."""
+        data = self.model_dump(mode="json")
+        return data
+
+
+def load_policy(path: str | Path | None, *, base: Path | None = None) -> NodePolicy:
+    """The policy in `path` (None: the default policy); errors name the file and the field."""
+    if path is None:
+        return NodePolicy()
+    path = Path(path)
+    from flame.config import read_config_file
+
+    try:
+        raw = read_config_file(path)
+    except ConfigError as exc:
+        raise ConfigError(re.sub(r"^FLAME_CONFIG", "FLAME_POLICY", str(exc))) from None
+    if raw.get("ledger_dir") is not None and not Path(str(raw["ledger_dir"])).is_absolute():
+        raw["ledger_dir"] = str((path.parent / str(raw["ledger_dir"])).resolve())
+    try:
+        policy = NodePolicy.model_validate(raw)
+    except ValidationError as exc:
+        lines = []
+        for error in exc.errors():
+            where = ".".join(str(p) for p in error["loc"]) or "policy"
+            lines.append(f"FLAME_POLICY {path}: {where}: {error['msg']}")
+        raise ConfigError("\n".join(lines)) from None
+    if policy.ledger_dir is None:
+        folder = (base or path.parent).resolve() / ".flame-ledger"
+        policy = policy.model_copy(update={"ledger_dir": folder})
+    return policy
