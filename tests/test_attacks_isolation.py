@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import textwrap
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -23,7 +22,7 @@ pytestmark = pytest.mark.skipif(not have_mosquitto(), reason="needs the mosquitt
 
 NODE = "node-0"
 
-HOSTILE = r'''
+HOSTILE = r"""
 import json, os, socket
 import flame
 
@@ -116,7 +115,7 @@ def analyze(data, epoch, previous):
 
 def aggregate(results, epoch, previous):
     return {node: json.loads(r["probes"]) for node, r in results.items()}
-'''
+"""
 
 
 @pytest.fixture(scope="module")

@@ -86,11 +86,11 @@ def confine(hidden: list[str], *, cut_tcp: bool) -> str:
 
         def allow(path: str, rights: int) -> None:
             try:
-                fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+                fd = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
             except OSError:
                 return
             try:
-                if not os.path.isdir(path):
+                if not os.path.isdir(path) or os.path.islink(path):
                     rights &= _FILE_RIGHTS
                 rule = ctypes.create_string_buffer(struct.pack("=Qi", rights, fd), 12)
                 if libc.syscall(_ADD_RULE, ruleset, _PATH_BENEATH, rule, ctypes.c_uint32(0)):

@@ -37,6 +37,7 @@ __all__ = [
     "RowMeter",
     "locate",
     "scrubbed_environment",
+    "settings_paths",
 ]
 
 log = logging.getLogger(__name__)
@@ -176,6 +177,31 @@ class InProcessRunner:
 
     def close(self) -> None:
         return None
+
+
+def settings_paths(*settings: Any) -> list[Path]:
+    """Every file or folder named in these settings (pydantic models, walked recursively):
+    key, token, policy, roster and data paths the analysis must not open itself. The file
+    named by FLAME_CONFIG is included (it may hold tokens)."""
+    from pydantic import BaseModel
+
+    found: list[Path] = []
+
+    def walk(value: Any) -> None:
+        if isinstance(value, Path):
+            found.append(value)
+        elif isinstance(value, BaseModel):
+            for name in type(value).model_fields:
+                walk(getattr(value, name))
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                walk(item)
+
+    for item in settings:
+        walk(item)
+    if os.environ.get("FLAME_CONFIG"):
+        found.append(Path(os.environ["FLAME_CONFIG"]))
+    return found
 
 
 def child_hidden_paths(paths: Sequence[str | Path], analysis_file: str | None) -> list[str]:
