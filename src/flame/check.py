@@ -328,7 +328,8 @@ def _host_port(url: str, default_secure: bool = True) -> tuple[str, int, str]:
     text = url if "://" in url else f"{'https' if default_secure else 'http'}://{url}"
     parts = urlsplit(text)
     secure = parts.scheme == "https"
-    return parts.hostname or "", parts.port or (443 if secure else 80), text.rstrip("/")
+    default = 5432 if parts.scheme in ("postgresql", "postgres") else 443 if secure else 80
+    return parts.hostname or "", parts.port or default, text.rstrip("/")
 
 
 def _check_data_dir(path: Path) -> CheckItem:

@@ -28,7 +28,7 @@ from flame import _logging
 from flame._deadline import Deadline
 from flame._redact import describe_exception
 from flame._traceback import trim_traceback_text
-from flame.disclosure import reveal_suppressed
+from flame.disclosure import reveal_suppressed, unwrap_release
 from flame.errors import ConfigError, RunFailed, RunTimeout, TransportError, stop_signal
 from flame.federated.context import Context, active
 from flame.federated.functions import AnalysisFunctions
@@ -114,6 +114,7 @@ class Aggregator:
         self._epoch = -1
         self.run_id: str | None = None
         self._arrivals: dict[str, float] = {}
+        self._privacy: dict[str, Any] = {}
         self._result_bytes: dict[str, int] = {}
 
     # --- the run -----------------------------------------------------------------------------
@@ -192,6 +193,7 @@ class Aggregator:
                 bytes_received=self.transport.bytes_received - received,
                 bytes_sent=self.transport.bytes_sent - sent,
                 arrivals=dict(self._arrivals),
+                privacy=dict(self._privacy),
                 result_bytes=dict(self._result_bytes),
                 summary=numeric_summary(value),
             )
@@ -319,6 +321,7 @@ class Aggregator:
         started = time.monotonic()
         results: dict[str, Any] = {}
         self._arrivals, self._result_bytes = {}, {}  # for the epoch record (reports)
+        self._privacy = {}  # node -> DP spend / suppressed cells this epoch
         while len(results) < len(self.participants):
             envelope = self.mailbox.next(self._is_protocol, deadline)
             if envelope is None:
@@ -348,7 +351,9 @@ class Aggregator:
                 elif envelope.sender in results:
                     log.info("ignored a second result from %s in epoch %d", envelope.sender, epoch)
                 else:
-                    results[envelope.sender] = envelope.body
+                    results[envelope.sender], privacy = unwrap_release(envelope.body)
+                    if privacy is not None:
+                        self._privacy[envelope.sender] = privacy
                     self._arrivals[envelope.sender] = time.monotonic() - started
                     self._result_bytes[envelope.sender] = _size(envelope)
                     self._emit(

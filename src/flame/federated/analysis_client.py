@@ -27,6 +27,7 @@ from flame import _logging
 from flame._deadline import Deadline
 from flame._redact import describe_exception
 from flame._traceback import analysis_traceback, trim_traceback_text
+from flame.disclosure import wrap_release
 from flame.errors import ConfigError, RunFailed, RunTimeout, TransportError, stop_signal
 from flame.federated.context import Context
 from flame.federated.functions import AnalysisFunctions
@@ -199,6 +200,8 @@ class AnalysisClient:
             self.keys.used_ciphertexts = 0
         origin = (self.transport.analysis_id, epoch, self.transport.node_id)
         body = seal(result, self.keys, self._specs, origin)
+        if privacy is not None and (privacy["spend"]["epsilon"] or privacy.get("suppressed")):
+            body = wrap_release(body, privacy)  # recorded in the run's history and manifest
         envelope = Envelope(
             self.transport.analysis_id,
             self.transport.node_id,

@@ -224,10 +224,28 @@ def child_hidden_paths(paths: Sequence[str | Path], analysis_file: str | None) -
     return hidden
 
 
+class AnalysisAt:
+    """`analyze` of the analysis at `path`, never imported into the node runtime: only the
+    isolated child loads it (what `flame run` does on an analysis node), so not even the
+    analysis modules' top-level code runs where the keys and tokens are."""
+
+    __name__ = __qualname__ = "analyze"
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = str(Path(path).resolve())
+        self._flame_locator = {"path": self.path}
+
+    def __call__(self, data: Any, epoch: int = 0, previous: Any = None) -> Any:
+        raise FlameError(f"the analysis at {self.path} runs only in its isolated child")
+
+
 def locate(function: Callable[..., Any]) -> dict[str, Any] | None:
     """Where the child can find `function` again (module, file, qualified name), or None
     for a lambda, a closure or code typed at a prompt."""
     original = getattr(function, "__wrapped__", function)
+    given = getattr(original, "_flame_locator", None)
+    if isinstance(given, dict):
+        return given
     qualname = getattr(original, "__qualname__", "")
     module_name = getattr(original, "__module__", None)
     if not qualname or "<" in qualname or module_name is None:
@@ -264,7 +282,7 @@ class ChildRunner:
         self.context = context
         self.timeout = timeout
         self.cut_network = cut_network
-        self.hide = child_hidden_paths(hide, locator.get("file"))
+        self.hide = child_hidden_paths(hide, locator.get("file") or locator.get("path"))
         self.meter = RowMeter()
         self.network = "not started"
         self.confinement = "not started"
