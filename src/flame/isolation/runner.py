@@ -12,9 +12,9 @@ import csv
 import io
 import logging
 import os
-import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -27,6 +27,7 @@ from flame.data import Data, FileSource
 from flame.errors import AnalysisError, FlameError, RunTimeout
 from flame.federated.context import Context, active
 from flame.isolation.channel import Channel, ChannelClosed
+from flame.isolation.spawn import scrubbed_environment, spawn_child, take_warm
 from flame.markers import from_plain, to_plain
 
 __all__ = [
@@ -42,32 +43,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-_BOOT = Path(__file__).resolve().parent / "_boot.py"
-_ENV_KEEP = {
-    "PATH",
-    "HOME",
-    "LANG",
-    "LANGUAGE",
-    "TZ",
-    "TMPDIR",
-    "PYTHONPATH",
-    "VIRTUAL_ENV",
-    "PYTHONUNBUFFERED",
-    "PYTHONDONTWRITEBYTECODE",
-    "PYTHONHASHSEED",
-    "OMP_NUM_THREADS",
-    "OPENBLAS_NUM_THREADS",
-    "MKL_NUM_THREADS",
-    "SYSTEMROOT",
-    "COVERAGE_PROCESS_START",
-}
 _STOP_TIMEOUT = 5.0
-
-
-def scrubbed_environment(environ: dict[str, str] | None = None) -> dict[str, str]:
-    """The child's environment: an allow-list of harmless variables, no FLAME_*, no tokens."""
-    source = os.environ if environ is None else environ
-    return {k: v for k, v in source.items() if k in _ENV_KEEP or k.startswith("LC_")}
 
 
 class RowMeter:
@@ -179,6 +155,17 @@ class InProcessRunner:
         return None
 
 
+def _relay_output(stream: IO[bytes]) -> None:
+    """The analysis child's prints and log lines, as lines of this node's log (so they can
+    be forwarded when the node's policy allows it)."""
+    relay = logging.getLogger("flame.analysis")
+    with contextlib.suppress(OSError, ValueError):
+        for raw in stream:
+            line = raw.decode(errors="replace").rstrip()
+            if line:
+                relay.info("%s", line[:1000])
+
+
 def settings_paths(*settings: Any) -> list[Path]:
     """Every file or folder named in these settings (pydantic models, walked recursively):
     key, token, policy, roster and data paths the analysis must not open itself. The file
@@ -268,6 +255,7 @@ class ChildRunner:
         *,
         timeout: float = 3600.0,
         cut_network: bool = True,
+        capture_output: bool = False,
         hide: Sequence[str | Path] = (),
     ) -> None:
         locator = locate(analyze)
@@ -282,6 +270,7 @@ class ChildRunner:
         self.context = context
         self.timeout = timeout
         self.cut_network = cut_network
+        self.capture_output = capture_output  # the child's stderr as node log lines
         self.hide = child_hidden_paths(hide, locator.get("file") or locator.get("path"))
         self.meter = RowMeter()
         self.network = "not started"
@@ -299,22 +288,16 @@ class ChildRunner:
         if self._process is not None:
             return
         self._declared = None
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        command = [sys.executable, str(_BOOT), str(theirs.fileno())]
-        if not self.cut_network:
-            command.append("--keep-network")
-        for path in self.hide:
-            command += ["--hide", path]
-        try:
-            self._process = subprocess.Popen(  # noqa: S603 (our own script, no shell)
-                command,
-                pass_fds=[theirs.fileno()],
-                env=scrubbed_environment(),
-                stdin=subprocess.DEVNULL,
-                close_fds=True,
-            )
-        finally:
-            theirs.close()
+        # a child started early by `prestart` (flame simulate) if one waits, else a new one
+        # (warm children know no paths to hide: they serve runs that hide nothing)
+        warm = None if self.capture_output or self.hide else take_warm(self.cut_network)
+        self._process, ours = warm or spawn_child(
+            self.cut_network, self.capture_output, hide=self.hide
+        )
+        if self.capture_output and self._process.stdout is not None:
+            threading.Thread(
+                target=_relay_output, args=(self._process.stdout,), daemon=True
+            ).start()
         self._channel = Channel(ours)
         sources = {
             name: "files" if isinstance(source, FileSource) else "other"
