@@ -435,3 +435,45 @@ def test_threshold_key_configuration_is_checked(tkey, tmp_path) -> None:
         SecureKeys.from_settings(no_share, role="analysis", node_id="b")
     plain_agg = load_config(secure={"enabled": True, "public_key_file": single[0]}).secure
     assert SecureKeys.from_settings(plain_agg, role="aggregation").threshold is None
+
+
+def test_what_the_range_check_on_a_sum_detects_and_what_it_cannot(parties) -> None:
+    """A carry that pushes a slot outside what k honest values can make is refused; an
+    out-of-bound contribution whose sum stays in range is not detected (README says so)."""
+    from flame.protocols.paillier import AggregationOverflowError
+
+    public, _roster, shares = parties
+    spec = SecureSumSpec(precision=0, bound=100.0, max_nodes=3)
+    layout = spec.layout(public.paillier)
+    enc = Encryptor(public.paillier, workers=1)
+
+    width = 8 * layout.slot_bytes
+    top = layout.slots_per_ciphertext - 1
+
+    def malicious(slots: list[int]) -> list[int]:
+        """A node encrypting any plaintext it likes: biased slots, as one integer mod n."""
+        value = sum((v + layout.max_abs) << (width * (top - j)) for j, v in enumerate(slots))
+        return [value % public.n]
+
+    def decrypt(packed: list[list[int]]) -> np.ndarray:
+        cts = [enc.encrypt_raw(p) for p in packed]
+        total = [
+            int(np.prod([c[k] for c in cts], dtype=object) % public.nsquare)
+            for k in range(len(cts[0]))
+        ]
+        partials = [partial_decrypt(shares[n], total, b"ctx") for n in ("a", "b", "c")]
+        plain, _ = combine_partials(public, total, partials, b"ctx")
+        return _unpack(plain, layout, 2, len(packed))
+
+    honest = malicious([10, 20])
+    assert list(decrypt([honest, honest, honest])) == [30, 60]
+    # +250 and -250 from two colluding nodes: out of bound, but the sum is in range
+    assert list(decrypt([malicious([250, 20]), malicious([-250, 20]), honest])) == [10, 60]
+    # a carry from slot 1 into slot 0 (slot 1 gets a whole slot width more): undetected
+    carry = malicious([10, 20 + (1 << width)])
+    assert list(decrypt([carry, honest, honest])) == [31, 60]
+    # a slot pushed past what 3 honest values can make: refused
+    with pytest.raises(AggregationOverflowError, match="outside the range"):
+        decrypt([malicious([10, 20 + 1000]), honest, honest])
+    with pytest.raises(AggregationOverflowError):
+        decrypt([malicious([-400, 20]), honest, honest])  # wraps modulo n
