@@ -193,6 +193,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from flame.loader import load_analysis
     from flame.main import run
     from flame.messages import to_jsonable
+    from flame.policy import load_policy
 
     config = load_config()
     _logging.configure(
@@ -202,13 +203,22 @@ def _cmd_run(args: argparse.Namespace) -> int:
         analysis_id=config.analysis_id,
         node_id=config.node_id or "",
     )
-    analysis = load_analysis(args.analysis)
-    value: Any = run(
-        analysis.functions.analyze,
-        analysis.functions.aggregate,
-        analysis.functions.converged,
-        config=config,
-    )
+    if config.role == "analysis" and load_policy(config.policy).isolate:
+        # The analysis is imported only in its isolated child, never next to the keys.
+        from flame.isolation.runner import AnalysisAt
+        from flame.loader import analysis_files
+
+        analysis_files(args.analysis)  # a wrong path fails here, before connecting
+        placeholder = AnalysisAt(args.analysis)
+        value: Any = run(placeholder, placeholder, config=config)
+    else:
+        analysis = load_analysis(args.analysis)
+        value = run(
+            analysis.functions.analyze,
+            analysis.functions.aggregate,
+            analysis.functions.converged,
+            config=config,
+        )
     print(json.dumps(_strict_json(to_jsonable(value))))
     return 0
 

@@ -15,6 +15,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -178,10 +179,39 @@ class InProcessRunner:
         return None
 
 
+def _relay_output(stream: IO[bytes]) -> None:
+    """The analysis child's prints and log lines, as lines of this node's log (so they can
+    be forwarded when the node's policy allows it)."""
+    relay = logging.getLogger("flame.analysis")
+    with contextlib.suppress(OSError, ValueError):
+        for raw in stream:
+            line = raw.decode(errors="replace").rstrip()
+            if line:
+                relay.info("%s", line[:1000])
+
+
+class AnalysisAt:
+    """`analyze` of the analysis at `path`, never imported into the node runtime: only the
+    isolated child loads it (what `flame run` does on an analysis node), so not even the
+    analysis modules' top-level code runs where the keys and tokens are."""
+
+    __name__ = __qualname__ = "analyze"
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = str(Path(path).resolve())
+        self._flame_locator = {"path": self.path}
+
+    def __call__(self, data: Any, epoch: int = 0, previous: Any = None) -> Any:
+        raise FlameError(f"the analysis at {self.path} runs only in its isolated child")
+
+
 def locate(function: Callable[..., Any]) -> dict[str, Any] | None:
     """Where the child can find `function` again (module, file, qualified name), or None
     for a lambda, a closure or code typed at a prompt."""
     original = getattr(function, "__wrapped__", function)
+    given = getattr(original, "_flame_locator", None)
+    if isinstance(given, dict):
+        return given
     qualname = getattr(original, "__qualname__", "")
     module_name = getattr(original, "__module__", None)
     if not qualname or "<" in qualname or module_name is None:
@@ -204,6 +234,7 @@ class ChildRunner:
         *,
         timeout: float = 3600.0,
         cut_network: bool = True,
+        capture_output: bool = False,
     ) -> None:
         locator = locate(analyze)
         if locator is None:
@@ -217,6 +248,7 @@ class ChildRunner:
         self.context = context
         self.timeout = timeout
         self.cut_network = cut_network
+        self.capture_output = capture_output  # the child's stderr as node log lines
         self.meter = RowMeter()
         self.network = "not started"
         self._declared: Any = None
@@ -242,10 +274,16 @@ class ChildRunner:
                 pass_fds=[theirs.fileno()],
                 env=scrubbed_environment(),
                 stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE if self.capture_output else None,
+                stderr=subprocess.STDOUT if self.capture_output else None,
                 close_fds=True,
             )
         finally:
             theirs.close()
+        if self.capture_output and self._process.stdout is not None:
+            threading.Thread(
+                target=_relay_output, args=(self._process.stdout,), daemon=True
+            ).start()
         self._channel = Channel(ours)
         sources = {
             name: "files" if isinstance(source, FileSource) else "other"
