@@ -35,6 +35,7 @@ from test_container import build_context
 
 from flame import __version__
 from flame.clients.object_store import AnalysisLayout
+from flame.config import FlameConfig
 from flame.loader import load_analysis
 from flame.main import code_hash
 from flame.messages import unpack
@@ -45,6 +46,7 @@ pytestmark = pytest.mark.container
 ENABLED = os.environ.get("FLAME_CONTAINER_TESTS") == "1"
 # nodes authenticate with a roster and signing keys, and check code hashes, once flame has them
 IDENTITIES = importlib.util.find_spec("flame.identity") is not None
+APPROVAL = "approved_code" in FlameConfig.model_fields
 FLAME_IMAGE = f"localhost/flame:{__version__}"
 ANALYSIS_IMAGE = "localhost/flame-test-analysis:latest"
 NODES = ("clinic_a", "clinic_b", "clinic_c")
@@ -298,8 +300,8 @@ def _start(
             flags += ["-v", f"{results}:/results"]
         else:
             node_env |= {"FLAME_ROLE": "analysis", "FLAME_DATA_DIR": "/data"}
-            if IDENTITIES:  # the node runs only code its operator approved: the image's label
-                node_env["FLAME_APPROVED_CODE"] = built.code_sha256
+            if APPROVAL:  # the node runs only code its operator approved: the image's label
+                node_env.setdefault("FLAME_APPROVED_CODE", built.code_sha256)
             flags += ["-v", f"{built.folder / 'data' / node}:/data:ro"]
         for key, value in node_env.items():
             flags += ["-e", f"{key}={value}"]
@@ -385,6 +387,9 @@ def test_a_federation_of_containers_equals_simulate(
     assert _same(unpack(stored[0].read_bytes()), expected)
     manifest = json.loads((stored[0].parent / "manifest.json").read_text())
     assert manifest["code_sha256"] == built.code_sha256  # the image label's hash
+    if APPROVAL:  # the hash each node computed from /app is the label it was approved by
+        for node in NODES:
+            assert f"analysis code {built.code_sha256[:16]} is approved" in federation.stderr(node)
     for node in federation.logs:
         for secret in (secrets_dir / node).iterdir():  # the token, the signing key
             assert secret.read_text().strip() not in federation.stderr(node) + outputs[node]
@@ -477,3 +482,17 @@ def test_sigterm_stops_a_waiting_container_with_143(
     assert "flame: stopped: SIGTERM" in log
     report(request, f"podman kill -s TERM on a waiting aggregator: exit 143 after "
                     f"{exited['aggregator'] - sent:.1f} s")  # fmt: skip
+
+
+@pytest.mark.skipif(not APPROVAL, reason="this flame has no FLAME_APPROVED_CODE yet")
+def test_a_node_refuses_an_image_whose_code_it_has_not_approved(
+    built: Built, federation_env: tuple[dict[str, str], Path, Path], tmp_path: Path
+) -> None:
+    env, secrets_dir, results = federation_env
+    env |= {"FLAME_ANALYSIS_ID": f"ct-{secrets.token_hex(4)}", "FLAME_APPROVED_CODE": "0" * 64}
+    federation = _start(built, env, secrets_dir, results, tmp_path, nodes=("clinic_a",))
+    _, exited = _finish(federation, built.podman, time.monotonic() + 120)
+    log = federation.stderr("clinic_a")
+    assert "clinic_a" in exited, log[-2000:]
+    assert federation.processes["clinic_a"].returncode == 2, log[-2000:]
+    assert f"(SHA-256 {built.code_sha256}) is not approved" in log
