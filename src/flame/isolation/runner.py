@@ -11,8 +11,6 @@ import contextlib
 import csv
 import io
 import logging
-import os
-import socket
 import subprocess
 import sys
 import threading
@@ -28,6 +26,7 @@ from flame.data import Data, FileSource
 from flame.errors import AnalysisError, FlameError, RunTimeout
 from flame.federated.context import Context, active
 from flame.isolation.channel import Channel, ChannelClosed
+from flame.isolation.spawn import scrubbed_environment, spawn_child, take_warm
 from flame.markers import from_plain, to_plain
 
 __all__ = [
@@ -42,32 +41,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-_BOOT = Path(__file__).resolve().parent / "_boot.py"
-_ENV_KEEP = {
-    "PATH",
-    "HOME",
-    "LANG",
-    "LANGUAGE",
-    "TZ",
-    "TMPDIR",
-    "PYTHONPATH",
-    "VIRTUAL_ENV",
-    "PYTHONUNBUFFERED",
-    "PYTHONDONTWRITEBYTECODE",
-    "PYTHONHASHSEED",
-    "OMP_NUM_THREADS",
-    "OPENBLAS_NUM_THREADS",
-    "MKL_NUM_THREADS",
-    "SYSTEMROOT",
-    "COVERAGE_PROCESS_START",
-}
 _STOP_TIMEOUT = 5.0
-
-
-def scrubbed_environment(environ: dict[str, str] | None = None) -> dict[str, str]:
-    """The child's environment: an allow-list of harmless variables, no FLAME_*, no tokens."""
-    source = os.environ if environ is None else environ
-    return {k: v for k, v in source.items() if k in _ENV_KEEP or k.startswith("LC_")}
 
 
 class RowMeter:
@@ -264,22 +238,9 @@ class ChildRunner:
         if self._process is not None:
             return
         self._declared = None
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        command = [sys.executable, str(_BOOT), str(theirs.fileno())]
-        if not self.cut_network:
-            command.append("--keep-network")
-        try:
-            self._process = subprocess.Popen(  # noqa: S603 (our own script, no shell)
-                command,
-                pass_fds=[theirs.fileno()],
-                env=scrubbed_environment(),
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE if self.capture_output else None,
-                stderr=subprocess.STDOUT if self.capture_output else None,
-                close_fds=True,
-            )
-        finally:
-            theirs.close()
+        # a child started early by `prestart` (flame simulate) if one waits, else a new one
+        warm = None if self.capture_output else take_warm(self.cut_network)
+        self._process, ours = warm or spawn_child(self.cut_network, self.capture_output)
         if self.capture_output and self._process.stdout is not None:
             threading.Thread(
                 target=_relay_output, args=(self._process.stdout,), daemon=True
