@@ -225,3 +225,61 @@ def test_flame_report_renders_in_headless_chromium(run, tmp_path) -> None:
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert shot.stat().st_size > 5 * blank.stat().st_size  # charts and text, not a blank page
     print(f"\nflame report screenshot: {shot}", file=sys.__stderr__)
+
+
+def test_a_failed_simulation_still_writes_its_history_and_the_page_shows_the_failure(
+    tmp_path,
+) -> None:
+    analysis = tmp_path / "analysis.py"
+    analysis.write_text(
+        "def analyze(data, epoch):\n"
+        "    if epoch == 1 and data.node_id == 'b':\n"
+        "        raise ValueError('no rows left')\n"
+        "    return {'n': epoch}\n\n"
+        "def aggregate(results):\n"
+        "    return {'total': sum(r['n'] for r in results.values())}\n"
+    )
+    for node in ("a", "b"):
+        (tmp_path / "data" / node).mkdir(parents=True)
+        (tmp_path / "data" / node / "x.csv").write_text("v\n1\n")
+    output, page = tmp_path / "failed.json", tmp_path / "failed.html"
+    failed = subprocess.run(
+        [sys.executable, "-m", "flame", "simulate", analysis, "--data", tmp_path / "data",
+         "--epochs", "3", "--output", output, "--in-process", "--quiet"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert failed.returncode == 1 and "no rows left" in failed.stderr
+    document = json.loads(output.read_text())
+    assert document["failure"]["node"] == "b" and document["failure"]["epoch"] == 1
+    assert [h["epoch"] for h in document["history"]] == [0]
+    done = subprocess.run(
+        [sys.executable, "-m", "flame", "report", output, "--out", page],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    html = page.read_text()
+    assert 'class="cell failed" data-node="b" data-epoch="1"' in html
+    assert 'class="cell answered" data-node="b" data-epoch="0"' in html
+    assert "no rows left" in html and ">failed<" in html
+
+
+def test_privacy_reports_of_the_nodes_get_their_own_section() -> None:
+    history = [
+        {
+            "epoch": e,
+            "nodes": ["a", "b"],
+            "missing": [],
+            "duration_s": 0.1,
+            "privacy": {
+                "a": {"spend": {"epsilon": 0.5, "delta": 0.0}, "suppressed": {"hist": 2}},
+                "b": {"spend": {"epsilon": 0.5, "delta": 0.0},
+                      "spent_total": {"epsilon": 0.5 * (e + 1), "delta": 0.0}},
+            },
+        }
+        for e in range(3)
+    ]  # fmt: skip
+    page = render({"analysis_id": "dp", "history": history})
+    assert 'data-chart="privacy"' in page
+    assert re.search(r'data-series="a"[^>]*points="[^"]+"', page)
+    assert "suppressed" in page and "spent_total" in page
+    assert render({"history": []}).count('id="privacy"') == 0

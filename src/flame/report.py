@@ -502,6 +502,47 @@ def _epochs_section(
     return "".join(out)
 
 
+def _privacy_section(records: list[dict[str, Any]], nodes: list[str]) -> str:
+    """Per-epoch privacy reports of the nodes (DP spend, suppressed cells), when recorded."""
+    if not any(isinstance(item.get("privacy"), dict) and item["privacy"] for item in records):
+        return ""
+    totals: dict[str, list[tuple[float, float]]] = {}
+    running: dict[str, float] = {}
+    rows = []
+    for i, item in enumerate(records):
+        epoch = item.get("epoch", i)
+        privacy = item.get("privacy") if isinstance(item.get("privacy"), dict) else {}
+        cells = []
+        for node in nodes:
+            report = (privacy or {}).get(node)
+            if not isinstance(report, dict):
+                cells.append("<td></td>")
+                continue
+            spend = report.get("spend") if isinstance(report.get("spend"), dict) else {}
+            epsilon = _finite((spend or {}).get("epsilon")) or 0.0
+            total = report.get("spent_total")
+            total_eps = _finite(total.get("epsilon")) if isinstance(total, dict) else None
+            running[node] = total_eps if total_eps is not None else running.get(node, 0) + epsilon
+            totals.setdefault(node, []).append((float(epoch), running[node]))
+            cells.append(f"<td>{_tree(report)}</td>")
+        rows.append(f"<tr><th>{_e(epoch)}</th>{''.join(cells)}</tr>")
+    head = "".join(f"<th>{_e(n)}</th>" for n in nodes)
+    chart = ""
+    if any(v for values in totals.values() for _, v in values):
+        chart = (
+            '<div class="grid"><figure><figcaption>Privacy budget spent per node (ε, '
+            "cumulative)</figcaption>"
+            + _legend(totals)
+            + _line_chart(totals, chart="privacy", title="epsilon spent per node")
+            + "</figure></div>"
+        )
+    return (
+        '<section id="privacy"><h2 class="highlight">Privacy per epoch</h2>'
+        f'{chart}<details><summary>per node and epoch</summary><table class="epochs">'
+        f"<tr><th>epoch</th>{head}</tr>{''.join(rows)}</table></details></section>"
+    )
+
+
 def _epoch_table(records: list[dict[str, Any]], nodes: list[str]) -> str:
     head = "".join(f"<th>{_e(n)}</th>" for n in nodes)
     rows = []
@@ -542,7 +583,7 @@ body{font:14px/1.45 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24
 max-width:1100px;color:#222;padding:0 16px}
 h1{font-size:22px;margin:0 0 4px}h2{font-size:17px;border-bottom:1px solid #ddd;
 padding-bottom:4px;margin-top:28px}h3{font-size:14px;margin:14px 0 4px}
-h3.highlight{color:#7a3e9d}.muted,.note{color:#777}.scroll{overflow-x:auto}
+h3.highlight,h2.highlight{color:#7a3e9d}.muted,.note{color:#777}.scroll{overflow-x:auto}
 .grid{display:flex;flex-wrap:wrap;gap:12px}figure{margin:0;border:1px solid #eee;
 border-radius:6px;padding:6px 8px}figcaption{font-weight:600;font-size:13px;margin-bottom:4px}
 svg text{font-size:11px;fill:#444}svg .label{font-size:12px;fill:#222}
@@ -593,6 +634,7 @@ def render(document: dict[str, Any]) -> str:
             f"<span>{total:.3f} s in epochs</span></p>",
             _epochs_section(document, records, nodes),
             _convergence_section(records),
+            _privacy_section(records, nodes),
             _manifest_section(document),
             '<section id="result"><h2>Final result</h2><details open><summary>JSON</summary>'
             f"<pre>{_e(result_text)}</pre></details></section>",

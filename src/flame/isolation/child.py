@@ -104,6 +104,10 @@ def _import_by_file(name: str, file: str) -> ModuleType:
 
 
 def _locate(locator: dict[str, Any]) -> Any:
+    if "path" in locator:  # a .py file or a folder, found as `flame simulate/run` find it
+        from flame.loader import load_analysis
+
+        return load_analysis(str(locator["path"])).functions.analyze
     module_name, file, qualname = locator["module"], locator.get("file"), locator["qualname"]
     module: ModuleType | None = None
     if module_name != "__main__":

@@ -11,10 +11,9 @@ import contextlib
 import csv
 import io
 import logging
-import os
-import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -27,6 +26,7 @@ from flame.data import Data, FileSource
 from flame.errors import AnalysisError, FlameError, RunTimeout
 from flame.federated.context import Context, active
 from flame.isolation.channel import Channel, ChannelClosed
+from flame.isolation.spawn import scrubbed_environment, spawn_child, take_warm
 from flame.markers import from_plain, to_plain
 
 __all__ = [
@@ -41,32 +41,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-_BOOT = Path(__file__).resolve().parent / "_boot.py"
-_ENV_KEEP = {
-    "PATH",
-    "HOME",
-    "LANG",
-    "LANGUAGE",
-    "TZ",
-    "TMPDIR",
-    "PYTHONPATH",
-    "VIRTUAL_ENV",
-    "PYTHONUNBUFFERED",
-    "PYTHONDONTWRITEBYTECODE",
-    "PYTHONHASHSEED",
-    "OMP_NUM_THREADS",
-    "OPENBLAS_NUM_THREADS",
-    "MKL_NUM_THREADS",
-    "SYSTEMROOT",
-    "COVERAGE_PROCESS_START",
-}
 _STOP_TIMEOUT = 5.0
-
-
-def scrubbed_environment(environ: dict[str, str] | None = None) -> dict[str, str]:
-    """The child's environment: an allow-list of harmless variables, no FLAME_*, no tokens."""
-    source = os.environ if environ is None else environ
-    return {k: v for k, v in source.items() if k in _ENV_KEEP or k.startswith("LC_")}
 
 
 class RowMeter:
@@ -178,10 +153,39 @@ class InProcessRunner:
         return None
 
 
+def _relay_output(stream: IO[bytes]) -> None:
+    """The analysis child's prints and log lines, as lines of this node's log (so they can
+    be forwarded when the node's policy allows it)."""
+    relay = logging.getLogger("flame.analysis")
+    with contextlib.suppress(OSError, ValueError):
+        for raw in stream:
+            line = raw.decode(errors="replace").rstrip()
+            if line:
+                relay.info("%s", line[:1000])
+
+
+class AnalysisAt:
+    """`analyze` of the analysis at `path`, never imported into the node runtime: only the
+    isolated child loads it (what `flame run` does on an analysis node), so not even the
+    analysis modules' top-level code runs where the keys and tokens are."""
+
+    __name__ = __qualname__ = "analyze"
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = str(Path(path).resolve())
+        self._flame_locator = {"path": self.path}
+
+    def __call__(self, data: Any, epoch: int = 0, previous: Any = None) -> Any:
+        raise FlameError(f"the analysis at {self.path} runs only in its isolated child")
+
+
 def locate(function: Callable[..., Any]) -> dict[str, Any] | None:
     """Where the child can find `function` again (module, file, qualified name), or None
     for a lambda, a closure or code typed at a prompt."""
     original = getattr(function, "__wrapped__", function)
+    given = getattr(original, "_flame_locator", None)
+    if isinstance(given, dict):
+        return given
     qualname = getattr(original, "__qualname__", "")
     module_name = getattr(original, "__module__", None)
     if not qualname or "<" in qualname or module_name is None:
@@ -204,6 +208,7 @@ class ChildRunner:
         *,
         timeout: float = 3600.0,
         cut_network: bool = True,
+        capture_output: bool = False,
     ) -> None:
         locator = locate(analyze)
         if locator is None:
@@ -217,6 +222,7 @@ class ChildRunner:
         self.context = context
         self.timeout = timeout
         self.cut_network = cut_network
+        self.capture_output = capture_output  # the child's stderr as node log lines
         self.meter = RowMeter()
         self.network = "not started"
         self._declared: Any = None
@@ -232,20 +238,13 @@ class ChildRunner:
         if self._process is not None:
             return
         self._declared = None
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        command = [sys.executable, str(_BOOT), str(theirs.fileno())]
-        if not self.cut_network:
-            command.append("--keep-network")
-        try:
-            self._process = subprocess.Popen(  # noqa: S603 (our own script, no shell)
-                command,
-                pass_fds=[theirs.fileno()],
-                env=scrubbed_environment(),
-                stdin=subprocess.DEVNULL,
-                close_fds=True,
-            )
-        finally:
-            theirs.close()
+        # a child started early by `prestart` (flame simulate) if one waits, else a new one
+        warm = None if self.capture_output else take_warm(self.cut_network)
+        self._process, ours = warm or spawn_child(self.cut_network, self.capture_output)
+        if self.capture_output and self._process.stdout is not None:
+            threading.Thread(
+                target=_relay_output, args=(self._process.stdout,), daemon=True
+            ).start()
         self._channel = Channel(ours)
         sources = {
             name: "files" if isinstance(source, FileSource) else "other"
