@@ -28,6 +28,7 @@ PALETTE = [
     "#edc948", "#b07aa1", "#ff9da7", "#9c755f", "#bab0ac",
 ]  # fmt: skip
 MAX_FIELDS = 24  # convergence charts on one page
+MAX_CELLS = 20_000  # timeline cells (nodes x epochs); more and only the last epochs are drawn
 MAX_RESULT_CHARS = 50_000
 _KNOWN = {"analysis_id", "result", "converged", "epochs", "history", "location", "manifest"}
 _HIGHLIGHT = re.compile(r"policy|privacy|dp|spend|budget|epsilon|delta", re.IGNORECASE)
@@ -77,10 +78,7 @@ def _from_storage(analysis_id: str, config: Any) -> dict[str, Any]:
         manifest = store.get_json(layout.manifest())
         value = unpack(store.get_bytes(layout.final_result()))
     except ObjectNotFound:
-        raise FlameError(
-            f"analysis {analysis_id!r} has no finished result in storage (still running, "
-            "failed, or a different FLAME_STORAGE__PREFIX?)"
-        ) from None
+        return _unfinished(store, layout, analysis_id, config.aggregator_id)
     history = [dict(item) for item in manifest.get("history", [])]
     for item in history:  # runs before per-epoch summaries: read the stored aggregates
         if "summary" in item:
@@ -103,6 +101,34 @@ def _from_storage(analysis_id: str, config: Any) -> dict[str, Any]:
         "history": history,
         "location": (manifest.get("result") or {}).get("key"),
         "manifest": extra,
+    }
+
+
+def _unfinished(store: Any, layout: Any, analysis_id: str, aggregator_id: str) -> dict[str, Any]:
+    """A run without a final result (running, failed, stopped): its last checkpoint."""
+    from flame.clients.object_store import ObjectNotFound
+    from flame.messages import to_jsonable, unpack
+
+    epoch = layout.latest_checkpoint(store)
+    if epoch is None:
+        raise FlameError(
+            f"analysis {analysis_id!r} has neither a final result nor a checkpoint in storage "
+            "(wrong analysis id, or a different FLAME_STORAGE__PREFIX?)"
+        )
+    meta = store.get_json(layout.checkpoint(epoch))
+    try:
+        value = unpack(store.get_bytes(layout.epoch_result(epoch, aggregator_id)))
+    except ObjectNotFound:
+        value = None
+    return {
+        "analysis_id": analysis_id,
+        "result": to_jsonable(value),
+        "converged": False,
+        "epochs": len(meta.get("history", [])),
+        "history": list(meta.get("history", [])),
+        "location": None,
+        "manifest": {"code_sha256": meta.get("code_sha256")},
+        "unfinished": f"no final result yet; the last checkpoint is after epoch {epoch}",
     }
 
 
@@ -164,6 +190,8 @@ def _nodes(document: dict[str, Any], records: Sequence[dict[str, Any]]) -> list[
 def _timeline(document: dict[str, Any], records: list[dict[str, Any]], nodes: list[str]) -> str:
     """One row per node, one cell per epoch: answered (with arrival), missing, failed."""
     failure = document.get("failure") if isinstance(document.get("failure"), dict) else None
+    keep = max(1, MAX_CELLS // max(1, len(nodes)))
+    records = records[-keep:]  # a huge run shows its last epochs (the table says so)
     epochs = [int(item.get("epoch", i)) for i, item in enumerate(records)]
     if (
         failure is not None
@@ -455,6 +483,9 @@ def _epochs_section(
         '<span class="key"><i class="absent"></i>not asked</span></div>'
     )
     out.append(f'<div class="scroll">{_timeline(document, records, nodes)}</div>')
+    shown = max(1, MAX_CELLS // max(1, len(nodes)))
+    if len(records) > shown:
+        out.append(f'<p class="note">the last {shown} of {len(records)} epochs are drawn</p>')
     failure = document.get("failure")
     if isinstance(failure, dict):
         out.append(f'<p class="failed-text">Run failed: {_e(failure.get("reason", ""))}</p>')
@@ -489,6 +520,7 @@ def _epochs_section(
         + _bar_chart({"received": received, "sent": sent}, chart="bytes", title="bytes", fmt=_bytes)
         + "</figure>"
     )
+    arrivals = dict(sorted(arrivals.items()))
     if arrivals:
         out.append(
             "<figure><figcaption>Result arrival after the epoch started (s)</figcaption>"
@@ -612,6 +644,8 @@ def render(document: dict[str, Any]) -> str:
     state = (
         "failed"
         if isinstance(failure, dict)
+        else "unfinished"
+        if document.get("unfinished")
         else ("converged" if document.get("converged") else "finished")
     )
     result_text = json.dumps(document.get("result"), indent=2, default=str)

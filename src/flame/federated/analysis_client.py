@@ -21,6 +21,7 @@ import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 from flame import _logging
@@ -91,6 +92,7 @@ class AnalysisClient:
         log_traceback: bool = True,
         isolate: bool = False,
         policy: NodePolicy | None = None,
+        hide: Sequence[str | Path] = (),
     ) -> None:
         self.transport = transport
         self.mailbox = Mailbox(transport)
@@ -116,7 +118,13 @@ class AnalysisClient:
         )
         self.policy = policy if policy is not None else NodePolicy()
         self.isolate = isolate
-        self.gate = Gate(self.policy, node_id=transport.node_id, analysis_id=transport.analysis_id)
+        self.hide = list(hide)  # node paths the isolated analysis may not open
+        self.gate = Gate(
+            self.policy,
+            node_id=transport.node_id,
+            analysis_id=transport.analysis_id,
+            min_contributors=None if keys is None else keys.min_contributors,
+        )
         self._privacy: dict[str, Any] = {}  # per epoch: DP spend, suppressed cells
         self._last_epoch = -1
         self._last_sent: Envelope | None = None
@@ -526,6 +534,7 @@ class AnalysisClient:
                 timeout=self.wait_timeout,
                 cut_network=self.policy.cut_network,
                 capture_output=self.policy.forward_logs,
+                hide=self.hide,
             )
         return InProcessRunner(functions.analyze, data, self.context)
 

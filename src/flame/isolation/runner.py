@@ -11,11 +11,12 @@ import contextlib
 import csv
 import io
 import logging
+import os
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Protocol
@@ -37,6 +38,7 @@ __all__ = [
     "RowMeter",
     "locate",
     "scrubbed_environment",
+    "settings_paths",
 ]
 
 log = logging.getLogger(__name__)
@@ -164,6 +166,51 @@ def _relay_output(stream: IO[bytes]) -> None:
                 relay.info("%s", line[:1000])
 
 
+def settings_paths(*settings: Any) -> list[Path]:
+    """Every file or folder named in these settings (pydantic models, walked recursively):
+    key, token, policy, roster and data paths the analysis must not open itself. The file
+    named by FLAME_CONFIG is included (it may hold tokens)."""
+    from pydantic import BaseModel
+
+    found: list[Path] = []
+
+    def walk(value: Any) -> None:
+        if isinstance(value, Path):
+            found.append(value)
+        elif isinstance(value, BaseModel):
+            for name in type(value).model_fields:
+                walk(getattr(value, name))
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                walk(item)
+
+    for item in settings:
+        walk(item)
+    if os.environ.get("FLAME_CONFIG"):
+        found.append(Path(os.environ["FLAME_CONFIG"]))
+    return found
+
+
+def child_hidden_paths(paths: Sequence[str | Path], analysis_file: str | None) -> list[str]:
+    """The node paths the child may not touch, minus any it needs to start (a path holding
+    Python, flame or the analysis code is left visible, with a warning)."""
+    needed = [sys.prefix, sys.base_prefix, sys.exec_prefix, str(Path(__file__).parents[1])]
+    if analysis_file:
+        needed.append(analysis_file)
+    needed_real = [os.path.realpath(p) for p in needed]
+    hidden: list[str] = []
+    for path in paths:
+        real = os.path.realpath(str(path))
+        if real == os.sep:
+            continue
+        if any(n == real or n.startswith(real.rstrip(os.sep) + os.sep) for n in needed_real):
+            log.warning("%s holds code the analysis needs: not hidden from the analysis", real)
+            continue
+        if real not in hidden:
+            hidden.append(real)
+    return hidden
+
+
 class AnalysisAt:
     """`analyze` of the analysis at `path`, never imported into the node runtime: only the
     isolated child loads it (what `flame run` does on an analysis node), so not even the
@@ -209,6 +256,7 @@ class ChildRunner:
         timeout: float = 3600.0,
         cut_network: bool = True,
         capture_output: bool = False,
+        hide: Sequence[str | Path] = (),
     ) -> None:
         locator = locate(analyze)
         if locator is None:
@@ -223,8 +271,10 @@ class ChildRunner:
         self.timeout = timeout
         self.cut_network = cut_network
         self.capture_output = capture_output  # the child's stderr as node log lines
+        self.hide = child_hidden_paths(hide, locator.get("file") or locator.get("path"))
         self.meter = RowMeter()
         self.network = "not started"
+        self.confinement = "not started"
         self._declared: Any = None
         self._process: subprocess.Popen[bytes] | None = None
         self._channel: Channel | None = None
@@ -239,8 +289,11 @@ class ChildRunner:
             return
         self._declared = None
         # a child started early by `prestart` (flame simulate) if one waits, else a new one
-        warm = None if self.capture_output else take_warm(self.cut_network)
-        self._process, ours = warm or spawn_child(self.cut_network, self.capture_output)
+        # (warm children know no paths to hide: they serve runs that hide nothing)
+        warm = None if self.capture_output or self.hide else take_warm(self.cut_network)
+        self._process, ours = warm or spawn_child(
+            self.cut_network, self.capture_output, hide=self.hide
+        )
         if self.capture_output and self._process.stdout is not None:
             threading.Thread(
                 target=_relay_output, args=(self._process.stdout,), daemon=True
@@ -268,9 +321,16 @@ class ChildRunner:
             deadline=time.monotonic() + 120.0,
         )
         self.network = str(ready.get("network", "unknown"))
+        self.confinement = str(ready.get("confinement", "unknown"))
         self._declared = ready.get("declared")
         level = logging.DEBUG if self.network == "cut" else logging.INFO
-        log.log(level, "analysis child %s started; network %s", ready.get("pid"), self.network)
+        log.log(
+            level,
+            "analysis child %s started; network %s; %s",
+            ready.get("pid"),
+            self.network,
+            self.confinement,
+        )
 
     def run(self, epoch: int, previous: Any) -> Outcome:
         self.start()
