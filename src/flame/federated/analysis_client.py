@@ -50,6 +50,14 @@ from flame.transport.base import Transport
 
 __all__ = ["NOT_PARTICIPANT", "AnalysisClient", "Instruction"]
 
+
+def _stop_at_once(runner: Runner) -> None:
+    """A run that failed or was stopped does not wait for its analysis child to finish."""
+    kill = getattr(runner, "_abandon", None)
+    if callable(kill):
+        with contextlib.suppress(Exception):
+            kill()
+
 log = logging.getLogger(__name__)
 
 _CONTROL = ("start", "aggregate", "finished", "abort")
@@ -340,12 +348,10 @@ class AnalysisClient:
                 log.debug("epoch %d: result sent in %.3f s", epoch, time.perf_counter() - started)
         except KeyboardInterrupt as exc:
             self.report_stop(epoch, stop_signal(exc))
-            kill = getattr(runner, "_abandon", None)  # an analysis child: no polite wait
-            if callable(kill):
-                with contextlib.suppress(Exception):
-                    kill()
+            _stop_at_once(runner)
             raise
         except (RunFailed, ConfigError):
+            _stop_at_once(runner)
             raise
         except Exception as exc:
             # Lost the broker, heard nothing, could not send: say so while we still can.
