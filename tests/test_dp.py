@@ -175,7 +175,11 @@ def test_dp_mean_example_is_close_to_pooled_and_spends_its_budget(tmp_path: Path
 
     f = load_analysis(example).functions
     policy = flame.load_policy(example / "policy.toml").model_copy(update={"ledger_dir": tmp_path})
-    result = flame.simulate(f.analyze, f.aggregate, data=example / "data", policy=policy).value
+    run = flame.simulate(f.analyze, f.aggregate, data=example / "data", policy=policy)
+    result = run.value
+    record = run.history[0].to_dict()  # what the manifest keeps per epoch
+    assert record["privacy"]["clinic_b"]["spend"] == {"epsilon": 1.0, "delta": 0.0}
+    assert record["privacy"]["clinic_b"]["spent_total"] == {"epsilon": 1.0, "delta": 0.0}
     ages = np.concatenate(
         [np.loadtxt(p, skiprows=1, ndmin=1) for p in sorted((example / "data").rglob("*.csv"))]
     )

@@ -84,3 +84,67 @@ def test_tampering_analysis_cannot_switch_the_rules_off(
     (node_dir / "x.csv").write_text("v\n1\n2\n")
     with pytest.raises(flame.RunFailed, match="min_rows"):
         flame.simulate(f.analyze, f.aggregate, data=tmp_path / "data", policy=policy, isolate=True)
+
+
+TOP_LEVEL = """
+import os
+with open({log!r}, "a") as out:  # runs wherever this module is imported
+    out.write(f"{{os.getpid()}} {{os.environ.get('FLAME_ROLE')}} "
+              f"{{'FLAME_BROKER__TOKEN' in os.environ}}\\n")
+
+def analyze(data):
+    return {{"n": int(data.read_csv()["v"].size)}}
+
+def aggregate(results):
+    return sum(r["n"] for r in results.values())
+"""
+
+
+def test_flame_run_never_imports_the_analysis_into_the_node_runtime(
+    mqtt_broker: Any, tmp_path: Path
+) -> None:
+    import json
+    import os
+    import subprocess
+    import sys
+
+    log = tmp_path / "imports.log"
+    (tmp_path / "analysis.py").write_text(TOP_LEVEL.format(log=str(log)))
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "x.csv").write_text("v\n1\n2\n3\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLAME_")}
+    env.update(
+        FLAME_ANALYSIS_ID=f"toplevel-{os.getpid()}",
+        FLAME_PARTICIPANTS="node-0",
+        FLAME_BROKER__URL=mqtt_broker.url,
+        FLAME_BROKER__TOKEN=mqtt_broker.password,
+        FLAME_PRESENCE_TIMEOUT="60",
+        FLAME_EPOCH_TIMEOUT="60",
+    )
+    roles = {
+        "aggregator": {"FLAME_ROLE": "aggregation"},
+        "node-0": {"FLAME_ROLE": "analysis", "FLAME_DATA_DIR": str(tmp_path / "data")},
+    }
+    processes = {
+        node: subprocess.Popen(
+            [sys.executable, "-m", "flame", "run", str(tmp_path / "analysis.py")],
+            env={**env, "FLAME_NODE_ID": node, **extra},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+            text=True,
+        )
+        for node, extra in roles.items()
+    }
+    outputs = {}
+    for node, process in processes.items():
+        out, err = process.communicate(timeout=120)
+        assert process.returncode == 0, err[-2000:]
+        outputs[node] = json.loads(out.strip().splitlines()[-1])
+    assert outputs["aggregator"] == 3
+    lines = sorted(line.split() for line in log.read_text().splitlines())
+    node_pid = str(processes["node-0"].pid)
+    # imported by the aggregator (which runs aggregate in-process) and by node-0's child,
+    # never by node-0's runtime: no line with its pid, its role or its token
+    assert sorted(line[1:] for line in lines) == [["None", "False"], ["aggregation", "True"]]
+    assert all(line[0] != node_pid for line in lines)

@@ -149,7 +149,12 @@ def test_aggregate_sees_a_masked_cell_and_how_many(tmp_path: Path) -> None:
         seen.update(results)
         return f.aggregate(results, epoch=epoch, previous=previous)
 
-    result = flame.simulate(f.analyze, aggregate, data=EXAMPLE / "data", policy=policy).value
+    run = flame.simulate(f.analyze, aggregate, data=EXAMPLE / "data", policy=policy)
+    result = run.value
+    history = run.history[0].to_dict()["privacy"]  # recorded per epoch, as in the manifest
+    assert history == {
+        "clinic_b": {"spend": {"epsilon": 0, "delta": 0}, "suppressed": {"table": 1}}
+    }
     cells = seen["clinic_b"]["table"]
     assert isinstance(cells, np.ma.MaskedArray)
     assert cells.mask.tolist() == [[True, False, False], [False, False, False]]

@@ -114,3 +114,35 @@ def test_federated_mean_with_na_cells_gives_pooled_mean_of_valid_values(tmp_path
     for column, values in pooled.items():
         assert result.value[column]["n"] == len(values)
         assert result.value[column]["mean"] == pytest.approx(np.mean(values), abs=1e-9)
+
+
+@pytest.mark.parametrize("stray_row", [None, 5, 40_000])
+def test_streamed_local_read_equals_the_general_read(
+    tmp_path: Path, stray_row: int | None, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Local files are streamed block by block (several blocks here); same answer, same warning."""
+    rng = np.random.default_rng(3)
+    lines = ["id,value,site,flag"]
+    for i in range(60_000):
+        value = "NA" if i % 97 == 0 else f"{rng.normal(50, 10):.3f}"
+        if i == stray_row:
+            value = "see notes"
+        site = "" if i % 89 == 0 else f"site-{i % 7}"
+        lines.append(f"{i},{value},{site},{i % 2}")
+    text = "\n".join(lines) + "\n"
+    (tmp_path / "big.csv").write_text(text)
+    assert len(text) > 4 * 256 * 1024
+    local = Data.from_path(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="flame.readers"):
+        streamed = local.read_csv()
+    general = Data({"m": MemorySource({"big.csv": text})})
+    expected = general.read_csv()
+    assert list(streamed) == list(expected) == ["id", "value", "site", "flag"]
+    for column, values in expected.items():
+        assert streamed[column].dtype == values.dtype
+        assert np.array_equal(streamed[column], values, equal_nan=values.dtype.kind == "f")
+    assert local.missing == general.missing == {"value": 619 - (stray_row == 0), "site": 675}
+    assert local.invalid == general.invalid == ({} if stray_row is None else {"value": 1})
+    if stray_row is not None:
+        assert "'see notes'" in caplog.text and "big.csv" in caplog.text
+    streamed["value"][0] = 1.0  # writable, like any numpy array the analyst owns

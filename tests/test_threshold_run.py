@@ -372,7 +372,7 @@ def test_obfuscators_are_made_while_waiting_and_used_by_the_epoch(tkey, caplog) 
     encrypt_vector([1.0, 2.0], keys.public_key, SPEC)
     assert pre.ready == ready - 1
     caplog.set_level(logging.INFO)
-    config = tconfig(folder, secure={"precompute": 4})
+    config = tconfig(folder, secure={"precompute": pre.ready + 4})  # more than are ready
     result = flame.simulate(analyze, aggregate, data=data_for(MEMBERS), config=config)
     assert np.allclose(result.value["total"], expected_total(MEMBERS, 0), atol=1e-3, rtol=0)
     assert "precomputed" in caplog.text
@@ -399,4 +399,84 @@ def test_a_subset_is_asked_first_and_replaced_when_it_cheats_or_stalls(
     assert np.allclose(result.value["total"], expected_total(MEMBERS, 0), atol=1e-3, rtol=0)
     assert "asking 3 share holders" in caplog.text and "b refused to decrypt" in caplog.text
     assert "no decryption from a within 2 s" in caplog.text
-    assert "decrypted with the partial decryptions of c, d, e" in caplog.text
+    used = next(
+        r.getMessage() for r in caplog.records if "decrypted with the partial" in r.getMessage()
+    )
+    assert "b" not in used.rsplit(" of ", 1)[1].split(", ")  # the refusing holder is not used
+
+
+def test_threshold_key_configuration_is_checked(tkey, tmp_path) -> None:
+    from flame.errors import ConfigError
+    from flame.federated.secure import SecureKeys
+    from flame.protocols.paillier import KeyFileError, write_keypair
+
+    folder, public = tkey
+    share = folder / "share-b.json"
+    agg = load_config(
+        secure={
+            "enabled": True,
+            "public_key_file": folder / "public_key.json",
+            "key_share_file": share,
+        }
+    ).secure
+    with pytest.raises(ConfigError, match="aggregation node must not hold a key share"):
+        SecureKeys.from_settings(agg, role="aggregation")
+    node = load_config(secure={"enabled": True, "key_share_file": share}).secure
+    assert SecureKeys.from_settings(node, role="analysis", node_id="b").threshold == public
+    with pytest.raises(KeyFileError, match="belongs to 'b', not to 'c'"):
+        SecureKeys.from_settings(node, role="analysis", node_id="c")
+    single = write_keypair(tmp_path, 2048)
+    both = load_config(
+        secure={"enabled": True, "key_share_file": share, "private_key_file": single[1]}
+    ).secure
+    with pytest.raises(ConfigError, match="not used with a threshold key"):
+        SecureKeys.from_settings(both, role="analysis", node_id="b")
+    no_share = load_config(
+        secure={"enabled": True, "public_key_file": folder / "public_key.json"}
+    ).secure
+    with pytest.raises(ConfigError, match=r"KEY_SHARE_FILE.*required"):
+        SecureKeys.from_settings(no_share, role="analysis", node_id="b")
+    plain_agg = load_config(secure={"enabled": True, "public_key_file": single[0]}).secure
+    assert SecureKeys.from_settings(plain_agg, role="aggregation").threshold is None
+
+
+def test_what_the_range_check_on_a_sum_detects_and_what_it_cannot(parties) -> None:
+    """A carry that pushes a slot outside what k honest values can make is refused; an
+    out-of-bound contribution whose sum stays in range is not detected (README says so)."""
+    from flame.protocols.paillier import AggregationOverflowError
+
+    public, _roster, shares = parties
+    spec = SecureSumSpec(precision=0, bound=100.0, max_nodes=3)
+    layout = spec.layout(public.paillier)
+    enc = Encryptor(public.paillier, workers=1)
+
+    width = 8 * layout.slot_bytes
+    top = layout.slots_per_ciphertext - 1
+
+    def malicious(slots: list[int]) -> list[int]:
+        """A node encrypting any plaintext it likes: biased slots, as one integer mod n."""
+        value = sum((v + layout.max_abs) << (width * (top - j)) for j, v in enumerate(slots))
+        return [value % public.n]
+
+    def decrypt(packed: list[list[int]]) -> np.ndarray:
+        cts = [enc.encrypt_raw(p) for p in packed]
+        total = [
+            int(np.prod([c[k] for c in cts], dtype=object) % public.nsquare)
+            for k in range(len(cts[0]))
+        ]
+        partials = [partial_decrypt(shares[n], total, b"ctx") for n in ("a", "b", "c")]
+        plain, _ = combine_partials(public, total, partials, b"ctx")
+        return _unpack(plain, layout, 2, len(packed))
+
+    honest = malicious([10, 20])
+    assert list(decrypt([honest, honest, honest])) == [30, 60]
+    # +250 and -250 from two colluding nodes: out of bound, but the sum is in range
+    assert list(decrypt([malicious([250, 20]), malicious([-250, 20]), honest])) == [10, 60]
+    # a carry from slot 1 into slot 0 (slot 1 gets a whole slot width more): undetected
+    carry = malicious([10, 20 + (1 << width)])
+    assert list(decrypt([carry, honest, honest])) == [31, 60]
+    # a slot pushed past what 3 honest values can make: refused
+    with pytest.raises(AggregationOverflowError, match="outside the range"):
+        decrypt([malicious([10, 20 + 1000]), honest, honest])
+    with pytest.raises(AggregationOverflowError):
+        decrypt([malicious([-400, 20]), honest, honest])  # wraps modulo n

@@ -328,7 +328,8 @@ def _host_port(url: str, default_secure: bool = True) -> tuple[str, int, str]:
     text = url if "://" in url else f"{'https' if default_secure else 'http'}://{url}"
     parts = urlsplit(text)
     secure = parts.scheme == "https"
-    return parts.hostname or "", parts.port or (443 if secure else 80), text.rstrip("/")
+    default = 5432 if parts.scheme in ("postgresql", "postgres") else 443 if secure else 80
+    return parts.hostname or "", parts.port or default, text.rstrip("/")
 
 
 def _check_data_dir(path: Path) -> CheckItem:
@@ -561,3 +562,25 @@ def run_checks(*, timeout: float = 5.0) -> CheckReport:
             )
         )
     return report
+
+
+def preflight(config: FlameConfig, *, timeout: float = 5.0) -> list[CheckItem]:
+    """What `flame run` checks before joining, as `flame check` does: storage reachable and
+    writable, the data folder readable. Returns the failed items (empty: go ahead)."""
+    items: list[CheckItem] = []
+    if config.role == "analysis" and config.data_dir is not None:
+        items.append(_check_data_dir(config.data_dir))
+    if config.storage.endpoint is not None or config.storage.results_dir is not None:
+        items.append(_check_storage(config, set(), timeout))
+    secrets = config.secrets()
+    return [
+        CheckItem(
+            item.verdict,
+            item.name,
+            mask_credentials(item.target, secrets),
+            mask_credentials(item.detail, secrets),
+            item.fix,
+        )
+        for item in items
+        if not item.ok
+    ]

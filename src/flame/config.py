@@ -12,6 +12,7 @@ import re
 import sys
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import (
     BaseModel,
@@ -109,6 +110,9 @@ class StorageSettings(TokenSettings):
     region: str | None = None
     timeout: float = Field(30.0, gt=0)
     results_dir: Path | None = Field(None, description="local folder for results (simulation)")
+    retry_s: float = Field(
+        120.0, ge=0, description="seconds a failing checkpoint or result write is retried"
+    )
     claim_check: bool = Field(
         False, description="send large messages through this (shared) store instead of chunks"
     )
@@ -294,11 +298,27 @@ class FlameConfig(BaseSettings):
                     walk(item)
 
         walk(self)
+        found.extend(p for p in (_url_password(s.url) for s in self.data) if p)
         return found
 
     def public_dict(self) -> dict[str, Any]:
         """The config as JSON-ready data with secrets masked (for manifests and `flame check`)."""
-        return json.loads(self.model_dump_json())  # type: ignore[no-any-return]
+        public: dict[str, Any] = json.loads(self.model_dump_json())
+        for entry in public.get("data", []):  # a password inside a source URL (postgresql://)
+            password = _url_password(entry.get("url"))
+            if password:
+                entry["url"] = entry["url"].replace(f":{password}@", ":**********@", 1)
+        return public
+
+
+def _url_password(url: str | None) -> str | None:
+    """The password in a URL's user info (`scheme://user:password@host`), if any."""
+    if not url or "@" not in url:
+        return None
+    try:
+        return urlsplit(url).password
+    except ValueError:
+        return None
 
 
 class _FileSource(PydanticBaseSettingsSource):

@@ -123,8 +123,49 @@ class Data:
             raise DataError(f"node {self.node_id!r} has no CSV files")
         from flame.readers import to_numpy
 
+        files = self._files_source(source)
+        if isinstance(files, LocalSource):
+            streamed = self._read_csv_streamed(files, names)
+            if streamed is not None:
+                return streamed
         table = self._read(names, source)
-        return {column: to_numpy(table.column(column)) for column in table.column_names}
+        columns: Table = {}
+        for column in table.column_names:  # release each Arrow column once it is copied
+            columns[column] = to_numpy(table.column(column))
+            table = table.drop_columns([column])
+        return columns
+
+    def _read_csv_streamed(self, files: LocalSource, names: list[str]) -> Table | None:
+        """Local CSV files streamed into numpy (`flame.csv_columns`); None: read generally."""
+        from flame.csv_columns import Fallback, read_csv_columns
+        from flame.readers import ReadReport, file_format
+
+        report = ReadReport(files=list(names))
+        parts: list[Table] = []
+        for file_name in names:
+            kind = file_format(file_name)
+            if kind not in ("csv", "tsv"):
+                return None
+            path = files.path(file_name)
+            if not path.is_file():
+                raise DataError(f"data source {files.name!r}: no file {file_name!r}")
+            try:
+                parts.append(
+                    read_csv_columns(file_name, path, report, "\t" if kind == "tsv" else ",")
+                )
+            except Fallback:
+                return None
+            if list(parts[-1]) != list(parts[0]):
+                raise DataError(
+                    f"{file_name!r} has columns {list(parts[-1])}, but {names[0]!r} has "
+                    f"{list(parts[0])}"
+                )
+            if any(parts[-1][c].dtype.kind != parts[0][c].dtype.kind for c in parts[0]):
+                return None  # a column typed differently across files: unify generally
+        self.missing, self.invalid = report.missing, report.invalid
+        if len(parts) == 1:
+            return parts[0]
+        return {c: np.concatenate([part[c] for part in parts]) for c in parts[0]}
 
     def table(self, name: str | None = None, *, source: str | None = None) -> pa.Table:
         """A table file (CSV, TSV, Parquet, JSON lines) as a `pyarrow.Table`, types kept.

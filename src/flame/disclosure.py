@@ -81,6 +81,27 @@ def apply_cell_rule(
     return {TAG: SUPPRESSED, "values": zeroed, "mask": small}, hidden
 
 
+RELEASE = "release"
+
+
+def wrap_release(body: Any, report: dict[str, Any]) -> Any:
+    """A result body with the node's privacy report (DP spend, suppressed cells) attached,
+    so the aggregator can record it per epoch in the run's history and manifest."""
+    return {TAG: RELEASE, "result": body, "privacy": report}
+
+
+def unwrap_release(body: Any) -> tuple[Any, dict[str, Any] | None]:
+    """(result body, privacy report or None) of what a node sent."""
+    if isinstance(body, dict) and body.get(TAG) == RELEASE and set(body) == {
+        TAG,
+        "result",
+        "privacy",
+    }:
+        report = body["privacy"]
+        return body["result"], report if isinstance(report, dict) else None
+    return body, None
+
+
 def reveal_suppressed(value: Any) -> Any:
     """On the aggregator: suppressed cells from the wire as numpy masked arrays."""
     if isinstance(value, dict):

@@ -20,7 +20,7 @@ from typing import Any
 from flame.errors import AnalysisLoadError
 from flame.federated.functions import AnalysisFunctions
 
-__all__ = ["LoadedAnalysis", "load_analysis"]
+__all__ = ["LoadedAnalysis", "analysis_files", "load_analysis"]
 
 NAMES = ("analyze", "aggregate", "converged")
 
@@ -37,6 +37,11 @@ class LoadedAnalysis:
         for path in sorted(self.files):
             digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
         return digest.hexdigest()
+
+
+def analysis_files(path: str | Path) -> list[Path]:
+    """The files an analysis at `path` consists of, without importing them."""
+    return _candidates(Path(path))
 
 
 def _candidates(path: Path) -> list[Path]:

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 from flame._signals import stop_on_sigterm
 from flame.config import FlameConfig, load_config
 from flame.data import Data, LocalSource
-from flame.errors import ConfigError
+from flame.errors import ConfigError, FlameError
 from flame.federated.aggregator_server import Aggregator
 from flame.federated.analysis_client import AnalysisClient
 from flame.federated.functions import AnalysisFunctions
@@ -148,6 +148,14 @@ def _run(
 
     check_service_tokens(config)  # a bad token stops the node before any work
     check_code_approval(config, role, code)  # before any data or the broker is touched
+    from flame.check import preflight
+
+    failed = preflight(config)  # `flame check`'s storage and data checks, before joining
+    if failed:
+        raise FlameError(
+            "not joining the run: "
+            + "; ".join(item.line().removeprefix("FAIL ") for item in failed)
+        )
     secrets = config.secrets()
     keys = secure_keys(config, role)
     from flame.identity import for_config
@@ -177,6 +185,7 @@ def _run(
         )
         aggregator.context.params = dict(config.params)
         return aggregator.execute().value
+    from flame.isolation.runner import settings_paths
     from flame.policy import load_policy
 
     policy = load_policy(config.policy)  # the operator's file; never from the aggregator
@@ -194,6 +203,7 @@ def _run(
         isolate=policy.isolate,
         policy=policy,
         code=code,
+        hide=settings_paths(config, policy),
     )
     client.context.params = dict(config.params)
     return client.run(functions, data).value

@@ -92,7 +92,7 @@ def _is_number_type(kind: pa.DataType) -> bool:
     return bool(pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_null(kind))
 
 
-def _recover_numbers(
+def recover_numbers(
     column: str, data: pa.ChunkedArray, files: Sequence[tuple[str, int]], report: ReadReport
 ) -> pa.ChunkedArray:
     """A text column that is mostly numbers: numbers as float64, the text cells null + warning."""
@@ -147,7 +147,7 @@ def _unify(
     data = pa.chunked_array(
         [c for part in parts for c in part.cast(pa.string()).chunks], type=pa.string()
     )
-    return _recover_numbers(column, data, files, report)
+    return recover_numbers(column, data, files, report)
 
 
 def read_tables(entries: Sequence[tuple[str, Path | IO[bytes]]]) -> tuple[pa.Table, ReadReport]:
@@ -176,24 +176,41 @@ def read_tables(entries: Sequence[tuple[str, Path | IO[bytes]]]) -> tuple[pa.Tab
         columns[column] = data
     for column, count in report.missing.items():
         log.info("column %r: %d missing cell(s) read as null", column, count)
-    return pa.table(columns), report
+    return pa.Table.from_arrays(list(columns.values()), names=list(columns)), report
+
+
+def _nan() -> pa.Scalar:
+    """A float64 NaN scalar built from a buffer (`pa.scalar` would import pandas)."""
+    buffer = pa.py_buffer(np.array([np.nan]))
+    return pa.Array.from_buffers(pa.float64(), 1, [None, buffer])[0]
 
 
 def to_numpy(data: pa.ChunkedArray) -> np.ndarray:
-    """float64 (NaN for null) for numbers, str (null as "") for anything else."""
+    """float64 (NaN for null) for numbers, str (null as "") for anything else.
+
+    Only zero-copy conversions and `to_pylist` are used: pyarrow's other numpy conversions
+    (and `pa.scalar`) import pandas when it is installed, seconds on a cold start.
+    """
     kind = data.type
     if _is_number_type(kind):
         if not pa.types.is_float64(kind):
             data = data.cast(pa.float64())
         if data.null_count:
-            data = data.fill_null(np.nan)
-        if data.num_chunks == 1:
-            single: np.ndarray = data.chunk(0).to_numpy(zero_copy_only=False)
-            return single
-        stacked: np.ndarray = data.to_numpy()
+            data = data.fill_null(_nan())
+        chunks = [
+            np.frombuffer(chunk.buffers()[1], dtype=np.float64)[
+                chunk.offset : chunk.offset + len(chunk)
+            ]
+            for chunk in data.chunks
+        ]
+        if len(chunks) == 1:
+            single: np.ndarray = chunks[0]
+            return single if single.flags.writeable else single.copy()
+        stacked: np.ndarray = np.concatenate(chunks) if chunks else np.empty(0, np.float64)
         return stacked
     if not pa.types.is_string(kind) and not pa.types.is_large_string(kind):
         data = data.cast(pa.string())
-    if data.null_count:
-        data = data.fill_null("")
-    return np.asarray(data.to_numpy(zero_copy_only=False), dtype=str)
+    cells = [
+        cell if cell is not None else "" for chunk in data.chunks for cell in chunk.to_pylist()
+    ]
+    return np.array(cells, dtype=str) if cells else np.empty(0, dtype=str)

@@ -167,6 +167,7 @@ def simulate(
             keys=None if keys is None else _node_keys(keys, auths[node]),
             code=code,
             log_traceback=False,  # the aggregator's log, in this same process, shows it
+            resend_interval=config.resend_interval,
             isolate=isolate,
             policy=policies[node],
         )

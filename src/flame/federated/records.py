@@ -32,6 +32,7 @@ class EpochRecord:
     arrivals: dict[str, float] = field(default_factory=dict)  # node -> s after the start
     result_bytes: dict[str, int] = field(default_factory=dict)  # node -> size of its result
     summary: dict[str, float] = field(default_factory=dict)  # numeric fields of the aggregate
+    privacy: dict[str, Any] = field(default_factory=dict)  # node -> DP spend, suppressed cells
 
     def to_dict(self, *, summary: bool = True) -> dict[str, Any]:
         """JSON-ready; `summary=False` leaves out the aggregate's numbers (for status
@@ -52,6 +53,8 @@ class EpochRecord:
             data["result_bytes"] = dict(self.result_bytes)
         if summary and self.summary:
             data["summary"] = dict(self.summary)
+        if self.privacy:
+            data["privacy"] = dict(self.privacy)
         return data
 
     @classmethod
@@ -69,6 +72,7 @@ class EpochRecord:
             arrivals={str(k): float(v) for k, v in (data.get("arrivals_s") or {}).items()},
             result_bytes={str(k): int(v) for k, v in (data.get("result_bytes") or {}).items()},
             summary={str(k): float(v) for k, v in (data.get("summary") or {}).items()},
+            privacy=dict(data.get("privacy") or {}),
         )
 
 

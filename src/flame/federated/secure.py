@@ -11,6 +11,7 @@ sample: `confirm_fraction`). A mismatch or a refusal stops the run. `aggregate` 
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -309,17 +310,16 @@ class Precomputer:
 
 
 def _is_threshold(path: Path | None) -> bool:
-    """Whether a public key file is a threshold key (it has a "threshold" part)."""
+    """Whether a public key file is a threshold key (it has a "threshold" part); a file
+    that cannot be read is left to the loader, which names the problem."""
     if path is None:
         return False
-    from flame.protocols.paillier import KeyFileError
-    from flame.protocols.paillier.threshold_files import load_threshold_public_key
-
     try:
-        load_threshold_public_key(Path(path), allow_insecure=True)
-    except KeyFileError as exc:
-        return "not a threshold public key" not in str(exc)
-    return True
+        with Path(path).open("rb") as fh:
+            data = json.loads(fh.read(1 << 20))
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and "threshold" in data
 
 
 # --- walking result trees --------------------------------------------------------------------

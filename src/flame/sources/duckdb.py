@@ -55,7 +55,7 @@ class DuckDbEngine:
     """One in-memory DuckDB database per source, with a view per data file."""
 
     def __init__(
-        self, source: FileSource, *, memory_limit: str = "1GB", threads: int | None = None
+        self, source: FileSource, *, memory_limit: str = "512MB", threads: int | None = None
     ) -> None:
         try:
             import duckdb

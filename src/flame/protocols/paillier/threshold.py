@@ -37,13 +37,14 @@ from fractions import Fraction
 import gmpy2
 from phe.paillier import PaillierPublicKey
 
-from flame.protocols.paillier._math import Mpz
+from flame.protocols.paillier._math import Mpz, powmod_base_list
 from flame.protocols.paillier.errors import (
     KeyMismatchError,
     SecureAggregationError,
     WireFormatError,
 )
 from flame.protocols.paillier.keys import key_id
+from flame.protocols.paillier.pool import available_cores
 from flame.protocols.paillier.safe_primes import ProgressFn, generate_safe_prime, is_safe_prime
 
 __all__ = [
@@ -369,7 +370,11 @@ class PartialDecryption:
 
 
 def partial_decrypt(
-    share: ThresholdKeyShare, ciphertexts: Sequence[int | Mpz], context: bytes
+    share: ThresholdKeyShare,
+    ciphertexts: Sequence[int | Mpz],
+    context: bytes,
+    *,
+    workers: int | None = None,
 ) -> PartialDecryption:
     """c^(2 Delta s_i) for every ciphertext, and one proof for all of them.
 
@@ -380,7 +385,8 @@ def partial_decrypt(
     nsquare = gmpy2.mpz(public.nsquare)
     exponent = 2 * public.delta * gmpy2.mpz(share.secret)
     cs = [gmpy2.mpz(int(c)) for c in ciphertexts]
-    values = [gmpy2.powmod(c, exponent, nsquare) for c in cs]
+    threads = available_cores() if workers is None else max(1, workers)
+    values = powmod_base_list(cs, exponent, nsquare, threads)  # GIL-free threads
     challenge, response = _prove(share, cs, values, context)
     return PartialDecryption(
         public.key_id, share.index, tuple(int(x) for x in values), challenge, response

@@ -1,0 +1,269 @@
+"""The data layer against its baselines, in one run on the same files.
+
+    python benchmarks/data.py [--quick] [--pg URL] [--repeats N]
+
+* CSV: `data.read_csv()` on 1,000,000 rows x 4 columns versus `pyarrow.csv.read_csv` on the
+  same file. Each read runs in a fresh child process; the time is the read alone and the peak
+  RSS is the process's peak during the read (the peak is reset after the imports through
+  /proc/self/clear_refs) above its RSS after the imports: what reading costs.
+  Targets: time <= 1.5x pyarrow, peak RSS <= 3x the file size.
+* DuckDB: the mean of one column of a 200 MB CSV through `data.sql(...)`, in a child process
+  (wall time of the query, peak RSS of the whole process), next to the in-memory baseline
+  `pyarrow.csv.read_csv` + `pyarrow.compute.mean`. Targets: <= 5 s and <= 1 GB.
+* SQL: 1,000,000 rows (int8, float8, numeric, text) from PostgreSQL into Arrow through
+  `SqlSource.query` (server-side cursor, batches) versus psycopg's own `fetchall` into
+  `pyarrow.table`. Target: throughput >= 0.7x psycopg. Needs a PostgreSQL (default
+  postgresql://postgres@127.0.0.1:5432); a scratch database is made and dropped.
+
+`--quick` shrinks everything tenfold (for a smoke run; the targets are for the full sizes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+CHILD = r"""
+import json, resource, sys, time
+mode, path = sys.argv[1], sys.argv[2]
+def status_kb(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return 0
+def rss_kb():
+    return status_kb("VmRSS")
+def reset_peak():  # Linux: writing 5 to clear_refs resets the peak RSS (VmHWM)
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+import numpy, pyarrow, pyarrow.csv, pyarrow.compute
+import flame.data, flame.readers
+if mode == "sql":
+    import duckdb, flame.sources.duckdb
+base = rss_kb()
+exact = reset_peak()
+start = time.perf_counter()
+if mode == "flame":
+    columns = flame.data.Data.from_path(path).read_csv("big.csv")
+    rows = len(next(iter(columns.values())))
+elif mode == "pyarrow":
+    rows = pyarrow.csv.read_csv(path + "/big.csv").num_rows
+elif mode == "sql":
+    data = flame.data.Data.from_path(path)
+    rows = data.sql("select avg(age) as mean, count(age) as n from huge").to_pylist()[0]
+elif mode == "pyarrow_mean":
+    table = pyarrow.csv.read_csv(path + "/huge.csv")
+    rows = {"mean": pyarrow.compute.mean(table.column("age")).as_py()}
+seconds = time.perf_counter() - start
+peak = status_kb("VmHWM") if exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps({"seconds": seconds, "peak_kb": peak, "base_kb": base, "rows": rows}))
+"""
+
+
+def child(mode: str, folder: Path) -> dict[str, Any]:
+    out = subprocess.run(
+        [sys.executable, "-c", CHILD, mode, str(folder)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=True,
+    )
+    result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
+    return result
+
+
+def write_csv(path: Path, rows: int, seed: int = 0) -> None:
+    """age (int, a few NA), weight and height (2 decimals), smoker (0/1): a clinic's export."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+
+    rng = np.random.default_rng(seed)
+    chunk = 1_000_000
+    with pacsv.CSVWriter(
+        path,
+        pa.schema(
+            [
+                ("age", pa.string()),
+                ("weight", pa.float64()),
+                ("height", pa.float64()),
+                ("smoker", pa.int8()),
+            ]
+        ),
+        write_options=pacsv.WriteOptions(quoting_style="none"),
+    ) as writer:
+        done = 0
+        while done < rows:
+            n = min(chunk, rows - done)
+            age = rng.integers(18, 95, n).astype(str).astype(object)
+            age[rng.random(n) < 0.01] = "NA"
+            table = pa.table(
+                {
+                    "age": pa.array(age, pa.string()),
+                    "weight": np.round(rng.normal(75, 12, n), 2),
+                    "height": np.round(rng.normal(170, 9, n), 2),
+                    "smoker": rng.integers(0, 2, n).astype(np.int8),
+                }
+            )
+            writer.write_table(table)
+            done += n
+
+
+def csv_benchmark(folder: Path, rows: int, repeats: int) -> dict[str, Any]:
+    path = folder / "big.csv"
+    write_csv(path, rows)
+    size = path.stat().st_size
+    runs: dict[str, list[dict[str, Any]]] = {"flame": [], "pyarrow": []}
+    for _ in range(repeats):
+        for mode in runs:  # interleaved, so machine noise hits both alike
+            runs[mode].append(child(mode, folder))
+    med = {
+        mode: {
+            "seconds": statistics.median(r["seconds"] for r in results),
+            "extra_mb": statistics.median((r["peak_kb"] - r["base_kb"]) / 1024 for r in results),
+            "peak_mb": statistics.median(r["peak_kb"] / 1024 for r in results),
+        }
+        for mode, results in runs.items()
+    }
+    time_ratio = med["flame"]["seconds"] / med["pyarrow"]["seconds"]
+    rss_ratio = med["flame"]["extra_mb"] * 1024 * 1024 / size
+    print(f"\nCSV read: {rows:,} rows x 4 columns, {size / 1e6:.1f} MB, median of {repeats}")
+    print(f"{'reader':<26}{'time s':>9}{'peak RSS MB':>13}{'reading MB':>12}")
+    for mode, label in (("flame", "data.read_csv()"), ("pyarrow", "pyarrow.csv.read_csv")):
+        m = med[mode]
+        print(f"{label:<26}{m['seconds']:>9.3f}{m['peak_mb']:>13.0f}{m['extra_mb']:>12.0f}")
+    print(f"time ratio flame/pyarrow: {time_ratio:.2f} (target <= 1.5)")
+    print(f"reading RSS / file size: {rss_ratio:.2f} (target <= 3)")
+    return {"time_ratio": time_ratio, "rss_ratio": rss_ratio, **med}
+
+
+def duckdb_benchmark(folder: Path, rows: int) -> dict[str, Any]:
+    path = folder / "huge.csv"
+    write_csv(path, rows, seed=1)
+    size = path.stat().st_size
+    ours = child("sql", folder)
+    base = child("pyarrow_mean", folder)
+    peak_mb = ours["peak_kb"] / 1024
+    print(f"\nColumn mean of a {size / 1e6:.0f} MB CSV ({rows:,} rows)")
+    print(f"{'path':<40}{'time s':>9}{'peak RSS MB':>13}")
+    print(f"{'data.sql(select avg(age) ...)':<40}{ours['seconds']:>9.2f}{peak_mb:>13.0f}")
+    label = "pyarrow read_csv + compute.mean"
+    print(f"{label:<40}{base['seconds']:>9.2f}{base['peak_kb'] / 1024:>13.0f}")
+    print(
+        f"data.sql: {ours['seconds']:.2f} s (target <= 5), {peak_mb:.0f} MB (target <= 1024); "
+        f"time ratio to the in-memory baseline {ours['seconds'] / base['seconds']:.2f}, "
+        f"RSS ratio {ours['peak_kb'] / base['peak_kb']:.2f}"
+    )
+    return {"seconds": ours["seconds"], "peak_mb": peak_mb, "mean": ours["rows"]["mean"]}
+
+
+def sql_benchmark(server: str, rows: int, repeats: int) -> dict[str, Any] | None:
+    try:
+        import psycopg
+        import pyarrow as pa
+    except ImportError:
+        print("\nSQL: psycopg not installed; skipped")
+        return None
+    from flame.sources.sql import SqlSource
+
+    name = f"flame_bench_{uuid.uuid4().hex[:8]}"
+    try:
+        admin = psycopg.connect(f"{server}/postgres", autocommit=True, connect_timeout=5)
+    except psycopg.Error as exc:
+        print(f"\nSQL: no PostgreSQL at {server} ({type(exc).__name__}); skipped")
+        return None
+    with admin:
+        admin.execute(f'create database "{name}"')
+    url = f"{server}/{name}"
+    query = "select id, x, v, label from t"
+    try:
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute(
+                "create table t as select g::int8 as id, random() as x, "
+                "round((random() * 100)::numeric, 2) as v, 'row ' || g as label "
+                f"from generate_series(1, {rows}) g"
+            )
+
+        def baseline() -> float:
+            from psycopg.types.numeric import FloatLoader
+
+            start = time.perf_counter()
+            with psycopg.connect(url) as conn:
+                conn.adapters.register_loader("numeric", FloatLoader)
+                records = conn.execute(query).fetchall()
+                columns = list(zip(*records, strict=True))
+                table = pa.table(
+                    {
+                        n: pa.array(c)
+                        for n, c in zip(("id", "x", "v", "label"), columns, strict=True)
+                    }
+                )
+            assert table.num_rows == rows
+            return time.perf_counter() - start
+
+        def ours() -> float:
+            start = time.perf_counter()
+            source = SqlSource("bench", url)
+            table = source.query(query)
+            source.close()
+            assert table.num_rows == rows
+            return time.perf_counter() - start
+
+        times: dict[str, list[float]] = {"psycopg": [], "flame": []}
+        for _ in range(repeats):
+            times["psycopg"].append(baseline())
+            times["flame"].append(ours())
+    finally:
+        with psycopg.connect(f"{server}/postgres", autocommit=True) as admin:
+            admin.execute(f'drop database if exists "{name}" with (force)')
+    med = {k: statistics.median(v) for k, v in times.items()}
+    ratio = med["psycopg"] / med["flame"]
+    print(f"\nSQL into Arrow: {rows:,} rows x 4 columns, median of {repeats}")
+    print(f"{'path':<44}{'time s':>9}{'rows/s':>14}")
+    print(f"{'psycopg fetchall -> pyarrow.table':<44}{med['psycopg']:>9.3f}"
+          f"{rows / med['psycopg']:>14,.0f}")  # fmt: skip
+    print(f"{'SqlSource.query (server-side cursor)':<44}{med['flame']:>9.3f}"
+          f"{rows / med['flame']:>14,.0f}")  # fmt: skip
+    print(f"throughput ratio flame/psycopg: {ratio:.2f} (target >= 0.7)")
+    return {"ratio": ratio, **med}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tenfold smaller")
+    parser.add_argument("--pg", default="postgresql://postgres@127.0.0.1:5432")
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    scale = 10 if args.quick else 1
+    with tempfile.TemporaryDirectory(prefix="flame-bench-data-") as tmp:
+        folder = Path(tmp)
+        csv = csv_benchmark(folder, 1_000_000 // scale, args.repeats)
+        (folder / "big.csv").unlink()
+        duck = duckdb_benchmark(folder, 10_000_000 // scale)
+    sql = sql_benchmark(args.pg, 1_000_000 // scale, args.repeats)
+    verdicts = [
+        ("read_csv time <= 1.5x pyarrow", csv["time_ratio"] <= 1.5),
+        ("read_csv RSS <= 3x file", csv["rss_ratio"] <= 3),
+        ("data.sql <= 5 s", duck["seconds"] <= 5),
+        ("data.sql <= 1 GB", duck["peak_mb"] <= 1024),
+    ]
+    if sql is not None:
+        verdicts.append(("SQL >= 0.7x psycopg", sql["ratio"] >= 0.7))
+    print("\n" + "\n".join(f"{'PASS' if ok else 'MISS'}  {name}" for name, ok in verdicts))
+
+
+if __name__ == "__main__":
+    main()
