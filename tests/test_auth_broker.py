@@ -12,6 +12,7 @@ import json
 import os
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -27,7 +28,9 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from flame.federated.run_store import code_hash
 from flame.identity import Identity, Member, Roster, write_identity
 from flame.identity.broker_config import write_broker_config
+from flame.identity.signing import sign_parts
 from flame.loader import load_analysis
+from flame.messages import Envelope, encode_parts
 
 pytestmark = pytest.mark.skipif(not have_mosquitto(), reason="needs the mosquitto binary")
 
@@ -54,13 +57,13 @@ class GeneratedBroker:
 
     def __init__(self, folder: Path, roster: Roster, use_tool: bool | None = None) -> None:
         self.folder = folder
-        self.files = write_broker_config(roster, folder / "broker", use_tool=use_tool)
-        self.port = free_port()
         data = folder / "mosquitto-data"
         data.mkdir()
-        text = self.files.config.read_text().replace(
-            "persistence_location /var/lib/mosquitto/", f"persistence_location {data}/"
+        self.files = write_broker_config(
+            roster, folder / "broker", use_tool=use_tool, persistence=data
         )
+        self.port = free_port()
+        text = self.files.config.read_text()
         # the test's broker operator: can read every inbox (TLS ends at the broker)
         self.operator_password = "operator-" + os.urandom(8).hex()
         acl = self.files.acl.read_text() + f"\nuser {OPERATOR}\ntopic readwrite #\n"
@@ -281,7 +284,12 @@ def test_generated_acl_isolates_inboxes(tmp_path: Path, use_tool: bool) -> None:
 
 
 def test_signed_run_passes_with_the_generated_broker_config(site: Site) -> None:
-    approved = code_hash(load_analysis(site.analysis).functions)
+    hashed = subprocess.run(
+        [sys.executable, "-m", "flame", "hash", str(site.analysis)],
+        capture_output=True, text=True, timeout=60, env=clean_env(), check=True,
+    )  # fmt: skip
+    approved = hashed.stdout.strip()
+    assert approved == code_hash(load_analysis(site.analysis).functions)  # one file: the same
     processes = {
         node: site.start(node, "auth-run", FLAME_APPROVED_CODE=approved)
         for node in ("aggregator", *NODES)
@@ -330,3 +338,169 @@ def _status_text(site: Site, analysis_id: str) -> str:
     client.loop_stop()
     client.disconnect()
     return "\n".join(seen)
+
+
+# --- code approval --------------------------------------------------------------------------
+
+
+def test_unapproved_code_stops_the_node_before_the_data_api_is_asked(
+    site: Site, data_api: Any
+) -> None:
+    """Exit 2 naming the hash it saw; the data source (a real HTTP data API) got no request."""
+    from flame.main import analysis_code_hash
+
+    seen = analysis_code_hash(site.analysis)
+    source = {"name": "files", "kind": "http", "url": data_api.files_url, "token": data_api.token}
+    env = site.env(
+        "site_a",
+        "unapproved",
+        FLAME_APPROVED_CODE="ab" * 32,
+        FLAME_DATA=json.dumps([source]),
+    )
+    del env["FLAME_DATA_DIR"]
+    data_api.reset()
+    done = subprocess.run(
+        [sys.executable, "-m", "flame", "run", str(site.analysis)],
+        env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert f"this analysis code (SHA-256 {seen}) is not approved on node 'site_a'" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert data_api.requests == []
+    # the same node with the hash approved gets as far as the data API
+    ok = subprocess.run(
+        [sys.executable, "-m", "flame", "check"],
+        env={**env, "FLAME_APPROVED_CODE": seen}, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert data_api.requests, ok.stdout + ok.stderr
+
+
+def test_a_node_running_other_code_aborts_the_run(site: Site) -> None:
+    other = site.write_analysis("other.py", delay=0.01)  # one changed character
+    processes = {
+        "aggregator": site.start("aggregator", "mixed"),
+        "site_a": site.start("site_a", "mixed"),
+        "site_b": site.start("site_b", "mixed", code=other),
+    }
+    codes = finish(processes)
+    assert codes == {"aggregator": 1, "site_a": 1, "site_b": 1}, {
+        n: p.tail() for n, p in processes.items()
+    }
+    assert "node 'site_b' runs different analysis code" in processes["aggregator"].stderr()
+    assert "node 'site_b' runs different analysis code" in processes["site_a"].stderr()
+    assert not list(site.results.rglob("result.bin"))
+
+
+# --- forged, relabelled and replayed decryption requests -------------------------------------
+
+SECURE_ANALYSIS = """\
+import flame
+
+def analyze(data, epoch, previous):
+    x = data.read_csv()["x"]
+    return {"n": int(x.size), "total": flame.secure(float(x.sum()))}
+
+def aggregate(results, epoch, previous):
+    return {"n": sum(r["n"] for r in results.values()),
+            "total": float(results.secure["total"])}
+"""
+
+
+def _decode(payload: bytes) -> Envelope | None:
+    from flame.identity.signing import unwrap_unverified
+    from flame.messages import decode
+
+    try:
+        return decode(unwrap_unverified(payload))
+    except Exception:
+        return None
+
+
+def test_forged_and_replayed_decryption_requests_are_dropped(site: Site) -> None:
+    """The issue's attack over the real broker: the broker operator replays the aggregator's
+    decryption request; a roster member (mallory) sends a request 'from the aggregator' that
+    relabels one node's ciphertext as a sum of two. Neither is answered; the run is right."""
+    from flame.federated.secure import DECRYPT, DECRYPTED
+    from flame.messages import Sealed
+
+    keys = site.folder / "paillier"
+    subprocess.run(
+        [sys.executable, "-m", "flame", "keys", "generate", "--out", str(keys)],
+        check=True, capture_output=True, timeout=120, env=clean_env(),
+    )  # fmt: skip
+    code = site.folder / "code" / "secure" / "secure.py"
+    code.parent.mkdir(parents=True)
+    code.write_text(SECURE_ANALYSIS)
+    secure = {"FLAME_SECURE__ENABLED": "true", "FLAME_SECURE__MIN_CONTRIBUTORS": "2"}
+    analysis = "forged"
+    captured: dict[str, bytes] = {}
+    decrypted_replies: list[str] = []
+    injected: list[str] = []
+    mallory = site.broker.client("mallory")
+    operator = site.broker.client(OPERATOR, site.broker.operator_password)
+
+    def on_message(_c: Any, _u: Any, message: mqtt.MQTTMessage) -> None:
+        envelope = _decode(message.payload)
+        if envelope is None:
+            return
+        if envelope.kind == "result" and envelope.sender == "site_a":
+            captured["result"] = bytes(message.payload)
+        if envelope.kind != "message":
+            return
+        if envelope.category == DECRYPTED:
+            decrypted_replies.append(envelope.sender)
+        if envelope.category != DECRYPT or injected:
+            return
+        injected.append(envelope.recipient)
+        topic = f"flame/{analysis}/{envelope.recipient}/inbox"
+        # 1. the operator replays the aggregator's signed request, twice
+        operator.publish(topic, message.payload, qos=1)
+        operator.publish(topic, message.payload, qos=1)
+        # 2. mallory relabels site_a's own ciphertext as a sum of site_a and site_b
+        result = _decode(captured["result"])
+        assert result is not None
+        sealed = result.body["total"]
+        assert isinstance(sealed, Sealed)
+        forged = Envelope(
+            analysis, "aggregator", "site_a", "message", envelope.epoch,
+            {"sums": {"total": sealed}, "contributors": {"total": ["site_a", "site_b"]},
+             "reporter": "site_a"},
+            DECRYPT,
+        )  # fmt: skip
+        frame = b"".join(
+            bytes(p) for p in sign_parts(site.identities["mallory"], encode_parts(forged))
+        )
+        mallory.publish(f"flame/{analysis}/site_a/inbox", frame, qos=1)
+
+    operator.on_message = on_message
+    operator.subscribe(f"flame/{analysis}/+/inbox", qos=1)
+    time.sleep(0.3)
+    try:
+        processes = {
+            "aggregator": site.start(
+                "aggregator", analysis, code=code, **secure,
+                FLAME_SECURE__PUBLIC_KEY_FILE=str(keys / "public_key.json"),
+            ),
+            **{
+                node: site.start(
+                    node, analysis, code=code, **secure,
+                    FLAME_SECURE__PRIVATE_KEY_FILE=str(keys / "private_key.json"),
+                )
+                for node in NODES
+            },
+        }  # fmt: skip
+        codes = finish(processes, timeout=120)
+    finally:
+        for client in (operator, mallory):
+            client.loop_stop()
+            client.disconnect()
+    assert codes == {"aggregator": 0, "site_a": 0, "site_b": 0}, {
+        n: p.tail() for n, p in processes.items()
+    }
+    assert processes["aggregator"].value() == {"n": 5, "total": 36.0}
+    assert injected, "no decryption request was seen on the broker"
+    site_a = processes["site_a"].stderr()
+    assert "dropped a message claiming to be from 'aggregator'" in site_a, site_a[-2000:]
+    assert "signed by 'mallory'" in site_a
+    # one answer per node and request: the reporter's and the confirmer's, nothing more
+    assert sorted(decrypted_replies) == ["site_a", "site_b"], decrypted_replies

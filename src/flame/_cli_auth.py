@@ -57,11 +57,9 @@ def _cmd_roster(args: argparse.Namespace) -> int:
 
 
 def _cmd_hash(args: argparse.Namespace) -> int:
-    from flame.loader import load_analysis
-    from flame.main import code_hash
+    from flame.main import analysis_code_hash
 
-    analysis = load_analysis(args.analysis)
-    print(code_hash(analysis.functions))
+    print(analysis_code_hash(args.analysis))
     return EXIT_OK
 
 
@@ -71,7 +69,11 @@ def _cmd_broker(args: argparse.Namespace) -> int:
 
     roster = Roster.load(args.roster)
     files = write_broker_config(
-        roster, args.out, analysis=args.analysis or "+", operators=tuple(args.operator or ())
+        roster,
+        args.out,
+        analysis=args.analysis or "+",
+        operators=tuple(args.operator or ()),
+        persistence=args.persistence_dir,
     )
     print(f"password file: {files.passwd} (hashed by {files.tool})")
     print(f"ACL:           {files.acl}")
@@ -113,6 +115,12 @@ def add_commands(commands: argparse._SubParsersAction[Any]) -> None:
     broker.add_argument("--roster", type=Path, required=True, help="the federation roster")
     broker.add_argument("--out", type=Path, required=True, help="a new or empty folder")
     broker.add_argument("--analysis", help="scope the rules to this analysis id (default: any)")
+    broker.add_argument(
+        "--persistence-dir",
+        type=Path,
+        default=Path("/var/lib/mosquitto"),
+        help="where mosquitto keeps sessions and queued messages (default /var/lib/mosquitto)",
+    )
     broker.add_argument(
         "--operator",
         action="append",

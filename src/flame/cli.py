@@ -238,7 +238,7 @@ def _report(result: RunResult, output: Path | None, manifest: dict[str, Any] | N
 def _cmd_run(args: argparse.Namespace) -> int:
     from flame.config import load_config
     from flame.loader import load_analysis
-    from flame.main import run
+    from flame.main import analysis_code_hash, run
     from flame.messages import to_jsonable
     from flame.policy import load_policy
 
@@ -257,7 +257,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
         analysis_files(args.analysis)  # a wrong path fails here, before connecting
         placeholder = AnalysisAt(args.analysis)
-        value: Any = run(placeholder, placeholder, config=config)
+        code = analysis_code_hash(args.analysis)
+        value: Any = run(placeholder, placeholder, config=config, code=code)
     else:
         analysis = load_analysis(args.analysis)
         value = run(
@@ -265,6 +266,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
             analysis.functions.aggregate,
             analysis.functions.converged,
             config=config,
+            code=analysis_code_hash(args.analysis),
         )
     print(json.dumps(_strict_json(to_jsonable(value))))
     return 0

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from flame._signals import stop_on_sigterm
@@ -87,6 +89,17 @@ def node_data_handle(config: FlameConfig) -> Data:
     return Data(sources, node_id=config.node_id or "")
 
 
+def analysis_code_hash(path: str | Path) -> str:
+    """The SHA-256 of the analysis at `path` (a .py file or a folder): over its files, by
+    name and content, without importing them. What `flame hash` prints and nodes approve."""
+    from flame.loader import analysis_files
+
+    digest = hashlib.sha256()
+    for file in sorted(analysis_files(path)):
+        digest.update(file.name.encode() + b"\0" + file.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
 def check_code_approval(config: FlameConfig, role: str, code: str) -> None:
     """Refuse analysis code the operator has not approved (FLAME_APPROVED_CODE), naming its
     hash, so the operator can review it and add it. Without a list, any code runs (warned)."""
@@ -121,17 +134,20 @@ def run(
     *,
     config: FlameConfig | None = None,
     on_event: EventSink | None = None,
+    code: str | None = None,
 ) -> Any:
     """Play this node's role (from FLAME_ROLE) in a real federated run; return the final value.
 
-    Both functions are passed on every node, so one image serves both roles.
+    Both functions are passed on every node, so one image serves both roles. `code` is the
+    analysis's SHA-256 (`flame run` passes that of its files, as `flame hash` prints it);
+    by default that of the files defining the functions.
     """
     from flame.isolation.child import refuse_nested_run
 
     refuse_nested_run("flame.run")
     config = config if config is not None else load_config()
     with stop_on_sigterm():
-        return _run(analyze, aggregate, converged, config, on_event)
+        return _run(analyze, aggregate, converged, config, on_event, code)
 
 
 def _run(
@@ -140,10 +156,11 @@ def _run(
     converged: Callable[..., Any] | None,
     config: FlameConfig,
     on_event: EventSink | None,
+    code: str | None = None,
 ) -> Any:
     node_id, role = _require(config)
     functions = AnalysisFunctions.of(analyze, aggregate, converged)
-    code = code_hash(functions)
+    code = code if code is not None else code_hash(functions)
     from flame.utils.token import check_service_tokens
 
     check_service_tokens(config)  # a bad token stops the node before any work
@@ -176,7 +193,7 @@ def _run(
             quorum=config.quorum,
             epoch_timeout=config.epoch_timeout,
             presence_timeout=config.presence_timeout,
-            store=open_run_store(config, functions, node_id),
+            store=open_run_store(config, functions, node_id, code=code),
             on_event=on_event,
             seed=config.seed,
             secrets=secrets,

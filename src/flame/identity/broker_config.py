@@ -75,7 +75,7 @@ def _acl(roster: Roster, analysis: str, operators: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _conf(out: Path, passwd: Path, acl: Path, roster: Roster) -> str:
+def _conf(passwd: Path, acl: Path, roster: Roster, persistence: Path) -> str:
     return "\n".join(
         [
             f"# flame: Mosquitto settings for the roster with SHA-256 {roster.fingerprint}",
@@ -90,7 +90,7 @@ def _conf(out: Path, passwd: Path, acl: Path, roster: Roster) -> str:
             f"acl_file {acl.resolve()}",
             "# persistence: queued messages and sessions survive a restart or a kill",
             "persistence true",
-            "persistence_location /var/lib/mosquitto/",
+            f"persistence_location {str(persistence).rstrip('/')}/",
             "autosave_on_changes true",
             "autosave_interval 1",
             "# never drop queued QoS 1 messages (the default of 1000 can, with many nodes)",
@@ -107,12 +107,14 @@ def write_broker_config(
     analysis: str = "+",
     operators: tuple[str, ...] = (),
     use_tool: bool | None = None,
+    persistence: Path = Path("/var/lib/mosquitto"),
 ) -> BrokerFiles:
     """Write the files to `out` (a new or empty folder); see the module docstring.
 
     `analysis` scopes every rule to one analysis id ('+': any). `operators` are extra users
     who may only read statuses (for `flame status`). `use_tool=False` hashes in Python even
-    when `mosquitto_passwd` exists (None: use it if found)."""
+    when `mosquitto_passwd` exists (None: use it if found). `persistence` is the folder
+    where Mosquitto keeps sessions and queued messages (it must be writable by the broker)."""
     for name in [analysis, *operators]:
         if name != "+" and not _NAME.match(name):
             raise ConfigError(f"broker config: {name!r} is not a valid id")
@@ -150,5 +152,5 @@ def write_broker_config(
     acl = out / "acl"
     acl.write_text(_acl(roster, analysis, list(operators)))
     config = out / "mosquitto.conf"
-    config.write_text(_conf(out, passwd, acl, roster))
+    config.write_text(_conf(passwd, acl, roster, persistence))
     return BrokerFiles(passwd, acl, config, tokens, "mosquitto_passwd" if tool else "flame")
