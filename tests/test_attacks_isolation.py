@@ -111,10 +111,15 @@ def analyze(data, epoch, previous):
         "broker_connect": _try("net", lambda: _connect(TARGETS["broker_port"])),
         "data_direct": _try("data", lambda: _read(TARGETS["data_file"])),
     }
-    return {"n": len(data.read_csv()["v"]), "probes": json.dumps(probes)}
+    legit = {
+        "read_csv": len(data.read_csv()["v"]),
+        "table": data.table().num_rows,
+        "sql": data.sql("select count(*) as n from x").column("n")[0].as_py(),
+    }
+    return {"legit": legit, "probes": json.dumps(probes)}
 
 def aggregate(results, epoch, previous):
-    return {node: json.loads(r["probes"]) for node, r in results.items()}
+    return {node: {**json.loads(r["probes"]), "legit": r["legit"]} for node, r in results.items()}
 """
 
 
@@ -219,6 +224,10 @@ def test_child_cannot_reach_the_broker(hostile_run: dict[str, Any]) -> None:
 
 def test_child_reads_data_only_through_the_metered_runtime(hostile_run: dict[str, Any]) -> None:
     assert not hostile_run["probes"]["data_direct"]["ok"]
+
+
+def test_legitimate_reads_still_work_in_the_confined_child(hostile_run: dict[str, Any]) -> None:
+    assert hostile_run["probes"]["legit"] == {"read_csv": 3, "table": 3, "sql": 3}
 
 
 def test_the_token_never_reaches_the_aggregator(hostile_run: dict[str, Any]) -> None:
