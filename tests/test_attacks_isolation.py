@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import textwrap
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -110,6 +111,8 @@ def analyze(data, epoch, previous):
         "ledger_unlink": _try("ledger", lambda: _unlink(TARGETS["ledger"])),
         "broker_connect": _try("net", lambda: _connect(TARGETS["broker_port"])),
         "data_direct": _try("data", lambda: _read(TARGETS["data_file"])),
+        "identity_key": _try("identity", lambda: _read(TARGETS["identity_key"])),
+        "roster_overwrite": _try("roster", lambda: _overwrite(TARGETS["roster"])),
     }
     legit = {
         "read_csv": len(data.read_csv()["v"]),
@@ -153,9 +156,12 @@ def hostile_run(
         "broker_port": mqtt_broker.port,
         "data_file": str(data_file),
     }
+    env = federation_env(mqtt_broker, "redteam-isolation", [NODE])
+    keys = env.get("TEST_FLAME_IDENTITY_DIR")  # tests/nodes.py: identities, once auth is in
+    targets["identity_key"] = str(Path(keys) / f"{NODE}.key") if keys else ""
+    targets["roster"] = env.get("FLAME_ROSTER", "")
     analysis = root / "hostile.py"
     analysis.write_text(textwrap.dedent(HOSTILE % {"targets": json.dumps(targets)}))
-    env = federation_env(mqtt_broker, "redteam-isolation", [NODE])
     env.pop("FLAME_BROKER__TOKEN")
     env["FLAME_BROKER__TOKEN_FILE"] = str(token_file)
     federation = Federation(env, analysis, data, [NODE], root / "logs")
@@ -171,6 +177,8 @@ def hostile_run(
             "ledger_text": json.dumps({"scope": "default", "node": NODE, "entries": entries}),
             "policy": policy,
             "wire": json.dumps(values["aggregator"]),
+            "identity_key": targets["identity_key"],
+            "roster": targets["roster"],
         }
     finally:
         federation.close()
@@ -232,3 +240,18 @@ def test_legitimate_reads_still_work_in_the_confined_child(hostile_run: dict[str
 
 def test_the_token_never_reaches_the_aggregator(hostile_run: dict[str, Any]) -> None:
     assert hostile_run["token"].encode().hex() not in hostile_run["wire"]
+
+
+def test_child_cannot_read_the_nodes_identity_key(hostile_run: dict[str, Any]) -> None:
+    """With it, the analyst could sign as this node: Sybil results, forged statuses."""
+    if not hostile_run["identity_key"]:
+        pytest.skip("no identities in this federation (roster support not present)")
+    assert Path(hostile_run["identity_key"]).is_file()
+    assert not hostile_run["probes"]["identity_key"]["ok"]
+
+
+def test_child_cannot_rewrite_the_roster(hostile_run: dict[str, Any]) -> None:
+    if not hostile_run["roster"]:
+        pytest.skip("no roster in this federation (roster support not present)")
+    assert not hostile_run["probes"]["roster_overwrite"]["ok"]
+    assert "member" in Path(hostile_run["roster"]).read_text()
