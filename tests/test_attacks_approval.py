@@ -59,6 +59,21 @@ def _node_with_approval(
     return NodeProcess("node-0", ["run", str(analysis)], own, tmp_path / "logs")
 
 
+def test_control_the_approved_code_itself_runs(mqtt_broker: Broker, tmp_path: Path) -> None:
+    """Without this, a node that refuses everything would pass the tests below."""
+    folder = tmp_path / "analysis"
+    folder.mkdir()
+    (folder / "analysis.py").write_text(MAIN.format(module="helper"))
+    (folder / "helper.py").write_text(BENIGN)
+    node = _node_with_approval(mqtt_broker, tmp_path, folder, _hash(folder))
+    try:
+        code = node.wait(120)  # no aggregator: it gives up after the presence timeout
+    finally:
+        node.kill()
+    assert code != 2 and "not approved" not in node.stderr(), node.tail()
+    assert "is approved on this node" in node.stderr()
+
+
 @pytest.mark.parametrize(
     ("layout", "module"),
     [
