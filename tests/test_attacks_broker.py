@@ -18,13 +18,14 @@ from typing import Any
 
 import pytest
 from broker import ADMIN, Broker, have_mosquitto
-from nodes import IDENTITY_DIR, Federation, federation_env
+from nodes import Federation, federation_env
 
 from flame.clients.message_broker_client import MessageBrokerClient
 from flame.messages import Envelope, encode
 from flame.transport.mqtt import inbox_topic, status_topic
 
 identity = pytest.importorskip("flame.identity")
+IDENTITY_DIR = "TEST_FLAME_IDENTITY_DIR"  # tests/nodes.py: where each node's key file is
 
 pytestmark = pytest.mark.skipif(not have_mosquitto(), reason="needs the mosquitto binary")
 
