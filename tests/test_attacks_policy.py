@@ -129,3 +129,48 @@ def test_a_tiny_sensitivity_claim_cannot_release_a_record_exactly(tmp_path: Path
     result = _run(tmp_path, TINY_SENSITIVITY, policy)
     released = result.value  # type: ignore[attr-defined]
     assert all(abs(value - 7.0) > 1e-3 for value in released.values()), released
+
+
+SIDE_CHANNEL = """
+import flame
+
+def analyze(data):
+    rows = data.read_text("x.csv").split()[:3]  # two records and the header: under min_rows
+    flame.context().send("notes", {"rows": "|".join(rows) + "|side-channel"}, to=["aggregator"])
+    return {"n": len(rows)}
+
+def aggregate(results):
+    return results
+"""
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="open (issue 11): flame.context().send() from analyze leaves the node unchecked: "
+    "min_rows (and every marker rule) applies only to the returned result",
+)
+def test_min_rows_also_binds_what_analyze_sends_to_other_nodes(tmp_path: Path) -> None:
+    from flame.transport.memory import MemoryBroker
+
+    leaked: list[str] = []
+
+    def watch(envelope: object) -> bool:
+        text = repr(getattr(envelope, "body", ""))
+        if "side-channel" in text:
+            leaked.append(text)
+        return True
+
+    small = {"node-0": {"x.csv": "v\n41\n42\n"}, "node-1": {"x.csv": "v\n7\n8\n"}}
+    path = tmp_path / "analysis.py"
+    path.write_text(textwrap.dedent(SIDE_CHANNEL))
+    functions = load_analysis(path).functions
+    with pytest.raises(RunFailed, match="min_rows"):
+        flame.simulate(
+            functions.analyze,
+            functions.aggregate,
+            data=small,
+            isolate=True,
+            policy=NodePolicy(min_rows=10),
+            broker=MemoryBroker(on_send=watch),
+        )
+    assert not leaked, f"rows left the node under min_rows: {leaked[0][:120]}"
