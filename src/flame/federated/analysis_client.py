@@ -51,12 +51,21 @@ from flame.transport.base import Transport
 __all__ = ["NOT_PARTICIPANT", "AnalysisClient", "Instruction"]
 
 
+class _Interrupted(Exception):
+    """The aggregator ended the run (abort, finished) while this node was computing."""
+
+    def __init__(self, instruction: Instruction) -> None:
+        super().__init__(instruction.kind)
+        self.instruction = instruction
+
+
 def _stop_at_once(runner: Runner) -> None:
     """A run that failed or was stopped does not wait for its analysis child to finish."""
     kill = getattr(runner, "_abandon", None)
     if callable(kill):
         with contextlib.suppress(Exception):
             kill()
+
 
 log = logging.getLogger(__name__)
 
@@ -316,8 +325,10 @@ class AnalysisClient:
                 runner.start()  # the child starts while the aggregator gathers the nodes
             except Exception as exc:  # tried again, and reported, in the first epoch
                 log.warning("the analysis could not be started yet: %s", exc)
+            interrupted: Instruction | None = None
             while True:
-                instruction = self.await_instruction()
+                instruction = interrupted or self.await_instruction()
+                interrupted = None
                 if instruction.kind == "abort":
                     self._say_goodbye(instruction.epoch, instruction.reason, None)
                     if instruction.code == NOT_PARTICIPANT:
@@ -338,6 +349,13 @@ class AnalysisClient:
                     outcome = runner.run(epoch, instruction.previous)
                     release = self.gate.release(epoch, outcome)  # policy, here in the runtime
                     self.send_results(epoch, release.result, release.report())
+                except _Interrupted as stop:
+                    log.warning(
+                        "stopping epoch %d: the aggregator said %s", epoch, stop.instruction.kind
+                    )
+                    _stop_at_once(runner)
+                    interrupted = stop.instruction
+                    continue
                 except (Exception, SystemExit) as exc:
                     reason = self.report_failure(epoch, exc)
                     raise RunFailed(
@@ -530,10 +548,35 @@ class AnalysisClient:
         return instruction
 
     # --- helpers -----------------------------------------------------------------------------
+    def _watch_while_computing(self) -> None:
+        """While the analysis child computes: an abort or the end of the run (a slow node
+        under a quorum) stops it now, not when its epoch is done."""
+        while True:
+            envelope = self.mailbox.next(self._is_stop, Deadline(0.0))
+            if envelope is None:
+                return
+            if envelope.kind == "status":
+                stop = self._note_aggregator_status(envelope)
+                if stop is not None:
+                    raise _Interrupted(stop)
+                continue
+            if not self._from_current_aggregator(envelope):
+                continue
+            instruction = self._admit(envelope)
+            if instruction is not None:
+                raise _Interrupted(instruction)
+
+    def _is_stop(self, envelope: Envelope) -> bool:
+        return envelope.sender == self.aggregator_id and envelope.kind in (
+            "abort",
+            "finished",
+            "status",
+        )
+
     def _runner(self, functions: AnalysisFunctions, data: Any) -> Runner:
         """Where `analyze` runs: an isolated child (nodes, CLI) or this process (Python API)."""
         if self.isolate:
-            return ChildRunner(
+            child = ChildRunner(
                 functions.analyze,
                 data,
                 self.context,
@@ -542,6 +585,8 @@ class AnalysisClient:
                 capture_output=self.policy.forward_logs,
                 hide=self.hide,
             )
+            child.on_wait = self._watch_while_computing
+            return child
         return InProcessRunner(functions.analyze, data, self.context)
 
     def _from_aggregator(self, envelope: Envelope) -> bool:

@@ -271,6 +271,9 @@ class ChildRunner:
         self.timeout = timeout
         self.cut_network = cut_network
         self.capture_output = capture_output  # the child's stderr as node log lines
+        # Called about once a second while the child computes; what it raises ends the wait
+        # (the node runtime uses it to stop at an abort or a finished run).
+        self.on_wait: Callable[[], None] | None = None
         self.hide = child_hidden_paths(hide, locator.get("file") or locator.get("path"))
         self.meter = RowMeter()
         self.network = "not started"
@@ -399,6 +402,8 @@ class ChildRunner:
                     raise AnalysisError(
                         "ProcessExit", f"the analysis process exited with code {code}"
                     ) from None
+                if self.on_wait is not None:
+                    self.on_wait()
             except (ChannelClosed, ConnectionError) as exc:
                 code = None if self._process is None else self._process.wait(timeout=5.0)
                 self._abandon()
