@@ -85,11 +85,21 @@ class RowMeter:
         if (source, name) in self._seen:
             return
         self._seen.add((source, name))
-        if name.lower().endswith((".csv", ".tsv")):
+        lower = name.lower()
+        if lower.endswith((".csv", ".tsv")):
             text = content.decode("utf-8-sig", errors="replace")
-            dialect = "excel-tab" if name.lower().endswith(".tsv") else "excel"
+            dialect = "excel-tab" if lower.endswith(".tsv") else "excel"
             records = sum(1 for row in csv.reader(io.StringIO(text, newline=""), dialect) if row)
             self.rows += max(records - 1, 0)
+        elif lower.endswith((".jsonl", ".ndjson")):
+            self.rows += sum(1 for line in content.splitlines() if line.strip())
+        elif lower.endswith((".parquet", ".pq")):
+            try:
+                import pyarrow.parquet as pq
+
+                self.rows += int(pq.ParquetFile(io.BytesIO(content)).metadata.num_rows)
+            except Exception:  # unreadable: no rows counted, min_rows decides
+                log.warning("could not count the rows of %s", name)
 
     def records(self, value: Any) -> None:
         if hasattr(value, "num_rows") or hasattr(value, "shape"):  # Arrow / pandas tables
