@@ -211,6 +211,8 @@ class AnalysisClient:
         self._resend_at = time.monotonic() + self._resend_every
         if privacy is not None and (privacy["spend"]["epsilon"] or privacy.get("suppressed")):
             self._privacy[str(epoch)] = privacy
+            while len(self._privacy) > 50:  # the status keeps the latest epochs
+                del self._privacy[next(iter(self._privacy))]
         self.transport.announce(self._status("sent", epoch, **self._metrics()))
         if self._precomputer is not None and self.keys is not None:
             self._precomputer.fill(self.keys.used_ciphertexts)  # for the next epoch
@@ -439,6 +441,7 @@ class AnalysisClient:
                 self.context,
                 timeout=self.wait_timeout,
                 cut_network=self.policy.cut_network,
+                allow_messages=self.policy.allow_messages,
             )
         return InProcessRunner(functions.analyze, data, self.context)
 

@@ -24,7 +24,7 @@ from typing import IO, Any, Protocol
 import numpy as np
 
 from flame.data import Data, FileSource
-from flame.errors import AnalysisError, FlameError, RunTimeout
+from flame.errors import AnalysisError, FlameError, PolicyRefused, RunTimeout
 from flame.federated.context import Context, active
 from flame.isolation.channel import Channel, ChannelClosed
 from flame.markers import from_plain, to_plain
@@ -232,6 +232,7 @@ class ChildRunner:
         *,
         timeout: float = 3600.0,
         cut_network: bool = True,
+        allow_messages: bool = True,
     ) -> None:
         locator = locate(analyze)
         if locator is None:
@@ -245,6 +246,7 @@ class ChildRunner:
         self.context = context
         self.timeout = timeout
         self.cut_network = cut_network
+        self.allow_messages = allow_messages
         self.meter = RowMeter()
         self.network = "not started"
         self._declared: Any = None
@@ -414,6 +416,10 @@ class ChildRunner:
             ctx.set_progress(float(args["fraction"]))
             return None
         if op == "send":
+            if not self.allow_messages:
+                raise PolicyRefused(
+                    "this node's policy does not let analyze send messages (rule: allow_messages)"
+                )
             to = args.get("to")
             return sorted(
                 ctx.send(
