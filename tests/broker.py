@@ -242,6 +242,7 @@ class Broker:
         auth: bool = True,
         save_every_change: bool = False,
         kind: str | None = None,
+        persistence: bool = True,
     ) -> None:
         self._own_directory = directory is None
         self.directory = (
@@ -255,6 +256,7 @@ class Broker:
         self.auth = auth and self.kind == "mosquitto"
         self.password = secrets.token_urlsafe(24)
         self.save_every_change = save_every_change
+        self.persistence = persistence
         self.tls_port: int | None = None
         self.mtls_port: int | None = None
         self.tls: TlsFiles | None = None
@@ -282,7 +284,7 @@ class Broker:
     @property
     def persistent(self) -> bool:
         """Whether sessions and queued messages survive a restart."""
-        return self.kind == "mosquitto"
+        return self.kind == "mosquitto" and self.persistence
 
     @property
     def queues_offline(self) -> bool:
@@ -335,7 +337,7 @@ class Broker:
         lines = [
             "per_listener_settings false",
             f"allow_anonymous {'false' if self.auth else 'true'}",
-            "persistence true",
+            f"persistence {'true' if self.persistence else 'false'}",
             f"persistence_location {data}/",
             "autosave_interval 1",
             f"autosave_on_changes {'true' if self.save_every_change else 'false'}",

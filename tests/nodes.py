@@ -252,3 +252,53 @@ class Federation:
     def close(self) -> None:
         for process in [*self.processes.values(), *self.replaced]:
             process.kill()
+
+
+class StatusWatcher:
+    """Follows nodes' retained statuses as an operator would (broker user 'watcher')."""
+
+    def __init__(self, broker: Broker, analysis_id: str, nodes: Iterable[str]) -> None:
+        from flame.transport.mqtt import MqttTransport
+
+        self.transport = MqttTransport(
+            broker.settings(), analysis_id, "watcher", reconnect_delay=(1, 2)
+        )
+        self.transport.connect({"state": "watching"})
+        self.transport.watch(list(nodes))
+        self.seen: list[tuple[str, dict[str, Any]]] = []
+
+    def wait_for(
+        self, node: str, state: str, epoch: int | None = None, timeout: float = 60
+    ) -> dict[str, Any]:
+        """The first status of `node` in `state` (and `epoch`) from now; AssertionError after
+        `timeout` naming what was seen."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            item = self.transport.receive(min(0.5, max(deadline - time.monotonic(), 0.0)))
+            if item is None or item.kind != "status" or not isinstance(item.body, dict):
+                continue
+            self.seen.append((item.sender, item.body))
+            if (
+                item.sender == node
+                and item.body.get("state") == state
+                and (epoch is None or item.body.get("epoch") == epoch)
+            ):
+                return item.body
+        raise AssertionError(f"{node} never reported {state} {epoch}; saw {self.seen[-10:]}")
+
+    def wait_all(self, nodes: Iterable[str], state: str, epoch: int | None, timeout: float) -> None:
+        """Until every one of `nodes` has reported `state` (and `epoch`) since this watcher
+        started, in any order."""
+        deadline = time.monotonic() + timeout
+        for node in nodes:
+            if any(
+                sender == node
+                and body.get("state") == state
+                and (epoch is None or body.get("epoch") == epoch)
+                for sender, body in self.seen
+            ):
+                continue
+            self.wait_for(node, state, epoch, max(deadline - time.monotonic(), 0.1))
+
+    def close(self) -> None:
+        self.transport.close()

@@ -17,6 +17,7 @@ must stop the others with its reason.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import math
 import os
@@ -34,6 +35,7 @@ from test_container import build_context
 
 from flame import __version__
 from flame.clients.object_store import AnalysisLayout
+from flame.config import FlameConfig
 from flame.loader import load_analysis
 from flame.main import code_hash
 from flame.messages import unpack
@@ -42,6 +44,9 @@ from flame.scaffold import IMAGE_LABEL
 pytestmark = pytest.mark.container
 
 ENABLED = os.environ.get("FLAME_CONTAINER_TESTS") == "1"
+# nodes authenticate with a roster and signing keys, and check code hashes, once flame has them
+IDENTITIES = importlib.util.find_spec("flame.identity") is not None
+APPROVAL = "approved_code" in FlameConfig.model_fields
 FLAME_IMAGE = f"localhost/flame:{__version__}"
 ANALYSIS_IMAGE = "localhost/flame-test-analysis:latest"
 NODES = ("clinic_a", "clinic_b", "clinic_c")
@@ -213,27 +218,61 @@ class Federation:
         return self.logs[node].read_text(errors="replace")
 
 
+def _flame_cli(*args: str) -> str:
+    done = subprocess.run(
+        [sys.executable, "-m", "flame", *args],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, f"flame {' '.join(args[:2])}: {done.stderr}"
+    return done.stdout
+
+
+def _node_secrets(folder: Path, token: str) -> dict[str, str]:
+    """One secrets folder per node, as each host would mount it read-only at /run/secrets:
+    the broker token, and (once flame has identities) the node's own signing key and the
+    federation's roster, made with `flame keys identity` and `flame roster add`. Returns the
+    settings pointing at them."""
+    env = {"FLAME_BROKER__TOKEN_FILE": "/run/secrets/broker_token"}
+    for node in ("aggregator", *NODES):
+        (folder / node).mkdir(parents=True)
+        (folder / node / "broker_token").write_text(token)
+    if IDENTITIES:
+        keys, roster = folder / "_keys", folder / "_roster.toml"
+        for node in ("aggregator", *NODES):
+            _flame_cli("keys", "identity", node, "--out", str(keys))
+            role = "aggregation" if node == "aggregator" else "analysis"
+            _flame_cli("roster", "add", str(roster), node, "--role", role,
+                       "--public-key", str(keys / f"{node}.pub"))  # fmt: skip
+        for node in ("aggregator", *NODES):
+            (folder / node / "identity.key").write_bytes((keys / f"{node}.key").read_bytes())
+            (folder / node / "roster.toml").write_bytes(roster.read_bytes())
+        env |= {
+            "FLAME_ROSTER": "/run/secrets/roster.toml",
+            "FLAME_IDENTITY__KEY_FILE": "/run/secrets/identity.key",
+        }
+    for node in ("aggregator", *NODES):
+        for file in (folder / node).iterdir():
+            _owned_by_runtime_user(file, 0o400)
+        _owned_by_runtime_user(folder / node, 0o500)
+    return env
+
+
 @pytest.fixture
 def federation_env(built: Built, tmp_path: Path) -> Iterator[tuple[dict[str, str], Path, Path]]:
     from broker import Broker
 
     secrets_dir = tmp_path / "secrets"
-    secrets_dir.mkdir()
     (tmp_path / "results").mkdir()
     results = _owned_by_runtime_user(tmp_path / "results", 0o700)
     with Broker(users=("aggregator", *NODES)) as broker:
         if broker.kind != "mosquitto":
             pytest.skip("the container federation needs the mosquitto binary on the host")
-        token = secrets_dir / "broker_token"
-        token.write_text(broker.password)
-        _owned_by_runtime_user(token, 0o400)
-        _owned_by_runtime_user(secrets_dir, 0o500)
         env = {
             "FLAME_PARTICIPANTS": ",".join(NODES),
             "FLAME_BROKER__URL": broker.url,
-            "FLAME_BROKER__TOKEN_FILE": "/run/secrets/broker_token",
             "FLAME_PRESENCE_TIMEOUT": "120",
             "FLAME_EPOCH_TIMEOUT": "60",
+            **_node_secrets(secrets_dir, broker.password),
         }
         yield env, secrets_dir, results
 
@@ -253,7 +292,7 @@ def _start(
         name = f"flame-test-{analysis_id}-{node}".replace("_", "-")
         flags = [
             "--rm", "--name", name, "--network=host", "--read-only", *podman.runtime,
-            *podman.limits, "-v", f"{secrets_dir}:/run/secrets:ro",
+            *podman.limits, "-v", f"{secrets_dir / node}:/run/secrets:ro",
         ]  # fmt: skip
         node_env = {**env, "FLAME_NODE_ID": node}
         if node == "aggregator":
@@ -261,6 +300,8 @@ def _start(
             flags += ["-v", f"{results}:/results"]
         else:
             node_env |= {"FLAME_ROLE": "analysis", "FLAME_DATA_DIR": "/data"}
+            if APPROVAL:  # the node runs only code its operator approved: the image's label
+                node_env.setdefault("FLAME_APPROVED_CODE", built.code_sha256)
             flags += ["-v", f"{built.folder / 'data' / node}:/data:ro"]
         for key, value in node_env.items():
             flags += ["-e", f"{key}={value}"]
@@ -346,9 +387,12 @@ def test_a_federation_of_containers_equals_simulate(
     assert _same(unpack(stored[0].read_bytes()), expected)
     manifest = json.loads((stored[0].parent / "manifest.json").read_text())
     assert manifest["code_sha256"] == built.code_sha256  # the image label's hash
-    token = (secrets_dir / "broker_token").read_text()
+    if APPROVAL:  # the hash each node computed from /app is the label it was approved by
+        for node in NODES:
+            assert f"analysis code {built.code_sha256[:16]} is approved" in federation.stderr(node)
     for node in federation.logs:
-        assert token not in federation.stderr(node) + outputs[node]
+        for secret in (secrets_dir / node).iterdir():  # the token, the signing key
+            assert secret.read_text().strip() not in federation.stderr(node) + outputs[node]
     report(request, f"federation 1 aggregator + {len(NODES)} analysis containers: exit codes "
                     f"{sorted(set(codes.values()))} in {seconds:.1f} s; result equals `flame "
                     f"simulate` ({len(expected)} columns, stored result and manifest checked)")  # type: ignore[arg-type]  # fmt: skip
@@ -438,3 +482,17 @@ def test_sigterm_stops_a_waiting_container_with_143(
     assert "flame: stopped: SIGTERM" in log
     report(request, f"podman kill -s TERM on a waiting aggregator: exit 143 after "
                     f"{exited['aggregator'] - sent:.1f} s")  # fmt: skip
+
+
+@pytest.mark.skipif(not APPROVAL, reason="this flame has no FLAME_APPROVED_CODE yet")
+def test_a_node_refuses_an_image_whose_code_it_has_not_approved(
+    built: Built, federation_env: tuple[dict[str, str], Path, Path], tmp_path: Path
+) -> None:
+    env, secrets_dir, results = federation_env
+    env |= {"FLAME_ANALYSIS_ID": f"ct-{secrets.token_hex(4)}", "FLAME_APPROVED_CODE": "0" * 64}
+    federation = _start(built, env, secrets_dir, results, tmp_path, nodes=("clinic_a",))
+    _, exited = _finish(federation, built.podman, time.monotonic() + 120)
+    log = federation.stderr("clinic_a")
+    assert "clinic_a" in exited, log[-2000:]
+    assert federation.processes["clinic_a"].returncode == 2, log[-2000:]
+    assert f"(SHA-256 {built.code_sha256}) is not approved" in log

@@ -18,9 +18,7 @@ from typing import Any
 
 import pytest
 from broker import Broker, say
-from nodes import Federation, clean_env, federation_env
-
-from flame.transport.mqtt import MqttTransport
+from nodes import Federation, StatusWatcher, clean_env, federation_env
 
 NODES = ("node-1", "node-2", "node-3")
 EPOCHS = 5
@@ -114,34 +112,8 @@ def federation_of(tmp_path: Path) -> Iterator[Any]:
         federation.close()
 
 
-class Watcher:
-    """Follows the aggregator's retained status, as an operator would (user 'watcher')."""
-
-    def __init__(self, broker: Broker, analysis_id: str) -> None:
-        self.transport = MqttTransport(
-            broker.settings(), analysis_id, "watcher", reconnect_delay=(1, 2)
-        )
-        self.transport.connect({"state": "watching"})
-        self.transport.watch(["aggregator", *NODES])
-        self.seen: list[tuple[str, dict[str, Any]]] = []
-
-    def wait_for(self, node: str, state: str, epoch: int | None, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            item = self.transport.receive(min(0.5, max(deadline - time.monotonic(), 0.0)))
-            if item is None or item.kind != "status" or not isinstance(item.body, dict):
-                continue
-            self.seen.append((item.sender, item.body))
-            if (
-                item.sender == node
-                and item.body.get("state") == state
-                and (epoch is None or item.body.get("epoch") == epoch)
-            ):
-                return
-        raise AssertionError(f"{node} never reported {state} {epoch}; saw {self.seen[-10:]}")
-
-    def close(self) -> None:
-        self.transport.close()
+def Watcher(broker: Broker, analysis_id: str) -> StatusWatcher:
+    return StatusWatcher(broker, analysis_id, ["aggregator", *NODES])
 
 
 def test_four_flame_run_processes_match_simulate(

@@ -91,6 +91,8 @@ def _cmd_status(args: argparse.Namespace) -> int:
         else:
             for line in st.render_status(run):
                 print(line)
+            for line in _outcome_details(run, logs=args.logs):
+                print(line)
         code = EXIT_FAILED if run.problems and not (run.nodes or run.history) else EXIT_OK
     if args.download is not None:
         final = client.download(args.analysis_id, args.download)
@@ -99,6 +101,24 @@ def _cmd_status(args: argparse.Namespace) -> int:
             f"sha256 {final.sha256} verified"
         )
     return code
+
+
+def _outcome_details(run: Any, *, logs: bool) -> list[str]:
+    """What the aggregator's retained status keeps beyond one line: the failing analysis's
+    traceback (when its node sent one) and, with --logs, the nodes' forwarded log lines."""
+    aggregator = run.aggregator
+    extra = aggregator.extra if aggregator is not None else {}
+    lines: list[str] = []
+    traceback_text = extra.get("traceback")
+    if run.state == "failed" and isinstance(traceback_text, str) and traceback_text:
+        lines += ["the failing analysis:", *("  " + line for line in traceback_text.splitlines())]
+    if logs:
+        forwarded = extra.get("logs")
+        if isinstance(forwarded, list) and forwarded:
+            lines += ["node logs (latest):", *(f"  {str(line)[:400]}" for line in forwarded)]
+        else:
+            lines.append("node logs: none forwarded (a node forwards only if its policy allows)")
+    return lines
 
 
 def add_commands(commands: argparse._SubParsersAction[Any]) -> None:
@@ -146,4 +166,9 @@ def add_commands(commands: argparse._SubParsersAction[Any]) -> None:
         "--download", type=Path, metavar="PATH", help="fetch the final result, verify SHA-256"
     )
     st.add_argument("--json", action="store_true", help="print the status as JSON")
+    st.add_argument(
+        "--logs",
+        action="store_true",
+        help="the nodes' latest forwarded log lines (nodes whose policy sets forward_logs)",
+    )
     st.set_defaults(handler=_cmd_status)

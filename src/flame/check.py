@@ -548,3 +548,25 @@ def run_checks(*, timeout: float = 5.0) -> CheckReport:
             )
         )
     return report
+
+
+def preflight(config: FlameConfig, *, timeout: float = 5.0) -> list[CheckItem]:
+    """What `flame run` checks before joining, as `flame check` does: storage reachable and
+    writable, the data folder readable. Returns the failed items (empty: go ahead)."""
+    items: list[CheckItem] = []
+    if config.role == "analysis" and config.data_dir is not None:
+        items.append(_check_data_dir(config.data_dir))
+    if config.storage.endpoint is not None or config.storage.results_dir is not None:
+        items.append(_check_storage(config, set(), timeout))
+    secrets = config.secrets()
+    return [
+        CheckItem(
+            item.verdict,
+            item.name,
+            mask_credentials(item.target, secrets),
+            mask_credentials(item.detail, secrets),
+            item.fix,
+        )
+        for item in items
+        if not item.ok
+    ]

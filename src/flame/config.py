@@ -109,6 +109,9 @@ class StorageSettings(TokenSettings):
     region: str | None = None
     timeout: float = Field(30.0, gt=0)
     results_dir: Path | None = Field(None, description="local folder for results (simulation)")
+    retry_s: float = Field(
+        120.0, ge=0, description="seconds a failing checkpoint or result write is retried"
+    )
     claim_check: bool = Field(
         False, description="send large messages through this (shared) store instead of chunks"
     )

@@ -9,7 +9,7 @@ from typing import Any
 from flame._signals import stop_on_sigterm
 from flame.config import FlameConfig, load_config
 from flame.data import Data, LocalSource
-from flame.errors import ConfigError
+from flame.errors import ConfigError, FlameError
 from flame.federated.aggregator_server import Aggregator
 from flame.federated.analysis_client import AnalysisClient
 from flame.federated.functions import AnalysisFunctions
@@ -119,6 +119,14 @@ def _run(
     from flame.utils.token import check_service_tokens
 
     check_service_tokens(config)  # a bad token stops the node before any work
+    from flame.check import preflight
+
+    failed = preflight(config)  # `flame check`'s storage and data checks, before joining
+    if failed:
+        raise FlameError(
+            "not joining the run: "
+            + "; ".join(item.line().removeprefix("FAIL ") for item in failed)
+        )
     secrets = config.secrets()
     keys = secure_keys(config, role)
     transport = node_transport(config, node_id)
@@ -139,6 +147,7 @@ def _run(
         )
         aggregator.context.params = dict(config.params)
         return aggregator.execute().value
+    from flame.isolation.runner import settings_paths
     from flame.policy import load_policy
 
     policy = load_policy(config.policy)  # the operator's file; never from the aggregator
@@ -155,6 +164,7 @@ def _run(
         resend_interval=config.resend_interval,
         isolate=policy.isolate,
         policy=policy,
+        hide=settings_paths(config, policy),
     )
     client.context.params = dict(config.params)
     return client.run(functions, data).value

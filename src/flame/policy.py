@@ -50,6 +50,9 @@ class NodePolicy(BaseModel):
         True, description="whether this node asks to receive other sites' aggregates"
     )
     forward_logs: bool = Field(False, description="whether analysis logs may leave the node")
+    send_tracebacks: bool = Field(
+        True, description="whether a failing analysis's traceback may leave the node"
+    )
     allow_messages: bool = Field(
         True, description="whether an isolated analyze may send free-form messages to nodes"
     )

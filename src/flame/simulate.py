@@ -153,6 +153,7 @@ def simulate(
             secrets=secrets,
             keys=None if keys is None else keys.for_node(node),
             log_traceback=False,  # the aggregator's log, in this same process, shows it
+            resend_interval=config.resend_interval,
             isolate=isolate,
             policy=policies[node],
         )

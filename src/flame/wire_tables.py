@@ -11,7 +11,8 @@
   `{"$kd": [[key, value], ...]}` and arrive with the same keys.
 
 Decoding validates the Arrow data fully (`validate(full=True)`) and raises `MessageError`.
-Arrow's pickle-based Python extension type is never loaded (pyarrow >= 14.0.1).
+Arrow's pickle-based Python extension type is never loaded (pyarrow >= 14.0.1). Batches
+with compressed buffers are refused before anything is decompressed (a decompression bomb).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import decimal
 import importlib
 import logging
 import math
+import struct
 from typing import TYPE_CHECKING, Any
 
 from flame.errors import MessageError
@@ -108,10 +110,52 @@ def encode_table(obj: Any, path: str) -> tuple[dict[str, Any], pa.Buffer] | None
     return {"type": kind, **extra}, sink.getvalue()
 
 
+def _field(meta: bytes, table: int, index: int) -> int | None:
+    """Position of field `index` of the flatbuffer table at `table` (None when absent)."""
+    vtable = table - struct.unpack_from("<i", meta, table)[0]
+    slot = 4 + 2 * index
+    if slot + 2 > struct.unpack_from("<H", meta, vtable)[0]:
+        return None
+    offset = struct.unpack_from("<H", meta, vtable + slot)[0]
+    return None if offset == 0 else table + offset
+
+
+def _target(meta: bytes, position: int) -> int:
+    return position + int(struct.unpack_from("<I", meta, position)[0])
+
+
+def _refuse_compression(data: memoryview) -> None:
+    """MessageError if a batch of the stream has compressed buffers. flame never sends them,
+    and they are a decompression bomb: 2 KB of zstd in a result decode to 64 MiB, 1 MiB to
+    tens of GiB, allocated before anything could check the size."""
+    import pyarrow as pa
+
+    for message in pa.ipc.MessageReader.open_stream(pa.py_buffer(data)):
+        meta = message.metadata.to_pybytes()  # flatbuffer Message, verified by Arrow
+        try:
+            root = _target(meta, 0)
+            kind_at, header_at = _field(meta, root, 1), _field(meta, root, 2)
+            kind = meta[kind_at] if kind_at is not None else 0
+            if kind not in (2, 3) or header_at is None:  # DictionaryBatch, RecordBatch
+                continue
+            batch = _target(meta, header_at)
+            if kind == 2:
+                data_at = _field(meta, batch, 1)
+                if data_at is None:
+                    continue
+                batch = _target(meta, data_at)
+            compressed = _field(meta, batch, 3) is not None
+        except (struct.error, IndexError):
+            raise MessageError("Arrow payload has malformed batch metadata") from None
+        if compressed:
+            raise MessageError("Arrow payload has compressed buffers, which flame never sends")
+
+
 def _read(data: memoryview) -> pa.Table:
     import pyarrow as pa
 
     try:
+        _refuse_compression(data)
         with pa.ipc.open_stream(pa.py_buffer(data)) as reader:
             table = reader.read_all()
         table.validate(full=True)

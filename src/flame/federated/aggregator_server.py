@@ -19,14 +19,15 @@ import contextlib
 import logging
 import time
 import uuid
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
 from flame import _logging
 from flame._deadline import Deadline
-from flame._redact import describe_exception
+from flame._log_forward import LOG_CATEGORY, MAX_LINE
+from flame._redact import describe_exception, redact
 from flame._traceback import trim_traceback_text
 from flame.disclosure import reveal_suppressed, unwrap_release
 from flame.errors import ConfigError, RunFailed, RunTimeout, TransportError, stop_signal
@@ -50,9 +51,11 @@ from flame.transport.base import Transport
 __all__ = ["Aggregator"]
 
 log = logging.getLogger(__name__)
+node_log = logging.getLogger("flame.node_logs")  # lines the nodes forwarded (policy)
 
 NOT_PARTICIPANT = "not_participant"  # an abort's code (the analysis client's constant)
 _SEND_TIMEOUT = 5.0  # seconds for an abort or ack: a dead broker must not delay the exit
+_STATUS_LOG_LINES = 40  # forwarded node log lines kept in the retained status
 _FAREWELL = 5.0  # seconds to see the nodes take `finished` (re-sent after a lost session)
 
 
@@ -113,6 +116,7 @@ class Aggregator:
         self._kickoff: tuple[Kind, int, Any] | None = None
         self._epoch = -1
         self.run_id: str | None = None
+        self._logs: deque[str] = deque(maxlen=_STATUS_LOG_LINES)
         self._arrivals: dict[str, float] = {}
         self._privacy: dict[str, Any] = {}
         self._result_bytes: dict[str, int] = {}
@@ -289,7 +293,9 @@ class Aggregator:
             envelope = self.mailbox.next(self._is_status_or_error, deadline)
             if envelope is None:
                 return
-            if envelope.kind == "status":
+            if envelope.kind == "message":
+                self._note_logs(envelope)
+            elif envelope.kind == "status":
                 with contextlib.suppress(RunFailed):
                     self._note_status(envelope, rejoin_epoch=self._kickoff_epoch())
 
@@ -304,6 +310,9 @@ class Aggregator:
             envelope = self.mailbox.next(self._is_status_or_error, deadline)
             if envelope is None:
                 break
+            if envelope.kind == "message":
+                self._note_logs(envelope)
+                continue
             if envelope.kind == "error":
                 self._fail_from(envelope)
             self._note_status(envelope)
@@ -332,6 +341,8 @@ class Aggregator:
                 )
             elif envelope.kind == "error":
                 self._fail_from(envelope)
+            elif envelope.kind == "message":
+                self._note_logs(envelope)
             elif envelope.kind == "result":
                 if envelope.sender not in self.participants:
                     log.warning("ignored a result from %r, not a participant", envelope.sender)
@@ -412,12 +423,16 @@ class Aggregator:
 
     # --- helpers -----------------------------------------------------------------------------
     def _broadcast(self, kind: Kind, epoch: int, body: Any) -> None:
+        """To every participant; control bodies name this process (`session`), so a node
+        can tell them from leftovers of an earlier aggregator process in its broker session."""
         for node in self.participants:
             self._send(node, kind, epoch, body)
 
     def _send(
         self, node: str, kind: Kind, epoch: int, body: Any, timeout: float | None = None
     ) -> None:
+        if kind in ("start", "aggregate", "finished", "abort") and isinstance(body, dict):
+            body = {**body, "session": self.session}
         envelope = Envelope(
             self.transport.analysis_id, self.transport.node_id, node, kind, epoch, body
         )
@@ -447,7 +462,7 @@ class Aggregator:
     def _abort(self, reason: str, epoch: int, exc: BaseException | None = None) -> None:
         """Every node is told, then the retained status says `failed` with the reason (and the
         failing analysis's traceback, when its node sent one) after this process is gone."""
-        body = {"reason": reason, "run": self.run_id}
+        body = {"reason": reason, "run": self.run_id, "session": self.session}
         for node in self.participants:
             try:
                 self._send(node, "abort", epoch, body, timeout=_SEND_TIMEOUT)
@@ -465,6 +480,10 @@ class Aggregator:
             log.warning("ignored an error report from %r, not a participant", envelope.sender)
             return
         body = envelope.body if isinstance(envelope.body, dict) else {}
+        session = body.get("session")
+        if isinstance(session, str) and self._processes.get(envelope.sender) != session:
+            log.info("ignored an error report of an earlier process of %s", envelope.sender)
+            return
         error = str(body.get("error", "unknown error"))[:500]
         stopped = body.get("stopped")
         if isinstance(stopped, str) and stopped:
@@ -506,7 +525,12 @@ class Aggregator:
                 node,
                 "abort",
                 self._epoch,
-                {"reason": reason, "code": NOT_PARTICIPANT, "run": self.run_id},
+                {
+                    "reason": reason,
+                    "code": NOT_PARTICIPANT,
+                    "run": self.run_id,
+                    "session": self.session,
+                },
                 timeout=_SEND_TIMEOUT,
             )
         except (TransportError, RunFailed) as exc:
@@ -553,13 +577,27 @@ class Aggregator:
             self._send(node, *self._kickoff)
 
     def _is_status_or_error(self, envelope: Envelope) -> bool:
-        return envelope.kind in ("status", "error")
+        return envelope.kind in ("status", "error") or self._is_logs(envelope)
 
     def _is_protocol(self, envelope: Envelope) -> bool:
-        return envelope.kind in ("status", "error", "result")
+        return envelope.kind in ("status", "error", "result") or self._is_logs(envelope)
+
+    def _is_logs(self, envelope: Envelope) -> bool:
+        return envelope.kind == "message" and envelope.category == LOG_CATEGORY
+
+    def _note_logs(self, envelope: Envelope) -> None:
+        """A node's forwarded log lines: into this log, the latest into the status."""
+        body = envelope.body if isinstance(envelope.body, dict) else {}
+        lines = body.get("lines")
+        if envelope.sender not in self.participants or not isinstance(lines, list):
+            return
+        for line in lines[:200]:
+            text = redact(str(line)[:MAX_LINE], self.secrets)
+            node_log.info("[%s] %s", envelope.sender, text)
+            self._logs.append(f"{envelope.sender}: {text}")
 
     def _status(self, state: str, epoch: int = -1, **extra: Any) -> dict[str, Any]:
-        return {
+        status = {
             "state": state,
             "role": "aggregation",
             "session": self.session,
@@ -568,6 +606,9 @@ class Aggregator:
             "time": time.time(),
             **extra,
         }
+        if self._logs:
+            status["logs"] = list(self._logs)  # the nodes' latest forwarded lines
+        return status
 
     def _emit(self, event: Event) -> None:
         if self.on_event is not None:

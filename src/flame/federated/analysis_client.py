@@ -15,15 +15,18 @@ status with the reason.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 from flame import _logging
 from flame._deadline import Deadline
+from flame._log_forward import LOG_CATEGORY, LogForwarder
 from flame._redact import describe_exception
 from flame._traceback import analysis_traceback, trim_traceback_text
 from flame.disclosure import wrap_release
@@ -46,6 +49,23 @@ from flame.policy import NodePolicy
 from flame.transport.base import Transport
 
 __all__ = ["NOT_PARTICIPANT", "AnalysisClient", "Instruction"]
+
+
+class _Interrupted(Exception):
+    """The aggregator ended the run (abort, finished) while this node was computing."""
+
+    def __init__(self, instruction: Instruction) -> None:
+        super().__init__(instruction.kind)
+        self.instruction = instruction
+
+
+def _stop_at_once(runner: Runner) -> None:
+    """A run that failed or was stopped does not wait for its analysis child to finish."""
+    kill = getattr(runner, "_abandon", None)
+    if callable(kill):
+        with contextlib.suppress(Exception):
+            kill()
+
 
 log = logging.getLogger(__name__)
 
@@ -86,10 +106,10 @@ class AnalysisClient:
         secrets: Sequence[str] = (),
         keys: SecureKeys | None = None,
         resend_interval: float = 10.0,
-        send_traceback: bool = True,
         log_traceback: bool = True,
         isolate: bool = False,
         policy: NodePolicy | None = None,
+        hide: Sequence[str | Path] = (),
     ) -> None:
         self.transport = transport
         self.mailbox = Mailbox(transport)
@@ -99,7 +119,6 @@ class AnalysisClient:
         self.secrets = list(secrets)
         self.keys = keys
         self.resend_interval = resend_interval
-        self.send_traceback = send_traceback
         self.log_traceback = log_traceback  # off where the aggregator logs to the same place
         self._precomputer: Precomputer | None = None
         self._specs: dict[str, Any] = {}  # field -> the encoding this node sealed it with
@@ -116,7 +135,13 @@ class AnalysisClient:
         )
         self.policy = policy if policy is not None else NodePolicy()
         self.isolate = isolate
-        self.gate = Gate(self.policy, node_id=transport.node_id, analysis_id=transport.analysis_id)
+        self.hide = list(hide)  # node paths the isolated analysis may not open
+        self.gate = Gate(
+            self.policy,
+            node_id=transport.node_id,
+            analysis_id=transport.analysis_id,
+            min_contributors=None if keys is None else keys.min_contributors,
+        )
         self._privacy: dict[str, Any] = {}  # per epoch: DP spend, suppressed cells
         self._last_epoch = -1
         self._last_sent: Envelope | None = None
@@ -127,7 +152,10 @@ class AnalysisClient:
         self._resend_every = resend_interval
         self._resend_at = 0.0
         self._link = 0
-        self._aggregator_session: str | None = None
+        self._aggregator_session: str | None = None  # the live aggregator process
+        self._aggregator_last: tuple[str | None, str | None] = (None, None)  # session, state
+        self._parked: list[Envelope] = []
+        self._forwarder: LogForwarder | None = None
         self._said_goodbye = False
 
     # --- the protocol steps ------------------------------------------------------------------
@@ -151,7 +179,7 @@ class AnalysisClient:
         while True:
             self._keep_delivering()
             wait = Deadline(0.0 if chosen is not None else min(deadline.left(), _TICK))
-            envelope = self.mailbox.next(self._from_aggregator, wait)
+            envelope = self._unparked() or self.mailbox.next(self._from_aggregator, wait)
             if envelope is None:
                 if chosen is not None:
                     return chosen
@@ -171,6 +199,8 @@ class AnalysisClient:
                 stop = self._note_aggregator_status(envelope)
                 if stop is not None:
                     return stop
+                continue
+            if not self._from_current_aggregator(envelope):
                 continue
             instruction = self._admit(envelope)
             if instruction is None:
@@ -230,7 +260,12 @@ class AnalysisClient:
         the node's policy allows; without it, the traceback of `exc` is formatted here.
         """
         reason = describe_exception(exc, self.secrets)
-        body: dict[str, Any] = {"node": self.transport.node_id, "epoch": epoch, "error": reason}
+        body: dict[str, Any] = {
+            "node": self.transport.node_id,
+            "epoch": epoch,
+            "error": reason,
+            "session": self.session,
+        }
         if traceback_text is None:
             traceback_text = getattr(exc, "traceback_text", None)  # from the analysis child
         if not traceback_text:
@@ -241,7 +276,7 @@ class AnalysisClient:
             log.error("epoch %d failed: %s\n%s", epoch, reason, traceback_text)
         else:
             log.debug("epoch %d failed: %s", epoch, reason)
-        if self.send_traceback:
+        if self.policy.send_tracebacks:
             body["traceback"] = traceback_text
         self._say_goodbye(epoch, reason, body)
         return reason
@@ -250,6 +285,7 @@ class AnalysisClient:
         """Tell the aggregator this node was stopped (SIGINT/SIGTERM) before it exits."""
         reason = f"stopped: {signal_name}"
         body = {"node": self.transport.node_id, "epoch": epoch, "error": reason}
+        body["session"] = self.session
         self._say_goodbye(epoch, reason, {**body, "stopped": signal_name})
         return reason
 
@@ -258,6 +294,7 @@ class AnalysisClient:
         if self._said_goodbye:
             return
         self._said_goodbye = True
+        self._forward_logs()
         try:
             if body is not None:
                 self.transport.send(
@@ -280,14 +317,20 @@ class AnalysisClient:
         """Play this node's part until the aggregator says finished; returns that instruction."""
         self.connect()
         epoch = -1
+        forwarder = LogForwarder(self.secrets) if self.policy.forward_logs else None
+        if forwarder is not None:
+            logging.getLogger().addHandler(forwarder)
+            self._forwarder = forwarder
         runner = self._runner(functions, data)
         try:
             try:
                 runner.start()  # the child starts while the aggregator gathers the nodes
             except Exception as exc:  # tried again, and reported, in the first epoch
                 log.warning("the analysis could not be started yet: %s", exc)
+            interrupted: Instruction | None = None
             while True:
-                instruction = self.await_instruction()
+                instruction = interrupted or self.await_instruction()
+                interrupted = None
                 if instruction.kind == "abort":
                     self._say_goodbye(instruction.epoch, instruction.reason, None)
                     if instruction.code == NOT_PARTICIPANT:
@@ -308,6 +351,13 @@ class AnalysisClient:
                     outcome = runner.run(epoch, instruction.previous)
                     release = self.gate.release(epoch, outcome)  # policy, here in the runtime
                     self.send_results(epoch, release.result, release.report())
+                except _Interrupted as stop:
+                    log.warning(
+                        "stopping epoch %d: the aggregator said %s", epoch, stop.instruction.kind
+                    )
+                    _stop_at_once(runner)
+                    interrupted = stop.instruction
+                    continue
                 except (Exception, SystemExit) as exc:
                     reason = self.report_failure(epoch, exc)
                     raise RunFailed(
@@ -318,8 +368,10 @@ class AnalysisClient:
                 log.debug("epoch %d: result sent in %.3f s", epoch, time.perf_counter() - started)
         except KeyboardInterrupt as exc:
             self.report_stop(epoch, stop_signal(exc))
+            _stop_at_once(runner)
             raise
         except (RunFailed, ConfigError):
+            _stop_at_once(runner)
             raise
         except Exception as exc:
             # Lost the broker, heard nothing, could not send: say so while we still can.
@@ -330,6 +382,7 @@ class AnalysisClient:
                     "node": self.transport.node_id,
                     "epoch": epoch,
                     "error": describe_exception(exc, self.secrets),
+                    "session": self.session,
                 },
             )
             raise
@@ -338,11 +391,37 @@ class AnalysisClient:
             runner.close()
             if self._precomputer is not None:
                 self._precomputer.stop()
+            self._forward_logs()
+            if forwarder is not None:
+                logging.getLogger().removeHandler(forwarder)
+            self._drain()
             self.transport.close()
 
     # --- delivery ----------------------------------------------------------------------------
+    def _forward_logs(self) -> None:
+        """This node's collected log lines to the aggregator (policy `forward_logs`)."""
+        if self._forwarder is None:
+            return
+        lines = self._forwarder.take()
+        if not lines:
+            return
+        envelope = Envelope(
+            self.transport.analysis_id,
+            self.transport.node_id,
+            self.aggregator_id,
+            "message",
+            max(self.context.epoch, 0),
+            {"lines": lines},
+            LOG_CATEGORY,
+        )
+        try:
+            self.transport.send(envelope, _GOODBYE_TIMEOUT)
+        except Exception as exc:  # forwarding is best effort
+            log.debug("could not forward %d log lines: %s", len(lines), exc)
+
     def _keep_delivering(self) -> None:
         """Re-send the unacknowledged result: at once after a lost session, else on a timer."""
+        self._forward_logs()
         if self._acked or self._last_sent is None:
             return
         link = self.transport.link
@@ -380,6 +459,10 @@ class AnalysisClient:
         body = envelope.body if isinstance(envelope.body, dict) else {}
         state = body.get("state")
         session = body.get("session")
+        self._aggregator_last = (
+            session if isinstance(session, str) else None,
+            state if isinstance(state, str) else None,
+        )
         if state == "offline" or (body.get("online") is False and state not in ("failed",)):
             log.warning("aggregator %s is offline; waiting for it", self.aggregator_id)
             return None
@@ -398,6 +481,41 @@ class AnalysisClient:
             log.info("aggregator %s restarted (new process)", self.aggregator_id)
         self._aggregator_session = session
         return None
+
+    def _from_current_aggregator(self, envelope: Envelope) -> bool:
+        """Whether a control message comes from the aggregator process running now.
+
+        A persistent broker session can hold an abort or kick-off of an earlier run of this
+        analysis id (an aggregator process that is gone). Each names its process session;
+        one from another process than the live one is dropped. Until the live one is known
+        (its retained status arrives right after connecting), messages wait here.
+        """
+        body = envelope.body if isinstance(envelope.body, dict) else {}
+        session = body.get("session")
+        if not isinstance(session, str):
+            return True
+        if self._aggregator_session is None:
+            last_session, last_state = self._aggregator_last
+            if envelope.kind == "finished" and last_state == "done" and session == last_session:
+                return True  # the run ended before this node joined: take its result
+            self._parked.append(envelope)
+            return False
+        if session == self._aggregator_session:
+            return True
+        log.info("ignored a %s from an earlier aggregator process", envelope.kind)
+        return False
+
+    def _unparked(self) -> Envelope | None:
+        """A parked control message, once the live aggregator process is known."""
+        if self._parked and self._aggregator_session is not None:
+            return self._parked.pop(0)
+        return None
+
+    def _drain(self) -> None:
+        """Take (and acknowledge to the broker) what is queued before leaving, so a later
+        process of this node does not find this run's leftovers in its session."""
+        with contextlib.suppress(Exception):
+            self.mailbox.next(lambda envelope: False, Deadline(0.2))
 
     def _admit(self, envelope: Envelope) -> Instruction | None:
         """The instruction in `envelope` if it is new for this node, after run-id bookkeeping."""
@@ -432,17 +550,46 @@ class AnalysisClient:
         return instruction
 
     # --- helpers -----------------------------------------------------------------------------
+    def _watch_while_computing(self) -> None:
+        """While the analysis child computes: an abort or the end of the run (a slow node
+        under a quorum) stops it now, not when its epoch is done."""
+        while True:
+            envelope = self.mailbox.next(self._is_stop, Deadline(0.0))
+            if envelope is None:
+                return
+            if envelope.kind == "status":
+                stop = self._note_aggregator_status(envelope)
+                if stop is not None:
+                    raise _Interrupted(stop)
+                continue
+            if not self._from_current_aggregator(envelope):
+                continue
+            instruction = self._admit(envelope)
+            if instruction is not None:
+                raise _Interrupted(instruction)
+
+    def _is_stop(self, envelope: Envelope) -> bool:
+        return envelope.sender == self.aggregator_id and envelope.kind in (
+            "abort",
+            "finished",
+            "status",
+        )
+
     def _runner(self, functions: AnalysisFunctions, data: Any) -> Runner:
         """Where `analyze` runs: an isolated child (nodes, CLI) or this process (Python API)."""
         if self.isolate:
-            return ChildRunner(
+            child = ChildRunner(
                 functions.analyze,
                 data,
                 self.context,
                 timeout=self.wait_timeout,
                 cut_network=self.policy.cut_network,
+                capture_output=self.policy.forward_logs,
+                hide=self.hide,
                 allow_messages=self.policy.allow_messages,
             )
+            child.on_wait = self._watch_while_computing
+            return child
         return InProcessRunner(functions.analyze, data, self.context)
 
     def _from_aggregator(self, envelope: Envelope) -> bool:

@@ -3,6 +3,10 @@
 The aggregator checkpoints after every epoch, so a restarted aggregator resumes after the
 last completed epoch instead of starting over; the final result is written with a manifest
 that says what produced it. Values are stored in flame's wire format (no pickle).
+
+A storage blip (a restarting MinIO, a network hiccup) must not end a federation: checkpoint
+and result writes are retried with backoff for up to `retry_s` seconds while the values stay
+in memory; only then the run fails, naming the object and the cause.
 """
 
 from __future__ import annotations
@@ -14,9 +18,9 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from flame.clients.object_store import AnalysisLayout, ObjectNotFound, ObjectStore
+from flame.clients.object_store import AnalysisLayout, ObjectNotFound, ObjectStore, StorageError
 from flame.errors import ConfigError, FlameError
 from flame.federated.records import Checkpoint, EpochRecord, RunResult, RunStore
 from flame.messages import pack, unpack
@@ -36,6 +40,7 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 
 def _record(data: dict[str, Any]) -> EpochRecord:
@@ -52,8 +57,10 @@ class StorageRunStore:
         aggregator_id: str,
         *,
         provenance: dict[str, Any] | None = None,
+        retry_s: float = 120.0,
     ) -> None:
         self.store = store
+        self.retry_s = retry_s
         self.layout = AnalysisLayout(analysis_id)
         self.aggregator_id = aggregator_id
         self.provenance = dict(provenance or {})
@@ -96,26 +103,52 @@ class StorageRunStore:
         history = [_record(item) for item in meta["history"]]
         return Checkpoint(int(meta["next_epoch"]), value, history)
 
+    def _persist(self, key: str, write: Callable[[], _T]) -> _T:
+        """`write()`, retried with backoff for up to `retry_s` s; StorageError naming `key`
+        and the last cause after that."""
+        started = time.monotonic()
+        delay = 0.5
+        while True:
+            try:
+                return write()
+            except (StorageError, OSError) as exc:
+                left = self.retry_s - (time.monotonic() - started)
+                if left <= 0:
+                    raise StorageError(
+                        f"storage: could not write {key} within FLAME_STORAGE__RETRY_S = "
+                        f"{self.retry_s:g} s: {exc}"
+                    ) from None
+                log.warning(
+                    "storage: writing %s failed (%s); retrying for %.0f s more", key, exc, left
+                )
+                time.sleep(min(delay, left))
+                delay = min(delay * 2, 10.0)
+
     def save_checkpoint(self, checkpoint: Checkpoint) -> None:
         epoch = checkpoint.next_epoch - 1
-        stored = self.store.put_bytes(
-            self.layout.epoch_result(epoch, self.aggregator_id), pack(checkpoint.previous)
-        )
-        self.store.put_json(
+        key = self.layout.epoch_result(epoch, self.aggregator_id)
+        data = pack(checkpoint.previous)
+        stored = self._persist(key, lambda: self.store.put_bytes(key, data))
+        self._persist(
             self.layout.checkpoint(epoch),
-            {
-                "next_epoch": checkpoint.next_epoch,
-                "aggregate_sha256": stored.sha256,
-                "history": [record.to_dict() for record in checkpoint.history],
-                "saved": time.time(),
-                "code_sha256": self.provenance.get("code_sha256"),
-            },
+            lambda: self.store.put_json(
+                self.layout.checkpoint(epoch),
+                {
+                    "next_epoch": checkpoint.next_epoch,
+                    "aggregate_sha256": stored.sha256,
+                    "history": [record.to_dict() for record in checkpoint.history],
+                    "saved": time.time(),
+                    "code_sha256": self.provenance.get("code_sha256"),
+                },
+            ),
         )
 
     def save_final(self, result: RunResult) -> str:
         from flame import __version__
 
-        stored = self.store.put_bytes(self.layout.final_result(), pack(result.value))
+        data = pack(result.value)
+        key = self.layout.final_result()
+        stored = self._persist(key, lambda: self.store.put_bytes(key, data))
         manifest = {
             "analysis_id": result.analysis_id,
             "flame_version": __version__,
@@ -126,7 +159,9 @@ class StorageRunStore:
             "result": {"key": stored.key, "sha256": stored.sha256, "size": stored.size},
             **self.provenance,
         }
-        self.store.put_json(self.layout.manifest(), manifest)
+        self._persist(
+            self.layout.manifest(), lambda: self.store.put_json(self.layout.manifest(), manifest)
+        )
         return stored.uri or stored.key
 
 
@@ -233,7 +268,13 @@ def open_run_store(
         "config": config.public_dict(),
         "params": dict(config.params),
     }
-    return StorageRunStore(store, config.analysis_id, aggregator_id, provenance=provenance)
+    return StorageRunStore(
+        store,
+        config.analysis_id,
+        aggregator_id,
+        provenance=provenance,
+        retry_s=config.storage.retry_s,
+    )
 
 
 def open_node_state(config: FlameConfig, node_id: str) -> Any:

@@ -1,0 +1,121 @@
+"""A TCP proxy on loopback that can refuse connections for a while: a storage outage.
+
+The S3 test server loses its data when restarted, so an outage is staged in front of it:
+`refuse_for(20)` closes the listening socket (connects are refused) and cuts every open
+connection; after 20 s the same port listens again and traffic flows to the server as before.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+import time
+
+__all__ = ["TcpProxy"]
+
+
+class TcpProxy:
+    """Forwards 127.0.0.1:`port` to `target_host`:`target_port`, one thread pair per link."""
+
+    def __init__(self, target_host: str, target_port: int) -> None:
+        self.target = (target_host, target_port)
+        self._listener = self._listen(0)
+        self.port = int(self._listener.getsockname()[1])
+        self._links: set[socket.socket] = set()
+        self._lock = threading.Lock()
+        self._stopped = threading.Event()
+        self._accepting = threading.Thread(target=self._accept_loop, daemon=True)
+        self._accepting.start()
+        self.refused_until = 0.0
+
+    @property
+    def endpoint(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def _listen(self, port: int) -> socket.socket:
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", port))
+        listener.listen(64)
+        listener.settimeout(0.2)
+        return listener
+
+    def _accept_loop(self) -> None:
+        while not self._stopped.is_set():
+            with self._lock:
+                listener = self._listener
+            if listener is None:
+                time.sleep(0.05)
+                continue
+            try:
+                client, _ = listener.accept()
+            except (TimeoutError, OSError):
+                continue
+            try:
+                upstream = socket.create_connection(self.target, timeout=5)
+            except OSError:
+                client.close()
+                continue
+            with self._lock:
+                self._links.update((client, upstream))
+            for source, sink in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
+
+    def _pump(self, source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while True:
+                data = source.recv(65536)
+                if not data:
+                    break
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for sock in (source, sink):
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+                sock.close()
+            with self._lock:
+                self._links.discard(source)
+                self._links.discard(sink)
+
+    def refuse_for(self, seconds: float) -> None:
+        """From now on connections are refused (and open ones cut) for `seconds`; returns at
+        once, the port listens again by itself."""
+        with self._lock:
+            listener, self._listener = self._listener, None
+            links, self._links = set(self._links), set()
+        if listener is not None:
+            listener.close()
+        for sock in links:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+        self.refused_until = time.monotonic() + seconds
+
+        def reopen() -> None:
+            if not self._stopped.wait(seconds):
+                reopened = self._listen(self.port)
+                with self._lock:
+                    self._listener = reopened
+
+        threading.Thread(target=reopen, daemon=True).start()
+
+    def close(self) -> None:
+        self._stopped.set()
+        with self._lock:
+            listener, self._listener = self._listener, None
+            links, self._links = set(self._links), set()
+        if listener is not None:
+            listener.close()
+        for sock in links:
+            with contextlib.suppress(OSError):
+                sock.close()
+        self._accepting.join(5)
+
+    def __enter__(self) -> TcpProxy:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

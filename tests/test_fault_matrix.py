@@ -1,0 +1,494 @@
+"""The fault matrix: each fault against real `flame run` processes over a real Mosquitto
+(persistence on and off), each row printing what it measured against its target and asserting
+that the run ends right: the result equals `flame simulate`, or every node exits naming the
+node and the reason.
+
+The README's fault table is this module's rows. Timeouts are the production defaults scaled
+down (60 s waits), so a row that recovers only by waiting out a timeout shows up as slow.
+Bounds asserted here are the targets plus a margin for a loaded CI machine; the printed
+figures are the measurements.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from broker import Broker, have_mosquitto, say
+from nodes import AGGREGATOR, Federation, StatusWatcher, federation_env, storage_env
+from servers.s3_server import S3Server
+from servers.tcp_proxy import TcpProxy
+
+import flame
+from flame import status as st
+from flame.loader import load_analysis
+from flame.messages import to_jsonable
+
+pytestmark = pytest.mark.skipif(
+    not have_mosquitto(), reason="the fault matrix needs Mosquitto (restarts, persistence off)"
+)
+
+NODES = ("node-1", "node-2", "node-3")
+MARGIN = 2.0  # bounds asserted: target x MARGIN (a loaded 2-core CI machine), figures printed
+
+ANALYSIS = textwrap.dedent(
+    """
+    import time
+
+    import flame
+
+    # Gradient steps towards the pooled mean: every epoch depends on the previous aggregate,
+    # so a lost, doubled or stale result changes the final number.
+
+    def _values(data):
+        text = data.read_text("values.csv")
+        return [float(line) for line in text.splitlines()[1:] if line.strip()]
+
+    def _column(row, name):
+        return row[name]
+
+    def analyze(data, epoch, previous):
+        node = flame.context().node_id
+        time.sleep(SLOW.get(node, SLOW.get("*", 0.0)))
+        if FAIL == [node, epoch]:
+            _column({"value": 1.0}, "nope")
+        values = _values(data)
+        estimate = 0.0 if previous is None else previous["estimate"]
+        return {"n": len(values), "residual": sum(v - estimate for v in values)}
+
+    def aggregate(results, epoch, previous):
+        estimate = 0.0 if previous is None else previous["estimate"]
+        n = sum(results[node]["n"] for node in sorted(results))
+        residual = sum(results[node]["residual"] for node in sorted(results))
+        return {"estimate": estimate + 0.5 * residual / n, "nodes": sorted(results)}
+    """
+)
+
+
+def write_analysis(
+    folder: Path, *, slow: dict[str, float] | None = None, fail: tuple[str, int] | None = None
+) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    head = f"SLOW = {slow or {}!r}\nFAIL = {list(fail) if fail else None!r}\n"
+    (folder / "analysis.py").write_text(head + ANALYSIS)
+    for index, node in enumerate(NODES):
+        data = folder / "data" / node
+        data.mkdir(parents=True, exist_ok=True)
+        values = [index * 7.5 + i * 1.25 for i in range(5 + 3 * index)]
+        (data / "values.csv").write_text("value\n" + "\n".join(f"{v!r}" for v in values) + "\n")
+    return folder
+
+
+def simulated(folder: Path, nodes: tuple[str, ...], epochs: int) -> Any:
+    """What `flame simulate` computes on these nodes' data (no faults, no slowness)."""
+    reference = write_analysis(folder.parent / f"reference-{len(nodes)}-{epochs}")
+    analysis = load_analysis(reference / "analysis.py")
+    result = flame.simulate(
+        analysis.functions.analyze,
+        analysis.functions.aggregate,
+        data={node: reference / "data" / node for node in nodes},
+        epochs=epochs,
+    )
+    return json.loads(json.dumps(to_jsonable(result.value)))
+
+
+class Row:
+    """One row: its own analysis id, federation and status watcher; everything stopped after."""
+
+    def __init__(self, tmp: Path, broker: Broker, name: str) -> None:
+        self.tmp = tmp
+        self.broker = broker
+        self.name = name
+        safe = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-")
+        self.analysis_id = f"fm-{safe}-{os.getpid()}"
+        self.federations: list[Federation] = []
+        self.watcher: StatusWatcher | None = None
+
+    def federation(
+        self,
+        folder: Path,
+        *,
+        epochs: int = 3,
+        participants: tuple[str, ...] = NODES,
+        nodes: tuple[str, ...] = NODES,
+        **extra: str,
+    ) -> Federation:
+        settings: dict[str, str] = {
+            "FLAME_RESEND_INTERVAL": "5",
+            "FLAME_BROKER__KEEPALIVE": "10",
+            "FLAME_BROKER__CONNECT_TIMEOUT": "30",
+        }
+        settings.update(extra)
+        env = federation_env(
+            self.broker,
+            self.analysis_id,
+            participants,
+            epochs=epochs,
+            presence_timeout=60,
+            epoch_timeout=60,
+            **settings,
+        )
+        federation = Federation(
+            env, folder / "analysis.py", folder / "data", nodes, self.tmp / "logs"
+        )
+        self.federations.append(federation)
+        return federation
+
+    def watch(self) -> StatusWatcher:
+        self.watcher = StatusWatcher(self.broker, self.analysis_id, [AGGREGATOR, *NODES])
+        return self.watcher
+
+    def close(self) -> None:
+        for federation in self.federations:
+            federation.close()
+        if self.watcher is not None:
+            self.watcher.close()
+
+
+@pytest.fixture(scope="module")
+def durable_broker() -> Iterator[Broker]:
+    """Mosquitto with persistence (saved on every change): sessions survive a restart."""
+    with Broker(save_every_change=True) as broker:
+        yield broker
+
+
+@pytest.fixture
+def row(tmp_path: Path, durable_broker: Broker, request: pytest.FixtureRequest) -> Iterator[Row]:
+    made = Row(tmp_path, durable_broker, request.node.name.removeprefix("test_"))
+    yield made
+    made.close()
+
+
+def report(capsys: pytest.CaptureFixture[str], row: str, measured: str, target: str) -> None:
+    say(capsys, f"fault matrix | {row} | {measured} | target {target}")
+
+
+def stopped_everyone(
+    federation: Federation, since: float, expect: dict[str, int], reason: str, bound: float
+) -> float:
+    """Every process exits with its expected code within `bound` s of `since`, the others'
+    stderr naming `reason`; returns the slowest exit, in seconds after `since`."""
+    slowest = 0.0
+    for node, code in expect.items():
+        process = federation.processes[node]
+        assert process.wait(bound + 30) == code, (
+            f"{node}: exit {process.returncode}\n{process.tail()}"
+        )
+        assert process.ended is not None
+        slowest = max(slowest, process.ended - since)
+        if code == 1:
+            assert reason in process.stderr(), f"{node} did not say {reason!r}:\n{process.tail()}"
+    assert slowest <= bound, f"slowest exit {slowest:.1f} s after the fault (bound {bound} s)"
+    return slowest
+
+
+# --- broker faults ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("persistence", [False, True], ids=["no-persistence", "persistence"])
+def test_broker_killed_mid_epoch_and_restarted(
+    tmp_path: Path, persistence: bool, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """SIGKILL 0.3 s into epoch 2, back 3 s later: the run completes with the right answer;
+    without persistence every queued message is gone, so acks and re-sends must carry it."""
+    folder = write_analysis(tmp_path / "analysis", slow={"*": 0.7})
+    expected = simulated(folder, NODES, epochs=4)
+    with Broker(persistence=persistence, save_every_change=True) as broker:
+        row = Row(tmp_path, broker, "broker-" + ("durable" if persistence else "volatile"))
+        try:
+            watcher = row.watch()
+            federation = row.federation(folder, epochs=4)
+            federation.start_all()
+            watcher.wait_for(AGGREGATOR, "collecting", 2, timeout=90)
+            time.sleep(0.3)  # the nodes are inside analyze() of epoch 2
+            broker.stop(kill=True)
+            time.sleep(3.0)
+            broker.start()
+            back = time.time()
+            status = watcher.wait_for(AGGREGATOR, "collecting", 3, timeout=90)
+            recovered = float(status["time"]) - back
+            values = federation.finish(timeout=120)
+        finally:
+            row.close()
+    report(
+        capsys,
+        f"broker SIGKILLed mid-epoch, persistence {'on' if persistence else 'off'}",
+        f"epoch 2 completed {recovered:.1f} s after the broker was back; result == simulate",
+        "<= 15 s",
+    )
+    assert values[AGGREGATOR] == expected
+    assert all(values[node] == expected for node in NODES)
+    assert recovered <= 15 * MARGIN
+
+
+# --- aggregator faults -----------------------------------------------------------------------
+
+
+def test_aggregator_killed_without_storage_and_restarted(
+    row: Row, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """No checkpoint to resume from: the new aggregator sees the nodes in epoch 2 of a run it
+    cannot continue and starts the analysis over under a new run id, which the nodes accept."""
+    folder = write_analysis(row.tmp / "analysis", slow={"*": 0.5})
+    expected = simulated(folder, NODES, epochs=4)
+    watcher = row.watch()
+    federation = row.federation(folder, epochs=4)
+    federation.start_all()
+    watcher.wait_for(AGGREGATOR, "collecting", 2, timeout=90)
+    time.sleep(0.2)
+    federation.kill(AGGREGATOR)
+    restarted = time.monotonic()
+    federation.start(AGGREGATOR)
+    values = federation.finish(timeout=120)
+    took = federation.processes[AGGREGATOR].ended
+    assert took is not None
+    report(
+        capsys,
+        "aggregator SIGKILLed in epoch 2, no storage, restarted",
+        f"run started over and finished {took - restarted:.1f} s after the restart; "
+        "result == simulate",
+        "no timeout waited out",
+    )
+    assert values[AGGREGATOR] == expected
+    assert all(values[node] == expected for node in NODES)
+    assert "starting the analysis over" in federation.processes[AGGREGATOR].stderr()
+    assert took - restarted < 60  # the epoch timeout: it must not be what ended the wait
+
+
+def test_aggregator_stopped_by_sigterm(row: Row, capsys: pytest.CaptureFixture[str]) -> None:
+    """SIGTERM (SIGINT takes the same path: see the analysis node rows) while the nodes are
+    inside an `analyze` of 20 s: they stop computing, not after it."""
+    sig, code = signal.SIGTERM, 143
+    folder = write_analysis(row.tmp / "analysis", slow={"*": 20.0})
+    watcher = row.watch()
+    federation = row.federation(folder, epochs=2)
+    federation.start_all()
+    watcher.wait_all(NODES, "computing", 0, timeout=90)
+    time.sleep(0.5)
+    sent = federation.processes[AGGREGATOR].signal(sig)
+    reason = f"node 'aggregator' stopped: {sig.name}"
+    slowest = stopped_everyone(
+        federation, sent, {AGGREGATOR: code, **dict.fromkeys(NODES, 1)}, reason, 5 * MARGIN
+    )
+    report(capsys, f"{sig.name} to the aggregator", f"all exited {slowest:.1f} s later", "<= 5 s")
+    state = st.StatusClient(_operator_config(row)).status(row.analysis_id)
+    assert state.state == "failed"
+    assert state.aggregator is not None and reason in (state.aggregator.reason or "")
+
+
+# --- analysis node faults --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("sig", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)], ids=["SIGTERM", "SIGINT"]
+)
+def test_analysis_node_stopped_inside_analyze(
+    row: Row, sig: signal.Signals, code: int, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder = write_analysis(row.tmp / "analysis", slow={"*": 0.3, "node-2": 3.0})
+    watcher = row.watch()
+    federation = row.federation(folder, epochs=3)
+    federation.start_all()
+    watcher.wait_for("node-2", "computing", 1, timeout=90)
+    time.sleep(0.3)  # inside its analyze()
+    sent = federation.processes["node-2"].signal(sig)
+    reason = f"node 'node-2' stopped: {sig.name}"
+    expect = {"node-2": code, AGGREGATOR: 1, "node-1": 1, "node-3": 1}
+    slowest = stopped_everyone(federation, sent, expect, reason, 5 * MARGIN)
+    report(
+        capsys,
+        f"{sig.name} to an analysis node inside analyze",
+        f"all exited {slowest:.1f} s later",
+        "<= 5 s",
+    )
+    state = st.StatusClient(_operator_config(row)).status(row.analysis_id)
+    assert state.nodes["node-2"].state == "failed", state.nodes["node-2"]
+    assert state.nodes["node-2"].reason == f"stopped: {sig.name}"
+
+
+def test_analyze_raising_names_the_node_and_line(
+    row: Row, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder = write_analysis(row.tmp / "analysis", fail=("node-3", 1))
+    federation = row.federation(folder, epochs=3)
+    started = time.monotonic()
+    federation.start_all()
+    reason = "node 'node-3' failed in epoch 1: KeyError: 'nope'"
+    expect = {AGGREGATOR: 1, **dict.fromkeys(NODES, 1)}
+    stopped_everyone(federation, started, expect, reason, 60)
+    log = federation.processes[AGGREGATOR].stderr()
+    assert 'analysis.py", line' in log and "in _column" in log, log[-3000:]
+    assert "flame/federated" not in log.split(reason, 1)[1][:3000]  # flame's frames trimmed
+    state = st.StatusClient(_operator_config(row)).status(row.analysis_id)
+    kept = state.aggregator.extra.get("traceback") if state.aggregator is not None else None
+    assert isinstance(kept, str) and "in _column" in kept
+    report(
+        capsys,
+        "analyze raises on one node",
+        "failure names node, epoch and line; traceback kept in status",
+        "-",
+    )
+
+
+def test_node_outside_the_aggregators_participants_is_told(
+    row: Row, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder = write_analysis(row.tmp / "analysis")
+    expected = simulated(folder, ("node-1", "node-2"), epochs=2)
+    federation = row.federation(folder, epochs=2, participants=("node-1", "node-2"))
+    outsider_env = {"FLAME_PARTICIPANTS": ",".join(NODES)}  # it believes it takes part
+    watcher = row.watch()
+    federation.start(AGGREGATOR)
+    watcher.wait_for(AGGREGATOR, "waiting", timeout=60)
+    outsider = federation.start("node-3", **outsider_env)
+    federation.start("node-1")
+    federation.start("node-2")
+    announced = watcher.wait_for("node-3", "waiting", timeout=60)
+    stopped = watcher.wait_for("node-3", "failed", timeout=60)
+    told = float(stopped["time"]) - float(announced["time"])
+    assert outsider.wait(60) == 2, outsider.tail()
+    assert "'node-3' is not a participant" in outsider.stderr(), outsider.tail()
+    assert "not a participant" in str(stopped.get("reason"))
+    del federation.processes["node-3"]
+    federation.replaced.append(outsider)
+    values = federation.finish(timeout=90)
+    report(
+        capsys,
+        "node not in the aggregator's participants",
+        f"told {told:.1f} s after it announced itself; exit code 2",
+        "<= 10 s",
+    )
+    assert values[AGGREGATOR] == expected
+    assert told <= 10 * MARGIN
+
+
+def test_slow_node_under_quorum_stops_when_the_run_finishes(
+    row: Row, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """node-3 needs 40 s per epoch, the epoch deadline is 6 s, quorum 2: the run finishes
+    without it, and it stops computing epoch 0 of the finished run right then."""
+    folder = write_analysis(row.tmp / "analysis", slow={"node-3": 40.0})
+    expected = simulated(folder, ("node-1", "node-2"), epochs=2)
+    watcher = row.watch()
+    federation = row.federation(folder, epochs=2, FLAME_QUORUM="2", FLAME_EPOCH_TIMEOUT="6")
+    federation.start_all()
+    done = watcher.wait_for("node-3", "done", timeout=120)
+    values = federation.finish(timeout=60)
+    seen = [(node, body) for node, body in watcher.seen]
+    finished = next(b for n, b in seen if n == AGGREGATOR and b.get("state") == "done")
+    idle = float(done["time"]) - float(finished["time"])
+    report(
+        capsys,
+        "slow node under FLAME_QUORUM=2 of 3",
+        f"result == simulate of the 2; the slow node stopped {idle:.1f} s after the run "
+        "finished, inside its 40 s analyze of epoch 0",
+        "<= 5 s",
+    )
+    assert values[AGGREGATOR] == expected
+    computing = [b.get("epoch") for n, b in seen if n == "node-3" and b.get("state") == "computing"]
+    assert computing == [0], computing
+    assert idle <= 5 * MARGIN
+    stderr = federation.processes["node-3"].stderr()
+    assert "stopping epoch 0: the aggregator said finished" in stderr, stderr[-3000:]
+
+
+def test_node_paused_with_sigstop_then_continued(
+    row: Row, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder = write_analysis(row.tmp / "analysis", slow={"*": 0.3})
+    expected = simulated(folder, NODES, epochs=2)
+    watcher = row.watch()
+    federation = row.federation(folder, epochs=2, FLAME_BROKER__KEEPALIVE="5")
+    federation.start_all()
+    watcher.wait_for("node-1", "computing", 0, timeout=90)
+    paused = federation.processes["node-1"].signal(signal.SIGSTOP)
+    time.sleep(8)  # past 1.5 x keepalive: the broker drops it and fires its last will
+    federation.processes["node-1"].signal(signal.SIGCONT)
+    values = federation.finish(timeout=120)
+    ended = federation.processes[AGGREGATOR].ended
+    assert ended is not None
+    report(
+        capsys,
+        "analysis node SIGSTOPped 8 s, then continued",
+        f"finished {ended - paused - 8:.1f} s after SIGCONT; result == simulate",
+        "completes",
+    )
+    assert values[AGGREGATOR] == expected
+
+
+# --- storage faults --------------------------------------------------------------------------
+
+
+def test_storage_refusing_connections_for_20_s(
+    row: Row, s3_server: S3Server, s3_bucket: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The checkpoint write after epoch 1 meets a storage outage of 20 s (a TCP proxy in
+    front of the S3 server refuses connections): it is retried, the run completes, right."""
+    folder = write_analysis(row.tmp / "analysis", slow={"*": 0.3})
+    expected = simulated(folder, NODES, epochs=4)
+    with TcpProxy("127.0.0.1", int(s3_server.endpoint.rsplit(":", 1)[1])) as proxy:
+        storage = storage_env(s3_server.settings(bucket=s3_bucket, endpoint=proxy.endpoint))
+        watcher = row.watch()
+        federation = row.federation(folder, epochs=4, **storage)
+        federation.start_all()
+        watcher.wait_for(AGGREGATOR, "collecting", 1, timeout=90)
+        proxy.refuse_for(20)
+        cut = time.monotonic()
+        values = federation.finish(timeout=150)
+        ended = federation.processes[AGGREGATOR].ended
+    assert ended is not None
+    log = federation.processes[AGGREGATOR].stderr()
+    report(
+        capsys,
+        "storage refuses connections for 20 s at epoch 1",
+        f"writes retried; run finished {ended - cut - 20:.1f} s after storage was back; "
+        "result == simulate",
+        "no abort (FLAME_STORAGE__RETRY_S = 120)",
+    )
+    assert values[AGGREGATOR] == expected
+    assert "retrying for" in log, log[-3000:]
+    stored = s3_server.client().list_objects(s3_bucket, recursive=True)
+    assert any(item.object_name.endswith("final/manifest.json") for item in stored)
+
+
+def test_results_folder_not_writable_stops_before_joining(
+    row: Row, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder = write_analysis(row.tmp / "analysis")
+    blocker = row.tmp / "not-a-folder"
+    blocker.write_text("a file where the results folder's parent should be")
+    federation = row.federation(
+        folder, FLAME_STORAGE__RESULTS_DIR=str(blocker / "results"), FLAME_PRESENCE_TIMEOUT="5"
+    )
+    watcher = row.watch()
+    aggregator = federation.start(AGGREGATOR)
+    assert aggregator.wait(60) == 1, aggregator.tail()
+    assert aggregator.ended is not None
+    stderr = aggregator.stderr()
+    assert "not joining the run" in stderr and "not writable" in stderr, stderr
+    assert str(blocker) in stderr
+    with pytest.raises(AssertionError):
+        watcher.wait_for(AGGREGATOR, "waiting", timeout=1)  # it never announced itself
+    report(
+        capsys,
+        "results folder not writable",
+        f"flame run refused before joining, {aggregator.ended - aggregator.started:.1f} s "
+        "after start, naming the folder",
+        "before epoch 0",
+    )
+
+
+def _operator_config(row: Row) -> Any:
+    from flame.config import FlameConfig
+
+    return FlameConfig(
+        broker={"url": row.broker.url, "token": row.broker.password, "username": "watcher"}
+    )
