@@ -241,6 +241,8 @@ class AnalysisClient:
         self._resend_at = time.monotonic() + self._resend_every
         if privacy is not None and (privacy["spend"]["epsilon"] or privacy.get("suppressed")):
             self._privacy[str(epoch)] = privacy
+            while len(self._privacy) > 50:  # the status keeps the latest epochs
+                del self._privacy[next(iter(self._privacy))]
         self.transport.announce(self._status("sent", epoch, **self._metrics()))
         if self._precomputer is not None and self.keys is not None:
             self._precomputer.fill(self.keys.used_ciphertexts)  # for the next epoch
@@ -584,6 +586,7 @@ class AnalysisClient:
                 cut_network=self.policy.cut_network,
                 capture_output=self.policy.forward_logs,
                 hide=self.hide,
+                allow_messages=self.policy.allow_messages,
             )
             child.on_wait = self._watch_while_computing
             return child
