@@ -277,3 +277,30 @@ def test_flame_check_prints_the_policy(tmp_path: Path) -> None:
     assert line.startswith("ok")
     assert "min_cell_count=5" in line and "epsilon_budget=1.5" in line
     assert "left: epsilon 1.5" in line
+
+
+def test_counts_of_a_dict_or_pandas_crosstab_apply_per_cell() -> None:
+    import pandas as pd
+
+    def analyze(data: Any) -> Any:
+        t = data.read_csv()
+        table = pd.crosstab(t["sex"], t["group"])
+        return {
+            "cells": flame.counts({"a": 3, "b": 12}),
+            "crosstab": flame.counts(table.to_numpy()),
+        }
+
+    seen: dict[str, Any] = {}
+
+    def aggregate(results: Any) -> Any:
+        seen.update(results["n1"])
+        return None
+
+    rows = "sex,group\n" + "0,1\n" * 3 + "0,2\n" * 6 + "1,1\n" * 7 + "1,2\n" * 2
+    flame.simulate(
+        analyze, aggregate, data={"n1": {"x.csv": rows}}, policy=flame.NodePolicy(min_cell_count=5)
+    )
+    got = seen
+    assert got["cells"]["b"] == 12 and bool(np.ma.getmaskarray(got["cells"]["a"]))
+    assert np.ma.getmaskarray(got["crosstab"]).tolist() == [[True, False], [False, True]]
+    assert np.ma.filled(got["crosstab"], -1).tolist() == [[-1, 6], [7, -1]]
