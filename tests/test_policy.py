@@ -304,3 +304,17 @@ def test_counts_of_a_dict_or_pandas_crosstab_apply_per_cell() -> None:
     assert got["cells"]["b"] == 12 and bool(np.ma.getmaskarray(got["cells"]["a"]))
     assert np.ma.getmaskarray(got["crosstab"]).tolist() == [[True, False], [False, True]]
     assert np.ma.filled(got["crosstab"], -1).tolist() == [[-1, 6], [7, -1]]
+
+
+def test_cli_policy_per_node(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from flame.cli import main
+
+    strict = tmp_path / "strict.toml"
+    strict.write_text('min_cell_count = 9\non_small_cell = "suppress"\n')
+    argv = ["simulate", str(EXAMPLE), "--data", str(EXAMPLE / "data"), "--quiet"]
+    assert main([*argv, "--policy", f"clinic_c={strict}"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    # only clinic_c's policy is strict: its 8, 6, 7 and 6 are held back; clinic_b's 3 is sent
+    assert result["suppressed_cells"] == {"clinic_a": 0, "clinic_b": 0, "clinic_c": 4}
+    assert result["table"][0][0] == 12 + 3
+    assert main([*argv, "--policy", str(strict), "--policy", str(strict)]) == 1
