@@ -30,7 +30,15 @@ from flame._log_forward import LOG_CATEGORY, LogForwarder
 from flame._redact import describe_exception
 from flame._traceback import analysis_traceback, trim_traceback_text
 from flame.disclosure import wrap_release
-from flame.errors import ConfigError, RunFailed, RunTimeout, TransportError, stop_signal
+from flame.errors import (
+    AnalysisError,
+    ConfigError,
+    FlameError,
+    RunFailed,
+    RunTimeout,
+    TransportError,
+    stop_signal,
+)
 from flame.federated.context import Context
 from flame.federated.functions import AnalysisFunctions
 from flame.federated.mailbox import Mailbox
@@ -89,6 +97,13 @@ class Instruction:
     reason: str = ""
     run: str | None = None
     code: str = ""
+
+
+def _raised_by_analysis(exc: BaseException) -> bool:
+    """An exception of the analyst's code (in the child or in this process), not flame's."""
+    if isinstance(exc, AnalysisError):
+        return exc.remote_type not in ("ProtocolError", "ProcessExit")  # flame's own words
+    return not isinstance(exc, FlameError)
 
 
 class AnalysisClient:
@@ -278,6 +293,10 @@ class AnalysisClient:
             log.debug("epoch %d failed: %s", epoch, reason)
         if self.policy.send_tracebacks:
             body["traceback"] = traceback_text
+        elif _raised_by_analysis(exc):  # its message is as free to carry records as a traceback
+            name = getattr(exc, "remote_type", None) or type(exc).__name__
+            reason = f"{name} (message withheld: this node's policy has send_tracebacks = false)"
+            body["error"] = reason
         self._say_goodbye(epoch, reason, body)
         return reason
 
