@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 
 __all__ = ["prestart", "scrubbed_environment", "spawn_child", "take_warm"]
@@ -54,14 +55,17 @@ def scrubbed_environment(environ: dict[str, str] | None = None) -> dict[str, str
 
 
 def spawn_child(
-    cut_network: bool, capture_output: bool = False
+    cut_network: bool, capture_output: bool = False, *, hide: Sequence[str] = ()
 ) -> tuple[subprocess.Popen[bytes], socket.socket]:
     """A new analysis child and our end of its socket (with `capture_output`, its stdout
-    and stderr on one pipe for the caller to relay)."""
+    and stderr on one pipe for the caller to relay). `hide`: paths its Landlock domain
+    makes unreachable (`_landlock`)."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     command = [sys.executable, str(BOOT), str(theirs.fileno())]
     if not cut_network:
         command.append("--keep-network")
+    for path in hide:
+        command += ["--hide", path]
     try:
         process = subprocess.Popen(  # noqa: S603 (our own script, no shell)
             command,
