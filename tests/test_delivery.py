@@ -137,6 +137,25 @@ def test_a_node_outside_the_roster_is_told_and_stops_with_a_config_error() -> No
     assert outcome["a"] == outcome["b"] == result.value
 
 
+def test_a_slow_node_skips_the_queued_aggregates_of_a_finished_run() -> None:
+    """In-process (no child to stop), the slow node finishes its epoch 0 and then finds the
+    aggregates of epochs 0 and 1 and `finished` queued: it takes `finished`."""
+    calls: list[tuple[str, int]] = []
+
+    def slow_b(data: Data, epoch: int, previous: Any) -> dict[str, float]:
+        node = flame.context().node_id
+        calls.append((node, epoch))
+        if node == "b":
+            time.sleep(2.5)
+        return analyze(data, epoch, previous)
+
+    result = flame.simulate(
+        slow_b, aggregate, data=DATA, config=config(epochs=3, epoch_timeout=0.5, quorum=2)
+    )
+    assert [epoch for node, epoch in calls if node == "b"] == [0]
+    assert all(record.missing == ["b"] for record in result.history)
+
+
 # --- the analyst's traceback -----------------------------------------------------------------
 
 

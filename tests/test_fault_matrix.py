@@ -197,9 +197,9 @@ def stopped_everyone(
 def test_broker_killed_mid_epoch_and_restarted(
     tmp_path: Path, persistence: bool, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """SIGKILL 0.5 s into epoch 2, back 3 s later: the run completes with the right answer;
+    """SIGKILL 0.3 s into epoch 2, back 3 s later: the run completes with the right answer;
     without persistence every queued message is gone, so acks and re-sends must carry it."""
-    folder = write_analysis(tmp_path / "analysis", slow={"*": 1.0})
+    folder = write_analysis(tmp_path / "analysis", slow={"*": 0.7})
     expected = simulated(folder, NODES, epochs=4)
     with Broker(persistence=persistence, save_every_change=True) as broker:
         row = Row(tmp_path, broker, "broker-" + ("durable" if persistence else "volatile"))
@@ -208,7 +208,7 @@ def test_broker_killed_mid_epoch_and_restarted(
             federation = row.federation(folder, epochs=4)
             federation.start_all()
             watcher.wait_for(AGGREGATOR, "collecting", 2, timeout=90)
-            time.sleep(0.5)  # the nodes are inside analyze() of epoch 2
+            time.sleep(0.3)  # the nodes are inside analyze() of epoch 2
             broker.stop(kill=True)
             time.sleep(3.0)
             broker.start()
@@ -263,17 +263,16 @@ def test_aggregator_killed_without_storage_and_restarted(
     assert took - restarted < 60  # the epoch timeout: it must not be what ended the wait
 
 
-@pytest.mark.parametrize(
-    ("sig", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)], ids=["SIGTERM", "SIGINT"]
-)
-def test_aggregator_stopped_by_signal(
-    row: Row, sig: signal.Signals, code: int, capsys: pytest.CaptureFixture[str]
-) -> None:
-    folder = write_analysis(row.tmp / "analysis", slow={"*": 0.5})
+def test_aggregator_stopped_by_sigterm(row: Row, capsys: pytest.CaptureFixture[str]) -> None:
+    """SIGTERM (SIGINT takes the same path: see the analysis node rows) while the nodes are
+    inside an `analyze` of 20 s: they stop computing, not after it."""
+    sig, code = signal.SIGTERM, 143
+    folder = write_analysis(row.tmp / "analysis", slow={"*": 20.0})
     watcher = row.watch()
-    federation = row.federation(folder, epochs=6)
+    federation = row.federation(folder, epochs=2)
     federation.start_all()
-    watcher.wait_for(AGGREGATOR, "collecting", 1, timeout=90)
+    watcher.wait_all(NODES, "computing", 0, timeout=90)
+    time.sleep(0.5)
     sent = federation.processes[AGGREGATOR].signal(sig)
     reason = f"node 'aggregator' stopped: {sig.name}"
     slowest = stopped_everyone(
@@ -352,17 +351,19 @@ def test_node_outside_the_aggregators_participants_is_told(
     outsider = federation.start("node-3", **outsider_env)
     federation.start("node-1")
     federation.start("node-2")
+    announced = watcher.wait_for("node-3", "waiting", timeout=60)
+    stopped = watcher.wait_for("node-3", "failed", timeout=60)
+    told = float(stopped["time"]) - float(announced["time"])
     assert outsider.wait(60) == 2, outsider.tail()
-    assert outsider.ended is not None
-    told = outsider.ended - max(outsider.started, 0.0)
     assert "'node-3' is not a participant" in outsider.stderr(), outsider.tail()
+    assert "not a participant" in str(stopped.get("reason"))
     del federation.processes["node-3"]
     federation.replaced.append(outsider)
     values = federation.finish(timeout=90)
     report(
         capsys,
         "node not in the aggregator's participants",
-        f"told and exited 2 within {told:.1f} s of its start",
+        f"told {told:.1f} s after it announced itself; exit code 2",
         "<= 10 s",
     )
     assert values[AGGREGATOR] == expected
@@ -372,70 +373,54 @@ def test_node_outside_the_aggregators_participants_is_told(
 def test_slow_node_under_quorum_stops_when_the_run_finishes(
     row: Row, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """node-3 needs 16 s per epoch, the epoch deadline is 7 s, quorum 2: the run finishes
-    without it. When its epoch 0 is done, `finished` waits behind the aggregate of epoch 0 in
-    its inbox: it stops there instead of computing epoch 1 of a finished run."""
-    folder = write_analysis(row.tmp / "analysis", slow={"node-3": 16.0})
+    """node-3 needs 40 s per epoch, the epoch deadline is 6 s, quorum 2: the run finishes
+    without it, and it stops computing epoch 0 of the finished run right then."""
+    folder = write_analysis(row.tmp / "analysis", slow={"node-3": 40.0})
     expected = simulated(folder, ("node-1", "node-2"), epochs=2)
     watcher = row.watch()
-    federation = row.federation(folder, epochs=2, FLAME_QUORUM="2", FLAME_EPOCH_TIMEOUT="7")
+    federation = row.federation(folder, epochs=2, FLAME_QUORUM="2", FLAME_EPOCH_TIMEOUT="6")
     federation.start_all()
     done = watcher.wait_for("node-3", "done", timeout=120)
     values = federation.finish(timeout=60)
     seen = [(node, body) for node, body in watcher.seen]
     finished = next(b for n, b in seen if n == AGGREGATOR and b.get("state") == "done")
-    sent = max(
-        (b for n, b in seen if n == "node-3" and b.get("state") == "sent"),
-        key=lambda b: float(b["time"]),
-    )
-    idle = float(done["time"]) - max(float(finished["time"]), float(sent["time"]))
+    idle = float(done["time"]) - float(finished["time"])
     report(
         capsys,
         "slow node under FLAME_QUORUM=2 of 3",
-        f"result == simulate of the 2; the slow node stopped {idle:.1f} s after its epoch "
-        "(and the run) ended, epoch 1 never started",
+        f"result == simulate of the 2; the slow node stopped {idle:.1f} s after the run "
+        "finished, inside its 40 s analyze of epoch 0",
         "<= 5 s",
     )
     assert values[AGGREGATOR] == expected
     computing = [b.get("epoch") for n, b in seen if n == "node-3" and b.get("state") == "computing"]
     assert computing == [0], computing
     assert idle <= 5 * MARGIN
+    stderr = federation.processes["node-3"].stderr()
+    assert "stopping epoch 0: the aggregator said finished" in stderr, stderr[-3000:]
 
 
 def test_node_paused_with_sigstop_then_continued(
     row: Row, capsys: pytest.CaptureFixture[str]
 ) -> None:
     folder = write_analysis(row.tmp / "analysis", slow={"*": 0.3})
-    expected = simulated(folder, NODES, epochs=3)
+    expected = simulated(folder, NODES, epochs=2)
     watcher = row.watch()
-    federation = row.federation(folder, epochs=3, FLAME_BROKER__KEEPALIVE="5")
+    federation = row.federation(folder, epochs=2, FLAME_BROKER__KEEPALIVE="5")
     federation.start_all()
-    watcher.wait_for("node-1", "computing", 1, timeout=90)
+    watcher.wait_for("node-1", "computing", 0, timeout=90)
     paused = federation.processes["node-1"].signal(signal.SIGSTOP)
-    time.sleep(10)  # past 1.5 x keepalive: the broker drops it and fires its last will
+    time.sleep(8)  # past 1.5 x keepalive: the broker drops it and fires its last will
     federation.processes["node-1"].signal(signal.SIGCONT)
     values = federation.finish(timeout=120)
     ended = federation.processes[AGGREGATOR].ended
     assert ended is not None
     report(
         capsys,
-        "analysis node SIGSTOPped 10 s, then continued",
-        f"finished {ended - paused - 10:.1f} s after SIGCONT; result == simulate",
+        "analysis node SIGSTOPped 8 s, then continued",
+        f"finished {ended - paused - 8:.1f} s after SIGCONT; result == simulate",
         "completes",
     )
-    assert values[AGGREGATOR] == expected
-
-
-def test_late_node(row: Row, capsys: pytest.CaptureFixture[str]) -> None:
-    folder = write_analysis(row.tmp / "analysis")
-    expected = simulated(folder, NODES, epochs=2)
-    federation = row.federation(folder, epochs=2)
-    for node in (AGGREGATOR, "node-1", "node-2"):
-        federation.start(node)
-    time.sleep(5)
-    federation.start("node-3")
-    values = federation.finish(timeout=90)
-    report(capsys, "analysis node started 5 s late", "result == simulate", "completes")
     assert values[AGGREGATOR] == expected
 
 

@@ -182,7 +182,7 @@ def _headless(binary: str, profile: Path, *args: str) -> subprocess.CompletedPro
     )  # fmt: skip
 
 
-def test_flame_report_renders_in_headless_chromium(run, tmp_path) -> None:
+def test_flame_report_renders_in_headless_chromium(run, tmp_path, capsys) -> None:
     chromium = _chromium()
     source = tmp_path / "result.json"
     source.write_text(json.dumps(_document(run[0])))
@@ -224,4 +224,91 @@ def test_flame_report_renders_in_headless_chromium(run, tmp_path) -> None:
         assert taken.returncode == 0 and target.is_file(), taken.stderr[-2000:]
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert shot.stat().st_size > 5 * blank.stat().st_size  # charts and text, not a blank page
-    print(f"\nflame report screenshot: {shot}", file=sys.__stderr__)
+    with capsys.disabled():  # the artifact's path, shown even when the test passes
+        print(f"\nflame report screenshot: {shot}")
+
+
+def test_a_failed_simulation_still_writes_its_history_and_the_page_shows_the_failure(
+    tmp_path,
+) -> None:
+    analysis = tmp_path / "analysis.py"
+    analysis.write_text(
+        "def analyze(data, epoch):\n"
+        "    if epoch == 1 and data.node_id == 'b':\n"
+        "        raise ValueError('no rows left')\n"
+        "    return {'n': epoch}\n\n"
+        "def aggregate(results):\n"
+        "    return {'total': sum(r['n'] for r in results.values())}\n"
+    )
+    for node in ("a", "b"):
+        (tmp_path / "data" / node).mkdir(parents=True)
+        (tmp_path / "data" / node / "x.csv").write_text("v\n1\n")
+    output, page = tmp_path / "failed.json", tmp_path / "failed.html"
+    failed = subprocess.run(
+        [sys.executable, "-m", "flame", "simulate", analysis, "--data", tmp_path / "data",
+         "--epochs", "3", "--output", output, "--in-process", "--quiet"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert failed.returncode == 1 and "no rows left" in failed.stderr
+    document = json.loads(output.read_text())
+    assert document["failure"]["node"] == "b" and document["failure"]["epoch"] == 1
+    assert [h["epoch"] for h in document["history"]] == [0]
+    done = subprocess.run(
+        [sys.executable, "-m", "flame", "report", output, "--out", page],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    html = page.read_text()
+    assert 'class="cell failed" data-node="b" data-epoch="1"' in html
+    assert 'class="cell answered" data-node="b" data-epoch="0"' in html
+    assert "no rows left" in html and ">failed<" in html
+
+
+def test_privacy_reports_of_the_nodes_get_their_own_section() -> None:
+    history = [
+        {
+            "epoch": e,
+            "nodes": ["a", "b"],
+            "missing": [],
+            "duration_s": 0.1,
+            "privacy": {
+                "a": {"spend": {"epsilon": 0.5, "delta": 0.0}, "suppressed": {"hist": 2}},
+                "b": {"spend": {"epsilon": 0.5, "delta": 0.0},
+                      "spent_total": {"epsilon": 0.5 * (e + 1), "delta": 0.0}},
+            },
+        }
+        for e in range(3)
+    ]  # fmt: skip
+    page = render({"analysis_id": "dp", "history": history})
+    assert 'data-chart="privacy"' in page
+    assert re.search(r'data-series="a"[^>]*points="[^"]+"', page)
+    assert "suppressed" in page and "spent_total" in page
+    assert render({"history": []}).count('id="privacy"') == 0
+
+
+def test_an_unfinished_run_is_reported_from_its_last_checkpoint(tmp_path) -> None:
+    store = tmp_path / "results"
+
+    def failing(data, epoch, previous):
+        if epoch == 2:
+            raise ValueError("stop here")
+        return analyze(data, epoch, previous)
+
+    config = load_config(
+        analysis_id="cut-short", epochs=4, epoch_timeout=20, storage={"results_dir": store}
+    )
+    with pytest.raises(flame.RunFailed):
+        flame.simulate(failing, aggregate, data=NODES, config=config)
+    document = load_run("cut-short", config=load_config(storage={"results_dir": store}))
+    assert [h["epoch"] for h in document["history"]] == [0, 1]
+    assert "after epoch 1" in document["unfinished"]
+    page = render(document)
+    assert "<span>unfinished</span>" in page and 'data-field="mean"' in page
+
+
+def test_a_huge_run_draws_only_its_last_epochs() -> None:
+    nodes = [f"n{i}" for i in range(500)]
+    history = [{"epoch": e, "nodes": nodes, "missing": [], "duration_s": 0.1} for e in range(100)]
+    page = render({"history": history})
+    assert page.count('class="cell answered"') == 500 * 40  # 20,000 cells at most
+    assert "the last 40 of 100 epochs are drawn" in page

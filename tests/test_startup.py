@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -72,3 +73,69 @@ def test_unknown_attribute_is_an_attribute_error() -> None:
         assert "no_such_thing" in str(exc)
     else:
         raise AssertionError("expected AttributeError")
+
+
+def test_flame_simulate_starts_its_analysis_children_early_and_uses_them(tmp_path) -> None:
+    """The CLI starts one child per node folder before its own imports; the run takes those
+    children (same pids) instead of spawning new ones, and none is left behind."""
+    (tmp_path / "analysis.py").write_text(
+        "import os\n\n"
+        "def analyze(data):\n    return {'pid': os.getpid()}\n\n"
+        "def aggregate(results):\n    return sorted(r['pid'] for r in results.values())\n"
+    )
+    for node in ("a", "b"):
+        (tmp_path / "data" / node).mkdir(parents=True)
+        (tmp_path / "data" / node / "x.csv").write_text("v\n1\n")
+    probe = (
+        "import sys\n"
+        "from flame.isolation import spawn\n"
+        "started = []\n"
+        "original = spawn.spawn_child\n"
+        "def counting(cut, capture=False):\n"
+        "    process, sock = original(cut, capture)\n"
+        "    started.append(process.pid)\n"
+        "    return process, sock\n"
+        "spawn.spawn_child = counting\n"
+        "import flame.isolation.runner as runner\n"
+        "runner.spawn_child = counting\n"
+        "from flame.cli import main\n"
+        "code = main(sys.argv[1:])\n"
+        "print('spawned', sorted(started))\n"
+        "sys.exit(code)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe, "simulate", str(tmp_path / "analysis.py"),
+         "--data", str(tmp_path / "data"), "--quiet"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    used = json.loads(done.stdout[: done.stdout.index("spawned")])
+    spawned = json.loads(done.stdout.split("spawned")[1])
+    assert len(used) == 2 and sorted(used) == spawned  # both children were the early ones
+    for pid in spawned:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            continue
+        with open(f"/proc/{pid}/stat") as stat:
+            assert stat.read().split(") ")[-1][:1] == "Z", f"child {pid} still runs"
+
+
+def test_unused_early_children_are_stopped_at_exit() -> None:
+    code = (
+        "from flame.isolation import spawn\n"
+        "spawn.prestart(2)\n"
+        "print(' '.join(str(p.pid) for p, _, _ in spawn._warm))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    pids = [int(p) for p in done.stdout.split()]
+    assert len(pids) == 2
+    for pid in pids:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            continue
+        with open(f"/proc/{pid}/stat") as stat:
+            assert stat.read().split(") ")[-1][:1] == "Z", f"child {pid} outlived its parent"

@@ -14,7 +14,14 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 from flame import _logging
 from flame._signals import stop_on_sigterm
-from flame.errors import ConfigError, FlameError, stop_exit_code, stop_signal
+from flame.errors import (
+    ConfigError,
+    FlameError,
+    RunFailed,
+    RunTimeout,
+    stop_exit_code,
+    stop_signal,
+)
 
 if TYPE_CHECKING:
     from flame.federated.records import Event, RunResult
@@ -61,7 +68,18 @@ class _Progress:
         self.stream.flush()
 
 
+def _warm_children(args: argparse.Namespace) -> None:
+    """Start one analysis child per node folder now: they import while we do (see spawn)."""
+    if args.in_process or args.nodes is not None or not args.data.is_dir():
+        return
+    from flame.isolation.spawn import prestart
+
+    with contextlib.suppress(OSError):
+        prestart(sum(1 for p in args.data.iterdir() if p.is_dir() and not p.name.startswith(".")))
+
+
 def _cmd_simulate(args: argparse.Namespace) -> int:
+    _warm_children(args)
     from flame.config import load_config
     from flame.loader import load_analysis
     from flame.simulate import simulate
@@ -78,6 +96,14 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     )
     analysis = load_analysis(args.analysis)
     progress = None if args.quiet else _Progress(sys.stderr)
+    history: list[Any] = []  # the epochs so far, for --output when the run fails
+
+    def on_event(event: Event) -> None:
+        if event.kind == "epoch_finished" and event.record is not None:
+            history.append(event.record)
+        if progress is not None:
+            progress(event)
+
     with contextlib.ExitStack() as stack:
         broker_url = args.broker
         if broker_url == "embedded":
@@ -91,20 +117,43 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
             settings = config.broker.model_copy(update={"url": broker_url})
             broker = mqtt_transport_factory(settings, config.analysis_id)
         stack.enter_context(stop_on_sigterm())
-        result = simulate(
-            analysis.functions.analyze,
-            analysis.functions.aggregate,
-            analysis.functions.converged,
-            data=args.data if args.nodes is None else _nodes(args.nodes),
-            config=config,
-            broker=broker,
-            on_event=progress,
-            secure=args.secure,
-            isolate=not args.in_process,
-            policy=_policy_arguments(args.policy),
-        )
+        try:
+            result = simulate(
+                analysis.functions.analyze,
+                analysis.functions.aggregate,
+                analysis.functions.converged,
+                data=args.data if args.nodes is None else _nodes(args.nodes),
+                config=config,
+                broker=broker,
+                on_event=on_event,
+                secure=args.secure,
+                isolate=not args.in_process,
+                policy=_policy_arguments(args.policy),
+            )
+        except (RunFailed, RunTimeout) as exc:
+            if args.output is not None:
+                _write_failure(args.output, exc, config.analysis_id, history, analysis.functions)
+            raise
     _report(result, args.output, _manifest(analysis.functions, result))
     return 0
+
+
+def _write_failure(
+    output: Path, exc: RunFailed | RunTimeout, analysis_id: str, history: list[Any], functions: Any
+) -> None:
+    """--output for a failed run: the epochs that finished and who failed where, so
+    `flame report` can show it."""
+    from flame.federated.records import RunResult
+
+    partial = RunResult(analysis_id, None, False, len(history), list(history))
+    failure = {
+        "node": getattr(exc, "node", None),
+        "epoch": getattr(exc, "epoch", None),
+        "reason": str(exc),
+    }
+    document = _strict_json({**partial.to_dict(), "manifest": _manifest(functions, partial)})
+    output.write_text(json.dumps({**document, "failure": failure}, indent=2) + "\n")
+    print(f"wrote {output} (see it as a page: flame report {output})", file=sys.stderr)
 
 
 def _policy_arguments(items: list[str]) -> Any:
@@ -176,13 +225,11 @@ def _strict_json(value: Any) -> Any:
     return value
 
 
-def _report(
-    result: RunResult, output: Path | None, manifest: dict[str, Any] | None = None
-) -> None:
+def _report(result: RunResult, output: Path | None, manifest: dict[str, Any] | None = None) -> None:
     document = _strict_json({**result.to_dict(), "manifest": manifest or {}})
     if output is not None:
         output.write_text(json.dumps(document, indent=2) + "\n")
-        print(f"wrote {output}", file=sys.stderr)
+        print(f"wrote {output} (see it as a page: flame report {output})", file=sys.stderr)
     converged = ", converged" if result.converged else ""
     print(f"finished after {result.epochs} epoch(s){converged}", file=sys.stderr)
     print(json.dumps(document["result"], indent=2))

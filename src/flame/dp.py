@@ -55,6 +55,27 @@ class Noise:
     delta: float = 0.0
     contributors: int = 1
 
+    def check(self, path: str) -> None:
+        """FlameError unless the parameters are what `laplace`/`gaussian` would accept: a
+        marker forged in the analysis child (negative epsilon and sensitivity keep the noise
+        scale positive while the ledger charges nothing) must not be released."""
+        where = f"flame.dp at {path or 'the top'!r}"
+        try:
+            if self.mechanism == "laplace":
+                laplace(None, self.sensitivity, self.epsilon)
+                ok = self.delta == 0 and self.contributors == 1
+            elif self.mechanism == "gaussian":
+                gaussian(
+                    None, self.sensitivity, self.epsilon, self.delta, contributors=self.contributors
+                )
+                ok = True
+            else:
+                ok = False
+        except FlameError as exc:
+            raise FlameError(f"{where}: {exc}") from None
+        if not ok:
+            raise FlameError(f"{where}: malformed noise marker")
+
 
 def _positive(name: str, value: float, *, upper: float | None = None) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):

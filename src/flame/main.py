@@ -147,6 +147,7 @@ def _run(
         )
         aggregator.context.params = dict(config.params)
         return aggregator.execute().value
+    from flame.isolation.runner import settings_paths
     from flame.policy import load_policy
 
     policy = load_policy(config.policy)  # the operator's file; never from the aggregator
@@ -163,6 +164,7 @@ def _run(
         resend_interval=config.resend_interval,
         isolate=policy.isolate,
         policy=policy,
+        hide=settings_paths(config, policy),
     )
     client.context.params = dict(config.params)
     return client.run(functions, data).value

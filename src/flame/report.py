@@ -28,6 +28,7 @@ PALETTE = [
     "#edc948", "#b07aa1", "#ff9da7", "#9c755f", "#bab0ac",
 ]  # fmt: skip
 MAX_FIELDS = 24  # convergence charts on one page
+MAX_CELLS = 20_000  # timeline cells (nodes x epochs); more and only the last epochs are drawn
 MAX_RESULT_CHARS = 50_000
 _KNOWN = {"analysis_id", "result", "converged", "epochs", "history", "location", "manifest"}
 _HIGHLIGHT = re.compile(r"policy|privacy|dp|spend|budget|epsilon|delta", re.IGNORECASE)
@@ -77,10 +78,7 @@ def _from_storage(analysis_id: str, config: Any) -> dict[str, Any]:
         manifest = store.get_json(layout.manifest())
         value = unpack(store.get_bytes(layout.final_result()))
     except ObjectNotFound:
-        raise FlameError(
-            f"analysis {analysis_id!r} has no finished result in storage (still running, "
-            "failed, or a different FLAME_STORAGE__PREFIX?)"
-        ) from None
+        return _unfinished(store, layout, analysis_id, config.aggregator_id)
     history = [dict(item) for item in manifest.get("history", [])]
     for item in history:  # runs before per-epoch summaries: read the stored aggregates
         if "summary" in item:
@@ -103,6 +101,34 @@ def _from_storage(analysis_id: str, config: Any) -> dict[str, Any]:
         "history": history,
         "location": (manifest.get("result") or {}).get("key"),
         "manifest": extra,
+    }
+
+
+def _unfinished(store: Any, layout: Any, analysis_id: str, aggregator_id: str) -> dict[str, Any]:
+    """A run without a final result (running, failed, stopped): its last checkpoint."""
+    from flame.clients.object_store import ObjectNotFound
+    from flame.messages import to_jsonable, unpack
+
+    epoch = layout.latest_checkpoint(store)
+    if epoch is None:
+        raise FlameError(
+            f"analysis {analysis_id!r} has neither a final result nor a checkpoint in storage "
+            "(wrong analysis id, or a different FLAME_STORAGE__PREFIX?)"
+        )
+    meta = store.get_json(layout.checkpoint(epoch))
+    try:
+        value = unpack(store.get_bytes(layout.epoch_result(epoch, aggregator_id)))
+    except ObjectNotFound:
+        value = None
+    return {
+        "analysis_id": analysis_id,
+        "result": to_jsonable(value),
+        "converged": False,
+        "epochs": len(meta.get("history", [])),
+        "history": list(meta.get("history", [])),
+        "location": None,
+        "manifest": {"code_sha256": meta.get("code_sha256")},
+        "unfinished": f"no final result yet; the last checkpoint is after epoch {epoch}",
     }
 
 
@@ -164,6 +190,8 @@ def _nodes(document: dict[str, Any], records: Sequence[dict[str, Any]]) -> list[
 def _timeline(document: dict[str, Any], records: list[dict[str, Any]], nodes: list[str]) -> str:
     """One row per node, one cell per epoch: answered (with arrival), missing, failed."""
     failure = document.get("failure") if isinstance(document.get("failure"), dict) else None
+    keep = max(1, MAX_CELLS // max(1, len(nodes)))
+    records = records[-keep:]  # a huge run shows its last epochs (the table says so)
     epochs = [int(item.get("epoch", i)) for i, item in enumerate(records)]
     if (
         failure is not None
@@ -455,6 +483,9 @@ def _epochs_section(
         '<span class="key"><i class="absent"></i>not asked</span></div>'
     )
     out.append(f'<div class="scroll">{_timeline(document, records, nodes)}</div>')
+    shown = max(1, MAX_CELLS // max(1, len(nodes)))
+    if len(records) > shown:
+        out.append(f'<p class="note">the last {shown} of {len(records)} epochs are drawn</p>')
     failure = document.get("failure")
     if isinstance(failure, dict):
         out.append(f'<p class="failed-text">Run failed: {_e(failure.get("reason", ""))}</p>')
@@ -489,6 +520,7 @@ def _epochs_section(
         + _bar_chart({"received": received, "sent": sent}, chart="bytes", title="bytes", fmt=_bytes)
         + "</figure>"
     )
+    arrivals = dict(sorted(arrivals.items()))
     if arrivals:
         out.append(
             "<figure><figcaption>Result arrival after the epoch started (s)</figcaption>"
@@ -500,6 +532,47 @@ def _epochs_section(
     out.append(_epoch_table(records, nodes))
     out.append("</section>")
     return "".join(out)
+
+
+def _privacy_section(records: list[dict[str, Any]], nodes: list[str]) -> str:
+    """Per-epoch privacy reports of the nodes (DP spend, suppressed cells), when recorded."""
+    if not any(isinstance(item.get("privacy"), dict) and item["privacy"] for item in records):
+        return ""
+    totals: dict[str, list[tuple[float, float]]] = {}
+    running: dict[str, float] = {}
+    rows = []
+    for i, item in enumerate(records):
+        epoch = item.get("epoch", i)
+        privacy = item.get("privacy") if isinstance(item.get("privacy"), dict) else {}
+        cells = []
+        for node in nodes:
+            report = (privacy or {}).get(node)
+            if not isinstance(report, dict):
+                cells.append("<td></td>")
+                continue
+            spend = report.get("spend") if isinstance(report.get("spend"), dict) else {}
+            epsilon = _finite((spend or {}).get("epsilon")) or 0.0
+            total = report.get("spent_total")
+            total_eps = _finite(total.get("epsilon")) if isinstance(total, dict) else None
+            running[node] = total_eps if total_eps is not None else running.get(node, 0) + epsilon
+            totals.setdefault(node, []).append((float(epoch), running[node]))
+            cells.append(f"<td>{_tree(report)}</td>")
+        rows.append(f"<tr><th>{_e(epoch)}</th>{''.join(cells)}</tr>")
+    head = "".join(f"<th>{_e(n)}</th>" for n in nodes)
+    chart = ""
+    if any(v for values in totals.values() for _, v in values):
+        chart = (
+            '<div class="grid"><figure><figcaption>Privacy budget spent per node (ε, '
+            "cumulative)</figcaption>"
+            + _legend(totals)
+            + _line_chart(totals, chart="privacy", title="epsilon spent per node")
+            + "</figure></div>"
+        )
+    return (
+        '<section id="privacy"><h2 class="highlight">Privacy per epoch</h2>'
+        f'{chart}<details><summary>per node and epoch</summary><table class="epochs">'
+        f"<tr><th>epoch</th>{head}</tr>{''.join(rows)}</table></details></section>"
+    )
 
 
 def _epoch_table(records: list[dict[str, Any]], nodes: list[str]) -> str:
@@ -542,7 +615,7 @@ body{font:14px/1.45 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24
 max-width:1100px;color:#222;padding:0 16px}
 h1{font-size:22px;margin:0 0 4px}h2{font-size:17px;border-bottom:1px solid #ddd;
 padding-bottom:4px;margin-top:28px}h3{font-size:14px;margin:14px 0 4px}
-h3.highlight{color:#7a3e9d}.muted,.note{color:#777}.scroll{overflow-x:auto}
+h3.highlight,h2.highlight{color:#7a3e9d}.muted,.note{color:#777}.scroll{overflow-x:auto}
 .grid{display:flex;flex-wrap:wrap;gap:12px}figure{margin:0;border:1px solid #eee;
 border-radius:6px;padding:6px 8px}figcaption{font-weight:600;font-size:13px;margin-bottom:4px}
 svg text{font-size:11px;fill:#444}svg .label{font-size:12px;fill:#222}
@@ -571,6 +644,8 @@ def render(document: dict[str, Any]) -> str:
     state = (
         "failed"
         if isinstance(failure, dict)
+        else "unfinished"
+        if document.get("unfinished")
         else ("converged" if document.get("converged") else "finished")
     )
     result_text = json.dumps(document.get("result"), indent=2, default=str)
@@ -593,6 +668,7 @@ def render(document: dict[str, Any]) -> str:
             f"<span>{total:.3f} s in epochs</span></p>",
             _epochs_section(document, records, nodes),
             _convergence_section(records),
+            _privacy_section(records, nodes),
             _manifest_section(document),
             '<section id="result"><h2>Final result</h2><details open><summary>JSON</summary>'
             f"<pre>{_e(result_text)}</pre></details></section>",

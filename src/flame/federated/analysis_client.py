@@ -21,6 +21,7 @@ import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 from flame import _logging
@@ -29,7 +30,15 @@ from flame._log_forward import LOG_CATEGORY, LogForwarder
 from flame._redact import describe_exception
 from flame._traceback import analysis_traceback, trim_traceback_text
 from flame.disclosure import wrap_release
-from flame.errors import ConfigError, RunFailed, RunTimeout, TransportError, stop_signal
+from flame.errors import (
+    AnalysisError,
+    ConfigError,
+    FlameError,
+    RunFailed,
+    RunTimeout,
+    TransportError,
+    stop_signal,
+)
 from flame.federated.context import Context
 from flame.federated.functions import AnalysisFunctions
 from flame.federated.mailbox import Mailbox
@@ -48,6 +57,23 @@ from flame.policy import NodePolicy
 from flame.transport.base import Transport
 
 __all__ = ["NOT_PARTICIPANT", "AnalysisClient", "Instruction"]
+
+
+class _Interrupted(Exception):
+    """The aggregator ended the run (abort, finished) while this node was computing."""
+
+    def __init__(self, instruction: Instruction) -> None:
+        super().__init__(instruction.kind)
+        self.instruction = instruction
+
+
+def _stop_at_once(runner: Runner) -> None:
+    """A run that failed or was stopped does not wait for its analysis child to finish."""
+    kill = getattr(runner, "_abandon", None)
+    if callable(kill):
+        with contextlib.suppress(Exception):
+            kill()
+
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +99,13 @@ class Instruction:
     code: str = ""
 
 
+def _raised_by_analysis(exc: BaseException) -> bool:
+    """An exception of the analyst's code (in the child or in this process), not flame's."""
+    if isinstance(exc, AnalysisError):
+        return exc.remote_type not in ("ProtocolError", "ProcessExit")  # flame's own words
+    return not isinstance(exc, FlameError)
+
+
 class AnalysisClient:
     """One analysis node's side of the star protocol."""
 
@@ -91,6 +124,7 @@ class AnalysisClient:
         log_traceback: bool = True,
         isolate: bool = False,
         policy: NodePolicy | None = None,
+        hide: Sequence[str | Path] = (),
     ) -> None:
         self.transport = transport
         self.mailbox = Mailbox(transport)
@@ -116,7 +150,13 @@ class AnalysisClient:
         )
         self.policy = policy if policy is not None else NodePolicy()
         self.isolate = isolate
-        self.gate = Gate(self.policy, node_id=transport.node_id, analysis_id=transport.analysis_id)
+        self.hide = list(hide)  # node paths the isolated analysis may not open
+        self.gate = Gate(
+            self.policy,
+            node_id=transport.node_id,
+            analysis_id=transport.analysis_id,
+            min_contributors=None if keys is None else keys.min_contributors,
+        )
         self._privacy: dict[str, Any] = {}  # per epoch: DP spend, suppressed cells
         self._last_epoch = -1
         self._last_sent: Envelope | None = None
@@ -216,6 +256,8 @@ class AnalysisClient:
         self._resend_at = time.monotonic() + self._resend_every
         if privacy is not None and (privacy["spend"]["epsilon"] or privacy.get("suppressed")):
             self._privacy[str(epoch)] = privacy
+            while len(self._privacy) > 50:  # the status keeps the latest epochs
+                del self._privacy[next(iter(self._privacy))]
         self.transport.announce(self._status("sent", epoch, **self._metrics()))
         if self._precomputer is not None and self.keys is not None:
             self._precomputer.fill(self.keys.used_ciphertexts)  # for the next epoch
@@ -251,6 +293,10 @@ class AnalysisClient:
             log.debug("epoch %d failed: %s", epoch, reason)
         if self.policy.send_tracebacks:
             body["traceback"] = traceback_text
+        elif _raised_by_analysis(exc):  # its message is as free to carry records as a traceback
+            name = getattr(exc, "remote_type", None) or type(exc).__name__
+            reason = f"{name} (message withheld: this node's policy has send_tracebacks = false)"
+            body["error"] = reason
         self._say_goodbye(epoch, reason, body)
         return reason
 
@@ -300,13 +346,17 @@ class AnalysisClient:
                 runner.start()  # the child starts while the aggregator gathers the nodes
             except Exception as exc:  # tried again, and reported, in the first epoch
                 log.warning("the analysis could not be started yet: %s", exc)
+            interrupted: Instruction | None = None
             while True:
-                instruction = self.await_instruction()
+                instruction = interrupted or self.await_instruction()
+                interrupted = None
                 if instruction.kind == "abort":
                     self._say_goodbye(instruction.epoch, instruction.reason, None)
                     if instruction.code == NOT_PARTICIPANT:
                         raise ConfigError(instruction.reason)
                     raise RunFailed(instruction.reason, epoch=instruction.epoch)
+                if not self.policy.share_aggregate:  # keep no other sites' aggregate here
+                    instruction = replace(instruction, previous=None, value=None)
                 if instruction.kind == "finished":
                     self.transport.announce(self._status("done", instruction.epoch))
                     return instruction
@@ -322,6 +372,13 @@ class AnalysisClient:
                     outcome = runner.run(epoch, instruction.previous)
                     release = self.gate.release(epoch, outcome)  # policy, here in the runtime
                     self.send_results(epoch, release.result, release.report())
+                except _Interrupted as stop:
+                    log.warning(
+                        "stopping epoch %d: the aggregator said %s", epoch, stop.instruction.kind
+                    )
+                    _stop_at_once(runner)
+                    interrupted = stop.instruction
+                    continue
                 except (Exception, SystemExit) as exc:
                     reason = self.report_failure(epoch, exc)
                     raise RunFailed(
@@ -332,12 +389,10 @@ class AnalysisClient:
                 log.debug("epoch %d: result sent in %.3f s", epoch, time.perf_counter() - started)
         except KeyboardInterrupt as exc:
             self.report_stop(epoch, stop_signal(exc))
-            kill = getattr(runner, "_abandon", None)  # an analysis child: no polite wait
-            if callable(kill):
-                with contextlib.suppress(Exception):
-                    kill()
+            _stop_at_once(runner)
             raise
         except (RunFailed, ConfigError):
+            _stop_at_once(runner)
             raise
         except Exception as exc:
             # Lost the broker, heard nothing, could not send: say so while we still can.
@@ -516,17 +571,46 @@ class AnalysisClient:
         return instruction
 
     # --- helpers -----------------------------------------------------------------------------
+    def _watch_while_computing(self) -> None:
+        """While the analysis child computes: an abort or the end of the run (a slow node
+        under a quorum) stops it now, not when its epoch is done."""
+        while True:
+            envelope = self.mailbox.next(self._is_stop, Deadline(0.0))
+            if envelope is None:
+                return
+            if envelope.kind == "status":
+                stop = self._note_aggregator_status(envelope)
+                if stop is not None:
+                    raise _Interrupted(stop)
+                continue
+            if not self._from_current_aggregator(envelope):
+                continue
+            instruction = self._admit(envelope)
+            if instruction is not None:
+                raise _Interrupted(instruction)
+
+    def _is_stop(self, envelope: Envelope) -> bool:
+        return envelope.sender == self.aggregator_id and envelope.kind in (
+            "abort",
+            "finished",
+            "status",
+        )
+
     def _runner(self, functions: AnalysisFunctions, data: Any) -> Runner:
         """Where `analyze` runs: an isolated child (nodes, CLI) or this process (Python API)."""
         if self.isolate:
-            return ChildRunner(
+            child = ChildRunner(
                 functions.analyze,
                 data,
                 self.context,
                 timeout=self.wait_timeout,
                 cut_network=self.policy.cut_network,
                 capture_output=self.policy.forward_logs,
+                hide=self.hide,
+                allow_messages=self.policy.allow_messages,
             )
+            child.on_wait = self._watch_while_computing
+            return child
         return InProcessRunner(functions.analyze, data, self.context)
 
     def _from_aggregator(self, envelope: Envelope) -> bool:
@@ -597,6 +681,8 @@ class AnalysisClient:
             status.setdefault("progress", 0.0)
         if self._privacy:
             status["privacy"] = dict(self._privacy)
+        if not self.policy.share_aggregate:
+            status["share_aggregate"] = False  # the aggregator sends this node no aggregates
         return status
 
     def _metrics(self) -> dict[str, Any]:

@@ -45,10 +45,18 @@ class Release:
 class Gate:
     """One node's policy enforcement, in the runtime process."""
 
-    def __init__(self, policy: NodePolicy, *, node_id: str, analysis_id: str) -> None:
+    def __init__(
+        self,
+        policy: NodePolicy,
+        *,
+        node_id: str,
+        analysis_id: str,
+        min_contributors: int | None = None,
+    ) -> None:
         self.policy = policy
         self.node_id = node_id
         self.analysis_id = analysis_id
+        self.min_contributors = min_contributors  # fewest contributions a decrypted sum holds
         self.ledger: BudgetLedger | None = None
         if policy.epsilon_budget is not None:
             if policy.ledger_dir is None:
@@ -94,6 +102,11 @@ class Gate:
     def _resolve(self, value: Any, path: str, encrypted: bool, release: Release) -> Any:
         if isinstance(value, Secure):
             return replace(value, values=self._resolve(value.values, path, True, release))
+        if isinstance(value, Counts) and isinstance(value.values, dict):
+            return {  # a dict of cells (e.g. {"F|<40": 3, ...}): the rule per entry
+                k: self._resolve(Counts(v), f"{path}.{k}" if path else str(k), encrypted, release)
+                for k, v in value.values.items()
+            }
         if isinstance(value, Counts):
             inner = self._resolve(value.values, path, encrypted, release)
             released, hidden = apply_cell_rule(
@@ -108,10 +121,22 @@ class Gate:
                 release.suppressed[path or "value"] = hidden
             return released
         if isinstance(value, Noise):
+            try:
+                value.check(path)
+            except FlameError as exc:
+                raise PolicyRefused(str(exc)) from None
             if value.contributors > 1 and not encrypted:
                 raise PolicyRefused(
                     f"field {path or 'value'!r}: distributed noise (contributors="
                     f"{value.contributors}) is only safe inside flame.secure(...)"
+                )
+            floor = self.min_contributors
+            if value.contributors > 1 and (floor is None or value.contributors > floor):
+                raise PolicyRefused(
+                    f"field {path or 'value'!r}: distributed noise split over "
+                    f"{value.contributors} contributors, but a decrypted sum is only "
+                    f"guaranteed {floor or 1} (secure.min_contributors); each node would add "
+                    "too little noise (rule: contributors <= min_contributors)"
                 )
             inner = self._resolve(value.values, path, encrypted, release)
             scale = noise_scale(value)

@@ -9,10 +9,11 @@ or a notebook.
 import sys
 
 
-def _cut_network() -> str:
-    """Move this process into an empty network namespace if the kernel lets us."""
+def _unshare(keep_network: bool) -> str:
+    """Enter a new user namespace (so even a root node's child holds no capability outside
+    it) and, unless kept, an empty network namespace; what happened to the network."""
     if not sys.platform.startswith("linux"):
-        return "not on Linux"
+        return "not on Linux" if not keep_network else "kept (requested)"
     import ctypes
     import os
 
@@ -22,9 +23,8 @@ def _cut_network() -> str:
     except OSError as exc:
         return f"libc unavailable: {exc}"
     uid, gid = os.getuid(), os.getgid()
-    if libc.unshare(clone_newnet) == 0:
-        return "cut"
-    if libc.unshare(clone_newuser | clone_newnet) == 0:
+    network = 0 if keep_network else clone_newnet
+    if libc.unshare(clone_newuser | network) == 0:
         try:  # keep our uid/gid inside the new user namespace (files stay readable)
             with open("/proc/self/setgroups", "w") as f:
                 f.write("deny")
@@ -34,13 +34,31 @@ def _cut_network() -> str:
                 f.write(f"{gid} {gid} 1")
         except OSError:
             pass
+        return "kept (requested)" if keep_network else "cut"
+    if keep_network:
+        return "kept (requested)"
+    if libc.unshare(clone_newnet) == 0:
         return "cut"
     return f"not permitted here ({os.strerror(ctypes.get_errno())})"
 
 
+def _confine(argv: list[str], keep_network: bool) -> str:
+    """Enter the Landlock domain (`_landlock`) hiding every `--hide PATH` of argv."""
+    hidden = [argv[i + 1] for i, arg in enumerate(argv[:-1]) if arg == "--hide"]
+    import _landlock  # type: ignore[import-not-found]  # this folder is still sys.path[0]
+
+    confined = str(_landlock.confine(hidden, cut_tcp=not keep_network))
+    if keep_network:
+        return confined
+    return f"{confined}; {_landlock.forbid_connect()}"
+
+
 if __name__ == "__main__":
-    network = _cut_network() if "--keep-network" not in sys.argv else "kept (requested)"
+    keep = "--keep-network" in sys.argv
+    network = _unshare(keep)
+    confinement = _confine(sys.argv, keep)
     del sys.path[0]  # this folder: its module names must not shadow anything
+    sys.modules.pop("_landlock", None)
     from flame.isolation.child import main
 
-    sys.exit(main(int(sys.argv[1]), network))
+    sys.exit(main(int(sys.argv[1]), network, confinement))

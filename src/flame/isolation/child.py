@@ -148,10 +148,11 @@ def _failure(exc: BaseException) -> dict[str, Any]:
 
 
 class _Child:
-    def __init__(self, channel: Channel, network: str) -> None:
+    def __init__(self, channel: Channel, network: str, confinement: str = "none") -> None:
         self.channel = channel
         self.rpc = _Rpc(channel)
         self.network = network
+        self.confinement = confinement
         self.analyze: Any = None
         self.context: Any = None
         self.data: Any = None
@@ -173,7 +174,12 @@ class _Child:
         self.data = Data(sources, node_id=body.get("node_id", ""))
         self.context = _child_context(body, self.rpc)
         declared = getattr(getattr(function, "__wrapped__", function), "__flame_spend__", None)
-        return {"network": self.network, "pid": os.getpid(), "declared": declared}
+        return {
+            "network": self.network,
+            "confinement": self.confinement,
+            "pid": os.getpid(),
+            "declared": declared,
+        }
 
     def run(self, body: dict[str, Any]) -> Any:
         from flame.federated.context import active
@@ -267,8 +273,8 @@ def refuse_nested_run(what: str) -> None:
         )
 
 
-def main(fd: int, network: str = "unknown") -> int:
+def main(fd: int, network: str = "unknown", confinement: str = "none") -> int:
     """Serve the parent on the inherited socket `fd` until it says stop or goes away."""
     os.environ[CHILD_ENV] = "1"
     sock = socket.socket(fileno=fd)
-    return _Child(Channel(sock), network).serve()
+    return _Child(Channel(sock), network, confinement).serve()

@@ -12,12 +12,11 @@ import csv
 import io
 import logging
 import os
-import socket
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Protocol
@@ -25,9 +24,10 @@ from typing import IO, Any, Protocol
 import numpy as np
 
 from flame.data import Data, FileSource
-from flame.errors import AnalysisError, FlameError, RunTimeout
+from flame.errors import AnalysisError, FlameError, PolicyRefused, RunTimeout
 from flame.federated.context import Context, active
 from flame.isolation.channel import Channel, ChannelClosed
+from flame.isolation.spawn import scrubbed_environment, spawn_child, take_warm
 from flame.markers import from_plain, to_plain
 
 __all__ = [
@@ -38,36 +38,12 @@ __all__ = [
     "RowMeter",
     "locate",
     "scrubbed_environment",
+    "settings_paths",
 ]
 
 log = logging.getLogger(__name__)
 
-_BOOT = Path(__file__).resolve().parent / "_boot.py"
-_ENV_KEEP = {
-    "PATH",
-    "HOME",
-    "LANG",
-    "LANGUAGE",
-    "TZ",
-    "TMPDIR",
-    "PYTHONPATH",
-    "VIRTUAL_ENV",
-    "PYTHONUNBUFFERED",
-    "PYTHONDONTWRITEBYTECODE",
-    "PYTHONHASHSEED",
-    "OMP_NUM_THREADS",
-    "OPENBLAS_NUM_THREADS",
-    "MKL_NUM_THREADS",
-    "SYSTEMROOT",
-    "COVERAGE_PROCESS_START",
-}
 _STOP_TIMEOUT = 5.0
-
-
-def scrubbed_environment(environ: dict[str, str] | None = None) -> dict[str, str]:
-    """The child's environment: an allow-list of harmless variables, no FLAME_*, no tokens."""
-    source = os.environ if environ is None else environ
-    return {k: v for k, v in source.items() if k in _ENV_KEEP or k.startswith("LC_")}
 
 
 class RowMeter:
@@ -86,11 +62,21 @@ class RowMeter:
         if (source, name) in self._seen:
             return
         self._seen.add((source, name))
-        if name.lower().endswith((".csv", ".tsv")):
+        lower = name.lower()
+        if lower.endswith((".csv", ".tsv")):
             text = content.decode("utf-8-sig", errors="replace")
-            dialect = "excel-tab" if name.lower().endswith(".tsv") else "excel"
+            dialect = "excel-tab" if lower.endswith(".tsv") else "excel"
             records = sum(1 for row in csv.reader(io.StringIO(text, newline=""), dialect) if row)
             self.rows += max(records - 1, 0)
+        elif lower.endswith((".jsonl", ".ndjson")):
+            self.rows += sum(1 for line in content.splitlines() if line.strip())
+        elif lower.endswith((".parquet", ".pq")):
+            try:
+                import pyarrow.parquet as pq
+
+                self.rows += int(pq.ParquetFile(io.BytesIO(content)).metadata.num_rows)
+            except Exception:  # unreadable: no rows counted, min_rows decides
+                log.warning("could not count the rows of %s", name)
 
     def records(self, value: Any) -> None:
         if hasattr(value, "num_rows") or hasattr(value, "shape"):  # Arrow / pandas tables
@@ -190,6 +176,51 @@ def _relay_output(stream: IO[bytes]) -> None:
                 relay.info("%s", line[:1000])
 
 
+def settings_paths(*settings: Any) -> list[Path]:
+    """Every file or folder named in these settings (pydantic models, walked recursively):
+    key, token, policy, roster and data paths the analysis must not open itself. The file
+    named by FLAME_CONFIG is included (it may hold tokens)."""
+    from pydantic import BaseModel
+
+    found: list[Path] = []
+
+    def walk(value: Any) -> None:
+        if isinstance(value, Path):
+            found.append(value)
+        elif isinstance(value, BaseModel):
+            for name in type(value).model_fields:
+                walk(getattr(value, name))
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                walk(item)
+
+    for item in settings:
+        walk(item)
+    if os.environ.get("FLAME_CONFIG"):
+        found.append(Path(os.environ["FLAME_CONFIG"]))
+    return found
+
+
+def child_hidden_paths(paths: Sequence[str | Path], analysis_file: str | None) -> list[str]:
+    """The node paths the child may not touch, minus any it needs to start (a path holding
+    Python, flame or the analysis code is left visible, with a warning)."""
+    needed = [sys.prefix, sys.base_prefix, sys.exec_prefix, str(Path(__file__).parents[1])]
+    if analysis_file:
+        needed.append(analysis_file)
+    needed_real = [os.path.realpath(p) for p in needed]
+    hidden: list[str] = []
+    for path in paths:
+        real = os.path.realpath(str(path))
+        if real == os.sep:
+            continue
+        if any(n == real or n.startswith(real.rstrip(os.sep) + os.sep) for n in needed_real):
+            log.warning("%s holds code the analysis needs: not hidden from the analysis", real)
+            continue
+        if real not in hidden:
+            hidden.append(real)
+    return hidden
+
+
 class AnalysisAt:
     """`analyze` of the analysis at `path`, never imported into the node runtime: only the
     isolated child loads it (what `flame run` does on an analysis node), so not even the
@@ -235,6 +266,8 @@ class ChildRunner:
         timeout: float = 3600.0,
         cut_network: bool = True,
         capture_output: bool = False,
+        hide: Sequence[str | Path] = (),
+        allow_messages: bool = True,
     ) -> None:
         locator = locate(analyze)
         if locator is None:
@@ -249,8 +282,14 @@ class ChildRunner:
         self.timeout = timeout
         self.cut_network = cut_network
         self.capture_output = capture_output  # the child's stderr as node log lines
+        # Called about once a second while the child computes; what it raises ends the wait
+        # (the node runtime uses it to stop at an abort or a finished run).
+        self.on_wait: Callable[[], None] | None = None
+        self.hide = child_hidden_paths(hide, locator.get("file") or locator.get("path"))
+        self.allow_messages = allow_messages
         self.meter = RowMeter()
         self.network = "not started"
+        self.confinement = "not started"
         self._declared: Any = None
         self._process: subprocess.Popen[bytes] | None = None
         self._channel: Channel | None = None
@@ -264,22 +303,12 @@ class ChildRunner:
         if self._process is not None:
             return
         self._declared = None
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        command = [sys.executable, str(_BOOT), str(theirs.fileno())]
-        if not self.cut_network:
-            command.append("--keep-network")
-        try:
-            self._process = subprocess.Popen(  # noqa: S603 (our own script, no shell)
-                command,
-                pass_fds=[theirs.fileno()],
-                env=scrubbed_environment(),
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE if self.capture_output else None,
-                stderr=subprocess.STDOUT if self.capture_output else None,
-                close_fds=True,
-            )
-        finally:
-            theirs.close()
+        # a child started early by `prestart` (flame simulate) if one waits, else a new one
+        # (warm children know no paths to hide: they serve runs that hide nothing)
+        warm = None if self.capture_output or self.hide else take_warm(self.cut_network)
+        self._process, ours = warm or spawn_child(
+            self.cut_network, self.capture_output, hide=self.hide
+        )
         if self.capture_output and self._process.stdout is not None:
             threading.Thread(
                 target=_relay_output, args=(self._process.stdout,), daemon=True
@@ -307,9 +336,16 @@ class ChildRunner:
             deadline=time.monotonic() + 120.0,
         )
         self.network = str(ready.get("network", "unknown"))
+        self.confinement = str(ready.get("confinement", "unknown"))
         self._declared = ready.get("declared")
         level = logging.DEBUG if self.network == "cut" else logging.INFO
-        log.log(level, "analysis child %s started; network %s", ready.get("pid"), self.network)
+        log.log(
+            level,
+            "analysis child %s started; network %s; %s",
+            ready.get("pid"),
+            self.network,
+            self.confinement,
+        )
 
     def run(self, epoch: int, previous: Any) -> Outcome:
         self.start()
@@ -378,6 +414,8 @@ class ChildRunner:
                     raise AnalysisError(
                         "ProcessExit", f"the analysis process exited with code {code}"
                     ) from None
+                if self.on_wait is not None:
+                    self.on_wait()
             except (ChannelClosed, ConnectionError) as exc:
                 code = None if self._process is None else self._process.wait(timeout=5.0)
                 self._abandon()
@@ -424,6 +462,10 @@ class ChildRunner:
             ctx.set_progress(float(args["fraction"]))
             return None
         if op == "send":
+            if not self.allow_messages:
+                raise PolicyRefused(
+                    "this node's policy does not let analyze send messages (rule: allow_messages)"
+                )
             to = args.get("to")
             return sorted(
                 ctx.send(

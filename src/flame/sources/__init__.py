@@ -15,11 +15,14 @@ Kinds are imported when first used, so a node without PostgreSQL never imports p
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
-from flame.config import DataSourceSettings
 from flame.errors import DataError
 from flame.sources.base import FileSource, Source, safe_relative
 from flame.sources.local import LocalSource, MemorySource
+
+if TYPE_CHECKING:  # annotations only: the analysis child imports sources without pydantic-settings
+    from flame.config import DataSourceSettings
 
 __all__ = [
     "FileSource",

@@ -1,0 +1,171 @@
+"""Landlock confinement of the analysis child (Linux >= 5.13), before any analysis code runs.
+
+Why: the child runs as the node's own user, so without this it can open the node's key
+files, token files, policy, budget ledger and data folders directly, and read the parent's
+memory and environment through /proc (same uid). A Landlock domain, which the child cannot
+leave again, (1) makes every process outside it (the node runtime, Paillier workers, other
+nodes) unreachable through ptrace and /proc/<pid>/{environ,mem,maps,fd}, and signals and
+abstract Unix sockets scoped, (2) hides the given paths (no read, write, unlink or rename of
+them or anything beneath), and (3) when the network is to be cut, forbids TCP connect/bind.
+
+Paths are hidden by carving: every directory entry along the way from `/` to a hidden path
+is allowed except the one leading to it; the ancestors themselves may only be listed.
+Loaded by `_boot.py` by file, before `flame` (and numpy's threads) are imported: no imports
+beyond the standard library.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import struct
+import sys
+
+_CREATE, _ADD_RULE, _RESTRICT = 444, 445, 446  # same numbers on x86_64 and aarch64
+_VERSION = 1 << 0
+_PATH_BENEATH = 1
+_PR_SET_NO_NEW_PRIVS = 38
+
+# Filesystem rights by ABI version (uapi/linux/landlock.h).
+_EXECUTE, _WRITE_FILE, _READ_FILE, _READ_DIR = 1 << 0, 1 << 1, 1 << 2, 1 << 3
+_FS_ABI1 = (1 << 13) - 1
+_REFER, _TRUNCATE, _IOCTL_DEV = 1 << 13, 1 << 14, 1 << 15
+_FILE_RIGHTS = _EXECUTE | _WRITE_FILE | _READ_FILE | _TRUNCATE | _IOCTL_DEV
+_NET_TCP = (1 << 0) | (1 << 1)  # bind, connect
+_SCOPES = (1 << 0) | (1 << 1)  # abstract Unix sockets, signals
+
+
+def _fs_rights(abi: int) -> int:
+    rights = _FS_ABI1
+    if abi >= 2:
+        rights |= _REFER
+    if abi >= 3:
+        rights |= _TRUNCATE
+    if abi >= 5:
+        rights |= _IOCTL_DEV
+    return rights
+
+
+def _components(path: str) -> list[str]:
+    return [part for part in path.split(os.sep) if part]
+
+
+def confine(hidden: list[str], *, cut_tcp: bool) -> str:
+    """Enter a Landlock domain hiding `hidden`; a sentence saying what is enforced."""
+    if not sys.platform.startswith("linux"):
+        return "no confinement (not Linux)"
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+    except OSError as exc:
+        return f"no confinement (libc unavailable: {exc})"
+    libc.syscall.restype = ctypes.c_long
+    abi = libc.syscall(_CREATE, None, ctypes.c_size_t(0), ctypes.c_uint32(_VERSION))
+    if abi < 1:
+        return f"no confinement (Landlock unavailable: {os.strerror(ctypes.get_errno())})"
+    fs = _fs_rights(abi)
+    net = _NET_TCP if cut_tcp and abi >= 4 else 0
+    scoped = _SCOPES if abi >= 6 else 0
+    if abi >= 6:
+        attr = struct.pack("=QQQ", fs, net, scoped)
+    elif abi >= 4:
+        attr = struct.pack("=QQ", fs, net)
+    else:
+        attr = struct.pack("=Q", fs)
+    buffer = ctypes.create_string_buffer(attr, len(attr))
+    ruleset = libc.syscall(_CREATE, buffer, ctypes.c_size_t(len(attr)), ctypes.c_uint32(0))
+    if ruleset < 0:
+        return f"no confinement (ruleset refused: {os.strerror(ctypes.get_errno())})"
+    try:
+        targets = sorted({os.path.realpath(p) for p in hidden if p})
+        hidden_set = set(targets)
+        ancestors: set[str] = set()
+        for target in targets:
+            parts = _components(target)
+            for depth in range(len(parts)):
+                ancestors.add(os.sep + os.sep.join(parts[:depth]))
+
+        def allow(path: str, rights: int) -> None:
+            try:
+                fd = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+            except OSError:
+                return
+            try:
+                if not os.path.isdir(path) or os.path.islink(path):
+                    rights &= _FILE_RIGHTS
+                rule = ctypes.create_string_buffer(struct.pack("=Qi", rights, fd), 12)
+                if libc.syscall(_ADD_RULE, ruleset, _PATH_BENEATH, rule, ctypes.c_uint32(0)):
+                    raise OSError(ctypes.get_errno(), f"landlock rule for {path}")
+            finally:
+                os.close(fd)
+
+        if not targets:
+            allow(os.sep, fs)
+        else:
+            allow(os.sep, _READ_DIR)  # names may be listed everywhere; contents are carved
+            for ancestor in sorted(ancestors):
+                try:
+                    entries = os.listdir(ancestor)
+                except OSError:
+                    continue
+                for entry in entries:
+                    path = os.path.join(ancestor, entry)
+                    if path in hidden_set or path in ancestors:
+                        continue
+                    allow(path, fs)
+        if libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0):
+            return f"no confinement (no_new_privs refused: {os.strerror(ctypes.get_errno())})"
+        if libc.syscall(_RESTRICT, ruleset, ctypes.c_uint32(0)):
+            return f"no confinement (restrict refused: {os.strerror(ctypes.get_errno())})"
+    except OSError as exc:
+        return f"no confinement ({exc})"
+    finally:
+        os.close(ruleset)
+    what = [f"{len(targets)} node path(s) hidden", "other processes unreachable"]
+    if net:
+        what.append("no TCP")
+    return f"Landlock ABI {abi}: " + ", ".join(what)
+
+
+# --- seccomp: no connect() -------------------------------------------------------------------
+_AUDIT_ARCH = {"x86_64": (0xC000003E, 42), "aarch64": (0xC00000B7, 203)}  # (arch, connect)
+_PR_SET_SECCOMP, _SECCOMP_MODE_FILTER = 22, 2
+_RET_ALLOW, _RET_ERRNO, _EACCES = 0x7FFF0000, 0x00050000, 13
+_LD_ABS_W, _JEQ_K, _JGE_K, _RET_K = 0x20, 0x15, 0x35, 0x06
+
+
+def forbid_connect() -> str:
+    """A seccomp filter refusing connect() (EACCES) and syscalls of any other ABI.
+
+    Why: Landlock (up to ABI 7) does not cover connecting to a named Unix socket, and the
+    network namespace only cuts IP: a local database, container engine or broker socket on
+    the node's filesystem would still answer. The child needs no new connection: it talks to
+    the runtime over the socket it inherited.
+    """
+    import platform
+
+    arch = _AUDIT_ARCH.get(platform.machine())
+    if not sys.platform.startswith("linux") or arch is None:
+        return "connect() not filtered (no seccomp filter for this platform)"
+    audit_arch, nr_connect = arch
+    program = [
+        (_LD_ABS_W, 0, 0, 4),  # seccomp_data.arch
+        (_JEQ_K, 0, 4, audit_arch),  # another ABI (int 0x80, x32): refused
+        (_LD_ABS_W, 0, 0, 0),  # seccomp_data.nr
+        (_JGE_K, 2, 0, 0x40000000),  # x32 system call numbers: refused
+        (_JEQ_K, 1, 0, nr_connect),
+        (_RET_K, 0, 0, _RET_ALLOW),
+        (_RET_K, 0, 0, _RET_ERRNO | _EACCES),
+    ]
+    code = b"".join(struct.pack("=HBBI", *op) for op in program)
+    filters = ctypes.create_string_buffer(code, len(code))
+    fprog = struct.pack("=HxxxxxxQ", len(program), ctypes.addressof(filters))
+    buffer = ctypes.create_string_buffer(fprog, len(fprog))
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+    except OSError as exc:
+        return f"connect() not filtered (libc unavailable: {exc})"
+    if libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0):
+        return f"connect() not filtered ({os.strerror(ctypes.get_errno())})"
+    if libc.prctl(_PR_SET_SECCOMP, _SECCOMP_MODE_FILTER, buffer, 0, 0):
+        return f"connect() not filtered ({os.strerror(ctypes.get_errno())})"
+    return "connect() refused"
