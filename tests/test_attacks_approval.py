@@ -54,7 +54,12 @@ def _node_with_approval(
     (data / "x.csv").write_text("v\n1\n")
     env = federation_env(broker, f"approval-{time.monotonic_ns()}", ["node-0"])
     own = node_env(
-        env, "node-0", data_dir=data, FLAME_APPROVED_CODE=approved, FLAME_PRESENCE_TIMEOUT="5"
+        env,
+        "node-0",
+        data_dir=data,
+        FLAME_APPROVED_CODE=approved,
+        FLAME_PRESENCE_TIMEOUT="5",
+        FLAME_EPOCH_TIMEOUT="5",  # a node waits presence + 2 x epoch timeouts for its aggregator
     )
     return NodeProcess("node-0", ["run", str(analysis)], own, tmp_path / "logs")
 

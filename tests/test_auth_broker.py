@@ -302,6 +302,28 @@ def test_signed_run_passes_with_the_generated_broker_config(site: Site) -> None:
         assert process.value() == {"n": 5, "sum": 36.0}
     manifest = next(site.results.rglob("manifest.json"))
     assert json.loads(manifest.read_text())["roster_sha256"] == site.roster.fingerprint
+    # flame status checks every retained status against the roster; the broker operator
+    # can still overwrite one, and then it shows as not verified
+    operator = site.broker.client(OPERATOR, site.broker.operator_password)
+    forged = json.dumps({"state": "done", "role": "analysis", "epoch": 0}).encode()
+    operator.publish("flame/auth-run/site_b/status", forged, qos=1, retain=True).wait_for_publish(5)
+    operator.loop_stop()
+    operator.disconnect()
+    env = clean_env()
+    env.update(
+        FLAME_BROKER__URL=site.broker.url,
+        FLAME_BROKER__USERNAME=OPERATOR,
+        FLAME_BROKER__TOKEN=site.broker.operator_password,
+        FLAME_ROSTER=str(site.roster_file),
+    )
+    shown = subprocess.run(
+        [sys.executable, "-m", "flame", "status", "auth-run"],
+        env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    lines = {line.split()[0]: line for line in shown.stdout.splitlines() if line.startswith("  ")}
+    assert "[signed, verified]" in lines["site_a"], shown.stdout + shown.stderr
+    assert "[signed, verified]" in lines["aggregator"], shown.stdout
+    assert "[NOT VERIFIED: bad or no signature]" in lines["site_b"], shown.stdout
 
 
 # --- one live process per node id -----------------------------------------------------------

@@ -339,3 +339,37 @@ def test_a_node_answers_one_decryption_request_per_epoch_and_field() -> None:
     assert stranger is not None and "not analysis members of the roster: zed" in stranger
     twice = client._decrypt_refusal(request(3, ["alpha", "alpha"]))
     assert twice is not None and "distinct" in twice
+
+
+def test_key_hygiene(tmp_path: Path) -> None:
+    """Loose key files are refused (not warned about); a JWT without any signature check is
+    'not signature-checked', never 'valid'; a JWKS URL must be https."""
+    import base64
+    import json
+    import time
+
+    from flame.config import load_config
+    from flame.main import secure_keys
+    from flame.utils.token import TokenError, check_token
+
+    share = tmp_path / "share-a.json"
+    share.write_text("{}")
+    share.chmod(0o644)
+    config = load_config(secure={"enabled": True, "key_share_file": str(share)})
+    with pytest.raises(ConfigError, match=r"KEY_SHARE_FILE.*mode 0644.*chmod 600"):
+        secure_keys(config, "analysis")
+    private = tmp_path / "private_key.json"
+    private.write_text("{}")
+    private.chmod(0o604)
+    config = load_config(secure={"enabled": True, "private_key_file": str(private)})
+    with pytest.raises(ConfigError, match=r"PRIVATE_KEY_FILE.*accessible by group/others"):
+        secure_keys(config, "analysis")
+
+    def part(value: dict[str, Any]) -> str:
+        return base64.urlsafe_b64encode(json.dumps(value).encode()).rstrip(b"=").decode()
+
+    token = f"{part({'alg': 'RS256'})}.{part({'exp': int(time.time()) + 600})}.c2ln"
+    info = str(check_token(token, service="data API 'x'"))
+    assert "not signature-checked" in info and "valid" not in info
+    with pytest.raises(TokenError, match=r"JWKS URL http://keys\.example/jwks must be https"):
+        check_token(token, service="data API 'x'", jwks_url="http://keys.example/jwks")

@@ -332,7 +332,7 @@ def test_check_service_tokens(tmp_path: Path, make: Make, caplog: pytest.LogCapt
     infos = check_service_tokens(config)
     assert [i.kind for i in infos] == ["opaque", "jwt", "jwt"]
     lines = [str(i) for i in infos]
-    assert lines[1].startswith("data API 'fhir': JWT valid, expires ")
+    assert lines[1].startswith("data API 'fhir': JWT not signature-checked (no jwks_url")
     for line in lines:
         assert good not in line and "broker-password" not in line
 

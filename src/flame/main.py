@@ -89,14 +89,43 @@ def node_data_handle(config: FlameConfig) -> Data:
     return Data(sources, node_id=config.node_id or "")
 
 
-def analysis_code_hash(path: str | Path) -> str:
-    """The SHA-256 of the analysis at `path` (a .py file or a folder): over its files, by
-    name and content, without importing them. What `flame hash` prints and nodes approve."""
+_CODE_SUFFIXES = (".py", ".so", ".pyd")
+_MAX_CODE_FILES = 10_000
+
+
+def analysis_code_files(path: str | Path) -> list[Path]:
+    """Every file the analysis at `path` could import from its folder: the folder's (for a
+    single .py file: its folder's) Python files and extension modules, in all sub-folders,
+    `_private` modules and packages included; hidden folders and __pycache__ skipped."""
     from flame.loader import analysis_files
 
+    path = Path(path)
+    files = set(analysis_files(path))  # checks that the analysis exists and is Python
+    root = path.parent if path.is_file() else path
+    for file in root.rglob("*"):
+        parts = file.relative_to(root).parts
+        if any(part.startswith(".") or part == "__pycache__" for part in parts):
+            continue
+        if file.suffix in _CODE_SUFFIXES and file.is_file():
+            files.add(file)
+            if len(files) > _MAX_CODE_FILES:
+                raise ConfigError(
+                    f"analysis {path}: more than {_MAX_CODE_FILES} code files under {root}; "
+                    "put the analysis in a folder of its own"
+                )
+    return sorted(files)
+
+
+def analysis_code_hash(path: str | Path) -> str:
+    """The SHA-256 of the analysis at `path`: over every code file it could import (by path
+    relative to its folder, and content), without importing anything. What `flame hash`
+    prints, nodes approve (FLAME_APPROVED_CODE), announce and the manifest records."""
+    path = Path(path)
+    root = path.parent if path.is_file() else path
     digest = hashlib.sha256()
-    for file in sorted(analysis_files(path)):
-        digest.update(file.name.encode() + b"\0" + file.read_bytes() + b"\0")
+    for file in analysis_code_files(path):
+        name = file.relative_to(root).as_posix()
+        digest.update(name.encode() + b"\0" + file.read_bytes() + b"\0")
     return digest.hexdigest()
 
 
@@ -124,6 +153,19 @@ def secure_keys(config: FlameConfig, role: str) -> SecureKeys | None:
     """This node's secure-aggregation keys, or None when secure aggregation is off."""
     if not config.secure.enabled:
         return None
+    from flame.identity import check_private_file
+
+    # A private key or key share others may read is refused, as ssh refuses such a key.
+    if config.secure.private_key_file is not None:
+        check_private_file(
+            Path(config.secure.private_key_file),
+            "FLAME_SECURE__PRIVATE_KEY_FILE / secure.private_key_file",
+        )
+    if config.secure.key_share_file is not None:
+        check_private_file(
+            Path(config.secure.key_share_file),
+            "FLAME_SECURE__KEY_SHARE_FILE / secure.key_share_file",
+        )
     return SecureKeys.from_settings(config.secure, role=role, node_id=config.node_id)
 
 

@@ -18,7 +18,7 @@ import json
 import logging
 import queue
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -65,6 +65,8 @@ class NodeStatus:
     reason: str | None = None
     session: str | None = None
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
+    # Signed by that node's roster key (True), not (False), or no roster to check with (None).
+    verified: bool | None = field(default=None, compare=False)
 
     @classmethod
     def from_payload(cls, node: str, payload: Any) -> NodeStatus | None:
@@ -81,7 +83,7 @@ class NodeStatus:
             )
 
         epoch = payload.get("epoch")
-        known = {"state", "role", "epoch", "time", "progress", "reason", "session"}
+        known = {"state", "role", "epoch", "time", "progress", "reason", "session", "sig"}
         return cls(
             node=node,
             state=payload["state"][:64],
@@ -105,6 +107,7 @@ class NodeStatus:
             "time": self.time,
             "progress": self.progress,
             "reason": self.reason,
+            "verified": self.verified,
             **self.extra,
         }
 
@@ -248,14 +251,19 @@ class StatusChange:
     run: RunStatus | None = None
 
 
-def _parse_status(node: str, payload: bytes) -> NodeStatus | None:
+def _parse_status(
+    node: str, payload: bytes, check: Callable[[str, dict[str, Any]], bool] | None = None
+) -> NodeStatus | None:
     if not payload or len(payload) > MAX_STATUS_BYTES:
         return None
     try:
         data = json.loads(payload)
     except (ValueError, RecursionError):
         return None
-    return NodeStatus.from_payload(node, data)
+    status = NodeStatus.from_payload(node, data)
+    if status is not None and check is not None:
+        status = replace(status, verified=check(node, data))
+    return status
 
 
 class StatusClient:
@@ -269,6 +277,18 @@ class StatusClient:
         self.config = config if config is not None else load_config()
         self.timeout = timeout
         self._store: Any = None
+        self._roster: Any = None
+
+    def _checker(self, analysis_id: str) -> Callable[[str, dict[str, Any]], bool] | None:
+        """Signature check of statuses against FLAME_ROSTER (None: no roster configured)."""
+        if self.config.roster is None:
+            return None
+        from flame.identity import Roster, status_signed_by
+
+        if self._roster is None:
+            self._roster = Roster.load(self.config.roster)
+        roster = self._roster
+        return lambda node, data: status_signed_by(roster, analysis_id, node, data)
 
     # --- broker ------------------------------------------------------------------------------
     def _subscribe(self, analysis_id: str) -> tuple[Any, queue.Queue[tuple[str, bytes]]]:
@@ -315,7 +335,7 @@ class StatusClient:
                     node, payload = inbox.get(timeout=_SETTLE)
                 except queue.Empty:
                     break
-                status = _parse_status(node, payload)
+                status = _parse_status(node, payload, self._checker(analysis_id))
                 if status is not None:
                     found[node] = status
                 elif not payload:
@@ -517,7 +537,7 @@ class StatusClient:
                             yield self._end(analysis_id, known, last_real)
                             return
                     continue
-                status = _parse_status(node, payload)
+                status = _parse_status(node, payload, self._checker(analysis_id))
                 if status is None:
                     continue
                 previous = known.get(node)
@@ -687,7 +707,14 @@ def render_status(run: RunStatus) -> list[str]:
         ):
             role = status.role or ""
             at = f"  (at {_clock(status.time)})" if status.time is not None else ""
-            lines.append(f"  {node:<{width}}  {role:<11}  {status.describe()}{at}")
+            signed = ""
+            if status.verified is not None:
+                signed = (
+                    "  [signed, verified]"
+                    if status.verified
+                    else "  [NOT VERIFIED: bad or no signature]"
+                )
+            lines.append(f"  {node:<{width}}  {role:<11}  {status.describe()}{at}{signed}")
     if run.history:
         lines.append("epochs")
         for record in run.history:

@@ -27,6 +27,7 @@ __all__ = ["Transport"]
 
 log = logging.getLogger(__name__)
 MAX_STATUS_BYTES = 64 * 1024
+_ROUTINE = frozenset({"waiting", "computing", "collecting", "sent"})
 
 
 class Transport(abc.ABC):
@@ -43,6 +44,7 @@ class Transport(abc.ABC):
             raise ValueError(f"the identity of {auth.node_id!r} cannot sign for {node_id!r}")
         self.auth = auth  # None: unsigned (an explicit opt-out; see flame.identity)
         self.instance = uuid.uuid4().hex  # this process's connection: in every status
+        self._verified_process: dict[str, tuple[Any, Any, Any]] = {}
 
     # --- signing: what every implementation sends and accepts ---------------------------------
     def use_auth(self, auth: Authenticator) -> None:
@@ -86,6 +88,24 @@ class Transport(abc.ABC):
         """What the last will says: this instance went offline (signed when sent)."""
         return {"state": "offline"}
 
+    def _trusted_status(self, node: str, status: dict[str, Any]) -> bool:
+        """Verify a status's signature, except a routine progress update (waiting, computing,
+        collecting, sent) of the very process (instance, session, link) whose earlier status
+        was verified: such an update changes no decision anywhere (presence, rejoin, failure,
+        conflict and code checks all need one of those fields to change, or another state),
+        and skipping its check keeps signing off the epoch's critical path."""
+        assert self.auth is not None
+        who = (status.get("instance"), status.get("session"), status.get("link"))
+        routine = status.get("state") in _ROUTINE and not (
+            set(status) & {"conflict", "online", "reason"}
+        )
+        if routine and self._verified_process.get(node) == who:
+            return True
+        if not self.auth.verify_status(self.analysis_id, node, status):
+            return False
+        self._verified_process[node] = who
+        return True
+
     def status_envelope(self, node: str, payload: bytes | bytearray) -> Envelope | None:
         """A watched node's retained status as an envelope, verified; None to drop it."""
         if len(payload) > MAX_STATUS_BYTES:
@@ -98,7 +118,7 @@ class Transport(abc.ABC):
         if not isinstance(status, dict):
             log.warning("%s dropped a status from %s that is not a JSON object", self.node_id, node)
             return None
-        if self.auth is not None and not self.auth.verify_status(self.analysis_id, node, status):
+        if self.auth is not None and not self._trusted_status(node, status):
             return None
         status.pop("sig", None)
         return Envelope(

@@ -86,8 +86,13 @@ class TokenInfo:
         if self.kind == "opaque":
             return f"{self.service}: opaque token (not a JWT; nothing to check)"
         expiry = f"expires {_iso(self.expires_at)}" if self.expires_at else "no expiry"
-        signed = ", signature verified" if self.signature_checked else ""
-        return f"{self.service}: JWT valid, {expiry}{signed}"
+        if self.signature_checked:
+            return f"{self.service}: JWT valid, {expiry}, signature verified"
+        # Without a JWKS URL or key file nobody checked who issued it: never say "valid".
+        return (
+            f"{self.service}: JWT not signature-checked (no jwks_url or verify_key_file "
+            f"configured), {expiry}"
+        )
 
 
 def _iso(moment: datetime | None) -> str:
@@ -223,6 +228,16 @@ class _JwksCache:
 _JWKS = _JwksCache()
 
 
+def _require_https(url: str, service: str) -> None:
+    """A JWKS fetched over plain HTTP could be swapped in transit, and with it every token
+    check: refuse it, except on this machine (loopback), where there is no transit."""
+    parsed = httpx.URL(url)
+    host = parsed.host
+    if parsed.scheme == "https" or host in ("localhost", "127.0.0.1", "::1"):
+        return
+    raise TokenError(service, f"JWKS URL {_url_no_query(url)} must be https")
+
+
 def _url_no_query(url: str) -> str:
     parsed = httpx.URL(url)
     return f"{parsed.scheme}://{parsed.netloc.decode('ascii')}{parsed.path}"
@@ -309,6 +324,8 @@ def check_token(
         raise TokenError(service, "token is malformed (JWT header or claims are not objects)")
 
     signature_checked = False
+    if jwks_url is not None:
+        _require_https(jwks_url, service)
     if jwks_url is not None or key_file is not None:
         kid = header.get("kid")
         if jwks_url is not None:
