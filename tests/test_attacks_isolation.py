@@ -10,6 +10,7 @@ every test asserts one defence on what reached the aggregator or on the node's d
 from __future__ import annotations
 
 import json
+import socket
 import textwrap
 from collections.abc import Iterator
 from pathlib import Path
@@ -98,6 +99,13 @@ def _connect(port):
     socket.create_connection(("127.0.0.1", port), timeout=3).close()
     return True
 
+def _connect_unix(path):
+    client = socket.socket(socket.AF_UNIX)
+    client.settimeout(3)
+    client.connect(path)
+    client.close()
+    return True
+
 def analyze(data, epoch, previous):
     ppid = os.getppid()
     needle = TARGETS["token"].encode()
@@ -111,6 +119,7 @@ def analyze(data, epoch, previous):
         "ledger_unlink": _try("ledger", lambda: _unlink(TARGETS["ledger"])),
         "broker_connect": _try("net", lambda: _connect(TARGETS["broker_port"])),
         "data_direct": _try("data", lambda: _read(TARGETS["data_file"])),
+        "unix_socket": _try("unix", lambda: _connect_unix(TARGETS["unix_socket"])),
         "identity_key": _try("identity", lambda: _read(TARGETS["identity_key"])),
         "roster_overwrite": _try("roster", lambda: _overwrite(TARGETS["roster"])),
     }
@@ -156,6 +165,10 @@ def hostile_run(
         "broker_port": mqtt_broker.port,
         "data_file": str(data_file),
     }
+    service = socket.socket(socket.AF_UNIX)  # a local service (database, engine, broker)
+    service.bind(str(root / "service.sock"))
+    service.listen(4)
+    targets["unix_socket"] = str(root / "service.sock")
     env = federation_env(mqtt_broker, "redteam-isolation", [NODE])
     keys = env.get("TEST_FLAME_IDENTITY_DIR")  # tests/nodes.py: identities, once auth is in
     targets["identity_key"] = str(Path(keys) / f"{NODE}.key") if keys else ""
@@ -182,6 +195,7 @@ def hostile_run(
         }
     finally:
         federation.close()
+        service.close()
 
 
 def _leaked(run: dict[str, Any], probe: str) -> bool:
@@ -228,6 +242,11 @@ def test_child_cannot_reset_the_privacy_budget_ledger(hostile_run: dict[str, Any
 
 def test_child_cannot_reach_the_broker(hostile_run: dict[str, Any]) -> None:
     assert not hostile_run["probes"]["broker_connect"]["ok"]
+
+
+def test_child_cannot_connect_to_a_local_unix_socket(hostile_run: dict[str, Any]) -> None:
+    """A database, container engine or broker listening on a socket file of the node."""
+    assert not hostile_run["probes"]["unix_socket"]["ok"]
 
 
 def test_child_reads_data_only_through_the_metered_runtime(hostile_run: dict[str, Any]) -> None:

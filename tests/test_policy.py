@@ -318,3 +318,33 @@ def test_cli_policy_per_node(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert result["suppressed_cells"] == {"clinic_a": 0, "clinic_b": 0, "clinic_c": 4}
     assert result["table"][0][0] == 12 + 3
     assert main([*argv, "--policy", str(strict), "--policy", str(strict)]) == 1
+
+
+def test_share_aggregate_false_node_gets_no_aggregates() -> None:
+    sent: list[Any] = []
+
+    def analyze(data: Any, epoch: int, previous: Any) -> Any:
+        return {"saw_previous": previous is not None}
+
+    def aggregate(results: Any, epoch: int, previous: Any) -> Any:
+        return {"total": 41 + epoch, "saw": {n: r["saw_previous"] for n, r in results.items()}}
+
+    def record(envelope: Any) -> bool:
+        if envelope.kind in ("aggregate", "finished"):
+            sent.append((envelope.recipient, envelope.kind, envelope.body.get("value")))
+        return True
+
+    data = {"a": {"x.csv": "v\n1\n"}, "b": {"x.csv": "v\n1\n"}}
+    result = flame.simulate(
+        analyze,
+        aggregate,
+        data=data,
+        epochs=2,
+        broker=MemoryBroker(on_send=record),
+        policy={"b": flame.NodePolicy(share_aggregate=False)},
+    )
+    assert result.value["saw"] == {"a": True, "b": False}
+    to_b = [value for node, _kind, value in sent if node == "b"]
+    to_a = [value for node, _kind, value in sent if node == "a"]
+    assert to_b and all(value is None for value in to_b)  # withheld by the aggregator
+    assert to_a and all(value is not None for value in to_a)

@@ -355,6 +355,8 @@ class AnalysisClient:
                     if instruction.code == NOT_PARTICIPANT:
                         raise ConfigError(instruction.reason)
                     raise RunFailed(instruction.reason, epoch=instruction.epoch)
+                if not self.policy.share_aggregate:  # keep no other sites' aggregate here
+                    instruction = replace(instruction, previous=None, value=None)
                 if instruction.kind == "finished":
                     self.transport.announce(self._status("done", instruction.epoch))
                     return instruction
@@ -679,6 +681,8 @@ class AnalysisClient:
             status.setdefault("progress", 0.0)
         if self._privacy:
             status["privacy"] = dict(self._privacy)
+        if not self.policy.share_aggregate:
+            status["share_aggregate"] = False  # the aggregator sends this node no aggregates
         return status
 
     def _metrics(self) -> dict[str, Any]:
