@@ -6,6 +6,7 @@ logs, and storage writes retried through a blip.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -182,6 +183,21 @@ def test_the_failing_analysis_line_reaches_the_analyst_masked() -> None:
     assert failure.value.node == "b"
     assert "in _fails" in text and "in _lookup" in text and "KeyError" in text
     assert "flame/federated" not in text and "flame/simulate" not in text
+
+
+def test_the_failure_is_kept_in_storage_with_its_traceback(tmp_path: Path) -> None:
+    from flame.config import StorageSettings
+
+    settings = config(epochs=1).model_copy(
+        update={"storage": StorageSettings(results_dir=tmp_path), "analysis_id": "kept"}
+    )
+    with pytest.raises(RunFailed):
+        flame.simulate(_fails, aggregate, data=DATA, config=settings)
+    records = list((tmp_path / "kept" / "failures").glob("*.json"))
+    assert len(records) == 1, list(tmp_path.rglob("*"))
+    kept = json.loads(records[0].read_text())
+    assert "node 'b' failed in epoch 0" in kept["reason"]
+    assert "in _lookup" in kept["traceback"] and kept["node"] == "b"
 
 
 def test_a_node_policy_keeps_its_traceback_at_home() -> None:
