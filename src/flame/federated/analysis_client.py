@@ -30,7 +30,15 @@ from flame._log_forward import LOG_CATEGORY, LogForwarder
 from flame._redact import describe_exception
 from flame._traceback import analysis_traceback, trim_traceback_text
 from flame.disclosure import wrap_release
-from flame.errors import ConfigError, RunFailed, RunTimeout, TransportError, stop_signal
+from flame.errors import (
+    AnalysisError,
+    ConfigError,
+    FlameError,
+    RunFailed,
+    RunTimeout,
+    TransportError,
+    stop_signal,
+)
 from flame.federated.context import Context
 from flame.federated.functions import AnalysisFunctions
 from flame.federated.mailbox import Mailbox
@@ -89,6 +97,13 @@ class Instruction:
     reason: str = ""
     run: str | None = None
     code: str = ""
+
+
+def _raised_by_analysis(exc: BaseException) -> bool:
+    """An exception of the analyst's code (in the child or in this process), not flame's."""
+    if isinstance(exc, AnalysisError):
+        return exc.remote_type not in ("ProtocolError", "ProcessExit")  # flame's own words
+    return not isinstance(exc, FlameError)
 
 
 class AnalysisClient:
@@ -241,6 +256,8 @@ class AnalysisClient:
         self._resend_at = time.monotonic() + self._resend_every
         if privacy is not None and (privacy["spend"]["epsilon"] or privacy.get("suppressed")):
             self._privacy[str(epoch)] = privacy
+            while len(self._privacy) > 50:  # the status keeps the latest epochs
+                del self._privacy[next(iter(self._privacy))]
         self.transport.announce(self._status("sent", epoch, **self._metrics()))
         if self._precomputer is not None and self.keys is not None:
             self._precomputer.fill(self.keys.used_ciphertexts)  # for the next epoch
@@ -276,6 +293,10 @@ class AnalysisClient:
             log.debug("epoch %d failed: %s", epoch, reason)
         if self.policy.send_tracebacks:
             body["traceback"] = traceback_text
+        elif _raised_by_analysis(exc):  # its message is as free to carry records as a traceback
+            name = getattr(exc, "remote_type", None) or type(exc).__name__
+            reason = f"{name} (message withheld: this node's policy has send_tracebacks = false)"
+            body["error"] = reason
         self._say_goodbye(epoch, reason, body)
         return reason
 
@@ -334,6 +355,8 @@ class AnalysisClient:
                     if instruction.code == NOT_PARTICIPANT:
                         raise ConfigError(instruction.reason)
                     raise RunFailed(instruction.reason, epoch=instruction.epoch)
+                if not self.policy.share_aggregate:  # keep no other sites' aggregate here
+                    instruction = replace(instruction, previous=None, value=None)
                 if instruction.kind == "finished":
                     self.transport.announce(self._status("done", instruction.epoch))
                     return instruction
@@ -584,6 +607,7 @@ class AnalysisClient:
                 cut_network=self.policy.cut_network,
                 capture_output=self.policy.forward_logs,
                 hide=self.hide,
+                allow_messages=self.policy.allow_messages,
             )
             child.on_wait = self._watch_while_computing
             return child
@@ -657,6 +681,8 @@ class AnalysisClient:
             status.setdefault("progress", 0.0)
         if self._privacy:
             status["privacy"] = dict(self._privacy)
+        if not self.policy.share_aggregate:
+            status["share_aggregate"] = False  # the aggregator sends this node no aggregates
         return status
 
     def _metrics(self) -> dict[str, Any]:
