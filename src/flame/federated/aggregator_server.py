@@ -477,6 +477,12 @@ class Aggregator:
             extra["traceback"] = traceback_text
         with contextlib.suppress(TransportError):
             self.transport.announce(self._status("failed", epoch, **extra))
+        keep = getattr(self.store, "save_failure", None)
+        if callable(keep):
+            try:
+                keep({"epoch": epoch, "node": getattr(exc, "node", None), **extra})
+            except Exception as store_exc:  # the failure itself is what must be reported
+                log.warning("could not keep the failure record in storage: %s", store_exc)
 
     def _fail_from(self, envelope: Envelope) -> None:
         if envelope.sender not in self.participants:
