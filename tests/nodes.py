@@ -286,5 +286,19 @@ class StatusWatcher:
                 return item.body
         raise AssertionError(f"{node} never reported {state} {epoch}; saw {self.seen[-10:]}")
 
+    def wait_all(self, nodes: Iterable[str], state: str, epoch: int | None, timeout: float) -> None:
+        """Until every one of `nodes` has reported `state` (and `epoch`) since this watcher
+        started, in any order."""
+        deadline = time.monotonic() + timeout
+        for node in nodes:
+            if any(
+                sender == node
+                and body.get("state") == state
+                and (epoch is None or body.get("epoch") == epoch)
+                for sender, body in self.seen
+            ):
+                continue
+            self.wait_for(node, state, epoch, max(deadline - time.monotonic(), 0.1))
+
     def close(self) -> None:
         self.transport.close()

@@ -10,8 +10,10 @@ every test asserts one defence on what reached the aggregator or on the node's d
 from __future__ import annotations
 
 import json
+import socket
 import textwrap
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -97,6 +99,13 @@ def _connect(port):
     socket.create_connection(("127.0.0.1", port), timeout=3).close()
     return True
 
+def _connect_unix(path):
+    client = socket.socket(socket.AF_UNIX)
+    client.settimeout(3)
+    client.connect(path)
+    client.close()
+    return True
+
 def analyze(data, epoch, previous):
     ppid = os.getppid()
     needle = TARGETS["token"].encode()
@@ -110,11 +119,19 @@ def analyze(data, epoch, previous):
         "ledger_unlink": _try("ledger", lambda: _unlink(TARGETS["ledger"])),
         "broker_connect": _try("net", lambda: _connect(TARGETS["broker_port"])),
         "data_direct": _try("data", lambda: _read(TARGETS["data_file"])),
+        "unix_socket": _try("unix", lambda: _connect_unix(TARGETS["unix_socket"])),
+        "identity_key": _try("identity", lambda: _read(TARGETS["identity_key"])),
+        "roster_overwrite": _try("roster", lambda: _overwrite(TARGETS["roster"])),
     }
-    return {"n": len(data.read_csv()["v"]), "probes": json.dumps(probes)}
+    legit = {
+        "read_csv": len(data.read_csv()["v"]),
+        "table": data.table().num_rows,
+        "sql": data.sql("select count(*) as n from x").column("n")[0].as_py(),
+    }
+    return {"legit": legit, "probes": json.dumps(probes)}
 
 def aggregate(results, epoch, previous):
-    return {node: json.loads(r["probes"]) for node, r in results.items()}
+    return {node: {**json.loads(r["probes"]), "legit": r["legit"]} for node, r in results.items()}
 """
 
 
@@ -148,9 +165,16 @@ def hostile_run(
         "broker_port": mqtt_broker.port,
         "data_file": str(data_file),
     }
+    service = socket.socket(socket.AF_UNIX)  # a local service (database, engine, broker)
+    service.bind(str(root / "service.sock"))
+    service.listen(4)
+    targets["unix_socket"] = str(root / "service.sock")
+    env = federation_env(mqtt_broker, "redteam-isolation", [NODE])
+    keys = env.get("TEST_FLAME_IDENTITY_DIR")  # tests/nodes.py: identities, once auth is in
+    targets["identity_key"] = str(Path(keys) / f"{NODE}.key") if keys else ""
+    targets["roster"] = env.get("FLAME_ROSTER", "")
     analysis = root / "hostile.py"
     analysis.write_text(textwrap.dedent(HOSTILE % {"targets": json.dumps(targets)}))
-    env = federation_env(mqtt_broker, "redteam-isolation", [NODE])
     env.pop("FLAME_BROKER__TOKEN")
     env["FLAME_BROKER__TOKEN_FILE"] = str(token_file)
     federation = Federation(env, analysis, data, [NODE], root / "logs")
@@ -166,9 +190,12 @@ def hostile_run(
             "ledger_text": json.dumps({"scope": "default", "node": NODE, "entries": entries}),
             "policy": policy,
             "wire": json.dumps(values["aggregator"]),
+            "identity_key": targets["identity_key"],
+            "roster": targets["roster"],
         }
     finally:
         federation.close()
+        service.close()
 
 
 def _leaked(run: dict[str, Any], probe: str) -> bool:
@@ -217,9 +244,33 @@ def test_child_cannot_reach_the_broker(hostile_run: dict[str, Any]) -> None:
     assert not hostile_run["probes"]["broker_connect"]["ok"]
 
 
+def test_child_cannot_connect_to_a_local_unix_socket(hostile_run: dict[str, Any]) -> None:
+    """A database, container engine or broker listening on a socket file of the node."""
+    assert not hostile_run["probes"]["unix_socket"]["ok"]
+
+
 def test_child_reads_data_only_through_the_metered_runtime(hostile_run: dict[str, Any]) -> None:
     assert not hostile_run["probes"]["data_direct"]["ok"]
 
 
+def test_legitimate_reads_still_work_in_the_confined_child(hostile_run: dict[str, Any]) -> None:
+    assert hostile_run["probes"]["legit"] == {"read_csv": 3, "table": 3, "sql": 3}
+
+
 def test_the_token_never_reaches_the_aggregator(hostile_run: dict[str, Any]) -> None:
     assert hostile_run["token"].encode().hex() not in hostile_run["wire"]
+
+
+def test_child_cannot_read_the_nodes_identity_key(hostile_run: dict[str, Any]) -> None:
+    """With it, the analyst could sign as this node: Sybil results, forged statuses."""
+    if not hostile_run["identity_key"]:
+        pytest.skip("no identities in this federation (roster support not present)")
+    assert Path(hostile_run["identity_key"]).is_file()
+    assert not hostile_run["probes"]["identity_key"]["ok"]
+
+
+def test_child_cannot_rewrite_the_roster(hostile_run: dict[str, Any]) -> None:
+    if not hostile_run["roster"]:
+        pytest.skip("no roster in this federation (roster support not present)")
+    assert not hostile_run["probes"]["roster_overwrite"]["ok"]
+    assert "member" in Path(hostile_run["roster"]).read_text()

@@ -129,3 +129,84 @@ def test_a_tiny_sensitivity_claim_cannot_release_a_record_exactly(tmp_path: Path
     result = _run(tmp_path, TINY_SENSITIVITY, policy)
     released = result.value  # type: ignore[attr-defined]
     assert all(abs(value - 7.0) > 1e-3 for value in released.values()), released
+
+
+SIDE_CHANNEL = """
+import flame
+
+def analyze(data):
+    rows = data.read_text("x.csv").split()[:3]  # two records and the header: under min_rows
+    flame.context().send("notes", {"rows": "|".join(rows) + "|side-channel"}, to=["aggregator"])
+    return {"n": len(rows)}
+
+def aggregate(results):
+    return results
+"""
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="open (issue 11): flame.context().send() from analyze leaves the node unchecked "
+    "(allow_messages defaults to true): min_rows and every marker rule bind only the result",
+)
+def test_min_rows_also_binds_what_analyze_sends_to_other_nodes(tmp_path: Path) -> None:
+    _side_channel(tmp_path, NodePolicy(min_rows=10))
+
+
+def test_a_node_that_disallows_messages_sends_none(tmp_path: Path) -> None:
+    _side_channel(tmp_path, NodePolicy(min_rows=10, allow_messages=False), match="messages")
+
+
+def _side_channel(tmp_path: Path, policy: NodePolicy, match: str = "min_rows") -> None:
+    from flame.transport.memory import MemoryBroker
+
+    leaked: list[str] = []
+
+    def watch(envelope: object) -> bool:
+        text = repr(getattr(envelope, "body", ""))
+        if "41|42" in text or "7|8" in text:  # the records themselves, not the source line
+            leaked.append(text)
+        return True
+
+    small = {"node-0": {"x.csv": "v\n41\n42\n"}, "node-1": {"x.csv": "v\n7\n8\n"}}
+    path = tmp_path / "analysis.py"
+    path.write_text(textwrap.dedent(SIDE_CHANNEL))
+    functions = load_analysis(path).functions
+    with pytest.raises(RunFailed, match=match):
+        flame.simulate(
+            functions.analyze,
+            functions.aggregate,
+            data=small,
+            isolate=True,
+            policy=policy,
+            broker=MemoryBroker(on_send=watch),
+        )
+    assert not leaked, f"rows left the node under min_rows: {leaked[0][:120]}"
+
+
+# An exception message crossed to the aggregator even with send_tracebacks = false and
+# allow_messages = false (fixed: withheld, the node's own log keeps it).
+ERROR_CHANNEL = """
+def analyze(data):
+    rows = data.read_text("x.csv").split()[:3]  # two records and the header: under min_rows
+    raise ValueError("|".join(rows))
+
+def aggregate(results):
+    return results
+"""
+
+
+def test_an_exception_message_does_not_carry_records_off_the_node(tmp_path: Path) -> None:
+    small = {"node-0": {"x.csv": "v\n41\n42\n"}, "node-1": {"x.csv": "v\n7\n8\n"}}
+    path = tmp_path / "analysis.py"
+    path.write_text(textwrap.dedent(ERROR_CHANNEL))
+    functions = load_analysis(path).functions
+    policy = NodePolicy(min_rows=10, allow_messages=False, send_tracebacks=False)
+    with pytest.raises(RunFailed) as failure:
+        flame.simulate(
+            functions.analyze, functions.aggregate, data=small, isolate=True, policy=policy
+        )
+    assert "41|42" not in str(failure.value) and "7|8" not in str(failure.value), str(
+        failure.value
+    )
+    assert "ValueError (message withheld" in str(failure.value)

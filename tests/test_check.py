@@ -160,7 +160,7 @@ def test_everything_reachable_passes_and_nothing_is_written(
     assert code == 0, lines
     assert [line.split()[0] for line in lines] == ["ok"] * len(lines)
     assert [line.split()[1].rstrip(":") for line in lines] == [
-        "config", "token", "token", "broker", "data", "data", "storage",
+        "config", "token", "token", "broker", "data", "data", "storage", "policy",
     ]  # fmt: skip
     assert "ok   token broker: opaque token (not a JWT; nothing to check)" in lines
     assert any(line.startswith("ok   token data API 'files': JWT valid, expires") for line in lines)

@@ -199,3 +199,30 @@ def aggregate(r):
     finally:
         runner.close()
         server.close()
+
+
+def test_row_meter_counts_json_lines_and_parquet() -> None:
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    buffer = io.BytesIO()
+    pq.write_table(pa.table({"v": list(range(7))}), buffer)
+    meter = RowMeter()
+    meter.file("s", "a.parquet", buffer.getvalue())
+    meter.file("s", "b.jsonl", b'{"v": 1}\n{"v": 2}\n\n')
+    assert meter.rows == 9
+
+
+def test_policy_can_forbid_messages_from_an_isolated_analysis() -> None:
+    import test_messaging
+
+    with pytest.raises(RunFailed, match="allow_messages"):
+        flame.simulate(
+            test_messaging.analyze,
+            test_messaging.aggregate,
+            data=test_messaging.NODES,
+            isolate=True,
+            policy=flame.NodePolicy(allow_messages=False),
+        )

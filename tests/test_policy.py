@@ -277,3 +277,74 @@ def test_flame_check_prints_the_policy(tmp_path: Path) -> None:
     assert line.startswith("ok")
     assert "min_cell_count=5" in line and "epsilon_budget=1.5" in line
     assert "left: epsilon 1.5" in line
+
+
+def test_counts_of_a_dict_or_pandas_crosstab_apply_per_cell() -> None:
+    import pandas as pd
+
+    def analyze(data: Any) -> Any:
+        t = data.read_csv()
+        table = pd.crosstab(t["sex"], t["group"])
+        return {
+            "cells": flame.counts({"a": 3, "b": 12}),
+            "crosstab": flame.counts(table.to_numpy()),
+        }
+
+    seen: dict[str, Any] = {}
+
+    def aggregate(results: Any) -> Any:
+        seen.update(results["n1"])
+        return None
+
+    rows = "sex,group\n" + "0,1\n" * 3 + "0,2\n" * 6 + "1,1\n" * 7 + "1,2\n" * 2
+    flame.simulate(
+        analyze, aggregate, data={"n1": {"x.csv": rows}}, policy=flame.NodePolicy(min_cell_count=5)
+    )
+    got = seen
+    assert got["cells"]["b"] == 12 and bool(np.ma.getmaskarray(got["cells"]["a"]))
+    assert np.ma.getmaskarray(got["crosstab"]).tolist() == [[True, False], [False, True]]
+    assert np.ma.filled(got["crosstab"], -1).tolist() == [[-1, 6], [7, -1]]
+
+
+def test_cli_policy_per_node(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from flame.cli import main
+
+    strict = tmp_path / "strict.toml"
+    strict.write_text('min_cell_count = 9\non_small_cell = "suppress"\n')
+    argv = ["simulate", str(EXAMPLE), "--data", str(EXAMPLE / "data"), "--quiet"]
+    assert main([*argv, "--policy", f"clinic_c={strict}"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    # only clinic_c's policy is strict: its 8, 6, 7 and 6 are held back; clinic_b's 3 is sent
+    assert result["suppressed_cells"] == {"clinic_a": 0, "clinic_b": 0, "clinic_c": 4}
+    assert result["table"][0][0] == 12 + 3
+    assert main([*argv, "--policy", str(strict), "--policy", str(strict)]) == 1
+
+
+def test_share_aggregate_false_node_gets_no_aggregates() -> None:
+    sent: list[Any] = []
+
+    def analyze(data: Any, epoch: int, previous: Any) -> Any:
+        return {"saw_previous": previous is not None}
+
+    def aggregate(results: Any, epoch: int, previous: Any) -> Any:
+        return {"total": 41 + epoch, "saw": {n: r["saw_previous"] for n, r in results.items()}}
+
+    def record(envelope: Any) -> bool:
+        if envelope.kind in ("aggregate", "finished"):
+            sent.append((envelope.recipient, envelope.kind, envelope.body.get("value")))
+        return True
+
+    data = {"a": {"x.csv": "v\n1\n"}, "b": {"x.csv": "v\n1\n"}}
+    result = flame.simulate(
+        analyze,
+        aggregate,
+        data=data,
+        epochs=2,
+        broker=MemoryBroker(on_send=record),
+        policy={"b": flame.NodePolicy(share_aggregate=False)},
+    )
+    assert result.value["saw"] == {"a": True, "b": False}
+    to_b = [value for node, _kind, value in sent if node == "b"]
+    to_a = [value for node, _kind, value in sent if node == "a"]
+    assert to_b and all(value is None for value in to_b)  # withheld by the aggregator
+    assert to_a and all(value is not None for value in to_a)

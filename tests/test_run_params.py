@@ -94,3 +94,16 @@ def test_non_finite_fields_are_named() -> None:
         "result.age.mean (nan)",
         "result.coef[1] (1 of 2 not finite)",
     ]
+
+
+def test_params_are_recorded_in_the_manifest(tmp_path: Path) -> None:
+    config = load_config(
+        params={"column": "age", "bins": 10},
+        storage={"results_dir": str(tmp_path / "results")},
+        analysis_id="params-manifest",
+    )
+    flame.simulate(lambda data: 1, lambda results: 2, data=DATA, config=config)
+    (manifest,) = (tmp_path / "results").rglob("manifest.json")
+    recorded = json.loads(manifest.read_text())
+    assert recorded["params"] == {"column": "age", "bins": 10}
+    assert recorded["config"]["params"] == {"column": "age", "bins": 10}

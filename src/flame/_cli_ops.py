@@ -40,7 +40,8 @@ def _cmd_init(args: argparse.Namespace) -> int:
         _err(f"flame: error: {exc}")
         return EXIT_USAGE
     _err(f"wrote {len(made.files)} files ({made.source}) to {made.root}")
-    _err(f"next: flame simulate {made.root} --data {made.data}")
+    for step in made.next_steps():
+        _err(f"next: {step}")
     return EXIT_OK
 
 
@@ -128,7 +129,7 @@ def add_commands(commands: argparse._SubParsersAction[Any]) -> None:
         help="write a runnable analysis (templates + data, or an example) into DIR",
         description="Write the templates with a small data folder (or an example with its "
         "data) into DIR, from files shipped inside flame: no network needed. Then run "
-        "`flame simulate DIR --data DIR/data`.",
+        "`flame simulate DIR --data DIR/data` (an example with a nodes.toml: `--nodes`).",
     )
     init.add_argument("dir", type=Path, nargs="?", help="the folder to create")
     init.add_argument("--example", metavar="NAME", help="an example instead of the templates")

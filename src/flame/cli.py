@@ -153,7 +153,7 @@ def _write_failure(
     }
     document = _strict_json({**partial.to_dict(), "manifest": _manifest(functions, partial)})
     output.write_text(json.dumps({**document, "failure": failure}, indent=2) + "\n")
-    print(f"wrote {output}", file=sys.stderr)
+    print(f"wrote {output} (see it as a page: flame report {output})", file=sys.stderr)
 
 
 def _policy_arguments(items: list[str]) -> Any:
@@ -229,7 +229,7 @@ def _report(result: RunResult, output: Path | None, manifest: dict[str, Any] | N
     document = _strict_json({**result.to_dict(), "manifest": manifest or {}})
     if output is not None:
         output.write_text(json.dumps(document, indent=2) + "\n")
-        print(f"wrote {output}", file=sys.stderr)
+        print(f"wrote {output} (see it as a page: flame report {output})", file=sys.stderr)
     converged = ", converged" if result.converged else ""
     print(f"finished after {result.epochs} epoch(s){converged}", file=sys.stderr)
     print(json.dumps(document["result"], indent=2))

@@ -63,9 +63,9 @@ def apply_cell_rule(
     if min_count is None:
         return values, 0
     cells = _cells(values, path)
-    small = cells < min_count
+    small = np.asarray(cells < min_count)  # an array also for a scalar (0-d)
     if not zero_is_small:
-        small &= cells != 0
+        small = np.asarray(small & np.asarray(cells != 0))
     hidden = int(np.count_nonzero(small))
     if hidden and mode == "refuse":
         raise PolicyRefused(
@@ -77,7 +77,7 @@ def apply_cell_rule(
     if encrypted:  # inside flame.secure: zeros join the encrypted sum, counted in the status
         zeroed = np.where(small, 0, cells).astype(cells.dtype)
         return (zeroed.item() if zeroed.ndim == 0 else zeroed), hidden
-    zeroed = np.where(small, 0, cells).astype(cells.dtype)
+    zeroed = np.asarray(np.where(small, 0, cells).astype(cells.dtype))
     return {TAG: SUPPRESSED, "values": zeroed, "mask": small}, hidden
 
 
@@ -107,6 +107,8 @@ def reveal_suppressed(value: Any) -> Any:
     if isinstance(value, dict):
         if value.get(TAG) == SUPPRESSED and set(value) == {TAG, "values", "mask"}:
             values, mask = value["values"], value["mask"]
+            if isinstance(mask, bool):  # a scalar cell's mask may arrive as a plain bool
+                mask = np.asarray(mask)
             if (
                 isinstance(values, np.ndarray)
                 and isinstance(mask, np.ndarray)

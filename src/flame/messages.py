@@ -201,17 +201,19 @@ def encode(envelope: Envelope) -> bytes:
 # --- decoding --------------------------------------------------------------------------------
 
 
-def _decode_value(obj: Any, blobs: list[memoryview], writable: bool, depth: int = 0) -> Any:
+def _decode_value(
+    obj: Any, blobs: list[memoryview], writable: bool, limit: int, depth: int = 0
+) -> Any:
     if depth > _MAX_DEPTH + 1:
         raise MessageError("body nests too deeply")
     if isinstance(obj, list):
-        return [_decode_value(item, blobs, writable, depth + 1) for item in obj]
+        return [_decode_value(item, blobs, writable, limit, depth + 1) for item in obj]
     if not isinstance(obj, dict):
         return obj
     if "$nd" in obj:
         return _decode_array(obj, blobs, writable)
     if "$arrow" in obj:
-        return wire_tables.decode_table(obj, _blob(obj["$arrow"], blobs))
+        return wire_tables.decode_table(obj, _blob(obj["$arrow"], blobs), limit)
     if "$kd" in obj:
         pairs = obj["$kd"]
         if set(obj) != {"$kd"} or not isinstance(pairs, list):
@@ -221,7 +223,7 @@ def _decode_value(obj: Any, blobs: list[memoryview], writable: bool, depth: int 
             if not isinstance(pair, list) or len(pair) != 2:
                 raise MessageError("keyed dict entries must be [key, value] pairs")
             keyed[wire_tables.check_key(pair[0])] = _decode_value(
-                pair[1], blobs, writable, depth + 1
+                pair[1], blobs, writable, limit, depth + 1
             )
         return keyed
     if "$sealed" in obj:
@@ -239,8 +241,19 @@ def _decode_value(obj: Any, blobs: list[memoryview], writable: bool, depth: int 
             if not key.startswith("$$"):
                 raise MessageError(f"unknown reference key {key[:20]!r} in body")
             key = key[1:]
-        out[key] = _decode_value(item, blobs, writable, depth + 1)
+        try:
+            out[key] = _decode_value(item, blobs, writable, limit, depth + 1)
+        except MessageError as exc:  # name the field that was refused: "body.a.b: ..."
+            raise _at(key, exc) from None
     return out
+
+
+def _at(key: str, exc: MessageError) -> MessageError:
+    path, _, detail = str(exc).partition(": ") if str(exc).startswith("body.") else ("", "", "")
+    if path:
+        inner = path[5:] if len(path) < 300 else path[5:295] + "..."
+        return MessageError(f"body.{key[:60]}.{inner}: {detail}")
+    return MessageError(f"body.{key[:60]}: {exc}")
 
 
 def _blob(index: Any, blobs: list[memoryview]) -> memoryview:
@@ -320,7 +333,7 @@ def decode(
         raise MessageError(f"frame has {payload.nbytes - expected} trailing bytes")
     writable = isinstance(frame, (bytearray, mmap.mmap))  # arrays are views of it
     try:
-        body = _decode_value(header.body, blobs, writable)
+        body = _decode_value(header.body, blobs, writable, max_bytes)
     except RecursionError:
         raise MessageError("body nests too deeply") from None
     return Envelope(

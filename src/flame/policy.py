@@ -53,6 +53,9 @@ class NodePolicy(BaseModel):
     send_tracebacks: bool = Field(
         True, description="whether a failing analysis's traceback may leave the node"
     )
+    allow_messages: bool = Field(
+        True, description="whether an isolated analyze may send free-form messages to nodes"
+    )
     isolate: bool = Field(True, description="run analyze in a child process without secrets")
     cut_network: bool = Field(True, description="take the child's network away where possible")
 

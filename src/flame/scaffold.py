@@ -42,6 +42,16 @@ class Scaffolded:
     data: Path
     source: str
 
+    def next_steps(self) -> list[str]:
+        """The commands to run next: an example whose nodes are described by `nodes.toml`
+        (SQL, FHIR, S3 sources) is simulated with `--nodes`, after its own setup script."""
+        nodes = self.root / "nodes.toml"
+        if not nodes.is_file():
+            return [f"flame simulate {self.root} --data {self.data}"]
+        setup = self.root / "create_databases.py"
+        first = [f"python {setup}"] if setup.is_file() else []
+        return [*first, f"flame simulate {self.root} --nodes {nodes}"]
+
 
 def kit_root() -> Traversable:
     """The folder holding `templates/` and `examples/`: packaged, else the source checkout."""

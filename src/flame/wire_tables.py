@@ -13,6 +13,11 @@
 Decoding validates the Arrow data fully (`validate(full=True)`) and raises `MessageError`.
 Arrow's pickle-based Python extension type is never loaded (pyarrow >= 14.0.1). Batches
 with compressed buffers are refused before anything is decompressed (a decompression bomb).
+A decoded table must also fit the frame's size limit once materialized: Arrow arrays whose
+length is not backed by bytes in the frame (null columns, empty structs, dictionaries whose
+indices all point at one huge value) would otherwise inflate a few hundred bytes into GiBs
+when turned into pandas, polars or Python lists; view and run-end-encoded types, which flame
+never sends and which can reference the same bytes any number of times, are refused.
 """
 
 from __future__ import annotations
@@ -151,7 +156,82 @@ def _refuse_compression(data: memoryview) -> None:
             raise MessageError("Arrow payload has compressed buffers, which flame never sends")
 
 
-def _read(data: memoryview) -> pa.Table:
+_REFUSED_TYPES = ("string_view", "binary_view", "list_view", "large_list_view", "run_end_encoded")
+
+
+def _width(arrow_type: pa.DataType) -> int:
+    """Bytes one element takes once materialized: its own width for numbers, a pointer (8)
+    for anything that becomes a Python or nested object."""
+    try:
+        bits = int(arrow_type.bit_width)
+    except ValueError:  # not a fixed-width type
+        return 8
+    return max(1, bits // 8)
+
+
+def _is_bytes(arrow_type: pa.DataType) -> bool:
+    import pyarrow as pa
+
+    return bool(
+        pa.types.is_string(arrow_type)
+        or pa.types.is_binary(arrow_type)
+        or pa.types.is_large_string(arrow_type)
+        or pa.types.is_large_binary(arrow_type)
+    )
+
+
+def _decoded_size(array: pa.Array, path: str) -> int:
+    """An estimate (a lower bound, not an allocation) of the bytes `array` takes when pandas,
+    polars or `to_pylist` materialize it, counting every nested element and expanding
+    dictionaries, whose indices may all reference one big value."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    lists = (
+        pa.types.is_map,
+        pa.types.is_list,
+        pa.types.is_large_list,
+        pa.types.is_fixed_size_list,
+    )
+    kind = array.type
+    if any(str(kind).startswith(name) for name in _REFUSED_TYPES):
+        raise MessageError(f"{path}: Arrow type {str(kind)[:40]} is not accepted on the wire")
+    size = len(array) * _width(kind)
+    if pa.types.is_dictionary(kind):
+        dictionary = array.dictionary
+        size += _decoded_size(dictionary, path)
+        if len(dictionary) and len(array):
+            if _is_bytes(kind.value_type):
+                largest = pc.max(pc.binary_length(dictionary)).as_py() or 0
+            else:
+                largest = _decoded_size(dictionary, path)
+            size += len(array) * largest
+        return size
+    if _is_bytes(kind):
+        buffers = array.buffers()
+        return size + (buffers[2].size if len(buffers) > 2 and buffers[2] is not None else 0)
+    if pa.types.is_struct(kind) or pa.types.is_union(kind):
+        children = [array.field(i) for i in range(kind.num_fields)]
+    elif any(test(kind) for test in lists):
+        children = [array.values]
+    else:
+        children = []
+    return size + sum(_decoded_size(child, path) for child in children)
+
+
+def _check_decoded_size(table: pa.Table, limit: int) -> None:
+    total = 0
+    for name, column in zip(table.column_names, table.columns, strict=True):
+        for chunk in column.chunks:
+            total += _decoded_size(chunk, f"column {str(name)[:60]!r}")
+            if total > limit:
+                raise MessageError(
+                    f"Arrow table decodes to more than the message limit of {limit} bytes "
+                    f"(at column {str(name)[:60]!r}, {table.num_rows} rows)"
+                )
+
+
+def _read(data: memoryview, limit: int) -> pa.Table:
     import pyarrow as pa
 
     try:
@@ -159,13 +239,15 @@ def _read(data: memoryview) -> pa.Table:
         with pa.ipc.open_stream(pa.py_buffer(data)) as reader:
             table = reader.read_all()
         table.validate(full=True)
+        _check_decoded_size(table, limit)
     except (pa.ArrowException, ValueError, OSError) as exc:
         raise MessageError(f"Arrow payload is invalid: {str(exc)[:200]}") from None
     return table
 
 
-def decode_table(ref: dict[str, Any], data: memoryview) -> Any:
-    """The value `encode_table` sent, as the same type where this process can make it."""
+def decode_table(ref: dict[str, Any], data: memoryview, limit: int = 1 << 40) -> Any:
+    """The value `encode_table` sent, as the same type where this process can make it.
+    MessageError if it would take more than `limit` bytes once materialized."""
     import pyarrow as pa
 
     kind = ref.get("type")
@@ -175,7 +257,7 @@ def decode_table(ref: dict[str, Any], data: memoryview) -> Any:
     name = ref.get("name")
     if not isinstance(name, KEY_TYPES):
         raise MessageError("Series name must be a JSON scalar")
-    table = _read(data)
+    table = _read(data, limit)
     if kind == "arrow.Table":
         return table
     if kind == "arrow.RecordBatch":

@@ -112,6 +112,7 @@ class Aggregator:
         self._processes: dict[str, str] = {}  # node -> process session seen in this run
         self._statuses: dict[str, dict[str, Any]] = {}
         self._online: set[str] = set()
+        self._withheld: set[str] = set()  # nodes whose policy declines other sites' aggregates
         self._told: set[str] = set()
         self._kickoff: tuple[Kind, int, Any] | None = None
         self._epoch = -1
@@ -433,6 +434,8 @@ class Aggregator:
     ) -> None:
         if kind in ("start", "aggregate", "finished", "abort") and isinstance(body, dict):
             body = {**body, "session": self.session}
+            if node in self._withheld and kind in ("aggregate", "finished") and "value" in body:
+                body = {**body, "value": None, "withheld": True}  # share_aggregate = false
         envelope = Envelope(
             self.transport.analysis_id, self.transport.node_id, node, kind, epoch, body
         )
@@ -474,6 +477,12 @@ class Aggregator:
             extra["traceback"] = traceback_text
         with contextlib.suppress(TransportError):
             self.transport.announce(self._status("failed", epoch, **extra))
+        keep = getattr(self.store, "save_failure", None)
+        if callable(keep):
+            try:
+                keep({"epoch": epoch, "node": getattr(exc, "node", None), **extra})
+            except Exception as store_exc:  # the failure itself is what must be reported
+                log.warning("could not keep the failure record in storage: %s", store_exc)
 
     def _fail_from(self, envelope: Envelope) -> None:
         if envelope.sender not in self.participants:
@@ -546,6 +555,8 @@ class Aggregator:
             return
         state = body.get("state")
         session = body.get("session")
+        if body.get("share_aggregate") is False:
+            self._withheld.add(node)
         if state == "offline" or body.get("online") is False:
             if node in self._online:
                 log.warning("node %s went offline", node)

@@ -30,7 +30,15 @@ from flame._log_forward import LOG_CATEGORY, LogForwarder
 from flame._redact import describe_exception
 from flame._traceback import analysis_traceback, trim_traceback_text
 from flame.disclosure import wrap_release
-from flame.errors import ConfigError, RunFailed, RunTimeout, TransportError, stop_signal
+from flame.errors import (
+    AnalysisError,
+    ConfigError,
+    FlameError,
+    RunFailed,
+    RunTimeout,
+    TransportError,
+    stop_signal,
+)
 from flame.federated.context import Context
 from flame.federated.functions import AnalysisFunctions
 from flame.federated.mailbox import Mailbox
@@ -51,12 +59,21 @@ from flame.transport.base import Transport
 __all__ = ["NOT_PARTICIPANT", "AnalysisClient", "Instruction"]
 
 
+class _Interrupted(Exception):
+    """The aggregator ended the run (abort, finished) while this node was computing."""
+
+    def __init__(self, instruction: Instruction) -> None:
+        super().__init__(instruction.kind)
+        self.instruction = instruction
+
+
 def _stop_at_once(runner: Runner) -> None:
     """A run that failed or was stopped does not wait for its analysis child to finish."""
     kill = getattr(runner, "_abandon", None)
     if callable(kill):
         with contextlib.suppress(Exception):
             kill()
+
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +97,13 @@ class Instruction:
     reason: str = ""
     run: str | None = None
     code: str = ""
+
+
+def _raised_by_analysis(exc: BaseException) -> bool:
+    """An exception of the analyst's code (in the child or in this process), not flame's."""
+    if isinstance(exc, AnalysisError):
+        return exc.remote_type not in ("ProtocolError", "ProcessExit")  # flame's own words
+    return not isinstance(exc, FlameError)
 
 
 class AnalysisClient:
@@ -232,6 +256,8 @@ class AnalysisClient:
         self._resend_at = time.monotonic() + self._resend_every
         if privacy is not None and (privacy["spend"]["epsilon"] or privacy.get("suppressed")):
             self._privacy[str(epoch)] = privacy
+            while len(self._privacy) > 50:  # the status keeps the latest epochs
+                del self._privacy[next(iter(self._privacy))]
         self.transport.announce(self._status("sent", epoch, **self._metrics()))
         if self._precomputer is not None and self.keys is not None:
             self._precomputer.fill(self.keys.used_ciphertexts)  # for the next epoch
@@ -267,6 +293,10 @@ class AnalysisClient:
             log.debug("epoch %d failed: %s", epoch, reason)
         if self.policy.send_tracebacks:
             body["traceback"] = traceback_text
+        elif _raised_by_analysis(exc):  # its message is as free to carry records as a traceback
+            name = getattr(exc, "remote_type", None) or type(exc).__name__
+            reason = f"{name} (message withheld: this node's policy has send_tracebacks = false)"
+            body["error"] = reason
         self._say_goodbye(epoch, reason, body)
         return reason
 
@@ -316,13 +346,17 @@ class AnalysisClient:
                 runner.start()  # the child starts while the aggregator gathers the nodes
             except Exception as exc:  # tried again, and reported, in the first epoch
                 log.warning("the analysis could not be started yet: %s", exc)
+            interrupted: Instruction | None = None
             while True:
-                instruction = self.await_instruction()
+                instruction = interrupted or self.await_instruction()
+                interrupted = None
                 if instruction.kind == "abort":
                     self._say_goodbye(instruction.epoch, instruction.reason, None)
                     if instruction.code == NOT_PARTICIPANT:
                         raise ConfigError(instruction.reason)
                     raise RunFailed(instruction.reason, epoch=instruction.epoch)
+                if not self.policy.share_aggregate:  # keep no other sites' aggregate here
+                    instruction = replace(instruction, previous=None, value=None)
                 if instruction.kind == "finished":
                     self.transport.announce(self._status("done", instruction.epoch))
                     return instruction
@@ -338,6 +372,13 @@ class AnalysisClient:
                     outcome = runner.run(epoch, instruction.previous)
                     release = self.gate.release(epoch, outcome)  # policy, here in the runtime
                     self.send_results(epoch, release.result, release.report())
+                except _Interrupted as stop:
+                    log.warning(
+                        "stopping epoch %d: the aggregator said %s", epoch, stop.instruction.kind
+                    )
+                    _stop_at_once(runner)
+                    interrupted = stop.instruction
+                    continue
                 except (Exception, SystemExit) as exc:
                     reason = self.report_failure(epoch, exc)
                     raise RunFailed(
@@ -530,10 +571,35 @@ class AnalysisClient:
         return instruction
 
     # --- helpers -----------------------------------------------------------------------------
+    def _watch_while_computing(self) -> None:
+        """While the analysis child computes: an abort or the end of the run (a slow node
+        under a quorum) stops it now, not when its epoch is done."""
+        while True:
+            envelope = self.mailbox.next(self._is_stop, Deadline(0.0))
+            if envelope is None:
+                return
+            if envelope.kind == "status":
+                stop = self._note_aggregator_status(envelope)
+                if stop is not None:
+                    raise _Interrupted(stop)
+                continue
+            if not self._from_current_aggregator(envelope):
+                continue
+            instruction = self._admit(envelope)
+            if instruction is not None:
+                raise _Interrupted(instruction)
+
+    def _is_stop(self, envelope: Envelope) -> bool:
+        return envelope.sender == self.aggregator_id and envelope.kind in (
+            "abort",
+            "finished",
+            "status",
+        )
+
     def _runner(self, functions: AnalysisFunctions, data: Any) -> Runner:
         """Where `analyze` runs: an isolated child (nodes, CLI) or this process (Python API)."""
         if self.isolate:
-            return ChildRunner(
+            child = ChildRunner(
                 functions.analyze,
                 data,
                 self.context,
@@ -541,7 +607,10 @@ class AnalysisClient:
                 cut_network=self.policy.cut_network,
                 capture_output=self.policy.forward_logs,
                 hide=self.hide,
+                allow_messages=self.policy.allow_messages,
             )
+            child.on_wait = self._watch_while_computing
+            return child
         return InProcessRunner(functions.analyze, data, self.context)
 
     def _from_aggregator(self, envelope: Envelope) -> bool:
@@ -612,6 +681,8 @@ class AnalysisClient:
             status.setdefault("progress", 0.0)
         if self._privacy:
             status["privacy"] = dict(self._privacy)
+        if not self.policy.share_aggregate:
+            status["share_aggregate"] = False  # the aggregator sends this node no aggregates
         return status
 
     def _metrics(self) -> dict[str, Any]:

@@ -102,6 +102,11 @@ class Gate:
     def _resolve(self, value: Any, path: str, encrypted: bool, release: Release) -> Any:
         if isinstance(value, Secure):
             return replace(value, values=self._resolve(value.values, path, True, release))
+        if isinstance(value, Counts) and isinstance(value.values, dict):
+            return {  # a dict of cells (e.g. {"F|<40": 3, ...}): the rule per entry
+                k: self._resolve(Counts(v), f"{path}.{k}" if path else str(k), encrypted, release)
+                for k, v in value.values.items()
+            }
         if isinstance(value, Counts):
             inner = self._resolve(value.values, path, encrypted, release)
             released, hidden = apply_cell_rule(

@@ -11,13 +11,10 @@ in memory; only then the run fails, naming the object and the cause.
 
 from __future__ import annotations
 
-import hashlib
-import inspect
 import logging
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from flame.clients.object_store import AnalysisLayout, ObjectNotFound, ObjectStore, StorageError
@@ -164,6 +161,13 @@ class StorageRunStore:
         )
         return stored.uri or stored.key
 
+    def save_failure(self, record: dict[str, Any]) -> str:
+        """Keep why the run failed (reason, node, epoch, the analysis traceback when sent)
+        under `{analysis}/failures/`; one attempt: a failing run must not wait on storage."""
+        key = f"{self.layout.root}failures/{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.json"
+        self.store.put_json(key, {**record, "code_sha256": self.provenance.get("code_sha256")})
+        return key
+
 
 class NodeState:
     """The analyst's `context().save/load` on this node's own storage."""
@@ -229,22 +233,13 @@ def load_result(analysis_id: str, *, epoch: int | None = None, config: Any = Non
 
 
 def code_hash(functions: AnalysisFunctions) -> str:
-    """SHA-256 over the source files that define the analyst's functions (provenance)."""
-    files: set[str] = set()
-    for function in (functions.analyze, functions.aggregate, functions.converged):
-        if function is None:
-            continue
-        original: Callable[..., Any] = getattr(function, "__wrapped__", function)
-        try:
-            source = inspect.getsourcefile(original)
-        except TypeError:
-            source = None
-        if source:
-            files.add(source)
-    digest = hashlib.sha256()
-    for name in sorted(files):
-        digest.update(Path(name).name.encode() + b"\0" + Path(name).read_bytes() + b"\0")
-    return digest.hexdigest()
+    """SHA-256 over the analyst's code (provenance): the source files defining the functions,
+    or for code with no file (`python -c`, a notebook) its source text or bytecode."""
+    from flame._code_hash import code_hash as hash_code
+
+    return hash_code(
+        (role, getattr(functions, role)) for role in ("analyze", "aggregate", "converged")
+    )
 
 
 def _has_storage(config: FlameConfig) -> bool:

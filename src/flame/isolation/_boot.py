@@ -47,7 +47,10 @@ def _confine(argv: list[str], keep_network: bool) -> str:
     hidden = [argv[i + 1] for i, arg in enumerate(argv[:-1]) if arg == "--hide"]
     import _landlock  # type: ignore[import-not-found]  # this folder is still sys.path[0]
 
-    return str(_landlock.confine(hidden, cut_tcp=not keep_network))
+    confined = str(_landlock.confine(hidden, cut_tcp=not keep_network))
+    if keep_network:
+        return confined
+    return f"{confined}; {_landlock.forbid_connect()}"
 
 
 if __name__ == "__main__":

@@ -124,3 +124,48 @@ def confine(hidden: list[str], *, cut_tcp: bool) -> str:
     if net:
         what.append("no TCP")
     return f"Landlock ABI {abi}: " + ", ".join(what)
+
+
+# --- seccomp: no connect() -------------------------------------------------------------------
+_AUDIT_ARCH = {"x86_64": (0xC000003E, 42), "aarch64": (0xC00000B7, 203)}  # (arch, connect)
+_PR_SET_SECCOMP, _SECCOMP_MODE_FILTER = 22, 2
+_RET_ALLOW, _RET_ERRNO, _EACCES = 0x7FFF0000, 0x00050000, 13
+_LD_ABS_W, _JEQ_K, _JGE_K, _RET_K = 0x20, 0x15, 0x35, 0x06
+
+
+def forbid_connect() -> str:
+    """A seccomp filter refusing connect() (EACCES) and syscalls of any other ABI.
+
+    Why: Landlock (up to ABI 7) does not cover connecting to a named Unix socket, and the
+    network namespace only cuts IP: a local database, container engine or broker socket on
+    the node's filesystem would still answer. The child needs no new connection: it talks to
+    the runtime over the socket it inherited.
+    """
+    import platform
+
+    arch = _AUDIT_ARCH.get(platform.machine())
+    if not sys.platform.startswith("linux") or arch is None:
+        return "connect() not filtered (no seccomp filter for this platform)"
+    audit_arch, nr_connect = arch
+    program = [
+        (_LD_ABS_W, 0, 0, 4),  # seccomp_data.arch
+        (_JEQ_K, 0, 4, audit_arch),  # another ABI (int 0x80, x32): refused
+        (_LD_ABS_W, 0, 0, 0),  # seccomp_data.nr
+        (_JGE_K, 2, 0, 0x40000000),  # x32 system call numbers: refused
+        (_JEQ_K, 1, 0, nr_connect),
+        (_RET_K, 0, 0, _RET_ALLOW),
+        (_RET_K, 0, 0, _RET_ERRNO | _EACCES),
+    ]
+    code = b"".join(struct.pack("=HBBI", *op) for op in program)
+    filters = ctypes.create_string_buffer(code, len(code))
+    fprog = struct.pack("=HxxxxxxQ", len(program), ctypes.addressof(filters))
+    buffer = ctypes.create_string_buffer(fprog, len(fprog))
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+    except OSError as exc:
+        return f"connect() not filtered (libc unavailable: {exc})"
+    if libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0):
+        return f"connect() not filtered ({os.strerror(ctypes.get_errno())})"
+    if libc.prctl(_PR_SET_SECCOMP, _SECCOMP_MODE_FILTER, buffer, 0, 0):
+        return f"connect() not filtered ({os.strerror(ctypes.get_errno())})"
+    return "connect() refused"

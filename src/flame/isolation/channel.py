@@ -69,6 +69,7 @@ class Channel:
         try:
             if not data:
                 raise ChannelClosed("the other side closed the channel")
+            self.sock.settimeout(None)  # a frame has begun: read all of it (EOF if it dies)
             head = data + self._exactly(_HEAD.size - len(data)) if len(data) < _HEAD.size else data
             mode, size = _HEAD.unpack(head)
             if size > self.max_bytes:

@@ -24,7 +24,7 @@ from typing import IO, Any, Protocol
 import numpy as np
 
 from flame.data import Data, FileSource
-from flame.errors import AnalysisError, FlameError, RunTimeout
+from flame.errors import AnalysisError, FlameError, PolicyRefused, RunTimeout
 from flame.federated.context import Context, active
 from flame.isolation.channel import Channel, ChannelClosed
 from flame.isolation.spawn import scrubbed_environment, spawn_child, take_warm
@@ -62,11 +62,21 @@ class RowMeter:
         if (source, name) in self._seen:
             return
         self._seen.add((source, name))
-        if name.lower().endswith((".csv", ".tsv")):
+        lower = name.lower()
+        if lower.endswith((".csv", ".tsv")):
             text = content.decode("utf-8-sig", errors="replace")
-            dialect = "excel-tab" if name.lower().endswith(".tsv") else "excel"
+            dialect = "excel-tab" if lower.endswith(".tsv") else "excel"
             records = sum(1 for row in csv.reader(io.StringIO(text, newline=""), dialect) if row)
             self.rows += max(records - 1, 0)
+        elif lower.endswith((".jsonl", ".ndjson")):
+            self.rows += sum(1 for line in content.splitlines() if line.strip())
+        elif lower.endswith((".parquet", ".pq")):
+            try:
+                import pyarrow.parquet as pq
+
+                self.rows += int(pq.ParquetFile(io.BytesIO(content)).metadata.num_rows)
+            except Exception:  # unreadable: no rows counted, min_rows decides
+                log.warning("could not count the rows of %s", name)
 
     def records(self, value: Any) -> None:
         if hasattr(value, "num_rows") or hasattr(value, "shape"):  # Arrow / pandas tables
@@ -257,6 +267,7 @@ class ChildRunner:
         cut_network: bool = True,
         capture_output: bool = False,
         hide: Sequence[str | Path] = (),
+        allow_messages: bool = True,
     ) -> None:
         locator = locate(analyze)
         if locator is None:
@@ -271,7 +282,11 @@ class ChildRunner:
         self.timeout = timeout
         self.cut_network = cut_network
         self.capture_output = capture_output  # the child's stderr as node log lines
+        # Called about once a second while the child computes; what it raises ends the wait
+        # (the node runtime uses it to stop at an abort or a finished run).
+        self.on_wait: Callable[[], None] | None = None
         self.hide = child_hidden_paths(hide, locator.get("file") or locator.get("path"))
+        self.allow_messages = allow_messages
         self.meter = RowMeter()
         self.network = "not started"
         self.confinement = "not started"
@@ -399,6 +414,8 @@ class ChildRunner:
                     raise AnalysisError(
                         "ProcessExit", f"the analysis process exited with code {code}"
                     ) from None
+                if self.on_wait is not None:
+                    self.on_wait()
             except (ChannelClosed, ConnectionError) as exc:
                 code = None if self._process is None else self._process.wait(timeout=5.0)
                 self._abandon()
@@ -445,6 +462,10 @@ class ChildRunner:
             ctx.set_progress(float(args["fraction"]))
             return None
         if op == "send":
+            if not self.allow_messages:
+                raise PolicyRefused(
+                    "this node's policy does not let analyze send messages (rule: allow_messages)"
+                )
             to = args.get("to")
             return sorted(
                 ctx.send(
