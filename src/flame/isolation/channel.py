@@ -18,7 +18,7 @@ import struct
 from typing import Any
 
 from flame.errors import MessageError
-from flame.messages import Envelope, decode, encode_parts
+from flame.messages import DEFAULT_MAX_BYTES, Envelope, decode, encode_parts
 
 __all__ = ["Channel", "ChannelClosed"]
 
@@ -109,7 +109,10 @@ class Channel:
                 if fd not in kept:
                     os.close(fd)
         try:
-            envelope = decode(frame, max_bytes=self.max_bytes)
+            # frames may be huge (arrays in a memfd); a table's decoded size is capped like a
+            # broker message's: a hostile child's few-byte table must not inflate here
+            tables = min(self.max_bytes, DEFAULT_MAX_BYTES)
+            envelope = decode(frame, max_bytes=self.max_bytes, max_table_bytes=tables)
         except MessageError:
             for fd in kept:
                 os.close(fd)
