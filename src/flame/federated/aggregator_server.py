@@ -35,6 +35,7 @@ from flame.federated.context import Context, active
 from flame.federated.functions import AnalysisFunctions
 from flame.federated.honesty import warn_if_dishonest
 from flame.federated.mailbox import Mailbox
+from flame.federated.membership import Instances, code_problem
 from flame.federated.records import (
     Checkpoint,
     EpochRecord,
@@ -78,6 +79,7 @@ class Aggregator:
         seed: int | None = None,
         secrets: Sequence[str] = (),
         keys: SecureKeys | None = None,
+        code: str | None = None,
     ) -> None:
         if not participants:
             raise ValueError("an aggregator needs at least one participant")
@@ -96,6 +98,8 @@ class Aggregator:
                 "the aggregation node must not hold the private key of secure aggregation"
             )
         self.mailbox = Mailbox(transport)
+        self.code = code  # SHA-256 of the analysis code: every node must announce the same
+        self._instances = Instances()
         self.session = uuid.uuid4().hex
         self.context = Context(
             analysis_id=transport.analysis_id,
@@ -574,6 +578,9 @@ class Aggregator:
         if node not in self.participants:
             self._tell_outsider(node, body)
             return
+        problem = self._instances.note(node, body) or code_problem(node, body, self.code)
+        if problem is not None:
+            raise RunFailed(problem, node=node)
         state = body.get("state")
         session = body.get("session")
         if body.get("share_aggregate") is False:
@@ -633,6 +640,7 @@ class Aggregator:
             "state": state,
             "role": "aggregation",
             "session": self.session,
+            **({"code": self.code} if self.code else {}),
             "run": self.run_id,
             "epoch": epoch,
             "time": time.time(),
