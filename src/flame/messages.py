@@ -296,10 +296,13 @@ def _decode_array(obj: dict[str, Any], blobs: list[memoryview], writable: bool) 
 
 
 def decode(
-    frame: bytes | bytearray | memoryview, *, max_bytes: int = DEFAULT_MAX_BYTES
+    frame: bytes | bytearray | memoryview,
+    *,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    max_table_bytes: int | None = None,
 ) -> Envelope:
     """Parse and validate one frame. Arrays are views of a bytearray or mmap frame, copies
-    otherwise."""
+    otherwise. A table may take at most `max_table_bytes` (default `max_bytes`) decoded."""
     view = memoryview(frame).cast("B")
     if view.nbytes > max_bytes:
         raise MessageError(f"message of {view.nbytes} bytes is over the limit of {max_bytes}")
@@ -339,7 +342,8 @@ def decode(
         isinstance(frame, memoryview) and not frame.readonly
     )
     try:
-        body = _decode_value(header.body, blobs, writable, max_bytes)
+        limit = max_bytes if max_table_bytes is None else max_table_bytes
+        body = _decode_value(header.body, blobs, writable, limit)
     except RecursionError:
         raise MessageError("body nests too deeply") from None
     return Envelope(

@@ -225,6 +225,7 @@ class AnalysisClient:
             instruction = self._admit(envelope)
             if instruction is None:
                 continue
+            self._acked = True  # the aggregator moved on: what it needed of us has arrived
             if instruction.kind in ("finished", "abort"):
                 return instruction
             if chosen is not None:

@@ -161,6 +161,13 @@ class StorageRunStore:
         )
         return stored.uri or stored.key
 
+    def save_failure(self, record: dict[str, Any]) -> str:
+        """Keep why the run failed (reason, node, epoch, the analysis traceback when sent)
+        under `{analysis}/failures/`; one attempt: a failing run must not wait on storage."""
+        key = f"{self.layout.root}failures/{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.json"
+        self.store.put_json(key, {**record, "code_sha256": self.provenance.get("code_sha256")})
+        return key
+
 
 class NodeState:
     """The analyst's `context().save/load` on this node's own storage."""

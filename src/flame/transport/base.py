@@ -150,6 +150,11 @@ class Transport(abc.ABC):
     def watch(self, nodes: Iterable[str] | None = None) -> None:
         """Deliver status changes of these nodes (all when None) as `status` envelopes."""
 
+    def post(self, envelope: Envelope) -> None:
+        """Send without waiting for the broker to accept it, for small best-effort messages
+        on a hot path (the aggregator's result acks: a lost one only costs a re-send)."""
+        self.send(envelope)
+
     @property
     def link(self) -> int:
         """How many times the broker lost this node's session (restart without persistence):

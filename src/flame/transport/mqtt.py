@@ -407,6 +407,20 @@ class MqttTransport(Transport):
         except TransportError as exc:
             raise TransportError(f"cannot send to {recipient!r}: {exc}") from None
 
+    def post(self, envelope: Envelope) -> None:
+        self._check_conflict()
+        parts = self.outgoing(envelope)
+        size = frame_size(parts)
+        if not self._connected or size > self.settings.chunk_size or self._claim_check is not None:
+            self.send(envelope)
+            return
+        self.bytes_sent += size
+        topic = inbox_topic(self.analysis_id, envelope.recipient)
+        try:
+            self.client.publish_nowait(topic, b"".join(parts)).abandon()
+        except TransportError as exc:
+            raise TransportError(f"cannot send to {envelope.recipient!r}: {exc}") from None
+
     def _send_chunks(self, topic: str, parts: Sequence[Buffer], timeout: float) -> None:
         """A window of chunks in flight: memory stays `send_window` chunks, throughput high.
 
