@@ -89,10 +89,13 @@ def identities_env(participants: Iterable[str], aggregator: str = AGGREGATOR) ->
     FLAME_ROSTER, and where `node_env` finds each node's FLAME_IDENTITY__KEY_FILE."""
     from identities import federation
 
-    key = (aggregator, *sorted(participants))
+    # Members: the participants and every usual test node id, so a node outside this
+    # analysis's participants is still a federation member (it can sign; it is told).
+    members = sorted({*participants, *(f"node-{i}" for i in range(10))} - {aggregator})
+    key = (aggregator, *members)
     if key not in _MADE:  # the same members get the same roster across calls (and tests)
         folder = Path(tempfile.mkdtemp(prefix="flame-ids-", dir=_IDENTITIES.name))
-        federation(folder, list(participants), aggregator)
+        federation(folder, members, aggregator)
         _MADE[key] = {
             "FLAME_ROSTER": str(folder / "roster.toml"),
             IDENTITY_DIR: str(folder / "keys"),

@@ -526,3 +526,45 @@ def test_forged_and_replayed_decryption_requests_are_dropped(site: Site) -> None
     assert "signed by 'mallory'" in site_a
     # one answer per node and request: the reporter's and the confirmer's, nothing more
     assert sorted(decrypted_replies) == ["site_a", "site_b"], decrypted_replies
+
+
+# --- flame check ------------------------------------------------------------------------------
+
+
+def test_check_isolation_probe_fails_on_an_open_broker_and_passes_with_the_acl(
+    site: Site, tmp_path: Path
+) -> None:
+    from broker import Broker
+
+    from flame.config import load_config
+    from flame.identity.checks import check_isolation
+
+    good = load_config(
+        analysis_id="iso",
+        node_id="site_a",
+        broker={"url": site.broker.url, "token_file": str(site.broker.files.tokens["site_a"])},
+    )
+    item = check_isolation(good, timeout=3)
+    assert item.verdict == "ok", item.line()
+    with Broker(tmp_path / "open", auth=False) as open_broker:  # anonymous, no ACL
+        bad = load_config(analysis_id="iso", node_id="site_a", broker={"url": open_broker.url})
+        item = check_isolation(bad, timeout=3)
+    assert item.verdict == "FAIL", item.line()
+    assert "read another node's inbox" in item.detail and "flame broker config" in item.fix
+
+
+def test_check_warns_about_a_password_over_plain_mqtt_to_another_host() -> None:
+    from flame.config import load_config
+    from flame.identity.checks import check_plain_password
+
+    def warning(url: str, token: str | None = "secret-token") -> str | None:
+        config = load_config(broker={"url": url, "token": token})
+        item = check_plain_password(config)
+        return None if item is None else item.line()
+
+    line = warning("mqtt://broker.example:1883")
+    assert line is not None and "unencrypted to broker.example" in line
+    assert "secret-token" not in line
+    assert warning("mqtts://broker.example:8883") is None
+    assert warning("mqtt://127.0.0.1:1883") is None
+    assert warning("mqtt://broker.example:1883", token=None) is None

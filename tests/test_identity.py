@@ -373,3 +373,29 @@ def test_key_hygiene(tmp_path: Path) -> None:
     assert "not signature-checked" in info and "valid" not in info
     with pytest.raises(TokenError, match=r"JWKS URL http://keys\.example/jwks must be https"):
         check_token(token, service="data API 'x'", jwks_url="http://keys.example/jwks")
+
+
+def test_instances_tell_a_restart_from_two_live_processes() -> None:
+    from flame.federated.membership import Instances, code_problem
+
+    restart = Instances()
+    for body in ({"instance": "a"}, {"instance": "a", "state": "sent"}, {"instance": "b"},
+                 {"instance": "a", "state": "offline"},  # a's will, after b's first status
+                 {"instance": "b", "state": "computing"}):  # fmt: skip
+        assert restart.note("site_b", body) is None
+    assert restart.current("site_b") == "b"
+    twins = Instances()
+    assert twins.note("site_b", {"instance": "a"}) is None
+    assert twins.note("site_b", {"instance": "b"}) is None
+    assert twins.note("site_b", {"instance": "a"}) == (
+        "two processes claim node 'site_b' (instances b, a)"
+    )
+    told = Instances()
+    told.note("site_b", {"instance": "b"})
+    assert told.note("site_b", {"state": "failed", "conflict": "a", "instance": "a"}) == (
+        "two processes claim node 'site_b' (instances a, b)"
+    )
+    assert code_problem("n", {"state": "sent", "code": "x" * 64}, "x" * 64) is None
+    mixed = code_problem("n", {"state": "sent", "code": "y" * 64}, "x" * 64)
+    assert mixed is not None and "node 'n' runs different analysis code" in mixed
+    assert code_problem("n", {"state": "offline"}, "x" * 64) is None

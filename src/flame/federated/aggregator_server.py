@@ -578,7 +578,9 @@ class Aggregator:
         if node not in self.participants:
             self._tell_outsider(node, body)
             return
-        problem = self._instances.note(node, body) or code_problem(node, body, self.code)
+        problem = self._instances.note(node, body) or code_problem(
+            node, body, self.code, self.run_id or ""
+        )
         if problem is not None:
             raise RunFailed(problem, node=node)
         state = body.get("state")

@@ -348,11 +348,13 @@ class AnalysisClient:
             self._forwarder = forwarder
         runner = self._runner(functions, data)
         try:
+            interrupted: Instruction | None = None
             try:
                 runner.start()  # the child starts while the aggregator gathers the nodes
+            except _Interrupted as stop:  # an abort (or the end) arrived meanwhile: keep it
+                interrupted = stop.instruction
             except Exception as exc:  # tried again, and reported, in the first epoch
                 log.warning("the analysis could not be started yet: %s", exc)
-            interrupted: Instruction | None = None
             while True:
                 instruction = interrupted or self.await_instruction()
                 interrupted = None

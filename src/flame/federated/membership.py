@@ -15,8 +15,9 @@ __all__ = ["Instances", "code_problem"]
 
 
 def _gone(body: dict[str, Any]) -> bool:
-    """An offline / farewell status: it may arrive after the next instance's first status."""
-    return body.get("state") == "offline" or body.get("online") is False
+    """A status of a process that is ending or gone (offline, farewell, done, failed): it may
+    arrive after the next instance's first status (a last will, a queued leftover)."""
+    return body.get("state") in ("offline", "done", "failed") or body.get("online") is False
 
 
 class Instances:
@@ -51,9 +52,14 @@ class Instances:
         return None
 
 
-def code_problem(node: str, body: dict[str, Any], expected: str | None) -> str | None:
-    """Why `node`'s announced analysis code (its status's `code`) is not `expected`, or None."""
-    if expected is None or _gone(body) or body.get("state") == "failed":
+def code_problem(
+    node: str, body: dict[str, Any], expected: str | None, run: str | None = None
+) -> str | None:
+    """Why `node`'s announced analysis code (its status's `code`) is not `expected`, or None.
+
+    With `run`, only statuses of that run count (a node's first one after the kick-off,
+    before its result): a leftover status of an earlier run may carry other code."""
+    if expected is None or _gone(body) or (run is not None and body.get("run") != run):
         return None
     announced = body.get("code")
     if announced == expected:
