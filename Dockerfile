@@ -3,7 +3,9 @@
 #
 #     docker build -t flame:0.1.0 .
 #
-# An analysis image is FROM this one plus the analyst's two files (README: "Containers").
+# Without a registry, build on the stand-in base of docker/standin-base.sh (README: "Containers").
+# An analysis image is FROM this one plus the analysis's code and requirements (`flame init`
+# writes its Dockerfile).
 # Every step that installs something calls docker/install.sh, which tests/test_container.py
 # runs too: the smoke test replays this file's FROM/COPY/ENV/RUN/WORKDIR/USER/ENTRYPOINT lines
 # and refuses a RUN it cannot replay, so the image and the test cannot drift apart.

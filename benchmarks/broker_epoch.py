@@ -15,6 +15,8 @@ Prints, from one run:
   4. a 100 MB numpy update through flame (chunked) vs the same bytes as one raw paho publish,
      sender and receiver each in their own process, with each side's peak RSS growth as a
      multiple of the payload (target <= 2x);
+  6. (below 5) the 10-node epoch signed (Ed25519 identities and a roster) vs unsigned, in the
+     same run, with the per-message signing and verification cost (`--only-signed`: just this).
   5. `analyze` in its isolated child process vs in the node's own process: the added time per
      epoch with a tiny result (target <= 20 ms) and, for a large numpy result, the node
      runtime's peak RSS growth against the in-process run's (target <= 1.2x; the array comes
@@ -216,7 +218,35 @@ def _participants(total: int) -> list[str]:
     return [f"n{i:04d}" for i in range(total)]
 
 
-def child_nodes(url: str, analysis: str, first: int, count: int, total: int) -> None:
+def _auth(ids: str, node: str) -> Any:
+    """The node's Authenticator from a folder made by `make_identities` ('-': unsigned)."""
+    if ids == "-":
+        return None
+    from flame.identity import Authenticator, Identity, Roster
+
+    folder = Path(ids)
+    roster = Roster.load(folder / "roster.toml")
+    return Authenticator(Identity.load(node, folder / "keys" / f"{node}.key"), roster)
+
+
+def make_identities(nodes: int) -> Path:
+    """Identities and a roster for the aggregator and `nodes` analysis nodes, in a temp dir."""
+    from flame.identity import Identity, Member, Roster, write_identity
+
+    folder = Path(tempfile.mkdtemp(prefix="flame-bench-ids-"))
+    members = []
+    for node, role in [("aggregator", "aggregation"), *((n, "analysis") for n in
+                                                         _participants(nodes))]:  # fmt: skip
+        identity = Identity.generate(node)
+        write_identity(identity, folder / "keys")
+        members.append(Member(node, role, identity.public_text))
+    Roster(members).save(folder / "roster.toml")
+    return folder
+
+
+def child_nodes(
+    url: str, analysis: str, first: int, count: int, total: int, ids: str = "-"
+) -> None:
     """Run `count` analysis nodes as threads of this process, each with its own connection."""
     from flame.data import Data, MemorySource
     from flame.federated.analysis_client import AnalysisClient
@@ -230,7 +260,7 @@ def child_nodes(url: str, analysis: str, first: int, count: int, total: int) -> 
 
     def run(node: str) -> None:
         client = AnalysisClient(
-            MqttTransport(settings, analysis, node),
+            MqttTransport(settings, analysis, node, auth=_auth(ids, node)),
             aggregator_id="aggregator",
             participants=participants,
             wait_timeout=600,
@@ -253,7 +283,9 @@ def child_nodes(url: str, analysis: str, first: int, count: int, total: int) -> 
         raise SystemExit(f"{len(failures)} nodes failed, first: {failures[0]}")
 
 
-def epoch_times(url: str, nodes: int, epochs: int) -> tuple[list[float], float]:
+def epoch_times(
+    url: str, nodes: int, epochs: int, ids: Path | None = None
+) -> tuple[list[float], float]:
     """Per-epoch durations: the aggregator here, the analysis nodes in worker processes
     (see `nodes_per_process`), every node with its own MQTT connection."""
     from flame.federated.aggregator_server import Aggregator
@@ -275,13 +307,19 @@ def epoch_times(url: str, nodes: int, epochs: int) -> tuple[list[float], float]:
                 str(first),
                 str(min(per_process, nodes - first)),
                 str(nodes),
+                str(ids) if ids is not None else "-",
             ]
         )
         for first in range(0, nodes, per_process)
     ]
     try:
         aggregator = Aggregator(
-            MqttTransport(settings, analysis, "aggregator"),
+            MqttTransport(
+                settings,
+                analysis,
+                "aggregator",
+                auth=_auth(str(ids), "aggregator") if ids is not None else None,
+            ),
             AnalysisFunctions.of(_analyze, _aggregate, None),
             participants=_participants(nodes),
             epochs=epochs,
@@ -511,7 +549,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--payload-mb", type=int, default=None)
     parser.add_argument("--child-receive", nargs=4, help=argparse.SUPPRESS)
     parser.add_argument("--child-send", nargs=4, help=argparse.SUPPRESS)
-    parser.add_argument("--child-nodes", nargs=5, help=argparse.SUPPRESS)
+    parser.add_argument("--child-nodes", nargs=6, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--only-signed", action="store_true", help="just the signed-vs-unsigned epoch row"
+    )
     parser.add_argument("--child-isolation", nargs=3, help=argparse.SUPPRESS)
     parser.add_argument("--only-isolation", action="store_true", help="just row 5 (no broker)")
     args = parser.parse_args(argv)
@@ -520,8 +561,8 @@ def main(argv: list[str] | None = None) -> None:
         child_isolation(mode, int(size), int(count))
         return
     if args.child_nodes:
-        url, analysis, first, count, total = args.child_nodes
-        child_nodes(url, analysis, int(first), int(count), int(total))
+        url, analysis, first, count, total, ids = args.child_nodes
+        child_nodes(url, analysis, int(first), int(count), int(total), ids)
         return
     if args.child_receive:
         url, mode, analysis, size = args.child_receive
@@ -538,6 +579,9 @@ def main(argv: list[str] | None = None) -> None:
         report_isolation(payload_mb, rounds)
         return
     with mosquitto() if args.broker is None else _given(args.broker) as url:
+        if args.only_signed:
+            report_signed(url, rounds)
+            return
         report(url, rounds, sizes, payload_mb)
 
 
@@ -588,6 +632,59 @@ def report(url: str, rounds: int, sizes: list[int], payload_mb: int) -> None:
         f"{'met' if worst <= 2 else 'NOT met'}"
     )
     report_isolation(payload_mb, rounds)
+    report_signed(url, rounds)
+
+
+def verify_cost(count: int = 2000) -> tuple[float, float]:
+    """Seconds to sign and to verify one small envelope (median of `count`)."""
+    from flame.identity import Authenticator, Identity, Member, Roster
+    from flame.messages import encode_parts
+
+    sender = Identity.generate("n0000")
+    receiver = Identity.generate("aggregator")
+    roster = Roster(
+        [
+            Member("n0000", "analysis", sender.public_text),
+            Member("aggregator", "aggregation", receiver.public_text),
+        ]
+    )
+    auth = Authenticator(sender, roster)
+    check = Authenticator(receiver, roster)
+    envelope = Envelope("bench", "n0000", "aggregator", "result", 0, {"x": 1.0, "epoch": 0.0})
+    signs, opens = [], []
+    for _ in range(count):
+        started = time.perf_counter()
+        frame = b"".join(bytes(p) for p in auth.seal(encode_parts(envelope)))
+        signs.append(time.perf_counter() - started)
+        started = time.perf_counter()
+        check.open(frame)
+        opens.append(time.perf_counter() - started)
+    return statistics.median(signs), statistics.median(opens)
+
+
+def report_signed(url: str, rounds: int, nodes: int = 10, epochs: int = 20) -> None:
+    """Signed vs unsigned 10-node epochs in the same run (alternating, to share the noise)."""
+    raw_median = statistics.median(raw_round_trip(url, rounds))
+    ids = make_identities(nodes)
+    unsigned: list[float] = []
+    signed: list[float] = []
+    try:
+        for _ in range(2):
+            unsigned += epoch_times(url, nodes, epochs)[0]
+            signed += epoch_times(url, nodes, epochs, ids)[0]
+    finally:
+        shutil.rmtree(ids, ignore_errors=True)
+    plain, sign = statistics.median(unsigned), statistics.median(signed)
+    sign_s, verify_s = verify_cost()
+    print(
+        f"6. epoch with {nodes} nodes, signed (Ed25519, roster) vs unsigned, median of "
+        f"{len(signed)} each: {sign * 1000:.2f} ms vs {plain * 1000:.2f} ms = "
+        f"{sign / plain:.2f}x (target <= 1.3x); signed = {sign / (2 * raw_median):.2f}x two raw "
+        f"round trips (target <= 3x)"
+    )
+    print(
+        f"   per message: sign {sign_s * 1e6:.0f} us, verify (+ decode) {verify_s * 1e6:.0f} us"
+    )
 
 
 def report_isolation(payload_mb: int, rounds: int) -> None:

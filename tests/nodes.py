@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterable, Mapping
@@ -32,6 +33,9 @@ __all__ = [
 ]
 
 AGGREGATOR = "aggregator"
+IDENTITY_DIR = "TEST_FLAME_IDENTITY_DIR"  # not a flame setting: where node_env finds keys
+_IDENTITIES = tempfile.TemporaryDirectory(prefix="flame-test-identities-")
+_MADE: dict[tuple[str, ...], dict[str, str]] = {}
 
 
 def clean_env() -> dict[str, str]:
@@ -71,7 +75,29 @@ def federation_env(
     if storage is not None:
         env.update(storage_env(storage))
     env.update(extra)
+    if "FLAME_ROSTER" not in env and env.get("FLAME_ALLOW_UNSIGNED") != "true":
+        env.update(
+            identities_env(
+                env["FLAME_PARTICIPANTS"].split(","), env.get("FLAME_AGGREGATOR_ID", AGGREGATOR)
+            )
+        )
     return env
+
+
+def identities_env(participants: Iterable[str], aggregator: str = AGGREGATOR) -> dict[str, str]:
+    """A fresh roster and identity keys for these nodes (in a folder kept for the session):
+    FLAME_ROSTER, and where `node_env` finds each node's FLAME_IDENTITY__KEY_FILE."""
+    from identities import federation
+
+    key = (aggregator, *sorted(participants))
+    if key not in _MADE:  # the same members get the same roster across calls (and tests)
+        folder = Path(tempfile.mkdtemp(prefix="flame-ids-", dir=_IDENTITIES.name))
+        federation(folder, list(participants), aggregator)
+        _MADE[key] = {
+            "FLAME_ROSTER": str(folder / "roster.toml"),
+            IDENTITY_DIR: str(folder / "keys"),
+        }
+    return dict(_MADE[key])
 
 
 def node_env(
@@ -87,6 +113,8 @@ def node_env(
     own = dict(env)
     own["FLAME_NODE_ID"] = node
     own["FLAME_ROLE"] = role or ("aggregation" if node == aggregator else "analysis")
+    if IDENTITY_DIR in env and "FLAME_IDENTITY__KEY_FILE" not in env:
+        own["FLAME_IDENTITY__KEY_FILE"] = str(Path(env[IDENTITY_DIR]) / f"{node}.key")
     if data_dir is not None:
         own["FLAME_DATA_DIR"] = str(data_dir)
     own.update(extra)

@@ -12,6 +12,7 @@ from pathlib import Path
 import jwt
 import pytest
 from broker import ADMIN, Broker
+from identities import federation
 from servers.fhir_server import DataApiServer
 from servers.s3_server import S3Server, free_port
 
@@ -62,6 +63,7 @@ def node_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, broker: Broker) ->
         "FLAME_BROKER__URL": broker.url,
         "FLAME_BROKER__TOKEN": broker.password,
         "FLAME_DATA_DIR": str(data),
+        **federation(tmp_path / "identities", ["clinic-a", "clinic-b"])["clinic-a"],
     }.items():
         monkeypatch.setenv(name, value)
     return data
@@ -160,7 +162,8 @@ def test_everything_reachable_passes_and_nothing_is_written(
     assert code == 0, lines
     assert [line.split()[0] for line in lines] == ["ok"] * len(lines)
     assert [line.split()[1].rstrip(":") for line in lines] == [
-        "config", "token", "token", "broker", "data", "data", "storage", "policy",
+        "config", "token", "token", "broker", "roster", "identity", "inbox", "data", "data",
+        "storage", "policy",
     ]  # fmt: skip
     assert "ok   token broker: opaque token (not a JWT; nothing to check)" in lines
     assert any(line.startswith("ok   token data API 'files': JWT valid, expires") for line in lines)
@@ -266,6 +269,8 @@ def test_secure_aggregation_keys_must_parse_and_match(
     # the aggregator is checked for the public key only: it must never hold the private one
     monkeypatch.setenv("FLAME_ROLE", "aggregation")
     monkeypatch.setenv("FLAME_NODE_ID", "aggregator")
+    keys = Path(os.environ["FLAME_IDENTITY__KEY_FILE"]).parent
+    monkeypatch.setenv("FLAME_IDENTITY__KEY_FILE", str(keys / "aggregator.key"))
     report = run_checks(timeout=3)
     assert report.ok, [item.line() for item in report.items]
     assert not any("private" in item.name for item in report.items)

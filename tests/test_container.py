@@ -667,8 +667,11 @@ def test_container_runs_a_federation_with_env_only(
             "FLAME_DATA_DIR": str(data / "node_2"),
         },
     }
+    from identities import federation
+
+    identities = federation(tmp_path / "identities", ["clinic-a", "clinic-b"])
     processes = {
-        name: image.start({**common, **extra}, tmp_path / f"{name}.log")
+        name: image.start({**common, **extra, **identities[name]}, tmp_path / f"{name}.log")
         for name, extra in nodes.items()
     }
     outputs: dict[str, str] = {}

@@ -178,6 +178,25 @@ def test_analysis_image_is_labelled_with_the_code_hash(built: Built) -> None:
     assert labels["Labels"][IMAGE_LABEL] == built.code_sha256
 
 
+def test_the_two_file_template_project_builds_as_it_is(built: Built, tmp_path: Path) -> None:
+    folder = tmp_path / "templates"
+    _flame_cli("init", str(folder))
+    digest = code_hash(load_analysis(folder).functions)
+    tag = "localhost/flame-test-templates:latest"
+    _, done = built.podman.build(
+        folder, tag, {"FLAME_IMAGE": FLAME_IMAGE, "FLAME_CODE_SHA256": digest}
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr
+    assert "names no packages; nothing to install" in done.stdout + done.stderr
+    listing = built.podman("run", "--rm", *built.podman.runtime, *built.podman.limits,
+                           "--entrypoint", "ls", tag, "/app", timeout=120)  # fmt: skip
+    assert listing.stdout.split() == [
+        "aggregator_generic.py", "analyzer_generic.py", "main_generic.py", "requirements.txt",
+    ]  # fmt: skip
+    labels = built.podman.inspect(tag)["Config"]
+    assert isinstance(labels, dict) and labels["Labels"][IMAGE_LABEL] == digest
+
+
 def test_the_build_refuses_a_wrong_or_missing_code_hash(built: Built) -> None:
     for given, says in (("0" * 64, "is not the hash of the code"), ("", "no FLAME_CODE_SHA256")):
         _, done = built.podman.build(

@@ -6,6 +6,8 @@ logs, and storage writes retried through a blip.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import threading
 import time
@@ -137,6 +139,83 @@ def test_a_node_outside_the_roster_is_told_and_stops_with_a_config_error() -> No
     assert outcome["a"] == outcome["b"] == result.value
 
 
+def _restart_aggregator_without_storage(crash_in_epoch: int) -> tuple[Any, list[Any]]:
+    """Nodes in threads; the first aggregator dies inside aggregate() of `crash_in_epoch`
+    (its broker session and memory gone), a second one, without storage, takes over."""
+    broker = MemoryBroker()
+    calls: list[tuple[str, int]] = []
+    inside = threading.Event()
+    release = threading.Event()
+
+    def counting(data: Data, epoch: int, previous: Any) -> dict[str, float]:
+        calls.append((flame.context().node_id, epoch))
+        return analyze(data, epoch, previous)
+
+    def crashing(results: dict[str, Any], epoch: int, previous: Any) -> dict[str, float]:
+        if threading.current_thread().name == "first" and epoch == crash_in_epoch:
+            inside.set()
+            release.wait(30)
+        return aggregate(results, epoch, previous)
+
+    functions = AnalysisFunctions.of(counting, crashing)
+
+    def make() -> Aggregator:
+        return Aggregator(
+            MemoryTransport(broker, "restart", "aggregator"),
+            functions,
+            participants=list(DATA),
+            epochs=3,
+            epoch_timeout=20,
+            presence_timeout=20,
+        )
+
+    outcome: dict[str, Any] = {}
+
+    def play(node: str) -> None:
+        client = AnalysisClient(
+            MemoryTransport(broker, "restart", node),
+            aggregator_id="aggregator",
+            participants=list(DATA),
+            wait_timeout=40,
+        )
+        data = Data({"memory": MemorySource(DATA[node])}, node_id=node)
+        outcome[node] = client.run(functions, data).value
+
+    nodes = [threading.Thread(target=play, args=(n,), daemon=True) for n in DATA]
+    for thread in nodes:
+        thread.start()
+    first = make()
+    threading.Thread(target=lambda: _quietly(first.execute), name="first", daemon=True).start()
+    try:
+        assert inside.wait(20)
+        first.transport.kill()  # type: ignore[attr-defined]
+        result = make().execute()
+    finally:
+        release.set()
+    for thread in nodes:
+        thread.join(20)
+    assert all(outcome[node] == result.value for node in DATA)
+    return result.value, calls
+
+
+def _quietly(call: Any) -> None:
+    with contextlib.suppress(BaseException):  # how the "crashed" aggregator ends is moot
+        call()
+
+
+def test_an_aggregator_restarted_in_epoch_0_without_storage_continues_from_cached_results() -> None:
+    value, calls = _restart_aggregator_without_storage(crash_in_epoch=0)
+    assert value == reference(3)
+    assert sorted(calls) == sorted((node, epoch) for node in DATA for epoch in range(3))
+
+
+def test_an_aggregator_restarted_later_without_storage_starts_the_run_over() -> None:
+    value, calls = _restart_aggregator_without_storage(crash_in_epoch=1)
+    assert value == reference(3)
+    # epochs 0 and 1 twice (the first run, then the new one), epoch 2 once
+    assert sorted(calls) == sorted((node, epoch) for node in DATA for epoch in (0, 0, 1, 1, 2))
+
+
 def test_a_slow_node_skips_the_queued_aggregates_of_a_finished_run() -> None:
     """In-process (no child to stop), the slow node finishes its epoch 0 and then finds the
     aggregates of epochs 0 and 1 and `finished` queued: it takes `finished`."""
@@ -182,6 +261,21 @@ def test_the_failing_analysis_line_reaches_the_analyst_masked() -> None:
     assert failure.value.node == "b"
     assert "in _fails" in text and "in _lookup" in text and "KeyError" in text
     assert "flame/federated" not in text and "flame/simulate" not in text
+
+
+def test_the_failure_is_kept_in_storage_with_its_traceback(tmp_path: Path) -> None:
+    from flame.config import StorageSettings
+
+    settings = config(epochs=1).model_copy(
+        update={"storage": StorageSettings(results_dir=tmp_path), "analysis_id": "kept"}
+    )
+    with pytest.raises(RunFailed):
+        flame.simulate(_fails, aggregate, data=DATA, config=settings)
+    records = list((tmp_path / "kept" / "failures").glob("*.json"))
+    assert len(records) == 1, list(tmp_path.rglob("*"))
+    kept = json.loads(records[0].read_text())
+    assert "node 'b' failed in epoch 0" in kept["reason"]
+    assert "in _lookup" in kept["traceback"] and kept["node"] == "b"
 
 
 def test_a_node_policy_keeps_its_traceback_at_home() -> None:

@@ -19,6 +19,7 @@ import numpy as np
 import paho.mqtt.client as mqtt
 import pytest
 from broker import ADMIN, Broker
+from identities import federation
 
 import flame
 from flame.errors import ConfigError, RunFailed
@@ -74,9 +75,10 @@ def _run_four_processes(broker: Broker, tmp_path: Path, analysis_id: str, policy
             "FLAME_EPOCH_TIMEOUT": "60",
         }
     )
+    identities = federation(tmp_path / "identities", list(BROKER_IDS))
     processes = {}
     for node in ("aggregator", *BROKER_IDS):
-        node_env = {**env, "FLAME_NODE_ID": node}
+        node_env = {**env, "FLAME_NODE_ID": node, **identities[node]}
         if node == "aggregator":
             node_env["FLAME_ROLE"] = "aggregation"
         else:

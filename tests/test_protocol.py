@@ -261,7 +261,8 @@ def test_old_duplicate_and_foreign_results_are_not_counted() -> None:
         if envelope.kind == "result":
             injected["duplicate"] += 1
             injected["second"] += 1
-            real = encode(envelope)
+            real = envelope.signed  # the signed message as sent
+            assert isinstance(real, bytes)
             broker.inject(*inbox, real)
             broker.inject(*inbox, real)  # the same message id again
             second = Envelope(

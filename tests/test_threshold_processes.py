@@ -129,8 +129,15 @@ def test_two_share_holders_sigkilled_mid_decryption(
             )
         for node in killed:  # they have the request and are computing their partials
             processes[node].send_signal(signal.SIGKILL)
-        out, _ = processes["aggregator"].communicate(timeout=240)
+        stdout: list[str] = []
+        out_pump = threading.Thread(
+            target=_pump, args=(processes["aggregator"].stdout, queue.Queue(), stdout), daemon=True
+        )
+        out_pump.start()
+        processes["aggregator"].wait(timeout=240)
         pump.join(10)
+        out_pump.join(10)
+        out = "".join(stdout)
         assert processes["aggregator"].returncode == 0, "".join(log)[-4000:]
         value = json.loads(out.strip().splitlines()[-1])
         expected = np.sum(

@@ -480,3 +480,20 @@ def test_what_the_range_check_on_a_sum_detects_and_what_it_cannot(parties) -> No
         decrypt([malicious([10, 20 + 1000]), honest, honest])
     with pytest.raises(AggregationOverflowError):
         decrypt([malicious([-400, 20]), honest, honest])  # wraps modulo n
+
+
+def test_malformed_requests_get_an_error_not_a_crash(parties) -> None:
+    public, roster, shares = parties
+    holder = party(shares, roster, "c")
+    good = contribution(public, roster, "a", [1.0])
+    for body in (
+        None,
+        {"fields": "x"},
+        {"fields": {}},
+        {"fields": {"total": {1: good, "a": good}}},
+        {"fields": {"total": {"a": good, "b": Sealed(CONTRIBUTION, b"\x00")}}},
+        {"fields": {"total": {"a": good, "b": Sealed(CONTRIBUTION, b"\x00\x01x" + b"FLPV")}}},
+        {"fields": {"total": {"a": good, "b": "not sealed"}}},
+    ):
+        envelope = Envelope("run1", "aggregator", "c", "message", 0, body)
+        assert "error" in holder.answer(envelope)

@@ -81,3 +81,24 @@ def test_ordinary_tables_near_the_limit_still_cross(monkeypatch: pytest.MonkeyPa
     decoded = decode(_frame(monkeypatch, table), max_bytes=LIMIT).body["stats"]["counts"]
     assert decoded["n"].tolist() == list(range(40_000))
     assert decoded["s"].tolist()[:8] == ["k0", "k1", "k2", "k3", "k4", "k5", "k6", "k0"]
+
+
+def test_the_isolation_channel_caps_tables_from_a_hostile_child() -> None:
+    """The channel allows huge frames (arrays travel in a memfd), but a 224-byte table that
+    claims 600 M null rows (4.8 GB as objects) from the analysis child is refused."""
+    import socket
+
+    from flame.isolation.channel import Channel
+
+    nulls = pa.Array.from_buffers(pa.null(), 600_000_000, [None])  # no buffers at all
+    ours, theirs = socket.socketpair()
+    parent, child = Channel(ours), Channel(theirs, accept_descriptors=True)
+    try:
+        child.send("result", {"value": pa.table({"x": nulls})})
+        with pytest.raises(MessageError, match=r"body\.value: .*message limit"):
+            parent.receive(timeout=5)
+        child.send("result", {"value": pa.table({"x": [1, 2]})})  # the channel still works
+        assert parent.receive(timeout=5)[1]["value"].num_rows == 2
+    finally:
+        parent.close()
+        child.close()

@@ -512,6 +512,19 @@ def _check_policy(config: FlameConfig) -> CheckItem:
     return CheckItem("ok", "policy", target, detail)
 
 
+def _auth_checks(config: FlameConfig, broker: CheckItem, timeout: float) -> list[CheckItem]:
+    """Identity and roster; plain-text password warning; live inbox isolation probe."""
+    from flame.identity.checks import check_identity, check_isolation, check_plain_password
+
+    items = check_identity(config)
+    warning = check_plain_password(config)
+    if warning is not None:
+        items.append(warning)
+    if broker.verdict == "ok":
+        items.append(check_isolation(config, timeout))
+    return items
+
+
 def run_checks(*, timeout: float = 5.0) -> CheckReport:
     """Check everything this node's config uses; every item is tried, none stops the rest."""
     report = CheckReport()
@@ -527,6 +540,7 @@ def run_checks(*, timeout: float = 5.0) -> CheckReport:
             items.append(CheckItem("FAIL", "broker", detail=str(exc)))
         else:
             items.append(_check_broker(config, failed_tokens, timeout))
+            items.extend(_auth_checks(config, items[-1], timeout))
     if config.data_dir is not None:
         items.append(_check_data_dir(config.data_dir))
     for source in config.data:

@@ -238,7 +238,7 @@ def _report(result: RunResult, output: Path | None, manifest: dict[str, Any] | N
 def _cmd_run(args: argparse.Namespace) -> int:
     from flame.config import load_config
     from flame.loader import load_analysis
-    from flame.main import run
+    from flame.main import analysis_code_hash, run
     from flame.messages import to_jsonable
     from flame.policy import load_policy
 
@@ -257,7 +257,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
         analysis_files(args.analysis)  # a wrong path fails here, before connecting
         placeholder = AnalysisAt(args.analysis)
-        value: Any = run(placeholder, placeholder, config=config)
+        code = analysis_code_hash(args.analysis)
+        value: Any = run(placeholder, placeholder, config=config, code=code)
     else:
         analysis = load_analysis(args.analysis)
         value = run(
@@ -265,12 +266,17 @@ def _cmd_run(args: argparse.Namespace) -> int:
             analysis.functions.aggregate,
             analysis.functions.converged,
             config=config,
+            code=analysis_code_hash(args.analysis),
         )
     print(json.dumps(_strict_json(to_jsonable(value))))
     return 0
 
 
 def _cmd_keys(args: argparse.Namespace) -> int:
+    if args.rest[:1] == ["identity"]:
+        from flame._cli_auth import keys_identity
+
+        return keys_identity(args.rest[1:])
     from flame._cli_keys import keys_cli
 
     return int(keys_cli(args.rest))
@@ -335,7 +341,10 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("analysis", type=Path, nargs="?", default=Path("."), help="default: .")
     run.set_defaults(handler=_cmd_run)
 
-    keys = commands.add_parser("keys", help="Paillier keys: flame keys generate --out DIR")
+    keys = commands.add_parser(
+        "keys",
+        help="keys: flame keys identity NODE_ID --out DIR | generate --out DIR (Paillier)",
+    )
     keys.add_argument("rest", nargs=argparse.REMAINDER)
     keys.set_defaults(handler=_cmd_keys)
 
@@ -344,6 +353,10 @@ def _parser() -> argparse.ArgumentParser:
 
     add_commands(commands)
     add_report(commands)
+
+    from flame._cli_auth import add_commands as add_auth_commands
+
+    add_auth_commands(commands)
     return parser
 
 

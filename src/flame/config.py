@@ -37,6 +37,7 @@ __all__ = [
     "BrokerSettings",
     "DataSourceSettings",
     "FlameConfig",
+    "IdentitySettings",
     "SecureAggregationSettings",
     "StorageSettings",
     "TokenSettings",
@@ -160,6 +161,12 @@ class SecureAggregationSettings(_Section):
     )
 
 
+class IdentitySettings(_Section):
+    """This node's Ed25519 signing key (`flame keys identity NODE --out DIR` writes one)."""
+
+    key_file: Path | None = Field(None, description="PEM private key, mode 0600")
+
+
 def _split_list(value: Any) -> Any:
     if isinstance(value, str):
         text = value.strip()
@@ -201,6 +208,14 @@ class FlameConfig(BaseSettings):
     broker: BrokerSettings = BrokerSettings()
     storage: StorageSettings = StorageSettings()
     secure: SecureAggregationSettings = SecureAggregationSettings()
+    roster: Path | None = Field(None, description="the federation roster (TOML)")
+    identity: IdentitySettings = IdentitySettings()
+    allow_unsigned: bool = Field(
+        False, description="run without roster and signatures: nothing is authenticated"
+    )
+    approved_code: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="SHA-256 of analysis code this node may run"
+    )
     policy: Path | None = Field(
         None, description="this node's policy file (disclosure rules, DP budget); operator's"
     )
@@ -211,6 +226,22 @@ class FlameConfig(BaseSettings):
     @classmethod
     def _participants_list(cls, value: Any) -> Any:
         return _split_list(value)
+
+    @field_validator("approved_code", mode="before")
+    @classmethod
+    def _approved_list(cls, value: Any) -> Any:
+        return _split_list(value)
+
+    @field_validator("approved_code")
+    @classmethod
+    def _approved_hashes(cls, value: list[str]) -> list[str]:
+        value = [item.strip().lower() for item in value]
+        for item in value:
+            if not re.fullmatch(r"[0-9a-f]{64}", item):
+                raise ValueError(
+                    f"{item[:70]!r} is not a SHA-256 in hex (64 characters; `flame hash` prints it)"
+                )
+        return value
 
     @field_validator("participants")
     @classmethod

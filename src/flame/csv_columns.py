@@ -11,7 +11,10 @@ file the general way (`flame.readers.read_tables`), which handles and reports su
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import IO, Any
 
 import numpy as np
 import pyarrow as pa
@@ -31,11 +34,25 @@ class Fallback(Exception):
     """This file needs the general reader (types change after the first block)."""
 
 
-def _line_count(path: Path) -> int:
+Where = Path | Callable[[], IO[bytes]]
+"""A file on disk, or a function opening it from its start (a descriptor in the child)."""
+
+
+@contextlib.contextmanager
+def _opened(where: Where) -> Iterator[Path | IO[bytes]]:
+    if isinstance(where, Path):
+        yield where  # pyarrow opens it natively
+    else:
+        with where() as handle:
+            yield handle
+
+
+def _line_count(where: Where) -> int:
     """Newlines + 1: at least the number of records. Read in 1 MiB pieces (a memory map
     would count the whole file toward this process's RSS)."""
     count = 1
-    with path.open("rb", buffering=0) as handle:
+    opened: Any = where.open("rb", buffering=0) if isinstance(where, Path) else where()
+    with opened as handle:
         piece = bytearray(1 << 20)
         view = memoryview(piece)
         while True:
@@ -63,11 +80,11 @@ def _nan() -> pa.Scalar:
 
 
 def read_csv_columns(
-    name: str, path: Path, report: ReadReport, delimiter: str = ","
+    name: str, path: Where, report: ReadReport, delimiter: str = ","
 ) -> dict[str, np.ndarray]:
     """One CSV file as `{column: numpy}`; raises `Fallback` when the general reader must."""
     try:
-        with pacsv.open_csv(path, **_options(delimiter, None)) as sniff:
+        with _opened(path) as where, pacsv.open_csv(where, **_options(delimiter, None)) as sniff:
             schema = sniff.schema
     except (pa.ArrowInvalid, OSError):
         raise Fallback from None
@@ -88,7 +105,7 @@ def read_csv_columns(
     nan = _nan()
     position = 0
     try:
-        with pacsv.open_csv(path, **_options(delimiter, types)) as reader:
+        with _opened(path) as where, pacsv.open_csv(where, **_options(delimiter, types)) as reader:
             for batch in reader:
                 count = batch.num_rows
                 if position + count > rows:  # cannot happen: rows >= lines >= records

@@ -11,7 +11,7 @@ from __future__ import annotations
 import csv
 import fnmatch
 import io
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
@@ -20,6 +20,7 @@ import numpy as np
 
 from flame.errors import DataError
 from flame.sources.base import FileSource
+from flame.sources.descriptor import DescriptorSource, Opener
 from flame.sources.local import LocalSource, MemorySource
 
 if TYPE_CHECKING:  # pyarrow is imported on the first table read (keeps start-up fast)
@@ -124,7 +125,7 @@ class Data:
         from flame.readers import to_numpy
 
         files = self._files_source(source)
-        if isinstance(files, LocalSource):
+        if isinstance(files, (LocalSource, DescriptorSource)):
             streamed = self._read_csv_streamed(files, names)
             if streamed is not None:
                 return streamed
@@ -135,8 +136,11 @@ class Data:
             table = table.drop_columns([column])
         return columns
 
-    def _read_csv_streamed(self, files: LocalSource, names: list[str]) -> Table | None:
-        """Local CSV files streamed into numpy (`flame.csv_columns`); None: read generally."""
+    def _read_csv_streamed(
+        self, files: LocalSource | DescriptorSource, names: list[str]
+    ) -> Table | None:
+        """Local CSV files (by path, or by descriptor in an isolated child) streamed into
+        numpy (`flame.csv_columns`); None: read generally."""
         from flame.csv_columns import Fallback, read_csv_columns
         from flame.readers import ReadReport, file_format
 
@@ -146,15 +150,22 @@ class Data:
             kind = file_format(file_name)
             if kind not in ("csv", "tsv"):
                 return None
-            path = files.path(file_name)
-            if not path.is_file():
-                raise DataError(f"data source {files.name!r}: no file {file_name!r}")
+            where: Path | Callable[[], IO[bytes]]
+            if isinstance(files, DescriptorSource):
+                where = files.opener(file_name)
+            else:
+                where = files.path(file_name)
+                if not where.is_file():
+                    raise DataError(f"data source {files.name!r}: no file {file_name!r}")
             try:
                 parts.append(
-                    read_csv_columns(file_name, path, report, "\t" if kind == "tsv" else ",")
+                    read_csv_columns(file_name, where, report, "\t" if kind == "tsv" else ",")
                 )
             except Fallback:
                 return None
+            finally:
+                if isinstance(where, Opener):
+                    where.close()
             if list(parts[-1]) != list(parts[0]):
                 raise DataError(
                     f"{file_name!r} has columns {list(parts[-1])}, but {names[0]!r} has "

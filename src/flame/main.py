@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Callable
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from flame._signals import stop_on_sigterm
 from flame.config import FlameConfig, load_config
@@ -17,6 +19,9 @@ from flame.federated.records import EventSink
 from flame.federated.run_store import code_hash, open_node_state, open_run_store
 from flame.federated.secure import SecureKeys
 from flame.transport.base import Transport
+
+if TYPE_CHECKING:
+    from flame.identity import Authenticator
 
 __all__ = ["code_hash", "run"]
 
@@ -45,7 +50,9 @@ def _require(config: FlameConfig) -> tuple[str, str]:
     return config.node_id, config.role
 
 
-def node_transport(config: FlameConfig, node_id: str) -> Transport:
+def node_transport(
+    config: FlameConfig, node_id: str, auth: Authenticator | None = None
+) -> Transport:
     """The MQTT transport for this node (imported lazily: simulation does not need paho)."""
     from flame.transport.mqtt import MqttTransport
 
@@ -61,7 +68,9 @@ def node_transport(config: FlameConfig, node_id: str) -> Transport:
                 "FLAME_STORAGE__ENDPOINT (a store every node shares)"
             )
         claim_check = StorageClaimCheck(store, config.analysis_id, node_id)
-    return MqttTransport(config.broker, config.analysis_id, node_id, claim_check=claim_check)
+    return MqttTransport(
+        config.broker, config.analysis_id, node_id, claim_check=claim_check, auth=auth
+    )
 
 
 def node_data_handle(config: FlameConfig) -> Data:
@@ -80,6 +89,37 @@ def node_data_handle(config: FlameConfig) -> Data:
     return Data(sources, node_id=config.node_id or "")
 
 
+def analysis_code_hash(path: str | Path) -> str:
+    """The SHA-256 of the analysis at `path` (a .py file or a folder): over its files, by
+    name and content, without importing them. What `flame hash` prints and nodes approve."""
+    from flame.loader import analysis_files
+
+    digest = hashlib.sha256()
+    for file in sorted(analysis_files(path)):
+        digest.update(file.name.encode() + b"\0" + file.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
+def check_code_approval(config: FlameConfig, role: str, code: str) -> None:
+    """Refuse analysis code the operator has not approved (FLAME_APPROVED_CODE), naming its
+    hash, so the operator can review it and add it. Without a list, any code runs (warned)."""
+    if not config.approved_code:
+        if role == "analysis":
+            log.warning(
+                "no FLAME_APPROVED_CODE: this node runs any analysis code it is given "
+                "(this one: SHA-256 %s)",
+                code,
+            )
+        return
+    if code not in config.approved_code:
+        raise ConfigError(
+            f"FLAME_APPROVED_CODE / approved_code: this analysis code (SHA-256 {code}) is not "
+            f"approved on node {config.node_id!r}; review it, then add its hash "
+            "(`flame hash ANALYSIS` prints it)"
+        )
+    log.info("analysis code %s is approved on this node", code[:16])
+
+
 def secure_keys(config: FlameConfig, role: str) -> SecureKeys | None:
     """This node's secure-aggregation keys, or None when secure aggregation is off."""
     if not config.secure.enabled:
@@ -94,17 +134,20 @@ def run(
     *,
     config: FlameConfig | None = None,
     on_event: EventSink | None = None,
+    code: str | None = None,
 ) -> Any:
     """Play this node's role (from FLAME_ROLE) in a real federated run; return the final value.
 
-    Both functions are passed on every node, so one image serves both roles.
+    Both functions are passed on every node, so one image serves both roles. `code` is the
+    analysis's SHA-256 (`flame run` passes that of its files, as `flame hash` prints it);
+    by default that of the files defining the functions.
     """
     from flame.isolation.child import refuse_nested_run
 
     refuse_nested_run("flame.run")
     config = config if config is not None else load_config()
     with stop_on_sigterm():
-        return _run(analyze, aggregate, converged, config, on_event)
+        return _run(analyze, aggregate, converged, config, on_event, code)
 
 
 def _run(
@@ -113,12 +156,15 @@ def _run(
     converged: Callable[..., Any] | None,
     config: FlameConfig,
     on_event: EventSink | None,
+    code: str | None = None,
 ) -> Any:
     node_id, role = _require(config)
     functions = AnalysisFunctions.of(analyze, aggregate, converged)
+    code = code if code is not None else code_hash(functions)
     from flame.utils.token import check_service_tokens
 
     check_service_tokens(config)  # a bad token stops the node before any work
+    check_code_approval(config, role, code)  # before any data or the broker is touched
     from flame.check import preflight
 
     failed = preflight(config)  # `flame check`'s storage and data checks, before joining
@@ -129,7 +175,15 @@ def _run(
         )
     secrets = config.secrets()
     keys = secure_keys(config, role)
-    transport = node_transport(config, node_id)
+    from flame.identity import for_config
+
+    auth = for_config(config, node_id)
+    if auth is not None:
+        log.info("roster %s: %d members", auth.roster.fingerprint, len(auth.roster))
+        if keys is not None:  # contributions signed by this node, checked against the roster
+            keys.signer = auth.identity.sign
+            keys.verifier = auth.roster.verifier("analysis")
+    transport = node_transport(config, node_id, auth)
     if role == "aggregation":
         aggregator = Aggregator(
             transport,
@@ -139,11 +193,12 @@ def _run(
             quorum=config.quorum,
             epoch_timeout=config.epoch_timeout,
             presence_timeout=config.presence_timeout,
-            store=open_run_store(config, functions, node_id),
+            store=open_run_store(config, functions, node_id, code=code),
             on_event=on_event,
             seed=config.seed,
             secrets=secrets,
             keys=keys,
+            code=code,
         )
         aggregator.context.params = dict(config.params)
         return aggregator.execute().value
@@ -164,6 +219,7 @@ def _run(
         resend_interval=config.resend_interval,
         isolate=policy.isolate,
         policy=policy,
+        code=code,
         hide=settings_paths(config, policy),
     )
     client.context.params = dict(config.params)

@@ -67,6 +67,9 @@ class Envelope:
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     sent: float = field(default_factory=time.time)
     version: int = FORMAT_VERSION
+    # The signed message as received (flame.identity.signing), kept so a verified envelope
+    # can be forwarded to a third party who checks the sender's signature itself.
+    signed: bytes | bytearray | memoryview | None = field(default=None, compare=False, repr=False)
 
     def reply(self, kind: Kind, body: Any = None, **changes: Any) -> Envelope:
         """A new envelope back to this one's sender."""
@@ -78,6 +81,7 @@ class Envelope:
             body=body,
             id=uuid.uuid4().hex,
             sent=time.time(),
+            signed=None,
             **changes,
         )
 
@@ -292,10 +296,13 @@ def _decode_array(obj: dict[str, Any], blobs: list[memoryview], writable: bool) 
 
 
 def decode(
-    frame: bytes | bytearray | memoryview, *, max_bytes: int = DEFAULT_MAX_BYTES
+    frame: bytes | bytearray | memoryview,
+    *,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    max_table_bytes: int | None = None,
 ) -> Envelope:
     """Parse and validate one frame. Arrays are views of a bytearray or mmap frame, copies
-    otherwise."""
+    otherwise. A table may take at most `max_table_bytes` (default `max_bytes`) decoded."""
     view = memoryview(frame).cast("B")
     if view.nbytes > max_bytes:
         raise MessageError(f"message of {view.nbytes} bytes is over the limit of {max_bytes}")
@@ -331,9 +338,12 @@ def decode(
         expected = offset + length
     if expected != payload.nbytes:
         raise MessageError(f"frame has {payload.nbytes - expected} trailing bytes")
-    writable = isinstance(frame, (bytearray, mmap.mmap))  # arrays are views of it
+    writable = isinstance(frame, (bytearray, mmap.mmap)) or (  # arrays are views of it
+        isinstance(frame, memoryview) and not frame.readonly
+    )
     try:
-        body = _decode_value(header.body, blobs, writable, max_bytes)
+        limit = max_bytes if max_table_bytes is None else max_table_bytes
+        body = _decode_value(header.body, blobs, writable, limit)
     except RecursionError:
         raise MessageError("body nests too deeply") from None
     return Envelope(

@@ -10,8 +10,9 @@ import logging
 import re
 import threading
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flame import _logging
 from flame.config import FlameConfig, load_config
@@ -21,12 +22,15 @@ from flame.federated.aggregator_server import Aggregator
 from flame.federated.analysis_client import AnalysisClient
 from flame.federated.functions import AnalysisFunctions
 from flame.federated.records import EventSink, RunResult, RunStore
-from flame.federated.run_store import open_node_state, open_run_store
+from flame.federated.run_store import code_hash, open_node_state, open_run_store
 from flame.federated.secure import SecureKeys
 from flame.isolation.child import refuse_nested_run
 from flame.policy import NodePolicy, load_policy
 from flame.transport.base import Transport
 from flame.transport.memory import MemoryBroker, MemoryTransport
+
+if TYPE_CHECKING:
+    from flame.identity import Authenticator
 
 __all__ = ["DataSpec", "node_data", "simulate"]
 
@@ -135,8 +139,17 @@ def simulate(
         raise FlameError(
             f"FLAME_QUORUM is {config.quorum}, but only {len(participants)} nodes have data"
         )
-    connect = _transport_factory(broker, config)
+    from flame.identity import throwaway
+
+    auths = throwaway(config.aggregator_id, participants)
+    try:
+        code: str | None = code_hash(functions)  # every node announces it; the aggregator
+    except OSError:  # compares. Functions typed into a notebook cell have no source file.
+        code = None
+    connect = _signed(_transport_factory(broker, config), auths)
     keys = _simulation_keys(config) if secure or config.secure.enabled else None
+    if keys is not None:  # contributions signed, checked against the throwaway roster
+        keys.verifier = auths[config.aggregator_id].roster.verifier("analysis")
     secrets = config.secrets()
     policies = node_policies(policy if policy is not None else config.policy, participants)
     failures: dict[str, BaseException] = {}
@@ -151,7 +164,8 @@ def simulate(
             seed=config.seed,
             state=open_node_state(config, node),
             secrets=secrets,
-            keys=None if keys is None else keys.for_node(node),
+            keys=None if keys is None else _node_keys(keys, auths[node]),
+            code=code,
             log_traceback=False,  # the aggregator's log, in this same process, shows it
             resend_interval=config.resend_interval,
             isolate=isolate,
@@ -183,6 +197,7 @@ def simulate(
         seed=config.seed,
         secrets=secrets,
         keys=None if keys is None else keys.public_only(),
+        code=code,
     )
     aggregator.context.params = dict(config.params)
     for thread in threads:
@@ -228,6 +243,23 @@ def _simulation_keys(config: FlameConfig) -> SecureKeys:
         config.secure.obfuscation,
         config.secure.confirm_fraction,
     )
+
+
+def _node_keys(keys: SecureKeys, auth: Authenticator) -> SecureKeys:
+    """This node's keys, signing its contributions with its (throwaway) identity."""
+    return replace(keys.for_node(auth.node_id), signer=auth.identity.sign)
+
+
+def _signed(connect: TransportFactory, auths: dict[str, Authenticator]) -> TransportFactory:
+    """Transports signing with throwaway identities: the production path, every time."""
+
+    def make(node: str) -> Transport:
+        transport = connect(node)
+        if transport.auth is None:
+            transport.use_auth(auths[node])
+        return transport
+
+    return make
 
 
 def _transport_factory(

@@ -332,6 +332,14 @@ class MessageBrokerClient:
         self.sessions_lost = 0
         # Called (network thread) on such a connection; may return a new birth payload.
         self.on_session_lost: Callable[[], bytes | None] | None = None
+        # Another client connected with our client id (MQTT 5 reason 0x8E): a second process
+        # claims this node. We do not reconnect (that would take turns with it); the hook
+        # (network thread) is told once.
+        self.taken_over = False
+        self.on_taken_over: Callable[[], None] | None = None
+        # Subscribed again after every reconnect, even when the session is resumed, so their
+        # retained messages are delivered again (a node reads its own status: who holds it?).
+        self.refresh_topics: list[tuple[str, int]] = []
 
         v5 = address.protocol == "5"
         self._client = mqtt.Client(
@@ -444,6 +452,10 @@ class MessageBrokerClient:
             rc, mid = client.subscribe(subscriptions)
             if rc == MQTTErrorCode.MQTT_ERR_SUCCESS and mid is not None:
                 self._acks.expect(mid)  # so its SUBACK is consumed, not parked
+        elif self.refresh_topics and self._generation > 1:
+            rc, mid = client.subscribe(list(self.refresh_topics))
+            if rc == MQTTErrorCode.MQTT_ERR_SUCCESS and mid is not None:
+                self._acks.expect(mid)
         with self._birth_lock:
             if self._birth is not None and self._generation > 1:
                 if session_lost and self.on_session_lost is not None:
@@ -468,6 +480,21 @@ class MessageBrokerClient:
     ) -> None:
         was_connected = self._connected.is_set()
         self._connected.clear()
+        if reason.value == 0x8E and not self._closing and not self.taken_over:
+            self.taken_over = True
+            log.error(
+                "%s: another client connected to broker %s with this client id (session taken "
+                "over); not reconnecting",
+                self.client_id,
+                self.address,
+            )
+            client.disconnect()  # marks the connection closed on purpose: paho stops retrying
+            if self.on_taken_over is not None:
+                try:
+                    self.on_taken_over()
+                except Exception as exc:  # a hook must not break the network thread
+                    log.warning("%s: taken-over hook failed: %r", self.client_id, exc)
+            return
         if was_connected and not self._closing:
             log.warning(
                 "%s lost the connection to broker %s (%s); reconnecting",

@@ -35,6 +35,7 @@ from flame.federated.context import Context, active
 from flame.federated.functions import AnalysisFunctions
 from flame.federated.honesty import warn_if_dishonest
 from flame.federated.mailbox import Mailbox
+from flame.federated.membership import Instances, code_problem
 from flame.federated.records import (
     Checkpoint,
     EpochRecord,
@@ -56,6 +57,7 @@ node_log = logging.getLogger("flame.node_logs")  # lines the nodes forwarded (po
 NOT_PARTICIPANT = "not_participant"  # an abort's code (the analysis client's constant)
 _SEND_TIMEOUT = 5.0  # seconds for an abort or ack: a dead broker must not delay the exit
 _STATUS_LOG_LINES = 40  # forwarded node log lines kept in the retained status
+_ACK_DELAY = 0.2  # seconds a result waits for its epoch to complete before an explicit ack
 _FAREWELL = 5.0  # seconds to see the nodes take `finished` (re-sent after a lost session)
 
 
@@ -77,6 +79,7 @@ class Aggregator:
         seed: int | None = None,
         secrets: Sequence[str] = (),
         keys: SecureKeys | None = None,
+        code: str | None = None,
     ) -> None:
         if not participants:
             raise ValueError("an aggregator needs at least one participant")
@@ -95,6 +98,8 @@ class Aggregator:
                 "the aggregation node must not hold the private key of secure aggregation"
             )
         self.mailbox = Mailbox(transport)
+        self.code = code  # SHA-256 of the analysis code: every node must announce the same
+        self._instances = Instances()
         self.session = uuid.uuid4().hex
         self.context = Context(
             analysis_id=transport.analysis_id,
@@ -117,6 +122,7 @@ class Aggregator:
         self._kickoff: tuple[Kind, int, Any] | None = None
         self._epoch = -1
         self.run_id: str | None = None
+        self._unacked: list[tuple[float, Envelope]] = []  # (due, result) acks not sent yet
         self._logs: deque[str] = deque(maxlen=_STATUS_LOG_LINES)
         self._arrivals: dict[str, float] = {}
         self._privacy: dict[str, Any] = {}
@@ -332,9 +338,16 @@ class Aggregator:
         results: dict[str, Any] = {}
         self._arrivals, self._result_bytes = {}, {}  # for the epoch record (reports)
         self._privacy = {}  # node -> DP spend / suppressed cells this epoch
+        self._unacked = []
         while len(results) < len(self.participants):
-            envelope = self.mailbox.next(self._is_protocol, deadline)
+            wait = deadline
+            if self._unacked:
+                wait = Deadline(min(deadline.left(), self._unacked[0][0] - time.monotonic()))
+            envelope = self.mailbox.next(self._is_protocol, wait)
             if envelope is None:
+                if not deadline.passed():
+                    self._send_acks()
+                    continue
                 break
             if envelope.kind == "status":
                 self._note_status(
@@ -358,7 +371,7 @@ class Aggregator:
                     log.warning(
                         "ignored %s's result for future epoch %d", envelope.sender, envelope.epoch
                     )
-                elif self._acknowledge(envelope) and envelope.epoch != epoch:
+                elif self._acknowledge_later(envelope) and envelope.epoch != epoch:
                     log.info("ignored %s's result for epoch %d", envelope.sender, envelope.epoch)
                 elif envelope.sender in results:
                     log.info("ignored a second result from %s in epoch %d", envelope.sender, epoch)
@@ -444,6 +457,18 @@ class Aggregator:
         except TypeError as exc:
             raise RunFailed(f"the aggregate of epoch {epoch} cannot be sent: {exc}") from exc
 
+    def _acknowledge_later(self, envelope: Envelope) -> bool:
+        """Acknowledge this result unless the epoch completes first (its kick-off or the end
+        of the run tells the node as much): a fast epoch costs no extra messages. True."""
+        self._unacked.append((time.monotonic() + _ACK_DELAY, envelope))
+        return True
+
+    def _send_acks(self) -> None:
+        """The acks that are due: results that have waited `_ACK_DELAY` for their epoch."""
+        now = time.monotonic()
+        while self._unacked and self._unacked[0][0] <= now:
+            self._acknowledge(self._unacked.pop(0)[1])
+
     def _acknowledge(self, envelope: Envelope) -> bool:
         """Tell the node its result arrived (it re-sends until then); True, even if the ack
         cannot be sent now: the node's re-send will get another one."""
@@ -457,7 +482,7 @@ class Aggregator:
             body,
         )
         try:
-            self.transport.send(ack, _SEND_TIMEOUT)
+            self.transport.post(ack)  # no wait for the broker: off the epoch's critical path
         except TransportError as exc:
             log.warning("could not acknowledge %s's result: %s", envelope.sender, exc)
         return True
@@ -477,6 +502,12 @@ class Aggregator:
             extra["traceback"] = traceback_text
         with contextlib.suppress(TransportError):
             self.transport.announce(self._status("failed", epoch, **extra))
+        keep = getattr(self.store, "save_failure", None)
+        if callable(keep):
+            try:
+                keep({"epoch": epoch, "node": getattr(exc, "node", None), **extra})
+            except Exception as store_exc:  # the failure itself is what must be reported
+                log.warning("could not keep the failure record in storage: %s", store_exc)
 
     def _fail_from(self, envelope: Envelope) -> None:
         if envelope.sender not in self.participants:
@@ -547,6 +578,9 @@ class Aggregator:
         if node not in self.participants:
             self._tell_outsider(node, body)
             return
+        problem = self._instances.note(node, body) or code_problem(node, body, self.code)
+        if problem is not None:
+            raise RunFailed(problem, node=node)
         state = body.get("state")
         session = body.get("session")
         if body.get("share_aggregate") is False:
@@ -606,6 +640,7 @@ class Aggregator:
             "state": state,
             "role": "aggregation",
             "session": self.session,
+            **({"code": self.code} if self.code else {}),
             "run": self.run_id,
             "epoch": epoch,
             "time": time.time(),

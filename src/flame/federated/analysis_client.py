@@ -42,6 +42,7 @@ from flame.errors import (
 from flame.federated.context import Context
 from flame.federated.functions import AnalysisFunctions
 from flame.federated.mailbox import Mailbox
+from flame.federated.membership import Instances
 from flame.federated.release import Gate
 from flame.federated.secure import (
     DECRYPT,
@@ -125,6 +126,7 @@ class AnalysisClient:
         isolate: bool = False,
         policy: NodePolicy | None = None,
         hide: Sequence[str | Path] = (),
+        code: str | None = None,
     ) -> None:
         self.transport = transport
         self.mailbox = Mailbox(transport)
@@ -159,6 +161,9 @@ class AnalysisClient:
         )
         self._privacy: dict[str, Any] = {}  # per epoch: DP spend, suppressed cells
         self._last_epoch = -1
+        self._decrypted: set[tuple[int, str]] = set()  # (epoch, field) answered: at most once
+        self.code = code  # SHA-256 of the analysis code, announced for the aggregator to compare
+        self._instances = Instances()  # the aggregator's process: two at once stop the run
         self._last_sent: Envelope | None = None
         self._epoch_started = time.perf_counter()
         self._run: str | None = None
@@ -220,6 +225,7 @@ class AnalysisClient:
             instruction = self._admit(envelope)
             if instruction is None:
                 continue
+            self._acked = True  # the aggregator moved on: what it needed of us has arrived
             if instruction.kind in ("finished", "abort"):
                 return instruction
             if chosen is not None:
@@ -478,6 +484,9 @@ class AnalysisClient:
         """Track the aggregator's process; its `failed` status stops us even if the abort is
         lost. A stale status of an earlier aggregator process (other session) is not acted on."""
         body = envelope.body if isinstance(envelope.body, dict) else {}
+        problem = self._instances.note(self.aggregator_id, body)
+        if problem is not None:
+            return Instruction("abort", -1, reason=problem)
         state = body.get("state")
         session = body.get("session")
         self._aggregator_last = (
@@ -628,9 +637,45 @@ class AnalysisClient:
         elif envelope.epoch != self._last_epoch:
             reply = {"error": f"no result of this node in epoch {envelope.epoch}"}
         else:
-            reply = answer_decrypt(envelope, self.keys, self.transport.node_id, self._specs)
+            refusal = self._decrypt_refusal(envelope)
+            reply = (
+                {"error": refusal}
+                if refusal is not None
+                else answer_decrypt(envelope, self.keys, self.transport.node_id, self._specs)
+            )
         answer = envelope.reply("message", reply, category=DECRYPTED)
         self.transport.send(answer)
+
+    def _decrypt_refusal(self, envelope: Envelope) -> str | None:
+        """Why this (authenticated) request from the aggregator must not be answered, or None.
+
+        At most one answer per (epoch, field): a second request, with any contributor set,
+        could difference two sums (Sum{A,B,C} - Sum{B,C} = A). Contributors must be distinct
+        analysis members of the roster."""
+        body = envelope.body if isinstance(envelope.body, dict) else {}
+        sums, who = body.get("sums"), body.get("contributors")
+        if not isinstance(sums, dict) or not isinstance(who, dict):
+            return None  # answer_decrypt names the malformation
+        repeated = sorted(path for path in sums if (envelope.epoch, path) in self._decrypted)
+        if repeated:
+            return (
+                f"already answered a decryption request for {', '.join(map(repr, repeated))} in "
+                f"epoch {envelope.epoch}; a second one could reveal a difference of sums"
+            )
+        auth = self.transport.auth
+        for path, names in who.items():
+            if not isinstance(names, list) or len(set(map(str, names))) != len(names):
+                return f"the contributors of {path!r} are not a list of distinct nodes"
+            if auth is None:
+                continue
+            strangers = [str(n) for n in names if str(n) not in auth.roster.ids("analysis")]
+            if strangers:
+                return (
+                    f"contributors of {path!r} are not analysis members of the roster: "
+                    f"{', '.join(strangers)}"
+                )
+        self._decrypted.update((envelope.epoch, path) for path in sums)
+        return None
 
     def _parse(self, envelope: Envelope) -> Instruction | None:
         body = envelope.body if isinstance(envelope.body, dict) else {}
@@ -672,6 +717,7 @@ class AnalysisClient:
             "state": state,
             "role": "analysis",
             "session": self.session,
+            **({"code": self.code} if self.code else {}),
             "run": self._run,
             "epoch": epoch,
             "time": time.time(),

@@ -161,6 +161,13 @@ class StorageRunStore:
         )
         return stored.uri or stored.key
 
+    def save_failure(self, record: dict[str, Any]) -> str:
+        """Keep why the run failed (reason, node, epoch, the analysis traceback when sent)
+        under `{analysis}/failures/`; one attempt: a failing run must not wait on storage."""
+        key = f"{self.layout.root}failures/{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.json"
+        self.store.put_json(key, {**record, "code_sha256": self.provenance.get("code_sha256")})
+        return key
+
 
 class NodeState:
     """The analyst's `context().save/load` on this node's own storage."""
@@ -240,9 +247,13 @@ def _has_storage(config: FlameConfig) -> bool:
 
 
 def open_run_store(
-    config: FlameConfig, functions: AnalysisFunctions, aggregator_id: str
+    config: FlameConfig,
+    functions: AnalysisFunctions,
+    aggregator_id: str,
+    code: str | None = None,
 ) -> RunStore | None:
-    """Checkpoints and final results on the configured storage (None: keep nothing)."""
+    """Checkpoints and final results on the configured storage (None: keep nothing).
+    `code`: the analysis's SHA-256 when known (else that of the functions' files)."""
     if not _has_storage(config):
         return None  # without importing the S3 client: a simulation starts faster
     from flame.clients.minio_client import open_store
@@ -251,7 +262,8 @@ def open_run_store(
     if store is None:
         return None
     provenance = {
-        "code_sha256": code_hash(functions),
+        "code_sha256": code if code is not None else code_hash(functions),
+        "roster_sha256": _roster_fingerprint(config),
         "participants": list(config.participants),
         "config": config.public_dict(),
         "params": dict(config.params),
@@ -263,6 +275,15 @@ def open_run_store(
         provenance=provenance,
         retry_s=config.storage.retry_s,
     )
+
+
+def _roster_fingerprint(config: FlameConfig) -> str | None:
+    """The SHA-256 of the roster the run uses (None: unsigned, or a simulation's throwaway)."""
+    if config.roster is None:
+        return None
+    from flame.identity import Roster
+
+    return Roster.load(config.roster).fingerprint
 
 
 def open_node_state(config: FlameConfig, node_id: str) -> Any:

@@ -174,7 +174,11 @@ class ThresholdParty:
         partials: dict[str, Sealed] = {}
         try:
             for path, contributions in fields.items():
-                if not isinstance(path, str) or not isinstance(contributions, dict):
+                if (
+                    not isinstance(path, str)
+                    or not isinstance(contributions, dict)
+                    or not all(isinstance(node, str) for node in contributions)
+                ):
                     return {"error": "malformed threshold decryption request"}
                 partials[path] = self._field(envelope.analysis, envelope.epoch, path, contributions)
         except FlameError as exc:

@@ -4,6 +4,9 @@ Each message is a flame envelope frame (`flame.messages`) on a Unix stream socke
 by a 9-byte header: a mode byte and the frame length. Large frames (Linux) travel in a memfd
 whose descriptor is passed with SCM_RIGHTS: the receiver maps it and decodes arrays as views
 of the mapping, so a big numpy result crosses without being copied through the socket.
+A small frame may also carry open file descriptors (the node's data files, opened read-only
+by the parent); only a channel built with `accept_descriptors=True` (the child's) keeps
+them, in `passed`, for the caller to take; anyone else's are closed and the frame refused.
 """
 
 from __future__ import annotations
@@ -15,12 +18,13 @@ import struct
 from typing import Any
 
 from flame.errors import MessageError
-from flame.messages import Envelope, decode, encode_parts
+from flame.messages import DEFAULT_MAX_BYTES, Envelope, decode, encode_parts
 
 __all__ = ["Channel", "ChannelClosed"]
 
 _HEAD = struct.Struct(">BQ")
-_INLINE, _MEMFD = 0, 1
+_INLINE, _MEMFD, _PASSED = 0, 1, 2
+_MAX_PASSED = 4
 SHARED_THRESHOLD = 256 * 1024
 _MAX_INLINE = 64 * 1024 * 1024
 
@@ -36,10 +40,14 @@ def _memfd_supported() -> bool:
 class Channel:
     """One end of the parent/child socket: `send(op, body)`, `receive() -> (op, body)`."""
 
-    def __init__(self, sock: socket.socket, *, max_bytes: int = 1 << 40) -> None:
+    def __init__(
+        self, sock: socket.socket, *, max_bytes: int = 1 << 40, accept_descriptors: bool = False
+    ) -> None:
         self.sock = sock
         self.max_bytes = max_bytes
         self.shared = _memfd_supported() and sock.family == socket.AF_UNIX
+        self.accept_descriptors = accept_descriptors
+        self.passed: list[int] = []  # descriptors of the last frame (accept_descriptors)
 
     def fileno(self) -> int:
         return self.sock.fileno()
@@ -47,9 +55,14 @@ class Channel:
     def close(self) -> None:
         self.sock.close()
 
-    def send(self, op: str, body: Any = None) -> None:
+    def send(self, op: str, body: Any = None, *, descriptors: list[int] | None = None) -> None:
         parts = encode_parts(Envelope("flame", "node", "node", "message", 0, body, op))
         size = sum(memoryview(p).nbytes for p in parts)
+        if descriptors:  # inline frame, descriptors ride on its header (the receiver dups)
+            socket.send_fds(self.sock, [_HEAD.pack(_PASSED, size)], descriptors)
+            for part in parts:
+                self.sock.sendall(part)
+            return
         if self.shared and size >= SHARED_THRESHOLD:
             fd = os.memfd_create("flame-frame", os.MFD_CLOEXEC)
             try:
@@ -65,7 +78,8 @@ class Channel:
     def receive(self, timeout: float | None = None) -> tuple[str, Any]:
         """The next message; `TimeoutError` after `timeout` s, `ChannelClosed` at EOF."""
         self.sock.settimeout(timeout)
-        data, fds, _flags, _addr = socket.recv_fds(self.sock, _HEAD.size, 4)
+        data, fds, _flags, _addr = socket.recv_fds(self.sock, _HEAD.size, _MAX_PASSED)
+        kept: list[int] = []
         try:
             if not data:
                 raise ChannelClosed("the other side closed the channel")
@@ -84,12 +98,26 @@ class Channel:
             elif mode == _INLINE and not fds and size <= _MAX_INLINE:
                 frame = bytearray(size)
                 self._into(memoryview(frame))
+            elif mode == _PASSED and fds and self.accept_descriptors and size <= _MAX_INLINE:
+                frame = bytearray(size)
+                self._into(memoryview(frame))
+                kept = list(fds)
             else:
                 raise MessageError("malformed channel frame header")
         finally:
             for fd in fds:
+                if fd not in kept:
+                    os.close(fd)
+        try:
+            # frames may be huge (arrays in a memfd); a table's decoded size is capped like a
+            # broker message's: a hostile child's few-byte table must not inflate here
+            tables = min(self.max_bytes, DEFAULT_MAX_BYTES)
+            envelope = decode(frame, max_bytes=self.max_bytes, max_table_bytes=tables)
+        except MessageError:
+            for fd in kept:
                 os.close(fd)
-        envelope = decode(frame, max_bytes=self.max_bytes)
+            raise
+        self.passed = kept
         return envelope.category or "", envelope.body
 
     def _exactly(self, count: int) -> bytes:

@@ -49,6 +49,16 @@ class _Rpc:
             raise RemoteError(f"{body.get('type')}: {body['error']}")
         return body.get("value")
 
+    def descriptor(self, source: str, name: str) -> int:
+        """A read-only descriptor of a node-folder file, opened and passed by the parent."""
+        self.call("open", source=source, name=name)
+        passed, self.channel.passed = self.channel.passed, []
+        if len(passed) != 1:
+            for fd in passed:
+                os.close(fd)
+            raise RemoteError("the node runtime sent no file descriptor")
+        return passed[0]
+
 
 class RemoteFileSource:
     """A file source of the node, read through the parent (which counts the rows read)."""
@@ -88,6 +98,16 @@ class RemoteSource:
             return value
 
         return call
+
+
+def _descriptor_source(name: str, rpc: _Rpc) -> Any:
+    from flame.sources.descriptor import DescriptorSource
+
+    return DescriptorSource(
+        name,
+        lambda: list(rpc.call("files", source=name)),
+        lambda file_name: rpc.descriptor(name, file_name),
+    )
 
 
 def _import_by_file(name: str, file: str) -> ModuleType:
@@ -166,6 +186,9 @@ class _Child:
         self.analyze = AnalysisFunctions.of(function, lambda results: None).analyze
         sources: dict[str, object] = {}
         for name, kind in body.get("sources", {}).items():
+            if kind == "local":
+                sources[name] = _descriptor_source(name, self.rpc)
+                continue
             sources[name] = (
                 RemoteFileSource(name, self.rpc)
                 if kind == "files"
@@ -277,4 +300,4 @@ def main(fd: int, network: str = "unknown", confinement: str = "none") -> int:
     """Serve the parent on the inherited socket `fd` until it says stop or goes away."""
     os.environ[CHILD_ENV] = "1"
     sock = socket.socket(fileno=fd)
-    return _Child(Channel(sock), network, confinement).serve()
+    return _Child(Channel(sock, accept_descriptors=True), network, confinement).serve()

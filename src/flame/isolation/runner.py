@@ -23,7 +23,7 @@ from typing import IO, Any, Protocol
 
 import numpy as np
 
-from flame.data import Data, FileSource
+from flame.data import Data, FileSource, LocalSource
 from flame.errors import AnalysisError, FlameError, PolicyRefused, RunTimeout
 from flame.federated.context import Context, active
 from flame.isolation.channel import Channel, ChannelClosed
@@ -77,6 +77,12 @@ class RowMeter:
                 self.rows += int(pq.ParquetFile(io.BytesIO(content)).metadata.num_rows)
             except Exception:  # unreadable: no rows counted, min_rows decides
                 log.warning("could not count the rows of %s", name)
+
+    def descriptor(self, source: str, name: str, fd: int, count: Callable[[str, int], int]) -> None:
+        """A file handed to the child as a descriptor: `count(name, fd)` its rows, once."""
+        if (source, name) not in self._seen:
+            self._seen.add((source, name))
+            self.rows += count(name, fd)
 
     def records(self, value: Any) -> None:
         if hasattr(value, "num_rows") or hasattr(value, "shape"):  # Arrow / pandas tables
@@ -314,8 +320,12 @@ class ChildRunner:
                 target=_relay_output, args=(self._process.stdout,), daemon=True
             ).start()
         self._channel = Channel(ours)
-        sources = {
-            name: "files" if isinstance(source, FileSource) else "other"
+        sources = {  # a node folder is read by the child through descriptors (streamed)
+            name: "local"
+            if isinstance(source, LocalSource)
+            else "files"
+            if isinstance(source, FileSource)
+            else "other"
             for name, source in self.data.sources.items()
         }
         ctx = self.context
@@ -437,12 +447,32 @@ class ChildRunner:
         try:
             if not isinstance(call, dict) or not isinstance(call.get("args"), dict):
                 raise FlameError("malformed request")
+            if call.get("op") == "open":
+                self._send_descriptor(from_plain(call["args"]))
+                return
             value = self._dispatch(str(call.get("op")), from_plain(call["args"]))
             self._channel.send("reply", {"value": to_plain(value)})
         except (FlameError, OSError, TypeError, ValueError, KeyError) as exc:
             self._channel.send(
                 "reply", {"error": " ".join(str(exc).split())[:500], "type": type(exc).__name__}
             )
+
+    def _send_descriptor(self, args: dict[str, Any]) -> None:
+        """A file of a node folder, opened read-only here and passed to the child, which
+        streams it itself (no copy through the channel); its rows are counted here."""
+        from flame.sources.descriptor import count_records, open_read_only
+
+        assert self._channel is not None
+        name, source_name = str(args["name"]), str(args["source"])
+        source = self.data.source(source_name)
+        if not isinstance(source, LocalSource):
+            raise FlameError(f"data source {source_name!r} is not a node folder")
+        fd = open_read_only(source.root, name, self.hide)
+        try:
+            self.meter.descriptor(source_name, name, fd, count_records)
+            self._channel.send("reply", {"value": True}, descriptors=[fd])
+        finally:
+            os.close(fd)
 
     def _dispatch(self, op: str, args: dict[str, Any]) -> Any:
         ctx = self.context

@@ -12,22 +12,98 @@ Semantics every implementation keeps (the broker's, so simulation behaves like p
 from __future__ import annotations
 
 import abc
+import json
+import logging
+import uuid
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from flame.messages import Envelope
+from flame.messages import DEFAULT_MAX_BYTES, Envelope, decode, encode_parts
+
+if TYPE_CHECKING:
+    from flame.identity.signing import Authenticator, Buffer
 
 __all__ = ["Transport"]
+
+log = logging.getLogger(__name__)
+MAX_STATUS_BYTES = 64 * 1024
 
 
 class Transport(abc.ABC):
     """One node's connection to the federation."""
 
-    def __init__(self, analysis_id: str, node_id: str) -> None:
+    def __init__(
+        self, analysis_id: str, node_id: str, *, auth: Authenticator | None = None
+    ) -> None:
         self.analysis_id = analysis_id
         self.node_id = node_id
         self.bytes_sent = 0  # frame bytes of envelopes sent / received: per-epoch metrics
         self.bytes_received = 0
+        if auth is not None and auth.node_id != node_id:
+            raise ValueError(f"the identity of {auth.node_id!r} cannot sign for {node_id!r}")
+        self.auth = auth  # None: unsigned (an explicit opt-out; see flame.identity)
+        self.instance = uuid.uuid4().hex  # this process's connection: in every status
+
+    # --- signing: what every implementation sends and accepts ---------------------------------
+    def use_auth(self, auth: Authenticator) -> None:
+        """Sign and verify with `auth` from now on (set before `connect`)."""
+        if auth.node_id != self.node_id:
+            raise ValueError(f"the identity of {auth.node_id!r} cannot sign for {self.node_id!r}")
+        self.auth = auth
+
+    @property
+    def rejected(self) -> int:
+        """Messages and statuses dropped for a missing, foreign or bad signature."""
+        return 0 if self.auth is None else self.auth.rejected
+
+    def outgoing(self, envelope: Envelope) -> list[Buffer]:
+        """The message for `envelope` as buffers: signed by this node, unless unsigned."""
+        if self.auth is None:
+            return list(encode_parts(envelope))
+        return self.auth.seal_envelope(envelope)
+
+    def incoming(self, frame: Buffer, *, max_bytes: int = DEFAULT_MAX_BYTES) -> Envelope:
+        """Verify (signed mode: before anything else), then decode; MessageError otherwise.
+
+        Unsigned mode accepts plain frames, and signed ones without checking them (it has no
+        roster): nothing is authenticated then."""
+        if self.auth is not None:
+            return self.auth.open(frame, max_bytes=max_bytes)
+        from flame.identity.signing import SIGNED_MAGIC, unwrap_unverified
+
+        if bytes(memoryview(frame)[:3]) == SIGNED_MAGIC:
+            return decode(unwrap_unverified(frame), max_bytes=max_bytes)
+        return decode(frame, max_bytes=max_bytes)
+
+    def sign_status(self, status: dict[str, Any]) -> dict[str, Any]:
+        """`status` with this process's instance id, signed (unless unsigned)."""
+        status = {**status, "instance": self.instance}
+        if self.auth is None:
+            return status
+        return self.auth.sign_status(self.analysis_id, status)
+
+    def offline_status(self) -> dict[str, Any]:
+        """What the last will says: this instance went offline (signed when sent)."""
+        return {"state": "offline"}
+
+    def status_envelope(self, node: str, payload: bytes | bytearray) -> Envelope | None:
+        """A watched node's retained status as an envelope, verified; None to drop it."""
+        if len(payload) > MAX_STATUS_BYTES:
+            log.warning("%s dropped a status of %d bytes from %s", self.node_id, len(payload), node)
+            return None
+        try:
+            status = json.loads(payload)
+        except (ValueError, RecursionError):
+            status = None
+        if not isinstance(status, dict):
+            log.warning("%s dropped a status from %s that is not a JSON object", self.node_id, node)
+            return None
+        if self.auth is not None and not self.auth.verify_status(self.analysis_id, node, status):
+            return None
+        status.pop("sig", None)
+        return Envelope(
+            self.analysis_id, node, self.node_id, "status", epoch=-1, body=status, signed=payload
+        )
 
     @abc.abstractmethod
     def connect(self, status: dict[str, Any]) -> None:
@@ -53,6 +129,11 @@ class Transport(abc.ABC):
     @abc.abstractmethod
     def watch(self, nodes: Iterable[str] | None = None) -> None:
         """Deliver status changes of these nodes (all when None) as `status` envelopes."""
+
+    def post(self, envelope: Envelope) -> None:
+        """Send without waiting for the broker to accept it, for small best-effort messages
+        on a hot path (the aggregator's result acks: a lost one only costs a re-send)."""
+        self.send(envelope)
 
     @property
     def link(self) -> int:

@@ -6,16 +6,22 @@ sends exactly what it would send over MQTT, and bad values fail here first.
 
 from __future__ import annotations
 
+import json
 import logging
 import queue
 import threading
 from collections.abc import Callable, Iterable
-from typing import Any
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
 
 from flame._deadline import Deadline
 from flame.errors import MessageError, TransportError
-from flame.messages import DEFAULT_MAX_BYTES, Envelope, decode, encode
+from flame.identity.signing import SignatureError
+from flame.messages import DEFAULT_MAX_BYTES, Envelope, encode, to_jsonable
 from flame.transport.base import Transport
+
+if TYPE_CHECKING:
+    from flame.identity.signing import Authenticator
 
 __all__ = ["MemoryBroker", "MemoryTransport"]
 
@@ -40,26 +46,30 @@ class MemoryBroker:
         self.max_message_bytes = max_message_bytes
         self.on_send = on_send
         self._lock = threading.Lock()
-        self._inboxes: dict[tuple[str, str], queue.SimpleQueue[bytes]] = {}
+        # An inbox holds frames (bytes) and status changes ((node, status JSON) pairs).
+        self._inboxes: dict[tuple[str, str], queue.SimpleQueue[bytes | tuple[str, bytes]]] = {}
         self._statuses: dict[tuple[str, str], dict[str, Any]] = {}
         self._watchers: dict[tuple[str, str], set[str] | None] = {}
         self._sent = 0
         self.delivered: list[Envelope] = []
         self.record = False
 
-    def inbox(self, analysis_id: str, node_id: str) -> queue.SimpleQueue[bytes]:
+    def inbox(
+        self, analysis_id: str, node_id: str
+    ) -> queue.SimpleQueue[bytes | tuple[str, bytes]]:
         with self._lock:
             return self._inboxes.setdefault((analysis_id, node_id), queue.SimpleQueue())
 
-    def publish(self, envelope: Envelope) -> int:
-        """Deliver one envelope; returns its size in bytes."""
-        frame = encode(envelope)
+    def publish(self, envelope: Envelope, frame: bytes | None = None) -> int:
+        """Deliver one envelope (as `frame`, its signed form, when given); returns its size."""
+        if frame is None:
+            frame = encode(envelope)
         if len(frame) > self.max_message_bytes:
             raise TransportError(
                 f"message to {envelope.recipient!r} is {len(frame)} bytes, over the broker "
                 f"limit of {self.max_message_bytes}"
             )
-        if self.on_send is not None and not self.on_send(envelope):
+        if self.on_send is not None and not self.on_send(replace(envelope, signed=frame)):
             return len(frame)
         inbox = self.inbox(envelope.analysis, envelope.recipient)
         with self._lock:
@@ -107,15 +117,22 @@ class MemoryBroker:
     def _deliver_status(
         self, analysis_id: str, watcher: str, node: str, status: dict[str, Any]
     ) -> None:
-        envelope = Envelope(analysis_id, node, watcher, "status", epoch=-1, body=status)
-        self.inbox(analysis_id, watcher).put(encode(envelope))
+        payload = json.dumps(to_jsonable(status), separators=(",", ":")).encode()
+        self.inbox(analysis_id, watcher).put((node, payload))
 
 
 class MemoryTransport(Transport):
     """One node's handle on a `MemoryBroker`."""
 
-    def __init__(self, broker: MemoryBroker, analysis_id: str, node_id: str) -> None:
-        super().__init__(analysis_id, node_id)
+    def __init__(
+        self,
+        broker: MemoryBroker,
+        analysis_id: str,
+        node_id: str,
+        *,
+        auth: Authenticator | None = None,
+    ) -> None:
+        super().__init__(analysis_id, node_id, auth=auth)
         self.broker = broker
         self._inbox = broker.inbox(analysis_id, node_id)
         self._connected = False
@@ -132,7 +149,7 @@ class MemoryTransport(Transport):
             farewell: dict[str, Any] = {"state": "offline"}
             if last.get("state") in ("done", "failed"):
                 farewell = {**last, "online": False}
-            self.broker.set_status(self.analysis_id, self.node_id, farewell)
+            self.broker.set_status(self.analysis_id, self.node_id, self.sign_status(farewell))
 
     def kill(self) -> None:
         """Vanish without a goodbye, as a crashed process does; the 'last will' fires."""
@@ -144,18 +161,26 @@ class MemoryTransport(Transport):
             raise TransportError(
                 f"cannot send to {envelope.recipient!r}: {self.node_id} is not connected"
             )
-        self.bytes_sent += self.broker.publish(envelope)
+        self.bytes_sent += self.broker.publish(envelope, b"".join(self.outgoing(envelope)))
 
     def receive(self, timeout: float) -> Envelope | None:
         deadline = Deadline(timeout)
         while True:
             try:
-                frame = self._inbox.get(timeout=deadline.left())
+                item = self._inbox.get(timeout=deadline.left())
             except queue.Empty:
                 return None
+            if isinstance(item, tuple):
+                status = self.status_envelope(*item)
+                if status is not None:
+                    return status
+                continue
+            frame = item
             self.bytes_received += len(frame)
             try:
-                envelope = decode(frame, max_bytes=self.broker.max_message_bytes)
+                envelope = self.incoming(frame, max_bytes=self.broker.max_message_bytes)
+            except SignatureError:
+                continue  # counted and logged (WARNING, claimed sender) by the authenticator
             except MessageError as exc:
                 log.warning("%s dropped a malformed message: %s", self.node_id, exc)
                 continue
@@ -174,7 +199,7 @@ class MemoryTransport(Transport):
 
     def announce(self, status: dict[str, Any]) -> None:
         self._last_status = dict(status)
-        self.broker.set_status(self.analysis_id, self.node_id, status)
+        self.broker.set_status(self.analysis_id, self.node_id, self.sign_status(status))
 
     def watch(self, nodes: Iterable[str] | None = None) -> None:
         self.broker.add_watch(self.analysis_id, self.node_id, None if nodes is None else set(nodes))

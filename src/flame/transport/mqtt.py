@@ -17,8 +17,9 @@ import hashlib
 import json
 import logging
 import re
+import threading
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from flame._deadline import Deadline
@@ -31,11 +32,13 @@ from flame.clients.message_broker_client import (
     Will,
 )
 from flame.errors import MessageError, TransportError
-from flame.messages import MAGIC, Envelope, decode, encode_parts, to_jsonable
+from flame.identity.signing import SIGNED_MAGIC, SignatureError
+from flame.messages import MAGIC, Envelope, to_jsonable
 from flame.transport._chunks import (
     CHUNK_HEADER_SIZE,
     CHUNK_MAGIC,
     REFERENCE_MAGIC,
+    Buffer,
     ClaimCheck,
     Reassembler,
     decode_reference,
@@ -48,13 +51,13 @@ from flame.transport.base import Transport
 
 if TYPE_CHECKING:
     from flame.config import BrokerSettings, FlameConfig
+    from flame.identity.signing import Authenticator
 
 __all__ = ["ClaimCheck", "MqttTransport", "client_id_for", "inbox_topic", "status_topic"]
 
 log = logging.getLogger(__name__)
 
 _NAME = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
-OFFLINE = b'{"state":"offline"}'
 FINAL_STATES = ("done", "failed")
 MAX_STATUS_BYTES = 64 * 1024
 
@@ -104,13 +107,14 @@ class MqttTransport(Transport):
         send_window: int = 16,
         protocol: ProtocolName | None = None,
         reconnect_delay: tuple[int, int] = (1, 5),
+        auth: Authenticator | None = None,
     ) -> None:
         for what, name in (("analysis id", analysis_id), ("node id", node_id)):
             if not _NAME.match(name):
                 raise ValueError(f"{what} {name!r} may use only letters, digits, '.', '_', '-'")
         if settings.url is None:
             raise TransportError("the MQTT transport needs a broker URL (FLAME_BROKER__URL)")
-        super().__init__(analysis_id, node_id)
+        super().__init__(analysis_id, node_id, auth=auth)
         self.settings = settings
         self._password = password if password is not None else password_from_settings(settings)
         self._claim_check = claim_check
@@ -136,6 +140,7 @@ class MqttTransport(Transport):
         self._status_pending: PendingPublish | None = None
         self._last_status: dict[str, Any] = {}
         self.dropped = 0
+        self.conflict: str | None = None  # set when another process took this node's session
 
     @classmethod
     def from_config(
@@ -163,12 +168,107 @@ class MqttTransport(Transport):
     def _status_payload(self, status: dict[str, Any]) -> bytes:
         link = self.link
         full = {**status, "link": link} if link else status  # `link` only once it counts
-        return json.dumps(to_jsonable(full), separators=(",", ":")).encode()
+        return json.dumps(to_jsonable(self.sign_status(full)), separators=(",", ":")).encode()
 
     def _renew_status(self) -> bytes | None:
         """The broker lost our session: republish the status with the new `link` count, so
         watchers (the aggregator) know that what was queued for us is gone."""
         return self._status_payload(self._last_status) if self._last_status else None
+
+    def _new_client(
+        self, client_id: str, will: Will | None, session_expiry: int | None = None
+    ) -> MessageBrokerClient:
+        settings = self.settings
+        assert settings.url is not None
+        username = settings.username
+        password = self._password
+        if username is None and password is not None:
+            username = self.node_id  # brokers key ACLs on the user name; the node id is natural
+        return MessageBrokerClient(
+            settings.url,
+            client_id=client_id,
+            username=username,
+            password=password,
+            ca_file=settings.ca_file,
+            cert_file=settings.cert_file,
+            key_file=settings.key_file,
+            keepalive=settings.keepalive,
+            session_expiry=settings.session_expiry if session_expiry is None else session_expiry,
+            connect_timeout=settings.connect_timeout,
+            will=will,
+            protocol=self._protocol,
+            reconnect_delay=self._reconnect_delay,
+        )
+
+    # --- one process per node id --------------------------------------------------------------
+
+    def _on_taken_over(self) -> None:
+        """(network thread) Another process connected as this node and took its session."""
+        self.conflict = (
+            f"two processes claim node {self.node_id!r}: another process took over this node's "
+            f"broker session; this one (instance {self.instance}) stops instead of taking turns"
+        )
+        threading.Thread(target=self._report_conflict, name="flame-conflict", daemon=True).start()
+
+    def _report_conflict(self) -> None:
+        """Tell the run, through a short connection of its own (the node's session belongs to
+        the other process now): a signed status naming this instance, so the aggregator (or,
+        for a duplicated aggregator, every node) stops the run within seconds."""
+        side_id = client_id_for(self.analysis_id, self.node_id)[:100] + ":" + self.instance[:12]
+        status = {"state": "failed", "conflict": self.instance, "reason": self.conflict}
+        try:
+            side = self._new_client(side_id, None, session_expiry=0)
+            side.connect()
+            try:
+                side.publish(
+                    status_topic(self.analysis_id, self.node_id),
+                    self._status_payload(status),
+                    retain=True,
+                    timeout=min(self.settings.send_timeout, 5.0),
+                )
+            finally:
+                side.disconnect()
+        except Exception as exc:  # best effort: the aggregator also sees instances alternate
+            log.error("%s could not report the second process: %s", self.node_id, exc)
+
+    def _own_status(self, message: IncomingMessage) -> None:
+        """This node's status topic, as the broker holds it. Another live instance there after
+        we reconnected means two processes take this node's session in turns: stop, say so."""
+        if not message.payload or self.conflict is not None:
+            return
+        try:
+            status = json.loads(message.payload)
+        except (ValueError, RecursionError):
+            return
+        if not isinstance(status, dict):
+            return
+        other = status.get("instance")
+        if not isinstance(other, str) or other == self.instance:
+            return
+        if status.get("state") == "offline" or status.get("online") is False:
+            return  # an earlier process's farewell or last will
+        if not message.retain or message.generation <= 1:
+            # Only the broker's current state after a reconnect of ours counts: live copies
+            # may be an earlier process's statuses still queued in the session, and the state
+            # at our first connect is what an earlier process left behind.
+            return
+        if self.auth is not None and not self.auth.verify_status(
+            self.analysis_id, self.node_id, status
+        ):
+            return
+        self.conflict = (
+            f"two processes claim node {self.node_id!r} (instances {self.instance}, {other}): "
+            "they take this node's broker session in turns; this one stops"
+        )
+        log.error("%s", self.conflict)
+        self._report_conflict()
+        if self._client is not None:
+            self._connected = False
+            self._client.disconnect()
+
+    def _check_conflict(self) -> None:
+        if self.conflict is not None:
+            raise TransportError(self.conflict)
 
     # --- Transport ----------------------------------------------------------------------------
 
@@ -177,31 +277,23 @@ class MqttTransport(Transport):
             raise TransportError(f"{self.node_id} is already connected")
         settings = self.settings
         assert settings.url is not None
-        username = settings.username
-        password = self._password
-        if username is None and password is not None:
-            username = self.node_id  # brokers key ACLs on the user name; the node id is natural
-        client = MessageBrokerClient(
-            settings.url,
-            client_id=client_id_for(self.analysis_id, self.node_id),
-            username=username,
-            password=password,
-            ca_file=settings.ca_file,
-            cert_file=settings.cert_file,
-            key_file=settings.key_file,
-            keepalive=settings.keepalive,
-            session_expiry=settings.session_expiry,
-            connect_timeout=settings.connect_timeout,
-            will=Will(status_topic(self.analysis_id, self.node_id), OFFLINE, qos=1, retain=True),
-            protocol=self._protocol,
-            reconnect_delay=self._reconnect_delay,
+        will = Will(
+            status_topic(self.analysis_id, self.node_id),
+            self._status_payload(self.offline_status()),
+            qos=1,
+            retain=True,
         )
+        client = self._new_client(client_id_for(self.analysis_id, self.node_id), will)
         client.on_session_lost = self._renew_status
+        client.on_taken_over = self._on_taken_over
+        self.conflict = None
         client.connect()
         self._announced = False
         self._status_pending = None
         try:
-            client.subscribe([(self._inbox, 1)], timeout=settings.send_timeout)
+            own_status = (status_topic(self.analysis_id, self.node_id), 1)
+            client.subscribe([(self._inbox, 1), own_status], timeout=settings.send_timeout)
+            client.refresh_topics = [own_status]  # after a reconnect: who holds this node now?
             self._client = client
             self._connected = True
             self.announce(status)
@@ -231,7 +323,7 @@ class MqttTransport(Transport):
         last = self._last_status
         if last.get("state") in FINAL_STATES:
             return self._status_payload({**last, "online": False})
-        return OFFLINE
+        return self._status_payload(self.offline_status())
 
     def kill(self) -> None:
         """Vanish without a goodbye, as a crashed process does; the broker fires the will."""
@@ -287,6 +379,7 @@ class MqttTransport(Transport):
 
     def send(self, envelope: Envelope, timeout: float | None = None) -> None:
         recipient = envelope.recipient
+        self._check_conflict()
         if not self._connected:
             raise TransportError(f"cannot send to {recipient!r}: {self.node_id} is not connected")
         if not _NAME.match(recipient) or envelope.analysis != self.analysis_id:
@@ -294,7 +387,7 @@ class MqttTransport(Transport):
                 f"cannot send to {recipient!r} in analysis {envelope.analysis!r}: "
                 "not a node of this analysis"
             )
-        parts = encode_parts(envelope)
+        parts = self.outgoing(envelope)
         size = frame_size(parts)
         limit = self.settings.max_message_bytes
         if size > limit:
@@ -314,7 +407,21 @@ class MqttTransport(Transport):
         except TransportError as exc:
             raise TransportError(f"cannot send to {recipient!r}: {exc}") from None
 
-    def _send_chunks(self, topic: str, parts: list[bytes | memoryview], timeout: float) -> None:
+    def post(self, envelope: Envelope) -> None:
+        self._check_conflict()
+        parts = self.outgoing(envelope)
+        size = frame_size(parts)
+        if not self._connected or size > self.settings.chunk_size or self._claim_check is not None:
+            self.send(envelope)
+            return
+        self.bytes_sent += size
+        topic = inbox_topic(self.analysis_id, envelope.recipient)
+        try:
+            self.client.publish_nowait(topic, b"".join(parts)).abandon()
+        except TransportError as exc:
+            raise TransportError(f"cannot send to {envelope.recipient!r}: {exc}") from None
+
+    def _send_chunks(self, topic: str, parts: Sequence[Buffer], timeout: float) -> None:
         """A window of chunks in flight: memory stays `send_window` chunks, throughput high.
 
         `timeout` bounds each wait for a broker acknowledgement (progress), not the whole
@@ -334,7 +441,7 @@ class MqttTransport(Transport):
                 pending.abandon()
 
     def _send_claim_check(
-        self, topic: str, parts: list[bytes | memoryview], size: int, timeout: float
+        self, topic: str, parts: Sequence[Buffer], size: int, timeout: float
     ) -> None:
         assert self._claim_check is not None
         digest = frame_digest(parts)
@@ -352,6 +459,7 @@ class MqttTransport(Transport):
         client = self._client
         deadline = Deadline(timeout)
         while True:
+            self._check_conflict()
             for dropped in self._reassembler.expire():
                 self._drop(f"an incomplete {dropped}")
             message = client.get(deadline.left())
@@ -377,6 +485,9 @@ class MqttTransport(Transport):
     def _handle(self, message: IncomingMessage) -> Envelope | None:
         if message.topic == self._inbox:
             return self._handle_frame(message.payload)
+        if message.topic == status_topic(self.analysis_id, self.node_id):
+            self._own_status(message)
+            return None
         parts = message.topic.split("/")
         if (
             len(parts) == 4
@@ -396,17 +507,10 @@ class MqttTransport(Transport):
             return None
         if self._watching is not None and node not in self._watching:
             return None
-        if len(payload) > MAX_STATUS_BYTES:
-            self._drop(f"a status of {len(payload)} bytes from {node}")
-            return None
-        try:
-            status = json.loads(payload)
-        except (ValueError, RecursionError):
-            status = None
-        if not isinstance(status, dict):
-            self._drop(f"a status from {node} that is not a JSON object")
-            return None
-        return Envelope(self.analysis_id, node, self.node_id, "status", epoch=-1, body=status)
+        envelope = self.status_envelope(node, payload)
+        if envelope is None:
+            self.dropped += 1
+        return envelope
 
     def _handle_frame(self, payload: bytes | bytearray) -> Envelope | None:
         limit = self.settings.max_message_bytes
@@ -422,11 +526,14 @@ class MqttTransport(Transport):
                 frame = whole
             elif magic == REFERENCE_MAGIC:
                 frame = self._fetch_claim_check(payload)
-            elif magic == MAGIC:
+            elif magic in (MAGIC, SIGNED_MAGIC):
                 frame = payload
             else:
                 raise MessageError(f"not a flame frame ({len(payload)} bytes, bad magic)")
-            envelope = decode(frame, max_bytes=limit)
+            envelope = self.incoming(frame, max_bytes=limit)
+        except SignatureError:
+            self.dropped += 1  # logged (WARNING, claimed sender) and counted by the authenticator
+            return None
         except MessageError as exc:
             self._drop(f"a malformed message: {exc}")
             return None
