@@ -1,6 +1,7 @@
 """Threshold decryption with real processes over a real Mosquitto: five `flame run` analysis
-nodes hold shares of a 2048-bit key (T = 3); two of them are SIGKILLed while they decrypt,
-and the run still finishes with the correct sums."""
+nodes with roster identities hold shares of a 2048-bit key dealt by `flame keys generate
+--threshold 3 --roster`; two of them are SIGKILLed while they decrypt, and the run still
+finishes with the correct sums, every contribution signed and checked by the holders."""
 
 from __future__ import annotations
 
@@ -18,9 +19,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from broker import Broker, say
+from identities import federation
 
-from flame.protocols.paillier.threshold import generate_threshold_key
-from flame.protocols.paillier.threshold_files import write_threshold_key
+from flame._cli_keys import keys_cli
 
 NODES = [f"node-{i}" for i in range(1, 6)]
 SIZE = 1500  # enough ciphertexts that a partial decryption takes a few seconds
@@ -51,10 +52,11 @@ def _pump(stream, lines: queue.Queue[str], keep: list[str]) -> None:
 def test_two_share_holders_sigkilled_mid_decryption(
     mqtt_broker: Broker, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    identities = federation(tmp_path / "federation", NODES)  # roster + Ed25519 keys
     keys = tmp_path / "keys"
-    public, shares = generate_threshold_key(2048, 3, NODES)
-    write_threshold_key(keys, public, shares)
-    del shares
+    roster = identities["aggregator"]["FLAME_ROSTER"]
+    dealt = ["generate", "--threshold", "3", "--roster", roster, "--out", str(keys)]
+    assert keys_cli(dealt) == 0  # the production key path: one share per analysis node
     (tmp_path / "analysis.py").write_text(ANALYSIS)
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLAME_")}
     env.update(
@@ -67,7 +69,6 @@ def test_two_share_holders_sigkilled_mid_decryption(
             "FLAME_EPOCH_TIMEOUT": "120",
             "FLAME_SECURE__ENABLED": "true",
             "FLAME_SECURE__MIN_CONTRIBUTORS": "3",
-            "FLAME_ALLOW_UNSIGNED": "true",
         }
     )
     processes: dict[str, subprocess.Popen[str]] = {}
@@ -75,7 +76,7 @@ def test_two_share_holders_sigkilled_mid_decryption(
     def start(node: str, extra: dict[str, str]) -> None:
         processes[node] = subprocess.Popen(
             [sys.executable, "-m", "flame", "run", str(tmp_path / "analysis.py")],
-            env={**env, "FLAME_NODE_ID": node, **extra},
+            env={**env, "FLAME_NODE_ID": node, **identities[node], **extra},
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             stdin=subprocess.DEVNULL,
@@ -149,6 +150,9 @@ def test_two_share_holders_sigkilled_mid_decryption(
         assert not any(node in decrypted_by for node in killed)
         for node in killed:
             assert processes[node].wait(10) == -signal.SIGKILL
+        _, holder_log = processes["node-1"].communicate(timeout=60)
+        assert "partial decryption of 'total' over 5 contributions" in holder_log
+        assert "without checking" not in holder_log  # contributions were signed and checked
         say(capsys, f"threshold run, 2 of 5 holders SIGKILLed: {decrypted_by.strip()[-80:]}")
     finally:
         for process in processes.values():

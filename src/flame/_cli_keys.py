@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from flame.errors import ConfigError
 from flame.protocols.paillier import (
@@ -25,16 +23,11 @@ from flame.protocols.paillier.threshold_files import load_threshold_public_key, 
 __all__ = ["keys_cli", "roster_share_holders"]
 
 
-def _load_roster(path: Path) -> Any:
-    # The roster comes with authenticated federation (flame.identity); imported late so this
-    # module also loads before that lands.
-    module = importlib.import_module("flame.identity.roster")
-    return module.Roster.load(path)
-
-
 def roster_share_holders(path: Path) -> list[str]:
     """The analysis nodes of a roster, in share-index order (key_share if given, else by id)."""
-    members = [m for m in _load_roster(path) if m.role == "analysis"]
+    from flame.identity.roster import Roster
+
+    members = [m for m in Roster.load(path) if m.role == "analysis"]
     if not members:
         raise ConfigError(f"{path}: the roster lists no analysis nodes")
     given = [m.key_share for m in members if m.key_share is not None]
