@@ -89,21 +89,13 @@ def test_control_the_approved_code_itself_runs(mqtt_broker: Broker, tmp_path: Pa
     assert _verdict(node) == "approved", node.tail()
 
 
-_BYPASS = pytest.mark.xfail(
-    strict=True,
-    reason="open (issue 9): the approved hash covers only the top-level *.py files not "
-    "starting with _ or test_ (a single file: only itself), but the child imports anything "
-    "in the analysis folder: _modules, packages, a single file's sibling modules",
-)
-
-
 @pytest.mark.parametrize(
     ("layout", "module"),
     [
         ("folder", "helper"),  # analysis/helper.py beside analysis/analysis.py
-        pytest.param("folder", "_helper", marks=_BYPASS),  # a "private" module
-        pytest.param("folder", "lib.impl", marks=_BYPASS),  # a package inside the folder
-        pytest.param("file", "helper", marks=_BYPASS),  # a module beside a single file
+        ("folder", "_helper"),  # a "private" module
+        ("folder", "lib.impl"),  # a package inside the folder
+        ("file", "helper"),  # a module beside a single file (its folder's code is hashed)
     ],
 )
 def test_changing_an_imported_module_changes_the_approved_hash(

@@ -96,7 +96,8 @@ _MAX_CODE_FILES = 10_000
 def analysis_code_files(path: str | Path) -> list[Path]:
     """Every file the analysis at `path` could import from its folder: the folder's (for a
     single .py file: its folder's) Python files and extension modules, in all sub-folders,
-    `_private` modules and packages included; hidden folders and __pycache__ skipped."""
+    `_private` modules and packages included; hidden folders, __pycache__ and pytest files
+    (test_*.py, conftest.py, which an analysis must not import) skipped."""
     from flame.loader import analysis_files
 
     path = Path(path)
@@ -106,6 +107,8 @@ def analysis_code_files(path: str | Path) -> list[Path]:
         parts = file.relative_to(root).parts
         if any(part.startswith(".") or part == "__pycache__" for part in parts):
             continue
+        if file.name.startswith("test_") or file.name == "conftest.py":
+            continue  # pytest files (an image ships without them); see README
         if file.suffix in _CODE_SUFFIXES and file.is_file():
             files.add(file)
             if len(files) > _MAX_CODE_FILES:
