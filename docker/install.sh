@@ -11,7 +11,8 @@
 #   flame-install requirements FILE   pip-install an analysis's requirements.txt, with
 #                                     --require-hashes when it holds hashes; nothing if empty
 #   flame-install code DIR SHA256     load the analysis in DIR and check that SHA256 is its
-#                                     code's hash (the one the run's manifest records)
+#                                     code's hash (`flame hash DIR`: what nodes approve and
+#                                     the run's manifest records)
 #
 # Knobs (environment; the defaults are the image's):
 #   FLAME_INSTALL_PYTHON   the interpreter to install into                   (python3)
@@ -87,9 +88,10 @@ requirements)
     ;;
 code)
     expected="${3:-}"
-    actual="$("$python" -c "import sys; from pathlib import Path; \
-from flame.loader import load_analysis; from flame.main import code_hash; \
-print(code_hash(load_analysis(Path(sys.argv[1])).functions))" "$target")"
+    # the analysis must load here (its imports resolve), or the build fails, not its first run
+    "$python" -c "import sys; from pathlib import Path; from flame.loader import load_analysis; \
+load_analysis(Path(sys.argv[1]))" "$target"
+    actual="$("$python" -m flame hash "$target")"
     hint="build with --build-arg FLAME_CODE_SHA256=\"\$(flame hash .)\""
     if [ -z "$expected" ]; then
         echo "install.sh: no FLAME_CODE_SHA256 given; $hint (the code in $target has $actual)" >&2

@@ -59,6 +59,21 @@ def _node_with_approval(
     return NodeProcess("node-0", ["run", str(analysis)], own, tmp_path / "logs")
 
 
+def _verdict(node: NodeProcess, timeout: float = 90) -> str:
+    """'approved' once the node says so, 'refused' if it exits 2 first (then it is killed)."""
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            if "is approved on this node" in node.stderr():
+                return "approved"
+            if node.returncode is not None:
+                return "refused" if node.returncode == 2 else f"exit {node.returncode}"
+            time.sleep(0.2)
+        raise AssertionError(f"no verdict within {timeout:g} s:\n{node.tail()}")
+    finally:
+        node.kill()
+
+
 def test_control_the_approved_code_itself_runs(mqtt_broker: Broker, tmp_path: Path) -> None:
     """Without this, a node that refuses everything would pass the tests below."""
     folder = tmp_path / "analysis"
@@ -66,21 +81,24 @@ def test_control_the_approved_code_itself_runs(mqtt_broker: Broker, tmp_path: Pa
     (folder / "analysis.py").write_text(MAIN.format(module="helper"))
     (folder / "helper.py").write_text(BENIGN)
     node = _node_with_approval(mqtt_broker, tmp_path, folder, _hash(folder))
-    try:
-        code = node.wait(120)  # no aggregator: it gives up after the presence timeout
-    finally:
-        node.kill()
-    assert code != 2 and "not approved" not in node.stderr(), node.tail()
-    assert "is approved on this node" in node.stderr()
+    assert _verdict(node) == "approved", node.tail()
+
+
+_BYPASS = pytest.mark.xfail(
+    strict=True,
+    reason="open (issue 9): the approved hash covers only the top-level *.py files not "
+    "starting with _ or test_ (a single file: only itself), but the child imports anything "
+    "in the analysis folder: _modules, packages, a single file's sibling modules",
+)
 
 
 @pytest.mark.parametrize(
     ("layout", "module"),
     [
         ("folder", "helper"),  # analysis/helper.py beside analysis/analysis.py
-        ("folder", "_helper"),  # a "private" module of the folder
-        ("folder", "lib.impl"),  # a package inside the folder
-        ("file", "helper"),  # a single-file analysis and a module beside it
+        pytest.param("folder", "_helper", marks=_BYPASS),  # a "private" module
+        pytest.param("folder", "lib.impl", marks=_BYPASS),  # a package inside the folder
+        pytest.param("file", "helper", marks=_BYPASS),  # a module beside a single file
     ],
 )
 def test_changing_an_imported_module_changes_the_approved_hash(
@@ -97,9 +115,6 @@ def test_changing_an_imported_module_changes_the_approved_hash(
     approved = _hash(analysis)
     target.write_text(HOSTILE)  # after review and approval
     node = _node_with_approval(mqtt_broker, tmp_path, analysis, approved)
-    try:
-        code = node.wait(120)
-    finally:
-        node.kill()
-    assert code == 2, f"the changed code ran under the approved hash:\n{node.tail()}"
+    verdict = _verdict(node)
+    assert verdict == "refused", f"the changed code ran under the approved hash:\n{node.tail()}"
     assert "not approved" in node.stderr()

@@ -196,3 +196,40 @@ def test_a_result_captured_in_one_run_is_not_accepted_in_the_next(
         attacker.close()
         second.close()
     assert values["aggregator"] == {"sum": 130.0, "nodes": NODES}, json.dumps(values)
+
+
+def test_a_participant_borrowing_another_nodes_client_id_does_not_stop_the_run(
+    mqtt_broker: Broker, tmp_path: Path
+) -> None:
+    """node-1 connects once with node-0's client id (its own broker login): the broker
+    closes node-0's connection. node-0 must reconnect and the run finish, not stop as if a
+    second process claimed node-0 (only a signed status of another instance proves that)."""
+    import paho.mqtt.client as mqtt
+
+    from flame.transport.mqtt import client_id_for
+
+    analysis = f"redteam-takeover-{time.monotonic_ns()}"
+    federation = _federation(
+        mqtt_broker, tmp_path, analysis, {"node-0": "1 2 3", "node-1": "10 20"}, delay=6
+    )
+    try:
+        federation.start_all()
+        _wait_for_status(mqtt_broker, analysis, "node-0")
+        time.sleep(1.0)
+        thief = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2,
+            client_id=client_id_for(analysis, "node-0"),
+            protocol=mqtt.MQTTv5,
+        )
+        thief.username_pw_set("node-1", mqtt_broker.password)  # node-1's own broker login
+        thief.connect(mqtt_broker.host, mqtt_broker.port, keepalive=30, clean_start=False)
+        thief.loop_start()
+        time.sleep(1.0)
+        thief.loop_stop()
+        thief.disconnect()
+        values = federation.finish(timeout=150)
+    finally:
+        federation.close()
+    assert values["aggregator"] == {"sum": 36.0, "nodes": NODES}
+    taken = f"Client {client_id_for(analysis, 'node-0')} already connected"
+    assert taken in mqtt_broker.log_text(), "the takeover did not happen"

@@ -31,8 +31,7 @@ from pathlib import Path, PurePosixPath
 
 import pytest
 
-from flame.loader import load_analysis
-from flame.main import code_hash
+from flame.main import analysis_code_hash
 from flame.scaffold import IMAGE_LABEL
 
 REPO = Path(__file__).resolve().parents[1]
@@ -608,7 +607,7 @@ def _analysis_image(image: Image, tmp_path: Path) -> tuple[Image, Path]:
     """`flame init` run inside the image, then the analysis image built FROM it."""
     made = image.run(["init", str(tmp_path / "analysis")])
     assert made.returncode == 0, made.stderr
-    digest = code_hash(load_analysis(tmp_path / "analysis").functions)
+    digest = analysis_code_hash(tmp_path / "analysis")
     derived = image.derive(
         tmp_path / "analysis" / "Dockerfile", tmp_path / "app", {"FLAME_CODE_SHA256": digest}
     )
@@ -701,7 +700,7 @@ def test_a_single_file_analysis_builds_and_is_labelled(image: Image, tmp_path: P
     made = image.run(["init", str(tmp_path / "mean"), "--example", "federated_mean"])
     assert made.returncode == 0, made.stderr
     (tmp_path / "mean" / ".env").write_text("TOKEN=never-in-the-image\n")
-    digest = code_hash(load_analysis(tmp_path / "mean").functions)
+    digest = analysis_code_hash(tmp_path / "mean")
     derived = image.derive(
         tmp_path / "mean" / "Dockerfile", tmp_path / "app", {"FLAME_CODE_SHA256": digest}
     )
@@ -718,7 +717,7 @@ def test_the_analysis_image_refuses_a_wrong_code_hash(
 ) -> None:
     made = image.run(["init", str(tmp_path / "analysis")])
     assert made.returncode == 0, made.stderr
-    digest = code_hash(load_analysis(tmp_path / "analysis").functions)
+    digest = analysis_code_hash(tmp_path / "analysis")
     with pytest.raises(StepFailed) as failed:
         image.derive(
             tmp_path / "analysis" / "Dockerfile", tmp_path / "app", {"FLAME_CODE_SHA256": given}

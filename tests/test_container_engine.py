@@ -36,8 +36,7 @@ from test_container import build_context
 from flame import __version__
 from flame.clients.object_store import AnalysisLayout
 from flame.config import FlameConfig
-from flame.loader import load_analysis
-from flame.main import code_hash
+from flame.main import analysis_code_hash
 from flame.messages import unpack
 from flame.scaffold import IMAGE_LABEL
 
@@ -124,7 +123,7 @@ def built(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
         code.replace("import numpy as np\n", "import numpy as np\nimport sortedcontainers\n", 1)
     )
     (folder / ".env").write_bytes(b"TOKEN=" + canaries[2] + b"\n")
-    digest = code_hash(load_analysis(folder).functions)
+    digest = analysis_code_hash(folder)
     analysis_seconds, done = podman.build(
         folder, ANALYSIS_IMAGE, {"FLAME_IMAGE": FLAME_IMAGE, "FLAME_CODE_SHA256": digest}
     )
@@ -181,7 +180,7 @@ def test_analysis_image_is_labelled_with_the_code_hash(built: Built) -> None:
 def test_the_two_file_template_project_builds_as_it_is(built: Built, tmp_path: Path) -> None:
     folder = tmp_path / "templates"
     _flame_cli("init", str(folder))
-    digest = code_hash(load_analysis(folder).functions)
+    digest = analysis_code_hash(folder)
     tag = "localhost/flame-test-templates:latest"
     _, done = built.podman.build(
         folder, tag, {"FLAME_IMAGE": FLAME_IMAGE, "FLAME_CODE_SHA256": digest}

@@ -343,8 +343,9 @@ def test_node_outside_the_aggregators_participants_is_told(
 ) -> None:
     folder = write_analysis(row.tmp / "analysis")
     expected = simulated(folder, ("node-1", "node-2"), epochs=2)
-    federation = row.federation(folder, epochs=2, participants=("node-1", "node-2"))
-    outsider_env = {"FLAME_PARTICIPANTS": ",".join(NODES)}  # it believes it takes part
+    federation = row.federation(folder, epochs=2)  # a roster (identities) of all three
+    federation.env["FLAME_PARTICIPANTS"] = "node-1,node-2"  # the aggregator's list: two
+    outsider_env = {"FLAME_PARTICIPANTS": ",".join(NODES)}  # node-3 believes it takes part
     watcher = row.watch()
     federation.start(AGGREGATOR)
     watcher.wait_for(AGGREGATOR, "waiting", timeout=60)

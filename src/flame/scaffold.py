@@ -94,8 +94,8 @@ def _files(
 
 
 IMAGE_LABEL = "org.flame.code-sha256"
-"""The analysis image's label holding the SHA-256 of its analysis code (`flame.main.code_hash`,
-the hash the run's manifest records), for node operators who approve code by hash."""
+"""The analysis image's label holding the SHA-256 of its analysis code (`flame hash`, what
+FLAME_APPROVED_CODE lists and the run's manifest records), for node-side code approval."""
 
 
 def _dockerfile() -> bytes:
