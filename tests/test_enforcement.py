@@ -125,10 +125,13 @@ def test_flame_run_never_imports_the_analysis_into_the_node_runtime(
         "aggregator": {"FLAME_ROLE": "aggregation"},
         "node-0": {"FLAME_ROLE": "analysis", "FLAME_DATA_DIR": str(tmp_path / "data")},
     }
+    from identities import federation
+
+    signed = federation(tmp_path / "ids", ["node-0"])  # production runs are signed
     processes = {
         node: subprocess.Popen(
             [sys.executable, "-m", "flame", "run", str(tmp_path / "analysis.py")],
-            env={**env, "FLAME_NODE_ID": node, **extra},
+            env={**env, "FLAME_NODE_ID": node, **signed[node], **extra},
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             stdin=subprocess.DEVNULL,
