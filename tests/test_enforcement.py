@@ -127,11 +127,11 @@ def test_flame_run_never_imports_the_analysis_into_the_node_runtime(
     }
     from identities import federation
 
-    identities = federation(tmp_path / "identities", ["node-0"])
+    signed = federation(tmp_path / "ids", ["node-0"])  # production runs are signed
     processes = {
         node: subprocess.Popen(
             [sys.executable, "-m", "flame", "run", str(tmp_path / "analysis.py")],
-            env={**env, "FLAME_NODE_ID": node, **extra, **identities[node]},
+            env={**env, "FLAME_NODE_ID": node, **signed[node], **extra},
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             stdin=subprocess.DEVNULL,

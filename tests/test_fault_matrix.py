@@ -350,10 +350,11 @@ def test_node_outside_the_aggregators_participants_is_told(
     federation.start(AGGREGATOR)
     watcher.wait_for(AGGREGATOR, "waiting", timeout=60)
     outsider = federation.start("node-3", **outsider_env)
-    federation.start("node-1")
-    federation.start("node-2")
+    # The others only after: with them the run could end before a slow-starting node-3 joins.
     announced = watcher.wait_for("node-3", "waiting", timeout=60)
     stopped = watcher.wait_for("node-3", "failed", timeout=60)
+    federation.start("node-1")
+    federation.start("node-2")
     told = float(stopped["time"]) - float(announced["time"])
     assert outsider.wait(60) == 2, outsider.tail()
     assert "'node-3' is not a participant" in outsider.stderr(), outsider.tail()

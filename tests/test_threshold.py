@@ -332,3 +332,7 @@ def test_cli_deals_a_2048_bit_key_to_the_roster(
     assert (
         keys_cli(["generate", "--threshold", "4", "--roster", str(roster), "--out", str(out)]) == 2
     )
+    half = ["generate", "--threshold", "1", "--roster", str(roster), "--out", str(tmp_path / "h")]
+    assert keys_cli(half) == 2
+    assert "disjoint" in capsys.readouterr().err
+    assert not (tmp_path / "h").exists()

@@ -113,7 +113,7 @@ def test_a_wrong_partial_is_detected_named_and_outvoted(tkey, caplog, monkeypatc
     def cheating(self: ThresholdParty, envelope: Envelope) -> dict:
         reply = honest(self, envelope)
         if self.share.node_id != "b" or "partials" not in reply:
-            time.sleep(1.0)  # b answers first, so the aggregator must look at its answer
+            time.sleep(2.0)  # b answers first, so the aggregator must look at its answer
             return reply
         public = self.share.public
         for path, sealed in reply["partials"].items():
@@ -398,7 +398,7 @@ def test_a_subset_is_asked_first_and_replaced_when_it_cheats_or_stalls(
     result = flame.simulate(analyze, aggregate, data=data_for(MEMBERS), config=config)
     assert np.allclose(result.value["total"], expected_total(MEMBERS, 0), atol=1e-3, rtol=0)
     assert "asking 3 share holders" in caplog.text and "b refused to decrypt" in caplog.text
-    assert "no decryption from a within 2 s" in caplog.text
+    assert "within 2 s; asking the other holders" in caplog.text  # a (at least) was slow
     used = next(
         r.getMessage() for r in caplog.records if "decrypted with the partial" in r.getMessage()
     )

@@ -54,6 +54,15 @@ def _generate_threshold(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    if 2 * args.threshold <= len(members) and not args.allow_disjoint_quorums:
+        print(
+            f"flame keys: --threshold {args.threshold} of {len(members)} lets two disjoint "
+            "groups of share holders decrypt two different sums of one field, which defeats "
+            f"the differencing guard; use a threshold above {len(members) // 2}, or pass "
+            "--allow-disjoint-quorums if you accept that",
+            file=sys.stderr,
+        )
+        return 2
     if args.threshold == 1:
         print("flame keys: warning: --threshold 1 lets any one node decrypt alone", file=sys.stderr)
 
@@ -97,6 +106,11 @@ def keys_cli(argv: Sequence[str] | None = None) -> int:
         help="threshold key: one share per analysis node of --roster, any T of them decrypt",
     )
     gen.add_argument("--roster", type=Path, help="the federation roster (with --threshold)")
+    gen.add_argument(
+        "--allow-disjoint-quorums",
+        action="store_true",
+        help="allow a threshold of at most half the share holders (see README)",
+    )
     info = commands.add_parser("info", help="print the key id and size of a key file")
     info.add_argument("path", type=Path)
     try:
