@@ -10,11 +10,14 @@ real keys, real Ed25519 signatures and the share holders' real decision code.
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from flame.clients.file_store import FileStore
+from flame.federated.run_store import NodeState
 from flame.federated.secure_threshold import (
     CONTRIBUTION,
     ThresholdParty,
@@ -23,6 +26,7 @@ from flame.federated.secure_threshold import (
     request_context,
     sum_contributions,
 )
+from flame.federated.threshold_ledger import TAG
 from flame.messages import Envelope, Sealed
 from flame.protocols.paillier import Encryptor, SecureSumSpec
 from flame.protocols.paillier.encoding import _unpack
@@ -59,6 +63,10 @@ def _contribution(public: ThresholdPublicKey, members: Members, node: str) -> Se
     return Sealed(CONTRIBUTION, pack_contribution(signature, data))
 
 
+def _request(contributions: dict[str, Sealed]) -> Envelope:
+    return Envelope(RUN, "aggregator", "x", "message", 0, {"fields": {"total": contributions}})
+
+
 def _decrypt(
     public: ThresholdPublicKey,
     members: Members,
@@ -67,7 +75,7 @@ def _decrypt(
 ) -> np.ndarray | None:
     """What the aggregator learns by asking `parties` to decrypt the sum of `contributions`
     (None if fewer than T of them answer)."""
-    request = Envelope(RUN, "aggregator", "x", "message", 0, {"fields": {"total": contributions}})
+    request = _request(contributions)
     partials = []
     for party in parties:
         reply = party.answer(request)
@@ -88,14 +96,21 @@ def key() -> tuple[ThresholdPublicKey, dict[str, ThresholdKeyShare], Members]:
     return public, {s.node_id: s for s in shares}, Members(["a", "b", "c", "d"])
 
 
-def _party(members: Members) -> Callable[[ThresholdKeyShare], ThresholdParty]:
-    return lambda share: ThresholdParty(share, members.verify, min_contributors=2)
+def _party(members: Members, folder: Path) -> Callable[[ThresholdKeyShare], ThresholdParty]:
+    """A share holder as a real node makes it: its guard ledger in its node-local state under
+    `folder` (FLAME_STORAGE__RESULTS_DIR); a new party on the same folder is a restart."""
+
+    def make(share: ThresholdKeyShare) -> ThresholdParty:
+        state = NodeState(FileStore(folder / share.node_id), RUN, share.node_id)
+        return ThresholdParty(share, members.verify, min_contributors=2, state=state)
+
+    return make
 
 
-def test_the_aggregator_alone_learns_the_full_sum_only(key) -> None:  # type: ignore[no-untyped-def]
+def test_the_aggregator_alone_learns_the_full_sum_only(key, tmp_path) -> None:  # type: ignore[no-untyped-def]
     """Control: the honest path decrypts the sum of a, b and c."""
     public, shares, members = key
-    make = _party(members)
+    make = _party(members, tmp_path)
     everyone = {n: _contribution(public, members, n) for n in VALUES}
     full = _decrypt(public, members, [make(shares["a"]), make(shares["b"])], everyone)
     assert full is not None
@@ -107,9 +122,9 @@ def test_the_aggregator_alone_learns_the_full_sum_only(key) -> None:  # type: ig
     reason="open (issue 10): the differencing guard and once-per-epoch are per share holder; "
     "with 2T <= n the aggregator asks two disjoint groups of T for two different sums",
 )
-def test_disjoint_groups_of_holders_cannot_decrypt_two_sums(key) -> None:  # type: ignore[no-untyped-def]
+def test_disjoint_groups_of_holders_cannot_decrypt_two_sums(key, tmp_path) -> None:  # type: ignore[no-untyped-def]
     public, shares, members = key
-    make = _party(members)
+    make = _party(members, tmp_path)
     everyone = {n: _contribution(public, members, n) for n in VALUES}
     full = _decrypt(public, members, [make(shares["a"]), make(shares["b"])], everyone)
     without_c = {n: everyone[n] for n in ("a", "b")}
@@ -117,25 +132,46 @@ def test_disjoint_groups_of_holders_cannot_decrypt_two_sums(key) -> None:  # typ
     assert full is None or partial is None, f"c's values: {full - partial}"  # type: ignore[operator]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="open (issue 10): share holders keep the fixed contributor set and what they "
-    "decrypted only in memory; after a restart they decrypt a differing sum",
-)
-def test_restarted_holders_still_refuse_a_differing_sum(key) -> None:  # type: ignore[no-untyped-def]
+def test_restarted_holders_still_refuse_a_differing_sum(key, tmp_path) -> None:  # type: ignore[no-untyped-def]
     public, shares, members = key
-    make = _party(members)
+    make = _party(members, tmp_path)
     everyone = {n: _contribution(public, members, n) for n in VALUES}
     full = _decrypt(public, members, [make(shares["a"]), make(shares["b"])], everyone)
     restarted = [make(shares["a"]), make(shares["b"])]  # the same share files, new processes
     without_c = {n: everyone[n] for n in ("a", "b")}
     partial = _decrypt(public, members, restarted, without_c)
-    assert full is None or partial is None, f"c's values: {full - partial}"  # type: ignore[operator]
+    assert full is not None
+    assert partial is None, f"c's values: {full - partial}"
+    refusal = restarted[0].answer(_request(without_c))
+    assert "contributor set of 'total' is fixed by its first sum" in refusal["error"]
+    # The same sum again is answered after a restart (the aggregator may lose a reply).
+    assert _decrypt(public, members, [make(shares["a"]), make(shares["b"])], everyone) is not None
 
 
-def test_the_same_holders_refuse_a_differing_sum_without_restart(key) -> None:  # type: ignore[no-untyped-def]
+def test_a_changed_guard_ledger_makes_the_holder_refuse_not_forget(key, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Tampering with (or corrupting) the persisted ledger never resets the guard."""
     public, shares, members = key
-    make = _party(members)
+    make = _party(members, tmp_path)
+    everyone = {n: _contribution(public, members, n) for n in VALUES}
+    assert _decrypt(public, members, [make(shares["a"]), make(shares["b"])], everyone) is not None
+    state = NodeState(FileStore(tmp_path / "a"), RUN, "a")
+    stored = state.load(TAG)
+    state.save(
+        TAG, {"body": stored["body"].replace('"a","b","c"', '"a","b"'), "mac": stored["mac"]}
+    )
+    without_c = {n: everyone[n] for n in ("a", "b")}
+    reply = make(shares["a"]).answer(_request(without_c))
+    assert "partials" not in reply
+    assert "threshold guard ledger" in reply["error"] and "not reset" in reply["error"]
+    object_file = tmp_path / "a" / RUN / "nodes" / "a" / "state" / TAG
+    object_file.write_bytes(b"garbage")  # corrupt on disk: the store's checksum fails
+    reply = make(shares["a"]).answer(_request(everyone))
+    assert "unreadable" in reply["error"] and "not reset" in reply["error"]
+
+
+def test_the_same_holders_refuse_a_differing_sum_without_restart(key, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    public, shares, members = key
+    make = _party(members, tmp_path)
     holders = [make(shares["a"]), make(shares["b"])]
     everyone = {n: _contribution(public, members, n) for n in VALUES}
     assert _decrypt(public, members, holders, everyone) is not None

@@ -633,7 +633,7 @@ class AnalysisClient:
 
     def _answer_decrypt(self, envelope: Envelope) -> None:
         if self.keys is not None and self.keys.share is not None:
-            reply: dict[str, Any] = self.keys.party().answer(envelope)
+            reply: dict[str, Any] = self.keys.party(self.context._state).answer(envelope)
         elif self.keys is None or self.keys.private_key is None:
             reply = {"error": "this node has no private key to decrypt with"}
         elif envelope.epoch != self._last_epoch:

@@ -232,14 +232,19 @@ class SecureKeys:
             return self
         return replace(self, share=self.shares[node_id], shares=None, _party=None)
 
-    def party(self) -> ThresholdParty:
-        """The share holder's decision-maker (one per node: it remembers what it decrypted)."""
+    def party(self, state: Any = None) -> ThresholdParty:
+        """The share holder's decision-maker (one per node: it remembers what it decrypted,
+        in `state`, the node-local state, so that a restart does not forget it)."""
         from flame.federated.secure_threshold import ThresholdParty
 
         assert self.share is not None
         if self._party is None:
             self._party = ThresholdParty(
-                self.share, self.verifier, self.min_contributors, self.allow_changing_contributors
+                self.share,
+                self.verifier,
+                self.min_contributors,
+                self.allow_changing_contributors,
+                state=state,
             )
         return self._party
 

@@ -7,7 +7,8 @@ aggregator forwards every signed contribution to every share holder. A share hol
 `min_contributors` distinct analysis members contributed, that no ciphertext was copied
 between contributions, that the contributor set equals the one fixed by the field's first
 sum (the differencing guard), and that it has not decrypted another sum for this
-(analysis, epoch, field); then it adds the contributions itself and returns its partial
+(analysis, epoch, field) -- both kept in its node-local state, so a restart does not forget
+them (`threshold_ledger`); then it adds the contributions itself and returns its partial
 decryption with a proof. The aggregator (`ThresholdCollector`) checks every proof, names a
 holder whose partial is wrong, and combines the first T valid ones: up to n - T holders may
 be offline, slow or cheating.
@@ -25,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from flame._deadline import Deadline
 from flame.errors import FlameError, RunFailed
+from flame.federated.threshold_ledger import GuardLedger, NodeLocalState
 from flame.messages import Envelope, Sealed
 
 if TYPE_CHECKING:
@@ -161,10 +163,16 @@ class ThresholdParty:
     verify: Verifier | None
     min_contributors: int
     allow_changing_contributors: bool = False
-    _fixed: dict[str, tuple[str, ...]] = field(default_factory=dict)
-    _answered: dict[tuple[int, str], tuple[bytes, bytes]] = field(default_factory=dict)
+    state: NodeLocalState | None = None
+    """This node's node-local state: the guard ledger is kept there, so a restarted holder
+    still refuses a differing sum (None: memory only)."""
+    _ledger: GuardLedger = field(init=False)
+    _answers: dict[tuple[str, int, str], tuple[bytes, bytes]] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _warned: bool = False
+
+    def __post_init__(self) -> None:
+        self._ledger = GuardLedger(self.share, self.state)
 
     def answer(self, envelope: Envelope) -> dict[str, Any]:
         body = envelope.body if isinstance(envelope.body, dict) else {}
@@ -201,25 +209,27 @@ class ThresholdParty:
         total = sum_contributions(public, analysis, epoch, path, contributions, self.verify)
         total_bytes = total.to_bytes()
         with self._lock:
-            fixed = self._fixed.get(path)
+            fixed = self._ledger.fixed(analysis, path)
             if fixed is not None and not self.allow_changing_contributors:
                 problem = differencing_problem(path, fixed, who)
                 if problem is not None:
                     raise FlameError(f"refusing to decrypt: {problem}")
-            done = self._answered.get((epoch, path))
+            done = self._ledger.answered(analysis, epoch, path)
             digest = hashlib.sha256(total_bytes).digest()
-            if done is not None:
-                if done[0] != digest:
-                    raise FlameError(
-                        f"refusing to decrypt: this node already decrypted a different sum "
-                        f"of {path!r} in epoch {epoch} (a replayed or changed request)"
-                    )
-                return Sealed(PARTIAL, done[1])  # the same request again: the same answer
+            if done is not None and done != digest:
+                raise FlameError(
+                    f"refusing to decrypt: this node already decrypted a different sum "
+                    f"of {path!r} in epoch {epoch} (a replayed or changed request)"
+                )
+            cached = self._answers.get((analysis, epoch, path))
+            if cached is not None and cached[0] == digest:
+                return Sealed(PARTIAL, cached[1])  # the same request again: the same answer
             context = request_context(analysis, epoch, path, who, total_bytes)
             partial = partial_decrypt(self.share, total.ciphertexts, context)
             data = partial.to_bytes(public)
-            self._answered[(epoch, path)] = (digest, data)
-            self._fixed.setdefault(path, who)
+            if done is None:  # recorded (and persisted) before the partial is released
+                self._ledger.record(analysis, epoch, path, who, digest)
+            self._answers[(analysis, epoch, path)] = (digest, data)
         log.info("epoch %d: partial decryption of %r over %d contributions", epoch, path, len(who))
         return Sealed(PARTIAL, data)
 

@@ -1,0 +1,178 @@
+"""A share holder's differencing-guard ledger, kept in node-local state across restarts.
+
+The guard (a field's contributor set is fixed by its first sum; one sum per analysis, epoch
+and field) only protects a node's values if a restarted share holder still knows what it
+decrypted: otherwise the aggregator restarts it and asks for the differing sum. The ledger is
+written to the node's own state (`NodeState`: a local folder or the node's bucket, written
+atomically) *before* a partial decryption is released, and read back before the first
+decision. It is authenticated with a key derived from the holder's secret share, so a
+changed, foreign or corrupt ledger makes the holder refuse to decrypt with a clear error;
+it is never silently reset. (Deleting the ledger cannot be detected here: protect the
+node's storage like its share file.)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+from typing import TYPE_CHECKING, Any, Protocol
+
+from flame.errors import FlameError
+
+if TYPE_CHECKING:
+    from flame.protocols.paillier.threshold import ThresholdKeyShare
+
+__all__ = ["TAG", "GuardLedger", "LedgerError", "NodeLocalState"]
+
+log = logging.getLogger(__name__)
+
+TAG = "flame-threshold-guard"
+"""The node-state tag the ledger is stored under."""
+_VERSION = 1
+
+
+class LedgerError(FlameError):
+    """The ledger is unreadable, changed or cannot be written: the holder will not decrypt."""
+
+
+class NodeLocalState(Protocol):
+    """`NodeState` / `MemoryState`: where a node keeps values that survive a restart."""
+
+    def save(self, tag: str, value: Any) -> None: ...
+
+    def load(self, tag: str, default: Any = None) -> Any: ...
+
+
+def _mac_key(share: ThresholdKeyShare) -> bytes:
+    secret = int(share.secret)
+    raw = secret.to_bytes((secret.bit_length() + 7) // 8 or 1, "big")
+    h = hashlib.sha256(b"flame-threshold-guard-key-v1\0")
+    h.update(f"{share.node_id}\0{share.index}\0".encode())
+    h.update(raw)
+    return h.digest()
+
+
+class GuardLedger:
+    """Fixed contributor sets and decrypted-sum digests of one share holder (not thread-safe:
+    `ThresholdParty` holds its lock around every use)."""
+
+    def __init__(self, share: ThresholdKeyShare, state: NodeLocalState | None) -> None:
+        self._state = state
+        self._node = share.node_id
+        self._index = share.index
+        self._key = _mac_key(share)
+        self._fixed: dict[str, dict[str, list[str]]] = {}
+        self._answered: dict[str, dict[str, str]] = {}
+        self._loaded = state is None
+
+    # -- queries ----------------------------------------------------------------------------
+
+    def fixed(self, analysis: str, path: str) -> tuple[str, ...] | None:
+        self._load()
+        who = self._fixed.get(analysis, {}).get(path)
+        return None if who is None else tuple(who)
+
+    def answered(self, analysis: str, epoch: int, path: str) -> bytes | None:
+        """SHA-256 of the sum this holder decrypted for (analysis, epoch, field), or None."""
+        self._load()
+        digest = self._answered.get(analysis, {}).get(f"{epoch}/{path}")
+        return None if digest is None else bytes.fromhex(digest)
+
+    # -- updates ----------------------------------------------------------------------------
+
+    def record(
+        self, analysis: str, epoch: int, path: str, who: tuple[str, ...], digest: bytes
+    ) -> None:
+        """Remember a decryption; persisted before returning (LedgerError if it cannot be)."""
+        self._load()
+        fixed = self._fixed.setdefault(analysis, {})
+        answered = self._answered.setdefault(analysis, {})
+        key = f"{epoch}/{path}"
+        added_fixed = path not in fixed
+        if added_fixed:
+            fixed[path] = list(who)
+        answered[key] = digest.hex()
+        try:
+            self._save()
+        except Exception:
+            del answered[key]
+            if added_fixed:
+                del fixed[path]
+            raise
+
+    # -- storage ----------------------------------------------------------------------------
+
+    def _body(self) -> str:
+        return json.dumps(
+            {
+                "version": _VERSION,
+                "node": self._node,
+                "index": self._index,
+                "fixed": self._fixed,
+                "answered": self._answered,
+            },
+            sort_keys=True,
+            separators=(",", ":"),
+        )
+
+    def _mac(self, body: str) -> str:
+        return hmac.new(self._key, body.encode(), hashlib.sha256).hexdigest()
+
+    def _save(self) -> None:
+        if self._state is None:
+            return
+        body = self._body()
+        try:
+            self._state.save(TAG, {"body": body, "mac": self._mac(body)})
+        except Exception as exc:
+            raise LedgerError(
+                f"refusing to decrypt: could not record the decryption in this node's "
+                f"threshold guard ledger ({type(exc).__name__}: {exc})"
+            ) from None
+
+    def _load(self) -> None:
+        if self._loaded or self._state is None:
+            return
+        if type(self._state).__name__ == "MemoryState":
+            log.info("no node storage: the threshold guard ledger is kept in memory only")
+        where = f"this node's threshold guard ledger (node state {TAG!r})"
+        try:
+            stored = self._state.load(TAG, None)
+        except Exception as exc:
+            raise LedgerError(
+                f"refusing to decrypt: {where} is unreadable ({type(exc).__name__}: {exc}); "
+                "it is not reset: restore it, or start over under a new analysis id"
+            ) from None
+        if stored is not None:
+            self._accept(stored, where)
+        self._loaded = True
+
+    def _accept(self, stored: Any, where: str) -> None:
+        refuse = (
+            f"refusing to decrypt: {where} was changed, is corrupt or belongs to another "
+            "share; it is not reset: restore it, or start over under a new analysis id"
+        )
+        if not isinstance(stored, dict):
+            raise LedgerError(refuse)
+        body, mac = stored.get("body"), stored.get("mac")
+        if not isinstance(body, str) or not isinstance(mac, str):
+            raise LedgerError(refuse)
+        if not hmac.compare_digest(self._mac(body), mac):
+            raise LedgerError(refuse)
+        try:
+            data = json.loads(body)
+        except ValueError:
+            raise LedgerError(refuse) from None
+        if (
+            not isinstance(data, dict)
+            or data.get("version") != _VERSION
+            or data.get("node") != self._node
+            or data.get("index") != self._index
+            or not isinstance(data.get("fixed"), dict)
+            or not isinstance(data.get("answered"), dict)
+        ):
+            raise LedgerError(refuse)
+        self._fixed = data["fixed"]
+        self._answered = data["answered"]
