@@ -60,19 +60,18 @@ def test_the_read_only_transaction_cannot_be_switched_off(
     assert found is not None and found[0] is None
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="open (issue 13): a source connected as a superuser lets analysis code read the "
-    "database server's files (pg_read_file) and every database; flame does not refuse such "
-    "a role",
-)
 def test_a_superuser_source_does_not_hand_server_files_to_the_analysis(
     tmp_path: Path, postgres_server: PostgresServer, postgres_databases: Callable[[], str]
 ) -> None:
     database = postgres_databases()
-    try:
-        result = _run(tmp_path, SERVER_FILE, postgres_server.url(database))
-    except RunFailed:
-        return
-    leaked = str(result.value)  # type: ignore[attr-defined]
-    assert "root:" not in leaked, leaked[:200]
+    with pytest.raises(RunFailed, match=r"'db'.*role 'postgres'.*superuser.*only SELECT") as err:
+        _run(tmp_path, SERVER_FILE, postgres_server.superuser_url(database))
+    assert "root:" not in str(err.value)
+
+
+def test_the_databases_select_only_role_cannot_read_server_files_either(
+    tmp_path: Path, postgres_server: PostgresServer, postgres_databases: Callable[[], str]
+) -> None:
+    with pytest.raises(RunFailed, match="permission denied") as err:
+        _run(tmp_path, SERVER_FILE, postgres_server.url(postgres_databases()))
+    assert "root:" not in str(err.value)

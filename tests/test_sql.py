@@ -101,7 +101,9 @@ def test_a_write_is_refused_by_the_read_only_transaction(
 ) -> None:
     db = postgres_databases()
     postgres_server.execute(
-        db, "create table t (i int); insert into t values (1); create sequence s"
+        db,
+        "create table t (i int); insert into t values (1); create sequence s; "
+        f'grant all on t, s to "{postgres_server.reader(db)}"',  # it may write: not the guard
     )
     source = SqlSource("omop", postgres_server.url(db))
     for statement in ("insert into t values (2)", "delete from t", "create table u (i int)"):
@@ -204,3 +206,36 @@ def test_nodes_file_errors_name_the_node_and_the_setting(tmp_path: Path) -> None
     nodes.write_text('[nodes.a]\nfolder = "x"\n')
     with pytest.raises(ConfigError, match="node 'a' needs"):
         load_nodes(nodes)
+
+
+def test_a_privileged_role_is_refused_unless_the_source_opts_in(
+    postgres_server: PostgresServer,
+    postgres_databases: Callable[[], str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from flame.config import DataSourceSettings
+
+    db = postgres_databases()
+    with pytest.raises(DataError) as caught:
+        SqlSource("omop", postgres_server.superuser_url(db)).query("select 1 as ok")
+    message = str(caught.value)
+    assert "'omop'" in message and "role 'postgres'" in message and "superuser" in message
+    assert "only SELECT" in message and "allow_privileged_role" in message
+    # a member of pg_read_server_files is refused too, and the password is not in the message
+    reader = postgres_server.reader(db)
+    postgres_server.execute(db, f'grant pg_read_server_files to "{reader}"')
+    url = postgres_server.url(db)
+    with pytest.raises(DataError, match=r"role '.*_r'.*\(pg_read_server_files\)") as caught:
+        SqlSource("omop", url).probe()
+    assert url.split(":")[2].split("@")[0] not in str(caught.value)  # the password
+    postgres_server.execute(db, f'revoke pg_read_server_files from "{reader}"')
+    assert SqlSource("omop", url).query("select 1 as ok").num_rows == 1
+    # the explicit opt-in from config connects, with a warning in the log
+    settings = DataSourceSettings(
+        name="omop", kind="sql", url=postgres_server.superuser_url(db), allow_privileged_role=True
+    )
+    with caplog.at_level("WARNING", logger="flame.sources.sql"):
+        source = SqlSource.from_settings(settings)
+        assert source.query("select 1 as ok").num_rows == 1
+    assert any("allow_privileged_role" in r.getMessage() for r in caplog.records)
+    source.close()

@@ -96,6 +96,10 @@ class DataSourceSettings(TokenSettings):
     timeout: float = Field(30.0, gt=0)
     retries: int = Field(3, ge=0, le=20)
     statement_timeout: float = Field(300.0, gt=0, description="seconds per SQL statement")
+    allow_privileged_role: bool = Field(
+        False,
+        description="sql: connect even as a superuser or a member of pg_read_server_files etc.",
+    )
 
 
 class StorageSettings(TokenSettings):

@@ -11,7 +11,7 @@
     [[nodes.clinic_c.sources]]
     name = "omop"
     kind = "sql"
-    url = "postgresql://postgres@127.0.0.1:5432/omop_c"
+    url = "postgresql://analyst@127.0.0.1:5432/omop_c"
     token_file = "secrets/omop_c_password"  # the password, never in this file
 
 A source entry takes the same fields as `FLAME_DATA` on a node (`flame.config.

@@ -61,6 +61,7 @@ class PostgresServer:
         self._cluster: Path | None = None
         self._bin: Path | None = None
         self._user: str | None = None
+        self._readers: dict[str, tuple[str, str]] = {}
 
     def start(self) -> PostgresServer:
         if _answers(self.host, self.port):
@@ -134,22 +135,50 @@ class PostgresServer:
         finally:
             shutil.rmtree(self._cluster, ignore_errors=True)
 
-    def url(self, database: str, user: str = "postgres", password: str | None = None) -> str:
+    def url(self, database: str, user: str | None = None, password: str | None = None) -> str:
+        """A URL for `database`: by default as its SELECT-only reader role, if it has one."""
+        if user is None:
+            user, password = self._readers.get(database, ("postgres", None))
         auth = user if password is None else f"{user}:{password}"
         return f"postgresql://{auth}@{self.host}:{self.port}/{database}"
 
+    def reader(self, database: str) -> str:
+        """The name of `database`'s SELECT-only login role."""
+        return self._readers[database][0]
+
+    def superuser_url(self, database: str) -> str:
+        return self.url(database, user="postgres")
+
     def admin(self, database: str = "postgres") -> psycopg.Connection[tuple[object, ...]]:
-        return psycopg.connect(self.url(database), autocommit=True, connect_timeout=10)
+        return psycopg.connect(self.superuser_url(database), autocommit=True, connect_timeout=10)
 
     def create_database(self, prefix: str = "flame_test") -> str:
+        """A fresh database plus its own login role that may only CONNECT and SELECT.
+
+        Default privileges make tables that postgres creates there later readable by the role,
+        so sources connect as it, not as the superuser (which SqlSource refuses).
+        """
         name = f"{prefix}_{os.getpid()}_{next(_ids)}_{uuid.uuid4().hex[:6]}"
+        reader, password = f"{name}_r", uuid.uuid4().hex
         with self.admin() as conn:
             conn.execute(f'create database "{name}"')
+            conn.execute(f"create role \"{reader}\" login password '{password}'")
+            conn.execute(f'grant connect on database "{name}" to "{reader}"')
+        with self.admin(name) as conn:
+            conn.execute(f'grant usage on schema public to "{reader}"')
+            conn.execute(
+                f"alter default privileges for role postgres in schema public "
+                f'grant select on tables to "{reader}"'
+            )
+        self._readers[name] = (reader, password)
         return name
 
     def drop_database(self, name: str) -> None:
         with self.admin() as conn:
             conn.execute(f'drop database if exists "{name}" with (force)')
+            reader = self._readers.pop(name, None)
+            if reader is not None:
+                conn.execute(f'drop role if exists "{reader[0]}"')
 
     def execute(self, database: str, sql: str) -> None:
         with self.admin(database) as conn:

@@ -50,6 +50,24 @@ _ARROW_TYPES: dict[str, pa.DataType] = {
 }
 
 
+_PRIVILEGED_ROLES = (
+    "pg_read_server_files",
+    "pg_write_server_files",
+    "pg_execute_server_program",
+    "pg_read_all_data",
+    "pg_write_all_data",
+)
+"""Predefined roles that reach past the tables granted to the source's role."""
+
+_ROLE_CHECK = """
+select r.rolsuper, r.rolname,
+       array(select p.rolname::text from pg_roles p
+             where p.rolname = any(%s) and pg_has_role(r.oid, p.oid, 'MEMBER')
+             order by p.rolname)
+from pg_roles r where r.rolname = current_user
+"""
+
+
 def _psycopg() -> Any:
     try:
         import psycopg
@@ -75,6 +93,7 @@ class SqlSource:
         statement_timeout: float = 300.0,
         connect_timeout: float = 10.0,
         batch_rows: int = 65_536,
+        allow_privileged_role: bool = False,
     ) -> None:
         if not url.startswith(("postgresql://", "postgres://")):
             raise DataError(f"data source {name!r}: url must start with postgresql://")
@@ -84,6 +103,7 @@ class SqlSource:
         self.statement_timeout = statement_timeout
         self.connect_timeout = connect_timeout
         self.batch_rows = batch_rows
+        self.allow_privileged_role = allow_privileged_role
         self._connection: Any = None
         self._lock = threading.Lock()
         parts = urlsplit(url)
@@ -106,6 +126,7 @@ class SqlSource:
             password=password,
             statement_timeout=settings.statement_timeout,
             connect_timeout=settings.timeout,
+            allow_privileged_role=settings.allow_privileged_role,
         )
 
     # --- connection --------------------------------------------------------------------------
@@ -161,8 +182,51 @@ class SqlSource:
             raise self._fail(exc, "cannot connect") from None
         connection.read_only = True
         connection.adapters.register_loader("numeric", FloatLoader)
+        try:
+            self._check_role(connection)
+        except BaseException:
+            connection.close()
+            raise
         self._connection = connection
         return connection
+
+    def _check_role(self, connection: Any) -> None:
+        """Refuse a role that reaches past the database: server files, programs, every table.
+
+        A superuser or a member of these roles lets analysis code `pg_read_file(...)`, run
+        programs or read every table (pg_read_all_data includes pg_authid's password hashes);
+        the read-only transaction stops none of that. Checked once per connection.
+        """
+        psycopg = _psycopg()
+        try:
+            with connection.transaction(), connection.cursor() as cursor:
+                cursor.execute(_ROLE_CHECK, [list(_PRIVILEGED_ROLES)])
+                row = cursor.fetchone()
+        except psycopg.Error as exc:
+            raise self._fail(exc, "cannot check the role's privileges") from None
+        if row is None:  # current_user always has a pg_roles row; refuse if it did not
+            raise DataError(f"data source {self.name!r} ({self.where}): cannot see its own role")
+        role = str(row[1])
+        granted = ["superuser"] if row[0] else [str(m) for m in row[2]]
+        if not granted:
+            return
+        what = ", ".join(granted)
+        if self.allow_privileged_role:
+            log.warning(
+                "data source %r (%s): role %r is privileged (%s); allowed by "
+                "allow_privileged_role, analysis code can read server files or every table",
+                self.name,
+                self.where,
+                role,
+                what,
+            )
+            return
+        raise DataError(
+            f"data source {self.name!r} ({self.where}): refused to use role {role!r}, which "
+            f"is privileged ({what}): analysis code could read the server's files or every "
+            "table. Give the source a role that can only SELECT the tables it should "
+            "(or set allow_privileged_role = true to accept the risk)"
+        )
 
     def close(self) -> None:
         with self._lock:
