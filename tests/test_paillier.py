@@ -533,6 +533,10 @@ def test_pheutil_key_files_load_in_flame(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     result = runner.invoke(cli, ["extract", str(priv_path), str(pub_path)])
     assert result.exit_code == 0, result.output
+    if stat.S_IMODE(priv_path.stat().st_mode) & 0o077:  # pheutil keeps the umask's mode
+        with pytest.raises(KeyFileError, match="chmod 600"):
+            load_private_key(priv_path, allow_insecure=True)
+        priv_path.chmod(0o600)
     priv = load_private_key(priv_path, allow_insecure=True)
     assert load_public_key(pub_path, allow_insecure=True) == priv.public_key
 
@@ -621,14 +625,15 @@ def test_malformed_key_files_name_the_file_and_hide_the_key(tmp_path: Path) -> N
         load_public_key(tmp_path / "missing.json")
 
 
-def test_world_readable_private_key_is_warned_about(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
+def test_world_readable_private_key_is_refused(tmp_path: Path) -> None:
     _, priv_path = write_keypair(tmp_path, BITS, allow_insecure=True)
-    os.chmod(priv_path, 0o644)
-    with caplog.at_level(logging.WARNING, logger="flame.protocols"):
-        load_private_key(priv_path, allow_insecure=True)
-    assert "accessible to other users" in caplog.text
+    for mode in (0o644, 0o640, 0o604):
+        os.chmod(priv_path, mode)
+        with pytest.raises(KeyFileError, match=r"accessible to other users.*chmod 600") as info:
+            load_private_key(priv_path, allow_insecure=True)
+        assert f"{mode:04o}" in str(info.value)
+    os.chmod(priv_path, 0o600)
+    assert load_private_key(priv_path, allow_insecure=True) is not None
 
 
 def test_keys_cli_and_a_2048_bit_round_trip(
@@ -677,7 +682,11 @@ def test_no_private_key_material_in_logs(
     caplog.set_level(logging.DEBUG)
     pub_path, priv_path = write_keypair(tmp_path, BITS, allow_insecure=True)
     os.chmod(priv_path, 0o640)
+    with pytest.raises(KeyFileError) as refused:
+        load_private_key(priv_path, allow_insecure=True)
+    os.chmod(priv_path, 0o600)
     priv = load_private_key(priv_path, allow_insecure=True)
+    assert_no_secret(str(refused.value), priv)
     pub = load_public_key(pub_path, allow_insecure=True)
     spec = SecureSumSpec(precision=10, bound=10.0, max_nodes=4)
     total = encrypt_vector(np.ones(50), priv, spec) + encrypt_vector(np.ones(50), pub, spec)

@@ -224,6 +224,10 @@ def test_key_files_hold_one_share_each_mode_0600(tmp_path: Path, safe_primes: li
     assert loaded.secret == shares[1].secret and loaded.index == 2
     with pytest.raises(KeyFileError, match="belongs to 'node2'"):
         load_key_share(share_paths[1], node_id="node3", allow_insecure=True)
+    share_paths[1].chmod(0o640)  # a share others may read is refused, not warned about
+    with pytest.raises(KeyFileError, match=r"key share file is accessible .*chmod 600"):
+        load_key_share(share_paths[1], node_id="node2", allow_insecure=True)
+    share_paths[1].chmod(0o600)
     with pytest.raises(KeyFileError, match="secret key material"):
         load_threshold_public_key(share_paths[0], allow_insecure=True)
     with pytest.raises(InsecureKeyError, match="too small"):

@@ -118,6 +118,20 @@ def _public_jwk(public_key: PaillierPublicKey) -> dict[str, Any]:
     }
 
 
+def refuse_shared_secret(path: Path, what: str) -> None:
+    """Refuse a secret file that group or others may access, as ssh does: a warning is read
+    too late, after the key may already have been copied."""
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return  # it was just read; a vanished file is not a permission problem
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise KeyFileError(
+            f"{path}: {what} is accessible to other users (mode {stat.S_IMODE(mode):04o}); "
+            f"a secret must be private: chmod 600 {path}"
+        )
+
+
 def _write_file(path: Path, text: str, mode: int) -> None:
     """Write via a temporary file and rename, so a crash never leaves half a key behind."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -247,14 +261,5 @@ def load_private_key(path: Path, *, allow_insecure: bool = False) -> PaillierPri
         raise KeyFileError(f"{path}: p and q do not match the public key in the same file")
     if not (pm.is_probable_prime(p) and pm.is_probable_prime(q)):
         raise KeyFileError(f"{path}: p and q are not primes")
-    try:
-        mode = path.stat().st_mode
-    except OSError:
-        mode = 0
-    if mode & (stat.S_IRWXG | stat.S_IRWXO):
-        logger.warning(
-            "private key file %s is accessible to other users (mode %o); chmod 600 it",
-            path,
-            stat.S_IMODE(mode),
-        )
+    refuse_shared_secret(path, "private key file")
     return PaillierPrivateKey(public_key, p, q)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import stat
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,7 @@ from flame.protocols.paillier.keys import (
     _public_jwk,
     _read_jwk,
     _write_file,
+    refuse_shared_secret,
 )
 from flame.protocols.paillier.threshold import ThresholdKeyShare, ThresholdPublicKey
 
@@ -154,14 +154,5 @@ def load_key_share(
         )
     except SecureAggregationError as exc:
         raise KeyFileError(f"{path}: {exc}") from None
-    try:
-        mode = path.stat().st_mode
-    except OSError:
-        mode = 0
-    if mode & (stat.S_IRWXG | stat.S_IRWXO):
-        logger.warning(
-            "key share file %s is accessible to other users (mode %o); chmod 600 it",
-            path,
-            stat.S_IMODE(mode),
-        )
+    refuse_shared_secret(path, "key share file")
     return share
