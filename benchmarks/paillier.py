@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 from phe.paillier import EncryptedNumber, PaillierPrivateKey, PaillierPublicKey
 
-from flame.protocols import (
+from flame.protocols.paillier import (
     EncryptedVector,
     Encryptor,
     SecureSumSpec,

@@ -27,7 +27,7 @@ from phe import util as phe_util
 from phe.paillier import EncryptedNumber, PaillierPrivateKey, PaillierPublicKey
 
 from flame._cli_keys import keys_cli
-from flame.protocols import (
+from flame.protocols.paillier import (
     AggregationOverflowError,
     ContributorCountError,
     EncryptedVector,
@@ -41,6 +41,7 @@ from flame.protocols import (
     SumMismatchError,
     ValueOutOfBoundsError,
     WireFormatError,
+    _math,
     decrypt_fixed_point,
     decrypt_raw,
     decrypt_vector,
@@ -50,11 +51,12 @@ from flame.protocols import (
     key_id,
     load_private_key,
     load_public_key,
+    pool,
     shutdown_workers,
     verify_reported_sum,
+    wire,
     write_keypair,
 )
-from flame.protocols.paillier import _math, pool, wire
 from flame.protocols.paillier.encoding import SlotLayout
 
 BITS = 1024
