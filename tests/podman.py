@@ -130,10 +130,19 @@ class Podman:
         return flags
 
     def build(
-        self, context: Path, tag: str, build_args: dict[str, str], timeout: float = 900
+        self,
+        context: Path,
+        tag: str,
+        build_args: dict[str, str],
+        timeout: float = 900,
+        no_cache: bool = False,
     ) -> tuple[float, subprocess.CompletedProcess[str]]:
-        """`podman build` of `context`; the seconds it took and its output (not checked)."""
+        """`podman build` of `context`; the seconds it took and its output (not checked).
+        `no_cache` for a test that reads a step's output: a cached layer prints nothing, and
+        CI machines keep podman's layer cache between runs."""
         args = [f"--build-arg={name}={value}" for name, value in build_args.items()]
+        if no_cache:
+            args.append("--no-cache")
         started = time.monotonic()
         done = self("build", *self.build_flags(), *args, "-t", tag, str(context),
                     timeout=timeout, check=False)  # fmt: skip

@@ -183,7 +183,7 @@ def test_the_two_file_template_project_builds_as_it_is(built: Built, tmp_path: P
     digest = analysis_code_hash(folder)
     tag = "localhost/flame-test-templates:latest"
     _, done = built.podman.build(
-        folder, tag, {"FLAME_IMAGE": FLAME_IMAGE, "FLAME_CODE_SHA256": digest}
+        folder, tag, {"FLAME_IMAGE": FLAME_IMAGE, "FLAME_CODE_SHA256": digest}, no_cache=True
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr
     assert "names no packages; nothing to install" in done.stdout + done.stderr
