@@ -70,6 +70,9 @@ class Envelope:
     # The signed message as received (flame.identity.signing), kept so a verified envelope
     # can be forwarded to a third party who checks the sender's signature itself.
     signed: bytes | bytearray | memoryview | None = field(default=None, compare=False, repr=False)
+    # Bytes of the frame it was decoded from (None: not received), for the per-node result
+    # sizes in the run's history without encoding the message again.
+    wire_bytes: int | None = field(default=None, compare=False, repr=False)
 
     def reply(self, kind: Kind, body: Any = None, **changes: Any) -> Envelope:
         """A new envelope back to this one's sender."""
@@ -82,6 +85,7 @@ class Envelope:
             id=uuid.uuid4().hex,
             sent=time.time(),
             signed=None,
+            wire_bytes=None,
             **changes,
         )
 
@@ -356,6 +360,7 @@ def decode(
         category=header.category,
         id=header.id,
         sent=header.sent,
+        wire_bytes=view.nbytes,
     )
 
 
