@@ -144,11 +144,6 @@ def aggregate(results):
 """
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="open (issue 11): flame.context().send() from analyze leaves the node unchecked "
-    "(allow_messages defaults to true): min_rows and every marker rule bind only the result",
-)
 def test_min_rows_also_binds_what_analyze_sends_to_other_nodes(tmp_path: Path) -> None:
     _side_channel(tmp_path, NodePolicy(min_rows=10))
 

@@ -1,8 +1,11 @@
-"""What may leave the node: the policy checked by the runtime on what `analyze` returned.
+"""What may leave the node: the policy checked by the runtime on what `analyze` returned
+and on every message `analyze` sends (`flame.context().send`).
 
 Order per epoch: before `analyze` (epoch limit, declared privacy spend against the ledger);
 after it (rows read against `min_rows`, small cells of `flame.counts`, noise for `flame.dp`
 markers, the spend charged to the ledger). Only then is the result encrypted and signed.
+A message passes the same checks when it is sent (rows read so far), one body for all its
+recipients; a refused message fails the epoch, even if `analyze` catches the error.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ class Release:
     spend: Spend = field(default_factory=Spend)
     suppressed: dict[str, int] = field(default_factory=dict)
     total_spent: Spend | None = None
+    messages: Release | None = None  # what analyze's messages spent this epoch (count: result)
 
     def report(self) -> dict[str, Any]:
         report: dict[str, Any] = {"spend": self.spend.as_dict()}
@@ -39,6 +43,12 @@ class Release:
             report["spent_total"] = self.total_spent.as_dict()
         if self.suppressed:
             report["suppressed"] = dict(self.suppressed)
+        if self.messages is not None:
+            sent: dict[str, Any] = {"sent": self.messages.result}
+            sent["spend"] = self.messages.spend.as_dict()
+            if self.messages.suppressed:
+                sent["suppressed"] = dict(self.messages.suppressed)
+            report["messages"] = sent
         return report
 
 
@@ -58,6 +68,8 @@ class Gate:
         self.analysis_id = analysis_id
         self.min_contributors = min_contributors  # fewest contributions a decrypted sum holds
         self.ledger: BudgetLedger | None = None
+        self._sent: dict[int, Release] = {}  # per epoch: messages let out (count in .result)
+        self._refused: dict[int, str] = {}  # per epoch: why a message was refused
         if policy.epsilon_budget is not None:
             if policy.ledger_dir is None:
                 raise FlameError("the node policy has a budget but no ledger_dir")
@@ -82,33 +94,81 @@ class Gate:
 
     def release(self, epoch: int, outcome: Outcome) -> Release:
         """The result as it may leave the node; PolicyRefused names the field and rule."""
-        minimum = self.policy.min_rows
-        if minimum is not None and outcome.rows_read < minimum:
-            raise PolicyRefused(
-                f"epoch {epoch}: analyze read fewer rows than this node's min_rows = {minimum}; "
-                "result refused (rule: min_rows)"
-            )
-        release = Release(None)
-        release.result = self._resolve(outcome.result, "", False, release)
-        if release.spend.epsilon > 0 or release.spend.delta > 0:
-            if self.ledger is not None:
-                release.total_spent = self.ledger.charge(
-                    release.spend, analysis=self.analysis_id, epoch=epoch
-                )
-        elif self.ledger is not None:
+        release = self._checked(epoch, outcome.result, outcome.rows_read, "result")
+        sent = self._sent.pop(epoch, None)
+        if sent is not None:  # what this epoch's messages spent and suppressed, for the report
+            release.messages = sent
+        if self.ledger is not None and release.total_spent is None:
             release.total_spent = self.ledger.spent()
         return release
 
-    def _resolve(self, value: Any, path: str, encrypted: bool, release: Release) -> Any:
+    def message(self, epoch: int, body: Any, rows_read: int) -> Any:
+        """A body `analyze` sends to other nodes, as it may leave the node: the result's checks
+        (min_rows on the rows read so far, marker rules, noise and budget). PolicyRefused
+        names the rule, never the body; the refusal is kept to fail the epoch (`refused`)."""
+        try:
+            if not self.policy.allow_messages:
+                raise PolicyRefused(
+                    f"epoch {epoch}: this node's policy does not let analyze send messages; "
+                    "message refused (rule: allow_messages)"
+                )
+            release = self._checked(epoch, body, rows_read, "message")
+        except PolicyRefused as exc:
+            self._refused.setdefault(epoch, str(exc))
+            raise
+        except FlameError as exc:  # a malformed marker: refused like one in a result
+            self._refused.setdefault(epoch, str(exc))
+            raise PolicyRefused(str(exc)) from None
+        sent = self._sent.setdefault(epoch, Release(None))
+        sent.result = int(sent.result or 0) + 1
+        sent.spend = sent.spend + release.spend
+        for field_path, hidden in release.suppressed.items():
+            sent.suppressed[field_path] = sent.suppressed.get(field_path, 0) + hidden
+        return release.result
+
+    def refused(self, epoch: int) -> None:
+        """PolicyRefused if a message of this epoch was refused: the epoch fails with the
+        node's own reason, whatever `analyze` did with the error (caught it, or failed)."""
+        reason = self._refused.pop(epoch, None)
+        if reason is not None:
+            raise PolicyRefused(reason)
+
+    def _checked(self, epoch: int, body: Any, rows_read: int, what: str) -> Release:
+        """`body` resolved under the policy and its spend charged (nothing if refused)."""
+        minimum = self.policy.min_rows
+        if minimum is not None and rows_read < minimum:
+            raise PolicyRefused(
+                f"epoch {epoch}: analyze read fewer rows than this node's min_rows = {minimum}; "
+                f"{what} refused (rule: min_rows)"
+            )
+        release = Release(None)
+        release.result = self._resolve(body, "", False, release, what == "result")
+        spends = release.spend.epsilon > 0 or release.spend.delta > 0
+        if spends and self.ledger is not None:
+            release.total_spent = self.ledger.charge(
+                release.spend, analysis=self.analysis_id, epoch=epoch
+            )
+        return release
+
+    def _resolve(
+        self, value: Any, path: str, encrypted: bool, release: Release, result: bool = True
+    ) -> Any:
         if isinstance(value, Secure):
+            if not result:
+                raise PolicyRefused(
+                    f"field {path or 'value'!r}: flame.secure(...) in a message: messages are "
+                    "not encrypted, only results are (rule: messages are checked like results)"
+                )
             return replace(value, values=self._resolve(value.values, path, True, release))
         if isinstance(value, Counts) and isinstance(value.values, dict):
             return {  # a dict of cells (e.g. {"F|<40": 3, ...}): the rule per entry
-                k: self._resolve(Counts(v), f"{path}.{k}" if path else str(k), encrypted, release)
+                k: self._resolve(
+                    Counts(v), f"{path}.{k}" if path else str(k), encrypted, release, result
+                )
                 for k, v in value.values.items()
             }
         if isinstance(value, Counts):
-            inner = self._resolve(value.values, path, encrypted, release)
+            inner = self._resolve(value.values, path, encrypted, release, result)
             released, hidden = apply_cell_rule(
                 inner,
                 path=path,
@@ -138,18 +198,19 @@ class Gate:
                     f"guaranteed {floor or 1} (secure.min_contributors); each node would add "
                     "too little noise (rule: contributors <= min_contributors)"
                 )
-            inner = self._resolve(value.values, path, encrypted, release)
+            inner = self._resolve(value.values, path, encrypted, release, result)
             scale = noise_scale(value)
             noisy = add_noise(inner, value.mechanism, scale, path)
             release.spend = release.spend + Spend(value.epsilon, value.delta)
             return noisy
         if isinstance(value, dict):
             return {
-                k: self._resolve(v, f"{path}.{k}" if path else str(k), encrypted, release)
+                k: self._resolve(v, f"{path}.{k}" if path else str(k), encrypted, release, result)
                 for k, v in value.items()
             }
         if isinstance(value, (list, tuple)):
             return [
-                self._resolve(v, f"{path}[{i}]", encrypted, release) for i, v in enumerate(value)
+                self._resolve(v, f"{path}[{i}]", encrypted, release, result)
+                for i, v in enumerate(value)
             ]
         return value
