@@ -600,7 +600,7 @@ def test_a_holder_endorses_one_set_per_field_and_epoch_even_restarted(parties, t
     assert set(first) == {"endorsements"}
     restarted = holder()
     assert (
-        "already endorsed a different contribution set"
+        "already endorsed (or decrypted) a different contribution set"
         in restarted.endorse(endorse_request(other))["error"]
     )
     assert restarted.endorse(endorse_request(full)) == first  # the same set: the same answer
@@ -611,6 +611,19 @@ def test_a_holder_endorses_one_set_per_field_and_epoch_even_restarted(parties, t
         in holder().answer(request(other))["error"]
     )
     assert "partials" in holder().answer(request(full))
+    # a holder that decrypted a set it had not endorsed (it was down then) endorses only it
+    late = party(shares, roster, "d")
+    assert "partials" in late.answer(request(full, endorsed=endorsements(public, roster, full)))
+    assert "different contribution set" in late.endorse(endorse_request(other))["error"]
+    assert late.endorse(endorse_request(full)) == {
+        "endorsements": {
+            "total": roster.signer("d")(
+                endorsement_message(
+                    public, "run1", 0, "total", contribution_pairs("total", full["total"])
+                )
+            ).hex()
+        }
+    }
     # what a holder checks before endorsing: signatures (over the digests), enough nodes
     forged = {"total": {**full["total"], "b": contribution(public, roster, "b", [3.0], signer="a")}}
     assert (

@@ -233,8 +233,8 @@ class ThresholdParty:
             done = self._ledger.endorsed(analysis, epoch, path)
             if done is not None and done != digest:
                 raise FlameError(
-                    f"refusing to endorse: this node already endorsed a different contribution "
-                    f"set of {path!r} in epoch {epoch} (one set per field and epoch)"
+                    f"refusing to endorse: this node already endorsed (or decrypted) a different "
+                    f"contribution set of {path!r} in epoch {epoch} (one set per field and epoch)"
                 )
             cached = self._endorsements.get((analysis, epoch, path))
             if cached is not None and cached[0] == digest:
@@ -341,7 +341,7 @@ class ThresholdParty:
             partial = partial_decrypt(self.share, total.ciphertexts, context)
             data = partial.to_bytes(public)
             if done is None:  # recorded (and persisted) before the partial is released
-                self._ledger.record(analysis, epoch, path, who, digest)
+                self._ledger.record(analysis, epoch, path, who, digest, set_digest(pairs))
             self._answers[(analysis, epoch, path)] = (digest, data)
         log.info("epoch %d: partial decryption of %r over %d contributions", epoch, path, len(who))
         return Sealed(PARTIAL, data)
