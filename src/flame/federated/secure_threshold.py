@@ -231,6 +231,11 @@ class ThresholdParty:
         with self._lock:
             self._guard(analysis, path, who, "endorse")
             done = self._ledger.endorsed(analysis, epoch, path)
+            if done is None and self._ledger.answered(analysis, epoch, path) is not None:
+                raise FlameError(  # a ledger from before endorsements: which set is unknown
+                    f"refusing to endorse: this node already decrypted a sum of {path!r} in "
+                    f"epoch {epoch}"
+                )
             if done is not None and done != digest:
                 raise FlameError(
                     f"refusing to endorse: this node already endorsed (or decrypted) a different "
@@ -308,8 +313,8 @@ class ThresholdParty:
             own = self._ledger.endorsed(analysis, epoch, path)
         if own is not None and own != set_digest(pairs):
             raise FlameError(
-                f"refusing to decrypt: this node endorsed a different contribution set of "
-                f"{path!r} in epoch {epoch}"
+                f"refusing to decrypt: this node endorsed (or decrypted) a different "
+                f"contribution set of {path!r} in epoch {epoch}"
             )
         if self.verify is None:
             if not self._warned:
