@@ -52,6 +52,7 @@ from flame.federated.secure import (
     answer_decrypt,
     seal,
 )
+from flame.federated.threshold_endorse import ENDORSE, ENDORSED
 from flame.isolation.runner import ChildRunner, InProcessRunner, Outcome, Runner
 from flame.messages import Envelope
 from flame.policy import NodePolicy
@@ -659,10 +660,17 @@ class AnalysisClient:
         return envelope.sender == self.aggregator_id and (
             envelope.kind in _CONTROL
             or envelope.kind in ("status", "ack")
-            or (envelope.kind == "message" and envelope.category == DECRYPT)
+            or (envelope.kind == "message" and envelope.category in (DECRYPT, ENDORSE))
         )
 
     def _answer_decrypt(self, envelope: Envelope) -> None:
+        if envelope.category == ENDORSE:  # threshold mode: endorse a contribution set
+            if self.keys is not None and self.keys.share is not None:
+                body = self.keys.party(self.context._state).endorse(envelope)
+            else:
+                body = {"error": "this node holds no share of a threshold key"}
+            self.transport.send(envelope.reply("message", body, category=ENDORSED))
+            return
         if self.keys is not None and self.keys.share is not None:
             reply: dict[str, Any] = self.keys.party(self.context._state).answer(envelope)
         elif self.keys is None or self.keys.private_key is None:
