@@ -151,3 +151,22 @@ def test_policy_bounds_are_validated_and_read_from_toml(tmp_path: Path) -> None:
     path.write_text("[dp_bounds]\nage = [0, inf]\n")
     with pytest.raises(ConfigError, match="dp_bounds"):
         flame.load_policy(path)
+
+
+def test_a_distributed_sum_inside_secure_splits_the_derived_noise(
+    tmp_path: Path, draws: list[tuple[Any, str, float]]
+) -> None:
+    from flame.dp import gaussian_sigma, measure
+
+    gate = _gate(tmp_path, dp_bounds={"age": (0.0, 100.0)}, delta_budget=1e-3)
+    gate.min_contributors = 3
+    marker = flame.dp.sum("age", epsilon=0.5, delta=1e-5, contributors=3)
+    with pytest.raises(flame.PolicyRefused, match=r"only safe inside flame\.secure"):
+        gate.release(0, Outcome({"s": marker}, 0))
+    gate.release(0, Outcome({"s": flame.secure(marker)}, 0))
+    ((_, mechanism, scale),) = draws
+    sensitivity = measure("sum", AGES[~np.isnan(AGES)], (0.0, 100.0), None, "gaussian")[1]
+    assert sensitivity == pytest.approx(100.0, rel=1e-6)
+    assert mechanism == "gaussian"
+    assert scale == pytest.approx(gaussian_sigma(sensitivity, 0.5, 1e-5) / np.sqrt(3))
+    assert _spent(tmp_path) == pytest.approx(0.5)
