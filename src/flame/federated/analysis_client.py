@@ -43,7 +43,7 @@ from flame.federated.context import Context
 from flame.federated.functions import AnalysisFunctions
 from flame.federated.mailbox import Mailbox
 from flame.federated.membership import Instances
-from flame.federated.release import Gate
+from flame.federated.release import Gate, column_reader
 from flame.federated.secure import (
     DECRYPT,
     DECRYPTED,
@@ -649,6 +649,7 @@ class AnalysisClient:
             runner: Runner = child
         else:
             runner = InProcessRunner(functions.analyze, data, self.context)
+        self.gate.reader = column_reader(data)  # flame.dp statistics read the data here
         # what analyze sends to other nodes leaves only as the policy allows (like a result)
         self.context.outgoing = lambda body: self.gate.message(
             self.context.epoch, body, runner.rows_read
