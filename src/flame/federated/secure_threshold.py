@@ -168,7 +168,8 @@ def sum_contributions(
 
 @dataclass
 class ThresholdParty:
-    """A share holder's side: decides whether to decrypt, and does it at most once."""
+    """A share holder's side: endorses at most one contribution set per field and epoch,
+    and decrypts (at most once) only a set that Q share holders endorsed."""
 
     share: ThresholdKeyShare
     verify: Verifier | None
