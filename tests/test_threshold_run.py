@@ -322,7 +322,8 @@ def test_replayed_and_changed_requests(parties) -> None:
     first = holder.answer(request(fields))
     assert holder.answer(request(fields)) == first  # a repeat gets the same answer, no more
     other = {"total": {n: contribution(public, roster, n, [2.0]) for n in ("a", "b", "c")}}
-    assert "already decrypted a different sum" in holder.answer(request(other))["error"]
+    refusal = holder.answer(request(other))["error"]  # the sum of other vectors, same nodes
+    assert "endorsed (or decrypted) a different contribution set of 'total'" in refusal
     # epoch 0's signed contributions replayed as epoch 1's: the signatures do not cover it
     assert "signature is not" in holder.answer(request(fields, epoch=1))["error"]
     # a different set in a later epoch: the differencing guard names the missing node
@@ -600,17 +601,30 @@ def test_a_holder_endorses_one_set_per_field_and_epoch_even_restarted(parties, t
     assert set(first) == {"endorsements"}
     restarted = holder()
     assert (
-        "already endorsed a different contribution set"
+        "already endorsed (or decrypted) a different contribution set"
         in restarted.endorse(endorse_request(other))["error"]
     )
     assert restarted.endorse(endorse_request(full)) == first  # the same set: the same answer
     assert holder().endorse(endorse_request(full)) == first
     # Q endorsements of the other set elsewhere do not make this holder decrypt it
     assert (
-        "this node endorsed a different contribution set"
+        "this node endorsed (or decrypted) a different contribution set"
         in holder().answer(request(other))["error"]
     )
     assert "partials" in holder().answer(request(full))
+    # a holder that decrypted a set it had not endorsed (it was down then) endorses only it
+    late = party(shares, roster, "d")
+    assert "partials" in late.answer(request(full, endorsed=endorsements(public, roster, full)))
+    assert "different contribution set" in late.endorse(endorse_request(other))["error"]
+    assert late.endorse(endorse_request(full)) == {
+        "endorsements": {
+            "total": roster.signer("d")(
+                endorsement_message(
+                    public, "run1", 0, "total", contribution_pairs("total", full["total"])
+                )
+            ).hex()
+        }
+    }
     # what a holder checks before endorsing: signatures (over the digests), enough nodes
     forged = {"total": {**full["total"], "b": contribution(public, roster, "b", [3.0], signer="a")}}
     assert (
@@ -651,3 +665,41 @@ def test_fewer_than_q_endorsers_fail_the_run_naming_q_and_who(tkey, monkeypatch)
     assert "3 of 5 share holders endorsed the contribution set of" in message
     assert "Q = 4 are needed" in message and "endorsed by a, c, e" in message
     assert "b: not today; d: not today" in message
+
+
+def test_a_ledger_written_before_endorsements_still_loads_and_guards(parties) -> None:
+    """Ledgers persisted before the endorsement round (no "endorsed" part) keep working."""
+    import json
+
+    from flame.federated.threshold_ledger import TAG, GuardLedger
+
+    public, roster, shares = parties
+
+    class State(dict):
+        def save(self, tag: str, value: object) -> None:
+            self[tag] = value
+
+        def load(self, tag: str, default: object = None) -> object:
+            return self.get(tag, default)
+
+    state = State()
+    old = GuardLedger(shares["e"], state)
+    body = json.dumps(
+        {
+            "version": 1,
+            "node": "e",
+            "index": shares["e"].index,
+            "fixed": {"run1": {"total": ["a", "b", "c"]}},
+            "answered": {"run1": {"0/total": "00" * 32}},
+        },
+        sort_keys=True,
+        separators=(",", ":"),
+    )
+    state[TAG] = {"body": body, "mac": old._mac(body)}
+    holder = party(shares, roster, "e", state=state)
+    fields = {"total": {n: contribution(public, roster, n, [1.0]) for n in "abc"}}
+    assert "already decrypted a different sum" in holder.answer(request(fields))["error"]
+    later = {"total": {n: contribution(public, roster, n, [1.0], epoch=1) for n in "ab"}}
+    assert "missing c" in holder.endorse(endorse_request(later, epoch=1))["error"]
+    # which set it decrypted in epoch 0 is not recorded: it endorses none for that epoch
+    assert "already decrypted a sum of 'total'" in holder.endorse(endorse_request(fields))["error"]

@@ -168,7 +168,8 @@ def sum_contributions(
 
 @dataclass
 class ThresholdParty:
-    """A share holder's side: decides whether to decrypt, and does it at most once."""
+    """A share holder's side: endorses at most one contribution set per field and epoch,
+    and decrypts (at most once) only a set that Q share holders endorsed."""
 
     share: ThresholdKeyShare
     verify: Verifier | None
@@ -231,10 +232,15 @@ class ThresholdParty:
         with self._lock:
             self._guard(analysis, path, who, "endorse")
             done = self._ledger.endorsed(analysis, epoch, path)
+            if done is None and self._ledger.answered(analysis, epoch, path) is not None:
+                raise FlameError(  # a ledger from before endorsements: which set is unknown
+                    f"refusing to endorse: this node already decrypted a sum of {path!r} in "
+                    f"epoch {epoch}"
+                )
             if done is not None and done != digest:
                 raise FlameError(
-                    f"refusing to endorse: this node already endorsed a different contribution "
-                    f"set of {path!r} in epoch {epoch} (one set per field and epoch)"
+                    f"refusing to endorse: this node already endorsed (or decrypted) a different "
+                    f"contribution set of {path!r} in epoch {epoch} (one set per field and epoch)"
                 )
             cached = self._endorsements.get((analysis, epoch, path))
             if cached is not None and cached[0] == digest:
@@ -308,8 +314,8 @@ class ThresholdParty:
             own = self._ledger.endorsed(analysis, epoch, path)
         if own is not None and own != set_digest(pairs):
             raise FlameError(
-                f"refusing to decrypt: this node endorsed a different contribution set of "
-                f"{path!r} in epoch {epoch}"
+                f"refusing to decrypt: this node endorsed (or decrypted) a different "
+                f"contribution set of {path!r} in epoch {epoch}"
             )
         if self.verify is None:
             if not self._warned:
@@ -341,7 +347,7 @@ class ThresholdParty:
             partial = partial_decrypt(self.share, total.ciphertexts, context)
             data = partial.to_bytes(public)
             if done is None:  # recorded (and persisted) before the partial is released
-                self._ledger.record(analysis, epoch, path, who, digest)
+                self._ledger.record(analysis, epoch, path, who, digest, set_digest(pairs))
             self._answers[(analysis, epoch, path)] = (digest, data)
         log.info("epoch %d: partial decryption of %r over %d contributions", epoch, path, len(who))
         return Sealed(PARTIAL, data)

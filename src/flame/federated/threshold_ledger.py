@@ -92,16 +92,27 @@ class GuardLedger:
     # -- updates ----------------------------------------------------------------------------
 
     def record(
-        self, analysis: str, epoch: int, path: str, who: tuple[str, ...], digest: bytes
+        self,
+        analysis: str,
+        epoch: int,
+        path: str,
+        who: tuple[str, ...],
+        digest: bytes,
+        endorsed: bytes | None = None,
     ) -> None:
-        """Remember a decryption; persisted before returning (LedgerError if it cannot be)."""
+        """Remember a decryption (and, if this holder endorsed no set for it, its set as the
+        one set it will endorse); persisted before returning (LedgerError if it cannot be)."""
         self._load()
         fixed = self._fixed.setdefault(analysis, {})
         answered = self._answered.setdefault(analysis, {})
+        sets = self._endorsed.setdefault(analysis, {})
         key = f"{epoch}/{path}"
         added_fixed = path not in fixed
         if added_fixed:
             fixed[path] = list(who)
+        added_set = endorsed is not None and key not in sets
+        if endorsed is not None and added_set:
+            sets[key] = endorsed.hex()
         answered[key] = digest.hex()
         try:
             self._save()
@@ -109,6 +120,8 @@ class GuardLedger:
             del answered[key]
             if added_fixed:
                 del fixed[path]
+            if added_set:
+                del sets[key]
             raise
 
     def endorse(
