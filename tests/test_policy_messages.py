@@ -167,7 +167,7 @@ def aggregate(results):
 
 def test_dp_noise_in_a_message_is_drawn_and_charged_on_the_node(tmp_path: Path) -> None:
     folder = _ledger(tmp_path, 0.0)
-    policy = NodePolicy(epsilon_budget=1.0, ledger_dir=folder)
+    policy = NodePolicy(epsilon_budget=1.0, ledger_dir=folder, trust_sensitivity=True)
     broker, seen = _bodies("noisy")
     run = _simulate(tmp_path, NOISY, policy, isolate=True, broker=broker)
     assert len(seen) == len(NODES) and all(isinstance(b, float) for b in seen)
@@ -182,12 +182,29 @@ def test_dp_noise_in_a_message_is_drawn_and_charged_on_the_node(tmp_path: Path) 
 
 def test_a_message_over_budget_is_refused_and_spends_nothing(tmp_path: Path) -> None:
     folder = _ledger(tmp_path, 0.9)
-    policy = NodePolicy(epsilon_budget=1.0, ledger_dir=folder)
+    policy = NodePolicy(epsilon_budget=1.0, ledger_dir=folder, trust_sensitivity=True)
     broker, seen = _bodies("noisy")
     with pytest.raises(RunFailed, match="epsilon_budget"):
         _simulate(tmp_path, NOISY, policy, isolate=False, broker=broker)
     assert seen == []
     assert all(_spent(folder, node) == pytest.approx(0.9) for node in NODES)
+
+
+def test_a_dp_policy_refuses_the_analysts_sensitivity_in_a_message_too(tmp_path: Path) -> None:
+    """Under a budget (trust_sensitivity = false) a message's flame.dp.laplace is refused
+    like a result's; flame.dp.sum, whose sensitivity the node derives from its bounds, is
+    sent noised and charged."""
+    folder = _ledger(tmp_path, 0.0)
+    policy = NodePolicy(epsilon_budget=1.0, ledger_dir=folder, dp_bounds={"v": (0.0, 10.0)})
+    broker, seen = _bodies("noisy")
+    with pytest.raises(RunFailed, match=r"rule: trust_sensitivity = false"):
+        _simulate(tmp_path, NOISY, policy, isolate=True, broker=broker)
+    assert seen == [] and all(_spent(folder, node) == 0 for node in NODES)
+    statistic = NOISY.replace("flame.dp.laplace(total, 1.0, 0.4)", 'flame.dp.sum("v", epsilon=0.4)')
+    run = _simulate(tmp_path, statistic, policy, isolate=True, broker=broker)
+    assert len(seen) == len(NODES) and all(b != 65.0 for b in seen)  # clipped sum: 65
+    assert sorted(run.value.values()) == sorted(seen)
+    assert all(_spent(folder, node) == pytest.approx(0.4) for node in NODES)
 
 
 CHATTY = """

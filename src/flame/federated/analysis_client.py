@@ -43,7 +43,7 @@ from flame.federated.context import Context
 from flame.federated.functions import AnalysisFunctions
 from flame.federated.mailbox import Mailbox
 from flame.federated.membership import Instances
-from flame.federated.release import Gate
+from flame.federated.release import Gate, column_reader
 from flame.federated.secure import (
     DECRYPT,
     DECRYPTED,
@@ -52,6 +52,7 @@ from flame.federated.secure import (
     answer_decrypt,
     seal,
 )
+from flame.federated.threshold_endorse import ENDORSE, ENDORSED
 from flame.isolation.runner import ChildRunner, InProcessRunner, Outcome, Runner
 from flame.messages import Envelope
 from flame.policy import NodePolicy
@@ -648,6 +649,7 @@ class AnalysisClient:
             runner: Runner = child
         else:
             runner = InProcessRunner(functions.analyze, data, self.context)
+        self.gate.reader = column_reader(data)  # flame.dp statistics read the data here
         # what analyze sends to other nodes leaves only as the policy allows (like a result)
         self.context.outgoing = lambda body: self.gate.message(
             self.context.epoch, body, runner.rows_read
@@ -658,10 +660,17 @@ class AnalysisClient:
         return envelope.sender == self.aggregator_id and (
             envelope.kind in _CONTROL
             or envelope.kind in ("status", "ack")
-            or (envelope.kind == "message" and envelope.category == DECRYPT)
+            or (envelope.kind == "message" and envelope.category in (DECRYPT, ENDORSE))
         )
 
     def _answer_decrypt(self, envelope: Envelope) -> None:
+        if envelope.category == ENDORSE:  # threshold mode: endorse a contribution set
+            if self.keys is not None and self.keys.share is not None:
+                body = self.keys.party(self.context._state).endorse(envelope)
+            else:
+                body = {"error": "this node holds no share of a threshold key"}
+            self.transport.send(envelope.reply("message", body, category=ENDORSED))
+            return
         if self.keys is not None and self.keys.share is not None:
             reply: dict[str, Any] = self.keys.party(self.context._state).answer(envelope)
         elif self.keys is None or self.keys.private_key is None:

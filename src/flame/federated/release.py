@@ -11,20 +11,51 @@ recipients; a refused message fails the epoch, even if `analyze` catches the err
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+import numpy as np
+
+from flame.data import Data
 from flame.disclosure import Counts, apply_cell_rule
-from flame.dp import Noise, add_noise, noise_scale
+from flame.dp import Noise, Statistic, add_noise, measure, noise_scale
 from flame.errors import FlameError, PolicyRefused
 from flame.federated.secure import Secure
 from flame.isolation.runner import Outcome
 from flame.ledger import BudgetLedger, Spend
 from flame.policy import NodePolicy
 
-__all__ = ["Gate", "Release"]
+__all__ = ["ColumnReader", "Gate", "Release", "column_reader"]
+
+ColumnReader = Callable[[str, "str | None", "str | None"], np.ndarray]
+"""(column, file, source) -> the column as float64 (NaN where missing), read by the runtime."""
+
+
+def column_reader(data: Any) -> ColumnReader | None:
+    """How the runtime reads a column of the node's data for flame.dp statistics (CSV files
+    of a `Data`; None for anything else)."""
+    if not isinstance(data, Data):
+        return None
+
+    def read(column: str, file: str | None, source: str | None) -> np.ndarray:
+        table = data.read_csv(file, source=source)
+        if column not in table:
+            raise PolicyRefused(f"flame.dp: the node's data has no column {column[:64]!r}")
+        values = np.asarray(table[column])
+        if values.dtype.kind not in "biuf":
+            raise PolicyRefused(f"flame.dp: column {column[:64]!r} is not numeric")
+        return values.astype(np.float64)
+
+    return read
+
 
 log = logging.getLogger(__name__)
+
+
+def _name(mechanism: Any) -> str:
+    """A noise marker's mechanism for an error (a forged one is not echoed)."""
+    return mechanism if mechanism in ("laplace", "gaussian") else "laplace/gaussian"
 
 
 @dataclass
@@ -35,6 +66,7 @@ class Release:
     spend: Spend = field(default_factory=Spend)
     suppressed: dict[str, int] = field(default_factory=dict)
     total_spent: Spend | None = None
+    covered: list[int] = field(default_factory=list)  # records each runtime statistic read
     messages: Release | None = None  # what analyze's messages spent this epoch (count: result)
 
     def report(self) -> dict[str, Any]:
@@ -70,6 +102,7 @@ class Gate:
         self.ledger: BudgetLedger | None = None
         self._sent: dict[int, Release] = {}  # per epoch: messages let out (count in .result)
         self._refused: dict[int, str] = {}  # per epoch: why a message was refused
+        self.reader: ColumnReader | None = None  # set by the node: its data, for statistics
         if policy.epsilon_budget is not None:
             if policy.ledger_dir is None:
                 raise FlameError("the node policy has a budget but no ledger_dir")
@@ -136,13 +169,25 @@ class Gate:
     def _checked(self, epoch: int, body: Any, rows_read: int, what: str) -> Release:
         """`body` resolved under the policy and its spend charged (nothing if refused)."""
         minimum = self.policy.min_rows
-        if minimum is not None and rows_read < minimum:
+        if minimum is not None and rows_read < minimum and rows_read > 0:
             raise PolicyRefused(
                 f"epoch {epoch}: analyze read fewer rows than this node's min_rows = {minimum}; "
                 f"{what} refused (rule: min_rows)"
             )
         release = Release(None)
         release.result = self._resolve(body, "", False, release, what == "result")
+        # each runtime statistic must cover min_rows records; analyze that read nothing
+        # itself and releases only such statistics is judged by them
+        short = minimum is not None and (
+            min(release.covered, default=minimum) < minimum
+            or (rows_read < minimum and not (rows_read == 0 and release.covered))
+        )
+        if short:
+            raise PolicyRefused(
+                f"epoch {epoch}: analyze read (or a flame.dp statistic covers) fewer rows than "
+                f"this node's min_rows = {minimum}; "
+                f"{what} refused (rule: min_rows)"
+            )
         spends = release.spend.epsilon > 0 or release.spend.delta > 0
         if spends and self.ledger is not None:
             release.total_spent = self.ledger.charge(
@@ -180,29 +225,17 @@ class Gate:
             if hidden:
                 release.suppressed[path or "value"] = hidden
             return released
+        if isinstance(value, Statistic):
+            return self._statistic(value, path, encrypted, release)
         if isinstance(value, Noise):
-            try:
-                value.check(path)
-            except FlameError as exc:
-                raise PolicyRefused(str(exc)) from None
-            if value.contributors > 1 and not encrypted:
+            if self.policy.derives_sensitivity:
                 raise PolicyRefused(
-                    f"field {path or 'value'!r}: distributed noise (contributors="
-                    f"{value.contributors}) is only safe inside flame.secure(...)"
-                )
-            floor = self.min_contributors
-            if value.contributors > 1 and (floor is None or value.contributors > floor):
-                raise PolicyRefused(
-                    f"field {path or 'value'!r}: distributed noise split over "
-                    f"{value.contributors} contributors, but a decrypted sum is only "
-                    f"guaranteed {floor or 1} (secure.min_contributors); each node would add "
-                    "too little noise (rule: contributors <= min_contributors)"
+                    f"field {path or 'value'!r}: flame.dp.{_name(value.mechanism)} takes the "
+                    "analysis's own sensitivity; this node derives it from its public bounds: "
+                    "use flame.dp.sum/mean/count/histogram (rule: trust_sensitivity = false)"
                 )
             inner = self._resolve(value.values, path, encrypted, release, result)
-            scale = noise_scale(value)
-            noisy = add_noise(inner, value.mechanism, scale, path)
-            release.spend = release.spend + Spend(value.epsilon, value.delta)
-            return noisy
+            return self._noise(replace(value, values=inner), path, encrypted, release)
         if isinstance(value, dict):
             return {
                 k: self._resolve(v, f"{path}.{k}" if path else str(k), encrypted, release, result)
@@ -214,3 +247,70 @@ class Gate:
                 for i, v in enumerate(value)
             ]
         return value
+
+    def _noise(self, value: Noise, path: str, encrypted: bool, release: Release) -> Any:
+        """`value.values` with the marker's noise, its spend added to the release."""
+        try:
+            value.check(path)
+        except FlameError as exc:
+            raise PolicyRefused(str(exc)) from None
+        if value.contributors > 1 and not encrypted:
+            raise PolicyRefused(
+                f"field {path or 'value'!r}: distributed noise (contributors="
+                f"{value.contributors}) is only safe inside flame.secure(...)"
+            )
+        floor = self.min_contributors
+        if value.contributors > 1 and (floor is None or value.contributors > floor):
+            raise PolicyRefused(
+                f"field {path or 'value'!r}: distributed noise split over "
+                f"{value.contributors} contributors, but a decrypted sum is only "
+                f"guaranteed {floor or 1} (secure.min_contributors); each node would add "
+                "too little noise (rule: contributors <= min_contributors)"
+            )
+        noisy = add_noise(value.values, value.mechanism, noise_scale(value), path)
+        release.spend = release.spend + Spend(value.epsilon, value.delta)
+        return noisy
+
+    def _statistic(self, stat: Statistic, path: str, encrypted: bool, release: Release) -> Any:
+        """A runtime statistic: the column read here, clipped to the holder's bounds, its
+        sensitivity derived by OpenDP, never taken from the analysis."""
+        field_name = path or "value"
+        try:
+            stat.check(path)
+        except FlameError as exc:
+            raise PolicyRefused(str(exc)) from None
+        if stat.kind == "mean" and encrypted:
+            raise PolicyRefused(
+                f"field {field_name!r}: a mean does not add up across nodes; inside "
+                "flame.secure use flame.dp.sum and flame.dp.count"
+            )
+        if self.reader is None:
+            raise PolicyRefused(
+                f"field {field_name!r}: flame.dp.{stat.kind} needs the node's CSV data"
+            )
+        column = self.reader(stat.column, stat.file, stat.source)
+        release.covered.append(int(column.size))
+        values = column[~np.isnan(column)]
+        bounds = None
+        if stat.kind in ("sum", "mean"):
+            bounds = self.policy.bounds_for(stat.column)
+            if bounds is None:
+                raise PolicyRefused(
+                    f"field {field_name!r}: flame.dp.{stat.kind} of column "
+                    f"{stat.column[:64]!r}: this node's policy declares no public bounds for "
+                    "it (rule: dp_bounds, dp_clamp)"
+                )
+        if stat.kind != "mean":
+            exact, sensitivity = measure(stat.kind, values, bounds, stat.bins, stat.mechanism)
+            marker = Noise(
+                exact, stat.mechanism, sensitivity, stat.epsilon, stat.delta, stat.contributors
+            )
+            return self._noise(marker, path, encrypted, release)
+        assert bounds is not None
+        halves = []
+        for kind in ("sum", "count"):
+            exact, sensitivity = measure(kind, values, bounds, None, stat.mechanism)
+            marker = Noise(exact, stat.mechanism, sensitivity, stat.epsilon / 2, stat.delta / 2)
+            halves.append(float(self._noise(marker, path, encrypted, release)))
+        total, n = halves
+        return float(np.clip(total / max(n, 1.0), bounds[0], bounds[1]))
