@@ -305,7 +305,10 @@ def _opendp() -> Any:
     try:
         import opendp.prelude as dp
     except ImportError:  # pragma: no cover - opendp is a dependency
-        raise FlameError("flame.dp needs OpenDP: pip install 'opendp>=0.12'") from None
+        raise FlameError(
+            "flame.dp needs OpenDP: pip install 'flame[dp]' (in an analysis image: add "
+            "opendp>=0.12 to the analysis's requirements.txt)"
+        ) from None
     dp.enable_features("contrib")
     return dp
 
