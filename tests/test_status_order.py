@@ -94,3 +94,21 @@ def test_unbound_statuses() -> None:
     order = StatusOrder(STARTED)
     assert "not bound" in str(order.check("n", {"state": "waiting", "instance": "x"}))
     assert order.check("n", {"state": "waiting"}, signed=False) is None
+
+
+def test_flame_status_marks_statuses_of_another_run_not_current() -> None:
+    from flame.status import NodeStatus, RunStatus, _mark_current
+
+    old, agg, node = Process(STARTED - 3600), Process(STARTED), Process(STARTED + 1)
+    payloads = {
+        "aggregator": {**old.status("done", STARTED - 3500), "role": "aggregation", "run": "r1"},
+        "node-0": {**node.status("computing", STARTED + 5), "role": "analysis", "run": "r2"},
+        "node-1": {**agg.status("waiting", STARTED + 2), "role": "analysis", "run": None},
+    }
+    found = {n: NodeStatus.from_payload(n, p) for n, p in payloads.items()}
+    marked = _mark_current({n: s for n, s in found.items() if s is not None})
+    assert marked["aggregator"].current is False and "r1" in str(marked["aggregator"].stale)
+    assert marked["node-0"].current is True and marked["node-1"].current is True
+    run = RunStatus("a", nodes=marked, aggregator_id="aggregator")
+    assert run.state == "running", "an earlier run's 'done' does not finish this one"
+    assert "NOT CURRENT" in marked["aggregator"].describe()
