@@ -53,6 +53,10 @@ def column_reader(data: Any) -> ColumnReader | None:
 log = logging.getLogger(__name__)
 
 
+def _spends(spend: Spend) -> bool:
+    return spend.epsilon > 0 or spend.delta > 0
+
+
 def _name(mechanism: Any) -> str:
     """A noise marker's mechanism for an error (a forged one is not echoed)."""
     return mechanism if mechanism in ("laplace", "gaussian") else "laplace/gaussian"
@@ -68,6 +72,7 @@ class Release:
     total_spent: Spend | None = None
     covered: list[int] = field(default_factory=list)  # records each runtime statistic read
     messages: Release | None = None  # what analyze's messages spent this epoch (count: result)
+    noisy_refusal: bool = False  # a refusal was decided on noised values: charge their noise
 
     def report(self) -> dict[str, Any]:
         report: dict[str, Any] = {"spend": self.spend.as_dict()}
@@ -175,7 +180,15 @@ class Gate:
                 f"{what} refused (rule: min_rows)"
             )
         release = Release(None)
-        release.result = self._resolve(body, "", False, release, what == "result")
+        try:
+            release.result = self._resolve(body, "", False, release, what == "result")
+        except PolicyRefused:
+            # the refusal itself says something about the noisy values it was decided on
+            # (e.g. a noisy count below min_cell_count): uncharged, reruns would average the
+            # noise away for free; each draw was checked against the budget, so it fits
+            if release.noisy_refusal and self.ledger is not None and _spends(release.spend):
+                self.ledger.charge(release.spend, analysis=self.analysis_id, epoch=epoch)
+            raise
         # each runtime statistic must cover min_rows records; analyze that read nothing
         # itself and releases only such statistics is judged by them
         short = minimum is not None and (
@@ -188,8 +201,7 @@ class Gate:
                 f"this node's min_rows = {minimum}; "
                 f"{what} refused (rule: min_rows)"
             )
-        spends = release.spend.epsilon > 0 or release.spend.delta > 0
-        if spends and self.ledger is not None:
+        if _spends(release.spend) and self.ledger is not None:
             release.total_spent = self.ledger.charge(
                 release.spend, analysis=self.analysis_id, epoch=epoch
             )
@@ -213,15 +225,20 @@ class Gate:
                 for k, v in value.values.items()
             }
         if isinstance(value, Counts):
+            spent_before = release.spend
             inner = self._resolve(value.values, path, encrypted, release, result)
-            released, hidden = apply_cell_rule(
-                inner,
-                path=path,
-                min_count=self.policy.min_cell_count,
-                mode=self.policy.on_small_cell,
-                zero_is_small=self.policy.count_zero_as_small,
-                encrypted=encrypted,
-            )
+            try:
+                released, hidden = apply_cell_rule(
+                    inner,
+                    path=path,
+                    min_count=self.policy.min_cell_count,
+                    mode=self.policy.on_small_cell,
+                    zero_is_small=self.policy.count_zero_as_small,
+                    encrypted=encrypted,
+                )
+            except PolicyRefused:
+                release.noisy_refusal = release.spend != spent_before  # decided on noise
+                raise
             if hidden:
                 release.suppressed[path or "value"] = hidden
             return released
@@ -267,8 +284,11 @@ class Gate:
                 f"guaranteed {floor or 1} (secure.min_contributors); each node would add "
                 "too little noise (rule: contributors <= min_contributors)"
             )
+        spend = release.spend + Spend(value.epsilon, value.delta)
+        if self.ledger is not None:  # before the draw: no noise the budget cannot pay for
+            self.ledger.check(spend, f"field {path or 'value'!r}")
         noisy = add_noise(value.values, value.mechanism, noise_scale(value), path)
-        release.spend = release.spend + Spend(value.epsilon, value.delta)
+        release.spend = spend
         return noisy
 
     def _statistic(self, stat: Statistic, path: str, encrypted: bool, release: Release) -> Any:

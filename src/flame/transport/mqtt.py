@@ -258,6 +258,16 @@ class MqttTransport(Transport):
             self.analysis_id, self.node_id, status
         ):
             return
+        since = status.get("since")
+        if self.auth is not None and (not isinstance(since, int | float) or since <= self.since):
+            # An earlier process of this node: a leftover, or an old status replayed as
+            # retained to make this one stop. A live later process is what a conflict is.
+            log.warning(
+                "%s ignored a stale status of an earlier process of this node (instance %s)",
+                self.node_id,
+                other[:32],
+            )
+            return
         self.conflict = (
             f"two processes claim node {self.node_id!r} (instances {self.instance}, {other}): "
             "they take this node's broker session in turns; this one stops"
