@@ -5,7 +5,7 @@ measured on a small sample and extrapolated to the same number of values. Rows: 
 single-key mode; threshold Paillier (T of N shares, default 4 of 10) with DJN encryption;
 threshold with textbook encryption, its obfuscators made ahead (offline, reported apart).
 Bytes on the wire per value are counted on the memory broker (contributions, decryption
-requests, partial decryptions or reported sums).
+requests, partial decryptions or reported sums, and the threshold endorsement round).
 
     python benchmarks/secure_epoch.py [--nodes 10] [--values 100000] [--threshold 4] [--quick]
 """
@@ -24,6 +24,7 @@ from phe import paillier
 import flame
 from flame.config import load_config
 from flame.federated.secure import DECRYPT, DECRYPTED
+from flame.federated.threshold_endorse import ENDORSE, ENDORSED
 from flame.messages import Envelope, encode_parts
 from flame.protocols.paillier import generate_keypair
 from flame.protocols.paillier.cipher import _encryptor_for
@@ -46,6 +47,8 @@ class WireCount:
             self.bytes["decryption requests"] += size
         elif envelope.category == DECRYPTED:
             self.bytes["partial decryptions / reports"] += size
+        elif envelope.category in (ENDORSE, ENDORSED):
+            self.bytes["endorsements"] += size
         else:
             self.bytes["other"] += size
         return True

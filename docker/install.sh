@@ -19,6 +19,9 @@
 #   FLAME_INSTALL_APP_DIR  where the analysis code goes                      (/app)
 #   FLAME_INSTALL_UID      uid/gid of the runtime user "flame"; empty creates no user
 #                          (the smoke test runs outside a container and sets it empty)  (10001)
+#   FLAME_INSTALL_EXTRAS   flame's extras for the node runtime: `sql` because a data holder's
+#                          SQL source is the node's concern, not the analysis's; what analyze
+#                          itself uses (opendp, pandas, duckdb) goes in its requirements.txt (sql)
 set -eu
 
 mode="${1:-}"
@@ -48,7 +51,10 @@ install)
     if [ -f "$target/SHA256SUMS" ]; then
         (cd "$target" && sha256sum -c --quiet SHA256SUMS)
     fi
-    "$python" -m pip install --no-cache-dir --no-warn-script-location "$1"
+    extras="${FLAME_INSTALL_EXTRAS-sql}"
+    wheel="$1"
+    [ -z "$extras" ] || wheel="$1[$extras]"
+    "$python" -m pip install --no-cache-dir --no-warn-script-location "$wheel"
     bindir="$("$python" -c 'import sysconfig; print(sysconfig.get_path("scripts"))')"
     cp "$here/entrypoint" "$bindir/flame-entrypoint"
     cp "$here/install.sh" "$bindir/flame-install"
@@ -67,6 +73,7 @@ install)
     # node run needs imports, and the packaged templates run as a local simulation.
     "$python" -c "import flame.main, flame.transport.mqtt, flame.clients.minio_client, \
 flame.clients.data_api_client, flame.check, flame.status"
+    case ",$extras," in *,sql,*) "$python" -c "import psycopg" ;; esac
     scratch="$(mktemp -d)"
     "$bindir/flame" init "$scratch/analysis"
     "$bindir/flame" simulate "$scratch/analysis" --data "$scratch/analysis/data" --quiet >/dev/null

@@ -171,6 +171,17 @@ def test_images_run_as_non_root_without_source_wheels_or_secrets(built: Built) -
     assert touch.returncode != 0 and "Permission denied" in touch.stderr
 
 
+def test_the_image_carries_the_node_runtime_extras_only(built: Built) -> None:
+    """A data holder's SQL source runs in the node runtime (psycopg in the image); what analyze
+    itself needs, OpenDP included, comes from the analysis's requirements.txt."""
+    modules = "('psycopg', 'opendp')"
+    query = f"import importlib.util as u; print(*(bool(u.find_spec(m)) for m in {modules}))"
+    podman = built.podman
+    probe = podman("run", "--rm", *podman.runtime, *podman.limits, "--entrypoint", "python3",
+                   FLAME_IMAGE, "-c", query, timeout=120)  # fmt: skip
+    assert probe.stdout.split() == ["True", "False"], probe.stdout + probe.stderr
+
+
 def test_analysis_image_is_labelled_with_the_code_hash(built: Built) -> None:
     labels = built.podman.inspect(ANALYSIS_IMAGE)["Config"]
     assert isinstance(labels, dict)

@@ -127,7 +127,7 @@ import flame
 def analyze(data):
     log = Path({log!r}) / (flame.context().node_id + ".ran")
     log.write_text(log.read_text() + "x" if log.exists() else "x")
-    return {{"sum": flame.dp.laplace(float(data.read_csv()["v"].sum()), 1.0, 0.6)}}
+    return {{"sum": flame.dp.sum("v", epsilon=0.6)}}
 
 def aggregate(results):
     return sum(r["sum"] for r in results.values())
@@ -139,7 +139,7 @@ def test_second_run_over_budget_refuses_before_analyze_also_after_restart(tmp_pa
     ran.mkdir()
     (tmp_path / "budget.py").write_text(BUDGET.format(log=str(ran)))
     policy = tmp_path / "policy.toml"
-    policy.write_text('epsilon_budget = 1.0\nbudget_scope = "cohort"\n')
+    policy.write_text('epsilon_budget = 1.0\nbudget_scope = "cohort"\n[dp_bounds]\nv = [0, 10]\n')
     data = tmp_path / "data"
     for node in ("a", "b"):
         (data / node).mkdir(parents=True)

@@ -15,6 +15,8 @@ from flame.errors import MessageError
 from flame.transport._chunks import (
     CHUNK_HEADER_SIZE,
     ChunkError,
+    ManifestCheck,
+    ManifestSigner,
     Reassembler,
     decode_reference,
     encode_reference,
@@ -34,7 +36,7 @@ class Clock:
 def reassembler(**options: object) -> Reassembler:
     values: dict[str, object] = {"max_bytes": 10_000_000, "timeout": 10.0}
     values.update(options)
-    return Reassembler(**values)  # type: ignore[arg-type]
+    return Reassembler(**values)
 
 
 @settings(max_examples=200, deadline=None)
@@ -158,3 +160,62 @@ def test_idle_transfer_expires_and_frees_its_memory() -> None:
 def test_digest_over_parts_equals_digest_of_the_join() -> None:
     parts = [b"abc", memoryview(b"defg"), bytearray(b"h")]
     assert frame_digest(parts) == hashlib.sha256(b"abcdefgh").digest()
+
+
+def test_duplicates_do_not_keep_a_stalled_transfer_alive() -> None:
+    clock = Clock()
+    assembler = reassembler(timeout=5.0, clock=clock)
+    chunks = list(split_frame([os.urandom(4000)], 1000))
+    assembler.add(chunks[0])
+    for moment in (3.0, 6.0, 9.0):  # the attacker re-sends chunk 0 before every timeout
+        clock.now = moment
+        assert assembler.add(chunks[0]) is None
+    assert len(assembler.expire()) == 1
+    assert assembler.pending_bytes == 0
+
+
+def _signer(name: str) -> tuple[ManifestSigner, ManifestCheck]:
+    from flame.identity import Identity, Member, Roster
+    from flame.identity.signing import Authenticator
+
+    ids = {n: Identity.generate(n) for n in ("agg", name)}
+    roster = Roster(
+        [
+            Member("agg", "aggregation", ids["agg"].public_text),
+            Member(name, "analysis", ids[name].public_text),
+        ]
+    )
+    sender = Authenticator(ids[name], roster).chunk_signer("study", "agg")
+    return sender, Authenticator(ids["agg"], roster).chunk_check("study")
+
+
+def test_signed_receiver_refuses_unsigned_and_forged_manifests_before_allocating() -> None:
+    sign, check = _signer("alice")
+    assembler = reassembler(check=check)
+    frame = os.urandom(3500)
+    with pytest.raises(ChunkError, match="unsigned chunk"):
+        assembler.add(next(split_frame([frame], 1000)))
+    honest = list(split_frame([frame], 1000, sign=sign))
+    forged = bytearray(honest[0])
+    forged[-1001] ^= 1  # the signature's last byte
+    with pytest.raises(ChunkError, match="bad signature"):
+        assembler.add(forged)
+    assert assembler.open_transfers == 0 and assembler.pending_bytes == 0
+    # The forgery reused the honest transfer id: the honest chunks still get through.
+    results = [assembler.add(chunk) for chunk in honest]
+    assert results[-1] == frame and assembler.pending_bytes == 0
+    # A valid signature over another manifest (another recipient's, say) is refused too.
+    other = list(split_frame([frame], 1000, sign=lambda m: sign(m[:-1] + b"x")))
+    with pytest.raises(ChunkError, match="bad signature"):
+        assembler.add(other[0])
+
+
+def test_one_sender_cannot_take_the_whole_budget() -> None:
+    sign, check = _signer("mallory")
+    assembler = reassembler(
+        check=check, max_bytes=4000, max_total_bytes=8000, max_sender_bytes=4000
+    )
+    assembler.add(next(split_frame([os.urandom(3000)], 1000, sign=sign)))
+    with pytest.raises(ChunkError, match="'mallory'"):
+        assembler.add(next(split_frame([os.urandom(3000)], 1000, sign=sign)))
+    assert assembler.pending_bytes == 3000  # 5000 of the budget left for the others

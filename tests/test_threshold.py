@@ -317,6 +317,7 @@ def test_cli_deals_a_2048_bit_key_to_the_roster(
     )
     captured = capsys.readouterr()
     assert "safe prime" in captured.err and "not kept" in captured.out
+    assert "T = 2: any 2 of the 3 shares decrypt, once Q = 3 holders" in captured.out
     files = sorted(os.listdir(out))
     assert files == [
         "public_key.json",
@@ -332,11 +333,15 @@ def test_cli_deals_a_2048_bit_key_to_the_roster(
     partials = [partial_decrypt(s, ciphertexts, CTX) for s in shares]
     assert [int(m) for m in combine_partials(public, ciphertexts, partials, CTX)[0]] == [42, 7]
     assert keys_cli(["info", str(out / "public_key.json")]) == 0
-    assert "threshold public (2 of 3)" in capsys.readouterr().out
+    assert "threshold public (2 of 3; endorsement quorum Q = 3)" in capsys.readouterr().out
     assert (
         keys_cli(["generate", "--threshold", "4", "--roster", str(roster), "--out", str(out)]) == 2
     )
-    half = ["generate", "--threshold", "1", "--roster", str(roster), "--out", str(tmp_path / "h")]
-    assert keys_cli(half) == 2
-    assert "disjoint" in capsys.readouterr().err
+    assert "must be between 1 and the number of analysis nodes" in capsys.readouterr().err
+    # --allow-disjoint-quorums is still accepted (a no-op: the endorsement quorum makes any
+    # T safe); here the run stops at the out-of-range threshold, not at the option
+    old = ["generate", "--threshold", "0", "--allow-disjoint-quorums", "--roster", str(roster)]
+    assert keys_cli([*old, "--out", str(tmp_path / "h")]) == 2
+    err = capsys.readouterr().err
+    assert "must be between 1" in err and "unrecognized" not in err
     assert not (tmp_path / "h").exists()

@@ -30,6 +30,7 @@ from flame.federated.secure_threshold import (
     request_context,
     sum_contributions,
 )
+from flame.federated.threshold_endorse import contribution_pairs, endorsement_message
 from flame.messages import Envelope, Sealed
 from flame.protocols.paillier import Encryptor, SecureSumSpec
 from flame.protocols.paillier.encoding import _unpack
@@ -194,8 +195,31 @@ def contribution(
     )
 
 
-def request(fields: dict, epoch: int = 0) -> Envelope:
-    return Envelope("run1", "aggregator", "a", "message", epoch, {"threshold": 1, "fields": fields})
+def endorsements(
+    public: ThresholdPublicKey, roster: Roster, fields: dict, epoch: int = 0, holders: str = "abcd"
+) -> dict:
+    """Q (here 4 of 5) holders' endorsements of exactly these sets, signed with their roster
+    keys (whatever the sets hold: the decrypting holder must still check them itself)."""
+    out = {}
+    for path, contributions in fields.items():
+        try:
+            pairs = contribution_pairs(path, contributions)
+        except Exception:  # malformed on purpose: no endorsement can name it
+            continue
+        message = endorsement_message(public, "run1", epoch, path, pairs)
+        out[path] = [[h, roster.signer(h)(message).hex()] for h in holders]
+    return out
+
+
+def request(fields: dict, epoch: int = 0, endorsed: dict | None = None) -> Envelope:
+    if endorsed is None:
+        endorsed = endorsements(PUBLIC[0], ROSTER[0], fields, epoch) if PUBLIC else {}
+    body = {"threshold": 1, "fields": fields, "endorsements": endorsed}
+    return Envelope("run1", "aggregator", "a", "message", epoch, body)
+
+
+PUBLIC: list[ThresholdPublicKey] = []  # the module's key and roster, for request()
+ROSTER: list[Roster] = []
 
 
 @pytest.fixture(scope="module")
@@ -203,11 +227,14 @@ def parties(tkey):
     folder, public = tkey
     roster = Roster(MEMBERS)
     shares = shares_of(folder)
+    PUBLIC[:], ROSTER[:] = [public], [roster]
     return public, roster, shares
 
 
-def party(shares, roster, node="a", min_contributors=2) -> ThresholdParty:
-    return ThresholdParty(shares[node], roster.verify, min_contributors)
+def party(shares, roster, node="a", min_contributors=2, state=None) -> ThresholdParty:
+    return ThresholdParty(
+        shares[node], roster.verify, min_contributors, state=state, sign=roster.signer(node)
+    )
 
 
 def test_three_honest_parties_decrypt_exactly_the_signed_sum(parties) -> None:
@@ -295,7 +322,8 @@ def test_replayed_and_changed_requests(parties) -> None:
     first = holder.answer(request(fields))
     assert holder.answer(request(fields)) == first  # a repeat gets the same answer, no more
     other = {"total": {n: contribution(public, roster, n, [2.0]) for n in ("a", "b", "c")}}
-    assert "already decrypted a different sum" in holder.answer(request(other))["error"]
+    refusal = holder.answer(request(other))["error"]  # the sum of other vectors, same nodes
+    assert "endorsed (or decrypted) a different contribution set of 'total'" in refusal
     # epoch 0's signed contributions replayed as epoch 1's: the signatures do not cover it
     assert "signature is not" in holder.answer(request(fields, epoch=1))["error"]
     # a different set in a later epoch: the differencing guard names the missing node
@@ -497,3 +525,181 @@ def test_malformed_requests_get_an_error_not_a_crash(parties) -> None:
     ):
         envelope = Envelope("run1", "aggregator", "c", "message", 0, body)
         assert "error" in holder.answer(envelope)
+
+
+# --- the endorsement quorum (Q = ceil((5 + 3) / 2) = 4) -------------------------------------
+
+
+def endorse_request(fields: dict, epoch: int = 0) -> Envelope:
+    """The endorsement round: each contribution's digest and signature, not its vector."""
+    from flame.federated.secure_threshold import unpack_contribution
+
+    body = {
+        "endorse": {
+            path: [
+                [node, digest.hex(), unpack_contribution(contributions[node].data)[0].hex()]
+                for node, digest in contribution_pairs(path, contributions)
+            ]
+            for path, contributions in fields.items()
+        }
+    }
+    return Envelope("run1", "aggregator", "a", "message", epoch, body)
+
+
+def test_fewer_than_q_endorsements_and_forged_ones_do_not_count(parties) -> None:
+    from flame.federated.threshold_endorse import quorum_size
+
+    public, roster, shares = parties
+    assert quorum_size(public) == 4
+    fields = {"total": {n: contribution(public, roster, n, [1.0, 2.0]) for n in "abc"}}
+    holder = party(shares, roster, "e")
+    three = endorsements(public, roster, fields, holders="abc")["total"]
+    refusal = holder.answer(request(fields, endorsed={"total": three}))["error"]
+    assert "3 valid endorsement(s) of this contribution set" in refusal and "4 needed" in refusal
+
+    def signed(node: str, key: str, epoch: int = 0, path: str = "total", who: str = "abc"):
+        subset = {n: fields["total"][n] for n in who}
+        pairs = contribution_pairs("total", subset)
+        message = endorsement_message(public, "run1", epoch, path, pairs)
+        return [node, extra[key].sign(message).hex()]
+
+    extra = {**roster.keys, "f": Ed25519PrivateKey.generate()}
+    extra["aggregator"] = Ed25519PrivateKey.generate()
+    members = Roster([])
+    members.keys = extra  # f: an analysis member with no share; the aggregator: no share
+    checker = ThresholdParty(shares["e"], members.verify, 2, sign=extra["e"].sign)
+    forged = {
+        "d's name, a's key": (signed("d", "a"), "the signature is not 'd'"),
+        "a member holding no share": (signed("f", "f"), "f: holds no share of this key"),
+        "the aggregator": (signed("aggregator", "aggregator"), "aggregator: holds no share"),
+        "another epoch": (signed("d", "d", epoch=1), "the signature is not 'd'"),
+        "another field": (signed("d", "d", path="count"), "the signature is not 'd'"),
+        "another set": (signed("d", "d", who="ab"), "the signature is not 'd'"),
+        "a duplicate": (three[0], "a: a duplicate"),
+        "garbage": (["d", "zz"], "d: a malformed signature"),
+    }
+    for what, (entry, reason) in forged.items():
+        reply = checker.answer(request(fields, endorsed={"total": [*three, entry]}))
+        assert "partials" not in reply, what
+        assert "3 valid endorsement(s)" in reply["error"] and reason in reply["error"], what
+    reply = checker.answer(request(fields, endorsed={"total": [*three, signed("d", "d")]}))
+    assert "partials" in reply  # the fourth, genuine endorsement is what was missing
+
+
+def test_a_holder_endorses_one_set_per_field_and_epoch_even_restarted(parties, tmp_path) -> None:
+    from flame.clients.file_store import FileStore
+    from flame.federated.run_store import NodeState
+
+    public, roster, shares = parties
+
+    def holder() -> ThresholdParty:  # the same node-local state: a restart
+        return party(shares, roster, "e", state=NodeState(FileStore(tmp_path), "run1", "e"))
+
+    full = {"total": {n: contribution(public, roster, n, [3.0]) for n in "abc"}}
+    other = {"total": {n: contribution(public, roster, n, [4.0]) for n in "abc"}}
+    first = holder().endorse(endorse_request(full))
+    assert set(first) == {"endorsements"}
+    restarted = holder()
+    assert (
+        "already endorsed (or decrypted) a different contribution set"
+        in restarted.endorse(endorse_request(other))["error"]
+    )
+    assert restarted.endorse(endorse_request(full)) == first  # the same set: the same answer
+    assert holder().endorse(endorse_request(full)) == first
+    # Q endorsements of the other set elsewhere do not make this holder decrypt it
+    assert (
+        "this node endorsed (or decrypted) a different contribution set"
+        in holder().answer(request(other))["error"]
+    )
+    assert "partials" in holder().answer(request(full))
+    # a holder that decrypted a set it had not endorsed (it was down then) endorses only it
+    late = party(shares, roster, "d")
+    assert "partials" in late.answer(request(full, endorsed=endorsements(public, roster, full)))
+    assert "different contribution set" in late.endorse(endorse_request(other))["error"]
+    assert late.endorse(endorse_request(full)) == {
+        "endorsements": {
+            "total": roster.signer("d")(
+                endorsement_message(
+                    public, "run1", 0, "total", contribution_pairs("total", full["total"])
+                )
+            ).hex()
+        }
+    }
+    # what a holder checks before endorsing: signatures (over the digests), enough nodes
+    forged = {"total": {**full["total"], "b": contribution(public, roster, "b", [3.0], signer="a")}}
+    assert (
+        "signature is not 'b'"
+        in party(shares, roster, "d").endorse(endorse_request(forged))["error"]
+    )
+    alone = {"total": {"a": full["total"]["a"]}}
+    assert (
+        "at least 2 distinct nodes"
+        in party(shares, roster, "d").endorse(endorse_request(alone))["error"]
+    )
+    unsigned = ThresholdParty(shares["d"], None, 2)
+    assert "unsigned run" in unsigned.endorse(endorse_request(full))["error"]
+
+
+def test_an_unsigned_holder_decrypts_without_endorsements(parties, caplog) -> None:
+    """No roster: endorsements cannot be checked; the holder warns and keeps its own rules."""
+    public, roster, shares = parties
+    fields = {"total": {n: contribution(public, roster, n, [1.0]) for n in "ab"}}
+    caplog.set_level(logging.WARNING)
+    reply = ThresholdParty(shares["c"], None, 2).answer(request(fields, endorsed={}))
+    assert "partials" in reply and "without checking" in caplog.text
+
+
+def test_fewer_than_q_endorsers_fail_the_run_naming_q_and_who(tkey, monkeypatch) -> None:
+    folder, _ = tkey
+    honest = ThresholdParty.endorse
+
+    def reluctant(self: ThresholdParty, envelope: Envelope) -> dict:
+        if self.share.node_id in ("b", "d"):
+            return {"error": "not today"}
+        return honest(self, envelope)
+
+    monkeypatch.setattr(ThresholdParty, "endorse", reluctant)
+    with pytest.raises(RunFailed) as failed:
+        flame.simulate(analyze, aggregate, data=data_for(MEMBERS), config=tconfig(folder))
+    message = str(failed.value)
+    assert "3 of 5 share holders endorsed the contribution set of" in message
+    assert "Q = 4 are needed" in message and "endorsed by a, c, e" in message
+    assert "b: not today; d: not today" in message
+
+
+def test_a_ledger_written_before_endorsements_still_loads_and_guards(parties) -> None:
+    """Ledgers persisted before the endorsement round (no "endorsed" part) keep working."""
+    import json
+
+    from flame.federated.threshold_ledger import TAG, GuardLedger
+
+    public, roster, shares = parties
+
+    class State(dict):
+        def save(self, tag: str, value: object) -> None:
+            self[tag] = value
+
+        def load(self, tag: str, default: object = None) -> object:
+            return self.get(tag, default)
+
+    state = State()
+    old = GuardLedger(shares["e"], state)
+    body = json.dumps(
+        {
+            "version": 1,
+            "node": "e",
+            "index": shares["e"].index,
+            "fixed": {"run1": {"total": ["a", "b", "c"]}},
+            "answered": {"run1": {"0/total": "00" * 32}},
+        },
+        sort_keys=True,
+        separators=(",", ":"),
+    )
+    state[TAG] = {"body": body, "mac": old._mac(body)}
+    holder = party(shares, roster, "e", state=state)
+    fields = {"total": {n: contribution(public, roster, n, [1.0]) for n in "abc"}}
+    assert "already decrypted a different sum" in holder.answer(request(fields))["error"]
+    later = {"total": {n: contribution(public, roster, n, [1.0], epoch=1) for n in "ab"}}
+    assert "missing c" in holder.endorse(endorse_request(later, epoch=1))["error"]
+    # which set it decrypted in epoch 0 is not recorded: it endorses none for that epoch
+    assert "already decrypted a sum of 'total'" in holder.endorse(endorse_request(fields))["error"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -54,15 +55,9 @@ def _generate_threshold(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    if 2 * args.threshold <= len(members) and not args.allow_disjoint_quorums:
-        print(
-            f"flame keys: --threshold {args.threshold} of {len(members)} lets two disjoint "
-            "groups of share holders decrypt two different sums of one field, which defeats "
-            f"the differencing guard; use a threshold above {len(members) // 2}, or pass "
-            "--allow-disjoint-quorums if you accept that",
-            file=sys.stderr,
-        )
-        return 2
+    # Any T are fine: the endorsement quorum Q = ceil((n + T) / 2) keeps two groups of holders
+    # from decrypting two different sums (--allow-disjoint-quorums is no longer needed).
+    quorum = math.ceil((len(members) + args.threshold) / 2)
     if args.threshold == 1:
         print("flame keys: warning: --threshold 1 lets any one node decrypt alone", file=sys.stderr)
 
@@ -77,8 +72,9 @@ def _generate_threshold(args: argparse.Namespace) -> int:
     public_path, share_paths = write_threshold_key(args.out, public, shares, overwrite=args.force)
     del shares
     print(
-        f"public key:  {public_path}  (key id {public.key_id}, any {args.threshold} of "
-        f"{len(members)} shares decrypt)"
+        f"public key:  {public_path}  (key id {public.key_id}; T = {args.threshold}: any "
+        f"{args.threshold} of the {len(members)} shares decrypt, once Q = {quorum} holders "
+        "have endorsed the contribution set)"
     )
     for node, path in zip(members, share_paths, strict=True):
         print(f"share for {node}: {path}  (mode 0600: give it to {node} only)")
@@ -106,10 +102,8 @@ def keys_cli(argv: Sequence[str] | None = None) -> int:
         help="threshold key: one share per analysis node of --roster, any T of them decrypt",
     )
     gen.add_argument("--roster", type=Path, help="the federation roster (with --threshold)")
-    gen.add_argument(
-        "--allow-disjoint-quorums",
-        action="store_true",
-        help="allow a threshold of at most half the share holders (see README)",
+    gen.add_argument(  # accepted so that old scripts keep working; no longer needed
+        "--allow-disjoint-quorums", action="store_true", help=argparse.SUPPRESS
     )
     info = commands.add_parser("info", help="print the key id and size of a key file")
     info.add_argument("path", type=Path)
@@ -137,7 +131,11 @@ def keys_cli(argv: Sequence[str] | None = None) -> int:
             kind = "public"
             try:
                 t_key = load_threshold_public_key(args.path, allow_insecure=True)
-                kind = f"threshold public ({t_key.threshold} of {t_key.parties})"
+                quorum = math.ceil((t_key.parties + t_key.threshold) / 2)
+                kind = (
+                    f"threshold public ({t_key.threshold} of {t_key.parties}; endorsement "
+                    f"quorum Q = {quorum})"
+                )
             except KeyFileError:
                 pass
         except KeyFileError:

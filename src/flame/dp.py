@@ -1,11 +1,20 @@
 """Differential privacy on the node: `flame.dp.laplace`, `flame.dp.gaussian`, clipping.
 
+Runtime statistics: `sum(column, epsilon=...)`, `mean`, `count` and `histogram` name a column
+of the node's data; the node runtime (not the analysis) reads it, clips it to the bounds the
+data holder's policy declares for it (`dp_bounds`, `dp_clamp`), computes the statistic and
+its sensitivity with OpenDP transformations (clamp, sum, count, find_bin/count_by_categories)
+and adds the noise. Nothing the analysis chose sets the sensitivity: bounds picked by code
+that has seen the data could themselves encode a record. Neighbouring datasets differ by
+adding or removing one record; missing values (NaN) are dropped first.
+
 `laplace(x, sensitivity, epsilon)` and `gaussian(x, sensitivity, epsilon, delta)` mark a
 scalar or an array for release with noise. The node runtime (never the analysis) draws the
 noise with OpenDP's floating-point-safe samplers (a CSPRNG: unseedable on purpose), charges
-(epsilon, delta) to the node's budget ledger, and only then sends. Sensitivity is the
-analyst's claim: clip first (`clip`, `clip_norm`) so it holds. For arrays, Laplace takes the
-L1 sensitivity of the whole vector and Gaussian the L2 sensitivity.
+(epsilon, delta) to the node's budget ledger, and only then sends. Their sensitivity is the
+analyst's claim, so a node whose policy has a budget refuses them unless it sets
+`trust_sensitivity = true` (reviewed code only). For arrays, Laplace takes the L1
+sensitivity of the whole vector and Gaussian the L2 sensitivity.
 
 Distributed noise for secure sums: `flame.secure(flame.dp.gaussian(x, s, eps, delta,
 contributors=k))` makes each of k nodes add Gaussian noise of variance sigma^2 / k, so the
@@ -31,13 +40,18 @@ from flame.markers import register
 
 __all__ = [
     "Noise",
+    "Statistic",
     "clip",
     "clip_norm",
+    "count",
     "gaussian",
     "gaussian_sigma",
+    "histogram",
     "laplace",
     "laplace_scale",
+    "mean",
     "spends",
+    "sum",
 ]
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -115,6 +129,141 @@ def gaussian(
     )
 
 
+STATISTICS = ("sum", "mean", "count", "histogram")
+_MAX_BINS = 100_000
+
+
+@register("dp_statistic")
+@dataclass(frozen=True)
+class Statistic:
+    """A statistic of one column the node runtime computes, clips and noises itself."""
+
+    kind: str
+    column: str
+    epsilon: float
+    delta: float = 0.0
+    file: str | None = None
+    source: str | None = None
+    bins: list[float] | None = None
+    contributors: int = 1
+
+    @property
+    def mechanism(self) -> str:
+        return "gaussian" if self.delta > 0 else "laplace"
+
+    def check(self, path: str) -> None:
+        """FlameError unless well formed (the marker may be forged in the analysis child)."""
+        where = f"flame.dp at {path or 'the top'!r}"
+        if self.kind not in STATISTICS:
+            raise FlameError(f"{where}: unknown statistic (not one of {', '.join(STATISTICS)})")
+        for name in ("column", "file", "source"):
+            value = getattr(self, name)
+            if not (value is None and name != "column") and not (
+                isinstance(value, str) and 0 < len(value) <= 256
+            ):
+                raise FlameError(f"{where}: {name} must be a name")
+        try:
+            _positive("epsilon", self.epsilon)
+            if self.delta != 0:
+                _positive("delta", self.delta, upper=1.0)
+        except FlameError as exc:
+            raise FlameError(f"{where}: {exc}") from None
+        k = self.contributors
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise FlameError(f"{where}: contributors must be an int >= 1")
+        if k > 1 and (self.delta == 0 or self.kind == "mean"):
+            raise FlameError(f"{where}: contributors > 1 needs a Gaussian (delta > 0) sum/count")
+        if (self.kind == "histogram") != (self.bins is not None):
+            raise FlameError(f"{where}: bins belong to (and only to) a histogram")
+        if self.bins is not None:
+            edges = np.asarray(self.bins, dtype=np.float64) if _numbers(self.bins) else None
+            if (
+                edges is None
+                or edges.ndim != 1
+                or not 2 <= edges.size <= _MAX_BINS
+                or not np.isfinite(edges).all()
+                or not (np.diff(edges) > 0).all()
+            ):
+                raise FlameError(f"{where}: bins must be 2 or more increasing finite edges")
+
+
+def _numbers(values: Any) -> bool:
+    return isinstance(values, (list, tuple)) and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) for v in values
+    )
+
+
+def _statistic(
+    kind: str,
+    column: str,
+    epsilon: float,
+    delta: float,
+    file: str | None,
+    source: str | None,
+    bins: Any = None,
+    contributors: int = 1,
+) -> Statistic:
+    edges = None if bins is None else [float(b) for b in np.asarray(bins).reshape(-1)]
+    marker = Statistic(kind, column, epsilon, delta, file, source, edges, contributors)
+    marker.check("")
+    return marker
+
+
+def sum(  # flame.dp.sum, like numpy.sum; the builtin is not used below
+    column: str,
+    *,
+    epsilon: float,
+    delta: float = 0.0,
+    file: str | None = None,
+    source: str | None = None,
+    contributors: int = 1,
+) -> Statistic:
+    """The sum of `column` clipped to the node's bounds for it, with noise of scale
+    max(|lower|, |upper|) / epsilon (Laplace; Gaussian with `delta`) drawn by the node."""
+    return _statistic("sum", column, epsilon, delta, file, source, None, contributors)
+
+
+def mean(
+    column: str,
+    *,
+    epsilon: float,
+    delta: float = 0.0,
+    file: str | None = None,
+    source: str | None = None,
+) -> Statistic:
+    """Noisy clipped sum / noisy count (epsilon and delta split in half), within the bounds."""
+    return _statistic("mean", column, epsilon, delta, file, source)
+
+
+def count(
+    column: str,
+    *,
+    epsilon: float,
+    delta: float = 0.0,
+    file: str | None = None,
+    source: str | None = None,
+    contributors: int = 1,
+) -> Statistic:
+    """How many values `column` holds (missing ones not counted), with noise of scale
+    1 / epsilon; needs no bounds."""
+    return _statistic("count", column, epsilon, delta, file, source, None, contributors)
+
+
+def histogram(
+    column: str,
+    bins: Any,
+    *,
+    epsilon: float,
+    delta: float = 0.0,
+    file: str | None = None,
+    source: str | None = None,
+    contributors: int = 1,
+) -> Statistic:
+    """Counts of `column` per bin [edge_i, edge_i+1) (values outside are not counted), each
+    with noise of scale 1 / epsilon. The edges must not depend on the data."""
+    return _statistic("histogram", column, epsilon, delta, file, source, bins, contributors)
+
+
 def clip(values: Any, lower: float, upper: float) -> np.ndarray:
     """Each value into [lower, upper]: bounds a sum's sensitivity by max(|lower|, |upper|)."""
     if not lower <= upper:
@@ -156,7 +305,10 @@ def _opendp() -> Any:
     try:
         import opendp.prelude as dp
     except ImportError:  # pragma: no cover - opendp is a dependency
-        raise FlameError("flame.dp needs OpenDP: pip install 'opendp>=0.12'") from None
+        raise FlameError(
+            "flame.dp needs OpenDP: pip install 'flame[dp]' (in an analysis image: add "
+            "opendp>=0.12 to the analysis's requirements.txt)"
+        ) from None
     dp.enable_features("contrib")
     return dp
 
@@ -180,6 +332,36 @@ def gaussian_sigma(sensitivity: float, epsilon: float, delta: float) -> float:
     return float(
         dp.binary_search_param(measurement, d_in=float(sensitivity), d_out=(epsilon, delta))
     )
+
+
+def measure(
+    kind: str, values: np.ndarray, bounds: tuple[float, float] | None, bins: Any, mechanism: str
+) -> tuple[Any, float]:
+    """The exact statistic of `values` (no NaN) and its sensitivity under adding or removing
+    one record (L1 for Laplace, L2 for Gaussian), both from an OpenDP transformation."""
+    dp = _opendp()
+    data = np.asarray(values, dtype=np.float64).reshape(-1).tolist()
+    space = (dp.vector_domain(dp.atom_domain(T=float, nan=False)), dp.symmetric_distance())
+    if kind == "sum":
+        if bounds is None:
+            raise FlameError("a sum needs bounds")
+        lower, upper = float(bounds[0]), float(bounds[1])
+        if lower == upper:  # clipping makes every value the bound: a count times it
+            value, ones = measure("count", values, None, None, mechanism)
+            return float(value) * lower, ones * max(abs(lower), 1e-300)
+        chain = space >> dp.t.then_clamp((lower, upper)) >> dp.t.then_sum()
+        return float(chain(data)), float(chain.map(1))
+    if kind == "count":
+        chain = space >> dp.t.then_count()
+        return float(chain(data)), float(chain.map(1))
+    if kind == "histogram":
+        edges = [float(e) for e in bins]
+        metric = dp.L1Distance[int] if mechanism == "laplace" else dp.L2Distance[int]
+        chain = dp.t.make_find_bin(*space, edges=edges) >> dp.t.then_count_by_categories(
+            categories=list(range(1, len(edges))), null_category=False, MO=metric
+        )
+        return np.asarray(chain(data), dtype=np.float64), float(chain.map(1))
+    raise FlameError(f"unknown statistic {kind[:20]!r}")
 
 
 def noise_scale(marker: Noise) -> float:

@@ -7,6 +7,7 @@ before the analysis child starts, and enforced by that runtime on every result.
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -46,6 +47,19 @@ class NodePolicy(BaseModel):
     ledger_dir: Path | None = Field(
         None, description="where the budget ledger lives (default: .flame-ledger beside the policy)"
     )
+    dp_bounds: dict[str, tuple[float, float]] = Field(
+        default_factory=dict,
+        description="public [lower, upper] per column: flame.dp.sum/mean clip to them and "
+        "derive the sensitivity from them",
+    )
+    dp_clamp: tuple[float, float] | None = Field(
+        None, description="bounds for a column dp_bounds does not name (None: refused)"
+    )
+    trust_sensitivity: bool = Field(
+        False,
+        description="under an epsilon_budget, release flame.dp.laplace/gaussian with the "
+        "analysis's own sensitivity claim (only for reviewed code)",
+    )
     share_aggregate: bool = Field(
         True, description="whether this node asks to receive other sites' aggregates"
     )
@@ -65,9 +79,29 @@ class NodePolicy(BaseModel):
             raise ValueError("delta_budget: set epsilon_budget too (the ledger tracks both)")
         return self
 
+    @model_validator(mode="after")
+    def _bounds(self) -> NodePolicy:
+        named = {f"dp_bounds.{k}": v for k, v in self.dp_bounds.items()}
+        if self.dp_clamp is not None:
+            named["dp_clamp"] = self.dp_clamp
+        for name, (lower, upper) in named.items():
+            if not (math.isfinite(lower) and math.isfinite(upper) and lower <= upper):
+                raise ValueError(f"{name}: [lower, upper] must be finite with lower <= upper")
+        return self
+
     @property
     def enforces_budget(self) -> bool:
         return self.epsilon_budget is not None
+
+    @property
+    def derives_sensitivity(self) -> bool:
+        """Whether DP is required here (a budget) and its sensitivity is the node's to derive:
+        then only runtime statistics (flame.dp.sum/mean/count/histogram) are released."""
+        return self.enforces_budget and not self.trust_sensitivity
+
+    def bounds_for(self, column: str) -> tuple[float, float] | None:
+        """The holder's public bounds of `column` (dp_bounds, else dp_clamp, else None)."""
+        return self.dp_bounds.get(column, self.dp_clamp)
 
     def summary(self) -> dict[str, Any]:
         """The policy as JSON-ready data (for `flame check` and the node's status)."""

@@ -26,6 +26,7 @@ from typing import Any, Literal
 from flame.check import BrokerUnavailable, _stop, broker_username, connect_broker
 from flame.config import FlameConfig, load_config
 from flame.errors import FlameError, RunTimeout
+from flame.transport.status_order import StatusOrder, process_fields
 
 __all__ = [
     "EpochInfo",
@@ -67,6 +68,10 @@ class NodeStatus:
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
     # Signed by that node's roster key (True), not (False), or no roster to check with (None).
     verified: bool | None = field(default=None, compare=False)
+    # The node's state now (True), or a status of another run / an earlier status replayed or
+    # left over (False, `stale` says why); None: it carries nothing to tell (older flame).
+    current: bool | None = field(default=None, compare=False)
+    stale: str | None = field(default=None, compare=False)
 
     @classmethod
     def from_payload(cls, node: str, payload: Any) -> NodeStatus | None:
@@ -108,6 +113,8 @@ class NodeStatus:
             "progress": self.progress,
             "reason": self.reason,
             "verified": self.verified,
+            "current": self.current,
+            **({"stale": self.stale} if self.stale else {}),
             **self.extra,
         }
 
@@ -123,7 +130,13 @@ class NodeStatus:
             text += f" ({self.progress:.0%})"
         if self.reason:
             text += f": {self.reason}"
+        if self.current is False:
+            text += f"  [NOT CURRENT: {self.stale or 'stale'}]"
         return text
+
+    def fields(self) -> dict[str, Any]:
+        """The status as the node published it (what `StatusOrder` looks at)."""
+        return {**self.extra, "state": self.state}
 
 
 @dataclass(frozen=True)
@@ -217,12 +230,21 @@ class RunStatus:
 
     @property
     def state(self) -> Literal["finished", "failed", "running", "unknown"]:
+        """From current statuses only: a replayed or left-over one does not set the state."""
         aggregator = self.aggregator
+        if aggregator is not None and aggregator.current is False:
+            aggregator = None
         if aggregator is not None and aggregator.state == "failed":
             return "failed"
         if self.final is not None or (aggregator is not None and aggregator.state == "done"):
             return "finished"
-        if any(s.state != "offline" for s in self.nodes.values()):
+        # Without the aggregator's current status, nodes that said goodbye do not make a run.
+        if any(
+            s.state != "offline"
+            and s.current is not False
+            and (aggregator is not None or s.extra.get("online") is not False)
+            for s in self.nodes.values()
+        ):
             return "running"
         return "unknown"
 
@@ -342,7 +364,7 @@ class StatusClient:
                     found.pop(node, None)
         finally:
             _stop(client)
-        return dict(sorted(found.items()))
+        return _mark_current(dict(sorted(found.items())))
 
     # --- storage -----------------------------------------------------------------------------
     def _storage(self) -> Any:
@@ -507,6 +529,8 @@ class StatusClient:
             timeout = config.presence_timeout + config.epochs * config.epoch_timeout + 60
         client, inbox = self._subscribe(analysis_id)
         deadline = time.monotonic() + timeout
+        order = StatusOrder()
+        signed = self.config.roster is not None
         known: dict[str, NodeStatus] = {}
         last_real: dict[str, NodeStatus] = {}  # each node's last status other than offline
         epoch_start: dict[int, float] = {}
@@ -540,6 +564,16 @@ class StatusClient:
                 status = _parse_status(node, payload, self._checker(analysis_id))
                 if status is None:
                     continue
+                stale = (
+                    "bad or no signature"
+                    if status.verified is False
+                    else order.check(node, status.fields(), signed=signed)
+                )
+                if stale is not None:  # shown, but it changes nothing (nor ends the watch)
+                    shown = replace(status, current=False, stale=stale)
+                    yield StatusChange("node", time.time(), node=shown, previous=known.get(node))
+                    continue
+                status = replace(status, current=True)
                 previous = known.get(node)
                 if previous is not None and _same(previous, status):
                     continue
@@ -638,6 +672,33 @@ class StatusClient:
             except FlameError as exc:
                 run.problems.append(f"storage: {exc}")
         return StatusChange("end", time.time(), run=run)
+
+
+def _mark_current(found: dict[str, NodeStatus]) -> dict[str, NodeStatus]:
+    """Each status marked current or not, from one snapshot of the retained statuses.
+
+    The run now is the one named by the most recently signed (verified) status; a status of
+    another run is a leftover or a replay (`flame.transport.status_order`). A snapshot cannot
+    tell more: a replay of a whole earlier run, every node at once, looks like that run."""
+    newest: tuple[float, str] | None = None
+    for status in found.values():
+        fields = process_fields(status.fields())
+        run = status.extra.get("run")
+        usable = fields is not None and isinstance(run, str) and status.verified is not False
+        if usable and fields is not None and (newest is None or fields[3] > newest[0]):
+            newest = (fields[3], str(run))
+    marked = {}
+    for node, status in found.items():
+        run = status.extra.get("run")
+        if status.verified is False:
+            status = replace(status, current=False, stale="bad or no signature")
+        elif newest is not None and isinstance(run, str) and run != newest[1]:
+            stale = f"of run {run[:16]}, not the newest run {newest[1][:16]}"
+            status = replace(status, current=False, stale=stale)
+        elif process_fields(status.fields()) is not None:
+            status = replace(status, current=True)
+        marked[node] = status
+    return marked
 
 
 def _all_settled(known: dict[str, NodeStatus], aggregator_id: str) -> bool:

@@ -43,7 +43,7 @@ from flame.federated.context import Context
 from flame.federated.functions import AnalysisFunctions
 from flame.federated.mailbox import Mailbox
 from flame.federated.membership import Instances
-from flame.federated.release import Gate
+from flame.federated.release import Gate, column_reader
 from flame.federated.secure import (
     DECRYPT,
     DECRYPTED,
@@ -52,12 +52,25 @@ from flame.federated.secure import (
     answer_decrypt,
     seal,
 )
-from flame.isolation.runner import ChildRunner, InProcessRunner, Runner
+from flame.federated.threshold_endorse import ENDORSE, ENDORSED
+from flame.isolation.runner import ChildRunner, InProcessRunner, Outcome, Runner
 from flame.messages import Envelope
 from flame.policy import NodePolicy
 from flame.transport.base import Transport
 
 __all__ = ["NOT_PARTICIPANT", "AnalysisClient", "Instruction"]
+
+
+def _notable(privacy: dict[str, Any] | None) -> bool:
+    """Whether a release's privacy report says anything (a spend, suppressed cells or
+    messages let out): only then is it attached to the result and kept in the status."""
+    if privacy is None:
+        return False
+    spend = privacy.get("spend") or {}
+    return (
+        bool(spend.get("epsilon") or spend.get("delta") or privacy.get("suppressed"))
+        or "messages" in privacy
+    )
 
 
 class _Interrupted(Exception):
@@ -243,7 +256,7 @@ class AnalysisClient:
             self.keys.used_ciphertexts = 0
         origin = (self.transport.analysis_id, epoch, self.transport.node_id)
         body = seal(result, self.keys, self._specs, origin)
-        if privacy is not None and (privacy["spend"]["epsilon"] or privacy.get("suppressed")):
+        if privacy is not None and _notable(privacy):
             body = wrap_release(body, privacy)  # recorded in the run's history and manifest
         envelope = Envelope(
             self.transport.analysis_id,
@@ -260,7 +273,7 @@ class AnalysisClient:
         self._acked = False
         self._resend_every = self.resend_interval
         self._resend_at = time.monotonic() + self._resend_every
-        if privacy is not None and (privacy["spend"]["epsilon"] or privacy.get("suppressed")):
+        if _notable(privacy):
             self._privacy[str(epoch)] = privacy
             while len(self._privacy) > 50:  # the status keeps the latest epochs
                 del self._privacy[next(iter(self._privacy))]
@@ -377,7 +390,7 @@ class AnalysisClient:
                 try:
                     runner.start()
                     self.gate.before(epoch, runner.declared_spend)  # before any data is read
-                    outcome = runner.run(epoch, instruction.previous)
+                    outcome = self._analyze(runner, epoch, instruction.previous)
                     release = self.gate.release(epoch, outcome)  # policy, here in the runtime
                     self.send_results(epoch, release.result, release.report())
                 except _Interrupted as stop:
@@ -607,6 +620,18 @@ class AnalysisClient:
             "status",
         )
 
+    def _analyze(self, runner: Runner, epoch: int, previous: Any) -> Outcome:
+        """One epoch of `analyze`; a message the policy refused fails it with that reason."""
+        try:
+            outcome = runner.run(epoch, previous)
+        except _Interrupted:
+            raise
+        except Exception:
+            self.gate.refused(epoch)  # the node's own refusal caused this: say so
+            raise
+        self.gate.refused(epoch)  # analyze caught the refusal and went on: the epoch fails
+        return outcome
+
     def _runner(self, functions: AnalysisFunctions, data: Any) -> Runner:
         """Where `analyze` runs: an isolated child (nodes, CLI) or this process (Python API)."""
         if self.isolate:
@@ -621,17 +646,31 @@ class AnalysisClient:
                 allow_messages=self.policy.allow_messages,
             )
             child.on_wait = self._watch_while_computing
-            return child
-        return InProcessRunner(functions.analyze, data, self.context)
+            runner: Runner = child
+        else:
+            runner = InProcessRunner(functions.analyze, data, self.context)
+        self.gate.reader = column_reader(data)  # flame.dp statistics read the data here
+        # what analyze sends to other nodes leaves only as the policy allows (like a result)
+        self.context.outgoing = lambda body: self.gate.message(
+            self.context.epoch, body, runner.rows_read
+        )
+        return runner
 
     def _from_aggregator(self, envelope: Envelope) -> bool:
         return envelope.sender == self.aggregator_id and (
             envelope.kind in _CONTROL
             or envelope.kind in ("status", "ack")
-            or (envelope.kind == "message" and envelope.category == DECRYPT)
+            or (envelope.kind == "message" and envelope.category in (DECRYPT, ENDORSE))
         )
 
     def _answer_decrypt(self, envelope: Envelope) -> None:
+        if envelope.category == ENDORSE:  # threshold mode: endorse a contribution set
+            if self.keys is not None and self.keys.share is not None:
+                body = self.keys.party(self.context._state).endorse(envelope)
+            else:
+                body = {"error": "this node holds no share of a threshold key"}
+            self.transport.send(envelope.reply("message", body, category=ENDORSED))
+            return
         if self.keys is not None and self.keys.share is not None:
             reply: dict[str, Any] = self.keys.party(self.context._state).answer(envelope)
         elif self.keys is None or self.keys.private_key is None:

@@ -69,6 +69,9 @@ class Context:
         self._rng: tuple[int, np.random.Generator] | None = None
         self.params: dict[str, Any] = {}
         """The run's parameters (`--param k=v`, FLAME_PARAMS); the same on every node."""
+        self.outgoing: Callable[[Any], Any] | None = None
+        """Set by an analysis node's runtime: the node policy's check of a body `send` is
+        about to let leave (returns what may leave, or raises PolicyRefused)."""
 
     def params_as(self, model: Callable[..., T]) -> T:
         """The parameters as the analysis's own type: a pydantic model or any `cls(**params)`.
@@ -107,8 +110,12 @@ class Context:
     def send(
         self, category: str, body: Any, *, to: Iterable[str] | None = None, timeout: float = 30.0
     ) -> set[str]:
-        """Send `body` to nodes (default: every other node); return who acknowledged in time."""
+        """Send `body` to nodes (default: every other node); return who acknowledged in time.
+
+        On an analysis node the body first passes the node's policy, like a result."""
         targets = self._others() if to is None else list(to)
+        if self.outgoing is not None:
+            body = self.outgoing(body)  # once for all recipients: one noise draw, one charge
         waiting: dict[str, str] = {}
         for node in targets:
             envelope = Envelope(

@@ -5,6 +5,8 @@ identity, so nobody else can fake one). A restart is one instance followed by an
 live processes with one node id show up as instances that alternate (they take the broker
 session from each other in turns), or as an explicit `conflict` status from the process
 that lost the session (`flame.transport.mqtt`). Either is a fault that stops the run.
+What reaches `Instances` has passed `flame.transport.status_order`: a replayed status of an
+earlier process (of this run or an earlier one) never does, so it cannot fake either.
 """
 
 from __future__ import annotations

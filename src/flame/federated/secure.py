@@ -245,6 +245,7 @@ class SecureKeys:
                 self.min_contributors,
                 self.allow_changing_contributors,
                 state=state,
+                sign=self.signer,
             )
         return self._party
 
@@ -604,6 +605,7 @@ class SecureSummer:
                 DECRYPT,
                 DECRYPTED,
                 decrypters=self.keys.decrypters,
+                verify=self.keys.verifier,
             )
         totals = {}
         for path, by_node in sealed.items():

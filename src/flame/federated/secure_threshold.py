@@ -2,16 +2,19 @@
 
 Analysis nodes sign each encrypted field they send (Ed25519, their roster identity) over
 (analysis, epoch, field, node, SHA-256 of the ciphertext vector). For each secure field the
-aggregator forwards every signed contribution to every share holder. A share holder
-(`ThresholdParty`) checks the signatures against the roster, that at least
-`min_contributors` distinct analysis members contributed, that no ciphertext was copied
-between contributions, that the contributor set equals the one fixed by the field's first
-sum (the differencing guard), and that it has not decrypted another sum for this
-(analysis, epoch, field) -- both kept in its node-local state, so a restart does not forget
-them (`threshold_ledger`); then it adds the contributions itself and returns its partial
-decryption with a proof. The aggregator (`ThresholdCollector`) checks every proof, names a
-holder whose partial is wrong, and combines the first T valid ones: up to n - T holders may
-be offline, slow or cheating.
+aggregator first asks every share holder to endorse the field's contribution set (digests
+and signatures only, `threshold_endorse`): a holder (`ThresholdParty.endorse`) checks the
+signatures against the roster, `min_contributors`, and the differencing guard (the set
+equals the one fixed by the field's first sum), and endorses at most one set per
+(analysis, epoch, field). Then the aggregator forwards every signed contribution with
+Q = ceil((n + T) / 2) endorsements to the holders. A holder (`ThresholdParty.answer`)
+decrypts only a set endorsed by Q distinct holders, checks the contributions again, that
+no ciphertext was copied between them, the guard, and that it has not decrypted another
+sum for this (analysis, epoch, field) -- all kept in its node-local state, so a restart
+does not forget them (`threshold_ledger`); then it adds the contributions itself and
+returns its partial decryption with a proof. The aggregator (`ThresholdCollector`) checks
+every proof, names a holder whose partial is wrong, and combines the first T valid ones:
+up to n - Q holders may be missing when endorsing and n - T when decrypting.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ __all__ = [
     "ThresholdCollector",
     "ThresholdParty",
     "Verifier",
+    "contribution_digest_message",
     "contribution_message",
     "pack_contribution",
     "request_context",
@@ -65,6 +69,13 @@ _SIG_LEN = struct.Struct(">H")
 def contribution_message(analysis: str, epoch: int, path: str, node: str, vector: bytes) -> bytes:
     """What a node signs for one encrypted field: binds it to run, epoch, field and sender."""
     digest = hashlib.sha256(vector).digest()
+    return contribution_digest_message(analysis, epoch, path, node, digest)
+
+
+def contribution_digest_message(
+    analysis: str, epoch: int, path: str, node: str, digest: bytes
+) -> bytes:
+    """`contribution_message` from the vector's SHA-256 (endorsing sees only digests)."""
     parts = [b"flame-contribution-v1", analysis.encode(), str(epoch).encode(), path.encode()]
     return b"\0".join([*parts, node.encode(), digest])
 
@@ -157,7 +168,8 @@ def sum_contributions(
 
 @dataclass
 class ThresholdParty:
-    """A share holder's side: decides whether to decrypt, and does it at most once."""
+    """A share holder's side: endorses at most one contribution set per field and epoch,
+    and decrypts (at most once) only a set that Q share holders endorsed."""
 
     share: ThresholdKeyShare
     verify: Verifier | None
@@ -166,34 +178,142 @@ class ThresholdParty:
     state: NodeLocalState | None = None
     """This node's node-local state: the guard ledger is kept there, so a restarted holder
     still refuses a differing sum (None: memory only)."""
+    sign: Signer | None = None
+    """Signs endorsements with this node's roster identity (None: unsigned run)."""
     _ledger: GuardLedger = field(init=False)
     _answers: dict[tuple[str, int, str], tuple[bytes, bytes]] = field(default_factory=dict)
+    _endorsements: dict[tuple[str, int, str], tuple[bytes, bytes]] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _warned: bool = False
 
     def __post_init__(self) -> None:
         self._ledger = GuardLedger(self.share, self.state)
 
+    def endorse(self, envelope: Envelope) -> dict[str, Any]:
+        """Sign that a field's contribution set may be decrypted: at most one set per
+        (analysis, epoch, field), recorded in the ledger before the endorsement leaves."""
+        from flame.federated.threshold_endorse import parse_endorse_request
+
+        try:
+            fields = parse_endorse_request(envelope.body)
+            if self.verify is None or self.sign is None:
+                raise FlameError(
+                    "cannot endorse in an unsigned run (no roster identity to sign with)"
+                )
+            return {
+                "endorsements": {
+                    path: self._endorse(envelope.analysis, envelope.epoch, path, *request).hex()
+                    for path, request in fields.items()
+                }
+            }
+        except FlameError as exc:
+            return {"error": str(exc)}
+        except Exception as exc:  # a holder answers any request with an error, never dies
+            log.warning("refused a malformed endorsement request (%s)", type(exc).__name__)
+            return {"error": f"malformed endorsement request ({type(exc).__name__})"}
+
+    def _endorse(
+        self,
+        analysis: str,
+        epoch: int,
+        path: str,
+        pairs: tuple[tuple[str, bytes], ...],
+        signatures: dict[str, bytes],
+    ) -> bytes:
+        from flame.federated.threshold_endorse import (
+            check_endorse_request,
+            endorsement_message,
+            set_digest,
+        )
+
+        assert self.verify is not None and self.sign is not None
+        who = tuple(node for node, _ in pairs)
+        check_endorse_request(
+            self.verify, self.min_contributors, analysis, epoch, path, pairs, signatures
+        )
+        digest = set_digest(pairs)
+        with self._lock:
+            self._guard(analysis, path, who, "endorse")
+            done = self._ledger.endorsed(analysis, epoch, path)
+            if done is None and self._ledger.answered(analysis, epoch, path) is not None:
+                raise FlameError(  # a ledger from before endorsements: which set is unknown
+                    f"refusing to endorse: this node already decrypted a sum of {path!r} in "
+                    f"epoch {epoch}"
+                )
+            if done is not None and done != digest:
+                raise FlameError(
+                    f"refusing to endorse: this node already endorsed (or decrypted) a different "
+                    f"contribution set of {path!r} in epoch {epoch} (one set per field and epoch)"
+                )
+            cached = self._endorsements.get((analysis, epoch, path))
+            if cached is not None and cached[0] == digest:
+                return cached[1]  # the same set again: the same answer
+            signature = self.sign(
+                endorsement_message(self.share.public, analysis, epoch, path, pairs)
+            )
+            if done is None:  # recorded (and persisted) before the endorsement is released
+                self._ledger.endorse(analysis, epoch, path, who, digest)
+            self._endorsements[(analysis, epoch, path)] = (digest, signature)
+        log.info("epoch %d: endorsed the %d contributions to %r", epoch, len(who), path)
+        return signature
+
+    def _guard(self, analysis: str, path: str, who: tuple[str, ...], what: str) -> None:
+        """The differencing guard: FlameError if `who` differs from the field's fixed set."""
+        fixed = self._ledger.fixed(analysis, path)
+        if fixed is not None and not self.allow_changing_contributors:
+            problem = differencing_problem(path, fixed, who)
+            if problem is not None:
+                raise FlameError(f"refusing to {what}: {problem}")
+
     def answer(self, envelope: Envelope) -> dict[str, Any]:
+        """Partial decryptions of every field of a request, or {"error": why not}."""
+        try:
+            return self._answer(envelope)
+        except FlameError as exc:
+            return {"error": str(exc)}
+        except Exception as exc:  # a holder answers any request with an error, never dies
+            log.warning("refused a malformed decryption request (%s)", type(exc).__name__)
+            return {"error": f"malformed threshold decryption request ({type(exc).__name__})"}
+
+    def _answer(self, envelope: Envelope) -> dict[str, Any]:
+        from flame.federated.threshold_endorse import is_text
+
         body = envelope.body if isinstance(envelope.body, dict) else {}
         fields = body.get("fields")
+        endorsements = body.get("endorsements")
         if not isinstance(fields, dict) or not fields:
             return {"error": "malformed threshold decryption request"}
+        if not isinstance(endorsements, dict):
+            endorsements = {}
         partials: dict[str, Sealed] = {}
         try:
             for path, contributions in fields.items():
                 if (
-                    not isinstance(path, str)
+                    not is_text(path)
                     or not isinstance(contributions, dict)
-                    or not all(isinstance(node, str) for node in contributions)
+                    or not all(is_text(node) for node in contributions)
                 ):
                     return {"error": "malformed threshold decryption request"}
-                partials[path] = self._field(envelope.analysis, envelope.epoch, path, contributions)
+                partials[path] = self._field(
+                    envelope.analysis, envelope.epoch, path, contributions, endorsements.get(path)
+                )
         except FlameError as exc:
             return {"error": str(exc)}
         return {"partials": partials}
 
-    def _field(self, analysis: str, epoch: int, path: str, contributions: dict[str, Any]) -> Sealed:
+    def _field(
+        self,
+        analysis: str,
+        epoch: int,
+        path: str,
+        contributions: dict[str, Any],
+        endorsements: Any = None,
+    ) -> Sealed:
+        from flame.federated.threshold_endorse import (
+            check_decryption_endorsed,
+            contribution_pairs,
+            set_digest,
+        )
         from flame.protocols.paillier.threshold import partial_decrypt
 
         public = self.share.public
@@ -203,17 +323,31 @@ class ThresholdParty:
                 f"refusing to decrypt {path!r}: a sum of {len(who)} contribution(s); at least "
                 f"{self.min_contributors} distinct nodes are required"
             )
-        if self.verify is None and not self._warned:
-            self._warned = True
-            log.warning("decrypting without checking contributors' signatures (unsigned run)")
+        pairs = contribution_pairs(path, contributions)
+        with self._lock:  # this holder's own rules first: they name what is wrong best
+            self._guard(analysis, path, who, "decrypt")
+            own = self._ledger.endorsed(analysis, epoch, path)
+        if own is not None and own != set_digest(pairs):
+            raise FlameError(
+                f"refusing to decrypt: this node endorsed (or decrypted) a different "
+                f"contribution set of {path!r} in epoch {epoch}"
+            )
+        if self.verify is None:
+            if not self._warned:
+                self._warned = True
+                log.warning(
+                    "decrypting without checking contributors' signatures or endorsements "
+                    "(unsigned run)"
+                )
+        else:  # Q holders endorsed exactly these vectors (their digests): no other set of
+            # this field can be endorsed by Q, so no second sum is ever decrypted
+            check_decryption_endorsed(
+                public, self.verify, analysis, epoch, path, pairs, endorsements
+            )
         total = sum_contributions(public, analysis, epoch, path, contributions, self.verify)
         total_bytes = total.to_bytes()
         with self._lock:
-            fixed = self._ledger.fixed(analysis, path)
-            if fixed is not None and not self.allow_changing_contributors:
-                problem = differencing_problem(path, fixed, who)
-                if problem is not None:
-                    raise FlameError(f"refusing to decrypt: {problem}")
+            self._guard(analysis, path, who, "decrypt")
             done = self._ledger.answered(analysis, epoch, path)
             digest = hashlib.sha256(total_bytes).digest()
             if done is not None and done != digest:
@@ -228,7 +362,7 @@ class ThresholdParty:
             partial = partial_decrypt(self.share, total.ciphertexts, context)
             data = partial.to_bytes(public)
             if done is None:  # recorded (and persisted) before the partial is released
-                self._ledger.record(analysis, epoch, path, who, digest)
+                self._ledger.record(analysis, epoch, path, who, digest, set_digest(pairs))
             self._answers[(analysis, epoch, path)] = (digest, data)
         log.info("epoch %d: partial decryption of %r over %d contributions", epoch, path, len(who))
         return Sealed(PARTIAL, data)
@@ -248,6 +382,8 @@ class ThresholdCollector:
     """How many holders to ask at first (None: all); more are asked on refusal or delay."""
     stall: float | None = None
     """Seconds without an answer before asking the remaining holders (default timeout / 4)."""
+    verify: Verifier | None = None
+    """Checks the holders' endorsements (None: unsigned run, no endorsement round)."""
     invalid: list[str] = field(default_factory=list)
     _fixed: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
@@ -275,6 +411,15 @@ class ThresholdCollector:
             for path, by_node in fields.items()
         }
         holders = [node for node, _ in self.public.members if node in self.context.participants]
+        endorsements: dict[str, list[list[str]]] = {}
+        if self.verify is not None:  # Q holders fix this epoch's sets before anyone decrypts
+            from flame.federated.threshold_endorse import collect_endorsements
+
+            endorsements, refused = collect_endorsements(
+                self.public, self.context, self.verify, epoch, fields, self.timeout
+            )
+            holders.sort(key=lambda node: node in refused)  # refusers asked last (stable)
+        request = {"threshold": 1, "fields": fields, "endorsements": endorsements}
         transport = self.context._mailbox.transport
         asked: list[str] = []
 
@@ -299,7 +444,7 @@ class ThresholdCollector:
                         node,
                         "message",
                         epoch,
-                        {"threshold": 1, "fields": fields},
+                        request,
                         self.request_category,
                     )
                 )

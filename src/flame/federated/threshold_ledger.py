@@ -1,12 +1,13 @@
 """A share holder's differencing-guard ledger, kept in node-local state across restarts.
 
-The guard (a field's contributor set is fixed by its first sum; one sum per analysis, epoch
-and field) only protects a node's values if a restarted share holder still knows what it
-decrypted: otherwise the aggregator restarts it and asks for the differing sum. The ledger is
-written to the node's own state (`NodeState`: a local folder or the node's bucket, written
-atomically) *before* a partial decryption is released, and read back before the first
-decision. It is authenticated with a key derived from the holder's secret share, so a
-changed, foreign or corrupt ledger makes the holder refuse to decrypt with a clear error;
+The guard (a field's contributor set is fixed by its first endorsed or decrypted sum; one
+endorsed set and one sum per analysis, epoch and field) only protects a node's values if a
+restarted share holder still knows what it endorsed and decrypted: otherwise the aggregator
+restarts it and asks for the differing sum. The ledger is written to the node's own state
+(`NodeState`: a local folder or the node's bucket, written atomically) *before* an
+endorsement or a partial decryption is released, and read back before the first decision.
+It is authenticated with a key derived from the holder's secret share, so a changed,
+foreign or corrupt ledger makes the holder refuse to endorse or decrypt with a clear error;
 it is never silently reset. (Deleting the ledger cannot be detected here: protect the
 node's storage like its share file.)
 """
@@ -55,8 +56,8 @@ def _mac_key(share: ThresholdKeyShare) -> bytes:
 
 
 class GuardLedger:
-    """Fixed contributor sets and decrypted-sum digests of one share holder (not thread-safe:
-    `ThresholdParty` holds its lock around every use)."""
+    """Fixed contributor sets, endorsed sets and decrypted-sum digests of one share holder
+    (not thread-safe: `ThresholdParty` holds its lock around every use)."""
 
     def __init__(self, share: ThresholdKeyShare, state: NodeLocalState | None) -> None:
         self._state = state
@@ -65,6 +66,7 @@ class GuardLedger:
         self._key = _mac_key(share)
         self._fixed: dict[str, dict[str, list[str]]] = {}
         self._answered: dict[str, dict[str, str]] = {}
+        self._endorsed: dict[str, dict[str, str]] = {}
         self._loaded = state is None
 
     # -- queries ----------------------------------------------------------------------------
@@ -80,24 +82,65 @@ class GuardLedger:
         digest = self._answered.get(analysis, {}).get(f"{epoch}/{path}")
         return None if digest is None else bytes.fromhex(digest)
 
+    def endorsed(self, analysis: str, epoch: int, path: str) -> bytes | None:
+        """The digest of the contribution set this holder endorsed for (analysis, epoch,
+        field), or None."""
+        self._load()
+        digest = self._endorsed.get(analysis, {}).get(f"{epoch}/{path}")
+        return None if digest is None else bytes.fromhex(digest)
+
     # -- updates ----------------------------------------------------------------------------
 
     def record(
-        self, analysis: str, epoch: int, path: str, who: tuple[str, ...], digest: bytes
+        self,
+        analysis: str,
+        epoch: int,
+        path: str,
+        who: tuple[str, ...],
+        digest: bytes,
+        endorsed: bytes | None = None,
     ) -> None:
-        """Remember a decryption; persisted before returning (LedgerError if it cannot be)."""
+        """Remember a decryption (and, if this holder endorsed no set for it, its set as the
+        one set it will endorse); persisted before returning (LedgerError if it cannot be)."""
         self._load()
         fixed = self._fixed.setdefault(analysis, {})
         answered = self._answered.setdefault(analysis, {})
+        sets = self._endorsed.setdefault(analysis, {})
         key = f"{epoch}/{path}"
         added_fixed = path not in fixed
         if added_fixed:
             fixed[path] = list(who)
+        added_set = endorsed is not None and key not in sets
+        if endorsed is not None and added_set:
+            sets[key] = endorsed.hex()
         answered[key] = digest.hex()
         try:
             self._save()
         except Exception:
             del answered[key]
+            if added_fixed:
+                del fixed[path]
+            if added_set:
+                del sets[key]
+            raise
+
+    def endorse(
+        self, analysis: str, epoch: int, path: str, who: tuple[str, ...], digest: bytes
+    ) -> None:
+        """Remember an endorsement (it also fixes the field's contributor set if this is its
+        first); persisted before returning (LedgerError if it cannot be)."""
+        self._load()
+        fixed = self._fixed.setdefault(analysis, {})
+        endorsed = self._endorsed.setdefault(analysis, {})
+        key = f"{epoch}/{path}"
+        added_fixed = path not in fixed
+        if added_fixed:
+            fixed[path] = list(who)
+        endorsed[key] = digest.hex()
+        try:
+            self._save("endorse")
+        except Exception:
+            del endorsed[key]
             if added_fixed:
                 del fixed[path]
             raise
@@ -112,6 +155,7 @@ class GuardLedger:
                 "index": self._index,
                 "fixed": self._fixed,
                 "answered": self._answered,
+                "endorsed": self._endorsed,
             },
             sort_keys=True,
             separators=(",", ":"),
@@ -120,15 +164,16 @@ class GuardLedger:
     def _mac(self, body: str) -> str:
         return hmac.new(self._key, body.encode(), hashlib.sha256).hexdigest()
 
-    def _save(self) -> None:
+    def _save(self, what: str = "decrypt") -> None:
         if self._state is None:
             return
         body = self._body()
         try:
             self._state.save(TAG, {"body": body, "mac": self._mac(body)})
         except Exception as exc:
+            noun = "decryption" if what == "decrypt" else "endorsement"
             raise LedgerError(
-                f"refusing to decrypt: could not record the decryption in this node's "
+                f"refusing to {what}: could not record the {noun} in this node's "
                 f"threshold guard ledger ({type(exc).__name__}: {exc})"
             ) from None
 
@@ -142,8 +187,9 @@ class GuardLedger:
             stored = self._state.load(TAG, None)
         except Exception as exc:
             raise LedgerError(
-                f"refusing to decrypt: {where} is unreadable ({type(exc).__name__}: {exc}); "
-                "it is not reset: restore it, or start over under a new analysis id"
+                f"refusing to endorse or decrypt: {where} is unreadable "
+                f"({type(exc).__name__}: {exc}); it is not reset: restore it, or start over "
+                "under a new analysis id"
             ) from None
         if stored is not None:
             self._accept(stored, where)
@@ -151,8 +197,8 @@ class GuardLedger:
 
     def _accept(self, stored: Any, where: str) -> None:
         refuse = (
-            f"refusing to decrypt: {where} was changed, is corrupt or belongs to another "
-            "share; it is not reset: restore it, or start over under a new analysis id"
+            f"refusing to endorse or decrypt: {where} was changed, is corrupt or belongs to "
+            "another share; it is not reset: restore it, or start over under a new analysis id"
         )
         if not isinstance(stored, dict):
             raise LedgerError(refuse)
@@ -172,7 +218,9 @@ class GuardLedger:
             or data.get("index") != self._index
             or not isinstance(data.get("fixed"), dict)
             or not isinstance(data.get("answered"), dict)
+            or not isinstance(data.get("endorsed", {}), dict)
         ):
             raise LedgerError(refuse)
         self._fixed = data["fixed"]
         self._answered = data["answered"]
+        self._endorsed = data.get("endorsed", {})  # absent in ledgers written before it

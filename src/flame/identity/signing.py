@@ -12,6 +12,12 @@ verify before decoding the frame (`Authenticator.open`): unknown signer, bad sig
 sender field that is not the signer, or a kind the signer's role may not send -> dropped,
 counted, WARNING with the claimed sender.
 
+Chunked messages (`flame.transport._chunks`, version 2) also carry a signature of their
+manifest (transfer id, count, piece, total, SHA-256 of the whole) over
+`b"flame-chunk-v1\\0" + analysis + b"\\0" + recipient + b"\\0" + manifest`, checked on a
+transfer's first chunk before any buffer is allocated: reassembly comes before the envelope
+can be verified, and an unauthenticated sender must not make a node buffer anything.
+
 Statuses (retained JSON) carry `"sig": "<base64>"` over `b"flame-status-v1\\0" + analysis +
 b"\\0" + node + b"\\0" + the status without "sig" as canonical JSON` (sorted keys, no spaces).
 """
@@ -24,7 +30,7 @@ import hashlib
 import json
 import logging
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -54,6 +60,7 @@ _PREFIX = struct.Struct(">3sBB")
 _SIGNATURE_BYTES = 64
 _ENVELOPE_CONTEXT = b"flame-envelope-v1\0"
 _STATUS_CONTEXT = b"flame-status-v1\0"
+_CHUNK_CONTEXT = b"flame-chunk-v1\0"
 
 # Which roster role may send which envelope kind (kinds not listed: any member).
 _ROLE_OF_KIND = {
@@ -234,6 +241,35 @@ class Authenticator:
             self.reject(exc.claimed, str(exc))
             raise
         return replace(envelope, signed=data)
+
+    def chunk_signer(
+        self, analysis_id: str, recipient: str
+    ) -> Callable[[bytes], tuple[str, bytes]]:
+        """Signs chunk manifests of messages to `recipient` (see `flame.transport._chunks`)."""
+        context = _CHUNK_CONTEXT + f"{analysis_id}\0{recipient}\0".encode()
+        identity = self.identity
+
+        def sign(manifest: bytes) -> tuple[str, bytes]:
+            return identity.node_id, identity.sign(context + manifest)
+
+        return sign
+
+    def chunk_check(self, analysis_id: str) -> Callable[[str, bytes, bytes], str | None]:
+        """Checks chunk manifests sent to this node: why one is refused, or None."""
+        context = _CHUNK_CONTEXT + f"{analysis_id}\0{self.node_id}\0".encode()
+        roster = self.roster
+
+        def check(signer: str, manifest: bytes, signature: bytes) -> str | None:
+            member = roster.get(signer)
+            if member is None:
+                return "signer is not in the roster"
+            try:
+                member.public_key.verify(signature, context + manifest)
+            except InvalidSignature:
+                return "bad signature"
+            return None
+
+        return check
 
     def reject(self, claimed: str, reason: str) -> None:
         self.rejected += 1

@@ -42,7 +42,10 @@ class _Rpc:
             import flame.errors
 
             e = flame.errors
-            same = {c.__name__: c for c in (e.DataError, e.FlameError, e.TransportError)}
+            same = {
+                c.__name__: c
+                for c in (e.DataError, e.FlameError, e.PolicyRefused, e.TransportError)
+            }
             error_type = same.get(str(body.get("type")))
             if error_type is not None:
                 raise error_type(str(body["error"]))  # as the analysis would see it in-process

@@ -114,6 +114,9 @@ class Runner(Protocol):
     @property
     def declared_spend(self) -> Any: ...
 
+    @property
+    def rows_read(self) -> int: ...
+
 
 class _MeteredSource:
     """A file source whose reads the runtime counts (in-process runs)."""
@@ -157,6 +160,11 @@ class InProcessRunner:
     def declared_spend(self) -> Any:
         original = getattr(self.analyze, "__wrapped__", self.analyze)
         return getattr(original, "__flame_spend__", None)
+
+    @property
+    def rows_read(self) -> int:
+        """Rows served to `analyze` so far in this epoch (what a message is checked against)."""
+        return self.meter.rows
 
     def start(self) -> None:
         return None
@@ -303,6 +311,11 @@ class ChildRunner:
     @property
     def declared_spend(self) -> Any:
         return self._declared
+
+    @property
+    def rows_read(self) -> int:
+        """Rows served to `analyze` so far in this epoch (what a message is checked against)."""
+        return self.meter.rows
 
     # --- life cycle --------------------------------------------------------------------------
     def start(self) -> None:
@@ -492,7 +505,7 @@ class ChildRunner:
             ctx.set_progress(float(args["fraction"]))
             return None
         if op == "send":
-            if not self.allow_messages:
+            if not self.allow_messages and ctx.outgoing is None:  # else the node's gate checks
                 raise PolicyRefused(
                     "this node's policy does not let analyze send messages (rule: allow_messages)"
                 )

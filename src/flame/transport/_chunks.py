@@ -12,6 +12,15 @@ the whole frame), so chunks may arrive in any order (redelivery after a reconnec
 them) and the first one to arrive can allocate the buffer. The magic differs from flame's
 `b"FLM"` so a receiver tells the three frame kinds apart by their first three bytes.
 
+Why signed manifests (version 2): reassembly happens before the envelope's signature can be
+checked, so an unsigned manifest lets anyone who can publish on the broker make a node hold
+`max_total_bytes` for transfers that never finish, which also locks out honest ones. A signed
+node signs the manifest once per transfer (signer id + Ed25519 signature after the header,
+the same on every chunk); the receiver checks it once, on the first chunk of a transfer and
+before allocating, so a forged first chunk costs it one signature check and no memory. The
+per-sender limits then keep one roster member from taking the budget of all the others.
+Version 1 (no signature) is what unsigned nodes send; a signed receiver refuses it.
+
 The claim-check seam: a `ClaimCheck` (object storage, written elsewhere) takes the frame and
 returns a reference; the wire then carries only `b"FLR"` + size + SHA-256 + reference.
 """
@@ -38,6 +47,7 @@ __all__ = [
     "Reference",
     "decode_reference",
     "encode_reference",
+    "chunk_header_size",
     "frame_digest",
     "split_frame",
 ]
@@ -45,8 +55,11 @@ __all__ = [
 CHUNK_MAGIC = b"FLC"
 REFERENCE_MAGIC = b"FLR"
 CHUNK_VERSION = 1
+SIGNED_CHUNK_VERSION = 2  # + u8 len(signer) | signer | 64-byte signature of the manifest
 # magic, version, transfer id, index, count, piece size, total size, sha256 of the whole
 _CHUNK = struct.Struct(">3sB16sIIIQ32s")
+_MANIFEST = struct.Struct(">16sIIQ32s")  # what a signed chunk's signature covers (no index)
+_SIGNATURE_BYTES = 64
 # magic, version, total size, sha256 of the whole, reference length (reference follows)
 _REFERENCE = struct.Struct(">3sBQ32sH")
 CHUNK_HEADER_SIZE = _CHUNK.size
@@ -86,14 +99,36 @@ def frame_digest(parts: Sequence[Buffer]) -> bytes:
     return digest.digest()
 
 
+ManifestSigner = Callable[[bytes], tuple[str, bytes]]
+"""`manifest -> (signer id, 64-byte signature)`: how a signed sender seals its chunks."""
+
+ManifestCheck = Callable[[str, bytes, bytes], str | None]
+"""`(signer, manifest, signature) -> why it is refused, or None`: a signed receiver's check."""
+
+
+def chunk_header_size(signer: str | None = None) -> int:
+    """Header bytes of each chunk: unsigned (version 1), or signed by `signer` (version 2)."""
+    if signer is None:
+        return _CHUNK.size
+    return _CHUNK.size + 1 + len(signer.encode()) + _SIGNATURE_BYTES
+
+
+def chunk_manifest(transfer_id: bytes, count: int, piece: int, total: int, digest: bytes) -> bytes:
+    """The bytes a signed chunk's signature covers: everything in its header but the index."""
+    return _MANIFEST.pack(transfer_id, count, piece, total, digest)
+
+
 def split_frame(
     parts: Sequence[Buffer],
     piece: int,
     *,
     transfer_id: bytes | None = None,
     sha256: bytes | None = None,
+    sign: ManifestSigner | None = None,
 ) -> Iterator[bytearray]:
-    """Chunk frames for the buffers `parts`, made one at a time so memory stays one chunk."""
+    """Chunk frames for the buffers `parts`, made one at a time so memory stays one chunk.
+
+    With `sign`, the manifest is signed once and every chunk carries the signature."""
     if piece < 1:
         raise ValueError("chunk piece size must be at least 1 byte")
     views = [memoryview(part).cast("B") for part in parts]
@@ -105,14 +140,21 @@ def split_frame(
     if len(transfer) != 16:
         raise ValueError("transfer id must be 16 bytes")
     digest = sha256 if sha256 is not None else frame_digest(views)
+    version, seal = CHUNK_VERSION, b""
+    if sign is not None:
+        signer, signature = sign(chunk_manifest(transfer, count, piece, total, digest))
+        name = signer.encode()
+        if not 0 < len(name) < 256 or len(signature) != _SIGNATURE_BYTES:
+            raise ValueError("a chunk signer id must be 1..255 bytes, its signature 64")
+        version, seal = SIGNED_CHUNK_VERSION, bytes([len(name)]) + name + signature
+    header = _CHUNK.size + len(seal)
     part_index, part_offset = 0, 0
     for index in range(count):
         length = min(piece, total - index * piece)
-        out = bytearray(_CHUNK.size + length)
-        _CHUNK.pack_into(
-            out, 0, CHUNK_MAGIC, CHUNK_VERSION, transfer, index, count, piece, total, digest
-        )
-        position = _CHUNK.size
+        out = bytearray(header + length)
+        _CHUNK.pack_into(out, 0, CHUNK_MAGIC, version, transfer, index, count, piece, total, digest)
+        out[_CHUNK.size : header] = seal
+        position = header
         while position < len(out):
             view = views[part_index]
             take = min(view.nbytes - part_offset, len(out) - position)
@@ -130,20 +172,30 @@ class _Transfer:
     piece: int
     total: int
     digest: bytes
+    seal: bytes  # signer and signature (empty for an unsigned chunk)
+    sender: str | None  # whose budget it counts against (None: unsigned, nobody's)
     buffer: bytearray
     received: bytearray  # one flag byte per chunk
     missing: int
     last_activity: float
 
 
+_REMEMBERED = 16384  # closed / refused transfer ids kept (about 100 bytes each)
+
+
 class Reassembler:
     """Collects chunk frames into whole frames, within limits a hostile sender cannot exceed.
 
-    Limits: one transfer at most `max_bytes`; at most `max_transfers` open at once and
-    `max_total_bytes` allocated over all of them; a transfer without progress for `timeout`
-    seconds is dropped and its memory freed. A transfer that was refused or expired is
-    remembered for a while, so its remaining chunks are dropped quietly (one log line per
-    transfer, not per chunk), and so are late duplicates of a completed transfer.
+    Limits: one transfer at most `max_bytes` (its declared total is checked before anything is
+    allocated); at most `max_transfers` open at once and `max_total_bytes` allocated over all
+    of them, and per sender (signed chunks) at most `max_sender_transfers` and
+    `max_sender_bytes`; a transfer without progress (a new chunk; duplicates do not count) for
+    `timeout` seconds is dropped and its memory freed. Nothing open is ever evicted for a
+    newcomer. With `check` (a signed node), a chunk's manifest must carry a valid signature of
+    a roster member, verified when its transfer would be opened: forged chunks are refused
+    before any buffering. A transfer that was refused or expired is remembered for a while, so
+    its remaining chunks are dropped quietly (one log line per transfer, not per chunk), and so
+    are late duplicates of a completed transfer.
     """
 
     def __init__(
@@ -153,16 +205,35 @@ class Reassembler:
         timeout: float,
         max_transfers: int = 64,
         max_total_bytes: int | None = None,
+        max_sender_transfers: int | None = None,
+        max_sender_bytes: int | None = None,
+        check: ManifestCheck | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.max_bytes = max_bytes
         self.timeout = timeout
         self.max_transfers = max_transfers
         self.max_total_bytes = max_total_bytes if max_total_bytes is not None else 2 * max_bytes
+        self.max_sender_transfers = (
+            max_sender_transfers
+            if max_sender_transfers is not None
+            else max(2, max_transfers // 4)
+        )
+        self.max_sender_bytes = (
+            max_sender_bytes
+            if max_sender_bytes is not None
+            else max(max_bytes, self.max_total_bytes // 2)
+        )
+        self.check = check
         self._clock = clock
         self._open: dict[bytes, _Transfer] = {}
         self._closed: OrderedDict[bytes, float] = OrderedDict()  # transfer id -> forget after
+        # Refused for a bad signature: keyed by id + seal, so a forgery that reuses an honest
+        # transfer id does not get the honest chunks (another seal) dropped with it.
+        self._refused: OrderedDict[bytes, float] = OrderedDict()
+        self._senders: dict[str, tuple[int, int]] = {}  # sender -> (open transfers, bytes)
         self.pending_bytes = 0
+        self.refused = 0  # transfers refused (limits, signature)
 
     @property
     def open_transfers(self) -> int:
@@ -180,7 +251,13 @@ class Reassembler:
         magic, version, transfer_id, index, count, piece, total, digest = _CHUNK.unpack_from(view)
         if magic != CHUNK_MAGIC:
             raise ChunkError("not a chunk frame (bad magic bytes)")
-        if version != CHUNK_VERSION:
+        header = _CHUNK.size
+        if version == SIGNED_CHUNK_VERSION:
+            length = view[header] if view.nbytes > header else 0
+            header += 1 + length + _SIGNATURE_BYTES
+            if length == 0 or view.nbytes < header:
+                raise ChunkError("signed chunk is shorter than its header")
+        elif version != CHUNK_VERSION:
             raise ChunkError(f"chunk format version {version} is not supported")
         now = self._clock()
         self._forget_closed(now)
@@ -191,23 +268,27 @@ class Reassembler:
                 f"chunk manifest is inconsistent (index {index}, count {count}, "
                 f"piece {piece}, total {total})"
             )
-        data = view[_CHUNK.size :]
+        data = view[header:]
         expected = min(piece, total - index * piece)
         if data.nbytes != expected:
             raise ChunkError(f"chunk {index} carries {data.nbytes} bytes, expected {expected}")
+        seal = bytes(view[_CHUNK.size : header])
         transfer = self._open.get(transfer_id)
         if transfer is None:
-            transfer = self._start(transfer_id, count, piece, total, digest, now)
-        elif (transfer.count, transfer.piece, transfer.total, transfer.digest) != (
+            if transfer_id + seal in self._refused:
+                return None
+            transfer = self._start(transfer_id, count, piece, total, digest, seal, now)
+        elif (transfer.count, transfer.piece, transfer.total, transfer.digest, transfer.seal) != (
             count,
             piece,
             total,
             digest,
+            seal,
         ):
             raise ChunkError("chunk manifest differs from the earlier chunks of its transfer")
-        transfer.last_activity = now
         if transfer.received[index]:
-            return None
+            return None  # a duplicate is no progress: it does not keep a transfer alive
+        transfer.last_activity = now
         start = index * piece
         transfer.buffer[start : start + expected] = data
         transfer.received[index] = 1
@@ -220,9 +301,36 @@ class Reassembler:
         return transfer.buffer
 
     def _start(
-        self, transfer_id: bytes, count: int, piece: int, total: int, digest: bytes, now: float
+        self,
+        transfer_id: bytes,
+        count: int,
+        piece: int,
+        total: int,
+        digest: bytes,
+        seal: bytes,
+        now: float,
     ) -> _Transfer:
+        sender: str | None = None
+        if seal:
+            try:
+                sender = bytes(seal[1 : 1 + seal[0]]).decode()
+            except UnicodeDecodeError:
+                sender = None
         refusal = None
+        if self.check is not None:
+            if sender is None:
+                refusal = "unsigned chunk (a signed node accepts signed chunk manifests only)"
+            else:
+                refusal = self.check(
+                    sender, chunk_manifest(transfer_id, count, piece, total, digest), seal[-64:]
+                )
+            if refusal is not None:
+                self.refused += 1
+                self._refused[transfer_id + seal] = now + max(2 * self.timeout, 60.0)
+                self._trim(self._refused)
+                who = "?" if sender is None else repr(sender[:64])
+                raise ChunkError(f"chunk manifest claiming to be from {who}: {refusal}")
+        held, held_bytes = self._senders.get(sender, (0, 0)) if sender is not None else (0, 0)
         if total > self.max_bytes:
             refusal = f"transfer of {total} bytes is over the message limit of {self.max_bytes}"
         elif len(self._open) >= self.max_transfers:
@@ -232,7 +340,18 @@ class Reassembler:
                 f"transfer of {total} bytes would exceed the reassembly budget "
                 f"({self.pending_bytes} of {self.max_total_bytes} bytes in use)"
             )
+        elif sender is not None and held >= self.max_sender_transfers:
+            refusal = (
+                f"{sender!r} already has {held} transfers open "
+                f"(limit {self.max_sender_transfers})"
+            )
+        elif sender is not None and held_bytes + total > self.max_sender_bytes:
+            refusal = (
+                f"transfer of {total} bytes from {sender!r} would exceed its reassembly budget "
+                f"({held_bytes} of {self.max_sender_bytes} bytes in use)"
+            )
         if refusal is not None:
+            self.refused += 1
             self._remember(transfer_id, now)
             raise ChunkError(refusal)
         transfer = _Transfer(
@@ -240,6 +359,8 @@ class Reassembler:
             piece=piece,
             total=total,
             digest=digest,
+            seal=seal,
+            sender=sender,
             buffer=bytearray(total),
             received=bytearray(count),
             missing=count,
@@ -247,6 +368,8 @@ class Reassembler:
         )
         self._open[transfer_id] = transfer
         self.pending_bytes += total
+        if sender is not None:
+            self._senders[sender] = (held + 1, held_bytes + total)
         return transfer
 
     def expire(self) -> list[str]:
@@ -268,20 +391,29 @@ class Reassembler:
         transfer = self._open.pop(transfer_id, None)
         if transfer is not None:
             self.pending_bytes -= transfer.total
+            if transfer.sender is not None:
+                held, held_bytes = self._senders.pop(transfer.sender, (1, transfer.total))
+                if held > 1:
+                    self._senders[transfer.sender] = (held - 1, held_bytes - transfer.total)
         self._remember(transfer_id, now)
 
     def _remember(self, transfer_id: bytes, now: float) -> None:
         self._closed[transfer_id] = now + max(2 * self.timeout, 60.0)
         self._closed.move_to_end(transfer_id)
-        while len(self._closed) > 4096:
-            self._closed.popitem(last=False)
+        self._trim(self._closed)
+
+    @staticmethod
+    def _trim(remembered: OrderedDict[bytes, float]) -> None:
+        while len(remembered) > _REMEMBERED:
+            remembered.popitem(last=False)
 
     def _forget_closed(self, now: float) -> None:
-        while self._closed:
-            transfer_id, until = next(iter(self._closed.items()))
-            if until > now:
-                break
-            del self._closed[transfer_id]
+        for remembered in (self._closed, self._refused):
+            while remembered:
+                key, until = next(iter(remembered.items()))
+                if until > now:
+                    break
+                del remembered[key]
 
 
 @dataclass(frozen=True)

@@ -12,13 +12,16 @@ Semantics every implementation keeps (the broker's, so simulation behaves like p
 from __future__ import annotations
 
 import abc
+import itertools
 import json
 import logging
+import time
 import uuid
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from flame.messages import DEFAULT_MAX_BYTES, Envelope, decode, encode_parts
+from flame.transport.status_order import StatusOrder, gone
 
 if TYPE_CHECKING:
     from flame.identity.signing import Authenticator, Buffer
@@ -44,7 +47,11 @@ class Transport(abc.ABC):
             raise ValueError(f"the identity of {auth.node_id!r} cannot sign for {node_id!r}")
         self.auth = auth  # None: unsigned (an explicit opt-out; see flame.identity)
         self.instance = uuid.uuid4().hex  # this process's connection: in every status
+        self.since = round(time.time(), 3)  # when it started: orders processes of a node
+        self._seq = itertools.count(1)  # every status it signs gets the next number
         self._verified_process: dict[str, tuple[Any, Any, Any]] = {}
+        self.status_order = StatusOrder(self.since)  # which statuses of others are current
+        self.stale_statuses = 0
 
     # --- signing: what every implementation sends and accepts ---------------------------------
     def use_auth(self, auth: Authenticator) -> None:
@@ -78,8 +85,15 @@ class Transport(abc.ABC):
         return decode(frame, max_bytes=max_bytes)
 
     def sign_status(self, status: dict[str, Any]) -> dict[str, Any]:
-        """`status` with this process's instance id, signed (unless unsigned)."""
-        status = {**status, "instance": self.instance}
+        """`status` bound to this process (instance id, start, sequence number, signing time;
+        see `flame.transport.status_order`), signed (unless unsigned)."""
+        status = {
+            **status,
+            "instance": self.instance,
+            "since": self.since,
+            "seq": next(self._seq),
+            "at": round(time.time(), 3),
+        }
         if self.auth is None:
             return status
         return self.auth.sign_status(self.analysis_id, status)
@@ -88,19 +102,20 @@ class Transport(abc.ABC):
         """What the last will says: this instance went offline (signed when sent)."""
         return {"state": "offline"}
 
-    def _trusted_status(self, node: str, status: dict[str, Any]) -> bool:
+    def _trusted_status(self, node: str, status: dict[str, Any]) -> bool | None:
         """Verify a status's signature, except a routine progress update (waiting, computing,
         collecting, sent) of the very process (instance, session, link) whose earlier status
         was verified: such an update changes no decision anywhere (presence, rejoin, failure,
         conflict and code checks all need one of those fields to change, or another state),
-        and skipping its check keeps signing off the epoch's critical path."""
+        and skipping its check keeps signing off the epoch's critical path. True: verified;
+        None: trusted unchecked (it then cannot move the status order forward); False: drop."""
         assert self.auth is not None
         who = (status.get("instance"), status.get("session"), status.get("link"))
         routine = status.get("state") in _ROUTINE and not (
             set(status) & {"conflict", "online", "reason"}
         )
         if routine and self._verified_process.get(node) == who:
-            return True
+            return None  # trusted, signature not checked
         if not self.auth.verify_status(self.analysis_id, node, status):
             return False
         self._verified_process[node] = who
@@ -118,7 +133,25 @@ class Transport(abc.ABC):
         if not isinstance(status, dict):
             log.warning("%s dropped a status from %s that is not a JSON object", self.node_id, node)
             return None
-        if self.auth is not None and not self._trusted_status(node, status):
+        verified = True
+        if self.auth is not None:
+            trusted = self._trusted_status(node, status)
+            if trusted is False:
+                return None
+            verified = trusted is True
+        stale = self.status_order.check(
+            node, status, verified=verified, signed=self.auth is not None
+        )
+        if stale is not None:
+            self.stale_statuses += 1
+            quiet = gone(status) and "conflict" not in status  # a departed process's goodbye
+            (log.info if quiet else log.warning)(
+                "%s ignored a stale status of %s (state %r): %s",
+                self.node_id,
+                node,
+                str(status.get("state"))[:32],
+                stale,
+            )
             return None
         status.pop("sig", None)
         return Envelope(

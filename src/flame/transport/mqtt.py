@@ -41,6 +41,7 @@ from flame.transport._chunks import (
     Buffer,
     ClaimCheck,
     Reassembler,
+    chunk_header_size,
     decode_reference,
     encode_reference,
     frame_digest,
@@ -60,6 +61,7 @@ log = logging.getLogger(__name__)
 _NAME = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 FINAL_STATES = ("done", "failed")
 MAX_STATUS_BYTES = 64 * 1024
+_MAX_CHUNK_HEADER = CHUNK_HEADER_SIZE + 1 + 255 + 64  # a signed chunk's longest header
 
 
 def inbox_topic(analysis_id: str, node_id: str) -> str:
@@ -256,6 +258,16 @@ class MqttTransport(Transport):
             self.analysis_id, self.node_id, status
         ):
             return
+        since = status.get("since")
+        if self.auth is not None and (not isinstance(since, int | float) or since <= self.since):
+            # An earlier process of this node: a leftover, or an old status replayed as
+            # retained to make this one stop. A live later process is what a conflict is.
+            log.warning(
+                "%s ignored a stale status of an earlier process of this node (instance %s)",
+                self.node_id,
+                other[:32],
+            )
+            return
         self.conflict = (
             f"two processes claim node {self.node_id!r} (instances {self.instance}, {other}): "
             "they take this node's broker session in turns; this one stops"
@@ -287,6 +299,9 @@ class MqttTransport(Transport):
         client.on_session_lost = self._renew_status
         client.on_taken_over = self._on_taken_over
         self.conflict = None
+        # Signed: chunk manifests must be signed by a roster member before anything is buffered.
+        auth = self.auth
+        self._reassembler.check = None if auth is None else auth.chunk_check(self.analysis_id)
         client.connect()
         self._announced = False
         self._status_pending = None
@@ -405,7 +420,7 @@ class MqttTransport(Transport):
             elif size <= self.settings.chunk_size:
                 self.client.publish(topic, b"".join(parts), timeout=wait)
             else:
-                self._send_chunks(topic, parts, wait)
+                self._send_chunks(topic, recipient, parts, wait)
         except TransportError as exc:
             raise TransportError(f"cannot send to {recipient!r}: {exc}") from None
 
@@ -466,16 +481,22 @@ class MqttTransport(Transport):
         except TransportError as exc:
             raise TransportError(f"cannot send to {envelope.recipient!r}: {exc}") from None
 
-    def _send_chunks(self, topic: str, parts: Sequence[Buffer], timeout: float) -> None:
+    def _send_chunks(
+        self, topic: str, recipient: str, parts: Sequence[Buffer], timeout: float
+    ) -> None:
         """A window of chunks in flight: memory stays `send_window` chunks, throughput high.
 
         `timeout` bounds each wait for a broker acknowledgement (progress), not the whole
-        transfer, so a large frame over a slow link is not cut off while it is moving.
+        transfer, so a large frame over a slow link is not cut off while it is moving. A signed
+        node signs the chunk manifest (once per message), so receivers buffer nothing forged.
         """
-        piece = max(self.settings.chunk_size - CHUNK_HEADER_SIZE, 1)
+        auth = self.auth
+        sign = None if auth is None else auth.chunk_signer(self.analysis_id, recipient)
+        header = chunk_header_size(None if auth is None else self.node_id)
+        piece = max(self.settings.chunk_size - header, 1)
         window: deque[PendingPublish] = deque()
         try:
-            for chunk in split_frame(parts, piece):
+            for chunk in split_frame(parts, piece, sign=sign):
                 if len(window) >= self._send_window:
                     window.popleft().wait(timeout)
                 window.append(self.client.publish_nowait(topic, chunk))
@@ -563,7 +584,7 @@ class MqttTransport(Transport):
         frame: bytes | bytearray
         try:
             if magic == CHUNK_MAGIC:
-                if len(payload) > limit + CHUNK_HEADER_SIZE:
+                if len(payload) > limit + _MAX_CHUNK_HEADER:
                     raise MessageError(f"chunk of {len(payload)} bytes is over the limit")
                 whole = self._reassembler.add(payload)
                 if whole is None:
