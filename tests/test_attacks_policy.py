@@ -206,7 +206,77 @@ def test_an_exception_message_does_not_carry_records_off_the_node(tmp_path: Path
         flame.simulate(
             functions.analyze, functions.aggregate, data=small, isolate=True, policy=policy
         )
-    assert "41|42" not in str(failure.value) and "7|8" not in str(failure.value), str(
-        failure.value
-    )
+    assert "41|42" not in str(failure.value) and "7|8" not in str(failure.value), str(failure.value)
     assert "ValueError (message withheld" in str(failure.value)
+
+
+# --- failure reports as a channel (send_tracebacks = false, min_rows unmet) ------------------
+# Two records, min_rows = 10, no messages, no tracebacks: nothing about the records may leave.
+# The failure's *type* still does (one of Python's built-in exception names, or flame's own
+# ProtocolError/ProcessExit): a few bits a run, not records.
+
+FAILURES = {
+    # a class of the analysis named like flame's own failures had its message sent in full
+    "named_like_flame": """
+        class ProtocolError(Exception):
+            pass
+
+        def analyze(data):
+            rows = data.read_text("x.csv").split()[:3]
+            raise ProtocolError("|".join(rows))
+        """,
+    # the type name is the analysis's to choose: any string
+    "type_name": """
+        def analyze(data):
+            rows = data.read_text("x.csv").split()[:3]
+            raise type("|".join(rows), (Exception,), {})()
+        """,
+    # a frame the child protocol does not know: its kind was echoed
+    "frame_kind": """
+        import gc
+        from flame.isolation.channel import Channel
+
+        def analyze(data):
+            rows = data.read_text("x.csv").split()[:3]
+            (channel,) = [o for o in gc.get_objects() if type(o) is Channel]
+            channel.send("|".join(rows), {})
+            return {"n": 1}
+        """,
+    # the exit status is the analysis's to choose: 8 bits of a record
+    "exit_code": """
+        import os
+
+        def analyze(data):
+            rows = data.read_text("x.csv").split()[:3]
+            os._exit(int(rows[1]) + 100)
+        """,
+}
+
+
+@pytest.mark.parametrize("name", sorted(FAILURES))
+def test_a_failure_report_carries_no_record_under_send_tracebacks_false(
+    tmp_path: Path, name: str
+) -> None:
+    from flame.transport.memory import MemoryBroker
+
+    wire: list[str] = []
+    broker = MemoryBroker(on_send=lambda envelope: wire.append(repr(envelope.body)) or True)
+    small = {"node-0": {"x.csv": "v\n41\n42\n"}, "node-1": {"x.csv": "v\n7\n8\n"}}
+    path = tmp_path / "analysis.py"
+    path.write_text(textwrap.dedent(FAILURES[name]) + "\ndef aggregate(results):\n    return 0\n")
+    functions = load_analysis(path).functions
+    policy = NodePolicy(min_rows=10, allow_messages=False, send_tracebacks=False)
+    with pytest.raises(RunFailed) as failure:
+        flame.simulate(
+            functions.analyze,
+            functions.aggregate,
+            data=small,
+            isolate=True,
+            policy=policy,
+            broker=broker,
+        )
+    text = str(failure.value)
+    for secret in ("41|42", "7|8", "141", "107"):
+        assert secret not in text, text
+        assert not [body for body in wire if secret in body], f"{secret} on the wire"
+    assert "withheld" in text, text

@@ -15,6 +15,7 @@ status with the reason.
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import logging
 import time
@@ -114,10 +115,22 @@ class Instruction:
 
 
 def _raised_by_analysis(exc: BaseException) -> bool:
-    """An exception of the analyst's code (in the child or in this process), not flame's."""
-    if isinstance(exc, AnalysisError):
-        return exc.remote_type not in ("ProtocolError", "ProcessExit")  # flame's own words
-    return not isinstance(exc, FlameError)
+    """An exception of the analyst's code (in the child or in this process), not flame's.
+    Every AnalysisError is: the child chooses its type name, and even flame's own words for
+    it (ProtocolError, ProcessExit) echo what the child sent or its exit status."""
+    return isinstance(exc, AnalysisError) or not isinstance(exc, FlameError)
+
+
+def _public_type(exc: BaseException) -> str:
+    """The failure's type as it may leave under send_tracebacks = false: a built-in exception
+    name or flame's own, else `Exception` (an analysis may name a class after a record)."""
+    name = getattr(exc, "remote_type", None) or type(exc).__name__
+    known = getattr(builtins, name, None) if isinstance(name, str) else None
+    if name in ("ProtocolError", "ProcessExit") or (
+        isinstance(known, type) and issubclass(known, BaseException)
+    ):
+        return str(name)
+    return "Exception"
 
 
 class AnalysisClient:
@@ -313,7 +326,7 @@ class AnalysisClient:
         if self.policy.send_tracebacks:
             body["traceback"] = traceback_text
         elif _raised_by_analysis(exc):  # its message is as free to carry records as a traceback
-            name = getattr(exc, "remote_type", None) or type(exc).__name__
+            name = _public_type(exc)
             reason = f"{name} (message withheld: this node's policy has send_tracebacks = false)"
             body["error"] = reason
         self._say_goodbye(epoch, reason, body)
