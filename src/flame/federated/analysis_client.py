@@ -20,7 +20,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -178,6 +178,7 @@ class AnalysisClient:
         )
         self.policy = policy if policy is not None else NodePolicy()
         self.isolate = isolate
+        self._rows_read: Callable[[], int] = lambda: 0  # rows analyze was served this epoch
         self.hide = list(hide)  # node paths the isolated analysis may not open
         self.gate = Gate(
             self.policy,
@@ -663,6 +664,7 @@ class AnalysisClient:
         else:
             runner = InProcessRunner(functions.analyze, data, self.context)
         self.gate.reader = column_reader(data)  # flame.dp statistics read the data here
+        self._rows_read = lambda: runner.rows_read
         # what analyze sends to other nodes leaves only as the policy allows (like a result)
         self.context.outgoing = lambda body: self.gate.message(
             self.context.epoch, body, runner.rows_read
@@ -794,9 +796,11 @@ class AnalysisClient:
         }
 
     def _report_progress(self, fraction: float) -> None:
+        if not self.gate.lets_progress_out(self._rows_read()):
+            return
         try:
             self.transport.announce(
-                self._status("computing", self.context.epoch, progress=round(fraction, 4))
+                self._status("computing", self.context.epoch, progress=round(fraction, 1))
             )
         except Exception as exc:  # progress is best effort
             log.debug("progress not published: %s", exc)
