@@ -208,6 +208,9 @@ class ThresholdParty:
             }
         except FlameError as exc:
             return {"error": str(exc)}
+        except Exception as exc:  # a holder answers any request with an error, never dies
+            log.warning("refused a malformed endorsement request (%s)", type(exc).__name__)
+            return {"error": f"malformed endorsement request ({type(exc).__name__})"}
 
     def _endorse(
         self,
@@ -263,6 +266,18 @@ class ThresholdParty:
                 raise FlameError(f"refusing to {what}: {problem}")
 
     def answer(self, envelope: Envelope) -> dict[str, Any]:
+        """Partial decryptions of every field of a request, or {"error": why not}."""
+        try:
+            return self._answer(envelope)
+        except FlameError as exc:
+            return {"error": str(exc)}
+        except Exception as exc:  # a holder answers any request with an error, never dies
+            log.warning("refused a malformed decryption request (%s)", type(exc).__name__)
+            return {"error": f"malformed threshold decryption request ({type(exc).__name__})"}
+
+    def _answer(self, envelope: Envelope) -> dict[str, Any]:
+        from flame.federated.threshold_endorse import is_text
+
         body = envelope.body if isinstance(envelope.body, dict) else {}
         fields = body.get("fields")
         endorsements = body.get("endorsements")
@@ -274,9 +289,9 @@ class ThresholdParty:
         try:
             for path, contributions in fields.items():
                 if (
-                    not isinstance(path, str)
+                    not is_text(path)
                     or not isinstance(contributions, dict)
-                    or not all(isinstance(node, str) for node in contributions)
+                    or not all(is_text(node) for node in contributions)
                 ):
                     return {"error": "malformed threshold decryption request"}
                 partials[path] = self._field(

@@ -41,6 +41,7 @@ __all__ = [
     "collect_endorsements",
     "contribution_pairs",
     "endorsement_message",
+    "is_text",
     "parse_endorse_request",
     "quorum_size",
     "set_digest",
@@ -100,6 +101,18 @@ def contribution_pairs(path: str, contributions: Mapping[str, Any]) -> Pairs:
     return tuple(pairs)
 
 
+def is_text(value: Any) -> bool:
+    """A str that encodes as UTF-8: JSON on the wire carries lone surrogates, which would
+    make every signed message raise UnicodeEncodeError (and kill the holder's loop)."""
+    if not isinstance(value, str):
+        return False
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _hex(value: Any, size: int | None = None) -> bytes | None:
     if not isinstance(value, str) or len(value) > 2048:
         return None
@@ -117,12 +130,12 @@ def parse_endorse_request(body: Any) -> dict[str, tuple[Pairs, dict[str, bytes]]
         raise FlameError("malformed endorsement request")
     parsed = {}
     for path, entries in fields.items():
-        if not isinstance(path, str) or not isinstance(entries, list):
+        if not is_text(path) or not isinstance(entries, list):
             raise FlameError("malformed endorsement request")
         pairs: dict[str, bytes] = {}
         signatures: dict[str, bytes] = {}
         for entry in entries:
-            if not isinstance(entry, list) or len(entry) != 3 or not isinstance(entry[0], str):
+            if not isinstance(entry, list) or len(entry) != 3 or not is_text(entry[0]):
                 raise FlameError(f"malformed endorsement request for {path!r}")
             node, digest, signature = entry[0], _hex(entry[1], 32), _hex(entry[2])
             if digest is None or signature is None or node in pairs:
@@ -168,22 +181,29 @@ def valid_endorsers(
     """(distinct share holders whose endorsement of `message` is valid, why others are not).
 
     Only roster members holding a share of this key count, once each: the aggregator's or a
-    non-holder's signature, or a second one from the same holder, adds nothing."""
+    non-holder's signature, or a second one from the same holder, adds nothing. Only a
+    holder's first entry is checked, so a request cannot stall a holder with many."""
     holders = {node for node, _ in public.members}
     valid: list[str] = []
     ignored: list[str] = []
+    tried: set[str] = set()
     for entry in endorsements if isinstance(endorsements, list) else []:
         if not isinstance(entry, list) or len(entry) != 2 or not isinstance(entry[0], str):
-            ignored.append("a malformed entry")
+            if len(ignored) < 20:
+                ignored.append("a malformed entry")
             continue
         node, signature = entry[0], _hex(entry[1])
-        if node in valid:
-            ignored.append(f"{node}: a duplicate")
+        if node in tried:
+            if len(ignored) < 20:
+                ignored.append(f"{node}: a duplicate")
         elif node not in holders:
-            ignored.append(f"{node}: holds no share of this key")
+            if len(ignored) < 20:
+                ignored.append(f"{node[:64]}: holds no share of this key")
         elif signature is None:
+            tried.add(node)
             ignored.append(f"{node}: a malformed signature")
         else:
+            tried.add(node)
             problem = verify(node, message, signature)
             if problem is None:
                 valid.append(node)
