@@ -539,3 +539,25 @@ def test_one_colluding_holder_contributor_cannot_isolate_a_value(key, tmp_path) 
     isolated = _decrypted(public, members, attack, partials, contributors=1)
     assert isolated is not None
     assert not np.allclose(isolated, VALUES["c"], atol=1e-3), f"c's values: {isolated}"
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="open (README: min_contributors counts colluders): with min_contributors = 2 the "
+    "aggregator makes {victim, colluding holder} a field's first set; the colluder subtracts",
+)
+def test_a_smallest_first_set_with_one_colluder_does_not_reveal_the_victim(key, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """No trick at all: the aggregator forwards only c's and d's contributions. It is the
+    field's first set, of min_contributors = 2 distinct members: every honest holder
+    endorses and decrypts it; d knows its own values."""
+    public, shares, members = key
+    make = _party(members, tmp_path)
+    holders = [make(shares[n]) for n in "abc"]
+    own = [5.0, 5.0]
+    pair = {"c": _contributions(public, members, "c")["c"]}
+    pair["d"] = _signed(members, "d", _vector(public, own))
+    endorsed = _endorse(holders, pair)
+    assert len(endorsed) == 3
+    total = _decrypt(public, members, holders[:1], pair, endorsed, ["d"], shares)
+    assert total is not None
+    assert not np.allclose(total - own, VALUES["c"], atol=1e-3), f"c's values: {total - own}"
