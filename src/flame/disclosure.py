@@ -63,7 +63,8 @@ def apply_cell_rule(
     if min_count is None:
         return values, 0
     cells = _cells(values, path)
-    small = np.asarray(cells < min_count)  # an array also for a scalar (0-d)
+    # NaN and infinities are no count: small (a NaN compares False, its payload bits passed)
+    small = np.asarray(~(np.isfinite(cells) & (cells >= min_count)))  # 0-d for a scalar
     if not zero_is_small:
         small = np.asarray(small & np.asarray(cells != 0))
     hidden = int(np.count_nonzero(small))

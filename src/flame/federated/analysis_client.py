@@ -15,11 +15,12 @@ status with the reason.
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -114,10 +115,22 @@ class Instruction:
 
 
 def _raised_by_analysis(exc: BaseException) -> bool:
-    """An exception of the analyst's code (in the child or in this process), not flame's."""
-    if isinstance(exc, AnalysisError):
-        return exc.remote_type not in ("ProtocolError", "ProcessExit")  # flame's own words
-    return not isinstance(exc, FlameError)
+    """An exception of the analyst's code (in the child or in this process), not flame's.
+    Every AnalysisError is: the child chooses its type name, and even flame's own words for
+    it (ProtocolError, ProcessExit) echo what the child sent or its exit status."""
+    return isinstance(exc, AnalysisError) or not isinstance(exc, FlameError)
+
+
+def _public_type(exc: BaseException) -> str:
+    """The failure's type as it may leave under send_tracebacks = false: a built-in exception
+    name or flame's own, else `Exception` (an analysis may name a class after a record)."""
+    name = getattr(exc, "remote_type", None) or type(exc).__name__
+    known = getattr(builtins, name, None) if isinstance(name, str) else None
+    if name in ("ProtocolError", "ProcessExit") or (
+        isinstance(known, type) and issubclass(known, BaseException)
+    ):
+        return str(name)
+    return "Exception"
 
 
 class AnalysisClient:
@@ -165,6 +178,7 @@ class AnalysisClient:
         )
         self.policy = policy if policy is not None else NodePolicy()
         self.isolate = isolate
+        self._rows_read: Callable[[], int] = lambda: 0  # rows analyze was served this epoch
         self.hide = list(hide)  # node paths the isolated analysis may not open
         self.gate = Gate(
             self.policy,
@@ -313,7 +327,7 @@ class AnalysisClient:
         if self.policy.send_tracebacks:
             body["traceback"] = traceback_text
         elif _raised_by_analysis(exc):  # its message is as free to carry records as a traceback
-            name = getattr(exc, "remote_type", None) or type(exc).__name__
+            name = _public_type(exc)
             reason = f"{name} (message withheld: this node's policy has send_tracebacks = false)"
             body["error"] = reason
         self._say_goodbye(epoch, reason, body)
@@ -650,6 +664,7 @@ class AnalysisClient:
         else:
             runner = InProcessRunner(functions.analyze, data, self.context)
         self.gate.reader = column_reader(data)  # flame.dp statistics read the data here
+        self._rows_read = lambda: runner.rows_read
         # what analyze sends to other nodes leaves only as the policy allows (like a result)
         self.context.outgoing = lambda body: self.gate.message(
             self.context.epoch, body, runner.rows_read
@@ -781,9 +796,11 @@ class AnalysisClient:
         }
 
     def _report_progress(self, fraction: float) -> None:
+        if not self.gate.lets_progress_out(self._rows_read()):
+            return
         try:
             self.transport.announce(
-                self._status("computing", self.context.epoch, progress=round(fraction, 4))
+                self._status("computing", self.context.epoch, progress=round(fraction, 1))
             )
         except Exception as exc:  # progress is best effort
             log.debug("progress not published: %s", exc)

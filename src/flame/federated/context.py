@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextvars
 import logging
+import math
 import zlib
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -18,7 +19,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from flame._deadline import Deadline
-from flame.errors import FlameError
+from flame.errors import FlameError, PolicyRefused
 from flame.federated.mailbox import Mailbox
 from flame.messages import Envelope
 
@@ -99,8 +100,13 @@ class Context:
         return self._progress
 
     def set_progress(self, fraction: float) -> None:
-        """Report how far this node is (0..1); it only goes up within an epoch."""
-        value = min(max(float(fraction), 0.0), 1.0)
+        """Report how far this node is (0..1, in tenths); it only goes up within an epoch.
+        Tenths because the figure leaves the node: finer, it would carry whatever analyze
+        put in it (at most ten steps an epoch, and only where the node lets messages out)."""
+        number = float(fraction)
+        if not math.isfinite(number):
+            return
+        value = math.floor(min(max(number, 0.0), 1.0) * 10) / 10
         if value > self._progress:
             self._progress = value
             if self._on_progress is not None:
@@ -114,6 +120,11 @@ class Context:
 
         On an analysis node the body first passes the node's policy, like a result."""
         targets = self._others() if to is None else list(to)
+        if self.outgoing is not None and not set(targets) <= set(self._others()):
+            raise PolicyRefused(  # the address would carry what analyze put in it
+                "a message recipient is outside this run: analyze sends only to the run's "
+                "nodes and its aggregator (rule: messages are checked like results)"
+            )
         if self.outgoing is not None:
             body = self.outgoing(body)  # once for all recipients: one noise draw, one charge
         waiting: dict[str, str] = {}

@@ -164,6 +164,12 @@ class Gate:
             sent.suppressed[field_path] = sent.suppressed.get(field_path, 0) + hidden
         return release.result
 
+    def lets_progress_out(self, rows_read: int) -> bool:
+        """Whether analyze's progress may go out in the node's status: it is a number the
+        analysis picks, a small message, so it needs allow_messages and min_rows met."""
+        minimum = self.policy.min_rows
+        return self.policy.allow_messages and (minimum is None or rows_read >= minimum)
+
     def refused(self, epoch: int) -> None:
         """PolicyRefused if a message of this epoch was refused: the epoch fails with the
         node's own reason, whatever `analyze` did with the error (caught it, or failed)."""
