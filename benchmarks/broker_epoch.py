@@ -689,7 +689,8 @@ def report_signed(url: str, rounds: int, nodes: int = 10, epochs: int = 21) -> N
         f"6. epoch with {nodes} nodes, signed (Ed25519, roster) vs unsigned, median of "
         f"{len(signed)} each: {sign * 1000:.2f} ms vs {plain * 1000:.2f} ms = "
         f"{sign / plain:.2f}x (target <= 1.3x); signed = {sign / (2 * raw_median):.2f}x two raw "
-        f"round trips (target <= 3x)"
+        f"round trips (target <= 3x), unsigned = {plain / (2 * raw_median):.2f}x (raw round trip "
+        f"{raw_median * 1000:.2f} ms; load {', '.join(f'{x:.1f}' for x in os.getloadavg())})"
     )
     print(
         f"   per message: sign {sign_s * 1e6:.0f} us, verify (+ decode) {verify_s * 1e6:.0f} us"

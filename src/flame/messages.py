@@ -374,8 +374,18 @@ def unpack(data: bytes | bytearray, *, max_bytes: int = 1 << 40) -> Any:
     return decode(data, max_bytes=max_bytes).body
 
 
+_SCALARS = frozenset({str, int, float, bool, type(None)})
+
+
 def to_jsonable(value: Any) -> Any:
     """Plain JSON data for output files: arrays become (nested) lists, bytes become hex."""
+    kind = type(value)  # exact built-in types first: every status goes through here, twice
+    if kind in _SCALARS:  # signed, and the ABC checks below cost ~10 µs per value
+        return value
+    if kind is dict:
+        return {str(k): to_jsonable(v) for k, v in value.items()}
+    if kind is list or kind is tuple:
+        return [to_jsonable(v) for v in value]
     if isinstance(value, np.ndarray):
         return value.tolist()
     if isinstance(value, np.generic):
