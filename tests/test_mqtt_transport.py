@@ -205,6 +205,22 @@ def test_send_all_delivers_each_and_awaits_every_ack_together(
         sender.send_all([envelope(analysis, "alice", "bad/topic", 1)])
 
 
+def test_send_all_sends_a_large_message_in_chunks_among_small_ones(nodes: Nodes) -> None:
+    analysis = unique("allbig")
+    sender = nodes.make(analysis, "alice", nodes.broker.settings(chunk_size=4096))
+    sender.connect({"state": "online"})
+    bob, carol = nodes.join(analysis, "bob"), nodes.join(analysis, "carol")
+    big = np.arange(5000.0)  # 40 kB: ten chunks
+    sender.send_all(
+        [envelope(analysis, "alice", "bob", {"w": big}), envelope(analysis, "alice", "carol", 1)]
+    )
+    got = receive_kind(bob, "result", 10)
+    assert got is not None
+    np.testing.assert_array_equal(got.body["w"], big)
+    small = receive_kind(carol, "result", 5)
+    assert small is not None and small.body == 1
+
+
 def test_a_node_does_not_get_its_own_statuses_back(nodes: Nodes) -> None:
     """Its own status topic is read only after a reconnect (who holds this node now?): the
     statuses it announces do not come back to it, two deliveries per epoch saved."""

@@ -448,7 +448,7 @@ class MqttTransport(Transport):
                 size = frame_size(parts)
                 checked = self._claim_check is not None and size > self._claim_check_threshold
                 if checked or size > self.settings.chunk_size:
-                    self.send(envelope, wait.left())
+                    self.send(envelope, timeout)  # its own waits: progress, not the total
                     continue
                 topic = inbox_topic(self.analysis_id, recipient)
                 try:
