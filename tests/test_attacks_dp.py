@@ -290,3 +290,45 @@ def aggregate(results):
 def test_histogram_edges_chosen_after_reading_do_not_release_a_record(tmp_path: Path) -> None:
     run = _simulate(tmp_path, EDGES, _policy(tmp_path))
     assert run.value != dict.fromkeys(NODES, 7), "the record left as the number of bins"
+
+
+# --- min_rows and what a statistic covers ----------------------------------------------------
+
+SPARSE = {
+    f"node-{i}": {"x.csv": "v,w\n" + "".join(f"{j},{'' if j > 1 else 40 + j}\n" for j in range(20))}
+    for i in range(2)
+}  # 20 records; w is recorded for two of them only
+
+MEAN_OF_W = """
+import flame
+
+def analyze(data):
+    return {"w": flame.dp.mean("w", epsilon=5.0)}
+
+def aggregate(results):
+    return results
+"""
+
+
+def test_a_statistic_over_a_mostly_missing_column_is_judged_by_the_values_it_holds(
+    tmp_path: Path,
+) -> None:
+    """min_rows = 10: "each statistic must cover min_rows records". A column recorded for two
+    patients out of twenty was judged by its twenty rows, while the statistic (missing values
+    dropped) was of two: their mean left, noised but with min_rows met in name only."""
+    path = tmp_path / "analysis.py"
+    path.write_text(textwrap.dedent(MEAN_OF_W))
+    functions = load_analysis(path).functions
+    policy = _policy(tmp_path, min_rows=10, dp_bounds={"w": (0.0, 100.0)})
+    broker, wire = _wire()
+    with pytest.raises(RunFailed, match="rule: min_rows"):
+        flame.simulate(
+            functions.analyze,
+            functions.aggregate,
+            data=SPARSE,
+            isolate=True,
+            policy=policy,
+            broker=broker,
+        )
+    assert not [e for e in wire if e.kind == "result"]
+    assert all(_spent(policy, node) == 0 for node in SPARSE)

@@ -315,8 +315,8 @@ class Gate:
                 f"field {field_name!r}: flame.dp.{stat.kind} needs the node's CSV data"
             )
         column = self.reader(stat.column, stat.file, stat.source)
-        release.covered.append(int(column.size))
         values = column[~np.isnan(column)]
+        release.covered.append(int(values.size))  # missing values are in no statistic
         bounds = None
         if stat.kind in ("sum", "mean"):
             bounds = self.policy.bounds_for(stat.column)
