@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from broker import ADMIN, Broker, say
 
-from flame.clients.message_broker_client import MessageBrokerClient
+from flame.clients.message_broker_client import MessageBrokerClient, PendingPublish
 from flame.config import BrokerSettings
 from flame.errors import TransportError
 from flame.messages import Envelope, encode, encode_parts
@@ -167,6 +167,63 @@ def test_send_errors_are_clear(nodes: Nodes) -> None:
         transport.send(envelope(analysis, "alice", "bad/topic", 1))
     with pytest.raises(TypeError, match="body"):
         transport.send(envelope(analysis, "alice", "bob", object()))
+
+
+def test_send_all_delivers_each_and_awaits_every_ack_together(
+    nodes: Nodes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A broadcast publishes every message before waiting: the broker's acks overlap."""
+    analysis = unique("all")
+    sender = nodes.join(analysis, "alice")
+    names = [f"node-{i}" for i in range(5)]
+    leaves = [nodes.join(analysis, name) for name in names]
+    events: list[tuple[str, str]] = []
+    publish_nowait = sender.client.publish_nowait
+    wait = PendingPublish.wait
+
+    def spy_publish(topic: str, payload: bytes | bytearray, **kw: Any) -> PendingPublish:
+        events.append(("publish", topic))
+        return publish_nowait(topic, payload, **kw)
+
+    def spy_wait(self: PendingPublish, timeout: float) -> None:
+        events.append(("wait", self.topic))
+        wait(self, timeout)
+
+    monkeypatch.setattr(sender.client, "publish_nowait", spy_publish)
+    monkeypatch.setattr(PendingPublish, "wait", spy_wait)
+    bodies = [envelope(analysis, "alice", name, {"i": i}) for i, name in enumerate(names)]
+    sender.send_all(bodies)
+    monkeypatch.undo()
+    topics = [inbox_topic(analysis, name) for name in names]
+    assert events == [("publish", t) for t in topics] + [("wait", t) for t in topics]
+    for i, leaf in enumerate(leaves):
+        got = receive_kind(leaf, "result", 5)
+        assert got is not None and got.body == {"i": i}
+        assert got.wire_bytes == len(encode(got))  # the received frame's size, kept
+        assert got.reply("ack").wire_bytes is None
+    with pytest.raises(TransportError, match=r"'bad/topic'.*not a node of this analysis"):
+        sender.send_all([envelope(analysis, "alice", "bad/topic", 1)])
+
+
+def test_a_node_does_not_get_its_own_statuses_back(nodes: Nodes) -> None:
+    """Its own status topic is read only after a reconnect (who holds this node now?): the
+    statuses it announces do not come back to it, two deliveries per epoch saved."""
+    analysis = unique("echo")
+    alice = nodes.join(analysis, "alice")
+    arrived: list[str] = []
+    on_message = alice.client._on_message
+
+    def spy(client: Any, userdata: Any, message: Any) -> None:
+        arrived.append(message.topic)
+        on_message(client, userdata, message)
+
+    alice.client._client.on_message = spy
+    for epoch in range(3):
+        alice.announce({"state": "computing", "epoch": epoch})
+    alice.send(envelope(analysis, "alice", "alice", 1))  # a message still arrives
+    assert receive_kind(alice, "result", 5) is not None
+    assert arrived == [inbox_topic(analysis, "alice")]
+    assert alice.client.refresh_topics == [(f"flame/{analysis}/alice/status", 1)]
 
 
 def test_client_id_is_stable_and_unambiguous() -> None:

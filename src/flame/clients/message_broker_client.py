@@ -446,16 +446,16 @@ class MessageBrokerClient:
                 self.address,
                 "resumed" if flags.session_present else "new",
             )
-        subscriptions = list(self._subscriptions.items())
-        if not flags.session_present and subscriptions:
+        topics: dict[str, int] = {}
+        if not flags.session_present:
             # The broker lost the session (no persistence, or it expired): subscribe again.
-            rc, mid = client.subscribe(subscriptions)
+            topics.update(self._subscriptions)
+        if self._generation > 1:
+            topics.update(dict(self.refresh_topics))
+        if topics:
+            rc, mid = client.subscribe(list(topics.items()))
             if rc == MQTTErrorCode.MQTT_ERR_SUCCESS and mid is not None:
                 self._acks.expect(mid)  # so its SUBACK is consumed, not parked
-        elif self.refresh_topics and self._generation > 1:
-            rc, mid = client.subscribe(list(self.refresh_topics))
-            if rc == MQTTErrorCode.MQTT_ERR_SUCCESS and mid is not None:
-                self._acks.expect(mid)
         with self._birth_lock:
             if self._birth is not None and self._generation > 1:
                 if session_lost and self.on_session_lost is not None:

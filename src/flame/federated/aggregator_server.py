@@ -439,19 +439,23 @@ class Aggregator:
     def _broadcast(self, kind: Kind, epoch: int, body: Any) -> None:
         """To every participant; control bodies name this process (`session`), so a node
         can tell them from leftovers of an earlier aggregator process in its broker session."""
-        for node in self.participants:
-            self._send(node, kind, epoch, body)
+        envelopes = [self._envelope(node, kind, epoch, body) for node in self.participants]
+        try:
+            self.transport.send_all(envelopes)  # the broker's acks awaited together
+        except TypeError as exc:
+            raise RunFailed(f"the aggregate of epoch {epoch} cannot be sent: {exc}") from exc
 
-    def _send(
-        self, node: str, kind: Kind, epoch: int, body: Any, timeout: float | None = None
-    ) -> None:
+    def _envelope(self, node: str, kind: Kind, epoch: int, body: Any) -> Envelope:
         if kind in ("start", "aggregate", "finished", "abort") and isinstance(body, dict):
             body = {**body, "session": self.session}
             if node in self._withheld and kind in ("aggregate", "finished") and "value" in body:
                 body = {**body, "value": None, "withheld": True}  # share_aggregate = false
-        envelope = Envelope(
-            self.transport.analysis_id, self.transport.node_id, node, kind, epoch, body
-        )
+        return Envelope(self.transport.analysis_id, self.transport.node_id, node, kind, epoch, body)
+
+    def _send(
+        self, node: str, kind: Kind, epoch: int, body: Any, timeout: float | None = None
+    ) -> None:
+        envelope = self._envelope(node, kind, epoch, body)
         try:
             self.transport.send(envelope, timeout)
         except TypeError as exc:
@@ -661,7 +665,10 @@ class Aggregator:
 
 
 def _size(envelope: Envelope) -> int:
-    """Bytes of a message in flame's wire encoding (its arrays are not copied)."""
+    """Bytes of a message in flame's wire encoding (its arrays are not copied): as received
+    when known, else encoded again."""
+    if envelope.wire_bytes is not None:
+        return envelope.wire_bytes
     try:
         return sum(memoryview(part).nbytes for part in encode_parts(envelope))
     except (TypeError, ValueError):

@@ -17,7 +17,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from flame.messages import DEFAULT_MAX_BYTES, Envelope, decode, encode_parts
@@ -182,6 +182,13 @@ class Transport(abc.ABC):
     @abc.abstractmethod
     def watch(self, nodes: Iterable[str] | None = None) -> None:
         """Deliver status changes of these nodes (all when None) as `status` envelopes."""
+
+    def send_all(self, envelopes: Sequence[Envelope], timeout: float | None = None) -> None:
+        """`send` each envelope; raise on the first one not accepted. Implementations may
+        overlap the waits (MQTT: every PUBACK awaited together, one broker round trip for a
+        whole broadcast instead of one per recipient)."""
+        for envelope in envelopes:
+            self.send(envelope, timeout)
 
     def post(self, envelope: Envelope) -> None:
         """Send without waiting for the broker to accept it, for small best-effort messages

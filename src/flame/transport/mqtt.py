@@ -306,9 +306,11 @@ class MqttTransport(Transport):
         self._announced = False
         self._status_pending = None
         try:
-            own_status = (status_topic(self.analysis_id, self.node_id), 1)
-            client.subscribe([(self._inbox, 1), own_status], timeout=settings.send_timeout)
-            client.refresh_topics = [own_status]  # after a reconnect: who holds this node now?
+            client.subscribe([(self._inbox, 1)], timeout=settings.send_timeout)
+            # Our own status topic only after a reconnect (the broker's retained copy: who
+            # holds this node now?). Subscribed from the start, every status this node
+            # announces would come back to it, two needless deliveries per epoch.
+            client.refresh_topics = [(status_topic(self.analysis_id, self.node_id), 1)]
             self._client = client
             self._connected = True
             self.announce(status)
@@ -421,6 +423,49 @@ class MqttTransport(Transport):
                 self._send_chunks(topic, recipient, parts, wait)
         except TransportError as exc:
             raise TransportError(f"cannot send to {recipient!r}: {exc}") from None
+
+    def send_all(self, envelopes: Sequence[Envelope], timeout: float | None = None) -> None:
+        """Publish every small envelope at once, then await their PUBACKs together: a
+        broadcast to n nodes costs one broker round trip, not n in a row. Each envelope is
+        still accepted by the broker (or TransportError naming its recipient) before this
+        returns; large ones (chunks, claim check) go one by one through `send`."""
+        wait = Deadline(timeout if timeout is not None else self.settings.send_timeout)
+        pending: list[tuple[str, PendingPublish]] = []
+        try:
+            for envelope in envelopes:
+                recipient = envelope.recipient
+                self._check_conflict()
+                if not self._connected:
+                    raise TransportError(
+                        f"cannot send to {recipient!r}: {self.node_id} is not connected"
+                    )
+                if not _NAME.match(recipient) or envelope.analysis != self.analysis_id:
+                    raise TransportError(
+                        f"cannot send to {recipient!r} in analysis {envelope.analysis!r}: "
+                        "not a node of this analysis"
+                    )
+                parts = self.outgoing(envelope)
+                size = frame_size(parts)
+                checked = self._claim_check is not None and size > self._claim_check_threshold
+                if checked or size > self.settings.chunk_size:
+                    self.send(envelope, wait.left())
+                    continue
+                topic = inbox_topic(self.analysis_id, recipient)
+                try:
+                    pending.append((recipient, self.client.publish_nowait(topic, b"".join(parts))))
+                except TransportError as exc:
+                    raise TransportError(f"cannot send to {recipient!r}: {exc}") from None
+                self.bytes_sent += size
+            while pending:
+                recipient, publish = pending[0]
+                try:
+                    publish.wait(max(wait.left(), 0.0))
+                except TransportError as exc:
+                    raise TransportError(f"cannot send to {recipient!r}: {exc}") from None
+                pending.pop(0)
+        finally:
+            for _, publish in pending:
+                publish.abandon()
 
     def post(self, envelope: Envelope) -> None:
         self._check_conflict()
