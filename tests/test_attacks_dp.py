@@ -332,3 +332,44 @@ def test_a_statistic_over_a_mostly_missing_column_is_judged_by_the_values_it_hol
         )
     assert not [e for e in wire if e.kind == "result"]
     assert all(_spent(policy, node) == 0 for node in SPARSE)
+
+
+NOTES = """
+import flame
+
+def analyze(data):
+    ctx = flame.context()
+    try:  # a message first: its refusal text came back to analyze and went to the aggregator
+        ctx.send("n", flame.dp.count("v", epsilon=0.5, file="notes.csv"), to=[ctx.aggregator_id])
+    except flame.PolicyRefused:
+        pass
+    return {"n": flame.dp.count("v", epsilon=0.5, file="notes.csv")}
+
+def aggregate(results):
+    return results
+"""
+
+
+def test_the_runtimes_parse_error_does_not_quote_a_record(tmp_path: Path) -> None:
+    """The runtime reads the file a statistic names. A malformed row (a free-text field with
+    a comma) made its parser fail with the row in the message, and that message was the
+    node's own (not the analysis's): it left in full, past send_tracebacks = false and
+    min_rows. The node refuses without the parser's words."""
+    notes = "v,note\n1,ok\n2,Jane Roe HIV positive, seen 3/4\n"
+    path = tmp_path / "analysis.py"
+    path.write_text(textwrap.dedent(NOTES))
+    functions = load_analysis(path).functions
+    policy = _policy(tmp_path, min_rows=10, send_tracebacks=False)
+    broker, wire = _wire()
+    with pytest.raises(RunFailed) as failure:
+        flame.simulate(
+            functions.analyze,
+            functions.aggregate,
+            data={node: {"notes.csv": notes} for node in NODES},
+            isolate=True,
+            policy=policy,
+            broker=broker,
+        )
+    assert "Jane Roe" not in str(failure.value), str(failure.value)
+    assert "could not read" in str(failure.value)
+    assert not [e for e in wire if "Jane Roe" in repr(e.body)]

@@ -39,7 +39,14 @@ def column_reader(data: Any) -> ColumnReader | None:
         return None
 
     def read(column: str, file: str | None, source: str | None) -> np.ndarray:
-        table = data.read_csv(file, source=source)
+        try:
+            table = data.read_csv(file, source=source)
+        except Exception as exc:  # a parser's words may quote a record (a malformed row)
+            log.warning("flame.dp could not read the node's CSV data: %s", exc)
+            raise PolicyRefused(
+                "flame.dp: the node could not read its CSV data for this statistic (the "
+                "reason is in the node's log, not sent: it may quote a record)"
+            ) from None
         if column not in table:
             raise PolicyRefused(f"flame.dp: the node's data has no column {column[:64]!r}")
         values = np.asarray(table[column])
