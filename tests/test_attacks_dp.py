@@ -373,3 +373,28 @@ def test_the_runtimes_parse_error_does_not_quote_a_record(tmp_path: Path) -> Non
     assert "Jane Roe" not in str(failure.value), str(failure.value)
     assert "could not read" in str(failure.value)
     assert not [e for e in wire if "Jane Roe" in repr(e.body)]
+
+
+def test_a_statistic_reads_no_file_hidden_from_the_analysis(tmp_path: Path) -> None:
+    """The child cannot open a data-folder symlink into a hidden node path (keys, tokens,
+    policy, ledger); the runtime reading a statistic's `file=` for it could. It checks the
+    same way now, for a named file and for all CSV files."""
+    import os
+
+    from flame.data import Data
+    from flame.federated.release import column_reader
+
+    secret = tmp_path / "secrets"
+    secret.mkdir()
+    (secret / "k.csv").write_text("v\n42\n")
+    folder = tmp_path / "data"
+    folder.mkdir()
+    (folder / "k.csv").symlink_to(secret / "k.csv")
+    data = Data.from_path(folder, node_id="a")
+    open_reader = column_reader(data)
+    assert open_reader is not None and open_reader("v", "k.csv", None).tolist() == [42.0]
+    reader = column_reader(data, [os.path.realpath(secret)])
+    assert reader is not None
+    for file in ("k.csv", None):
+        with pytest.raises(flame.PolicyRefused, match="could not read"):
+            reader("v", file, None)
