@@ -339,11 +339,6 @@ def test_the_guard_holds_across_epochs_with_t_minus_1_colluders(key5, tmp_path, 
         assert len(full) == 2 and np.allclose(full[0], np.sum(list(VALUES.values()), axis=0))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="open: the guard and the quorum are per field; the same (or derived) values sent "
-    "in two secure fields are decrypted over different contributor sets and differenced",
-)
 def test_two_fields_with_the_same_values_cannot_be_differenced(key, tmp_path) -> None:  # type: ignore[no-untyped-def]
     """An analysis sends one value twice (say 'total' and 'check', or a histogram whose
     counts sum to 'n'): the aggregator gets 'total' over {a, b, c} and 'check' over {a, b}
@@ -359,6 +354,10 @@ def test_two_fields_with_the_same_values_cannot_be_differenced(key, tmp_path) ->
     )
     assert full is not None  # the honest path works
     assert reduced is None, f"c's values: {full - reduced}"
+    for holder in holders:  # each names the field whose first sum fixed the set
+        body = _endorse_body(check, "check")
+        reply = holder.endorse(Envelope(RUN, "aggregator", "x", "message", 0, body))
+        assert "contributor set of 'total' is fixed by its first sum" in reply["error"], reply
 
 
 # --------------------------------------------------------------------------- (a) crash, ledger
@@ -386,17 +385,27 @@ def test_a_holder_that_crashed_before_replying_keeps_its_word(key, tmp_path) -> 
     verify_partial(public, total.ciphertexts, partial, context)
 
 
-@pytest.mark.xfail(
+_WIPED = pytest.mark.xfail(
     strict=True,
-    reason="open (README: protect node storage): wiping or rolling back ONE honest holder's "
-    "ledger (two when n + T is odd), or restarting it without node storage, lets a second "
-    "set reach Q",
+    reason="open (README: protect node storage): wiping ONE honest holder's ledger (two when "
+    "n + T is odd), or restarting it without node storage, lets a second set reach Q",
 )
-@pytest.mark.parametrize("storage", ["wiped", "an older copy", "memory only"])
+
+
+@pytest.mark.parametrize(
+    "storage",
+    [
+        pytest.param("wiped", marks=_WIPED),
+        "an older copy",  # it fixed a set for another field: the guard spans fields
+        pytest.param("memory only", marks=_WIPED),
+    ],
+)
 def test_a_wiped_ledger_does_not_let_a_second_set_through(key, tmp_path, storage) -> None:  # type: ignore[no-untyped-def]
     """T = 2 of 4 (Q = 3), d colludes. The aggregator has a, b (+ d) endorse the full set and
     decrypts it with a (+ d), without asking c. Then a's ledger is gone and a restarted:
-    c (never asked), a (forgot) and d endorse the set without c -- Q again."""
+    c (never asked), a (forgot) and d endorse the set without c -- Q again. A rolled-back
+    copy that holds any earlier sum of the analysis still refuses (one set per analysis);
+    only a ledger from before every sum, i.e. a wiped one, lets the set through."""
     public, shares, members = key
     make = _party(members, tmp_path)
 

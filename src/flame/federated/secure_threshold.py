@@ -203,6 +203,13 @@ def request_context(
     return h.digest()
 
 
+def _own_first(
+    fixed: Mapping[str, tuple[str, ...]], path: str
+) -> list[tuple[str, tuple[str, ...]]]:
+    """The fixed sets to check a sum of `path` against: its own field's first, then the rest."""
+    return sorted(fixed.items(), key=lambda item: (item[0] != path, item[0]))
+
+
 def differencing_problem(path: str, fixed: Sequence[str], now: Sequence[str]) -> str | None:
     """Why a sum over `now` must not be decrypted after one over `fixed`, or None."""
     missing = sorted(set(fixed) - set(now))
@@ -358,12 +365,16 @@ class ThresholdParty:
         return signature
 
     def _guard(self, analysis: str, path: str, who: tuple[str, ...], what: str) -> None:
-        """The differencing guard: FlameError if `who` differs from the field's fixed set."""
-        fixed = self._ledger.fixed(analysis, path)
-        if fixed is not None and not self.allow_changing_contributors:
-            problem = differencing_problem(path, fixed, who)
+        """The differencing guard: FlameError if `who` differs from the set fixed by the first
+        sum of this field or of any other field of the analysis (an analysis may send the same
+        values twice, say 'total' and 'check': two sets over them difference out a node)."""
+        if self.allow_changing_contributors:
+            return
+        for first, fixed in _own_first(self._ledger.fixed_sets(analysis), path):
+            problem = differencing_problem(first, fixed, who)
             if problem is not None:
-                raise FlameError(f"refusing to {what}: {problem}")
+                where = "" if first == path else f" ({path!r})"
+                raise FlameError(f"refusing to {what}{where}: {problem}")
 
     def answer(self, envelope: Envelope) -> dict[str, Any]:
         """Partial decryptions of every field of a request, or {"error": why not}."""
@@ -501,11 +512,11 @@ class ThresholdCollector:
         analysis = self.context.analysis_id
         for path, by_node in fields.items():
             who = tuple(sorted(by_node))
-            fixed = self._fixed.get(path)
-            if fixed is not None and not self.allow_changing_contributors:
-                problem = differencing_problem(path, fixed, who)
-                if problem is not None:
-                    raise RunFailed(f"epoch {epoch}: {problem}", epoch=epoch)
+            for fixed_by, fixed in _own_first(self._fixed, path):  # the guard spans fields
+                problem = differencing_problem(fixed_by, fixed, who)
+                if problem is not None and not self.allow_changing_contributors:
+                    where = "" if fixed_by == path else f" ({path!r})"
+                    raise RunFailed(f"epoch {epoch}{where}: {problem}", epoch=epoch)
         contexts = {
             path: request_context(analysis, epoch, path, list(by_node), totals[path].to_bytes())
             for path, by_node in fields.items()

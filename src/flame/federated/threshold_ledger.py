@@ -76,6 +76,11 @@ class GuardLedger:
         who = self._fixed.get(analysis, {}).get(path)
         return None if who is None else tuple(who)
 
+    def fixed_sets(self, analysis: str) -> dict[str, tuple[str, ...]]:
+        """Every field's fixed contributor set in `analysis` (the guard spans fields)."""
+        self._load()
+        return {path: tuple(who) for path, who in self._fixed.get(analysis, {}).items()}
+
     def answered(self, analysis: str, epoch: int, path: str) -> bytes | None:
         """SHA-256 of the sum this holder decrypted for (analysis, epoch, field), or None."""
         self._load()
