@@ -186,7 +186,10 @@ class GuardLedger:
         if self._loaded or self._state is None:
             return
         if type(self._state).__name__ == "MemoryState":
-            log.info("no node storage: the threshold guard ledger is kept in memory only")
+            log.warning(  # README: a restarted holder without it can be asked for a second set
+                "no node storage (FLAME_STORAGE__RESULTS_DIR or a bucket): this share holder's "
+                "differencing guard is kept in memory only and forgotten on a restart"
+            )
         where = f"this node's threshold guard ledger (node state {TAG!r})"
         try:
             stored = self._state.load(TAG, None)
