@@ -290,3 +290,111 @@ def aggregate(results):
 def test_histogram_edges_chosen_after_reading_do_not_release_a_record(tmp_path: Path) -> None:
     run = _simulate(tmp_path, EDGES, _policy(tmp_path))
     assert run.value != dict.fromkeys(NODES, 7), "the record left as the number of bins"
+
+
+# --- min_rows and what a statistic covers ----------------------------------------------------
+
+SPARSE = {
+    f"node-{i}": {"x.csv": "v,w\n" + "".join(f"{j},{'' if j > 1 else 40 + j}\n" for j in range(20))}
+    for i in range(2)
+}  # 20 records; w is recorded for two of them only
+
+MEAN_OF_W = """
+import flame
+
+def analyze(data):
+    return {"w": flame.dp.mean("w", epsilon=5.0)}
+
+def aggregate(results):
+    return results
+"""
+
+
+def test_a_statistic_over_a_mostly_missing_column_is_judged_by_the_values_it_holds(
+    tmp_path: Path,
+) -> None:
+    """min_rows = 10: "each statistic must cover min_rows records". A column recorded for two
+    patients out of twenty was judged by its twenty rows, while the statistic (missing values
+    dropped) was of two: their mean left, noised but with min_rows met in name only."""
+    path = tmp_path / "analysis.py"
+    path.write_text(textwrap.dedent(MEAN_OF_W))
+    functions = load_analysis(path).functions
+    policy = _policy(tmp_path, min_rows=10, dp_bounds={"w": (0.0, 100.0)})
+    broker, wire = _wire()
+    with pytest.raises(RunFailed, match="rule: min_rows"):
+        flame.simulate(
+            functions.analyze,
+            functions.aggregate,
+            data=SPARSE,
+            isolate=True,
+            policy=policy,
+            broker=broker,
+        )
+    assert not [e for e in wire if e.kind == "result"]
+    assert all(_spent(policy, node) == 0 for node in SPARSE)
+
+
+NOTES = """
+import flame
+
+def analyze(data):
+    ctx = flame.context()
+    try:  # a message first: its refusal text came back to analyze and went to the aggregator
+        ctx.send("n", flame.dp.count("v", epsilon=0.5, file="notes.csv"), to=[ctx.aggregator_id])
+    except flame.PolicyRefused:
+        pass
+    return {"n": flame.dp.count("v", epsilon=0.5, file="notes.csv")}
+
+def aggregate(results):
+    return results
+"""
+
+
+def test_the_runtimes_parse_error_does_not_quote_a_record(tmp_path: Path) -> None:
+    """The runtime reads the file a statistic names. A malformed row (a free-text field with
+    a comma) made its parser fail with the row in the message, and that message was the
+    node's own (not the analysis's): it left in full, past send_tracebacks = false and
+    min_rows. The node refuses without the parser's words."""
+    notes = "v,note\n1,ok\n2,Jane Roe HIV positive, seen 3/4\n"
+    path = tmp_path / "analysis.py"
+    path.write_text(textwrap.dedent(NOTES))
+    functions = load_analysis(path).functions
+    policy = _policy(tmp_path, min_rows=10, send_tracebacks=False)
+    broker, wire = _wire()
+    with pytest.raises(RunFailed) as failure:
+        flame.simulate(
+            functions.analyze,
+            functions.aggregate,
+            data={node: {"notes.csv": notes} for node in NODES},
+            isolate=True,
+            policy=policy,
+            broker=broker,
+        )
+    assert "Jane Roe" not in str(failure.value), str(failure.value)
+    assert "could not read" in str(failure.value)
+    assert not [e for e in wire if "Jane Roe" in repr(e.body)]
+
+
+def test_a_statistic_reads_no_file_hidden_from_the_analysis(tmp_path: Path) -> None:
+    """The child cannot open a data-folder symlink into a hidden node path (keys, tokens,
+    policy, ledger); the runtime reading a statistic's `file=` for it could. It checks the
+    same way now, for a named file and for all CSV files."""
+    import os
+
+    from flame.data import Data
+    from flame.federated.release import column_reader
+
+    secret = tmp_path / "secrets"
+    secret.mkdir()
+    (secret / "k.csv").write_text("v\n42\n")
+    folder = tmp_path / "data"
+    folder.mkdir()
+    (folder / "k.csv").symlink_to(secret / "k.csv")
+    data = Data.from_path(folder, node_id="a")
+    open_reader = column_reader(data)
+    assert open_reader is not None and open_reader("v", "k.csv", None).tolist() == [42.0]
+    reader = column_reader(data, [os.path.realpath(secret)])
+    assert reader is not None
+    for file in ("k.csv", None):
+        with pytest.raises(flame.PolicyRefused, match="could not read"):
+            reader("v", file, None)

@@ -19,12 +19,17 @@ import numpy as np
 import pytest
 from test_attacks_threshold import RUN, SPEC, VALUES, Members, _party
 
+from flame.errors import FlameError
 from flame.federated.secure_threshold import (
     CONTRIBUTION,
     ThresholdParty,
+    contribution_body,
     contribution_message,
     pack_contribution,
+    proof_context,
+    prove_contribution,
     request_context,
+    split_body,
     sum_contributions,
     unpack_contribution,
 )
@@ -38,6 +43,7 @@ from flame.federated.threshold_ledger import TAG
 from flame.messages import Envelope, Sealed, decode, encode
 from flame.protocols.paillier import EncryptedVector, Encryptor
 from flame.protocols.paillier.encoding import _unpack
+from flame.protocols.paillier.plaintext_proof import Opening, prove
 from flame.protocols.paillier.threshold import (
     InvalidPartialError,
     PartialDecryption,
@@ -68,13 +74,25 @@ def key5() -> Key:
     return public, {s.node_id: s for s in shares}, Members([*VALUES, *holders])
 
 
-def _vector(public: ThresholdPublicKey, values: list[float]) -> bytes:
-    return Encryptor(public.paillier, workers=1).encrypt(values, SPEC).to_bytes()
+Opened = tuple[EncryptedVector, Opening]
+
+
+def _vector(public: ThresholdPublicKey, values: list[float]) -> Opened:
+    return Encryptor(public.paillier, workers=1).encrypt_opened(values, SPEC)
 
 
 def _signed(
-    members: Members, node: str, data: bytes, epoch: int = 0, path: str = "total"
+    members: Members,
+    node: str,
+    data: bytes | Opened,
+    epoch: int = 0,
+    path: str = "total",
+    public: ThresholdPublicKey | None = None,
 ) -> Sealed:
+    """`node`'s signed contribution: a body as given, or an opened vector with its proof."""
+    if not isinstance(data, bytes):
+        assert public is not None
+        data = prove_contribution(public, RUN, epoch, path, node, *data)
     signature = members.keys[node].sign(contribution_message(RUN, epoch, path, node, data))
     return Sealed(CONTRIBUTION, pack_contribution(signature, data))
 
@@ -86,7 +104,7 @@ def _contributions(
     epoch: int = 0,
     path: str = "total",
 ) -> Contributions:
-    return {n: _signed(members, n, _vector(public, VALUES[n]), epoch, path) for n in nodes}
+    return {n: _signed(members, n, _vector(public, VALUES[n]), epoch, path, public) for n in nodes}
 
 
 def _endorse_body(contributions: Contributions, path: str = "total") -> dict[str, Any]:
@@ -321,11 +339,6 @@ def test_the_guard_holds_across_epochs_with_t_minus_1_colluders(key5, tmp_path, 
         assert len(full) == 2 and np.allclose(full[0], np.sum(list(VALUES.values()), axis=0))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="open: the guard and the quorum are per field; the same (or derived) values sent "
-    "in two secure fields are decrypted over different contributor sets and differenced",
-)
 def test_two_fields_with_the_same_values_cannot_be_differenced(key, tmp_path) -> None:  # type: ignore[no-untyped-def]
     """An analysis sends one value twice (say 'total' and 'check', or a histogram whose
     counts sum to 'n'): the aggregator gets 'total' over {a, b, c} and 'check' over {a, b}
@@ -341,6 +354,10 @@ def test_two_fields_with_the_same_values_cannot_be_differenced(key, tmp_path) ->
     )
     assert full is not None  # the honest path works
     assert reduced is None, f"c's values: {full - reduced}"
+    for holder in holders:  # each names the field whose first sum fixed the set
+        body = _endorse_body(check, "check")
+        reply = holder.endorse(Envelope(RUN, "aggregator", "x", "message", 0, body))
+        assert "contributor set of 'total' is fixed by its first sum" in reply["error"], reply
 
 
 # --------------------------------------------------------------------------- (a) crash, ledger
@@ -368,17 +385,27 @@ def test_a_holder_that_crashed_before_replying_keeps_its_word(key, tmp_path) -> 
     verify_partial(public, total.ciphertexts, partial, context)
 
 
-@pytest.mark.xfail(
+_WIPED = pytest.mark.xfail(
     strict=True,
-    reason="open (README: protect node storage): wiping or rolling back ONE honest holder's "
-    "ledger (two when n + T is odd), or restarting it without node storage, lets a second "
-    "set reach Q",
+    reason="open (README: protect node storage): wiping ONE honest holder's ledger (two when "
+    "n + T is odd), or restarting it without node storage, lets a second set reach Q",
 )
-@pytest.mark.parametrize("storage", ["wiped", "an older copy", "memory only"])
+
+
+@pytest.mark.parametrize(
+    "storage",
+    [
+        pytest.param("wiped", marks=_WIPED),
+        "an older copy",  # it fixed a set for another field: the guard spans fields
+        pytest.param("memory only", marks=_WIPED),
+    ],
+)
 def test_a_wiped_ledger_does_not_let_a_second_set_through(key, tmp_path, storage) -> None:  # type: ignore[no-untyped-def]
     """T = 2 of 4 (Q = 3), d colludes. The aggregator has a, b (+ d) endorse the full set and
     decrypts it with a (+ d), without asking c. Then a's ledger is gone and a restarted:
-    c (never asked), a (forgot) and d endorse the set without c -- Q again."""
+    c (never asked), a (forgot) and d endorse the set without c -- Q again. A rolled-back
+    copy that holds any earlier sum of the analysis still refuses (one set per analysis);
+    only a ledger from before every sum, i.e. a wiped one, lets the set through."""
     public, shares, members = key
     make = _party(members, tmp_path)
 
@@ -431,7 +458,7 @@ def test_vectors_other_than_the_endorsed_ones_are_refused(key, tmp_path) -> None
             assert "partials" not in _ask(party, changed, endorsed)
     # a contributor (d) signs a vector of another length; Q (d among them) endorse that set
     odd = _contributions(public, members, epoch=1)
-    odd["d"] = _signed(members, "d", _vector(public, [1.0] * 40), 1)
+    odd["d"] = _signed(members, "d", _vector(public, [1.0] * 40), 1, public=public)
     odd_endorsed = _colluders_endorse(public, members, list("abcd"), odd, 1)
     reply = _ask(_party(members, tmp_path / "fresh")(shares["a"]), odd, odd_endorsed, 1)
     assert "partials" not in reply and "the contribution" not in reply["error"]
@@ -496,49 +523,85 @@ def test_malformed_or_huge_requests_get_an_error_not_a_crash_or_stall(key, tmp_p
 # --------------------------------------------------------------------------- (c) cancellation
 
 
-def _inverse_of(public: ThresholdPublicKey, victims: list[bytes]) -> bytes:
+def _inverse_of(public: ThresholdPublicKey, victims: list[bytes]) -> tuple[bytes, list[int]]:
     """A fresh-looking vector whose plaintext is minus the sum of `victims`' (re-randomised:
-    no ciphertext equals any other, so the copy check cannot see it)."""
+    no ciphertext equals any other, so the copy check cannot see it), and the re-randomisers
+    (all the attacker knows about its randomness)."""
     vectors = [EncryptedVector.from_bytes(v, public.paillier) for v in victims]
     nsquare = gmpy2.mpz(public.nsquare)
     n = gmpy2.mpz(public.n)
     out = []
+    rhos = []
     for column in zip(*(v.ciphertexts for v in vectors), strict=True):
         product = gmpy2.mpz(1)
         for c in column:
             product = product * c % nsquare
-        r = gmpy2.powmod(gmpy2.mpz(7 + len(out)), n, nsquare)
+        rho = 7 + len(out)
+        rhos.append(rho)
+        r = gmpy2.powmod(gmpy2.mpz(rho), n, nsquare)
         out.append(gmpy2.invert(product, nsquare) * r % nsquare)
     first = vectors[0]
-    return EncryptedVector(public.paillier, first.layout, first.shape, 1, out).to_bytes()
+    return EncryptedVector(public.paillier, first.layout, first.shape, 1, out).to_bytes(), rhos
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="open (README: not covered): every share holder is also a contributor, so one "
-    "holder colluding with the aggregator cancels the others' vectors and isolates a value",
-)
-def test_one_colluding_holder_contributor_cannot_isolate_a_value(key, tmp_path) -> None:  # type: ignore[no-untyped-def]
+def _forged_bodies(
+    public: ThresholdPublicKey, everyone: Contributions, openings: dict[str, Opening]
+) -> dict[str, bytes]:
+    """What d can send as minus (a + b), having everything but a's and b's randomness (and,
+    in the real attack, their plaintexts): a proof from what it knows (plaintexts guessed,
+    its re-randomisers), a proof with the true plaintexts (stronger than d can be), a's own
+    valid proof transplanted, and no proof at all."""
+    proofs = {n: split_body(unpack_contribution(everyone[n].data)[1]) for n in "ab"}
+    vector, rhos = _inverse_of(public, [proofs[n][1] for n in "ab"])
+    cts = EncryptedVector.from_bytes(vector, public.paillier).ciphertexts
+    context = proof_context(public.key_id, RUN, 0, "total", "d")
+    randomness = tuple(gmpy2.mpz(r) for r in rhos)
+    guessed = Opening(tuple(0 for _ in cts), randomness)
+    pairs = zip(openings["a"].plaintexts, openings["b"].plaintexts, strict=True)
+    exact = Opening(tuple(-(x + y) % public.n for x, y in pairs), randomness)
+    return {
+        "a proof from what d knows": contribution_body(
+            prove(public.n, cts, guessed, context), vector
+        ),
+        "d knows the plaintexts but not a's and b's randomness": contribution_body(
+            prove(public.n, cts, exact, context), vector
+        ),
+        "a's proof transplanted": contribution_body(proofs["a"][0], vector),
+        "no proof": contribution_body(b"", vector),
+    }
+
+
+def test_one_colluding_holder_contributor_cannot_cancel_others(key, tmp_path) -> None:  # type: ignore[no-untyped-def]
     """d (a share holder, T - 1 = 1 of them, and an analysis node that contributes) signs
-    minus (a + b), re-randomised. The honest holders endorse {a, b, c, d}: its first set,
-    four distinct members, no copied ciphertext. The decrypted 'sum' is c's values."""
+    minus (a + b), re-randomised, so that the decrypted 'sum' would be c's values. The
+    honest holders endorse {a, b, c, d} (endorsing sees digests only), but none of them
+    releases a partial decryption: d cannot prove it knows its vector's plaintexts, and
+    the error names d. The aggregator's own check names d too."""
     public, shares, members = key
-    make = _party(members, tmp_path)
+    everyone = {}
+    openings = {}
+    for n in "abc":
+        vector, openings[n] = _vector(public, VALUES[n])
+        everyone[n] = _signed(members, n, (vector, openings[n]), public=public)
+    for i, (what, body) in enumerate(_forged_bodies(public, everyone, openings).items()):
+        make = _party(members, tmp_path / f"try{i}")
+        holders = [make(shares[n]) for n in "abc"]
+        attack = dict(everyone, d=_signed(members, "d", body))
+        endorsed = _endorse(holders, attack)
+        assert len(endorsed) == 3, what  # Q: every honest holder agreed to the set
+        for holder in holders:
+            reply = _ask(holder, attack, endorsed)
+            assert "partials" not in reply, what
+            assert "contribution of 'd'" in reply["error"], (what, reply["error"])
+            assert "proof" in reply["error"], (what, reply["error"])
+        with pytest.raises(FlameError, match=r"contribution of 'd'.*proof"):
+            _sum(public, members, attack)
+    # the same set with d's honest contribution decrypts: the refusal is the proof's doing
+    make = _party(members, tmp_path / "honest")
     holders = [make(shares[n]) for n in "abc"]
-    everyone = _contributions(public, members)
-    victims = [unpack_contribution(everyone[n].data)[1] for n in "ab"]
-    attack = dict(everyone, d=_signed(members, "d", _inverse_of(public, victims)))
-    endorsed = _endorse(holders, attack)
-    assert len(endorsed) == 3  # Q: every honest holder agreed
-    reply = _ask(holders[0], attack, endorsed)
-    total, context = _sum(public, members, attack)
-    partials = [
-        PartialDecryption.from_bytes(reply["partials"]["total"].data, public),
-        partial_decrypt(shares["d"], total.ciphertexts, context),
-    ]
-    isolated = _decrypted(public, members, attack, partials, contributors=1)
-    assert isolated is not None
-    assert not np.allclose(isolated, VALUES["c"], atol=1e-3), f"c's values: {isolated}"
+    honest = dict(everyone, d=_signed(members, "d", _vector(public, [0.0, 0.0]), public=public))
+    endorsed = _endorse(holders, honest)
+    assert "partials" in _ask(holders[0], honest, endorsed)
 
 
 @pytest.mark.xfail(
@@ -555,7 +618,7 @@ def test_a_smallest_first_set_with_one_colluder_does_not_reveal_the_victim(key, 
     holders = [make(shares[n]) for n in "abc"]
     own = [5.0, 5.0]
     pair = {"c": _contributions(public, members, "c")["c"]}
-    pair["d"] = _signed(members, "d", _vector(public, own))
+    pair["d"] = _signed(members, "d", _vector(public, own), public=public)
     endorsed = _endorse(holders, pair)
     assert len(endorsed) == 3
     total = _decrypt(public, members, holders[:1], pair, endorsed, ["d"], shares)

@@ -26,6 +26,7 @@ from flame.federated.secure_threshold import (
     ThresholdParty,
     contribution_message,
     pack_contribution,
+    prove_contribution,
     request_context,
     sum_contributions,
     unpack_contribution,
@@ -68,7 +69,8 @@ class Members:
 
 
 def _contribution(public: ThresholdPublicKey, members: Members, node: str) -> Sealed:
-    data = Encryptor(public.paillier, workers=1).encrypt(VALUES[node], SPEC).to_bytes()
+    vector, opening = Encryptor(public.paillier, workers=1).encrypt_opened(VALUES[node], SPEC)
+    data = prove_contribution(public, RUN, 0, "total", node, vector, opening)
     signature = members.keys[node].sign(contribution_message(RUN, 0, "total", node, data))
     return Sealed(CONTRIBUTION, pack_contribution(signature, data))
 

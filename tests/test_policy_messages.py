@@ -245,3 +245,25 @@ def aggregate(results):
 """
     silenced = NodePolicy(min_rows=12, allow_messages=False)
     assert _simulate(tmp_path, quiet, silenced, isolate=False).value == sorted(NODES)
+
+
+FORGED_REPLY = """
+import flame
+
+def analyze(data):
+    flame.context().send("flame.secure.decrypted", {"sums": [1, 2, 3]}, to=["aggregator"])
+    return {"n": 1}
+
+def aggregate(results):
+    return results
+"""
+
+
+@pytest.mark.parametrize("isolate", [True, False])
+def test_analyze_cannot_send_in_flames_own_categories(tmp_path: Path, isolate: bool) -> None:
+    """The runtime's secure-sum and endorsement traffic travels as messages too: an analysis
+    must not forge a decryption reply (or endorsement) in its node's name."""
+    broker, seen = _bodies("flame.secure.decrypted")
+    with pytest.raises(RunFailed, match="reserved for flame's own messages"):
+        _simulate(tmp_path, FORGED_REPLY, NodePolicy(), isolate=isolate, broker=broker)
+    assert seen == []

@@ -25,10 +25,14 @@ from flame.federated.secure_threshold import (
     CONTRIBUTION,
     PARTIAL,
     ThresholdParty,
+    contribution_body,
     contribution_message,
     pack_contribution,
+    prove_contribution,
     request_context,
+    split_body,
     sum_contributions,
+    unpack_contribution,
 )
 from flame.federated.threshold_endorse import contribution_pairs, endorsement_message
 from flame.messages import Envelope, Sealed
@@ -187,7 +191,8 @@ def contribution(
     path: str = "total",
     signer: str | None = None,
 ) -> Sealed:
-    data = Encryptor(public.paillier, workers=1).encrypt(values, SPEC).to_bytes()
+    vector, opening = Encryptor(public.paillier, workers=1).encrypt_opened(values, SPEC)
+    data = prove_contribution(public, "run1", epoch, path, node, vector, opening)
     sign = roster.signer(signer or node)
     return Sealed(
         CONTRIBUTION,
@@ -262,7 +267,7 @@ def test_a_single_ciphertext_presented_as_a_sum_is_refused(parties) -> None:
     assert "signature is not 'c'" in party(shares, roster).answer(request(twice))["error"]
     # a pre-added vector signed by one node claims more than one contribution
     enc = Encryptor(public.paillier, workers=1)
-    pre = (enc.encrypt([1.0], SPEC) + enc.encrypt([2.0], SPEC)).to_bytes()
+    pre = contribution_body(b"", (enc.encrypt([1.0], SPEC) + enc.encrypt([2.0], SPEC)).to_bytes())
     sig = roster.signer("d")(contribution_message("run1", 0, "total", "d", pre))
     fields = {
         "total": {
@@ -344,7 +349,7 @@ def test_no_single_partys_files_decrypt_a_contribution(parties, tkey) -> None:
         reply = party(shares, roster, node).answer(request(fields))
         captured.append(PartialDecryption.from_bytes(reply["partials"]["total"].data, public))
     # the adversary is node a: its own share, and everything above
-    target = fields["total"]["b"].data[2 + 64 :]
+    target = split_body(unpack_contribution(fields["total"]["b"].data)[1])[1]
     from flame.protocols.paillier import EncryptedVector
 
     vector = EncryptedVector.from_bytes(target, public.paillier)
@@ -394,10 +399,15 @@ def test_obfuscators_are_made_while_waiting_and_used_by_the_epoch(tkey, caplog) 
         time.sleep(0.05)
     assert pre.ready >= before + 6
     ready = pre.ready
-    # the same cached encryptor serves seal(): its pool shrinks by what it used
+    # the same cached encryptor serves seal() (with each obfuscator's randomness, which the
+    # proof of plaintext knowledge needs): its pool shrinks by what it used
     from flame.protocols.paillier import encrypt_vector
+    from flame.protocols.paillier.cipher import _encryptor_for
 
-    encrypt_vector([1.0, 2.0], keys.public_key, SPEC)
+    encryptor = _encryptor_for(keys.public_key, keys.obfuscation, None)  # type: ignore[arg-type]
+    encryptor.encrypt_opened([1.0, 2.0], SPEC)
+    assert pre.ready == ready - 1
+    encrypt_vector([1.0, 2.0], keys.public_key, SPEC)  # single-key encryption: another pool
     assert pre.ready == ready - 1
     caplog.set_level(logging.INFO)
     config = tconfig(folder, secure={"precompute": pre.ready + 4})  # more than are ready
@@ -703,3 +713,37 @@ def test_a_ledger_written_before_endorsements_still_loads_and_guards(parties) ->
     assert "missing c" in holder.endorse(endorse_request(later, epoch=1))["error"]
     # which set it decrypted in epoch 0 is not recorded: it endorses none for that epoch
     assert "already decrypted a sum of 'total'" in holder.endorse(endorse_request(fields))["error"]
+
+
+def test_a_contribution_without_a_valid_proof_fails_the_epoch_naming_its_node(
+    tkey, monkeypatch
+) -> None:
+    """c's proof of plaintext knowledge is broken (as for a vector derived from others'
+    ciphertexts): the aggregator's own check stops the epoch before any holder is asked."""
+    import flame.federated.secure_threshold as st
+
+    folder, _ = tkey
+    honest = st.prove_contribution
+
+    def broken(public, analysis, epoch, path, node, vector, opening):  # type: ignore[no-untyped-def]
+        body = honest(public, analysis, epoch, path, node, vector, opening)
+        proof, data = st.split_body(body)
+        if node != "c":
+            return body
+        return st.contribution_body(proof[:-1] + bytes([proof[-1] ^ 1]), data)
+
+    monkeypatch.setattr(st, "prove_contribution", broken)
+    with pytest.raises(RunFailed, match=r"contribution of 'c' to 'total'.*proof") as failed:
+        flame.simulate(analyze, aggregate, data=data_for(MEMBERS), config=tconfig(folder))
+    assert failed.value.node == "c"
+
+
+def test_a_contribution_of_an_older_flame_is_refused_by_name(parties) -> None:
+    """The format without proofs ("paillier-t1") is not mistaken for garbage: the error says
+    every node must run the same flame version."""
+    public, roster, shares = parties
+    a = contribution(public, roster, "a", [1.0])
+    old = Sealed("paillier-t1", a.data)
+    fields = {"total": {"a": a, "b": old}}
+    error = party(shares, roster).answer(request(fields))["error"]
+    assert "'b'" in error and "'paillier-t1' of an older flame" in error

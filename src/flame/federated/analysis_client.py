@@ -18,6 +18,7 @@ from __future__ import annotations
 import builtins
 import contextlib
 import logging
+import os
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -663,7 +664,8 @@ class AnalysisClient:
             runner: Runner = child
         else:
             runner = InProcessRunner(functions.analyze, data, self.context)
-        self.gate.reader = column_reader(data)  # flame.dp statistics read the data here
+        hidden = [os.path.realpath(str(p)) for p in self.hide]
+        self.gate.reader = column_reader(data, hidden)  # flame.dp statistics read data here
         self._rows_read = lambda: runner.rows_read
         # what analyze sends to other nodes leaves only as the policy allows (like a result)
         self.context.outgoing = lambda body: self.gate.message(

@@ -27,6 +27,9 @@ __all__ = ["Context", "Received", "context"]
 
 log = logging.getLogger(__name__)
 
+RESERVED_PREFIX = "flame."
+"""Message categories of flame's own traffic (secure sums, endorsements): not for analyses."""
+
 T = TypeVar("T")
 
 _current: contextvars.ContextVar[Context] = contextvars.ContextVar("flame_context")
@@ -119,6 +122,11 @@ class Context:
         """Send `body` to nodes (default: every other node); return who acknowledged in time.
 
         On an analysis node the body first passes the node's policy, like a result."""
+        if not isinstance(category, str) or category.startswith(RESERVED_PREFIX):
+            raise FlameError(  # the runtime's secure-sum and endorsement traffic uses these
+                f"message category {category!r} is reserved for flame's own messages; "
+                f"choose a category that does not start with {RESERVED_PREFIX!r}"
+            )
         targets = self._others() if to is None else list(to)
         if self.outgoing is not None and not set(targets) <= set(self._others()):
             raise PolicyRefused(  # the address would carry what analyze put in it

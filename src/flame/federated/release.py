@@ -11,7 +11,8 @@ recipients; a refused message fails the epoch, even if `analyze` catches the err
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -25,6 +26,8 @@ from flame.federated.secure import Secure
 from flame.isolation.runner import Outcome
 from flame.ledger import BudgetLedger, Spend
 from flame.policy import NodePolicy
+from flame.sources.descriptor import open_read_only
+from flame.sources.local import LocalSource
 
 __all__ = ["ColumnReader", "Gate", "Release", "column_reader"]
 
@@ -32,14 +35,26 @@ ColumnReader = Callable[[str, "str | None", "str | None"], np.ndarray]
 """(column, file, source) -> the column as float64 (NaN where missing), read by the runtime."""
 
 
-def column_reader(data: Any) -> ColumnReader | None:
+def column_reader(data: Any, hidden: Sequence[str] = ()) -> ColumnReader | None:
     """How the runtime reads a column of the node's data for flame.dp statistics (CSV files
-    of a `Data`; None for anything else)."""
+    of a `Data`; None for anything else). Only files the analysis child itself may open:
+    none that leads (through a symlink) into one of the node's `hidden` paths."""
     if not isinstance(data, Data):
         return None
 
     def read(column: str, file: str | None, source: str | None) -> np.ndarray:
-        table = data.read_csv(file, source=source)
+        try:
+            files = data._files_source(source)
+            if isinstance(files, LocalSource) and hidden:
+                for name in [file] if file is not None else data.files("*.csv", source=source):
+                    os.close(open_read_only(files.root, name, hidden))  # as for the child
+            table = data.read_csv(file, source=source)
+        except Exception as exc:  # a parser's words may quote a record (a malformed row)
+            log.warning("flame.dp could not read the node's CSV data: %s", exc)
+            raise PolicyRefused(
+                "flame.dp: the node could not read its CSV data for this statistic (the "
+                "reason is in the node's log, not sent: it may quote a record)"
+            ) from None
         if column not in table:
             raise PolicyRefused(f"flame.dp: the node's data has no column {column[:64]!r}")
         values = np.asarray(table[column])
@@ -315,8 +330,8 @@ class Gate:
                 f"field {field_name!r}: flame.dp.{stat.kind} needs the node's CSV data"
             )
         column = self.reader(stat.column, stat.file, stat.source)
-        release.covered.append(int(column.size))
         values = column[~np.isnan(column)]
+        release.covered.append(int(values.size))  # missing values are in no statistic
         bounds = None
         if stat.kind in ("sum", "mean"):
             bounds = self.policy.bounds_for(stat.column)

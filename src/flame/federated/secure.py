@@ -37,6 +37,8 @@ if TYPE_CHECKING:
         ThresholdParty,
         Verifier,
     )
+    from flame.protocols.paillier import EncryptedVector
+    from flame.protocols.paillier.plaintext_proof import Opening
     from flame.protocols.paillier.threshold import ThresholdKeyShare, ThresholdPublicKey
 
 __all__ = ["Results", "Secure", "SecureKeys", "SecureSummer", "secure"]
@@ -284,11 +286,14 @@ class Precomputer:
         from flame.protocols.paillier.cipher import _encryptor_for
 
         self._encryptor = _encryptor_for(keys.public_key, keys.obfuscation, None)  # type: ignore[arg-type]
+        self._opened = keys.threshold is not None  # threshold mode proves plaintext knowledge
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     @property
     def ready(self) -> int:
+        if self._opened:
+            return self._encryptor.precomputed_opened
         return self._encryptor.precomputed
 
     def fill(self, target: int) -> None:
@@ -304,7 +309,7 @@ class Precomputer:
     def _run(self, target: int) -> None:
         started = time.perf_counter()
         while not self._stop.is_set() and self.ready < target:
-            self._encryptor.precompute(min(64, target - self.ready))
+            self._encryptor.precompute(min(64, target - self.ready), opened=self._opened)
         log.info(
             "precomputed %d encryption obfuscators in %.1f s",
             self.ready,
@@ -387,14 +392,21 @@ def seal(
         except SecureAggregationError as exc:
             raise FlameError(f"flame.secure(...) at {field!r}: {exc}") from None
         key = keys.private_key if keys.private_key is not None else keys.public_key
+        opening = None
         try:
-            encrypted = encrypt_vector(
-                value.values,
-                key,
-                spec,
-                field=field,
-                obfuscation=keys.obfuscation,  # type: ignore[arg-type]
-            )
+            if keys.threshold is not None:  # with the opening its proof of knowledge needs
+                from flame.protocols.paillier.cipher import _encryptor_for
+
+                encryptor = _encryptor_for(key, keys.obfuscation, None)  # type: ignore[arg-type]
+                encrypted, opening = encryptor.encrypt_opened(value.values, spec, field=field)
+            else:
+                encrypted = encrypt_vector(
+                    value.values,
+                    key,
+                    spec,
+                    field=field,
+                    obfuscation=keys.obfuscation,  # type: ignore[arg-type]
+                )
         except ValueOutOfBoundsError as exc:
             if "bound" not in str(exc):
                 raise
@@ -410,29 +422,38 @@ def seal(
             specs[path] = spec
         keys.used_ciphertexts += len(encrypted.ciphertexts)
         if keys.threshold is not None:
-            return _signed(encrypted.to_bytes(), keys, path, origin)
+            assert opening is not None
+            return _signed(encrypted, opening, keys, path, origin)
         return Sealed(SCHEME, encrypted.to_bytes())
 
     return _replace(result, change)
 
 
 def _signed(
-    data: bytes, keys: SecureKeys, path: str, origin: tuple[str, int, str] | None
+    encrypted: EncryptedVector,
+    opening: Opening,
+    keys: SecureKeys,
+    path: str,
+    origin: tuple[str, int, str] | None,
 ) -> Sealed:
-    """A threshold contribution: the vector with this node's signature over where it belongs."""
+    """A threshold contribution: the vector, the proof that this node knows its plaintexts,
+    and this node's signature over both and where they belong."""
     from flame.federated.secure_threshold import (
         CONTRIBUTION,
         contribution_message,
         pack_contribution,
+        prove_contribution,
     )
 
+    assert keys.threshold is not None
+    if origin is None:
+        raise FlameError("a threshold contribution needs the analysis, epoch and node id")
+    analysis, epoch, node = origin
+    body = prove_contribution(keys.threshold, analysis, epoch, path, node, encrypted, opening)
     signature = b""
     if keys.signer is not None:
-        if origin is None:
-            raise FlameError("a signed contribution needs the analysis, epoch and node id")
-        analysis, epoch, node = origin
-        signature = keys.signer(contribution_message(analysis, epoch, path, node, data))
-    return Sealed(CONTRIBUTION, pack_contribution(signature, data))
+        signature = keys.signer(contribution_message(analysis, epoch, path, node, body))
+    return Sealed(CONTRIBUTION, pack_contribution(signature, body))
 
 
 def _bound_origin(marker: Secure) -> str:
@@ -613,8 +634,11 @@ class SecureSummer:
                 totals[path] = sum_contributions(
                     public, self.context.analysis_id, epoch, path, by_node, self.keys.verifier
                 )
-            except FlameError as exc:
-                raise RunFailed(f"cannot add the encrypted {path!r}: {exc}", epoch=epoch) from exc
+            except FlameError as exc:  # e.g. a contributor's proof of plaintext knowledge
+                node = getattr(exc, "node", None)  # fails: named before anyone is asked
+                raise RunFailed(
+                    f"cannot add the encrypted {path!r}: {exc}", epoch=epoch, node=node
+                ) from exc
         packed = self._collector.decrypt(epoch, sealed, totals)
         plain: dict[str, Any] = {}
         for path, total in totals.items():

@@ -1,19 +1,21 @@
 """Threshold decryption inside a run: no single party can decrypt, any T share holders do.
 
-Analysis nodes sign each encrypted field they send (Ed25519, their roster identity) over
-(analysis, epoch, field, node, SHA-256 of the ciphertext vector). For each secure field the
-aggregator first asks every share holder to endorse the field's contribution set (digests
-and signatures only, `threshold_endorse`): a holder (`ThresholdParty.endorse`) checks the
-signatures against the roster, `min_contributors`, and the differencing guard (the set
-equals the one fixed by the field's first sum), and endorses at most one set per
-(analysis, epoch, field). Then the aggregator forwards every signed contribution with
-Q = ceil((n + T) / 2) endorsements to the holders. A holder (`ThresholdParty.answer`)
-decrypts only a set endorsed by Q distinct holders, checks the contributions again, that
-no ciphertext was copied between them, the guard, and that it has not decrypted another
-sum for this (analysis, epoch, field) -- all kept in its node-local state, so a restart
-does not forget them (`threshold_ledger`); then it adds the contributions itself and
-returns its partial decryption with a proof. The aggregator (`ThresholdCollector`) checks
-every proof, names a holder whose partial is wrong, and combines the first T valid ones:
+Analysis nodes send each encrypted field with a proof that they know its plaintexts
+(`plaintext_proof`: a vector derived from other nodes' ciphertexts cannot cancel them) and
+sign it (Ed25519, their roster identity) over (analysis, epoch, field, node, SHA-256 of
+proof and vector). For each secure field the aggregator first asks every share holder to
+endorse the field's contribution set (digests and signatures only, `threshold_endorse`): a
+holder (`ThresholdParty.endorse`) checks the signatures against the roster,
+`min_contributors`, and the differencing guard (the set equals the one fixed by the
+field's first sum), and endorses at most one set per (analysis, epoch, field). Then the
+aggregator forwards every signed contribution with Q = ceil((n + T) / 2) endorsements to
+the holders. A holder (`ThresholdParty.answer`) decrypts only a set endorsed by Q distinct
+holders, checks the contributions again, that no ciphertext was copied between them, every
+proof of plaintext knowledge, the guard, and that it has not decrypted another sum for
+this (analysis, epoch, field) -- all kept in its node-local state, so a restart does not
+forget them (`threshold_ledger`); then it adds the contributions itself and returns its
+partial decryption with a proof. The aggregator (`ThresholdCollector`) checks every proof,
+names a holder whose partial is wrong, and combines the first T valid ones:
 up to n - Q holders may be missing when endorsing and n - T when decrypting.
 """
 
@@ -35,26 +37,37 @@ from flame.messages import Envelope, Sealed
 if TYPE_CHECKING:
     from flame.federated.context import Context
     from flame.protocols.paillier import EncryptedVector
+    from flame.protocols.paillier.plaintext_proof import Opening
     from flame.protocols.paillier.threshold import ThresholdKeyShare, ThresholdPublicKey
 
 __all__ = [
     "CONTRIBUTION",
+    "InvalidContributionError",
     "PARTIAL",
     "Signer",
     "ThresholdCollector",
     "ThresholdParty",
     "Verifier",
+    "check_proof",
+    "contribution_body",
     "contribution_digest_message",
     "contribution_message",
     "pack_contribution",
+    "proof_context",
+    "prove_contribution",
     "request_context",
+    "split_body",
     "unpack_contribution",
 ]
 
 log = logging.getLogger(__name__)
 
-CONTRIBUTION = "paillier-t1"
-"""Sealed scheme of a signed contribution: u16 signature length, signature, vector bytes."""
+CONTRIBUTION = "paillier-t2"
+"""Sealed scheme of a signed contribution: u16 signature length, signature, then the body:
+u32 proof length, proof of plaintext knowledge, vector bytes. The signature and the
+endorsement digests cover the whole body, so an endorsed set fixes the proofs too."""
+OLD_CONTRIBUTIONS = ("paillier-t1",)
+"""Schemes of earlier versions (no proof of plaintext knowledge): refused by name."""
 PARTIAL = "paillier-partial"
 
 Signer = Callable[[bytes], bytes]
@@ -64,11 +77,13 @@ Verifier = Callable[[str, bytes, bytes], str | None]
 of the roster, else the reason it is not."""
 
 _SIG_LEN = struct.Struct(">H")
+_PROOF_LEN = struct.Struct(">I")
 
 
-def contribution_message(analysis: str, epoch: int, path: str, node: str, vector: bytes) -> bytes:
-    """What a node signs for one encrypted field: binds it to run, epoch, field and sender."""
-    digest = hashlib.sha256(vector).digest()
+def contribution_message(analysis: str, epoch: int, path: str, node: str, body: bytes) -> bytes:
+    """What a node signs for one encrypted field: binds it (proof and vector) to run,
+    epoch, field and sender."""
+    digest = hashlib.sha256(body).digest()
     return contribution_digest_message(analysis, epoch, path, node, digest)
 
 
@@ -76,12 +91,84 @@ def contribution_digest_message(
     analysis: str, epoch: int, path: str, node: str, digest: bytes
 ) -> bytes:
     """`contribution_message` from the vector's SHA-256 (endorsing sees only digests)."""
-    parts = [b"flame-contribution-v1", analysis.encode(), str(epoch).encode(), path.encode()]
+    parts = [b"flame-contribution-v2", analysis.encode(), str(epoch).encode(), path.encode()]
     return b"\0".join([*parts, node.encode(), digest])
 
 
-def pack_contribution(signature: bytes, vector: bytes) -> bytes:
-    return _SIG_LEN.pack(len(signature)) + signature + vector
+def proof_context(public_key_id: str, analysis: str, epoch: int, path: str, node: str) -> bytes:
+    """What a proof of plaintext knowledge is bound to: key, run, epoch, field and sender."""
+    h = hashlib.sha256(b"flame-contribution-proof-v1\0")
+    for part in (public_key_id, analysis, str(epoch), path, node):
+        raw = part.encode()
+        h.update(struct.pack(">Q", len(raw)) + raw)
+    return h.digest()
+
+
+def contribution_body(proof: bytes, vector: bytes) -> bytes:
+    """The signed part of a contribution: the proof, then the vector."""
+    return _PROOF_LEN.pack(len(proof)) + proof + vector
+
+
+def split_body(body: bytes) -> tuple[bytes, bytes]:
+    """(proof, vector bytes) of a contribution body; FlameError if malformed."""
+    if len(body) < _PROOF_LEN.size:
+        raise FlameError("contribution truncated")
+    (size,) = _PROOF_LEN.unpack_from(body)
+    if size > 1 << 16 or len(body) < _PROOF_LEN.size + size:
+        raise FlameError("contribution has a malformed proof of plaintext knowledge")
+    return body[4 : 4 + size], body[4 + size :]
+
+
+def prove_contribution(
+    public: ThresholdPublicKey,
+    analysis: str,
+    epoch: int,
+    path: str,
+    node: str,
+    vector: EncryptedVector,
+    opening: Opening,
+) -> bytes:
+    """The body of `node`'s contribution: `vector` with its proof of plaintext knowledge."""
+    from flame.protocols.paillier.plaintext_proof import prove
+
+    context = proof_context(public.key_id, analysis, epoch, path, node)
+    proof = prove(public.n, vector.ciphertexts, opening, context)
+    return contribution_body(proof, vector.to_bytes())
+
+
+class InvalidContributionError(FlameError):
+    """A contribution whose proof of plaintext knowledge fails; `node` is its sender."""
+
+    def __init__(self, message: str, node: str) -> None:
+        super().__init__(message)
+        self.node = node
+
+
+def check_proof(
+    public: ThresholdPublicKey,
+    analysis: str,
+    epoch: int,
+    path: str,
+    node: str,
+    proof: bytes,
+    vector: EncryptedVector,
+) -> None:
+    """FlameError naming `node` if its proof of plaintext knowledge does not verify."""
+    from flame.protocols.paillier.plaintext_proof import InvalidProofError, verify
+
+    context = proof_context(public.key_id, analysis, epoch, path, node)
+    try:
+        verify(public.n, vector.ciphertexts, proof, context)
+    except InvalidProofError as exc:
+        raise InvalidContributionError(
+            f"the contribution of {node!r} to {path!r} has no valid proof that {node!r} knows "
+            f"its plaintexts ({exc}); it may be derived from other nodes' ciphertexts",
+            node,
+        ) from None
+
+
+def pack_contribution(signature: bytes, body: bytes) -> bytes:
+    return _SIG_LEN.pack(len(signature)) + signature + body
 
 
 def unpack_contribution(data: bytes) -> tuple[bytes, bytes]:
@@ -93,6 +180,18 @@ def unpack_contribution(data: bytes) -> tuple[bytes, bytes]:
     return data[2 : 2 + size], data[2 + size :]
 
 
+def check_scheme(node: str, path: str, sealed: Any) -> None:
+    """FlameError unless `sealed` is a contribution of this version (naming an old one)."""
+    if isinstance(sealed, Sealed) and sealed.scheme in OLD_CONTRIBUTIONS:
+        raise FlameError(
+            f"the contribution of {node!r} to {path!r} is in the format {sealed.scheme!r} of an "
+            f"older flame, without a proof of plaintext knowledge ({CONTRIBUTION!r} is "
+            "required): every node of a threshold run must run the same flame version"
+        )
+    if not isinstance(sealed, Sealed) or sealed.scheme != CONTRIBUTION:
+        raise FlameError(f"the contribution of {node!r} to {path!r} is not a signed one")
+
+
 def request_context(
     analysis: str, epoch: int, path: str, contributors: Sequence[str], total: bytes
 ) -> bytes:
@@ -102,6 +201,13 @@ def request_context(
         h.update(part.encode() + b"\0")
     h.update(hashlib.sha256(total).digest())
     return h.digest()
+
+
+def _own_first(
+    fixed: Mapping[str, tuple[str, ...]], path: str
+) -> list[tuple[str, tuple[str, ...]]]:
+    """The fixed sets to check a sum of `path` against: its own field's first, then the rest."""
+    return sorted(fixed.items(), key=lambda item: (item[0] != path, item[0]))
 
 
 def differencing_problem(path: str, fixed: Sequence[str], now: Sequence[str]) -> str | None:
@@ -139,15 +245,15 @@ def sum_contributions(
     vectors = []
     seen: set[bytes] = set()
     for node, sealed in sorted(contributions.items()):
-        if not isinstance(sealed, Sealed) or sealed.scheme != CONTRIBUTION:
-            raise FlameError(f"the contribution of {node!r} to {path!r} is not a signed one")
-        signature, data = unpack_contribution(bytes(sealed.data))
+        check_scheme(node, path, sealed)
+        signature, body = unpack_contribution(bytes(sealed.data))
         if verify is not None:
             problem = verify(
-                node, contribution_message(analysis, epoch, path, node, data), signature
+                node, contribution_message(analysis, epoch, path, node, body), signature
             )
             if problem is not None:
                 raise FlameError(f"the contribution of {node!r} to {path!r}: {problem}")
+        proof, data = split_body(body)
         vector = EncryptedVector.from_bytes(data, public.paillier)
         if vector.contributors != 1:
             raise FlameError(
@@ -162,6 +268,7 @@ def sum_contributions(
                     "another contribution"
                 )
             seen.add(raw)
+        check_proof(public, analysis, epoch, path, node, proof, vector)
         vectors.append(vector)
     return EncryptedVector.sum(vectors)
 
@@ -258,12 +365,16 @@ class ThresholdParty:
         return signature
 
     def _guard(self, analysis: str, path: str, who: tuple[str, ...], what: str) -> None:
-        """The differencing guard: FlameError if `who` differs from the field's fixed set."""
-        fixed = self._ledger.fixed(analysis, path)
-        if fixed is not None and not self.allow_changing_contributors:
-            problem = differencing_problem(path, fixed, who)
+        """The differencing guard: FlameError if `who` differs from the set fixed by the first
+        sum of this field or of any other field of the analysis (an analysis may send the same
+        values twice, say 'total' and 'check': two sets over them difference out a node)."""
+        if self.allow_changing_contributors:
+            return
+        for first, fixed in _own_first(self._ledger.fixed_sets(analysis), path):
+            problem = differencing_problem(first, fixed, who)
             if problem is not None:
-                raise FlameError(f"refusing to {what}: {problem}")
+                where = "" if first == path else f" ({path!r})"
+                raise FlameError(f"refusing to {what}{where}: {problem}")
 
     def answer(self, envelope: Envelope) -> dict[str, Any]:
         """Partial decryptions of every field of a request, or {"error": why not}."""
@@ -401,11 +512,11 @@ class ThresholdCollector:
         analysis = self.context.analysis_id
         for path, by_node in fields.items():
             who = tuple(sorted(by_node))
-            fixed = self._fixed.get(path)
-            if fixed is not None and not self.allow_changing_contributors:
-                problem = differencing_problem(path, fixed, who)
-                if problem is not None:
-                    raise RunFailed(f"epoch {epoch}: {problem}", epoch=epoch)
+            for fixed_by, fixed in _own_first(self._fixed, path):  # the guard spans fields
+                problem = differencing_problem(fixed_by, fixed, who)
+                if problem is not None and not self.allow_changing_contributors:
+                    where = "" if fixed_by == path else f" ({path!r})"
+                    raise RunFailed(f"epoch {epoch}{where}: {problem}", epoch=epoch)
         contexts = {
             path: request_context(analysis, epoch, path, list(by_node), totals[path].to_bytes())
             for path, by_node in fields.items()

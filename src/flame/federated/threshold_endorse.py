@@ -89,13 +89,13 @@ def endorsement_message(
 
 
 def contribution_pairs(path: str, contributions: Mapping[str, Any]) -> Pairs:
-    """The (node, vector digest) pairs of signed contributions (FlameError if malformed)."""
-    from flame.federated.secure_threshold import CONTRIBUTION, unpack_contribution
+    """The (node, digest of proof and vector) pairs of signed contributions (FlameError if
+    malformed): an endorsed set fixes the proofs too."""
+    from flame.federated.secure_threshold import check_scheme, unpack_contribution
 
     pairs = []
     for node, sealed in sorted(contributions.items()):
-        if not isinstance(sealed, Sealed) or sealed.scheme != CONTRIBUTION:
-            raise FlameError(f"the contribution of {node!r} to {path!r} is not a signed one")
+        check_scheme(node, path, sealed)
         _, data = unpack_contribution(bytes(sealed.data))
         pairs.append((node, hashlib.sha256(data).digest()))
     return tuple(pairs)

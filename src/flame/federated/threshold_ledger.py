@@ -76,6 +76,11 @@ class GuardLedger:
         who = self._fixed.get(analysis, {}).get(path)
         return None if who is None else tuple(who)
 
+    def fixed_sets(self, analysis: str) -> dict[str, tuple[str, ...]]:
+        """Every field's fixed contributor set in `analysis` (the guard spans fields)."""
+        self._load()
+        return {path: tuple(who) for path, who in self._fixed.get(analysis, {}).items()}
+
     def answered(self, analysis: str, epoch: int, path: str) -> bytes | None:
         """SHA-256 of the sum this holder decrypted for (analysis, epoch, field), or None."""
         self._load()
@@ -181,7 +186,10 @@ class GuardLedger:
         if self._loaded or self._state is None:
             return
         if type(self._state).__name__ == "MemoryState":
-            log.info("no node storage: the threshold guard ledger is kept in memory only")
+            log.warning(  # README: a restarted holder without it can be asked for a second set
+                "no node storage (FLAME_STORAGE__RESULTS_DIR or a bucket): this share holder's "
+                "differencing guard is kept in memory only and forgotten on a restart"
+            )
         where = f"this node's threshold guard ledger (node state {TAG!r})"
         try:
             stored = self._state.load(TAG, None)

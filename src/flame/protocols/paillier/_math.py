@@ -222,6 +222,12 @@ class PlainSource:
         rs = [gmpy2.mpz(1 + secrets.randbelow(upper)) for _ in range(count)]
         return powmod_base_list(rs, self.n, self.nsquare, threads)
 
+    def generate_opened(self, count: int, threads: int = 1) -> tuple[list[Mpz], list[Mpz]]:
+        """Obfuscators r**n and the r they were made from (for a proof of knowledge)."""
+        upper = int(self.n) - 1
+        rs = [gmpy2.mpz(1 + secrets.randbelow(upper)) for _ in range(count)]
+        return powmod_base_list(rs, self.n, self.nsquare, threads), rs
+
 
 class _CrtCombiner:
     """Joins residues modulo p**2 and q**2 into one modulo n**2."""
@@ -336,13 +342,15 @@ class DjnSource:
         self.n = gmpy2.mpz(n)
         self.nsquare = self.n * self.n
         self.exponent_bits = exponent_bits or (self.n.bit_length() + 1) // 2
+        self.h: Mpz | None = None
+        """h mod n (h_s = h**n), known only where the source was drawn: proofs need it."""
         if hs is None:
             while True:
                 x = gmpy2.mpz(1 + secrets.randbelow(int(self.n) - 1))
                 if gmpy2.gcd(x, self.n) == 1:
                     break
-            h = (-x * x) % self.n
-            hs = gmpy2.powmod(h, self.n, self.nsquare)
+            self.h = (-x * x) % self.n
+            hs = gmpy2.powmod(self.h, self.n, self.nsquare)
         self.hs = gmpy2.mpz(hs)
         self._table: FixedBase | None = None
 
@@ -356,6 +364,14 @@ class DjnSource:
         bits = self.exponent_bits
         return [table.pow(secrets.randbits(bits)) for _ in range(count)]
 
+    def generate_opened(self, count: int, threads: int = 1) -> tuple[list[Mpz], list[Mpz]]:
+        """Obfuscators h_s**a and their short exponents a (for a proof of knowledge)."""
+        if self._table is None:
+            self._table = FixedBase(self.hs, self.nsquare, self.exponent_bits)
+        table = self._table
+        exponents = [gmpy2.mpz(secrets.randbits(self.exponent_bits)) for _ in range(count)]
+        return [table.pow(int(a)) for a in exponents], exponents
+
 
 _BUILDERS: dict[str, Callable[..., ObfuscatorSource]] = {
     PlainSource.kind: PlainSource,
@@ -368,12 +384,21 @@ _WORKER_SOURCES: dict[tuple[str, tuple[int, ...]], ObfuscatorSource] = {}
 _WORKER_CACHE_SIZE = 2
 
 
+OPENED = "+opened"
+"""Suffix of a worker request kind that also returns each obfuscator's randomness."""
+
+
 def worker_obfuscators(kind: str, params: tuple[int, ...], count: int, width: int) -> bytes:
     """Process-pool entry point: `count` obfuscators as fixed-width big-endian bytes.
 
     Only ints go in and bytes come out. Each worker keeps the sources (and their tables)
-    of the last few keys, so a table is built once per worker, not once per call.
+    of the last few keys, so a table is built once per worker, not once per call. With
+    kind "<kind>+opened" a record of `width` bytes is an obfuscator and its randomness,
+    width / 2 bytes each.
     """
+    opened = kind.endswith(OPENED)
+    if opened:
+        kind = kind[: -len(OPENED)]
     key = (kind, params)
     source = _WORKER_SOURCES.get(key)
     if source is None:
@@ -381,6 +406,15 @@ def worker_obfuscators(kind: str, params: tuple[int, ...], count: int, width: in
             _WORKER_SOURCES.pop(next(iter(_WORKER_SOURCES)))
         source = _BUILDERS[kind](*params)
         _WORKER_SOURCES[key] = source
+    if opened:
+        if not isinstance(source, PlainSource | DjnSource):
+            raise ValueError(f"{kind} obfuscators cannot be opened")
+        values, randomness = source.generate_opened(count)
+        half = width // 2
+        return b"".join(
+            int(x).to_bytes(half, "big") + int(r).to_bytes(half, "big")
+            for x, r in zip(values, randomness, strict=True)
+        )
     return b"".join(int(x).to_bytes(width, "big") for x in source.generate(count))
 
 

@@ -50,6 +50,7 @@ from flame.protocols.paillier.errors import (
     SumMismatchError,
 )
 from flame.protocols.paillier.keys import key_id
+from flame.protocols.paillier.plaintext_proof import Opening
 from flame.protocols.paillier.pool import (
     WorkerError,
     available_cores,
@@ -125,6 +126,8 @@ class Encryptor:
         self._source: pm.ObfuscatorSource | None = None
         self._lock = threading.Lock()
         self._pool: collections.deque[Mpz] = collections.deque()
+        self._opened: collections.deque[tuple[Mpz, Mpz]] = collections.deque()
+        self._opened_source: pm.PlainSource | pm.DjnSource | None = None
 
     def __repr__(self) -> str:
         return (
@@ -159,8 +162,14 @@ class Encryptor:
         )
         return pm.CrtSource(p, q)
 
-    def precompute(self, n_ciphertexts: int) -> None:
-        """Make n_ciphertexts obfuscators now for later encryptions (each used once)."""
+    def precompute(self, n_ciphertexts: int, *, opened: bool = False) -> None:
+        """Make n_ciphertexts obfuscators now for later encryptions (each used once);
+        ``opened``: for `encrypt_opened`, each kept with its randomness."""
+        if opened:
+            values, randomness = self._fresh_opened(int(n_ciphertexts))
+            with self._lock:
+                self._opened.extend(zip(values, randomness, strict=True))
+            return
         fresh = self._fresh(int(n_ciphertexts))
         with self._lock:
             self._pool.extend(fresh)
@@ -169,6 +178,83 @@ class Encryptor:
     def precomputed(self) -> int:
         """How many precomputed obfuscators are left."""
         return len(self._pool)
+
+    @property
+    def precomputed_opened(self) -> int:
+        """How many precomputed obfuscators with their randomness are left."""
+        return len(self._opened)
+
+    def _get_opened_source(self) -> pm.PlainSource | pm.DjnSource:
+        """Where obfuscators with known randomness come from: the DJN source (whose h is
+        known here), else textbook r**n (the fixed-base CRT sources do not yield r)."""
+        if self.obfuscation == "djn":
+            source = self._get_source()
+            assert isinstance(source, pm.DjnSource)
+            return source
+        with self._lock:
+            if self._opened_source is None:
+                self._opened_source = pm.PlainSource(int(self._n))
+            return self._opened_source
+
+    def _fresh_opened(self, count: int) -> tuple[list[Mpz], list[Mpz]]:
+        if count <= 0:
+            return [], []
+        source = self._get_opened_source()
+        if self.workers > 1 and count >= self.parallel_threshold:
+            if source.gil_free:
+                return source.generate_opened(count, threads=self.workers)
+            pool = process_pool(self.workers)
+            n_chunks = max(1, min(self.workers * 4, count // 32))
+            step = -(-count // n_chunks)
+            sizes = [min(step, count - i) for i in range(0, count, step)]
+            try:
+                blobs = pool.generate(
+                    source.kind + pm.OPENED, source.params(), sizes, 2 * self._width
+                )
+            except (WorkerError, OSError) as exc:
+                logger.warning(
+                    "Paillier worker processes failed (%s); encrypting in this process", exc
+                )
+                drop_pool(self.workers, pool)
+                return source.generate_opened(count)
+            width = self._width
+            values: list[Mpz] = []
+            randomness: list[Mpz] = []
+            for blob in blobs:
+                for i in range(0, len(blob), 2 * width):
+                    values.append(gmpy2.mpz(int.from_bytes(blob[i : i + width], "big")))
+                    randomness.append(
+                        gmpy2.mpz(int.from_bytes(blob[i + width : i + 2 * width], "big"))
+                    )
+            if len(values) != count:  # pragma: no cover - defensive
+                raise SecureAggregationError("worker processes returned a wrong number of values")
+            return values, randomness
+        return source.generate_opened(count)
+
+    def encrypt_opened(
+        self, values: object, spec: SecureSumSpec, *, field: str = "value"
+    ) -> tuple[EncryptedVector, Opening]:
+        """`encrypt`, also returning the plaintext integers and randomness: the opening a
+        proof of plaintext knowledge needs (threshold mode). Keep it secret."""
+        layout = spec.layout(self.public_key)
+        encoded = encode_fixed_point(values, spec, field=field)
+        biased = encoded.reshape(-1) + np.int64(layout.max_abs)
+        plaintexts = [int(m) for m in _pack(biased, layout)]
+        count = len(plaintexts)
+        with self._lock:
+            taken = [self._opened.popleft() for _ in range(min(count, len(self._opened)))]
+        if len(taken) < count:
+            more, more_r = self._fresh_opened(count - len(taken))
+            taken.extend(zip(more, more_r, strict=True))
+        n, nsquare = self._n, self._nsquare
+        ciphertexts = [
+            (m * n + 1) * r % nsquare for m, (r, _) in zip(plaintexts, taken, strict=True)
+        ]
+        source = self._get_opened_source()
+        base = source.h if isinstance(source, pm.DjnSource) else None
+        opening = Opening(tuple(plaintexts), tuple(x for _, x in taken), base)
+        shape = tuple(int(s) for s in encoded.shape)
+        return EncryptedVector(self.public_key, layout, shape, 1, ciphertexts), opening
 
     def _obfuscators(self, count: int) -> list[Mpz]:
         with self._lock:
