@@ -18,7 +18,7 @@ import time
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal, get_args
+from typing import Any, Literal, cast, get_args
 
 import numpy as np
 
@@ -159,7 +159,7 @@ def _parse_header(raw: Any) -> _Header:
         if not isinstance(entry, list) or not all(_is_int(x) for x in entry):
             raise ValueError("blobs: every entry must be a list of integers")
     return _Header(
-        raw["id"], raw["analysis"], raw["sender"], raw["recipient"], raw["kind"], epoch,
+        raw["id"], raw["analysis"], raw["sender"], raw["recipient"], cast(Kind, raw["kind"]), epoch,
         float(sent), category, raw.get("body"), blobs,
     )  # fmt: skip
 
