@@ -88,6 +88,32 @@ def test_lost_acks_only_cost_resends() -> None:
     assert result.value == reference(3)
 
 
+def test_a_slow_aggregate_does_not_make_nodes_resend_their_results() -> None:
+    """The last results of an epoch wait for the next kick-off as their ack; when aggregating
+    takes long (a threshold decryption takes minutes) they get an ack instead, so nodes do not
+    re-send megabytes of ciphertexts every resend interval meanwhile."""
+    sent: dict[str, int] = {}
+
+    def count(envelope: Envelope) -> bool:
+        if envelope.kind == "result":
+            sent[envelope.sender] = sent.get(envelope.sender, 0) + 1
+        return True
+
+    def slow_aggregate(results: dict[str, Any], epoch: int, previous: Any) -> Any:
+        time.sleep(3.0)  # three resend intervals
+        return aggregate(results, epoch, previous)
+
+    result = flame.simulate(
+        analyze,
+        slow_aggregate,
+        data=DATA,
+        config=config(epochs=2, resend_interval=1.0),
+        broker=MemoryBroker(on_send=count),
+    )
+    assert result.value == reference(2)
+    assert sent == {"a": 2, "b": 2, "c": 2}, sent  # one result per node and epoch
+
+
 def test_leftovers_of_an_earlier_aggregator_process_are_not_acted_on() -> None:
     """A persistent broker session may still hold an abort and a `finished` of an earlier
     run of this analysis id: they name another aggregator process and are dropped."""

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 import time
 import uuid
 from collections import Counter, deque
@@ -123,6 +124,7 @@ class Aggregator:
         self._epoch = -1
         self.run_id: str | None = None
         self._unacked: list[tuple[float, Envelope]] = []  # (due, result) acks not sent yet
+        self._late_acks: threading.Timer | None = None  # acks for a slow aggregate (see below)
         self._logs: deque[str] = deque(maxlen=_STATUS_LOG_LINES)
         self._arrivals: dict[str, float] = {}
         self._privacy: dict[str, Any] = {}
@@ -192,6 +194,7 @@ class Aggregator:
             self.transport.announce(self._status("collecting", epoch, **last_epoch))
             self._emit(Event("epoch_started", epoch, expected=len(self.participants)))
             results = self._await_parameters(epoch)
+            self._acknowledge_if_slow()
             value = self._aggregate_parameters(results, epoch, previous)
             converged = self._converged(value, previous, epoch)
             record = EpochRecord(
@@ -439,6 +442,9 @@ class Aggregator:
     def _broadcast(self, kind: Kind, epoch: int, body: Any) -> None:
         """To every participant; control bodies name this process (`session`), so a node
         can tell them from leftovers of an earlier aggregator process in its broker session."""
+        if self._late_acks is not None:
+            self._late_acks.cancel()  # the kick-off (or end) acknowledges the results
+            self._late_acks = None
         envelopes = [self._envelope(node, kind, epoch, body) for node in self.participants]
         try:
             self.transport.send_all(envelopes)  # the broker's acks awaited together
@@ -466,6 +472,23 @@ class Aggregator:
         of the run tells the node as much): a fast epoch costs no extra messages. True."""
         self._unacked.append((time.monotonic() + _ACK_DELAY, envelope))
         return True
+
+    def _acknowledge_if_slow(self) -> None:
+        """The last results of an epoch are acknowledged by the next kick-off, unless
+        aggregating takes longer than `_ACK_DELAY` (a secure sum's decryption takes minutes):
+        then by an ack, so that nodes do not re-send their results meanwhile."""
+        pending, self._unacked = [envelope for _, envelope in self._unacked], []
+        if pending:
+            self._late_acks = threading.Timer(_ACK_DELAY, self._acknowledge_all, (pending,))
+            self._late_acks.daemon = True
+            self._late_acks.start()
+
+    def _acknowledge_all(self, envelopes: list[Envelope]) -> None:
+        try:
+            for envelope in envelopes:
+                self._acknowledge(envelope)
+        except Exception as exc:  # a timer thread: the node's re-send gets an ack later
+            log.warning("could not acknowledge results: %s", type(exc).__name__)
 
     def _send_acks(self) -> None:
         """The acks that are due: results that have waited `_ACK_DELAY` for their epoch."""
