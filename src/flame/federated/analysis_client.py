@@ -574,6 +574,8 @@ class AnalysisClient:
     def _drain(self) -> None:
         """Take (and acknowledge to the broker) what is queued before leaving, so a later
         process of this node does not find this run's leftovers in its session."""
+        if not self.transport.keeps_sessions:
+            return
         with contextlib.suppress(Exception):
             self.mailbox.next(lambda envelope: False, Deadline(0.2))
 

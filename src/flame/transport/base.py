@@ -36,6 +36,10 @@ _ROUTINE = frozenset({"waiting", "computing", "collecting", "sent"})
 class Transport(abc.ABC):
     """One node's connection to the federation."""
 
+    keeps_sessions = True
+    """Whether the broker keeps a node's queued messages for its next process (MQTT does);
+    a node then drains its inbox before leaving."""
+
     def __init__(
         self, analysis_id: str, node_id: str, *, auth: Authenticator | None = None
     ) -> None:

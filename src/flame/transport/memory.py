@@ -124,6 +124,8 @@ class MemoryBroker:
 class MemoryTransport(Transport):
     """One node's handle on a `MemoryBroker`."""
 
+    keeps_sessions = False  # nothing outlives the simulation: no drain at the end
+
     def __init__(
         self,
         broker: MemoryBroker,
