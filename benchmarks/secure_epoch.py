@@ -123,7 +123,7 @@ def main() -> None:
             encryptor = _encryptor_for(public_t.paillier, "standard", None)
             n_ct = -(-size // tconfig_slots(public_t, tconfig))
             started = time.perf_counter()
-            encryptor.precompute(n_ct * nodes)
+            encryptor.precompute(n_ct * nodes, opened=True)  # threshold nodes keep r (proofs)
             offline = f"offline precomputation {time.perf_counter() - started:.1f} s (all nodes)"
         wire_t = WireCount()
         started = time.perf_counter()
