@@ -109,14 +109,24 @@ def contribution_body(proof: bytes, vector: bytes) -> bytes:
     return _PROOF_LEN.pack(len(proof)) + proof + vector
 
 
+def _split_prefixed(
+    data: bytes, length: struct.Struct, limit: int, truncated: str, malformed: str
+) -> tuple[bytes, bytes]:
+    """(the length-prefixed part, the rest) of `data`; FlameError if malformed."""
+    if len(data) < length.size:
+        raise FlameError(truncated)
+    (size,) = length.unpack_from(data)
+    if size > limit or len(data) < length.size + size:
+        raise FlameError(malformed)
+    return data[length.size : length.size + size], data[length.size + size :]
+
+
 def split_body(body: bytes) -> tuple[bytes, bytes]:
     """(proof, vector bytes) of a contribution body; FlameError if malformed."""
-    if len(body) < _PROOF_LEN.size:
-        raise FlameError("contribution truncated")
-    (size,) = _PROOF_LEN.unpack_from(body)
-    if size > 1 << 16 or len(body) < _PROOF_LEN.size + size:
-        raise FlameError("contribution has a malformed proof of plaintext knowledge")
-    return body[4 : 4 + size], body[4 + size :]
+    return _split_prefixed(
+        body, _PROOF_LEN, 1 << 16, "contribution truncated",
+        "contribution has a malformed proof of plaintext knowledge",
+    )  # fmt: skip
 
 
 def prove_contribution(
@@ -172,12 +182,11 @@ def pack_contribution(signature: bytes, body: bytes) -> bytes:
 
 
 def unpack_contribution(data: bytes) -> tuple[bytes, bytes]:
-    if len(data) < _SIG_LEN.size:
-        raise FlameError("signed contribution truncated")
-    (size,) = _SIG_LEN.unpack_from(data)
-    if size > 1024 or len(data) < _SIG_LEN.size + size:
-        raise FlameError("signed contribution has a malformed signature")
-    return data[2 : 2 + size], data[2 + size :]
+    """(signature, body) of a signed contribution; FlameError if malformed."""
+    return _split_prefixed(
+        data, _SIG_LEN, 1024, "signed contribution truncated",
+        "signed contribution has a malformed signature",
+    )  # fmt: skip
 
 
 def check_scheme(node: str, path: str, sealed: Any) -> None:

@@ -394,7 +394,8 @@ class MqttTransport(Transport):
             batch = [(topic, 1) for topic in topics[start : start + 100]]
             self.client.subscribe(batch, timeout=self.settings.send_timeout)
 
-    def send(self, envelope: Envelope, timeout: float | None = None) -> None:
+    def _check_sendable(self, envelope: Envelope) -> None:
+        """TransportError unless this node can send `envelope` now, to a node of its run."""
         recipient = envelope.recipient
         self._check_conflict()
         if not self._connected:
@@ -404,6 +405,10 @@ class MqttTransport(Transport):
                 f"cannot send to {recipient!r} in analysis {envelope.analysis!r}: "
                 "not a node of this analysis"
             )
+
+    def send(self, envelope: Envelope, timeout: float | None = None) -> None:
+        recipient = envelope.recipient
+        self._check_sendable(envelope)
         parts = self.outgoing(envelope)
         size = frame_size(parts)
         limit = self.settings.max_message_bytes
@@ -434,16 +439,7 @@ class MqttTransport(Transport):
         try:
             for envelope in envelopes:
                 recipient = envelope.recipient
-                self._check_conflict()
-                if not self._connected:
-                    raise TransportError(
-                        f"cannot send to {recipient!r}: {self.node_id} is not connected"
-                    )
-                if not _NAME.match(recipient) or envelope.analysis != self.analysis_id:
-                    raise TransportError(
-                        f"cannot send to {recipient!r} in analysis {envelope.analysis!r}: "
-                        "not a node of this analysis"
-                    )
+                self._check_sendable(envelope)
                 parts = self.outgoing(envelope)
                 size = frame_size(parts)
                 checked = self._claim_check is not None and size > self._claim_check_threshold
