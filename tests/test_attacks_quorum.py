@@ -20,15 +20,14 @@ import pytest
 from test_attacks_threshold import RUN, SPEC, VALUES, Members, _party
 
 from flame.errors import FlameError
-from flame.federated.secure_threshold import (
+from flame.federated.secure_threshold import ThresholdParty, request_context
+from flame.federated.threshold_contributions import (
     CONTRIBUTION,
-    ThresholdParty,
     contribution_body,
     contribution_message,
     pack_contribution,
     proof_context,
     prove_contribution,
-    request_context,
     split_body,
     sum_contributions,
     unpack_contribution,

@@ -21,13 +21,12 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from flame.clients.file_store import FileStore
 from flame.federated.run_store import NodeState
-from flame.federated.secure_threshold import (
+from flame.federated.secure_threshold import ThresholdParty, request_context
+from flame.federated.threshold_contributions import (
     CONTRIBUTION,
-    ThresholdParty,
     contribution_message,
     pack_contribution,
     prove_contribution,
-    request_context,
     sum_contributions,
     unpack_contribution,
 )

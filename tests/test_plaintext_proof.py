@@ -8,7 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from phe.paillier import PaillierPublicKey
 
-from flame.federated.secure_threshold import proof_context
+from flame.federated.threshold_contributions import proof_context
 from flame.protocols.paillier import Encryptor, SecureSumSpec
 from flame.protocols.paillier.keys import generate_keypair, key_id
 from flame.protocols.paillier.plaintext_proof import (

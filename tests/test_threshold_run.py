@@ -21,15 +21,13 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 import flame
 from flame.config import load_config
 from flame.errors import RunFailed
-from flame.federated.secure_threshold import (
+from flame.federated.secure_threshold import PARTIAL, ThresholdParty, request_context
+from flame.federated.threshold_contributions import (
     CONTRIBUTION,
-    PARTIAL,
-    ThresholdParty,
     contribution_body,
     contribution_message,
     pack_contribution,
     prove_contribution,
-    request_context,
     split_body,
     sum_contributions,
     unpack_contribution,
@@ -542,7 +540,7 @@ def test_malformed_requests_get_an_error_not_a_crash(parties) -> None:
 
 def endorse_request(fields: dict, epoch: int = 0) -> Envelope:
     """The endorsement round: each contribution's digest and signature, not its vector."""
-    from flame.federated.secure_threshold import unpack_contribution
+    from flame.federated.threshold_contributions import unpack_contribution
 
     body = {
         "endorse": {
@@ -720,7 +718,7 @@ def test_a_contribution_without_a_valid_proof_fails_the_epoch_naming_its_node(
 ) -> None:
     """c's proof of plaintext knowledge is broken (as for a vector derived from others'
     ciphertexts): the aggregator's own check stops the epoch before any holder is asked."""
-    import flame.federated.secure_threshold as st
+    import flame.federated.threshold_contributions as st
 
     folder, _ = tkey
     honest = st.prove_contribution

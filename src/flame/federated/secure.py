@@ -31,12 +31,8 @@ if TYPE_CHECKING:
     from phe.paillier import PaillierPrivateKey, PaillierPublicKey
 
     from flame.federated.context import Context
-    from flame.federated.secure_threshold import (
-        Signer,
-        ThresholdCollector,
-        ThresholdParty,
-        Verifier,
-    )
+    from flame.federated.secure_threshold import ThresholdCollector, ThresholdParty
+    from flame.federated.threshold_contributions import Signer, Verifier
     from flame.protocols.paillier import EncryptedVector
     from flame.protocols.paillier.plaintext_proof import Opening
     from flame.protocols.paillier.threshold import ThresholdKeyShare, ThresholdPublicKey
@@ -438,7 +434,7 @@ def _signed(
 ) -> Sealed:
     """A threshold contribution: the vector, the proof that this node knows its plaintexts,
     and this node's signature over both and where they belong."""
-    from flame.federated.secure_threshold import (
+    from flame.federated.threshold_contributions import (
         CONTRIBUTION,
         contribution_message,
         pack_contribution,
@@ -611,7 +607,8 @@ class SecureSummer:
         self, results: dict[str, Any], sealed: dict[str, dict[str, Sealed]], epoch: int
     ) -> Results:
         """Threshold mode: the share holders check and decrypt; the aggregator combines."""
-        from flame.federated.secure_threshold import ThresholdCollector, sum_contributions
+        from flame.federated.secure_threshold import ThresholdCollector
+        from flame.federated.threshold_contributions import sum_contributions
         from flame.protocols.paillier.encoding import _unpack
 
         assert self.keys is not None and self.keys.threshold is not None

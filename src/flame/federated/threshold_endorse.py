@@ -29,7 +29,7 @@ from flame.messages import Envelope, Sealed
 
 if TYPE_CHECKING:
     from flame.federated.context import Context
-    from flame.federated.secure_threshold import Verifier
+    from flame.federated.threshold_contributions import Verifier
     from flame.protocols.paillier.threshold import ThresholdPublicKey
 
 __all__ = [
@@ -91,7 +91,7 @@ def endorsement_message(
 def contribution_pairs(path: str, contributions: Mapping[str, Any]) -> Pairs:
     """The (node, digest of proof and vector) pairs of signed contributions (FlameError if
     malformed): an endorsed set fixes the proofs too."""
-    from flame.federated.secure_threshold import check_scheme, unpack_contribution
+    from flame.federated.threshold_contributions import check_scheme, unpack_contribution
 
     pairs = []
     for node, sealed in sorted(contributions.items()):
@@ -156,7 +156,7 @@ def check_endorse_request(
 ) -> None:
     """What a holder checks before endorsing a set: enough distinct contributors, no vector
     sent twice, and every contributor's signature over its digest (FlameError if not)."""
-    from flame.federated.secure_threshold import contribution_digest_message
+    from flame.federated.threshold_contributions import contribution_digest_message
 
     if len(pairs) < min_contributors:
         raise FlameError(
@@ -224,7 +224,7 @@ def collect_endorsements(
     endorsements of every field (RunFailed naming Q, who endorsed and who did not).
     Returns the endorsements per field for the decryption request, and the holders that
     refused (or sent an invalid endorsement): they would refuse to decrypt too."""
-    from flame.federated.secure_threshold import unpack_contribution
+    from flame.federated.threshold_contributions import unpack_contribution
 
     analysis = context.analysis_id
     q = quorum_size(public)
