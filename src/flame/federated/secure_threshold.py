@@ -4,7 +4,8 @@ Analysis nodes send each encrypted field with a proof that they know its plainte
 (`plaintext_proof`: a vector derived from other nodes' ciphertexts cannot cancel them) and
 sign it (`threshold_contributions`; Ed25519, their roster identity) over (analysis, epoch,
 field, node, SHA-256 of proof and vector). For each secure field the aggregator first asks
-every share holder to endorse the field's contribution set (digests and signatures only, `threshold_endorse`): a
+every share holder to endorse the field's contribution set (digests and signatures only,
+`threshold_endorse`): a
 holder (`ThresholdParty.endorse`) checks the signatures against the roster,
 `min_contributors`, and the differencing guard (the set equals the one fixed by the
 analysis's first sum), and endorses at most one set per (analysis, epoch, field). Then the
