@@ -47,8 +47,9 @@ from flame.federated.records import (
     numeric_summary,
 )
 from flame.federated.secure import SecureKeys, SecureSummer
+from flame.federated.status_board import StatusBoard
 from flame.messages import Envelope, Kind, encode_parts
-from flame.transport.base import Transport
+from flame.transport.base import Delivery, Transport
 
 __all__ = ["Aggregator"]
 
@@ -60,6 +61,7 @@ _SEND_TIMEOUT = 5.0  # seconds for an abort or ack: a dead broker must not delay
 _STATUS_LOG_LINES = 40  # forwarded node log lines kept in the retained status
 _ACK_DELAY = 0.2  # seconds a result waits for its epoch to complete before an explicit ack
 _FAREWELL = 5.0  # seconds to see the nodes take `finished` (re-sent after a lost session)
+_DELIVERY_POLL = 0.05  # seconds between looks at whether the broker accepted the kick-off
 
 
 class Aggregator:
@@ -101,6 +103,7 @@ class Aggregator:
         self.mailbox = Mailbox(transport)
         self.code = code  # SHA-256 of the analysis code: every node must announce the same
         self._instances = Instances()
+        self.board = StatusBoard(transport)  # routine statuses kept off the critical path
         self.session = uuid.uuid4().hex
         self.context = Context(
             analysis_id=transport.analysis_id,
@@ -125,6 +128,7 @@ class Aggregator:
         self.run_id: str | None = None
         self._unacked: list[tuple[float, Envelope]] = []  # (due, result) acks not sent yet
         self._late_acks: threading.Timer | None = None  # acks for a slow aggregate (see below)
+        self._delivery: Delivery | None = None  # the kick-off until the broker accepted it all
         self._logs: deque[str] = deque(maxlen=_STATUS_LOG_LINES)
         self._arrivals: dict[str, float] = {}
         self._privacy: dict[str, Any] = {}
@@ -155,6 +159,9 @@ class Aggregator:
             raise RunFailed(reason, node=self.transport.node_id) from exc
         finally:
             _logging.set_epoch(None)
+            if self._delivery is not None:
+                self._delivery.abandon()
+            self.board.close()
             self.transport.close()
 
     def _execute(self) -> RunResult:
@@ -182,7 +189,7 @@ class Aggregator:
                 first - 1,
                 {"value": previous, "converged": False, "run": self.run_id},
             )
-        self._broadcast(*self._kickoff)
+        self._broadcast(*self._kickoff, confirm_later=True)
         value: Any = previous
         converged = False
         for epoch in range(first, self.epochs):
@@ -191,9 +198,10 @@ class Aggregator:
             started = time.time()
             received, sent = self.transport.bytes_received, self.transport.bytes_sent
             last_epoch = {"last_epoch": history[-1].to_dict(summary=False)} if history else {}
-            self.transport.announce(self._status("collecting", epoch, **last_epoch))
+            self.board.soon(self._status("collecting", epoch, **last_epoch))
             self._emit(Event("epoch_started", epoch, expected=len(self.participants)))
             results = self._await_parameters(epoch)
+            self._kickoff_accepted(wait=True)  # long since, as a rule: the results are in
             self._acknowledge_if_slow()
             value = self._aggregate_parameters(results, epoch, previous)
             converged = self._converged(value, previous, epoch)
@@ -245,8 +253,8 @@ class Aggregator:
         }
         self._broadcast("finished", last, body)
         self._kickoff = ("finished", last, body)
-        self._await_farewell()
-        self.transport.announce(
+        self._await_farewell(set(result.history[-1].nodes) if result.history else set())
+        self.board.now(
             self._status(
                 "done",
                 last,
@@ -287,16 +295,20 @@ class Aggregator:
                 self.run_id,
             )
 
-    def _await_farewell(self) -> None:
+    def _await_farewell(self, answered: set[str]) -> None:
         """Briefly see the nodes take `finished`; one whose broker session was lost meanwhile
-        gets it again (see `_note_status`). Nodes still computing are not waited for."""
+        gets it again (see `_note_status`). Stragglers still computing are not waited for;
+        a node that `answered` the last epoch is, whatever its (coalesced) status last said:
+        its statuses must not outlive this process in the broker session, where the next
+        aggregator process of this analysis would read them as current."""
         deadline = Deadline(min(_FAREWELL, self.epoch_timeout))
         while not deadline.passed():
             waiting = [
                 node
                 for node in self.participants
                 if node in self._online
-                and self._statuses.get(node, {}).get("state") not in ("done", "failed", "computing")
+                and (state := self._statuses.get(node, {}).get("state")) not in ("done", "failed")
+                and (state != "computing" or node in answered)
             ]
             if not waiting:
                 return
@@ -346,6 +358,8 @@ class Aggregator:
             wait = deadline
             if self._unacked:
                 wait = Deadline(min(deadline.left(), self._unacked[0][0] - time.monotonic()))
+            if not self._kickoff_accepted(wait=False):  # look again soon
+                wait = Deadline(min(wait.left(), _DELIVERY_POLL))
             envelope = self.mailbox.next(self._is_protocol, wait)
             if envelope is None:
                 if not deadline.passed():
@@ -436,20 +450,37 @@ class Aggregator:
             epoch,
             {"value": value, "converged": False, "run": self.run_id},
         )
-        self._broadcast(*self._kickoff)
+        self._broadcast(*self._kickoff, confirm_later=True)
 
     # --- helpers -----------------------------------------------------------------------------
-    def _broadcast(self, kind: Kind, epoch: int, body: Any) -> None:
+    def _broadcast(self, kind: Kind, epoch: int, body: Any, *, confirm_later: bool = False) -> None:
         """To every participant; control bodies name this process (`session`), so a node
-        can tell them from leftovers of an earlier aggregator process in its broker session."""
+        can tell them from leftovers of an earlier aggregator process in its broker session.
+        A kick-off is confirmed while the results come in (`confirm_later`), not before."""
         if self._late_acks is not None:
             self._late_acks.cancel()  # the kick-off (or end) acknowledges the results
             self._late_acks = None
+        self._kickoff_accepted(wait=True)  # the previous one first
         envelopes = [self._envelope(node, kind, epoch, body) for node in self.participants]
         try:
-            self.transport.send_all(envelopes)  # the broker's acks awaited together
+            delivery = self.transport.dispatch(envelopes)
         except TypeError as exc:
             raise RunFailed(f"the aggregate of epoch {epoch} cannot be sent: {exc}") from exc
+        self._delivery = delivery
+        if not confirm_later:
+            self._kickoff_accepted(wait=True)
+
+    def _kickoff_accepted(self, *, wait: bool) -> bool:
+        """Whether the broker accepted the last broadcast for every node (TransportError naming
+        one it refused or did not acknowledge in time); `wait` for it, or just look."""
+        if self._delivery is None:
+            return True
+        if wait:
+            self._delivery.wait()
+        elif not self._delivery.check():
+            return False
+        self._delivery = None
+        return True
 
     def _envelope(self, node: str, kind: Kind, epoch: int, body: Any) -> Envelope:
         if kind in ("start", "aggregate", "finished", "abort") and isinstance(body, dict):
@@ -528,7 +559,7 @@ class Aggregator:
         if isinstance(traceback_text, str) and traceback_text:
             extra["traceback"] = traceback_text
         with contextlib.suppress(TransportError):
-            self.transport.announce(self._status("failed", epoch, **extra))
+            self.board.now(self._status("failed", epoch, **extra))
         keep = getattr(self.store, "save_failure", None)
         if callable(keep):
             try:

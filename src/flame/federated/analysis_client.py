@@ -54,6 +54,7 @@ from flame.federated.secure import (
     answer_decrypt,
     seal,
 )
+from flame.federated.status_board import StatusBoard
 from flame.federated.threshold_endorse import ENDORSE, ENDORSED
 from flame.isolation.runner import ChildRunner, InProcessRunner, Outcome, Runner
 from flame.messages import Envelope
@@ -205,6 +206,7 @@ class AnalysisClient:
         self._parked: list[Envelope] = []
         self._forwarder: LogForwarder | None = None
         self._said_goodbye = False
+        self.board = StatusBoard(transport)  # routine statuses kept off the critical path
 
     # --- the protocol steps ------------------------------------------------------------------
     def connect(self) -> None:
@@ -292,7 +294,7 @@ class AnalysisClient:
             self._privacy[str(epoch)] = privacy
             while len(self._privacy) > 50:  # the status keeps the latest epochs
                 del self._privacy[next(iter(self._privacy))]
-        self.transport.announce(self._status("sent", epoch, **self._metrics()))
+        self.board.soon(self._status("sent", epoch, **self._metrics()))
         if self._precomputer is not None and self.keys is not None:
             self._precomputer.fill(self.keys.used_ciphertexts)  # for the next epoch
 
@@ -361,7 +363,7 @@ class AnalysisClient:
                     ),
                     _GOODBYE_TIMEOUT,
                 )
-            self.transport.announce(self._status("failed", epoch, reason=reason))
+            self.board.now(self._status("failed", epoch, reason=reason))
         except Exception as send_exc:  # the failure report must not mask the failure
             log.error("could not report the failure to the aggregator: %s", send_exc)
 
@@ -394,10 +396,10 @@ class AnalysisClient:
                 if not self.policy.share_aggregate:  # keep no other sites' aggregate here
                     instruction = replace(instruction, previous=None, value=None)
                 if instruction.kind == "finished":
-                    self.transport.announce(self._status("done", instruction.epoch))
+                    self.board.now(self._status("done", instruction.epoch))
                     return instruction
                 epoch = instruction.epoch
-                self.transport.announce(self._status("computing", epoch))
+                self.board.soon(self._status("computing", epoch))
                 self.context.epoch = epoch
                 self.context._progress = 0.0
                 _logging.set_epoch(epoch)
@@ -452,6 +454,7 @@ class AnalysisClient:
             if forwarder is not None:
                 logging.getLogger().removeHandler(forwarder)
             self._drain()
+            self.board.close()
             self.transport.close()
 
     # --- delivery ----------------------------------------------------------------------------
@@ -803,7 +806,7 @@ class AnalysisClient:
         if not self.gate.lets_progress_out(self._rows_read()):
             return
         try:
-            self.transport.announce(
+            self.board.soon(
                 self._status("computing", self.context.epoch, progress=round(fraction, 1))
             )
         except Exception as exc:  # progress is best effort

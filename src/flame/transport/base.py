@@ -18,19 +18,74 @@ import logging
 import time
 import uuid
 from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
+from flame._deadline import Deadline
+from flame.errors import TransportError
 from flame.messages import DEFAULT_MAX_BYTES, Envelope, decode, encode_parts
 from flame.transport.status_order import StatusOrder, gone
 
 if TYPE_CHECKING:
     from flame.identity.signing import Authenticator, Buffer
 
-__all__ = ["Transport"]
+__all__ = ["Delivery", "Transport"]
 
 log = logging.getLogger(__name__)
 MAX_STATUS_BYTES = 64 * 1024
 _ROUTINE = frozenset({"waiting", "computing", "collecting", "sent"})
+
+
+class _Accepting(Protocol):
+    """A message on its way to the broker (`flame.clients.message_broker_client`)."""
+
+    @property
+    def acknowledged(self) -> bool: ...
+
+    def wait(self, timeout: float) -> None: ...
+
+    def abandon(self) -> None: ...
+
+
+class Delivery:
+    """Messages handed to the broker whose acceptance is confirmed later.
+
+    Why: the aggregator's kick-off used to wait for every PUBACK before it listened for
+    results, while the nodes were already answering; confirming while it collects keeps that
+    broker round trip off the epoch. A refusal or a missed deadline is still an error naming
+    the recipient, raised by `check` or `wait`."""
+
+    def __init__(self, pending: Sequence[tuple[str, _Accepting]] = (), timeout: float = 0.0):
+        self._pending = list(pending)
+        self._deadline = Deadline(timeout)
+
+    def check(self) -> bool:
+        """True once every message is accepted; TransportError if one was refused or the
+        deadline passed; False while some are still on their way."""
+        while self._pending and self._pending[0][1].acknowledged:
+            self._confirm(0.0)
+        if self._pending and self._deadline.passed():
+            self._confirm(0.0)  # raises: not acknowledged in time
+        return not self._pending
+
+    def wait(self) -> None:
+        """Until every message is accepted; TransportError naming the first that was not."""
+        while self._pending:
+            self._confirm(self._deadline.left())
+
+    def abandon(self) -> None:
+        """Stop waiting (the broker may still deliver them)."""
+        for _, publish in self._pending:
+            publish.abandon()
+        self._pending = []
+
+    def _confirm(self, timeout: float) -> None:
+        recipient, publish = self._pending[0]
+        try:
+            publish.wait(timeout)
+        except TransportError as exc:
+            self.abandon()
+            raise TransportError(f"cannot send to {recipient!r}: {exc}") from None
+        self._pending.pop(0)
 
 
 class Transport(abc.ABC):
@@ -191,8 +246,14 @@ class Transport(abc.ABC):
         """`send` each envelope; raise on the first one not accepted. Implementations may
         overlap the waits (MQTT: every PUBACK awaited together, one broker round trip for a
         whole broadcast instead of one per recipient)."""
+        self.dispatch(envelopes, timeout).wait()
+
+    def dispatch(self, envelopes: Sequence[Envelope], timeout: float | None = None) -> Delivery:
+        """Hand every envelope to the broker; their acceptance (within `timeout`) is confirmed
+        through the returned Delivery. Implementations without acknowledgements send here."""
         for envelope in envelopes:
             self.send(envelope, timeout)
+        return Delivery()
 
     def post(self, envelope: Envelope) -> None:
         """Send without waiting for the broker to accept it, for small best-effort messages

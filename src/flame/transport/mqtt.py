@@ -48,7 +48,7 @@ from flame.transport._chunks import (
     frame_size,
     split_frame,
 )
-from flame.transport.base import Transport
+from flame.transport.base import Delivery, Transport
 
 if TYPE_CHECKING:
     from flame.config import BrokerSettings, FlameConfig
@@ -429,12 +429,12 @@ class MqttTransport(Transport):
         except TransportError as exc:
             raise TransportError(f"cannot send to {recipient!r}: {exc}") from None
 
-    def send_all(self, envelopes: Sequence[Envelope], timeout: float | None = None) -> None:
-        """Publish every small envelope at once, then await their PUBACKs together: a
-        broadcast to n nodes costs one broker round trip, not n in a row. Each envelope is
-        still accepted by the broker (or TransportError naming its recipient) before this
-        returns; large ones (chunks, claim check) go one by one through `send`."""
-        wait = Deadline(timeout if timeout is not None else self.settings.send_timeout)
+    def dispatch(self, envelopes: Sequence[Envelope], timeout: float | None = None) -> Delivery:
+        """Publish every small envelope at once; their PUBACKs are confirmed through the
+        Delivery (`send_all`: awaited together, one broker round trip for a broadcast to n
+        nodes, not n in a row). Large ones (chunks, claim check) go one by one through `send`
+        before this returns."""
+        wait = timeout if timeout is not None else self.settings.send_timeout
         pending: list[tuple[str, PendingPublish]] = []
         try:
             for envelope in envelopes:
@@ -452,16 +452,10 @@ class MqttTransport(Transport):
                 except TransportError as exc:
                     raise TransportError(f"cannot send to {recipient!r}: {exc}") from None
                 self.bytes_sent += size
-            while pending:
-                recipient, publish = pending[0]
-                try:
-                    publish.wait(max(wait.left(), 0.0))
-                except TransportError as exc:
-                    raise TransportError(f"cannot send to {recipient!r}: {exc}") from None
-                pending.pop(0)
-        finally:
-            for _, publish in pending:
-                publish.abandon()
+        except BaseException:
+            Delivery(pending).abandon()
+            raise
+        return Delivery(pending, wait)
 
     def post(self, envelope: Envelope) -> None:
         self._check_conflict()
