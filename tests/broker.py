@@ -220,7 +220,8 @@ def make_tls_files(directory: Path) -> TlsFiles:
 
 ACL = """\
 # flame broker ACL: a node reads only its own inbox, writes only its own status,
-# may write any inbox of its analysis and read every status.
+# may write any inbox of its analysis and read every status; the analysis's broadcast topic
+# (the aggregator's kick-offs) is open to all here, as roles are not told apart.
 user {admin}
 topic readwrite #
 
@@ -228,6 +229,7 @@ pattern read flame/+/%u/inbox
 pattern write flame/+/+/inbox
 pattern readwrite flame/+/%u/status
 pattern read flame/+/+/status
+pattern readwrite flame/+/broadcast
 """
 
 

@@ -280,6 +280,39 @@ def test_generated_acl_isolates_inboxes(tmp_path: Path, use_tool: bool) -> None:
         broker.close()
 
 
+def test_generated_acl_lets_only_the_aggregation_member_broadcast(tmp_path: Path) -> None:
+    members = {"agg": "aggregation", "a": "analysis", "b": "analysis"}
+    roster = Roster([Member(n, r, Identity.generate(n).public_text) for n, r in members.items()])
+    broker = GeneratedBroker(tmp_path, roster, use_tool=False)
+    clients: list[mqtt.Client] = []
+    try:
+        got: dict[str, list[bytes]] = {"a": [], "b": []}
+        acks: list[Any] = []
+        for user in ("a", "b"):
+            client = broker.client(user)
+            client.on_message = lambda c, u, m, user=user: got[user].append(m.payload)
+            clients.append(client)
+            client.subscribe("flame/x/broadcast", qos=1)
+        aggregator = broker.client("agg")
+        clients.append(aggregator)
+        a = clients[0]
+        a.on_publish = lambda c, u, mid, code, p: acks.append(code)
+        time.sleep(0.5)
+        aggregator.publish("flame/x/broadcast", b"kick-off", qos=1).wait_for_publish(5)
+        a.publish("flame/x/broadcast", b"forged", qos=1).wait_for_publish(5)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and len(got["b"]) < 1:
+            time.sleep(0.05)
+        time.sleep(0.5)
+        assert got == {"a": [b"kick-off"], "b": [b"kick-off"]}
+        assert acks and acks[0].is_failure, "an analysis member may not broadcast"
+    finally:
+        for client in clients:
+            client.loop_stop()
+            client.disconnect()
+        broker.close()
+
+
 # --- a whole run with the generated config ---------------------------------------------------
 
 
@@ -290,11 +323,21 @@ def test_signed_run_passes_with_the_generated_broker_config(site: Site) -> None:
     )  # fmt: skip
     approved = hashed.stdout.strip()
     assert approved == code_hash(load_analysis(site.analysis).functions)  # one file: the same
+    # mallory is an analysis member outside this run: the broker ACL lets it read the
+    # broadcast topic, so the aggregator sends each node its own copy instead
+    broadcasts: list[bytes] = []
+    spy = site.broker.client(OPERATOR, site.broker.operator_password)
+    spy.on_message = lambda c, u, message: broadcasts.append(message.payload)
+    spy.subscribe("flame/auth-run/broadcast", qos=1)
+    time.sleep(0.3)
     processes = {
         node: site.start(node, "auth-run", FLAME_APPROVED_CODE=approved)
         for node in ("aggregator", *NODES)
     }
     codes = finish(processes)
+    spy.loop_stop()
+    spy.disconnect()
+    assert broadcasts == []
     assert codes == {"aggregator": 0, "site_a": 0, "site_b": 0}, {
         n: p.tail() for n, p in processes.items()
     }
@@ -324,6 +367,30 @@ def test_signed_run_passes_with_the_generated_broker_config(site: Site) -> None:
     assert "[signed, verified]" in lines["site_a"], shown.stdout + shown.stderr
     assert "[signed, verified]" in lines["aggregator"], shown.stdout
     assert "[NOT VERIFIED: bad or no signature]" in lines["site_b"], shown.stdout
+
+
+def test_a_run_of_the_whole_roster_broadcasts_its_kick_offs(tmp_path: Path) -> None:
+    """No analysis member outside the run: the kick-offs go once on the broadcast topic (the
+    broker operator counts them), and the result is the same."""
+    site = Site(tmp_path, {"aggregator": "aggregation", **{n: "analysis" for n in NODES}})
+    seen: list[str] = []
+    operator = site.broker.client(OPERATOR, site.broker.operator_password)
+    operator.on_message = lambda c, u, message: seen.append(message.topic)
+    operator.subscribe("flame/bcast-run/#", qos=1)
+    try:
+        time.sleep(0.3)
+        processes = {n: site.start(n, "bcast-run", FLAME_EPOCHS=3) for n in ("aggregator", *NODES)}
+        codes = finish(processes)
+        assert codes == {"aggregator": 0, "site_a": 0, "site_b": 0}, {
+            n: p.tail() for n, p in processes.items()
+        }
+        for process in processes.values():
+            assert process.value() == {"n": 5, "sum": 36.0}
+    finally:
+        operator.loop_stop()
+        operator.disconnect()
+        site.close()
+    assert seen.count("flame/bcast-run/broadcast") >= 2, seen  # the start and the end at least
 
 
 # --- one live process per node id -----------------------------------------------------------

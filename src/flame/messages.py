@@ -26,6 +26,8 @@ from flame import wire_tables
 from flame.errors import MessageError
 
 __all__ = [
+    "BROADCAST_KINDS",
+    "EVERYONE",
     "KINDS",
     "Envelope",
     "Kind",
@@ -47,6 +49,10 @@ Kind = Literal[
     "status", "start", "result", "aggregate", "finished", "error", "abort", "message", "ack"
 ]
 KINDS: frozenset[str] = frozenset(get_args(Kind))
+EVERYONE = "*"
+"""Recipient of one message to every node of the run that listens (the aggregator's kick-offs
+and the end, published once instead of once per node); never a node id."""
+BROADCAST_KINDS = frozenset({"start", "aggregate", "finished"})
 _NAME = r"^[A-Za-z0-9._-]{1,128}$"
 _MAX_DEPTH = 100
 _DTYPE = re.compile(r"^[<>|=]?(b1|[iu][1248]|f[248]|c(8|16))$")
@@ -75,6 +81,8 @@ class Envelope:
 
     def reply(self, kind: Kind, body: Any = None, **changes: Any) -> Envelope:
         """A new envelope back to this one's sender."""
+        if self.recipient == EVERYONE:
+            raise ValueError("a broadcast has no single recipient to reply as")
         return replace(
             self,
             sender=self.recipient,
@@ -126,6 +134,10 @@ def _is_int(value: Any) -> bool:
     return type(value) is int
 
 
+def _broadcast_kind(kind: Any) -> bool:
+    return isinstance(kind, str) and kind in BROADCAST_KINDS
+
+
 def _parse_header(raw: Any) -> _Header:
     """The header of `raw` (parsed JSON), or ValueError naming the first bad field."""
     if not isinstance(raw, dict):
@@ -139,6 +151,8 @@ def _parse_header(raw: Any) -> _Header:
     if not isinstance(raw["id"], str) or not _ID.fullmatch(raw["id"]):
         raise ValueError("id: must be 8-64 lowercase hex digits")
     for name in ("analysis", "sender", "recipient"):
+        if name == "recipient" and raw[name] == EVERYONE and _broadcast_kind(raw["kind"]):
+            continue
         if not isinstance(raw[name], str) or not _NAME_PATTERN.fullmatch(raw[name]):
             raise ValueError(f"{name}: must be 1-128 of A-Z a-z 0-9 . _ -")
     if not isinstance(raw["kind"], str) or raw["kind"] not in KINDS:

@@ -48,7 +48,7 @@ from flame.federated.records import (
 )
 from flame.federated.secure import SecureKeys, SecureSummer
 from flame.federated.status_board import StatusBoard
-from flame.messages import Envelope, Kind, encode_parts
+from flame.messages import EVERYONE, Envelope, Kind, encode_parts
 from flame.transport.base import Delivery, Transport
 
 __all__ = ["Aggregator"]
@@ -122,6 +122,12 @@ class Aggregator:
         self._statuses: dict[str, dict[str, Any]] = {}
         self._online: set[str] = set()
         self._withheld: set[str] = set()  # nodes whose policy declines other sites' aggregates
+        self._listening: set[str] = set()  # nodes subscribed to the run's broadcasts
+        roster = transport.auth.roster if transport.auth is not None else None
+        self._broadcast_readers_outside = roster is not None and any(
+            member.role == "analysis" and member.node_id not in self.participants
+            for member in roster
+        )
         self._told: set[str] = set()
         self._kickoff: tuple[Kind, int, Any] | None = None
         self._epoch = -1
@@ -461,14 +467,32 @@ class Aggregator:
             self._late_acks.cancel()  # the kick-off (or end) acknowledges the results
             self._late_acks = None
         self._kickoff_accepted(wait=True)  # the previous one first
-        envelopes = [self._envelope(node, kind, epoch, body) for node in self.participants]
+        listening = self._listening_to_broadcasts()
+        envelopes = [
+            self._envelope(node, kind, epoch, body)
+            for node in self.participants
+            if node not in listening
+        ]
         try:
             delivery = self.transport.dispatch(envelopes)
+            if listening:
+                everyone = self._envelope(EVERYONE, kind, epoch, body)
+                delivery += self.transport.broadcast(everyone, listening)
         except TypeError as exc:
             raise RunFailed(f"the aggregate of epoch {epoch} cannot be sent: {exc}") from exc
         self._delivery = delivery
         if not confirm_later:
             self._kickoff_accepted(wait=True)
+
+    def _listening_to_broadcasts(self) -> list[str]:
+        """Participants that take this run's broadcasts: every one that said so, unless a
+        roster member outside the run could read them too (the broker ACL lets every analysis
+        member read the topic) or the node declines other sites' aggregates."""
+        if self._broadcast_readers_outside:
+            return []
+        takers = self._listening - self._withheld
+        listening = [n for n in self.participants if n in takers]
+        return listening if len(listening) > 1 else []
 
     def _kickoff_accepted(self, *, wait: bool) -> bool:
         """Whether the broker accepted the last broadcast for every node (TransportError naming
@@ -645,6 +669,10 @@ class Aggregator:
         session = body.get("session")
         if body.get("share_aggregate") is False:
             self._withheld.add(node)
+        if body.get("broadcast") is True:
+            self._listening.add(node)
+        else:
+            self._listening.discard(node)
         if state == "offline" or body.get("online") is False:
             if node in self._online:
                 log.warning("node %s went offline", node)

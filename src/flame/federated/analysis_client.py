@@ -213,6 +213,8 @@ class AnalysisClient:
         if self.keys is not None and self.keys.private_key is None and self._precomputer is None:
             self._precomputer = Precomputer(self.keys)
             self._precomputer.fill(self.keys.precompute)
+        if self.policy.share_aggregate:  # the kick-offs everyone gets, with the aggregate
+            self.transport.take_broadcasts()
         self.transport.connect(self._status("waiting"))
         self._link = self.transport.link
         self.transport.watch([self.aggregator_id])

@@ -6,7 +6,8 @@
 * `DIR/passwd`: Mosquitto's password file for those tokens (`mosquitto_passwd` when it is
   installed, else the same PBKDF2-SHA512 `$7$` format written here);
 * `DIR/acl`: per member, read its own inbox only, write any inbox and its own status, read
-  every status (what `flame status` and the aggregator's presence need);
+  every status (what `flame status` and the aggregator's presence need); the aggregation
+  member writes, analysis members read, the analysis's broadcast topic (kick-offs, sent once);
 * `DIR/mosquitto.conf`: a snippet with those files, no anonymous access and the persistence
   settings the README recommends (no message lost when the broker is killed).
 """
@@ -62,6 +63,7 @@ def _acl(roster: Roster, analysis: str, operators: list[str]) -> str:
     ]
     for member in roster:
         node = member.node_id
+        broadcasts = "write" if member.role == "aggregation" else "read"
         lines += [
             "",
             f"user {node}",
@@ -69,6 +71,7 @@ def _acl(roster: Roster, analysis: str, operators: list[str]) -> str:
             f"topic write flame/{analysis}/+/inbox",
             f"topic readwrite flame/{analysis}/{node}/status",
             f"topic read flame/{analysis}/+/status",
+            f"topic {broadcasts} flame/{analysis}/broadcast",
         ]
     for operator in operators:
         lines += ["", f"user {operator}", f"topic read flame/{analysis}/+/status"]

@@ -18,6 +18,7 @@ import logging
 import time
 import uuid
 from collections.abc import Iterable, Sequence
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Protocol
 
 from flame._deadline import Deadline
@@ -57,6 +58,11 @@ class Delivery:
     def __init__(self, pending: Sequence[tuple[str, _Accepting]] = (), timeout: float = 0.0):
         self._pending = list(pending)
         self._deadline = Deadline(timeout)
+
+    def __add__(self, other: Delivery) -> Delivery:
+        joined = Delivery(self._pending + other._pending)
+        joined._deadline = min(self._deadline, other._deadline, key=Deadline.left)
+        return joined
 
     def check(self) -> bool:
         """True once every message is accepted; TransportError if one was refused or the
@@ -254,6 +260,20 @@ class Transport(abc.ABC):
         for envelope in envelopes:
             self.send(envelope, timeout)
         return Delivery()
+
+    def take_broadcasts(self) -> None:
+        """Before `connect`: also receive the aggregator's broadcasts (`EVERYONE`), where the
+        transport has them; its statuses then say `"broadcast": true` (see `broadcast`)."""
+        return None  # this transport has no broadcasts: every message comes to the inbox
+
+    def broadcast(
+        self, envelope: Envelope, recipients: Sequence[str], timeout: float | None = None
+    ) -> Delivery:
+        """`envelope` to each of `recipients`, which all said `"broadcast": true`: once on
+        the run's broadcast topic where the transport has one (signed once, one publish for
+        any number of nodes), else one copy per recipient."""
+        copies = [replace(envelope, recipient=node) for node in recipients]
+        return self.dispatch(copies, timeout)
 
     def post(self, envelope: Envelope) -> None:
         """Send without waiting for the broker to accept it, for small best-effort messages

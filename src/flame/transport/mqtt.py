@@ -20,6 +20,7 @@ import re
 import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from flame._deadline import Deadline
@@ -33,7 +34,7 @@ from flame.clients.message_broker_client import (
 )
 from flame.errors import MessageError, TransportError
 from flame.identity.signing import SIGNED_MAGIC, SignatureError
-from flame.messages import MAGIC, Envelope, to_jsonable
+from flame.messages import EVERYONE, MAGIC, Envelope, to_jsonable
 from flame.transport._chunks import (
     CHUNK_HEADER_SIZE,
     CHUNK_MAGIC,
@@ -70,6 +71,12 @@ def inbox_topic(analysis_id: str, node_id: str) -> str:
 
 def status_topic(analysis_id: str, node_id: str) -> str:
     return f"flame/{analysis_id}/{node_id}/status"
+
+
+def broadcast_topic(analysis_id: str) -> str:
+    """The aggregator's messages to every node (`EVERYONE`); one level shorter than a node's
+    topics, so it can never be mistaken for, or matched as, a node's inbox or status."""
+    return f"flame/{analysis_id}/broadcast"
 
 
 def client_id_for(analysis_id: str, node_id: str) -> str:
@@ -127,6 +134,9 @@ class MqttTransport(Transport):
         self._protocol = protocol
         self._reconnect_delay = reconnect_delay
         self._inbox = inbox_topic(analysis_id, node_id)
+        self._broadcast = broadcast_topic(analysis_id)
+        self._take_broadcasts = False  # asked for (take_broadcasts) ...
+        self._hears_broadcasts = False  # ... and subscribed: statuses say "broadcast": true
         self._reassembler = Reassembler(
             max_bytes=settings.max_message_bytes,
             timeout=reassembly_timeout
@@ -170,6 +180,8 @@ class MqttTransport(Transport):
     def _status_payload(self, status: dict[str, Any]) -> bytes:
         link = self.link
         full = {**status, "link": link} if link else status  # `link` only once it counts
+        if self._hears_broadcasts and status.get("state") != "offline":
+            full = {**full, "broadcast": True}
         return json.dumps(to_jsonable(self.sign_status(full)), separators=(",", ":")).encode()
 
     def _renew_status(self) -> bytes | None:
@@ -307,6 +319,7 @@ class MqttTransport(Transport):
         self._status_pending = None
         try:
             client.subscribe([(self._inbox, 1)], timeout=settings.send_timeout)
+            self._hears_broadcasts = self._take_broadcasts and self._subscribe_broadcasts(client)
             # Our own status topic only after a reconnect (the broker's retained copy: who
             # holds this node now?). Subscribed from the start, every status this node
             # announces would come back to it, two needless deliveries per epoch.
@@ -319,6 +332,17 @@ class MqttTransport(Transport):
             self._client = None
             client.disconnect()
             raise
+
+    def _subscribe_broadcasts(self, client: MessageBrokerClient) -> bool:
+        try:
+            client.subscribe([(self._broadcast, 1)], timeout=self.settings.send_timeout)
+        except TransportError as exc:  # e.g. an ACL written before broadcasts: one by one
+            log.warning("%s takes the aggregator's messages one by one: %s", self.node_id, exc)
+            return False
+        return True
+
+    def take_broadcasts(self) -> None:
+        self._take_broadcasts = True
 
     def close(self) -> None:
         if not self._connected or self._client is None:
@@ -457,6 +481,25 @@ class MqttTransport(Transport):
             raise
         return Delivery(pending, wait)
 
+    def broadcast(
+        self, envelope: Envelope, recipients: Sequence[str], timeout: float | None = None
+    ) -> Delivery:
+        if len(recipients) < 2 or not self._connected:
+            return super().broadcast(envelope, recipients, timeout)
+        self._check_conflict()
+        parts = self.outgoing(replace(envelope, recipient=EVERYONE))
+        size = frame_size(parts)
+        checked = self._claim_check is not None and size > self._claim_check_threshold
+        if checked or size > self.settings.chunk_size:  # chunks are signed per recipient
+            return super().broadcast(envelope, recipients, timeout)
+        try:
+            pending = self.client.publish_nowait(self._broadcast, b"".join(parts))
+        except TransportError as exc:
+            raise TransportError(f"cannot broadcast to {len(recipients)} nodes: {exc}") from None
+        self.bytes_sent += size
+        wait = timeout if timeout is not None else self.settings.send_timeout
+        return Delivery([(f"{len(recipients)} nodes (broadcast)", pending)], wait)
+
     def post(self, envelope: Envelope) -> None:
         self._check_conflict()
         parts = self.outgoing(envelope)
@@ -541,6 +584,10 @@ class MqttTransport(Transport):
     def _handle(self, message: IncomingMessage) -> Envelope | None:
         if message.topic == self._inbox:
             return self._handle_frame(message.payload)
+        if message.topic == self._broadcast:
+            if not self._hears_broadcasts:  # a subscription left in the session by an earlier
+                return None  # process; this one's policy may decline the aggregates
+            return self._handle_frame(message.payload, broadcast=True)
         if message.topic == status_topic(self.analysis_id, self.node_id):
             self._own_status(message)
             return None
@@ -568,11 +615,13 @@ class MqttTransport(Transport):
             self.dropped += 1
         return envelope
 
-    def _handle_frame(self, payload: bytes | bytearray) -> Envelope | None:
+    def _handle_frame(self, payload: bytes | bytearray, broadcast: bool = False) -> Envelope | None:
         limit = self.settings.max_message_bytes
         magic = payload[:3]
         frame: bytes | bytearray
         try:
+            if broadcast and magic not in (MAGIC, SIGNED_MAGIC):
+                raise MessageError("a broadcast is one whole frame (no chunks, no claim check)")
             if magic == CHUNK_MAGIC:
                 if len(payload) > limit + _MAX_CHUNK_HEADER:
                     raise MessageError(f"chunk of {len(payload)} bytes is over the limit")
@@ -594,7 +643,8 @@ class MqttTransport(Transport):
             self._drop(f"a malformed message: {exc}")
             return None
         self.bytes_received += len(frame)
-        if envelope.analysis != self.analysis_id or envelope.recipient != self.node_id:
+        recipient = EVERYONE if broadcast else self.node_id
+        if envelope.analysis != self.analysis_id or envelope.recipient != recipient:
             self._drop(f"a message addressed to {envelope.analysis}/{envelope.recipient}")
             return None
         return envelope
