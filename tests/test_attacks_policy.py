@@ -301,12 +301,15 @@ class _StatusBroker:
 
 
 PROGRESS = """
+import time
+
 import flame
 
 def analyze(data):
     rows = data.read_text("x.csv").split()[1:3]
     flame.context().set_progress(int(rows[0]) / 1000)           # 0.041: a record
     flame.context().set_progress(0.5 + int(rows[1]) / 1000)     # 0.542: another
+    time.sleep(0.6)  # longer than the status interval: the progress status is not sampled away
     return {"n": 1}
 
 def aggregate(results):

@@ -37,11 +37,17 @@ EPOCHS = 3
 
 ANALYSIS = textwrap.dedent(
     """
+    import time
+
     import flame
 
+    # Each step lasts longer than the status interval (0.25 s), so every state shows;
+    # faster ones are sampled, the latest winning (flame.federated.status_board).
     def analyze(data, epoch, previous):
         values = data.read_csv()["value"]
+        time.sleep(0.6)
         flame.context().set_progress(0.5)
+        time.sleep(0.6)
         if epoch == FAIL_AT and flame.context().node_id == "clinic-b":
             raise ValueError("no such column: weight")
         return {"n": int(values.size), "sum": float(values.sum()) + epoch}

@@ -47,7 +47,7 @@ from flame.federated.records import (
     numeric_summary,
 )
 from flame.federated.secure import SecureKeys, SecureSummer
-from flame.federated.status_board import StatusBoard
+from flame.federated.status_board import STATUS_INTERVAL, StatusBoard
 from flame.messages import EVERYONE, Envelope, Kind, encode_parts
 from flame.transport.base import Delivery, Transport
 
@@ -61,6 +61,7 @@ _SEND_TIMEOUT = 5.0  # seconds for an abort or ack: a dead broker must not delay
 _STATUS_LOG_LINES = 40  # forwarded node log lines kept in the retained status
 _ACK_DELAY = 0.2  # seconds a result waits for its epoch to complete before an explicit ack
 _FAREWELL = 5.0  # seconds to see the nodes take `finished` (re-sent after a lost session)
+_SETTLE_SLACK = 0.25  # seconds beyond the status interval for a node's last status to arrive
 _DELIVERY_POLL = 0.05  # seconds between looks at whether the broker accepted the kick-off
 
 
@@ -279,6 +280,8 @@ class Aggregator:
         past epoch 0 while this aggregator has no checkpoint lost the previous aggregate with
         the previous aggregator process: computing it again from epoch 0 is the only way.
         """
+        if not resuming and any(s.get("run") for s in self._statuses.values()):
+            self._settle_statuses()
         statuses = {n: s for n, s in self._statuses.items() if n in self._online}
         runs = Counter(s["run"] for s in statuses.values() if isinstance(s.get("run"), str))
         ahead = sorted(
@@ -300,6 +303,25 @@ class Aggregator:
                 runs.most_common(1)[0][0],
                 self.run_id,
             )
+
+    def _settle_statuses(self) -> None:
+        """Read statuses until none has come for a status interval (plus slack): a node's
+        routine status may wait that long in its board (`status_board`), and where the nodes
+        stand must not be judged from one they have already left behind (nodes seemingly in
+        epoch 0 but past it would be sent epoch 0 of their run again and never answer)."""
+        quiet = STATUS_INTERVAL + _SETTLE_SLACK
+        deadline = Deadline(8 * quiet)
+        while not deadline.passed():
+            wait = Deadline(min(quiet, deadline.left()))
+            envelope = self.mailbox.next(self._is_status_or_error, wait)
+            if envelope is None:
+                return
+            if envelope.kind == "message":
+                self._note_logs(envelope)
+            elif envelope.kind == "error":
+                self._fail_from(envelope)
+            else:
+                self._note_status(envelope)
 
     def _await_farewell(self, answered: set[str]) -> None:
         """Briefly see the nodes take `finished`; one whose broker session was lost meanwhile

@@ -200,6 +200,8 @@ class MemoryTransport(Transport):
             return envelope
 
     def announce(self, status: dict[str, Any]) -> None:
+        if not self._connected:  # as MQTT: a crashed or closed node says nothing more
+            raise TransportError(f"cannot announce: {self.node_id} is not connected")
         self._last_status = dict(status)
         self.broker.set_status(self.analysis_id, self.node_id, self.sign_status(status))
 
