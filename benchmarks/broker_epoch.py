@@ -158,6 +158,74 @@ def raw_round_trip(url: str, rounds: int) -> list[float]:
     return times
 
 
+def child_raw_node(url: str, tag: str, index: int) -> None:
+    """A raw paho 'node': answers every kick-off on the shared topic from its network thread
+    (no hand-over to another thread, no envelope, no signature) until told to stop."""
+    done = threading.Event()
+    client = raw_client(url, f"raw-node-{tag}-{index}")
+
+    def on_message(c: Any, u: Any, message: mqtt.MQTTMessage) -> None:
+        if message.payload == b"stop":
+            done.set()
+        else:
+            c.publish(f"bench/{tag}/agg", b"%d" % index + message.payload[:48], qos=1)
+
+    client.on_message = on_message
+    client.subscribe(f"bench/{tag}/all", qos=1)
+    done.wait(600)
+    client.disconnect()
+    client.loop_stop()
+
+
+def raw_epochs(url: str, nodes: int, epochs: int) -> list[float]:
+    """The floor of a `nodes`-node epoch on this machine: raw paho, one process per node, one
+    QoS 1 kick-off to all (as flame's broadcast), one QoS 1 answer from each; the epoch is
+    kick-off to next kick-off. What flame adds on top is the envelope, the hand-over from the
+    network thread to the node's loop, the analysis call and, signed, Ed25519."""
+    tag = f"{os.getpid()}-{time.monotonic_ns()}"
+    script = str(Path(__file__).resolve())
+    answers = 0
+    all_in = threading.Event()
+    aggregator = raw_client(url, f"raw-agg-{tag}")
+
+    def on_message(c: Any, u: Any, message: mqtt.MQTTMessage) -> None:
+        nonlocal answers
+        answers += 1
+        if answers == nodes:
+            all_in.set()
+
+    aggregator.on_message = on_message
+    subscribed = threading.Event()
+    aggregator.on_subscribe = lambda *args: subscribed.set()
+    aggregator.subscribe(f"bench/{tag}/agg", qos=1)
+    subscribed.wait(10)
+    workers = [
+        subprocess.Popen([sys.executable, script, "--child-raw-node", url, tag, str(i)])
+        for i in range(nodes)
+    ]
+    starts: list[float] = []
+    try:
+        time.sleep(1.0 + 0.1 * nodes)  # every node connected and subscribed
+        for _ in range(epochs):
+            all_in.clear()
+            answers = 0
+            starts.append(time.perf_counter())
+            aggregator.publish(f"bench/{tag}/all", b"kick-off" * 4, qos=1)
+            if not all_in.wait(30):
+                raise SystemExit(f"raw epoch: only {answers} of {nodes} answered")
+        starts.append(time.perf_counter())
+    finally:
+        aggregator.publish(f"bench/{tag}/all", b"stop", qos=1).wait_for_publish(10)
+        for worker in workers:
+            try:
+                worker.wait(30)
+            except subprocess.TimeoutExpired:
+                worker.kill()
+        aggregator.disconnect()
+        aggregator.loop_stop()
+    return [after - before for before, after in itertools.pairwise(starts)]
+
+
 # --- 2. flame transport round trip ------------------------------------------------------------
 
 
@@ -561,6 +629,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--child-receive", nargs=4, help=argparse.SUPPRESS)
     parser.add_argument("--child-send", nargs=4, help=argparse.SUPPRESS)
     parser.add_argument("--child-nodes", nargs=6, help=argparse.SUPPRESS)
+    parser.add_argument("--child-raw-node", nargs=3, help=argparse.SUPPRESS)
     parser.add_argument(
         "--only-signed", action="store_true", help="just the signed-vs-unsigned epoch row"
     )
@@ -570,6 +639,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.child_isolation:
         mode, size, count = args.child_isolation
         child_isolation(mode, int(size), int(count))
+        return
+    if args.child_raw_node:
+        url, tag, index = args.child_raw_node
+        child_raw_node(url, tag, int(index))
         return
     if args.child_nodes:
         url, analysis, first, count, total, ids = args.child_nodes
@@ -691,6 +764,7 @@ def report_signed(url: str, rounds: int, nodes: int = 10, epochs: int = 61) -> N
     finally:
         shutil.rmtree(ids, ignore_errors=True)
     plain, sign = statistics.median(unsigned), statistics.median(signed)
+    floor = statistics.median(raw_epochs(url, nodes, epochs * 2))
     sign_s, verify_s = verify_cost()
     print(
         f"6. epoch with {nodes} nodes, signed (Ed25519, roster) vs unsigned, median of "
@@ -700,6 +774,12 @@ def report_signed(url: str, rounds: int, nodes: int = 10, epochs: int = 61) -> N
         f"two raw round trips (target <= 3x), unsigned = {plain / (2 * raw_median):.2f}x "
         f"(raw round trip {raw_median * 1000:.2f} ms; load "
         f"{', '.join(f'{x:.1f}' for x in os.getloadavg())})"
+    )
+    print(
+        f"   raw paho {nodes}-node epoch (one kick-off to all, {nodes} answers; no envelope, "
+        f"no signature, answered on the network thread): {floor * 1000:.2f} ms = "
+        f"{floor / (2 * raw_median):.2f}x two raw round trips; flame signed = "
+        f"{sign / floor:.2f}x it, unsigned = {plain / floor:.2f}x"
     )
     print(
         f"   per message: sign {sign_s * 1e6:.0f} us, verify (+ decode) {verify_s * 1e6:.0f} us; "
