@@ -47,7 +47,7 @@ from flame.federated.records import (
     numeric_summary,
 )
 from flame.federated.secure import SecureKeys, SecureSummer
-from flame.federated.status_board import StatusBoard, status_interval
+from flame.federated.status_board import STATUS_INTERVAL, StatusBoard
 from flame.messages import EVERYONE, Envelope, Kind, encode_parts
 from flame.transport.base import Delivery, Transport
 
@@ -309,7 +309,7 @@ class Aggregator:
         routine status may wait that long in its board (`status_board`), and where the nodes
         stand must not be judged from one they have already left behind (nodes seemingly in
         epoch 0 but past it would be sent epoch 0 of their run again and never answer)."""
-        quiet = status_interval(len(self.participants)) + _SETTLE_SLACK
+        quiet = STATUS_INTERVAL + _SETTLE_SLACK
         deadline = Deadline(8 * quiet)
         while not deadline.passed():
             wait = Deadline(min(quiet, deadline.left()))

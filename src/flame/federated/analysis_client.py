@@ -54,7 +54,7 @@ from flame.federated.secure import (
     answer_decrypt,
     seal,
 )
-from flame.federated.status_board import StatusBoard, status_interval
+from flame.federated.status_board import StatusBoard
 from flame.federated.threshold_endorse import ENDORSE, ENDORSED
 from flame.isolation.runner import ChildRunner, InProcessRunner, Outcome, Runner
 from flame.messages import Envelope
@@ -206,8 +206,7 @@ class AnalysisClient:
         self._parked: list[Envelope] = []
         self._forwarder: LogForwarder | None = None
         self._said_goodbye = False
-        # routine statuses kept off the critical path
-        self.board = StatusBoard(transport, status_interval(len(self.context.participants)))
+        self.board = StatusBoard(transport)  # routine statuses kept off the critical path
 
     # --- the protocol steps ------------------------------------------------------------------
     def connect(self) -> None:

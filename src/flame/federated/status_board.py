@@ -18,18 +18,11 @@ from typing import Any
 
 from flame.transport.base import Transport
 
-__all__ = ["STATUS_INTERVAL", "StatusBoard", "status_interval"]
+__all__ = ["STATUS_INTERVAL", "StatusBoard"]
 
 log = logging.getLogger(__name__)
 
 STATUS_INTERVAL = 0.25  # seconds between routine statuses of one node, at most
-_FEDERATION_STATUSES = 400  # routine statuses a second the whole federation sends, at most
-
-
-def status_interval(nodes: int) -> float:
-    """One node's interval in a federation of `nodes`: 0.25 s, longer beyond 100 nodes, so the
-    aggregator (who verifies every status) gets at most ~400 routine statuses a second."""
-    return max(STATUS_INTERVAL, nodes / _FEDERATION_STATUSES)
 
 
 class StatusBoard:
