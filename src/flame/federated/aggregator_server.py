@@ -316,12 +316,7 @@ class Aggregator:
             envelope = self.mailbox.next(self._is_status_or_error, wait)
             if envelope is None:
                 return
-            if envelope.kind == "message":
-                self._note_logs(envelope)
-            elif envelope.kind == "error":
-                self._fail_from(envelope)
-            else:
-                self._note_status(envelope)
+            self._note_presence(envelope)
 
     def _await_farewell(self, answered: set[str]) -> None:
         """Briefly see the nodes take `finished`; one whose broker session was lost meanwhile
@@ -360,12 +355,7 @@ class Aggregator:
             envelope = self.mailbox.next(self._is_status_or_error, deadline)
             if envelope is None:
                 break
-            if envelope.kind == "message":
-                self._note_logs(envelope)
-                continue
-            if envelope.kind == "error":
-                self._fail_from(envelope)
-            self._note_status(envelope)
+            self._note_presence(envelope)
         if len(self._online) < self.quorum:
             missing = [n for n in self.participants if n not in self._online]
             raise RunTimeout(
@@ -724,6 +714,15 @@ class Aggregator:
         if self._kickoff is not None and rejoin_epoch is not None:
             log.info("node %s (re)joined or lost its broker session; sending it again", node)
             self._send(node, *self._kickoff)
+
+    def _note_presence(self, envelope: Envelope) -> None:
+        """A status, error report or forwarded log lines, while no result is expected."""
+        if envelope.kind == "message":
+            self._note_logs(envelope)
+        elif envelope.kind == "error":
+            self._fail_from(envelope)  # raises unless from an earlier process or an outsider
+        else:
+            self._note_status(envelope)
 
     def _is_status_or_error(self, envelope: Envelope) -> bool:
         return envelope.kind in ("status", "error") or self._is_logs(envelope)
