@@ -368,6 +368,7 @@ class MessageBrokerClient:
         self._client.on_message = self._on_message
         self._client.on_publish = self._on_publish
         self._client.on_subscribe = self._on_subscribe
+        self._client.on_unsubscribe = self._on_subscribe  # UNSUBACKs: matched the same way
 
     # --- configuration -----------------------------------------------------------------------
 
@@ -737,6 +738,31 @@ class MessageBrokerClient:
                     f"broker {self.address} refused the subscription to {topic}: "
                     f"{_reason_text(reason)}"
                 )
+
+    def unsubscribe(self, topics: Sequence[str], *, timeout: float = 30.0) -> None:
+        """Unsubscribe (also from what an earlier process left in the persistent session) and
+        wait for the UNSUBACK; TransportError if it does not come in time."""
+        if not topics:
+            return
+        for topic in topics:
+            self._subscriptions.pop(topic, None)
+        deadline = Deadline(timeout)
+        if not self._connected.wait(deadline.left()):
+            raise TransportError(
+                f"cannot unsubscribe from {topics[0]}: not connected to broker {self.address}"
+            )
+        rc, mid = self._client.unsubscribe(list(topics))
+        if rc != MQTTErrorCode.MQTT_ERR_SUCCESS or mid is None:
+            raise TransportError(
+                f"cannot unsubscribe from {topics[0]} on broker {self.address}: {_reason_text(rc)}"
+            )
+        waiter = self._acks.expect(mid)
+        if not waiter.wait(deadline.left()):
+            self._acks.forget(mid, waiter)
+            raise TransportError(
+                f"broker {self.address} did not acknowledge unsubscribing from {topics[0]} "
+                f"within {timeout:g} s"
+            )
 
     def get(self, timeout: float) -> IncomingMessage | None:
         """The next incoming message, or None after `timeout` seconds."""

@@ -319,7 +319,7 @@ class MqttTransport(Transport):
         self._status_pending = None
         try:
             client.subscribe([(self._inbox, 1)], timeout=settings.send_timeout)
-            self._hears_broadcasts = self._take_broadcasts and self._subscribe_broadcasts(client)
+            self._hears_broadcasts = self._subscribe_broadcasts(client)
             # Our own status topic only after a reconnect (the broker's retained copy: who
             # holds this node now?). Subscribed from the start, every status this node
             # announces would come back to it, two needless deliveries per epoch.
@@ -334,6 +334,14 @@ class MqttTransport(Transport):
             raise
 
     def _subscribe_broadcasts(self, client: MessageBrokerClient) -> bool:
+        if not self._take_broadcasts:
+            # A subscription an earlier process of this node left in its persistent session
+            # would still bring every aggregate here (share_aggregate = false declines them).
+            try:
+                client.unsubscribe([self._broadcast], timeout=self.settings.send_timeout)
+            except TransportError as exc:
+                log.warning("%s could not drop the broadcast topic: %s", self.node_id, exc)
+            return False
         try:
             client.subscribe([(self._broadcast, 1)], timeout=self.settings.send_timeout)
         except TransportError as exc:  # e.g. an ACL written before broadcasts: one by one
