@@ -61,7 +61,10 @@ class Delivery:
 
     def __add__(self, other: Delivery) -> Delivery:
         joined = Delivery(self._pending + other._pending)
-        joined._deadline = min(self._deadline, other._deadline, key=Deadline.left)
+        # The deadline of a part with nothing pending (e.g. `Delivery()`, timeout 0) must not
+        # make the other part's messages overdue at once.
+        deadlines = [part._deadline for part in (self, other) if part._pending]
+        joined._deadline = min(deadlines or [other._deadline], key=Deadline.left)
         return joined
 
     def check(self) -> bool:
