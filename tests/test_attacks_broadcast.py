@@ -187,14 +187,23 @@ def aggregate(results, epoch, previous):
 
 
 def _whole_roster_run(
-    broker: Broker, tmp_path: Any, nodes: list[str], epochs: int, **extra: str
+    broker: Broker,
+    tmp_path: Any,
+    nodes: list[str],
+    epochs: int,
+    *,
+    analysis_id: str | None = None,
+    code: str = "",
+    value: str = "1",
+    **extra: str,
 ) -> tuple[Any, str]:
     from identities import federation as make_identities
     from nodes import IDENTITY_DIR, federation_env
     from nodes import Federation as Processes
 
-    analysis_id = f"rt3-{time.monotonic_ns()}"
-    ids = tmp_path / "ids"
+    analysis_id = analysis_id or f"rt3-{time.monotonic_ns()}"
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    ids = tmp_path.parent / "ids" if code else tmp_path / "ids"  # code: runs share a roster
     made = make_identities(ids, nodes)
     env = federation_env(
         broker,
@@ -208,10 +217,10 @@ def _whole_roster_run(
         **extra,
     )
     script = tmp_path / "analysis.py"
-    script.write_text(RUN_ANALYSIS)
+    script.write_text(code or RUN_ANALYSIS)
     for node in nodes:
         (tmp_path / "data" / node).mkdir(parents=True, exist_ok=True)
-        (tmp_path / "data" / node / "v.txt").write_text("1\n")
+        (tmp_path / "data" / node / "v.txt").write_text(value + "\n")
     return Processes(env, script, tmp_path / "data", nodes, tmp_path / "logs"), analysis_id
 
 
@@ -375,3 +384,81 @@ def test_an_empty_delivery_does_not_make_a_broadcast_overdue() -> None:
     joined = Delivery() + Delivery([("3 nodes (broadcast)", Pending())], 5.0)
     assert joined.check() is False  # still on its way, not overdue
     joined.wait()
+
+
+REPLAY_ANALYSIS = '''
+def analyze(data, epoch, previous):
+    v = float(data.read_text("v.txt"))
+    return {"x": v, "base": None if previous is None else previous["total"]}
+
+def aggregate(results, epoch, previous):
+    return {"total": sum(r["x"] for r in results.values()),
+            "bases": sorted({str(r["base"]) for r in results.values()})}
+'''
+
+
+def test_kick_offs_of_an_earlier_run_replayed_on_the_broadcast_topic_are_not_acted_on(
+    mqtt_broker: Broker, tmp_path: Any
+) -> None:
+    """Run 1 broadcasts its kick-offs (captured by the broker). Run 2 of the same analysis id
+    has other data; the broker replays run 1's genuine signed kick-offs, retained and live,
+    before and while run 2's aggregator runs. Run 2 must be computed from its own aggregates
+    only."""
+    nodes = ["node-0", "node-1", "node-2"]
+    first, analysis_id = _whole_roster_run(
+        mqtt_broker, tmp_path / "run1", nodes, epochs=3, code=REPLAY_ANALYSIS, value="1"
+    )
+    topic = broadcast_topic(analysis_id)
+    captured: list[bytes] = []
+    spy = admin(mqtt_broker)
+    spy.on_message = lambda c, u, m: captured.append(bytes(m.payload))
+    spy.subscribe(topic, qos=1)
+    time.sleep(0.3)
+    try:
+        first.start_all()
+        assert first.finish(timeout=120)["aggregator"] == {"total": 3.0, "bases": ["3.0"]}
+    finally:
+        first.close()
+    kickoffs = [
+        payload
+        for payload in captured
+        if (e := _decode_any(payload)) is not None and e.kind in ("start", "aggregate")
+    ]
+    assert kickoffs, "run 1 broadcast no kick-off"
+    second, _ = _whole_roster_run(
+        mqtt_broker,
+        tmp_path / "run2",
+        nodes,
+        epochs=3,
+        analysis_id=analysis_id,
+        code=REPLAY_ANALYSIS,
+        value="10",
+    )
+    stop = False
+
+    def replay() -> None:
+        while not stop:
+            for payload in kickoffs:
+                spy.publish(topic, payload, qos=1)
+            time.sleep(0.1)
+
+    import threading
+
+    spy.publish(topic, kickoffs[-1], qos=1, retain=True).wait_for_publish(5)
+    replaying = threading.Thread(target=replay, daemon=True)
+    replaying.start()
+    try:
+        for node in nodes:
+            second.start(node)
+        time.sleep(2)  # the nodes see the replays before the aggregator is up
+        second.start("aggregator")
+        values = second.finish(timeout=120)
+    finally:
+        stop = True
+        replaying.join(5)
+        spy.publish(topic, b"", qos=1, retain=True).wait_for_publish(5)
+        spy.loop_stop()
+        spy.disconnect()
+        second.close()
+    honest = {"total": 30.0, "bases": ["30.0"]}
+    assert values == {n: honest for n in ["aggregator", *nodes]}, values
