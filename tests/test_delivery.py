@@ -242,6 +242,68 @@ def test_an_aggregator_restarted_later_without_storage_starts_the_run_over() -> 
     assert sorted(calls) == sorted((node, epoch) for node in DATA for epoch in (0, 0, 1, 1, 2))
 
 
+def test_an_aggregator_dying_right_after_a_kick_off_resumes_level_with_the_nodes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The aggregator sends epoch 1's aggregate and dies before anything else. Its checkpoint
+    was saved after the kick-off: restarted, it resumed at epoch 1 while the nodes were in
+    epoch 2, ignored their "future" results and stalled until the epoch timeout. The
+    checkpoint is now saved first, so the restart resumes where the nodes are."""
+    broker = MemoryBroker()
+    died = threading.Event()
+    release = threading.Event()
+    sending = Aggregator._send_parameters
+
+    def send_then_die(self: Aggregator, epoch: int, value: Any) -> None:
+        sending(self, epoch, value)
+        if threading.current_thread().name == "first" and epoch == 1:
+            died.set()
+            release.wait(30)
+
+    monkeypatch.setattr(Aggregator, "_send_parameters", send_then_die)
+    functions = AnalysisFunctions.of(analyze, aggregate)
+
+    def make() -> Aggregator:
+        return Aggregator(
+            MemoryTransport(broker, "resume", "aggregator"),
+            functions,
+            participants=list(DATA),
+            epochs=4,
+            epoch_timeout=20,
+            presence_timeout=20,
+            store=StorageRunStore(FileStore(tmp_path), "resume", "aggregator"),
+        )
+
+    outcome: dict[str, Any] = {}
+
+    def play(node: str) -> None:
+        client = AnalysisClient(
+            MemoryTransport(broker, "resume", node),
+            aggregator_id="aggregator",
+            participants=list(DATA),
+            wait_timeout=40,
+        )
+        data = Data({"memory": MemorySource(DATA[node])}, node_id=node)
+        outcome[node] = client.run(functions, data).value
+
+    nodes = [threading.Thread(target=play, args=(n,), daemon=True) for n in DATA]
+    for thread in nodes:
+        thread.start()
+    first = make()
+    threading.Thread(target=lambda: _quietly(first.execute), name="first", daemon=True).start()
+    try:
+        assert died.wait(20)
+        first.transport.kill()  # type: ignore[attr-defined]
+        result = make().execute()  # before: RunTimeout, the nodes one epoch ahead
+    finally:
+        release.set()
+    for thread in nodes:
+        thread.join(20)
+    assert result.value == reference(4)
+    assert [record.epoch for record in result.history] == [0, 1, 2, 3]
+    assert all(outcome[node] == result.value for node in DATA)
+
+
 def test_a_slow_node_skips_the_queued_aggregates_of_a_finished_run() -> None:
     """In-process (no child to stop), the slow node finishes its epoch 0 and then finds the
     aggregates of epochs 0 and 1 and `finished` queued: it takes `finished`."""

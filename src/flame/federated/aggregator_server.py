@@ -227,6 +227,11 @@ class Aggregator:
                 summary=numeric_summary(value),
             )
             last = converged or epoch + 1 == self.epochs
+            if not last and self.store is not None:
+                # Before the kick-off: an aggregator restarted after it must not resume behind
+                # the nodes (they would be an epoch ahead, their results "future", the run stuck
+                # until the epoch timeout). The record here lacks the kick-off's bytes.
+                self.store.save_checkpoint(Checkpoint(epoch + 1, value, [*history, record]))
             if not last:
                 self._send_parameters(epoch, value)
                 record = replace(record, bytes_sent=self.transport.bytes_sent - sent)
@@ -234,8 +239,6 @@ class Aggregator:
             self._emit(Event("epoch_finished", epoch, record=record, received=len(results)))
             if last:
                 break
-            if self.store is not None:
-                self.store.save_checkpoint(Checkpoint(epoch + 1, value, list(history)))
             previous = value
         warn_if_dishonest(value, converged, self.functions.converged is not None, self.epochs)
         result = RunResult(
