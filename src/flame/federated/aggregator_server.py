@@ -123,7 +123,8 @@ class Aggregator:
         self._statuses: dict[str, dict[str, Any]] = {}
         self._online: set[str] = set()
         self._withheld: set[str] = set()  # nodes whose policy declines other sites' aggregates
-        self._listening: set[str] = set()  # nodes subscribed to the run's broadcasts
+        self._listening: set[str] = set()  # nodes a broadcast has reached (their statuses say)
+        self._probed = False
         roster = transport.auth.roster if transport.auth is not None else None
         self._broadcast_readers_outside = roster is not None and any(
             member.role == "analysis" and member.node_id not in self.participants
@@ -493,11 +494,23 @@ class Aggregator:
             if listening:
                 everyone = self._envelope(EVERYONE, kind, epoch, body)
                 delivery += self.transport.broadcast(everyone, listening)
+            elif self._may_probe(kind, body):
+                probe = {**body, "probe": True}  # nodes it reaches say so in their statuses
+                self.transport.probe_broadcast(self._envelope(EVERYONE, kind, epoch, probe))
         except TypeError as exc:
             raise RunFailed(f"the aggregate of epoch {epoch} cannot be sent: {exc}") from exc
         self._delivery = delivery
         if not confirm_later:
             self._kickoff_accepted(wait=True)
+
+    def _may_probe(self, kind: Kind, body: Any) -> bool:
+        """Once per process, with its first kick-off: whether the broker lets broadcasts through
+        is only known from nodes that received one (an ACL without the topic still grants the
+        subscription), so until one says so, every node also gets its own copy."""
+        if self._probed or self._broadcast_readers_outside or kind == "finished":
+            return False
+        self._probed = True
+        return isinstance(body, dict)
 
     def _listening_to_broadcasts(self) -> list[str]:
         """Participants that take this run's broadcasts: every one that said so, unless a

@@ -586,6 +586,8 @@ class AnalysisClient:
 
     def _admit(self, envelope: Envelope) -> Instruction | None:
         """The instruction in `envelope` if it is new for this node, after run-id bookkeeping."""
+        if isinstance(envelope.body, dict) and envelope.body.get("probe") is True:
+            return None  # the aggregator asking whether broadcasts reach us: the transport noted it
         instruction = self._parse(envelope)
         if instruction is None:
             return None

@@ -266,8 +266,14 @@ class Transport(abc.ABC):
 
     def take_broadcasts(self) -> None:
         """Before `connect`: also receive the aggregator's broadcasts (`EVERYONE`), where the
-        transport has them; its statuses then say `"broadcast": true` (see `broadcast`)."""
+        transport has them; once one has arrived, its statuses say `"broadcast": true` (see
+        `broadcast`)."""
         return None  # this transport has no broadcasts: every message comes to the inbox
+
+    def probe_broadcast(self, envelope: Envelope) -> None:
+        """Publish `envelope` on the broadcast topic without confirming it: nodes that receive
+        it learn that broadcasts reach them and say so. No-op without a broadcast topic."""
+        return None
 
     def broadcast(
         self, envelope: Envelope, recipients: Sequence[str], timeout: float | None = None

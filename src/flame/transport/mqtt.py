@@ -136,7 +136,8 @@ class MqttTransport(Transport):
         self._inbox = inbox_topic(analysis_id, node_id)
         self._broadcast = broadcast_topic(analysis_id)
         self._take_broadcasts = False  # asked for (take_broadcasts) ...
-        self._hears_broadcasts = False  # ... and subscribed: statuses say "broadcast": true
+        self._hears_broadcasts = False  # ... and subscribed ...
+        self._heard_broadcast = False  # ... and one arrived: statuses say "broadcast": true
         self._reassembler = Reassembler(
             max_bytes=settings.max_message_bytes,
             timeout=reassembly_timeout
@@ -180,7 +181,7 @@ class MqttTransport(Transport):
     def _status_payload(self, status: dict[str, Any]) -> bytes:
         link = self.link
         full = {**status, "link": link} if link else status  # `link` only once it counts
-        if self._hears_broadcasts and status.get("state") != "offline":
+        if self._heard_broadcast and status.get("state") != "offline":
             full = {**full, "broadcast": True}
         return json.dumps(to_jsonable(self.sign_status(full)), separators=(",", ":")).encode()
 
@@ -508,6 +509,17 @@ class MqttTransport(Transport):
         wait = timeout if timeout is not None else self.settings.send_timeout
         return Delivery([(f"{len(recipients)} nodes (broadcast)", pending)], wait)
 
+    def probe_broadcast(self, envelope: Envelope) -> None:
+        if not self._connected:
+            return
+        parts = self.outgoing(replace(envelope, recipient=EVERYONE))
+        if frame_size(parts) > self.settings.chunk_size:
+            return
+        try:  # unconfirmed: a refusal (an ACL without the topic) only means no broadcasts
+            self.client.publish_nowait(self._broadcast, b"".join(parts)).abandon()
+        except TransportError as exc:
+            log.warning("%s cannot use the broadcast topic: %s", self.node_id, exc)
+
     def post(self, envelope: Envelope) -> None:
         self._check_conflict()
         parts = self.outgoing(envelope)
@@ -655,6 +667,11 @@ class MqttTransport(Transport):
         if envelope.analysis != self.analysis_id or envelope.recipient != recipient:
             self._drop(f"a message addressed to {envelope.analysis}/{envelope.recipient}")
             return None
+        if broadcast and not self._heard_broadcast:
+            # Only now is it known that the broker lets broadcasts through to this node
+            # (Mosquitto grants a subscription its ACL will never deliver on): from here on
+            # the statuses say so, and the aggregator stops sending this node its own copy.
+            self._heard_broadcast = True  # (the next status carries it)
         return envelope
 
     def _fetch_claim_check(self, payload: bytes | bytearray) -> bytearray:
