@@ -195,11 +195,25 @@ def _restart_aggregator_without_storage(crash_in_epoch: int) -> tuple[Any, list[
             presence_timeout=20,
         )
 
+    result = _replace_the_aggregator(broker, "restart", functions, make, inside, release)
+    return result.value, calls
+
+
+def _replace_the_aggregator(
+    broker: MemoryBroker,
+    analysis: str,
+    functions: AnalysisFunctions,
+    make: Any,
+    dead: threading.Event,
+    release: threading.Event,
+) -> Any:
+    """Nodes in threads; a first aggregator (thread "first") runs until it signals `dead`, is
+    killed (broker session gone), and a second one from `make` finishes the run."""
     outcome: dict[str, Any] = {}
 
     def play(node: str) -> None:
         client = AnalysisClient(
-            MemoryTransport(broker, "restart", node),
+            MemoryTransport(broker, analysis, node),
             aggregator_id="aggregator",
             participants=list(DATA),
             wait_timeout=40,
@@ -213,15 +227,15 @@ def _restart_aggregator_without_storage(crash_in_epoch: int) -> tuple[Any, list[
     first = make()
     threading.Thread(target=lambda: _quietly(first.execute), name="first", daemon=True).start()
     try:
-        assert inside.wait(20)
-        first.transport.kill()  # type: ignore[attr-defined]
+        assert dead.wait(20)
+        first.transport.kill()
         result = make().execute()
     finally:
         release.set()
     for thread in nodes:
         thread.join(20)
     assert all(outcome[node] == result.value for node in DATA)
-    return result.value, calls
+    return result
 
 
 def _quietly(call: Any) -> None:
@@ -274,34 +288,9 @@ def test_an_aggregator_dying_right_after_a_kick_off_resumes_level_with_the_nodes
             store=StorageRunStore(FileStore(tmp_path), "resume", "aggregator"),
         )
 
-    outcome: dict[str, Any] = {}
-
-    def play(node: str) -> None:
-        client = AnalysisClient(
-            MemoryTransport(broker, "resume", node),
-            aggregator_id="aggregator",
-            participants=list(DATA),
-            wait_timeout=40,
-        )
-        data = Data({"memory": MemorySource(DATA[node])}, node_id=node)
-        outcome[node] = client.run(functions, data).value
-
-    nodes = [threading.Thread(target=play, args=(n,), daemon=True) for n in DATA]
-    for thread in nodes:
-        thread.start()
-    first = make()
-    threading.Thread(target=lambda: _quietly(first.execute), name="first", daemon=True).start()
-    try:
-        assert died.wait(20)
-        first.transport.kill()  # type: ignore[attr-defined]
-        result = make().execute()  # before: RunTimeout, the nodes one epoch ahead
-    finally:
-        release.set()
-    for thread in nodes:
-        thread.join(20)
+    result = _replace_the_aggregator(broker, "resume", functions, make, died, release)
     assert result.value == reference(4)
     assert [record.epoch for record in result.history] == [0, 1, 2, 3]
-    assert all(outcome[node] == result.value for node in DATA)
 
 
 def test_a_slow_node_skips_the_queued_aggregates_of_a_finished_run() -> None:

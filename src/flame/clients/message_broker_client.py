@@ -712,26 +712,11 @@ class MessageBrokerClient:
         """Subscribe and wait for the SUBACK; TransportError naming a refused topic."""
         if not topics:
             return
-        deadline = Deadline(timeout)
         for topic, qos in topics:
             self._subscriptions[topic] = qos
-        if not self._connected.wait(deadline.left()):
-            raise TransportError(
-                f"cannot subscribe to {topics[0][0]}: not connected to broker {self.address}"
-            )
-        rc, mid = self._client.subscribe(list(topics))
-        if rc != MQTTErrorCode.MQTT_ERR_SUCCESS or mid is None:
-            raise TransportError(
-                f"cannot subscribe to {topics[0][0]} on broker {self.address}: {_reason_text(rc)}"
-            )
-        waiter = self._acks.expect(mid)
-        if not waiter.wait(deadline.left()):
-            self._acks.forget(mid, waiter)
-            raise TransportError(
-                f"broker {self.address} did not acknowledge the subscription to "
-                f"{topics[0][0]} within {timeout:g} s"
-            )
-        for (topic, _), reason in zip(topics, waiter.reasons, strict=False):
+        first = f"subscribe to {topics[0][0]}"
+        reasons = self._acknowledged(first, lambda: self._client.subscribe(list(topics)), timeout)
+        for (topic, _), reason in zip(topics, reasons, strict=False):
             if reason.is_failure:
                 self._subscriptions.pop(topic, None)
                 raise TransportError(
@@ -746,23 +731,27 @@ class MessageBrokerClient:
             return
         for topic in topics:
             self._subscriptions.pop(topic, None)
+        first = f"unsubscribe from {topics[0]}"
+        self._acknowledged(first, lambda: self._client.unsubscribe(list(topics)), timeout)
+
+    def _acknowledged(
+        self, what: str, request: Callable[[], tuple[MQTTErrorCode, int | None]], timeout: float
+    ) -> list[ReasonCode]:
+        """Send a (un)subscribe once connected and wait for the broker's answer: its reasons."""
         deadline = Deadline(timeout)
         if not self._connected.wait(deadline.left()):
-            raise TransportError(
-                f"cannot unsubscribe from {topics[0]}: not connected to broker {self.address}"
-            )
-        rc, mid = self._client.unsubscribe(list(topics))
+            raise TransportError(f"cannot {what}: not connected to broker {self.address}")
+        rc, mid = request()
         if rc != MQTTErrorCode.MQTT_ERR_SUCCESS or mid is None:
-            raise TransportError(
-                f"cannot unsubscribe from {topics[0]} on broker {self.address}: {_reason_text(rc)}"
-            )
+            raise TransportError(f"cannot {what} on broker {self.address}: {_reason_text(rc)}")
         waiter = self._acks.expect(mid)
         if not waiter.wait(deadline.left()):
             self._acks.forget(mid, waiter)
             raise TransportError(
-                f"broker {self.address} did not acknowledge unsubscribing from {topics[0]} "
+                f"broker {self.address} did not acknowledge the request to {what} "
                 f"within {timeout:g} s"
             )
+        return list(waiter.reasons)
 
     def get(self, timeout: float) -> IncomingMessage | None:
         """The next incoming message, or None after `timeout` seconds."""
