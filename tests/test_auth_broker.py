@@ -370,16 +370,20 @@ def test_signed_run_passes_with_the_generated_broker_config(site: Site) -> None:
 
 
 def test_a_run_of_the_whole_roster_broadcasts_its_kick_offs(tmp_path: Path) -> None:
-    """No analysis member outside the run: the kick-offs go once on the broadcast topic (the
-    broker operator counts them), and the result is the same."""
+    """No analysis member outside the run: once the nodes said the aggregator's probe reached
+    them (their next status after it, at most 0.25 s later), the kick-offs go once on the
+    broadcast topic (the broker operator counts them), and the result is the same."""
     site = Site(tmp_path, {"aggregator": "aggregation", **{n: "analysis" for n in NODES}})
+    slow = site.write_analysis("slow.py", delay=0.3)  # epochs outlast the status interval
     seen: list[str] = []
     operator = site.broker.client(OPERATOR, site.broker.operator_password)
     operator.on_message = lambda c, u, message: seen.append(message.topic)
     operator.subscribe("flame/bcast-run/#", qos=1)
     try:
         time.sleep(0.3)
-        processes = {n: site.start(n, "bcast-run", FLAME_EPOCHS=3) for n in ("aggregator", *NODES)}
+        processes = {
+            n: site.start(n, "bcast-run", code=slow, FLAME_EPOCHS=4) for n in ("aggregator", *NODES)
+        }
         codes = finish(processes)
         assert codes == {"aggregator": 0, "site_a": 0, "site_b": 0}, {
             n: p.tail() for n, p in processes.items()
@@ -390,7 +394,8 @@ def test_a_run_of_the_whole_roster_broadcasts_its_kick_offs(tmp_path: Path) -> N
         operator.loop_stop()
         operator.disconnect()
         site.close()
-    assert seen.count("flame/bcast-run/broadcast") >= 2, seen  # the start and the end at least
+    # the probe with the start, then at least the last aggregate and the end
+    assert seen.count("flame/bcast-run/broadcast") >= 3, seen
 
 
 # --- one live process per node id -----------------------------------------------------------
