@@ -342,7 +342,27 @@ class ChildRunner:
             for name, source in self.data.sources.items()
         }
         ctx = self.context
-        ready = self._request(
+        try:
+            ready = self._load(sources, ctx)
+        except BaseException:
+            # Interrupted or failed while loading: a child left running here would be taken
+            # for a loaded one by the next start() and sent a run it cannot serve.
+            self.close()
+            raise
+        self.network = str(ready.get("network", "unknown"))
+        self.confinement = str(ready.get("confinement", "unknown"))
+        self._declared = ready.get("declared")
+        level = logging.DEBUG if self.network == "cut" else logging.INFO
+        log.log(
+            level,
+            "analysis child %s started; network %s; %s",
+            ready.get("pid"),
+            self.network,
+            self.confinement,
+        )
+
+    def _load(self, sources: dict[str, str], ctx: Context) -> dict[str, Any]:
+        return self._request(
             "load",
             {
                 "analyze": self.locator,
@@ -357,17 +377,6 @@ class ChildRunner:
             },
             "ready",
             deadline=time.monotonic() + 120.0,
-        )
-        self.network = str(ready.get("network", "unknown"))
-        self.confinement = str(ready.get("confinement", "unknown"))
-        self._declared = ready.get("declared")
-        level = logging.DEBUG if self.network == "cut" else logging.INFO
-        log.log(
-            level,
-            "analysis child %s started; network %s; %s",
-            ready.get("pid"),
-            self.network,
-            self.confinement,
         )
 
     def run(self, epoch: int, previous: Any) -> Outcome:
