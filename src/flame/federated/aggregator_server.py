@@ -33,6 +33,7 @@ from flame._traceback import trim_traceback_text
 from flame.disclosure import reveal_suppressed, unwrap_release
 from flame.errors import ConfigError, RunFailed, RunTimeout, TransportError, stop_signal
 from flame.federated.context import Context, active
+from flame.federated.fanout import Fanout
 from flame.federated.functions import AnalysisFunctions
 from flame.federated.honesty import warn_if_dishonest
 from flame.federated.mailbox import Mailbox
@@ -123,13 +124,8 @@ class Aggregator:
         self._statuses: dict[str, dict[str, Any]] = {}
         self._online: set[str] = set()
         self._withheld: set[str] = set()  # nodes whose policy declines other sites' aggregates
-        self._listening: set[str] = set()  # nodes a broadcast has reached (their statuses say)
-        self._probed = False
         roster = transport.auth.roster if transport.auth is not None else None
-        self._broadcast_readers_outside = roster is not None and any(
-            member.role == "analysis" and member.node_id not in self.participants
-            for member in roster
-        )
+        self._fanout = Fanout(self.participants, roster)  # broadcast or a copy each
         self._told: set[str] = set()
         self._kickoff: tuple[Kind, int, Any] | None = None
         self._epoch = -1
@@ -483,7 +479,7 @@ class Aggregator:
             self._late_acks.cancel()  # the kick-off (or end) acknowledges the results
             self._late_acks = None
         self._kickoff_accepted(wait=True)  # the previous one first
-        listening = self._listening_to_broadcasts()
+        listening = self._fanout.listeners(self._withheld)
         envelopes = [
             self._envelope(node, kind, epoch, body)
             for node in self.participants
@@ -494,7 +490,7 @@ class Aggregator:
             if listening:
                 everyone = self._envelope(EVERYONE, kind, epoch, body)
                 delivery += self.transport.broadcast(everyone, listening)
-            elif self._may_probe(kind, body):
+            elif isinstance(body, dict) and self._fanout.probe_now(kind):
                 probe = {**body, "probe": True}  # nodes it reaches say so in their statuses
                 self.transport.probe_broadcast(self._envelope(EVERYONE, kind, epoch, probe))
         except TypeError as exc:
@@ -502,25 +498,6 @@ class Aggregator:
         self._delivery = delivery
         if not confirm_later:
             self._kickoff_accepted(wait=True)
-
-    def _may_probe(self, kind: Kind, body: Any) -> bool:
-        """Once per process, with its first kick-off: whether the broker lets broadcasts through
-        is only known from nodes that received one (an ACL without the topic still grants the
-        subscription), so until one says so, every node also gets its own copy."""
-        if self._probed or self._broadcast_readers_outside or kind == "finished":
-            return False
-        self._probed = True
-        return isinstance(body, dict)
-
-    def _listening_to_broadcasts(self) -> list[str]:
-        """Participants that take this run's broadcasts: every one that said so, unless a
-        roster member outside the run could read them too (the broker ACL lets every analysis
-        member read the topic) or the node declines other sites' aggregates."""
-        if self._broadcast_readers_outside:
-            return []
-        takers = self._listening - self._withheld
-        listening = [n for n in self.participants if n in takers]
-        return listening if len(listening) > 1 else []
 
     def _kickoff_accepted(self, *, wait: bool) -> bool:
         """Whether the broker accepted the last broadcast for every node (TransportError naming
@@ -697,10 +674,7 @@ class Aggregator:
         session = body.get("session")
         if body.get("share_aggregate") is False:
             self._withheld.add(node)
-        if body.get("broadcast") is True:
-            self._listening.add(node)
-        else:
-            self._listening.discard(node)
+        self._fanout.note(node, body)
         if state == "offline" or body.get("online") is False:
             if node in self._online:
                 log.warning("node %s went offline", node)

@@ -136,7 +136,7 @@ class MqttTransport(Transport):
         self._inbox = inbox_topic(analysis_id, node_id)
         self._broadcast = broadcast_topic(analysis_id)
         self._take_broadcasts = False  # asked for (take_broadcasts) ...
-        self._hears_broadcasts = False  # ... and subscribed ...
+        self._subscribed_broadcasts = False  # ... and subscribed ...
         self._heard_broadcast = False  # ... and one arrived: statuses say "broadcast": true
         self._reassembler = Reassembler(
             max_bytes=settings.max_message_bytes,
@@ -320,7 +320,7 @@ class MqttTransport(Transport):
         self._status_pending = None
         try:
             client.subscribe([(self._inbox, 1)], timeout=settings.send_timeout)
-            self._hears_broadcasts = self._subscribe_broadcasts(client)
+            self._subscribed_broadcasts = self._subscribe_broadcasts(client)
             # Our own status topic only after a reconnect (the broker's retained copy: who
             # holds this node now?). Subscribed from the start, every status this node
             # announces would come back to it, two needless deliveries per epoch.
@@ -496,29 +496,32 @@ class MqttTransport(Transport):
         if len(recipients) < 2 or not self._connected:
             return super().broadcast(envelope, recipients, timeout)
         self._check_conflict()
-        parts = self.outgoing(replace(envelope, recipient=EVERYONE))
-        size = frame_size(parts)
-        checked = self._claim_check is not None and size > self._claim_check_threshold
-        if checked or size > self.settings.chunk_size:  # chunks are signed per recipient
+        frame = self._broadcast_frame(envelope)
+        if frame is None:  # chunks are signed per recipient
             return super().broadcast(envelope, recipients, timeout)
         try:
-            pending = self.client.publish_nowait(self._broadcast, b"".join(parts))
+            pending = self.client.publish_nowait(self._broadcast, frame)
         except TransportError as exc:
             raise TransportError(f"cannot broadcast to {len(recipients)} nodes: {exc}") from None
-        self.bytes_sent += size
+        self.bytes_sent += len(frame)
         wait = timeout if timeout is not None else self.settings.send_timeout
         return Delivery([(f"{len(recipients)} nodes (broadcast)", pending)], wait)
 
     def probe_broadcast(self, envelope: Envelope) -> None:
-        if not self._connected:
-            return
-        parts = self.outgoing(replace(envelope, recipient=EVERYONE))
-        if frame_size(parts) > self.settings.chunk_size:
+        frame = self._broadcast_frame(envelope) if self._connected else None
+        if frame is None:
             return
         try:  # unconfirmed: a refusal (an ACL without the topic) only means no broadcasts
-            self.client.publish_nowait(self._broadcast, b"".join(parts)).abandon()
+            self.client.publish_nowait(self._broadcast, frame).abandon()
         except TransportError as exc:
             log.warning("%s cannot use the broadcast topic: %s", self.node_id, exc)
+
+    def _broadcast_frame(self, envelope: Envelope) -> bytes | None:
+        """`envelope` to EVERYONE as one signed frame; None if it needs chunks or storage."""
+        parts = self.outgoing(replace(envelope, recipient=EVERYONE))
+        size = frame_size(parts)
+        checked = self._claim_check is not None and size > self._claim_check_threshold
+        return None if checked or size > self.settings.chunk_size else b"".join(parts)
 
     def post(self, envelope: Envelope) -> None:
         self._check_conflict()
@@ -605,7 +608,7 @@ class MqttTransport(Transport):
         if message.topic == self._inbox:
             return self._handle_frame(message.payload)
         if message.topic == self._broadcast:
-            if not self._hears_broadcasts:  # a subscription left in the session by an earlier
+            if not self._subscribed_broadcasts:  # a subscription left in the session by an earlier
                 return None  # process; this one's policy may decline the aggregates
             return self._handle_frame(message.payload, broadcast=True)
         if message.topic == status_topic(self.analysis_id, self.node_id):
