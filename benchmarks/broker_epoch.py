@@ -49,8 +49,8 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
 from flame.config import BrokerSettings
-from flame.messages import Envelope
 from flame.transport.mqtt import MqttTransport
+from flame.wire.envelope import Envelope
 
 # --- broker ---------------------------------------------------------------------------------
 
@@ -318,10 +318,10 @@ def child_nodes(
     url: str, analysis: str, first: int, count: int, total: int, ids: str = "-"
 ) -> None:
     """Run `count` analysis nodes as threads of this process, each with its own connection."""
+    from flame.aggregator.run_store import MemoryState
+    from flame.analysis.functions import AnalysisFunctions
     from flame.data import Data, MemorySource
-    from flame.federated.analysis_client import AnalysisClient
-    from flame.federated.functions import AnalysisFunctions
-    from flame.federated.run_store import MemoryState
+    from flame.node.runtime import AnalysisClient
 
     settings = BrokerSettings(url=url, connect_timeout=120, send_timeout=120)
     participants = _participants(total)
@@ -365,8 +365,8 @@ def epoch_times(
     out (it ends at the aggregate), so with it a kick-off that waited on the broker for each
     node in turn went unmeasured while the nodes answered during it. Returns the epoch times,
     the whole run's time and, for comparison with earlier figures, the records' durations."""
-    from flame.federated.aggregator_server import Aggregator
-    from flame.federated.functions import AnalysisFunctions
+    from flame.aggregator.server import Aggregator
+    from flame.analysis.functions import AnalysisFunctions
 
     analysis = f"bench-ep-{nodes}-{os.getpid()}-{time.monotonic_ns() % 10**6}"
     settings = BrokerSettings(url=url, connect_timeout=120, send_timeout=120)
@@ -429,9 +429,9 @@ def _iso_analyze(data: Any, epoch: int, previous: Any) -> Any:
 def child_isolation(mode: str, size: int, rounds: int) -> None:
     """In a fresh process: per-epoch time (tiny result) and peak RSS growth (large result)."""
     from flame.data import Data, MemorySource
-    from flame.federated.context import Context
-    from flame.federated.mailbox import Mailbox
     from flame.isolation.runner import ChildRunner, InProcessRunner
+    from flame.node.context import Context
+    from flame.node.mailbox import Mailbox
     from flame.transport.memory import MemoryBroker, MemoryTransport
 
     context = Context(
@@ -722,7 +722,7 @@ def report(url: str, rounds: int, sizes: list[int], payload_mb: int) -> None:
 def verify_cost(count: int = 2000) -> tuple[float, float]:
     """Seconds to sign and to verify one small envelope (median of `count`)."""
     from flame.identity import Authenticator, Identity, Member, Roster
-    from flame.messages import encode_parts
+    from flame.wire.envelope import encode_parts
 
     sender = Identity.generate("n0000")
     receiver = Identity.generate("aggregator")

@@ -52,21 +52,21 @@ def reset_peak():  # Linux: writing 5 to clear_refs resets the peak RSS (VmHWM)
     except OSError:
         return False
 import numpy, pyarrow, pyarrow.csv, pyarrow.compute
-import flame.data, flame.readers
+import flame.data, flame.data.readers
 if mode == "sql":
-    import duckdb, flame.sources.duckdb
+    import duckdb, flame.data.sources.duckdb
 if mode == "isolated":  # analyze in its Landlock-confined child, data folder hidden
     import tempfile
     from pathlib import Path
     from flame.data import Data
-    from flame.federated.context import Context
-    from flame.federated.mailbox import Mailbox
+    from flame.node.context import Context
+    from flame.node.mailbox import Mailbox
     from flame.isolation.runner import ChildRunner
-    from flame.loader import load_analysis
+    from flame.analysis.loader import load_analysis
     from flame.transport.memory import MemoryBroker, MemoryTransport
     code = Path(tempfile.mkdtemp()) / "iso_read.py"
     # imported when the child loads the analysis, as the other modes import before timing
-    code.write_text("import pyarrow.csv, flame.csv_columns, flame.sources.descriptor\n"
+    code.write_text("import pyarrow.csv, flame.data.csv_columns, flame.data.sources.descriptor\n"
                     "def analyze(data):\n    c = data.read_csv('big.csv')\n"
                     "    return len(next(iter(c.values())))\n"
                     "def aggregate(results):\n    return results\n")
@@ -216,7 +216,7 @@ def sql_benchmark(server: str, rows: int, repeats: int) -> dict[str, Any] | None
     except ImportError:
         print("\nSQL: psycopg not installed; skipped")
         return None
-    from flame.sources.sql import SqlSource
+    from flame.data.sources.sql import SqlSource
 
     name = f"flame_bench_{uuid.uuid4().hex[:8]}"
     try:

@@ -23,14 +23,14 @@ from phe import paillier
 
 import flame
 from flame.config import load_config
-from flame.federated.secure import DECRYPT, DECRYPTED
-from flame.federated.threshold_endorse import ENDORSE, ENDORSED
-from flame.messages import Envelope, encode_parts
 from flame.protocols.paillier import generate_keypair
 from flame.protocols.paillier.cipher import _encryptor_for
 from flame.protocols.paillier.threshold import generate_threshold_key
 from flame.protocols.paillier.threshold_files import write_threshold_key
+from flame.secure.endorse import ENDORSE, ENDORSED
+from flame.secure.fields import DECRYPT, DECRYPTED
 from flame.testing import MemoryBroker, memory_data
+from flame.wire.envelope import Envelope, encode_parts
 
 
 class WireCount:
@@ -61,7 +61,7 @@ class WireCount:
 
 def tconfig_slots(public: object, config: flame.FlameConfig) -> int:
     """Values per ciphertext under this config (to size the precomputation)."""
-    from flame.federated.secure import SecureKeys
+    from flame.secure.fields import SecureKeys
 
     spec = SecureKeys.spec_of(config.secure)
     return int(spec.layout(public.paillier).slots_per_ciphertext)  # type: ignore[attr-defined]

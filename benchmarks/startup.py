@@ -130,7 +130,7 @@ def main() -> int:
             f"  {mark}"
         )
     heavy = {"pydantic", "numpy", "pydantic_settings"} & _loaded(
-        "from flame.cli import _parser; _parser()"
+        "from flame.cli.app import _parser; _parser()"
     )
     clients = {"httpx", "minio", "paho", "gmpy2", "phe"} & _loaded(
         "import flame.simulate, flame.cli"

@@ -175,8 +175,8 @@ def bench_fhir(total: int, page: int, rounds: int) -> dict[str, float]:
     import httpx
 
     from flame.clients.data_api_client import FhirSource
+    from flame.clients.token import TokenSource
     from flame.config import TokenSettings
-    from flame.utils.token import TokenSource
 
     proc = subprocess.Popen(
         [

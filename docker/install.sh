@@ -72,7 +72,7 @@ install)
     # Self-test, so a broken image fails its build instead of its first run: every module a
     # node run needs imports, and the packaged templates run as a local simulation.
     "$python" -c "import flame.main, flame.transport.mqtt, flame.clients.minio_client, \
-flame.clients.data_api_client, flame.check, flame.status"
+flame.clients.data_api_client, flame.ops.check, flame.ops.status"
     case ",$extras," in *,sql,*) "$python" -c "import psycopg" ;; esac
     scratch="$(mktemp -d)"
     "$bindir/flame" init "$scratch/analysis"
@@ -96,7 +96,7 @@ requirements)
 code)
     expected="${3:-}"
     # the analysis must load here (its imports resolve), or the build fails, not its first run
-    "$python" -c "import sys; from pathlib import Path; from flame.loader import load_analysis; \
+    "$python" -c "import sys; from pathlib import Path; from flame.analysis.loader import load_analysis; \
 load_analysis(Path(sys.argv[1]))" "$target"
     actual="$("$python" -m flame hash "$target")"
     hint="build with --build-arg FLAME_CODE_SHA256=\"\$(flame hash .)\""

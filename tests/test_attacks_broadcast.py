@@ -18,9 +18,9 @@ from broker import ADMIN, Broker, have_mosquitto
 from test_broadcast import Federation, kickoff, kinds
 
 from flame.errors import TransportError
-from flame.messages import EVERYONE, Envelope, encode
-from flame.transport._chunks import CHUNK_MAGIC, REFERENCE_MAGIC
 from flame.transport.mqtt import MqttTransport, broadcast_topic
+from flame.wire.chunks import CHUNK_MAGIC, REFERENCE_MAGIC
+from flame.wire.envelope import EVERYONE, Envelope, encode
 
 pytestmark = pytest.mark.skipif(not have_mosquitto(), reason="needs the mosquitto binary")
 
@@ -264,7 +264,7 @@ def _whole_roster_run(
 
 def _decode_any(payload: bytes) -> Envelope | None:
     from flame.identity.signing import SIGNED_MAGIC, unwrap_unverified
-    from flame.messages import decode
+    from flame.wire.envelope import decode
 
     try:
         if payload[:3] == SIGNED_MAGIC:

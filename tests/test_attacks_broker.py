@@ -21,8 +21,8 @@ from broker import ADMIN, Broker, have_mosquitto
 from nodes import Federation, federation_env
 
 from flame.clients.message_broker_client import MessageBrokerClient
-from flame.messages import Envelope, encode
 from flame.transport.mqtt import inbox_topic, status_topic
+from flame.wire.envelope import Envelope, encode
 
 identity = pytest.importorskip("flame.identity")
 IDENTITY_DIR = "TEST_FLAME_IDENTITY_DIR"  # tests/nodes.py: where each node's key file is

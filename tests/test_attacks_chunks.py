@@ -23,9 +23,9 @@ from broker import ADMIN, Broker, have_mosquitto
 from flame.clients.message_broker_client import MessageBrokerClient, PendingPublish
 from flame.identity import Identity, Member, Roster
 from flame.identity.signing import Authenticator
-from flame.messages import Envelope
-from flame.transport._chunks import chunk_header_size, split_frame
 from flame.transport.mqtt import MqttTransport, inbox_topic
+from flame.wire.chunks import chunk_header_size, split_frame
+from flame.wire.envelope import Envelope
 
 pytestmark = pytest.mark.skipif(not have_mosquitto(), reason="needs the mosquitto binary")
 

@@ -18,12 +18,12 @@ import numpy as np
 import pytest
 
 import flame
+from flame.analysis.loader import load_analysis
 from flame.errors import RunFailed
-from flame.federated.release import Gate
 from flame.isolation.runner import Outcome
-from flame.ledger import BudgetLedger
-from flame.loader import load_analysis
-from flame.policy import NodePolicy
+from flame.privacy.ledger import BudgetLedger
+from flame.privacy.policy import NodePolicy
+from flame.privacy.release import Gate
 from flame.transport.memory import MemoryBroker
 
 ROWS = 20
@@ -110,7 +110,7 @@ def test_a_noisy_refusal_that_the_budget_cannot_cover_draws_no_noise(tmp_path: P
 def test_the_gate_checks_the_budget_before_it_draws(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import flame.federated.release as release_module
+    import flame.privacy.release as release_module
 
     draws: list[float] = []
 
@@ -382,7 +382,7 @@ def test_a_statistic_reads_no_file_hidden_from_the_analysis(tmp_path: Path) -> N
     import os
 
     from flame.data import Data
-    from flame.federated.release import column_reader
+    from flame.privacy.release import column_reader
 
     secret = tmp_path / "secrets"
     secret.mkdir()

@@ -1,7 +1,7 @@
 """Red team: hostile analysis code against the node policy (issue 11), through the same
 isolated child and runtime gate a production node uses (`flame.simulate(isolate=True)`).
 
-The markers cross from the child as tagged dicts; the module doc of `flame.markers` promises
+The markers cross from the child as tagged dicts; the module doc of `flame.privacy.markers` promises
 "a forged tag can only ask the runtime for more enforcement, never for less". These tests
 forge them.
 """
@@ -16,10 +16,10 @@ from typing import Any
 import pytest
 
 import flame
+from flame.analysis.loader import load_analysis
 from flame.errors import RunFailed
-from flame.ledger import BudgetLedger
-from flame.loader import load_analysis
-from flame.policy import NodePolicy
+from flame.privacy.ledger import BudgetLedger
+from flame.privacy.policy import NodePolicy
 
 NODES = {f"node-{i}": {"x.csv": "v\n" + "".join(f"{j}\n" for j in range(20))} for i in range(3)}
 

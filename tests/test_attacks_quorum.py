@@ -20,26 +20,6 @@ import pytest
 from test_attacks_threshold import RUN, SPEC, VALUES, Members, _party
 
 from flame.errors import FlameError
-from flame.federated.secure_threshold import ThresholdParty, request_context
-from flame.federated.threshold_contributions import (
-    CONTRIBUTION,
-    contribution_body,
-    contribution_message,
-    pack_contribution,
-    proof_context,
-    prove_contribution,
-    split_body,
-    sum_contributions,
-    unpack_contribution,
-)
-from flame.federated.threshold_endorse import (
-    contribution_pairs,
-    endorsement_message,
-    quorum_size,
-    set_digest,
-)
-from flame.federated.threshold_ledger import TAG
-from flame.messages import Envelope, Sealed, decode, encode
 from flame.protocols.paillier import EncryptedVector, Encryptor
 from flame.protocols.paillier.encoding import _unpack
 from flame.protocols.paillier.plaintext_proof import Opening, prove
@@ -53,6 +33,26 @@ from flame.protocols.paillier.threshold import (
     partial_decrypt,
     verify_partial,
 )
+from flame.secure.contributions import (
+    CONTRIBUTION,
+    contribution_body,
+    contribution_message,
+    pack_contribution,
+    proof_context,
+    prove_contribution,
+    split_body,
+    sum_contributions,
+    unpack_contribution,
+)
+from flame.secure.endorse import (
+    contribution_pairs,
+    endorsement_message,
+    quorum_size,
+    set_digest,
+)
+from flame.secure.guard import TAG
+from flame.secure.threshold import ThresholdParty, request_context
+from flame.wire.envelope import Envelope, Sealed, decode, encode
 
 Contributions = dict[str, Sealed]
 Key = tuple[ThresholdPublicKey, dict[str, ThresholdKeyShare], Members]

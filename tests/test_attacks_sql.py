@@ -15,10 +15,10 @@ import pytest
 from servers.postgres import PostgresServer
 
 import flame
+from flame.analysis.loader import load_analysis
 from flame.data import Data
+from flame.data.sources.sql import SqlSource
 from flame.errors import RunFailed
-from flame.loader import load_analysis
-from flame.sources.sql import SqlSource
 
 SERVER_FILE = """
 def analyze(data):

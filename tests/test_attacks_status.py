@@ -25,7 +25,7 @@ from nodes import Federation, federation_env
 
 from flame.config import FlameConfig
 from flame.identity import Roster, status_signed_by
-from flame.status import StatusClient, render_status
+from flame.ops.status import StatusClient, render_status
 from flame.transport.mqtt import status_topic
 from flame.transport.status_order import CLOCK_SKEW
 

@@ -19,24 +19,8 @@ import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from flame.aggregator.run_store import NodeState
 from flame.clients.file_store import FileStore
-from flame.federated.run_store import NodeState
-from flame.federated.secure_threshold import ThresholdParty, request_context
-from flame.federated.threshold_contributions import (
-    CONTRIBUTION,
-    contribution_message,
-    pack_contribution,
-    prove_contribution,
-    sum_contributions,
-    unpack_contribution,
-)
-from flame.federated.threshold_endorse import (
-    contribution_pairs,
-    endorsement_message,
-    quorum_size,
-)
-from flame.federated.threshold_ledger import TAG
-from flame.messages import Envelope, Sealed
 from flame.protocols.paillier import Encryptor, SecureSumSpec
 from flame.protocols.paillier.encoding import _unpack
 from flame.protocols.paillier.threshold import (
@@ -47,6 +31,22 @@ from flame.protocols.paillier.threshold import (
     generate_threshold_key,
     partial_decrypt,
 )
+from flame.secure.contributions import (
+    CONTRIBUTION,
+    contribution_message,
+    pack_contribution,
+    prove_contribution,
+    sum_contributions,
+    unpack_contribution,
+)
+from flame.secure.endorse import (
+    contribution_pairs,
+    endorsement_message,
+    quorum_size,
+)
+from flame.secure.guard import TAG
+from flame.secure.threshold import ThresholdParty, request_context
+from flame.wire.envelope import Envelope, Sealed
 
 SPEC = SecureSumSpec(precision=16, bound=2.0**15, max_nodes=100)
 RUN = "study"

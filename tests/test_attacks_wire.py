@@ -2,7 +2,7 @@
 
 The attacker is a participant (a malicious node operator, or analysis code in the child
 talking to its runtime over the channel): it runs its own encoder, so every frame below is
-built by a modified sender and decoded by the real receiver (`flame.messages.decode`, which
+built by a modified sender and decoded by the real receiver (`flame.wire.envelope.decode`, which
 the aggregator, the nodes and the isolation channel all use).
 """
 
@@ -15,9 +15,9 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from flame import wire_tables
 from flame.errors import MessageError
-from flame.messages import Envelope, decode, encode
+from flame.wire import tables as wire_tables
+from flame.wire.envelope import Envelope, decode, encode
 
 
 def _frame_with_table(

@@ -25,12 +25,12 @@ from broker import MOSQUITTO, free_port, have_mosquitto
 from nodes import NodeProcess, clean_env
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
-from flame.federated.run_store import code_hash
+from flame.aggregator.run_store import code_hash
+from flame.analysis.loader import load_analysis
 from flame.identity import Identity, Member, Roster, write_identity
 from flame.identity.broker_config import write_broker_config
 from flame.identity.signing import sign_parts
-from flame.loader import load_analysis
-from flame.messages import Envelope, encode_parts
+from flame.wire.envelope import Envelope, encode_parts
 
 pytestmark = pytest.mark.skipif(not have_mosquitto(), reason="needs the mosquitto binary")
 
@@ -502,7 +502,7 @@ def aggregate(results, epoch, previous):
 
 def _decode(payload: bytes) -> Envelope | None:
     from flame.identity.signing import unwrap_unverified
-    from flame.messages import decode
+    from flame.wire.envelope import decode
 
     try:
         return decode(unwrap_unverified(payload))
@@ -514,8 +514,8 @@ def test_forged_and_replayed_decryption_requests_are_dropped(site: Site) -> None
     """The issue's attack over the real broker: the broker operator replays the aggregator's
     decryption request; a roster member (mallory) sends a request 'from the aggregator' that
     relabels one node's ciphertext as a sum of two. Neither is answered; the run is right."""
-    from flame.federated.secure import DECRYPT, DECRYPTED
-    from flame.messages import Sealed
+    from flame.secure.fields import DECRYPT, DECRYPTED
+    from flame.wire.envelope import Sealed
 
     keys = site.folder / "paillier"
     subprocess.run(

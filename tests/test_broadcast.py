@@ -13,8 +13,8 @@ import pytest
 from broker import Broker
 
 from flame.identity import Authenticator, Identity, Member, Roster
-from flame.messages import EVERYONE, Envelope, decode, encode
 from flame.transport.mqtt import MqttTransport, broadcast_topic, inbox_topic
+from flame.wire.envelope import EVERYONE, Envelope, decode, encode
 
 _counter = iter(range(1_000_000))
 

@@ -16,8 +16,8 @@ from identities import federation
 from servers.fhir_server import DataApiServer
 from servers.s3_server import S3Server, free_port
 
-from flame.check import CheckItem, run_checks
 from flame.cli import main
+from flame.ops.check import CheckItem, run_checks
 
 USERS = (ADMIN, "aggregator", "clinic-a", "clinic-b", "watcher")
 FAR = int(time.time()) + 24 * 3600

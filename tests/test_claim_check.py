@@ -10,9 +10,9 @@ from servers.s3_server import S3Server
 from flame.clients.minio_client import MinioStore
 from flame.clients.object_store import AnalysisLayout
 from flame.config import StorageSettings
-from flame.messages import Envelope
 from flame.transport.claim_check import StorageClaimCheck, _PartsReader
 from flame.transport.mqtt import MqttTransport
+from flame.wire.envelope import Envelope
 
 
 def test_parts_reader_reads_and_seeks_across_buffers() -> None:

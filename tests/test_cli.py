@@ -478,8 +478,8 @@ class FakeTerminal:
 
 @pytest.mark.parametrize("tty", [True, False])
 def test_progress_lines(tty: bool) -> None:
-    from flame.cli import _Progress
-    from flame.federated.records import EpochRecord, Event
+    from flame.aggregator.records import EpochRecord, Event
+    from flame.cli.app import _Progress
 
     stream = FakeTerminal(tty)
     progress = _Progress(stream)  # type: ignore[arg-type]

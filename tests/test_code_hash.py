@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
-from flame.federated.functions import AnalysisFunctions
+from flame.analysis.functions import AnalysisFunctions
 from flame.main import code_hash
 
 SCRIPT = """

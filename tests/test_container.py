@@ -32,7 +32,7 @@ from pathlib import Path, PurePosixPath
 import pytest
 
 from flame.main import analysis_code_hash
-from flame.scaffold import IMAGE_LABEL
+from flame.ops.scaffold import IMAGE_LABEL
 
 REPO = Path(__file__).resolve().parents[1]
 DOCKERFILE = REPO / "Dockerfile"
@@ -590,7 +590,7 @@ def test_every_install_step_is_the_shared_script() -> None:
 def test_replayed_image_has_flame_from_the_wheel_with_templates(image: Image) -> None:
     probe = subprocess.run(
         [str(image.python), "-c",
-         "import flame, flame.scaffold as s; print(flame.__file__); print(s.kit_root())"],
+         "import flame, flame.ops.scaffold as s; print(flame.__file__); print(s.kit_root())"],
         capture_output=True, text=True, timeout=60, check=True,
         env=image.environment(), cwd=image.home,
     )  # fmt: skip

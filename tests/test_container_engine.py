@@ -37,8 +37,8 @@ from flame import __version__
 from flame.clients.object_store import AnalysisLayout
 from flame.config import FlameConfig
 from flame.main import analysis_code_hash
-from flame.messages import unpack
-from flame.scaffold import IMAGE_LABEL
+from flame.ops.scaffold import IMAGE_LABEL
+from flame.wire.envelope import unpack
 
 pytestmark = pytest.mark.container
 

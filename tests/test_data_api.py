@@ -22,10 +22,10 @@ from flame.clients.data_api_client import (
     open_sources,
     probe_sources,
 )
+from flame.clients.token import TokenError, TokenSource
 from flame.config import DataSourceSettings, TokenSettings
 from flame.data import Data, FileSource, LocalSource
 from flame.errors import DataError
-from flame.utils.token import TokenError, TokenSource
 
 pytest_plugins = ["servers.plugin"]
 

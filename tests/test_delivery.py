@@ -17,20 +17,20 @@ from typing import Any
 import pytest
 
 import flame
-from flame._traceback import analysis_traceback, trim_traceback_text
+from flame.aggregator.records import Checkpoint, RunResult
+from flame.aggregator.run_store import StorageRunStore
+from flame.aggregator.server import Aggregator
+from flame.analysis.functions import AnalysisFunctions
 from flame.clients.file_store import FileStore
 from flame.clients.object_store import StorageError
 from flame.config import load_config
 from flame.data import Data, MemorySource
 from flame.errors import ConfigError, RunFailed
-from flame.federated.aggregator_server import Aggregator
-from flame.federated.analysis_client import AnalysisClient
-from flame.federated.functions import AnalysisFunctions
-from flame.federated.records import Checkpoint, RunResult
-from flame.federated.run_store import StorageRunStore
-from flame.messages import Envelope
-from flame.policy import NodePolicy
+from flame.node.runtime import AnalysisClient
+from flame.privacy.policy import NodePolicy
+from flame.privacy.tracebacks import analysis_traceback, trim_traceback_text
 from flame.transport.memory import MemoryBroker, MemoryTransport
+from flame.wire.envelope import Envelope
 
 DATA = {"a": {"v.csv": "v\n1\n2\n"}, "b": {"v.csv": "v\n10\n"}, "c": {"v.csv": "v\n100\n7\n"}}
 

@@ -20,9 +20,9 @@ import pytest
 import flame
 from flame.dp import add_noise, gaussian_sigma, noise_scale
 from flame.errors import FlameError, RunFailed
-from flame.federated.release import Gate
 from flame.isolation.runner import Outcome
-from flame.ledger import BudgetLedger, Spend
+from flame.privacy.ledger import BudgetLedger, Spend
+from flame.privacy.release import Gate
 
 N = 20_000
 KS_CRITICAL = math.sqrt(-math.log(1e-5 / 2) / 2) / math.sqrt(N)
@@ -160,7 +160,7 @@ def test_second_run_over_budget_refuses_before_analyze_also_after_restart(tmp_pa
     assert "epsilon_budget" in second.stderr and "0.4 of 1 left" in second.stderr
     assert {p.name: p.read_text() for p in ran.iterdir()} == {"a.ran": "x", "b.ran": "x"}
     # in one process, too, with the policy given as an object
-    from flame.loader import load_analysis
+    from flame.analysis.loader import load_analysis
 
     f = load_analysis(tmp_path / "budget.py").functions
     same = flame.load_policy(policy)
@@ -171,7 +171,7 @@ def test_second_run_over_budget_refuses_before_analyze_also_after_restart(tmp_pa
 
 def test_dp_mean_example_is_close_to_pooled_and_spends_its_budget(tmp_path: Path) -> None:
     example = Path(__file__).resolve().parent.parent / "examples" / "dp_mean"
-    from flame.loader import load_analysis
+    from flame.analysis.loader import load_analysis
 
     f = load_analysis(example).functions
     policy = flame.load_policy(example / "policy.toml").model_copy(update={"ledger_dir": tmp_path})

@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 
 import flame
-import flame.federated.release as release_module
+import flame.privacy.release as release_module
 from flame.errors import ConfigError, FlameError
-from flame.federated.release import Gate
 from flame.isolation.runner import Outcome
-from flame.ledger import BudgetLedger
-from flame.policy import NodePolicy
+from flame.privacy.ledger import BudgetLedger
+from flame.privacy.policy import NodePolicy
+from flame.privacy.release import Gate
 
 AGES = np.array([30.0, 45.0, np.nan, 200.0, -5.0, 61.0])  # one missing, two out of bounds
 

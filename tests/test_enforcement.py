@@ -10,17 +10,17 @@ import numpy as np
 import pytest
 
 import flame
-from flame.loader import load_analysis
+from flame.analysis.loader import load_analysis
 
 TAMPER = """
 import os
 import numpy as np
 import flame
 import flame.config
-import flame.disclosure
-import flame.federated.release
+import flame.privacy.disclosure
+import flame.privacy.release
 import flame.isolation.runner
-import flame.policy
+import flame.privacy.policy
 
 CONFIG = flame.load_config()  # what the child can learn of the node's settings
 
@@ -31,10 +31,10 @@ def analyze(data, epoch):
     os.environ["FLAME_POLICY"] = "/nonexistent/permissive.toml"
     os.environ["FLAME_SECURE__PRIVATE_KEY_FILE"] = "/dev/null"
     # 2. flame's config and policy objects
-    flame.policy.NodePolicy.model_fields["min_cell_count"].default = None
+    flame.privacy.policy.NodePolicy.model_fields["min_cell_count"].default = None
     # 3. monkeypatch the enforcement code
-    flame.disclosure.apply_cell_rule = lambda values, **kw: (values, 0)
-    flame.federated.release.Gate.release = lambda self, epoch, outcome: outcome
+    flame.privacy.disclosure.apply_cell_rule = lambda values, **kw: (values, 0)
+    flame.privacy.release.Gate.release = lambda self, epoch, outcome: outcome
     flame.isolation.runner.RowMeter.file = lambda *a, **k: None
     # 4. try to reach the key files through flame
     attempts = []

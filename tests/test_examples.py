@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import flame
-from flame.loader import load_analysis
+from flame.analysis.loader import load_analysis
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 

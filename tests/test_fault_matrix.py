@@ -28,9 +28,9 @@ from servers.s3_server import S3Server
 from servers.tcp_proxy import TcpProxy
 
 import flame
-from flame import status as st
-from flame.loader import load_analysis
-from flame.messages import to_jsonable
+from flame.analysis.loader import load_analysis
+from flame.ops import status as st
+from flame.wire.envelope import to_jsonable
 
 pytestmark = pytest.mark.skipif(
     not have_mosquitto(), reason="the fault matrix needs Mosquitto (restarts, persistence off)"

@@ -20,13 +20,13 @@ from servers.fhir_server import DataApiServer
 from servers.s3_server import S3Server
 
 import flame
+from flame.aggregator.run_store import StorageRunStore
 from flame.clients.data_api_client import open_source
 from flame.clients.minio_client import MinioStore
 from flame.clients.object_store import SHA256_META, AnalysisLayout
 from flame.config import DataSourceSettings, StorageSettings, load_config
 from flame.data import Data
-from flame.federated.run_store import StorageRunStore
-from flame.messages import unpack
+from flame.wire.envelope import unpack
 
 SIZES = {"hospital_a": 130, "hospital_b": 260, "hospital_c": 41}
 
@@ -172,7 +172,7 @@ def test_valid_config_passes_token_checks(tmp_path, data_api) -> None:
     config = load_config(
         data=[{"name": "fhir", "kind": "fhir", "url": data_api.fhir_url, "token": data_api.token}]
     )
-    from flame.utils.token import check_service_tokens
+    from flame.clients.token import check_service_tokens
 
     infos = check_service_tokens(config)
     assert [info.service for info in infos] == ["data API 'fhir'"]

@@ -27,8 +27,8 @@ from flame.identity import (
     write_identity,
 )
 from flame.identity.signing import sign_parts
-from flame.messages import Envelope, encode, encode_parts
 from flame.transport.memory import MemoryBroker, MemoryTransport
+from flame.wire.envelope import Envelope, encode, encode_parts
 
 NODES = ["alpha", "beta", "gamma"]
 VALUES = {"alpha": [1.0, 2.0], "beta": [10.0], "gamma": [100.0, 200.0, 300.0]}
@@ -317,8 +317,8 @@ def test_roster_cli_and_identity_cli(tmp_path: Path) -> None:
 def test_a_node_answers_one_decryption_request_per_epoch_and_field() -> None:
     """A second request for the same (epoch, field), even properly signed by the aggregator
     and with another contributor set, is refused: Sum{A,B,C} - Sum{B,C} = A."""
-    from flame.federated.analysis_client import AnalysisClient
-    from flame.messages import Sealed
+    from flame.node.runtime import AnalysisClient
+    from flame.wire.envelope import Sealed
 
     roster, ids = make_roster()
     transport = MemoryTransport(
@@ -348,9 +348,9 @@ def test_key_hygiene(tmp_path: Path) -> None:
     import json
     import time
 
+    from flame.clients.token import TokenError, check_token
     from flame.config import load_config
     from flame.main import secure_keys
-    from flame.utils.token import TokenError, check_token
 
     share = tmp_path / "share-a.json"
     share.write_text("{}")
@@ -376,7 +376,7 @@ def test_key_hygiene(tmp_path: Path) -> None:
 
 
 def test_instances_tell_a_restart_from_two_live_processes() -> None:
-    from flame.federated.membership import Instances, code_problem
+    from flame.aggregator.membership import Instances, code_problem
 
     restart = Instances()
     for body in ({"instance": "a"}, {"instance": "a", "state": "sent"}, {"instance": "b"},

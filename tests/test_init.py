@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from test_container import Image, built_image
 
-from flame import scaffold
 from flame.cli import main
+from flame.ops import scaffold
 
 REPO = Path(__file__).resolve().parents[1]
 

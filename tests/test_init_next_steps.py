@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 from servers.postgres import PostgresServer
 
-from flame import scaffold
 from flame.cli import main
+from flame.ops import scaffold
 
 
 def _init(tmp_path: Path, example: str, capsys: pytest.CaptureFixture[str]) -> list[str]:

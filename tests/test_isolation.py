@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 
 import flame
+from flame.analysis.loader import load_analysis
 from flame.data import Data, MemorySource
 from flame.errors import AnalysisError, FlameError, RunFailed
-from flame.federated.context import Context
-from flame.federated.mailbox import Mailbox
 from flame.isolation.runner import ChildRunner, RowMeter, scrubbed_environment
-from flame.loader import load_analysis
+from flame.node.context import Context
+from flame.node.mailbox import Mailbox
 from flame.transport.memory import MemoryBroker, MemoryTransport
 
 NODES = {

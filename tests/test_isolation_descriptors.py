@@ -15,14 +15,14 @@ from typing import Any
 
 import pytest
 
+from flame.analysis.loader import load_analysis
 from flame.data import Data, LocalSource
+from flame.data.sources.descriptor import count_records
 from flame.errors import MessageError
-from flame.federated.context import Context
-from flame.federated.mailbox import Mailbox
 from flame.isolation.channel import Channel
 from flame.isolation.runner import ChildRunner, RowMeter
-from flame.loader import load_analysis
-from flame.sources.descriptor import count_records
+from flame.node.context import Context
+from flame.node.mailbox import Mailbox
 from flame.transport.memory import MemoryBroker, MemoryTransport
 
 ANALYSIS = """

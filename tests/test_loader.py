@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from flame.analysis.functions import AnalysisFunctions
+from flame.analysis.loader import load_analysis
 from flame.errors import AnalysisLoadError
-from flame.federated.functions import AnalysisFunctions
-from flame.loader import load_analysis
 
 REPO = Path(__file__).resolve().parents[1]
 

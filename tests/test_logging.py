@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from flame import _logging
+from flame.utils import logs as _logging
 
 SECRET = "s3cr3t-Token-Value-123"
 JWT = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJub2RlIn0.c2lnbmF0dXJlLWJ5dGVz"
@@ -157,7 +157,7 @@ def test_flame_run_logs_json_lines_when_asked() -> None:
     env = {"FLAME_LOG_FORMAT": "json", "FLAME_LOG_LEVEL": "DEBUG", "PATH": "/usr/bin:/bin"}
     code = (
         "import logging, sys\n"
-        "from flame import _logging\n"
+        "from flame.utils import logs as _logging\n"
         "from flame.config import load_config\n"
         "c = load_config()\n"
         "_logging.configure(level=c.log_level, fmt=c.log_format, secrets=c.secrets(),\n"

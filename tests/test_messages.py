@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from flame.errors import MessageError
-from flame.messages import (
+from flame.wire.envelope import (
     FORMAT_VERSION,
     MAGIC,
     Envelope,

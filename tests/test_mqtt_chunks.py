@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from flame.errors import MessageError
-from flame.transport._chunks import (
+from flame.wire.chunks import (
     CHUNK_HEADER_SIZE,
     ChunkError,
     ManifestCheck,

@@ -20,9 +20,9 @@ from broker import ADMIN, Broker, say
 
 from flame.clients.message_broker_client import MessageBrokerClient, PendingPublish
 from flame.errors import MessageError
-from flame.messages import Envelope, decode, encode
-from flame.transport._chunks import CHUNK_MAGIC, REFERENCE_MAGIC, split_frame
 from flame.transport.mqtt import MqttTransport, inbox_topic, status_topic
+from flame.wire.chunks import CHUNK_MAGIC, REFERENCE_MAGIC, split_frame
+from flame.wire.envelope import Envelope, decode, encode
 
 COUNT = 10_000
 LIMIT = 16 * 1024  # max_message_bytes of the fuzzed node, so oversized payloads stay cheap

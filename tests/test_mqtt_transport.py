@@ -21,9 +21,9 @@ from broker import ADMIN, Broker, say
 from flame.clients.message_broker_client import MessageBrokerClient, PendingPublish
 from flame.config import BrokerSettings
 from flame.errors import TransportError
-from flame.messages import Envelope, encode, encode_parts
-from flame.transport._chunks import Buffer, split_frame
 from flame.transport.mqtt import MqttTransport, client_id_for, inbox_topic
+from flame.wire.chunks import Buffer, split_frame
+from flame.wire.envelope import Envelope, encode, encode_parts
 
 ANALYSIS = "mqtt-test"
 _counter = iter(range(1_000_000))

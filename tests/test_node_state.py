@@ -9,8 +9,8 @@ import flame
 from flame.clients.file_store import FileStore
 from flame.clients.object_store import AnalysisLayout
 from flame.config import load_config
-from flame.messages import unpack
 from flame.testing import MemoryBroker
+from flame.wire.envelope import unpack
 
 NODES = {"a": {"x.csv": "v\n1\n2\n"}, "b": {"x.csv": "v\n5\n"}}
 

@@ -26,7 +26,7 @@ from phe import paillier
 from phe import util as phe_util
 from phe.paillier import EncryptedNumber, PaillierPrivateKey, PaillierPublicKey
 
-from flame._cli_keys import keys_cli
+from flame.cli.keys import keys_cli
 from flame.protocols.paillier import (
     AggregationOverflowError,
     ContributorCountError,

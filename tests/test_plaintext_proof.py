@@ -8,7 +8,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from phe.paillier import PaillierPublicKey
 
-from flame.federated.threshold_contributions import proof_context
 from flame.protocols.paillier import Encryptor, SecureSumSpec
 from flame.protocols.paillier.keys import generate_keypair, key_id
 from flame.protocols.paillier.plaintext_proof import (
@@ -18,6 +17,7 @@ from flame.protocols.paillier.plaintext_proof import (
     prove,
     verify,
 )
+from flame.secure.contributions import proof_context
 
 SPEC = SecureSumSpec(precision=16, bound=2.0**15, max_nodes=100)
 

@@ -22,8 +22,8 @@ from broker import ADMIN, Broker
 from identities import federation
 
 import flame
+from flame.analysis.loader import load_analysis
 from flame.errors import ConfigError, RunFailed
-from flame.loader import load_analysis
 from flame.transport.memory import MemoryBroker
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "crosstab_min_count"

@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 
 import flame
-from flame.disclosure import reveal_suppressed
+from flame.analysis.loader import load_analysis
 from flame.errors import RunFailed
-from flame.ledger import BudgetLedger
-from flame.loader import load_analysis
-from flame.policy import NodePolicy
+from flame.privacy.disclosure import reveal_suppressed
+from flame.privacy.ledger import BudgetLedger
+from flame.privacy.policy import NodePolicy
 from flame.transport.memory import MemoryBroker
 
 NODES = {f"node-{i}": {"x.csv": "v\n" + "".join(f"{j}\n" for j in range(12))} for i in range(2)}

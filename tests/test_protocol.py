@@ -17,15 +17,15 @@ import numpy as np
 import pytest
 
 import flame
+from flame.aggregator.records import Checkpoint, EpochRecord, Event, RunResult
+from flame.aggregator.server import Aggregator
+from flame.analysis.functions import AnalysisFunctions
 from flame.config import FlameConfig, load_config
 from flame.data import Data, MemorySource
 from flame.errors import FlameError, RunFailed, RunTimeout
-from flame.federated.aggregator_server import Aggregator
-from flame.federated.analysis_client import AnalysisClient
-from flame.federated.functions import AnalysisFunctions
-from flame.federated.records import Checkpoint, EpochRecord, Event, RunResult
-from flame.messages import Envelope, encode
+from flame.node.runtime import AnalysisClient
 from flame.transport.memory import MemoryBroker, MemoryTransport
+from flame.wire.envelope import Envelope, encode
 
 SECRET = "tok-8c1f5e9a77d2-very-secret"
 

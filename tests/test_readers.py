@@ -15,9 +15,9 @@ import pyarrow.parquet as pq
 import pytest
 
 import flame
+from flame.analysis.loader import load_analysis
 from flame.data import Data, MemorySource
 from flame.errors import DataError
-from flame.loader import load_analysis
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
@@ -38,7 +38,7 @@ def test_stray_text_warns_with_column_file_value_and_count(
 ) -> None:
     files = {"a.csv": "age,name\n30,x\n31,y\n", "b.csv": "age,name\n32,z\nunknown,w\n<5,v\n33,u\n"}
     data = Data({"m": MemorySource(files)})
-    with caplog.at_level(logging.WARNING, logger="flame.readers"):
+    with caplog.at_level(logging.WARNING, logger="flame.data.readers"):
         table = data.read_csv()
     assert table["age"].dtype == np.float64
     assert np.array_equal(table["age"], [30, 31, 32, np.nan, np.nan, 33], equal_nan=True)
@@ -133,7 +133,7 @@ def test_streamed_local_read_equals_the_general_read(
     (tmp_path / "big.csv").write_text(text)
     assert len(text) > 4 * 256 * 1024
     local = Data.from_path(tmp_path)
-    with caplog.at_level(logging.WARNING, logger="flame.readers"):
+    with caplog.at_level(logging.WARNING, logger="flame.data.readers"):
         streamed = local.read_csv()
     general = Data({"m": MemorySource({"big.csv": text})})
     expected = general.read_csv()

@@ -22,7 +22,7 @@ import pytest
 
 import flame
 from flame.config import load_config
-from flame.report import load_run, render
+from flame.ops.report import load_run, render
 
 NODES = {
     "a": {"x.csv": "v\n1\n2\n3\n"},

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 import flame
+from flame.analysis.loader import load_analysis
 from flame.config import load_config
-from flame.loader import load_analysis
 
 NODES = {"a": {"x.csv": "v\n1\n2\n"}, "b": {"x.csv": "v\n5\n"}}
 
@@ -28,7 +28,7 @@ def aggregate(results, epoch, previous):
 """
 
 
-def write(folder: Path, factor: int) -> flame.federated.functions.AnalysisFunctions:
+def write(folder: Path, factor: int) -> flame.analysis.functions.AnalysisFunctions:
     folder.mkdir()
     (folder / "analysis.py").write_text(ANALYSIS.format(factor=factor))
     return load_analysis(folder).functions

@@ -18,11 +18,11 @@ from servers.s3_server import S3Server
 
 import flame
 import flame.main
+from flame.analysis.loader import load_analysis
 from flame.clients.minio_client import MinioStore
 from flame.clients.object_store import AnalysisLayout
 from flame.config import StorageSettings
-from flame.loader import load_analysis
-from flame.messages import unpack
+from flame.wire.envelope import unpack
 
 ANALYSIS = '''
 import json, os, time

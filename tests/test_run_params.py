@@ -10,9 +10,9 @@ import pytest
 from pydantic import BaseModel
 
 import flame
+from flame.aggregator.honesty import non_finite_fields
 from flame.cli import main
 from flame.config import load_config
-from flame.federated.honesty import non_finite_fields
 
 DATA = {"a": {"x.csv": "v\n1\n"}, "b": {"x.csv": "v\n2\n"}}
 

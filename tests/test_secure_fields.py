@@ -14,9 +14,9 @@ import pytest
 import flame
 from flame.config import load_config
 from flame.errors import FlameError, RunFailed
-from flame.federated.secure import SecureKeys, seal
-from flame.messages import Sealed
 from flame.protocols.paillier import EncryptedVector, load_private_key, write_keypair
+from flame.secure.fields import SecureKeys, seal
+from flame.wire.envelope import Sealed
 
 AGES = {  # 17 rows on node a, as in the report that led to per-field bounds
     "a": [23, 35, 41, 52, 67, 71, 80, 45, 38, 29, 60, 58, 77, 84, 19, 33, 49],

@@ -15,9 +15,9 @@ import pytest
 import flame
 from flame.config import load_config
 from flame.errors import ConfigError, RunFailed
-from flame.messages import Envelope, Sealed
 from flame.protocols.paillier import write_keypair
 from flame.testing import MemoryBroker
+from flame.wire.envelope import Envelope, Sealed
 
 NODES = {
     "a": {"x.csv": "v,w\n1.5,-2\n2.25,4\n"},
@@ -123,7 +123,7 @@ def test_a_forged_ciphertext_is_refused_naming_the_node(keys) -> None:
 
 
 def test_the_aggregator_refuses_a_private_key(keys) -> None:
-    from flame.federated.secure import SecureKeys
+    from flame.secure.fields import SecureKeys
 
     with pytest.raises(ConfigError, match="must not hold the private key"):
         SecureKeys.from_settings(secure_config(keys).secure, role="aggregation")
@@ -157,7 +157,7 @@ def test_an_aggregation_node_started_with_a_private_key_exits_clearly(keys, tmp_
 
 
 def test_decryption_request_from_a_stranger_epoch_is_answered_with_an_error(keys) -> None:
-    from flame.federated.secure import SecureKeys, answer_decrypt
+    from flame.secure.fields import SecureKeys, answer_decrypt
 
     node_keys = SecureKeys.from_settings(secure_config(keys).secure, role="analysis")
     request = Envelope("x", "aggregator", "a", "message", 0, {"sums": "nope"})

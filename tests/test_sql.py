@@ -14,11 +14,11 @@ from servers.fhir_server import LOINC_WEIGHT, DataApiServer, observation_value
 from servers.postgres import PostgresServer
 
 import flame
+from flame.analysis.loader import load_analysis
 from flame.cli import main
 from flame.data import Data
+from flame.data.sources.sql import SqlSource
 from flame.errors import DataError, FlameError
-from flame.loader import load_analysis
-from flame.sources.sql import SqlSource
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "omop_measurements"
 NODES = ("clinic_a", "clinic_b", "clinic_c")
@@ -197,7 +197,7 @@ def test_simulate_nodes_file_with_a_fhir_node_and_a_sql_node(
 
 def test_nodes_file_errors_name_the_node_and_the_setting(tmp_path: Path) -> None:
     from flame.errors import ConfigError
-    from flame.nodes_file import load_nodes
+    from flame.ops.nodes_file import load_nodes
 
     nodes = tmp_path / "nodes.toml"
     nodes.write_text('[[nodes.a.sources]]\nkind = "sql"\nurl = "postgresql://x/y"\nbogus = 1\n')
@@ -234,7 +234,7 @@ def test_a_privileged_role_is_refused_unless_the_source_opts_in(
     settings = DataSourceSettings(
         name="omop", kind="sql", url=postgres_server.superuser_url(db), allow_privileged_role=True
     )
-    with caplog.at_level("WARNING", logger="flame.sources.sql"):
+    with caplog.at_level("WARNING", logger="flame.data.sources.sql"):
         source = SqlSource.from_settings(settings)
         assert source.query("select 1 as ok").num_rows == 1
     assert any("allow_privileged_role" in r.getMessage() for r in caplog.records)

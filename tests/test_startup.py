@@ -42,8 +42,8 @@ def test_every_public_name_resolves_and_is_what_it_was() -> None:
     for name in flame.__all__:
         assert getattr(flame, name) is not None, name
     from flame import RunResult, secure, simulate
-    from flame.federated.records import RunResult as Record
-    from flame.federated.secure import secure as mark
+    from flame.aggregator.records import RunResult as Record
+    from flame.secure.fields import secure as mark
 
     assert RunResult is Record and secure is mark and callable(simulate)
     assert set(flame.__all__) <= set(dir(flame))

@@ -1,4 +1,4 @@
-"""`flame status` and `flame.status` during and after real multi-process runs.
+"""`flame status` and `flame.ops.status` during and after real multi-process runs.
 
 An aggregator and two analysis nodes run as separate `flame run` processes against a real
 MQTT broker, with results on a real S3 server; `flame status --watch` follows them as a
@@ -25,11 +25,11 @@ from broker import Broker
 from nodes import federation_env, flame_process, node_env
 from servers.s3_server import S3Server
 
-from flame import status as st
 from flame.cli import main
 from flame.config import FlameConfig
 from flame.errors import RunTimeout
-from flame.messages import unpack
+from flame.ops import status as st
+from flame.wire.envelope import unpack
 
 USERS = ("aggregator", "clinic-a", "clinic-b", "watcher")
 NODES = ("clinic-a", "clinic-b")
@@ -42,7 +42,7 @@ ANALYSIS = textwrap.dedent(
     import flame
 
     # Each step lasts longer than the status interval (0.25 s), so every state shows;
-    # faster ones are sampled, the latest winning (flame.federated.status_board).
+    # faster ones are sampled, the latest winning (flame.node.status_board).
     def analyze(data, epoch, previous):
         values = data.read_csv()["value"]
         time.sleep(0.6)

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from flame.errors import TransportError
-from flame.federated.status_board import StatusBoard
+from flame.node.status_board import StatusBoard
 from flame.transport.base import Delivery
 
 

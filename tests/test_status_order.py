@@ -97,7 +97,7 @@ def test_unbound_statuses() -> None:
 
 
 def test_flame_status_marks_statuses_of_another_run_not_current() -> None:
-    from flame.status import NodeStatus, RunStatus, _mark_current
+    from flame.ops.status import NodeStatus, RunStatus, _mark_current
 
     old, agg, node = Process(STARTED - 3600), Process(STARTED), Process(STARTED + 1)
     payloads = {

@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from phe.paillier import PaillierPrivateKey, PaillierPublicKey
 
-from flame._cli_keys import keys_cli
+from flame.cli.keys import keys_cli
 from flame.protocols.paillier import (
     Encryptor,
     InsecureKeyError,

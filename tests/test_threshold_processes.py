@@ -21,7 +21,7 @@ import pytest
 from broker import Broker, say
 from identities import federation
 
-from flame._cli_keys import keys_cli
+from flame.cli.keys import keys_cli
 
 NODES = [f"node-{i}" for i in range(1, 6)]
 SIZE = 1500  # enough ciphertexts that a partial decryption takes a few seconds

@@ -21,19 +21,6 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 import flame
 from flame.config import load_config
 from flame.errors import RunFailed
-from flame.federated.secure_threshold import PARTIAL, ThresholdParty, request_context
-from flame.federated.threshold_contributions import (
-    CONTRIBUTION,
-    contribution_body,
-    contribution_message,
-    pack_contribution,
-    prove_contribution,
-    split_body,
-    sum_contributions,
-    unpack_contribution,
-)
-from flame.federated.threshold_endorse import contribution_pairs, endorsement_message
-from flame.messages import Envelope, Sealed
 from flame.protocols.paillier import Encryptor, SecureSumSpec
 from flame.protocols.paillier.encoding import _unpack
 from flame.protocols.paillier.threshold import (
@@ -47,7 +34,20 @@ from flame.protocols.paillier.threshold import (
     verify_partial,
 )
 from flame.protocols.paillier.threshold_files import load_key_share, write_threshold_key
+from flame.secure.contributions import (
+    CONTRIBUTION,
+    contribution_body,
+    contribution_message,
+    pack_contribution,
+    prove_contribution,
+    split_body,
+    sum_contributions,
+    unpack_contribution,
+)
+from flame.secure.endorse import contribution_pairs, endorsement_message
+from flame.secure.threshold import PARTIAL, ThresholdParty, request_context
 from flame.testing import MemoryBroker
+from flame.wire.envelope import Envelope, Sealed
 
 MEMBERS = ["a", "b", "c", "d", "e"]
 SPEC = SecureSumSpec(precision=16, bound=2.0**15, max_nodes=100)
@@ -385,7 +385,7 @@ def test_one_share_alone_is_random_looking(parties) -> None:
 
 
 def test_obfuscators_are_made_while_waiting_and_used_by_the_epoch(tkey, caplog) -> None:
-    from flame.federated.secure import Precomputer, SecureKeys
+    from flame.secure.fields import Precomputer, SecureKeys
 
     folder, _ = tkey
     keys = SecureKeys.from_settings(tconfig(folder).secure, role="aggregation")
@@ -443,8 +443,8 @@ def test_a_subset_is_asked_first_and_replaced_when_it_cheats_or_stalls(
 
 def test_threshold_key_configuration_is_checked(tkey, tmp_path) -> None:
     from flame.errors import ConfigError
-    from flame.federated.secure import SecureKeys
     from flame.protocols.paillier import KeyFileError, write_keypair
+    from flame.secure.fields import SecureKeys
 
     folder, public = tkey
     share = folder / "share-b.json"
@@ -540,7 +540,7 @@ def test_malformed_requests_get_an_error_not_a_crash(parties) -> None:
 
 def endorse_request(fields: dict, epoch: int = 0) -> Envelope:
     """The endorsement round: each contribution's digest and signature, not its vector."""
-    from flame.federated.threshold_contributions import unpack_contribution
+    from flame.secure.contributions import unpack_contribution
 
     body = {
         "endorse": {
@@ -555,7 +555,7 @@ def endorse_request(fields: dict, epoch: int = 0) -> Envelope:
 
 
 def test_fewer_than_q_endorsements_and_forged_ones_do_not_count(parties) -> None:
-    from flame.federated.threshold_endorse import quorum_size
+    from flame.secure.endorse import quorum_size
 
     public, roster, shares = parties
     assert quorum_size(public) == 4
@@ -595,8 +595,8 @@ def test_fewer_than_q_endorsements_and_forged_ones_do_not_count(parties) -> None
 
 
 def test_a_holder_endorses_one_set_per_field_and_epoch_even_restarted(parties, tmp_path) -> None:
+    from flame.aggregator.run_store import NodeState
     from flame.clients.file_store import FileStore
-    from flame.federated.run_store import NodeState
 
     public, roster, shares = parties
 
@@ -679,7 +679,7 @@ def test_a_ledger_written_before_endorsements_still_loads_and_guards(parties) ->
     """Ledgers persisted before the endorsement round (no "endorsed" part) keep working."""
     import json
 
-    from flame.federated.threshold_ledger import TAG, GuardLedger
+    from flame.secure.guard import TAG, GuardLedger
 
     public, roster, shares = parties
 
@@ -718,7 +718,7 @@ def test_a_contribution_without_a_valid_proof_fails_the_epoch_naming_its_node(
 ) -> None:
     """c's proof of plaintext knowledge is broken (as for a vector derived from others'
     ciphertexts): the aggregator's own check stops the epoch before any holder is asked."""
-    import flame.federated.threshold_contributions as st
+    from flame.secure import contributions as st
 
     folder, _ = tkey
     honest = st.prove_contribution

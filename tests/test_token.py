@@ -15,14 +15,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from servers.fhir_server import DataApiServer
 
-from flame.config import (
-    BrokerSettings,
-    DataSourceSettings,
-    FlameConfig,
-    StorageSettings,
-    TokenSettings,
-)
-from flame.utils.token import (
+from flame.clients.token import (
     RedactingFilter,
     TokenError,
     TokenSource,
@@ -33,6 +26,13 @@ from flame.utils.token import (
     read_token,
     redact,
     service_tokens,
+)
+from flame.config import (
+    BrokerSettings,
+    DataSourceSettings,
+    FlameConfig,
+    StorageSettings,
+    TokenSettings,
 )
 
 pytest_plugins = ["servers.plugin"]

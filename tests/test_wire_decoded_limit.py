@@ -12,9 +12,9 @@ from __future__ import annotations
 import pyarrow as pa
 import pytest
 
-from flame import wire_tables
 from flame.errors import MessageError
-from flame.messages import Envelope, decode, encode
+from flame.wire import tables as wire_tables
+from flame.wire.envelope import Envelope, decode, encode
 
 LIMIT = 1 << 20
 

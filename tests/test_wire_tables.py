@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from flame.errors import MessageError
-from flame.messages import Envelope, decode, encode, to_jsonable
+from flame.wire.envelope import Envelope, decode, encode, to_jsonable
 
 
 def round_trip(body: object) -> object:

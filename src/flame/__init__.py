@@ -21,9 +21,10 @@ __version__ = "0.1.0"
 
 if TYPE_CHECKING:  # what mypy and IDEs see; at run time these load lazily below
     from flame import dp
+    from flame.aggregator.records import EpochRecord, Event, RunResult
+    from flame.aggregator.run_store import load_result
     from flame.config import FlameConfig, load_config
     from flame.data import Data
-    from flame.disclosure import counts
     from flame.errors import (
         AnalysisError,
         AnalysisLoadError,
@@ -36,12 +37,11 @@ if TYPE_CHECKING:  # what mypy and IDEs see; at run time these load lazily below
         RunTimeout,
         TransportError,
     )
-    from flame.federated.context import Context, Received, context
-    from flame.federated.records import EpochRecord, Event, RunResult
-    from flame.federated.run_store import load_result
-    from flame.federated.secure import Results, secure
     from flame.main import run
-    from flame.policy import NodePolicy, load_policy
+    from flame.node.context import Context, Received, context
+    from flame.privacy.disclosure import counts
+    from flame.privacy.policy import NodePolicy, load_policy
+    from flame.secure.fields import Results, secure
     from flame.simulate import simulate
 
 # public name -> the module that defines it
@@ -49,11 +49,11 @@ _LAZY: dict[str, str] = {
     "FlameConfig": "flame.config",
     "load_config": "flame.config",
     "Data": "flame.data",
-    "counts": "flame.disclosure",
+    "counts": "flame.privacy.disclosure",
     "AnalysisError": "flame.errors",
     "PolicyRefused": "flame.errors",
-    "NodePolicy": "flame.policy",
-    "load_policy": "flame.policy",
+    "NodePolicy": "flame.privacy.policy",
+    "load_policy": "flame.privacy.policy",
     "AnalysisLoadError": "flame.errors",
     "ConfigError": "flame.errors",
     "DataError": "flame.errors",
@@ -62,15 +62,15 @@ _LAZY: dict[str, str] = {
     "RunFailed": "flame.errors",
     "RunTimeout": "flame.errors",
     "TransportError": "flame.errors",
-    "Context": "flame.federated.context",
-    "Received": "flame.federated.context",
-    "context": "flame.federated.context",
-    "EpochRecord": "flame.federated.records",
-    "Event": "flame.federated.records",
-    "RunResult": "flame.federated.records",
-    "load_result": "flame.federated.run_store",
-    "Results": "flame.federated.secure",
-    "secure": "flame.federated.secure",
+    "Context": "flame.node.context",
+    "Received": "flame.node.context",
+    "context": "flame.node.context",
+    "EpochRecord": "flame.aggregator.records",
+    "Event": "flame.aggregator.records",
+    "RunResult": "flame.aggregator.records",
+    "load_result": "flame.aggregator.run_store",
+    "Results": "flame.secure.fields",
+    "secure": "flame.secure.fields",
     "run": "flame.main",
     "simulate": "flame.simulate",
 }
@@ -92,14 +92,15 @@ def __dir__() -> list[str]:
 
 
 class _Package(ModuleType):
-    """Keeps `flame.simulate` the function when the submodule of that name gets imported.
+    """Keeps `flame.simulate` and `flame.secure` the functions when the submodule or package
+    of that name gets imported.
 
     Importing `flame.simulate` (the module) sets the package attribute to the module; with
     eager imports `__init__` rebound it to the function afterwards, which lazy loading cannot.
     """
 
     def __setattr__(self, name: str, value: Any) -> None:
-        if isinstance(value, ModuleType) and _LAZY.get(name) == f"{__name__}.{name}":
+        if isinstance(value, ModuleType) and name in _LAZY:  # flame.simulate, flame.secure
             return
         super().__setattr__(name, value)
 

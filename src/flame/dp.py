@@ -36,7 +36,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from flame.errors import FlameError
-from flame.markers import register
+from flame.privacy.markers import register
 
 __all__ = [
     "Noise",

@@ -8,17 +8,17 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from flame._signals import stop_on_sigterm
+from flame.aggregator.records import EventSink
+from flame.aggregator.run_store import code_hash, open_node_state, open_run_store
+from flame.aggregator.server import Aggregator
+from flame.analysis.functions import AnalysisFunctions
 from flame.config import FlameConfig, load_config
 from flame.data import Data, LocalSource
 from flame.errors import ConfigError, FlameError
-from flame.federated.aggregator_server import Aggregator
-from flame.federated.analysis_client import AnalysisClient
-from flame.federated.functions import AnalysisFunctions
-from flame.federated.records import EventSink
-from flame.federated.run_store import code_hash, open_node_state, open_run_store
-from flame.federated.secure import SecureKeys
+from flame.node.runtime import AnalysisClient
+from flame.secure.fields import SecureKeys
 from flame.transport.base import Transport
+from flame.utils.signals import stop_on_sigterm
 
 if TYPE_CHECKING:
     from flame.identity import Authenticator
@@ -75,7 +75,7 @@ def node_transport(
 
 def node_data_handle(config: FlameConfig) -> Data:
     """This node's data sources from config, each probed once (a bad token stops here)."""
-    from flame.sources import open_sources, probe_sources
+    from flame.data.sources import open_sources, probe_sources
 
     sources: dict[str, object] = {}
     if config.data_dir is not None:
@@ -98,7 +98,7 @@ def analysis_code_files(path: str | Path) -> list[Path]:
     single .py file: its folder's) Python files and extension modules, in all sub-folders,
     `_private` modules and packages included; hidden folders, __pycache__ and pytest files
     (test_*.py, conftest.py, which an analysis must not import) skipped."""
-    from flame.loader import analysis_files
+    from flame.analysis.loader import analysis_files
 
     path = Path(path)
     files = set(analysis_files(path))  # checks that the analysis exists and is Python
@@ -206,11 +206,11 @@ def _run(
     node_id, role = _require(config)
     functions = AnalysisFunctions.of(analyze, aggregate, converged)
     code = code if code is not None else code_hash(functions)
-    from flame.utils.token import check_service_tokens
+    from flame.clients.token import check_service_tokens
 
     check_service_tokens(config)  # a bad token stops the node before any work
     check_code_approval(config, role, code)  # before any data or the broker is touched
-    from flame.check import preflight
+    from flame.ops.check import preflight
 
     failed = preflight(config)  # `flame check`'s storage and data checks, before joining
     if failed:
@@ -248,7 +248,7 @@ def _run(
         aggregator.context.params = dict(config.params)
         return aggregator.execute().value
     from flame.isolation.runner import settings_paths
-    from flame.policy import load_policy
+    from flame.privacy.policy import load_policy
 
     policy = load_policy(config.policy)  # the operator's file; never from the aggregator
     data = node_data_handle(config)

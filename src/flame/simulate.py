@@ -14,20 +14,20 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from flame import _logging
+from flame.aggregator.records import EventSink, RunResult, RunStore
+from flame.aggregator.run_store import code_hash, open_node_state, open_run_store
+from flame.aggregator.server import Aggregator
+from flame.analysis.functions import AnalysisFunctions
 from flame.config import FlameConfig, load_config
 from flame.data import Data, LocalSource, MemorySource
 from flame.errors import DataError, FlameError, RunFailed
-from flame.federated.aggregator_server import Aggregator
-from flame.federated.analysis_client import AnalysisClient
-from flame.federated.functions import AnalysisFunctions
-from flame.federated.records import EventSink, RunResult, RunStore
-from flame.federated.run_store import code_hash, open_node_state, open_run_store
-from flame.federated.secure import SecureKeys
 from flame.isolation.child import refuse_nested_run
-from flame.policy import NodePolicy, load_policy
+from flame.node.runtime import AnalysisClient
+from flame.privacy.policy import NodePolicy, load_policy
+from flame.secure.fields import SecureKeys
 from flame.transport.base import Transport
 from flame.transport.memory import MemoryBroker, MemoryTransport
+from flame.utils import logs as _logging
 
 if TYPE_CHECKING:
     from flame.identity import Authenticator

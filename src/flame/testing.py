@@ -11,12 +11,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from flame.aggregator.records import RunResult
 from flame.config import FlameConfig, load_config
 from flame.data import Data, MemorySource
-from flame.federated.records import RunResult
-from flame.messages import Envelope
 from flame.simulate import DataSpec, simulate
 from flame.transport.memory import MemoryBroker, MemoryTransport
+from flame.wire.envelope import Envelope
 
 __all__ = ["MemoryBroker", "MemoryTransport", "memory_data", "run_federation"]
 

@@ -1,12 +1,12 @@
-"""Moved: the data sources live in `flame.sources` (one module per kind). Kept for imports."""
+"""Moved: the data sources live in `flame.data.sources` (one module per kind). Kept for imports."""
 
 from __future__ import annotations
 
-from flame.sources import open_source, open_sources, probe_sources
-from flame.sources._http import DEFAULT_SPOOL_THRESHOLD, HttpStatusError, Params
-from flame.sources.fhir import FhirSource
-from flame.sources.http import HttpFileSource
-from flame.sources.s3 import S3Source
+from flame.data.sources import open_source, open_sources, probe_sources
+from flame.data.sources._http import DEFAULT_SPOOL_THRESHOLD, HttpStatusError, Params
+from flame.data.sources.fhir import FhirSource
+from flame.data.sources.http import HttpFileSource
+from flame.data.sources.s3 import S3Source
 
 __all__ = [
     "DEFAULT_SPOOL_THRESHOLD",

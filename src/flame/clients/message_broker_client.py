@@ -39,8 +39,8 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from flame._deadline import Deadline
 from flame.errors import FlameError, TransportError
+from flame.utils.deadline import Deadline
 
 __all__ = [
     "BrokerAddress",

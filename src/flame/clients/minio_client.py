@@ -54,8 +54,8 @@ from flame.clients.object_store import (
     validate_metadata,
     validate_prefix,
 )
+from flame.clients.token import TokenError, TokenSource
 from flame.config import StorageSettings
-from flame.utils.token import TokenError, TokenSource
 
 __all__ = [
     "AnalysisLayout",

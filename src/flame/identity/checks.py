@@ -16,16 +16,16 @@ from typing import TYPE_CHECKING, Any
 from flame.errors import ConfigError, FlameError
 
 if TYPE_CHECKING:
-    from flame.check import CheckItem
     from flame.config import FlameConfig
+    from flame.ops.check import CheckItem
 
 __all__ = ["check_identity", "check_isolation", "check_plain_password"]
 
 
 def check_identity(config: FlameConfig) -> list[CheckItem]:
     """The roster parses, this node is in it in its role, and its key file matches it."""
-    from flame.check import CheckItem
     from flame.identity import Authenticator, Identity, Roster, check_members
+    from flame.ops.check import CheckItem
 
     if config.roster is None or config.identity.key_file is None:
         if config.allow_unsigned:
@@ -78,7 +78,7 @@ def _loopback(host: str) -> bool:
 
 def check_plain_password(config: FlameConfig) -> CheckItem | None:
     """A FAIL-free warning line: a password over plain mqtt:// to another machine."""
-    from flame.check import CheckItem, broker_address
+    from flame.ops.check import CheckItem, broker_address
 
     url = config.broker.url
     if url is None or (config.broker.token is None and config.broker.token_file is None):
@@ -96,14 +96,14 @@ def check_plain_password(config: FlameConfig) -> CheckItem | None:
 
 def check_isolation(config: FlameConfig, timeout: float) -> CheckItem:
     """Live: can this node's broker user read an inbox that is not its own?"""
-    from flame.check import (
+    from flame.clients.token import TokenSource
+    from flame.ops.check import (
         BrokerUnavailable,
         CheckItem,
         _stop,
         broker_username,
         connect_broker,
     )
-    from flame.utils.token import TokenSource
 
     settings = config.broker
     probe_node = f"flame-probe-{secrets.token_hex(6)}"

@@ -4,7 +4,7 @@ Wire form of a signed message (what travels on an inbox, is chunked, or is claim
 
     b"FLS" | u8 version (1) | u8 len(signer) | signer id | 64-byte Ed25519 signature | frame
 
-`frame` is the ordinary flame frame (`flame.messages`: version, id, analysis, sender,
+`frame` is the ordinary flame frame (`flame.wire.envelope`: version, id, analysis, sender,
 recipient, kind, epoch, sent, category, body and every blob). The signature is over
 `b"flame-envelope-v1\\0" + SHA-256(frame)`, so it covers the whole envelope, and a chunked or
 claim-checked payload is covered by that digest, checked after reassembly or fetch. Receivers
@@ -12,7 +12,7 @@ verify before decoding the frame (`Authenticator.open`): unknown signer, bad sig
 sender field that is not the signer, or a kind the signer's role may not send -> dropped,
 counted, WARNING with the claimed sender.
 
-Chunked messages (`flame.transport._chunks`, version 2) also carry a signature of their
+Chunked messages (`flame.wire.chunks`, version 2) also carry a signature of their
 manifest (transfer id, count, piece, total, SHA-256 of the whole) over
 `b"flame-chunk-v1\\0" + analysis + b"\\0" + recipient + b"\\0" + manifest`, checked on a
 transfer's first chunk before any buffer is allocated: reassembly comes before the envelope
@@ -39,7 +39,14 @@ from cryptography.exceptions import InvalidSignature
 from flame.errors import MessageError
 from flame.identity.keys import Identity
 from flame.identity.roster import Roster
-from flame.messages import DEFAULT_MAX_BYTES, MAGIC, Envelope, decode, encode_parts, to_jsonable
+from flame.wire.envelope import (
+    DEFAULT_MAX_BYTES,
+    MAGIC,
+    Envelope,
+    decode,
+    encode_parts,
+    to_jsonable,
+)
 
 __all__ = [
     "SIGNED_MAGIC",
@@ -245,7 +252,7 @@ class Authenticator:
     def chunk_signer(
         self, analysis_id: str, recipient: str
     ) -> Callable[[bytes], tuple[str, bytes]]:
-        """Signs chunk manifests of messages to `recipient` (see `flame.transport._chunks`)."""
+        """Signs chunk manifests of messages to `recipient` (see `flame.wire.chunks`)."""
         context = _CHUNK_CONTEXT + f"{analysis_id}\0{recipient}\0".encode()
         identity = self.identity
 

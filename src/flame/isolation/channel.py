@@ -1,6 +1,6 @@
 """Framed messages between the node runtime and its analysis child, no pickle.
 
-Each message is a flame envelope frame (`flame.messages`) on a Unix stream socket, preceded
+Each message is a flame envelope frame (`flame.wire.envelope`) on a Unix stream socket, preceded
 by a 9-byte header: a mode byte and the frame length. Large frames (Linux) travel in a memfd
 whose descriptor is passed with SCM_RIGHTS: the receiver maps it and decodes arrays as views
 of the mapping, so a big numpy result crosses without being copied through the socket.
@@ -18,7 +18,7 @@ import struct
 from typing import Any
 
 from flame.errors import MessageError
-from flame.messages import DEFAULT_MAX_BYTES, Envelope, decode, encode_parts
+from flame.wire.envelope import DEFAULT_MAX_BYTES, Envelope, decode, encode_parts
 
 __all__ = ["Channel", "ChannelClosed"]
 

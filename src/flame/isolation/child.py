@@ -32,7 +32,7 @@ class _Rpc:
         self.channel = channel
 
     def call(self, op: str, **args: Any) -> Any:
-        from flame.markers import to_plain
+        from flame.privacy.markers import to_plain
 
         self.channel.send("call", {"op": op, "args": to_plain(args)})
         kind, body = self.channel.receive()
@@ -104,7 +104,7 @@ class RemoteSource:
 
 
 def _descriptor_source(name: str, rpc: _Rpc) -> Any:
-    from flame.sources.descriptor import DescriptorSource
+    from flame.data.sources.descriptor import DescriptorSource
 
     return DescriptorSource(
         name,
@@ -128,7 +128,7 @@ def _import_by_file(name: str, file: str) -> ModuleType:
 
 def _locate(locator: dict[str, Any]) -> Any:
     if "path" in locator:  # a .py file or a folder, found as `flame simulate/run` find it
-        from flame.loader import load_analysis
+        from flame.analysis.loader import load_analysis
 
         return load_analysis(str(locator["path"])).functions.analyze
     module_name, file, qualname = locator["module"], locator.get("file"), locator["qualname"]
@@ -155,9 +155,9 @@ def _locate(locator: dict[str, Any]) -> Any:
 
 
 def _analysis_traceback(exc: BaseException) -> str:
-    """The analysis frames only (flame._traceback, shared with in-process runs); the node
+    """The analysis frames only (flame.privacy.tracebacks, shared with in-process runs); the node
     runtime masks secrets and applies its policy before anything leaves the node."""
-    from flame._traceback import analysis_traceback
+    from flame.privacy.tracebacks import analysis_traceback
 
     return analysis_traceback(exc, limit=_TRACEBACK_LIMIT)
 
@@ -181,8 +181,8 @@ class _Child:
         self.data: Any = None
 
     def load(self, body: dict[str, Any]) -> dict[str, Any]:
+        from flame.analysis.functions import AnalysisFunctions
         from flame.data import Data
-        from flame.federated.functions import AnalysisFunctions
 
         sys.path[:0] = [p for p in body.get("sys_path", []) if p not in sys.path]
         function = _locate(body["analyze"])
@@ -208,8 +208,8 @@ class _Child:
         }
 
     def run(self, body: dict[str, Any]) -> Any:
-        from flame.federated.context import active
-        from flame.markers import to_plain
+        from flame.node.context import active
+        from flame.privacy.markers import to_plain
 
         self.context.epoch = int(body["epoch"])
         self.context._progress = 0.0
@@ -244,7 +244,7 @@ class _Child:
 
 
 def _child_context(body: dict[str, Any], rpc: _Rpc) -> Any:
-    from flame.federated.context import Context, Received
+    from flame.node.context import Context, Received
 
     class ChildContext(Context):
         """`flame.context()` inside the child: messages, state and progress via the parent."""

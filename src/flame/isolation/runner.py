@@ -25,10 +25,10 @@ import numpy as np
 
 from flame.data import Data, FileSource, LocalSource
 from flame.errors import AnalysisError, FlameError, PolicyRefused, RunTimeout
-from flame.federated.context import Context, active
 from flame.isolation.channel import Channel, ChannelClosed
 from flame.isolation.spawn import scrubbed_environment, spawn_child, take_warm
-from flame.markers import from_plain, to_plain
+from flame.node.context import Context, active
+from flame.privacy.markers import from_plain, to_plain
 
 __all__ = [
     "ChildRunner",
@@ -482,7 +482,7 @@ class ChildRunner:
     def _send_descriptor(self, args: dict[str, Any]) -> None:
         """A file of a node folder, opened read-only here and passed to the child, which
         streams it itself (no copy through the channel); its rows are counted here."""
-        from flame.sources.descriptor import count_records, open_read_only
+        from flame.data.sources.descriptor import count_records, open_read_only
 
         assert self._channel is not None
         name, source_name = str(args["name"]), str(args["source"])

@@ -21,10 +21,10 @@ from collections.abc import Iterable, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Protocol
 
-from flame._deadline import Deadline
 from flame.errors import TransportError
-from flame.messages import DEFAULT_MAX_BYTES, Envelope, decode, encode_parts
 from flame.transport.status_order import StatusOrder, gone
+from flame.utils.deadline import Deadline
+from flame.wire.envelope import DEFAULT_MAX_BYTES, Envelope, decode, encode_parts
 
 if TYPE_CHECKING:
     from flame.identity.signing import Authenticator, Buffer

@@ -12,7 +12,7 @@ import uuid
 from collections.abc import Sequence
 
 from flame.clients.object_store import AnalysisLayout, ObjectStore
-from flame.transport._chunks import Buffer
+from flame.wire.chunks import Buffer
 
 __all__ = ["StorageClaimCheck"]
 

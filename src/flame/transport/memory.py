@@ -14,11 +14,11 @@ from collections.abc import Callable, Iterable
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
-from flame._deadline import Deadline
 from flame.errors import MessageError, TransportError
 from flame.identity.signing import SignatureError
-from flame.messages import DEFAULT_MAX_BYTES, Envelope, encode, to_jsonable
 from flame.transport.base import Transport
+from flame.utils.deadline import Deadline
+from flame.wire.envelope import DEFAULT_MAX_BYTES, Envelope, encode, to_jsonable
 
 if TYPE_CHECKING:
     from flame.identity.signing import Authenticator

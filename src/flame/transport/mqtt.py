@@ -5,7 +5,7 @@ only, so broker ACLs can enforce that nobody reads another's mail) and
 `flame/{analysis}/{node}/status` (retained; the last will sets `{"state": "offline"}`).
 
 Frames on an inbox are one of three kinds, told apart by their first three bytes: a flame
-frame (`FLM`, see `flame.messages`), a chunk of a larger frame (`FLC`) or a claim-check
+frame (`FLM`, see `flame.wire.envelope`), a chunk of a larger frame (`FLC`) or a claim-check
 reference (`FLR`, see `_chunks.ClaimCheck`). paho's network thread only queues what arrives;
 decoding, reassembly and verification happen in `receive()`, on the caller's thread, and
 every frame that fails any check is logged once and dropped.
@@ -23,7 +23,6 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
-from flame._deadline import Deadline
 from flame.clients.message_broker_client import (
     IncomingMessage,
     MessageBrokerClient,
@@ -34,8 +33,9 @@ from flame.clients.message_broker_client import (
 )
 from flame.errors import MessageError, TransportError
 from flame.identity.signing import SIGNED_MAGIC, SignatureError
-from flame.messages import EVERYONE, MAGIC, Envelope, to_jsonable
-from flame.transport._chunks import (
+from flame.transport.base import Delivery, Transport
+from flame.utils.deadline import Deadline
+from flame.wire.chunks import (
     CHUNK_HEADER_SIZE,
     CHUNK_MAGIC,
     REFERENCE_MAGIC,
@@ -49,7 +49,7 @@ from flame.transport._chunks import (
     frame_size,
     split_frame,
 )
-from flame.transport.base import Delivery, Transport
+from flame.wire.envelope import EVERYONE, MAGIC, Envelope, to_jsonable
 
 if TYPE_CHECKING:
     from flame.config import BrokerSettings, FlameConfig
@@ -92,7 +92,7 @@ def client_id_for(analysis_id: str, node_id: str) -> str:
 
 def password_from_settings(settings: BrokerSettings) -> PasswordSource | None:
     """The broker token from settings; a token file is re-read when it changes (rotation)."""
-    from flame.utils.token import TokenSource
+    from flame.clients.token import TokenSource
 
     source = TokenSource(settings, "message broker")
     return source.get if source.configured else None

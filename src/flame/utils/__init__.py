@@ -1,1 +1,1 @@
-"""Small helpers shared by the clients and the node start-up (tokens, redaction)."""
+"""Small helpers with no role of their own: deadlines, redaction, signals, log set-up."""

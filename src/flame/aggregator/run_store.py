@@ -1,0 +1,296 @@
+"""Checkpoints, final results, provenance and node-local state on an object store.
+
+The aggregator checkpoints after every epoch, so a restarted aggregator resumes after the
+last completed epoch instead of starting over; the final result is written with a manifest
+that says what produced it. Values are stored in flame's wire format (no pickle).
+
+A storage blip (a restarting MinIO, a network hiccup) must not end a federation: checkpoint
+and result writes are retried with backoff for up to `retry_s` seconds while the values stay
+in memory; only then the run fails, naming the object and the cause.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from flame.aggregator.records import Checkpoint, EpochRecord, RunResult, RunStore
+from flame.clients.object_store import AnalysisLayout, ObjectNotFound, ObjectStore, StorageError
+from flame.errors import ConfigError, FlameError
+from flame.wire.envelope import pack, unpack
+
+if TYPE_CHECKING:
+    from flame.analysis.functions import AnalysisFunctions
+    from flame.config import FlameConfig
+
+__all__ = [
+    "MemoryState",
+    "NodeState",
+    "StorageRunStore",
+    "code_hash",
+    "load_result",
+    "open_node_state",
+    "open_run_store",
+]
+
+log = logging.getLogger(__name__)
+_T = TypeVar("_T")
+
+
+def _record(data: dict[str, Any]) -> EpochRecord:
+    return EpochRecord.from_dict(data)
+
+
+class StorageRunStore:
+    """The aggregator's `RunStore` on MinIO/S3 or a local folder."""
+
+    def __init__(
+        self,
+        store: ObjectStore,
+        analysis_id: str,
+        aggregator_id: str,
+        *,
+        provenance: dict[str, Any] | None = None,
+        retry_s: float = 120.0,
+    ) -> None:
+        self.store = store
+        self.retry_s = retry_s
+        self.layout = AnalysisLayout(analysis_id)
+        self.aggregator_id = aggregator_id
+        self.provenance = dict(provenance or {})
+        store.ensure_bucket()
+
+    def _same_code(self, stored: dict[str, Any], what: str) -> None:
+        """Refuse to mix runs of different analysis code under one analysis id."""
+        mine, theirs = self.provenance.get("code_sha256"), stored.get("code_sha256")
+        if mine and theirs and mine != theirs:
+            raise ConfigError(
+                f"FLAME_ANALYSIS_ID / analysis_id: {self.layout.analysis_id!r} has a {what} "
+                "from different analysis code; use a new analysis id (or remove "
+                f"{self.layout.root} from storage) to start over"
+            )
+
+    def load_final(self) -> RunResult | None:
+        """The stored result of a run that already finished under this analysis id."""
+        try:
+            manifest = self.store.get_json(self.layout.manifest())
+        except ObjectNotFound:
+            return None
+        self._same_code(manifest, "finished run")
+        value = unpack(self.store.get_bytes(self.layout.final_result()))
+        return RunResult(
+            self.layout.analysis_id,
+            value,
+            bool(manifest["converged"]),
+            int(manifest["epochs"]),
+            [_record(item) for item in manifest["history"]],
+            manifest["result"]["key"],
+        )
+
+    def load_checkpoint(self) -> Checkpoint | None:
+        epoch = self.layout.latest_checkpoint(self.store)
+        if epoch is None:
+            return None
+        meta = self.store.get_json(self.layout.checkpoint(epoch))
+        self._same_code(meta, "checkpoint")
+        value = unpack(self.store.get_bytes(self.layout.epoch_result(epoch, self.aggregator_id)))
+        history = [_record(item) for item in meta["history"]]
+        return Checkpoint(int(meta["next_epoch"]), value, history)
+
+    def _persist(self, key: str, write: Callable[[], _T]) -> _T:
+        """`write()`, retried with backoff for up to `retry_s` s; StorageError naming `key`
+        and the last cause after that."""
+        started = time.monotonic()
+        delay = 0.5
+        while True:
+            try:
+                return write()
+            except (StorageError, OSError) as exc:
+                left = self.retry_s - (time.monotonic() - started)
+                if left <= 0:
+                    raise StorageError(
+                        f"storage: could not write {key} within FLAME_STORAGE__RETRY_S = "
+                        f"{self.retry_s:g} s: {exc}"
+                    ) from None
+                log.warning(
+                    "storage: writing %s failed (%s); retrying for %.0f s more", key, exc, left
+                )
+                time.sleep(min(delay, left))
+                delay = min(delay * 2, 10.0)
+
+    def save_checkpoint(self, checkpoint: Checkpoint) -> None:
+        epoch = checkpoint.next_epoch - 1
+        key = self.layout.epoch_result(epoch, self.aggregator_id)
+        data = pack(checkpoint.previous)
+        stored = self._persist(key, lambda: self.store.put_bytes(key, data))
+        self._persist(
+            self.layout.checkpoint(epoch),
+            lambda: self.store.put_json(
+                self.layout.checkpoint(epoch),
+                {
+                    "next_epoch": checkpoint.next_epoch,
+                    "aggregate_sha256": stored.sha256,
+                    "history": [record.to_dict() for record in checkpoint.history],
+                    "saved": time.time(),
+                    "code_sha256": self.provenance.get("code_sha256"),
+                },
+            ),
+        )
+
+    def save_final(self, result: RunResult) -> str:
+        from flame import __version__
+
+        data = pack(result.value)
+        key = self.layout.final_result()
+        stored = self._persist(key, lambda: self.store.put_bytes(key, data))
+        manifest = {
+            "analysis_id": result.analysis_id,
+            "flame_version": __version__,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "epochs": result.epochs,
+            "converged": result.converged,
+            "history": [record.to_dict() for record in result.history],
+            "result": {"key": stored.key, "sha256": stored.sha256, "size": stored.size},
+            **self.provenance,
+        }
+        self._persist(
+            self.layout.manifest(), lambda: self.store.put_json(self.layout.manifest(), manifest)
+        )
+        return stored.uri or stored.key
+
+    def save_failure(self, record: dict[str, Any]) -> str:
+        """Keep why the run failed (reason, node, epoch, the analysis traceback when sent)
+        under `{analysis}/failures/`; one attempt: a failing run must not wait on storage."""
+        key = f"{self.layout.root}failures/{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.json"
+        self.store.put_json(key, {**record, "code_sha256": self.provenance.get("code_sha256")})
+        return key
+
+
+class NodeState:
+    """The analyst's `context().save/load` on this node's own storage."""
+
+    def __init__(self, store: ObjectStore, analysis_id: str, node_id: str) -> None:
+        self.store = store
+        self.layout = AnalysisLayout(analysis_id)
+        self.node_id = node_id
+        store.ensure_bucket()
+
+    def save(self, tag: str, value: Any) -> None:
+        self.store.put_bytes(self.layout.node_state(self.node_id, tag), pack(value))
+
+    def load(self, tag: str, default: Any = None) -> Any:
+        try:
+            return unpack(self.store.get_bytes(self.layout.node_state(self.node_id, tag)))
+        except ObjectNotFound:
+            return default
+
+
+class MemoryState:
+    """Node-local state kept in memory, when no storage is configured (simulation)."""
+
+    def __init__(self) -> None:
+        self._values: dict[str, bytes] = {}
+        self._lock = threading.Lock()
+
+    def save(self, tag: str, value: Any) -> None:
+        with self._lock:
+            self._values[tag] = pack(value)
+
+    def load(self, tag: str, default: Any = None) -> Any:
+        with self._lock:
+            data = self._values.get(tag)
+        return default if data is None else unpack(data)
+
+
+def load_result(analysis_id: str, *, epoch: int | None = None, config: Any = None) -> Any:
+    """A stored result of an earlier or running analysis ("old information"): the final
+    aggregate, or with `epoch` the aggregate of that epoch (kept as its checkpoint).
+
+    Reads the storage configured by FLAME_STORAGE__* (or `config`), SHA-256 verified.
+    """
+    from flame.clients.minio_client import open_store
+    from flame.config import load_config
+
+    config = config if config is not None else load_config()
+    store = open_store(config.storage)
+    if store is None:
+        raise ConfigError(
+            "FLAME_STORAGE__ENDPOINT or FLAME_STORAGE__RESULTS_DIR: needed to read stored results"
+        )
+    layout = AnalysisLayout(analysis_id)
+    if epoch is None:
+        key, what = layout.final_result(), "final result"
+    else:
+        key = layout.epoch_result(epoch, config.aggregator_id)
+        what = f"aggregate of epoch {epoch}"
+    try:
+        return unpack(store.get_bytes(key))
+    except ObjectNotFound:
+        raise FlameError(f"analysis {analysis_id!r} has no stored {what}") from None
+
+
+def code_hash(functions: AnalysisFunctions) -> str:
+    """SHA-256 over the analyst's code (provenance): the source files defining the functions,
+    or for code with no file (`python -c`, a notebook) its source text or bytecode."""
+    from flame.analysis.code_hash import code_hash as hash_code
+
+    return hash_code(
+        (role, getattr(functions, role)) for role in ("analyze", "aggregate", "converged")
+    )
+
+
+def _has_storage(config: FlameConfig) -> bool:
+    return config.storage.endpoint is not None or config.storage.results_dir is not None
+
+
+def open_run_store(
+    config: FlameConfig,
+    functions: AnalysisFunctions,
+    aggregator_id: str,
+    code: str | None = None,
+) -> RunStore | None:
+    """Checkpoints and final results on the configured storage (None: keep nothing).
+    `code`: the analysis's SHA-256 when known (else that of the functions' files)."""
+    if not _has_storage(config):
+        return None  # without importing the S3 client: a simulation starts faster
+    from flame.clients.minio_client import open_store
+
+    store = open_store(config.storage)
+    if store is None:
+        return None
+    provenance = {
+        "code_sha256": code if code is not None else code_hash(functions),
+        "roster_sha256": _roster_fingerprint(config),
+        "participants": list(config.participants),
+        "config": config.public_dict(),
+        "params": dict(config.params),
+    }
+    return StorageRunStore(
+        store,
+        config.analysis_id,
+        aggregator_id,
+        provenance=provenance,
+        retry_s=config.storage.retry_s,
+    )
+
+
+def _roster_fingerprint(config: FlameConfig) -> str | None:
+    """The SHA-256 of the roster the run uses (None: unsigned, or a simulation's throwaway)."""
+    if config.roster is None:
+        return None
+    from flame.identity import Roster
+
+    return Roster.load(config.roster).fingerprint
+
+
+def open_node_state(config: FlameConfig, node_id: str) -> Any:
+    """Where `context().save/load` keep this node's values."""
+    if not _has_storage(config):
+        return MemoryState()
+    from flame.clients.minio_client import open_store
+
+    store = open_store(config.storage)
+    return MemoryState() if store is None else NodeState(store, config.analysis_id, node_id)

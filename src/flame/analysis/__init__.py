@@ -1,0 +1,1 @@
+"""The analyst's code: loading `analyze`/`aggregate`/`converged`, calling them, hashing them."""

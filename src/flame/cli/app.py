@@ -1,0 +1,380 @@
+"""The `flame` command: simulate, run, keys, init, check, status. The only module that prints."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TextIO
+
+from flame.errors import (
+    ConfigError,
+    FlameError,
+    RunFailed,
+    RunTimeout,
+    stop_exit_code,
+    stop_signal,
+)
+from flame.utils import logs as _logging
+from flame.utils.signals import stop_on_sigterm
+
+if TYPE_CHECKING:
+    from flame.aggregator.records import Event, RunResult
+
+# Commands import what they need when they run: `flame --version` and `flame --help` stay
+# free of pydantic, numpy and the network clients (benchmarks/startup.py measures it).
+
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+
+class _Progress:
+    """Per-epoch progress: a live line on a terminal, plain lines otherwise."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+        self.live = stream.isatty()
+        self.started = time.perf_counter()
+        self.answered: list[str] = []
+
+    def __call__(self, event: Event) -> None:
+        if event.kind == "epoch_started":
+            self.answered = []
+            self._live(f"epoch {event.epoch}: waiting for {event.expected} nodes")
+        elif event.kind == "result" and event.node is not None:
+            self.answered.append(event.node)
+            self._live(f"epoch {event.epoch}: {event.received}/{event.expected} answered")
+        elif event.kind == "epoch_finished" and event.record is not None:
+            record = event.record
+            missing = f", missing {', '.join(record.missing)}" if record.missing else ""
+            flag = ", converged" if record.converged else ""
+            self._line(
+                f"epoch {record.epoch}: {len(record.nodes)} nodes answered "
+                f"({', '.join(record.nodes)}){missing} in {record.duration:.3f} s{flag}"
+            )
+
+    def _live(self, text: str) -> None:
+        if self.live:
+            self.stream.write(f"\r\033[K{text}")
+            self.stream.flush()
+
+    def _line(self, text: str) -> None:
+        self.stream.write(("\r\033[K" if self.live else "") + text + "\n")
+        self.stream.flush()
+
+
+def _warm_children(args: argparse.Namespace) -> None:
+    """Start one analysis child per node folder now: they import while we do (see spawn)."""
+    if args.in_process or args.nodes is not None or not args.data.is_dir():
+        return
+    from flame.isolation.spawn import prestart
+
+    with contextlib.suppress(OSError):
+        prestart(sum(1 for p in args.data.iterdir() if p.is_dir() and not p.name.startswith(".")))
+
+
+def _cmd_simulate(args: argparse.Namespace) -> int:
+    _warm_children(args)
+    from flame.analysis.loader import load_analysis
+    from flame.config import load_config
+    from flame.simulate import simulate
+
+    if args.output is not None and not args.output.parent.is_dir():
+        raise FlameError(f"--output {args.output}: folder {args.output.parent} does not exist")
+    config = load_config(epochs=args.epochs, seed=args.seed, epoch_timeout=args.timeout)
+    if args.param:
+        config = config.model_copy(update={"params": {**config.params, **_params(args.param)}})
+    _logging.configure(
+        level=config.log_level if not args.verbose else "DEBUG",
+        fmt=config.log_format,
+        secrets=config.secrets(),
+    )
+    analysis = load_analysis(args.analysis)
+    progress = None if args.quiet else _Progress(sys.stderr)
+    history: list[Any] = []  # the epochs so far, for --output when the run fails
+
+    def on_event(event: Event) -> None:
+        if event.kind == "epoch_finished" and event.record is not None:
+            history.append(event.record)
+        if progress is not None:
+            progress(event)
+
+    with contextlib.ExitStack() as stack:
+        broker_url = args.broker
+        if broker_url == "embedded":
+            from flame.transport.embedded import EmbeddedBroker
+
+            broker_url = stack.enter_context(EmbeddedBroker())
+        broker = None
+        if broker_url is not None:
+            from flame.transport.mqtt import mqtt_transport_factory
+
+            settings = config.broker.model_copy(update={"url": broker_url})
+            broker = mqtt_transport_factory(settings, config.analysis_id)
+        stack.enter_context(stop_on_sigterm())
+        try:
+            result = simulate(
+                analysis.functions.analyze,
+                analysis.functions.aggregate,
+                analysis.functions.converged,
+                data=args.data if args.nodes is None else _nodes(args.nodes),
+                config=config,
+                broker=broker,
+                on_event=on_event,
+                secure=args.secure,
+                isolate=not args.in_process,
+                policy=_policy_arguments(args.policy),
+            )
+        except (RunFailed, RunTimeout) as exc:
+            if args.output is not None:
+                _write_failure(args.output, exc, config.analysis_id, history, analysis.functions)
+            raise
+    _report(result, args.output, _manifest(analysis.functions, result))
+    return 0
+
+
+def _write_failure(
+    output: Path, exc: RunFailed | RunTimeout, analysis_id: str, history: list[Any], functions: Any
+) -> None:
+    """--output for a failed run: the epochs that finished and who failed where, so
+    `flame report` can show it."""
+    from flame.aggregator.records import RunResult
+
+    partial = RunResult(analysis_id, None, False, len(history), list(history))
+    failure = {
+        "node": getattr(exc, "node", None),
+        "epoch": getattr(exc, "epoch", None),
+        "reason": str(exc),
+    }
+    document = _strict_json({**partial.to_dict(), "manifest": _manifest(functions, partial)})
+    output.write_text(json.dumps({**document, "failure": failure}, indent=2) + "\n")
+    print(f"wrote {output} (see it as a page: flame report {output})", file=sys.stderr)
+
+
+def _policy_arguments(items: list[str]) -> Any:
+    """`--policy FILE` (all nodes) and/or `--policy NODE=FILE` (one node) as simulate wants."""
+    if not items:
+        return None
+    every = [item for item in items if "=" not in item]
+    if len(every) > 1:
+        raise FlameError("--policy FILE may be given once; use NODE=FILE for single nodes")
+    if not any("=" in item for item in items):
+        return Path(every[0])
+    named = dict(item.split("=", 1) for item in items if "=" in item)
+    return _PerNode(Path(every[0]) if every else None, named)
+
+
+class _PerNode(dict[str, Any]):
+    """Per-node policies; nodes not named get the common file (or none)."""
+
+    def __init__(self, common: Path | None, named: dict[str, str]) -> None:
+        super().__init__({node: Path(path) for node, path in named.items()})
+        self.common = common
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return super().get(key, self.common)
+
+
+def _manifest(functions: Any, result: RunResult) -> dict[str, Any]:
+    """What produced a simulated result (as a stored run's manifest.json says it)."""
+    from flame import __version__
+    from flame.aggregator.run_store import code_hash
+
+    nodes = {n for record in result.history for n in (*record.nodes, *record.missing)}
+    return {
+        "flame_version": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "code_sha256": code_hash(functions),
+        "participants": sorted(nodes),
+    }
+
+
+def _params(items: list[str]) -> dict[str, Any]:
+    """`--param key=value` pairs; a value that parses as JSON (10, 0.5, true, [1]) is typed."""
+    params: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--param {item!r}: expected KEY=VALUE")
+        try:
+            params[key.strip()] = json.loads(text)
+        except ValueError:
+            params[key.strip()] = text
+    return params
+
+
+def _nodes(path: Path) -> Any:
+    from flame.ops.nodes_file import load_nodes
+
+    return load_nodes(path)
+
+
+def _strict_json(value: Any) -> Any:
+    """NaN and infinities as null: JSON has no such numbers and strict parsers reject them."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _strict_json(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_strict_json(v) for v in value]
+    return value
+
+
+def _report(result: RunResult, output: Path | None, manifest: dict[str, Any] | None = None) -> None:
+    document = _strict_json({**result.to_dict(), "manifest": manifest or {}})
+    if output is not None:
+        output.write_text(json.dumps(document, indent=2) + "\n")
+        print(f"wrote {output} (see it as a page: flame report {output})", file=sys.stderr)
+    converged = ", converged" if result.converged else ""
+    print(f"finished after {result.epochs} epoch(s){converged}", file=sys.stderr)
+    print(json.dumps(document["result"], indent=2))
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from flame.analysis.loader import load_analysis
+    from flame.config import load_config
+    from flame.main import analysis_code_hash, run
+    from flame.privacy.policy import load_policy
+    from flame.wire.envelope import to_jsonable
+
+    config = load_config()
+    _logging.configure(
+        level=config.log_level,
+        fmt=config.log_format,
+        secrets=config.secrets(),
+        analysis_id=config.analysis_id,
+        node_id=config.node_id or "",
+    )
+    if config.role == "analysis" and load_policy(config.policy).isolate:
+        # The analysis is imported only in its isolated child, never next to the keys.
+        from flame.analysis.loader import analysis_files
+        from flame.isolation.runner import AnalysisAt
+
+        analysis_files(args.analysis)  # a wrong path fails here, before connecting
+        placeholder = AnalysisAt(args.analysis)
+        code = analysis_code_hash(args.analysis)
+        value: Any = run(placeholder, placeholder, config=config, code=code)
+    else:
+        analysis = load_analysis(args.analysis)
+        value = run(
+            analysis.functions.analyze,
+            analysis.functions.aggregate,
+            analysis.functions.converged,
+            config=config,
+            code=analysis_code_hash(args.analysis),
+        )
+    print(json.dumps(_strict_json(to_jsonable(value))))
+    return 0
+
+
+def _cmd_keys(args: argparse.Namespace) -> int:
+    if args.rest[:1] == ["identity"]:
+        from flame.cli.auth import keys_identity
+
+        return keys_identity(args.rest[1:])
+    from flame.cli.keys import keys_cli
+
+    return int(keys_cli(args.rest))
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="flame", description="Federated analytics: analyze() on each node, aggregate() once."
+    )
+    from flame import __version__
+
+    parser.add_argument("--version", action="version", version=f"flame {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    sim = commands.add_parser("simulate", help="run an analysis on N simulated nodes locally")
+    sim.add_argument("analysis", type=Path, help="a .py file or a folder (e.g. copied templates)")
+    where = sim.add_mutually_exclusive_group(required=True)
+    where.add_argument("--data", type=Path, help="folder with one sub-folder per node")
+    where.add_argument(
+        "--nodes", type=Path, help="TOML file: each node's own sources (folder, FHIR, SQL, S3)"
+    )
+    sim.add_argument(
+        "--param",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="run parameter for flame.context().params (JSON value or text; repeatable; "
+        "over FLAME_PARAMS)",
+    )
+    sim.add_argument("--epochs", type=int, help="maximum number of epochs (FLAME_EPOCHS)")
+    sim.add_argument("--seed", type=int, help="seed for context().rng (FLAME_SEED)")
+    sim.add_argument("--timeout", type=float, help="seconds per epoch (FLAME_EPOCH_TIMEOUT)")
+    sim.add_argument("--output", type=Path, help="write result and per-epoch history as JSON")
+    sim.add_argument(
+        "--secure",
+        action="store_true",
+        help="sum flame.secure(...) values under "
+        "Paillier encryption (FLAME_SECURE__*; throwaway keys if none configured)",
+    )
+    sim.add_argument(
+        "--broker",
+        metavar="URL",
+        help="run over a real MQTT broker (mqtt://host:port), or 'embedded' to start a local one",
+    )
+    sim.add_argument(
+        "--policy",
+        action="append",
+        default=[],
+        metavar="[NODE=]FILE",
+        help="node policy file for every node, or NODE=FILE for one node (repeatable)",
+    )
+    sim.add_argument(
+        "--in-process",
+        action="store_true",
+        help="run analyze in this process instead of an isolated child per node (debugging)",
+    )
+    sim.add_argument("--quiet", action="store_true", help="no progress lines")
+    sim.add_argument("--verbose", action="store_true", help="debug logging")
+    sim.set_defaults(handler=_cmd_simulate)
+
+    run = commands.add_parser("run", help="play this node's role (config from FLAME_* / file)")
+    run.add_argument("analysis", type=Path, nargs="?", default=Path("."), help="default: .")
+    run.set_defaults(handler=_cmd_run)
+
+    keys = commands.add_parser(
+        "keys",
+        help="keys: flame keys identity NODE_ID --out DIR | generate --out DIR (Paillier)",
+    )
+    keys.add_argument("rest", nargs=argparse.REMAINDER)
+    keys.set_defaults(handler=_cmd_keys)
+
+    from flame.cli.ops import add_commands
+    from flame.cli.report import add_command as add_report
+
+    add_commands(commands)
+    add_report(commands)
+
+    from flame.cli.auth import add_commands as add_auth_commands
+
+    add_auth_commands(commands)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns the exit code (0 success, 1 run failed, 2 bad input, 130 SIGINT,
+    143 SIGTERM)."""
+    args = _parser().parse_args(argv)
+    try:
+        return int(args.handler(args))
+    except ConfigError as exc:
+        lines = str(exc).splitlines() or ["invalid configuration"]
+        for line in lines:
+            print(f"flame: config error: {line}", file=sys.stderr)
+        return EXIT_USAGE
+    except FlameError as exc:
+        # The failing analysis's traceback, when its node sent one, is in the aggregator's log.
+        print(f"flame: error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt as exc:  # SIGINT, or SIGTERM (see flame.utils.signals)
+        print(f"flame: stopped: {stop_signal(exc)}", file=sys.stderr)
+        return stop_exit_code(exc)

@@ -1,0 +1,1 @@
+"""The analysis node runtime: epoch loop, result delivery, status board, context, mailbox."""

@@ -1,0 +1,1 @@
+"""Operator tools behind the CLI: status, check, report, `flame init` scaffolding."""

@@ -1,0 +1,1 @@
+"""Secure sums of `flame.secure(...)` fields: single key and threshold Paillier protocols."""

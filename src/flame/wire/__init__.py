@@ -1,0 +1,1 @@
+"""What travels: the signed binary envelope, tables as Arrow IPC, chunk framing."""
