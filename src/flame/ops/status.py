@@ -14,19 +14,32 @@ Two sources, both of which the run keeps anyway, so looking costs the run nothin
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import queue
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from flame.config import FlameConfig, load_config
 from flame.errors import FlameError, RunTimeout
 from flame.ops.check import BrokerUnavailable, _stop, broker_username, connect_broker
-from flame.transport.status_order import StatusOrder, process_fields
+from flame.ops.status_records import (
+    FINAL_STATES,
+    EpochInfo,
+    FinalResult,
+    NodeStatus,
+    RunStatus,
+    StatusChange,
+    StatusError,
+    _all_settled,
+    _mark_current,
+    _parse_status,
+    _same,
+)
+from flame.ops.status_render import render_change, render_epoch, render_status
+from flame.transport.status_order import StatusOrder
 
 __all__ = [
     "EpochInfo",
@@ -38,254 +51,16 @@ __all__ = [
     "StatusError",
     "download",
     "get",
+    "render_change",
+    "render_epoch",
+    "render_status",
     "watch",
 ]
 
 log = logging.getLogger(__name__)
 
-FINAL_STATES = ("done", "failed")
-MAX_STATUS_BYTES = 64 * 1024
 _SETTLE = 0.3  # seconds without a new retained message before a snapshot counts as complete
 _GRACE = 3.0  # seconds to wait for the nodes' final states after the aggregator's
-
-
-class StatusError(FlameError):
-    """Status could not be read (no broker or storage configured, or neither reachable)."""
-
-
-@dataclass(frozen=True)
-class NodeStatus:
-    """One node's retained status, as it published it."""
-
-    node: str
-    state: str
-    role: str | None = None
-    epoch: int | None = None
-    time: float | None = None
-    progress: float | None = None
-    reason: str | None = None
-    session: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict, compare=False)
-    # Signed by that node's roster key (True), not (False), or no roster to check with (None).
-    verified: bool | None = field(default=None, compare=False)
-    # The node's state now (True), or a status of another run / an earlier status replayed or
-    # left over (False, `stale` says why); None: it carries nothing to tell (older flame).
-    current: bool | None = field(default=None, compare=False)
-    stale: str | None = field(default=None, compare=False)
-
-    @classmethod
-    def from_payload(cls, node: str, payload: Any) -> NodeStatus | None:
-        """The status in `payload` (a JSON object), or None if it is not one."""
-        if not isinstance(payload, dict) or not isinstance(payload.get("state"), str):
-            return None
-
-        def num(key: str) -> float | None:
-            value = payload.get(key)
-            return (
-                float(value)
-                if isinstance(value, int | float) and not isinstance(value, bool)
-                else None
-            )
-
-        epoch = payload.get("epoch")
-        known = {"state", "role", "epoch", "time", "progress", "reason", "session", "sig"}
-        return cls(
-            node=node,
-            state=payload["state"][:64],
-            role=str(payload["role"])[:32] if isinstance(payload.get("role"), str) else None,
-            epoch=epoch
-            if isinstance(epoch, int) and not isinstance(epoch, bool) and epoch >= 0
-            else None,
-            time=num("time"),
-            progress=num("progress"),
-            reason=str(payload["reason"])[:500] if payload.get("reason") else None,
-            session=str(payload["session"])[:64] if payload.get("session") else None,
-            extra={k: v for k, v in payload.items() if k not in known},
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "node": self.node,
-            "state": self.state,
-            "role": self.role,
-            "epoch": self.epoch,
-            "time": self.time,
-            "progress": self.progress,
-            "reason": self.reason,
-            "verified": self.verified,
-            "current": self.current,
-            **({"stale": self.stale} if self.stale else {}),
-            **self.extra,
-        }
-
-    def describe(self) -> str:
-        """`computing epoch 2 (40%)`, `failed in epoch 1: ValueError: ...`, `offline`."""
-        text = self.state
-        last = self.extra.get("last_state")
-        if self.state == "offline" and isinstance(last, str) and last:
-            text += f" (last: {last[:64]})"
-        if self.epoch is not None and self.state not in ("offline",):
-            text += f" {'in ' if self.state == 'failed' else ''}epoch {self.epoch}"
-        if self.state == "computing" and self.progress is not None:
-            text += f" ({self.progress:.0%})"
-        if self.reason:
-            text += f": {self.reason}"
-        if self.current is False:
-            text += f"  [NOT CURRENT: {self.stale or 'stale'}]"
-        return text
-
-    def fields(self) -> dict[str, Any]:
-        """The status as the node published it (what `StatusOrder` looks at)."""
-        return {**self.extra, "state": self.state}
-
-
-@dataclass(frozen=True)
-class EpochInfo:
-    """One epoch as the aggregator recorded it: who answered, when it started, how long."""
-
-    epoch: int
-    nodes: list[str]
-    missing: list[str]
-    started: float | None
-    duration: float | None
-    converged: bool = False
-
-    @classmethod
-    def from_dict(cls, data: Any) -> EpochInfo | None:
-        if not isinstance(data, dict) or not isinstance(data.get("epoch"), int):
-            return None
-        started = data.get("started")
-        duration = data.get("duration_s", data.get("duration"))
-        return cls(
-            epoch=int(data["epoch"]),
-            nodes=[str(n) for n in data.get("nodes") or []],
-            missing=[str(n) for n in data.get("missing") or []],
-            started=float(started) if isinstance(started, int | float) else None,
-            duration=float(duration) if isinstance(duration, int | float) else None,
-            converged=bool(data.get("converged", False)),
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "epoch": self.epoch,
-            "nodes": self.nodes,
-            "missing": self.missing,
-            "started": self.started,
-            "duration_s": self.duration,
-            "converged": self.converged,
-        }
-
-
-@dataclass(frozen=True)
-class FinalResult:
-    """Where the final result is and what it must hash to."""
-
-    key: str
-    location: str
-    sha256: str | None
-    size: int | None
-    created: str | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "key": self.key,
-            "location": self.location,
-            "sha256": self.sha256,
-            "size": self.size,
-            "created": self.created,
-        }
-
-
-@dataclass
-class RunStatus:
-    """Everything known about one analysis run."""
-
-    analysis_id: str
-    nodes: dict[str, NodeStatus] = field(default_factory=dict)
-    aggregator_id: str | None = None
-    history: list[EpochInfo] = field(default_factory=list)
-    final: FinalResult | None = None
-    epochs: int | None = None
-    converged: bool | None = None
-    problems: list[str] = field(default_factory=list)
-
-    @property
-    def aggregator(self) -> NodeStatus | None:
-        for node, status in self.nodes.items():
-            if status.role == "aggregation" or node == self.aggregator_id:
-                return status
-        return None
-
-    @property
-    def result_location(self) -> FinalResult | None:
-        """The final result: from storage, else as the aggregator's status announced it."""
-        if self.final is not None:
-            return self.final
-        aggregator = self.aggregator
-        location = aggregator.extra.get("location") if aggregator is not None else None
-        if aggregator is None or not isinstance(location, str) or not location:
-            return None
-        sha256 = aggregator.extra.get("sha256")
-        return FinalResult("", location, sha256 if isinstance(sha256, str) else None, None)
-
-    @property
-    def state(self) -> Literal["finished", "failed", "running", "unknown"]:
-        """From current statuses only: a replayed or left-over one does not set the state."""
-        aggregator = self.aggregator
-        if aggregator is not None and aggregator.current is False:
-            aggregator = None
-        if aggregator is not None and aggregator.state == "failed":
-            return "failed"
-        if self.final is not None or (aggregator is not None and aggregator.state == "done"):
-            return "finished"
-        # Without the aggregator's current status, nodes that said goodbye do not make a run.
-        if any(
-            s.state != "offline"
-            and s.current is not False
-            and (aggregator is not None or s.extra.get("online") is not False)
-            for s in self.nodes.values()
-        ):
-            return "running"
-        return "unknown"
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "analysis_id": self.analysis_id,
-            "state": self.state,
-            "nodes": {node: s.to_dict() for node, s in sorted(self.nodes.items())},
-            "history": [record.to_dict() for record in self.history],
-            "final": final.to_dict() if (final := self.result_location) else None,
-            "epochs": self.epochs,
-            "converged": self.converged,
-            "problems": self.problems,
-        }
-
-
-@dataclass(frozen=True)
-class StatusChange:
-    """What `watch` reports: a node's new status, or an epoch the aggregator completed."""
-
-    kind: Literal["watching", "node", "epoch", "end"]
-    at: float
-    node: NodeStatus | None = None
-    previous: NodeStatus | None = None
-    epoch: EpochInfo | None = None
-    run: RunStatus | None = None
-
-
-def _parse_status(
-    node: str, payload: bytes, check: Callable[[str, dict[str, Any]], bool] | None = None
-) -> NodeStatus | None:
-    if not payload or len(payload) > MAX_STATUS_BYTES:
-        return None
-    try:
-        data = json.loads(payload)
-    except (ValueError, RecursionError):
-        return None
-    status = NodeStatus.from_payload(node, data)
-    if status is not None and check is not None:
-        status = replace(status, verified=check(node, data))
-    return status
 
 
 class StatusClient:
@@ -674,52 +449,6 @@ class StatusClient:
         return StatusChange("end", time.time(), run=run)
 
 
-def _mark_current(found: dict[str, NodeStatus]) -> dict[str, NodeStatus]:
-    """Each status marked current or not, from one snapshot of the retained statuses.
-
-    The run now is the one named by the most recently signed (verified) status; a status of
-    another run is a leftover or a replay (`flame.transport.status_order`). A snapshot cannot
-    tell more: a replay of a whole earlier run, every node at once, looks like that run."""
-    newest: tuple[float, str] | None = None
-    for status in found.values():
-        fields = process_fields(status.fields())
-        run = status.extra.get("run")
-        usable = fields is not None and isinstance(run, str) and status.verified is not False
-        if usable and fields is not None and (newest is None or fields[3] > newest[0]):
-            newest = (fields[3], str(run))
-    marked = {}
-    for node, status in found.items():
-        run = status.extra.get("run")
-        if status.verified is False:
-            status = replace(status, current=False, stale="bad or no signature")
-        elif newest is not None and isinstance(run, str) and run != newest[1]:
-            stale = f"of run {run[:16]}, not the newest run {newest[1][:16]}"
-            status = replace(status, current=False, stale=stale)
-        elif process_fields(status.fields()) is not None:
-            status = replace(status, current=True)
-        marked[node] = status
-    return marked
-
-
-def _all_settled(known: dict[str, NodeStatus], aggregator_id: str) -> bool:
-    """Every analysis node has said its last word (done, failed) or gone offline."""
-    return all(
-        status.state in (*FINAL_STATES, "offline")
-        for node, status in known.items()
-        if node != aggregator_id and status.role != "aggregation"
-    )
-
-
-def _same(a: NodeStatus, b: NodeStatus) -> bool:
-    return (a.state, a.epoch, a.progress, a.reason, a.session) == (
-        b.state,
-        b.epoch,
-        b.progress,
-        b.reason,
-        b.session,
-    )
-
-
 # ------------------------------------------------------------------------- module helpers
 
 
@@ -738,86 +467,3 @@ def watch(
 def download(analysis_id: str, path: Path, config: FlameConfig | None = None) -> FinalResult:
     """Fetch and verify the final result; see `StatusClient.download`."""
     return StatusClient(config).download(analysis_id, path)
-
-
-# ------------------------------------------------------------------------- rendering (CLI)
-
-
-def _clock(moment: float | None) -> str:
-    if moment is None:
-        return "-"
-    return time.strftime("%H:%M:%S", time.localtime(moment))
-
-
-def render_status(run: RunStatus) -> list[str]:
-    """The lines `flame status` prints for a snapshot."""
-    lines: list[str] = []
-    head = f"analysis {run.analysis_id}: {run.state}"
-    if run.epochs is not None:
-        head += f" after {run.epochs} epoch{'s' if run.epochs != 1 else ''}"
-    if run.converged:
-        head += ", converged"
-    lines.append(head)
-    for problem in run.problems:
-        lines.append(f"  ! {problem}")
-    if run.nodes:
-        lines.append("nodes")
-        width = max(len(node) for node in run.nodes)
-        for node, status in sorted(
-            run.nodes.items(), key=lambda item: (item[1].role != "aggregation", item[0])
-        ):
-            role = status.role or ""
-            at = f"  (at {_clock(status.time)})" if status.time is not None else ""
-            signed = ""
-            if status.verified is not None:
-                signed = (
-                    "  [signed, verified]"
-                    if status.verified
-                    else "  [NOT VERIFIED: bad or no signature]"
-                )
-            lines.append(f"  {node:<{width}}  {role:<11}  {status.describe()}{at}{signed}")
-    if run.history:
-        lines.append("epochs")
-        for record in run.history:
-            lines.append("  " + render_epoch(record))
-    final = run.result_location
-    if final is not None:
-        lines.append("final result")
-        size = f", {final.size} bytes" if final.size is not None else ""
-        lines.append(f"  {final.location}{size}")
-        if final.sha256:
-            lines.append(f"  sha256 {final.sha256}")
-    return lines
-
-
-def render_epoch(record: EpochInfo) -> str:
-    answered = len(record.nodes)
-    total = answered + len(record.missing)
-    text = f"epoch {record.epoch}: {answered}/{total} answered"
-    if record.nodes:
-        text += f" ({', '.join(record.nodes)})"
-    if record.missing:
-        text += f", missing {', '.join(record.missing)}"
-    if record.started is not None:
-        text += f", started {_clock(record.started)}"
-    if record.duration is not None:
-        text += f", {record.duration:.3f} s"
-    if record.converged:
-        text += ", converged"
-    return text
-
-
-def render_change(change: StatusChange) -> str:
-    """One line per change for `flame status --watch`."""
-    stamp = _clock(change.at)
-    if change.kind == "node" and change.node is not None:
-        node = change.node
-        role = f" ({node.role})" if node.role == "aggregation" else ""
-        return f"{stamp} {node.node}{role}: {node.describe()}"
-    if change.kind == "epoch" and change.epoch is not None:
-        return f"{stamp} {render_epoch(change.epoch)}"
-    if change.kind == "watching":
-        return f"{stamp} watching"
-    run = change.run
-    state = run.state if run is not None else "ended"
-    return f"{stamp} run {state}"
