@@ -6,13 +6,11 @@ number theory. The single-key mode (every analysis node holds the private key) i
 ``flame simulate --secure`` and small trusted set-ups.
 """
 
-from flame.protocols.paillier.cipher import (
-    Encryptor,
-    Obfuscation,
+from flame.protocols.paillier.cipher import Encryptor, Obfuscation, encrypt_vector
+from flame.protocols.paillier.decrypt import (
     decrypt_fixed_point,
     decrypt_raw,
     decrypt_vector,
-    encrypt_vector,
     verify_reported_sum,
 )
 from flame.protocols.paillier.encoding import SecureSumSpec, SlotLayout, encode_fixed_point

@@ -104,7 +104,7 @@ def _multi_pow(bases: Sequence[Mpz], exponents: Sequence[int], modulus: Mpz) -> 
         for b, e in zip(bases, exponents, strict=True):
             acc = acc * gmpy2.powmod(b, e, modulus) % modulus
         return acc
-    from flame.protocols.paillier.threshold import _multi_pow
+    from flame.protocols.paillier.threshold_partial import _multi_pow
 
     return _multi_pow(bases, exponents, modulus)
 
