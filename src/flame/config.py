@@ -42,6 +42,7 @@ __all__ = [
     "StorageSettings",
     "TokenSettings",
     "load_config",
+    "require_node_settings",
 ]
 
 Role = Literal["analysis", "aggregation"]
@@ -419,3 +420,28 @@ def load_config(**overrides: Any) -> FlameConfig:
         raise ConfigError(
             f"{ENV_PREFIX}{field.upper()} / {field}: must be JSON (an object or a list)"
         ) from None
+
+
+def require_node_settings(config: FlameConfig) -> tuple[str, str]:
+    """(node id, role) of a node run, or one ConfigError naming every missing setting.
+
+    Shared by `flame run` and `flame check`, so both refuse the same configs."""
+    problems = []
+    if config.node_id is None:
+        problems.append("FLAME_NODE_ID / node_id: required for a node run (this node's id)")
+    if config.role is None:
+        problems.append("FLAME_ROLE / role: required for a node run ('analysis' or 'aggregation')")
+    if not config.participants:
+        problems.append("FLAME_PARTICIPANTS / participants: required (the analysis nodes' ids)")
+    if config.broker.url is None:
+        problems.append(
+            "FLAME_BROKER__URL / broker.url: required for a node run (mqtt://host:1883)"
+        )
+    if config.role == "analysis" and config.node_id not in config.participants:
+        problems.append(
+            f"FLAME_NODE_ID / node_id: {config.node_id!r} is not one of the participants"
+        )
+    if problems:
+        raise ConfigError("\n".join(problems))
+    assert config.node_id is not None and config.role is not None
+    return config.node_id, config.role

@@ -12,7 +12,7 @@ from flame.aggregator.records import EventSink
 from flame.aggregator.run_store import code_hash, open_node_state, open_run_store
 from flame.aggregator.server import Aggregator
 from flame.analysis.functions import AnalysisFunctions
-from flame.config import FlameConfig, load_config
+from flame.config import FlameConfig, load_config, require_node_settings
 from flame.data import Data, LocalSource
 from flame.errors import ConfigError, FlameError
 from flame.node.runtime import AnalysisClient
@@ -26,28 +26,6 @@ if TYPE_CHECKING:
 __all__ = ["code_hash", "run"]
 
 log = logging.getLogger(__name__)
-
-
-def _require(config: FlameConfig) -> tuple[str, str]:
-    problems = []
-    if config.node_id is None:
-        problems.append("FLAME_NODE_ID / node_id: required for a node run (this node's id)")
-    if config.role is None:
-        problems.append("FLAME_ROLE / role: required for a node run ('analysis' or 'aggregation')")
-    if not config.participants:
-        problems.append("FLAME_PARTICIPANTS / participants: required (the analysis nodes' ids)")
-    if config.broker.url is None:
-        problems.append(
-            "FLAME_BROKER__URL / broker.url: required for a node run (mqtt://host:1883)"
-        )
-    if config.role == "analysis" and config.node_id not in config.participants:
-        problems.append(
-            f"FLAME_NODE_ID / node_id: {config.node_id!r} is not one of the participants"
-        )
-    if problems:
-        raise ConfigError("\n".join(problems))
-    assert config.node_id is not None and config.role is not None
-    return config.node_id, config.role
 
 
 def node_transport(
@@ -203,7 +181,7 @@ def _run(
     on_event: EventSink | None,
     code: str | None = None,
 ) -> Any:
-    node_id, role = _require(config)
+    node_id, role = require_node_settings(config)
     functions = AnalysisFunctions.of(analyze, aggregate, converged)
     code = code if code is not None else code_hash(functions)
     from flame.clients.token import check_service_tokens

@@ -24,7 +24,7 @@ from typing import Any
 
 from flame.config import FlameConfig, load_config
 from flame.errors import FlameError, RunTimeout
-from flame.ops.check import BrokerUnavailable, _stop, broker_username, connect_broker
+from flame.ops.broker_probe import BrokerUnavailable, broker_username, connect_broker, stop_client
 from flame.ops.status_records import (
     FINAL_STATES,
     EpochInfo,
@@ -117,7 +117,7 @@ class StatusClient:
             raise StatusError(f"broker: {exc.reason} \u2014 {exc.fix}") from None
         result, _mid = client.subscribe(topic, qos=1)
         if result != 0:
-            _stop(client)
+            stop_client(client)
             raise StatusError(f"broker: could not subscribe to {topic} (code {result})")
         return client, inbox
 
@@ -138,7 +138,7 @@ class StatusClient:
                 elif not payload:
                     found.pop(node, None)
         finally:
-            _stop(client)
+            stop_client(client)
         return _mark_current(dict(sorted(found.items())))
 
     # --- storage -----------------------------------------------------------------------------
@@ -374,7 +374,7 @@ class StatusClient:
                 if is_aggregator and status.state in FINAL_STATES and ending is None:
                     ending = time.monotonic() + _GRACE
         finally:
-            _stop(client)
+            stop_client(client)
 
     def _epoch(
         self,

@@ -14,10 +14,17 @@ import threading
 from typing import TYPE_CHECKING, Any
 
 from flame.errors import ConfigError, FlameError
+from flame.ops.broker_probe import (
+    BrokerUnavailable,
+    broker_address,
+    broker_username,
+    connect_broker,
+    stop_client,
+)
+from flame.ops.check_items import CheckItem
 
 if TYPE_CHECKING:
     from flame.config import FlameConfig
-    from flame.ops.check import CheckItem
 
 __all__ = ["check_identity", "check_isolation", "check_plain_password"]
 
@@ -25,7 +32,6 @@ __all__ = ["check_identity", "check_isolation", "check_plain_password"]
 def check_identity(config: FlameConfig) -> list[CheckItem]:
     """The roster parses, this node is in it in its role, and its key file matches it."""
     from flame.identity import Authenticator, Identity, Roster, check_members
-    from flame.ops.check import CheckItem
 
     if config.roster is None or config.identity.key_file is None:
         if config.allow_unsigned:
@@ -78,7 +84,6 @@ def _loopback(host: str) -> bool:
 
 def check_plain_password(config: FlameConfig) -> CheckItem | None:
     """A FAIL-free warning line: a password over plain mqtt:// to another machine."""
-    from flame.ops.check import CheckItem, broker_address
 
     url = config.broker.url
     if url is None or (config.broker.token is None and config.broker.token_file is None):
@@ -97,13 +102,6 @@ def check_plain_password(config: FlameConfig) -> CheckItem | None:
 def check_isolation(config: FlameConfig, timeout: float) -> CheckItem:
     """Live: can this node's broker user read an inbox that is not its own?"""
     from flame.clients.token import TokenSource
-    from flame.ops.check import (
-        BrokerUnavailable,
-        CheckItem,
-        _stop,
-        broker_username,
-        connect_broker,
-    )
 
     settings = config.broker
     probe_node = f"flame-probe-{secrets.token_hex(6)}"
@@ -147,7 +145,7 @@ def check_isolation(config: FlameConfig, timeout: float) -> CheckItem:
     except (RuntimeError, ValueError, OSError) as exc:
         return CheckItem("skip", "inbox isolation", detail=f"probe failed: {exc}")
     finally:
-        _stop(client)
+        stop_client(client)
     if got:
         return CheckItem(
             "FAIL",
