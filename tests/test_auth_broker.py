@@ -607,9 +607,9 @@ def test_check_isolation_probe_fails_on_an_open_broker_and_passes_with_the_acl(
     site: Site, tmp_path: Path
 ) -> None:
     from broker import Broker
-    from flame.ops.auth_checks import check_isolation
 
     from flame.config import load_config
+    from flame.ops.auth_checks import check_isolation
 
     good = load_config(
         analysis_id="iso",
@@ -626,9 +626,8 @@ def test_check_isolation_probe_fails_on_an_open_broker_and_passes_with_the_acl(
 
 
 def test_check_warns_about_a_password_over_plain_mqtt_to_another_host() -> None:
-    from flame.ops.auth_checks import check_plain_password
-
     from flame.config import load_config
+    from flame.ops.auth_checks import check_plain_password
 
     def warning(url: str, token: str | None = "secret-token") -> str | None:
         config = load_config(broker={"url": url, "token": token})
