@@ -20,7 +20,9 @@ __all__ = [
     "broker_address",
     "broker_username",
     "connect_broker",
+    "public_url",
     "stop_client",
+    "tcp_reachable",
 ]
 
 
@@ -55,7 +57,7 @@ def _socket_reason(exc: BaseException, timeout: float) -> str:
     return type(exc).__name__
 
 
-def _tcp_reachable(host: str, port: int, timeout: float) -> str | None:
+def tcp_reachable(host: str, port: int, timeout: float) -> str | None:
     """None if a TCP connection opens, else the reason it did not."""
     try:
         with socket.create_connection((host, port), timeout=timeout):
@@ -75,7 +77,7 @@ def broker_address(url: str) -> tuple[str, int, bool, str]:
     return address.host, address.port, address.tls, address.protocol
 
 
-def _public_url(url: str) -> str:
+def public_url(url: str) -> str:
     """The URL without user info, so a password in it never reaches the screen."""
     parts = urlsplit(url)
     if parts.username is None and parts.password is None:

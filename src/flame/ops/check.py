@@ -26,11 +26,11 @@ from flame.ops.broker_probe import (
 )
 from flame.ops.check_items import CheckItem, CheckReport, CheckRun, masked
 from flame.ops.node_checks import (
-    _check_config,
-    _check_data_dir,
-    _check_storage,
-    _check_tokens,
     broker_checks,
+    check_config,
+    check_data_dir,
+    check_storage,
+    check_tokens,
     data_checks,
     key_checks,
     policy_checks,
@@ -64,10 +64,10 @@ CHECKS: tuple[NodeCheck, ...] = (
 def run_checks(*, timeout: float = 5.0) -> CheckReport:
     """Check everything this node's config uses; every item is tried, none stops the rest."""
     report = CheckReport()
-    config = _check_config(report)
+    config = check_config(report)
     if config is None:
         return report
-    run = CheckRun(config, timeout, frozenset(_check_tokens(config, report)))
+    run = CheckRun(config, timeout, frozenset(check_tokens(config, report)))
     items = [item for check in CHECKS for item in check(run)]
     secrets = config.secrets()
     report.items.extend(masked(item, secrets) for item in items)
@@ -79,8 +79,8 @@ def preflight(config: FlameConfig, *, timeout: float = 5.0) -> list[CheckItem]:
     writable, the data folder readable. Returns the failed items (empty: go ahead)."""
     items: list[CheckItem] = []
     if config.role == "analysis" and config.data_dir is not None:
-        items.append(_check_data_dir(config.data_dir))
+        items.append(check_data_dir(config.data_dir))
     if config.storage.endpoint is not None or config.storage.results_dir is not None:
-        items.append(_check_storage(config, set(), timeout))
+        items.append(check_storage(config, set(), timeout))
     secrets = config.secrets()
     return [masked(item, secrets) for item in items if not item.ok]

@@ -17,16 +17,26 @@ from flame.config import DataSourceSettings, FlameConfig, load_config, require_n
 from flame.errors import ConfigError, FlameError
 from flame.ops.broker_probe import (
     BrokerUnavailable,
-    _public_url,
-    _tcp_reachable,
     broker_address,
     broker_username,
     connect_broker,
+    public_url,
     stop_client,
+    tcp_reachable,
 )
 from flame.ops.check_items import CheckItem, CheckReport, CheckRun
 
-__all__ = ["broker_checks", "data_checks", "key_checks", "policy_checks", "storage_checks"]
+__all__ = [
+    "broker_checks",
+    "check_config",
+    "check_data_dir",
+    "check_storage",
+    "check_tokens",
+    "data_checks",
+    "key_checks",
+    "policy_checks",
+    "storage_checks",
+]
 
 
 def _token_fix(service: str) -> str:
@@ -37,7 +47,8 @@ def _token_fix(service: str) -> str:
     return f"renew the token of {service} (its token / token_file in the data sources)"
 
 
-def _check_config(report: CheckReport) -> FlameConfig | None:
+def check_config(report: CheckReport) -> FlameConfig | None:
+    """The config loads and names a node run; its lines go to `report`. None: stop here."""
     try:
         config = load_config()
     except ConfigError as exc:
@@ -63,7 +74,8 @@ def _check_config(report: CheckReport) -> FlameConfig | None:
     return config
 
 
-def _check_tokens(config: FlameConfig, report: CheckReport) -> set[str]:
+def check_tokens(config: FlameConfig, report: CheckReport) -> set[str]:
+    """Every configured token read and checked (lines to `report`); the services that failed."""
     from flame.clients.token import TokenError, check_settings_token, service_tokens
 
     failed: set[str] = set()
@@ -87,7 +99,7 @@ def _check_broker(config: FlameConfig, failed_tokens: Set[str], timeout: float) 
 
     settings = config.broker
     assert settings.url is not None
-    target = _public_url(settings.url)
+    target = public_url(settings.url)
     if "broker" in failed_tokens:
         return CheckItem("skip", "broker", target, "not tried: its token failed")
     try:
@@ -120,7 +132,8 @@ def _host_port(url: str, default_secure: bool = True) -> tuple[str, int, str]:
     return parts.hostname or "", parts.port or default, text.rstrip("/")
 
 
-def _check_data_dir(path: Path) -> CheckItem:
+def check_data_dir(path: Path) -> CheckItem:
+    """The data folder exists and holds files (also `flame run`'s preflight)."""
     if not path.is_dir():
         return CheckItem("FAIL", "data folder", str(path), "does not exist", "check FLAME_DATA_DIR")
     try:
@@ -141,7 +154,7 @@ def _check_source(source: DataSourceSettings, failed_tokens: Set[str], timeout: 
     fix = f"check the url of data source {source.name!r} (data list in FLAME_CONFIG / FLAME_DATA)"
     if source.kind == "local":
         return (
-            _check_data_dir(source.path)
+            check_data_dir(source.path)
             if source.path
             else CheckItem("FAIL", name, detail="kind local needs a path", fix=fix)
         )
@@ -149,10 +162,10 @@ def _check_source(source: DataSourceSettings, failed_tokens: Set[str], timeout: 
         return CheckItem("FAIL", name, detail=f"kind {source.kind} needs a url", fix=fix)
     host, port, target = _host_port(source.url, default_secure=True)
     if source_service_name(source.name) in failed_tokens:
-        return CheckItem("skip", name, _public_url(target), "not tried: its token failed")
-    unreachable = _tcp_reachable(host, port, timeout)
+        return CheckItem("skip", name, public_url(target), "not tried: its token failed")
+    unreachable = tcp_reachable(host, port, timeout)
     if unreachable:
-        return CheckItem("FAIL", name, _public_url(target), unreachable, fix)
+        return CheckItem("FAIL", name, public_url(target), unreachable, fix)
     from flame.data.sources import open_source
 
     quick = source.model_copy(update={"retries": 0, "timeout": min(timeout, source.timeout)})
@@ -165,13 +178,14 @@ def _check_source(source: DataSourceSettings, failed_tokens: Set[str], timeout: 
             if callable(close):
                 close()
     except TokenError as exc:
-        return CheckItem("FAIL", name, _public_url(target), exc.reason, _token_fix(exc.service))
+        return CheckItem("FAIL", name, public_url(target), exc.reason, _token_fix(exc.service))
     except FlameError as exc:
-        return CheckItem("FAIL", name, _public_url(target), str(exc), fix)
-    return CheckItem("ok", name, _public_url(target))
+        return CheckItem("FAIL", name, public_url(target), str(exc), fix)
+    return CheckItem("ok", name, public_url(target))
 
 
-def _check_storage(config: FlameConfig, failed_tokens: Set[str], timeout: float) -> CheckItem:
+def check_storage(config: FlameConfig, failed_tokens: Set[str], timeout: float) -> CheckItem:
+    """The results folder is writable, or the bucket answers (also `flame run`'s preflight)."""
     from flame.clients.object_store import StorageError
     from flame.clients.token import TokenError
 
@@ -187,11 +201,11 @@ def _check_storage(config: FlameConfig, failed_tokens: Set[str], timeout: float)
         note = "" if folder.exists() else "will be created"
         return CheckItem("ok", "storage", str(folder), note)
     host, port, target = _host_port(settings.endpoint, settings.secure)
-    target = f"{_public_url(target)}/{settings.bucket}"
+    target = f"{public_url(target)}/{settings.bucket}"
     if "storage" in failed_tokens:
         return CheckItem("skip", "storage", target, "not tried: its token failed")
     fix = "check FLAME_STORAGE__ENDPOINT"
-    unreachable = _tcp_reachable(host, port, timeout)
+    unreachable = tcp_reachable(host, port, timeout)
     if unreachable:
         return CheckItem("FAIL", "storage", target, unreachable, fix)
     from flame.clients.minio_client import MinioStore
@@ -334,7 +348,7 @@ def data_checks(run: CheckRun) -> list[CheckItem]:
     config = run.config
     items: list[CheckItem] = []
     if config.data_dir is not None:
-        items.append(_check_data_dir(config.data_dir))
+        items.append(check_data_dir(config.data_dir))
     for source in config.data:
         items.append(_check_source(source, run.failed_tokens, run.timeout))
     return items
@@ -345,7 +359,7 @@ def storage_checks(run: CheckRun) -> list[CheckItem]:
     storage = run.config.storage
     if storage.endpoint is None and storage.results_dir is None:
         return []
-    return [_check_storage(run.config, run.failed_tokens, run.timeout)]
+    return [check_storage(run.config, run.failed_tokens, run.timeout)]
 
 
 def key_checks(run: CheckRun) -> list[CheckItem]:
