@@ -54,7 +54,7 @@ def _frames(traceback_text: object, reason: str) -> str:
     lines = traceback_text.rstrip("\n").splitlines()
     if lines and lines[-1].strip():
         kind, sep, message = lines[-1].strip().partition(": ")
-        if reason.endswith(kind.rpartition(".")[2] + sep + message):  # flame.errors.X: -> X:
+        if kind.rpartition(".")[2] + sep + message in reason:  # flame.errors.X: -> X:
             lines.pop()
     return "\n".join(lines) if any(line.strip() for line in lines) else ""
 
