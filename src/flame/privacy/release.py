@@ -348,8 +348,8 @@ class Gate:
                 else:
                     where = f"this node's policy declares none: add {declare} (or dp_clamp) to it"
                 raise PolicyRefused(
-                    f"field {field_name!r}: flame.dp.{stat.kind} of column {name!r} needs "
-                    f"public bounds; {where} (rule: dp_bounds, dp_clamp)"
+                    f"field {field_name!r}: flame.dp.{stat.kind} of column {name!r}: no public "
+                    f"bounds for it; {where} (rule: dp_bounds, dp_clamp)"
                 )
         if stat.kind != "mean":
             exact, sensitivity = measure(stat.kind, values, bounds, stat.bins, stat.mechanism)
