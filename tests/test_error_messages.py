@@ -110,6 +110,9 @@ def test_a_missing_column_names_the_columns_there_are(project: Path) -> None:
     assert "'ages'" in line and "did you mean 'age'?" in line, line
     assert "'age', 'sex'" in line, line
     assert "30" not in line and "'m'" not in line, line  # names only, never values
+    path = analysis(project, 'return flame.dp.count("ages", epsilon=0.5)')  # the node reads it
+    line = error_line(flame("simulate", path, "--data", "data", "--quiet", cwd=project))
+    assert "did you mean 'age'?" in line and "'age', 'sex'" in line, line
 
 
 # 3 ---------------------------------------------------------------------------------------------

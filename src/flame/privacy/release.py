@@ -28,6 +28,7 @@ from flame.privacy.disclosure import Counts, apply_cell_rule
 from flame.privacy.ledger import BudgetLedger, Spend
 from flame.privacy.policy import NodePolicy
 from flame.secure.fields import Secure
+from flame.utils.hints import did_you_mean, name_list
 
 __all__ = ["ColumnReader", "Gate", "Release", "column_reader"]
 
@@ -56,7 +57,11 @@ def column_reader(data: Any, hidden: Sequence[str] = ()) -> ColumnReader | None:
                 "reason is in the node's log, not sent: it may quote a record)"
             ) from None
         if column not in table:
-            raise PolicyRefused(f"flame.dp: the node's data has no column {column[:64]!r}")
+            hint = did_you_mean(column, table)
+            raise PolicyRefused(
+                f"flame.dp: the node's data has no column {column[:64]!r}{hint}; its columns: "
+                f"{name_list(table)}"
+            )
         values = np.asarray(table[column])
         if values.dtype.kind not in "biuf":
             raise PolicyRefused(f"flame.dp: column {column[:64]!r} is not numeric")
