@@ -10,6 +10,7 @@ import json
 import os
 import re
 import sys
+import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
@@ -32,6 +33,7 @@ from pydantic_settings import (
 )
 
 from flame.errors import ConfigError
+from flame.utils.hints import did_you_mean
 
 __all__ = [
     "BrokerSettings",
@@ -380,6 +382,26 @@ _SECRET_FIELDS = {"token", "secret_key"}
 _MODEL_ERROR = re.compile(r"^Value error, ([a-z_]+): (.*)$", re.DOTALL)
 
 
+def _siblings(loc: list[str]) -> list[str]:
+    """The setting names beside the one at `loc` (for "did you mean ...?")."""
+    model: Any = FlameConfig
+    for part in loc[:-1]:
+        if part.isdigit():
+            continue
+        field = model.model_fields.get(part)
+        if field is None:
+            return []
+        nested = [
+            t
+            for t in (field.annotation, *typing.get_args(field.annotation))
+            if isinstance(t, type) and issubclass(t, BaseModel)
+        ]
+        if not nested:
+            return []
+        model = nested[0]
+    return list(model.model_fields)
+
+
 def _describe(error: Any) -> str:
     loc = [str(part) for part in error.get("loc", ())]
     message = str(error.get("msg", "invalid"))
@@ -393,7 +415,7 @@ def _describe(error: Any) -> str:
     key = ".".join(loc) if loc else "config"
     hide_input = model_level or error.get("type") in ("missing", "extra_forbidden")
     if error.get("type") == "extra_forbidden":
-        message = "is not a known setting"
+        message = "is not a known setting" + did_you_mean(loc[-1] if loc else "", _siblings(loc))
     shown = ""
     if "input" in error and not (set(names) & _SECRET_FIELDS) and not hide_input:
         text = repr(error["input"])

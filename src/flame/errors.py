@@ -84,3 +84,24 @@ class AnalysisError(FlameError):
 
 class PolicyRefused(FlameError):
     """The node policy refused to release a result; the message names the field and rule."""
+
+
+class NotFound(KeyError, FlameError):
+    """A missing key whose message names what exists and how to fix it (a `KeyError`, so
+    `except KeyError` still works; `str()` is the message, not its quoted repr)."""
+
+    def __init__(self, key: object, message: str) -> None:
+        super().__init__(key)
+        self.key = key
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class ColumnNotFound(NotFound):
+    """`table["nope"]` on a table from `data.read_csv()`: the message lists its columns."""
+
+
+class ParamNotGiven(NotFound):
+    """`flame.context().params["nope"]`: the message says how to pass a run parameter."""

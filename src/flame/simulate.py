@@ -126,6 +126,12 @@ def simulate(
     """
     refuse_nested_run("flame.simulate")
     functions = AnalysisFunctions.of(analyze, aggregate, converged)
+    if isolate:  # before any node starts: each would fail alike, later and less clearly
+        from flame.isolation.runner import not_isolable
+
+        problem = not_isolable(functions.analyze)
+        if problem:
+            raise FlameError(problem)
     nodes = node_data(data)
     if config is None:
         config = load_config(epochs=epochs, seed=seed)
@@ -204,6 +210,16 @@ def simulate(
         thread.start()
     try:
         result = aggregator.execute()
+    except RunFailed as failed:
+        hint = _budget_hint(failed, policies)
+        if not hint:
+            raise
+        raise RunFailed(
+            f"{failed.reason}; {hint}",
+            node=failed.node,
+            epoch=failed.epoch,
+            traceback=failed.traceback,
+        ) from failed
     finally:
         for thread in threads:
             thread.join(timeout=10.0)
@@ -214,6 +230,19 @@ def simulate(
         if not isinstance(exc, RunFailed):
             raise RunFailed(f"node {node!r} failed: {exc}", node=node) from exc
     return result
+
+
+def _budget_hint(exc: RunFailed, policies: Mapping[str, NodePolicy]) -> str:
+    """How to start a simulated budget afresh, when a node refused for lack of budget."""
+    policy = policies.get(exc.node or "")
+    if policy is None or policy.ledger_dir is None:
+        return ""
+    if not any(f"(rule: {rule})" in exc.reason for rule in ("epsilon_budget", "delta_budget")):
+        return ""
+    return (
+        f"the simulated nodes' spends are kept in {policy.ledger_dir} (the policy's "
+        "ledger_dir): delete that folder to reset the budget"
+    )
 
 
 def _simulation_keys(config: FlameConfig) -> SecureKeys:

@@ -614,10 +614,10 @@ class Aggregator:
         traceback_text = body.get("traceback")
         if isinstance(traceback_text, str) and traceback_text:
             traceback_text = trim_traceback_text(traceback_text, self.secrets)
-            log.error("%s\n%s", reason, traceback_text)
+            log.error("%s\n%s", reason, traceback_text, extra={"run_failure": True})
         else:
             traceback_text = None
-            log.error("%s", reason)
+            log.error("%s", reason, extra={"run_failure": True})
         raise RunFailed(
             reason, node=envelope.sender, epoch=envelope.epoch, traceback=traceback_text
         )

@@ -33,6 +33,36 @@ EXIT_FAILED = 1
 EXIT_USAGE = 2
 
 
+class _FailureOnce:
+    """Text logs on the CLI: the aggregator's log line of a node's failure is dropped, because
+    `main` prints the same failure (and its traceback) as `flame: error:` right after. JSON
+    logs keep that line: a collector indexes it, a person reads the `flame: error:` line."""
+
+    active = False
+
+    @classmethod
+    def install(cls, handler: Any, fmt: str) -> None:
+        cls.active = fmt != "json"
+        if cls.active:
+            handler.addFilter(lambda record: not getattr(record, "run_failure", False))
+
+
+def _frames(traceback_text: object, reason: str) -> str:
+    """A failing analysis's traceback without its last line when `reason` already says it."""
+    if not isinstance(traceback_text, str):
+        return ""
+    lines = traceback_text.rstrip("\n").splitlines()
+    if lines and lines[-1].strip():
+        kind, sep, message = lines[-1].strip().partition(": ")
+        if kind.rpartition(".")[2] + sep + message in reason:  # flame.errors.X: -> X:
+            lines.pop()
+    return "\n".join(lines) if any(line.strip() for line in lines) else ""
+
+
+def _configure_logs(**kwargs: Any) -> None:
+    _FailureOnce.install(_logging.configure(**kwargs), str(kwargs.get("fmt", "text")))
+
+
 class _Progress:
     """Per-epoch progress: a live line on a terminal, plain lines otherwise."""
 
@@ -89,7 +119,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     config = load_config(epochs=args.epochs, seed=args.seed, epoch_timeout=args.timeout)
     if args.param:
         config = config.model_copy(update={"params": {**config.params, **_params(args.param)}})
-    _logging.configure(
+    _configure_logs(
         level=config.log_level if not args.verbose else "DEBUG",
         fmt=config.log_format,
         secrets=config.secrets(),
@@ -243,7 +273,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from flame.wire.envelope import to_jsonable
 
     config = load_config()
-    _logging.configure(
+    _configure_logs(
         level=config.log_level,
         fmt=config.log_format,
         secrets=config.secrets(),
@@ -373,6 +403,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     except FlameError as exc:
         # The failing analysis's traceback, when its node sent one, is in the aggregator's log.
+        if _FailureOnce.active:  # its log line was dropped: the frames, then the one error
+            frames = _frames(getattr(exc, "traceback", None), str(exc))
+            if frames:
+                print(frames, file=sys.stderr)
         print(f"flame: error: {exc}", file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt as exc:  # SIGINT, or SIGTERM (see flame.utils.signals)

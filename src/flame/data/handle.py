@@ -119,6 +119,11 @@ class Data:
         numeric columns and "" in text columns; stray text in a numeric column becomes NaN
         with a warning. Counts are in `self.missing` and `self.invalid` afterwards.
         """
+        from flame.data.columns import Columns
+
+        return Columns(self._read_csv(name, source))
+
+    def _read_csv(self, name: str | None, source: str | None) -> Table:
         names = [name] if name is not None else self.files("*.csv", source=source)
         if not names:
             raise DataError(f"node {self.node_id!r} has no CSV files")

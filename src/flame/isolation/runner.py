@@ -263,9 +263,30 @@ def locate(function: Callable[..., Any]) -> dict[str, Any] | None:
         return None
     module = sys.modules.get(module_name)
     file = getattr(module, "__file__", None) if module is not None else None
+    if isinstance(file, str) and file.startswith("<"):  # `python -` (<stdin>), exec'd code
+        file = None
     if module_name == "__main__" and not file:
         return None
     return {"module": module_name, "file": file, "qualname": qualname}
+
+
+def not_isolable(function: Callable[..., Any]) -> str:
+    """Why `function` cannot run in an isolated child, and the fix ("" when it can)."""
+    if locate(function) is not None:
+        return ""
+    original = getattr(function, "__wrapped__", function)
+    name = getattr(original, "__name__", "analyze")
+    if "<" in getattr(original, "__qualname__", "<"):
+        why = "it is a lambda or a nested function; define it at the top level of a .py file"
+    else:
+        module = sys.modules.get(getattr(original, "__module__", "") or "")
+        where = getattr(module, "__file__", None) or "a prompt or notebook cell"
+        why = f"it was defined in {where}, not in a file; save the analysis as a .py file"
+    return (
+        f"{name} cannot run isolated (the child process imports it from its file): {why} "
+        "(e.g. `flame simulate analysis.py --data ...`), or pass isolate=False to "
+        "flame.simulate"
+    )
 
 
 class ChildRunner:
@@ -285,11 +306,7 @@ class ChildRunner:
     ) -> None:
         locator = locate(analyze)
         if locator is None:
-            name = getattr(analyze, "__name__", "analyze")
-            raise FlameError(
-                f"{name} cannot run isolated: define it in a module or file (not a lambda, "
-                "closure or prompt), or run this node without isolation"
-            )
+            raise FlameError(not_isolable(analyze))
         self.locator = locator
         self.data = data
         self.context = context

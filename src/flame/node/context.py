@@ -11,7 +11,7 @@ import contextvars
 import logging
 import math
 import zlib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -20,6 +20,7 @@ import numpy as np
 
 from flame.errors import FlameError, PolicyRefused
 from flame.node.mailbox import Mailbox
+from flame.node.params import Params
 from flame.utils.deadline import Deadline
 from flame.wire.envelope import Envelope
 
@@ -71,11 +72,20 @@ class Context:
         self._on_progress = on_progress
         self._progress = 0.0
         self._rng: tuple[int, np.random.Generator] | None = None
-        self.params: dict[str, Any] = {}
-        """The run's parameters (`--param k=v`, FLAME_PARAMS); the same on every node."""
+        self._params = Params()
         self.outgoing: Callable[[Any], Any] | None = None
         """Set by an analysis node's runtime: the node policy's check of a body `send` is
         about to let leave (returns what may leave, or raises PolicyRefused)."""
+
+    @property
+    def params(self) -> dict[str, Any]:
+        """The run's parameters (`--param k=v`, FLAME_PARAMS); the same on every node. A
+        missing one raises a KeyError saying how to pass it."""
+        return self._params
+
+    @params.setter
+    def params(self, value: Mapping[str, Any]) -> None:
+        self._params = Params(value)
 
     def params_as(self, model: Callable[..., T]) -> T:
         """The parameters as the analysis's own type: a pydantic model or any `cls(**params)`.

@@ -15,6 +15,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from flame.errors import ConfigError
+from flame.utils.hints import did_you_mean, name_list
 
 __all__ = ["NodePolicy", "load_policy"]
 
@@ -128,7 +129,12 @@ def load_policy(path: str | Path | None, *, base: Path | None = None) -> NodePol
         lines = []
         for error in exc.errors():
             where = ".".join(str(p) for p in error["loc"]) or "policy"
-            lines.append(f"FLAME_POLICY {path}: {where}: {error['msg']}")
+            message = error["msg"]
+            if error["type"] == "extra_forbidden" and len(error["loc"]) == 1:
+                known = NodePolicy.model_fields
+                hint = did_you_mean(where, known) or f"; the settings: {name_list(known, 30)}"
+                message = f"is not a policy setting{hint}"
+            lines.append(f"FLAME_POLICY {path}: {where}: {message}")
         raise ConfigError("\n".join(lines)) from None
     if policy.ledger_dir is None:
         folder = (base or path.parent).resolve() / ".flame-ledger"

@@ -28,6 +28,7 @@ from flame.privacy.disclosure import Counts, apply_cell_rule
 from flame.privacy.ledger import BudgetLedger, Spend
 from flame.privacy.policy import NodePolicy
 from flame.secure.fields import Secure
+from flame.utils.hints import did_you_mean, name_list
 
 __all__ = ["ColumnReader", "Gate", "Release", "column_reader"]
 
@@ -56,7 +57,11 @@ def column_reader(data: Any, hidden: Sequence[str] = ()) -> ColumnReader | None:
                 "reason is in the node's log, not sent: it may quote a record)"
             ) from None
         if column not in table:
-            raise PolicyRefused(f"flame.dp: the node's data has no column {column[:64]!r}")
+            hint = did_you_mean(column, table)
+            raise PolicyRefused(
+                f"flame.dp: the node's data has no column {column[:64]!r}{hint}; its columns: "
+                f"{name_list(table)}"
+            )
         values = np.asarray(table[column])
         if values.dtype.kind not in "biuf":
             raise PolicyRefused(f"flame.dp: column {column[:64]!r} is not numeric")
@@ -302,8 +307,9 @@ class Gate:
             raise PolicyRefused(
                 f"field {path or 'value'!r}: distributed noise split over "
                 f"{value.contributors} contributors, but a decrypted sum is only "
-                f"guaranteed {floor or 1} (secure.min_contributors); each node would add "
-                "too little noise (rule: contributors <= min_contributors)"
+                f"guaranteed {floor or 1} (secure.min_contributors, "
+                "FLAME_SECURE__MIN_CONTRIBUTORS); each node would add too little noise "
+                "(rule: contributors <= min_contributors)"
             )
         spend = release.spend + Spend(value.epsilon, value.delta)
         if self.ledger is not None:  # before the draw: no noise the budget cannot pay for
@@ -336,10 +342,19 @@ class Gate:
         if stat.kind in ("sum", "mean"):
             bounds = self.policy.bounds_for(stat.column)
             if bounds is None:
+                name = stat.column[:64]
+                declare = f"[dp_bounds] {name} = [lower, upper]"
+                if not self.policy.model_fields_set:
+                    where = (
+                        "no node policy was given: give one declaring "
+                        f"{declare} (flame simulate --policy FILE, FLAME_POLICY on a node, "
+                        "policy= in flame.simulate)"
+                    )
+                else:
+                    where = f"this node's policy declares none: add {declare} (or dp_clamp) to it"
                 raise PolicyRefused(
-                    f"field {field_name!r}: flame.dp.{stat.kind} of column "
-                    f"{stat.column[:64]!r}: this node's policy declares no public bounds for "
-                    "it (rule: dp_bounds, dp_clamp)"
+                    f"field {field_name!r}: flame.dp.{stat.kind} of column {name!r}: no public "
+                    f"bounds for it; {where} (rule: dp_bounds, dp_clamp)"
                 )
         if stat.kind != "mean":
             exact, sensitivity = measure(stat.kind, values, bounds, stat.bins, stat.mechanism)

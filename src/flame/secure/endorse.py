@@ -24,6 +24,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from flame.errors import FlameError, RunFailed
+from flame.protocols.paillier.errors import MIN_CONTRIBUTORS_FIX
 from flame.utils.deadline import Deadline
 from flame.wire.envelope import Envelope, Sealed
 
@@ -161,7 +162,7 @@ def check_endorse_request(
     if len(pairs) < min_contributors:
         raise FlameError(
             f"refusing to endorse {path!r}: a set of {len(pairs)} contribution(s); at least "
-            f"{min_contributors} distinct nodes are required"
+            f"{min_contributors} distinct nodes are required{MIN_CONTRIBUTORS_FIX}"
         )
     if len({digest for _, digest in pairs}) != len(pairs):
         raise FlameError(f"refusing to endorse {path!r}: two contributions are the same vector")

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from flame.errors import FlameError, RunFailed
+from flame.protocols.paillier.errors import MIN_CONTRIBUTORS_FIX
 from flame.secure.contributions import Signer, Verifier, sum_contributions
 from flame.secure.guard import GuardLedger, NodeLocalState
 from flame.utils.deadline import Deadline
@@ -251,7 +252,7 @@ class ThresholdParty:
         if len(who) < self.min_contributors:
             raise FlameError(
                 f"refusing to decrypt {path!r}: a sum of {len(who)} contribution(s); at least "
-                f"{self.min_contributors} distinct nodes are required"
+                f"{self.min_contributors} distinct nodes are required{MIN_CONTRIBUTORS_FIX}"
             )
         pairs = contribution_pairs(path, contributions)
         with self._lock:  # this holder's own rules first: they name what is wrong best

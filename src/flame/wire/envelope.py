@@ -204,7 +204,12 @@ class _Encoder:
             )
         if isinstance(obj, np.ndarray):
             if obj.dtype.kind not in "biufc" or not _DTYPE.match(obj.dtype.str):
-                raise TypeError(f"{path}: numpy dtype {obj.dtype} cannot be sent (numbers only)")
+                raise TypeError(
+                    f"{path}: numpy dtype {obj.dtype} cannot be sent: arrays must hold numbers "
+                    "(bool, int, uint, float, complex); send text as a list (.tolist()) or a "
+                    "table (pandas, polars, Arrow). What can be sent: dicts, lists, numbers, "
+                    "strings, bytes, numeric numpy arrays, tables"
+                )
             flat = np.ascontiguousarray(obj.reshape(-1))
             index = self.blob(memoryview(flat).cast("B") if flat.size else memoryview(b""))  # type: ignore[arg-type]
             return {"$nd": index, "dtype": obj.dtype.str, "shape": list(obj.shape)}

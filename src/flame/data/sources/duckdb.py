@@ -141,6 +141,8 @@ class DuckDbEngine:
         except duckdb.Error as exc:
             known = ", ".join(sorted(self.tables)) or "none"
             first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+            if "parameter" in first.lower():  # `%s` written for psycopg, or a count off
+                first += "; data.sql takes `?` placeholders (as SQL sources do), one per param"
             raise DataError(
                 f"data source {self.source.name!r}: SQL failed: {first} (tables: {known})"
             ) from None

@@ -22,6 +22,7 @@ import pyarrow as pa
 
 from flame.clients.token import TokenError, TokenSource, redact, source_service_name
 from flame.config import DataSourceSettings
+from flame.data.sources.placeholders import STYLE_HINT, psycopg_query
 from flame.errors import DataError
 
 __all__ = ["SqlSource"]
@@ -154,6 +155,8 @@ class SqlSource:
             return DataError(f"{prefix}: refused, the source is read-only ({detail})")
         if isinstance(exc, (errors.InvalidPassword, errors.InvalidAuthorizationSpecification)):
             return DataError(f"{prefix}: credentials rejected ({detail})")
+        if isinstance(exc, psycopg.ProgrammingError) and "placeholder" in detail:
+            detail = f"{detail}; {STYLE_HINT}"
         return DataError(f"{prefix}: {type(exc).__name__}: {detail}")
 
     def _connect(self) -> Any:
@@ -248,6 +251,7 @@ class SqlSource:
         transaction to read-write; multiple statements in one string are refused.
         """
         psycopg = _psycopg()
+        sql = psycopg_query(sql, params)  # `?` as data.sql takes them
         with self._lock:
             connection = self._connect()
             produced = False
@@ -288,7 +292,7 @@ class SqlSource:
                 yield pa.RecordBatch.from_pylist([], schema=schema)
 
     def query(self, sql: str, params: QueryParams = None) -> pa.Table:
-        """The whole result as a `pyarrow.Table` (`%s` / `%(name)s` placeholders for params)."""
+        """The whole result as a `pyarrow.Table` (`?`, `%s` or `%(name)s` placeholders)."""
         return pa.Table.from_batches(list(self.batches(sql, params)))
 
     def to_pandas(self, sql: str, params: QueryParams = None) -> Any:

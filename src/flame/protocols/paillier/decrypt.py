@@ -21,6 +21,7 @@ from flame.protocols.paillier import _math as pm
 from flame.protocols.paillier._math import Mpz
 from flame.protocols.paillier.encoding import SecureSumSpec, _unpack
 from flame.protocols.paillier.errors import (
+    MIN_CONTRIBUTORS_FIX,
     ContributorCountError,
     KeyMismatchError,
     SecureAggregationError,
@@ -53,7 +54,7 @@ def _check_decryptable(
     if enc.contributors < min_contributors:
         raise ContributorCountError(
             f"refusing to decrypt a sum of {enc.contributors} contribution(s); "
-            f"at least {min_contributors} are required"
+            f"at least {min_contributors} are required{MIN_CONTRIBUTORS_FIX}"
         )
 
 

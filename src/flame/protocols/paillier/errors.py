@@ -17,6 +17,12 @@ __all__ = [
     "WireFormatError",
 ]
 
+MIN_CONTRIBUTORS_FIX = (
+    " (FLAME_SECURE__MIN_CONTRIBUTORS / secure.min_contributors of the key holder: run with "
+    "more nodes or lower it)"
+)
+"""What a refusal for too few contributors adds: the setting behind it and the way out."""
+
 
 class SecureAggregationError(FlameError, ValueError):
     """Base class: every refusal of this module. Messages never contain key material."""
