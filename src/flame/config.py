@@ -72,7 +72,9 @@ class BrokerSettings(TokenSettings):
     """The MQTT broker. `url=None` means the in-process memory transport (simulation)."""
 
     url: str | None = Field(None, description="mqtt://host:1883 or mqtts://host:8883")
-    username: str | None = Field(None, description="broker user (default: the node id)")
+    username: str | None = Field(
+        None, description="broker user (default: the node id; ACLs key on it)"
+    )
     ca_file: Path | None = Field(None, description="TLS: CA certificate(s) to trust")
     cert_file: Path | None = Field(None, description="TLS: client certificate (optional)")
     key_file: Path | None = Field(None, description="TLS: the client certificate's key")
@@ -182,7 +184,9 @@ class SecureAggregationSettings(_Section):
 class IdentitySettings(_Section):
     """This node's Ed25519 signing key (`flame keys identity NODE --out DIR` writes one)."""
 
-    key_file: Path | None = Field(None, description="PEM private key, mode 0600")
+    key_file: Path | None = Field(
+        None, description="this node's Ed25519 key, PEM (flame keys identity; mode 0600)"
+    )
 
 
 def _split_list(value: Any) -> Any:
@@ -227,11 +231,21 @@ class FlameConfig(BaseSettings):
         "aggregator", pattern=r"^[A-Za-z0-9._-]+$", description="the aggregation node's id"
     )
     epochs: int = Field(1, ge=1, le=100_000, description="maximum number of epochs")
-    epoch_timeout: float = Field(600.0, gt=0, description="seconds to wait for a round")
-    presence_timeout: float = Field(300.0, gt=0, description="seconds to wait for nodes")
-    quorum: int | None = Field(None, ge=1, description="results needed per epoch (all)")
+    epoch_timeout: float = Field(
+        600.0,
+        gt=0,
+        description="seconds the aggregator waits for an epoch's results (and a decryption round)",
+    )
+    presence_timeout: float = Field(
+        300.0, gt=0, description="seconds to wait for nodes to come online"
+    )
+    quorum: int | None = Field(
+        None, ge=1, description="results needed to proceed when a deadline passes (default: all)"
+    )
     resend_interval: float = Field(
-        10.0, gt=0, description="seconds before an unacknowledged result is re-sent (doubling)"
+        10.0,
+        gt=0,
+        description="seconds before an unacknowledged result is re-sent (doubling up to 120)",
     )
     seed: int | None = Field(None, description="seed for context().rng")
     data_dir: Path | None = Field(None, description="a local folder as this node's data")
@@ -244,19 +258,23 @@ class FlameConfig(BaseSettings):
     broker: BrokerSettings = BrokerSettings()
     storage: StorageSettings = StorageSettings()
     secure: SecureAggregationSettings = SecureAggregationSettings()
-    roster: Path | None = Field(None, description="the federation roster (TOML)")
+    roster: Path | None = Field(
+        None, description="the federation roster (TOML); required by flame run"
+    )
     identity: IdentitySettings = IdentitySettings()
     allow_unsigned: bool = Field(
         False, description="run without roster and signatures: nothing is authenticated"
     )
     approved_code: Annotated[list[str], NoDecode] = Field(
-        default_factory=list, description="SHA-256 of analysis code this node may run"
+        default_factory=list,
+        description="SHA-256s (flame hash) of analysis code this node may run, comma-separated",
     )
     policy: Path | None = Field(
         None, description="this node's policy file (disclosure rules, DP budget); operator's"
     )
     log_format: Literal["text", "json"] = Field(
-        "text", description="json: JSON lines with analysis_id, node_id, epoch"
+        "text",
+        description="json: JSON lines with analysis_id, node_id, epoch (the image's default)",
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="log level")
 
