@@ -3,7 +3,7 @@
 #
 #     docker build -t flame:0.1.0 .
 #
-# Without a registry, build on the stand-in base of docker/standin-base.sh (README: "Containers").
+# Without a registry, build on the stand-in base of docker/standin-base.sh (docs/how-to/containers.md).
 # An analysis image is FROM this one plus the analysis's code and requirements (`flame init`
 # writes its Dockerfile).
 # Every step that installs something calls docker/install.sh, which tests/test_container.py

@@ -1,7 +1,7 @@
 """Container entry point: `python main_generic.py` (or `flame run .`) plays this node's role.
 
 The node's role, id, peers and services come from FLAME_* environment variables or a config
-file named by FLAME_CONFIG; see the README's configuration reference. Locally, try
+file named by FLAME_CONFIG; see flame's docs/reference/settings.md. Locally, try
     flame simulate . --data path/to/data     (one sub-folder per simulated node)
 """
 

@@ -1,7 +1,8 @@
-"""README's production recipe runs as written: five processes, roster, broker config from it.
+"""The docs' production recipe runs as written: five processes, roster, broker config from it.
 
-The bash block under "Production recipe" is taken from README.md itself, so the README cannot
-drift from what works. The only change is the broker port (1883 may be taken on a developer's
+The bash block under "## The recipe" is taken from docs/tutorial/production.md itself (marked
+there `<!-- tested-by: tests/test_readme_recipe.py -->`), so the page cannot drift from what
+works. The only change is the broker port (1883 may be taken on a developer's
 or CI machine by a system Mosquitto): a free one instead.
 """
 
@@ -20,14 +21,14 @@ from pathlib import Path
 import pytest
 from broker import free_port
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+PAGE = Path(__file__).resolve().parents[1] / "docs" / "tutorial" / "production.md"
 
 
 def _recipe() -> str:
-    text = README.read_text()
-    start = text.index("**Production recipe**")
+    text = PAGE.read_text()
+    start = text.index("## The recipe")
     match = re.compile(r"```bash\n(.*?)```", re.S).search(text, start)
-    assert match is not None, "no bash block after 'Production recipe' in README.md"
+    assert match is not None, f"no bash block after '## The recipe' in {PAGE}"
     return match.group(1)
 
 

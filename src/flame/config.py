@@ -58,11 +58,15 @@ class _Section(BaseModel):
 class TokenSettings(_Section):
     """Where a service's token comes from: inline (env) or a mounted file (re-read on change)."""
 
-    token: SecretStr | None = None
-    token_file: Path | None = None
-    issuer: str | None = None
-    audience: str | None = None
-    jwks_url: str | None = None
+    token: SecretStr | None = Field(None, description="the token or password, inline")
+    token_file: Path | None = Field(
+        None, description="a file holding the token; re-read when it changes (secret rotation)"
+    )
+    issuer: str | None = Field(None, description="JWT: the issuer (iss) it must carry")
+    audience: str | None = Field(None, description="JWT: the audience (aud) it must carry")
+    jwks_url: str | None = Field(
+        None, description="JWT: https:// JWKS URL to check signatures (http only on loopback)"
+    )
     verify_key_file: Path | None = Field(None, description="PEM public key to check signatures")
     verify: bool = Field(True, description="check the token's expiry (and signature if keys given)")
 
@@ -71,33 +75,41 @@ class BrokerSettings(TokenSettings):
     """The MQTT broker. `url=None` means the in-process memory transport (simulation)."""
 
     url: str | None = Field(None, description="mqtt://host:1883 or mqtts://host:8883")
-    username: str | None = None
-    ca_file: Path | None = None
-    cert_file: Path | None = None
-    key_file: Path | None = None
-    keepalive: int = Field(30, ge=5, le=3600)
-    session_expiry: int = Field(3600, ge=0)
+    username: str | None = Field(
+        None, description="broker user (default: the node id; ACLs key on it)"
+    )
+    ca_file: Path | None = Field(None, description="TLS: CA certificate(s) to trust")
+    cert_file: Path | None = Field(None, description="TLS: client certificate (optional)")
+    key_file: Path | None = Field(None, description="TLS: the client certificate's key")
+    keepalive: int = Field(30, ge=5, le=3600, description="MQTT keepalive, seconds")
+    session_expiry: int = Field(
+        3600, ge=0, description="seconds the broker keeps this node's session while away"
+    )
     chunk_size: int = Field(1024 * 1024, ge=1024, description="payloads above this are split")
-    max_message_bytes: int = Field(512 * 1024 * 1024, ge=1024)
-    connect_timeout: float = Field(10.0, gt=0)
-    send_timeout: float = Field(30.0, gt=0)
+    max_message_bytes: int = Field(
+        512 * 1024 * 1024, ge=1024, description="largest message accepted (after reassembly)"
+    )
+    connect_timeout: float = Field(10.0, gt=0, description="seconds to connect to the broker")
+    send_timeout: float = Field(30.0, gt=0, description="seconds for the broker to accept one")
 
 
 class DataSourceSettings(TokenSettings):
     """One data source of this node."""
 
-    name: str = "default"
-    kind: Literal["local", "http", "fhir", "s3", "sql"] = "local"
+    name: str = Field("default", description="data.source(name) finds it by this")
+    kind: Literal["local", "http", "fhir", "s3", "sql"] = Field("local", description="source type")
     url: str | None = Field(
         None, description="base URL (http, fhir), S3 endpoint or postgresql:// URL (sql)"
     )
     path: Path | None = Field(None, description="directory for kind=local")
-    bucket: str | None = None
-    prefix: str = ""
-    access_key: str | None = None
-    secret_key: SecretStr | None = None
-    timeout: float = Field(30.0, gt=0)
-    retries: int = Field(3, ge=0, le=20)
+    bucket: str | None = Field(None, description="s3: the bucket")
+    prefix: str = Field("", description="s3: only objects under this prefix")
+    access_key: str | None = Field(None, description="s3: access key")
+    secret_key: SecretStr | None = Field(None, description="s3: secret key")
+    timeout: float = Field(30.0, gt=0, description="seconds per request")
+    retries: int = Field(
+        3, ge=0, le=20, description="retries of connection errors, 429 and 5xx (with backoff)"
+    )
     statement_timeout: float = Field(300.0, gt=0, description="seconds per SQL statement")
     allow_privileged_role: bool = Field(
         False,
@@ -109,13 +121,13 @@ class StorageSettings(TokenSettings):
     """Result and checkpoint storage (MinIO / S3). `endpoint=None` disables it."""
 
     endpoint: str | None = Field(None, description="host:port of MinIO / S3")
-    bucket: str = "flame"
-    prefix: str = ""
-    access_key: str | None = None
-    secret_key: SecretStr | None = None
-    secure: bool = True
-    region: str | None = None
-    timeout: float = Field(30.0, gt=0)
+    bucket: str = Field("flame", description="bucket for checkpoints, results, node state")
+    prefix: str = Field("", description="object-name prefix inside the bucket")
+    access_key: str | None = Field(None, description="S3 access key")
+    secret_key: SecretStr | None = Field(None, description="S3 secret key")
+    secure: bool = Field(True, description="HTTPS to the endpoint")
+    region: str | None = Field(None, description="S3 region, if the server wants one")
+    timeout: float = Field(30.0, gt=0, description="seconds per request")
     results_dir: Path | None = Field(None, description="local folder for results (simulation)")
     retry_s: float = Field(
         120.0, ge=0, description="seconds a failing checkpoint or result write is retried"
@@ -128,12 +140,16 @@ class StorageSettings(TokenSettings):
 class SecureAggregationSettings(_Section):
     """Paillier-encrypted sums. The aggregator gets the public key only."""
 
-    enabled: bool = False
-    public_key_file: Path | None = None
-    private_key_file: Path | None = None
+    enabled: bool = Field(False, description="sum flame.secure(...) fields under Paillier")
+    public_key_file: Path | None = Field(
+        None, description="public_key.json (every node; the aggregator holds only this)"
+    )
+    private_key_file: Path | None = Field(
+        None, description="single-key mode, analysis nodes: private_key.json (mode 0600)"
+    )
     precision: int = Field(16, ge=0, le=52, description="fractional bits of fixed-point values")
     bound: float = Field(2.0**15, gt=0, description="declared maximum |value| of one node")
-    max_nodes: int = Field(100, ge=1)
+    max_nodes: int = Field(100, ge=1, description="most contributions a sum leaves room for")
     min_contributors: int = Field(2, ge=1, description="fewest nodes a decrypted sum may hold")
     confirm_fraction: float | None = Field(
         None,
@@ -143,7 +159,7 @@ class SecureAggregationSettings(_Section):
         "(default: enough for every ciphertext to be checked 3 times on average)",
     )
     obfuscation: Literal["standard", "djn"] = Field(
-        "standard", description="'djn' is faster but rests on an extra assumption (README)"
+        "standard", description="'djn' is faster but rests on an extra assumption (docs)"
     )
     key_share_file: Path | None = Field(
         None, description="threshold mode: this analysis node's share-<node>.json (mode 0600)"
@@ -171,7 +187,9 @@ class SecureAggregationSettings(_Section):
 class IdentitySettings(_Section):
     """This node's Ed25519 signing key (`flame keys identity NODE --out DIR` writes one)."""
 
-    key_file: Path | None = Field(None, description="PEM private key, mode 0600")
+    key_file: Path | None = Field(
+        None, description="this node's Ed25519 key, PEM (flame keys identity; mode 0600)"
+    )
 
 
 def _split_list(value: Any) -> Any:
@@ -194,40 +212,74 @@ class FlameConfig(BaseSettings):
         validate_default=True,
     )
 
-    analysis_id: str = Field("local", min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._-]+$")
-    node_id: str | None = Field(None, min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._-]+$")
-    role: Role | None = None
-    participants: Annotated[list[str], NoDecode] = Field(default_factory=list)
-    aggregator_id: str = Field("aggregator", pattern=r"^[A-Za-z0-9._-]+$")
-    epochs: int = Field(1, ge=1, le=100_000)
-    epoch_timeout: float = Field(600.0, gt=0, description="seconds to wait for a round")
-    presence_timeout: float = Field(300.0, gt=0, description="seconds to wait for nodes")
-    quorum: int | None = Field(None, ge=1, description="results needed per epoch (all)")
-    resend_interval: float = Field(
-        10.0, gt=0, description="seconds before an unacknowledged result is re-sent (doubling)"
+    analysis_id: str = Field(
+        "local",
+        min_length=1,
+        max_length=128,
+        pattern=r"^[A-Za-z0-9._-]+$",
+        description="the analysis (scopes topics and storage)",
     )
-    seed: int | None = None
-    data_dir: Path | None = None
-    data: list[DataSourceSettings] = Field(default_factory=list)
+    node_id: str | None = Field(
+        None,
+        min_length=1,
+        max_length=128,
+        pattern=r"^[A-Za-z0-9._-]+$",
+        description="this node's id (node runs)",
+    )
+    role: Role | None = Field(None, description="this node's role (node runs)")
+    participants: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="the analysis nodes' ids: a,b,c or a JSON list"
+    )
+    aggregator_id: str = Field(
+        "aggregator", pattern=r"^[A-Za-z0-9._-]+$", description="the aggregation node's id"
+    )
+    epochs: int = Field(1, ge=1, le=100_000, description="maximum number of epochs")
+    epoch_timeout: float = Field(
+        600.0,
+        gt=0,
+        description="seconds the aggregator waits for an epoch's results (and a decryption round)",
+    )
+    presence_timeout: float = Field(
+        300.0, gt=0, description="seconds to wait for nodes to come online"
+    )
+    quorum: int | None = Field(
+        None, ge=1, description="results needed to proceed when a deadline passes (default: all)"
+    )
+    resend_interval: float = Field(
+        10.0,
+        gt=0,
+        description="seconds before an unacknowledged result is re-sent (doubling up to 120)",
+    )
+    seed: int | None = Field(None, description="seed for context().rng")
+    data_dir: Path | None = Field(None, description="a local folder as this node's data")
+    data: list[DataSourceSettings] = Field(
+        default_factory=list, description="data sources: a JSON list of source objects"
+    )
     params: dict[str, Any] = Field(
         default_factory=dict, description="run parameters (JSON) -> flame.context().params"
     )
     broker: BrokerSettings = BrokerSettings()
     storage: StorageSettings = StorageSettings()
     secure: SecureAggregationSettings = SecureAggregationSettings()
-    roster: Path | None = Field(None, description="the federation roster (TOML)")
+    roster: Path | None = Field(
+        None, description="the federation roster (TOML); required by flame run"
+    )
     identity: IdentitySettings = IdentitySettings()
     allow_unsigned: bool = Field(
         False, description="run without roster and signatures: nothing is authenticated"
     )
     approved_code: Annotated[list[str], NoDecode] = Field(
-        default_factory=list, description="SHA-256 of analysis code this node may run"
+        default_factory=list,
+        description="SHA-256s (flame hash) of analysis code this node may run, comma-separated",
     )
     policy: Path | None = Field(
         None, description="this node's policy file (disclosure rules, DP budget); operator's"
     )
-    log_format: Literal["text", "json"] = "text"
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["text", "json"] = Field(
+        "text",
+        description="json: JSON lines with analysis_id, node_id, epoch (the image's default)",
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="log level")
 
     @field_validator("participants", mode="before")
     @classmethod

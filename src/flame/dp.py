@@ -314,6 +314,7 @@ def _opendp() -> Any:
 
 
 def laplace_scale(sensitivity: float, epsilon: float) -> float:
+    """The Laplace scale b = sensitivity / epsilon that makes one release epsilon-DP."""
     return sensitivity / epsilon
 
 

@@ -104,7 +104,7 @@ def _dockerfile() -> bytes:
     return f"""\
 # The analysis image: flame's base image plus this folder's top-level *.py files and the
 # packages requirements.txt names; never its data, tests or secrets (see .dockerignore).
-# Build flame's base image first (flame's README, "Containers"), then, in this folder:
+# Build flame's base image first (flame's docs: docs/how-to/containers.md), then, in this folder:
 #
 #     docker build --build-arg FLAME_CODE_SHA256="$(flame hash .)" -t my-analysis .
 #
