@@ -10,7 +10,6 @@ import json
 import os
 import re
 import sys
-import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
@@ -33,7 +32,7 @@ from pydantic_settings import (
 )
 
 from flame.errors import ConfigError
-from flame.utils.hints import did_you_mean
+from flame.utils.settings_errors import format_validation_error as _format_errors
 
 __all__ = [
     "BrokerSettings",
@@ -428,56 +427,9 @@ def read_config_file(path: Path) -> dict[str, Any]:
     return data
 
 
-_SECRET_FIELDS = {"token", "secret_key"}
-
-
-_MODEL_ERROR = re.compile(r"^Value error, ([a-z_]+): (.*)$", re.DOTALL)
-
-
-def _siblings(loc: list[str]) -> list[str]:
-    """The setting names beside the one at `loc` (for "did you mean ...?")."""
-    model: Any = FlameConfig
-    for part in loc[:-1]:
-        if part.isdigit():
-            continue
-        field = model.model_fields.get(part)
-        if field is None:
-            return []
-        nested = [
-            t
-            for t in (field.annotation, *typing.get_args(field.annotation))
-            if isinstance(t, type) and issubclass(t, BaseModel)
-        ]
-        if not nested:
-            return []
-        model = nested[0]
-    return list(model.model_fields)
-
-
-def _describe(error: Any) -> str:
-    loc = [str(part) for part in error.get("loc", ())]
-    message = str(error.get("msg", "invalid"))
-    model_level = not loc
-    if model_level:  # our cross-field checks say which field they are about
-        found = _MODEL_ERROR.match(message)
-        if found:
-            loc, message = [found.group(1)], found.group(2)
-    names = [p for p in loc if not p.isdigit()]
-    variable = ENV_PREFIX + "__".join(p.upper() for p in loc) if loc else "config"
-    key = ".".join(loc) if loc else "config"
-    hide_input = model_level or error.get("type") in ("missing", "extra_forbidden")
-    if error.get("type") == "extra_forbidden":
-        message = "is not a known setting" + did_you_mean(loc[-1] if loc else "", _siblings(loc))
-    shown = ""
-    if "input" in error and not (set(names) & _SECRET_FIELDS) and not hide_input:
-        text = repr(error["input"])
-        shown = f" (got {text if len(text) <= 60 else text[:57] + '...'})"
-    return f"{variable} / {key}: {message}{shown}"
-
-
 def format_validation_error(exc: ValidationError) -> str:
-    """One line per wrong field, naming the variable and what was expected."""
-    return "\n".join(_describe(err) for err in exc.errors())
+    """One line per wrong setting, naming its FLAME_* variable and what was expected."""
+    return _format_errors(exc, FlameConfig)
 
 
 def load_config(**overrides: Any) -> FlameConfig:
