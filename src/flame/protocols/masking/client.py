@@ -1,0 +1,270 @@
+"""A node's side of the masked sum (Bonawitz et al., CCS 2017), as a state machine with no
+network: each method takes the server's message of the previous round and returns the
+node's message for the next. Called out of order or twice, a method refuses.
+
+The rule that keeps a node's input hidden even from a server that lies: for every other
+node v a node reveals exactly one kind of share, fixed by whether v is in the survivor set
+U3 that at least t nodes signed: v in U3 -> the share of v's self-mask seed; v dropped
+(shared keys, sent no input) -> the share of v's pairwise key. A request asking for both
+kinds, for the other kind, or under another survivor set is refused as a whole.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+from collections.abc import Mapping
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+from flame.protocols.masking.agreement import (
+    KEY_BYTES,
+    open_share,
+    pair_mask_key,
+    private_raw,
+    public_raw,
+    seal_share,
+)
+from flame.protocols.masking.encoding import encode_to_ring
+from flame.protocols.masking.errors import MaskingError, ProtocolViolation
+from flame.protocols.masking.messages import Message, b64d, b64e, open_message
+from flame.protocols.masking.session import Session, add_mask, self_mask_key
+from flame.protocols.masking.shamir import PRIME, split_bytes
+
+__all__ = ["MaskingClient", "parse_share", "parse_survivors"]
+
+SELF, PAIR = "self", "pair"
+
+
+def parse_share(text: object, what: str) -> int:
+    """A Shamir share's y as sent (hex text), checked to lie in the field."""
+    if not isinstance(text, str) or not 0 < len(text) <= 140:
+        raise ProtocolViolation(f"{what}: expected a hex share")
+    try:
+        value = int(text, 16)
+    except ValueError:
+        raise ProtocolViolation(f"{what}: not a hex share") from None
+    if not 0 <= value < PRIME:
+        raise ProtocolViolation(f"{what}: share outside the field")
+    return value
+
+
+def parse_survivors(session: Session, value: object, what: str) -> tuple[str, ...]:
+    """A sorted, duplicate-free list of participants, as sent."""
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ProtocolViolation(f"{what}: expected a list of node ids")
+    nodes = tuple(value)
+    if nodes != tuple(sorted(set(nodes))) or not set(nodes) <= set(session.participants):
+        raise ProtocolViolation(f"{what}: not a sorted list of distinct participants")
+    return nodes
+
+
+class MaskingClient:
+    """One node's part in one session. Signed mode when `identities` (Ed25519 public keys
+    of every participant and of the server) is given: then `identity` signs this node's
+    messages and every message it acts on must carry its sender's valid signature."""
+
+    def __init__(
+        self,
+        session: Session,
+        node_id: str,
+        *,
+        identity: Ed25519PrivateKey | None = None,
+        identities: Mapping[str, Ed25519PublicKey] | None = None,
+    ) -> None:
+        session.index(node_id)
+        if (identity is None) != (identities is None):
+            raise MaskingError("signed mode needs both this node's identity and the roster's keys")
+        self.session = session
+        self.node_id = node_id
+        self._identity = identity
+        self._keys = dict(identities) if identities is not None else None
+        self._context = session.binding.context()
+        self._c = X25519PrivateKey.generate()
+        self._s = X25519PrivateKey.generate()
+        self._seed = secrets.token_bytes(KEY_BYTES)
+        self._stage = "advertise"
+        self._u1: dict[str, tuple[bytes, bytes]] = {}
+        self._u2: tuple[str, ...] = ()
+        self._u3: tuple[str, ...] = ()
+        self._held: dict[str, tuple[int, int]] = {}  # v -> (share of v's s key, of v's seed)
+
+    def _advance(self, expected: str, following: str) -> None:
+        if self._stage != expected:
+            raise ProtocolViolation(
+                f"{self.node_id}: asked for the {expected!r} step while at {self._stage!r} "
+                "(out of order or replayed)"
+            )
+        self._stage = following
+
+    def _make(self, round: str, body: dict[str, object], vector: bytes = b"") -> Message:
+        msg = Message(self.session.binding, round, self.node_id, body, vector)
+        return msg.signed(self._identity)
+
+    def _from_server(self, message: Message | bytes, round: str) -> Message:
+        return open_message(
+            message,
+            binding=self.session.binding,
+            round=round,
+            keys=self._keys,
+            senders={self.session.server},
+        )
+
+    def advertise(self) -> Message:
+        """Round 0: this node's two fresh public keys."""
+        self._advance("advertise", "share")
+        return self._make(
+            "advertise", {"c_pk": b64e(public_raw(self._c)), "s_pk": b64e(public_raw(self._s))}
+        )
+
+    def share_keys(self, keys: Message | bytes) -> Message:
+        """Round 1: check U1's signed advertisements; seal shares of this node's pairwise
+        private key and self-mask seed to each of them (t of |U1|)."""
+        self._advance("share", "masked")
+        msg = self._from_server(keys, "keys")
+        adverts = msg.body.get("adverts")
+        if not isinstance(adverts, dict):
+            raise ProtocolViolation("keys: no advertisements")
+        participants = set(self.session.participants)
+        for node, raw in adverts.items():
+            if node not in participants:
+                raise ProtocolViolation(f"keys: advertisement of non-participant {node!r}")
+            ad = open_message(
+                b64d(raw, f"advertisement of {node!r}"),
+                binding=self.session.binding,
+                round="advertise",
+                keys=self._keys,
+                senders={node},
+            )
+            c_pk = b64d(ad.body.get("c_pk"), f"c_pk of {node!r}")
+            s_pk = b64d(ad.body.get("s_pk"), f"s_pk of {node!r}")
+            if len(c_pk) != KEY_BYTES or len(s_pk) != KEY_BYTES:
+                raise ProtocolViolation(f"keys: malformed public keys of {node!r}")
+            self._u1[node] = (c_pk, s_pk)
+        mine = (public_raw(self._c), public_raw(self._s))
+        if self._u1.get(self.node_id) != mine:
+            raise ProtocolViolation("keys: this node's own keys are missing or substituted")
+        all_keys = [k for pair in self._u1.values() for k in pair]
+        if len(set(all_keys)) != len(all_keys):
+            raise ProtocolViolation("keys: two advertised public keys are equal")
+        self.session.require(self._u1, "advertised keys (U1)")
+        holders = {v: self.session.index(v) for v in self._u1}
+        t = self.session.threshold
+        s_shares = split_bytes(private_raw(self._s), t, holders.values())
+        b_shares = split_bytes(self._seed, t, holders.values())
+        sealed: dict[str, str] = {}
+        for v, x in holders.items():
+            if v == self.node_id:
+                self._held[v] = (s_shares[x], b_shares[x])
+                continue
+            plain = json.dumps({"s": format(s_shares[x], "x"), "b": format(b_shares[x], "x")})
+            sealed[v] = b64e(
+                seal_share(self._c, self._u1[v][0], self._context, self.node_id, v, plain.encode())
+            )
+        commit = hashlib.sha256(b"flame-masking-seed\0" + self._context + self._seed).digest()
+        return self._make("shares", {"to": sealed, "seed_commit": b64e(commit)})
+
+    def masked_input(self, ciphertexts: Message | bytes, values: object) -> Message:
+        """Round 2: the input, encoded (refused past its bound before any mask is made),
+        plus this node's self mask and its pairwise masks with every node of U2."""
+        self._advance("masked", "consistency")
+        encoded = encode_to_ring(values, self.session.spec, field=self.session.binding.field)
+        msg = self._from_server(ciphertexts, "ciphertexts")
+        u2 = parse_survivors(self.session, msg.body.get("u2"), "ciphertexts: u2")
+        sealed = msg.body.get("from")
+        if not isinstance(sealed, dict) or set(sealed) != set(u2) - {self.node_id}:
+            raise ProtocolViolation("ciphertexts: the shares do not match the list U2")
+        if self.node_id not in u2 or not set(u2) <= set(self._u1):
+            raise ProtocolViolation("ciphertexts: U2 is not a subset of U1 holding this node")
+        self.session.require(u2, "nodes that shared keys (U2)")
+        for v, raw in sealed.items():
+            plain = open_share(
+                self._c, self._u1[v][0], self._context, v, self.node_id, b64d(raw, v)
+            )
+            try:
+                shares = json.loads(plain)
+            except json.JSONDecodeError:
+                raise ProtocolViolation(f"ciphertexts: shares from {v!r} are malformed") from None
+            if not isinstance(shares, dict):
+                raise ProtocolViolation(f"ciphertexts: shares from {v!r} are malformed")
+            self._held[v] = (parse_share(shares.get("s"), v), parse_share(shares.get("b"), v))
+        self._u2 = u2
+        acc = encoded.copy()
+        bits = self.session.bits
+        add_mask(acc, self_mask_key(self._seed, self._context, self.node_id), bits, +1)
+        for v in u2:
+            if v == self.node_id:
+                continue
+            key = pair_mask_key(self._s, self._u1[v][1], self._context, self.node_id, v)
+            add_mask(acc, key, bits, +1 if self.node_id < v else -1)
+        vector = acc.astype(acc.dtype.newbyteorder("<"), copy=False).tobytes()
+        return self._make("masked", {"length": int(acc.size), "bits": bits}, vector)
+
+    def consistency(self, survivors: Message | bytes) -> Message:
+        """Round 3: sign U3, the nodes whose masked input the server says it has."""
+        self._advance("consistency", "reveal")
+        msg = self._from_server(survivors, "survivors")
+        u3 = parse_survivors(self.session, msg.body.get("u3"), "survivors: u3")
+        if not set(u3) <= set(self._u2) or self.node_id not in u3:
+            raise ProtocolViolation("survivors: U3 is not a subset of U2 holding this node")
+        self.session.require(u3, "nodes that sent masked input (U3)")
+        self._u3 = u3
+        return self._make("consistency", {"u3": list(u3)})
+
+    def reveal(self, unmask: Message | bytes) -> Message:
+        """Round 4: for each node the server asks about, exactly one kind of share, or a
+        refusal of the whole request (ProtocolViolation) and nothing revealed."""
+        self._advance("reveal", "done")
+        msg = self._from_server(unmask, "unmask")
+        u3 = parse_survivors(self.session, msg.body.get("u3"), "unmask: u3")
+        if u3 != self._u3:
+            raise ProtocolViolation(
+                "unmask: a different survivor set than the one this node signed"
+            )
+        self._check_signatures(msg.body.get("signatures"))
+        want = msg.body.get("want")
+        if not isinstance(want, list):
+            raise ProtocolViolation("unmask: no list of wanted shares")
+        out: dict[str, dict[str, str]] = {SELF: {}, PAIR: {}}
+        for item in want:
+            if not (
+                isinstance(item, list) and len(item) == 2 and all(isinstance(i, str) for i in item)
+            ):
+                raise ProtocolViolation("unmask: a wanted share is not [node, kind]")
+            node, kind = item
+            if node in out[SELF] or node in out[PAIR]:
+                raise ProtocolViolation(
+                    f"unmask: asks twice about {node!r} (both kinds of its shares would reveal "
+                    "its input); refused"
+                )
+            if node not in self._held or node not in self._u2:
+                raise ProtocolViolation(f"unmask: this node holds no shares of {node!r}")
+            allowed = SELF if node in u3 else PAIR
+            if kind != allowed:
+                raise ProtocolViolation(
+                    f"unmask: asks for the {kind!r} share of {node!r}, but the signed survivor "
+                    f"set allows only its {allowed!r} share; refused"
+                )
+            s_share, b_share = self._held[node]
+            out[kind][node] = format(b_share if kind == SELF else s_share, "x")
+        return self._make("reveal", {SELF: out[SELF], PAIR: out[PAIR]})
+
+    def _check_signatures(self, signatures: object) -> None:
+        """At least t nodes of U3 signed exactly this node's U3 (so all honest nodes agree)."""
+        if not isinstance(signatures, dict):
+            raise ProtocolViolation("unmask: no consistency signatures")
+        signers = []
+        for node, raw in signatures.items():
+            sig = open_message(
+                b64d(raw, f"consistency of {node!r}"),
+                binding=self.session.binding,
+                round="consistency",
+                keys=self._keys,
+                senders={node} & set(self._u3),
+            )
+            if sig.body.get("u3") != list(self._u3):
+                raise ProtocolViolation(f"unmask: {node!r} signed a different survivor set")
+            signers.append(node)
+        self.session.require(signers, "consistency signatures on U3")

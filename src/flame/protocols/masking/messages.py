@@ -1,0 +1,214 @@
+"""Protocol messages: bound to (analysis, epoch, field, round, sender) and signed.
+
+Wire form: b"FLMK" | u8 version | u32 len(header) | header | u64 len(vector) | vector |
+u8 len(signature) | signature. The header is canonical JSON (sorted keys, no spaces) of the
+binding, round, sender and body; the vector is the masked input, raw little-endian words.
+The Ed25519 signature is over b"flame-masking-v1\\0" + SHA-256(header) + SHA-256(vector),
+so a message relabelled for another analysis, epoch, field, round or sender no longer
+verifies, and one replayed into another session fails the binding check.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import struct
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from typing import Any
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from flame.protocols.masking.errors import ProtocolViolation
+
+__all__ = [
+    "ROUNDS",
+    "Binding",
+    "Message",
+    "b64d",
+    "b64e",
+    "open_message",
+]
+
+MAGIC = b"FLMK"
+VERSION = 1
+_HEAD = struct.Struct(">4sBI")
+_VECTOR_LEN = struct.Struct(">Q")
+_CONTEXT = b"flame-masking-v1\0"
+DEFAULT_MAX_BYTES = 1 << 31
+
+ROUNDS = (
+    "advertise",  # node -> server: its two public keys
+    "keys",  # server -> node: the signed advertisements of U1
+    "shares",  # node -> server: encrypted Shamir shares for each other node of U1
+    "ciphertexts",  # server -> node: the shares addressed to it, from U2
+    "masked",  # node -> server: the masked input
+    "survivors",  # server -> node: U3, the nodes whose masked input arrived
+    "consistency",  # node -> server: its signature on U3
+    "unmask",  # server -> node: U3, the signatures of U4, which share of whom it wants
+    "reveal",  # node -> server: the requested shares
+)
+
+
+@dataclass(frozen=True)
+class Binding:
+    """The session one message belongs to: one secure sum of one field in one epoch."""
+
+    analysis: str
+    epoch: int
+    field: str
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.analysis, str) or not isinstance(self.field, str):
+            raise ProtocolViolation("binding: analysis and field must be strings")
+        if not isinstance(self.epoch, int) or isinstance(self.epoch, bool) or self.epoch < 0:
+            raise ProtocolViolation("binding: epoch must be a non-negative int")
+
+    def context(self) -> bytes:
+        """Unambiguous bytes of the binding (for key derivation and AEAD data)."""
+        return json.dumps([self.analysis, self.epoch, self.field], separators=(",", ":")).encode()
+
+
+def b64e(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def b64d(text: object, what: str) -> bytes:
+    if not isinstance(text, str):
+        raise ProtocolViolation(f"{what}: expected base64 text")
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise ProtocolViolation(f"{what}: not valid base64") from None
+
+
+@dataclass(frozen=True)
+class Message:
+    """One protocol message. `body` holds JSON values only; `vector` raw masked words."""
+
+    binding: Binding
+    round: str
+    sender: str
+    body: Mapping[str, Any]
+    vector: bytes = b""
+    signature: bytes = b""
+
+    def header(self) -> bytes:
+        head = {
+            "analysis": self.binding.analysis,
+            "epoch": self.binding.epoch,
+            "field": self.binding.field,
+            "round": self.round,
+            "sender": self.sender,
+            "body": self.body,
+        }
+        return json.dumps(head, sort_keys=True, separators=(",", ":")).encode()
+
+    def _digest(self) -> bytes:
+        return (
+            _CONTEXT + hashlib.sha256(self.header()).digest() + hashlib.sha256(self.vector).digest()
+        )
+
+    def signed(self, key: Ed25519PrivateKey | None) -> Message:
+        """This message signed with `key` (unchanged, unsigned, without one)."""
+        if key is None:
+            return self
+        return replace(self, signature=key.sign(self._digest()))
+
+    def verify(self, key: Ed25519PublicKey) -> None:
+        try:
+            key.verify(self.signature, self._digest())
+        except InvalidSignature:
+            raise ProtocolViolation(
+                f"{self.round!r} message claiming to be from {self.sender!r}: bad signature"
+            ) from None
+
+    def to_bytes(self) -> bytes:
+        header = self.header()
+        return b"".join(
+            [
+                _HEAD.pack(MAGIC, VERSION, len(header)),
+                header,
+                _VECTOR_LEN.pack(len(self.vector)),
+                self.vector,
+                bytes([len(self.signature)]),
+                self.signature,
+            ]
+        )
+
+    @classmethod
+    def from_bytes(cls, data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES) -> Message:
+        """Parse (not verify) a message; ProtocolViolation saying what is malformed."""
+        view = memoryview(data)
+        if view.nbytes > max_bytes:
+            raise ProtocolViolation(f"masking message of {view.nbytes} bytes is over the limit")
+        if view.nbytes < _HEAD.size:
+            raise ProtocolViolation("masking message is too short")
+        magic, version, header_len = _HEAD.unpack_from(view)
+        if magic != MAGIC or version != VERSION:
+            raise ProtocolViolation("not a masking message of version 1")
+        pos = _HEAD.size + header_len
+        if view.nbytes < pos + _VECTOR_LEN.size:
+            raise ProtocolViolation("masking message is truncated (header)")
+        try:
+            head = json.loads(bytes(view[_HEAD.size : pos]))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise ProtocolViolation("masking message header is not JSON") from None
+        (vector_len,) = _VECTOR_LEN.unpack_from(view, pos)
+        pos += _VECTOR_LEN.size
+        if view.nbytes < pos + vector_len + 1:
+            raise ProtocolViolation("masking message is truncated (vector)")
+        vector = bytes(view[pos : pos + vector_len])
+        pos += vector_len
+        sig_len = view[pos]
+        signature = bytes(view[pos + 1 :])
+        if len(signature) != sig_len:
+            raise ProtocolViolation("masking message has a malformed signature field")
+        if not isinstance(head, dict) or set(head) != {
+            "analysis",
+            "epoch",
+            "field",
+            "round",
+            "sender",
+            "body",
+        }:
+            raise ProtocolViolation("masking message header has the wrong fields")
+        if head["round"] not in ROUNDS or not isinstance(head["sender"], str):
+            raise ProtocolViolation("masking message names an unknown round or no sender")
+        if not isinstance(head["body"], dict):
+            raise ProtocolViolation("masking message body is not an object")
+        binding = Binding(head["analysis"], head["epoch"], head["field"])
+        return cls(binding, head["round"], head["sender"], head["body"], vector, signature)
+
+
+def open_message(
+    message: Message | bytes,
+    *,
+    binding: Binding,
+    round: str,
+    keys: Mapping[str, Ed25519PublicKey] | None,
+    senders: frozenset[str] | set[str] | None = None,
+) -> Message:
+    """`message` checked: this session's binding, this round, an allowed sender and (when
+    `keys` is given: signed mode) that sender's valid signature. Raises ProtocolViolation."""
+    msg = message if isinstance(message, Message) else Message.from_bytes(message)
+    if msg.binding != binding:
+        raise ProtocolViolation(
+            f"{msg.round!r} message from {msg.sender!r} belongs to another session "
+            "(analysis, epoch or field differ): replayed or relabelled"
+        )
+    if msg.round != round:
+        raise ProtocolViolation(
+            f"a {msg.round!r} message from {msg.sender!r} where a {round!r} message was expected"
+        )
+    if senders is not None and msg.sender not in senders:
+        raise ProtocolViolation(f"{round!r} message from {msg.sender!r}, who may not send it")
+    if keys is not None:
+        key = keys.get(msg.sender)
+        if key is None:
+            raise ProtocolViolation(f"{round!r} message from {msg.sender!r}: no known identity")
+        msg.verify(key)
+    return msg

@@ -1,0 +1,252 @@
+"""The server's side of the masked sum: collects each round, says who is left, asks the
+survivors for exactly the shares that remove the masks, and sums. It never sees a node's
+input alone: only sums of masked inputs, with the masks of the summed nodes cancelling.
+
+Use: `receive` every message of the current round (refusals raise ProtocolViolation and
+change nothing), then close the round with the next method (`keys`, `ciphertexts`,
+`survivors`, `unmask`, `result`), which returns the message for each node still in.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+from flame.protocols.masking.agreement import KEY_BYTES, pair_mask_key, public_raw
+from flame.protocols.masking.client import PAIR, SELF, parse_share
+from flame.protocols.masking.encoding import decode_sum
+from flame.protocols.masking.errors import MaskingError, ProtocolViolation
+from flame.protocols.masking.messages import Message, b64d, b64e, open_message
+from flame.protocols.masking.session import Session, add_mask, self_mask_key
+from flame.protocols.masking.shamir import combine_bytes
+from flame.protocols.paillier.errors import ContributorCountError
+
+__all__ = ["MaskedSum", "MaskingServer"]
+
+# the stages in order; each accepts the node messages of the round of its name
+_ORDER = ["advertise", "shares", "masked", "consistency", "reveal", "done"]
+
+
+@dataclass(frozen=True)
+class MaskedSum:
+    """The exact fixed-point sum over `contributors` (flat int64) and its float values."""
+
+    encoded: npt.NDArray[np.int64]
+    contributors: tuple[str, ...]
+    scale: float
+
+    def values(self) -> npt.NDArray[np.float64]:
+        return self.encoded.astype(np.float64) / self.scale
+
+
+class MaskingServer:
+    """The aggregator's part in one session (signed mode as for MaskingClient)."""
+
+    def __init__(
+        self,
+        session: Session,
+        *,
+        identity: Ed25519PrivateKey | None = None,
+        identities: Mapping[str, Ed25519PublicKey] | None = None,
+        min_contributors: int = 1,
+    ) -> None:
+        if (identity is None) != (identities is None):
+            raise MaskingError("signed mode needs both the server's identity and the roster's keys")
+        self.session = session
+        self._identity = identity
+        self._keys = dict(identities) if identities is not None else None
+        self._context = session.binding.context()
+        self.min_contributors = min_contributors
+        self._stage = "advertise"
+        self._got: dict[str, Message] = {}
+        self._adverts: dict[str, Message] = {}
+        self._pks: dict[str, tuple[bytes, bytes]] = {}
+        self._sealed: dict[str, dict[str, str]] = {}
+        self._commits: dict[str, bytes] = {}
+        self._u2: tuple[str, ...] = ()
+        self._u3: tuple[str, ...] = ()
+        self._length: int | None = None
+        self._total: npt.NDArray[np.unsignedinteger] | None = None
+        self._consistency: dict[str, Message] = {}
+        self._reveals: dict[str, dict[str, dict[str, str]]] = {}
+        self.refused = 0
+
+    @property
+    def stage(self) -> str:
+        return self._stage
+
+    def _allowed(self) -> set[str]:
+        if self._stage == "advertise":
+            return set(self.session.participants)
+        if self._stage == "shares":
+            return set(self._adverts)
+        if self._stage == "masked":
+            return set(self._u2)
+        if self._stage == "consistency":
+            return set(self._u3)
+        if self._stage == "reveal":
+            return set(self._consistency)
+        return set()
+
+    def receive(self, message: Message | bytes) -> Message:
+        """Check one node's message for the current round and keep it (or refuse it)."""
+        try:
+            if self._stage == "done":
+                raise ProtocolViolation("the sum is complete; no more messages are accepted")
+            msg = open_message(
+                message,
+                binding=self.session.binding,
+                round=self._stage,
+                keys=self._keys,
+                senders=self._allowed(),
+            )
+            if msg.sender in self._got:
+                raise ProtocolViolation(
+                    f"a second {msg.round!r} message from {msg.sender!r} (replayed or duplicate)"
+                )
+            self._accept(msg)
+        except ProtocolViolation:
+            self.refused += 1
+            raise
+        self._got[msg.sender] = msg
+        return msg
+
+    def _accept(self, msg: Message) -> None:
+        body = msg.body
+        if msg.round == "advertise":
+            c_pk = b64d(body.get("c_pk"), "c_pk")
+            s_pk = b64d(body.get("s_pk"), "s_pk")
+            if len(c_pk) != KEY_BYTES or len(s_pk) != KEY_BYTES:
+                raise ProtocolViolation(f"advertise from {msg.sender!r}: malformed public keys")
+            self._adverts[msg.sender] = msg
+            self._pks[msg.sender] = (c_pk, s_pk)
+        elif msg.round == "shares":
+            sealed = body.get("to")
+            if not isinstance(sealed, dict) or set(sealed) != set(self._adverts) - {msg.sender}:
+                raise ProtocolViolation(f"shares from {msg.sender!r}: not one for each node of U1")
+            if not all(isinstance(v, str) for v in sealed.values()):
+                raise ProtocolViolation(f"shares from {msg.sender!r}: malformed")
+            commit = b64d(body.get("seed_commit"), "seed_commit")
+            if len(commit) != 32:
+                raise ProtocolViolation(f"shares from {msg.sender!r}: malformed seed commitment")
+            self._sealed[msg.sender] = sealed
+            self._commits[msg.sender] = commit
+        elif msg.round == "masked":
+            self._add_masked(msg)
+        elif msg.round == "consistency":
+            if body.get("u3") != list(self._u3):
+                raise ProtocolViolation(f"consistency from {msg.sender!r}: another survivor set")
+            self._consistency[msg.sender] = msg
+        elif msg.round == "reveal":
+            for kind, nodes in ((SELF, self._u3), (PAIR, set(self._u2) - set(self._u3))):
+                part = body.get(kind)
+                if not isinstance(part, dict) or set(part) != set(nodes):
+                    raise ProtocolViolation(
+                        f"reveal from {msg.sender!r}: not the {kind} shares asked"
+                    )
+                for node, share in part.items():
+                    parse_share(share, f"reveal from {msg.sender!r} about {node!r}")
+            self._reveals[msg.sender] = {SELF: body[SELF], PAIR: body[PAIR]}
+
+    def _add_masked(self, msg: Message) -> None:
+        length, bits = msg.body.get("length"), msg.body.get("bits")
+        if not isinstance(length, int) or isinstance(length, bool) or length < 1:
+            raise ProtocolViolation(f"masked input from {msg.sender!r}: bad length")
+        if bits != self.session.bits or len(msg.vector) != length * self.session.bits // 8:
+            raise ProtocolViolation(f"masked input from {msg.sender!r}: wrong ring or size")
+        if self._length is not None and length != self._length:
+            raise ProtocolViolation(
+                f"masked input from {msg.sender!r} has {length} values, the others {self._length}"
+            )
+        dtype = np.dtype(self.session.dtype).newbyteorder("<")
+        vector = np.frombuffer(msg.vector, dtype=dtype)
+        if self._total is None:
+            self._length = length
+            self._total = vector.astype(self.session.dtype)
+        else:
+            np.add(self._total, vector, out=self._total, casting="unsafe")
+
+    def _close(self, stage: str, what: str) -> set[str]:
+        if self._stage != stage:
+            raise MaskingError(f"cannot close {stage!r}: the session is at {self._stage!r}")
+        nodes = set(self._got)
+        self.session.require(nodes, what)
+        self._stage = _ORDER[_ORDER.index(stage) + 1]
+        self._got = {}
+        return nodes
+
+    def _send(self, round: str, body: Mapping[str, object]) -> Message:
+        return Message(self.session.binding, round, self.session.server, body).signed(
+            self._identity
+        )
+
+    def keys(self) -> dict[str, Message]:
+        """Close round 0: every node of U1 gets the signed advertisements of U1."""
+        u1 = self._close("advertise", "nodes that advertised keys (U1)")
+        adverts = {v: b64e(self._adverts[v].to_bytes()) for v in sorted(u1)}
+        return {v: self._send("keys", {"adverts": adverts}) for v in sorted(u1)}
+
+    def ciphertexts(self) -> dict[str, Message]:
+        """Close round 1: each node of U2 gets the sealed shares addressed to it."""
+        u2 = self._close("shares", "nodes that shared keys (U2)")
+        self._u2 = tuple(sorted(u2))
+        return {
+            u: self._send(
+                "ciphertexts",
+                {"u2": list(self._u2), "from": {v: self._sealed[v][u] for v in self._u2 if v != u}},
+            )
+            for u in self._u2
+        }
+
+    def survivors(self) -> dict[str, Message]:
+        """Close round 2: U3, the nodes whose masked input arrived."""
+        u3 = self._close("masked", "nodes that sent masked input (U3)")
+        if len(u3) < self.min_contributors:
+            self._stage = "done"
+            raise ContributorCountError(
+                f"{len(u3)} masked inputs arrived, the sum needs at least {self.min_contributors}"
+            )
+        self._u3 = tuple(sorted(u3))
+        return {u: self._send("survivors", {"u3": list(self._u3)}) for u in self._u3}
+
+    def unmask(self) -> dict[str, Message]:
+        """Close round 3: ask each node of U4 for the self-mask share of every survivor and
+        the pairwise-key share of every node that dropped after sharing keys."""
+        u4 = self._close("consistency", "consistency signatures on U3 (U4)")
+        signatures = {v: b64e(self._consistency[v].to_bytes()) for v in sorted(u4)}
+        want = [[v, SELF if v in self._u3 else PAIR] for v in self._u2]
+        body = {"u3": list(self._u3), "signatures": signatures, "want": want}
+        return {u: self._send("unmask", body) for u in sorted(u4)}
+
+    def result(self) -> MaskedSum:
+        """Close round 4: reconstruct the secrets asked for, remove every mask, decode."""
+        u5 = self._close("reveal", "nodes that revealed shares (U5)")
+        if self._total is None:
+            raise MaskingError("no masked input arrived")
+        t = self.session.threshold
+        total = self._total
+        bits = self.session.bits
+        reveals = {u: self._reveals[u] for u in u5}
+        for v in self._u3:
+            shares = {self.session.index(u): int(r[SELF][v], 16) for u, r in reveals.items()}
+            seed = combine_bytes(shares, t)
+            check = hashlib.sha256(b"flame-masking-seed\0" + self._context + seed).digest()
+            if check != self._commits[v]:
+                raise MaskingError(f"the self-mask seed of {v!r} does not match its commitment")
+            add_mask(total, self_mask_key(seed, self._context, v), bits, -1)
+        for v in sorted(set(self._u2) - set(self._u3)):
+            shares = {self.session.index(u): int(r[PAIR][v], 16) for u, r in reveals.items()}
+            private = X25519PrivateKey.from_private_bytes(combine_bytes(shares, t))
+            if public_raw(private) != self._pks[v][1]:
+                raise MaskingError(f"the pairwise key of dropped node {v!r} does not match its key")
+            for w in self._u3:
+                key = pair_mask_key(private, self._pks[w][1], self._context, v, w)
+                add_mask(total, key, bits, -1 if w < v else +1)
+        encoded = decode_sum(total, self.session.spec, len(self._u3))
+        return MaskedSum(encoded, self._u3, self.session.spec.scale)
