@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 
 from flame.protocols.masking import (
     Binding,
@@ -96,6 +97,14 @@ def test_masks_are_the_rfc8439_a1_keystream_as_little_endian_words() -> None:
     assert expand_mask(bytes(32), 16, 32).tolist() == [
         int.from_bytes(stream[i : i + 4], "little") for i in range(0, 64, 4)
     ]
+
+
+def test_long_masks_are_the_library_keystream_across_chunks() -> None:
+    key = bytes(range(1, 33))
+    n = (3 << 20) // 8 + 5  # over three 1 MiB chunks, not a multiple of a block
+    direct = Cipher(algorithms.ChaCha20(key, bytes(16)), mode=None).encryptor().update(bytes(8 * n))
+    assert expand_mask(key, n, 64).tobytes() == direct
+    assert keystream(key, 8 * n) == direct
 
 
 # --- Shamir -------------------------------------------------------------------------------

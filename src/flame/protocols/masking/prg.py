@@ -19,6 +19,8 @@ RING_DTYPES: dict[int, type[np.unsignedinteger]] = {32: np.uint32, 64: np.uint64
 """Ring width k -> the numpy type whose wrap-around is arithmetic mod 2**k."""
 
 _SEED_BYTES = 32
+_CHUNK = 1 << 20
+_ZEROS = bytes(_CHUNK)  # the keystream is ChaCha20 applied to zeros, a chunk at a time
 
 
 def derive_key(secret: bytes, label: bytes, context: bytes) -> bytes:
@@ -30,15 +32,28 @@ def derive_key(secret: bytes, label: bytes, context: bytes) -> bytes:
     )
 
 
-def keystream(key: bytes, nbytes: int, *, nonce: bytes = bytes(12), counter: int = 0) -> bytes:
-    """`nbytes` of the ChaCha20 keystream (RFC 8439: 32-bit block counter, 96-bit nonce)."""
+def _stream_into(key: bytes, out: npt.NDArray[np.uint8], nbytes: int, full_nonce: bytes) -> None:
+    encryptor = Cipher(algorithms.ChaCha20(key, full_nonce), mode=None).encryptor()
+    view = out.data
+    for start in range(0, nbytes, _CHUNK):
+        size = min(_CHUNK, nbytes - start)
+        # update_into may ask for room beyond `size`; `out` carries 64 bytes of slack
+        encryptor.update_into(_ZEROS[:size] if size < _CHUNK else _ZEROS, view[start:])
+
+
+def _raw_stream(key: bytes, nbytes: int, nonce: bytes, counter: int) -> npt.NDArray[np.uint8]:
     if len(key) != 32 or len(nonce) != 12:
         raise MaskingError("ChaCha20 needs a 32-byte key and a 12-byte nonce")
     if not 0 <= counter < 1 << 32 or nbytes < 0 or counter + (nbytes + 63) // 64 > 1 << 32:
         raise MaskingError("ChaCha20 block counter out of range")
-    full = counter.to_bytes(4, "little") + nonce
-    encryptor = Cipher(algorithms.ChaCha20(key, full), mode=None).encryptor()
-    return encryptor.update(bytes(nbytes))
+    out = np.empty(nbytes + 64, dtype=np.uint8)
+    _stream_into(key, out, nbytes, counter.to_bytes(4, "little") + nonce)
+    return out
+
+
+def keystream(key: bytes, nbytes: int, *, nonce: bytes = bytes(12), counter: int = 0) -> bytes:
+    """`nbytes` of the ChaCha20 keystream (RFC 8439: 32-bit block counter, 96-bit nonce)."""
+    return _raw_stream(key, nbytes, nonce, counter)[:nbytes].tobytes()
 
 
 def expand_mask(key: bytes, length: int, bits: int) -> npt.NDArray[np.unsignedinteger]:
@@ -46,5 +61,7 @@ def expand_mask(key: bytes, length: int, bits: int) -> npt.NDArray[np.unsignedin
     dtype = RING_DTYPES.get(bits)
     if dtype is None:
         raise MaskingError(f"ring width must be one of {sorted(RING_DTYPES)} bits, not {bits}")
-    raw = keystream(key, length * (bits // 8))
-    return np.frombuffer(raw, dtype=np.dtype(dtype).newbyteorder("<")).astype(dtype, copy=False)
+    nbytes = length * (bits // 8)
+    raw = _raw_stream(key, nbytes, bytes(12), 0)[:nbytes]
+    words: npt.NDArray[np.unsignedinteger] = raw.view(np.dtype(dtype).newbyteorder("<"))
+    return words.astype(dtype, copy=False)
