@@ -153,7 +153,13 @@ def simulate(
     except OSError:  # compares. Functions typed into a notebook cell have no source file.
         code = None
     connect = _signed(_transport_factory(broker, config), auths)
-    keys = _simulation_keys(config) if secure or config.secure.enabled else None
+    masking = None
+    if (secure or config.secure.enabled) and config.secure.scheme == "masking":
+        from flame.secure.masking import MaskingSettings  # no keys: fresh ones every sum
+
+        masking = MaskingSettings.from_settings(config.secure)
+    paillier = masking is None and (secure or config.secure.enabled)
+    keys = _simulation_keys(config) if paillier else None
     if keys is not None:  # contributions signed, checked against the throwaway roster
         keys.verifier = auths[config.aggregator_id].roster.verifier("analysis")
     secrets = config.secrets()
@@ -176,6 +182,7 @@ def simulate(
             resend_interval=config.resend_interval,
             isolate=isolate,
             policy=policies[node],
+            masking=masking,
         )
         client.context.params = dict(config.params)
         try:
@@ -204,6 +211,7 @@ def simulate(
         secrets=secrets,
         keys=None if keys is None else keys.public_only(),
         code=code,
+        masking=masking,
     )
     aggregator.context.params = dict(config.params)
     for thread in threads:

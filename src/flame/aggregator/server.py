@@ -46,6 +46,8 @@ from flame.node.status_board import STATUS_INTERVAL, StatusBoard
 from flame.privacy.disclosure import reveal_suppressed, unwrap_release
 from flame.privacy.tracebacks import trim_traceback_text
 from flame.secure.fields import SecureKeys, SecureSummer
+from flame.secure.masking import MaskingSettings
+from flame.secure.masking_sum import MaskingSummer
 from flame.transport.base import Delivery, Transport
 from flame.utils import logs as _logging
 from flame.utils.deadline import Deadline
@@ -85,6 +87,7 @@ class Aggregator:
         secrets: Sequence[str] = (),
         keys: SecureKeys | None = None,
         code: str | None = None,
+        masking: MaskingSettings | None = None,
     ) -> None:
         if not participants:
             raise ValueError("an aggregator needs at least one participant")
@@ -116,9 +119,13 @@ class Aggregator:
             mailbox=self.mailbox,
             seed=seed,
         )
-        self.secure_sum = SecureSummer(
+        self.secure_sum: SecureSummer | MaskingSummer = SecureSummer(
             keys, epoch_timeout, self.context, None if keys is None else keys.confirm_fraction
         )
+        if masking is not None:  # FLAME_SECURE__SCHEME=masking: flame.secure.masking_sum
+            self.secure_sum = MaskingSummer(
+                masking, epoch_timeout, self.context, self.participants, transport.auth
+            )
         self._sessions: dict[str, str] = {}  # node -> "process session:broker link"
         self._processes: dict[str, str] = {}  # node -> process session seen in this run
         self._statuses: dict[str, dict[str, Any]] = {}

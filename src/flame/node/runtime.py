@@ -55,6 +55,7 @@ from flame.secure.fields import (
     answer_decrypt,
     seal,
 )
+from flame.secure.masking import MASK, MASKED, MaskingNode, MaskingSettings
 from flame.transport.base import Transport
 from flame.utils import logs as _logging
 from flame.utils.deadline import Deadline
@@ -155,6 +156,7 @@ class AnalysisClient:
         policy: NodePolicy | None = None,
         hide: Sequence[str | Path] = (),
         code: str | None = None,
+        masking: MaskingSettings | None = None,
     ) -> None:
         self.transport = transport
         self.mailbox = Mailbox(transport)
@@ -163,6 +165,16 @@ class AnalysisClient:
         self.session = uuid.uuid4().hex
         self.secrets = list(secrets)
         self.keys = keys
+        self.masking = None  # FLAME_SECURE__SCHEME=masking: flame.secure.masking
+        if masking is not None:
+            self.masking = MaskingNode(
+                masking,
+                transport.analysis_id,
+                transport.node_id,
+                participants,
+                aggregator_id,
+                transport.auth,
+            )
         self.resend_interval = resend_interval
         self.log_traceback = log_traceback  # off where the aggregator logs to the same place
         self._precomputer: Precomputer | None = None
@@ -274,7 +286,10 @@ class AnalysisClient:
         if self.keys is not None:
             self.keys.used_ciphertexts = 0
         origin = (self.transport.analysis_id, epoch, self.transport.node_id)
-        body = seal(result, self.keys, self._specs, origin)
+        if self.masking is not None:
+            body = self.masking.seal(result, epoch)
+        else:
+            body = seal(result, self.keys, self._specs, origin)
         if privacy is not None and _notable(privacy):
             body = wrap_release(body, privacy)  # recorded in the run's history and manifest
         envelope = Envelope(
@@ -686,10 +701,15 @@ class AnalysisClient:
         return envelope.sender == self.aggregator_id and (
             envelope.kind in _CONTROL
             or envelope.kind in ("status", "ack")
-            or (envelope.kind == "message" and envelope.category in (DECRYPT, ENDORSE))
+            or (envelope.kind == "message" and envelope.category in (DECRYPT, ENDORSE, MASK))
         )
 
     def _answer_decrypt(self, envelope: Envelope) -> None:
+        if envelope.category == MASK:  # a round of a masked secure sum
+            mask = self.masking.answer(envelope) if self.masking is not None else None
+            error = {"error": "this node does not sum with masking (FLAME_SECURE__SCHEME)"}
+            self.transport.send(envelope.reply("message", mask or error, category=MASKED))
+            return
         if envelope.category == ENDORSE:  # threshold mode: endorse a contribution set
             if self.keys is not None and self.keys.share is not None:
                 body = self.keys.party(self.context._state).endorse(envelope)

@@ -112,12 +112,13 @@ class MaskingClient:
             senders={self.session.server},
         )
 
-    def advertise(self) -> Message:
-        """Round 0: this node's two fresh public keys."""
+    def advertise(self, extra: Mapping[str, object] | None = None) -> Message:
+        """Round 0: this node's two fresh public keys (plus `extra`, e.g. the field's shape
+        and encoding, signed with them)."""
         self._advance("advertise", "share")
-        return self._make(
-            "advertise", {"c_pk": b64e(public_raw(self._c)), "s_pk": b64e(public_raw(self._s))}
-        )
+        body: dict[str, object] = dict(extra or {})
+        body.update(c_pk=b64e(public_raw(self._c)), s_pk=b64e(public_raw(self._s)))
+        return self._make("advertise", body)
 
     def share_keys(self, keys: Message | bytes) -> Message:
         """Round 1: check U1's signed advertisements; seal shares of this node's pairwise

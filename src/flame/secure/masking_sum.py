@@ -1,0 +1,205 @@
+"""Masked secure sums inside a run: the aggregator's side (see `flame.secure.masking`).
+
+With the epoch's results in hand (each masked field: a node's signed key advertisement), the
+aggregator runs rounds 1-4 of `flame.protocols.masking` for every field at once: one
+`flame.secure.mask` message per node and round, answered with `flame.secure.masked`. A node
+that does not answer within the epoch timeout, or whose message is refused, has dropped out;
+the sum goes on while at least t nodes are left in every round and is that of the nodes whose
+masked input arrived. A node's refusal is logged with its reason and named if the sum fails.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from flame.errors import FlameError, RunFailed
+from flame.secure.masking import MASK, MASKED, SCHEME, MaskingSettings, signing_keys
+from flame.wire.envelope import Envelope, Sealed
+
+if TYPE_CHECKING:
+    from flame.identity.signing import Authenticator
+    from flame.node.context import Context
+    from flame.protocols.masking import MaskingServer
+    from flame.secure.fields import Results
+
+__all__ = ["MaskingSummer"]
+
+log = logging.getLogger(__name__)
+
+_STEPS = ("keys", "ciphertexts", "survivors", "unmask")
+
+
+@dataclass
+class _Field:
+    server: MaskingServer
+    shape: tuple[int, ...]
+    precision: int
+
+
+@dataclass
+class MaskingSummer:
+    """Replaces SecureSummer when FLAME_SECURE__SCHEME=masking (same call, same Results)."""
+
+    settings: MaskingSettings
+    timeout: float
+    context: Context
+    participants: Sequence[str]
+    auth: Authenticator | None = None
+    refusals: dict[str, str] = field(default_factory=dict)
+
+    def __call__(self, results: dict[str, Any], epoch: int) -> Results:
+        from flame.secure.fields import Results, Summed, _plain, _replace, _walk
+
+        sealed: dict[str, dict[str, Sealed]] = {}
+        for node, result in results.items():
+            for path, value in _walk(result):
+                if isinstance(value, Sealed):
+                    sealed.setdefault(path, {})[node] = value
+        if not sealed:
+            return Results(results)
+        self.refusals = {}
+        fields = {
+            path: self._open(epoch, path, by_node) for path, by_node in sorted(sealed.items())
+        }
+        for step in _STEPS:
+            self._round(epoch, step, fields)
+        plain: dict[str, Any] = {}
+        contributors: dict[str, list[str]] = {}
+        for path, item in fields.items():
+            try:
+                total = item.server.result()
+            except FlameError as exc:
+                raise RunFailed(self._failure(epoch, path, exc), epoch=epoch) from exc
+            plain[path] = _plain(total.values().reshape(item.shape), item.precision)
+            contributors[path] = list(total.contributors)
+        stripped = {
+            node: _replace(result, lambda p, v: Summed(p) if isinstance(v, Sealed) else v)
+            for node, result in results.items()
+        }
+        return Results(stripped, plain, contributors)
+
+    def _open(self, epoch: int, path: str, by_node: dict[str, Sealed]) -> _Field:
+        """A session for one field, fed with every node's advertisement (round 0)."""
+        from flame.protocols.masking import (
+            Binding,
+            MaskingServer,
+            Message,
+            ProtocolViolation,
+            Session,
+        )
+
+        encodings = {}
+        for node, item in sorted(by_node.items()):
+            if item.scheme != SCHEME:
+                raise RunFailed(
+                    f"node {node!r} sent {path!r} sealed with {item.scheme!r}; this run sums "
+                    "with masking (every node needs FLAME_SECURE__SCHEME=masking)",
+                    node=node,
+                    epoch=epoch,
+                )
+            try:
+                body = Message.from_bytes(item.data).body
+            except FlameError as exc:
+                raise RunFailed(
+                    f"node {node!r} sent a malformed {path!r}: {exc}", node=node
+                ) from exc
+            encodings[node] = (
+                tuple(body.get("shape", ())),
+                body.get("precision"),
+                body.get("bound"),
+            )
+        if len(set(encodings.values())) != 1:
+            raise RunFailed(
+                f"the nodes marked {path!r} differently (shape, bound or precision): every "
+                "node must mark it with the same flame.secure(..., bound=, precision=) and "
+                "FLAME_SECURE__*"
+            )
+        shape, precision, bound = next(iter(encodings.values()))
+        if not isinstance(precision, int) or not isinstance(bound, (int, float)):
+            raise RunFailed(f"the advertisements of {path!r} carry no valid encoding", epoch=epoch)
+        try:
+            spec = self.settings.spec_for(float(bound), precision)
+            members = sorted(self.participants)
+            identity, keys = signing_keys(self.auth, [*members, self.context.node_id])
+            session = Session(
+                Binding(self.context.analysis_id, epoch, path),
+                tuple(members),
+                self.settings.threshold_for(len(members)),
+                spec,
+                self.context.node_id,
+            )
+            server = MaskingServer(
+                session,
+                identity=identity,
+                identities=keys,
+                min_contributors=self.settings.min_contributors,
+            )
+        except (FlameError, TypeError, ValueError) as exc:
+            raise RunFailed(f"cannot start the masked sum of {path!r}: {exc}", epoch=epoch) from exc
+        for node, item in sorted(by_node.items()):
+            try:
+                server.receive(item.data)
+            except ProtocolViolation as exc:
+                log.warning("epoch %d: left %s out of the sum of %r: %s", epoch, node, path, exc)
+        return _Field(server, tuple(int(s) for s in shape), precision)
+
+    def _round(self, epoch: int, step: str, fields: dict[str, _Field]) -> None:
+        """Close the current round of every field, send each node its part, collect."""
+        from flame.protocols.masking import ProtocolViolation
+
+        outgoing: dict[str, dict[str, Sealed]] = {}
+        for path, item in fields.items():
+            try:
+                messages = getattr(item.server, step)()
+            except FlameError as exc:
+                raise RunFailed(self._failure(epoch, path, exc), epoch=epoch) from exc
+            for node, msg in messages.items():
+                outgoing.setdefault(node, {})[path] = Sealed(SCHEME, msg.to_bytes())
+        transport = self.context._mailbox.transport
+        for node, messages in sorted(outgoing.items()):
+            transport.send(
+                Envelope(
+                    self.context.analysis_id,
+                    self.context.node_id,
+                    node,
+                    "message",
+                    epoch,
+                    {"round": step, "messages": messages},
+                    MASK,
+                )
+            )
+        received = self.context.receive(MASKED, senders=sorted(outgoing), timeout=self.timeout)
+        for node, reply in sorted(received.messages.items()):
+            if not isinstance(reply, dict) or "error" in reply or "messages" not in reply:
+                reason = str(reply.get("error"))[:300] if isinstance(reply, dict) else "malformed"
+                self.refusals[node] = f"{step}: {reason}"
+                log.warning(
+                    "epoch %d: %s refused the masked sum's %r round: %s", epoch, node, step, reason
+                )
+                continue
+            parts = reply["messages"]
+            for path, item in parts.items() if isinstance(parts, dict) else ():
+                if path not in fields or not isinstance(item, Sealed):
+                    continue
+                try:
+                    fields[path].server.receive(item.data)
+                except ProtocolViolation as exc:
+                    self.refusals[node] = f"{step}: its message was refused: {exc}"
+                    log.warning("epoch %d: refused %s's %r message: %s", epoch, node, step, exc)
+        if received.missing:
+            log.warning(
+                "epoch %d: no answer to the masked sum's %r round from %s (dropped out)",
+                epoch,
+                step,
+                ", ".join(received.missing),
+            )
+
+    def _failure(self, epoch: int, path: str, exc: Exception) -> str:
+        text = f"the masked secure sum of {path!r} in epoch {epoch} failed: {exc}"
+        if self.refusals:
+            named = "; ".join(f"{n} ({r})" for n, r in sorted(self.refusals.items()))
+            text += f". Refused by: {named}"
+        return text[:2000]
