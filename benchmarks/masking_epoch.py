@@ -132,7 +132,10 @@ def simulate_rows(shapes: list[tuple[int, int]]) -> None:
     from flame.wire.envelope import encode_parts
 
     print()
-    print("flame simulate, one epoch (memory broker, every node a thread of this process)")
+    print(
+        "flame simulate, one epoch (memory broker, every node a thread of this process; "
+        "best of 2 after a warm-up run)"
+    )
     print(
         "| nodes x values | plaintext epoch s | masking epoch s | ratio | wire B/value, "
         "plaintext | masking |"
@@ -154,6 +157,8 @@ def simulate_rows(shapes: list[tuple[int, int]]) -> None:
                 return results.secure["update"]
             return sum(r["update"] for r in results.values())
 
+        warm = {node: data[node] for node in list(data)[:2]}  # imports, first threads
+        flame.simulate(analyze_plain, aggregate, data=warm, epochs=1)
         row = []
         for secure in (False, True):
             wire = [0]
@@ -165,15 +170,19 @@ def simulate_rows(shapes: list[tuple[int, int]]) -> None:
 
             settings = {"enabled": secure, "scheme": "masking", "bound": 1024.0}
             config = load_config(secure=settings, epoch_timeout=600)
-            start = time.perf_counter()
-            out = flame.simulate(
-                analyze if secure else analyze_plain,
-                aggregate,
-                data=data,
-                config=config,
-                broker=MemoryBroker(on_send=count),
-            )
-            row.append((time.perf_counter() - start, wire[0] / (nodes * size), out.value))
+            best = float("inf")
+            for _ in range(2):
+                wire[0] = 0
+                start = time.perf_counter()
+                out = flame.simulate(
+                    analyze if secure else analyze_plain,
+                    aggregate,
+                    data=data,
+                    config=config,
+                    broker=MemoryBroker(on_send=count),
+                )
+                best = min(best, time.perf_counter() - start)
+            row.append((best, wire[0] / (nodes * size), out.value))
         (plain_s, plain_b, plain_v), (mask_s, mask_b, mask_v) = row
         assert float(np.abs(plain_v - mask_v).max()) <= SPEC.max_error(nodes) + 1e-6
         print(

@@ -197,10 +197,20 @@ def _run(
             + "; ".join(item.line().removeprefix("FAIL ") for item in failed)
         )
     secrets = config.secrets()
-    keys = secure_keys(config, role)
+    masking = None
+    if config.secure.enabled and config.secure.scheme == "masking":  # no keys: fresh per sum
+        from flame.secure.masking import MaskingSettings
+
+        masking = MaskingSettings.from_settings(config.secure)
+    keys = secure_keys(config, role) if masking is None else None
     from flame.identity import for_config
 
     auth = for_config(config, node_id)
+    if masking is not None and auth is None:
+        log.warning(
+            "masked secure sums without a roster: nothing is signed, so an aggregator that "
+            "substitutes a node's keys can read that node's values"
+        )
     if auth is not None:
         log.info("roster %s: %d members", auth.roster.fingerprint, len(auth.roster))
         if keys is not None:  # contributions signed by this node, checked against the roster
@@ -222,6 +232,7 @@ def _run(
             secrets=secrets,
             keys=keys,
             code=code,
+            masking=masking,
         )
         aggregator.context.params = dict(config.params)
         return aggregator.execute().value
@@ -244,6 +255,7 @@ def _run(
         policy=policy,
         code=code,
         hide=settings_paths(config, policy),
+        masking=masking,
     )
     client.context.params = dict(config.params)
     return client.run(functions, data).value
