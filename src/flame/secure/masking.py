@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 
     from flame.config import SecureAggregationSettings
     from flame.identity.signing import Authenticator
-    from flame.protocols.masking import MaskingClient
+    from flame.protocols.masking import MaskingClient, Message
     from flame.protocols.paillier import SecureSumSpec
 
 __all__ = ["MASK", "MASKED", "SCHEME", "MaskingNode", "MaskingSettings", "signing_keys"]
@@ -202,10 +202,9 @@ class MaskingNode:
                     reply = client.masked_input(sealed.data, pending.values)
                     pending.values = None  # masked and sent: the node keeps no copy
                 elif step == "survivors":
-                    self._guard(
-                        envelope.epoch, path, Message.from_bytes(sealed.data).body.get("u3")
-                    )
+                    u3 = self._guard(envelope.epoch, path, Message.from_bytes(sealed.data))
                     reply = client.consistency(sealed.data)
+                    self._record(envelope.epoch, path, u3)
                 else:
                     reply = client.reveal(sealed.data)
                     with self._lock:
@@ -218,34 +217,36 @@ class MaskingNode:
             return {"error": str(exc)[:500]}
         return {"messages": out}
 
-    def _guard(self, epoch: int, path: str, u3: object) -> None:
-        """Refuse a survivor set that would let two sums be differenced."""
+    def _guard(self, epoch: int, path: str, survivors: Message) -> tuple[str, ...]:
+        """The survivor set asked for, unless signing it would let two sums be differenced."""
         from flame.protocols.masking import ProtocolViolation
 
+        u3 = survivors.body.get("u3")
         if not isinstance(u3, list) or not all(isinstance(v, str) for v in u3):
             raise ProtocolViolation("survivors: malformed survivor set")
         chosen = tuple(u3)
         with self._lock:
             before = self._signed.get((epoch, path))
-            if before is not None and before != chosen:
-                raise ProtocolViolation(
-                    f"already signed another contributor set for {path!r} in epoch {epoch}; "
-                    "a second sum could reveal a difference"
-                )
             fixed = self._fixed
-            if (
-                fixed is not None
-                and chosen != fixed
-                and not self.settings.allow_changing_contributors
-            ):
-                missing = sorted(set(fixed) - set(chosen))
-                new = sorted(set(chosen) - set(fixed))
-                raise ProtocolViolation(
-                    f"the contributor set of this analysis is fixed by its first masked sum; "
-                    f"{path!r} in epoch {epoch} would leave out {missing} and add {new}, so "
-                    "sums could be differenced (FLAME_SECURE__ALLOW_CHANGING_CONTRIBUTORS "
-                    "lifts this)"
-                )
+        if before is not None and before != chosen:
+            raise ProtocolViolation(
+                f"already signed another contributor set for {path!r} in epoch {epoch}; "
+                "a second sum could reveal a difference"
+            )
+        if fixed is not None and chosen != fixed and not self.settings.allow_changing_contributors:
+            missing = sorted(set(fixed) - set(chosen))
+            new = sorted(set(chosen) - set(fixed))
+            raise ProtocolViolation(
+                f"the contributor set of this analysis is fixed by its first masked sum; "
+                f"{path!r} in epoch {epoch} would leave out {missing} and add {new}, so "
+                "sums could be differenced (FLAME_SECURE__ALLOW_CHANGING_CONTRIBUTORS "
+                "lifts this)"
+            )
+        return chosen
+
+    def _record(self, epoch: int, path: str, chosen: tuple[str, ...]) -> None:
+        """A set this node signed: the only one for (epoch, field); the first fixes all."""
+        with self._lock:
             self._signed[(epoch, path)] = chosen
             if self._fixed is None:
                 self._fixed = chosen

@@ -106,11 +106,12 @@ class MaskingSummer:
                 raise RunFailed(
                     f"node {node!r} sent a malformed {path!r}: {exc}", node=node
                 ) from exc
-            encodings[node] = (
-                tuple(body.get("shape", ())),
-                body.get("precision"),
-                body.get("bound"),
-            )
+            shape = body.get("shape")
+            if not isinstance(shape, list) or not all(
+                isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+            ):
+                raise RunFailed(f"node {node!r} sent {path!r} without a valid shape", node=node)
+            encodings[node] = (tuple(shape), body.get("precision"), body.get("bound"))
         if len(set(encodings.values())) != 1:
             raise RunFailed(
                 f"the nodes marked {path!r} differently (shape, bound or precision): every "
