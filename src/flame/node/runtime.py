@@ -114,6 +114,8 @@ class Instruction:
     reason: str = ""
     run: str | None = None
     code: str = ""
+    withheld: bool = False
+    """The aggregator sent no aggregate (it believes this node's policy declines them)."""
 
 
 def _raised_by_analysis(exc: BaseException) -> bool:
@@ -395,6 +397,13 @@ class AnalysisClient:
                     if instruction.code == NOT_PARTICIPANT:
                         raise ConfigError(instruction.reason)
                     raise RunFailed(instruction.reason, epoch=instruction.epoch)
+                if instruction.withheld and self.policy.share_aggregate:
+                    raise RunFailed(  # never analyze on with previous=None: a wrong result
+                        "the aggregator withheld the aggregate from this node, but this node's "
+                        "policy shares aggregates (share_aggregate = true): the aggregator's "
+                        "view of this node's status is wrong (a forged status?)",
+                        epoch=instruction.epoch,
+                    )
                 if not self.policy.share_aggregate:  # keep no other sites' aggregate here
                     instruction = replace(instruction, previous=None, value=None)
                 if instruction.kind == "finished":
@@ -757,6 +766,7 @@ class AnalysisClient:
                 value=body.get("value"),
                 converged=bool(body.get("converged", False)),
                 run=run,
+                withheld=body.get("withheld") is True,
             )
         if envelope.kind == "finished":
             location = body.get("location")
@@ -767,6 +777,7 @@ class AnalysisClient:
                 converged=bool(body.get("converged", False)),
                 location=location if isinstance(location, str) else None,
                 run=run,
+                withheld=body.get("withheld") is True,
             )
         if envelope.kind == "abort":
             code = body.get("code")
