@@ -678,7 +678,28 @@ class SecureSummer:
                     raise RunFailed(
                         f"node {node!r} sent a malformed confirmation", node=node, epoch=epoch
                     )
+            self._enough_confirmations(epoch, reporter, confirmers, replies)
         return plain
+
+    def _enough_confirmations(
+        self, epoch: int, reporter: str, confirmers: list[str], replies: dict[str, Any]
+    ) -> None:
+        """The reporter's sum is released only when at least min_contributors - 1 (and at
+        least one) other contributors confirmed it: a lying reporter whose confirmers are
+        held back (e.g. by the broker's operator) must not end the run with its sum."""
+        assert self.keys is not None
+        needed = min(len(confirmers), max(1, self.keys.min_contributors - 1))
+        if len(replies) >= needed:
+            return
+        missing = [node for node in confirmers if node not in replies]
+        raise RunFailed(
+            f"epoch {epoch}: {len(replies)} of {len(confirmers)} other contributors confirmed "
+            f"the secure sum reported by {reporter!r} within {self.timeout:g} s, at least "
+            f"{needed} needed (FLAME_SECURE__MIN_CONTRIBUTORS - 1); the unconfirmed sum is not "
+            f"used (no confirmation from {', '.join(missing)})",
+            node=missing[0],
+            epoch=epoch,
+        )
 
     def _ask(
         self, epoch: int, nodes: list[str], body: dict[str, Any], *, required: bool = True
