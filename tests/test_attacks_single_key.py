@@ -13,7 +13,6 @@ import signal
 import textwrap
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 from broker import Broker, have_mosquitto
@@ -101,5 +100,69 @@ def test_a_lying_reporter_with_confirmers_held_never_ends_the_run_with_its_sum(
     assert "confirmed the secure sum" in err, err[-3000:]
 
 
-def _value(process: NodeProcess) -> Any:
-    return json.loads(process.stdout().strip().splitlines()[-1])
+QUORUM_ANALYSIS = """
+import time
+import flame
+
+def analyze(data, epoch, previous):
+    if epoch == 1 and data.node_id == "node-2":
+        time.sleep(40)  # held back (by the operator): the quorum goes on without it
+    v = [float(x) for x in data.read_text("v.txt").split()]
+    return {"total": flame.secure(sum(v))}
+
+def aggregate(results):
+    return {"total": results.secure["total"], "who": results.contributors["total"]}
+"""
+
+
+def test_a_quorum_epoch_over_another_set_is_not_decrypted(
+    mqtt_broker: Broker, tmp_path: Path, paillier: tuple[Path, Path]
+) -> None:
+    """Hole 2: epoch 0 decrypted the sum over {0, 1, 2}, epoch 1 (node-2 held) over {0, 1}:
+    the difference is node-2's value. On main everyone exited 0. The aggregator here has
+    lifted its own guard; the nodes keep theirs."""
+    fed, private = _federation(
+        mqtt_broker, tmp_path, paillier,
+        FLAME_QUORUM="2", FLAME_EPOCHS="2", FLAME_SECURE__MIN_CONTRIBUTORS="2",
+    )  # fmt: skip
+    fed.analysis.write_text(textwrap.dedent(QUORUM_ANALYSIS))
+    try:
+        aggregator = _patched(fed, AGGREGATOR, "aggregator_without_guard", {})
+        for node in NODES:
+            fed.start(node, **private)
+        code = aggregator.wait(120)
+        out, err = aggregator.stdout(), aggregator.stderr()
+        assert "REDTEAM patch applied" in err
+    finally:
+        fed.close()
+    assert code != 0, f"exit {code} with {out[-500:]}"
+    assert "refused to decrypt" in err, err[-3000:]
+    assert "FLAME_SECURE__ALLOW_CHANGING_CONTRIBUTORS" in err, err[-3000:]
+    assert '"total": 36.0' not in out  # the {0, 1} sum never left a node
+
+
+def test_a_lone_ciphertext_relabelled_as_a_sum_is_not_decrypted(
+    mqtt_broker: Broker, tmp_path: Path, paillier: tuple[Path, Path]
+) -> None:
+    """Hole 3: node-1's lone ciphertext, relabelled as a 2-contributor sum, was decrypted by
+    node-0 on main (its exact value, 30). Decrypters now re-add signed contributions."""
+    fed, private = _federation(mqtt_broker, tmp_path, paillier, FLAME_SECURE__MIN_CONTRIBUTORS="2")
+    out_file = tmp_path / "learned.json"
+    try:
+        aggregator = _patched(
+            fed, AGGREGATOR, "relabelling_aggregator", {}, REDTEAM_OUT=str(out_file)
+        )
+        for node in NODES:
+            fed.start(node, **private)
+        code = aggregator.wait(120)
+        err = aggregator.stderr()
+        assert "REDTEAM patch applied" in err
+    finally:
+        fed.close()
+    learned = json.loads(out_file.read_text())
+    for attempt, answer in learned.items():
+        assert answer.startswith("refused:"), (attempt, answer)
+        assert "30.0" not in answer and "30." not in answer
+    assert "decrypts only sums it re-adds" in learned["sum"], learned
+    assert code == 0, err[-3000:]  # the honest sum that followed was still decrypted
+    assert json.loads(aggregator.stdout().strip().splitlines()[-1])["total"] == 136.0

@@ -39,7 +39,8 @@ def lying_reporter() -> None:
 
     fields = import_module("flame.secure.fields")  # `flame.secure` is also a function
 
-    honest: Callable[..., dict[str, Any]] = fields.answer_decrypt
+    name = "answer_vectors" if hasattr(fields, "answer_vectors") else "answer_decrypt"  # main
+    honest: Callable[..., dict[str, Any]] = getattr(fields, name)
 
     def lying(*args: Any, **kwargs: Any) -> dict[str, Any]:
         reply = honest(*args, **kwargs)
@@ -48,10 +49,72 @@ def lying_reporter() -> None:
             reply["sums"] = {path: value + 100_000 for path, value in reply["sums"].items()}
         return reply
 
-    _rebind("answer_decrypt", honest, lying)
+    _rebind(name, honest, lying)
 
 
-PATCHES: dict[str, Callable[[], None]] = {"lying_reporter": lying_reporter}
+def aggregator_without_guard() -> None:
+    """The aggregator lifts its own differencing guard (only its own settings change: the
+    nodes keep FLAME_SECURE__ALLOW_CHANGING_CONTRIBUTORS off)."""
+    fields = import_module("flame.secure.fields")
+    original = fields.SecureKeys.from_settings.__func__
+
+    def from_settings(cls: Any, settings: Any, *, role: str, node_id: Any = None) -> Any:
+        keys = original(cls, settings, role=role, node_id=node_id)
+        if role == "aggregation":
+            keys.allow_changing_contributors = True
+        return keys
+
+    fields.SecureKeys.from_settings = classmethod(from_settings)
+
+
+def relabelling_aggregator() -> None:
+    """Before each honest secure sum: node-1's lone ciphertext, relabelled as a sum of
+    node-0 and node-1, sent to node-0 to decrypt; what came back is written to REDTEAM_OUT."""
+    fields = import_module("flame.secure.fields")
+    honest = fields.SecureSummer.__call__
+
+    def call(self: Any, results: dict[str, Any], epoch: int) -> Any:
+        _relabel(self, results, epoch)
+        return honest(self, results, epoch)
+
+    fields.SecureSummer.__call__ = call
+
+
+def _relabel(summer: Any, results: dict[str, Any], epoch: int) -> None:
+    import json
+    from pathlib import Path
+
+    from flame.protocols.paillier import EncryptedVector
+    from flame.secure.contributions import unpack_contribution
+    from flame.wire.envelope import Sealed
+
+    victim = results["node-1"]["total"]
+    data = bytes(victim.data)
+    if victim.scheme != "paillier":  # a signed contribution: the vector after the signature
+        _, data = unpack_contribution(data)
+    vector = EncryptedVector.from_bytes(data, summer.keys.public_key)
+    vector.contributors = 2
+    relabelled = Sealed("paillier", vector.to_bytes())
+    who = {"total": ["node-0", "node-1"]}
+    attempts = {
+        "sum": {"sums": {"total": relabelled}, "contributors": who, "reporter": "node-0"},
+        "lone": {"contributions": {"total": {"node-1": victim}}, "contributors": who},
+    }
+    learned = {}
+    for name, request in attempts.items():
+        try:
+            reply = summer._ask(epoch, ["node-0"], {"reporter": "node-0", **request})
+            learned[name] = repr(reply["node-0"].get("sums"))
+        except Exception as exc:
+            learned[name] = f"refused: {exc}"
+    Path(os.environ["REDTEAM_OUT"]).write_text(json.dumps(learned))
+
+
+PATCHES: dict[str, Callable[[], None]] = {
+    "lying_reporter": lying_reporter,
+    "aggregator_without_guard": aggregator_without_guard,
+    "relabelling_aggregator": relabelling_aggregator,
+}
 
 
 def apply(name: str) -> None:

@@ -16,7 +16,7 @@ import logging
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -168,7 +168,12 @@ class SecureKeys:
                 "secure aggregation is enabled (make keys with `flame keys generate`)"
             )
         return cls(
-            public, private, cls.spec_of(settings), settings.min_contributors, settings.obfuscation
+            public,
+            private,
+            cls.spec_of(settings),
+            settings.min_contributors,
+            settings.obfuscation,
+            allow_changing_contributors=settings.allow_changing_contributors,
         )
 
     @classmethod
@@ -420,6 +425,10 @@ def seal(
         if keys.threshold is not None:
             assert opening is not None
             return _signed(encrypted, opening, keys, path, origin)
+        if keys.signer is not None and origin is not None:  # decrypters re-add signed ones
+            from flame.secure.single_key import sign_contribution
+
+            return sign_contribution(encrypted.to_bytes(), keys.signer, path, origin)
         return Sealed(SCHEME, encrypted.to_bytes())
 
     return _replace(result, change)
@@ -452,6 +461,15 @@ def _signed(
     return Sealed(CONTRIBUTION, pack_contribution(signature, body))
 
 
+def _spec_hint(exc: Exception) -> str:
+    if "SecureSumSpec" not in str(exc):
+        return ""
+    return (
+        " (the nodes encoded it differently: every node must mark it with "
+        "the same flame.secure(..., bound=, precision=) and FLAME_SECURE__*)"
+    )
+
+
 def _bound_origin(marker: Secure) -> str:
     if marker.bound is not None:
         return f"set by flame.secure(..., bound={marker.bound:g})"
@@ -478,31 +496,20 @@ def answer_decrypt(
     node_id: str,
     specs: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Decrypt the aggregator's encrypted sums (as the reporter), or check the reporter's
-    plaintext against them (as a confirmer); refuse sums of too few contributors.
+    """Unsigned runs only (signed ones: `flame.secure.single_key`): decrypt the aggregator's
+    encrypted sums (as the reporter), or check the reporter's plaintext against them (as a
+    confirmer); refuse sums of too few contributors.
 
     `specs` are the encodings this node used per field when it sealed its result (see
     `seal`); fields not in it are read with the configured spec."""
-    from flame.protocols.paillier import (
-        EncryptedVector,
-        decrypt_vector,
-        verify_reported_sum,
-    )
+    from flame.protocols.paillier import EncryptedVector
 
-    assert keys.private_key is not None
     body = envelope.body if isinstance(envelope.body, dict) else {}
     sums = body.get("sums")
     contributors = body.get("contributors")
     if not isinstance(sums, dict) or not isinstance(contributors, dict):
         return {"error": "malformed decryption request"}
-    reported = body.get("reported")
-    fraction = body.get("fraction", 1.0)
-    if reported is not None and not isinstance(reported, dict):
-        return {"error": "malformed decryption request (reported sums)"}
-    if not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
-        return {"error": "malformed decryption request (fraction)"}
-    plain: dict[str, np.ndarray] = {}
-    checked = 0
+    vectors: dict[str, EncryptedVector] = {}
     try:
         for path, sealed in sums.items():
             who = contributors.get(path)
@@ -516,6 +523,33 @@ def answer_decrypt(
                     "error": f"{path!r} holds {vector.contributors} contributions, "
                     f"the request names {len(who)}"
                 }
+            vectors[path] = vector
+    except FlameError as exc:
+        return {"error": str(exc)}
+    return answer_vectors(body, vectors, keys, specs)
+
+
+def answer_vectors(
+    body: dict[str, Any],
+    vectors: dict[str, EncryptedVector],
+    keys: SecureKeys,
+    specs: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The reporter's decrypted sums of `vectors` ({"sums": ...}), or a confirmer's check of
+    the reported ones in `body` ({"confirmed": n}); {"error": why} otherwise."""
+    from flame.protocols.paillier import decrypt_vector, verify_reported_sum
+
+    assert keys.private_key is not None
+    reported = body.get("reported")
+    fraction = body.get("fraction", 1.0)
+    if reported is not None and not isinstance(reported, dict):
+        return {"error": "malformed decryption request (reported sums)"}
+    if not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
+        return {"error": "malformed decryption request (fraction)"}
+    plain: dict[str, np.ndarray] = {}
+    checked = 0
+    try:
+        for path, vector in vectors.items():
             spec = (specs or {}).get(path, keys.spec)
             if reported is None:
                 plain[path] = decrypt_vector(
@@ -549,6 +583,7 @@ class SecureSummer:
     context: Context | None = None
     confirm_fraction: float | None = None
     _collector: ThresholdCollector | None = None
+    _fixed: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     def __call__(self, results: dict[str, Any], epoch: int) -> Results:
         sealed: dict[str, dict[str, Sealed]] = {}
@@ -571,9 +606,12 @@ class SecureSummer:
         sums: dict[str, Sealed] = {}
         contributors: dict[str, list[str]] = {}
         precision: dict[str, int] = {}
+        signed = self._signed_fields(sealed, epoch)
         for path, by_node in sealed.items():
             vectors = []
             for node, item in sorted(by_node.items()):
+                if signed:
+                    continue  # added (and checked) by _signed_fields
                 if item.scheme != SCHEME:
                     raise RunFailed(f"node {node!r} sent {path!r} sealed with {item.scheme!r}")
                 try:
@@ -583,19 +621,15 @@ class SecureSummer:
                         f"node {node!r} sent an invalid encrypted {path!r}: {exc}", node=node
                     ) from exc
             try:
-                total = EncryptedVector.sum(vectors)
+                total = signed[path] if signed else EncryptedVector.sum(vectors)
             except FlameError as exc:
-                hint = ""
-                if "SecureSumSpec" in str(exc):
-                    hint = (
-                        " (the nodes encoded it differently: every node must mark it with "
-                        "the same flame.secure(..., bound=, precision=) and FLAME_SECURE__*)"
-                    )
-                raise RunFailed(f"cannot add the encrypted {path!r}: {exc}{hint}") from exc
+                raise RunFailed(
+                    f"cannot add the encrypted {path!r}: {exc}{_spec_hint(exc)}"
+                ) from exc
             sums[path] = Sealed(SCHEME, total.to_bytes())
             contributors[path] = sorted(by_node)
             precision[path] = total.layout.precision
-        decrypted = self._decrypt(epoch, sums, contributors)
+        decrypted = self._decrypt(epoch, sums, contributors, sealed if signed else None)
         plain = {p: _plain(v, precision[p]) for p, v in decrypted.items()}
         stripped = {
             node: _replace(result, lambda p, v: Summed(p) if isinstance(v, Sealed) else v)
@@ -652,12 +686,74 @@ class SecureSummer:
         }
         return Results(stripped, plain, contributors)
 
+    def _signed_fields(
+        self, sealed: dict[str, dict[str, Sealed]], epoch: int
+    ) -> dict[str, EncryptedVector]:
+        """Single key, signed contributions (`flame.secure.single_key`): each checked and
+        added; {} when the nodes sent unsigned ones (an unsigned run). The differencing guard
+        is checked here too, so an honest aggregator stops with the reason the nodes would
+        give."""
+        from flame.secure.single_key import SIGNED, add_signed
+        from flame.secure.threshold import _own_first, differencing_problem
+
+        assert self.keys is not None and self.context is not None
+        schemes = {item.scheme for by_node in sealed.values() for item in by_node.values()}
+        if SIGNED not in schemes:
+            if self.keys.verifier is not None:
+                raise RunFailed(
+                    "nodes sent unsigned encrypted values in a signed run (every node of a "
+                    "run must run the same flame version)",
+                    epoch=epoch,
+                )
+            return {}
+        totals: dict[str, EncryptedVector] = {}
+        for path, by_node in sealed.items():
+            who = tuple(sorted(by_node))
+            for first, fixed in _own_first(self._fixed, path):
+                problem = differencing_problem(first, fixed, who)
+                if problem is not None and not self.keys.allow_changing_contributors:
+                    where = "" if first == path else f" ({path!r})"
+                    raise RunFailed(f"epoch {epoch}{where}: {problem}", epoch=epoch)
+            try:
+                totals[path] = add_signed(
+                    self.keys.public_key,
+                    self.context.analysis_id,
+                    epoch,
+                    path,
+                    by_node,
+                    self.keys.verifier,
+                )
+            except FlameError as exc:
+                node = getattr(exc, "node", None)
+                if node is not None:
+                    raise RunFailed(
+                        f"node {node!r} sent an invalid encrypted {path!r}: {exc}",
+                        node=node,
+                        epoch=epoch,
+                    ) from exc
+                raise RunFailed(
+                    f"cannot add the encrypted {path!r}: {exc}{_spec_hint(exc)}", epoch=epoch
+                ) from exc
+        for path, by_node in sealed.items():
+            self._fixed.setdefault(path, tuple(sorted(by_node)))
+        return totals
+
     def _decrypt(
-        self, epoch: int, sums: dict[str, Sealed], contributors: dict[str, list[str]]
+        self,
+        epoch: int,
+        sums: dict[str, Sealed],
+        contributors: dict[str, list[str]],
+        signed: dict[str, dict[str, Sealed]] | None = None,
     ) -> dict[str, np.ndarray]:
+        """The reporter decrypts, the others confirm. Signed contributions (`signed`) are sent
+        instead of the sums: every decrypter re-adds them itself."""
         nodes = sorted({n for who in contributors.values() for n in who})
         reporter, confirmers = nodes[0], nodes[1:]
-        request = {"sums": sums, "contributors": contributors, "reporter": reporter}
+        request: dict[str, Any] = {"contributors": contributors, "reporter": reporter}
+        if signed is None:
+            request["sums"] = sums
+        else:
+            request["contributions"] = signed
         report = self._ask(epoch, [reporter], request)[reporter]
         plain = report.get("sums")
         if not isinstance(plain, dict) or set(plain) != set(sums):
@@ -707,8 +803,9 @@ class SecureSummer:
         """Send a decryption request to `nodes` and collect their replies."""
         assert self.context is not None
         transport = self.context._mailbox.transport
+        what = "sums" if "sums" in body else "contributions"
         for node in nodes:
-            asked = {p: s for p, s in body["sums"].items() if node in body["contributors"][p]}
+            asked = {p: s for p, s in body[what].items() if node in body["contributors"][p]}
             transport.send(
                 Envelope(
                     self.context.analysis_id,
@@ -716,7 +813,7 @@ class SecureSummer:
                     node,
                     "message",
                     epoch,
-                    {**body, "sums": asked},
+                    {**body, what: asked},
                     DECRYPT,
                 )
             )
