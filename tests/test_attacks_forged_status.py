@@ -11,6 +11,7 @@ but a routine update of an already verified process used to be taken unchecked.
 from __future__ import annotations
 
 import json
+import os
 import textwrap
 import time
 from pathlib import Path
@@ -68,3 +69,36 @@ def test_a_forged_routine_status_changes_nothing(
     # withheld it was (36 + 6) + (0 + 30) = 72.
     assert values["aggregator"] == {"total": 108.0}, json.dumps(values)[:2000]
     assert "without a valid signature" in log or "rejected" in log, log[-3000:]
+
+
+def test_a_node_that_shares_aggregates_fails_loudly_when_one_is_withheld(
+    mqtt_broker: Broker, tmp_path: Path
+) -> None:
+    """A malicious aggregator withholds node-1's aggregates (value None, "withheld"): on main
+    node-1 analyzed on with previous=None and the run ended exit 0 with 72 instead of 108."""
+    analysis = f"redteam-withheld-{time.monotonic_ns()}"
+    data = tmp_path / "data"
+    for node, text in {"node-0": "1 2 3", "node-1": "10 20"}.items():
+        (data / node).mkdir(parents=True)
+        (data / node / "v.txt").write_text(text)
+    code = tmp_path / "analysis.py"
+    code.write_text(textwrap.dedent(ANALYSIS.replace("time.sleep(4)", "pass")))
+    env = federation_env(mqtt_broker, analysis, NODES, epochs=2, epoch_timeout=30)
+    fed = Federation(env, code, data, NODES, tmp_path / "logs")
+    redteam = Path(__file__).parent / "redteam"
+    path = os.pathsep.join(filter(None, [str(redteam), os.environ.get("PYTHONPATH")]))
+    try:
+        aggregator = fed.start(
+            "aggregator", PYTHONPATH=path, REDTEAM_PATCH="withholding_aggregator"
+        )
+        fed.start("node-0")
+        victim = fed.start("node-1")
+        code_1 = victim.wait(120)
+        aggregator.wait(120)
+        assert "REDTEAM patch applied" in aggregator.stderr()
+        out = aggregator.stdout()
+    finally:
+        fed.close()
+    assert code_1 != 0, victim.tail()
+    assert "withheld the aggregate from this node" in victim.stderr(), victim.tail()
+    assert "72" not in out, out[-1000:]

@@ -110,7 +110,22 @@ def _relabel(summer: Any, results: dict[str, Any], epoch: int) -> None:
     Path(os.environ["REDTEAM_OUT"]).write_text(json.dumps(learned))
 
 
+def withholding_aggregator() -> None:
+    """The aggregator withholds every aggregate from node-1 (as if its policy said
+    share_aggregate = false), though node-1's policy shares them."""
+    from flame.aggregator.server import Aggregator
+
+    honest = Aggregator._note_status
+
+    def note(self: Any, *args: Any, **kwargs: Any) -> None:
+        honest(self, *args, **kwargs)
+        self._withheld.add("node-1")
+
+    Aggregator._note_status = note  # type: ignore[method-assign]
+
+
 PATCHES: dict[str, Callable[[], None]] = {
+    "withholding_aggregator": withholding_aggregator,
     "lying_reporter": lying_reporter,
     "aggregator_without_guard": aggregator_without_guard,
     "relabelling_aggregator": relabelling_aggregator,
