@@ -427,7 +427,7 @@ def seal(
             assert opening is not None
             return _signed(encrypted, opening, keys, path, origin)
         if keys.signer is not None and origin is not None:  # decrypters re-add signed ones
-            from flame.secure.single_key import sign_contribution
+            from flame.secure.contributions import sign_contribution
 
             return sign_contribution(encrypted.to_bytes(), keys.signer, path, origin)
         return Sealed(SCHEME, encrypted.to_bytes())

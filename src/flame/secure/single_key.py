@@ -27,11 +27,11 @@ from typing import TYPE_CHECKING, Any
 
 from flame.errors import FlameError
 from flame.secure.contributions import (
+    SIGNED,
     InvalidContributionError,
-    Signer,
     Verifier,
     contribution_message,
-    pack_contribution,
+    sign_contribution,
     unpack_contribution,
 )
 from flame.secure.endorse import set_digest
@@ -56,20 +56,9 @@ __all__ = ["SIGNED", "SingleKeyDecrypter", "add_signed", "sign_contribution"]
 
 log = logging.getLogger(__name__)
 
-SIGNED = "paillier-s1"
-"""Sealed scheme of a signed single-key contribution: u16 signature length, signature, the
-vector's bytes."""
+
 TAG = "flame-single-key-guard"
 """The node-state tag of a single-key decrypter's ledger."""
-
-
-def sign_contribution(
-    vector: bytes, signer: Signer, path: str, origin: tuple[str, int, str]
-) -> Sealed:
-    """`vector` signed by this node for (analysis, epoch, field `path`, node)."""
-    analysis, epoch, node = origin
-    signature = signer(contribution_message(analysis, epoch, path, node, vector))
-    return Sealed(SIGNED, pack_contribution(signature, vector))
 
 
 def open_signed(
