@@ -2,7 +2,7 @@
 
 One writer for both, so the CLI and Python produce the same document, and `flame report`
 reads either. A failed run's document keeps the epochs that finished, the epoch it failed
-in (who answered and what they spent), the participants and `"failure"`.
+in (`"failed_epoch"`: who answered, what they spent), the participants and `"failure"`.
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ def manifest(
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "code_sha256": code,
         "participants": sorted(nodes | set(participants or ())),
+        "has_converged": getattr(functions, "converged", None) is not None,
     }
 
 
@@ -68,10 +69,7 @@ def failure_document(
     unfinished: EpochRecord | None = None,
 ) -> dict[str, Any]:
     """A failed run: the epochs that finished, the one it failed in, and who failed where."""
-    records = list(history)
-    if unfinished is not None and all(r.epoch != unfinished.epoch for r in records):
-        records.append(unfinished)
-    partial = RunResult(analysis_id, None, False, len(history), records)
+    partial = RunResult(analysis_id, None, False, len(history), list(history))
     failure = {
         "node": getattr(exc, "node", None),
         "epoch": getattr(exc, "epoch", None)
@@ -79,7 +77,12 @@ def failure_document(
         else (unfinished.epoch if unfinished is not None else None),
         "reason": str(exc),
     }
-    return {**run_document(partial, functions, participants), "failure": failure}
+    document = {**run_document(partial, functions, participants), "failure": failure}
+    if unfinished is not None and all(r.epoch != unfinished.epoch for r in history):
+        # who answered the epoch the run failed in (and what they spent): not in `history`,
+        # which holds the epochs that finished
+        document["failed_epoch"] = strict_json(unfinished.to_dict())
+    return document
 
 
 def write_document(path: Path, document: dict[str, Any]) -> None:
