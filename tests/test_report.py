@@ -413,3 +413,43 @@ def test_a_failed_runs_report_lists_its_participants_and_who_answered(tmp_path: 
         assert f'class="cell answered" data-node="{node}" data-epoch="0"' in html
     assert 'class="cell failed" data-node="d" data-epoch="0"' in html
     assert 'data-chart="privacy"' in html
+
+
+READABILITY_PROBE = """<script>
+const tops = (sel) => Array.from(document.querySelectorAll(sel))
+  .map(e => Math.round(e.getBoundingClientRect().top)).join(',');
+document.body.setAttribute('data-step-markers', tops('svg[data-field="step"] .marker'));
+document.body.setAttribute('data-privacy-lines', tops('svg[data-chart="privacy"] polyline'));
+document.body.setAttribute('data-dashes', Array.from(
+  document.querySelectorAll('svg[data-chart="privacy"] polyline'))
+  .map(e => getComputedStyle(e).strokeDasharray).join('|'));
+</script>"""
+
+
+def test_the_readability_fixes_hold_in_headless_chromium(tmp_path) -> None:
+    """Laid out by a browser: log-scale points are apart, overlapping series are apart."""
+    chromium = _chromium()
+    history = [
+        {"epoch": e, "nodes": ["a", "b"], "missing": [], "duration_s": 0.1,
+         "summary": {"step": s},
+         "privacy": {n: {"spend": {"epsilon": 0.5}} for n in ("a", "b")}}
+        for e, s in enumerate([6.4, 0.3, 2e-4, 5e-8, 7e-12])
+    ]  # fmt: skip
+    document = {
+        "history": history,
+        "failed_epoch": {"epoch": 5, "nodes": ["a"], "missing": ["b"]},
+        "failure": {"node": "b", "epoch": 5, "reason": "b stopped"},
+        "manifest": {"participants": ["a", "b"], "has_converged": True},
+    }
+    probe = tmp_path / "probe.html"
+    html = re.sub(r'<meta http-equiv="Content-Security-Policy"[^>]*>', "", render(document))
+    probe.write_text(html.replace("</body>", READABILITY_PROBE + "</body>"))
+    dom = _headless(chromium, tmp_path / "profile", "--dump-dom", probe.as_uri())
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    steps = [int(v) for v in re.search(r'data-step-markers="([\d,]+)"', dom.stdout)[1].split(",")]
+    assert len(steps) == 5 and all(b - a > 10 for a, b in itertools.pairwise(steps)), steps
+    lines = [int(v) for v in re.search(r'data-privacy-lines="([\d,]+)"', dom.stdout)[1].split(",")]
+    assert len(lines) == 2 and lines[0] != lines[1], lines
+    dashes = re.search(r'data-dashes="([^"]*)"', dom.stdout)[1].split("|")
+    assert len(set(dashes)) == 2, dashes
+    assert "11 of 12 results arrived" in dom.stdout
