@@ -371,6 +371,13 @@ def test_overlapping_series_are_told_apart() -> None:
     assert "<circle class=\"marker\"" in chart and "<rect class=\"marker\"" in chart
     legend = page.split('data-chart="privacy"')[0].rsplit('<div class="legend">', 1)[1]
     assert "stroke-dasharray" in legend and ">a</span>" in legend and ">b</span>" in legend
+    # c shares only its first epochs with a and b (it stopped): still drawn apart from both
+    history.append({"epoch": 3, "nodes": ["a", "b"], "missing": ["c"], "duration_s": 0.1,
+                    "privacy": {n: {"spend": {"epsilon": 0.5}} for n in ("a", "b")}})
+    for item in history[:3]:
+        item["privacy"]["c"] = {"spend": {"epsilon": 0.5}}
+    offsets = re.findall(r'data-series="(\w)" data-offset="([\d.]+)"', render({"history": history}))
+    assert len({offset for _, offset in offsets}) == 3, offsets
 
 
 def test_a_failed_runs_report_lists_its_participants_and_who_answered(tmp_path: Path) -> None:

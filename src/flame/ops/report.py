@@ -35,7 +35,16 @@ __all__ = ["load_run", "render", "write_report"]
 
 MAX_FIELDS = 24  # convergence charts on one page
 MAX_RESULT_CHARS = 50_000
-_KNOWN = {"analysis_id", "result", "converged", "epochs", "history", "location", "manifest"}
+_KNOWN = {
+    "analysis_id",
+    "result",
+    "converged",
+    "epochs",
+    "history",
+    "location",
+    "manifest",
+    "failed_epoch",  # drawn with the epochs (`_records`)
+}
 _HIGHLIGHT = re.compile(r"policy|privacy|dp|spend|budget|epsilon|delta", re.IGNORECASE)
 
 

@@ -213,12 +213,15 @@ def _line_chart(
         f'<text class="tick" x="{left + plot_w / 2:.1f}" y="{height - 8}" '
         f'text-anchor="middle">{"epoch · log scale" if log else "epoch"}</text>'
     )
-    seen: dict[tuple[tuple[float, float], ...], int] = {}  # drawn points -> series on them
+    placed: list[tuple[set[tuple[float, float]], int]] = []  # (points, offset) drawn so far
     for i, (name, values) in enumerate(series.items()):
         color, dash, marker = _style(i)
-        drawn = tuple((round(px(x), 1), round(py(y), 1)) for x, y in values)
-        shift = OVERLAP_OFFSET * seen.get(drawn, 0)  # the same line again: a little lower
-        seen[drawn] = seen.get(drawn, 0) + 1
+        drawn = [(round(px(x), 1), round(py(y), 1)) for x, y in values]
+        # a series sharing points with earlier ones goes a little lower than each of them
+        taken = {k for points, k in placed if points.intersection(drawn)}
+        rank = next(k for k in range(len(placed) + 1) if k not in taken)
+        placed.append((set(drawn), rank))
+        shift = OVERLAP_OFFSET * rank
         coords = " ".join(f"{x:.1f},{y + shift:.1f}" for x, y in drawn)
         dashed = f' stroke-dasharray="{dash}"' if dash else ""
         parts.append(
