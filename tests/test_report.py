@@ -132,6 +132,7 @@ def test_report_by_analysis_id_reads_the_stored_run(run, tmp_path) -> None:
     manifest = json.loads((store / "report-run" / "final" / "manifest.json").read_text())
     assert manifest["code_sha256"] in page
     assert 'data-field="mean"' in page and 'class="cell missing" data-node="c"' in page
+    assert 'data-chart="aggregate"' in page and "<th>converged</th>" not in page  # none given
     document = load_run("report-run", config=load_config(storage={"results_dir": store}))
     assert [h["missing"] for h in document["history"]] == [[], ["c"], []]
 
