@@ -277,6 +277,7 @@ def open_run_store(
         "code_sha256": code if code is not None else code_hash(functions),
         "roster_sha256": _roster_fingerprint(config),
         "participants": list(config.participants),
+        "has_converged": functions.converged is not None,  # a report's "converged" means it
         "config": config.public_dict(),
         "params": dict(config.params),
     }

@@ -776,6 +776,24 @@ class Aggregator:
             except Exception as exc:  # a broken display must not break the run
                 log.warning("progress handler failed: %s", exc)
 
+    def epoch_so_far(self) -> EpochRecord | None:
+        """The epoch in progress as far as it got (who answered, arrivals, privacy spends):
+        a failed run's report shows it, since no record of it was finished."""
+        if self._epoch < 0:
+            return None
+        answered = sorted(self._arrivals)
+        return EpochRecord(
+            epoch=self._epoch,
+            nodes=answered,
+            missing=[n for n in self.participants if n not in self._arrivals],
+            started=0.0,
+            duration=0.0,
+            converged=False,
+            arrivals=dict(self._arrivals),
+            privacy=dict(self._privacy),
+            result_bytes=dict(self._result_bytes),
+        )
+
 
 def _size(envelope: Envelope) -> int:
     """Bytes of a message in flame's wire encoding (its arrays are not copied): as received
