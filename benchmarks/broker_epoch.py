@@ -18,6 +18,8 @@ Prints, from one run:
      multiple of the payload (target <= 2x);
   6. (below 5) the 10-node epoch signed (Ed25519 identities and a roster) vs unsigned, in the
      same run, with the per-message signing and verification cost (`--only-signed`: just this).
+  7. (after 6) an incoming retained status verified (every one is) vs the unsigned baseline
+     and a republished one (cached by digest), same run, as a ratio (`--only-status`).
   5. `analyze` in its isolated child process vs in the node's own process: the added time per
      epoch with a tiny result (target <= 20 ms) and, for a large numpy result, the node
      runtime's peak RSS growth against the in-process run's (target <= 1.2x; the array comes
@@ -171,7 +173,11 @@ def child_raw_node(url: str, tag: str, index: int) -> None:
             c.publish(f"bench/{tag}/agg", b"%d" % index + message.payload[:48], qos=1)
 
     client.on_message = on_message
+    ready = threading.Event()
+    client.on_subscribe = lambda *args: ready.set()
     client.subscribe(f"bench/{tag}/all", qos=1)
+    ready.wait(60)
+    client.publish(f"bench/{tag}/ready", b"%d" % index, qos=1)  # subscribed: kick off
     done.wait(600)
     client.disconnect()
     client.loop_stop()
@@ -194,10 +200,19 @@ def raw_epochs(url: str, nodes: int, epochs: int) -> list[float]:
         if answers == nodes:
             all_in.set()
 
+    ready: set[bytes] = set()
+    all_ready = threading.Event()
+
+    def on_ready(c: Any, u: Any, message: mqtt.MQTTMessage) -> None:
+        ready.add(bytes(message.payload))
+        if len(ready) == nodes:
+            all_ready.set()
+
     aggregator.on_message = on_message
+    aggregator.message_callback_add(f"bench/{tag}/ready", on_ready)
     subscribed = threading.Event()
     aggregator.on_subscribe = lambda *args: subscribed.set()
-    aggregator.subscribe(f"bench/{tag}/agg", qos=1)
+    aggregator.subscribe([(f"bench/{tag}/agg", 1), (f"bench/{tag}/ready", 1)])
     subscribed.wait(10)
     workers = [
         subprocess.Popen([sys.executable, script, "--child-raw-node", url, tag, str(i)])
@@ -205,7 +220,8 @@ def raw_epochs(url: str, nodes: int, epochs: int) -> list[float]:
     ]
     starts: list[float] = []
     try:
-        time.sleep(1.0 + 0.1 * nodes)  # every node connected and subscribed
+        if not all_ready.wait(120):  # every node connected and subscribed (slow under load)
+            raise SystemExit(f"raw epoch: only {len(ready)} of {nodes} nodes subscribed")
         for _ in range(epochs):
             all_in.clear()
             answers = 0
@@ -635,6 +651,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--child-isolation", nargs=3, help=argparse.SUPPRESS)
     parser.add_argument("--only-isolation", action="store_true", help="just row 5 (no broker)")
+    parser.add_argument(
+        "--only-status", action="store_true", help="just row 7: verifying statuses (no broker)"
+    )
     args = parser.parse_args(argv)
     if args.child_isolation:
         mode, size, count = args.child_isolation
@@ -661,6 +680,9 @@ def main(argv: list[str] | None = None) -> None:
     payload_mb = args.payload_mb or (10 if args.quick else 100)
     if args.only_isolation:
         report_isolation(payload_mb, rounds)
+        return
+    if args.only_status:
+        report_status_cost()
         return
     with mosquitto() if args.broker is None else _given(args.broker) as url:
         if args.only_signed:
@@ -746,6 +768,59 @@ def verify_cost(count: int = 2000) -> tuple[float, float]:
     return statistics.median(signs), statistics.median(opens)
 
 
+def status_cost(count: int = 3000) -> dict[str, float]:
+    """Seconds per incoming status at a receiver (median of `count`), same run: every status
+    signature-verified (what flame does since issue 21: no status is trusted unchecked), the
+    same status republished unchanged (the digest cache), and the unsigned baseline (parse
+    and order only: what the old unchecked "routine" path cost)."""
+    from flame.identity import Authenticator, Identity, Member, Roster
+    from flame.testing import MemoryBroker
+    from flame.transport.memory import MemoryTransport
+
+    node, aggregator = Identity.generate("n0000"), Identity.generate("aggregator")
+    roster = Roster(
+        [
+            Member("n0000", "analysis", node.public_text),
+            Member("aggregator", "aggregation", aggregator.public_text),
+        ]
+    )
+    broker = MemoryBroker()
+    sender = MemoryTransport(broker, "bench", "n0000", auth=Authenticator(node, roster))
+    signed_rx = MemoryTransport(
+        broker, "bench", "aggregator", auth=Authenticator(aggregator, roster)
+    )
+    plain_rx = MemoryTransport(broker, "bench", "aggregator")
+    status = {"state": "computing", "role": "analysis", "session": "s", "epoch": 3}
+    payloads = [
+        json.dumps(sender.sign_status({**status, "progress": i / count})).encode()
+        for i in range(count)
+    ]
+    times: dict[str, list[float]] = {"verified": [], "republished": [], "unsigned": []}
+    for payload in payloads:
+        for name, receiver in (("unsigned", plain_rx), ("verified", signed_rx)):
+            started = time.perf_counter()
+            assert receiver.status_envelope("n0000", payload) is not None
+            times[name].append(time.perf_counter() - started)
+        started = time.perf_counter()
+        signed_rx.status_envelope("n0000", payload)  # the same bytes again: cached
+        times["republished"].append(time.perf_counter() - started)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def report_status_cost() -> None:
+    cost = status_cost()
+    extra = cost["verified"] - cost["unsigned"]
+    print(
+        f"7. an incoming status at the receiver, median: verified {cost['verified'] * 1e6:.0f} "
+        f"us vs unsigned baseline {cost['unsigned'] * 1e6:.0f} us = "
+        f"{cost['verified'] / cost['unsigned']:.1f}x (republished unchanged, cached: "
+        f"{cost['republished'] * 1e6:.0f} us); at ~3 statuses per node per epoch, verifying "
+        f"every status adds ~{extra * 3 * 1000 * 1000:.0f} ms per epoch to the aggregator of "
+        f"1,000 nodes (~{extra * 3 * 10 * 1000:.2f} ms at 10 nodes; row 6's signed epoch "
+        "includes it)"
+    )
+
+
 def report_signed(url: str, rounds: int, nodes: int = 10, epochs: int = 61) -> None:
     """Signed vs unsigned 10-node epochs in the same run (alternating, to share the noise).
     61 epochs per run: a run spans several status intervals (0.25 s), so the coalesced
@@ -787,6 +862,7 @@ def report_signed(url: str, rounds: int, nodes: int = 10, epochs: int = 61) -> N
         f"signed {statistics.median(collect[True]) / (2 * raw_median):.2f}x, unsigned "
         f"{statistics.median(collect[False]) / (2 * raw_median):.2f}x two raw round trips"
     )
+    report_status_cost()
 
 
 def report_isolation(payload_mb: int, rounds: int) -> None:

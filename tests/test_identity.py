@@ -314,33 +314,6 @@ def test_roster_cli_and_identity_cli(tmp_path: Path) -> None:
     assert Roster.load(roster).get("clinic-a") is not None
 
 
-def test_a_node_answers_one_decryption_request_per_epoch_and_field() -> None:
-    """A second request for the same (epoch, field), even properly signed by the aggregator
-    and with another contributor set, is refused: Sum{A,B,C} - Sum{B,C} = A."""
-    from flame.node.runtime import AnalysisClient
-    from flame.wire.envelope import Sealed
-
-    roster, ids = make_roster()
-    transport = MemoryTransport(
-        MemoryBroker(), "s", "alpha", auth=Authenticator(ids["alpha"], roster)
-    )
-    client = AnalysisClient(transport, aggregator_id="aggregator", participants=NODES)
-    sums = {"total": Sealed("paillier", b"x")}
-
-    def request(epoch: int, who: list[str]) -> Envelope:
-        return Envelope("s", "aggregator", "alpha", "message", epoch,
-                        {"sums": sums, "contributors": {"total": who}})  # fmt: skip
-
-    assert client._decrypt_refusal(request(0, ["alpha", "beta", "gamma"])) is None
-    second = client._decrypt_refusal(request(0, ["alpha", "beta"]))
-    assert second is not None and "already answered a decryption request for 'total'" in second
-    assert client._decrypt_refusal(request(1, ["alpha", "beta", "gamma"])) is None  # next epoch
-    stranger = client._decrypt_refusal(request(2, ["alpha", "zed"]))
-    assert stranger is not None and "not analysis members of the roster: zed" in stranger
-    twice = client._decrypt_refusal(request(3, ["alpha", "alpha"]))
-    assert twice is not None and "distinct" in twice
-
-
 def test_key_hygiene(tmp_path: Path) -> None:
     """Loose key files are refused (not warned about); a JWT without any signature check is
     'not signature-checked', never 'valid'; a JWKS URL must be https."""

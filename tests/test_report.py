@@ -9,6 +9,7 @@ kept under pytest's tmp folder (its path is printed).
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -131,6 +132,7 @@ def test_report_by_analysis_id_reads_the_stored_run(run, tmp_path) -> None:
     manifest = json.loads((store / "report-run" / "final" / "manifest.json").read_text())
     assert manifest["code_sha256"] in page
     assert 'data-field="mean"' in page and 'class="cell missing" data-node="c"' in page
+    assert 'data-chart="aggregate"' in page and "<th>converged</th>" not in page  # none given
     document = load_run("report-run", config=load_config(storage={"results_dir": store}))
     assert [h["missing"] for h in document["history"]] == [[], ["c"], []]
 
@@ -312,3 +314,150 @@ def test_a_huge_run_draws_only_its_last_epochs() -> None:
     page = render({"history": history})
     assert page.count('class="cell answered"') == 500 * 40  # 20,000 cells at most
     assert "the last 40 of 100 epochs are drawn" in page
+
+
+# ------------------------------------------------------------------ readability (issue 23)
+
+
+def _charts(page: str, kind: str) -> list[str]:
+    return re.findall(rf'<svg class="chart" data-chart="{kind}"[^>]*>.*?</svg>', page, re.S)
+
+
+def test_a_series_spanning_decades_is_drawn_on_a_log_scale() -> None:
+    steps = [6.4, 0.3, 2e-4, 5e-8, 7e-12]
+    history = [
+        {"epoch": e, "nodes": ["a"], "missing": [], "duration_s": 0.1,
+         "summary": {"step": s, "loss": 1.0 + e / 10}}
+        for e, s in enumerate(steps)
+    ]  # fmt: skip
+    page = render({"history": history, "manifest": {"has_converged": True}})
+    step = next(c for c in _charts(page, "convergence") if 'data-field="step"' in c)
+    loss = next(c for c in _charts(page, "convergence") if 'data-field="loss"' in c)
+    assert 'data-scale="log"' in step and 'data-scale="linear"' in loss
+    ys = [float(y) for y in re.findall(r'<circle class="marker" cx="[\d.]+" cy="([\d.]+)"', step)]
+    gaps = [b - a for a, b in itertools.pairwise(ys)]  # each epoch visibly lower
+    assert min(gaps) > 15, gaps
+    assert "1.000e-11" in step and "epoch · log scale" in step
+
+
+def test_no_convergence_charts_for_one_epoch_or_an_analysis_without_converged() -> None:
+    one = [{"epoch": 0, "nodes": ["a"], "missing": [], "duration_s": 0.1, "summary": {"m": 2.0}}]
+    page = render({"history": one, "converged": False, "manifest": {"has_converged": False}})
+    assert not _charts(page, "convergence") and not _charts(page, "aggregate")
+    assert "nothing to chart over epochs" in page
+    assert "converged" not in page.split('id="convergence"')[0].split('id="timeline"')[1]
+    assert "<th>converged</th>" not in page  # not "converged False": it had no converged
+    three = [{**one[0], "epoch": e, "summary": {"m": 2.0 + e}} for e in range(3)]
+    page = render({"history": three, "converged": False, "manifest": {"has_converged": False}})
+    assert not _charts(page, "convergence") and len(_charts(page, "aggregate")) == 1
+    assert "The aggregate per epoch" in page and "<th>converged</th>" not in page
+    page = render({"history": three, "converged": True, "manifest": {"has_converged": True}})
+    assert len(_charts(page, "convergence")) == 1 and "<th>converged</th>" in page
+
+
+def test_overlapping_series_are_told_apart() -> None:
+    history = [
+        {"epoch": e, "nodes": ["a", "b"], "missing": [], "duration_s": 0.1,
+         "privacy": {n: {"spend": {"epsilon": 0.5}} for n in ("a", "b")}}
+        for e in range(3)
+    ]  # fmt: skip
+    page = render({"history": history})
+    chart = _charts(page, "privacy")[0]
+    lines = re.findall(r'<polyline class="series" data-series="(\w)" data-offset="([\d.]+)"'
+                       r'[^>]*?(?: stroke-dasharray="([^"]+)")? points="([^"]+)"', chart)
+    assert [name for name, *_ in lines] == ["a", "b"]
+    (_, off_a, dash_a, pts_a), (_, off_b, dash_b, pts_b) = lines
+    assert pts_a != pts_b and float(off_b) > float(off_a)  # same values, drawn apart
+    assert dash_a != dash_b  # and with their own dash pattern
+    assert "<circle class=\"marker\"" in chart and "<rect class=\"marker\"" in chart
+    legend = page.split('data-chart="privacy"')[0].rsplit('<div class="legend">', 1)[1]
+    assert "stroke-dasharray" in legend and ">a</span>" in legend and ">b</span>" in legend
+    # c shares only its first epochs with a and b (it stopped): still drawn apart from both
+    history.append({"epoch": 3, "nodes": ["a", "b"], "missing": ["c"], "duration_s": 0.1,
+                    "privacy": {n: {"spend": {"epsilon": 0.5}} for n in ("a", "b")}})
+    for item in history[:3]:
+        item["privacy"]["c"] = {"spend": {"epsilon": 0.5}}
+    offsets = re.findall(r'data-series="(\w)" data-offset="([\d.]+)"', render({"history": history}))
+    assert len({offset for _, offset in offsets}) == 3, offsets
+
+
+def test_a_failed_runs_report_lists_its_participants_and_who_answered(tmp_path: Path) -> None:
+    """Three nodes answer epoch 0 and are charged ε; the fourth fails in it afterwards."""
+    analysis = tmp_path / "analysis.py"
+    analysis.write_text(
+        "import time\nimport flame\n\n"
+        "def analyze(data, epoch):\n"
+        "    if data.node_id == 'd':\n"
+        "        time.sleep(2.0)\n"
+        "        raise ValueError('d gives up')\n"
+        "    return {'n': flame.dp.count('v', epsilon=0.5)}\n\n"
+        "def aggregate(results):\n"
+        "    return {'n': sum(r['n'] for r in results.values())}\n"
+    )
+    (tmp_path / "policy.toml").write_text(
+        f'epsilon_budget = 3.0\nledger_dir = "{tmp_path / "ledger"}"\n'
+    )
+    for node in "abcd":
+        (tmp_path / "data" / node).mkdir(parents=True)
+        (tmp_path / "data" / node / "x.csv").write_text("v\n1\n2\n3\n")
+    output = tmp_path / "failed.json"
+    failed = subprocess.run(
+        [sys.executable, "-m", "flame", "simulate", analysis, "--data", tmp_path / "data",
+         "--policy", tmp_path / "policy.toml", "--output", output, "--in-process", "--quiet"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert failed.returncode == 1 and "d gives up" in failed.stderr, failed.stderr
+    document = json.loads(output.read_text())
+    assert document["manifest"]["participants"] == ["a", "b", "c", "d"]
+    assert document["history"] == [] and document["failure"]["node"] == "d"
+    answered = document["failed_epoch"]
+    assert answered["epoch"] == 0 and answered["nodes"] == ["a", "b", "c"]
+    assert {n: r["spend"]["epsilon"] for n, r in answered["privacy"].items()} == {
+        "a": 0.5, "b": 0.5, "c": 0.5
+    }
+    html = render(load_run(output))
+    assert "<span>4 node(s)</span>" in html and "3 of 4 results arrived" in html
+    for node in "abc":
+        assert f'class="cell answered" data-node="{node}" data-epoch="0"' in html
+    assert 'class="cell failed" data-node="d" data-epoch="0"' in html
+    assert 'data-chart="privacy"' in html
+
+
+READABILITY_PROBE = """<script>
+const tops = (sel) => Array.from(document.querySelectorAll(sel))
+  .map(e => Math.round(e.getBoundingClientRect().top)).join(',');
+document.body.setAttribute('data-step-markers', tops('svg[data-field="step"] .marker'));
+document.body.setAttribute('data-privacy-lines', tops('svg[data-chart="privacy"] polyline'));
+document.body.setAttribute('data-dashes', Array.from(
+  document.querySelectorAll('svg[data-chart="privacy"] polyline'))
+  .map(e => getComputedStyle(e).strokeDasharray).join('|'));
+</script>"""
+
+
+def test_the_readability_fixes_hold_in_headless_chromium(tmp_path) -> None:
+    """Laid out by a browser: log-scale points are apart, overlapping series are apart."""
+    chromium = _chromium()
+    history = [
+        {"epoch": e, "nodes": ["a", "b"], "missing": [], "duration_s": 0.1,
+         "summary": {"step": s},
+         "privacy": {n: {"spend": {"epsilon": 0.5}} for n in ("a", "b")}}
+        for e, s in enumerate([6.4, 0.3, 2e-4, 5e-8, 7e-12])
+    ]  # fmt: skip
+    document = {
+        "history": history,
+        "failed_epoch": {"epoch": 5, "nodes": ["a"], "missing": ["b"]},
+        "failure": {"node": "b", "epoch": 5, "reason": "b stopped"},
+        "manifest": {"participants": ["a", "b"], "has_converged": True},
+    }
+    probe = tmp_path / "probe.html"
+    html = re.sub(r'<meta http-equiv="Content-Security-Policy"[^>]*>', "", render(document))
+    probe.write_text(html.replace("</body>", READABILITY_PROBE + "</body>"))
+    dom = _headless(chromium, tmp_path / "profile", "--dump-dom", probe.as_uri())
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    steps = [int(v) for v in re.search(r'data-step-markers="([\d,]+)"', dom.stdout)[1].split(",")]
+    assert len(steps) == 5 and all(b - a > 10 for a, b in itertools.pairwise(steps)), steps
+    lines = [int(v) for v in re.search(r'data-privacy-lines="([\d,]+)"', dom.stdout)[1].split(",")]
+    assert len(lines) == 2 and lines[0] != lines[1], lines
+    dashes = re.search(r'data-dashes="([^"]*)"', dom.stdout)[1].split("|")
+    assert len(set(dashes)) == 2, dashes
+    assert "11 of 12 results arrived" in dom.stdout

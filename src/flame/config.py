@@ -189,7 +189,7 @@ class SecureAggregationSettings(_Section):
     )
     allow_changing_contributors: bool = Field(
         False,
-        description="threshold mode: decrypt sums of a field over changing contributor sets "
+        description="decrypt sums of a field over changing contributor sets (both key modes) "
         "(off: the first sum fixes the set, so sums cannot be differenced)",
     )
 

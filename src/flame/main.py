@@ -203,6 +203,12 @@ def _run(
 
         masking = MaskingSettings.from_settings(config.secure)
     keys = secure_keys(config, role) if masking is None else None
+    if keys is not None and keys.private_key is not None:
+        log.warning(
+            "single-key secure aggregation: this node holds the one private key, so any one "
+            "key holder can decrypt every node's secure values it sees; threshold keys "
+            "(`flame keys generate --threshold`) are the production mode"
+        )
     from flame.identity import for_config
 
     auth = for_config(config, node_id)

@@ -14,17 +14,19 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from flame.aggregator.records import EventSink, RunResult, RunStore
+from flame.aggregator.records import EpochRecord, Event, EventSink, RunResult, RunStore
 from flame.aggregator.run_store import code_hash, open_node_state, open_run_store
 from flame.aggregator.server import Aggregator
 from flame.analysis.functions import AnalysisFunctions
 from flame.config import FlameConfig, load_config
 from flame.data import Data, LocalSource, MemorySource
-from flame.errors import DataError, FlameError, RunFailed
+from flame.errors import ConfigError, DataError, FlameError, RunFailed, RunTimeout
 from flame.isolation.child import refuse_nested_run
 from flame.node.runtime import AnalysisClient
+from flame.ops.run_output import failure_document, run_document, write_document
 from flame.privacy.policy import NodePolicy, load_policy
 from flame.secure.fields import SecureKeys
+from flame.secure.simulation_keys import SecureMode, parse_secure, simulation_keys
 from flame.transport.base import Transport
 from flame.transport.memory import MemoryBroker, MemoryTransport
 from flame.utils import logs as _logging
@@ -100,24 +102,33 @@ def simulate(
     aggregate: Callable[..., Any],
     converged: Callable[..., Any] | None = None,
     *,
-    data: DataSpec,
+    data: DataSpec | None = None,
+    nodes: str | Path | None = None,
+    params: Mapping[str, Any] | None = None,
     epochs: int | None = None,
     seed: int | None = None,
     config: FlameConfig | None = None,
     broker: MemoryBroker | TransportFactory | None = None,
     on_event: EventSink | None = None,
     store: RunStore | None = None,
-    secure: bool = False,
+    secure: bool | str = False,
     isolate: bool = False,
     policy: PolicySpec | Mapping[str, PolicySpec] | None = None,
+    output: str | Path | None = None,
 ) -> RunResult:
     """Run `analyze` on every node's data and `aggregate` once per epoch; return the result.
 
     `data` is a folder with one sub-folder per node (the folder name is the node id) or a
-    mapping of node id to a folder, a `{file name: content}` mapping, or a `Data` handle.
-    FLAME_* variables apply (epochs, timeouts, quorum, seed); arguments given here win.
+    mapping of node id to a folder, a `{file name: content}` mapping, or a `Data` handle;
+    or instead `nodes`, a nodes file (TOML: each node's own sources, as `flame simulate
+    --nodes`). `params` are the run parameters of `flame.context().params` (over
+    FLAME_PARAMS, as `--param`). FLAME_* variables apply (epochs, timeouts, quorum, seed);
+    arguments given here win.
     `secure=True` (or FLAME_SECURE__ENABLED) sums `flame.secure(...)` values under
-    Paillier encryption, with the configured key files or a throwaway key pair.
+    Paillier encryption, with the configured key files or a throwaway key pair;
+    `secure="threshold"` or `"threshold:T"` deals throwaway threshold shares, one per node,
+    any T of which decrypt (default T: a majority).
+    `output` writes the run as JSON (`flame report` renders it), also when the run fails.
     `policy` is the node policy (a `NodePolicy` or a policy file) for every node, or a
     mapping node id -> policy; default: FLAME_POLICY's file, if set.
     `isolate=True` runs each node's `analyze` in a child process as on a production node
@@ -132,14 +143,30 @@ def simulate(
         problem = not_isolable(functions.analyze)
         if problem:
             raise FlameError(problem)
-    nodes = node_data(data)
+    mode = parse_secure(secure)
+    if (data is None) == (nodes is None):
+        raise FlameError("give flame.simulate either data= or nodes= (a nodes file), not both")
+    if nodes is not None:
+        from flame.ops.nodes_file import load_nodes
+
+        handles = load_nodes(Path(nodes))
+    else:
+        assert data is not None
+        handles = node_data(data)
     if config is None:
         config = load_config(epochs=epochs, seed=seed)
     else:
         changes = {k: v for k, v in {"epochs": epochs, "seed": seed}.items() if v is not None}
         config = config.model_copy(update=changes) if changes else config
-    participants = sorted(nodes)
-    if config.aggregator_id in nodes:
+    if params:
+        if not all(isinstance(key, str) and key for key in params):
+            raise FlameError("params: keys must be non-empty strings")
+        config = config.model_copy(update={"params": {**config.params, **params}})
+    out = None if output is None else Path(output)
+    if out is not None and not out.parent.is_dir():
+        raise FlameError(f"output {out}: folder {out.parent} does not exist")
+    participants = sorted(handles)
+    if config.aggregator_id in handles:
         raise DataError(f"a node may not be named {config.aggregator_id!r} (the aggregator's id)")
     if config.quorum is not None and config.quorum > len(participants):
         raise FlameError(
@@ -153,18 +180,26 @@ def simulate(
     except OSError:  # compares. Functions typed into a notebook cell have no source file.
         code = None
     connect = _signed(_transport_factory(broker, config), auths)
+    if mode is None and config.secure.enabled:
+        mode = SecureMode()
     masking = None
-    if (secure or config.secure.enabled) and config.secure.scheme == "masking":
-        from flame.secure.masking import MaskingSettings  # no keys: fresh ones every sum
+    if mode is not None and config.secure.scheme == "masking":  # no keys: fresh every sum
+        if mode.threshold:
+            raise ConfigError(
+                "secure='threshold' and FLAME_SECURE__SCHEME=masking exclude each other: "
+                "masking needs no keys (its threshold is FLAME_SECURE__MASKING_THRESHOLD)"
+            )
+        from flame.secure.masking import MaskingSettings
 
         masking = MaskingSettings.from_settings(config.secure)
-    paillier = masking is None and (secure or config.secure.enabled)
-    keys = _simulation_keys(config) if paillier else None
+    paillier = mode is not None and masking is None
+    keys = simulation_keys(config, mode, participants) if paillier and mode else None
     if keys is not None:  # contributions signed, checked against the throwaway roster
         keys.verifier = auths[config.aggregator_id].roster.verifier("analysis")
     secrets = config.secrets()
     policies = node_policies(policy if policy is not None else config.policy, participants)
     failures: dict[str, BaseException] = {}
+    history: list[EpochRecord] = []  # finished epochs, for `output` when the run fails
 
     def run_node(node: str) -> None:
         _logging.set_node(node)
@@ -186,7 +221,7 @@ def simulate(
         )
         client.context.params = dict(config.params)
         try:
-            client.run(functions, nodes[node])
+            client.run(functions, handles[node])
         except BaseException as exc:  # recorded; the aggregator reports the run's outcome
             failures[node] = exc
             log.debug("node %s stopped: %s", node, exc)
@@ -206,7 +241,7 @@ def simulate(
         store=store
         if store is not None
         else open_run_store(config, functions, config.aggregator_id),
-        on_event=on_event,
+        on_event=_recording(history, on_event),
         seed=config.seed,
         secrets=secrets,
         keys=None if keys is None else keys.public_only(),
@@ -218,9 +253,21 @@ def simulate(
         thread.start()
     try:
         result = aggregator.execute()
-    except RunFailed as failed:
-        hint = _budget_hint(failed, policies)
-        if not hint:
+    except (RunFailed, RunTimeout) as failed:
+        if out is not None:
+            write_document(
+                out,
+                failure_document(
+                    failed,
+                    config.analysis_id,
+                    history,
+                    functions,
+                    participants,
+                    aggregator.epoch_so_far(),
+                ),
+            )
+        hint = _budget_hint(failed, policies) if isinstance(failed, RunFailed) else ""
+        if not hint or not isinstance(failed, RunFailed):
             raise
         raise RunFailed(
             f"{failed.reason}; {hint}",
@@ -237,7 +284,21 @@ def simulate(
     for node, exc in failures.items():
         if not isinstance(exc, RunFailed):
             raise RunFailed(f"node {node!r} failed: {exc}", node=node) from exc
+    if out is not None:
+        write_document(out, run_document(result, functions, participants))
     return result
+
+
+def _recording(history: list[EpochRecord], then: EventSink | None) -> EventSink:
+    """Keep each finished epoch's record, and pass every event on."""
+
+    def sink(event: Event) -> None:
+        if event.kind == "epoch_finished" and event.record is not None:
+            history.append(event.record)
+        if then is not None:
+            then(event)
+
+    return sink
 
 
 def _budget_hint(exc: RunFailed, policies: Mapping[str, NodePolicy]) -> str:
@@ -250,35 +311,6 @@ def _budget_hint(exc: RunFailed, policies: Mapping[str, NodePolicy]) -> str:
     return (
         f"the simulated nodes' spends are kept in {policy.ledger_dir} (the policy's "
         "ledger_dir): delete that folder to reset the budget"
-    )
-
-
-def _simulation_keys(config: FlameConfig) -> SecureKeys:
-    """The configured keys, or a throwaway pair that lives only in this process."""
-    if config.secure.private_key_file is not None:
-        return SecureKeys.from_settings(config.secure, role="analysis")
-    if config.secure.public_key_file is not None:
-        keys = SecureKeys.from_settings(config.secure, role="aggregation")
-        if keys.threshold is not None:  # every node's share-<node>.json beside the public key
-            from flame.protocols.paillier.threshold_files import load_key_share, share_file_name
-
-            folder = Path(config.secure.public_key_file).parent
-            keys.shares = {
-                node: load_key_share(folder / share_file_name(node), node_id=node)
-                for node, _ in keys.threshold.members
-            }
-            return keys
-    from flame.protocols.paillier import generate_keypair
-
-    log.info("secure simulation: generating a throwaway 2048-bit key pair")
-    public, private = generate_keypair(2048)
-    return SecureKeys(
-        public,
-        private,
-        SecureKeys.spec_of(config.secure),
-        config.secure.min_contributors,
-        config.secure.obfuscation,
-        config.secure.confirm_fraction,
     )
 
 

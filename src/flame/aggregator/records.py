@@ -105,7 +105,8 @@ def numeric_summary(value: Any, limit: int = SUMMARY_FIELDS) -> dict[str, float]
             if getattr(item, "ndim", 0) == 0:
                 walk(item.item(), path)
             elif size <= SUMMARY_ARRAY:
-                for i, sub in enumerate(item.reshape(-1).tolist()):
+                flat = item.to_numpy() if hasattr(item, "to_numpy") else item  # a pandas Series
+                for i, sub in enumerate(flat.reshape(-1).tolist()):
                     walk(sub, f"{path}[{i}]")
             return
         if isinstance(item, (int, float)):

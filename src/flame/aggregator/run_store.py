@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "MemoryState",
+    "forwarded_logs_key",
     "NodeState",
     "StorageRunStore",
     "code_hash",
@@ -42,6 +43,11 @@ _T = TypeVar("_T")
 
 def _record(data: dict[str, Any]) -> EpochRecord:
     return EpochRecord.from_dict(data)
+
+
+def forwarded_logs_key(analysis_id: str) -> str:
+    """Where the aggregator keeps the nodes' forwarded log lines of a run."""
+    return f"{AnalysisLayout(analysis_id).root}logs/forwarded.json"
 
 
 class StorageRunStore:
@@ -168,6 +174,12 @@ class StorageRunStore:
         self.store.put_json(key, {**record, "code_sha256": self.provenance.get("code_sha256")})
         return key
 
+    def save_logs(self, lines: list[str]) -> None:
+        """The nodes' latest forwarded log lines, kept with the run (`flame status --logs`):
+        readable with the storage credentials, never from the broker. One attempt."""
+        key = forwarded_logs_key(self.layout.analysis_id)
+        self.store.put_json(key, {"lines": lines, "saved": time.time()})
+
 
 class NodeState:
     """The analyst's `context().save/load` on this node's own storage."""
@@ -265,6 +277,7 @@ def open_run_store(
         "code_sha256": code if code is not None else code_hash(functions),
         "roster_sha256": _roster_fingerprint(config),
         "participants": list(config.participants),
+        "has_converged": functions.converged is not None,  # a report's "converged" means it
         "config": config.public_dict(),
         "params": dict(config.params),
     }

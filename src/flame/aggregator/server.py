@@ -45,9 +45,10 @@ from flame.node.mailbox import Mailbox
 from flame.node.status_board import STATUS_INTERVAL, StatusBoard
 from flame.privacy.disclosure import reveal_suppressed, unwrap_release
 from flame.privacy.tracebacks import trim_traceback_text
-from flame.secure.fields import SecureKeys, SecureSummer
+from flame.secure.fields import SecureKeys
 from flame.secure.masking import MaskingSettings
 from flame.secure.masking_sum import MaskingSummer
+from flame.secure.summer import SecureSummer
 from flame.transport.base import Delivery, Transport
 from flame.utils import logs as _logging
 from flame.utils.deadline import Deadline
@@ -61,7 +62,8 @@ node_log = logging.getLogger("flame.node_logs")  # lines the nodes forwarded (po
 
 NOT_PARTICIPANT = "not_participant"  # an abort's code (the analysis client's constant)
 _SEND_TIMEOUT = 5.0  # seconds for an abort or ack: a dead broker must not delay the exit
-_STATUS_LOG_LINES = 40  # forwarded node log lines kept in the retained status
+_KEPT_LOG_LINES = 500  # forwarded node log lines kept with the run (storage), latest
+_LOG_SAVE_EVERY = 5.0  # seconds between writes of the forwarded lines to storage
 _ACK_DELAY = 0.2  # seconds a result waits for its epoch to complete before an explicit ack
 _FAREWELL = 5.0  # seconds to see the nodes take `finished` (re-sent after a lost session)
 _SETTLE_SLACK = 0.25  # seconds beyond the status interval for a node's last status to arrive
@@ -140,7 +142,9 @@ class Aggregator:
         self._unacked: list[tuple[float, Envelope]] = []  # (due, result) acks not sent yet
         self._late_acks: threading.Timer | None = None  # acks for a slow aggregate (see below)
         self._delivery: Delivery | None = None  # the kick-off until the broker accepted it all
-        self._logs: deque[str] = deque(maxlen=_STATUS_LOG_LINES)
+        self._logs: deque[str] = deque(maxlen=_KEPT_LOG_LINES)
+        self._logs_saved = 0.0  # monotonic time of the last write to storage
+        self._logs_new = False  # lines arrived since then
         self._arrivals: dict[str, float] = {}
         self._privacy: dict[str, Any] = {}
         self._result_bytes: dict[str, int] = {}
@@ -248,6 +252,7 @@ class Aggregator:
         result = RunResult(
             self.transport.analysis_id, value, converged, len(history), list(history)
         )
+        self._save_logs()
         if self.store is not None:
             location = self.store.save_final(result)
             result = RunResult(
@@ -596,6 +601,7 @@ class Aggregator:
             extra["traceback"] = traceback_text
         with contextlib.suppress(TransportError):
             self.board.now(self._status("failed", epoch, **extra))
+        self._save_logs()
         keep = getattr(self.store, "save_failure", None)
         if callable(keep):
             try:
@@ -731,7 +737,9 @@ class Aggregator:
         return envelope.kind == "message" and envelope.category == LOG_CATEGORY
 
     def _note_logs(self, envelope: Envelope) -> None:
-        """A node's forwarded log lines: into this log, the latest into the status."""
+        """A node's forwarded log lines: into this log and, with storage, kept with the run
+        for `flame status --logs`. Never into the retained status: every roster member may
+        read that (issue 21)."""
         body = envelope.body if isinstance(envelope.body, dict) else {}
         lines = body.get("lines")
         if envelope.sender not in self.participants or not isinstance(lines, list):
@@ -740,6 +748,20 @@ class Aggregator:
             text = redact(str(line)[:MAX_LINE], self.secrets)
             node_log.info("[%s] %s", envelope.sender, text)
             self._logs.append(f"{envelope.sender}: {text}")
+        self._logs_new = True
+        if time.monotonic() - self._logs_saved >= _LOG_SAVE_EVERY:
+            self._save_logs()  # else with a later batch, or at the end of the run
+
+    def _save_logs(self) -> None:
+        """New forwarded lines to storage (one attempt; a log must not stall the run)."""
+        keep = getattr(self.store, "save_logs", None)
+        if not self._logs_new or not callable(keep):
+            return
+        try:
+            keep(list(self._logs))
+        except Exception as exc:
+            log.warning("could not keep the forwarded node logs in storage: %s", exc)
+        self._logs_new, self._logs_saved = False, time.monotonic()
 
     def _status(self, state: str, epoch: int = -1, **extra: Any) -> dict[str, Any]:
         status = {
@@ -752,8 +774,6 @@ class Aggregator:
             "time": time.time(),
             **extra,
         }
-        if self._logs:
-            status["logs"] = list(self._logs)  # the nodes' latest forwarded lines
         return status
 
     def _emit(self, event: Event) -> None:
@@ -762,6 +782,24 @@ class Aggregator:
                 self.on_event(event)
             except Exception as exc:  # a broken display must not break the run
                 log.warning("progress handler failed: %s", exc)
+
+    def epoch_so_far(self) -> EpochRecord | None:
+        """The epoch in progress as far as it got (who answered, arrivals, privacy spends):
+        a failed run's report shows it, since no record of it was finished."""
+        if self._epoch < 0:
+            return None
+        answered = sorted(self._arrivals)
+        return EpochRecord(
+            epoch=self._epoch,
+            nodes=answered,
+            missing=[n for n in self.participants if n not in self._arrivals],
+            started=0.0,
+            duration=0.0,
+            converged=False,
+            arrivals=dict(self._arrivals),
+            privacy=dict(self._privacy),
+            result_bytes=dict(self._result_bytes),
+        )
 
 
 def _size(envelope: Envelope) -> int:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import math
 import sys
 import time
 from collections.abc import Sequence
@@ -24,7 +23,7 @@ from flame.utils import logs as _logging
 from flame.utils.signals import stop_on_sigterm
 
 if TYPE_CHECKING:
-    from flame.aggregator.records import Event, RunResult
+    from flame.aggregator.records import Event
 
 # Commands import what they need when they run: `flame --version` and `flame --help` stay
 # free of pydantic, numpy and the network clients (benchmarks/startup.py measures it).
@@ -112,13 +111,12 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     _warm_children(args)
     from flame.analysis.loader import load_analysis
     from flame.config import load_config
+    from flame.ops.run_output import strict_json
     from flame.simulate import simulate
 
     if args.output is not None and not args.output.parent.is_dir():
         raise FlameError(f"--output {args.output}: folder {args.output.parent} does not exist")
     config = load_config(epochs=args.epochs, seed=args.seed, epoch_timeout=args.timeout)
-    if args.param:
-        config = config.model_copy(update={"params": {**config.params, **_params(args.param)}})
     _configure_logs(
         level=config.log_level if not args.verbose else "DEBUG",
         fmt=config.log_format,
@@ -126,14 +124,6 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     )
     analysis = load_analysis(args.analysis)
     progress = None if args.quiet else _Progress(sys.stderr)
-    history: list[Any] = []  # the epochs so far, for --output when the run fails
-
-    def on_event(event: Event) -> None:
-        if event.kind == "epoch_finished" and event.record is not None:
-            history.append(event.record)
-        if progress is not None:
-            progress(event)
-
     with contextlib.ExitStack() as stack:
         broker_url = args.broker
         if broker_url == "embedded":
@@ -152,38 +142,30 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
                 analysis.functions.analyze,
                 analysis.functions.aggregate,
                 analysis.functions.converged,
-                data=args.data if args.nodes is None else _nodes(args.nodes),
+                data=args.data,
+                nodes=args.nodes,
+                params=_params(args.param),
                 config=config,
                 broker=broker,
-                on_event=on_event,
+                on_event=progress,
                 secure=args.secure,
                 isolate=not args.in_process,
                 policy=_policy_arguments(args.policy),
+                output=args.output,
             )
-        except (RunFailed, RunTimeout) as exc:
-            if args.output is not None:
-                _write_failure(args.output, exc, config.analysis_id, history, analysis.functions)
+        except (RunFailed, RunTimeout):
+            _wrote(args.output)
             raise
-    _report(result, args.output, _manifest(analysis.functions, result))
+    _wrote(args.output)
+    converged = ", converged" if result.converged else ""
+    print(f"finished after {result.epochs} epoch(s){converged}", file=sys.stderr)
+    print(json.dumps(strict_json(result.to_dict()["result"]), indent=2))
     return 0
 
 
-def _write_failure(
-    output: Path, exc: RunFailed | RunTimeout, analysis_id: str, history: list[Any], functions: Any
-) -> None:
-    """--output for a failed run: the epochs that finished and who failed where, so
-    `flame report` can show it."""
-    from flame.aggregator.records import RunResult
-
-    partial = RunResult(analysis_id, None, False, len(history), list(history))
-    failure = {
-        "node": getattr(exc, "node", None),
-        "epoch": getattr(exc, "epoch", None),
-        "reason": str(exc),
-    }
-    document = _strict_json({**partial.to_dict(), "manifest": _manifest(functions, partial)})
-    output.write_text(json.dumps({**document, "failure": failure}, indent=2) + "\n")
-    print(f"wrote {output} (see it as a page: flame report {output})", file=sys.stderr)
+def _wrote(output: Path | None) -> None:
+    if output is not None and output.is_file():
+        print(f"wrote {output} (see it as a page: flame report {output})", file=sys.stderr)
 
 
 def _policy_arguments(items: list[str]) -> Any:
@@ -210,20 +192,6 @@ class _PerNode(dict[str, Any]):
         return super().get(key, self.common)
 
 
-def _manifest(functions: Any, result: RunResult) -> dict[str, Any]:
-    """What produced a simulated result (as a stored run's manifest.json says it)."""
-    from flame import __version__
-    from flame.aggregator.run_store import code_hash
-
-    nodes = {n for record in result.history for n in (*record.nodes, *record.missing)}
-    return {
-        "flame_version": __version__,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "code_sha256": code_hash(functions),
-        "participants": sorted(nodes),
-    }
-
-
 def _params(items: list[str]) -> dict[str, Any]:
     """`--param key=value` pairs; a value that parses as JSON (10, 0.5, true, [1]) is typed."""
     params: dict[str, Any] = {}
@@ -238,37 +206,11 @@ def _params(items: list[str]) -> dict[str, Any]:
     return params
 
 
-def _nodes(path: Path) -> Any:
-    from flame.ops.nodes_file import load_nodes
-
-    return load_nodes(path)
-
-
-def _strict_json(value: Any) -> Any:
-    """NaN and infinities as null: JSON has no such numbers and strict parsers reject them."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _strict_json(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_strict_json(v) for v in value]
-    return value
-
-
-def _report(result: RunResult, output: Path | None, manifest: dict[str, Any] | None = None) -> None:
-    document = _strict_json({**result.to_dict(), "manifest": manifest or {}})
-    if output is not None:
-        output.write_text(json.dumps(document, indent=2) + "\n")
-        print(f"wrote {output} (see it as a page: flame report {output})", file=sys.stderr)
-    converged = ", converged" if result.converged else ""
-    print(f"finished after {result.epochs} epoch(s){converged}", file=sys.stderr)
-    print(json.dumps(document["result"], indent=2))
-
-
 def _cmd_run(args: argparse.Namespace) -> int:
     from flame.analysis.loader import load_analysis
     from flame.config import load_config
     from flame.main import analysis_code_hash, run
+    from flame.ops.run_output import strict_json
     from flame.privacy.policy import load_policy
     from flame.wire.envelope import to_jsonable
 
@@ -298,7 +240,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
             config=config,
             code=analysis_code_hash(args.analysis),
         )
-    print(json.dumps(_strict_json(to_jsonable(value))))
+    print(json.dumps(strict_json(to_jsonable(value))))
     return 0
 
 
@@ -310,6 +252,20 @@ def _cmd_keys(args: argparse.Namespace) -> int:
     from flame.cli.keys import keys_cli
 
     return int(keys_cli(args.rest))
+
+
+def _secure_mode(text: str) -> str:
+    """`--secure threshold[:T]`; anything else is an error that says where the analysis goes."""
+    from flame.secure.simulation_keys import parse_secure
+
+    try:
+        parse_secure(text)
+    except ConfigError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected threshold or threshold:T (plain --secure takes no value; "
+            "give the analysis before it)"
+        ) from None
+    return text
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -342,9 +298,14 @@ def _parser() -> argparse.ArgumentParser:
     sim.add_argument("--output", type=Path, help="write result and per-epoch history as JSON")
     sim.add_argument(
         "--secure",
-        action="store_true",
-        help="sum flame.secure(...) values under "
-        "Paillier encryption (FLAME_SECURE__*; throwaway keys if none configured)",
+        nargs="?",
+        const=True,
+        default=False,
+        type=_secure_mode,
+        metavar="threshold[:T]",
+        help="sum flame.secure(...) values under Paillier encryption (FLAME_SECURE__*; "
+        "throwaway keys if none configured); 'threshold[:T]' deals throwaway threshold "
+        "shares, one per node, any T decrypt (default: a majority)",
     )
     sim.add_argument(
         "--broker",

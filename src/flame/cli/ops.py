@@ -92,7 +92,8 @@ def _cmd_status(args: argparse.Namespace) -> int:
         else:
             for line in st.render_status(run):
                 print(line)
-            for line in _outcome_details(run, logs=args.logs):
+            logs = client.forwarded_logs(args.analysis_id) if args.logs else None
+            for line in _outcome_details(run, logs=args.logs, forwarded=logs):
                 print(line)
         code = EXIT_FAILED if run.problems and not (run.nodes or run.history) else EXIT_OK
     if args.download is not None:
@@ -104,9 +105,10 @@ def _cmd_status(args: argparse.Namespace) -> int:
     return code
 
 
-def _outcome_details(run: Any, *, logs: bool) -> list[str]:
+def _outcome_details(run: Any, *, logs: bool, forwarded: list[str] | None = None) -> list[str]:
     """What the aggregator's retained status keeps beyond one line: the failing analysis's
-    traceback (when its node sent one) and, with --logs, the nodes' forwarded log lines."""
+    traceback (when its node sent one); with --logs, the nodes' forwarded log lines, which
+    the aggregator keeps with the run in storage (never in a status every member reads)."""
     aggregator = run.aggregator
     extra = aggregator.extra if aggregator is not None else {}
     lines: list[str] = []
@@ -114,11 +116,13 @@ def _outcome_details(run: Any, *, logs: bool) -> list[str]:
     if run.state == "failed" and isinstance(traceback_text, str) and traceback_text:
         lines += ["the failing analysis:", *("  " + line for line in traceback_text.splitlines())]
     if logs:
-        forwarded = extra.get("logs")
-        if isinstance(forwarded, list) and forwarded:
+        if forwarded:
             lines += ["node logs (latest):", *(f"  {str(line)[:400]}" for line in forwarded)]
         else:
-            lines.append("node logs: none forwarded (a node forwards only if its policy allows)")
+            lines.append(
+                "node logs: none kept (a node forwards only if its policy allows; the "
+                "aggregator keeps them in its storage: configure FLAME_STORAGE__* to read them)"
+            )
     return lines
 
 

@@ -60,6 +60,8 @@ def _acl(roster: Roster, analysis: str, operators: list[str]) -> str:
         f"# flame ACL for the roster with SHA-256 {roster.fingerprint}",
         "# Each block applies to one broker user (= node id). There are no lines before the",
         "# first `user` line on purpose: such lines would apply to anonymous clients only.",
+        "# Every member reads every status, so no status carries node log lines: the",
+        "# aggregator keeps forwarded logs in its storage (`flame status --logs`).",
     ]
     for member in roster:
         node = member.node_id

@@ -3,8 +3,8 @@
 A logging handler collects this node's lines (secrets masked, each capped, a bounded number
 per run); the node runtime sends them in batches from its own thread between protocol steps,
 so logging never touches the network from inside a library call. The aggregator logs them
-under the node's name and keeps the latest in its status (`flame status ID --logs`).
-"""
+under the node's name and keeps the latest with the run in its storage, never in its status,
+which every roster member may read (`flame status ID --logs`)."""
 
 from __future__ import annotations
 

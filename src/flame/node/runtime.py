@@ -41,20 +41,14 @@ from flame.isolation.runner import ChildRunner, InProcessRunner, Outcome, Runner
 from flame.node.context import Context
 from flame.node.log_forward import LOG_CATEGORY, LogForwarder
 from flame.node.mailbox import Mailbox
+from flame.node.secure_answers import SecureAnswers
 from flame.node.status_board import StatusBoard
 from flame.privacy.disclosure import wrap_release
 from flame.privacy.policy import NodePolicy
 from flame.privacy.release import Gate, column_reader
 from flame.privacy.tracebacks import analysis_traceback, trim_traceback_text
-from flame.secure.endorse import ENDORSE, ENDORSED
-from flame.secure.fields import (
-    DECRYPT,
-    DECRYPTED,
-    Precomputer,
-    SecureKeys,
-    answer_decrypt,
-    seal,
-)
+from flame.secure.endorse import ENDORSE
+from flame.secure.fields import DECRYPT, Precomputer, SecureKeys, seal
 from flame.secure.masking import MASK, MASKED, MaskingNode, MaskingSettings
 from flame.transport.base import Transport
 from flame.utils import logs as _logging
@@ -115,6 +109,8 @@ class Instruction:
     reason: str = ""
     run: str | None = None
     code: str = ""
+    withheld: bool = False
+    """The aggregator sent no aggregate (it believes this node's policy declines them)."""
 
 
 def _raised_by_analysis(exc: BaseException) -> bool:
@@ -202,7 +198,7 @@ class AnalysisClient:
         )
         self._privacy: dict[str, Any] = {}  # per epoch: DP spend, suppressed cells
         self._last_epoch = -1
-        self._decrypted: set[tuple[int, str]] = set()  # (epoch, field) answered: at most once
+        self._secure = SecureAnswers(keys, transport, lambda: self.context._state)
         self.code = code  # SHA-256 of the analysis code, announced for the aggregator to compare
         self._instances = Instances()  # the aggregator's process: two at once stop the run
         self._last_sent: Envelope | None = None
@@ -290,6 +286,7 @@ class AnalysisClient:
             body = self.masking.seal(result, epoch)
         else:
             body = seal(result, self.keys, self._specs, origin)
+            self._secure.sent(epoch, body, self._specs)
         if privacy is not None and _notable(privacy):
             body = wrap_release(body, privacy)  # recorded in the run's history and manifest
         envelope = Envelope(
@@ -410,6 +407,13 @@ class AnalysisClient:
                     if instruction.code == NOT_PARTICIPANT:
                         raise ConfigError(instruction.reason)
                     raise RunFailed(instruction.reason, epoch=instruction.epoch)
+                if instruction.withheld and self.policy.share_aggregate:
+                    raise RunFailed(  # never analyze on with previous=None: a wrong result
+                        "the aggregator withheld the aggregate from this node, but this node's "
+                        "policy shares aggregates (share_aggregate = true): the aggregator's "
+                        "view of this node's status is wrong (a forged status?)",
+                        epoch=instruction.epoch,
+                    )
                 if not self.policy.share_aggregate:  # keep no other sites' aggregate here
                     instruction = replace(instruction, previous=None, value=None)
                 if instruction.kind == "finished":
@@ -710,59 +714,7 @@ class AnalysisClient:
             error = {"error": "this node does not sum with masking (FLAME_SECURE__SCHEME)"}
             self.transport.send(envelope.reply("message", mask or error, category=MASKED))
             return
-        if envelope.category == ENDORSE:  # threshold mode: endorse a contribution set
-            if self.keys is not None and self.keys.share is not None:
-                body = self.keys.party(self.context._state).endorse(envelope)
-            else:
-                body = {"error": "this node holds no share of a threshold key"}
-            self.transport.send(envelope.reply("message", body, category=ENDORSED))
-            return
-        if self.keys is not None and self.keys.share is not None:
-            reply: dict[str, Any] = self.keys.party(self.context._state).answer(envelope)
-        elif self.keys is None or self.keys.private_key is None:
-            reply = {"error": "this node has no private key to decrypt with"}
-        elif envelope.epoch != self._last_epoch:
-            reply = {"error": f"no result of this node in epoch {envelope.epoch}"}
-        else:
-            refusal = self._decrypt_refusal(envelope)
-            reply = (
-                {"error": refusal}
-                if refusal is not None
-                else answer_decrypt(envelope, self.keys, self.transport.node_id, self._specs)
-            )
-        answer = envelope.reply("message", reply, category=DECRYPTED)
-        self.transport.send(answer)
-
-    def _decrypt_refusal(self, envelope: Envelope) -> str | None:
-        """Why this (authenticated) request from the aggregator must not be answered, or None.
-
-        At most one answer per (epoch, field): a second request, with any contributor set,
-        could difference two sums (Sum{A,B,C} - Sum{B,C} = A). Contributors must be distinct
-        analysis members of the roster."""
-        body = envelope.body if isinstance(envelope.body, dict) else {}
-        sums, who = body.get("sums"), body.get("contributors")
-        if not isinstance(sums, dict) or not isinstance(who, dict):
-            return None  # answer_decrypt names the malformation
-        repeated = sorted(path for path in sums if (envelope.epoch, path) in self._decrypted)
-        if repeated:
-            return (
-                f"already answered a decryption request for {', '.join(map(repr, repeated))} in "
-                f"epoch {envelope.epoch}; a second one could reveal a difference of sums"
-            )
-        auth = self.transport.auth
-        for path, names in who.items():
-            if not isinstance(names, list) or len(set(map(str, names))) != len(names):
-                return f"the contributors of {path!r} are not a list of distinct nodes"
-            if auth is None:
-                continue
-            strangers = [str(n) for n in names if str(n) not in auth.roster.ids("analysis")]
-            if strangers:
-                return (
-                    f"contributors of {path!r} are not analysis members of the roster: "
-                    f"{', '.join(strangers)}"
-                )
-        self._decrypted.update((envelope.epoch, path) for path in sums)
-        return None
+        self._secure.answer(envelope)
 
     def _parse(self, envelope: Envelope) -> Instruction | None:
         body = envelope.body if isinstance(envelope.body, dict) else {}
@@ -777,6 +729,7 @@ class AnalysisClient:
                 value=body.get("value"),
                 converged=bool(body.get("converged", False)),
                 run=run,
+                withheld=body.get("withheld") is True,
             )
         if envelope.kind == "finished":
             location = body.get("location")
@@ -787,6 +740,7 @@ class AnalysisClient:
                 converged=bool(body.get("converged", False)),
                 location=location if isinstance(location, str) else None,
                 run=run,
+                withheld=body.get("withheld") is True,
             )
         if envelope.kind == "abort":
             code = body.get("code")

@@ -35,7 +35,16 @@ __all__ = ["load_run", "render", "write_report"]
 
 MAX_FIELDS = 24  # convergence charts on one page
 MAX_RESULT_CHARS = 50_000
-_KNOWN = {"analysis_id", "result", "converged", "epochs", "history", "location", "manifest"}
+_KNOWN = {
+    "analysis_id",
+    "result",
+    "converged",
+    "epochs",
+    "history",
+    "location",
+    "manifest",
+    "failed_epoch",  # drawn with the epochs (`_records`)
+}
 _HIGHLIGHT = re.compile(r"policy|privacy|dp|spend|budget|epsilon|delta", re.IGNORECASE)
 
 
@@ -66,10 +75,16 @@ def _tree(value: Any, depth: int = 0) -> str:
     return _e(value)
 
 
+def _manifest_of(document: dict[str, Any]) -> dict[str, Any]:
+    manifest = document.get("manifest")
+    return manifest if isinstance(manifest, dict) else {}
+
+
 def _manifest_section(document: dict[str, Any]) -> str:
     manifest = document.get("manifest") if isinstance(document.get("manifest"), dict) else {}
     manifest = dict(manifest or {})
     config = manifest.pop("config", None)
+    has_converged = manifest.pop("has_converged", None)
     facts: dict[str, Any] = {
         "analysis id": document.get("analysis_id"),
         "code SHA-256": manifest.pop("code_sha256", None),
@@ -77,7 +92,8 @@ def _manifest_section(document: dict[str, Any]) -> str:
         "flame version": manifest.pop("flame_version", None),
         "created": manifest.pop("created", None),
         "epochs": document.get("epochs"),
-        "converged": document.get("converged"),
+        # an analysis without `converged` runs its epochs: "converged False" would mislead
+        "converged": document.get("converged") if has_converged is not False else None,
         "result location": document.get("location"),
     }
     manifest.pop("analysis_id", None)
@@ -97,7 +113,19 @@ def _manifest_section(document: dict[str, Any]) -> str:
     return "".join(out)
 
 
-def _convergence_section(records: list[dict[str, Any]]) -> str:
+def _convergence_section(records: list[dict[str, Any]], has_converged: Any) -> str:
+    """The aggregate's numbers over the epochs: "convergence" only when the analysis has a
+    `converged` (unknown, for older documents: as before); nothing to draw for one epoch."""
+    converging = has_converged is not False
+    title = "Convergence of the aggregate" if converging else "The aggregate per epoch"
+    kind = "convergence" if converging else "aggregate"
+    epochs = [item for item in records if isinstance(item.get("summary"), dict)]
+    if len(epochs) < 2:
+        return (
+            f'<section id="convergence"><h2>{title}</h2><p class="note">'
+            f"{len(epochs)} epoch(s) with a numeric aggregate: nothing to chart over epochs "
+            "(the final result is below).</p></section>"
+        )
     fields: dict[str, list[tuple[float, float]]] = {}
     for i, item in enumerate(records):
         summary = item.get("summary")
@@ -107,7 +135,7 @@ def _convergence_section(records: list[dict[str, Any]]) -> str:
             number = _finite(value)
             if number is not None and (name in fields or len(fields) < MAX_FIELDS):
                 fields.setdefault(str(name), []).append((float(item.get("epoch", i)), number))
-    out = ['<section id="convergence"><h2>Convergence of the aggregate</h2>']
+    out = [f'<section id="convergence"><h2>{title}</h2>']
     if not fields:
         out.append(
             '<p class="note">This run recorded no numeric aggregate per epoch (runs from '
@@ -122,7 +150,7 @@ def _convergence_section(records: list[dict[str, Any]]) -> str:
                 f"{_e(_num(last))}</span></figcaption>"
                 + _line_chart(
                     {name: values},
-                    chart="convergence",
+                    chart=kind,
                     title=name,
                     extra=f' data-field="{_e(name)}"',
                 )
@@ -185,12 +213,12 @@ def _epochs_section(
     if arrivals:
         out.append(
             "<figure><figcaption>Result arrival after the epoch started (s)</figcaption>"
-            + _legend(arrivals)
+            + _legend(arrivals, lines=True)
             + _line_chart(arrivals, chart="arrivals", title="arrival per node", unit=" s")
             + "</figure>"
         )
     out.append("</div>")
-    out.append(_epoch_table(records, nodes))
+    out.append(_epoch_table(records, nodes, _manifest_of(document).get("has_converged")))
     out.append("</section>")
     return "".join(out)
 
@@ -225,7 +253,7 @@ def _privacy_section(records: list[dict[str, Any]], nodes: list[str]) -> str:
         chart = (
             '<div class="grid"><figure><figcaption>Privacy budget spent per node (ε, '
             "cumulative)</figcaption>"
-            + _legend(totals)
+            + _legend(totals, lines=True)
             + _line_chart(totals, chart="privacy", title="epsilon spent per node")
             + "</figure></div>"
         )
@@ -236,8 +264,9 @@ def _privacy_section(records: list[dict[str, Any]], nodes: list[str]) -> str:
     )
 
 
-def _epoch_table(records: list[dict[str, Any]], nodes: list[str]) -> str:
+def _epoch_table(records: list[dict[str, Any]], nodes: list[str], has_converged: Any) -> str:
     head = "".join(f"<th>{_e(n)}</th>" for n in nodes)
+    converging = has_converged is not False  # no column for an analysis without converged
     rows = []
     for item in records[-200:]:
         cells = []
@@ -261,12 +290,14 @@ def _epoch_table(records: list[dict[str, Any]], nodes: list[str]) -> str:
             f"<td>{'' if duration is None else f'{duration:.3f} s'}</td>"
             f"<td>{_bytes(float(item.get('bytes_received', 0)))} / "
             f"{_bytes(float(item.get('bytes_sent', 0)))}</td>"
-            f"<td>{'yes' if item.get('converged') else ''}</td></tr>"
+            + (f"<td>{'yes' if item.get('converged') else ''}</td>" if converging else "")
+            + "</tr>"
         )
     note = f'<p class="note">last 200 of {len(records)} epochs</p>' if len(records) > 200 else ""
     return (
         '<details><summary>table</summary><table class="epochs"><tr><th>epoch</th>'
-        f"{head}<th>duration</th><th>received / sent</th><th>converged</th></tr>"
+        f"{head}<th>duration</th><th>received / sent</th>"
+        f"{'<th>converged</th>' if converging else ''}</tr>"
         f"{''.join(rows)}</table>{note}</details>"
     )
 
@@ -328,7 +359,7 @@ def render(document: dict[str, Any]) -> str:
             f"<span>{answered} of {expected} results arrived</span>"
             f"<span>{total:.3f} s in epochs</span></p>",
             _epochs_section(document, records, nodes),
-            _convergence_section(records),
+            _convergence_section(records, _manifest_of(document).get("has_converged")),
             _privacy_section(records, nodes),
             _manifest_section(document),
             '<section id="result"><h2>Final result</h2><details open><summary>JSON</summary>'

@@ -15,6 +15,12 @@ PALETTE = [
     "#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#76b7b2",
     "#edc948", "#b07aa1", "#ff9da7", "#9c755f", "#bab0ac",
 ]  # fmt: skip
+# Series are told apart by colour, dash pattern and marker shape (colour alone fails in
+# print and for colour-blind readers); series drawn on top of each other are also offset.
+DASHES = ["", "7 3", "2 3", "9 3 2 3", "4 4", "1 5"]
+MARKERS = ["circle", "square", "triangle", "diamond"]
+OVERLAP_OFFSET = 3.0  # px between series with the same points
+LOG_DECADES = 2.0  # positive values spanning more decades than this are drawn on a log scale
 MAX_CELLS = 20_000  # timeline cells (nodes x epochs); more and only the last epochs are drawn
 # ------------------------------------------------------------------------------- helpers
 
@@ -47,7 +53,12 @@ def _finite(value: Any) -> float | None:
 
 
 def _records(document: dict[str, Any]) -> list[dict[str, Any]]:
-    return [item for item in document.get("history", []) if isinstance(item, dict)]
+    """The epochs that finished, and the one a failed run stopped in (who answered it)."""
+    records = [item for item in document.get("history", []) if isinstance(item, dict)]
+    failed = document.get("failed_epoch")
+    if isinstance(failed, dict) and all(r.get("epoch") != failed.get("epoch") for r in records):
+        records.append(failed)
+    return records
 
 
 def _nodes(document: dict[str, Any], records: Sequence[dict[str, Any]]) -> list[str]:
@@ -157,29 +168,35 @@ def _line_chart(
     """Lines over epochs; each point carries a tooltip with its exact value."""
     points = [p for values in series.values() for p in values]
     left, right, top, bottom = 64, 12, 12, 26
+    log = _log_scale([p[1] for p in points])
     parts = [
-        f'<svg class="chart" data-chart="{chart}"{extra} width="{width}" height="{height}" '
+        f'<svg class="chart" data-chart="{chart}"{extra} data-scale="{"log" if log else "linear"}" '
+        f'width="{width}" height="{height}" '
         f'viewBox="0 0 {width} {height}" role="img" aria-label="{_e(title)}">'
     ]
     if not points:
         parts.append(f'<text x="{width / 2}" y="{height / 2}" text-anchor="middle">no data</text>')
         return "".join(parts) + "</svg>"
+
+    def ty(y: float) -> float:
+        return math.log10(y) if log else y
+
     x0, x1 = _scale(min(p[0] for p in points), max(p[0] for p in points))
-    y0, y1 = _scale(min(p[1] for p in points), max(p[1] for p in points))
+    y0, y1 = _scale(min(ty(p[1]) for p in points), max(ty(p[1]) for p in points))
     plot_w, plot_h = width - left - right, height - top - bottom
 
     def px(x: float) -> float:
         return left + (x - x0) / (x1 - x0) * plot_w
 
     def py(y: float) -> float:
-        return top + (1 - (y - y0) / (y1 - y0)) * plot_h
+        return top + (1 - (ty(y) - y0) / (y1 - y0)) * plot_h
 
     parts.append(
         f'<line class="axis" x1="{left}" y1="{top}" x2="{left}" y2="{top + plot_h}"/>'
         f'<line class="axis" x1="{left}" y1="{top + plot_h}" x2="{left + plot_w}" '
         f'y2="{top + plot_h}"/>'
     )
-    for y in (y0, (y0 + y1) / 2, y1):
+    for y in _y_ticks(y0, y1, log):
         parts.append(
             f'<text class="tick" x="{left - 4}" y="{py(y) + 4:.1f}" text-anchor="end">'
             f"{_e(_num(y))}</text>"
@@ -194,23 +211,71 @@ def _line_chart(
             )
     parts.append(
         f'<text class="tick" x="{left + plot_w / 2:.1f}" y="{height - 8}" '
-        'text-anchor="middle">epoch</text>'
+        f'text-anchor="middle">{"epoch · log scale" if log else "epoch"}</text>'
     )
+    placed: list[tuple[set[tuple[float, float]], int]] = []  # (points, offset) drawn so far
     for i, (name, values) in enumerate(series.items()):
-        color = PALETTE[i % len(PALETTE)]
-        coords = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in values)
+        color, dash, marker = _style(i)
+        drawn = [(round(px(x), 1), round(py(y), 1)) for x, y in values]
+        # a series sharing points with earlier ones goes a little lower than each of them
+        taken = {k for points, k in placed if points.intersection(drawn)}
+        rank = next(k for k in range(len(placed) + 1) if k not in taken)
+        placed.append((set(drawn), rank))
+        shift = OVERLAP_OFFSET * rank
+        coords = " ".join(f"{x:.1f},{y + shift:.1f}" for x, y in drawn)
+        dashed = f' stroke-dasharray="{dash}"' if dash else ""
         parts.append(
-            f'<polyline class="series" data-series="{_e(name)}" fill="none" stroke="{color}" '
-            f'stroke-width="2" points="{coords}"/>'
+            f'<polyline class="series" data-series="{_e(name)}" data-offset="{shift:g}" '
+            f'fill="none" stroke="{color}" stroke-width="2"{dashed} points="{coords}"/>'
         )
         if len(values) <= 60:
-            for x, y in values:
-                parts.append(
-                    f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="3" fill="{color}">'
-                    f"<title>{_e(name)}, epoch {x:g}: {_e(_num(y))}{_e(unit)}</title></circle>"
-                )
+            for (x, y), (cx, cy) in zip(values, drawn, strict=True):
+                tip = f"{_e(name)}, epoch {x:g}: {_e(_num(y))}{_e(unit)}"
+                parts.append(_marker(marker, cx, cy + shift, color, tip))
     parts.append("</svg>")
     return "".join(parts)
+
+
+def _log_scale(values: list[float]) -> bool:
+    """Positive values spanning more than LOG_DECADES decades (a step size from 6.4 down to
+    7e-12 is a flat line at zero on a linear axis)."""
+    if not values or min(values) <= 0:
+        return False
+    return math.log10(max(values) / min(values)) > LOG_DECADES
+
+
+def _y_ticks(y0: float, y1: float, log: bool) -> list[float]:
+    """Tick values (in data units): bottom, middle, top; on a log scale, whole decades."""
+    if not log:
+        return [y0, (y0 + y1) / 2, y1]
+    low, high = math.ceil(y0), math.floor(y1)
+    step = max(1, math.ceil((high - low + 1) / 6))
+    return [10.0**k for k in range(low, high + 1, step)] or [10.0**y0, 10.0**y1]
+
+
+def _style(i: int) -> tuple[str, str, str]:
+    """(colour, dash pattern, marker) of the i-th series."""
+    return PALETTE[i % len(PALETTE)], DASHES[i % len(DASHES)], MARKERS[i % len(MARKERS)]
+
+
+def _marker(shape: str, x: float, y: float, color: str, tip: str, size: float = 3.5) -> str:
+    title = f"<title>{tip}</title>" if tip else ""
+    if shape == "square":
+        return (
+            f'<rect class="marker" x="{x - size:.1f}" y="{y - size:.1f}" width="{2 * size:.1f}" '
+            f'height="{2 * size:.1f}" fill="{color}">{title}</rect>'
+        )
+    if shape in ("triangle", "diamond"):
+        if shape == "triangle":
+            corners = [(x, y - size * 1.2), (x + size * 1.1, y + size), (x - size * 1.1, y + size)]
+        else:
+            corners = [(x, y - size * 1.3), (x + size, y), (x, y + size * 1.3), (x - size, y)]
+        points = " ".join(f"{a:.1f},{b:.1f}" for a, b in corners)
+        return f'<polygon class="marker" points="{points}" fill="{color}">{title}</polygon>'
+    return (
+        f'<circle class="marker" cx="{x:.1f}" cy="{y:.1f}" r="{size:.1f}" fill="{color}">'
+        f"{title}</circle>"
+    )
 
 
 def _bar_chart(
@@ -254,9 +319,20 @@ def _bar_chart(
     return "".join(parts)
 
 
-def _legend(names: Iterable[str]) -> str:
-    items = "".join(
-        f'<span class="key"><i style="background:{PALETTE[i % len(PALETTE)]}"></i>{_e(n)}</span>'
-        for i, n in enumerate(names)
-    )
-    return f'<div class="legend">{items}</div>'
+def _legend(names: Iterable[str], *, lines: bool = False) -> str:
+    """Keys for a chart's series; for line charts, with each series' dash and marker."""
+    items = []
+    for i, name in enumerate(names):
+        color, dash, marker = _style(i)
+        if lines:
+            dashed = f' stroke-dasharray="{dash}"' if dash else ""
+            key = (
+                f'<svg width="30" height="12" aria-hidden="true"><line x1="1" y1="6" x2="29" '
+                f'y2="6" stroke="{color}" stroke-width="2"{dashed}/>'
+                f"{_marker(marker, 15, 6, color, '', 3.0)}</svg>"
+            )
+        else:
+            key = f'<i style="background:{color}"></i>'
+        items.append(f'<span class="key">{key}{_e(name)}</span>')
+    return f'<div class="legend">{"".join(items)}</div>'
+

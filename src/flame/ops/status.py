@@ -169,6 +169,22 @@ class StatusClient:
             return None
         return data if isinstance(data, dict) else None
 
+    def forwarded_logs(self, analysis_id: str) -> list[str] | None:
+        """The nodes' forwarded log lines the aggregator kept with the run (storage only:
+        they are never in a status on the broker); None without storage or lines."""
+        from flame.aggregator.run_store import forwarded_logs_key
+        from flame.clients.object_store import ObjectNotFound
+
+        store = self._storage()
+        if store is None:
+            return None
+        try:
+            data = store.get_json(forwarded_logs_key(analysis_id))
+        except ObjectNotFound:
+            return None
+        lines = data.get("lines") if isinstance(data, dict) else None
+        return [str(line) for line in lines] if isinstance(lines, list) else None
+
     def history(self, analysis_id: str) -> list[EpochInfo]:
         """Per-epoch records: from the manifest when finished, else the latest checkpoint."""
         from flame.clients.object_store import AnalysisLayout, ObjectNotFound

@@ -217,3 +217,17 @@ def sum_contributions(
         check_proof(public, analysis, epoch, path, node, proof, vector)
         vectors.append(vector)
     return EncryptedVector.sum(vectors)
+
+
+SIGNED = "paillier-s1"
+"""Sealed scheme of a signed single-key contribution: u16 signature length, signature, the
+vector's bytes."""
+
+
+def sign_contribution(
+    vector: bytes, signer: Signer, path: str, origin: tuple[str, int, str]
+) -> Sealed:
+    """`vector` signed by this node for (analysis, epoch, field `path`, node)."""
+    analysis, epoch, node = origin
+    signature = signer(contribution_message(analysis, epoch, path, node, vector))
+    return Sealed(SIGNED, pack_contribution(signature, vector))

@@ -7,6 +7,8 @@ encrypted sums back: one node (the reporter) decrypts and reports the plaintext 
 every other contributor checks that report against the ciphertexts (all of them, or a random
 sample: `confirm_fraction`). A mismatch or a refusal stops the run. `aggregate` then sees
 `results.secure[field]` (the sum) and `results.contributors[field]` (whose values it holds).
+This module: markers, keys, sealing and the nodes' decryption; the aggregator's side is
+`flame.secure.summer`, single-key decrypters' checks `flame.secure.single_key`.
 """
 
 from __future__ import annotations
@@ -23,21 +25,20 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from flame.config import SecureAggregationSettings
-from flame.errors import ConfigError, FlameError, RunFailed
+from flame.errors import ConfigError, FlameError
 from flame.privacy.markers import register
 from flame.wire.envelope import Envelope, Sealed
 
 if TYPE_CHECKING:
     from phe.paillier import PaillierPrivateKey, PaillierPublicKey
 
-    from flame.node.context import Context
     from flame.protocols.paillier import EncryptedVector
     from flame.protocols.paillier.plaintext_proof import Opening
     from flame.protocols.paillier.threshold import ThresholdKeyShare, ThresholdPublicKey
     from flame.secure.contributions import Signer, Verifier
-    from flame.secure.threshold import ThresholdCollector, ThresholdParty
+    from flame.secure.threshold import ThresholdParty
 
-__all__ = ["Results", "Secure", "SecureKeys", "SecureSummer", "secure"]
+__all__ = ["Results", "Secure", "SecureKeys", "secure"]
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +169,12 @@ class SecureKeys:
                 "secure aggregation is enabled (make keys with `flame keys generate`)"
             )
         return cls(
-            public, private, cls.spec_of(settings), settings.min_contributors, settings.obfuscation
+            public,
+            private,
+            cls.spec_of(settings),
+            settings.min_contributors,
+            settings.obfuscation,
+            allow_changing_contributors=settings.allow_changing_contributors,
         )
 
     @classmethod
@@ -420,6 +426,10 @@ def seal(
         if keys.threshold is not None:
             assert opening is not None
             return _signed(encrypted, opening, keys, path, origin)
+        if keys.signer is not None and origin is not None:  # decrypters re-add signed ones
+            from flame.secure.contributions import sign_contribution
+
+            return sign_contribution(encrypted.to_bytes(), keys.signer, path, origin)
         return Sealed(SCHEME, encrypted.to_bytes())
 
     return _replace(result, change)
@@ -452,6 +462,15 @@ def _signed(
     return Sealed(CONTRIBUTION, pack_contribution(signature, body))
 
 
+def _spec_hint(exc: Exception) -> str:
+    if "SecureSumSpec" not in str(exc):
+        return ""
+    return (
+        " (the nodes encoded it differently: every node must mark it with "
+        "the same flame.secure(..., bound=, precision=) and FLAME_SECURE__*)"
+    )
+
+
 def _bound_origin(marker: Secure) -> str:
     if marker.bound is not None:
         return f"set by flame.secure(..., bound={marker.bound:g})"
@@ -478,31 +497,20 @@ def answer_decrypt(
     node_id: str,
     specs: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Decrypt the aggregator's encrypted sums (as the reporter), or check the reporter's
-    plaintext against them (as a confirmer); refuse sums of too few contributors.
+    """Unsigned runs only (signed ones: `flame.secure.single_key`): decrypt the aggregator's
+    encrypted sums (as the reporter), or check the reporter's plaintext against them (as a
+    confirmer); refuse sums of too few contributors.
 
     `specs` are the encodings this node used per field when it sealed its result (see
     `seal`); fields not in it are read with the configured spec."""
-    from flame.protocols.paillier import (
-        EncryptedVector,
-        decrypt_vector,
-        verify_reported_sum,
-    )
+    from flame.protocols.paillier import EncryptedVector
 
-    assert keys.private_key is not None
     body = envelope.body if isinstance(envelope.body, dict) else {}
     sums = body.get("sums")
     contributors = body.get("contributors")
     if not isinstance(sums, dict) or not isinstance(contributors, dict):
         return {"error": "malformed decryption request"}
-    reported = body.get("reported")
-    fraction = body.get("fraction", 1.0)
-    if reported is not None and not isinstance(reported, dict):
-        return {"error": "malformed decryption request (reported sums)"}
-    if not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
-        return {"error": "malformed decryption request (fraction)"}
-    plain: dict[str, np.ndarray] = {}
-    checked = 0
+    vectors: dict[str, EncryptedVector] = {}
     try:
         for path, sealed in sums.items():
             who = contributors.get(path)
@@ -516,6 +524,33 @@ def answer_decrypt(
                     "error": f"{path!r} holds {vector.contributors} contributions, "
                     f"the request names {len(who)}"
                 }
+            vectors[path] = vector
+    except FlameError as exc:
+        return {"error": str(exc)}
+    return answer_vectors(body, vectors, keys, specs)
+
+
+def answer_vectors(
+    body: dict[str, Any],
+    vectors: dict[str, EncryptedVector],
+    keys: SecureKeys,
+    specs: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The reporter's decrypted sums of `vectors` ({"sums": ...}), or a confirmer's check of
+    the reported ones in `body` ({"confirmed": n}); {"error": why} otherwise."""
+    from flame.protocols.paillier import decrypt_vector, verify_reported_sum
+
+    assert keys.private_key is not None
+    reported = body.get("reported")
+    fraction = body.get("fraction", 1.0)
+    if reported is not None and not isinstance(reported, dict):
+        return {"error": "malformed decryption request (reported sums)"}
+    if not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
+        return {"error": "malformed decryption request (fraction)"}
+    plain: dict[str, np.ndarray] = {}
+    checked = 0
+    try:
+        for path, vector in vectors.items():
             spec = (specs or {}).get(path, keys.spec)
             if reported is None:
                 plain[path] = decrypt_vector(
@@ -535,195 +570,3 @@ def answer_decrypt(
     if reported is None:
         return {"sums": plain}
     return {"confirmed": checked}
-
-
-# --- the aggregator's side -------------------------------------------------------------------
-
-
-@dataclass
-class SecureSummer:
-    """Adds the sealed fields of an epoch's results and has the analysis nodes decrypt."""
-
-    keys: SecureKeys | None
-    timeout: float
-    context: Context | None = None
-    confirm_fraction: float | None = None
-    _collector: ThresholdCollector | None = None
-
-    def __call__(self, results: dict[str, Any], epoch: int) -> Results:
-        sealed: dict[str, dict[str, Sealed]] = {}
-        for node, result in results.items():
-            for path, value in _walk(result):
-                if isinstance(value, Sealed):
-                    sealed.setdefault(path, {})[node] = value
-        if not sealed:
-            return Results(results)
-        if self.keys is None:
-            raise RunFailed(
-                "nodes sent encrypted values, but secure aggregation is not enabled on the "
-                "aggregator (FLAME_SECURE__ENABLED=true and a public key)"
-            )
-        assert self.context is not None
-        if self.keys.threshold is not None:
-            return self._threshold(results, sealed, epoch)
-        from flame.protocols.paillier import EncryptedVector
-
-        sums: dict[str, Sealed] = {}
-        contributors: dict[str, list[str]] = {}
-        precision: dict[str, int] = {}
-        for path, by_node in sealed.items():
-            vectors = []
-            for node, item in sorted(by_node.items()):
-                if item.scheme != SCHEME:
-                    raise RunFailed(f"node {node!r} sent {path!r} sealed with {item.scheme!r}")
-                try:
-                    vectors.append(EncryptedVector.from_bytes(item.data, self.keys.public_key))
-                except FlameError as exc:
-                    raise RunFailed(
-                        f"node {node!r} sent an invalid encrypted {path!r}: {exc}", node=node
-                    ) from exc
-            try:
-                total = EncryptedVector.sum(vectors)
-            except FlameError as exc:
-                hint = ""
-                if "SecureSumSpec" in str(exc):
-                    hint = (
-                        " (the nodes encoded it differently: every node must mark it with "
-                        "the same flame.secure(..., bound=, precision=) and FLAME_SECURE__*)"
-                    )
-                raise RunFailed(f"cannot add the encrypted {path!r}: {exc}{hint}") from exc
-            sums[path] = Sealed(SCHEME, total.to_bytes())
-            contributors[path] = sorted(by_node)
-            precision[path] = total.layout.precision
-        decrypted = self._decrypt(epoch, sums, contributors)
-        plain = {p: _plain(v, precision[p]) for p, v in decrypted.items()}
-        stripped = {
-            node: _replace(result, lambda p, v: Summed(p) if isinstance(v, Sealed) else v)
-            for node, result in results.items()
-        }
-        return Results(stripped, plain, contributors)
-
-    def _threshold(
-        self, results: dict[str, Any], sealed: dict[str, dict[str, Sealed]], epoch: int
-    ) -> Results:
-        """Threshold mode: the share holders check and decrypt; the aggregator combines."""
-        from flame.protocols.paillier.encoding import _unpack
-        from flame.secure.contributions import sum_contributions
-        from flame.secure.threshold import ThresholdCollector
-
-        assert self.keys is not None and self.keys.threshold is not None
-        assert self.context is not None
-        public = self.keys.threshold
-        if self._collector is None:
-            self._collector = ThresholdCollector(
-                public,
-                self.context,
-                self.timeout,
-                self.keys.allow_changing_contributors,
-                DECRYPT,
-                DECRYPTED,
-                decrypters=self.keys.decrypters,
-                verify=self.keys.verifier,
-            )
-        totals = {}
-        for path, by_node in sealed.items():
-            try:
-                totals[path] = sum_contributions(
-                    public, self.context.analysis_id, epoch, path, by_node, self.keys.verifier
-                )
-            except FlameError as exc:  # e.g. a contributor's proof of plaintext knowledge
-                node = getattr(exc, "node", None)  # fails: named before anyone is asked
-                raise RunFailed(
-                    f"cannot add the encrypted {path!r}: {exc}", epoch=epoch, node=node
-                ) from exc
-        packed = self._collector.decrypt(epoch, sealed, totals)
-        plain: dict[str, Any] = {}
-        for path, total in totals.items():
-            try:
-                sums = _unpack(packed[path], total.layout, total.size, total.contributors)
-            except FlameError as exc:
-                raise RunFailed(f"the decrypted sum of {path!r}: {exc}", epoch=epoch) from exc
-            floats = _as_floats(sums) / float(2**total.layout.precision)
-            plain[path] = _plain(floats.reshape(total.shape), total.layout.precision)
-        contributors = {path: sorted(by_node) for path, by_node in sealed.items()}
-        stripped = {
-            node: _replace(result, lambda p, v: Summed(p) if isinstance(v, Sealed) else v)
-            for node, result in results.items()
-        }
-        return Results(stripped, plain, contributors)
-
-    def _decrypt(
-        self, epoch: int, sums: dict[str, Sealed], contributors: dict[str, list[str]]
-    ) -> dict[str, np.ndarray]:
-        nodes = sorted({n for who in contributors.values() for n in who})
-        reporter, confirmers = nodes[0], nodes[1:]
-        request = {"sums": sums, "contributors": contributors, "reporter": reporter}
-        report = self._ask(epoch, [reporter], request)[reporter]
-        plain = report.get("sums")
-        if not isinstance(plain, dict) or set(plain) != set(sums):
-            raise RunFailed(
-                f"node {reporter!r} reported a malformed decrypted sum", node=reporter, epoch=epoch
-            )
-        plain = {p: np.asarray(v, dtype=np.float64) for p, v in plain.items()}
-        if confirmers:
-            fraction = self.confirm_fraction or min(1.0, 3.0 / len(confirmers))
-            replies = self._ask(
-                epoch,
-                confirmers,
-                {**request, "reported": plain, "fraction": fraction},
-                required=False,
-            )
-            for node, reply in replies.items():
-                if not isinstance(reply.get("confirmed"), int):
-                    raise RunFailed(
-                        f"node {node!r} sent a malformed confirmation", node=node, epoch=epoch
-                    )
-        return plain
-
-    def _ask(
-        self, epoch: int, nodes: list[str], body: dict[str, Any], *, required: bool = True
-    ) -> dict[str, dict[str, Any]]:
-        """Send a decryption request to `nodes` and collect their replies."""
-        assert self.context is not None
-        transport = self.context._mailbox.transport
-        for node in nodes:
-            asked = {p: s for p, s in body["sums"].items() if node in body["contributors"][p]}
-            transport.send(
-                Envelope(
-                    self.context.analysis_id,
-                    self.context.node_id,
-                    node,
-                    "message",
-                    epoch,
-                    {**body, "sums": asked},
-                    DECRYPT,
-                )
-            )
-        received = self.context.receive(DECRYPTED, senders=nodes, timeout=self.timeout)
-        replies: dict[str, dict[str, Any]] = {}
-        for node, reply in received.messages.items():
-            if not isinstance(reply, dict):
-                raise RunFailed(f"node {node!r} sent a malformed decryption reply", node=node)
-            if "error" in reply:
-                role = "decrypt" if "reported" not in body else "confirm"
-                raise RunFailed(
-                    f"node {node!r} refused to {role} the secure sum of epoch {epoch}: "
-                    f"{str(reply['error'])[:300]}",
-                    node=node,
-                    epoch=epoch,
-                )
-            replies[node] = reply
-        if received.missing:
-            if required:
-                raise RunFailed(
-                    f"node {received.missing[0]!r} did not decrypt the sum of epoch {epoch} "
-                    f"within {self.timeout:g} s",
-                    node=received.missing[0],
-                    epoch=epoch,
-                )
-            log.warning(
-                "epoch %d: no confirmation of the secure sum from %s",
-                epoch,
-                ", ".join(received.missing),
-            )
-        return replies

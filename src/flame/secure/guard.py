@@ -59,15 +59,32 @@ class GuardLedger:
     """Fixed contributor sets, endorsed sets and decrypted-sum digests of one share holder
     (not thread-safe: `ThresholdParty` holds its lock around every use)."""
 
-    def __init__(self, share: ThresholdKeyShare, state: NodeLocalState | None) -> None:
+    def __init__(
+        self, share: ThresholdKeyShare | None, state: NodeLocalState | None, **parts: Any
+    ) -> None:
+        if share is not None:
+            parts = {"node": share.node_id, "index": share.index, "key": _mac_key(share)}
         self._state = state
-        self._node = share.node_id
-        self._index = share.index
-        self._key = _mac_key(share)
+        self._node: str = parts["node"]
+        self._index: int = parts["index"]
+        self._key: bytes = parts["key"]
+        self._tag: str = parts.get("tag", TAG)
+        self._name = "threshold guard ledger" if self._tag == TAG else "single-key guard ledger"
         self._fixed: dict[str, dict[str, list[str]]] = {}
         self._answered: dict[str, dict[str, str]] = {}
         self._endorsed: dict[str, dict[str, str]] = {}
         self._loaded = state is None
+
+    @classmethod
+    def for_secret(
+        cls, node: str, secret: int, state: NodeLocalState | None, tag: str
+    ) -> GuardLedger:
+        """A ledger authenticated with a key derived from `secret` (single-key mode: from
+        the private key), stored under `tag`."""
+        raw = secret.to_bytes((secret.bit_length() + 7) // 8 or 1, "big")
+        h = hashlib.sha256(f"{tag}-key-v1\0{node}\0".encode())
+        h.update(raw)
+        return cls(None, state, node=node, index=0, key=h.digest(), tag=tag)
 
     # -- queries ----------------------------------------------------------------------------
 
@@ -174,12 +191,12 @@ class GuardLedger:
             return
         body = self._body()
         try:
-            self._state.save(TAG, {"body": body, "mac": self._mac(body)})
+            self._state.save(self._tag, {"body": body, "mac": self._mac(body)})
         except Exception as exc:
             noun = "decryption" if what == "decrypt" else "endorsement"
             raise LedgerError(
                 f"refusing to {what}: could not record the {noun} in this node's "
-                f"threshold guard ledger ({type(exc).__name__}: {exc})"
+                f"{self._name} ({type(exc).__name__}: {exc})"
             ) from None
 
     def _load(self) -> None:
@@ -187,12 +204,12 @@ class GuardLedger:
             return
         if type(self._state).__name__ == "MemoryState":
             log.warning(  # README: a restarted holder without it can be asked for a second set
-                "no node storage (FLAME_STORAGE__RESULTS_DIR or a bucket): this share holder's "
+                "no node storage (FLAME_STORAGE__RESULTS_DIR or a bucket): this key holder's "
                 "differencing guard is kept in memory only and forgotten on a restart"
             )
-        where = f"this node's threshold guard ledger (node state {TAG!r})"
+        where = f"this node's {self._name} (node state {self._tag!r})"
         try:
-            stored = self._state.load(TAG, None)
+            stored = self._state.load(self._tag, None)
         except Exception as exc:
             raise LedgerError(
                 f"refusing to endorse or decrypt: {where} is unreadable "

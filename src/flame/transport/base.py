@@ -12,11 +12,13 @@ Semantics every implementation keeps (the broker's, so simulation behaves like p
 from __future__ import annotations
 
 import abc
+import hashlib
 import itertools
 import json
 import logging
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Protocol
@@ -33,7 +35,7 @@ __all__ = ["Delivery", "Transport"]
 
 log = logging.getLogger(__name__)
 MAX_STATUS_BYTES = 64 * 1024
-_ROUTINE = frozenset({"waiting", "computing", "collecting", "sent"})
+_VERIFIED_CACHE = 4096  # digests of whole signed statuses already verified (republished ones)
 
 
 class _Accepting(Protocol):
@@ -117,7 +119,7 @@ class Transport(abc.ABC):
         self.instance = uuid.uuid4().hex  # this process's connection: in every status
         self.since = round(time.time(), 3)  # when it started: orders processes of a node
         self._seq = itertools.count(1)  # every status it signs gets the next number
-        self._verified_process: dict[str, tuple[Any, Any, Any]] = {}
+        self._verified: OrderedDict[bytes, None] = OrderedDict()  # see `_trusted_status`
         self.status_order = StatusOrder(self.since)  # which statuses of others are current
         self.stale_statuses = 0
 
@@ -170,23 +172,23 @@ class Transport(abc.ABC):
         """What the last will says: this instance went offline (signed when sent)."""
         return {"state": "offline"}
 
-    def _trusted_status(self, node: str, status: dict[str, Any]) -> bool | None:
-        """Verify a status's signature, except a routine progress update (waiting, computing,
-        collecting, sent) of the very process (instance, session, link) whose earlier status
-        was verified: such an update changes no decision anywhere (presence, rejoin, failure,
-        conflict and code checks all need one of those fields to change, or another state),
-        and skipping its check keeps signing off the epoch's critical path. True: verified;
-        None: trusted unchecked (it then cannot move the status order forward); False: drop."""
+    def _trusted_status(self, node: str, status: dict[str, Any], payload: bytes) -> bool:
+        """Whether `status` carries `node`'s valid signature: every status is checked before
+        any field of it is used (a forged "routine" update once withheld a node's aggregates
+        or blamed it for unapproved code). The only shortcut is a cache keyed by the SHA-256
+        of the whole payload as signed and received, so a status republished unchanged (a
+        reconnect, the retained copy again) is not verified twice; a changed byte is a new
+        status."""
         assert self.auth is not None
-        who = (status.get("instance"), status.get("session"), status.get("link"))
-        routine = status.get("state") in _ROUTINE and not (
-            set(status) & {"conflict", "online", "reason"}
-        )
-        if routine and self._verified_process.get(node) == who:
-            return None  # trusted, signature not checked
+        digest = hashlib.sha256(node.encode() + b"\0" + payload).digest()
+        if digest in self._verified:
+            self._verified.move_to_end(digest)
+            return True
         if not self.auth.verify_status(self.analysis_id, node, status):
             return False
-        self._verified_process[node] = who
+        self._verified[digest] = None
+        while len(self._verified) > _VERIFIED_CACHE:
+            self._verified.popitem(last=False)
         return True
 
     def status_envelope(self, node: str, payload: bytes | bytearray) -> Envelope | None:
@@ -201,15 +203,9 @@ class Transport(abc.ABC):
         if not isinstance(status, dict):
             log.warning("%s dropped a status from %s that is not a JSON object", self.node_id, node)
             return None
-        verified = True
-        if self.auth is not None:
-            trusted = self._trusted_status(node, status)
-            if trusted is False:
-                return None
-            verified = trusted is True
-        stale = self.status_order.check(
-            node, status, verified=verified, signed=self.auth is not None
-        )
+        if self.auth is not None and not self._trusted_status(node, status, bytes(payload)):
+            return None
+        stale = self.status_order.check(node, status, signed=self.auth is not None)
         if stale is not None:
             self.stale_statuses += 1
             quiet = gone(status) and "conflict" not in status  # a departed process's goodbye

@@ -309,16 +309,33 @@ def to_columns(obj: Any) -> dict[str, list[Any]]:
         raise TypeError(f"{type(obj).__name__} is not a table")
     table, extra = _as_arrow(obj, kind, "value")
     if kind == "pandas.DataFrame" or kind == "pandas.Series":
-        table = pa.Table.from_pandas(
-            obj.reset_index(drop=True)
-            if kind == "pandas.DataFrame"
-            else obj.to_frame(name=_SERIES_COLUMN).reset_index(drop=True),
-            preserve_index=False,
-        )
+        frame = obj if kind == "pandas.DataFrame" else obj.to_frame(name=_SERIES_COLUMN)
+        # The index is data (diagnosis labels, value_counts' values): its columns come
+        # first; only pandas' default 0..n-1 index, which says nothing, is left out.
+        frame = frame.reset_index(drop=_default_index(frame.index))
+        table = pa.Table.from_pandas(frame, preserve_index=False)
     columns = table.to_pydict()
     if kind.endswith(".Series"):
-        return {str(extra.get("name")): [_plain(v) for v in columns[_SERIES_COLUMN]]}
+        name = str(extra.get("name"))
+        if name in columns:  # the index is named like the Series: the values get "value"
+            name = "value"
+        return {
+            (name if k == _SERIES_COLUMN else str(k)): [_plain(v) for v in values]
+            for k, values in columns.items()
+        }
     return {str(k): [_plain(v) for v in values] for k, values in columns.items()}
+
+
+def _default_index(index: Any) -> bool:
+    """pandas' unnamed RangeIndex 0, 1, ..., n-1 (what `reset_index(drop=True)` gives)."""
+    import pandas as pd
+
+    return (
+        isinstance(index, pd.RangeIndex)
+        and index.name is None
+        and index.start == 0
+        and index.step == 1
+    )
 
 
 def _plain(value: Any) -> Any:
