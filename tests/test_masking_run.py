@@ -165,3 +165,64 @@ def test_the_wire_carries_masked_words_not_values_at_about_plaintext_size() -> N
         words = np.frombuffer(vector, dtype="<u4")
         encoded = np.rint(big[node] * 2**16).astype(np.int64).astype(np.uint32)
         assert len(vector) == 4 * 40_000 and not np.any(words == encoded)
+
+
+# --- the guard ledger in node-local state ---------------------------------------------------
+
+
+def _guard(state: Any, key: Any, allow: bool = False) -> Any:
+    from flame.secure.masking_guard import MaskingGuard
+
+    return MaskingGuard("ana", "n1", state=state, identity=key, allow_changing=allow)
+
+
+def test_a_restarted_node_still_refuses_a_differing_set() -> None:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from flame.aggregator.run_store import MemoryState
+    from flame.protocols.masking import ProtocolViolation
+
+    state, key = MemoryState(), Ed25519PrivateKey.generate()
+    first = _guard(state, key)
+    first.record(0, "vec", first.check(0, "vec", ["n0", "n1", "n2"]))
+    restarted = _guard(state, key)  # a new process: only the state is left
+    with pytest.raises(ProtocolViolation, match=r"fixed by its first masked sum.*\['n2'\]"):
+        restarted.check(1, "vec", ["n0", "n1"])
+    assert restarted.check(1, "vec", ["n0", "n1", "n2"]) == ("n0", "n1", "n2")
+    lenient = _guard(state, key, allow=True)  # the setting lifts the first rule only
+    assert lenient.check(1, "vec", ["n0", "n1"]) == ("n0", "n1")
+    with pytest.raises(ProtocolViolation, match="already signed another contributor set"):
+        lenient.check(0, "vec", ["n0", "n1"])
+
+
+def test_a_changed_or_foreign_ledger_is_refused_not_reset() -> None:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from flame.aggregator.run_store import MemoryState
+    from flame.protocols.masking import ProtocolViolation
+    from flame.secure.masking_guard import TAG
+
+    state, key = MemoryState(), Ed25519PrivateKey.generate()
+    guard = _guard(state, key)
+    guard.record(0, "vec", guard.check(0, "vec", ["n0", "n1", "n2"]))
+    with pytest.raises(ProtocolViolation, match="changed, foreign or corrupt"):
+        _guard(state, Ed25519PrivateKey.generate()).check(1, "vec", ["n0", "n1"])
+    saved = state.load(TAG)
+    state.save(TAG, {**saved, "fixed": None, "signed": []})  # an operator "resetting" it
+    with pytest.raises(ProtocolViolation, match="changed, foreign or corrupt"):
+        _guard(state, key).check(1, "vec", ["n0", "n1"])
+
+
+def test_a_ledger_that_cannot_be_written_means_no_signature() -> None:
+    from flame.protocols.masking import ProtocolViolation
+
+    class Broken:
+        def save(self, tag: str, value: Any) -> None:
+            raise OSError("disk full")
+
+        def load(self, tag: str, default: Any = None) -> Any:
+            return default
+
+    guard = _guard(Broken(), None)
+    with pytest.raises(ProtocolViolation, match="cannot write the masking guard ledger"):
+        guard.record(0, "vec", guard.check(0, "vec", ["n0", "n1"]))

@@ -170,6 +170,7 @@ class AnalysisClient:
                 participants,
                 aggregator_id,
                 transport.auth,
+                state,
             )
         self.resend_interval = resend_interval
         self.log_traceback = log_traceback  # off where the aggregator logs to the same place

@@ -6,10 +6,8 @@ node until the aggregator, having collected the results, drives the other rounds
 `flame.secure.mask` messages, which the node answers (`MaskingNode.answer`) while it waits
 for the next epoch. The aggregator's side is `flame.secure.masking_sum`.
 
-Differencing guard, kept by the node (the aggregator chooses the survivor set): the first
-survivor set this node signs, of any field, fixes the contributor set of the analysis; a later
-set that differs is refused (unless FLAME_SECURE__ALLOW_CHANGING_CONTRIBUTORS), and at most
-one set is signed per (epoch, field). The guard lives in the node's memory for the run.
+The differencing guard (`flame.secure.masking_guard`) is kept by the node, since the
+aggregator chooses the survivor set, in its node-local state.
 """
 
 from __future__ import annotations
@@ -23,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from flame.errors import FlameError
+from flame.secure.masking_guard import MaskingGuard
 from flame.wire.envelope import Envelope, Sealed
 
 if TYPE_CHECKING:
@@ -33,8 +32,9 @@ if TYPE_CHECKING:
 
     from flame.config import SecureAggregationSettings
     from flame.identity.signing import Authenticator
-    from flame.protocols.masking import MaskingClient, Message
+    from flame.protocols.masking import MaskingClient
     from flame.protocols.paillier import SecureSumSpec
+    from flame.secure.guard import NodeLocalState
 
 __all__ = ["MASK", "MASKED", "SCHEME", "MaskingNode", "MaskingSettings", "signing_keys"]
 
@@ -115,6 +115,7 @@ class MaskingNode:
         participants: Sequence[str],
         aggregator_id: str,
         auth: Authenticator | None = None,
+        state: NodeLocalState | None = None,
     ) -> None:
         self.settings = settings
         self.analysis_id = analysis_id
@@ -123,8 +124,13 @@ class MaskingNode:
         self.aggregator_id = aggregator_id
         self._identity, self._keys = signing_keys(auth, [*self.participants, aggregator_id])
         self._pending: dict[tuple[int, str], _Pending] = {}
-        self._fixed: tuple[str, ...] | None = None  # the contributor set of the analysis
-        self._signed: dict[tuple[int, str], tuple[str, ...]] = {}
+        self.guard = MaskingGuard(
+            analysis_id,
+            node_id,
+            state=state,
+            identity=self._identity,
+            allow_changing=settings.allow_changing_contributors,
+        )
         self._lock = threading.Lock()
 
     def seal(self, result: Any, epoch: int) -> Any:
@@ -202,9 +208,10 @@ class MaskingNode:
                     reply = client.masked_input(sealed.data, pending.values)
                     pending.values = None  # masked and sent: the node keeps no copy
                 elif step == "survivors":
-                    u3 = self._guard(envelope.epoch, path, Message.from_bytes(sealed.data))
-                    reply = client.consistency(sealed.data)
-                    self._record(envelope.epoch, path, u3)
+                    u3 = Message.from_bytes(sealed.data).body.get("u3")
+                    chosen = self.guard.check(envelope.epoch, path, u3)
+                    reply = client.consistency(sealed.data)  # verified, signed, not yet sent
+                    self.guard.record(envelope.epoch, path, chosen)
                 else:
                     reply = client.reveal(sealed.data)
                     with self._lock:
@@ -216,37 +223,3 @@ class MaskingNode:
             )
             return {"error": str(exc)[:500]}
         return {"messages": out}
-
-    def _guard(self, epoch: int, path: str, survivors: Message) -> tuple[str, ...]:
-        """The survivor set asked for, unless signing it would let two sums be differenced."""
-        from flame.protocols.masking import ProtocolViolation
-
-        u3 = survivors.body.get("u3")
-        if not isinstance(u3, list) or not all(isinstance(v, str) for v in u3):
-            raise ProtocolViolation("survivors: malformed survivor set")
-        chosen = tuple(u3)
-        with self._lock:
-            before = self._signed.get((epoch, path))
-            fixed = self._fixed
-        if before is not None and before != chosen:
-            raise ProtocolViolation(
-                f"already signed another contributor set for {path!r} in epoch {epoch}; "
-                "a second sum could reveal a difference"
-            )
-        if fixed is not None and chosen != fixed and not self.settings.allow_changing_contributors:
-            missing = sorted(set(fixed) - set(chosen))
-            new = sorted(set(chosen) - set(fixed))
-            raise ProtocolViolation(
-                f"the contributor set of this analysis is fixed by its first masked sum; "
-                f"{path!r} in epoch {epoch} would leave out {missing} and add {new}, so "
-                "sums could be differenced (FLAME_SECURE__ALLOW_CHANGING_CONTRIBUTORS "
-                "lifts this)"
-            )
-        return chosen
-
-    def _record(self, epoch: int, path: str, chosen: tuple[str, ...]) -> None:
-        """A set this node signed: the only one for (epoch, field); the first fixes all."""
-        with self._lock:
-            self._signed[(epoch, path)] = chosen
-            if self._fixed is None:
-                self._fixed = chosen
