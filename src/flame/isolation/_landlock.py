@@ -1,17 +1,20 @@
 """Landlock confinement of the analysis child (Linux >= 5.13), before any analysis code runs.
 
 Why: the child runs as the node's own user, so without this it can open the node's key
-files, token files, policy, budget ledger and data folders directly, and read the parent's
-memory and environment through /proc (same uid). A Landlock domain, which the child cannot
-leave again, (1) makes every process outside it (the node runtime, Paillier workers, other
-nodes) unreachable through ptrace and /proc/<pid>/{environ,mem,maps,fd}, and signals and
-abstract Unix sockets scoped, (2) hides the given paths (no read, write, unlink or rename of
-them or anything beneath), and (3) when the network is to be cut, forbids TCP connect/bind.
+files, token files, policy, budget ledger and data folders directly, rewrite the installed
+runtime code (which the node imports later, next to its keys), and read the parent's memory
+and environment through /proc (same uid). The domain, which the child cannot leave again, is
+an allow-list: (1) read (and execute) only the given `readable` paths (interpreter,
+stdlib, site-packages, flame, the analysis code) and a few system files; (2) write only the
+given `writable` paths (one private scratch folder); nothing else can be opened at all;
+(3) every process outside the domain is unreachable through ptrace and /proc/<pid>/*, and
+signals and abstract Unix sockets are scoped; (4) when the network is cut, TCP connect/bind
+is forbidden.
 
-Paths are hidden by carving: every directory entry along the way from `/` to a hidden path
-is allowed except the one leading to it; the ancestors themselves may only be listed.
-Loaded by `_boot.py` by file, before `flame` (and numpy's threads) are imported: no imports
-beyond the standard library.
+A `hidden` path inside a readable folder is carved out: every entry along the way from
+the folder to the hidden path is allowed except the one leading to it; the ancestors
+themselves may only be listed. Loaded by `_boot.py` by file, before `flame` (and numpy's
+threads) are imported: no imports beyond the standard library.
 """
 
 from __future__ import annotations
@@ -28,11 +31,36 @@ _PR_SET_NO_NEW_PRIVS = 38
 
 # Filesystem rights by ABI version (uapi/linux/landlock.h).
 _EXECUTE, _WRITE_FILE, _READ_FILE, _READ_DIR = 1 << 0, 1 << 1, 1 << 2, 1 << 3
+_MAKE_CHAR, _MAKE_SOCK, _MAKE_FIFO, _MAKE_BLOCK = 1 << 6, 1 << 9, 1 << 10, 1 << 11
 _FS_ABI1 = (1 << 13) - 1
 _REFER, _TRUNCATE, _IOCTL_DEV = 1 << 13, 1 << 14, 1 << 15
 _FILE_RIGHTS = _EXECUTE | _WRITE_FILE | _READ_FILE | _TRUNCATE | _IOCTL_DEV
+_READ = _EXECUTE | _READ_FILE | _READ_DIR
+_NOT_IN_SCRATCH = _EXECUTE | _MAKE_CHAR | _MAKE_BLOCK | _MAKE_SOCK | _MAKE_FIFO | _IOCTL_DEV
 _NET_TCP = (1 << 0) | (1 << 1)  # bind, connect
 _SCOPES = (1 << 0) | (1 << 1)  # abstract Unix sockets, signals
+
+SYSTEM_READABLE = (
+    "/usr",
+    "/lib",
+    "/lib64",
+    "/lib32",
+    "/etc/ld.so.cache",
+    "/etc/localtime",
+    "/etc/timezone",
+    "/dev/urandom",
+    "/dev/zero",
+    "/proc/self",
+    "/proc/cpuinfo",
+    "/proc/meminfo",
+    "/proc/sys/vm/overcommit_memory",
+    "/sys/devices/system/cpu",
+    "/sys/kernel/mm/transparent_hugepage",
+    "/sys/fs/cgroup",
+)
+"""Read-only outside the Python installation: shared libraries and what libc, numpy,
+pyarrow and DuckDB probe (CPU count, memory, time zone). Nothing of the node's."""
+SYSTEM_WRITABLE = ("/dev/null",)
 
 
 def _fs_rights(abi: int) -> int:
@@ -50,8 +78,15 @@ def _components(path: str) -> list[str]:
     return [part for part in path.split(os.sep) if part]
 
 
-def confine(hidden: list[str], *, cut_tcp: bool) -> str:
-    """Enter a Landlock domain hiding `hidden`; a sentence saying what is enforced."""
+def _within(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def confine(
+    readable: list[str], writable: list[str], hidden: list[str], *, cut_tcp: bool
+) -> str:
+    """Enter the allow-list domain; a sentence saying what is enforced (starting with
+    "no confinement" when nothing is)."""
     if not sys.platform.startswith("linux"):
         return "no confinement (not Linux)"
     try:
@@ -75,14 +110,8 @@ def confine(hidden: list[str], *, cut_tcp: bool) -> str:
     ruleset = libc.syscall(_CREATE, buffer, ctypes.c_size_t(len(attr)), ctypes.c_uint32(0))
     if ruleset < 0:
         return f"no confinement (ruleset refused: {os.strerror(ctypes.get_errno())})"
+    secret = sorted({os.path.realpath(p) for p in hidden if p})
     try:
-        targets = sorted({os.path.realpath(p) for p in hidden if p})
-        hidden_set = set(targets)
-        ancestors: set[str] = set()
-        for target in targets:
-            parts = _components(target)
-            for depth in range(len(parts)):
-                ancestors.add(os.sep + os.sep.join(parts[:depth]))
 
         def allow(path: str, rights: int) -> None:
             try:
@@ -98,20 +127,37 @@ def confine(hidden: list[str], *, cut_tcp: bool) -> str:
             finally:
                 os.close(fd)
 
-        if not targets:
-            allow(os.sep, fs)
-        else:
-            allow(os.sep, _READ_DIR)  # names may be listed everywhere; contents are carved
+        def allow_tree(root: str, rights: int) -> None:
+            """`root` with `rights`, minus the hidden paths beneath it (carved)."""
+            if any(_within(root, h) for h in secret):
+                return  # the runtime never asks for this; refuse rather than expose
+            inside = [h for h in secret if _within(h, root)]
+            if not inside:
+                allow(root, rights)
+                return
+            ancestors: set[str] = set()
+            for target in inside:
+                parts = _components(target)
+                for depth in range(len(_components(root)), len(parts)):
+                    ancestors.add(os.sep + os.sep.join(parts[:depth]))
             for ancestor in sorted(ancestors):
+                allow(ancestor, rights & _READ_DIR)  # listed, contents carved
                 try:
                     entries = os.listdir(ancestor)
                 except OSError:
                     continue
                 for entry in entries:
                     path = os.path.join(ancestor, entry)
-                    if path in hidden_set or path in ancestors:
-                        continue
-                    allow(path, fs)
+                    if path not in inside and path not in ancestors:
+                        allow(path, rights)
+
+        roots = {os.path.realpath(p) for p in [*readable, *SYSTEM_READABLE] if p}
+        for root in sorted(roots):
+            allow_tree(root, _READ & fs)
+        for path in SYSTEM_WRITABLE:
+            allow(path, (_READ_FILE | _WRITE_FILE | _TRUNCATE) & fs)
+        for root in sorted({os.path.realpath(p) for p in writable if p}):
+            allow_tree(root, fs & ~_NOT_IN_SCRATCH)
         if libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0):
             return f"no confinement (no_new_privs refused: {os.strerror(ctypes.get_errno())})"
         if libc.syscall(_RESTRICT, ruleset, ctypes.c_uint32(0)):
@@ -120,10 +166,14 @@ def confine(hidden: list[str], *, cut_tcp: bool) -> str:
         return f"no confinement ({exc})"
     finally:
         os.close(ruleset)
-    what = [f"{len(targets)} node path(s) hidden", "other processes unreachable"]
+    what = [
+        f"read-only {len(roots)} path(s), writable {len(set(writable))}",
+        f"{len(secret)} node path(s) hidden",
+        "other processes unreachable",
+    ]
     if net:
         what.append("no TCP")
-    return f"Landlock ABI {abi}: " + ", ".join(what)
+    return f"Landlock ABI {abi} allow-list: " + ", ".join(what)
 
 
 # --- seccomp: no connect() -------------------------------------------------------------------

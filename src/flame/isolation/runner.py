@@ -8,8 +8,6 @@ child's answer is checked by the caller exactly like an in-process result.
 from __future__ import annotations
 
 import contextlib
-import csv
-import io
 import logging
 import os
 import subprocess
@@ -17,17 +15,24 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, Protocol
+from typing import IO, Any
 
 import numpy as np
 
 from flame.data import Data, FileSource, LocalSource
+from flame.data.sources.descriptor import open_read_only, reachable
 from flame.errors import AnalysisError, FlameError, PolicyRefused, RunTimeout
 from flame.isolation.channel import Channel, ChannelClosed
-from flame.isolation.spawn import scrubbed_environment, spawn_child, take_warm
-from flame.node.context import Context, active
+from flame.isolation.inprocess import InProcessRunner, Outcome, RowMeter, Runner
+from flame.isolation.spawn import (
+    empty_scratch,
+    python_readable,
+    scrubbed_environment,
+    spawn_child,
+    take_warm,
+)
+from flame.node.context import Context
 from flame.privacy.markers import from_plain, to_plain
 
 __all__ = [
@@ -44,139 +49,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _STOP_TIMEOUT = 5.0
-
-
-class RowMeter:
-    """Counts the rows an epoch read: CSV records of every distinct file served, plus the
-    records returned by other sources (FHIR searches and tables)."""
-
-    def __init__(self) -> None:
-        self.rows = 0
-        self._seen: set[tuple[str, str]] = set()
-
-    def reset(self) -> None:
-        self.rows = 0
-        self._seen.clear()
-
-    def file(self, source: str, name: str, content: bytes) -> None:
-        if (source, name) in self._seen:
-            return
-        self._seen.add((source, name))
-        lower = name.lower()
-        if lower.endswith((".csv", ".tsv")):
-            text = content.decode("utf-8-sig", errors="replace")
-            dialect = "excel-tab" if lower.endswith(".tsv") else "excel"
-            records = sum(1 for row in csv.reader(io.StringIO(text, newline=""), dialect) if row)
-            self.rows += max(records - 1, 0)
-        elif lower.endswith((".jsonl", ".ndjson")):
-            self.rows += sum(1 for line in content.splitlines() if line.strip())
-        elif lower.endswith((".parquet", ".pq")):
-            try:
-                import pyarrow.parquet as pq
-
-                self.rows += int(pq.ParquetFile(io.BytesIO(content)).metadata.num_rows)
-            except Exception:  # unreadable: no rows counted, min_rows decides
-                log.warning("could not count the rows of %s", name)
-
-    def descriptor(self, source: str, name: str, fd: int, count: Callable[[str, int], int]) -> None:
-        """A file handed to the child as a descriptor: `count(name, fd)` its rows, once."""
-        if (source, name) not in self._seen:
-            self._seen.add((source, name))
-            self.rows += count(name, fd)
-
-    def records(self, value: Any) -> None:
-        if hasattr(value, "num_rows") or hasattr(value, "shape"):  # Arrow / pandas tables
-            self.rows += int(value.num_rows if hasattr(value, "num_rows") else value.shape[0])
-        elif isinstance(value, list):
-            self.rows += len(value)
-        elif isinstance(value, dict) and value:
-            first = next(iter(value.values()))
-            if isinstance(first, (np.ndarray, list)):
-                self.rows += len(first)
-
-
-@dataclass
-class Outcome:
-    """What one epoch's `analyze` produced, as the runtime saw it."""
-
-    result: Any
-    rows_read: int
-    details: dict[str, Any] = field(default_factory=dict)
-
-
-class Runner(Protocol):
-    def start(self) -> None: ...
-
-    def run(self, epoch: int, previous: Any) -> Outcome: ...
-
-    def close(self) -> None: ...
-
-    @property
-    def declared_spend(self) -> Any: ...
-
-    @property
-    def rows_read(self) -> int: ...
-
-
-class _MeteredSource:
-    """A file source whose reads the runtime counts (in-process runs)."""
-
-    def __init__(self, inner: FileSource, meter: RowMeter) -> None:
-        self.name = inner.name
-        self._inner = inner
-        self._meter = meter
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._inner, name)
-
-    def files(self) -> list[str]:
-        return self._inner.files()
-
-    def open(self, name: str) -> IO[bytes]:
-        with self._inner.open(name) as stream:
-            content = stream.read()
-        self._meter.file(self.name, name, content)
-        return io.BytesIO(content)
-
-
-class InProcessRunner:
-    """`analyze` in the node's own process: fast, for the Python API and tests. The policy is
-    still checked on what comes back, but the analysis shares the runtime's memory."""
-
-    def __init__(self, analyze: Callable[..., Any], data: Any, context: Context) -> None:
-        self.analyze = analyze
-        self.context = context
-        self.meter = RowMeter()
-        if not isinstance(data, Data):
-            self.data: Any = data
-            return
-        metered: dict[str, object] = {
-            name: _MeteredSource(source, self.meter) if isinstance(source, FileSource) else source
-            for name, source in data.sources.items()
-        }
-        self.data = Data(metered, node_id=data.node_id)
-
-    @property
-    def declared_spend(self) -> Any:
-        original = getattr(self.analyze, "__wrapped__", self.analyze)
-        return getattr(original, "__flame_spend__", None)
-
-    @property
-    def rows_read(self) -> int:
-        """Rows served to `analyze` so far in this epoch (what a message is checked against)."""
-        return self.meter.rows
-
-    def start(self) -> None:
-        return None
-
-    def run(self, epoch: int, previous: Any) -> Outcome:
-        self.meter.reset()
-        with active(self.context):
-            result = self.analyze(self.data, epoch=epoch, previous=previous)
-        return Outcome(result, self.meter.rows)
-
-    def close(self) -> None:
-        return None
 
 
 def _relay_output(stream: IO[bytes]) -> None:
@@ -235,6 +107,55 @@ def child_hidden_paths(paths: Sequence[str | Path], analysis_file: str | None) -
     return hidden
 
 
+def child_readable(locator: dict[str, Any]) -> list[str]:
+    """What the child's domain lets it read: Python and flame (`python_readable`), plus the
+    analysis code: a snapshot's folder (`flame run`), or the folder of the module defining
+    `analyze` and this process's import path (functions passed from Python)."""
+    if "path" in locator:
+        path = Path(str(locator["path"]))
+        root = str(locator.get("root") or (path if path.is_dir() else path.parent))
+        return [*python_readable(), os.path.realpath(root)]
+    file = locator.get("file")
+    folder = [os.path.dirname(os.path.realpath(str(file)))] if file else []
+    return [*python_readable(with_script_dir=True), *folder]
+
+
+RUNTIME_MODULES = (
+    "flame.data.csv_columns",
+    "flame.data.readers",
+    "flame.data.sources.descriptor",
+    "flame.data.sources.local",
+    "flame.privacy.release",
+    "flame.privacy.policy",
+    "flame.privacy.tracebacks",
+    "flame.wire.envelope",
+    "flame.wire.tables",
+    "pyarrow",
+    "pyarrow.csv",
+    "pyarrow.parquet",
+)
+"""What the runtime may import lazily while or after a child runs (flame.dp statistics read
+the node's CSV data; results are decoded and checked)."""
+_preloaded = False
+
+
+def preload_runtime() -> None:
+    """Import `RUNTIME_MODULES` now, before any analysis child exists: a module imported
+    later could have been planted by the child if its files were writable (the child's
+    domain forbids that; `flame check` fails when the node user could write them)."""
+    global _preloaded
+    if _preloaded:
+        return
+    import importlib
+
+    for name in RUNTIME_MODULES:
+        try:
+            importlib.import_module(name)
+        except ImportError:  # an optional dependency (pyarrow) that is not installed
+            log.debug("not preloaded (not installed): %s", name)
+    _preloaded = True
+
+
 class AnalysisAt:
     """`analyze` of the analysis at `path`, never imported into the node runtime: only the
     isolated child loads it (what `flame run` does on an analysis node), so not even the
@@ -243,8 +164,14 @@ class AnalysisAt:
     __name__ = __qualname__ = "analyze"
 
     def __init__(self, path: str | Path) -> None:
-        self.path = str(Path(path).resolve())
-        self._flame_locator = {"path": self.path}
+        from flame.analysis.snapshot import take_snapshot
+
+        self.origin = str(Path(path).resolve())
+        snapshot = take_snapshot(path)  # the reviewed bytes, read-only; refuses stray bytecode
+        self.path = str(snapshot.path)
+        self.code = snapshot.code
+        """SHA-256 of the snapshot (what `flame hash` prints for the same files)."""
+        self._flame_locator = {"path": self.path, "root": str(snapshot.root)}
 
     def __call__(self, data: Any, epoch: int = 0, previous: Any = None) -> Any:
         raise FlameError(f"the analysis at {self.path} runs only in its isolated child")
@@ -300,6 +227,7 @@ class ChildRunner:
         # (the node runtime uses it to stop at an abort or a finished run).
         self.on_wait: Callable[[], None] | None = None
         self.hide = child_hidden_paths(hide, locator.get("file") or locator.get("path"))
+        self.readable = child_readable(locator)
         self.allow_messages = allow_messages
         self.meter = RowMeter()
         self.network = "not started"
@@ -324,9 +252,14 @@ class ChildRunner:
         self._declared = None
         # a child started early by `prestart` (flame simulate) if one waits, else a new one
         # (warm children know no paths to hide: they serve runs that hide nothing)
-        warm = None if self.capture_output or self.hide else take_warm(self.cut_network)
+        preload_runtime()  # before the child runs: nothing imported later is the child's
+        warm = (
+            None
+            if self.capture_output or self.hide
+            else take_warm(self.cut_network, self.readable)
+        )
         self._process, ours = warm or spawn_child(
-            self.cut_network, self.capture_output, hide=self.hide
+            self.cut_network, self.capture_output, hide=self.hide, read=self.readable
         )
         if self.capture_output and self._process.stdout is not None:
             threading.Thread(
@@ -353,6 +286,8 @@ class ChildRunner:
         self.confinement = str(ready.get("confinement", "unknown"))
         self._declared = ready.get("declared")
         level = logging.DEBUG if self.network == "cut" else logging.INFO
+        if self.confinement.startswith("no confinement"):
+            level = logging.ERROR  # `flame check` fails on this too (check_install)
         log.log(
             level,
             "analysis child %s started; network %s; %s",
@@ -366,7 +301,9 @@ class ChildRunner:
             "load",
             {
                 "analyze": self.locator,
-                "sys_path": [p for p in sys.path if p and Path(p).is_dir()],
+                "sys_path": [p for p in sys.path if p and Path(p).is_dir()]
+                if "path" not in self.locator
+                else [],
                 "sources": sources,
                 "node_id": ctx.node_id,
                 "analysis_id": ctx.analysis_id,
@@ -409,6 +346,7 @@ class ChildRunner:
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait(timeout=_STOP_TIMEOUT)
+            empty_scratch(process)  # nothing the child wrote outlives its run
 
     # --- the conversation --------------------------------------------------------------------
     def _request(self, op: str, body: Any, answer: str, *, deadline: float) -> dict[str, Any]:
@@ -461,6 +399,8 @@ class ChildRunner:
         if process is not None and process.poll() is None:
             process.kill()
             process.wait(timeout=_STOP_TIMEOUT)
+        if process is not None:
+            empty_scratch(process)
         if channel is not None:
             channel.close()
 
@@ -482,7 +422,7 @@ class ChildRunner:
     def _send_descriptor(self, args: dict[str, Any]) -> None:
         """A file of a node folder, opened read-only here and passed to the child, which
         streams it itself (no copy through the channel); its rows are counted here."""
-        from flame.data.sources.descriptor import count_records, open_read_only
+        from flame.data.sources.descriptor import count_records
 
         assert self._channel is not None
         name, source_name = str(args["name"]), str(args["source"])
@@ -502,10 +442,17 @@ class ChildRunner:
             source = self.data.source(str(args["source"]))
             if not isinstance(source, FileSource):
                 raise FlameError("not a file source")
+            if isinstance(source, LocalSource):  # names leading into a hidden path: unlisted
+                return [n for n in source.files() if reachable(source.root, n, self.hide)]
             return source.files()
         if op == "read":
             name, source_name = str(args["name"]), str(args["source"])
-            content = self.data.read_bytes(name, source=source_name)
+            source = self.data.source(source_name)
+            if isinstance(source, LocalSource):  # the same path check as "open"
+                with os.fdopen(open_read_only(source.root, name, self.hide), "rb") as stream:
+                    content = stream.read()
+            else:
+                content = self.data.read_bytes(name, source=source_name)
             self.meter.file(source_name, name, content)
             return content
         if op == "source_call":

@@ -550,6 +550,9 @@ def run_checks(*, timeout: float = 5.0) -> CheckReport:
     if config.secure.enabled:
         items.extend(_check_keys(config))
     items.append(_check_policy(config))
+    from flame.ops.check_install import install_checks  # runtime code read-only, Landlock
+
+    items.extend(install_checks(config))
     secrets = config.secrets()
     for item in items:
         report.items.append(
