@@ -82,9 +82,7 @@ def _within(path: str, folder: str) -> bool:
     return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
 
 
-def confine(
-    readable: list[str], writable: list[str], hidden: list[str], *, cut_tcp: bool
-) -> str:
+def confine(readable: list[str], writable: list[str], hidden: list[str], *, cut_tcp: bool) -> str:
     """Enter the allow-list domain; a sentence saying what is enforced (starting with
     "no confinement" when nothing is)."""
     if not sys.platform.startswith("linux"):

@@ -254,9 +254,7 @@ class ChildRunner:
         # (warm children know no paths to hide: they serve runs that hide nothing)
         preload_runtime()  # before the child runs: nothing imported later is the child's
         warm = (
-            None
-            if self.capture_output or self.hide
-            else take_warm(self.cut_network, self.readable)
+            None if self.capture_output or self.hide else take_warm(self.cut_network, self.readable)
         )
         self._process, ours = warm or spawn_child(
             self.cut_network, self.capture_output, hide=self.hide, read=self.readable

@@ -184,9 +184,7 @@ def _within(path: str, folder: str) -> bool:
     return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
 
 
-def resolve_node_file(
-    root: str | os.PathLike[str], name: str, hidden: Sequence[str] = ()
-) -> str:
+def resolve_node_file(root: str | os.PathLike[str], name: str, hidden: Sequence[str] = ()) -> str:
     """The one path check for every file the analysis asks for (`open`, `read`, `files`,
     flame.dp reads): the real path of `name` in the folder `root`. Refused: names leaving
     the folder (`..`, absolute) and a name that resolves (through symlinks) into one of the
