@@ -154,6 +154,8 @@ def load_analysis(path: str | Path) -> LoadedAnalysis:
     _forget_analysis_modules()
     _analysis_folders.add(folder.resolve())
     sys.path.insert(0, str(folder.resolve()))
+    writing = sys.dont_write_bytecode
+    sys.dont_write_bytecode = True  # no __pycache__ in the analysis's folder (not hashed)
     try:
         for file in files:
             module = _import(file)
@@ -170,6 +172,7 @@ def load_analysis(path: str | Path) -> LoadedAnalysis:
                     )
                 found.setdefault(name, (function, file))
     finally:
+        sys.dont_write_bytecode = writing
         sys.path.remove(str(folder.resolve()))
     missing = [name for name in NAMES[:2] if name not in found]
     if missing:
