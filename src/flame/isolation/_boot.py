@@ -60,9 +60,7 @@ def _confine(argv: list[str], keep_network: bool) -> str:
             cut_tcp=not keep_network,
         )
     )
-    if keep_network:
-        return confined
-    return f"{confined}; {_landlock.forbid_connect()}"
+    return f"{confined}; {_landlock.forbid_syscalls(connect=not keep_network)}"
 
 
 if __name__ == "__main__":

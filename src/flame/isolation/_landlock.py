@@ -174,34 +174,51 @@ def confine(readable: list[str], writable: list[str], hidden: list[str], *, cut_
     return f"Landlock ABI {abi} allow-list: " + ", ".join(what)
 
 
-# --- seccomp: no connect() -------------------------------------------------------------------
+# --- seccomp: no connect(), no metadata changes -----------------------------------------------
 _AUDIT_ARCH = {"x86_64": (0xC000003E, 42), "aarch64": (0xC00000B7, 203)}  # (arch, connect)
+# chmod/chown/utime*/xattr families: Landlock (up to ABI 7) does not cover them, so a child
+# could make the runtime's files world-writable or touch them even where it may not write.
+_METADATA = {
+    "x86_64": (90, 91, 92, 93, 94, 132, 188, 189, 190, 197, 198, 199, 235, 260, 261, 268, 280),
+    "aarch64": (5, 6, 7, 14, 15, 16, 52, 53, 54, 55, 88),
+}
+_METADATA_NEW = (452, 463, 466)  # fchmodat2, setxattrat, removexattrat (same on both)
 _PR_SET_SECCOMP, _SECCOMP_MODE_FILTER = 22, 2
-_RET_ALLOW, _RET_ERRNO, _EACCES = 0x7FFF0000, 0x00050000, 13
+_RET_ALLOW, _RET_ERRNO, _EACCES, _EPERM = 0x7FFF0000, 0x00050000, 13, 1
 _LD_ABS_W, _JEQ_K, _JGE_K, _RET_K = 0x20, 0x15, 0x35, 0x06
 
 
-def forbid_connect() -> str:
-    """A seccomp filter refusing connect() (EACCES) and syscalls of any other ABI.
+def forbid_syscalls(*, connect: bool) -> str:
+    """A seccomp filter refusing file metadata changes (EPERM), connect() when `connect`
+    (EACCES), and syscalls of any other ABI.
 
-    Why: Landlock (up to ABI 7) does not cover connecting to a named Unix socket, and the
-    network namespace only cuts IP: a local database, container engine or broker socket on
-    the node's filesystem would still answer. The child needs no new connection: it talks to
-    the runtime over the socket it inherited.
+    Why connect: Landlock (up to ABI 7) does not cover connecting to a named Unix socket,
+    and the network namespace only cuts IP: a local database, container engine or broker
+    socket on the node's filesystem would still answer. The child needs no new connection:
+    it talks to the runtime over the socket it inherited.
     """
     import platform
 
-    arch = _AUDIT_ARCH.get(platform.machine())
+    machine = platform.machine()
+    arch = _AUDIT_ARCH.get(machine)
     if not sys.platform.startswith("linux") or arch is None:
-        return "connect() not filtered (no seccomp filter for this platform)"
+        return "syscalls not filtered (no seccomp filter for this platform)"
     audit_arch, nr_connect = arch
+    refused = [*_METADATA[machine], *_METADATA_NEW]
+    n = len(refused) + (1 if connect else 0)
     program = [
         (_LD_ABS_W, 0, 0, 4),  # seccomp_data.arch
-        (_JEQ_K, 0, 4, audit_arch),  # another ABI (int 0x80, x32): refused
+        (_JEQ_K, 0, n + 3, audit_arch),  # another ABI (int 0x80, x32): refused
         (_LD_ABS_W, 0, 0, 0),  # seccomp_data.nr
-        (_JGE_K, 2, 0, 0x40000000),  # x32 system call numbers: refused
-        (_JEQ_K, 1, 0, nr_connect),
+        (_JGE_K, n + 1, 0, 0x40000000),  # x32 system call numbers: refused
+    ]
+    for k, number in enumerate(refused):  # -> the EPERM return (jumps count from the next)
+        program.append((_JEQ_K, n - k, 0, number))
+    if connect:  # -> the EACCES return (past ALLOW and EPERM)
+        program.append((_JEQ_K, 2, 0, nr_connect))
+    program += [
         (_RET_K, 0, 0, _RET_ALLOW),
+        (_RET_K, 0, 0, _RET_ERRNO | _EPERM),
         (_RET_K, 0, 0, _RET_ERRNO | _EACCES),
     ]
     code = b"".join(struct.pack("=HBBI", *op) for op in program)
@@ -211,9 +228,9 @@ def forbid_connect() -> str:
     try:
         libc = ctypes.CDLL(None, use_errno=True)
     except OSError as exc:
-        return f"connect() not filtered (libc unavailable: {exc})"
+        return f"syscalls not filtered (libc unavailable: {exc})"
     if libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0):
-        return f"connect() not filtered ({os.strerror(ctypes.get_errno())})"
+        return f"syscalls not filtered ({os.strerror(ctypes.get_errno())})"
     if libc.prctl(_PR_SET_SECCOMP, _SECCOMP_MODE_FILTER, buffer, 0, 0):
-        return f"connect() not filtered ({os.strerror(ctypes.get_errno())})"
-    return "connect() refused"
+        return f"syscalls not filtered ({os.strerror(ctypes.get_errno())})"
+    return "connect() and metadata changes refused" if connect else "metadata changes refused"

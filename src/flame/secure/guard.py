@@ -4,7 +4,9 @@ The guard (a field's contributor set is fixed by its first endorsed or decrypted
 endorsed set and one sum per analysis, epoch and field) only protects a node's values if a
 restarted share holder still knows what it endorsed and decrypted: otherwise the aggregator
 restarts it and asks for the differing sum. The ledger is written to the node's own state
-(`NodeState`: a local folder or the node's bucket, written atomically) *before* an
+(`NodeState.reserved()`: `nodes/{node}/runtime/`, beside the analyst's `state/` and out of
+reach of `context().save/load`, which refuse `flame-` tags; a local folder or the node's
+bucket, written atomically) *before* an
 endorsement or a partial decryption is released, and read back before the first decision.
 It is authenticated with a key derived from the holder's secret share, so a changed,
 foreign or corrupt ledger makes the holder refuse to endorse or decrypt with a clear error;
@@ -60,7 +62,9 @@ class GuardLedger:
     (not thread-safe: `ThresholdParty` holds its lock around every use)."""
 
     def __init__(self, share: ThresholdKeyShare, state: NodeLocalState | None) -> None:
-        self._state = state
+        reserved = getattr(state, "reserved", None)  # NodeState/MemoryState: the runtime's part
+        self._legacy = state if callable(reserved) else None
+        self._state = reserved() if callable(reserved) else state
         self._node = share.node_id
         self._index = share.index
         self._key = _mac_key(share)
@@ -193,6 +197,8 @@ class GuardLedger:
         where = f"this node's threshold guard ledger (node state {TAG!r})"
         try:
             stored = self._state.load(TAG, None)
+            if stored is None and self._legacy is not None:  # written before it moved here
+                stored = self._legacy.load(TAG, None)
         except Exception as exc:
             raise LedgerError(
                 f"refusing to endorse or decrypt: {where} is unreadable "
