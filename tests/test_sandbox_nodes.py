@@ -193,3 +193,39 @@ def test_a_planted_pyc_never_runs_under_an_approved_hash(
     wire = json.dumps(values)
     assert "61.5" not in wire and "72.25" not in wire  # no raw row reached the aggregator
     assert "__pycache__" in node_log  # refused, naming what is not covered by the hash
+
+
+READ_ONLY = """
+def analyze(data):
+    return {"n": int(data.read_csv("x.csv")["age"].size)}
+
+def aggregate(results):
+    return results
+"""
+
+
+def test_a_parse_error_quoting_a_row_stays_on_its_node_by_default(
+    mqtt_broker: Broker, tmp_path: Path
+) -> None:
+    analysis = tmp_path / "reader.py"
+    analysis.write_text(READ_ONLY)
+    data = tmp_path / "data"
+    for node, text in (("node-0", "age;bmi\n62;26,402;patient0\n"), ("node-1", "age\n50\n")):
+        (data / node).mkdir(parents=True)
+        (data / node / "x.csv").write_text(text)
+    nodes = ["node-0", "node-1"]
+    env = federation_env(mqtt_broker, f"quote-{tmp_path.name}", nodes, epoch_timeout=20)
+    federation = Federation(env, analysis, data, nodes, tmp_path / "logs")
+    try:
+        for node in ["aggregator", *nodes]:
+            federation.start(node)
+        for process in federation.processes.values():
+            process.wait(120)
+        out = {node: p.stdout() + p.stderr() for node, p in federation.processes.items()}
+    finally:
+        federation.close()
+    assert "cannot be read as csv" in out["aggregator"]  # the failure itself is reported
+    assert "withheld: quotes the node's data" in out["aggregator"]
+    for node in ("aggregator", "node-1"):
+        assert "patient0" not in out[node] and "62;26" not in out[node], out[node][-1500:]
+    assert "patient0" in out["node-0"]  # the node's own log keeps the whole text

@@ -172,6 +172,7 @@ def simulate(
             policy=policies[node],
         )
         client.context.params = dict(config.params)
+        client.quoted_data_leaves = True  # nothing leaves this process: the analyst sees it all
         try:
             client.run(functions, nodes[node])
         except BaseException as exc:  # recorded; the aggregator reports the run's outcome
