@@ -46,5 +46,5 @@ def withhold_quoted(text: str) -> str:
 def quoted_may_leave(policy: Any) -> bool:
     """Whether marked data may leave in error reports: only when the node's policy sets
     `send_tracebacks = true` itself (the default lets tracebacks out, not records)."""
-    fields = getattr(policy, "model_fields_set", set())
+    fields: set[str] = getattr(policy, "model_fields_set", set())
     return bool(getattr(policy, "send_tracebacks", False)) and "send_tracebacks" in fields
