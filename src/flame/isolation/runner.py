@@ -252,7 +252,6 @@ class ChildRunner:
         self._declared = None
         # a child started early by `prestart` (flame simulate) if one waits, else a new one
         # (warm children know no paths to hide: they serve runs that hide nothing)
-        preload_runtime()  # before the child runs: nothing imported later is the child's
         warm = (
             None if self.capture_output or self.hide else take_warm(self.cut_network, self.readable)
         )
@@ -264,6 +263,10 @@ class ChildRunner:
                 target=_relay_output, args=(self._process.stdout,), daemon=True
             ).start()
         self._channel = Channel(ours)
+        if self.hide:  # a node's runtime (next to keys and tokens); not the analyst's own
+            # while the child boots, and before it is sent any analysis code to run: nothing
+            # the runtime imports later can have been planted by the analysis
+            preload_runtime()
         sources = {  # a node folder is read by the child through descriptors (streamed)
             name: "local"
             if isinstance(source, LocalSource)
