@@ -77,7 +77,10 @@ def _read_one(name: str, where: Path | IO[bytes]) -> pa.Table:
             return pq.read_table(where)
         return pajson.read_json(where)
     except (pa.ArrowInvalid, pa.ArrowTypeError, OSError) as exc:
+        from flame.privacy.quoting import quote_parser_message
+
         detail = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        detail = quote_parser_message(detail)  # it may quote a record: stays on the node
         raise DataError(f"{name!r} cannot be read as {kind}: {detail}") from None
 
 

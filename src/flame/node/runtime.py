@@ -45,6 +45,7 @@ from flame.node.secure_answers import SecureAnswers
 from flame.node.status_board import StatusBoard
 from flame.privacy.disclosure import wrap_release
 from flame.privacy.policy import NodePolicy
+from flame.privacy.quoting import quoted_may_leave, withhold_quoted
 from flame.privacy.release import Gate, column_reader
 from flame.privacy.tracebacks import analysis_traceback, trim_traceback_text
 from flame.secure.endorse import ENDORSE
@@ -175,6 +176,8 @@ class AnalysisClient:
             on_progress=self._report_progress,
         )
         self.policy = policy if policy is not None else NodePolicy()
+        # flame's error texts quoting the node's data leave only if the policy says so
+        self.quoted_data_leaves = quoted_may_leave(self.policy)
         self.isolate = isolate
         self._rows_read: Callable[[], int] = lambda: 0  # rows analyze was served this epoch
         self.hide = list(hide)  # node paths the isolated analysis may not open
@@ -326,6 +329,9 @@ class AnalysisClient:
             log.error("epoch %d failed: %s\n%s", epoch, reason, traceback_text)
         else:
             log.debug("epoch %d failed: %s", epoch, reason)
+        if not self.quoted_data_leaves:  # a parser's words quoting a record stay here
+            reason, traceback_text = withhold_quoted(reason), withhold_quoted(traceback_text)
+            body["error"] = reason
         if self.policy.send_tracebacks:
             body["traceback"] = traceback_text
         elif _raised_by_analysis(exc):  # its message is as free to carry records as a traceback

@@ -21,7 +21,13 @@ from typing import IO, Any, Literal, cast
 
 from flame.errors import DataError
 
-__all__ = ["DescriptorSource", "count_records", "open_read_only"]
+__all__ = [
+    "DescriptorSource",
+    "count_records",
+    "open_read_only",
+    "reachable",
+    "resolve_node_file",
+]
 
 
 class DescriptorSource:
@@ -178,11 +184,11 @@ def _within(path: str, folder: str) -> bool:
     return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
 
 
-def open_read_only(root: str | os.PathLike[str], name: str, hidden: Sequence[str] = ()) -> int:
-    """The runtime's side: `name` of the folder `root` opened read-only, for the child.
-    Refused: names leaving the folder (`..`, absolute), anything but a regular file, and a
-    file that resolves (through symlinks) into one of the node's `hidden` paths (keys,
-    tokens, policy) other than the data folder itself."""
+def resolve_node_file(root: str | os.PathLike[str], name: str, hidden: Sequence[str] = ()) -> str:
+    """The one path check for every file the analysis asks for (`open`, `read`, `files`,
+    flame.dp reads): the real path of `name` in the folder `root`. Refused: names leaving
+    the folder (`..`, absolute) and a name that resolves (through symlinks) into one of the
+    node's `hidden` paths (keys, tokens, policy) other than the data folder itself."""
     from flame.data.sources.base import safe_relative
 
     relative = safe_relative(name)
@@ -191,6 +197,22 @@ def open_read_only(root: str | os.PathLike[str], name: str, hidden: Sequence[str
     for secret in hidden:
         if _within(real, secret) and not _within(base, secret):
             raise DataError(f"cannot read {name!r}: it leads into a path hidden from analyses")
+    return real
+
+
+def reachable(root: str | os.PathLike[str], name: str, hidden: Sequence[str] = ()) -> bool:
+    """Whether `resolve_node_file` lets the analysis have `name` (for listings)."""
+    try:
+        resolve_node_file(root, name, hidden)
+    except (DataError, ValueError):
+        return False
+    return True
+
+
+def open_read_only(root: str | os.PathLike[str], name: str, hidden: Sequence[str] = ()) -> int:
+    """The runtime's side: `name` of the folder `root` (`resolve_node_file`) opened
+    read-only, for the child; anything but a regular file is refused."""
+    real = resolve_node_file(root, name, hidden)
     try:
         fd = os.open(real, os.O_RDONLY | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0))
     except OSError as exc:
