@@ -630,3 +630,122 @@ def test_a_deeply_nested_result_is_refused_cleanly(tmp_path: Path) -> None:
             runner.run(0, None)
     finally:
         runner.close()
+
+
+# --- 9. on real signed `flame run` nodes ------------------------------------------------------
+
+NODE = "node-0"
+
+
+def _federation(
+    broker: Any, tmp_path: Path, name: str, analysis_text: str, csv: str, **node_env: str
+) -> dict[str, str]:
+    """One aggregator and one analysis node run `analysis_text` (approved by hash) on
+    `csv`; what each printed (stdout + stderr), the node's log files kept apart."""
+    from nodes import Federation, federation_env
+
+    from flame.main import analysis_code_hash
+
+    analysis = tmp_path / "code" / "analysis.py"
+    analysis.parent.mkdir()
+    analysis.write_text(textwrap.dedent(analysis_text))
+    data = tmp_path / "data"
+    (data / NODE).mkdir(parents=True)
+    (data / NODE / "x.csv").write_text(csv)
+    env = federation_env(
+        broker,
+        f"{name}-{tmp_path.name}",
+        [NODE],
+        presence_timeout=20,
+        epoch_timeout=30,
+        FLAME_APPROVED_CODE=analysis_code_hash(analysis),
+    )
+    federation = Federation(env, analysis, data, [NODE], tmp_path / "logs")
+    try:
+        federation.start("aggregator")
+        federation.start(NODE, **node_env)
+        for process in federation.processes.values():
+            with contextlib.suppress(AssertionError):
+                process.wait(120)
+        out = {node: p.stdout() + p.stderr() for node, p in federation.processes.items()}
+        out["node-stderr"] = federation.processes[NODE].stderr()
+        out["node-stdout"] = federation.processes[NODE].stdout()
+    finally:
+        federation.close()
+    return out
+
+
+KEYERROR = """
+import flame
+
+def analyze(data):
+    table = data.read_csv("x.csv")
+    by_code = {"A": 1, "B": 2}
+    return {"n": flame.dp.count("v", epsilon=0.5), "codes": sum(by_code[c] for c in table["code"])}
+
+def aggregate(results):
+    return results
+"""
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="open: an analysis's own exception quoting a data value (KeyError: 'patient0') "
+    "leaves the node verbatim under the default send_tracebacks = true, even under an "
+    "epsilon budget: only flame's reader messages are marked (privacy/quoting.py), "
+    "runtime.report_failure withholds nothing else",
+)
+def test_a_data_value_in_the_analysis_own_error_stays_on_its_node(
+    mqtt_broker: Any, tmp_path: Path
+) -> None:
+    from broker import have_mosquitto
+
+    if not have_mosquitto():
+        pytest.skip("needs the mosquitto binary")
+    policy = tmp_path / "policy.toml"
+    policy.write_text(f'epsilon_budget = 5.0\nledger_dir = "{tmp_path / "ledger"}"\n')
+    out = _federation(
+        mqtt_broker,
+        tmp_path,
+        "keyerror",
+        KEYERROR,
+        "code,v\nA,1\npatient0-XK9,2\n",
+        FLAME_POLICY=str(policy),
+    )
+    assert "KeyError" in out["aggregator"], out["aggregator"][-2000:]  # the failure arrives
+    assert "patient0-XK9" in out["node-stderr"]  # the node's own log keeps it
+    assert "patient0-XK9" not in out["aggregator"], out["aggregator"][-2000:]
+
+
+LOG_WIPER = """
+import os
+
+def analyze(data):
+    os.ftruncate(2, 0)  # the node's log file: the descriptor the child inherited
+    os.lseek(2, 0, os.SEEK_SET)
+    os.write(2, b"FORGED-LOG-LINE analysis finished normally\\n")
+    os.write(1, b'{"forged": "FORGED-FINAL-VALUE"}\\n')
+    return {"n": 1}
+
+def aggregate(results):
+    return results
+"""
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="open: with forward_logs off (the default) the analysis child inherits the "
+    "runtime's own stdout/stderr descriptors (spawn.py: stdout/stderr=None); opened "
+    "before the Landlock domain, they stay writable and truncatable: the analysis wipes "
+    "the node's log file and forges its lines and its printed final value",
+)
+def test_the_analysis_cannot_wipe_or_forge_the_nodes_log(mqtt_broker: Any, tmp_path: Path) -> None:
+    from broker import have_mosquitto
+
+    if not have_mosquitto():
+        pytest.skip("needs the mosquitto binary")
+    out = _federation(
+        mqtt_broker, tmp_path, "logwipe", LOG_WIPER, "v\n1\n", FLAME_LOG_LEVEL="DEBUG"
+    )
+    assert "FORGED" not in out["node-stderr"] and "FORGED" not in out["node-stdout"]
+    assert "approved on this node" in out["node-stderr"]  # written before the epoch: kept
