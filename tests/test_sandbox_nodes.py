@@ -127,7 +127,10 @@ def test_an_approved_analysis_cannot_plant_code_in_the_installed_runtime(
     assert mqtt_broker.password not in wire
     key = Path(federation.env_of(NODE)["FLAME_IDENTITY__KEY_FILE"]).read_text()
     assert key.strip() and key.strip() not in wire
-    assert "refused" not in node_log  # the run itself went through: flame.dp still works
+    # the run itself went through (flame.dp still works); the loot file was never there
+    assert values["aggregator"] == {NODE: "FileNotFoundError"} or values["aggregator"] == {
+        NODE: "PermissionError"
+    }, node_log[-2000:]
 
 
 HELPER = "def count(table):\n    return int(len(table['v']))\n"

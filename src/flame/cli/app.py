@@ -262,6 +262,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
         code = placeholder.code  # the snapshot's hash: what runs is what is approved
         value: Any = run(placeholder, placeholder, config=config, code=code)
     else:
+        if config.role == "analysis":  # not isolated: still only reviewed files may load
+            from flame.analysis.snapshot import refuse_unreviewed
+
+            refuse_unreviewed(args.analysis)
         analysis = load_analysis(args.analysis)
         value = run(
             analysis.functions.analyze,

@@ -3,6 +3,12 @@
 Both runners return an `Outcome`: the result (markers still in place, for the policy) and the
 rows the epoch read, counted here in the runtime from what the data handle served. The
 child's answer is checked by the caller exactly like an in-process result.
+
+The child's sandbox is an allow-list (`_landlock`): it reads Python, site-packages, flame and
+the analysis code (`child_readable`; on `flame run` a read-only snapshot of the hashed files),
+writes one scratch folder removed when it ends, and gets node files only as descriptors the
+runtime opened after `resolve_node_file`'s check. The runtime imports what it would import
+lazily (`preload_runtime`) before the child is given any analysis code to run.
 """
 
 from __future__ import annotations
@@ -25,9 +31,9 @@ from flame.data.sources.descriptor import open_read_only, reachable
 from flame.errors import AnalysisError, FlameError, PolicyRefused, RunTimeout
 from flame.isolation.channel import Channel, ChannelClosed
 from flame.isolation.inprocess import InProcessRunner, Outcome, RowMeter, Runner
+from flame.isolation.reach import child_hidden_paths, child_readable, settings_paths
 from flame.isolation.spawn import (
     empty_scratch,
-    python_readable,
     scrubbed_environment,
     spawn_child,
     take_warm,
@@ -60,64 +66,6 @@ def _relay_output(stream: IO[bytes]) -> None:
             line = raw.decode(errors="replace").rstrip()
             if line:
                 relay.info("%s", line[:1000])
-
-
-def settings_paths(*settings: Any) -> list[Path]:
-    """Every file or folder named in these settings (pydantic models, walked recursively):
-    key, token, policy, roster and data paths the analysis must not open itself. The file
-    named by FLAME_CONFIG is included (it may hold tokens)."""
-    from pydantic import BaseModel
-
-    found: list[Path] = []
-
-    def walk(value: Any) -> None:
-        if isinstance(value, Path):
-            found.append(value)
-        elif isinstance(value, BaseModel):
-            for name in type(value).model_fields:
-                walk(getattr(value, name))
-        elif isinstance(value, (list, tuple)):
-            for item in value:
-                walk(item)
-
-    for item in settings:
-        walk(item)
-    if os.environ.get("FLAME_CONFIG"):
-        found.append(Path(os.environ["FLAME_CONFIG"]))
-    return found
-
-
-def child_hidden_paths(paths: Sequence[str | Path], analysis_file: str | None) -> list[str]:
-    """The node paths the child may not touch, minus any it needs to start (a path holding
-    Python, flame or the analysis code is left visible, with a warning)."""
-    needed = [sys.prefix, sys.base_prefix, sys.exec_prefix, str(Path(__file__).parents[1])]
-    if analysis_file:
-        needed.append(analysis_file)
-    needed_real = [os.path.realpath(p) for p in needed]
-    hidden: list[str] = []
-    for path in paths:
-        real = os.path.realpath(str(path))
-        if real == os.sep:
-            continue
-        if any(n == real or n.startswith(real.rstrip(os.sep) + os.sep) for n in needed_real):
-            log.warning("%s holds code the analysis needs: not hidden from the analysis", real)
-            continue
-        if real not in hidden:
-            hidden.append(real)
-    return hidden
-
-
-def child_readable(locator: dict[str, Any]) -> list[str]:
-    """What the child's domain lets it read: Python and flame (`python_readable`), plus the
-    analysis code: a snapshot's folder (`flame run`), or the folder of the module defining
-    `analyze` and this process's import path (functions passed from Python)."""
-    if "path" in locator:
-        path = Path(str(locator["path"]))
-        root = str(locator.get("root") or (path if path.is_dir() else path.parent))
-        return [*python_readable(), os.path.realpath(root)]
-    file = locator.get("file")
-    folder = [os.path.dirname(os.path.realpath(str(file)))] if file else []
-    return [*python_readable(with_script_dir=True), *folder]
 
 
 RUNTIME_MODULES = (
@@ -252,7 +200,6 @@ class ChildRunner:
         self._declared = None
         # a child started early by `prestart` (flame simulate) if one waits, else a new one
         # (warm children know no paths to hide: they serve runs that hide nothing)
-        preload_runtime()  # before the child runs: nothing imported later is the child's
         warm = (
             None if self.capture_output or self.hide else take_warm(self.cut_network, self.readable)
         )
@@ -264,6 +211,10 @@ class ChildRunner:
                 target=_relay_output, args=(self._process.stdout,), daemon=True
             ).start()
         self._channel = Channel(ours)
+        if self.hide:  # a node's runtime (next to keys and tokens); not the analyst's own
+            # while the child boots, and before it is sent any analysis code to run: nothing
+            # the runtime imports later can have been planted by the analysis
+            preload_runtime()
         sources = {  # a node folder is read by the child through descriptors (streamed)
             name: "local"
             if isinstance(source, LocalSource)

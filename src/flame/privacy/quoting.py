@@ -19,7 +19,7 @@ OPEN, CLOSE = "\u2039", "\u203a"
 WITHHELD = f"{OPEN}withheld: quotes the node's data{CLOSE}"
 _SPAN = re.compile(f"{OPEN}[^{CLOSE}]*(?:{CLOSE}|$)")
 _ROW = re.compile(r"^(CSV parse error: Expected \d+ columns, got \d+)(: )(.*)$", re.S)
-_VALUE = re.compile(r"'([^']*)'")
+_VALUE = re.compile(r"'([^']*)'|\"([^\"]*)\"")
 
 
 def quote_data(text: str) -> str:
@@ -28,13 +28,14 @@ def quote_data(text: str) -> str:
 
 
 def quote_parser_message(message: str) -> str:
-    """A reader's (pyarrow's) message with the data it quotes marked: the row after a CSV
-    column-count error, quoted values ('...'), else the whole message."""
+    """A reader's (pyarrow's, DuckDB's, PostgreSQL's) message with the data it quotes
+    marked: the row after a CSV column-count error, quoted values ('...' or "..."), else
+    the whole message."""
     row = _ROW.match(message)
     if row:
         return row.group(1) + row.group(2) + quote_data(row.group(3))
     if _VALUE.search(message):
-        return _VALUE.sub(lambda m: "'" + quote_data(m.group(1)) + "'", message)
+        return _VALUE.sub(lambda m: quote_data(m.group(0)), message)
     return quote_data(message)
 
 

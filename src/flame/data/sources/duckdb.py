@@ -139,8 +139,11 @@ class DuckDbEngine:
             table: pa.Table = fetch()
             return table
         except duckdb.Error as exc:
+            from flame.privacy.quoting import quote_parser_message
+
             known = ", ".join(sorted(self.tables)) or "none"
             first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+            first = quote_parser_message(first)  # "Could not convert string 'x'": data
             raise DataError(
                 f"data source {self.source.name!r}: SQL failed: {first} (tables: {known})"
             ) from None

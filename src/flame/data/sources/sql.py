@@ -154,7 +154,9 @@ class SqlSource:
             return DataError(f"{prefix}: refused, the source is read-only ({detail})")
         if isinstance(exc, (errors.InvalidPassword, errors.InvalidAuthorizationSpecification)):
             return DataError(f"{prefix}: credentials rejected ({detail})")
-        return DataError(f"{prefix}: {type(exc).__name__}: {detail}")
+        from flame.privacy.quoting import quote_parser_message  # 'invalid input ... "x"'
+
+        return DataError(f"{prefix}: {type(exc).__name__}: {quote_parser_message(detail)}")
 
     def _connect(self) -> Any:
         if self._connection is not None and not self._connection.closed:
