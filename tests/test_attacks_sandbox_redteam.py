@@ -749,3 +749,131 @@ def test_the_analysis_cannot_wipe_or_forge_the_nodes_log(mqtt_broker: Any, tmp_p
     )
     assert "FORGED" not in out["node-stderr"] and "FORGED" not in out["node-stdout"]
     assert "approved on this node" in out["node-stderr"]  # written before the epoch: kept
+
+
+# --- 10. a small result that decodes huge in the runtime --------------------------------------
+
+AMPLIFIER = """
+import flame
+
+def analyze(data, epoch=0, previous=None):
+    return {"x": [{}] * int(flame.context().params["n"])}  # 3 bytes a dict on the wire
+"""
+
+AMPLIFIER_VICTIM = r"""
+import json, resource, sys
+sys.path.insert(0, sys.argv[1])
+import amplifier
+import flame.isolation.channel as channel
+from flame.data import Data
+from flame.isolation.runner import ChildRunner
+from flame.node.context import Context
+
+ctx = Context(analysis_id="redteam", node_id="n", role="analysis", participants=["n"],
+              aggregator_id="agg", mailbox=None)
+ctx.params = {"n": sys.argv[2]}
+runner = ChildRunner(amplifier.analyze, Data({}), ctx)
+runner.start()
+sizes = []
+decode = channel.decode
+def measured(frame, **limits):
+    sizes.append(memoryview(frame).nbytes)
+    return decode(frame, **limits)
+channel.decode = measured
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+try:
+    try:
+        runner.run(0, None)
+    except Exception as exc:  # refused: the safe outcome
+        print(json.dumps({"refused": type(exc).__name__}), flush=True)
+        sys.exit(0)
+    grew = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+    print(json.dumps({"frame": max(sizes), "grew": grew}), flush=True)
+finally:
+    runner.close()
+"""
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="open: the runtime's channel accepts frames up to 1 TiB (Channel max_bytes=1<<40) "
+    "and decodes the JSON body item by item with no count or decoded-size cap: ~50 bytes "
+    "of runtime memory per wire byte ([{}, {}, ...]); a 500 MB result OOM-kills the node",
+)
+def test_a_result_cannot_make_the_runtime_allocate_far_more_than_it_sent(tmp_path: Path) -> None:
+    (tmp_path / "amplifier.py").write_text(AMPLIFIER)
+    victim = tmp_path / "victim.py"
+    victim.write_text(AMPLIFIER_VICTIM)
+    done = subprocess.run(
+        [sys.executable, str(victim), str(tmp_path), "1000000"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    if "refused" in seen:
+        return
+    assert seen["grew"] <= 10 * seen["frame"], seen  # at most 10 bytes per byte sent
+
+
+# --- 11. a request that holds the runtime past its deadline -----------------------------------
+
+STALLER = """
+import flame
+
+def analyze(data):
+    # the runtime serves this in its own thread of control: while it waits, it neither
+    # checks the epoch deadline nor hears the aggregator's abort
+    flame.context().receive("never", senders=["aggregator"], timeout=1e6)
+    return {"n": 1}
+
+def aggregate(results):
+    return results
+"""
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="open: ChildRunner._serve runs the child's receive/send with the child's own "
+    "timeout (float(args['timeout']), uncapped) in the runtime's main loop; the epoch "
+    "deadline and the aggregator's abort are only checked between messages, so the node "
+    "hangs for as long as the analysis asks",
+)
+def test_a_request_cannot_hold_the_runtime_past_its_epoch_deadline(
+    mqtt_broker: Any, tmp_path: Path
+) -> None:
+    from broker import have_mosquitto
+    from nodes import Federation, federation_env
+
+    from flame.main import analysis_code_hash
+
+    if not have_mosquitto():
+        pytest.skip("needs the mosquitto binary")
+    analysis = tmp_path / "staller.py"
+    analysis.write_text(STALLER)
+    data = tmp_path / "data"
+    (data / NODE).mkdir(parents=True)
+    (data / NODE / "x.csv").write_text("v\n1\n")
+    env = federation_env(
+        mqtt_broker,
+        f"stall-{tmp_path.name}",
+        [NODE],
+        presence_timeout=20,
+        epoch_timeout=5,
+        FLAME_APPROVED_CODE=analysis_code_hash(analysis),
+    )
+    federation = Federation(env, analysis, data, [NODE], tmp_path / "logs")
+    try:
+        federation.start("aggregator")
+        node = federation.start(NODE)
+        federation.processes["aggregator"].wait(120)  # gives up on the node, aborts the run
+        try:
+            node.wait(60)  # the node follows (abort or its own deadline), however it ends
+            ended = True
+        except AssertionError:
+            ended = False
+    finally:
+        federation.close()
+    assert ended, "the node still waits on the analysis's request long after its deadline"
