@@ -887,11 +887,10 @@ _IO_URING_SETUP, _IO_URING_ENTER = 425, 426
 _IORING_OP_CONNECT, _IORING_OFF_SQES, _IORING_ENTER_GETEVENTS = 16, 0x10000000, 1
 
 
-def _uring_connect(sock: Any, path: str) -> int:
-    """connect() of `sock` to the Unix socket `path` done by io_uring (no connect syscall);
-    the completion's result (0: connected, -errno)."""
+def _uring(opcode: int, fd: int, off: int, addr: int, length: int) -> int:
+    """One io_uring operation (no syscall of its kind is made: seccomp never sees it);
+    the completion's result (>= 0, or -errno)."""
     import mmap
-    import socket
     import struct
 
     libc = ctypes.CDLL(None, use_errno=True)
@@ -905,31 +904,12 @@ def _uring_connect(sock: Any, path: str) -> int:
         sq_off = struct.unpack_from("=IIIIIIIIQ", params.raw, 40)
         cq_off = struct.unpack_from("=IIIIIIIIQ", params.raw, 80)
         size = max(sq_off[6] + sq_entries * 4, cq_off[5] + cq_entries * 16)
-        rings = mmap.mmap(ring, size, mmap.MAP_SHARED | mmap.MAP_POPULATE, offset=0)
-        sqes = mmap.mmap(
-            ring, sq_entries * 64, mmap.MAP_SHARED | mmap.MAP_POPULATE, offset=_IORING_OFF_SQES
+        shared = mmap.MAP_SHARED | mmap.MAP_POPULATE
+        rings = mmap.mmap(ring, size, shared, offset=0)
+        sqes = mmap.mmap(ring, sq_entries * 64, shared, offset=_IORING_OFF_SQES)
+        sqes[0:64] = struct.pack(
+            "=BBHiQQIIQHHiQQ", opcode, 0, 0, fd, off, addr, length, 0, 7, 0, 0, 0, 0, 0
         )
-        address = ctypes.create_string_buffer(
-            struct.pack("=H", socket.AF_UNIX) + path.encode() + b"\0"
-        )
-        sqe = struct.pack(
-            "=BBHiQQIIQHHiQQ",
-            _IORING_OP_CONNECT,
-            0,
-            0,
-            sock.fileno(),
-            ctypes.sizeof(address) - 1 + 1,
-            ctypes.addressof(address),
-            0,
-            0,
-            7,
-            0,
-            0,
-            0,
-            0,
-            0,
-        )
-        sqes[0:64] = sqe
         tail = struct.unpack_from("=I", rings, sq_off[1])[0]
         mask = struct.unpack_from("=I", rings, sq_off[2])[0]
         struct.pack_into("=I", rings, sq_off[6] + 4 * (tail & mask), 0)
@@ -942,6 +922,17 @@ def _uring_connect(sock: Any, path: str) -> int:
         return int(result)
     finally:
         os.close(ring)
+
+
+def _uring_connect(sock: Any, path: str) -> int:
+    """connect() of `sock` to the Unix socket `path`, done by io_uring."""
+    import socket
+    import struct
+
+    address = ctypes.create_string_buffer(struct.pack("=H", socket.AF_UNIX) + path.encode() + b"\0")
+    return _uring(
+        _IORING_OP_CONNECT, sock.fileno(), ctypes.sizeof(address), ctypes.addressof(address), 0
+    )
 
 
 def socket_caller(data: Any, epoch: int = 0, previous: Any = None) -> Any:
@@ -1019,3 +1010,73 @@ def test_the_analysis_reaches_no_named_unix_socket(tmp_path: Path) -> None:
         shutil.rmtree(os.path.dirname(stream_path), ignore_errors=True)
     assert tries["connect()"]["ok"] is False  # the filter the builder added holds
     assert heard == [], (heard, tries)
+
+
+# --- 13. metadata changes past the seccomp filter ---------------------------------------------
+
+_IORING_OP_FSETXATTR = 41
+_ACL_OTHER_RW = (  # system.posix_acl_access: user::rw-, group::r--, other::rw-
+    b"\x02\x00\x00\x00" + b"\x01\x00\x06\x00\xff\xff\xff\xff"
+    b"\x04\x00\x04\x00\xff\xff\xff\xff" + b"\x20\x00\x06\x00\xff\xff\xff\xff"
+)
+
+
+def metadata_changer(data: Any, epoch: int = 0, previous: Any = None) -> Any:
+    target = flame.context().params["target"]
+    tries: dict[str, Any] = {}
+    tries["setxattr()"] = _try(lambda: os.setxattr(target, "user.flame_rt", b"x"))
+    tries["chmod()"] = _try(lambda: os.chmod(target, 0o666))
+
+    def uring_set(name: bytes, value: bytes) -> str:
+        fd = os.open(target, os.O_RDONLY)  # only readable in the child's domain
+        try:
+            key, val = ctypes.create_string_buffer(name), ctypes.create_string_buffer(value)
+            result = _uring(
+                _IORING_OP_FSETXATTR, fd, ctypes.addressof(val), ctypes.addressof(key), len(value)
+            )
+        finally:
+            os.close(fd)
+        if result < 0:
+            raise OSError(-result, os.strerror(-result))
+        return "set by io_uring"
+
+    tries["io_uring fsetxattr user."] = _try(lambda: uring_set(b"user.flame_rt", b"planted"))
+    tries["io_uring fsetxattr acl"] = _try(
+        lambda: uring_set(b"system.posix_acl_access", _ACL_OTHER_RW)
+    )
+    return {"tries": json.dumps(tries)}
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="open: seccomp refuses the xattr/chmod syscalls, but io_uring IORING_OP_FSETXATTR "
+    "sets extended attributes, POSIX ACLs included (a chmod in effect), on files the child "
+    "may only read",
+)
+def test_the_analysis_changes_no_metadata_of_what_it_may_only_read(tmp_path: Path) -> None:
+    import importlib.util
+
+    code = tmp_path / "code"
+    code.mkdir()
+    target = code / "runtime_file.py"  # readable by the child (beside its code), not writable
+    target.write_text("x = 1\n")
+    os.chmod(target, 0o644)
+    module_file = code / "meta_analysis.py"
+    module_file.write_text(
+        "from test_attacks_sandbox_redteam import metadata_changer\n\n"
+        "def analyze(data, epoch=0, previous=None):\n"
+        "    return metadata_changer(data, epoch, previous)\n"
+    )
+    spec = importlib.util.spec_from_file_location("meta_analysis", module_file)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    sys.modules["meta_analysis"] = module  # where the runner finds the module's file
+    before = (os.stat(target).st_mode, os.listxattr(target))
+    try:
+        tries = _run(module.analyze, _context(target=str(target)))["tries"]
+    finally:
+        sys.modules.pop("meta_analysis", None)
+    after = (os.stat(target).st_mode, os.listxattr(target))
+    assert tries["setxattr()"]["ok"] is False and tries["chmod()"]["ok"] is False
+    assert after == before, (before, after, tries)
