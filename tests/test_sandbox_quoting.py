@@ -50,3 +50,18 @@ def test_only_an_explicit_send_tracebacks_lets_quoted_data_leave() -> None:
     assert not quoted_may_leave(NodePolicy())  # the default lets tracebacks out, not records
     assert not quoted_may_leave(NodePolicy(send_tracebacks=False))
     assert quoted_may_leave(NodePolicy(send_tracebacks=True))
+
+
+def test_forwarded_log_lines_never_carry_quoted_data() -> None:
+    import logging
+
+    from flame.node.log_forward import LogForwarder
+
+    forwarder = LogForwarder()
+    text = quote_parser_message("CSV parse error: Expected 1 columns, got 3: 62;26,patient0")
+    record = logging.LogRecord(
+        "flame.node", logging.ERROR, __file__, 1, "failed: %s", (text,), None
+    )
+    forwarder.emit(record)
+    lines = "\n".join(forwarder.take())
+    assert "got 3" in lines and "patient0" not in lines
