@@ -1111,3 +1111,70 @@ def test_a_value_with_an_apostrophe_in_a_sql_error_stays_on_its_node(
     assert "SQL failed" in out["aggregator"], out["aggregator"][-2000:]  # the failure arrives
     assert "withheld" in out["aggregator"]
     assert "Brien-XQ1" not in out["aggregator"], out["aggregator"][-2000:]
+
+
+SIGBUS_NODE = """
+import os, threading, time
+import numpy as np
+
+KEPT = []
+_create = os.memfd_create
+
+
+def _spy(name, flags=0):
+    fd = _create(name, flags)
+    KEPT.append(os.dup(fd))
+    return fd
+
+
+def _later():
+    while not KEPT:
+        time.sleep(0.0002)
+    time.sleep(0.03)  # the runtime has mapped the result and is checking or sending it
+    os.ftruncate(KEPT[-1], 0)
+
+
+def analyze(data):
+    os.memfd_create = _spy
+    threading.Thread(target=_later, daemon=True).start()
+    return {"counts": np.ones(2_000_000)}
+
+
+def aggregate(results):
+    return {k: float(v["counts"].sum()) for k, v in results.items()}
+"""
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="open: on a real node the truncated result memfd kills `flame run` with SIGBUS "
+    "while it checks/sends the result: no error report, no failed status",
+)
+def test_a_real_node_survives_a_truncated_result_memfd(mqtt_broker: Any, tmp_path: Path) -> None:
+    from broker import have_mosquitto
+    from nodes import Federation, federation_env
+
+    from flame.main import analysis_code_hash
+
+    if not have_mosquitto():
+        pytest.skip("needs the mosquitto binary")
+    analysis = tmp_path / "sigbus.py"
+    analysis.write_text(SIGBUS_NODE)
+    data = tmp_path / "data"
+    (data / NODE).mkdir(parents=True)
+    (data / NODE / "x.csv").write_text("v\n1\n")
+    env = federation_env(
+        mqtt_broker,
+        f"sigbus-{tmp_path.name}",
+        [NODE],
+        presence_timeout=20,
+        epoch_timeout=20,
+        FLAME_APPROVED_CODE=analysis_code_hash(analysis),
+    )
+    federation = Federation(env, analysis, data, [NODE], tmp_path / "logs")
+    try:
+        federation.start("aggregator")
+        code = federation.start(NODE).wait(90)
+    finally:
+        federation.close()
+    assert code != -signal.SIGBUS, "flame run died of SIGBUS"
