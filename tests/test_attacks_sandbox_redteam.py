@@ -1178,3 +1178,77 @@ def test_a_real_node_survives_a_truncated_result_memfd(mqtt_broker: Any, tmp_pat
     finally:
         federation.close()
     assert code != -signal.SIGBUS, "flame run died of SIGBUS"
+
+
+# --- 15. the operator's terminal ----------------------------------------------------------------
+
+TIOCSTI_ANALYSIS = """
+import fcntl, termios
+
+def analyze(data=None, epoch=0, previous=None):
+    typed = 0
+    for char in b"echo INJECTED-BY-ANALYSIS\\n":  # typed into the operator's shell
+        try:
+            fcntl.ioctl(2, termios.TIOCSTI, bytes([char]))
+            typed += 1
+        except OSError:
+            pass
+    return {"typed": typed}
+"""
+
+TIOCSTI_VICTIM = r"""
+import json, os, select, sys
+sys.path.insert(0, sys.argv[1])
+import tiocsti_analysis
+from flame.data import Data
+from flame.isolation.runner import ChildRunner
+from flame.node.context import Context
+
+ctx = Context(analysis_id="redteam", node_id="n", role="analysis", participants=["n"],
+              aggregator_id="agg", mailbox=None)
+runner = ChildRunner(tiocsti_analysis.analyze, Data({}), ctx)
+try:
+    typed = runner.run(0, None).result["typed"]
+finally:
+    runner.close()
+ready, _, _ = select.select([0], [], [], 1.0)  # what the terminal now holds as typed input
+pending = os.read(0, 200).decode(errors="replace") if ready else ""
+with open(sys.argv[2], "w") as out:
+    json.dump({"typed": typed, "pending": pending}, out)
+"""
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="open: a node started from a terminal hands that terminal to the analysis child "
+    "(inherited stdio, same session); TIOCSTI on it types commands into the operator's "
+    "shell, which runs them unconfined after the node ends (Landlock's IOCTL_DEV right is "
+    "checked at open: inherited descriptors keep every ioctl)",
+)
+def test_the_analysis_cannot_type_into_the_operators_terminal(tmp_path: Path) -> None:
+    import pty
+
+    (tmp_path / "tiocsti_analysis.py").write_text(TIOCSTI_ANALYSIS)
+    victim = tmp_path / "victim.py"
+    victim.write_text(TIOCSTI_VICTIM)
+    report = tmp_path / "report.json"
+    pid, master = pty.fork()
+    if pid == 0:  # a node started from a terminal (its controlling tty)
+        os.execv(sys.executable, [sys.executable, str(victim), str(tmp_path), str(report)])
+    screen = b""
+    try:
+        while True:
+            try:
+                chunk = os.read(master, 4096)
+            except OSError:
+                break
+            if not chunk:
+                break
+            screen += chunk
+    finally:
+        os.close(master)
+        os.waitpid(pid, 0)
+    assert report.exists(), screen.decode(errors="replace")[-2000:]
+    seen = json.loads(report.read_text())
+    assert "INJECTED" not in seen["pending"], seen
+    assert seen["typed"] == 0, seen
