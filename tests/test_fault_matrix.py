@@ -65,6 +65,7 @@ ANALYSIS = textwrap.dedent(
         return {"n": len(values), "residual": sum(v - estimate for v in values)}
 
     def aggregate(results, epoch, previous):
+        time.sleep(SLOW.get("aggregate", 0.0))
         estimate = 0.0 if previous is None else previous["estimate"]
         n = sum(results[node]["n"] for node in sorted(results))
         residual = sum(results[node]["residual"] for node in sorted(results))
@@ -424,6 +425,83 @@ def test_node_paused_with_sigstop_then_continued(
         "completes",
     )
     assert values[AGGREGATOR] == expected
+
+
+# --- network partitions ----------------------------------------------------------------------
+
+SEND_TIMEOUT = 2.0  # FLAME_BROKER__SEND_TIMEOUT in the partition rows
+PARTITION = 4 * SEND_TIMEOUT  # longer than any one wait for the broker: only re-sending helps
+
+
+def test_node_partitioned_longer_than_the_send_timeout(
+    row: Row, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """node-2's link to the broker black-holes (a TCP proxy: no byte, no close passes) while it
+    sends its result of epoch 1, for 4 x the send timeout: it keeps the result and re-sends;
+    the run completes with the right result. Before the fix node-2 exited with "did not
+    acknowledge ... within 2 s" and the aggregator waited out the epoch timeout."""
+    folder = write_analysis(row.tmp / "analysis", slow={"*": 0.3, "node-2": 1.0})
+    expected = simulated(folder, NODES, epochs=3)
+    with TcpProxy("127.0.0.1", row.broker.port) as proxy:
+        watcher = row.watch()
+        federation = row.federation(
+            folder, epochs=3, FLAME_BROKER__SEND_TIMEOUT=f"{SEND_TIMEOUT:g}"
+        )
+        for node in (AGGREGATOR, "node-1", "node-3"):
+            federation.start(node)
+        federation.start("node-2", FLAME_BROKER__URL=f"mqtt://{proxy.endpoint}")
+        watcher.wait_for("node-2", "computing", 1, timeout=90)
+        proxy.black_hole_for(PARTITION)
+        cut = time.monotonic()
+        values = federation.finish(timeout=150)
+        ended = federation.processes[AGGREGATOR].ended
+    assert ended is not None
+    stderr = federation.processes["node-2"].stderr()
+    report(
+        capsys,
+        f"analysis node partitioned {PARTITION:g} s (send timeout {SEND_TIMEOUT:g} s)",
+        f"finished {ended - cut - PARTITION:.1f} s after the link returned; result == simulate",
+        "completes; only the epoch deadline ends a run",
+    )
+    assert values[AGGREGATOR] == expected
+    assert all(values[node] == expected for node in NODES)
+    assert "result not acknowledged yet, keeping it" in stderr, stderr[-3000:]
+    assert "FLAME_BROKER__SEND_TIMEOUT" in stderr  # the wait names its setting
+
+
+def test_aggregator_partitioned_longer_than_the_send_timeout(
+    row: Row, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The aggregator's link black-holes while it aggregates epoch 1 (3 s), so the kick-off of
+    epoch 2 goes out into the partition: it is not taken for lost, paho delivers it when the
+    link returns, and the run completes right. Before the fix the aggregator failed the run
+    ("did not acknowledge ... within 2 s")."""
+    folder = write_analysis(row.tmp / "analysis", slow={"*": 0.2, "aggregate": 3.0})
+    expected = simulated(folder, NODES, epochs=4)
+    with TcpProxy("127.0.0.1", row.broker.port) as proxy:
+        watcher = row.watch()
+        federation = row.federation(
+            folder, epochs=4, FLAME_BROKER__SEND_TIMEOUT=f"{SEND_TIMEOUT:g}"
+        )
+        federation.start(AGGREGATOR, FLAME_BROKER__URL=f"mqtt://{proxy.endpoint}")
+        for node in NODES:
+            federation.start(node)
+        watcher.wait_all(NODES, "sent", 1, timeout=90)  # the aggregator now aggregates 3 s
+        proxy.black_hole_for(PARTITION)
+        cut = time.monotonic()
+        values = federation.finish(timeout=150)
+        ended = federation.processes[AGGREGATOR].ended
+    assert ended is not None
+    stderr = federation.processes[AGGREGATOR].stderr()
+    report(
+        capsys,
+        f"aggregator partitioned {PARTITION:g} s (send timeout {SEND_TIMEOUT:g} s)",
+        f"finished {ended - cut - PARTITION:.1f} s after the link returned; result == simulate",
+        "completes; only the epoch deadline ends a run",
+    )
+    assert values[AGGREGATOR] == expected
+    assert all(values[node] == expected for node in NODES)
+    assert "kick-off not acknowledged yet" in stderr, stderr[-3000:]
 
 
 # --- storage faults --------------------------------------------------------------------------

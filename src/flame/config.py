@@ -77,7 +77,15 @@ class BrokerSettings(TokenSettings):
     chunk_size: int = Field(1024 * 1024, ge=1024, description="payloads above this are split")
     max_message_bytes: int = Field(512 * 1024 * 1024, ge=1024)
     connect_timeout: float = Field(10.0, gt=0)
-    send_timeout: float = Field(30.0, gt=0)
+    send_timeout: float = Field(
+        30.0, gt=0, description="seconds a small message may wait for the broker's PUBACK"
+    )
+    min_send_rate: int = Field(
+        16 * 1024,
+        ge=256,
+        description="bytes/s a link is assumed to carry at least: a message's wait for its "
+        "PUBACK is send_timeout + size / min_send_rate (a slow uplink is not a lost one)",
+    )
 
 
 class DataSourceSettings(TokenSettings):

@@ -38,7 +38,14 @@ from flame.aggregator.records import (
     numeric_summary,
 )
 from flame.analysis.functions import AnalysisFunctions
-from flame.errors import ConfigError, RunFailed, RunTimeout, TransportError, stop_signal
+from flame.errors import (
+    ConfigError,
+    NotAcknowledged,
+    RunFailed,
+    RunTimeout,
+    TransportError,
+    stop_signal,
+)
 from flame.node.context import Context, active
 from flame.node.log_forward import LOG_CATEGORY, MAX_LINE
 from flame.node.mailbox import Mailbox
@@ -504,10 +511,15 @@ class Aggregator:
         one it refused or did not acknowledge in time); `wait` for it, or just look."""
         if self._delivery is None:
             return True
-        if wait:
-            self._delivery.wait()
-        elif not self._delivery.check():
-            return False
+        try:
+            if wait:
+                self._delivery.wait()
+            elif not self._delivery.check():
+                return False
+        except NotAcknowledged as exc:
+            # Not a refusal: the broker is out of reach. paho keeps the messages queued and
+            # sends them after a reconnect; the epoch deadline, not this wait, ends the run.
+            log.warning("kick-off not acknowledged yet; the broker will deliver it: %s", exc)
         self._delivery = None
         return True
 

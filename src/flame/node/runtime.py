@@ -32,6 +32,7 @@ from flame.errors import (
     AnalysisError,
     ConfigError,
     FlameError,
+    NotAcknowledged,
     RunFailed,
     RunTimeout,
     TransportError,
@@ -286,11 +287,19 @@ class AnalysisClient:
             body,
             self._run,
         )
-        self.transport.send(envelope)
         self._last_epoch = epoch
         self._last_sent = envelope
         self._acked = False
         self._resend_every = self.resend_interval
+        try:
+            self.transport.send(envelope)
+        except NotAcknowledged as exc:
+            # Not a refusal: the broker is out of reach (a partition, a slow uplink). The
+            # result is kept and re-sent with backoff; only the aggregator's epoch deadline
+            # (its abort, or this node's wait for the next instruction) ends the run.
+            log.warning(
+                "epoch %d: result not acknowledged yet, keeping it and re-sending: %s", epoch, exc
+            )
         self._resend_at = time.monotonic() + self._resend_every
         if _notable(privacy):
             self._privacy[str(epoch)] = privacy

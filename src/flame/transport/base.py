@@ -21,7 +21,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Protocol
 
-from flame.errors import TransportError
+from flame.errors import NotAcknowledged, TransportError
 from flame.transport.status_order import StatusOrder, gone
 from flame.utils.deadline import Deadline
 from flame.wire.envelope import DEFAULT_MAX_BYTES, Envelope, decode, encode_parts
@@ -93,7 +93,8 @@ class Delivery:
             publish.wait(timeout)
         except TransportError as exc:
             self.abandon()
-            raise TransportError(f"cannot send to {recipient!r}: {exc}") from None
+            kind = NotAcknowledged if isinstance(exc, NotAcknowledged) else TransportError
+            raise kind(f"cannot send to {recipient!r}: {exc}") from None
         self._pending.pop(0)
 
 

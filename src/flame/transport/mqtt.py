@@ -31,7 +31,7 @@ from flame.clients.message_broker_client import (
     ProtocolName,
     Will,
 )
-from flame.errors import MessageError, TransportError
+from flame.errors import MessageError, NotAcknowledged, TransportError
 from flame.identity.signing import SIGNED_MAGIC, SignatureError
 from flame.transport.base import Delivery, Transport
 from flame.utils.deadline import Deadline
@@ -88,6 +88,17 @@ def client_id_for(analysis_id: str, node_id: str) -> str:
     if len(client_id) <= 128:
         return client_id
     return "flame:" + hashlib.sha256(f"{analysis_id}:{node_id}".encode()).hexdigest()[:40]
+
+
+def wrap_send_error(exc: TransportError, prefix: str) -> TransportError:
+    """`exc` behind `prefix`, keeping its kind: a `NotAcknowledged` stays one (and names the
+    settings that made the wait), so a caller with a deadline of its own can keep trying."""
+    if isinstance(exc, NotAcknowledged):
+        return NotAcknowledged(
+            f"{prefix}: {exc} (the wait per message is FLAME_BROKER__SEND_TIMEOUT plus its "
+            "size at FLAME_BROKER__MIN_SEND_RATE bytes/s)"
+        )
+    return TransportError(f"{prefix}: {exc}")
 
 
 def password_from_settings(settings: BrokerSettings) -> PasswordSource | None:
@@ -407,9 +418,9 @@ class MqttTransport(Transport):
             self._status_pending = pending
             return
         try:
-            pending.wait(self.settings.send_timeout)
+            pending.wait(self.patience(len(payload)))
         except TransportError as exc:
-            raise TransportError(f"{self.node_id} could not announce its status: {exc}") from None
+            raise wrap_send_error(exc, f"{self.node_id} could not announce its status") from None
         self._announced = True
 
     def watch(self, nodes: Iterable[str] | None = None) -> None:
@@ -456,11 +467,17 @@ class MqttTransport(Transport):
             if self._claim_check is not None and size > self._claim_check_threshold:
                 self._send_claim_check(topic, parts, size, wait)
             elif size <= self.settings.chunk_size:
-                self.client.publish(topic, b"".join(parts), timeout=wait)
+                self.client.publish(topic, b"".join(parts), timeout=self.patience(size, wait))
             else:
                 self._send_chunks(topic, recipient, parts, wait)
         except TransportError as exc:
-            raise TransportError(f"cannot send to {recipient!r}: {exc}") from None
+            raise wrap_send_error(exc, f"cannot send to {recipient!r}") from None
+
+    def patience(self, size: int, timeout: float | None = None) -> float:
+        """How long a message of `size` bytes may wait for its PUBACK: the send timeout plus
+        its transfer at the slowest rate a link is assumed to carry (`min_send_rate`)."""
+        base = self.settings.send_timeout if timeout is None else timeout
+        return base + size / self.settings.min_send_rate
 
     def dispatch(self, envelopes: Sequence[Envelope], timeout: float | None = None) -> Delivery:
         """Publish every small envelope at once; their PUBACKs are confirmed through the
@@ -469,6 +486,7 @@ class MqttTransport(Transport):
         before this returns."""
         wait = timeout if timeout is not None else self.settings.send_timeout
         pending: list[tuple[str, PendingPublish]] = []
+        total = 0
         try:
             for envelope in envelopes:
                 recipient = envelope.recipient
@@ -485,10 +503,11 @@ class MqttTransport(Transport):
                 except TransportError as exc:
                     raise TransportError(f"cannot send to {recipient!r}: {exc}") from None
                 self.bytes_sent += size
+                total += size
         except BaseException:
             Delivery(pending).abandon()
             raise
-        return Delivery(pending, wait)
+        return Delivery(pending, self.patience(total, wait))
 
     def broadcast(
         self, envelope: Envelope, recipients: Sequence[str], timeout: float | None = None
@@ -502,9 +521,9 @@ class MqttTransport(Transport):
         try:
             pending = self.client.publish_nowait(self._broadcast, frame)
         except TransportError as exc:
-            raise TransportError(f"cannot broadcast to {len(recipients)} nodes: {exc}") from None
+            raise wrap_send_error(exc, f"cannot broadcast to {len(recipients)} nodes") from None
         self.bytes_sent += len(frame)
-        wait = timeout if timeout is not None else self.settings.send_timeout
+        wait = self.patience(len(frame), timeout)
         return Delivery([(f"{len(recipients)} nodes (broadcast)", pending)], wait)
 
     def probe_broadcast(self, envelope: Envelope) -> None:
@@ -552,12 +571,13 @@ class MqttTransport(Transport):
         piece = max(self.settings.chunk_size - header, 1)
         window: deque[PendingPublish] = deque()
         try:
+            wait = self.patience(self.settings.chunk_size, timeout)
             for chunk in split_frame(parts, piece, sign=sign):
                 if len(window) >= self._send_window:
-                    window.popleft().wait(timeout)
+                    window.popleft().wait(wait)
                 window.append(self.client.publish_nowait(topic, chunk))
             while window:
-                window.popleft().wait(timeout)
+                window.popleft().wait(wait)
         finally:
             for pending in window:
                 pending.abandon()
@@ -573,7 +593,8 @@ class MqttTransport(Transport):
             raise TransportError(
                 f"claim check could not store {size} bytes ({type(exc).__name__}: {exc})"
             ) from None
-        self.client.publish(topic, encode_reference(reference, size, digest), timeout=timeout)
+        frame = encode_reference(reference, size, digest)
+        self.client.publish(topic, frame, timeout=self.patience(len(frame), timeout))
 
     def receive(self, timeout: float) -> Envelope | None:
         if self._client is None:
