@@ -23,7 +23,14 @@ from typing import Any
 
 import pytest
 from broker import Broker, have_mosquitto, say
-from nodes import AGGREGATOR, Federation, StatusWatcher, federation_env, storage_env
+from nodes import (
+    AGGREGATOR,
+    Federation,
+    StatusWatcher,
+    federation_env,
+    shifted_clock,
+    storage_env,
+)
 from servers.s3_server import S3Server
 from servers.tcp_proxy import TcpProxy
 
@@ -502,6 +509,76 @@ def test_aggregator_partitioned_longer_than_the_send_timeout(
     assert values[AGGREGATOR] == expected
     assert all(values[node] == expected for node in NODES)
     assert "kick-off not acknowledged yet" in stderr, stderr[-3000:]
+
+
+# --- clocks --------------------------------------------------------------------------------
+
+CLOCK_BACK = -600.0  # ten minutes: an NTP step, a VM restored from a snapshot
+
+
+def test_node_restarted_with_its_clock_ten_minutes_back(
+    row: Row, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """node-2 is SIGKILLed inside epoch 1 and restarted with its wall clock 10 min behind its
+    predecessor's start: it is a restart (a higher generation), not a stale replay, so the
+    aggregator hands it the epoch again and the run completes right. Before the fix its
+    statuses were "signed before this process started" and the run stalled to the deadline."""
+    folder = write_analysis(row.tmp / "analysis", slow={"*": 0.3, "node-2": 3.0})
+    expected = simulated(folder, NODES, epochs=3)
+    watcher = row.watch()
+    federation = row.federation(folder, epochs=3)
+    federation.start_all()
+    watcher.wait_for("node-2", "computing", 1, timeout=90)
+    federation.kill("node-2")
+    restarted = time.monotonic()
+    federation.start("node-2", **shifted_clock(CLOCK_BACK))
+    values = federation.finish(timeout=150)
+    ended = federation.processes[AGGREGATOR].ended
+    assert ended is not None
+    stderr = federation.processes[AGGREGATOR].stderr()
+    report(
+        capsys,
+        "analysis node SIGKILLed in epoch 1, restarted with its clock 10 min back",
+        f"finished {ended - restarted:.1f} s after the restart; result == simulate",
+        "no epoch deadline waited out",
+    )
+    assert values[AGGREGATOR] == expected
+    assert all(values[node] == expected for node in NODES)
+    assert "ignored a stale status of node-2" not in stderr, stderr[-3000:]
+    assert ended - restarted < 60  # the epoch timeout: it must not be what ended the wait
+
+
+def test_aggregator_resumed_with_its_clock_ten_minutes_back(
+    row: Row, s3_server: S3Server, s3_bucket: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The aggregator is SIGKILLed in epoch 2 and resumes from its checkpoint with its clock
+    10 min behind: the nodes take it for the aggregator's next process, not a replay."""
+    folder = write_analysis(row.tmp / "analysis", slow={"*": 0.5})
+    expected = simulated(folder, NODES, epochs=4)
+    storage = storage_env(s3_server.settings(bucket=s3_bucket))
+    watcher = row.watch()
+    federation = row.federation(folder, epochs=4, **storage)
+    federation.start_all()
+    watcher.wait_for(AGGREGATOR, "collecting", 2, timeout=90)
+    time.sleep(0.2)
+    federation.kill(AGGREGATOR)
+    restarted = time.monotonic()
+    federation.start(AGGREGATOR, **shifted_clock(CLOCK_BACK))
+    values = federation.finish(timeout=150)
+    ended = federation.processes[AGGREGATOR].ended
+    assert ended is not None
+    report(
+        capsys,
+        "aggregator SIGKILLed in epoch 2, resumed with its clock 10 min back",
+        f"finished {ended - restarted:.1f} s after the restart; result == simulate",
+        "no epoch deadline waited out",
+    )
+    assert values[AGGREGATOR] == expected
+    assert all(values[node] == expected for node in NODES)
+    for node in NODES:
+        stderr = federation.processes[node].stderr()
+        assert "ignored a stale status of aggregator" not in stderr, stderr[-3000:]
+    assert ended - restarted < 60
 
 
 # --- storage faults --------------------------------------------------------------------------

@@ -614,6 +614,19 @@ class MessageBrokerClient:
         first = f"unsubscribe from {topics[0]}"
         self._acknowledged(first, lambda: self._client.unsubscribe(list(topics)), timeout)
 
+    def read_retained(self, topic: str, timeout: float) -> bytes | None:
+        """The message the broker retains on `topic`, or None: subscribed at QoS 0 (no
+        in-flight quota can hold it back) and unsubscribed at once. The broker sends a retained
+        message before it answers the next request, so there is no waiting for one that may
+        not exist. For a connection of its own: other messages that arrive are dropped."""
+        self.subscribe([(topic, 0)], timeout=timeout)
+        self.unsubscribe([topic], timeout=timeout)
+        found: bytes | None = None
+        while (message := self.get(0)) is not None:
+            if message.topic == topic and message.retain:
+                found = bytes(message.payload)
+        return found
+
     def _acknowledged(
         self, what: str, request: Callable[[], tuple[MQTTErrorCode, int | None]], timeout: float
     ) -> list[ReasonCode]:

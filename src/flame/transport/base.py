@@ -117,6 +117,9 @@ class Transport(abc.ABC):
         self.auth = auth  # None: unsigned (an explicit opt-out; see flame.identity)
         self.instance = uuid.uuid4().hex  # this process's connection: in every status
         self.since = round(time.time(), 3)  # when it started: orders processes of a node
+        # ... after the generation (status_order): one more than the node's status found on
+        # the broker at connect, so a restart outranks its predecessor whatever the clocks say.
+        self.generation = 0
         self._seq = itertools.count(1)  # every status it signs gets the next number
         self._verified_process: dict[str, tuple[Any, Any, Any]] = {}
         self.status_order = StatusOrder(self.since)  # which statuses of others are current
@@ -160,6 +163,7 @@ class Transport(abc.ABC):
             **status,
             "instance": self.instance,
             "since": self.since,
+            "gen": self.generation,
             "seq": next(self._seq),
             "at": round(time.time(), 3),
         }

@@ -34,6 +34,7 @@ from flame.clients.message_broker_client import (
 from flame.errors import MessageError, NotAcknowledged, TransportError
 from flame.identity.signing import SIGNED_MAGIC, SignatureError
 from flame.transport.base import Delivery, Transport
+from flame.transport.status_order import process_generation
 from flame.utils.deadline import Deadline
 from flame.wire.chunks import (
     CHUNK_HEADER_SIZE,
@@ -282,8 +283,12 @@ class MqttTransport(Transport):
             self.analysis_id, self.node_id, status
         ):
             return
-        since = status.get("since")
-        if self.auth is not None and (not isinstance(since, int | float) or since <= self.since):
+        since, gen = status.get("since"), process_generation(status)
+        if self.auth is not None and (
+            not isinstance(since, int | float)
+            or gen is None
+            or (gen, since) <= (self.generation, self.since)
+        ):
             # An earlier process of this node: a leftover, or an old status replayed as
             # retained to make this one stop. A live later process is what a conflict is.
             log.warning(
@@ -302,6 +307,31 @@ class MqttTransport(Transport):
             self._connected = False
             self._client.disconnect()
 
+    def _next_generation(self) -> int:
+        """One more than the generation of this node's status the broker holds (0 if none):
+        what orders this process after its predecessors, whatever either clock says. Read on
+        a short connection of its own, because the last will (signed with the generation)
+        must be fixed before the node's own connection is made."""
+        side_id = client_id_for(self.analysis_id, self.node_id)[:100] + ":" + self.instance[:12]
+        side = self._new_client(side_id, None, session_expiry=0)
+        side.connect()
+        try:
+            payload = side.read_retained(
+                status_topic(self.analysis_id, self.node_id), self.settings.send_timeout
+            )
+        finally:
+            side.disconnect()
+        previous = 0
+        try:
+            status = json.loads(payload) if payload else None
+        except (ValueError, RecursionError):
+            status = None
+        if isinstance(status, dict) and (
+            self.auth is None or self.auth.verify_status(self.analysis_id, self.node_id, status)
+        ):
+            previous = process_generation(status) or 0
+        return previous + 1
+
     def _check_conflict(self) -> None:
         if self.conflict is not None:
             raise TransportError(self.conflict)
@@ -313,6 +343,7 @@ class MqttTransport(Transport):
             raise TransportError(f"{self.node_id} is already connected")
         settings = self.settings
         assert settings.url is not None
+        self.generation = self._next_generation()
         will = Will(
             status_topic(self.analysis_id, self.node_id),
             self._status_payload(self.offline_status()),
