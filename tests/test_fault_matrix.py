@@ -511,6 +511,85 @@ def test_aggregator_partitioned_longer_than_the_send_timeout(
     assert "kick-off not acknowledged yet" in stderr, stderr[-3000:]
 
 
+# --- quorum ----------------------------------------------------------------------------------
+
+
+def pooled_estimates(folder: Path, nodes_per_epoch: list[tuple[str, ...]]) -> float:
+    """The analysis's estimate when epoch e pools the nodes `nodes_per_epoch[e]` (as its
+    aggregate does), for rows where the answering nodes change during the run."""
+    estimate = 0.0
+    for nodes in nodes_per_epoch:
+        values = [
+            float(line)
+            for node in nodes
+            for line in (folder / "data" / node / "values.csv").read_text().splitlines()[1:]
+            if line.strip()
+        ]
+        estimate += 0.5 * sum(v - estimate for v in values) / len(values)
+    return estimate
+
+
+def _quorum_row(row: Row, capsys: pytest.CaptureFixture[str], *, refuse: bool) -> None:
+    folder = write_analysis(row.tmp / "analysis", slow={"*": 0.3, "node-3": 2.0})
+    # The epoch deadline is far beyond the test's own bound (finish within 90 s): an epoch
+    # that waited for node-3 once it was known gone would fail the row.
+    extra = {"FLAME_QUORUM": "2", "FLAME_EPOCH_TIMEOUT": "300"}
+    federation = row.federation(folder, epochs=4, **extra)
+    watcher = row.watch()
+    for node in (AGGREGATOR, "node-1", "node-2"):
+        federation.start(node)
+    if refuse:
+        policy = row.tmp / "policy.toml"
+        policy.write_text("max_epochs = 1\n")  # epoch 1 on: refused by node-3's policy
+        federation.start("node-3", FLAME_POLICY=str(policy))
+    else:
+        federation.start("node-3")
+        watcher.wait_for("node-3", "computing", 1, timeout=90)
+        federation.kill("node-3")
+    began = time.monotonic()
+    aggregator = federation.processes[AGGREGATOR]
+    assert aggregator.wait(90) == 0, aggregator.tail()
+    for node in ("node-1", "node-2"):
+        assert federation.processes[node].wait(30) == 0, federation.processes[node].tail()
+    if refuse:
+        assert federation.processes["node-3"].wait(30) == 1
+    value = aggregator.value()
+    stderr = aggregator.stderr()
+    assert aggregator.ended is not None
+    expected = pooled_estimates(folder, [NODES] + [("node-1", "node-2")] * 3)
+    report(
+        capsys,
+        "node-3 of 3 " + ("refuses by policy" if refuse else "SIGKILLed") + " under quorum 2",
+        f"epochs 1-3 went on without it; finished {aggregator.ended - began:.1f} s later",
+        "no epoch waits for a node known gone (epoch deadline 300 s)",
+    )
+    assert value["nodes"] == ["node-1", "node-2"]
+    assert value["estimate"] == pytest.approx(expected, rel=1e-12)
+    why = "refused by its policy" if refuse else "offline"
+    assert f"missing: node-3 ({why}" in stderr, stderr[-3000:]
+    if refuse:
+        assert "max_epochs" in stderr  # the history says why
+        assert "Traceback" not in stderr
+
+
+def test_crashed_node_under_quorum_holds_no_epoch(
+    row: Row, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """node-3 is SIGKILLed in epoch 1 under FLAME_QUORUM=2: its last will marks it gone, so
+    epoch 1 and later ones end as soon as the other two answered. Before the fix each waited
+    out the epoch deadline."""
+    _quorum_row(row, capsys, refuse=False)
+
+
+def test_refusing_node_under_quorum_is_a_missing_answer(
+    row: Row, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """node-3's policy refuses from epoch 1 (max_epochs = 1) under FLAME_QUORUM=2: the
+    refusal counts as a missing answer, recorded with its reason; the run completes. Before
+    the fix a refusal aborted the run whatever the quorum."""
+    _quorum_row(row, capsys, refuse=True)
+
+
 # --- clocks --------------------------------------------------------------------------------
 
 CLOCK_BACK = -600.0  # ten minutes: an NTP step, a VM restored from a snapshot

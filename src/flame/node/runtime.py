@@ -33,6 +33,7 @@ from flame.errors import (
     ConfigError,
     FlameError,
     NotAcknowledged,
+    PolicyRefused,
     RunFailed,
     RunTimeout,
     TransportError,
@@ -338,7 +339,11 @@ class AnalysisClient:
             log.error("epoch %d failed: %s\n%s", epoch, reason, traceback_text)
         else:
             log.debug("epoch %d failed: %s", epoch, reason)
-        if self.policy.send_tracebacks:
+        if isinstance(exc, PolicyRefused):
+            # The aggregator may count it as a missing answer (under a quorum) instead of a
+            # failure; a refusal's text is flame's own, and no traceback goes with it.
+            body["refused"] = True
+        elif self.policy.send_tracebacks:
             body["traceback"] = traceback_text
         elif _raised_by_analysis(exc):  # its message is as free to carry records as a traceback
             name = _public_type(exc)
