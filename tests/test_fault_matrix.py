@@ -660,6 +660,41 @@ def test_aggregator_resumed_with_its_clock_ten_minutes_back(
     assert ended - restarted < 60
 
 
+# --- data ----------------------------------------------------------------------------------
+
+
+def test_data_file_replaced_mid_run_fails_naming_it(
+    row: Row, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """node-2's values.csv is replaced (a new export moved into place) while it computes
+    epoch 1: the run fails at once, naming the source and the file, instead of finishing on
+    mixed data (before the fix: exit 0, a result from two versions of the data)."""
+    folder = write_analysis(row.tmp / "analysis", slow={"*": 0.3, "node-2": 2.0})
+    watcher = row.watch()
+    federation = row.federation(folder, epochs=3)
+    federation.start_all()
+    watcher.wait_for("node-2", "computing", 1, timeout=90)
+    target = folder / "data" / "node-2" / "values.csv"
+    fresh = target.with_name("fresh.tmp")
+    fresh.write_text("value\n1.0\n2.0\n")
+    os.replace(fresh, target)
+    replaced = time.monotonic()
+    node = federation.processes["node-2"]
+    assert node.wait(60) == 1, node.tail()
+    aggregator = federation.processes[AGGREGATOR]
+    assert aggregator.wait(60) == 1, aggregator.tail()
+    assert aggregator.ended is not None
+    reason = "data source 'local': 'values.csv' changed during the run"
+    report(
+        capsys,
+        "a data file replaced mid-run",
+        f"run failed {aggregator.ended - replaced:.1f} s later naming the file",
+        "fails at once, naming the file",
+    )
+    assert reason in node.stderr(), node.tail()
+    assert reason in aggregator.stderr(), aggregator.tail()
+
+
 # --- storage faults --------------------------------------------------------------------------
 
 

@@ -233,6 +233,7 @@ class Aggregator:
                 privacy=dict(self._privacy),
                 result_bytes=dict(self._result_bytes),
                 absent=dict(self._absent),
+                data=dict(self._data_versions),
                 summary=numeric_summary(value),
             )
             last = converged or epoch + 1 == self.epochs
@@ -384,6 +385,7 @@ class Aggregator:
         self._arrivals, self._result_bytes = {}, {}  # for the epoch record (reports)
         self._privacy = {}  # node -> DP spend / suppressed cells this epoch
         self._absent: dict[str, str] = {}  # node -> why it gave no result this epoch
+        self._data_versions: dict[str, str] = {}  # node -> its data's fingerprint digest
         self._unacked = []
         while not self._epoch_complete(results, epoch):
             wait = deadline
@@ -429,6 +431,9 @@ class Aggregator:
                         self._privacy[envelope.sender] = privacy
                     self._arrivals[envelope.sender] = time.monotonic() - started
                     self._result_bytes[envelope.sender] = _size(envelope)
+                    version = self._statuses.get(envelope.sender, {}).get("data")
+                    if isinstance(version, str) and len(version) == 64:
+                        self._data_versions[envelope.sender] = version
                     self._emit(
                         Event(
                             "result",

@@ -28,6 +28,7 @@ from typing import Any
 
 from flame.aggregator.membership import Instances
 from flame.analysis.functions import AnalysisFunctions
+from flame.data.versions import DataVersions
 from flame.errors import (
     AnalysisError,
     ConfigError,
@@ -209,6 +210,7 @@ class AnalysisClient:
         self._forwarder: LogForwarder | None = None
         self._said_goodbye = False
         self.board = StatusBoard(transport)  # routine statuses kept off the critical path
+        self._versions: DataVersions | None = None
 
     # --- the protocol steps ------------------------------------------------------------------
     def connect(self) -> None:
@@ -386,6 +388,9 @@ class AnalysisClient:
     # --- the whole run -----------------------------------------------------------------------
     def run(self, functions: AnalysisFunctions, data: Any) -> Instruction:
         """Play this node's part until the aggregator says finished; returns that instruction."""
+        sources = getattr(data, "sources", None)
+        if isinstance(sources, dict):
+            self._versions = DataVersions.take(sources)  # before the first status names it
         self.connect()
         epoch = -1
         forwarder = LogForwarder(self.secrets) if self.policy.forward_logs else None
@@ -423,7 +428,9 @@ class AnalysisClient:
                 try:
                     runner.start()
                     self.gate.before(epoch, runner.declared_spend)  # before any data is read
+                    self._check_data()
                     outcome = self._analyze(runner, epoch, instruction.previous)
+                    self._check_data()  # read during analyze: the same version as before
                     release = self.gate.release(epoch, outcome)  # policy, here in the runtime
                     self.send_results(epoch, release.result, release.report())
                 except _Interrupted as stop:
@@ -810,7 +817,14 @@ class AnalysisClient:
             status["privacy"] = dict(self._privacy)
         if not self.policy.share_aggregate:
             status["share_aggregate"] = False  # the aggregator sends this node no aggregates
+        if self._versions is not None and self._versions.count:
+            status["data"] = self._versions.digest  # which data version this run computes on
         return status
+
+    def _check_data(self) -> None:
+        """DataError naming a file of a local source that changed since the run started."""
+        if self._versions is not None:
+            self._versions.check()
 
     def _metrics(self) -> dict[str, Any]:
         """Per-epoch figures for `flame status`: compute time and traffic so far."""
