@@ -102,6 +102,11 @@ class DataSourceSettings(TokenSettings):
     access_key: str | None = None
     secret_key: SecretStr | None = None
     timeout: float = Field(30.0, gt=0)
+    encoding: str | None = Field(
+        None,
+        description="text encoding of CSV files without a byte-order mark (default utf-8; "
+        "e.g. cp1252, latin-1, utf-16)",
+    )
     retries: int = Field(3, ge=0, le=20)
     statement_timeout: float = Field(300.0, gt=0, description="seconds per SQL statement")
     allow_privileged_role: bool = Field(

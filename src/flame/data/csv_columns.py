@@ -21,6 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
+from flame.data.encodings import detect_encoding, read_head
 from flame.data.readers import MISSING_MARKERS, ReadReport, recover_numbers, to_numpy
 from flame.errors import DataError
 
@@ -80,9 +81,14 @@ def _nan() -> pa.Scalar:
 
 
 def read_csv_columns(
-    name: str, path: Where, report: ReadReport, delimiter: str = ","
+    name: str, path: Where, report: ReadReport, delimiter: str = ",", encoding: str | None = None
 ) -> dict[str, np.ndarray]:
-    """One CSV file as `{column: numpy}`; raises `Fallback` when the general reader must."""
+    """One CSV file as `{column: numpy}`; raises `Fallback` when the general reader must
+    (also for text that is not UTF-8: the general reader transcodes and reports)."""
+    with _opened(path) as where:
+        head = read_head(where)
+    if detect_encoding(head, encoding)[0] != "utf-8":
+        raise Fallback
     try:
         with _opened(path) as where, pacsv.open_csv(where, **_options(delimiter, None)) as sniff:
             schema = sniff.schema

@@ -159,7 +159,13 @@ class Data:
                     raise DataError(f"data source {files.name!r}: no file {file_name!r}")
             try:
                 parts.append(
-                    read_csv_columns(file_name, where, report, "\t" if kind == "tsv" else ",")
+                    read_csv_columns(
+                        file_name,
+                        where,
+                        report,
+                        "\t" if kind == "tsv" else ",",
+                        getattr(files, "encoding", None),
+                    )
                 )
             except Fallback:
                 return None
@@ -262,7 +268,7 @@ class Data:
                     entries.append((file_name, path))
                 else:
                     entries.append((file_name, stack.enter_context(files.open(file_name))))
-            table, report = read_tables(entries)
+            table, report = read_tables(entries, getattr(files, "encoding", None))
         self.missing = report.missing
         self.invalid = report.invalid
         return table
