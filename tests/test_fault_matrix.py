@@ -757,6 +757,39 @@ def test_results_folder_not_writable_stops_before_joining(
     )
 
 
+def test_results_folder_on_a_full_disk_stops_before_joining(
+    row: Row, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The results folder cannot take the run's writes (the disk is "full" for the space the
+    run asks for: FLAME_STORAGE__MIN_FREE_MB beyond what the filesystem has, checked with a
+    real reservation): refused at start, naming the folder, not after computing."""
+    import shutil
+
+    folder = write_analysis(row.tmp / "analysis")
+    results = row.tmp / "results"
+    results.mkdir()
+    beyond = shutil.disk_usage(results).free / (1024 * 1024) + 1024
+    federation = row.federation(
+        folder,
+        FLAME_STORAGE__RESULTS_DIR=str(results),
+        FLAME_STORAGE__MIN_FREE_MB=f"{beyond:.0f}",
+        FLAME_PRESENCE_TIMEOUT="5",
+    )
+    aggregator = federation.start(AGGREGATOR)
+    assert aggregator.wait(60) == 1, aggregator.tail()
+    assert aggregator.ended is not None
+    stderr = aggregator.stderr()
+    assert "not joining the run" in stderr and "free, the run needs" in stderr, stderr
+    assert str(results) in stderr
+    report(
+        capsys,
+        "results folder on a full disk",
+        f"flame run refused before joining, {aggregator.ended - aggregator.started:.1f} s "
+        "after start, naming the folder and the space",
+        "before epoch 0",
+    )
+
+
 def _operator_config(row: Row) -> Any:
     from flame.config import FlameConfig
 

@@ -127,6 +127,12 @@ class StorageSettings(TokenSettings):
     region: str | None = None
     timeout: float = Field(30.0, gt=0)
     results_dir: Path | None = Field(None, description="local folder for results (simulation)")
+    min_free_mb: float = Field(
+        64.0,
+        ge=0,
+        description="space a results folder must be able to take at start-up (checkpoints and "
+        "the result); checked by a real reservation, so a full disk stops the node at once",
+    )
     retry_s: float = Field(
         120.0, ge=0, description="seconds a failing checkpoint or result write is retried"
     )
