@@ -69,7 +69,10 @@ ANALYSIS = textwrap.dedent(
             _column({"value": 1.0}, "nope")
         values = _values(data)
         estimate = 0.0 if previous is None else previous["estimate"]
-        return {"n": len(values), "residual": sum(v - estimate for v in values)}
+        result = {"n": len(values), "residual": sum(v - estimate for v in values)}
+        if PAD.get(node):  # a large result (the aggregate ignores it)
+            result["pad"] = "0" * PAD[node]
+        return result
 
     def aggregate(results, epoch, previous):
         time.sleep(SLOW.get("aggregate", 0.0))
@@ -82,10 +85,14 @@ ANALYSIS = textwrap.dedent(
 
 
 def write_analysis(
-    folder: Path, *, slow: dict[str, float] | None = None, fail: tuple[str, int] | None = None
+    folder: Path,
+    *,
+    slow: dict[str, float] | None = None,
+    fail: tuple[str, int] | None = None,
+    pad: dict[str, int] | None = None,
 ) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
-    head = f"SLOW = {slow or {}!r}\nFAIL = {list(fail) if fail else None!r}\n"
+    head = f"SLOW = {slow or {}!r}\nFAIL = {list(fail) if fail else None!r}\nPAD = {pad or {}!r}\n"
     (folder / "analysis.py").write_text(head + ANALYSIS)
     for index, node in enumerate(NODES):
         data = folder / "data" / node
@@ -438,36 +445,54 @@ def test_node_paused_with_sigstop_then_continued(
 
 SEND_TIMEOUT = 2.0  # FLAME_BROKER__SEND_TIMEOUT in the partition rows
 PARTITION = 4 * SEND_TIMEOUT  # longer than any one wait for the broker: only re-sending helps
+LONG = pytest.param(
+    (180.0, 30.0),
+    marks=[
+        pytest.mark.slow,
+        pytest.mark.timeout(900),
+        pytest.mark.skipif(
+            os.environ.get("FLAME_LONG_PARTITIONS") != "1",
+            reason="the issue's 3-minute partition: opt in with FLAME_LONG_PARTITIONS=1",
+        ),
+    ],
+    id="3min",
+)
+PARTITIONS = [pytest.param((PARTITION, SEND_TIMEOUT), id="4x-send-timeout"), LONG]
 
 
+@pytest.mark.parametrize("partition", PARTITIONS)
 def test_node_partitioned_longer_than_the_send_timeout(
-    row: Row, capsys: pytest.CaptureFixture[str]
+    row: Row, partition: tuple[float, float], capsys: pytest.CaptureFixture[str]
 ) -> None:
     """node-2's link to the broker black-holes (a TCP proxy: no byte, no close passes) while it
     sends its result of epoch 1, for 4 x the send timeout: it keeps the result and re-sends;
     the run completes with the right result. Before the fix node-2 exited with "did not
     acknowledge ... within 2 s" and the aggregator waited out the epoch timeout."""
+    seconds, send_timeout = partition
     folder = write_analysis(row.tmp / "analysis", slow={"*": 0.3, "node-2": 1.0})
     expected = simulated(folder, NODES, epochs=3)
     with TcpProxy("127.0.0.1", row.broker.port) as proxy:
         watcher = row.watch()
         federation = row.federation(
-            folder, epochs=3, FLAME_BROKER__SEND_TIMEOUT=f"{SEND_TIMEOUT:g}"
+            folder,
+            epochs=3,
+            FLAME_BROKER__SEND_TIMEOUT=f"{send_timeout:g}",
+            FLAME_EPOCH_TIMEOUT=f"{max(60.0, 3 * seconds):g}",
         )
         for node in (AGGREGATOR, "node-1", "node-3"):
             federation.start(node)
         federation.start("node-2", FLAME_BROKER__URL=f"mqtt://{proxy.endpoint}")
         watcher.wait_for("node-2", "computing", 1, timeout=90)
-        proxy.black_hole_for(PARTITION)
+        proxy.black_hole_for(seconds)
         cut = time.monotonic()
-        values = federation.finish(timeout=150)
+        values = federation.finish(timeout=150 + seconds)
         ended = federation.processes[AGGREGATOR].ended
     assert ended is not None
     stderr = federation.processes["node-2"].stderr()
     report(
         capsys,
-        f"analysis node partitioned {PARTITION:g} s (send timeout {SEND_TIMEOUT:g} s)",
-        f"finished {ended - cut - PARTITION:.1f} s after the link returned; result == simulate",
+        f"analysis node partitioned {seconds:g} s (send timeout {send_timeout:g} s)",
+        f"finished {ended - cut - seconds:.1f} s after the link returned; result == simulate",
         "completes; only the epoch deadline ends a run",
     )
     assert values[AGGREGATOR] == expected
@@ -476,39 +501,75 @@ def test_node_partitioned_longer_than_the_send_timeout(
     assert "FLAME_BROKER__SEND_TIMEOUT" in stderr  # the wait names its setting
 
 
+@pytest.mark.parametrize("partition", PARTITIONS)
 def test_aggregator_partitioned_longer_than_the_send_timeout(
-    row: Row, capsys: pytest.CaptureFixture[str]
+    row: Row, partition: tuple[float, float], capsys: pytest.CaptureFixture[str]
 ) -> None:
     """The aggregator's link black-holes while it aggregates epoch 1 (3 s), so the kick-off of
     epoch 2 goes out into the partition: it is not taken for lost, paho delivers it when the
     link returns, and the run completes right. Before the fix the aggregator failed the run
     ("did not acknowledge ... within 2 s")."""
-    folder = write_analysis(row.tmp / "analysis", slow={"*": 0.2, "aggregate": 3.0})
+    seconds, send_timeout = partition
+    folder = write_analysis(
+        row.tmp / "analysis", slow={"*": 0.2, "aggregate": max(3.0, send_timeout / 2)}
+    )
     expected = simulated(folder, NODES, epochs=4)
     with TcpProxy("127.0.0.1", row.broker.port) as proxy:
         watcher = row.watch()
         federation = row.federation(
-            folder, epochs=4, FLAME_BROKER__SEND_TIMEOUT=f"{SEND_TIMEOUT:g}"
+            folder,
+            epochs=4,
+            FLAME_BROKER__SEND_TIMEOUT=f"{send_timeout:g}",
+            FLAME_EPOCH_TIMEOUT=f"{max(60.0, 3 * seconds):g}",
         )
         federation.start(AGGREGATOR, FLAME_BROKER__URL=f"mqtt://{proxy.endpoint}")
         for node in NODES:
             federation.start(node)
         watcher.wait_all(NODES, "sent", 1, timeout=90)  # the aggregator now aggregates 3 s
-        proxy.black_hole_for(PARTITION)
+        proxy.black_hole_for(seconds)
         cut = time.monotonic()
-        values = federation.finish(timeout=150)
+        values = federation.finish(timeout=150 + seconds)
         ended = federation.processes[AGGREGATOR].ended
     assert ended is not None
     stderr = federation.processes[AGGREGATOR].stderr()
     report(
         capsys,
-        f"aggregator partitioned {PARTITION:g} s (send timeout {SEND_TIMEOUT:g} s)",
-        f"finished {ended - cut - PARTITION:.1f} s after the link returned; result == simulate",
+        f"aggregator partitioned {seconds:g} s (send timeout {send_timeout:g} s)",
+        f"finished {ended - cut - seconds:.1f} s after the link returned; result == simulate",
         "completes; only the epoch deadline ends a run",
     )
     assert values[AGGREGATOR] == expected
     assert all(values[node] == expected for node in NODES)
     assert "kick-off not acknowledged yet" in stderr, stderr[-3000:]
+
+
+def test_slow_uplink_sends_a_large_result(row: Row, capsys: pytest.CaptureFixture[str]) -> None:
+    """node-2's uplink carries 25 kB/s (200 kbit/s) and its result is 256 KiB, about 10 s of
+    transfer against a send timeout of 2 s: the wait scales with the message's size
+    (FLAME_BROKER__MIN_SEND_RATE), so the result is not taken for lost. Before the fix node-2
+    failed ("did not acknowledge ... within 2 s"). The issue's 1 MiB takes 4x as long."""
+    folder = write_analysis(row.tmp / "analysis", slow={"*": 0.2}, pad={"node-2": 256 * 1024})
+    expected = simulated(folder, NODES, epochs=2)
+    with TcpProxy("127.0.0.1", row.broker.port) as proxy:
+        federation = row.federation(
+            folder, epochs=2, FLAME_BROKER__SEND_TIMEOUT=f"{SEND_TIMEOUT:g}"
+        )
+        for node in (AGGREGATOR, "node-1", "node-3"):
+            federation.start(node)
+        proxy.uplink_rate = 25_000
+        started = time.monotonic()
+        federation.start("node-2", FLAME_BROKER__URL=f"mqtt://{proxy.endpoint}")
+        values = federation.finish(timeout=150)
+        ended = federation.processes[AGGREGATOR].ended
+    assert ended is not None
+    report(
+        capsys,
+        "a 200 kbit/s uplink with a 256 KiB result (send timeout 2 s)",
+        f"finished {ended - started:.1f} s after node-2 started; result == simulate",
+        "completes: the wait scales with the size",
+    )
+    assert values[AGGREGATOR] == expected
+    assert all(values[node] == expected for node in NODES)
 
 
 # --- quorum ----------------------------------------------------------------------------------

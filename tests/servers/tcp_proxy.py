@@ -35,6 +35,7 @@ class TcpProxy:
         self.refused_until = 0.0
         self._flowing = threading.Event()  # cleared during a black hole
         self._flowing.set()
+        self.uplink_rate: float | None = None  # bytes/s from clients to the target, if limited
 
     @property
     def endpoint(self) -> str:
@@ -71,16 +72,19 @@ class TcpProxy:
         upstream.settimeout(None)
         with self._lock:
             self._links.update((client, upstream))
-        for source, sink in ((client, upstream), (upstream, client)):
-            threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
+        for source, sink, up in ((client, upstream, True), (upstream, client, False)):
+            threading.Thread(target=self._pump, args=(source, sink, up), daemon=True).start()
 
-    def _pump(self, source: socket.socket, sink: socket.socket) -> None:
+    def _pump(self, source: socket.socket, sink: socket.socket, up: bool = False) -> None:
         try:
             while True:
-                data = source.recv(65536)
+                rate = self.uplink_rate if up else None
+                data = source.recv(4096 if rate else 65536)
                 self._flowing.wait()  # a black hole holds every byte, and every close
                 if not data:
                     break
+                if rate:
+                    time.sleep(len(data) / rate)  # a slow uplink: the bytes trickle through
                 sink.sendall(data)
         except OSError:
             pass
