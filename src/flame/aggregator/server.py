@@ -27,7 +27,7 @@ from typing import Any
 
 from flame.aggregator.fanout import Fanout
 from flame.aggregator.honesty import warn_if_dishonest
-from flame.aggregator.membership import Instances, code_problem
+from flame.aggregator.membership import Gone, Instances, code_problem
 from flame.aggregator.records import (
     Checkpoint,
     EpochRecord,
@@ -132,8 +132,7 @@ class Aggregator:
         self._online: set[str] = set()
         # Under a quorum: nodes known gone (last will, failed status, error report, policy
         # refusal) and why. They hold no epoch; a new status of theirs brings them back.
-        self._gone: dict[str, str] = {}
-        self._gone_process: dict[str, str] = {}  # node -> the process that failed or refused
+        self._gone = Gone(self.participants, self.quorum)
         self._withheld: set[str] = set()  # nodes whose policy declines other sites' aggregates
         roster = transport.auth.roster if transport.auth is not None else None
         self._fanout = Fanout(self.participants, roster)  # broadcast or a copy each
@@ -387,7 +386,7 @@ class Aggregator:
         self._absent: dict[str, str] = {}  # node -> why it gave no result this epoch
         self._data_versions: dict[str, str] = {}  # node -> its data's fingerprint digest
         self._unacked = []
-        while not self._epoch_complete(results, epoch):
+        while not self._gone.epoch_complete(results, epoch):
             wait = deadline
             if self._unacked:
                 wait = Deadline(min(deadline.left(), self._unacked[0][0] - time.monotonic()))
@@ -444,70 +443,17 @@ class Aggregator:
                         )
                     )
         if len(results) < self.quorum:
-            missing = [self._absent_text(n) for n in self.participants if n not in results]
+            missing = [self._gone.text(n) for n in self.participants if n not in results]
             raise RunTimeout(
                 f"epoch {epoch}: only {len(results)} of {len(self.participants)} nodes answered "
                 f"within {self.epoch_timeout:g} s (missing: {', '.join(missing)}); quorum is "
                 f"{self.quorum}"
             )
         if len(results) < len(self.participants):
-            missing = [self._absent_text(n) for n in self.participants if n not in results]
+            missing = [self._gone.text(n) for n in self.participants if n not in results]
             log.warning("epoch %d continues with quorum; missing: %s", epoch, ", ".join(missing))
-        self._absent = {
-            node: self._gone.get(node, "no answer before the epoch deadline")
-            for node in self.participants
-            if node not in results
-        }
+        self._absent = self._gone.absent(results)
         return {node: results[node] for node in sorted(results)}
-
-    @property
-    def _under_quorum(self) -> bool:
-        return self.quorum < len(self.participants)
-
-    def _epoch_complete(self, results: dict[str, Any], epoch: int) -> bool:
-        """Every participant answered, or (under a quorum) the quorum did and every other one
-        is known gone: no epoch waits for those. RunFailed at once when too few can still
-        answer to make the quorum."""
-        waiting = [n for n in self.participants if n not in results and n not in self._gone]
-        if not waiting:
-            if len(results) >= self.quorum:
-                return True
-        elif len(results) + len(waiting) >= self.quorum:
-            return False
-        gone = ", ".join(self._absent_text(n) for n in self.participants if n in self._gone)
-        raise RunFailed(
-            f"epoch {epoch}: {len(results)} answered and at most {len(waiting)} more can, "
-            f"below the quorum of {self.quorum}; gone: {gone}",
-            epoch=epoch,
-        )
-
-    def _absent_text(self, node: str) -> str:
-        reason = self._gone.get(node)
-        return node if reason is None else f"{node} ({reason[:200]})"
-
-    def _note_gone(self, node: str, reason: str, *, final: bool = False) -> bool:
-        """Under a quorum: `node` is gone (True); it holds no epoch until it is back: any
-        status after a last will, only a new process after a failure or refusal (`final`)."""
-        if not self._under_quorum:
-            return False
-        if node in self._gone:
-            return True  # the first word (the error report, a refusal) says why
-        log.warning("node %s is gone (%s); the epochs go on with the quorum", node, reason)
-        self._gone[node] = reason
-        process = self._processes.get(node)
-        if final and process is not None:
-            self._gone_process[node] = process
-        return True
-
-    def _back(self, node: str, session: Any) -> None:
-        if node not in self._gone:
-            return
-        ended = self._gone_process.get(node)
-        if ended is not None and (not isinstance(session, str) or session == ended):
-            return  # a leftover status of the process that failed or refused
-        del self._gone[node]
-        self._gone_process.pop(node, None)
-        log.info("node %s is back", node)
 
     def _aggregate_parameters(self, results: dict[str, Any], epoch: int, previous: Any) -> Any:
         self.context.epoch = epoch
@@ -689,9 +635,8 @@ class Aggregator:
         else:
             reason = f"node {envelope.sender!r} failed in epoch {envelope.epoch}: {error}"
         refused = body.get("refused") is True
-        if refused and self._note_gone(
-            envelope.sender, f"refused by its policy: {error}", final=True
-        ):
+        sender, process = envelope.sender, self._processes.get(envelope.sender)
+        if refused and self._gone.note(sender, f"refused by its policy: {error}", process):
             return  # a refusal under a quorum: a missing answer, and no traceback was sent
         traceback_text = body.get("traceback")
         if isinstance(traceback_text, str) and traceback_text:
@@ -700,9 +645,7 @@ class Aggregator:
         else:
             traceback_text = None
             log.error("%s", reason)
-        if self._note_gone(
-            envelope.sender, reason.removeprefix(f"node {envelope.sender!r} "), final=True
-        ):
+        if self._gone.note(sender, reason.removeprefix(f"node {sender!r} "), process):
             return
         raise RunFailed(
             reason, node=envelope.sender, epoch=envelope.epoch, traceback=traceback_text
@@ -766,14 +709,14 @@ class Aggregator:
                 log.warning("node %s went offline", node)
             self._online.discard(node)
             if state == "offline":  # a last will (or a clean exit before the end)
-                self._note_gone(node, "offline: its connection ended")
+                self._gone.note(node, "offline: its connection ended")
             return
         if state == "failed":
             self._online.discard(node)
             if isinstance(session, str) and self._processes.get(node) == session:
                 # Its error report should have come first; the status is the backstop.
                 reason = str(body.get("reason") or "failed")[:500]
-                if self._note_gone(node, f"failed: {reason}", final=True):
+                if self._gone.note(node, f"failed: {reason}", self._processes.get(node)):
                     return
                 raise RunFailed(
                     f"node {node!r} {reason}"
@@ -784,7 +727,7 @@ class Aggregator:
             return  # a failure of an earlier process of that node
         self._statuses[node] = body
         self._online.add(node)
-        self._back(node, session)
+        self._gone.back(node, session)
         if not isinstance(session, str):
             return
         key = f"{session}:{body.get('link', 0)}"
