@@ -17,7 +17,6 @@ import hashlib
 import json
 import logging
 import re
-import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
@@ -34,7 +33,8 @@ from flame.clients.message_broker_client import (
 from flame.errors import MessageError, NotAcknowledged, TransportError
 from flame.identity.signing import SIGNED_MAGIC, SignatureError
 from flame.transport.base import Delivery, Transport
-from flame.transport.status_order import process_generation
+from flame.transport.mqtt_claims import ProcessClaims
+from flame.transport.topics import broadcast_topic, client_id_for, inbox_topic, status_topic
 from flame.utils.deadline import Deadline
 from flame.wire.chunks import (
     CHUNK_HEADER_SIZE,
@@ -66,31 +66,6 @@ MAX_STATUS_BYTES = 64 * 1024
 _MAX_CHUNK_HEADER = CHUNK_HEADER_SIZE + 1 + 255 + 64  # a signed chunk's longest header
 
 
-def inbox_topic(analysis_id: str, node_id: str) -> str:
-    return f"flame/{analysis_id}/{node_id}/inbox"
-
-
-def status_topic(analysis_id: str, node_id: str) -> str:
-    return f"flame/{analysis_id}/{node_id}/status"
-
-
-def broadcast_topic(analysis_id: str) -> str:
-    """The aggregator's messages to every node (`EVERYONE`); one level shorter than a node's
-    topics, so it can never be mistaken for, or matched as, a node's inbox or status."""
-    return f"flame/{analysis_id}/broadcast"
-
-
-def client_id_for(analysis_id: str, node_id: str) -> str:
-    """Stable across restarts (so the persistent session is found again) and one per node.
-
-    ':' cannot occur in either name, so two different pairs never share a client id.
-    """
-    client_id = f"flame:{analysis_id}:{node_id}"
-    if len(client_id) <= 128:
-        return client_id
-    return "flame:" + hashlib.sha256(f"{analysis_id}:{node_id}".encode()).hexdigest()[:40]
-
-
 def wrap_send_error(exc: TransportError, prefix: str) -> TransportError:
     """`exc` behind `prefix`, keeping its kind: a `NotAcknowledged` stays one (and names the
     settings that made the wait), so a caller with a deadline of its own can keep trying."""
@@ -110,7 +85,7 @@ def password_from_settings(settings: BrokerSettings) -> PasswordSource | None:
     return source.get if source.configured else None
 
 
-class MqttTransport(Transport):
+class MqttTransport(Transport, ProcessClaims):
     """One node's connection to the federation through an MQTT broker."""
 
     def __init__(
@@ -226,115 +201,6 @@ class MqttTransport(Transport):
             protocol=self._protocol,
             reconnect_delay=self._reconnect_delay,
         )
-
-    # --- one process per node id --------------------------------------------------------------
-
-    def _on_taken_over(self) -> None:
-        """(network thread) Another process connected as this node and took its session."""
-        self.conflict = (
-            f"two processes claim node {self.node_id!r}: another process took over this node's "
-            f"broker session; this one (instance {self.instance}) stops instead of taking turns"
-        )
-        threading.Thread(target=self._report_conflict, name="flame-conflict", daemon=True).start()
-
-    def _report_conflict(self) -> None:
-        """Tell the run, through a short connection of its own (the node's session belongs to
-        the other process now): a signed status naming this instance, so the aggregator (or,
-        for a duplicated aggregator, every node) stops the run within seconds."""
-        side_id = client_id_for(self.analysis_id, self.node_id)[:100] + ":" + self.instance[:12]
-        status = {"state": "failed", "conflict": self.instance, "reason": self.conflict}
-        try:
-            side = self._new_client(side_id, None, session_expiry=0)
-            side.connect()
-            try:
-                side.publish(
-                    status_topic(self.analysis_id, self.node_id),
-                    self._status_payload(status),
-                    retain=True,
-                    timeout=min(self.settings.send_timeout, 5.0),
-                )
-            finally:
-                side.disconnect()
-        except Exception as exc:  # best effort: the aggregator also sees instances alternate
-            log.error("%s could not report the second process: %s", self.node_id, exc)
-
-    def _own_status(self, message: IncomingMessage) -> None:
-        """This node's status topic, as the broker holds it. Another live instance there after
-        we reconnected means two processes take this node's session in turns: stop, say so."""
-        if not message.payload or self.conflict is not None:
-            return
-        try:
-            status = json.loads(message.payload)
-        except (ValueError, RecursionError):
-            return
-        if not isinstance(status, dict):
-            return
-        other = status.get("instance")
-        if not isinstance(other, str) or other == self.instance:
-            return
-        if status.get("state") == "offline" or status.get("online") is False:
-            return  # an earlier process's farewell or last will
-        if not message.retain or message.generation <= 1:
-            # Only the broker's current state after a reconnect of ours counts: live copies
-            # may be an earlier process's statuses still queued in the session, and the state
-            # at our first connect is what an earlier process left behind.
-            return
-        if self.auth is not None and not self.auth.verify_status(
-            self.analysis_id, self.node_id, status
-        ):
-            return
-        since, gen = status.get("since"), process_generation(status)
-        if self.auth is not None and (
-            not isinstance(since, int | float)
-            or gen is None
-            or (gen, since) <= (self.generation, self.since)
-        ):
-            # An earlier process of this node: a leftover, or an old status replayed as
-            # retained to make this one stop. A live later process is what a conflict is.
-            log.warning(
-                "%s ignored a stale status of an earlier process of this node (instance %s)",
-                self.node_id,
-                other[:32],
-            )
-            return
-        self.conflict = (
-            f"two processes claim node {self.node_id!r} (instances {self.instance}, {other}): "
-            "they take this node's broker session in turns; this one stops"
-        )
-        log.error("%s", self.conflict)
-        self._report_conflict()
-        if self._client is not None:
-            self._connected = False
-            self._client.disconnect()
-
-    def _next_generation(self) -> int:
-        """One more than the generation of this node's status the broker holds (0 if none):
-        what orders this process after its predecessors, whatever either clock says. Read on
-        a short connection of its own, because the last will (signed with the generation)
-        must be fixed before the node's own connection is made."""
-        side_id = client_id_for(self.analysis_id, self.node_id)[:100] + ":" + self.instance[:12]
-        side = self._new_client(side_id, None, session_expiry=0)
-        side.connect()
-        try:
-            payload = side.read_retained(
-                status_topic(self.analysis_id, self.node_id), self.settings.send_timeout
-            )
-        finally:
-            side.disconnect()
-        previous = 0
-        try:
-            status = json.loads(payload) if payload else None
-        except (ValueError, RecursionError):
-            status = None
-        if isinstance(status, dict) and (
-            self.auth is None or self.auth.verify_status(self.analysis_id, self.node_id, status)
-        ):
-            previous = process_generation(status) or 0
-        return previous + 1
-
-    def _check_conflict(self) -> None:
-        if self.conflict is not None:
-            raise TransportError(self.conflict)
 
     # --- Transport ----------------------------------------------------------------------------
 
