@@ -646,7 +646,7 @@ def _federation(
     `csv`; what each printed (stdout + stderr), the node's log files kept apart."""
     from nodes import Federation, federation_env
 
-    from flame.main import analysis_code_hash
+    from flame.analysis.code_hash import analysis_code_hash
 
     analysis = tmp_path / "code" / "analysis.py"
     analysis.parent.mkdir()
@@ -849,7 +849,7 @@ def test_a_request_cannot_hold_the_runtime_past_its_epoch_deadline(
     from broker import have_mosquitto
     from nodes import Federation, federation_env
 
-    from flame.main import analysis_code_hash
+    from flame.analysis.code_hash import analysis_code_hash
 
     if not have_mosquitto():
         pytest.skip("needs the mosquitto binary")
@@ -1154,7 +1154,7 @@ def test_a_real_node_survives_a_truncated_result_memfd(mqtt_broker: Any, tmp_pat
     from broker import have_mosquitto
     from nodes import Federation, federation_env
 
-    from flame.main import analysis_code_hash
+    from flame.analysis.code_hash import analysis_code_hash
 
     if not have_mosquitto():
         pytest.skip("needs the mosquitto binary")

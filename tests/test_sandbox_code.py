@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
+from flame.analysis.code_hash import analysis_code_hash
 from flame.analysis.snapshot import take_snapshot, unreviewed_importables
 from flame.data import Data
 from flame.errors import AnalysisLoadError
 from flame.isolation.runner import AnalysisAt, ChildRunner
-from flame.main import analysis_code_hash
 from flame.node.context import Context
 from flame.ops import scaffold
 

@@ -22,7 +22,7 @@ from broker import Broker, have_mosquitto
 from nodes import Federation, federation_env
 
 import flame
-from flame.main import analysis_code_hash
+from flame.analysis.code_hash import analysis_code_hash
 
 pytestmark = pytest.mark.skipif(not have_mosquitto(), reason="needs the mosquitto binary")
 

@@ -72,7 +72,7 @@ class Snapshot:
 def take_snapshot(path: str | Path) -> Snapshot:
     """Copy the hashed files of the analysis at `path` into a new read-only folder (removed
     at exit), refusing unreviewed importable files first."""
-    from flame.main import analysis_code_files, analysis_code_hash
+    from flame.analysis.code_hash import analysis_code_files, analysis_code_hash
 
     source = Path(path).resolve()
     refuse_unreviewed(source)

@@ -209,9 +209,10 @@ def _params(items: list[str]) -> dict[str, Any]:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    from flame.analysis.code_hash import analysis_code_hash
     from flame.analysis.loader import load_analysis
     from flame.config import load_config
-    from flame.main import analysis_code_hash, run
+    from flame.main import run
     from flame.ops.run_output import strict_json
     from flame.privacy.policy import load_policy
     from flame.wire.envelope import to_jsonable
