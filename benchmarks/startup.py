@@ -8,6 +8,10 @@ commands are what an analyst types first: `flame --version`, `flame --help`, and
 `flame simulate` (two nodes, one CSV row each, one epoch), each through the installed
 interpreter (`python -m flame`, which is what the `flame` script runs).
 
+The last row is one isolated analysis child on its own (issue 20): spawn, Landlock allow-list
+and seccomp, load the analysis, one `analyze`, stop; run this script on two checkouts to
+compare the confinement's cost (the ratio to `python -c pass` is the figure to compare).
+
 Targets (issue 15): --version and --help <= 0.25 s, the tiny simulate <= 0.8 s. Also checks
 that --version loads neither pydantic nor numpy, and the simulation none of the network
 clients (httpx, minio, paho, gmpy2).
@@ -35,6 +39,28 @@ def analyze(data):
 
 def aggregate(results):
     return {"n": sum(r["n"] for r in results.values())}
+"""
+
+
+CHILD = """
+import sys
+sys.path.insert(0, sys.argv[1])
+from analysis import analyze
+from flame.data import Data
+from flame.isolation.runner import ChildRunner
+from flame.node.context import Context
+ctx = Context(analysis_id="bench", node_id="n", role="analysis", participants=["n"],
+              aggregator_id="agg", mailbox=None)
+runner = ChildRunner(analyze, Data({}), ctx)
+try:
+    runner.run(0, None)
+finally:
+    runner.close()
+"""
+
+CHILD_ANALYSIS = """
+def analyze(data, epoch=0, previous=None):
+    return {"n": 1}
 """
 
 
@@ -77,6 +103,9 @@ def main() -> int:
     py = sys.executable
     with tempfile.TemporaryDirectory() as tmp:
         analysis, data = _tiny_analysis(Path(tmp))
+        child_code = Path(tmp) / "child"
+        child_code.mkdir()
+        (child_code / "analysis.py").write_text(CHILD_ANALYSIS)
         commands = {
             "python -c pass": [py, "-c", "pass"],
             "flame --version": [py, "-m", "flame", "--version"],
@@ -102,6 +131,7 @@ def main() -> int:
                 "--quiet",
                 "--in-process",
             ],
+            "analysis child (1 run)": [py, "-c", CHILD, str(child_code)],
         }
         for argv in commands.values():  # warm the file cache and .pyc files
             _time(argv)

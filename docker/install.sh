@@ -96,8 +96,9 @@ requirements)
 code)
     expected="${3:-}"
     # the analysis must load here (its imports resolve), or the build fails, not its first run
-    "$python" -c "import sys; from pathlib import Path; from flame.analysis.loader import load_analysis; \
-load_analysis(Path(sys.argv[1]))" "$target"
+    # (no bytecode written: a __pycache__ in the code folder is refused by `flame hash`)
+    PYTHONDONTWRITEBYTECODE=1 "$python" -c "import sys; from pathlib import Path; \
+from flame.analysis.loader import load_analysis; load_analysis(Path(sys.argv[1]))" "$target"
     actual="$("$python" -m flame hash "$target")"
     hint="build with --build-arg FLAME_CODE_SHA256=\"\$(flame hash .)\""
     if [ -z "$expected" ]; then

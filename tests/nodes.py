@@ -124,6 +124,17 @@ def node_env(
     return own
 
 
+def shifted_clock(seconds: float) -> dict[str, str]:
+    """Environment variables for a process whose wall clock is `seconds` off (negative:
+    behind), through tests/clock_shift/sitecustomize.py; its children inherit the shift."""
+    folder = str(Path(__file__).parent / "clock_shift")
+    path = os.environ.get("PYTHONPATH", "")
+    return {
+        "PYTHONPATH": os.pathsep.join(p for p in (folder, path) if p),
+        "TEST_CLOCK_SHIFT": f"{seconds:g}",
+    }
+
+
 def flame_process(
     args: list[str], env: Mapping[str, str], log: Path | None = None
 ) -> subprocess.Popen[str]:

@@ -417,8 +417,8 @@ def test_a_wiped_ledger_does_not_let_a_second_set_through(key, tmp_path, storage
     everyone = _contributions(public, members)
     without_c = {n: everyone[n] for n in "ab"}
     a, b = holder("a"), holder("b")
-    ledger = tmp_path / "a" / RUN / "nodes" / "a" / "state" / TAG
-    index = tmp_path / "a" / ".flame-index" / RUN / "nodes" / "a" / "state" / f"{TAG}.json"
+    ledger = tmp_path / "a" / RUN / "nodes" / "a" / "runtime" / TAG  # the runtime's state
+    index = tmp_path / "a" / ".flame-index" / RUN / "nodes" / "a" / "runtime" / f"{TAG}.json"
     if storage == "an older copy":  # a's ledger from before 'total' was endorsed
         assert len(_endorse([a], _contributions(public, members, path="n"), path="n")) == 1
         older = ledger.read_bytes(), index.read_bytes()

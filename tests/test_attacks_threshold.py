@@ -292,7 +292,7 @@ def test_a_changed_guard_ledger_makes_the_holder_refuse_not_forget(key, tmp_path
     everyone = {n: _contribution(public, members, n) for n in VALUES}
     everybody = [make(shares[n]) for n in "abcd"]
     assert _decrypt(public, members, everybody[:2], everyone, endorsers=everybody) is not None
-    state = NodeState(FileStore(tmp_path / "a"), RUN, "a")
+    state = NodeState(FileStore(tmp_path / "a"), RUN, "a").reserved()  # the runtime's own
     stored = state.load(TAG)
     state.save(
         TAG, {"body": stored["body"].replace('"a","b","c"', '"a","b"'), "mac": stored["mac"]}
@@ -303,7 +303,7 @@ def test_a_changed_guard_ledger_makes_the_holder_refuse_not_forget(key, tmp_path
     assert "threshold guard ledger" in reply["error"] and "not reset" in reply["error"]
     reply = make(shares["a"]).endorse(_endorse_request(without_c))
     assert "threshold guard ledger" in reply["error"] and "not reset" in reply["error"]
-    object_file = tmp_path / "a" / RUN / "nodes" / "a" / "state" / TAG
+    object_file = tmp_path / "a" / RUN / "nodes" / "a" / "runtime" / TAG
     object_file.write_bytes(b"garbage")  # corrupt on disk: the store's checksum fails
     reply = make(shares["a"]).answer(_request(everyone))
     assert "unreadable" in reply["error"] and "not reset" in reply["error"]

@@ -441,7 +441,7 @@ def test_unapproved_code_stops_the_node_before_the_data_api_is_asked(
     site: Site, data_api: Any
 ) -> None:
     """Exit 2 naming the hash it saw; the data source (a real HTTP data API) got no request."""
-    from flame.main import analysis_code_hash
+    from flame.analysis.code_hash import analysis_code_hash
 
     seen = analysis_code_hash(site.analysis)
     source = {"name": "files", "kind": "http", "url": data_api.files_url, "token": data_api.token}

@@ -31,7 +31,7 @@ from pathlib import Path, PurePosixPath
 
 import pytest
 
-from flame.main import analysis_code_hash
+from flame.analysis.code_hash import analysis_code_hash
 from flame.ops.scaffold import IMAGE_LABEL
 
 REPO = Path(__file__).resolve().parents[1]

@@ -34,9 +34,9 @@ from podman import EngineUnusable, Podman, scan
 from test_container import build_context
 
 from flame import __version__
+from flame.analysis.code_hash import analysis_code_hash
 from flame.clients.object_store import AnalysisLayout
 from flame.config import FlameConfig
-from flame.main import analysis_code_hash
 from flame.ops.scaffold import IMAGE_LABEL
 from flame.wire.envelope import unpack
 

@@ -88,9 +88,12 @@ def test_tampering_analysis_cannot_switch_the_rules_off(
 
 TOP_LEVEL = """
 import os
-with open({log!r}, "a") as out:  # runs wherever this module is imported
-    out.write(f"{{os.getpid()}} {{os.environ.get('FLAME_ROLE')}} "
-              f"{{'FLAME_BROKER__TOKEN' in os.environ}}\\n")
+try:
+    with open({log!r}, "a") as out:  # runs wherever this module is imported
+        out.write(f"{{os.getpid()}} {{os.environ.get('FLAME_ROLE')}} "
+                  f"{{'FLAME_BROKER__TOKEN' in os.environ}}\\n")
+except PermissionError:  # the node's analysis child: it may write its scratch folder only
+    pass
 
 def analyze(data):
     return {{"n": int(data.read_csv()["v"].size)}}
@@ -147,7 +150,9 @@ def test_flame_run_never_imports_the_analysis_into_the_node_runtime(
     assert outputs["aggregator"] == 3
     lines = sorted(line.split() for line in log.read_text().splitlines())
     node_pid = str(processes["node-0"].pid)
-    # imported by the aggregator (which runs aggregate in-process) and by node-0's child,
-    # never by node-0's runtime: no line with its pid, its role or its token
-    assert sorted(line[1:] for line in lines) == [["None", "False"], ["aggregation", "True"]]
+    # imported by the aggregator (which runs aggregate in-process) and by node-0's child
+    # (which may not write the log: its domain lets it write its scratch folder only; the
+    # result above is its work), never by node-0's runtime: no line with its pid, its role
+    # or its token
+    assert sorted(line[1:] for line in lines) == [["aggregation", "True"]]
     assert all(line[0] != node_pid for line in lines)

@@ -34,7 +34,6 @@ MAX_LINES = 500
 OVER_LIMIT = {
     "flame.aggregator.server",
     "flame.clients.message_broker_client",
-    "flame.isolation.runner",
     "flame.node.runtime",
     "flame.secure.fields",
     "flame.transport.mqtt",

@@ -108,7 +108,7 @@ def test_round_trip(nodes: Nodes) -> None:
     assert back is not None and plain(back.body) == {"ok": True}
 
 
-PROCESS_FIELDS = {"instance", "since", "seq", "at"}
+PROCESS_FIELDS = {"instance", "since", "gen", "seq", "at"}
 
 
 def plain(status: dict[str, Any]) -> dict[str, Any]:

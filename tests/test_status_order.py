@@ -81,6 +81,34 @@ def test_a_live_second_process_still_shows() -> None:
     assert order.check("n", other.status("waiting", STARTED - CLOCK_SKEW - 1)) is not None
 
 
+def test_a_restart_with_its_clock_stepped_back_is_a_restart() -> None:
+    """The generation, not the clock, orders a node's processes: a process started 10 min
+    "before" its predecessor (its clock stepped back) with the next generation is current."""
+    order = StatusOrder(STARTED)
+    old = Process(STARTED - 100)
+    seen = old.status("computing", STARTED + 1, gen=1)
+    assert order.check("n", seen) is None
+    new = Process(STARTED - 700)
+    assert order.check("n", new.status("waiting", STARTED - 690, gen=2)) is None
+    assert order.check("n", new.status("computing", STARTED - 689, gen=2)) is None
+    # Replays are still refused: the predecessor's statuses, seen or signed before we started,
+    # and an older generation whatever its clock says.
+    assert "nothing new" in str(order.check("n", seen))
+    assert "before this process started" in str(
+        order.check("n", old.status("sent", STARTED - 90, gen=1))
+    )
+    older = Process(STARTED + 500)  # a later clock, but an earlier generation
+    assert "earlier process" in str(order.check("n", older.status("waiting", STARTED - 1, gen=0)))
+    assert order.check("n", new.status("sent", STARTED - 688, gen=2)) is None  # still current
+
+
+def test_a_generation_that_is_not_a_count_is_not_bound() -> None:
+    order = StatusOrder(STARTED)
+    for gen in (-1, 1.5, "2", True):
+        status = Process(STARTED).status("waiting", STARTED, gen=gen)
+        assert "not bound" in str(order.check("n", status))
+
+
 def test_unchecked_routine_updates_cannot_push_the_order_forward() -> None:
     order = StatusOrder(STARTED)
     node = Process(STARTED)

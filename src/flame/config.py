@@ -89,7 +89,15 @@ class BrokerSettings(TokenSettings):
         512 * 1024 * 1024, ge=1024, description="largest message accepted (after reassembly)"
     )
     connect_timeout: float = Field(10.0, gt=0, description="seconds to connect to the broker")
-    send_timeout: float = Field(30.0, gt=0, description="seconds for the broker to accept one")
+    send_timeout: float = Field(
+        30.0, gt=0, description="seconds a small message may wait for the broker's PUBACK"
+    )
+    min_send_rate: int = Field(
+        16 * 1024,
+        ge=256,
+        description="bytes/s a link is assumed to carry at least: a message's wait for its "
+        "PUBACK is send_timeout + size / min_send_rate (a slow uplink is not a lost one)",
+    )
 
 
 class DataSourceSettings(TokenSettings):
@@ -106,6 +114,11 @@ class DataSourceSettings(TokenSettings):
     access_key: str | None = Field(None, description="s3: access key")
     secret_key: SecretStr | None = Field(None, description="s3: secret key")
     timeout: float = Field(30.0, gt=0, description="seconds per request")
+    encoding: str | None = Field(
+        None,
+        description="text encoding of CSV files without a byte-order mark (default utf-8; "
+        "e.g. cp1252, latin-1, utf-16)",
+    )
     retries: int = Field(
         3, ge=0, le=20, description="retries of connection errors, 429 and 5xx (with backoff)"
     )
@@ -128,6 +141,12 @@ class StorageSettings(TokenSettings):
     region: str | None = Field(None, description="S3 region, if the server wants one")
     timeout: float = Field(30.0, gt=0, description="seconds per request")
     results_dir: Path | None = Field(None, description="local folder for results (simulation)")
+    min_free_mb: float = Field(
+        64.0,
+        ge=0,
+        description="space a results folder must be able to take at start-up (checkpoints and "
+        "the result); checked by a real reservation, so a full disk stops the node at once",
+    )
     retry_s: float = Field(
         120.0, ge=0, description="seconds a failing checkpoint or result write is retried"
     )

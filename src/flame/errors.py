@@ -27,6 +27,12 @@ class TransportError(FlameError):
     """The transport could not deliver or receive within its deadline."""
 
 
+class NotAcknowledged(TransportError):
+    """The broker has not acknowledged a message yet: not a refusal. The client keeps it
+    queued (it goes out after a reconnect), so callers with a later deadline of their own (a
+    node's result, the aggregator's kick-off) keep waiting or re-send instead of giving up."""
+
+
 class RunTimeout(FlameError):
     """A wait passed its deadline (presence, epoch results, aggregation)."""
 

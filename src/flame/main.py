@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -65,49 +64,6 @@ def node_data_handle(config: FlameConfig) -> Data:
         )
     probe_sources(sources)
     return Data(sources, node_id=config.node_id or "")
-
-
-_CODE_SUFFIXES = (".py", ".so", ".pyd")
-_MAX_CODE_FILES = 10_000
-
-
-def analysis_code_files(path: str | Path) -> list[Path]:
-    """Every file the analysis at `path` could import from its folder: the folder's (for a
-    single .py file: its folder's) Python files and extension modules, in all sub-folders,
-    `_private` modules and packages included; hidden folders, __pycache__ and pytest files
-    (test_*.py, conftest.py, which an analysis must not import) skipped."""
-    from flame.analysis.loader import analysis_files
-
-    path = Path(path)
-    files = set(analysis_files(path))  # checks that the analysis exists and is Python
-    root = path.parent if path.is_file() else path
-    for file in root.rglob("*"):
-        parts = file.relative_to(root).parts
-        if any(part.startswith(".") or part == "__pycache__" for part in parts):
-            continue
-        if file.name.startswith("test_") or file.name == "conftest.py":
-            continue  # pytest files (an image ships without them); see README
-        if file.suffix in _CODE_SUFFIXES and file.is_file():
-            files.add(file)
-            if len(files) > _MAX_CODE_FILES:
-                raise ConfigError(
-                    f"analysis {path}: more than {_MAX_CODE_FILES} code files under {root}; "
-                    "put the analysis in a folder of its own"
-                )
-    return sorted(files)
-
-
-def analysis_code_hash(path: str | Path) -> str:
-    """The SHA-256 of the analysis at `path`: over every code file it could import (by path
-    relative to its folder, and content), without importing anything. What `flame hash`
-    prints, nodes approve (FLAME_APPROVED_CODE), announce and the manifest records."""
-    path = Path(path)
-    root = path.parent if path.is_file() else path
-    digest = hashlib.sha256()
-    for file in analysis_code_files(path):
-        name = file.relative_to(root).as_posix()
-        digest.update(name.encode() + b"\0" + file.read_bytes() + b"\0")
-    return digest.hexdigest()
 
 
 def check_code_approval(config: FlameConfig, role: str, code: str) -> None:

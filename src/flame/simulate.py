@@ -220,6 +220,7 @@ def simulate(
             masking=masking,
         )
         client.context.params = dict(config.params)
+        client.quoted_data_leaves = True  # nothing leaves this process: the analyst sees it all
         try:
             client.run(functions, handles[node])
         except BaseException as exc:  # recorded; the aggregator reports the run's outcome

@@ -1,8 +1,13 @@
-"""A TCP proxy on loopback that can refuse connections for a while: a storage outage.
+"""A TCP proxy on loopback that can refuse connections for a while, or black-hole them.
 
 The S3 test server loses its data when restarted, so an outage is staged in front of it:
 `refuse_for(20)` closes the listening socket (connects are refused) and cuts every open
 connection; after 20 s the same port listens again and traffic flows to the server as before.
+
+`black_hole_for(6)` is a network partition: no byte and no close passes either way, new
+connections are accepted but not connected onwards, and nobody is told (no RST, no FIN), as
+when a link drops packets; afterwards what was held flows on, as TCP's retransmissions would
+deliver it, unless an end gave up meanwhile (its close then passes too).
 """
 
 from __future__ import annotations
@@ -28,6 +33,9 @@ class TcpProxy:
         self._accepting = threading.Thread(target=self._accept_loop, daemon=True)
         self._accepting.start()
         self.refused_until = 0.0
+        self._flowing = threading.Event()  # cleared during a black hole
+        self._flowing.set()
+        self.uplink_rate: float | None = None  # bytes/s from clients to the target, if limited
 
     @property
     def endpoint(self) -> str:
@@ -52,22 +60,31 @@ class TcpProxy:
                 client, _ = listener.accept()
             except (TimeoutError, OSError):
                 continue
-            try:
-                upstream = socket.create_connection(self.target, timeout=5)
-            except OSError:
-                client.close()
-                continue
-            with self._lock:
-                self._links.update((client, upstream))
-            for source, sink in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
+            threading.Thread(target=self._link, args=(client,), daemon=True).start()
 
-    def _pump(self, source: socket.socket, sink: socket.socket) -> None:
+    def _link(self, client: socket.socket) -> None:
+        self._flowing.wait()  # in a black hole the connect goes nowhere (yet)
+        try:
+            upstream = socket.create_connection(self.target, timeout=5)
+        except OSError:
+            client.close()
+            return
+        upstream.settimeout(None)
+        with self._lock:
+            self._links.update((client, upstream))
+        for source, sink, up in ((client, upstream, True), (upstream, client, False)):
+            threading.Thread(target=self._pump, args=(source, sink, up), daemon=True).start()
+
+    def _pump(self, source: socket.socket, sink: socket.socket, up: bool = False) -> None:
         try:
             while True:
-                data = source.recv(65536)
+                rate = self.uplink_rate if up else None
+                data = source.recv(4096 if rate else 65536)
+                self._flowing.wait()  # a black hole holds every byte, and every close
                 if not data:
                     break
+                if rate:
+                    time.sleep(len(data) / rate)  # a slow uplink: the bytes trickle through
                 sink.sendall(data)
         except OSError:
             pass
@@ -102,8 +119,20 @@ class TcpProxy:
 
         threading.Thread(target=reopen, daemon=True).start()
 
+    def black_hole_for(self, seconds: float) -> None:
+        """A partition from now on, for `seconds` (returns at once; it ends by itself)."""
+        self._flowing.clear()
+        self.refused_until = time.monotonic() + seconds
+
+        def restore() -> None:
+            self._stopped.wait(seconds)
+            self._flowing.set()
+
+        threading.Thread(target=restore, daemon=True).start()
+
     def close(self) -> None:
         self._stopped.set()
+        self._flowing.set()
         with self._lock:
             listener, self._listener = self._listener, None
             links, self._links = set(self._links), set()

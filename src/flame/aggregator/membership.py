@@ -11,9 +11,14 @@ earlier process (of this run or an earlier one) never does, so it cannot fake ei
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
-__all__ = ["Instances", "code_problem"]
+from flame.errors import RunFailed
+
+__all__ = ["Gone", "Instances", "code_problem"]
+
+log = logging.getLogger(__name__)
 
 
 def _gone(body: dict[str, Any]) -> bool:
@@ -52,6 +57,75 @@ class Instances:
         earlier.add(current)
         self._current[node] = instance
         return None
+
+
+class Gone:
+    """Under a quorum: the participants known to be gone, and why (a last will, a failed
+    status or error report, a policy refusal). They hold no epoch: it ends as soon as the
+    quorum answered and every other participant is gone. Without a quorum (all must answer)
+    nobody is ever taken for gone here; the aggregator's own rules apply."""
+
+    def __init__(self, participants: list[str], quorum: int) -> None:
+        self.participants = participants
+        self.quorum = quorum
+        self._why: dict[str, str] = {}
+        self._process: dict[str, str] = {}  # node -> the process that failed or refused
+
+    def __contains__(self, node: object) -> bool:
+        return node in self._why
+
+    def note(self, node: str, reason: str, process: str | None = None) -> bool:
+        """`node` is gone (True; False without a quorum). With its `process` (a failure or a
+        refusal) only a new process of it is back; otherwise any later status is. The first
+        reason stays: the error report or refusal says more than the status after it."""
+        if self.quorum >= len(self.participants):
+            return False
+        if node in self._why:
+            return True
+        log.warning("node %s is gone (%s); the epochs go on with the quorum", node, reason)
+        self._why[node] = reason
+        if process is not None:
+            self._process[node] = process
+        return True
+
+    def back(self, node: str, session: Any) -> None:
+        """A status of `node` that is not a goodbye: back, unless of the process that ended."""
+        if node not in self._why:
+            return
+        ended = self._process.get(node)
+        if ended is not None and (not isinstance(session, str) or session == ended):
+            return  # a leftover status of the process that failed or refused
+        del self._why[node]
+        self._process.pop(node, None)
+        log.info("node %s is back", node)
+
+    def text(self, node: str) -> str:
+        reason = self._why.get(node)
+        return node if reason is None else f"{node} ({reason[:200]})"
+
+    def absent(self, results: dict[str, Any]) -> dict[str, str]:
+        """Why each participant without a result gave none (for the epoch's record)."""
+        return {
+            node: self._why.get(node, "no answer before the epoch deadline")
+            for node in self.participants
+            if node not in results
+        }
+
+    def epoch_complete(self, results: dict[str, Any], epoch: int) -> bool:
+        """Every participant answered, or the quorum did and every other one is gone.
+        RunFailed at once when too few can still answer to make the quorum."""
+        waiting = [n for n in self.participants if n not in results and n not in self._why]
+        if not waiting:
+            if len(results) >= self.quorum:
+                return True
+        elif len(results) + len(waiting) >= self.quorum:
+            return False
+        gone = ", ".join(self.text(n) for n in self.participants if n in self._why)
+        raise RunFailed(
+            f"epoch {epoch}: {len(results)} answered and at most {len(waiting)} more can, "
+            f"below the quorum of {self.quorum}; gone: {gone}",
+            epoch=epoch,
+        )
 
 
 def code_problem(

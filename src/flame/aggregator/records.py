@@ -33,6 +33,8 @@ class EpochRecord:
     result_bytes: dict[str, int] = field(default_factory=dict)  # node -> size of its result
     summary: dict[str, float] = field(default_factory=dict)  # numeric fields of the aggregate
     privacy: dict[str, Any] = field(default_factory=dict)  # node -> DP spend, suppressed cells
+    absent: dict[str, str] = field(default_factory=dict)  # node -> why it sent no result
+    data: dict[str, str] = field(default_factory=dict)  # node -> data version (fingerprints)
 
     def to_dict(self, *, summary: bool = True) -> dict[str, Any]:
         """JSON-ready; `summary=False` leaves out the aggregate's numbers (for status
@@ -55,6 +57,10 @@ class EpochRecord:
             data["summary"] = dict(self.summary)
         if self.privacy:
             data["privacy"] = dict(self.privacy)
+        if self.absent:
+            data["absent"] = dict(self.absent)
+        if self.data:
+            data["data_versions"] = dict(self.data)
         return data
 
     @classmethod
@@ -73,6 +79,8 @@ class EpochRecord:
             result_bytes={str(k): int(v) for k, v in (data.get("result_bytes") or {}).items()},
             summary={str(k): float(v) for k, v in (data.get("summary") or {}).items()},
             privacy=dict(data.get("privacy") or {}),
+            absent={str(k): str(v) for k, v in (data.get("absent") or {}).items()},
+            data={str(k): str(v) for k, v in (data.get("data_versions") or {}).items()},
         )
 
 

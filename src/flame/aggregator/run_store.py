@@ -199,6 +199,29 @@ class NodeState:
         except ObjectNotFound:
             return default
 
+    def reserved(self) -> RuntimeState:
+        """The runtime's own state of this node, out of reach of `context().save/load`."""
+        return RuntimeState(self.store, self.layout, self.node_id)
+
+
+class RuntimeState:
+    """The runtime's own node state (the threshold guard ledger), beside the analyst's."""
+
+    def __init__(self, store: ObjectStore, layout: AnalysisLayout, node_id: str) -> None:
+        self.store = store
+        self.layout = layout
+        self.node_id = node_id
+
+    def save(self, tag: str, value: Any) -> None:
+        self.store.put_bytes(self.layout.node_runtime_state(self.node_id, tag), pack(value))
+
+    def load(self, tag: str, default: Any = None) -> Any:
+        try:
+            key = self.layout.node_runtime_state(self.node_id, tag)
+            return unpack(self.store.get_bytes(key))
+        except ObjectNotFound:
+            return default
+
 
 class MemoryState:
     """Node-local state kept in memory, when no storage is configured (simulation)."""
@@ -206,6 +229,14 @@ class MemoryState:
     def __init__(self) -> None:
         self._values: dict[str, bytes] = {}
         self._lock = threading.Lock()
+        self._reserved: MemoryState | None = None
+
+    def reserved(self) -> MemoryState:
+        """The runtime's own state, apart from the analyst's tags."""
+        with self._lock:
+            if self._reserved is None:
+                self._reserved = MemoryState()
+            return self._reserved
 
     def save(self, tag: str, value: Any) -> None:
         with self._lock:

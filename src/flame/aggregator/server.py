@@ -27,7 +27,7 @@ from typing import Any
 
 from flame.aggregator.fanout import Fanout
 from flame.aggregator.honesty import warn_if_dishonest
-from flame.aggregator.membership import Instances, code_problem
+from flame.aggregator.membership import Gone, Instances, code_problem
 from flame.aggregator.records import (
     Checkpoint,
     EpochRecord,
@@ -38,7 +38,14 @@ from flame.aggregator.records import (
     numeric_summary,
 )
 from flame.analysis.functions import AnalysisFunctions
-from flame.errors import ConfigError, RunFailed, RunTimeout, TransportError, stop_signal
+from flame.errors import (
+    ConfigError,
+    NotAcknowledged,
+    RunFailed,
+    RunTimeout,
+    TransportError,
+    stop_signal,
+)
 from flame.node.context import Context, active
 from flame.node.log_forward import LOG_CATEGORY, MAX_LINE
 from flame.node.mailbox import Mailbox
@@ -132,6 +139,9 @@ class Aggregator:
         self._processes: dict[str, str] = {}  # node -> process session seen in this run
         self._statuses: dict[str, dict[str, Any]] = {}
         self._online: set[str] = set()
+        # Under a quorum: nodes known gone (last will, failed status, error report, policy
+        # refusal) and why. They hold no epoch; a new status of theirs brings them back.
+        self._gone = Gone(self.participants, self.quorum)
         self._withheld: set[str] = set()  # nodes whose policy declines other sites' aggregates
         roster = transport.auth.roster if transport.auth is not None else None
         self._fanout = Fanout(self.participants, roster)  # broadcast or a copy each
@@ -232,6 +242,8 @@ class Aggregator:
                 arrivals=dict(self._arrivals),
                 privacy=dict(self._privacy),
                 result_bytes=dict(self._result_bytes),
+                absent=dict(self._absent),
+                data=dict(self._data_versions),
                 summary=numeric_summary(value),
             )
             last = converged or epoch + 1 == self.epochs
@@ -383,8 +395,10 @@ class Aggregator:
         results: dict[str, Any] = {}
         self._arrivals, self._result_bytes = {}, {}  # for the epoch record (reports)
         self._privacy = {}  # node -> DP spend / suppressed cells this epoch
+        self._absent: dict[str, str] = {}  # node -> why it gave no result this epoch
+        self._data_versions: dict[str, str] = {}  # node -> its data's fingerprint digest
         self._unacked = []
-        while len(results) < len(self.participants):
+        while not self._gone.epoch_complete(results, epoch):
             wait = deadline
             if self._unacked:
                 wait = Deadline(min(deadline.left(), self._unacked[0][0] - time.monotonic()))
@@ -428,6 +442,9 @@ class Aggregator:
                         self._privacy[envelope.sender] = privacy
                     self._arrivals[envelope.sender] = time.monotonic() - started
                     self._result_bytes[envelope.sender] = _size(envelope)
+                    version = self._statuses.get(envelope.sender, {}).get("data")
+                    if isinstance(version, str) and len(version) == 64:
+                        self._data_versions[envelope.sender] = version
                     self._emit(
                         Event(
                             "result",
@@ -438,15 +455,16 @@ class Aggregator:
                         )
                     )
         if len(results) < self.quorum:
-            missing = [n for n in self.participants if n not in results]
+            missing = [self._gone.text(n) for n in self.participants if n not in results]
             raise RunTimeout(
                 f"epoch {epoch}: only {len(results)} of {len(self.participants)} nodes answered "
                 f"within {self.epoch_timeout:g} s (missing: {', '.join(missing)}); quorum is "
                 f"{self.quorum}"
             )
         if len(results) < len(self.participants):
-            missing = [n for n in self.participants if n not in results]
+            missing = [self._gone.text(n) for n in self.participants if n not in results]
             log.warning("epoch %d continues with quorum; missing: %s", epoch, ", ".join(missing))
+        self._absent = self._gone.absent(results)
         return {node: results[node] for node in sorted(results)}
 
     def _aggregate_parameters(self, results: dict[str, Any], epoch: int, previous: Any) -> Any:
@@ -516,10 +534,15 @@ class Aggregator:
         one it refused or did not acknowledge in time); `wait` for it, or just look."""
         if self._delivery is None:
             return True
-        if wait:
-            self._delivery.wait()
-        elif not self._delivery.check():
-            return False
+        try:
+            if wait:
+                self._delivery.wait()
+            elif not self._delivery.check():
+                return False
+        except NotAcknowledged as exc:
+            # Not a refusal: the broker is out of reach. paho keeps the messages queued and
+            # sends them after a reconnect; the epoch deadline, not this wait, ends the run.
+            log.warning("kick-off not acknowledged yet; the broker will deliver it: %s", exc)
         self._delivery = None
         return True
 
@@ -624,13 +647,21 @@ class Aggregator:
             reason = f"node {envelope.sender!r} stopped: {stopped[:32]}"
         else:
             reason = f"node {envelope.sender!r} failed in epoch {envelope.epoch}: {error}"
+        refused = body.get("refused") is True
+        sender, process = envelope.sender, self._processes.get(envelope.sender)
+        if refused and self._gone.note(sender, f"refused by its policy: {error}", process):
+            return  # a refusal under a quorum: a missing answer, and no traceback was sent
         traceback_text = body.get("traceback")
         if isinstance(traceback_text, str) and traceback_text:
             traceback_text = trim_traceback_text(traceback_text, self.secrets)
-            log.error("%s\n%s", reason, traceback_text, extra={"run_failure": True})
         else:
             traceback_text = None
-            log.error("%s", reason, extra={"run_failure": True})
+        shown = f"{reason}\n{traceback_text}" if traceback_text else reason
+        if self._gone.note(sender, reason.removeprefix(f"node {sender!r} "), process):
+            # under a quorum: a missing answer; said here, since no failure is printed for it
+            log.warning("%s (a missing answer under the quorum)", shown)
+            return
+        log.error("%s", shown, extra={"run_failure": True})  # the CLI prints the failure once
         raise RunFailed(
             reason, node=envelope.sender, epoch=envelope.epoch, traceback=traceback_text
         )
@@ -692,12 +723,16 @@ class Aggregator:
             if node in self._online:
                 log.warning("node %s went offline", node)
             self._online.discard(node)
+            if state == "offline":  # a last will (or a clean exit before the end)
+                self._gone.note(node, "offline: its connection ended")
             return
         if state == "failed":
             self._online.discard(node)
             if isinstance(session, str) and self._processes.get(node) == session:
                 # Its error report should have come first; the status is the backstop.
                 reason = str(body.get("reason") or "failed")[:500]
+                if self._gone.note(node, f"failed: {reason}", self._processes.get(node)):
+                    return
                 raise RunFailed(
                     f"node {node!r} {reason}"
                     if reason.startswith("stopped: ")
@@ -707,6 +742,7 @@ class Aggregator:
             return  # a failure of an earlier process of that node
         self._statuses[node] = body
         self._online.add(node)
+        self._gone.back(node, session)
         if not isinstance(session, str):
             return
         key = f"{session}:{body.get('link', 0)}"

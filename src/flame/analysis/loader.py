@@ -8,7 +8,9 @@ the functions are collected from all of them. The same function seen twice count
 from __future__ import annotations
 
 import hashlib
+import importlib.machinery
 import importlib.util
+import os
 import sys
 import sysconfig
 from collections.abc import Callable
@@ -61,6 +63,35 @@ def _candidates(path: Path) -> list[Path]:
     raise AnalysisLoadError(f"analysis {path} does not exist")
 
 
+class SourceOnlyLoader(importlib.machinery.SourceFileLoader):
+    """Compiles the `.py` file itself: never reads a cached `.pyc` (which no code hash
+    covers) and never writes one into the analysis's folder."""
+
+    def get_code(self, fullname: str) -> Any:
+        path = self.get_filename(fullname)
+        return self.source_to_code(self.get_data(path), path)
+
+
+def source_only_imports(root: str | Path) -> None:
+    """Imports from folders under `root` (the analysis snapshot) load `.py` source and
+    extension modules only, never bytecode."""
+    real = os.path.realpath(root)
+    hook = importlib.machinery.FileFinder.path_hook(
+        (SourceOnlyLoader, [".py"]),
+        (importlib.machinery.ExtensionFileLoader, importlib.machinery.EXTENSION_SUFFIXES),
+    )
+
+    def under_root(path: str) -> Any:
+        here = os.path.realpath(path or ".")
+        if here != real and not here.startswith(real.rstrip(os.sep) + os.sep):
+            raise ImportError("not the analysis snapshot")
+        return hook(path)
+
+    sys.path_hooks.insert(0, under_root)
+    for cached in [p for p in sys.path_importer_cache if p.startswith(real)]:
+        del sys.path_importer_cache[cached]
+
+
 _analysis_folders: set[Path] = set()
 """Folders analyses were loaded from: their modules may be replaced, nothing else may."""
 
@@ -99,7 +130,9 @@ def _import(file: Path) -> ModuleType:
                 f"{file.name} has the name of the installed module {name!r}; rename the file"
             )
         del sys.modules[name]  # a same-named module of some other script
-    spec = importlib.util.spec_from_file_location(name, file)
+    spec = importlib.util.spec_from_file_location(
+        name, file, loader=SourceOnlyLoader(name, str(file))
+    )
     if spec is None or spec.loader is None:
         raise AnalysisLoadError(f"cannot import {file}")
     module = importlib.util.module_from_spec(spec)
@@ -121,6 +154,8 @@ def load_analysis(path: str | Path) -> LoadedAnalysis:
     _forget_analysis_modules()
     _analysis_folders.add(folder.resolve())
     sys.path.insert(0, str(folder.resolve()))
+    writing = sys.dont_write_bytecode
+    sys.dont_write_bytecode = True  # no __pycache__ in the analysis's folder (not hashed)
     try:
         for file in files:
             module = _import(file)
@@ -137,6 +172,7 @@ def load_analysis(path: str | Path) -> LoadedAnalysis:
                     )
                 found.setdefault(name, (function, file))
     finally:
+        sys.dont_write_bytecode = writing
         sys.path.remove(str(folder.resolve()))
     missing = [name for name in NAMES[:2] if name not in found]
     if missing:

@@ -104,7 +104,9 @@ def _warm_children(args: argparse.Namespace) -> None:
     from flame.isolation.spawn import prestart
 
     with contextlib.suppress(OSError):
-        prestart(sum(1 for p in args.data.iterdir() if p.is_dir() and not p.name.startswith(".")))
+        count = sum(1 for p in args.data.iterdir() if p.is_dir() and not p.name.startswith("."))
+        folder = args.analysis if args.analysis.is_dir() else args.analysis.parent
+        prestart(count, read=[str(folder)])
 
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
@@ -207,9 +209,10 @@ def _params(items: list[str]) -> dict[str, Any]:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    from flame.analysis.code_hash import analysis_code_hash
     from flame.analysis.loader import load_analysis
     from flame.config import load_config
-    from flame.main import analysis_code_hash, run
+    from flame.main import run
     from flame.ops.run_output import strict_json
     from flame.privacy.policy import load_policy
     from flame.wire.envelope import to_jsonable
@@ -228,10 +231,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
         from flame.isolation.runner import AnalysisAt
 
         analysis_files(args.analysis)  # a wrong path fails here, before connecting
-        placeholder = AnalysisAt(args.analysis)
-        code = analysis_code_hash(args.analysis)
+        placeholder = AnalysisAt(args.analysis)  # a read-only snapshot of the hashed files
+        code = placeholder.code  # the snapshot's hash: what runs is what is approved
         value: Any = run(placeholder, placeholder, config=config, code=code)
     else:
+        if config.role == "analysis":  # not isolated: still only reviewed files may load
+            from flame.analysis.snapshot import refuse_unreviewed
+
+            refuse_unreviewed(args.analysis)
         analysis = load_analysis(args.analysis)
         value = run(
             analysis.functions.analyze,

@@ -57,8 +57,10 @@ def _cmd_roster(args: argparse.Namespace) -> int:
 
 
 def _cmd_hash(args: argparse.Namespace) -> int:
-    from flame.main import analysis_code_hash
+    from flame.analysis.code_hash import analysis_code_hash
+    from flame.analysis.snapshot import refuse_unreviewed
 
+    refuse_unreviewed(args.analysis)  # what a node refuses to run is not given a hash
     print(analysis_code_hash(args.analysis))
     return EXIT_OK
 

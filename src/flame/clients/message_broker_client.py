@@ -39,6 +39,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
+from flame.clients.acks import PendingPublish, _Acks, reason_text
 from flame.errors import FlameError, TransportError
 from flame.utils.deadline import Deadline
 
@@ -139,132 +140,11 @@ class IncomingMessage:
     generation: int
 
 
-class _Waiter:
-    """A broker acknowledgement (PUBACK or SUBACK) someone is waiting for."""
-
-    __slots__ = ("_event", "reasons")
-
-    def __init__(self) -> None:
-        self._event = threading.Event()
-        self.reasons: list[ReasonCode] = []
-
-    def resolve(self, reasons: list[ReasonCode]) -> None:
-        self.reasons = reasons
-        self._event.set()
-
-    def wait(self, timeout: float) -> bool:
-        return self._event.wait(timeout)
-
-
-class _Acks:
-    """Matches broker acknowledgements (PUBACK, SUBACK) to waiters by packet id.
-
-    A publish registers its packet id while holding paho's outgoing-message lock, which paho
-    also holds while it handles a PUBACK, so a PUBACK always finds its waiter, and one nobody
-    waits for (a waiter gave up, a birth republish) is simply ignored. SUBACKs are handled
-    without that lock, so one that arrives before its waiter registered is parked until it is
-    claimed. Lock order is always paho's lock, then this one.
-    """
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._waiting: dict[int, _Waiter] = {}
-        self._early: dict[int, list[ReasonCode]] = {}
-
-    def expect(self, mid: int) -> _Waiter:
-        waiter = _Waiter()
-        with self._lock:
-            early = self._early.pop(mid, None)
-            if early is None:
-                self._waiting[mid] = waiter
-        if early is not None:
-            waiter.resolve(early)
-        return waiter
-
-    def resolve(self, mid: int, reasons: list[ReasonCode], *, park: bool) -> None:
-        with self._lock:
-            waiter = self._waiting.pop(mid, None)
-            if waiter is None:
-                if park:
-                    self._early[mid] = reasons
-                return
-        waiter.resolve(reasons)
-
-    def forget(self, mid: int, waiter: _Waiter | None = None) -> None:
-        """Stop waiting for `mid` (only if `waiter` is still the one waiting: ids are reused)."""
-        with self._lock:
-            if waiter is None or self._waiting.get(mid) is waiter:
-                self._waiting.pop(mid, None)
-
-
-class PendingPublish:
-    """A publish on its way to the broker; `wait()` blocks until the PUBACK."""
-
-    def __init__(self, client: MessageBrokerClient, topic: str, mid: int, waiter: _Waiter) -> None:
-        self._client = client
-        self.topic = topic
-        self.mid = mid
-        self._waiter = waiter
-        self.done = False
-
-    def wait(self, timeout: float) -> None:
-        """Return once the broker accepted the message; raise TransportError otherwise."""
-        if self.done:
-            return
-        if not self._waiter.wait(timeout):
-            self._client._acks.forget(self.mid, self._waiter)
-            self.done = True
-            state = "" if self._client.connected else " (the connection is down)"
-            raise TransportError(
-                f"broker {self._client.address} did not acknowledge the message on "
-                f"{self.topic} within {timeout:g} s{state}"
-            )
-        self.done = True
-        failures = [reason for reason in self._waiter.reasons if reason.is_failure]
-        if failures:
-            raise TransportError(
-                f"broker {self._client.address} refused the message on {self.topic}: "
-                f"{_reason_text(failures[0])}"
-            )
-
-    def abandon(self) -> None:
-        if not self.done:
-            self.done = True
-            self._client._acks.forget(self.mid, self._waiter)
-
-    @property
-    def acknowledged(self) -> bool:
-        return self._waiter.wait(0)
-
-    @property
-    def failed(self) -> str | None:
-        """The broker's refusal, if it has answered with one; None while it has not answered."""
-        if not self._waiter.wait(0):
-            return None
-        failures = [reason for reason in self._waiter.reasons if reason.is_failure]
-        if not failures:
-            return None
-        return f"broker {self._client.address} refused the message on {self.topic}: " + (
-            _reason_text(failures[0])
-        )
-
-
-def _reason_text(reason: ReasonCode | MQTTErrorCode | int) -> str:
-    if isinstance(reason, ReasonCode):
-        text = reason.getName()
-    elif isinstance(reason, MQTTErrorCode):
-        text = mqtt.error_string(reason)
-    else:
-        text = f"code {reason}"
-    text = text.strip().rstrip(".")
-    return text[:1].lower() + text[1:]
-
-
 def _refusal_text(reason: ReasonCode) -> str:
     """Mosquitto answers a wrong password with 'not authorized' (0x87), not 0x86: say both."""
     if reason.value == 0x87:
         return "not authorized: bad user name or password, or this user may not connect"
-    return _reason_text(reason)
+    return reason_text(reason)
 
 
 def _read_file_setting(path: Path | str | None, what: str) -> str | None:
@@ -432,7 +312,7 @@ class MessageBrokerClient:
                 "broker %s refused the connection of %s: %s",
                 self.address,
                 self.client_id,
-                _reason_text(reason),
+                reason_text(reason),
             )
             return
         self._refusal = None
@@ -501,7 +381,7 @@ class MessageBrokerClient:
                 "%s lost the connection to broker %s (%s); reconnecting",
                 self.client_id,
                 self.address,
-                "connection closed" if reason.value == 0x80 else _reason_text(reason),
+                "connection closed" if reason.value == 0x80 else reason_text(reason),
             )
 
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
@@ -692,7 +572,7 @@ class MessageBrokerClient:
             if info.rc == MQTTErrorCode.MQTT_ERR_QUEUE_SIZE:
                 raise TransportError(f"cannot publish on {topic}: the outgoing queue is full")
             if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
-                raise TransportError(f"cannot publish on {topic}: {_reason_text(info.rc)}")
+                raise TransportError(f"cannot publish on {topic}: {reason_text(info.rc)}")
             waiter = self._acks.expect(info.mid)
         return PendingPublish(self, topic, info.mid, waiter)
 
@@ -721,7 +601,7 @@ class MessageBrokerClient:
                 self._subscriptions.pop(topic, None)
                 raise TransportError(
                     f"broker {self.address} refused the subscription to {topic}: "
-                    f"{_reason_text(reason)}"
+                    f"{reason_text(reason)}"
                 )
 
     def unsubscribe(self, topics: Sequence[str], *, timeout: float = 30.0) -> None:
@@ -734,6 +614,19 @@ class MessageBrokerClient:
         first = f"unsubscribe from {topics[0]}"
         self._acknowledged(first, lambda: self._client.unsubscribe(list(topics)), timeout)
 
+    def read_retained(self, topic: str, timeout: float) -> bytes | None:
+        """The message the broker retains on `topic`, or None: subscribed at QoS 0 (no
+        in-flight quota can hold it back) and unsubscribed at once. The broker sends a retained
+        message before it answers the next request, so there is no waiting for one that may
+        not exist. For a connection of its own: other messages that arrive are dropped."""
+        self.subscribe([(topic, 0)], timeout=timeout)
+        self.unsubscribe([topic], timeout=timeout)
+        found: bytes | None = None
+        while (message := self.get(0)) is not None:
+            if message.topic == topic and message.retain:
+                found = bytes(message.payload)
+        return found
+
     def _acknowledged(
         self, what: str, request: Callable[[], tuple[MQTTErrorCode, int | None]], timeout: float
     ) -> list[ReasonCode]:
@@ -743,7 +636,7 @@ class MessageBrokerClient:
             raise TransportError(f"cannot {what}: not connected to broker {self.address}")
         rc, mid = request()
         if rc != MQTTErrorCode.MQTT_ERR_SUCCESS or mid is None:
-            raise TransportError(f"cannot {what} on broker {self.address}: {_reason_text(rc)}")
+            raise TransportError(f"cannot {what} on broker {self.address}: {reason_text(rc)}")
         waiter = self._acks.expect(mid)
         if not waiter.wait(deadline.left()):
             self._acks.forget(mid, waiter)

@@ -185,6 +185,7 @@ class AnalysisLayout:
     {analysis_id}/final/result.bin                     the final aggregate
     {analysis_id}/final/manifest.json                  provenance
     {analysis_id}/nodes/{node}/state/{tag}             node-local state of the analyst
+    {analysis_id}/nodes/{node}/runtime/{tag}           the runtime's own (threshold guard)
     {analysis_id}/payloads/{sender}/{message_id}.bin   claim-checked message payloads
     ```
     Epochs are zero-padded so a plain lexicographic listing is in epoch order.
@@ -223,6 +224,12 @@ class AnalysisLayout:
         _check_id("node id", node)
         _check_id("state tag", tag)
         return f"{self.analysis_id}/nodes/{node}/state/{tag}"
+
+    def node_runtime_state(self, node: str, tag: str) -> str:
+        """The runtime's own state of a node (threshold guard): beside, not in, `state/`."""
+        _check_id("node id", node)
+        _check_id("state tag", tag)
+        return f"{self.analysis_id}/nodes/{node}/runtime/{tag}"
 
     def node_state_prefix(self, node: str) -> str:
         _check_id("node id", node)

@@ -21,6 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
+from flame.data.encodings import detect_encoding, read_head
 from flame.data.readers import MISSING_MARKERS, ReadReport, recover_numbers, to_numpy
 from flame.errors import DataError
 
@@ -62,7 +63,9 @@ def _line_count(where: Where) -> int:
             count += piece.count(b"\n", 0, got)
 
 
-def _options(delimiter: str, types: dict[str, pa.DataType] | None) -> dict[str, object]:
+def _options(
+    delimiter: str, types: dict[str, pa.DataType] | None, include: list[str] | None = None
+) -> dict[str, object]:
     return {
         "read_options": pacsv.ReadOptions(block_size=BLOCK_SIZE),
         "parse_options": pacsv.ParseOptions(delimiter=delimiter),
@@ -70,6 +73,7 @@ def _options(delimiter: str, types: dict[str, pa.DataType] | None) -> dict[str, 
             null_values=list(MISSING_MARKERS),
             strings_can_be_null=True,
             column_types=types,
+            include_columns=include or [],
         ),
         "memory_pool": pa.system_memory_pool(),
     }
@@ -80,15 +84,31 @@ def _nan() -> pa.Scalar:
 
 
 def read_csv_columns(
-    name: str, path: Where, report: ReadReport, delimiter: str = ","
+    name: str,
+    path: Where,
+    report: ReadReport,
+    delimiter: str = ",",
+    encoding: str | None = None,
+    project: list[str] | None = None,
 ) -> dict[str, np.ndarray]:
-    """One CSV file as `{column: numpy}`; raises `Fallback` when the general reader must."""
+    """One CSV file as `{column: numpy}`; raises `Fallback` when the general reader must
+    (also for text that is not UTF-8: the general reader transcodes and reports)."""
+    with _opened(path) as where:
+        head = read_head(where)
+    if detect_encoding(head, encoding)[0] != "utf-8":
+        raise Fallback
     try:
         with _opened(path) as where, pacsv.open_csv(where, **_options(delimiter, None)) as sniff:
             schema = sniff.schema
     except (pa.ArrowInvalid, OSError):
         raise Fallback from None
     names = schema.names
+    if project is not None:  # projection: the other columns are never converted or kept
+        unknown = [column for column in project if column not in names]
+        if unknown:
+            raise DataError(f"{name!r} has no column {unknown[0]!r} (it has {len(names)})")
+        schema = pa.schema([schema.field(column) for column in project])
+        names = list(project)
     repeated = sorted({column for column in names if names.count(column) > 1})
     if repeated:
         raise DataError(f"{name!r} repeats the column name(s) {', '.join(map(repr, repeated))}")
@@ -105,7 +125,8 @@ def read_csv_columns(
     nan = _nan()
     position = 0
     try:
-        with _opened(path) as where, pacsv.open_csv(where, **_options(delimiter, types)) as reader:
+        options = _options(delimiter, types, names if project is not None else None)
+        with _opened(path) as where, pacsv.open_csv(where, **options) as reader:
             for batch in reader:
                 count = batch.num_rows
                 if position + count > rows:  # cannot happen: rows >= lines >= records

@@ -111,19 +111,29 @@ class Data:
                 raise DataError(f"{name!r} line {line}: number of cells does not match the header")
             yield row
 
-    def read_csv(self, name: str | None = None, *, source: str | None = None) -> Table:
+    def read_csv(
+        self,
+        name: str | None = None,
+        *,
+        source: str | None = None,
+        columns: Sequence[str] | None = None,
+    ) -> Table:
         """A CSV file as columns of numpy arrays (float64 where the column is numeric).
 
         Without a name, every `*.csv` file of the source is read and stacked; they must share
         one header. Missing markers (empty, NA, N/A, NULL, null, NaN, ".") become NaN in
         numeric columns and "" in text columns; stray text in a numeric column becomes NaN
         with a warning. Counts are in `self.missing` and `self.invalid` afterwards.
+        `columns`: read only these (in this order); the others are never converted or kept,
+        which is what keeps a wide file's read small.
         """
         from flame.data.columns import Columns
 
-        return Columns(self._read_csv(name, source))
+        return Columns(self._read_csv(name, source, columns))
 
-    def _read_csv(self, name: str | None, source: str | None) -> Table:
+    def _read_csv(
+        self, name: str | None, source: str | None, columns: Sequence[str] | None
+    ) -> Table:
         names = [name] if name is not None else self.files("*.csv", source=source)
         if not names:
             raise DataError(f"node {self.node_id!r} has no CSV files")
@@ -131,18 +141,30 @@ class Data:
 
         files = self._files_source(source)
         if isinstance(files, (LocalSource, DescriptorSource)):
-            streamed = self._read_csv_streamed(files, names)
+            streamed = self._read_csv_streamed(files, names, columns)
             if streamed is not None:
                 return streamed
         table = self._read(names, source)
-        columns: Table = {}
+        if columns is not None:
+            unknown = [column for column in columns if column not in table.column_names]
+            if unknown:
+                known = ", ".join(map(repr, table.column_names))
+                raise DataError(
+                    f"no column {unknown[0]!r} in {', '.join(map(repr, names))}; "
+                    f"its columns: {known}"
+                )
+            table = table.select(list(columns))
+        out: Table = {}
         for column in table.column_names:  # release each Arrow column once it is copied
-            columns[column] = to_numpy(table.column(column))
+            out[column] = to_numpy(table.column(column))
             table = table.drop_columns([column])
-        return columns
+        return out
 
     def _read_csv_streamed(
-        self, files: LocalSource | DescriptorSource, names: list[str]
+        self,
+        files: LocalSource | DescriptorSource,
+        names: list[str],
+        columns: Sequence[str] | None = None,
     ) -> Table | None:
         """Local CSV files (by path, or by descriptor in an isolated child) streamed into
         numpy (`flame.data.csv_columns`); None: read generally."""
@@ -164,7 +186,14 @@ class Data:
                     raise DataError(f"data source {files.name!r}: no file {file_name!r}")
             try:
                 parts.append(
-                    read_csv_columns(file_name, where, report, "\t" if kind == "tsv" else ",")
+                    read_csv_columns(
+                        file_name,
+                        where,
+                        report,
+                        "\t" if kind == "tsv" else ",",
+                        getattr(files, "encoding", None),
+                        None if columns is None else list(columns),
+                    )
                 )
             except Fallback:
                 return None
@@ -267,7 +296,7 @@ class Data:
                     entries.append((file_name, path))
                 else:
                     entries.append((file_name, stack.enter_context(files.open(file_name))))
-            table, report = read_tables(entries)
+            table, report = read_tables(entries, getattr(files, "encoding", None))
         self.missing = report.missing
         self.invalid = report.invalid
         return table

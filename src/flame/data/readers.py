@@ -23,6 +23,12 @@ import pyarrow.csv as pacsv
 import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
+from flame.data.encodings import (
+    detect_encoding,
+    locate_ragged_row,
+    locate_undecodable,
+    read_head,
+)
 from flame.errors import DataError
 
 __all__ = ["MISSING_MARKERS", "FORMATS", "ReadReport", "file_format", "read_tables", "to_numpy"]
@@ -62,22 +68,68 @@ def file_format(name: str) -> str:
     return found
 
 
-def _read_one(name: str, where: Path | IO[bytes]) -> pa.Table:
-    kind = file_format(name)
+def _read_csv(
+    name: str, where: Path | IO[bytes], delimiter: str, configured: str | None
+) -> pa.Table:
+    """A CSV file in its encoding (BOM, the source's setting, or UTF-8); a bad byte or a
+    row of the wrong width is a DataError naming file, line and column, not the row."""
+    encoding, _ = detect_encoding(read_head(where), configured)
+    hint = (
+        "; if the file is in another encoding, set the data source's `encoding` "
+        '(e.g. encoding = "cp1252")'
+    )
     try:
-        if kind in ("csv", "tsv"):
-            return pacsv.read_csv(
-                where,
-                parse_options=pacsv.ParseOptions(delimiter="\t" if kind == "tsv" else ","),
-                convert_options=pacsv.ConvertOptions(
-                    null_values=list(MISSING_MARKERS), strings_can_be_null=True
-                ),
+        table = pacsv.read_csv(
+            where,
+            read_options=pacsv.ReadOptions(encoding="utf8" if encoding == "utf-8" else encoding),
+            parse_options=pacsv.ParseOptions(delimiter=delimiter),
+            convert_options=pacsv.ConvertOptions(
+                null_values=list(MISSING_MARKERS), strings_can_be_null=True
+            ),
+        )
+    except (pa.ArrowInvalid, UnicodeDecodeError) as exc:
+        text = str(exc)
+        if isinstance(exc, UnicodeDecodeError) or "utf8" in text.lower().replace("-", ""):
+            raise _undecodable(name, where, encoding, delimiter, hint) from None
+        if "Expected" in text and "columns" in text:
+            found = locate_ragged_row(where, encoding, delimiter)
+            at = f" line {found[0]}:" if found else ""
+            shape = (
+                f"expected {found[1]} columns, got {found[2]}"
+                if found
+                else "a row of the wrong width"
             )
+            one = found is not None and found[2] == 1  # what another encoding looks like
+            raise DataError(
+                f"{name!r} cannot be read as csv:{at} {shape}{hint if one else ''}"
+            ) from None
+        raise DataError(f"{name!r} cannot be read as csv: {text.split(':')[0][:200]}") from None
+    if any(pa.types.is_binary(column.type) for column in table.columns):
+        raise _undecodable(name, where, encoding, delimiter, hint)  # pyarrow's fallback
+    return table
+
+
+def _undecodable(
+    name: str, where: Path | IO[bytes], encoding: str, delimiter: str, hint: str
+) -> DataError:
+    found = locate_undecodable(where, encoding, delimiter)
+    at = f" line {found[0]}, column {found[1]}:" if found else ""
+    return DataError(f"{name!r} cannot be read as csv:{at} not valid {encoding} text{hint}")
+
+
+def _read_one(name: str, where: Path | IO[bytes], encoding: str | None = None) -> pa.Table:
+    kind = file_format(name)
+    if kind in ("csv", "tsv"):
+        return _read_csv(name, where, "\t" if kind == "tsv" else ",", encoding)
+    try:
         if kind == "parquet":
             return pq.read_table(where)
         return pajson.read_json(where)
     except (pa.ArrowInvalid, pa.ArrowTypeError, OSError) as exc:
+        from flame.privacy.quoting import quote_parser_message
+
         detail = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        detail = quote_parser_message(detail)  # it may quote a record: stays on the node
         raise DataError(f"{name!r} cannot be read as {kind}: {detail}") from None
 
 
@@ -150,12 +202,15 @@ def _unify(
     return recover_numbers(column, data, files, report)
 
 
-def read_tables(entries: Sequence[tuple[str, Path | IO[bytes]]]) -> tuple[pa.Table, ReadReport]:
-    """Read and stack files (`(name, path or stream)`), which must share one header."""
+def read_tables(
+    entries: Sequence[tuple[str, Path | IO[bytes]]], encoding: str | None = None
+) -> tuple[pa.Table, ReadReport]:
+    """Read and stack files (`(name, path or stream)`), which must share one header;
+    `encoding`: the source's setting for text files without a byte-order mark."""
     report = ReadReport(files=[name for name, _ in entries])
     tables: list[tuple[str, pa.Table]] = []
     for name, where in entries:
-        table = _read_one(name, where)
+        table = _read_one(name, where, encoding)
         _check_header(name, table)
         if tables and table.column_names != tables[0][1].column_names:
             raise DataError(

@@ -42,18 +42,29 @@ def _unshare(keep_network: bool) -> str:
     return f"not permitted here ({os.strerror(ctypes.get_errno())})"
 
 
+def _option(argv: list[str], name: str) -> list[str]:
+    return [argv[i + 1] for i, arg in enumerate(argv[:-1]) if arg == name]
+
+
 def _confine(argv: list[str], keep_network: bool) -> str:
-    """Enter the Landlock domain (`_landlock`) hiding every `--hide PATH` of argv."""
-    hidden = [argv[i + 1] for i, arg in enumerate(argv[:-1]) if arg == "--hide"]
+    """Enter the Landlock allow-list domain (`_landlock`): read `--read PATH`, write
+    `--write PATH`, and nothing of `--hide PATH` even inside a readable folder."""
     import _landlock  # type: ignore[import-not-found]  # this folder is still sys.path[0]
 
-    confined = str(_landlock.confine(hidden, cut_tcp=not keep_network))
-    if keep_network:
-        return confined
-    return f"{confined}; {_landlock.forbid_connect()}"
+    readable = [*_option(argv, "--read"), sys.path[0]]
+    confined = str(
+        _landlock.confine(
+            readable,
+            _option(argv, "--write"),
+            _option(argv, "--hide"),
+            cut_tcp=not keep_network,
+        )
+    )
+    return f"{confined}; {_landlock.forbid_syscalls(connect=not keep_network)}"
 
 
 if __name__ == "__main__":
+    sys.dont_write_bytecode = True  # nothing the child imports leaves bytecode behind
     keep = "--keep-network" in sys.argv
     network = _unshare(keep)
     confinement = _confine(sys.argv, keep)

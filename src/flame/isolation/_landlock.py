@@ -1,17 +1,20 @@
 """Landlock confinement of the analysis child (Linux >= 5.13), before any analysis code runs.
 
 Why: the child runs as the node's own user, so without this it can open the node's key
-files, token files, policy, budget ledger and data folders directly, and read the parent's
-memory and environment through /proc (same uid). A Landlock domain, which the child cannot
-leave again, (1) makes every process outside it (the node runtime, Paillier workers, other
-nodes) unreachable through ptrace and /proc/<pid>/{environ,mem,maps,fd}, and signals and
-abstract Unix sockets scoped, (2) hides the given paths (no read, write, unlink or rename of
-them or anything beneath), and (3) when the network is to be cut, forbids TCP connect/bind.
+files, token files, policy, budget ledger and data folders directly, rewrite the installed
+runtime code (which the node imports later, next to its keys), and read the parent's memory
+and environment through /proc (same uid). The domain, which the child cannot leave again, is
+an allow-list: (1) read (and execute) only the given `readable` paths (interpreter,
+stdlib, site-packages, flame, the analysis code) and a few system files; (2) write only the
+given `writable` paths (one private scratch folder); nothing else can be opened at all;
+(3) every process outside the domain is unreachable through ptrace and /proc/<pid>/*, and
+signals and abstract Unix sockets are scoped; (4) when the network is cut, TCP connect/bind
+is forbidden.
 
-Paths are hidden by carving: every directory entry along the way from `/` to a hidden path
-is allowed except the one leading to it; the ancestors themselves may only be listed.
-Loaded by `_boot.py` by file, before `flame` (and numpy's threads) are imported: no imports
-beyond the standard library.
+A `hidden` path inside a readable folder is carved out: every entry along the way from
+the folder to the hidden path is allowed except the one leading to it; the ancestors
+themselves may only be listed. Loaded by `_boot.py` by file, before `flame` (and numpy's
+threads) are imported: no imports beyond the standard library.
 """
 
 from __future__ import annotations
@@ -28,11 +31,36 @@ _PR_SET_NO_NEW_PRIVS = 38
 
 # Filesystem rights by ABI version (uapi/linux/landlock.h).
 _EXECUTE, _WRITE_FILE, _READ_FILE, _READ_DIR = 1 << 0, 1 << 1, 1 << 2, 1 << 3
+_MAKE_CHAR, _MAKE_SOCK, _MAKE_FIFO, _MAKE_BLOCK = 1 << 6, 1 << 9, 1 << 10, 1 << 11
 _FS_ABI1 = (1 << 13) - 1
 _REFER, _TRUNCATE, _IOCTL_DEV = 1 << 13, 1 << 14, 1 << 15
 _FILE_RIGHTS = _EXECUTE | _WRITE_FILE | _READ_FILE | _TRUNCATE | _IOCTL_DEV
+_READ = _EXECUTE | _READ_FILE | _READ_DIR
+_NOT_IN_SCRATCH = _EXECUTE | _MAKE_CHAR | _MAKE_BLOCK | _MAKE_SOCK | _MAKE_FIFO | _IOCTL_DEV
 _NET_TCP = (1 << 0) | (1 << 1)  # bind, connect
 _SCOPES = (1 << 0) | (1 << 1)  # abstract Unix sockets, signals
+
+SYSTEM_READABLE = (
+    "/usr",
+    "/lib",
+    "/lib64",
+    "/lib32",
+    "/etc/ld.so.cache",
+    "/etc/localtime",
+    "/etc/timezone",
+    "/dev/urandom",
+    "/dev/zero",
+    "/proc/self",
+    "/proc/cpuinfo",
+    "/proc/meminfo",
+    "/proc/sys/vm/overcommit_memory",
+    "/sys/devices/system/cpu",
+    "/sys/kernel/mm/transparent_hugepage",
+    "/sys/fs/cgroup",
+)
+"""Read-only outside the Python installation: shared libraries and what libc, numpy,
+pyarrow and DuckDB probe (CPU count, memory, time zone). Nothing of the node's."""
+SYSTEM_WRITABLE = ("/dev/null",)
 
 
 def _fs_rights(abi: int) -> int:
@@ -50,8 +78,13 @@ def _components(path: str) -> list[str]:
     return [part for part in path.split(os.sep) if part]
 
 
-def confine(hidden: list[str], *, cut_tcp: bool) -> str:
-    """Enter a Landlock domain hiding `hidden`; a sentence saying what is enforced."""
+def _within(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def confine(readable: list[str], writable: list[str], hidden: list[str], *, cut_tcp: bool) -> str:
+    """Enter the allow-list domain; a sentence saying what is enforced (starting with
+    "no confinement" when nothing is)."""
     if not sys.platform.startswith("linux"):
         return "no confinement (not Linux)"
     try:
@@ -75,14 +108,8 @@ def confine(hidden: list[str], *, cut_tcp: bool) -> str:
     ruleset = libc.syscall(_CREATE, buffer, ctypes.c_size_t(len(attr)), ctypes.c_uint32(0))
     if ruleset < 0:
         return f"no confinement (ruleset refused: {os.strerror(ctypes.get_errno())})"
+    secret = sorted({os.path.realpath(p) for p in hidden if p})
     try:
-        targets = sorted({os.path.realpath(p) for p in hidden if p})
-        hidden_set = set(targets)
-        ancestors: set[str] = set()
-        for target in targets:
-            parts = _components(target)
-            for depth in range(len(parts)):
-                ancestors.add(os.sep + os.sep.join(parts[:depth]))
 
         def allow(path: str, rights: int) -> None:
             try:
@@ -98,20 +125,37 @@ def confine(hidden: list[str], *, cut_tcp: bool) -> str:
             finally:
                 os.close(fd)
 
-        if not targets:
-            allow(os.sep, fs)
-        else:
-            allow(os.sep, _READ_DIR)  # names may be listed everywhere; contents are carved
+        def allow_tree(root: str, rights: int) -> None:
+            """`root` with `rights`, minus the hidden paths beneath it (carved)."""
+            if any(_within(root, h) for h in secret):
+                return  # the runtime never asks for this; refuse rather than expose
+            inside = [h for h in secret if _within(h, root)]
+            if not inside:
+                allow(root, rights)
+                return
+            ancestors: set[str] = set()
+            for target in inside:
+                parts = _components(target)
+                for depth in range(len(_components(root)), len(parts)):
+                    ancestors.add(os.sep + os.sep.join(parts[:depth]))
             for ancestor in sorted(ancestors):
+                allow(ancestor, rights & _READ_DIR)  # listed, contents carved
                 try:
                     entries = os.listdir(ancestor)
                 except OSError:
                     continue
                 for entry in entries:
                     path = os.path.join(ancestor, entry)
-                    if path in hidden_set or path in ancestors:
-                        continue
-                    allow(path, fs)
+                    if path not in inside and path not in ancestors:
+                        allow(path, rights)
+
+        roots = {os.path.realpath(p) for p in [*readable, *SYSTEM_READABLE] if p}
+        for root in sorted(roots):
+            allow_tree(root, _READ & fs)
+        for path in SYSTEM_WRITABLE:
+            allow(path, (_READ_FILE | _WRITE_FILE | _TRUNCATE) & fs)
+        for root in sorted({os.path.realpath(p) for p in writable if p}):
+            allow_tree(root, fs & ~_NOT_IN_SCRATCH)
         if libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0):
             return f"no confinement (no_new_privs refused: {os.strerror(ctypes.get_errno())})"
         if libc.syscall(_RESTRICT, ruleset, ctypes.c_uint32(0)):
@@ -120,40 +164,61 @@ def confine(hidden: list[str], *, cut_tcp: bool) -> str:
         return f"no confinement ({exc})"
     finally:
         os.close(ruleset)
-    what = [f"{len(targets)} node path(s) hidden", "other processes unreachable"]
+    what = [
+        f"read-only {len(roots)} path(s), writable {len(set(writable))}",
+        f"{len(secret)} node path(s) hidden",
+        "other processes unreachable",
+    ]
     if net:
         what.append("no TCP")
-    return f"Landlock ABI {abi}: " + ", ".join(what)
+    return f"Landlock ABI {abi} allow-list: " + ", ".join(what)
 
 
-# --- seccomp: no connect() -------------------------------------------------------------------
+# --- seccomp: no connect(), no metadata changes -----------------------------------------------
 _AUDIT_ARCH = {"x86_64": (0xC000003E, 42), "aarch64": (0xC00000B7, 203)}  # (arch, connect)
+# chmod/chown/utime*/xattr families: Landlock (up to ABI 7) does not cover them, so a child
+# could make the runtime's files world-writable or touch them even where it may not write.
+_METADATA = {
+    "x86_64": (90, 91, 92, 93, 94, 132, 188, 189, 190, 197, 198, 199, 235, 260, 261, 268, 280),
+    "aarch64": (5, 6, 7, 14, 15, 16, 52, 53, 54, 55, 88),
+}
+_METADATA_NEW = (452, 463, 466)  # fchmodat2, setxattrat, removexattrat (same on both)
 _PR_SET_SECCOMP, _SECCOMP_MODE_FILTER = 22, 2
-_RET_ALLOW, _RET_ERRNO, _EACCES = 0x7FFF0000, 0x00050000, 13
+_RET_ALLOW, _RET_ERRNO, _EACCES, _EPERM = 0x7FFF0000, 0x00050000, 13, 1
 _LD_ABS_W, _JEQ_K, _JGE_K, _RET_K = 0x20, 0x15, 0x35, 0x06
 
 
-def forbid_connect() -> str:
-    """A seccomp filter refusing connect() (EACCES) and syscalls of any other ABI.
+def forbid_syscalls(*, connect: bool) -> str:
+    """A seccomp filter refusing file metadata changes (EPERM), connect() when `connect`
+    (EACCES), and syscalls of any other ABI.
 
-    Why: Landlock (up to ABI 7) does not cover connecting to a named Unix socket, and the
-    network namespace only cuts IP: a local database, container engine or broker socket on
-    the node's filesystem would still answer. The child needs no new connection: it talks to
-    the runtime over the socket it inherited.
+    Why connect: Landlock (up to ABI 7) does not cover connecting to a named Unix socket,
+    and the network namespace only cuts IP: a local database, container engine or broker
+    socket on the node's filesystem would still answer. The child needs no new connection:
+    it talks to the runtime over the socket it inherited.
     """
     import platform
 
-    arch = _AUDIT_ARCH.get(platform.machine())
+    machine = platform.machine()
+    arch = _AUDIT_ARCH.get(machine)
     if not sys.platform.startswith("linux") or arch is None:
-        return "connect() not filtered (no seccomp filter for this platform)"
+        return "syscalls not filtered (no seccomp filter for this platform)"
     audit_arch, nr_connect = arch
+    refused = [*_METADATA[machine], *_METADATA_NEW]
+    n = len(refused) + (1 if connect else 0)
     program = [
         (_LD_ABS_W, 0, 0, 4),  # seccomp_data.arch
-        (_JEQ_K, 0, 4, audit_arch),  # another ABI (int 0x80, x32): refused
+        (_JEQ_K, 0, n + 3, audit_arch),  # another ABI (int 0x80, x32): refused
         (_LD_ABS_W, 0, 0, 0),  # seccomp_data.nr
-        (_JGE_K, 2, 0, 0x40000000),  # x32 system call numbers: refused
-        (_JEQ_K, 1, 0, nr_connect),
+        (_JGE_K, n + 1, 0, 0x40000000),  # x32 system call numbers: refused
+    ]
+    for k, number in enumerate(refused):  # -> the EPERM return (jumps count from the next)
+        program.append((_JEQ_K, n - k, 0, number))
+    if connect:  # -> the EACCES return (past ALLOW and EPERM)
+        program.append((_JEQ_K, 2, 0, nr_connect))
+    program += [
         (_RET_K, 0, 0, _RET_ALLOW),
+        (_RET_K, 0, 0, _RET_ERRNO | _EPERM),
         (_RET_K, 0, 0, _RET_ERRNO | _EACCES),
     ]
     code = b"".join(struct.pack("=HBBI", *op) for op in program)
@@ -163,9 +228,9 @@ def forbid_connect() -> str:
     try:
         libc = ctypes.CDLL(None, use_errno=True)
     except OSError as exc:
-        return f"connect() not filtered (libc unavailable: {exc})"
+        return f"syscalls not filtered (libc unavailable: {exc})"
     if libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0):
-        return f"connect() not filtered ({os.strerror(ctypes.get_errno())})"
+        return f"syscalls not filtered ({os.strerror(ctypes.get_errno())})"
     if libc.prctl(_PR_SET_SECCOMP, _SECCOMP_MODE_FILTER, buffer, 0, 0):
-        return f"connect() not filtered ({os.strerror(ctypes.get_errno())})"
-    return "connect() refused"
+        return f"syscalls not filtered ({os.strerror(ctypes.get_errno())})"
+    return "connect() and metadata changes refused" if connect else "metadata changes refused"

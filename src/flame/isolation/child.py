@@ -128,8 +128,10 @@ def _import_by_file(name: str, file: str) -> ModuleType:
 
 def _locate(locator: dict[str, Any]) -> Any:
     if "path" in locator:  # a .py file or a folder, found as `flame simulate/run` find it
-        from flame.analysis.loader import load_analysis
+        from flame.analysis.loader import load_analysis, source_only_imports
 
+        if locator.get("root"):  # the node's snapshot of the reviewed files: source only
+            source_only_imports(str(locator["root"]))
         return load_analysis(str(locator["path"])).functions.analyze
     module_name, file, qualname = locator["module"], locator.get("file"), locator["qualname"]
     module: ModuleType | None = None

@@ -3,13 +3,17 @@
 Both runners return an `Outcome`: the result (markers still in place, for the policy) and the
 rows the epoch read, counted here in the runtime from what the data handle served. The
 child's answer is checked by the caller exactly like an in-process result.
+
+The child's sandbox is an allow-list (`_landlock`): it reads Python, site-packages, flame and
+the analysis code (`child_readable`; on `flame run` a read-only snapshot of the hashed files),
+writes one scratch folder removed when it ends, and gets node files only as descriptors the
+runtime opened after `resolve_node_file`'s check. The runtime imports what it would import
+lazily (`preload_runtime`) before the child is given any analysis code to run.
 """
 
 from __future__ import annotations
 
 import contextlib
-import csv
-import io
 import logging
 import os
 import subprocess
@@ -17,17 +21,24 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, Protocol
+from typing import IO, Any
 
 import numpy as np
 
 from flame.data import Data, FileSource, LocalSource
+from flame.data.sources.descriptor import open_read_only, reachable
 from flame.errors import AnalysisError, FlameError, PolicyRefused, RunTimeout
 from flame.isolation.channel import Channel, ChannelClosed
-from flame.isolation.spawn import scrubbed_environment, spawn_child, take_warm
-from flame.node.context import Context, active
+from flame.isolation.inprocess import InProcessRunner, Outcome, RowMeter, Runner
+from flame.isolation.reach import child_hidden_paths, child_readable, settings_paths
+from flame.isolation.spawn import (
+    empty_scratch,
+    scrubbed_environment,
+    spawn_child,
+    take_warm,
+)
+from flame.node.context import Context
 from flame.privacy.markers import from_plain, to_plain
 
 __all__ = [
@@ -46,139 +57,6 @@ log = logging.getLogger(__name__)
 _STOP_TIMEOUT = 5.0
 
 
-class RowMeter:
-    """Counts the rows an epoch read: CSV records of every distinct file served, plus the
-    records returned by other sources (FHIR searches and tables)."""
-
-    def __init__(self) -> None:
-        self.rows = 0
-        self._seen: set[tuple[str, str]] = set()
-
-    def reset(self) -> None:
-        self.rows = 0
-        self._seen.clear()
-
-    def file(self, source: str, name: str, content: bytes) -> None:
-        if (source, name) in self._seen:
-            return
-        self._seen.add((source, name))
-        lower = name.lower()
-        if lower.endswith((".csv", ".tsv")):
-            text = content.decode("utf-8-sig", errors="replace")
-            dialect = "excel-tab" if lower.endswith(".tsv") else "excel"
-            records = sum(1 for row in csv.reader(io.StringIO(text, newline=""), dialect) if row)
-            self.rows += max(records - 1, 0)
-        elif lower.endswith((".jsonl", ".ndjson")):
-            self.rows += sum(1 for line in content.splitlines() if line.strip())
-        elif lower.endswith((".parquet", ".pq")):
-            try:
-                import pyarrow.parquet as pq
-
-                self.rows += int(pq.ParquetFile(io.BytesIO(content)).metadata.num_rows)
-            except Exception:  # unreadable: no rows counted, min_rows decides
-                log.warning("could not count the rows of %s", name)
-
-    def descriptor(self, source: str, name: str, fd: int, count: Callable[[str, int], int]) -> None:
-        """A file handed to the child as a descriptor: `count(name, fd)` its rows, once."""
-        if (source, name) not in self._seen:
-            self._seen.add((source, name))
-            self.rows += count(name, fd)
-
-    def records(self, value: Any) -> None:
-        if hasattr(value, "num_rows") or hasattr(value, "shape"):  # Arrow / pandas tables
-            self.rows += int(value.num_rows if hasattr(value, "num_rows") else value.shape[0])
-        elif isinstance(value, list):
-            self.rows += len(value)
-        elif isinstance(value, dict) and value:
-            first = next(iter(value.values()))
-            if isinstance(first, (np.ndarray, list)):
-                self.rows += len(first)
-
-
-@dataclass
-class Outcome:
-    """What one epoch's `analyze` produced, as the runtime saw it."""
-
-    result: Any
-    rows_read: int
-    details: dict[str, Any] = field(default_factory=dict)
-
-
-class Runner(Protocol):
-    def start(self) -> None: ...
-
-    def run(self, epoch: int, previous: Any) -> Outcome: ...
-
-    def close(self) -> None: ...
-
-    @property
-    def declared_spend(self) -> Any: ...
-
-    @property
-    def rows_read(self) -> int: ...
-
-
-class _MeteredSource:
-    """A file source whose reads the runtime counts (in-process runs)."""
-
-    def __init__(self, inner: FileSource, meter: RowMeter) -> None:
-        self.name = inner.name
-        self._inner = inner
-        self._meter = meter
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._inner, name)
-
-    def files(self) -> list[str]:
-        return self._inner.files()
-
-    def open(self, name: str) -> IO[bytes]:
-        with self._inner.open(name) as stream:
-            content = stream.read()
-        self._meter.file(self.name, name, content)
-        return io.BytesIO(content)
-
-
-class InProcessRunner:
-    """`analyze` in the node's own process: fast, for the Python API and tests. The policy is
-    still checked on what comes back, but the analysis shares the runtime's memory."""
-
-    def __init__(self, analyze: Callable[..., Any], data: Any, context: Context) -> None:
-        self.analyze = analyze
-        self.context = context
-        self.meter = RowMeter()
-        if not isinstance(data, Data):
-            self.data: Any = data
-            return
-        metered: dict[str, object] = {
-            name: _MeteredSource(source, self.meter) if isinstance(source, FileSource) else source
-            for name, source in data.sources.items()
-        }
-        self.data = Data(metered, node_id=data.node_id)
-
-    @property
-    def declared_spend(self) -> Any:
-        original = getattr(self.analyze, "__wrapped__", self.analyze)
-        return getattr(original, "__flame_spend__", None)
-
-    @property
-    def rows_read(self) -> int:
-        """Rows served to `analyze` so far in this epoch (what a message is checked against)."""
-        return self.meter.rows
-
-    def start(self) -> None:
-        return None
-
-    def run(self, epoch: int, previous: Any) -> Outcome:
-        self.meter.reset()
-        with active(self.context):
-            result = self.analyze(self.data, epoch=epoch, previous=previous)
-        return Outcome(result, self.meter.rows)
-
-    def close(self) -> None:
-        return None
-
-
 def _relay_output(stream: IO[bytes]) -> None:
     """The analysis child's prints and log lines, as lines of this node's log (so they can
     be forwarded when the node's policy allows it)."""
@@ -190,49 +68,40 @@ def _relay_output(stream: IO[bytes]) -> None:
                 relay.info("%s", line[:1000])
 
 
-def settings_paths(*settings: Any) -> list[Path]:
-    """Every file or folder named in these settings (pydantic models, walked recursively):
-    key, token, policy, roster and data paths the analysis must not open itself. The file
-    named by FLAME_CONFIG is included (it may hold tokens)."""
-    from pydantic import BaseModel
-
-    found: list[Path] = []
-
-    def walk(value: Any) -> None:
-        if isinstance(value, Path):
-            found.append(value)
-        elif isinstance(value, BaseModel):
-            for name in type(value).model_fields:
-                walk(getattr(value, name))
-        elif isinstance(value, (list, tuple)):
-            for item in value:
-                walk(item)
-
-    for item in settings:
-        walk(item)
-    if os.environ.get("FLAME_CONFIG"):
-        found.append(Path(os.environ["FLAME_CONFIG"]))
-    return found
+RUNTIME_MODULES = (
+    "flame.data.csv_columns",
+    "flame.data.readers",
+    "flame.data.sources.descriptor",
+    "flame.data.sources.local",
+    "flame.privacy.release",
+    "flame.privacy.policy",
+    "flame.privacy.tracebacks",
+    "flame.wire.envelope",
+    "flame.wire.tables",
+    "pyarrow",
+    "pyarrow.csv",
+    "pyarrow.parquet",
+)
+"""What the runtime may import lazily while or after a child runs (flame.dp statistics read
+the node's CSV data; results are decoded and checked)."""
+_preloaded = False
 
 
-def child_hidden_paths(paths: Sequence[str | Path], analysis_file: str | None) -> list[str]:
-    """The node paths the child may not touch, minus any it needs to start (a path holding
-    Python, flame or the analysis code is left visible, with a warning)."""
-    needed = [sys.prefix, sys.base_prefix, sys.exec_prefix, str(Path(__file__).parents[1])]
-    if analysis_file:
-        needed.append(analysis_file)
-    needed_real = [os.path.realpath(p) for p in needed]
-    hidden: list[str] = []
-    for path in paths:
-        real = os.path.realpath(str(path))
-        if real == os.sep:
-            continue
-        if any(n == real or n.startswith(real.rstrip(os.sep) + os.sep) for n in needed_real):
-            log.warning("%s holds code the analysis needs: not hidden from the analysis", real)
-            continue
-        if real not in hidden:
-            hidden.append(real)
-    return hidden
+def preload_runtime() -> None:
+    """Import `RUNTIME_MODULES` now, before any analysis child exists: a module imported
+    later could have been planted by the child if its files were writable (the child's
+    domain forbids that; `flame check` fails when the node user could write them)."""
+    global _preloaded
+    if _preloaded:
+        return
+    import importlib
+
+    for name in RUNTIME_MODULES:
+        try:
+            importlib.import_module(name)
+        except ImportError:  # an optional dependency (pyarrow) that is not installed
+            log.debug("not preloaded (not installed): %s", name)
+    _preloaded = True
 
 
 class AnalysisAt:
@@ -243,8 +112,14 @@ class AnalysisAt:
     __name__ = __qualname__ = "analyze"
 
     def __init__(self, path: str | Path) -> None:
-        self.path = str(Path(path).resolve())
-        self._flame_locator = {"path": self.path}
+        from flame.analysis.snapshot import take_snapshot
+
+        self.origin = str(Path(path).resolve())
+        snapshot = take_snapshot(path)  # the reviewed bytes, read-only; refuses stray bytecode
+        self.path = str(snapshot.path)
+        self.code = snapshot.code
+        """SHA-256 of the snapshot (what `flame hash` prints for the same files)."""
+        self._flame_locator = {"path": self.path, "root": str(snapshot.root)}
 
     def __call__(self, data: Any, epoch: int = 0, previous: Any = None) -> Any:
         raise FlameError(f"the analysis at {self.path} runs only in its isolated child")
@@ -317,6 +192,7 @@ class ChildRunner:
         # (the node runtime uses it to stop at an abort or a finished run).
         self.on_wait: Callable[[], None] | None = None
         self.hide = child_hidden_paths(hide, locator.get("file") or locator.get("path"))
+        self.readable = child_readable(locator)
         self.allow_messages = allow_messages
         self.meter = RowMeter()
         self.network = "not started"
@@ -341,15 +217,21 @@ class ChildRunner:
         self._declared = None
         # a child started early by `prestart` (flame simulate) if one waits, else a new one
         # (warm children know no paths to hide: they serve runs that hide nothing)
-        warm = None if self.capture_output or self.hide else take_warm(self.cut_network)
+        warm = (
+            None if self.capture_output or self.hide else take_warm(self.cut_network, self.readable)
+        )
         self._process, ours = warm or spawn_child(
-            self.cut_network, self.capture_output, hide=self.hide
+            self.cut_network, self.capture_output, hide=self.hide, read=self.readable
         )
         if self.capture_output and self._process.stdout is not None:
             threading.Thread(
                 target=_relay_output, args=(self._process.stdout,), daemon=True
             ).start()
         self._channel = Channel(ours)
+        if self.hide:  # a node's runtime (next to keys and tokens); not the analyst's own
+            # while the child boots, and before it is sent any analysis code to run: nothing
+            # the runtime imports later can have been planted by the analysis
+            preload_runtime()
         sources = {  # a node folder is read by the child through descriptors (streamed)
             name: "local"
             if isinstance(source, LocalSource)
@@ -370,6 +252,8 @@ class ChildRunner:
         self.confinement = str(ready.get("confinement", "unknown"))
         self._declared = ready.get("declared")
         level = logging.DEBUG if self.network == "cut" else logging.INFO
+        if self.confinement.startswith("no confinement"):
+            level = logging.ERROR  # `flame check` fails on this too (check_install)
         log.log(
             level,
             "analysis child %s started; network %s; %s",
@@ -383,7 +267,9 @@ class ChildRunner:
             "load",
             {
                 "analyze": self.locator,
-                "sys_path": [p for p in sys.path if p and Path(p).is_dir()],
+                "sys_path": [p for p in sys.path if p and Path(p).is_dir()]
+                if "path" not in self.locator
+                else [],
                 "sources": sources,
                 "node_id": ctx.node_id,
                 "analysis_id": ctx.analysis_id,
@@ -426,6 +312,7 @@ class ChildRunner:
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait(timeout=_STOP_TIMEOUT)
+            empty_scratch(process)  # nothing the child wrote outlives its run
 
     # --- the conversation --------------------------------------------------------------------
     def _request(self, op: str, body: Any, answer: str, *, deadline: float) -> dict[str, Any]:
@@ -478,6 +365,8 @@ class ChildRunner:
         if process is not None and process.poll() is None:
             process.kill()
             process.wait(timeout=_STOP_TIMEOUT)
+        if process is not None:
+            empty_scratch(process)
         if channel is not None:
             channel.close()
 
@@ -499,7 +388,7 @@ class ChildRunner:
     def _send_descriptor(self, args: dict[str, Any]) -> None:
         """A file of a node folder, opened read-only here and passed to the child, which
         streams it itself (no copy through the channel); its rows are counted here."""
-        from flame.data.sources.descriptor import count_records, open_read_only
+        from flame.data.sources.descriptor import count_records
 
         assert self._channel is not None
         name, source_name = str(args["name"]), str(args["source"])
@@ -519,10 +408,17 @@ class ChildRunner:
             source = self.data.source(str(args["source"]))
             if not isinstance(source, FileSource):
                 raise FlameError("not a file source")
+            if isinstance(source, LocalSource):  # names leading into a hidden path: unlisted
+                return [n for n in source.files() if reachable(source.root, n, self.hide)]
             return source.files()
         if op == "read":
             name, source_name = str(args["name"]), str(args["source"])
-            content = self.data.read_bytes(name, source=source_name)
+            source = self.data.source(source_name)
+            if isinstance(source, LocalSource):  # the same path check as "open"
+                with os.fdopen(open_read_only(source.root, name, self.hide), "rb") as stream:
+                    content = stream.read()
+            else:
+                content = self.data.read_bytes(name, source=source_name)
             self.meter.file(source_name, name, content)
             return content
         if op == "source_call":

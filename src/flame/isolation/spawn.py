@@ -13,14 +13,25 @@ from __future__ import annotations
 import atexit
 import contextlib
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import sysconfig
+import tempfile
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-__all__ = ["prestart", "scrubbed_environment", "spawn_child", "take_warm"]
+__all__ = [
+    "empty_scratch",
+    "prestart",
+    "python_readable",
+    "scratch_of",
+    "scrubbed_environment",
+    "spawn_child",
+    "take_warm",
+]
 
 BOOT = Path(__file__).resolve().parent / "_boot.py"
 ENV_KEEP = {
@@ -46,6 +57,40 @@ _STOP_TIMEOUT = 5.0
 
 _lock = threading.Lock()
 _warm: list[tuple[subprocess.Popen[bytes], socket.socket, bool]] = []
+_readable_of: dict[int, frozenset[str]] = {}  # pid -> what its domain lets it read
+_scratch_of: dict[int, str] = {}  # pid -> its private writable folder
+
+
+def python_readable(*, with_script_dir: bool = False) -> list[str]:
+    """What a child needs to read to run Python and flame: the interpreter's prefixes, the
+    stdlib and site-packages, flame's own folder and this process's import path (without
+    its first entry, the script's folder or the working directory, unless asked)."""
+    paths = [sys.prefix, sys.base_prefix, sys.exec_prefix]
+    paths += [p for k, p in sysconfig.get_paths().items() if "lib" in k or k.endswith("stdlib")]
+    paths.append(str(Path(__file__).resolve().parents[2]))  # the folder holding flame
+    entries = sys.path if with_script_dir else sys.path[1:]
+    paths += [p for p in entries if p and os.path.exists(p)]
+    seen: list[str] = []
+    for path in paths:
+        real = os.path.realpath(path)
+        if real not in seen and real != os.sep:
+            seen.append(real)
+    return seen
+
+
+def scratch_of(process: subprocess.Popen[bytes]) -> str | None:
+    """The private writable folder of a child we spawned."""
+    with _lock:
+        return _scratch_of.get(process.pid)
+
+
+def empty_scratch(process: subprocess.Popen[bytes]) -> None:
+    """Remove the child's scratch folder (after it exited: nothing it wrote survives)."""
+    with _lock:
+        scratch = _scratch_of.pop(process.pid, None)
+        _readable_of.pop(process.pid, None)
+    if scratch is not None:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def scrubbed_environment(environ: dict[str, str] | None = None) -> dict[str, str]:
@@ -55,22 +100,36 @@ def scrubbed_environment(environ: dict[str, str] | None = None) -> dict[str, str
 
 
 def spawn_child(
-    cut_network: bool, capture_output: bool = False, *, hide: Sequence[str] = ()
+    cut_network: bool,
+    capture_output: bool = False,
+    *,
+    hide: Sequence[str] = (),
+    read: Iterable[str] | None = None,
 ) -> tuple[subprocess.Popen[bytes], socket.socket]:
     """A new analysis child and our end of its socket (with `capture_output`, its stdout
-    and stderr on one pipe for the caller to relay). `hide`: paths its Landlock domain
-    makes unreachable (`_landlock`)."""
+    and stderr on one pipe for the caller to relay). Its Landlock domain (`_landlock`) lets
+    it read `read` (default: `python_readable()`) and write only a new private scratch
+    folder (its TMPDIR and working directory, removed by `empty_scratch`); `hide`: paths
+    carved out of those even where a readable folder holds them."""
+    readable = python_readable() if read is None else list(read)
+    scratch = tempfile.mkdtemp(prefix="flame-scratch-")
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     command = [sys.executable, str(BOOT), str(theirs.fileno())]
     if not cut_network:
         command.append("--keep-network")
+    for path in readable:
+        command += ["--read", path]
+    command += ["--write", scratch]
     for path in hide:
         command += ["--hide", path]
+    env = scrubbed_environment()
+    env.update(TMPDIR=scratch, PYTHONDONTWRITEBYTECODE="1")
     try:
         process = subprocess.Popen(  # noqa: S603 (our own script, no shell)
             command,
             pass_fds=[theirs.fileno()],
-            env=scrubbed_environment(),
+            env=env,
+            cwd=scratch,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE if capture_output else None,
             stderr=subprocess.STDOUT if capture_output else None,
@@ -78,31 +137,42 @@ def spawn_child(
         )
     except BaseException:
         ours.close()
+        shutil.rmtree(scratch, ignore_errors=True)
         raise
     finally:
         theirs.close()
+    with _lock:
+        _scratch_of[process.pid] = scratch
+        _readable_of[process.pid] = frozenset(readable)
     return process, ours
 
 
-def prestart(count: int, *, cut_network: bool = True) -> None:
-    """Start up to `count` children now (at most MAX_WARM waiting); unused ones are stopped
-    at interpreter exit."""
+def prestart(count: int, *, cut_network: bool = True, read: Iterable[str] = ()) -> None:
+    """Start up to `count` children now (at most MAX_WARM waiting), able to read what
+    Python needs and `read` (the analysis); unused ones are stopped at interpreter exit."""
     with _lock:
         want = max(0, min(count, MAX_WARM) - len(_warm))
+    readable = python_readable(with_script_dir=True) + [os.path.realpath(p) for p in read]
     for _ in range(want):
         try:
-            process, ours = spawn_child(cut_network)
+            process, ours = spawn_child(cut_network, read=readable)
         except OSError:
             return  # ChildRunner will spawn (and report) when it needs a child
         with _lock:
             _warm.append((process, ours, cut_network))
 
 
-def take_warm(cut_network: bool) -> tuple[subprocess.Popen[bytes], socket.socket] | None:
-    """A started child with this network setting that is still alive, if there is one."""
+def take_warm(
+    cut_network: bool, read: Iterable[str] = ()
+) -> tuple[subprocess.Popen[bytes], socket.socket] | None:
+    """A started child with this network setting, able to read all of `read`, that is
+    still alive, if there is one."""
+    needed = {os.path.realpath(p) for p in read}
     with _lock:
         for i, (process, ours, cut) in enumerate(_warm):
-            if cut == cut_network and process.poll() is None:
+            readable = _readable_of.get(process.pid, frozenset())
+            covered = all(any(_within(n, r) for r in readable) for n in needed)
+            if cut == cut_network and covered and process.poll() is None:
                 del _warm[i]
                 return process, ours
     return None
@@ -121,6 +191,11 @@ def _stop_unused() -> None:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait(timeout=_STOP_TIMEOUT)
+        empty_scratch(process)
+
+
+def _within(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
 
 
 atexit.register(_stop_unused)

@@ -30,6 +30,17 @@ log = logging.getLogger(__name__)
 
 RESERVED_PREFIX = "flame."
 """Message categories of flame's own traffic (secure sums, endorsements): not for analyses."""
+RESERVED_TAGS = ("flame-", "flame.")
+"""Node-state tags of the runtime (compared ignoring case: some storage folds it)."""
+
+
+def _check_tag(tag: object) -> str:
+    if not isinstance(tag, str) or tag.lower().startswith(RESERVED_TAGS):
+        raise FlameError(
+            f"state tag {tag!r} is reserved for flame's own node state; choose a tag that "
+            "does not start with 'flame-' or 'flame.'"
+        )
+    return tag
 
 T = TypeVar("T")
 
@@ -208,12 +219,14 @@ class Context:
     # --- node-local state --------------------------------------------------------------------
     def save(self, tag: str, value: Any) -> None:
         """Keep `value` on this node under `tag` (never sent anywhere; survives a restart)."""
+        tag = _check_tag(tag)  # the runtime's own state (the threshold guard) is not reachable
         if self._state is None:
             raise FlameError("this node has no local state store configured")
         self._state.save(tag, value)
 
     def load(self, tag: str, default: Any = None) -> Any:
         """A value saved earlier on this node, or `default`."""
+        tag = _check_tag(tag)
         if self._state is None:
             return default
         return self._state.load(tag, default)

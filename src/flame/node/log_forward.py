@@ -13,6 +13,7 @@ import threading
 from collections import deque
 from collections.abc import Iterable
 
+from flame.privacy.quoting import withhold_quoted
 from flame.utils.redact import redact
 
 __all__ = ["LOG_CATEGORY", "LogForwarder"]
@@ -39,7 +40,8 @@ class LogForwarder(logging.Handler):
         if record.name.startswith(_QUIET):
             return  # the transport's own lines would feed on themselves
         try:
-            text = redact(self.format(record), self.secrets)
+            # what flame marked as quoting the node's data (a parser's row) is not forwarded
+            text = withhold_quoted(redact(self.format(record), self.secrets))
         except Exception:  # a broken record must not break the node
             return
         with self._lock_lines:

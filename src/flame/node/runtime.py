@@ -28,10 +28,13 @@ from typing import Any
 
 from flame.aggregator.membership import Instances
 from flame.analysis.functions import AnalysisFunctions
+from flame.data.versions import DataVersions
 from flame.errors import (
     AnalysisError,
     ConfigError,
     FlameError,
+    NotAcknowledged,
+    PolicyRefused,
     RunFailed,
     RunTimeout,
     TransportError,
@@ -45,6 +48,7 @@ from flame.node.secure_answers import SecureAnswers
 from flame.node.status_board import StatusBoard
 from flame.privacy.disclosure import wrap_release
 from flame.privacy.policy import NodePolicy
+from flame.privacy.quoting import quoted_may_leave, withhold_quoted
 from flame.privacy.release import Gate, column_reader
 from flame.privacy.tracebacks import analysis_traceback, trim_traceback_text
 from flame.secure.endorse import ENDORSE
@@ -188,6 +192,8 @@ class AnalysisClient:
             on_progress=self._report_progress,
         )
         self.policy = policy if policy is not None else NodePolicy()
+        # flame's error texts quoting the node's data leave only if the policy says so
+        self.quoted_data_leaves = quoted_may_leave(self.policy)
         self.isolate = isolate
         self._rows_read: Callable[[], int] = lambda: 0  # rows analyze was served this epoch
         self.hide = list(hide)  # node paths the isolated analysis may not open
@@ -216,6 +222,7 @@ class AnalysisClient:
         self._forwarder: LogForwarder | None = None
         self._said_goodbye = False
         self.board = StatusBoard(transport)  # routine statuses kept off the critical path
+        self._versions: DataVersions | None = None
 
     # --- the protocol steps ------------------------------------------------------------------
     def connect(self) -> None:
@@ -299,11 +306,19 @@ class AnalysisClient:
             body,
             self._run,
         )
-        self.transport.send(envelope)
         self._last_epoch = epoch
         self._last_sent = envelope
         self._acked = False
         self._resend_every = self.resend_interval
+        try:
+            self.transport.send(envelope)
+        except NotAcknowledged as exc:
+            # Not a refusal: the broker is out of reach (a partition, a slow uplink). The
+            # result is kept and re-sent with backoff; only the aggregator's epoch deadline
+            # (its abort, or this node's wait for the next instruction) ends the run.
+            log.warning(
+                "epoch %d: result not acknowledged yet, keeping it and re-sending: %s", epoch, exc
+            )
         self._resend_at = time.monotonic() + self._resend_every
         if _notable(privacy):
             self._privacy[str(epoch)] = privacy
@@ -342,7 +357,14 @@ class AnalysisClient:
             log.error("epoch %d failed: %s\n%s", epoch, reason, traceback_text)
         else:
             log.debug("epoch %d failed: %s", epoch, reason)
-        if self.policy.send_tracebacks:
+        if not self.quoted_data_leaves:  # a parser's words quoting a record stay here
+            reason, traceback_text = withhold_quoted(reason), withhold_quoted(traceback_text)
+            body["error"] = reason
+        if isinstance(exc, PolicyRefused):
+            # The aggregator may count it as a missing answer (under a quorum) instead of a
+            # failure; a refusal's text is flame's own, and no traceback goes with it.
+            body["refused"] = True
+        elif self.policy.send_tracebacks:
             body["traceback"] = traceback_text
         elif _raised_by_analysis(exc):  # its message is as free to carry records as a traceback
             name = _public_type(exc)
@@ -385,6 +407,9 @@ class AnalysisClient:
     # --- the whole run -----------------------------------------------------------------------
     def run(self, functions: AnalysisFunctions, data: Any) -> Instruction:
         """Play this node's part until the aggregator says finished; returns that instruction."""
+        sources = getattr(data, "sources", None)
+        if isinstance(sources, dict):
+            self._versions = DataVersions.take(sources)  # before the first status names it
         self.connect()
         epoch = -1
         forwarder = LogForwarder(self.secrets) if self.policy.forward_logs else None
@@ -429,7 +454,9 @@ class AnalysisClient:
                 try:
                     runner.start()
                     self.gate.before(epoch, runner.declared_spend)  # before any data is read
+                    self._check_data()
                     outcome = self._analyze(runner, epoch, instruction.previous)
+                    self._check_data()  # read during analyze: the same version as before
                     release = self.gate.release(epoch, outcome)  # policy, here in the runtime
                     self.send_results(epoch, release.result, release.report())
                 except _Interrupted as stop:
@@ -771,7 +798,14 @@ class AnalysisClient:
             status["privacy"] = dict(self._privacy)
         if not self.policy.share_aggregate:
             status["share_aggregate"] = False  # the aggregator sends this node no aggregates
+        if self._versions is not None and self._versions.count:
+            status["data"] = self._versions.digest  # which data version this run computes on
         return status
+
+    def _check_data(self) -> None:
+        """DataError naming a file of a local source that changed since the run started."""
+        if self._versions is not None:
+            self._versions.check()
 
     def _metrics(self) -> dict[str, Any]:
         """Per-epoch figures for `flame status`: compute time and traffic so far."""

@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from flame.config import FlameConfig
+from flame.ops import check_install
 from flame.ops.broker_probe import (
     BrokerUnavailable,
     broker_address,
@@ -52,12 +53,20 @@ __all__ = [
 
 NodeCheck = Callable[[CheckRun], list[CheckItem]]
 
+
+
+def install_items(run: CheckRun) -> list[CheckItem]:
+    """Runtime code not writable by the node user, Landlock present (analysis nodes)."""
+    return check_install.install_checks(run.config)
+
+
 CHECKS: tuple[NodeCheck, ...] = (
     broker_checks,  # the broker, then identity, roster and inbox isolation over it
     data_checks,  # the data folder and every data source
     storage_checks,  # results folder or bucket
     key_checks,  # secure-aggregation key files
     policy_checks,  # the node policy and its privacy budget
+    install_items,  # the runtime's own code read-only, the analysis sandbox available
 )
 
 

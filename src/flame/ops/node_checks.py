@@ -198,6 +198,12 @@ def check_storage(config: FlameConfig, failed_tokens: Set[str], timeout: float) 
             return CheckItem(
                 "FAIL", "storage", str(folder), "not writable", "check FLAME_STORAGE__RESULTS_DIR"
             )
+        from flame.ops.capacity import capacity_problem
+
+        full = capacity_problem(existing, int(settings.min_free_mb * 1024 * 1024))
+        if full is not None:
+            fix = "free space there, or check FLAME_STORAGE__RESULTS_DIR / __MIN_FREE_MB"
+            return CheckItem("FAIL", "storage", str(folder), full, fix)
         note = "" if folder.exists() else "will be created"
         return CheckItem("ok", "storage", str(folder), note)
     host, port, target = _host_port(settings.endpoint, settings.secure)

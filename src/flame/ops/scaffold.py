@@ -112,7 +112,7 @@ def _dockerfile() -> bytes:
 # the image carries the hash as the label {IMAGE_LABEL}, for node-side approval.
 # Each node runs the image with its own FLAME_* settings; the entry point is `flame run /app`.
 # A package folder of your own: add `COPY mypackage /app/mypackage` below the *.py line and
-# `!mypackage` to .dockerignore.
+# `!mypackage` to .dockerignore, above its bytecode lines (which must stay last).
 ARG FLAME_IMAGE=flame:{__version__}
 FROM ${{FLAME_IMAGE}}
 USER root
@@ -134,6 +134,12 @@ _DOCKERIGNORE = b"""\
 !requirements.txt
 test_*.py
 conftest.py
+# never bytecode or .pth files, even in a folder let in above (keep these lines last): no
+# code hash covers them, and `flame hash` and the nodes refuse a folder holding them
+**/__pycache__
+**/*.pyc
+**/*.pyo
+**/*.pth
 """
 
 _REQUIREMENTS = b"""\

@@ -23,7 +23,7 @@ from flame.data.sources.descriptor import open_read_only
 from flame.data.sources.local import LocalSource
 from flame.dp import Noise, Statistic, add_noise, measure, noise_scale
 from flame.errors import FlameError, PolicyRefused
-from flame.isolation.runner import Outcome
+from flame.isolation.inprocess import Outcome
 from flame.privacy.disclosure import Counts, apply_cell_rule
 from flame.privacy.ledger import BudgetLedger, Spend
 from flame.privacy.policy import NodePolicy

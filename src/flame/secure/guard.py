@@ -4,7 +4,9 @@ The guard (a field's contributor set is fixed by its first endorsed or decrypted
 endorsed set and one sum per analysis, epoch and field) only protects a node's values if a
 restarted share holder still knows what it endorsed and decrypted: otherwise the aggregator
 restarts it and asks for the differing sum. The ledger is written to the node's own state
-(`NodeState`: a local folder or the node's bucket, written atomically) *before* an
+(`NodeState.reserved()`: `nodes/{node}/runtime/`, beside the analyst's `state/` and out of
+reach of `context().save/load`, which refuse `flame-` tags; a local folder or the node's
+bucket, written atomically) *before* an
 endorsement or a partial decryption is released, and read back before the first decision.
 It is authenticated with a key derived from the holder's secret share, so a changed,
 foreign or corrupt ledger makes the holder refuse to endorse or decrypt with a clear error;
@@ -64,7 +66,9 @@ class GuardLedger:
     ) -> None:
         if share is not None:
             parts = {"node": share.node_id, "index": share.index, "key": _mac_key(share)}
-        self._state = state
+        reserved = getattr(state, "reserved", None)  # NodeState/MemoryState: the runtime's part
+        self._legacy = state if callable(reserved) else None
+        self._state = reserved() if callable(reserved) else state
         self._node: str = parts["node"]
         self._index: int = parts["index"]
         self._key: bytes = parts["key"]
@@ -210,6 +214,8 @@ class GuardLedger:
         where = f"this node's {self._name} (node state {self._tag!r})"
         try:
             stored = self._state.load(self._tag, None)
+            if stored is None and self._legacy is not None:  # written before it moved here
+                stored = self._legacy.load(self._tag, None)
         except Exception as exc:
             raise LedgerError(
                 f"refusing to endorse or decrypt: {where} is unreadable "

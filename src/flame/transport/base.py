@@ -23,7 +23,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Protocol
 
-from flame.errors import TransportError
+from flame.errors import NotAcknowledged, TransportError
 from flame.transport.status_order import StatusOrder, gone
 from flame.utils.deadline import Deadline
 from flame.wire.envelope import DEFAULT_MAX_BYTES, Envelope, decode, encode_parts
@@ -95,7 +95,8 @@ class Delivery:
             publish.wait(timeout)
         except TransportError as exc:
             self.abandon()
-            raise TransportError(f"cannot send to {recipient!r}: {exc}") from None
+            kind = NotAcknowledged if isinstance(exc, NotAcknowledged) else TransportError
+            raise kind(f"cannot send to {recipient!r}: {exc}") from None
         self._pending.pop(0)
 
 
@@ -118,6 +119,9 @@ class Transport(abc.ABC):
         self.auth = auth  # None: unsigned (an explicit opt-out; see flame.identity)
         self.instance = uuid.uuid4().hex  # this process's connection: in every status
         self.since = round(time.time(), 3)  # when it started: orders processes of a node
+        # ... after the generation (status_order): one more than the node's status found on
+        # the broker at connect, so a restart outranks its predecessor whatever the clocks say.
+        self.generation = 0
         self._seq = itertools.count(1)  # every status it signs gets the next number
         self._verified: OrderedDict[bytes, None] = OrderedDict()  # see `_trusted_status`
         self.status_order = StatusOrder(self.since)  # which statuses of others are current
@@ -161,6 +165,7 @@ class Transport(abc.ABC):
             **status,
             "instance": self.instance,
             "since": self.since,
+            "gen": self.generation,
             "seq": next(self._seq),
             "at": round(time.time(), 3),
         }

@@ -17,7 +17,6 @@ import hashlib
 import json
 import logging
 import re
-import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
@@ -31,9 +30,11 @@ from flame.clients.message_broker_client import (
     ProtocolName,
     Will,
 )
-from flame.errors import MessageError, TransportError
+from flame.errors import MessageError, NotAcknowledged, TransportError
 from flame.identity.signing import SIGNED_MAGIC, SignatureError
 from flame.transport.base import Delivery, Transport
+from flame.transport.mqtt_claims import ProcessClaims
+from flame.transport.topics import broadcast_topic, client_id_for, inbox_topic, status_topic
 from flame.utils.deadline import Deadline
 from flame.wire.chunks import (
     CHUNK_HEADER_SIZE,
@@ -65,29 +66,15 @@ MAX_STATUS_BYTES = 64 * 1024
 _MAX_CHUNK_HEADER = CHUNK_HEADER_SIZE + 1 + 255 + 64  # a signed chunk's longest header
 
 
-def inbox_topic(analysis_id: str, node_id: str) -> str:
-    return f"flame/{analysis_id}/{node_id}/inbox"
-
-
-def status_topic(analysis_id: str, node_id: str) -> str:
-    return f"flame/{analysis_id}/{node_id}/status"
-
-
-def broadcast_topic(analysis_id: str) -> str:
-    """The aggregator's messages to every node (`EVERYONE`); one level shorter than a node's
-    topics, so it can never be mistaken for, or matched as, a node's inbox or status."""
-    return f"flame/{analysis_id}/broadcast"
-
-
-def client_id_for(analysis_id: str, node_id: str) -> str:
-    """Stable across restarts (so the persistent session is found again) and one per node.
-
-    ':' cannot occur in either name, so two different pairs never share a client id.
-    """
-    client_id = f"flame:{analysis_id}:{node_id}"
-    if len(client_id) <= 128:
-        return client_id
-    return "flame:" + hashlib.sha256(f"{analysis_id}:{node_id}".encode()).hexdigest()[:40]
+def wrap_send_error(exc: TransportError, prefix: str) -> TransportError:
+    """`exc` behind `prefix`, keeping its kind: a `NotAcknowledged` stays one (and names the
+    settings that made the wait), so a caller with a deadline of its own can keep trying."""
+    if isinstance(exc, NotAcknowledged):
+        return NotAcknowledged(
+            f"{prefix}: {exc} (the wait per message is FLAME_BROKER__SEND_TIMEOUT plus its "
+            "size at FLAME_BROKER__MIN_SEND_RATE bytes/s)"
+        )
+    return TransportError(f"{prefix}: {exc}")
 
 
 def password_from_settings(settings: BrokerSettings) -> PasswordSource | None:
@@ -98,7 +85,7 @@ def password_from_settings(settings: BrokerSettings) -> PasswordSource | None:
     return source.get if source.configured else None
 
 
-class MqttTransport(Transport):
+class MqttTransport(Transport, ProcessClaims):
     """One node's connection to the federation through an MQTT broker."""
 
     def __init__(
@@ -215,86 +202,6 @@ class MqttTransport(Transport):
             reconnect_delay=self._reconnect_delay,
         )
 
-    # --- one process per node id --------------------------------------------------------------
-
-    def _on_taken_over(self) -> None:
-        """(network thread) Another process connected as this node and took its session."""
-        self.conflict = (
-            f"two processes claim node {self.node_id!r}: another process took over this node's "
-            f"broker session; this one (instance {self.instance}) stops instead of taking turns"
-        )
-        threading.Thread(target=self._report_conflict, name="flame-conflict", daemon=True).start()
-
-    def _report_conflict(self) -> None:
-        """Tell the run, through a short connection of its own (the node's session belongs to
-        the other process now): a signed status naming this instance, so the aggregator (or,
-        for a duplicated aggregator, every node) stops the run within seconds."""
-        side_id = client_id_for(self.analysis_id, self.node_id)[:100] + ":" + self.instance[:12]
-        status = {"state": "failed", "conflict": self.instance, "reason": self.conflict}
-        try:
-            side = self._new_client(side_id, None, session_expiry=0)
-            side.connect()
-            try:
-                side.publish(
-                    status_topic(self.analysis_id, self.node_id),
-                    self._status_payload(status),
-                    retain=True,
-                    timeout=min(self.settings.send_timeout, 5.0),
-                )
-            finally:
-                side.disconnect()
-        except Exception as exc:  # best effort: the aggregator also sees instances alternate
-            log.error("%s could not report the second process: %s", self.node_id, exc)
-
-    def _own_status(self, message: IncomingMessage) -> None:
-        """This node's status topic, as the broker holds it. Another live instance there after
-        we reconnected means two processes take this node's session in turns: stop, say so."""
-        if not message.payload or self.conflict is not None:
-            return
-        try:
-            status = json.loads(message.payload)
-        except (ValueError, RecursionError):
-            return
-        if not isinstance(status, dict):
-            return
-        other = status.get("instance")
-        if not isinstance(other, str) or other == self.instance:
-            return
-        if status.get("state") == "offline" or status.get("online") is False:
-            return  # an earlier process's farewell or last will
-        if not message.retain or message.generation <= 1:
-            # Only the broker's current state after a reconnect of ours counts: live copies
-            # may be an earlier process's statuses still queued in the session, and the state
-            # at our first connect is what an earlier process left behind.
-            return
-        if self.auth is not None and not self.auth.verify_status(
-            self.analysis_id, self.node_id, status
-        ):
-            return
-        since = status.get("since")
-        if self.auth is not None and (not isinstance(since, int | float) or since <= self.since):
-            # An earlier process of this node: a leftover, or an old status replayed as
-            # retained to make this one stop. A live later process is what a conflict is.
-            log.warning(
-                "%s ignored a stale status of an earlier process of this node (instance %s)",
-                self.node_id,
-                other[:32],
-            )
-            return
-        self.conflict = (
-            f"two processes claim node {self.node_id!r} (instances {self.instance}, {other}): "
-            "they take this node's broker session in turns; this one stops"
-        )
-        log.error("%s", self.conflict)
-        self._report_conflict()
-        if self._client is not None:
-            self._connected = False
-            self._client.disconnect()
-
-    def _check_conflict(self) -> None:
-        if self.conflict is not None:
-            raise TransportError(self.conflict)
-
     # --- Transport ----------------------------------------------------------------------------
 
     def connect(self, status: dict[str, Any]) -> None:
@@ -302,6 +209,7 @@ class MqttTransport(Transport):
             raise TransportError(f"{self.node_id} is already connected")
         settings = self.settings
         assert settings.url is not None
+        self.generation = self._next_generation()
         will = Will(
             status_topic(self.analysis_id, self.node_id),
             self._status_payload(self.offline_status()),
@@ -407,9 +315,9 @@ class MqttTransport(Transport):
             self._status_pending = pending
             return
         try:
-            pending.wait(self.settings.send_timeout)
+            pending.wait(self.patience(len(payload)))
         except TransportError as exc:
-            raise TransportError(f"{self.node_id} could not announce its status: {exc}") from None
+            raise wrap_send_error(exc, f"{self.node_id} could not announce its status") from None
         self._announced = True
 
     def watch(self, nodes: Iterable[str] | None = None) -> None:
@@ -456,11 +364,17 @@ class MqttTransport(Transport):
             if self._claim_check is not None and size > self._claim_check_threshold:
                 self._send_claim_check(topic, parts, size, wait)
             elif size <= self.settings.chunk_size:
-                self.client.publish(topic, b"".join(parts), timeout=wait)
+                self.client.publish(topic, b"".join(parts), timeout=self.patience(size, wait))
             else:
                 self._send_chunks(topic, recipient, parts, wait)
         except TransportError as exc:
-            raise TransportError(f"cannot send to {recipient!r}: {exc}") from None
+            raise wrap_send_error(exc, f"cannot send to {recipient!r}") from None
+
+    def patience(self, size: int, timeout: float | None = None) -> float:
+        """How long a message of `size` bytes may wait for its PUBACK: the send timeout plus
+        its transfer at the slowest rate a link is assumed to carry (`min_send_rate`)."""
+        base = self.settings.send_timeout if timeout is None else timeout
+        return base + size / self.settings.min_send_rate
 
     def dispatch(self, envelopes: Sequence[Envelope], timeout: float | None = None) -> Delivery:
         """Publish every small envelope at once; their PUBACKs are confirmed through the
@@ -469,6 +383,7 @@ class MqttTransport(Transport):
         before this returns."""
         wait = timeout if timeout is not None else self.settings.send_timeout
         pending: list[tuple[str, PendingPublish]] = []
+        total = 0
         try:
             for envelope in envelopes:
                 recipient = envelope.recipient
@@ -485,10 +400,11 @@ class MqttTransport(Transport):
                 except TransportError as exc:
                     raise TransportError(f"cannot send to {recipient!r}: {exc}") from None
                 self.bytes_sent += size
+                total += size
         except BaseException:
             Delivery(pending).abandon()
             raise
-        return Delivery(pending, wait)
+        return Delivery(pending, self.patience(total, wait))
 
     def broadcast(
         self, envelope: Envelope, recipients: Sequence[str], timeout: float | None = None
@@ -502,9 +418,9 @@ class MqttTransport(Transport):
         try:
             pending = self.client.publish_nowait(self._broadcast, frame)
         except TransportError as exc:
-            raise TransportError(f"cannot broadcast to {len(recipients)} nodes: {exc}") from None
+            raise wrap_send_error(exc, f"cannot broadcast to {len(recipients)} nodes") from None
         self.bytes_sent += len(frame)
-        wait = timeout if timeout is not None else self.settings.send_timeout
+        wait = self.patience(len(frame), timeout)
         return Delivery([(f"{len(recipients)} nodes (broadcast)", pending)], wait)
 
     def probe_broadcast(self, envelope: Envelope) -> None:
@@ -552,12 +468,13 @@ class MqttTransport(Transport):
         piece = max(self.settings.chunk_size - header, 1)
         window: deque[PendingPublish] = deque()
         try:
+            wait = self.patience(self.settings.chunk_size, timeout)
             for chunk in split_frame(parts, piece, sign=sign):
                 if len(window) >= self._send_window:
-                    window.popleft().wait(timeout)
+                    window.popleft().wait(wait)
                 window.append(self.client.publish_nowait(topic, chunk))
             while window:
-                window.popleft().wait(timeout)
+                window.popleft().wait(wait)
         finally:
             for pending in window:
                 pending.abandon()
@@ -573,7 +490,8 @@ class MqttTransport(Transport):
             raise TransportError(
                 f"claim check could not store {size} bytes ({type(exc).__name__}: {exc})"
             ) from None
-        self.client.publish(topic, encode_reference(reference, size, digest), timeout=timeout)
+        frame = encode_reference(reference, size, digest)
+        self.client.publish(topic, frame, timeout=self.patience(len(frame), timeout))
 
     def receive(self, timeout: float) -> Envelope | None:
         if self._client is None:

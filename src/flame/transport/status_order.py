@@ -6,12 +6,17 @@ Acted on, such a replay faked a second process of a node (the run aborted as a s
 a finished or failed node, or a rejoin. So every status carries, signed with it, the process
 that sent it (`instance`), when that process started (`since`), a number that grows with every
 status the process signs (`seq`) and when it was signed (`at`); see `Transport.sign_status`.
+Processes of a node are ordered by their generation (`gen`: one more than the generation of
+the node's status the broker held when the process started; absent means 0), then by `since`:
+so a restart is a restart whatever its clock says (a stepped-back clock, a VM resumed from a
+snapshot), and only between processes of the same generation does a wall clock decide.
 
 A receiver accepts, per node:
 * the current process's statuses in order (`seq` never goes back; the same `seq` again is the
   status republished after a reconnect). Its last will is the exception: signed at connect,
   it is older than what followed, and it only says "offline";
-* a newer process (later `since`): a restart, which becomes the current one;
+* a newer process (higher `gen`, or the same `gen` and a later `since`): a restart, which
+  becomes the current one;
 * an earlier process only with a status signed after this receiver started (give or take
   `CLOCK_SKEW`) that is newer than one seen from it before, or that reports a conflict: that
   process is alive now, which is what a real split brain looks like.
@@ -29,7 +34,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["CLOCK_SKEW", "StatusOrder", "process_fields"]
+__all__ = ["CLOCK_SKEW", "StatusOrder", "process_fields", "process_generation"]
 
 CLOCK_SKEW = 5.0  # seconds two sites' clocks may disagree when "signed after we started"
 _INSTANCES_PER_NODE = 16
@@ -49,6 +54,13 @@ def process_fields(status: dict[str, Any]) -> tuple[str, int, float, float] | No
     return instance, seq, float(since), float(at)  # type: ignore[arg-type]
 
 
+def process_generation(status: dict[str, Any]) -> int | None:
+    """A status's generation: 0 when absent (a process of an earlier flame), None when it is
+    not a non-negative integer (the status is then not bound to a process)."""
+    gen = status.get("gen", 0)
+    return gen if type(gen) is int and gen >= 0 else None
+
+
 def gone(status: dict[str, Any]) -> bool:
     return status.get("state") in _GONE or status.get("online") is False
 
@@ -56,7 +68,7 @@ def gone(status: dict[str, Any]) -> bool:
 @dataclass
 class _Node:
     current: str | None = None
-    current_since: float = float("-inf")
+    current_key: tuple[int, float] = (-1, float("-inf"))  # (gen, since) of the current one
     seqs: OrderedDict[str, int] = field(default_factory=OrderedDict)  # instance -> highest
 
 
@@ -77,9 +89,11 @@ class StatusOrder:
         `signed=False` (an unsigned run, where anyone may write anything anyway): a status
         without the process fields is let through unordered."""
         fields = process_fields(status)
-        if fields is None:
+        gen = process_generation(status)
+        if fields is None or gen is None:
             return "it is not bound to a process (no instance, seq, since, at)" if signed else None
         instance, seq, since, at = fields
+        key = (gen, since)
         state = self._nodes.get(node)
         if state is None:
             if len(self._nodes) >= _MAX_NODES:
@@ -93,7 +107,7 @@ class StatusOrder:
             assert last is not None
             if seq < last and status.get("state") != "offline":
                 return f"sequence number {seq} of process {instance[:12]} is behind {last}"
-        elif state.current is not None and since <= state.current_since:
+        elif state.current is not None and key <= state.current_key:
             # An earlier process of this node than the current one.
             if gone(status) and "conflict" not in status:
                 return f"a goodbye of an earlier process ({instance[:12]}) of this node"
@@ -120,8 +134,8 @@ class StatusOrder:
                 state.seqs.move_to_end(oldest)
                 continue
             del state.seqs[oldest]
-        if state.current is None or since > state.current_since or instance == state.current:
-            state.current, state.current_since = instance, max(since, state.current_since)
+        if state.current is None or key > state.current_key or instance == state.current:
+            state.current, state.current_key = instance, max(key, state.current_key)
         return None
 
 

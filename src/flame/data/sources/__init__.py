@@ -47,7 +47,7 @@ def open_source(settings: DataSourceSettings, token_source: object | None = None
     if settings.kind == "local":
         if settings.path is None:
             raise DataError(f"data source {settings.name!r}: kind=local needs a path")
-        return LocalSource(settings.path, name=settings.name)
+        return LocalSource(settings.path, name=settings.name, encoding=settings.encoding)
     if settings.kind == "fhir":
         from flame.data.sources.fhir import FhirSource
 

@@ -21,7 +21,13 @@ from typing import IO, Any, Literal, cast
 
 from flame.errors import DataError
 
-__all__ = ["DescriptorSource", "count_records", "open_read_only"]
+__all__ = [
+    "DescriptorSource",
+    "count_records",
+    "open_read_only",
+    "reachable",
+    "resolve_node_file",
+]
 
 
 class DescriptorSource:
@@ -53,18 +59,46 @@ class DescriptorSource:
         size = os.fstat(fd).st_size
 
         def reopen() -> IO[bytes]:
-            """A zero-copy reader over a read-only map of the file: pyarrow parses it at
-            native speed, and its pages stay the kernel's to drop (out of core)."""
-            import pyarrow as pa
-
-            if size == 0:
-                reader: Any = pa.BufferReader(b"")
-            else:
-                view = mmap.mmap(fd, size, access=mmap.ACCESS_READ)
-                reader = pa.BufferReader(pa.py_buffer(view))
-            return cast("IO[bytes]", reader)
+            """A reader with its own offset over the shared descriptor (pread). Not a memory
+            map: every page of a mapped file that is read counts toward the child's RSS
+            (a 2 GB CSV added 2 GB to the peak), pread's pages stay in the page cache."""
+            return cast("IO[bytes]", io.BufferedReader(_PreadFile(fd, size), 1 << 20))
 
         return Opener(fd, reopen)
+
+
+class _PreadFile(io.RawIOBase):
+    """A read-only, seekable view of a descriptor that never moves the descriptor's offset,
+    so several readers (the row count, the parser) can use one descriptor at once."""
+
+    def __init__(self, fd: int, size: int) -> None:
+        super().__init__()
+        self._fd = fd
+        self._size = size
+        self._at = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        view = memoryview(buffer).cast("B")
+        wanted = min(len(view), max(self._size - self._at, 0))
+        if wanted == 0:
+            return 0
+        got = os.preadv(self._fd, [view[:wanted]], self._at)
+        self._at += got
+        return got
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        base = {os.SEEK_SET: 0, os.SEEK_CUR: self._at, os.SEEK_END: self._size}[whence]
+        self._at = max(base + offset, 0)
+        return self._at
+
+    def tell(self) -> int:
+        return self._at
 
 
 class Opener:
@@ -100,23 +134,30 @@ def _simple_lines(fd: int, size: int, quoted: bool, delimiter: int = 44) -> int 
 
     if size == 0:
         return 0
-    with mmap.mmap(fd, size, access=mmap.ACCESS_READ) as view:
-        data = np.frombuffer(view, dtype=np.uint8)
-        try:
-            return _count_pieces(data, size, quoted, delimiter)
-        finally:
-            del data  # the map closes only when no array views it
+
+    def read(start: int, length: int) -> Any:
+        # pread, not a memory map: a mapped file's pages count toward this process's RSS
+        return np.frombuffer(os.pread(fd, length, start), dtype=np.uint8)
+
+    return _count_pieces(read, size, quoted, delimiter)
 
 
-def _count_pieces(data: Any, size: int, quoted: bool, delimiter: int) -> int | None:
+def _count_pieces(
+    read: Callable[[int, int], Any], size: int, quoted: bool, delimiter: int
+) -> int | None:
+    """`read(start, length)`: the file's bytes as a uint8 array; one piece at a time, each
+    with a byte of its neighbours on either side (a quote's edge may lie across a cut)."""
     import numpy as np
 
-    if data[0] == 10:
+    if read(0, 1)[0] == 10:
         return None
     lines, quote_parity, last_newline = 0, 0, -2
     edge = np.array([10, delimiter, 34], dtype=np.uint8)
     for start in range(0, size, _PIECE):
-        piece = data[start : start + _PIECE]
+        low, high = max(start - 1, 0), min(start + _PIECE + 1, size)
+        halo = read(low, high - low)
+        shift = start - low  # 0 for the first piece, else 1
+        piece = halo[shift : min(start + _PIECE, size) - low]
         if bool(np.any(piece == 13)):
             return None
         newlines = np.flatnonzero(piece == 10) + start
@@ -127,19 +168,22 @@ def _count_pieces(data: Any, size: int, quoted: bool, delimiter: int) -> int | N
         if newlines.size:
             last_newline = int(newlines[-1])
         if quoted:
-            quotes = np.flatnonzero(piece == 34) + start
+            local = np.flatnonzero(piece == 34) + shift  # positions in `halo`
+            quotes = local - shift + start
             if quotes.size:
-                before = np.where(quotes > 0, data[np.maximum(quotes - 1, 0)], 10)
-                after = np.where(quotes < size - 1, data[np.minimum(quotes + 1, size - 1)], 10)
+                before = np.where(quotes > 0, halo[np.maximum(local - 1, 0)], 10)
+                last = len(halo) - 1
+                after = np.where(quotes < size - 1, halo[np.minimum(local + 1, last)], 10)
                 if not bool(np.all(np.isin(before, edge) | np.isin(after, edge))):
                     return None
-                inside = (np.searchsorted(quotes, newlines) + quote_parity) % 2 == 1
-                newlines = newlines[~inside]
-                quote_parity = (quote_parity + int(quotes.size)) % 2
+            # Also in a piece without quotes: a field opened in an earlier piece may span it.
+            inside = (np.searchsorted(quotes, newlines) + quote_parity) % 2 == 1
+            newlines = newlines[~inside]
+            quote_parity = (quote_parity + int(quotes.size)) % 2
         lines += int(newlines.size)
     if quote_parity:
         return None  # an unclosed quote
-    return lines + (0 if data[-1] == 10 else 1)
+    return lines + (0 if read(size - 1, 1)[0] == 10 else 1)
 
 
 def count_records(name: str, fd: int) -> int:
@@ -178,11 +222,11 @@ def _within(path: str, folder: str) -> bool:
     return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
 
 
-def open_read_only(root: str | os.PathLike[str], name: str, hidden: Sequence[str] = ()) -> int:
-    """The runtime's side: `name` of the folder `root` opened read-only, for the child.
-    Refused: names leaving the folder (`..`, absolute), anything but a regular file, and a
-    file that resolves (through symlinks) into one of the node's `hidden` paths (keys,
-    tokens, policy) other than the data folder itself."""
+def resolve_node_file(root: str | os.PathLike[str], name: str, hidden: Sequence[str] = ()) -> str:
+    """The one path check for every file the analysis asks for (`open`, `read`, `files`,
+    flame.dp reads): the real path of `name` in the folder `root`. Refused: names leaving
+    the folder (`..`, absolute) and a name that resolves (through symlinks) into one of the
+    node's `hidden` paths (keys, tokens, policy) other than the data folder itself."""
     from flame.data.sources.base import safe_relative
 
     relative = safe_relative(name)
@@ -191,6 +235,22 @@ def open_read_only(root: str | os.PathLike[str], name: str, hidden: Sequence[str
     for secret in hidden:
         if _within(real, secret) and not _within(base, secret):
             raise DataError(f"cannot read {name!r}: it leads into a path hidden from analyses")
+    return real
+
+
+def reachable(root: str | os.PathLike[str], name: str, hidden: Sequence[str] = ()) -> bool:
+    """Whether `resolve_node_file` lets the analysis have `name` (for listings)."""
+    try:
+        resolve_node_file(root, name, hidden)
+    except (DataError, ValueError):
+        return False
+    return True
+
+
+def open_read_only(root: str | os.PathLike[str], name: str, hidden: Sequence[str] = ()) -> int:
+    """The runtime's side: `name` of the folder `root` (`resolve_node_file`) opened
+    read-only, for the child; anything but a regular file is refused."""
+    real = resolve_node_file(root, name, hidden)
     try:
         fd = os.open(real, os.O_RDONLY | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0))
     except OSError as exc:

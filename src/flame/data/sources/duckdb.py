@@ -139,9 +139,13 @@ class DuckDbEngine:
             table: pa.Table = fetch()
             return table
         except duckdb.Error as exc:
+            from flame.privacy.quoting import quote_parser_message
+
             known = ", ".join(sorted(self.tables)) or "none"
             first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
-            if "parameter" in first.lower():  # `%s` written for psycopg, or a count off
+            hint = "parameter" in first.lower()  # `%s` written for psycopg, or a count off
+            first = quote_parser_message(first)  # "Could not convert string 'x'": data
+            if hint:
                 first += "; data.sql takes `?` placeholders (as SQL sources do), one per param"
             raise DataError(
                 f"data source {self.source.name!r}: SQL failed: {first} (tables: {known})"

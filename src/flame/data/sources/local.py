@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import IO, Literal
 
+from flame.data.encodings import normalize_encoding
 from flame.data.sources.base import safe_relative
 from flame.errors import DataError
 
@@ -18,11 +19,19 @@ class LocalSource:
 
     kind: Literal["local"] = "local"
 
-    def __init__(self, root: str | Path, name: str = "local") -> None:
+    def __init__(
+        self, root: str | Path, name: str = "local", *, encoding: str | None = None
+    ) -> None:
         self.root = Path(root)
         self.name = name
         if not self.root.is_dir():
             raise DataError(f"data source {name!r}: {self.root} is not a directory")
+        self.encoding = None
+        if encoding is not None:
+            try:
+                self.encoding = normalize_encoding(encoding)
+            except ValueError as exc:
+                raise DataError(f"data source {name!r}: {exc}") from None
 
     def files(self) -> list[str]:
         return sorted(

@@ -155,7 +155,11 @@ class SqlSource:
             return DataError(f"{prefix}: refused, the source is read-only ({detail})")
         if isinstance(exc, (errors.InvalidPassword, errors.InvalidAuthorizationSpecification)):
             return DataError(f"{prefix}: credentials rejected ({detail})")
-        if isinstance(exc, psycopg.ProgrammingError) and "placeholder" in detail:
+        from flame.privacy.quoting import quote_parser_message  # 'invalid input ... "x"'
+
+        hint = isinstance(exc, psycopg.ProgrammingError) and "placeholder" in detail
+        detail = quote_parser_message(detail)
+        if hint:
             detail = f"{detail}; {STYLE_HINT}"
         return DataError(f"{prefix}: {type(exc).__name__}: {detail}")
 
