@@ -160,15 +160,10 @@ class SecureAggregationSettings(_Section):
 
     enabled: bool = Field(False, description="sum flame.secure(...) fields under Paillier")
     scheme: Literal["paillier", "masking"] = Field(
-        "paillier",
-        description="'masking': pairwise-mask secure aggregation, no keys to deal, close to "
-        "plaintext speed (docs: explanation/masking); 'paillier': homomorphic encryption",
+        "paillier", description="'masking': pairwise masks, no keys (docs: explanation/masking)"
     )
     masking_threshold: int | None = Field(
-        None,
-        ge=1,
-        description="masking: nodes needed to finish a sum, a strict majority "
-        "(default floor(2n/3)+1 of the n analysis nodes)",
+        None, ge=1, description="masking: nodes to finish a sum (default floor(2n/3)+1 of n)"
     )
     public_key_file: Path | None = Field(
         None, description="public_key.json (every node; the aggregator holds only this)"
