@@ -1,22 +1,21 @@
 """A tiny YAML emitter for the deployment kit: manifests without a YAML library at run time.
 
-Only what manifests need: mappings, lists, strings, numbers, booleans and None. A string is
-written plain when YAML cannot read it as anything else, as a block literal when it is a
-file's text (config files, the roster), and otherwise double-quoted by `json.dumps` (a JSON
-string is a valid YAML double-quoted scalar). tests/test_deploy_kit.py reads every document
-back with PyYAML and compares it with what was emitted.
+Only what manifests need: mappings, lists, strings, integers, booleans and None. A string
+is written plain when YAML cannot read it as anything else, as a block literal when it is a
+file's text (config files, the roster), and otherwise double-quoted with escapes for anything
+outside YAML's printable set. tests/test_deploy_kit.py reads documents back with PyYAML
+and compares them with what was emitted.
 """
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 __all__ = ["dump", "dump_all"]
 
-_PLAIN = re.compile(r"^[A-Za-z_/][A-Za-z0-9_./@-]*$")
+_PLAIN = re.compile(r"[A-Za-z_/][A-Za-z0-9_./@-]*")
 # words YAML 1.1 (PyYAML, Kubernetes' parser) reads as booleans or null
 _RESERVED = {"y", "n", "yes", "no", "on", "off", "true", "false", "null", "~"}
 
@@ -28,13 +27,40 @@ def _scalar(value: Any) -> str:
         return "true" if value else "false"
     if isinstance(value, int):
         return str(value)
-    if isinstance(value, float):
-        return json.dumps(value)
     if isinstance(value, str):
-        if _PLAIN.match(value) and value.lower() not in _RESERVED:
+        if _PLAIN.fullmatch(value) and value.lower() not in _RESERVED:
             return value
-        return json.dumps(value)
+        return _quoted(value)
     raise TypeError(f"cannot write a {type(value).__name__} as YAML")
+
+
+def _printable(char: str) -> bool:
+    """YAML's printable set, minus the line breaks a double-quoted scalar would fold."""
+    code = ord(char)
+    return (
+        0x20 <= code <= 0x7E
+        or 0xA0 <= code <= 0xD7FF
+        or (0xE000 <= code <= 0xFFFD and code not in (0xFEFF,))
+        or code >= 0x10000
+    ) and code not in (0x2028, 0x2029)
+
+
+def _quoted(text: str) -> str:
+    """A double-quoted scalar; anything outside YAML's printable set is escaped."""
+    out = ['"']
+    for char in text:
+        if char in '"\\':
+            out.append("\\" + char)
+        elif _printable(char):
+            out.append(char)
+        elif ord(char) <= 0xFF:
+            out.append(f"\\x{ord(char):02x}")
+        elif ord(char) <= 0xFFFF:
+            out.append(f"\\u{ord(char):04x}")
+        else:
+            out.append(f"\\U{ord(char):08x}")
+    out.append('"')
+    return "".join(out)
 
 
 def _is_block_text(value: Any) -> bool:
@@ -46,7 +72,7 @@ def _is_block_text(value: Any) -> bool:
         len(lines) > 1
         and lines[0] != ""
         and not lines[0].startswith((" ", "\t"))
-        and all(line == line.rstrip() and line.isprintable() for line in lines)
+        and all(line == line.rstrip() and all(map(_printable, line)) for line in lines)
     )
 
 
