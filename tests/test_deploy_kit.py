@@ -8,6 +8,7 @@ the approved code equal to `flame hash`. tests/test_container_engine.py runs the
 
 from __future__ import annotations
 
+import base64
 import json
 import stat
 import subprocess
@@ -24,7 +25,7 @@ from flame.cli import main
 from flame.errors import ConfigError
 from flame.identity import Identity, Roster
 from flame.main import analysis_code_hash
-from flame.ops.deploy_kube import ANNOTATION, kube_documents
+from flame.ops.deploy_kube import kube_documents
 from flame.ops.deploy_spec import DeploySpec
 from flame.ops.deploy_yaml import dump, dump_all
 from flame.ops.federation_kit import Kit, init_federation
@@ -139,6 +140,18 @@ def _kube(kit: Kit, analysis: Path, **extra: Any) -> list[dict[str, Any]]:
     return list(yaml.safe_load_all(text))
 
 
+def _volumes(pod: dict[str, Any], key: str = "volumes") -> dict[str, dict[str, Any]]:
+    """A pod's volumes (or a container's mounts) by name, without the pod-name prefix."""
+    name = pod["metadata"]["name"]
+    items = pod["spec"]["volumes"] if key == "volumes" else pod["spec"]["containers"][0][key]
+    assert all(item["name"].startswith(f"{name}-") for item in items)
+    return {item["name"][len(name) + 1 :]: item for item in items}
+
+
+def _decoded(secret: dict[str, Any]) -> dict[str, str]:
+    return {key: base64.b64decode(value).decode() for key, value in secret["data"].items()}
+
+
 def _pods(documents: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return {d["metadata"]["name"]: d for d in documents if d["kind"] == "Pod"}
 
@@ -160,25 +173,26 @@ def test_one_hardened_pod_per_member_plus_the_broker(kit: Kit, analysis: Path) -
             assert security["capabilities"] == {"drop": ["ALL"]}
         secrets = [v for v in spec["volumes"] if "secret" in v]
         assert len(secrets) == 1 and secrets[0]["secret"]["defaultMode"] == 0o400
-        assert secrets[0]["secret"]["secretName"] == name  # each pod mounts its own Secret only
+        # each pod mounts its own Secret only
+        assert secrets[0]["secret"]["secretName"] == f"{name}-secret"
         # the node reads /run/secrets: the init container's 0400 copies, in memory
-        private = next(v for v in spec["volumes"] if v["name"] == "private")
+        private = _volumes(pod)["private"]
         assert private["emptyDir"] == {"medium": "Memory"}
         assert spec["initContainers"][0]["command"][:3] == ["/usr/bin/install", "-m", "0400"]
 
 
 def test_each_node_secret_holds_its_own_files_only(kit: Kit, analysis: Path) -> None:
     documents = _kube(kit, analysis)
-    secrets = {d["metadata"]["name"]: d["stringData"] for d in documents if d["kind"] == "Secret"}
+    secrets = {d["metadata"]["name"]: _decoded(d) for d in documents if d["kind"] == "Secret"}
     for node in kit.members:
-        files = secrets[DeploySpec.name(node)]
+        files = secrets[f"{DeploySpec.name(node)}-secret"]
         assert files == {
             "identity.key": kit.key(node).read_text(),
             "broker.token": kit.token(node).read_text(),
         }
         others = [kit.key(n).read_text() for n in kit.members if n != node]
         assert not any(key in str(files) for key in others)
-    assert secrets["flame-broker"] == {"passwd": (kit.broker_dir / "passwd").read_text()}
+    assert secrets["flame-broker-secret"] == {"passwd": (kit.broker_dir / "passwd").read_text()}
     config = [d for d in documents if d["kind"] == "ConfigMap"]
     for node in kit.members:  # no private key or token in a ConfigMap
         assert kit.key(node).read_text() not in str(config)
@@ -194,8 +208,7 @@ def test_the_approved_code_is_what_flame_hash_prints(kit: Kit, analysis: Path) -
     settings_map = next(d for d in documents if d["metadata"]["name"] == "flame-settings")
     assert settings_map["data"]["FLAME_APPROVED_CODE"] == printed
     for name, pod in _pods(documents).items():
-        if name != "flame-broker":
-            assert pod["metadata"]["annotations"][ANNOTATION] == printed
+        if name != "flame-broker":  # every node reads FLAME_APPROVED_CODE from that map
             env = pod["spec"]["containers"][0]["envFrom"]
             assert env == [{"configMapRef": {"name": "flame-settings"}}]
 
@@ -204,14 +217,14 @@ def test_settings_and_volumes_per_role(kit: Kit, analysis: Path) -> None:
     pods = _pods(_kube(kit, analysis, results="/srv/results"))
     env = {e["name"]: e["value"] for e in pods["flame-clinic-a"]["spec"]["containers"][0]["env"]}
     assert env["FLAME_NODE_ID"] == "clinic-a" and env["FLAME_ROLE"] == "analysis"
-    volumes = {v["name"]: v for v in pods["flame-clinic-a"]["spec"]["volumes"]}
+    volumes = _volumes(pods["flame-clinic-a"])
     assert volumes["data"]["hostPath"]["path"] == str(analysis / "data" / "node_1")
-    mounts = {m["name"]: m for m in pods["flame-clinic-a"]["spec"]["containers"][0]["volumeMounts"]}
+    mounts = _volumes(pods["flame-clinic-a"], "volumeMounts")
     assert mounts["data"]["readOnly"] is True
     # a node without a data folder gets a claim the data holder binds to its own volume
-    volumes = {v["name"]: v for v in pods["flame-clinic-b"]["spec"]["volumes"]}
+    volumes = _volumes(pods["flame-clinic-b"])
     assert volumes["data"]["persistentVolumeClaim"]["claimName"] == "flame-clinic-b-data"
-    volumes = {v["name"]: v for v in pods["flame-aggregator"]["spec"]["volumes"]}
+    volumes = _volumes(pods["flame-aggregator"])
     assert volumes["results"]["hostPath"]["path"] == "/srv/results"
     services = [d for d in _kube(kit, analysis) if d["kind"] == "Service"]
     assert [s["metadata"]["name"] for s in services] == ["flame-broker"]
@@ -223,10 +236,10 @@ def test_settings_and_volumes_per_role(kit: Kit, analysis: Path) -> None:
 def test_threshold_shares_go_to_their_node_only(tmp_path: Path, analysis: Path) -> None:
     kit = init_federation(tmp_path / "fed", ["a", "b", "c"], threshold=2, bits=512)
     documents = _kube(kit, analysis)
-    secrets = {d["metadata"]["name"]: d["stringData"] for d in documents if d["kind"] == "Secret"}
+    secrets = {d["metadata"]["name"]: _decoded(d) for d in documents if d["kind"] == "Secret"}
     for node in ("a", "b", "c"):
-        assert json.loads(secrets[f"flame-{node}"]["share.json"])["node"] == node
-    assert "share.json" not in secrets["flame-aggregator"]
+        assert json.loads(secrets[f"flame-{node}-secret"]["share.json"])["node"] == node
+    assert "share.json" not in secrets["flame-aggregator-secret"]
     files = next(d for d in documents if d["metadata"]["name"] == "flame-files")["data"]
     assert json.loads(files["public_key.json"])["threshold"]["t"] == 2
 

@@ -4,7 +4,8 @@ One Pod per member plus the broker's, each non-root (uid 10001), read-only root 
 no privilege escalation, all capabilities dropped, no service-account token. Each node's
 secrets (signing key, broker token, key share) are a Secret of its own, mounted with
 defaultMode 0400; shared settings a ConfigMap. The approved code hash is in every node's
-settings (FLAME_APPROVED_CODE) and on every Pod (annotation).
+settings (FLAME_APPROVED_CODE, in that ConfigMap; not an annotation: podman 4.3 refuses
+annotation values over 63 characters, and a SHA-256 has 64).
 
 Why an init container copies the secrets: a Secret volume's files belong to root; with
 fsGroup, Kubernetes makes them group-readable (0440), which flame refuses for a private key
@@ -15,6 +16,7 @@ volume as 0400 files of that user, which the node reads. It also makes podman's 
 
 from __future__ import annotations
 
+import base64
 from typing import Any
 
 from flame.ops.deploy_spec import (
@@ -28,10 +30,10 @@ from flame.ops.deploy_spec import (
     broker_conf,
 )
 
-__all__ = ["ANNOTATION", "kube_documents", "pod_security", "secret_documents"]
+__all__ = ["kube_documents", "pod_security", "secret_documents"]
 
-ANNOTATION = "flame.dev/code-sha256"
 SECRET_MODE = 0o400
+_PODMAN_INIT = "io.podman.annotations.init.container.type"
 # where the Secret volume is mounted, for the init container that copies its files
 _SECRET_SOURCE = "/run/flame-secret"  # noqa: S105 - a path, not a password
 
@@ -62,13 +64,14 @@ def _meta(name: str, component: str, **extra: Any) -> dict[str, Any]:
 
 
 def _secret(name: str, component: str, files: dict[str, str]) -> dict[str, Any]:
-    # stringData: the files are text (PEM, tokens, JSON); podman kube play reads it as is
+    # `data` (base64), not stringData: podman 4.3 reads only `data`
+    data = {key: base64.b64encode(text.encode()).decode() for key, text in files.items()}
     return {
         "apiVersion": "v1",
         "kind": "Secret",
         "metadata": _meta(name, component),
         "type": "Opaque",
-        "stringData": files,
+        "data": data,
     }
 
 
@@ -118,8 +121,16 @@ def _pod(spec: DeploySpec, name: str, component: str, body: dict[str, Any]) -> d
     if spec.host_network:
         pod_spec["hostNetwork"] = True
     pod_spec.update(body)
-    annotations = {ANNOTATION: spec.code_sha256} if component != "broker" else {}
-    metadata = _meta(name, component, **({"annotations": annotations} if annotations else {}))
+    # podman's kube play makes an emptyDir a named volume shared by every pod using that
+    # name: scope each volume's name by its pod's, as Kubernetes scopes them anyway
+    for volume in pod_spec["volumes"]:
+        volume["name"] = f"{name}-{volume['name']}"
+    for container in pod_spec["containers"] + pod_spec["initContainers"]:
+        for mount in container["volumeMounts"]:
+            mount["name"] = f"{name}-{mount['name']}"
+    # podman: run the init container at every start and keep it (its default, "once", races
+    # with the container's exit in podman 4.3); Kubernetes ignores the annotation
+    metadata = _meta(name, component, annotations={_PODMAN_INIT: "always"})
     return {"apiVersion": "v1", "kind": "Pod", "metadata": metadata, "spec": pod_spec}
 
 
@@ -131,7 +142,10 @@ def _node_pod(spec: DeploySpec, node: str) -> dict[str, Any]:
         {"name": "files", "mountPath": FILES_DIR, "readOnly": True},
         {"name": "tmp", "mountPath": "/tmp"},  # noqa: S108 - the container's own scratch space
     ]
-    volumes = [*_secret_volumes(name), {"name": "files", "configMap": {"name": "flame-files"}}]
+    volumes = [
+        *_secret_volumes(f"{name}-secret"),
+        {"name": "files", "configMap": {"name": "flame-files"}},
+    ]
     if aggregator:
         mounts.append({"name": "results", "mountPath": "/results"})
         volumes.append(
@@ -171,19 +185,20 @@ def _broker_pod(spec: DeploySpec) -> dict[str, Any]:
         "image": spec.broker_image,
         "env": [{"name": "PATH", "value": PATH}],
         "securityContext": _container_security(),
-        "ports": [{"containerPort": spec.broker_port, "name": "mqtt"}],
         "volumeMounts": [
             {"name": "private", "mountPath": SECRETS_DIR, "readOnly": True},
             {"name": "config", "mountPath": BROKER_DIR, "readOnly": True},
             {"name": "data", "mountPath": BROKER_DATA},
         ],
     }
+    if not spec.host_network:  # podman refuses port mappings on the host's network
+        container["ports"] = [{"containerPort": spec.broker_port, "name": "mqtt"}]
     body = {
         "restartPolicy": "Always",
         "initContainers": [_copy_secrets(spec.broker_image, ["passwd"])],
         "containers": [container],
         "volumes": [
-            *_secret_volumes("flame-broker")[:2],
+            *_secret_volumes("flame-broker-secret")[:2],
             {"name": "config", "configMap": {"name": "flame-broker"}},
             {"name": "data", "emptyDir": {}},
         ],
@@ -194,10 +209,11 @@ def _broker_pod(spec: DeploySpec) -> dict[str, Any]:
 def secret_documents(spec: DeploySpec) -> list[dict[str, Any]]:
     """The Secrets: the broker's password file and each node's own files."""
     broker = {"passwd": (spec.kit.broker_dir / "passwd").read_text()}
-    documents = [_secret("flame-broker", "broker", broker)]
+    # "-secret": podman 4.3 looks a Secret volume up among ConfigMaps first, by name
+    documents = [_secret("flame-broker-secret", "broker", broker)]
     for node in spec.kit.members:
         files = {key: path.read_text() for key, path in spec.node_secrets(node).items()}
-        documents.append(_secret(spec.name(node), spec.kit.role(node), files))
+        documents.append(_secret(f"{spec.name(node)}-secret", spec.kit.role(node), files))
     return documents
 
 

@@ -77,7 +77,7 @@ class DeploySpec:
     def name(node: str) -> str:
         """flame-<node> as a DNS label (Kubernetes object names, compose service names)."""
         label = _DNS.sub("-", node.lower()).strip("-")
-        return f"flame-{label}"[:63].rstrip("-")
+        return f"flame-{label}"[:48].rstrip("-")  # room for "-private" and such (63 at most)
 
     @property
     def broker_host(self) -> str:
