@@ -3,7 +3,7 @@
 The manifests are read back with PyYAML (a test dependency only; flame writes them with its own
 emitter) and checked for what an operator relies on: one Pod per member plus the broker's,
 non-root, read-only root, each node's own Secret mounted 0400 and holding only its own files,
-the approved code equal to `flame hash`. tests/test_container_engine.py runs them under podman.
+the approved code equal to `flame hash`. tests/test_container_deploy.py runs them under podman.
 """
 
 from __future__ import annotations
