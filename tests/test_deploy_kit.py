@@ -115,6 +115,10 @@ def test_init_with_a_threshold_deals_one_private_share_per_analysis_node(tmp_pat
         assert share is not None and _mode(share) == 0o600
         assert json.loads(share.read_text())["node"] == node
         assert f"FLAME_SECURE__KEY_SHARE_FILE={share}" in kit.env_file(node).read_text()
+        assert (
+            f"FLAME_STORAGE__RESULTS_DIR={kit.root}/state/{node}\n"
+            in kit.env_file(node).read_text()
+        )
     aggregator = kit.env_file("aggregator").read_text()
     assert "FLAME_SECURE__PUBLIC_KEY_FILE=" in aggregator and "KEY_SHARE" not in aggregator
 
@@ -254,7 +258,9 @@ def test_the_cli_writes_private_manifests_and_a_compose_file(
     kinds = [d["kind"] for d in yaml.safe_load_all(manifest.read_text())]
     assert sorted(kinds) == sorted(["ConfigMap"] * 3 + ["Secret"] * 5 + ["Service"] + ["Pod"] * 5)
     assert "FROM ${FLAME_IMAGE}" in (tmp_path / "k" / "broker.Containerfile").read_text()
-    # compose needs every analysis node's data
+    # compose needs every analysis node's data, and says so before writing anything
+    code = main([base[0], "compose", *base[1:], "--out", str(tmp_path / "c")])
+    assert code == 2 and not (tmp_path / "c").exists()
     data = [f"--data=clinic-b={analysis}/data/node_2", f"--data=clinic_C={analysis}"]
     assert main([base[0], "compose", *base[1:], "--out", str(tmp_path / "c"), *data]) == 0
     compose = yaml.safe_load((tmp_path / "c" / "compose.yaml").read_text())

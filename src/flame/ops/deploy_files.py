@@ -115,9 +115,10 @@ def _private_folder(folder: Path, files: dict[str, str], uid: int, gid: int) -> 
 
 
 def write_compose(spec: DeploySpec, out: Path) -> Written:
-    _fresh(out)
     uid, gid = _user()
     user = f"{uid}:{gid}"
+    document = compose_document(spec, user)  # a missing data folder fails before any write
+    _fresh(out)
     (out / "secrets").mkdir()
     passwd = (spec.kit.broker_dir / "passwd").read_text()
     _private_folder(out / "secrets" / "flame-broker", {"passwd": passwd}, uid, gid)
@@ -136,7 +137,7 @@ def write_compose(spec: DeploySpec, out: Path) -> Written:
         f"approved code (flame hash): {spec.code_sha256}"
     )
     main.write_text(
-        "".join(f"# {line}\n" for line in header.splitlines()) + dump(compose_document(spec, user))
+        "".join(f"# {line}\n" for line in header.splitlines()) + dump(document)
     )
     containerfile = out / "broker.Containerfile"
     containerfile.write_text(broker_containerfile(spec.flame_image))

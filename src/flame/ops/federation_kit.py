@@ -15,7 +15,8 @@ DIR/
                           local.conf (a listener plus the above, for `run.sh`)
   threshold/              public_key.json, share-NODE.json (0600); with --threshold only
   env/NODE.env            the node's FLAME_* settings (paths only, no secret values)
-  run.sh                  starts the broker and every node here; results in out/, logs in logs/
+  run.sh                  starts the broker and every node here; results in out/, logs in
+                          logs/, share holders' state (--threshold) in state/NODE/
 """
 
 from __future__ import annotations
@@ -168,6 +169,8 @@ def _env_lines(kit: Kit, node: str) -> list[str]:
         share = kit.share(node)
         if share is not None:
             settings["FLAME_SECURE__KEY_SHARE_FILE"] = str(share)
+            # node storage: the share holder's differencing guard survives a restart
+            settings["FLAME_STORAGE__RESULTS_DIR"] = str(kit.root / "state" / node)
     lines = [f"# flame settings of {node} ({kit.role(node)}) in the federation kit {kit.root}"]
     lines += [f"{name}={_check_value(name, value)}" for name, value in settings.items()]
     if kit.role(node) == "analysis" and node not in kit.data:
@@ -190,7 +193,7 @@ analysis=$(cd "$(dirname "$1")" && pwd)/$(basename "$1")
 mosquitto=$(command -v mosquitto || command -v /usr/sbin/mosquitto) || {{
     echo "run.sh: needs the mosquitto broker (apt-get install mosquitto)" >&2; exit 2; }}
 if command -v flame >/dev/null 2>&1; then set -- flame; else set -- {sys.executable} -m flame; fi
-mkdir -p "$kit/out" "$kit/logs" "$kit/broker-data"
+mkdir -p "$kit/out" "$kit/logs" "$kit/broker-data" "$kit/state"
 "$mosquitto" -c "$kit/broker/local.conf" > "$kit/logs/broker.log" 2>&1 &
 broker=$!
 trap 'kill "$broker" 2>/dev/null || true' EXIT INT TERM
