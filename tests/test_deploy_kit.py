@@ -327,3 +327,33 @@ def test_file_text_is_written_as_a_block() -> None:
     assert dump({"v": "true", "mode": "0400", "p": "/run/x", "n": 1}) == (
         'v: "true"\nmode: "0400"\np: /run/x\n"n": 1\n'
     )
+
+
+def test_deploy_from_files_made_by_hand(tmp_path: Path, analysis: Path) -> None:
+    """The by-hand steps of the production tutorial, then `flame deploy kube --roster ...`."""
+    from flame.protocols.paillier.threshold import generate_threshold_key
+    from flame.protocols.paillier.threshold_files import write_threshold_key
+
+    keys, roster, broker = tmp_path / "keys", tmp_path / "roster.toml", tmp_path / "broker"
+    for node, role in (("agg", "aggregation"), ("a", "analysis"), ("b", "analysis")):
+        assert main(["keys", "identity", node, "--out", str(keys)]) == 0
+        assert main(["roster", "add", str(roster), node, "--role", role,
+                     "--public-key", str(keys / f"{node}.pub")]) == 0  # fmt: skip
+    assert main(["broker", "config", "--roster", str(roster), "--out", str(broker)]) == 0
+    public, shares = generate_threshold_key(512, 2, ["a", "b"])
+    write_threshold_key(tmp_path / "tkeys", public, shares)
+    out = tmp_path / "k"
+    args = ["deploy", "kube", "--roster", str(roster), "--keys", str(keys), "--broker",
+            str(broker), "--threshold-keys", str(tmp_path / "tkeys"), "--analysis-id", "s-9",
+            "--image", "i:1", "--approve", str(analysis), "--out", str(out)]  # fmt: skip
+    assert main(args) == 0
+    documents = list(yaml.safe_load_all((out / "federation.yaml").read_text()))
+    secrets = {d["metadata"]["name"]: _decoded(d) for d in documents if d["kind"] == "Secret"}
+    assert secrets["flame-agg-secret"]["identity.key"] == (keys / "agg.key").read_text()
+    assert json.loads(secrets["flame-b-secret"]["share.json"])["node"] == "b"
+    settings_map = next(d for d in documents if d["metadata"]["name"] == "flame-settings")
+    assert settings_map["data"]["FLAME_ANALYSIS_ID"] == "s-9"
+    assert settings_map["data"]["FLAME_PARTICIPANTS"] == "a,b"
+    (keys / "b.key").unlink()
+    assert main([*args[:-1], str(tmp_path / "k2")]) == 2  # names the missing file
+    assert not (tmp_path / "k2").exists()

@@ -80,7 +80,21 @@ def _cmd_deploy(args: argparse.Namespace) -> int:
     from flame.ops.deploy_spec import DeploySpec
     from flame.ops.federation_kit import Kit, resolve_approval
 
-    kit = Kit.load(args.federation)
+    if (args.federation is None) == (args.roster is None):
+        raise ConfigError("deploy: give --federation DIR, or --roster R with --keys and --broker")
+    if args.federation is not None:
+        kit = Kit.load(args.federation)
+    else:
+        if args.keys is None or args.broker is None:
+            raise ConfigError("deploy --roster: also give --keys DIR and --broker DIR")
+        kit = Kit.from_files(
+            args.roster,
+            args.keys,
+            args.broker,
+            analysis_id=args.analysis_id,
+            port=args.port or 1883,
+            threshold_dir=args.threshold_keys,
+        )
     if args.approve:
         code = resolve_approval(args.approve)
     elif kit.approved_code:
@@ -144,13 +158,19 @@ def add_commands(commands: argparse._SubParsersAction[Any]) -> None:
 
     deploy = commands.add_parser(
         "deploy",
-        help="flame deploy compose|kube --federation DIR --image IMAGE --out OUT",
+        help="flame deploy compose|kube --federation DIR --image IMAGE --out OUT: a compose "
+        "file or Kubernetes manifests",
         description="A compose file or plain Kubernetes manifests for a federation kit: one "
         "container per node running IMAGE (the analysis image `flame init` builds), a broker "
         "built from flame's image, each node's secrets mounted 0400, non-root, read-only root.",
     )
     deploy.add_argument("kind", choices=("compose", "kube"))
-    deploy.add_argument("--federation", type=Path, required=True, help="a federation kit")
+    deploy.add_argument("--federation", type=Path, help="a kit of `flame federation init`")
+    deploy.add_argument("--roster", type=Path, help="or: a roster made by hand, with ...")
+    deploy.add_argument("--keys", type=Path, help="... the NODE.key files' folder,")
+    deploy.add_argument("--broker", type=Path, help="... `flame broker config --out` folder,")
+    deploy.add_argument("--threshold-keys", type=Path, help="... and shares' folder (optional)")
+    deploy.add_argument("--analysis-id", default="study-1", help="with --roster (study-1)")
     deploy.add_argument("--image", required=True, help="the analysis image every node runs")
     deploy.add_argument("--out", type=Path, required=True, help="a new or empty folder")
     deploy.add_argument(

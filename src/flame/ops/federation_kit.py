@@ -52,6 +52,11 @@ class Kit:
     threshold: int | None = None
     approved_code: str | None = None
     data: Mapping[str, str] = field(default_factory=dict)
+    # files made by hand elsewhere (`from_files`): "roster", "keys", "broker", "threshold"
+    places: Mapping[str, Path] = field(default_factory=dict)
+
+    def _place(self, name: str, default: str) -> Path:
+        return self.places.get(name, self.root / default)
 
     @property
     def members(self) -> tuple[str, ...]:
@@ -62,26 +67,26 @@ class Kit:
 
     @property
     def roster(self) -> Path:
-        return self.root / "roster.toml"
+        return self._place("roster", "roster.toml")
 
     def key(self, node: str) -> Path:
-        return self.root / "keys" / f"{node}.key"
+        return self._place("keys", "keys") / f"{node}.key"
 
     def token(self, node: str) -> Path:
-        return self.root / "broker" / "tokens" / f"{node}.token"
+        return self.broker_dir / "tokens" / f"{node}.token"
 
     @property
     def broker_dir(self) -> Path:
-        return self.root / "broker"
+        return self._place("broker", "broker")
 
     @property
     def public_key(self) -> Path | None:
-        return self.root / "threshold" / "public_key.json" if self.threshold else None
+        return self._place("threshold", "threshold") / "public_key.json" if self.threshold else None
 
     def share(self, node: str) -> Path | None:
         if not self.threshold or node == self.aggregator:
             return None
-        return self.root / "threshold" / f"share-{node}.json"
+        return self._place("threshold", "threshold") / f"share-{node}.json"
 
     def env_file(self, node: str) -> Path:
         return self.root / "env" / f"{node}.env"
@@ -96,6 +101,55 @@ class Kit:
             "approved_code": self.approved_code,
             "data": dict(self.data),
         }
+
+    @classmethod
+    def from_files(
+        cls,
+        roster: Path,
+        keys: Path,
+        broker: Path,
+        *,
+        analysis_id: str,
+        port: int = 1883,
+        threshold_dir: Path | None = None,
+    ) -> Kit:
+        """A kit from files made by hand: the roster, `flame keys identity --out KEYS`,
+        `flame broker config --out BROKER`, `flame keys generate --threshold --out DIR`."""
+        from flame.identity import Roster
+
+        members = Roster.load(roster)
+        aggregators = [m.node_id for m in members if m.role == "aggregation"]
+        if len(aggregators) != 1:
+            raise ConfigError(f"{roster}: needs exactly one aggregation member, not {aggregators}")
+        places = {"roster": roster, "keys": keys, "broker": broker}
+        threshold = None
+        if threshold_dir is not None:
+            places["threshold"] = threshold_dir
+            try:
+                public = json.loads((threshold_dir / "public_key.json").read_text())
+                threshold = int(public["threshold"]["t"])
+            except (OSError, ValueError, KeyError, TypeError):
+                raise ConfigError(
+                    f"--threshold-keys {threshold_dir}: no threshold public_key.json there"
+                ) from None
+        kit = cls(
+            root=roster.parent.resolve(),
+            analysis_id=analysis_id,
+            aggregator=aggregators[0],
+            nodes=tuple(m.node_id for m in members if m.role == "analysis"),
+            broker_port=port,
+            threshold=threshold,
+            places={name: path.resolve() for name, path in places.items()},
+        )
+        missing = [
+            str(path)
+            for node in kit.members
+            for path in (kit.key(node), kit.token(node), kit.share(node))
+            if path is not None and not path.is_file()
+        ]
+        if missing:
+            raise ConfigError(f"deploy: missing {', '.join(missing[:3])}")
+        return kit
 
     @classmethod
     def load(cls, root: Path) -> Kit:
