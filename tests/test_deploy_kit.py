@@ -296,6 +296,10 @@ def test_deploy_refuses_without_approved_code_or_with_clashing_names(
         DeploySpec(kit, "i", "abc")
     with pytest.raises(ConfigError, match="not a federation kit"):
         Kit.load(tmp_path)
+    facts = json.loads((kit.root / "federation.json").read_text())
+    (kit.root / "federation.json").write_text(json.dumps({**facts, "nodes": ["a", "../x"]}))
+    with pytest.raises(ConfigError, match="are not the roster's"):
+        Kit.load(kit.root)
 
 
 # ------------------------------------------------------------------------ the YAML emitter

@@ -158,14 +158,17 @@ class Kit:
         try:
             facts = json.loads(path.read_text())
             broker = facts["broker"]
-            return cls(
+            threshold = facts.get("threshold")
+            if threshold is not None and (type(threshold) is not int or threshold < 1):
+                raise ValueError(f"threshold {threshold!r}")
+            kit = cls(
                 root=root.resolve(),
                 analysis_id=str(facts["analysis_id"]),
                 aggregator=str(facts["aggregator"]),
                 nodes=tuple(str(n) for n in facts["nodes"]),
                 broker_host=str(broker["host"]),
                 broker_port=int(broker["port"]),
-                threshold=facts.get("threshold"),
+                threshold=threshold,
                 approved_code=facts.get("approved_code"),
                 data={str(k): str(v) for k, v in (facts.get("data") or {}).items()},
             )
@@ -176,6 +179,19 @@ class Kit:
             ) from None
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise ConfigError(f"{path}: not a valid federation kit file ({exc!r})") from None
+        kit._check_roster()
+        return kit
+
+    def _check_roster(self) -> None:
+        """The members named in federation.json are the roster's, in the same roles."""
+        from flame.identity import Roster
+
+        roles = {m.node_id: m.role for m in Roster.load(self.roster)}
+        if roles != {node: self.role(node) for node in self.members}:
+            raise ConfigError(
+                f"{self.root / KIT_FILE}: its members ({', '.join(self.members)}) are not the "
+                f"roster's ({', '.join(sorted(roles))}, in {self.roster})"
+            )
 
 
 def resolve_approval(value: str) -> str:
