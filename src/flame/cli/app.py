@@ -355,6 +355,9 @@ def _parser() -> argparse.ArgumentParser:
     from flame.cli.auth import add_commands as add_auth_commands
 
     add_auth_commands(commands)
+    from flame.cli.deploy import add_commands as add_deploy_commands
+
+    add_deploy_commands(commands)
     return parser
 
 

@@ -86,7 +86,7 @@ def load_nodes(path: Path, *, probe: bool = True) -> dict[str, Data]:
     for node, spec in nodes.items():
         if not isinstance(spec, dict) or not set(spec) <= {"data", "sources"} or not spec:
             raise ConfigError(
-                f"{where}: node {node!r} needs `data = \"folder\"` and/or [[nodes.{node}.sources]]"
+                f'{where}: node {node!r} needs `data = "folder"` and/or [[nodes.{node}.sources]]'
             )
         sources: dict[str, object] = {}
         if "data" in spec:
