@@ -203,7 +203,7 @@ def resolve_approval(value: str) -> str:
         raise ConfigError(
             f"--approve {value}: neither a 64-hex-digit SHA-256 nor an analysis file or folder"
         )
-    from flame.main import analysis_code_hash
+    from flame.analysis.code_hash import analysis_code_hash
 
     return analysis_code_hash(path)
 
