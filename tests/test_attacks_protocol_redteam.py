@@ -1,0 +1,144 @@
+"""Red team of the `protocol` branch (issue 21) over a real Mosquitto with the generated ACL.
+
+Seats: the broker's operator (a broker user with readwrite on `#`), a malicious aggregator
+(holds the aggregator's identity key: a patched `flame run` process), one colluding analysis
+node (its identity key and, in single-key mode, the private key). Patches live in
+tests/redteam_protocol/rt_protocol_patches.py and say on stderr that they were applied.
+
+Each test asserts the SAFE outcome; an attack that still works is a strict xfail whose reason
+says what breaks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+from broker import Broker, have_mosquitto
+from nodes import AGGREGATOR, Federation, NodeProcess, federation_env
+
+from flame.protocols.paillier import write_keypair
+
+pytestmark = pytest.mark.skipif(not have_mosquitto(), reason="needs the mosquitto binary")
+
+NODES = ["node-0", "node-1", "node-2"]
+VALUES = {"node-0": "1 2 3", "node-1": "10 20", "node-2": "100"}  # sums 6, 30, 100
+PATCH_DIR = Path(__file__).parent / "redteam_protocol"
+SECURE_ANALYSIS = """
+import flame
+
+def analyze(data, epoch, previous):
+    v = [float(x) for x in data.read_text("v.txt").split()]
+    return {"total": flame.secure(sum(v))}
+
+def aggregate(results):
+    return {"total": results.secure["total"], "who": results.contributors["total"]}
+"""
+
+
+@pytest.fixture(scope="module")
+def paillier(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    return write_keypair(tmp_path_factory.mktemp("keys"), 2048)
+
+
+def _write_data(folder: Path, values: dict[str, str]) -> Path:
+    data = folder / "data"
+    for node, text in values.items():
+        (data / node).mkdir(parents=True, exist_ok=True)
+        (data / node / "v.txt").write_text(text)
+    return data
+
+
+def _single_key(
+    broker: Broker, folder: Path, keys: tuple[Path, Path], **extra: str
+) -> tuple[Federation, dict[str, str]]:
+    data = _write_data(folder, VALUES)
+    code = folder / "analysis.py"
+    code.write_text(textwrap.dedent(SECURE_ANALYSIS))
+    settings = {
+        "FLAME_SECURE__ENABLED": "true",
+        "FLAME_SECURE__PUBLIC_KEY_FILE": str(keys[0]),
+        "FLAME_SECURE__MIN_CONTRIBUTORS": "2",
+        **extra,
+    }
+    analysis = f"rt-protocol-{time.monotonic_ns()}"
+    env = federation_env(broker, analysis, NODES, epoch_timeout=20, **settings)
+    private = {"FLAME_SECURE__PRIVATE_KEY_FILE": str(keys[1])}
+    return Federation(env, code, data, NODES, folder / "logs"), private
+
+
+def _patched(fed: Federation, node: str, patch: str, out: Path, **extra: str) -> NodeProcess:
+    path = os.pathsep.join(filter(None, [str(PATCH_DIR), os.environ.get("PYTHONPATH")]))
+    return fed.start(
+        node, PYTHONPATH=path, RT_PROTOCOL_PATCH=patch, RT_PROTOCOL_OUT=str(out), **extra
+    )
+
+
+# --- single key: two decrypters, two contributor sets, one epoch -----------------------------
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="open: single-key guard is per decrypter; a malicious aggregator asks node-0 for "
+    "sum{0,1} and node-2 for sum{0,1,2} in the same epoch and field and learns node-2's value",
+)
+def test_single_key_two_decrypters_are_not_asked_for_two_sets_of_one_field(
+    mqtt_broker: Broker, tmp_path: Path, paillier: tuple[Path, Path]
+) -> None:
+    """Malicious aggregator, no key, no colluder. The single-key differencing guard
+    (flame.secure.single_key.SingleKeyDecrypter._guard) only knows what *this* decrypter
+    decrypted; nothing makes two decrypters agree on one contributor set per (epoch, field)
+    (threshold mode's endorsement quorum does). Safe outcome: at most one of the two
+    differing sums is ever decrypted."""
+    fed, private = _single_key(mqtt_broker, tmp_path, paillier)
+    out = tmp_path / "learned.json"
+    try:
+        aggregator = _patched(fed, AGGREGATOR, "split_decrypters", out)
+        for node in NODES:
+            fed.start(node, **private)
+        aggregator.wait(120)
+        assert "RT_PROTOCOL patch applied" in aggregator.stderr()
+    finally:
+        fed.close()
+    learned = json.loads(out.read_text())
+    decrypted = {k: v for k, v in learned.items() if isinstance(v, list)}
+    assert len(decrypted) < 2, f"two sets decrypted: {learned} (difference = node-2's value)"
+
+
+# --- single key: a passive decrypter reads every node's value --------------------------------
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="open: single-key decryption requests carry every node's lone signed ciphertext "
+    "to each decrypter, which holds the private key: an honest-but-curious node reads them all",
+)
+def test_single_key_a_curious_decrypter_learns_no_other_nodes_value(
+    mqtt_broker: Broker, tmp_path: Path, paillier: tuple[Path, Path]
+) -> None:
+    """Colluding (here: merely curious) node-0, the reporter, answers honestly but decrypts
+    what the request hands it. README ("One analysis node holds the private key and
+    therefore must never see another node's ciphertext; the star topology sends ciphertexts
+    only to the aggregator") promises it learns only the sum; since a5c5cfe the request
+    holds node-1's and node-2's own ciphertexts. Safe outcome: node-0 learns neither 30 nor
+    100, only the sum 136."""
+    fed, private = _single_key(mqtt_broker, tmp_path, paillier)
+    out = tmp_path / "learned.json"
+    try:
+        aggregator = fed.start(AGGREGATOR)
+        curious = _patched(fed, "node-0", "curious_decrypter", out, **private)
+        for node in NODES[1:]:
+            fed.start(node, **private)
+        values = fed.finish(timeout=150)
+        assert "RT_PROTOCOL patch applied" in curious.stderr()
+    finally:
+        fed.close()
+    assert values[AGGREGATOR]["total"] == 136.0  # the run itself is honest and right
+    del aggregator
+    learned = json.loads(out.read_text()) if out.exists() else {}
+    exact = {k: v for k, v in learned.items() if isinstance(v, list)}
+    assert not exact, f"node-0 decrypted other nodes' own values: {exact}"
