@@ -142,3 +142,75 @@ def test_single_key_a_curious_decrypter_learns_no_other_nodes_value(
     learned = json.loads(out.read_text()) if out.exists() else {}
     exact = {k: v for k, v in learned.items() if isinstance(v, list)}
     assert not exact, f"node-0 decrypted other nodes' own values: {exact}"
+
+
+# --- the aggregator's retained status and a roster member outside the analysis --------------
+
+ROW = "patient 4711 born 1957-03-02 diagnosis E11.9"
+FAILING_ANALYSIS = f"""
+def analyze(data):
+    v = [float(x) for x in data.read_text("v.txt").split()]
+    if data.node_id == "node-1":
+        raise ValueError("odd row: {ROW}")
+    return {{"sum": sum(v)}}
+
+def aggregate(results):
+    return {{"sum": sum(r["sum"] for r in results.values())}}
+"""
+
+
+def _retained(broker: Broker, analysis: str, user: str, topic: str = "+") -> dict[str, bytes]:
+    """Every retained message under flame/ANALYSIS/<topic>/status as broker user `user`."""
+    import paho.mqtt.client as mqtt
+
+    from flame.transport.mqtt import status_topic
+
+    seen: dict[str, bytes] = {}
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"{user}-{time.time_ns()}")
+    client.username_pw_set(user, broker.password)
+    client.on_message = lambda _c, _u, m: seen.__setitem__(str(m.topic), bytes(m.payload))
+    client.connect(broker.host, broker.port, keepalive=30)
+    client.subscribe(status_topic(analysis, topic), qos=1)
+    client.loop_start()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and status_topic(analysis, AGGREGATOR) not in seen:
+        time.sleep(0.1)
+    time.sleep(1.0)
+    client.loop_stop()
+    client.disconnect()
+    return seen
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="open: a failing node's traceback (its exception message: a data row) goes into "
+    "the aggregator's retained `failed` status, which every roster member may read",
+)
+def test_a_member_outside_the_analysis_reads_no_node_traceback(
+    mqtt_broker: Broker, tmp_path: Path
+) -> None:
+    """Issue 21 hole 5 moved forwarded log lines out of the retained status, but
+    Aggregator._abort (src/flame/aggregator/server.py) still puts the failing node's
+    `traceback` (and the reason) into the retained `failed` status. The default policy
+    (send_tracebacks = true) lets the traceback leave the node *for the aggregator*; the ACL
+    lets every roster member read every status. Safe outcome: node-5, a roster member
+    outside the analysis, reads no byte of the row."""
+    analysis = f"rt-protocol-tb-{time.monotonic_ns()}"
+    nodes = ["node-0", "node-1"]
+    data = _write_data(tmp_path, {"node-0": "1 2 3", "node-1": "10 20"})
+    code = tmp_path / "analysis.py"
+    code.write_text(textwrap.dedent(FAILING_ANALYSIS))
+    env = federation_env(mqtt_broker, analysis, nodes)
+    fed = Federation(env, code, data, nodes, tmp_path / "logs")
+    try:
+        aggregator = fed.start(AGGREGATOR)
+        for node in nodes:
+            fed.start(node)
+        assert aggregator.wait(120) != 0
+    finally:
+        fed.close()
+    seen = _retained(mqtt_broker, analysis, "node-5")
+    assert seen, "node-5 read no status at all"
+    for topic, payload in seen.items():
+        leaked = [k for k, v in json.loads(payload).items() if "4711" in json.dumps(v)]
+        assert not leaked, (topic, leaked, payload[:3000])
