@@ -99,7 +99,23 @@ def curious_decrypter() -> None:
     single.SingleKeyDecrypter.answer = answer
 
 
+def equivocating_aggregator() -> None:
+    """The aggregator sends node-1 other aggregates and another final result than everyone
+    else (equivocation): node-1 computes its next epoch on a made-up `previous`."""
+    from flame.aggregator.server import Aggregator
+
+    honest = Aggregator._envelope
+
+    def envelope(self: Any, node: str, kind: Any, epoch: int, body: Any) -> Any:
+        if node == "node-1" and kind in ("aggregate", "finished") and isinstance(body, dict):
+            body = {**body, "value": {"total": 1_000_000.0}}
+        return honest(self, node, kind, epoch, body)
+
+    Aggregator._envelope = envelope  # type: ignore[method-assign]
+
+
 PATCHES: dict[str, Callable[[], None]] = {
+    "equivocating_aggregator": equivocating_aggregator,
     "split_decrypters": split_decrypters,
     "curious_decrypter": curious_decrypter,
 }
