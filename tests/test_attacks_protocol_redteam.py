@@ -273,3 +273,88 @@ def test_an_equivocating_aggregator_is_noticed(mqtt_broker: Broker, tmp_path: Pa
     finally:
         fed.close()
     assert len(set(finals.values())) <= 1, finals
+
+
+# --- the broker operator moves genuine statuses between nodes and analyses --------------------
+
+SLOW_EPOCHS_ANALYSIS = """
+import time
+
+def analyze(data, epoch, previous):
+    if epoch == 0:
+        time.sleep(4)  # the moved statuses land while the nodes compute
+    v = [float(x) for x in data.read_text("v.txt").split()]
+    base = 0.0 if previous is None else previous["total"]
+    return {"x": base + sum(v)}
+
+def aggregate(results):
+    return {"total": sum(r["x"] for r in results.values())}
+"""
+
+
+def test_a_genuine_status_moved_to_another_node_changes_nothing(
+    mqtt_broker: Broker, tmp_path: Path
+) -> None:
+    """The digest cache (Transport._trusted_status) is keyed by node + payload, and the
+    signature binds analysis and node: node-1's genuine status (already verified and cached
+    at the aggregator) re-published, retained, as node-2's and node-0's must not be taken
+    for theirs (it would fake a second process or another state of theirs). Held."""
+    from test_attacks_status import Spy
+
+    analysis = f"rt-protocol-move-{time.monotonic_ns()}"
+    data = _write_data(tmp_path, VALUES)
+    code = tmp_path / "analysis.py"
+    code.write_text(textwrap.dedent(SLOW_EPOCHS_ANALYSIS))
+    env = federation_env(mqtt_broker, analysis, NODES, epochs=2)
+    fed = Federation(env, code, data, NODES, tmp_path / "logs")
+    spy = Spy(mqtt_broker, analysis)
+    try:
+        fed.start_all()
+        genuine = spy.wait_for("node-1", "computing")
+        time.sleep(0.5)  # verified (and cached) at the aggregator by now
+        spy.replay("node-2", genuine)
+        spy.replay("node-0", {**genuine, "state": "done", "online": False})  # re-signed by nobody
+        values = fed.finish(timeout=150)
+        log = fed.processes[AGGREGATOR].stderr()
+    finally:
+        spy.close()
+        fed.close()
+    # epoch 0: 6 + 30 + 100 = 136; epoch 1: 3 * 136 + 136 = 544
+    assert values[AGGREGATOR] == {"total": 544.0}, values
+    assert "claiming to be from 'node-2': status without a valid signature" in log, log[-3000:]
+    assert "claiming to be from 'node-0': status without a valid signature" in log, log[-3000:]
+
+
+def test_a_status_verified_for_one_analysis_or_node_is_refused_for_another(tmp_path: Path) -> None:
+    """The same check without a broker, for what a live run cannot show cheaply: a status
+    accepted (and cached) by one transport is refused as another node's, and by a transport
+    of another analysis id (same roster, same node ids); a byte changed after caching is
+    verified again. Held."""
+    from nodes import identities_env
+
+    from flame.identity import Authenticator, Identity, Roster
+    from flame.transport.base import Transport
+
+    class Receiver(Transport):  # only the status check of the base class is used
+        connect = close = send = announce = watch = lambda self, *a, **k: None  # type: ignore
+        receive = lambda self, timeout: None  # type: ignore  # noqa: E731
+
+    ids = identities_env(["node-1", "node-2"])
+    roster = Roster.load(Path(ids["FLAME_ROSTER"]))
+    keys = Path(ids["TEST_FLAME_IDENTITY_DIR"])
+
+    def auth(node: str) -> Authenticator:
+        return Authenticator(Identity.load(node, keys / f"{node}.key"), roster)
+
+    now = time.time()
+    status = auth("node-1").sign_status(
+        "analysis-a", {"state": "computing", "instance": "i1", "since": now, "seq": 1, "at": now}
+    )
+    payload = json.dumps(status, separators=(",", ":")).encode()
+    same = Receiver("analysis-a", AGGREGATOR, auth=auth(AGGREGATOR))
+    assert same.status_envelope("node-1", payload) is not None  # genuine: accepted, cached
+    assert same.status_envelope("node-2", payload) is None  # moved to another node
+    other = Receiver("analysis-b", AGGREGATOR, auth=auth(AGGREGATOR))
+    assert other.status_envelope("node-1", payload) is None  # moved to another analysis
+    changed = payload.replace(b'"computing"', b'"done"')
+    assert same.status_envelope("node-1", changed) is None  # a changed byte: verified again
