@@ -136,7 +136,7 @@ def test_a_quorum_epoch_over_another_set_is_not_decrypted(
     finally:
         fed.close()
     assert code != 0, f"exit {code} with {out[-500:]}"
-    assert "refused to decrypt" in err, err[-3000:]
+    assert "refused to endorse" in err or "refused to decrypt" in err, err[-3000:]
     assert "FLAME_SECURE__ALLOW_CHANGING_CONTRIBUTORS" in err, err[-3000:]
     assert '"total": 36.0' not in out  # the {0, 1} sum never left a node
 
@@ -166,3 +166,28 @@ def test_a_lone_ciphertext_relabelled_as_a_sum_is_not_decrypted(
     assert "decrypts only sums it re-adds" in learned["sum"], learned
     assert code == 0, err[-3000:]  # the honest sum that followed was still decrypted
     assert json.loads(aggregator.stdout().strip().splitlines()[-1])["total"] == 136.0
+
+
+def test_two_sets_of_one_field_are_never_both_decrypted(
+    mqtt_broker: Broker, tmp_path: Path, paillier: tuple[Path, Path]
+) -> None:
+    """A malicious aggregator asks node-1 for the sum over {node-1, node-2}, then node-0 (its
+    ledger still empty) for the sum over all three: their difference is node-0's value. Each
+    node's own guard cannot see this; every contributor endorsing the set first does. On
+    main, and on this branch before the endorsement round, both sums were decrypted."""
+    fed, private = _federation(mqtt_broker, tmp_path, paillier, FLAME_SECURE__MIN_CONTRIBUTORS="2")
+    out_file = tmp_path / "learned.json"
+    try:
+        aggregator = _patched(
+            fed, AGGREGATOR, "splitting_aggregator", {}, REDTEAM_OUT=str(out_file)
+        )
+        for node in NODES:
+            fed.start(node, **private)
+        aggregator.wait(120)
+        assert "REDTEAM patch applied" in aggregator.stderr()
+    finally:
+        fed.close()
+    learned = json.loads(out_file.read_text())
+    decrypted = [name for name, answer in learned.items() if not answer.startswith("refused")]
+    assert len(decrypted) <= 1, learned
+    assert "endorse" in learned["big"], learned

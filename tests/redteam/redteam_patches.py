@@ -124,7 +124,56 @@ def withholding_aggregator() -> None:
     Aggregator._note_status = note  # type: ignore[method-assign]
 
 
+def splitting_aggregator() -> None:
+    """In epoch 0: the sum of node-1 and node-2 decrypted by node-1, then the sum of all three
+    by node-0 (their difference: node-0's value), each with whatever the nodes require
+    (endorsements where the code has them); what came back is written to REDTEAM_OUT."""
+    fields = import_module("flame.secure.fields")
+
+    def call(self: Any, results: dict[str, Any], epoch: int) -> Any:
+        import json
+        from pathlib import Path
+
+        from flame.errors import RunFailed
+
+        learned = {
+            "small": _try_sum(self, results, epoch, "node-1", ["node-1", "node-2"]),
+            "big": _try_sum(self, results, epoch, "node-0", ["node-0", "node-1", "node-2"]),
+        }
+        Path(os.environ["REDTEAM_OUT"]).write_text(json.dumps(learned))
+        raise RunFailed("red team: done")
+
+    fields.SecureSummer.__call__ = call
+
+
+def _try_sum(summer: Any, results: dict[str, Any], epoch: int, asked: str, who: list[str]) -> str:
+    from flame.protocols.paillier import EncryptedVector
+    from flame.wire.envelope import Sealed
+
+    by_node = {node: results[node]["total"] for node in who}
+    request: dict[str, Any] = {"contributors": {"total": who}, "reporter": asked}
+    try:
+        if all(item.scheme == "paillier" for item in by_node.values()):  # unsigned (main)
+            vectors = [
+                EncryptedVector.from_bytes(item.data, summer.keys.public_key)
+                for item in by_node.values()
+            ]
+            total = EncryptedVector.sum(vectors).to_bytes()
+            request["sums"] = {"total": Sealed("paillier", total)}
+        else:
+            request["contributions"] = {"total": by_node}
+            if hasattr(summer, "_endorsements"):
+                request["endorsements"] = summer._endorsements(
+                    epoch, who, {"total": by_node}, {"total": who}
+                )
+        reply = summer._ask(epoch, [asked], request)[asked]
+        return repr(reply.get("sums"))
+    except Exception as exc:
+        return f"refused: {exc}"
+
+
 PATCHES: dict[str, Callable[[], None]] = {
+    "splitting_aggregator": splitting_aggregator,
     "withholding_aggregator": withholding_aggregator,
     "lying_reporter": lying_reporter,
     "aggregator_without_guard": aggregator_without_guard,

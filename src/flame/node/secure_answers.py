@@ -45,14 +45,16 @@ class SecureAnswers:
 
     def answer(self, envelope: Envelope) -> None:
         keys = self.keys
-        if envelope.category == ENDORSE:  # threshold mode: endorse a contribution set
+        single = self._single_key()
+        if envelope.category == ENDORSE:  # endorse a contribution set before decrypting
             if keys is not None and keys.share is not None:
                 body = keys.party(self._state()).endorse(envelope)
+            elif single is not None:
+                body = single.endorse(envelope)
             else:
-                body = {"error": "this node holds no share of a threshold key"}
+                body = {"error": "this node holds no key to endorse a set with"}
             self.transport.send(envelope.reply("message", body, category=ENDORSED))
             return
-        single = self._single_key()
         if keys is not None and keys.share is not None:
             reply: dict[str, Any] = keys.party(self._state()).answer(envelope)
         elif single is None:

@@ -754,6 +754,7 @@ class SecureSummer:
             request["sums"] = sums
         else:
             request["contributions"] = signed
+            request["endorsements"] = self._endorsements(epoch, nodes, signed, contributors)
         report = self._ask(epoch, [reporter], request)[reporter]
         plain = report.get("sums")
         if not isinstance(plain, dict) or set(plain) != set(sums):
@@ -797,13 +798,43 @@ class SecureSummer:
             epoch=epoch,
         )
 
+    def _endorsements(
+        self,
+        epoch: int,
+        nodes: list[str],
+        signed: dict[str, dict[str, Sealed]],
+        contributors: dict[str, list[str]],
+    ) -> dict[str, dict[str, Any]]:
+        """Single key, signed: every contributor endorses the set before anyone decrypts it
+        (`flame.secure.unanimous`); a refusal or a missing endorsement fails the epoch."""
+        import hashlib
+
+        digests = {
+            path: {node: hashlib.sha256(bytes(item.data)).hexdigest() for node, item in by.items()}
+            for path, by in signed.items()
+        }
+        replies = self._ask(epoch, nodes, {"digests": digests, "contributors": contributors})
+        endorsements: dict[str, dict[str, Any]] = {path: {} for path in signed}
+        for node, reply in replies.items():
+            got = reply.get("endorsements")
+            if not isinstance(got, dict):
+                raise RunFailed(f"node {node!r} sent a malformed endorsement", node=node)
+            for path in signed:
+                if node in contributors[path]:
+                    endorsements[path][node] = got.get(path)
+        return endorsements
+
     def _ask(
         self, epoch: int, nodes: list[str], body: dict[str, Any], *, required: bool = True
     ) -> dict[str, dict[str, Any]]:
-        """Send a decryption request to `nodes` and collect their replies."""
+        """Send a decryption (or, with "digests", an endorsement) request to `nodes` and
+        collect their replies."""
+        from flame.secure.endorse import ENDORSE, ENDORSED
+
         assert self.context is not None
         transport = self.context._mailbox.transport
-        what = "sums" if "sums" in body else "contributions"
+        what = next(key for key in ("sums", "contributions", "digests") if key in body)
+        asking, answer = (ENDORSE, ENDORSED) if what == "digests" else (DECRYPT, DECRYPTED)
         for node in nodes:
             asked = {p: s for p, s in body[what].items() if node in body["contributors"][p]}
             transport.send(
@@ -814,16 +845,17 @@ class SecureSummer:
                     "message",
                     epoch,
                     {**body, what: asked},
-                    DECRYPT,
+                    asking,
                 )
             )
-        received = self.context.receive(DECRYPTED, senders=nodes, timeout=self.timeout)
+        received = self.context.receive(answer, senders=nodes, timeout=self.timeout)
         replies: dict[str, dict[str, Any]] = {}
         for node, reply in received.messages.items():
             if not isinstance(reply, dict):
                 raise RunFailed(f"node {node!r} sent a malformed decryption reply", node=node)
             if "error" in reply:
-                role = "decrypt" if "reported" not in body else "confirm"
+                role = "confirm" if "reported" in body else "decrypt"
+                role = "endorse" if what == "digests" else role
                 raise RunFailed(
                     f"node {node!r} refused to {role} the secure sum of epoch {epoch}: "
                     f"{str(reply['error'])[:300]}",

@@ -7,10 +7,12 @@ so what it is given is checked first (the checks threshold share holders make):
 * a decrypter (reporter or confirmer) never decrypts the aggregator's sum: it re-adds the
   signed contributions of the request, each holding exactly one node's vector, among them its
   own as it sent it, so a lone ciphertext relabelled as a sum is refused;
-* the differencing guard: a field's contributor set is fixed by its first decrypted sum, for
-  every field of the analysis (FLAME_SECURE__ALLOW_CHANGING_CONTRIBUTORS lifts it), and one
-  sum per (epoch, field) is decrypted; the ledger is kept in node-local state, like a share
-  holder's, so a restart does not forget it.
+* the differencing guard: a field's contributor set is fixed by its first endorsed or
+  decrypted sum, for every field of the analysis (FLAME_SECURE__ALLOW_CHANGING_CONTRIBUTORS
+  lifts it), and one sum per (epoch, field) is decrypted; the ledger is kept in node-local
+  state, like a share holder's, so a restart does not forget it;
+* every contributor of a set endorses it before anyone decrypts it (`flame.secure.
+  unanimous`): the guards of all contributors, not only the decrypter's, hold.
 What this cannot change: any one key holder can decrypt every node's ciphertexts it sees on
 the wire or receives; threshold mode is the production mode.
 """
@@ -32,8 +34,16 @@ from flame.secure.contributions import (
     pack_contribution,
     unpack_contribution,
 )
+from flame.secure.endorse import set_digest
 from flame.secure.guard import GuardLedger, NodeLocalState
 from flame.secure.threshold import _own_first, differencing_problem
+from flame.secure.unanimous import (
+    Pairs,
+    check_endorsed,
+    endorsement_message,
+    pairs_of,
+    parse_digests,
+)
 from flame.wire.envelope import Envelope, Sealed
 
 if TYPE_CHECKING:
@@ -195,6 +205,18 @@ class SingleKeyDecrypter:
             problem = self._strangers(path, who)
             if problem is not None:
                 return {"error": problem}
+            if self.keys.verifier is None:
+                return {"error": "cannot check contributions without a roster (unsigned run)"}
+            endorsements = body.get("endorsements")
+            check_endorsed(
+                self.keys.verifier,
+                self._key_id(),
+                self.analysis_id,
+                epoch,
+                path,
+                pairs_of(by_node),
+                endorsements.get(path) if isinstance(endorsements, dict) else None,
+            )
             vectors[path] = add_signed(
                 self.keys.public_key,
                 self.analysis_id,
@@ -206,6 +228,70 @@ class SingleKeyDecrypter:
             sets[path] = who
         self._guard(epoch, vectors, sets)  # recorded before anything is released
         return answer_vectors(body, vectors, self.keys, self._specs)
+
+    def endorse(self, envelope: Envelope) -> dict[str, Any]:
+        """{"endorsements": {field: signature hex}} for the aggregator's endorsement request
+        (see `flame.secure.unanimous`), or {"error": why not}."""
+        if envelope.epoch != self._epoch:
+            return {"error": f"no result of this node in epoch {envelope.epoch}"}
+        if self.keys.signer is None:
+            return {"error": "cannot endorse in an unsigned run (no roster identity)"}
+        try:
+            fields = parse_digests(envelope.body)
+            return {"endorsements": self._endorse(envelope.epoch, fields)}
+        except FlameError as exc:
+            return {"error": str(exc)}
+
+    def _endorse(self, epoch: int, fields: dict[str, Pairs]) -> dict[str, str]:
+        assert self.keys.signer is not None
+        ledger = self._guard_ledger()
+        analysis = self.analysis_id
+        fixed = dict(ledger.fixed_sets(analysis))
+        digests: dict[str, bytes] = {}
+        for path, pairs in fields.items():
+            who = tuple(node for node, _ in pairs)
+            own = dict(pairs).get(self.node_id)
+            if own is None or path not in self._sent:
+                raise FlameError(f"asked to endorse {path!r}, to which this node did not add")
+            if own.hex() != self._sent[path]:
+                raise FlameError(
+                    f"the set of {path!r} holds a contribution of this node other than the "
+                    "one it sent"
+                )
+            problem = self._strangers(path, who)
+            if problem is not None:
+                raise FlameError(problem)
+            if len(who) < self.keys.min_contributors:
+                raise FlameError(
+                    f"refusing to endorse {path!r}: {len(who)} contributors, a sum needs at "
+                    f"least {self.keys.min_contributors} (FLAME_SECURE__MIN_CONTRIBUTORS)"
+                )
+            digests[path] = set_digest(pairs)
+            done = ledger.endorsed(analysis, epoch, path)
+            if done is not None and done != digests[path]:
+                raise FlameError(
+                    f"refusing to endorse: this node endorsed a different contribution set "
+                    f"of {path!r} in epoch {epoch}"
+                )
+            if not self.keys.allow_changing_contributors:
+                for first, earlier in _own_first(fixed, path):  # the guard spans fields
+                    problem = differencing_problem(first, earlier, who)
+                    if problem is not None:
+                        where = "" if first == path else f" ({path!r})"
+                        raise FlameError(f"refusing to endorse{where}: {problem}")
+                fixed.setdefault(path, who)
+        signed = {}
+        for path, pairs in fields.items():  # recorded (persisted) before anything leaves
+            who = tuple(node for node, _ in pairs)
+            ledger.endorse(analysis, epoch, path, who, digests[path])
+            message = endorsement_message(self._key_id(), analysis, epoch, path, pairs)
+            signed[path] = self.keys.signer(message).hex()
+        return signed
+
+    def _key_id(self) -> str:
+        from flame.protocols.paillier.keys import key_id
+
+        return key_id(self.keys.public_key)
 
     def _unsigned(self, envelope: Envelope, body: dict[str, Any]) -> dict[str, Any]:
         """An unsigned run (nothing is authenticated there): the aggregator's sums, with the
