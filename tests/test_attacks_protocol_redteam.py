@@ -81,19 +81,15 @@ def _patched(fed: Federation, node: str, patch: str, out: Path, **extra: str) ->
 # --- single key: two decrypters, two contributor sets, one epoch -----------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="open: single-key guard is per decrypter; a malicious aggregator asks node-0 for "
-    "sum{0,1} and node-2 for sum{0,1,2} in the same epoch and field and learns node-2's value",
-)
 def test_single_key_two_decrypters_are_not_asked_for_two_sets_of_one_field(
     mqtt_broker: Broker, tmp_path: Path, paillier: tuple[Path, Path]
 ) -> None:
-    """Malicious aggregator, no key, no colluder. The single-key differencing guard
-    (flame.secure.single_key.SingleKeyDecrypter._guard) only knows what *this* decrypter
-    decrypted; nothing makes two decrypters agree on one contributor set per (epoch, field)
-    (threshold mode's endorsement quorum does). Safe outcome: at most one of the two
-    differing sums is ever decrypted."""
+    """Malicious aggregator, no key, no colluder. Each single-key decrypter's differencing
+    guard (flame.secure.single_key.SingleKeyDecrypter._guard) only knew what *it* decrypted:
+    before 3481dd5 node-0 decrypted sum{0,1} = 36 and node-2 sum{0,1,2} = 136 in the same
+    epoch and field (node-2's value 100 by difference). Held since 3481dd5: every contributor
+    endorses one set per (epoch, field) (flame.secure.unanimous). Safe outcome: at most one
+    of the two differing sums is ever decrypted."""
     fed, private = _single_key(mqtt_broker, tmp_path, paillier)
     out = tmp_path / "learned.json"
     try:
@@ -107,6 +103,9 @@ def test_single_key_two_decrypters_are_not_asked_for_two_sets_of_one_field(
     learned = json.loads(out.read_text())
     decrypted = {k: v for k, v in learned.items() if isinstance(v, list)}
     assert len(decrypted) < 2, f"two sets decrypted: {learned} (difference = node-2's value)"
+    assert len(decrypted) == 1, learned  # the first set is endorsed and decrypted as usual
+    refused = [v for v in learned.values() if isinstance(v, str)]
+    assert any("endorse" in v for v in refused), learned  # refused by the endorsement round
 
 
 # --- single key: a passive decrypter reads every node's value --------------------------------

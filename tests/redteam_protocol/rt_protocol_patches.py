@@ -46,12 +46,17 @@ def _split(summer: Any, results: dict[str, Any], epoch: int) -> None:
     }
     learned: dict[str, Any] = {}
     for decrypter, members in asks.items():
-        request = {
+        contributions = {"total": {n: signed[n] for n in members}}
+        request: dict[str, Any] = {
             "reporter": decrypter,
             "contributors": {"total": members},
-            "contributions": {"total": {n: signed[n] for n in members}},
+            "contributions": contributions,
         }
         try:
+            if hasattr(summer, "_endorsements"):  # since 3481dd5: the endorsement round too
+                request["endorsements"] = summer._endorsements(
+                    epoch, members, contributions, {"total": members}
+                )
             reply = summer._ask(epoch, [decrypter], request)
             sums = reply[decrypter].get("sums") or {}
             import numpy as np
