@@ -431,3 +431,111 @@ def test_a_lying_reporter_with_all_but_one_confirmer_held_is_caught() -> None:
         assert np.array_equal(released["total"], lie)
         escaped += 1
     assert escaped <= 0.10 * trials, f"the lie was released in {escaped} of {trials} epochs"
+
+
+# --- claim check: the store every node shares is the aggregator's run store ------------------
+
+
+def _shared_store_federation(
+    broker: Broker, folder: Path, s3: object, bucket: str, analysis: str, **extra: str
+) -> Federation:
+    data = _write_data(folder, VALUES)
+    code = folder / "analysis.py"
+    code.write_text(textwrap.dedent(LOGGING_ANALYSIS))
+    storage = s3.settings(bucket=bucket)  # type: ignore[attr-defined]
+    env = federation_env(
+        broker, analysis, NODES, storage=storage, FLAME_STORAGE__CLAIM_CHECK="true", **extra
+    )
+    return Federation(env, code, data, NODES, folder / "logs")
+
+
+LOGGING_ANALYSIS = f"""
+import logging
+
+def analyze(data):
+    v = [float(x) for x in data.read_text("v.txt").split()]
+    if data.node_id == "node-0":
+        logging.getLogger("analysis").warning("odd row: {ROW}")
+    return {{"total": sum(v)}}
+
+def aggregate(results):
+    return {{"total": sum(r["total"] for r in results.values())}}
+"""
+
+
+def _colluder_store(s3: object, bucket: str) -> object:
+    """node-1's view of the claim-check store: its own FLAME_STORAGE__* settings."""
+    from flame.clients.minio_client import MinioStore
+    from flame.config import StorageSettings
+
+    return MinioStore.from_settings(StorageSettings(**s3.settings(bucket=bucket)))  # type: ignore[attr-defined]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="open: with FLAME_STORAGE__CLAIM_CHECK every node holds the credentials of the "
+    "aggregator's run store; a colluding node pre-seeds {analysis}/final/ and the run ends "
+    "exit 0 everywhere with its made-up result (manifest unsigned, its sha256 never checked, "
+    "a missing code_sha256 passes _same_code)",
+)
+def test_a_node_with_the_shared_store_cannot_plant_the_final_result(
+    mqtt_broker: Broker, tmp_path: Path, s3_server: object, s3_bucket: str
+) -> None:
+    """Colluding node-1, before the run, with the storage credentials every node has for
+    the claim check (README: 'a storage every node shares'), writes a manifest and a final
+    result for the analysis id. RunStore.load_final (src/flame/aggregator/run_store.py)
+    takes them as a finished run: the aggregator announces 999 and nobody computes. Safe
+    outcome: no process ends exit 0 with 999."""
+    from flame.clients.object_store import AnalysisLayout
+    from flame.wire.envelope import pack
+
+    analysis = f"rt-protocol-plant-{time.monotonic_ns()}"
+    fed = _shared_store_federation(mqtt_broker, tmp_path, s3_server, s3_bucket, analysis)
+    store = _colluder_store(s3_server, s3_bucket)
+    store.ensure_bucket()  # type: ignore[attr-defined]
+    layout = AnalysisLayout(analysis)
+    store.put_bytes(layout.final_result(), pack({"total": 999.0}))  # type: ignore[attr-defined]
+    manifest = {"converged": True, "epochs": 1, "history": [], "result": {"key": "x"}}
+    store.put_json(layout.manifest(), manifest)  # type: ignore[attr-defined]
+    try:
+        fed.start_all()
+        codes = {name: p.wait(120) for name, p in fed.processes.items()}
+        finals = {name: p.value() for name, p in fed.processes.items() if codes[name] == 0}
+    finally:
+        fed.close()
+    planted = {name: v for name, v in finals.items() if v == {"total": 999.0}}
+    assert not planted, f"exit 0 with the planted result: {planted} (codes {codes})"
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="open: with FLAME_STORAGE__CLAIM_CHECK every node can read "
+    "{analysis}/logs/forwarded.json (other nodes' forwarded log lines) from the shared store",
+)
+def test_a_node_with_the_shared_store_reads_no_other_nodes_forwarded_logs(
+    mqtt_broker: Broker, tmp_path: Path, s3_server: object, s3_bucket: str
+) -> None:
+    """a3b8f19 moved forwarded log lines from the retained status to the aggregator's
+    storage, 'readable with the storage credentials'; with the claim check those are every
+    node's credentials. node-0's policy forwards its logs to the aggregator (the operator),
+    not to node-1. Safe outcome: node-1 reads no line of node-0's."""
+    from flame.aggregator.run_store import forwarded_logs_key
+
+    analysis = f"rt-protocol-shared-logs-{time.monotonic_ns()}"
+    fed = _shared_store_federation(mqtt_broker, tmp_path, s3_server, s3_bucket, analysis)
+    policy = tmp_path / "policy.toml"
+    policy.write_text("forward_logs = true\n")
+    try:
+        fed.start(AGGREGATOR)
+        fed.start("node-0", FLAME_POLICY=str(policy))
+        fed.start("node-1")
+        fed.start("node-2")
+        assert fed.finish(timeout=150)[AGGREGATOR] == {"total": 136.0}
+    finally:
+        fed.close()
+    store = _colluder_store(s3_server, s3_bucket)
+    try:
+        text = store.get_bytes(forwarded_logs_key(analysis)).decode()  # type: ignore[attr-defined]
+    except Exception as exc:  # refused: the defence holds
+        text = f"refused: {exc}"
+    assert "4711" not in text, text[:2000]
