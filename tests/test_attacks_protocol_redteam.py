@@ -539,3 +539,94 @@ def test_a_node_with_the_shared_store_reads_no_other_nodes_forwarded_logs(
     except Exception as exc:  # refused: the defence holds
         text = f"refused: {exc}"
     assert "4711" not in text, text[:2000]
+
+
+# --- the broker operator replays genuine messages within a run --------------------------------
+
+THREE_EPOCHS_ANALYSIS = """
+import time
+
+def analyze(data, epoch, previous):
+    time.sleep(1.5)  # room for the replays to land mid-epoch
+    v = [float(x) for x in data.read_text("v.txt").split()]
+    base = 0.0 if previous is None else previous["total"]
+    return {"x": base + sum(v)}
+
+def aggregate(results):
+    return {"total": sum(r["x"] for r in results.values())}
+"""
+
+
+class Recorder:
+    """The operator (broker user with readwrite on `#`): records every frame on the analysis's
+    inboxes and broadcast topic, and publishes any of them again."""
+
+    def __init__(self, broker: Broker, analysis: str) -> None:
+        import threading
+
+        import paho.mqtt.client as mqtt
+        from broker import ADMIN
+
+        self.frames: list[tuple[str, bytes]] = []
+        self.lock = threading.Lock()
+        self.client = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2, client_id=f"rec-{time.time_ns()}"
+        )
+        self.client.username_pw_set(ADMIN, broker.password)
+        self.client.on_message = self._on_message
+        self.client.connect(broker.host, broker.port, keepalive=30)
+        self.client.subscribe(
+            [(f"flame/{analysis}/+/inbox", 1), (f"flame/{analysis}/broadcast", 1)]
+        )
+        self.client.loop_start()
+        time.sleep(0.5)
+
+    def _on_message(self, _client: object, _userdata: object, message: object) -> None:
+        with self.lock:
+            self.frames.append((str(message.topic), bytes(message.payload)))  # type: ignore[attr-defined]
+
+    def replay(self, keep: object = None) -> int:
+        with self.lock:
+            frames = list(self.frames)
+        for topic, payload in frames:
+            self.client.publish(topic, payload, qos=1).wait_for_publish(10)
+        return len(frames)
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+def test_replayed_kickoffs_aggregates_and_results_change_nothing(
+    mqtt_broker: Broker, tmp_path: Path
+) -> None:
+    """Mid-run (epoch 2 computing), the operator re-publishes every frame recorded so far on
+    every inbox: the aggregator's start and epoch-0/1 aggregates to each node, the nodes'
+    epoch-0/1 results and acks. Dropped by id / epoch / run: the result is the honest one.
+    Held."""
+    from test_attacks_status import Spy
+
+    analysis = f"rt-protocol-replay-{time.monotonic_ns()}"
+    data = _write_data(tmp_path, VALUES)
+    code = tmp_path / "analysis.py"
+    code.write_text(textwrap.dedent(THREE_EPOCHS_ANALYSIS))
+    env = federation_env(mqtt_broker, analysis, NODES, epochs=3)
+    fed = Federation(env, code, data, NODES, tmp_path / "logs")
+    recorder = Recorder(mqtt_broker, analysis)
+    spy = Spy(mqtt_broker, analysis)
+    try:
+        fed.start_all()
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            if any(s.get("epoch") == 2 for s in spy.statuses("node-1")):
+                break
+            time.sleep(0.1)
+        replayed = recorder.replay()
+        assert replayed >= 6, replayed
+        values = fed.finish(timeout=150)
+    finally:
+        recorder.close()
+        spy.close()
+        fed.close()
+    # epoch 0: 136; epoch 1: 3 * 136 + 136 = 544; epoch 2: 3 * 544 + 136 = 1768
+    assert values == {name: {"total": 1768.0} for name in (AGGREGATOR, *NODES)}, values
