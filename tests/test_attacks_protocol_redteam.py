@@ -630,3 +630,79 @@ def test_replayed_kickoffs_aggregates_and_results_change_nothing(
         fed.close()
     # epoch 0: 136; epoch 1: 3 * 136 + 136 = 544; epoch 2: 3 * 544 + 136 = 1768
     assert values == {name: {"total": 1768.0} for name in (AGGREGATOR, *NODES)}, values
+
+
+# --- flame status and a forged aggregator status ----------------------------------------------
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="open: RunStatus.result_location (src/flame/ops/status.py) takes `location` and "
+    "`sha256` from the aggregator's status even when it is NOT VERIFIED / not current",
+)
+def test_flame_status_shows_no_result_location_from_an_unverified_status(
+    mqtt_broker: Broker, tmp_path: Path
+) -> None:
+    """After an honest run (no result storage configured for `flame status`), the operator
+    publishes an unsigned aggregator status, retained: state done, a location and a SHA-256
+    of its choosing. `flame status ID` (FLAME_ROSTER set) marks it NOT VERIFIED but still
+    prints the forged location as the run's final result, where an analyst would fetch it.
+    Safe outcome: the forged location appears nowhere in the output."""
+    import subprocess
+    import sys
+
+    from broker import ADMIN
+    from nodes import clean_env
+
+    from flame.transport.mqtt import status_topic
+
+    analysis = f"rt-protocol-flame-status-{time.monotonic_ns()}"
+    nodes = ["node-0", "node-1"]
+    data = _write_data(tmp_path, {"node-0": "1 2 3", "node-1": "10 20"})
+    code = tmp_path / "analysis.py"
+    code.write_text(textwrap.dedent(EPOCHS_ANALYSIS))
+    env = federation_env(mqtt_broker, analysis, nodes)
+    fed = Federation(env, code, data, nodes, tmp_path / "logs")
+    try:
+        fed.start_all()
+        assert fed.finish(timeout=120)[AGGREGATOR] == {"total": 36.0}
+    finally:
+        fed.close()
+    import paho.mqtt.client as mqtt
+
+    forged = {
+        "state": "done",
+        "role": "aggregation",
+        "location": "s3://operator-bucket/forged/result.bin",
+        "sha256": "0" * 64,
+        "instance": "forged",
+        "since": time.time(),
+        "seq": 99,
+        "at": time.time(),
+        "run": "forged-run",
+    }
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"op-{time.time_ns()}")
+    client.username_pw_set(ADMIN, mqtt_broker.password)
+    client.connect(mqtt_broker.host, mqtt_broker.port, keepalive=30)
+    client.loop_start()
+    topic = status_topic(analysis, AGGREGATOR)
+    client.publish(topic, json.dumps(forged), qos=1, retain=True).wait_for_publish(10)
+    client.loop_stop()
+    client.disconnect()
+    operator = {
+        **clean_env(),
+        "FLAME_BROKER__URL": mqtt_broker.url,
+        "FLAME_BROKER__USERNAME": "node-5",
+        "FLAME_BROKER__TOKEN": mqtt_broker.password,
+        "FLAME_ROSTER": env["FLAME_ROSTER"],
+    }
+    shown = subprocess.run(
+        [sys.executable, "-m", "flame", "status", analysis],
+        env=operator,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    text = shown.stdout + shown.stderr
+    assert "NOT VERIFIED" in text, text[-2000:]
+    assert "operator-bucket" not in text, text[-2000:]
