@@ -25,6 +25,14 @@ def _rebind(name: str, old: Any, new: Any) -> None:
             setattr(module, name, new)
 
 
+def _summer_module() -> Any:
+    """Where SecureSummer lives (secure/summer.py; main: secure/fields.py)."""
+    try:
+        return import_module("flame.secure.summer")
+    except ImportError:
+        return import_module("flame.secure.fields")
+
+
 def _hold() -> None:
     """The operator holds the other contributors' messages: here, their processes stop."""
     for pid in filter(None, os.environ.get("REDTEAM_HOLD", "").split(",")):
@@ -70,7 +78,7 @@ def aggregator_without_guard() -> None:
 def relabelling_aggregator() -> None:
     """Before each honest secure sum: node-1's lone ciphertext, relabelled as a sum of
     node-0 and node-1, sent to node-0 to decrypt; what came back is written to REDTEAM_OUT."""
-    fields = import_module("flame.secure.fields")
+    fields = _summer_module()
     honest = fields.SecureSummer.__call__
 
     def call(self: Any, results: dict[str, Any], epoch: int) -> Any:
@@ -128,7 +136,7 @@ def splitting_aggregator() -> None:
     """In epoch 0: the sum of node-1 and node-2 decrypted by node-1, then the sum of all three
     by node-0 (their difference: node-0's value), each with whatever the nodes require
     (endorsements where the code has them); what came back is written to REDTEAM_OUT."""
-    fields = import_module("flame.secure.fields")
+    fields = _summer_module()
 
     def call(self: Any, results: dict[str, Any], epoch: int) -> Any:
         import json

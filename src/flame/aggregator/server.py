@@ -45,7 +45,8 @@ from flame.node.mailbox import Mailbox
 from flame.node.status_board import STATUS_INTERVAL, StatusBoard
 from flame.privacy.disclosure import reveal_suppressed, unwrap_release
 from flame.privacy.tracebacks import trim_traceback_text
-from flame.secure.fields import SecureKeys, SecureSummer
+from flame.secure.fields import SecureKeys
+from flame.secure.summer import SecureSummer
 from flame.transport.base import Delivery, Transport
 from flame.utils import logs as _logging
 from flame.utils.deadline import Deadline
