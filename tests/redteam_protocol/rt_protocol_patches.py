@@ -25,8 +25,11 @@ def split_decrypters() -> None:
     the same epoch and for the same field, for sums over two different contributor sets:
     node-0 for {node-0, node-1}, node-2 for {node-0, node-1, node-2}. Each decrypter sees one
     request that holds its own contribution as sent; the difference is node-2's value."""
-    fields = import_module("flame.secure.fields")
-    honest = fields.SecureSummer.__call__
+    try:
+        summer_class = import_module("flame.secure.summer").SecureSummer
+    except ImportError:  # before cc33ac9
+        summer_class = import_module("flame.secure.fields").SecureSummer
+    honest = summer_class.__call__
     done: set[int] = set()
 
     def call(self: Any, results: dict[str, Any], epoch: int) -> Any:
@@ -35,7 +38,7 @@ def split_decrypters() -> None:
             _split(self, results, epoch)
         return honest(self, results, epoch)
 
-    fields.SecureSummer.__call__ = call
+    summer_class.__call__ = call
 
 
 def _split(summer: Any, results: dict[str, Any], epoch: int) -> None:
