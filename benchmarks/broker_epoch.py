@@ -173,7 +173,11 @@ def child_raw_node(url: str, tag: str, index: int) -> None:
             c.publish(f"bench/{tag}/agg", b"%d" % index + message.payload[:48], qos=1)
 
     client.on_message = on_message
+    ready = threading.Event()
+    client.on_subscribe = lambda *args: ready.set()
     client.subscribe(f"bench/{tag}/all", qos=1)
+    ready.wait(60)
+    client.publish(f"bench/{tag}/ready", b"%d" % index, qos=1)  # subscribed: kick off
     done.wait(600)
     client.disconnect()
     client.loop_stop()
@@ -196,10 +200,19 @@ def raw_epochs(url: str, nodes: int, epochs: int) -> list[float]:
         if answers == nodes:
             all_in.set()
 
+    ready: set[bytes] = set()
+    all_ready = threading.Event()
+
+    def on_ready(c: Any, u: Any, message: mqtt.MQTTMessage) -> None:
+        ready.add(bytes(message.payload))
+        if len(ready) == nodes:
+            all_ready.set()
+
     aggregator.on_message = on_message
+    aggregator.message_callback_add(f"bench/{tag}/ready", on_ready)
     subscribed = threading.Event()
     aggregator.on_subscribe = lambda *args: subscribed.set()
-    aggregator.subscribe(f"bench/{tag}/agg", qos=1)
+    aggregator.subscribe([(f"bench/{tag}/agg", 1), (f"bench/{tag}/ready", 1)])
     subscribed.wait(10)
     workers = [
         subprocess.Popen([sys.executable, script, "--child-raw-node", url, tag, str(i)])
@@ -207,7 +220,8 @@ def raw_epochs(url: str, nodes: int, epochs: int) -> list[float]:
     ]
     starts: list[float] = []
     try:
-        time.sleep(1.0 + 0.1 * nodes)  # every node connected and subscribed
+        if not all_ready.wait(120):  # every node connected and subscribed (slow under load)
+            raise SystemExit(f"raw epoch: only {len(ready)} of {nodes} nodes subscribed")
         for _ in range(epochs):
             all_in.clear()
             answers = 0
