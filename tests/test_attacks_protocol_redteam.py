@@ -760,3 +760,85 @@ def test_flame_status_shows_no_result_location_from_an_unverified_status(
     with _precondition():
         assert "NOT VERIFIED" in text, text[-2000:]
     assert "operator-bucket" not in text, text[-2000:]
+
+
+# --- an earlier run's end, replayed to a node of a new run of the same analysis id -----------
+
+FACTOR_ANALYSIS = """
+def analyze(data):
+    v = [float(x) for x in data.read_text("v.txt").split()]
+    return {{"x": {factor} * sum(v)}}
+
+def aggregate(results):
+    return {{"total": sum(r["x"] for r in results.values())}}
+"""
+
+
+_STALE_FINISHED = pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="open: a node that sees the aggregator's retained `done` status of an earlier run "
+    "takes a replayed `finished` of that run (runtime._from_current_aggregator) without "
+    "comparing the status's code hash with its own: exit 0 with the other code's result",
+)
+
+
+@pytest.mark.parametrize(
+    "replay",
+    [
+        pytest.param(True, marks=_STALE_FINISHED, id="replayed"),
+        pytest.param(False, id="not_replayed"),
+    ],
+)
+def test_a_node_takes_no_finished_of_a_run_of_other_code(
+    mqtt_broker: Broker, tmp_path: Path, replay: bool
+) -> None:
+    """Run 1 of analysis id X (code A: 1 * sum) finishes, no result storage; the operator
+    recorded every inbox frame. The analyst starts X again with code B (2 * sum); node-0
+    comes up before the aggregator and sees run 1's retained `done` aggregator status (no
+    replay needed: it is still retained). The operator re-publishes node-0's run-1 frames;
+    node-0 takes run 1's `finished` ("the run ended before this node joined") and exits 0
+    with 36, the result of code A, though it runs code B (the aggregator itself refuses a
+    stored result of other code). Safe outcome: node-0 does not end exit 0 with 36."""
+    analysis = f"rt-protocol-rerun-{time.monotonic_ns()}"
+    nodes = ["node-0", "node-1"]
+    data = _write_data(tmp_path, {"node-0": "1 2 3", "node-1": "10 20"})
+    code = tmp_path / "analysis.py"
+    code.write_text(textwrap.dedent(FACTOR_ANALYSIS.format(factor=1)))
+    env = federation_env(mqtt_broker, analysis, nodes, presence_timeout=20)
+    fed = Federation(env, code, data, nodes, tmp_path / "logs")
+    recorder = Recorder(mqtt_broker, analysis)
+    try:
+        fed.start_all()
+        with _precondition():
+            assert fed.finish(timeout=120)[AGGREGATOR] == {"total": 36.0}
+    finally:
+        fed.close()
+    recorder.client.unsubscribe([f"flame/{analysis}/+/inbox", f"flame/{analysis}/broadcast"])
+    with recorder.lock:  # node-0's own inbox only
+        recorder.frames = [(t, p) for t, p in recorder.frames if t.endswith("/node-0/inbox")]
+    code.write_text(textwrap.dedent(FACTOR_ANALYSIS.format(factor=2)))  # code B
+    second = Federation(env, code, data, nodes, tmp_path / "logs2")
+    from test_attacks_status import Spy
+
+    spy = Spy(mqtt_broker, analysis)
+    try:
+        waiting = len([s for s in spy.statuses("node-0") if s.get("state") == "waiting"])
+        node = second.start("node-0")
+        with _precondition():
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                now = [s for s in spy.statuses("node-0") if s.get("state") == "waiting"]
+                if len(now) > waiting:
+                    break
+                time.sleep(0.1)
+            time.sleep(1.0)
+            if replay:
+                assert recorder.replay() >= 2
+        exit_code = _exit_code(node, 40)
+        value = node.value() if exit_code == 0 else None
+    finally:
+        spy.close()
+        recorder.close()
+        second.close()
+    assert not (exit_code == 0 and value == {"total": 36.0}), (exit_code, value)
