@@ -842,3 +842,74 @@ def test_a_node_takes_no_finished_of_a_run_of_other_code(
         recorder.close()
         second.close()
     assert not (exit_code == 0 and value == {"total": 36.0}), (exit_code, value)
+
+
+# --- forwarded log lines and the operator's terminal ------------------------------------------
+
+ESCAPE_ANALYSIS = """
+import logging
+
+def analyze(data):
+    v = [float(x) for x in data.read_text("v.txt").split()]
+    if data.node_id == "node-1":  # cursor up, erase line: rewrites what the operator sees
+        logging.getLogger("analysis").warning("ok\\x1b[1A\\x1b[2Knode-0: ERROR forged by node-1")
+    return {"total": sum(v)}
+
+def aggregate(results):
+    return {"total": sum(r["total"] for r in results.values())}
+"""
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="open: forwarded log lines keep terminal control sequences (only line breaks are "
+    "split, LogForwarder.emit; Aggregator._note_logs stores them as sent): `flame status "
+    "--logs` writes a node's ESC sequences to the operator's terminal",
+)
+def test_flame_status_logs_prints_no_control_sequences_from_a_node(
+    mqtt_broker: Broker, tmp_path: Path
+) -> None:
+    """The analysis code on node-1 (whose policy forwards logs) logs a line with ANSI
+    escapes that move the cursor up and erase a line, then a line attributed to node-0.
+    Safe outcome: `flame status --logs` prints no ESC (0x1b) byte."""
+    import subprocess
+    import sys
+
+    from nodes import clean_env
+
+    analysis = f"rt-protocol-esc-{time.monotonic_ns()}"
+    nodes = ["node-0", "node-1"]
+    data = _write_data(tmp_path, {"node-0": "1 2 3", "node-1": "10 20"})
+    code = tmp_path / "analysis.py"
+    code.write_text(textwrap.dedent(ESCAPE_ANALYSIS))
+    policy = tmp_path / "policy.toml"
+    policy.write_text("forward_logs = true\n")
+    results = tmp_path / "results"
+    env = federation_env(mqtt_broker, analysis, nodes)
+    fed = Federation(env, code, data, nodes, tmp_path / "logs")
+    try:
+        fed.start(AGGREGATOR, FLAME_STORAGE__RESULTS_DIR=str(results))
+        fed.start("node-0")
+        fed.start("node-1", FLAME_POLICY=str(policy))
+        with _precondition():
+            assert fed.finish(timeout=120)[AGGREGATOR] == {"total": 36.0}
+    finally:
+        fed.close()
+    operator = {
+        **clean_env(),
+        "FLAME_BROKER__URL": mqtt_broker.url,
+        "FLAME_BROKER__USERNAME": "admin",
+        "FLAME_BROKER__TOKEN": mqtt_broker.password,
+        "FLAME_ROSTER": env["FLAME_ROSTER"],
+        "FLAME_STORAGE__RESULTS_DIR": str(results),
+    }
+    shown = subprocess.run(
+        [sys.executable, "-m", "flame", "status", analysis, "--logs"],
+        env=operator,
+        capture_output=True,
+        timeout=60,
+    )
+    with _precondition():
+        assert b"forged by node-1" in shown.stdout, shown.stdout[-2000:] + shown.stderr[-2000:]
+    assert b"\x1b" not in shown.stdout, shown.stdout[-2000:]
