@@ -146,9 +146,7 @@ class Site:
         self.broker = GeneratedBroker(folder, self.roster, use_tool)
         for node, values in VALUES.items():
             (folder / "data" / node).mkdir(parents=True)
-            (folder / "data" / node / "x.csv").write_text(
-                "x\n" + "".join(f"{v}\n" for v in values)
-            )
+            (folder / "data" / node / "x.csv").write_text("x\n" + "".join(f"{v}\n" for v in values))
         self.analysis = self.write_analysis("analysis.py", delay=0.0)
         self.results = folder / "results"
         self.logs = folder / "logs"

@@ -17,9 +17,22 @@ EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "federated_logis
 
 def simulate(*extra: str) -> dict[str, object]:
     done = subprocess.run(
-        [sys.executable, "-m", "flame", "simulate", str(EXAMPLE), "--data", str(EXAMPLE / "data"),
-         "--epochs", "20", "--quiet", *extra],
-        capture_output=True, text=True, timeout=180,
+        [
+            sys.executable,
+            "-m",
+            "flame",
+            "simulate",
+            str(EXAMPLE),
+            "--data",
+            str(EXAMPLE / "data"),
+            "--epochs",
+            "20",
+            "--quiet",
+            *extra,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
     )
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout)  # type: ignore[no-any-return]

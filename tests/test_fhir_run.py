@@ -96,9 +96,10 @@ def test_federated_mean_over_fhir_equals_pooled_and_lands_in_s3(
     manifest = store.get_json(layout.manifest())
     assert manifest["analysis_id"] == "fhir-mean"
     assert manifest["history"][0]["nodes"] == sorted(SIZES)
-    assert manifest["result"]["sha256"] == hashlib.sha256(
-        store.get_bytes(layout.final_result())
-    ).hexdigest()
+    assert (
+        manifest["result"]["sha256"]
+        == hashlib.sha256(store.get_bytes(layout.final_result())).hexdigest()
+    )
     assert result.location is not None and "final/result.bin" in result.location
 
 
@@ -157,7 +158,10 @@ def test_bad_tokens_stop_the_node_before_it_touches_data(tmp_path, data_api) -> 
         data_api.reset()
         done = subprocess.run(
             [sys.executable, "-m", "flame", "run", str(tmp_path)],
-            env=env, capture_output=True, text=True, timeout=60,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
         )
         output = done.stdout + done.stderr
         assert done.returncode != 0, case

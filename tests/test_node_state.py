@@ -37,9 +37,7 @@ def test_state_saved_in_epoch_0_is_read_later_and_kept_on_disk(tmp_path) -> None
     saved = unpack(store.get_bytes(AnalysisLayout("state-test").node_state("a", "model")))
     assert np.array_equal(saved["fitted"], [10.0, 20.0])
     # the state itself never travelled: no message carries the fitted array
-    assert not any(
-        isinstance(e.body, dict) and "fitted" in e.body for e in broker.delivered
-    )
+    assert not any(isinstance(e.body, dict) and "fitted" in e.body for e in broker.delivered)
 
 
 def test_state_survives_a_restart_of_the_run(tmp_path) -> None:

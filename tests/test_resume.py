@@ -24,7 +24,7 @@ from flame.clients.object_store import AnalysisLayout
 from flame.config import StorageSettings
 from flame.wire.envelope import unpack
 
-ANALYSIS = '''
+ANALYSIS = """
 import json, os, time
 import numpy as np
 
@@ -40,7 +40,7 @@ def aggregate(results, epoch, previous):
     w = 0.0 if previous is None else previous["w"]
     n = sum(r["n"] for r in results.values())
     return {"w": w + 0.5 * sum(r["grad"] for r in results.values()) / n, "epoch": epoch}
-'''
+"""
 
 NODES = {"node-0": "x\n1\n2\n3\n", "node-1": "x\n10\n20\n"}
 
@@ -107,8 +107,10 @@ def test_killed_aggregator_resumes_from_its_checkpoint(
     os.environ["AGGREGATE_LOG"] = str(tmp_path / "reference.log")
     try:
         reference = flame.simulate(
-            analysis.functions.analyze, analysis.functions.aggregate,
-            data=tmp_path / "data", epochs=4,
+            analysis.functions.analyze,
+            analysis.functions.aggregate,
+            data=tmp_path / "data",
+            epochs=4,
         )
     finally:
         del os.environ["AGGREGATE_LOG"]

@@ -150,9 +150,7 @@ def test_delivery_names_the_recipient_the_broker_refused() -> None:
         delivery.check()
 
 
-def test_delivery_past_its_deadline_is_an_error_and_joined_ones_keep_the_earlier_deadline() -> (
-    None
-):
+def test_delivery_past_its_deadline_is_an_error_and_joined_ones_keep_the_earlier_deadline() -> None:
     slow = FakePublish()
     delivery = Delivery([("a", slow)], 0.05) + Delivery([("b", FakePublish())], 60.0)
     assert not delivery.check()
