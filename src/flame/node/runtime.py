@@ -215,6 +215,7 @@ class AnalysisClient:
         self._acked = True
         self._resend_every = resend_interval
         self._resend_at = 0.0
+        self._aggregator_away = False  # its last will said offline; cleared by its next status
         self._link = 0
         self._aggregator_session: str | None = None  # the live aggregator process
         self._aggregator_last: tuple[str | None, str | None] = (None, None)  # session, state
@@ -577,7 +578,12 @@ class AnalysisClient:
         )
         if state == "offline" or (body.get("online") is False and state not in ("failed",)):
             log.warning("aggregator %s is offline; waiting for it", self.aggregator_id)
+            self._aggregator_away = True
             return None
+        if self._aggregator_away:  # back (partition over, or restarted): re-send at once,
+            self._aggregator_away = False  # not when the backed-off timer next fires
+            self._resend_every = self.resend_interval
+            self._resend_at = 0.0
         if state == "failed":
             if session is not None and session == self._aggregator_session:
                 epoch = body.get("epoch")
