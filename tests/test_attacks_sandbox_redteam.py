@@ -734,13 +734,6 @@ def aggregate(results):
 """
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="open: with forward_logs off (the default) the analysis child inherits the "
-    "runtime's own stdout/stderr descriptors (spawn.py: stdout/stderr=None); opened "
-    "before the Landlock domain, they stay writable and truncatable: the analysis wipes "
-    "the node's log file and forges its lines and its printed final value",
-)
 def test_the_analysis_cannot_wipe_or_forge_the_nodes_log(mqtt_broker: Any, tmp_path: Path) -> None:
     from broker import have_mosquitto
 
@@ -749,7 +742,11 @@ def test_the_analysis_cannot_wipe_or_forge_the_nodes_log(mqtt_broker: Any, tmp_p
     out = _federation(
         mqtt_broker, tmp_path, "logwipe", LOG_WIPER, "v\n1\n", FLAME_LOG_LEVEL="DEBUG"
     )
-    assert "FORGED" not in out["node-stderr"] and "FORGED" not in out["node-stdout"]
+    # what the analysis printed is relayed as its output, never as a line of the node's own
+    assert "FORGED" not in out["node-stdout"], out["node-stdout"][-2000:]
+    for line in out["node-stderr"].splitlines():
+        if "FORGED" in line:
+            assert "analysis stderr: FORGED" in line or "analysis output: " in line, line
     assert "approved on this node" in out["node-stderr"]  # written before the epoch: kept
 
 
@@ -1218,13 +1215,6 @@ with open(sys.argv[2], "w") as out:
 """
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="open: a node started from a terminal hands that terminal to the analysis child "
-    "(inherited stdio, same session); TIOCSTI on it types commands into the operator's "
-    "shell, which runs them unconfined after the node ends (Landlock's IOCTL_DEV right is "
-    "checked at open: inherited descriptors keep every ioctl)",
-)
 def test_the_analysis_cannot_type_into_the_operators_terminal(tmp_path: Path) -> None:
     import pty
 

@@ -18,11 +18,10 @@ import logging
 import os
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
 
@@ -31,6 +30,7 @@ from flame.data.sources.descriptor import open_read_only, reachable
 from flame.errors import AnalysisError, FlameError, PolicyRefused, RunTimeout
 from flame.isolation.channel import Channel, ChannelClosed
 from flame.isolation.inprocess import InProcessRunner, Outcome, RowMeter, Runner
+from flame.isolation.output import relay_output
 from flame.isolation.reach import child_hidden_paths, child_readable, settings_paths
 from flame.isolation.spawn import (
     empty_scratch,
@@ -55,17 +55,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _STOP_TIMEOUT = 5.0
-
-
-def _relay_output(stream: IO[bytes]) -> None:
-    """The analysis child's prints and log lines, as lines of this node's log (so they can
-    be forwarded when the node's policy allows it)."""
-    relay = logging.getLogger("flame.analysis")
-    with contextlib.suppress(OSError, ValueError):
-        for raw in stream:
-            line = raw.decode(errors="replace").rstrip()
-            if line:
-                relay.info("%s", line[:1000])
 
 
 RUNTIME_MODULES = (
@@ -187,7 +176,7 @@ class ChildRunner:
         self.context = context
         self.timeout = timeout
         self.cut_network = cut_network
-        self.capture_output = capture_output  # the child's stderr as node log lines
+        self.capture_output = capture_output  # forward_logs: no warm child (see start)
         # Called about once a second while the child computes; what it raises ends the wait
         # (the node runtime uses it to stop at an abort or a finished run).
         self.on_wait: Callable[[], None] | None = None
@@ -223,10 +212,7 @@ class ChildRunner:
         self._process, ours = warm or spawn_child(
             self.cut_network, self.capture_output, hide=self.hide, read=self.readable
         )
-        if self.capture_output and self._process.stdout is not None:
-            threading.Thread(
-                target=_relay_output, args=(self._process.stdout,), daemon=True
-            ).start()
+        relay_output(self._process)  # never the node's own terminal or log descriptors
         self._channel = Channel(ours)
         if self.hide:  # a node's runtime (next to keys and tokens); not the analyst's own
             # while the child boots, and before it is sent any analysis code to run: nothing
