@@ -408,12 +408,6 @@ def _memfd_attack(tmp_path: Path, mode: str) -> subprocess.CompletedProcess[str]
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="open: channel.receive maps the child's memfd MAP_PRIVATE without sealing or "
-    "copying it; the child keeps a dup and rewrites the result after the runtime decoded "
-    "(and checked) it: the arrays the runtime holds change under it",
-)
 def test_a_result_cannot_change_after_the_runtime_received_it(tmp_path: Path) -> None:
     done = _memfd_attack(tmp_path, "rewrite")
     assert done.returncode == 0, done.stderr[-2000:]
@@ -422,12 +416,6 @@ def test_a_result_cannot_change_after_the_runtime_received_it(tmp_path: Path) ->
     assert seen["sent"] == seen["checked"], seen
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="open: the child truncates the memfd of its result after sending it; the "
-    "runtime's next touch of the mapped arrays dies of SIGBUS (the node crashes without "
-    "reporting)",
-)
 def test_a_truncated_result_memfd_does_not_kill_the_runtime(tmp_path: Path) -> None:
     done = _memfd_attack(tmp_path, "truncate")
     assert done.returncode != -signal.SIGBUS, "the runtime process died of SIGBUS"
@@ -989,12 +977,6 @@ def _heard(stream: Any, dgram: Any) -> list[str]:
     return heard
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="open: seccomp refuses only the connect() syscall; an io_uring IORING_OP_CONNECT "
-    "and a sendto() on a datagram socket reach any named Unix socket of the host (Landlock "
-    "ABI <= 7 does not cover them; the network namespace does not either)",
-)
 def test_the_analysis_reaches_no_named_unix_socket(tmp_path: Path) -> None:
     stream, dgram, stream_path, dgram_path = _listening(tmp_path)
     try:
@@ -1044,12 +1026,6 @@ def metadata_changer(data: Any, epoch: int = 0, previous: Any = None) -> Any:
     return {"tries": json.dumps(tries)}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="open: seccomp refuses the xattr/chmod syscalls, but io_uring IORING_OP_FSETXATTR "
-    "sets extended attributes, POSIX ACLs included (a chmod in effect), on files the child "
-    "may only read",
-)
 def test_the_analysis_changes_no_metadata_of_what_it_may_only_read(tmp_path: Path) -> None:
     import importlib.util
 
@@ -1142,11 +1118,6 @@ def aggregate(results):
 """
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="open: on a real node the truncated result memfd kills `flame run` with SIGBUS "
-    "while it checks/sends the result: no error report, no failed status",
-)
 def test_a_real_node_survives_a_truncated_result_memfd(mqtt_broker: Any, tmp_path: Path) -> None:
     from broker import have_mosquitto
     from nodes import Federation, federation_env

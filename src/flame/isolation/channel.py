@@ -11,6 +11,7 @@ them, in `passed`, for the caller to take; anyone else's are closed and the fram
 
 from __future__ import annotations
 
+import fcntl
 import mmap
 import os
 import socket
@@ -29,12 +30,34 @@ SHARED_THRESHOLD = 256 * 1024
 _MAX_INLINE = 64 * 1024 * 1024
 
 
+_SEALS = getattr(fcntl, "F_SEAL_WRITE", 8) | getattr(fcntl, "F_SEAL_SHRINK", 2)
+_SEALS |= getattr(fcntl, "F_SEAL_GROW", 4)
+
+
+def _check_sealed(fd: int, size: int) -> None:
+    """Refuse a shared-memory frame the sender could still rewrite or truncate after we
+    checked it (a rewrite changes a result after the policy passed it; a truncation makes
+    the next touch of its arrays kill this process with SIGBUS)."""
+    try:
+        seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+    except OSError:
+        raise MessageError("shared-memory frame is not a sealable memfd") from None
+    if seals & _SEALS != _SEALS:
+        raise MessageError("shared-memory frame is not sealed against writes and resizing")
+    if os.fstat(fd).st_size < size:
+        raise MessageError("shared-memory frame is shorter than announced")
+
+
 class ChannelClosed(EOFError):
     """The other side closed the socket (or died)."""
 
 
 def _memfd_supported() -> bool:
-    return hasattr(os, "memfd_create") and hasattr(socket, "send_fds")
+    return (
+        hasattr(os, "memfd_create")
+        and hasattr(socket, "send_fds")
+        and hasattr(fcntl, "F_ADD_SEALS")
+    )
 
 
 class Channel:
@@ -64,9 +87,10 @@ class Channel:
                 self.sock.sendall(part)
             return
         if self.shared and size >= SHARED_THRESHOLD:
-            fd = os.memfd_create("flame-frame", os.MFD_CLOEXEC)
+            fd = os.memfd_create("flame-frame", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
             try:
                 _write_all(fd, parts)
+                fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SEALS | fcntl.F_SEAL_SEAL)
                 socket.send_fds(self.sock, [_HEAD.pack(_MEMFD, size)], [fd])
             finally:
                 os.close(fd)
@@ -91,9 +115,9 @@ class Channel:
             if mode == _MEMFD:
                 if len(fds) != 1:
                     raise MessageError("shared-memory frame without its descriptor")
-                if os.fstat(fds[0]).st_size < size:
-                    raise MessageError("shared-memory frame is shorter than announced")
-                # A private copy-on-write mapping: arrays decode as writable views of it.
+                _check_sealed(fds[0], size)
+                # A private copy-on-write mapping of a sealed memfd: arrays decode as
+                # writable views of it, and nobody can change or shrink it under them.
                 frame: Any = mmap.mmap(fds[0], size, flags=mmap.MAP_PRIVATE)
             elif mode == _INLINE and not fds and size <= _MAX_INLINE:
                 frame = bytearray(size)
