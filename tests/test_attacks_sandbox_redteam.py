@@ -553,12 +553,6 @@ def test_no_spelling_of_a_reserved_tag_reaches_the_runtimes_state(tmp_path: Path
 # --- 7. the reviewed bytes: a symlink in the analysis folder ---------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="open: analysis_code_files/take_snapshot follow a symlinked code file out of the "
-    "analysis folder; its target (the node's key) is hashed and copied into the snapshot the "
-    "child may read",
-)
 def test_the_snapshot_does_not_copy_a_node_secret_through_a_symlinked_code_file(
     tmp_path: Path,
 ) -> None:
