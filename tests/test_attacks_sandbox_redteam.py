@@ -1061,12 +1061,6 @@ def aggregate(results):
 """
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="open: quote_parser_message marks single-quoted values with the regex '([^']*)'; "
-    "DuckDB's \"Could not convert string 'O'Brien-XQ1' to INT32\" is cut at the value's own "
-    "apostrophe and the rest of the value (Brien-XQ1) leaves unmarked",
-)
 def test_a_value_with_an_apostrophe_in_a_sql_error_stays_on_its_node(
     mqtt_broker: Any, tmp_path: Path
 ) -> None:

@@ -25,6 +25,9 @@ from flame.privacy.quoting import (
         ("Conversion Error: Could not convert string 'patient0' to INT32", "to INT32"),
         ('invalid input syntax for type integer: "patient0"', "invalid input syntax"),
         ("some message naming patient0 without quotes", ""),
+        ("Conversion Error: Could not convert string 'O'patient0' to INT32", "to INT32"),
+        ("Could not convert string 'patient0 to INT32", ""),
+        ("Could not convert 'a' and \"b'patient0\" here", "here"),
     ],
 )
 def test_quoted_data_is_withheld_and_the_rest_kept(message: str, kept: str) -> None:
