@@ -815,13 +815,6 @@ def aggregate(results):
 """
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="open: ChildRunner._serve runs the child's receive/send with the child's own "
-    "timeout (float(args['timeout']), uncapped) in the runtime's main loop; the epoch "
-    "deadline and the aggregator's abort are only checked between messages, so the node "
-    "hangs for as long as the analysis asks",
-)
 def test_a_request_cannot_hold_the_runtime_past_its_epoch_deadline(
     mqtt_broker: Any, tmp_path: Path
 ) -> None:

@@ -55,6 +55,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _STOP_TIMEOUT = 5.0
+_SLICE = 1.0  # s: how often a wait served for the child looks for an abort
 
 
 RUNTIME_MODULES = (
@@ -187,6 +188,7 @@ class ChildRunner:
         self.network = "not started"
         self.confinement = "not started"
         self._declared: Any = None
+        self._deadline = float("inf")
         self._process: subprocess.Popen[bytes] | None = None
         self._channel: Channel | None = None
 
@@ -303,6 +305,7 @@ class ChildRunner:
     # --- the conversation --------------------------------------------------------------------
     def _request(self, op: str, body: Any, answer: str, *, deadline: float) -> dict[str, Any]:
         assert self._channel is not None
+        self._deadline = deadline  # what the child's own waits are capped at (`_wait_for`)
         self._channel.send(op, body)
         for kind, reply in self._messages(deadline):
             if kind == "call":
@@ -423,16 +426,11 @@ class ChildRunner:
                     str(args["category"]),
                     args.get("body"),
                     to=to,
-                    timeout=float(args.get("timeout", 30.0)),
+                    timeout=self._wait_for(args),
                 )
             )
         if op == "receive":
-            got = ctx.receive(
-                str(args["category"]),
-                senders=args.get("senders"),
-                timeout=float(args.get("timeout", 30.0)),
-            )
-            return {"messages": got.messages, "missing": got.missing}
+            return self._receive(str(args["category"]), args.get("senders"), args)
         if op == "save":
             ctx.save(str(args["tag"]), args.get("value"))
             return None
@@ -441,6 +439,33 @@ class ChildRunner:
             value = ctx.load(str(args["tag"]), missing)
             return {"present": value is not missing, "value": None if value is missing else value}
         raise FlameError(f"unknown request {op[:40]!r}")
+
+    def _wait_for(self, args: dict[str, Any]) -> float:
+        """The child's requested wait, capped at what is left of the epoch: a request
+        must not hold the runtime past its deadline."""
+        try:
+            asked = float(args.get("timeout", 30.0))
+        except (TypeError, ValueError):
+            raise FlameError("timeout must be a number") from None
+        if asked != asked:  # NaN
+            raise FlameError("timeout must be a number")
+        return max(0.0, min(asked, self._deadline - time.monotonic()))
+
+    def _receive(self, category: str, senders: Any, args: dict[str, Any]) -> dict[str, Any]:
+        """`Context.receive` in slices of at most a second, watching for an abort (or the
+        end of the run) between them like a computing child (`on_wait`)."""
+        end = time.monotonic() + self._wait_for(args)
+        wanted = None if senders is None else [str(s) for s in senders]
+        messages: dict[str, Any] = {}
+        while True:
+            left = max(0.0, end - time.monotonic())
+            got = self.context.receive(category, senders=wanted, timeout=min(left, _SLICE))
+            messages.update(got.messages)
+            wanted = list(got.missing)
+            if not wanted or left <= _SLICE:
+                return {"messages": messages, "missing": sorted(wanted)}
+            if self.on_wait is not None:
+                self.on_wait()
 
     def _source_call(self, args: dict[str, Any]) -> Any:
         source = self.data.source(str(args["source"]))
