@@ -775,12 +775,6 @@ finally:
 """
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="open: the runtime's channel accepts frames up to 1 TiB (Channel max_bytes=1<<40) "
-    "and decodes the JSON body item by item with no count or decoded-size cap: ~50 bytes "
-    "of runtime memory per wire byte ([{}, {}, ...]); a 500 MB result OOM-kills the node",
-)
 def test_a_result_cannot_make_the_runtime_allocate_far_more_than_it_sent(tmp_path: Path) -> None:
     (tmp_path / "amplifier.py").write_text(AMPLIFIER)
     victim = tmp_path / "victim.py"

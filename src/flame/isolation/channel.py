@@ -64,10 +64,16 @@ class Channel:
     """One end of the parent/child socket: `send(op, body)`, `receive() -> (op, body)`."""
 
     def __init__(
-        self, sock: socket.socket, *, max_bytes: int = 1 << 40, accept_descriptors: bool = False
+        self,
+        sock: socket.socket,
+        *,
+        max_bytes: int = 1 << 40,
+        max_items: int | None = None,
+        accept_descriptors: bool = False,
     ) -> None:
         self.sock = sock
         self.max_bytes = max_bytes
+        self.max_items = max_items  # JSON values per frame (the runtime's: a child's frames)
         self.shared = _memfd_supported() and sock.family == socket.AF_UNIX
         self.accept_descriptors = accept_descriptors
         self.passed: list[int] = []  # descriptors of the last frame (accept_descriptors)
@@ -136,7 +142,9 @@ class Channel:
             # frames may be huge (arrays in a memfd); a table's decoded size is capped like a
             # broker message's: a hostile child's few-byte table must not inflate here
             tables = min(self.max_bytes, DEFAULT_MAX_BYTES)
-            envelope = decode(frame, max_bytes=self.max_bytes, max_table_bytes=tables)
+            envelope = decode(
+                frame, max_bytes=self.max_bytes, max_table_bytes=tables, max_items=self.max_items
+            )
         except MessageError:
             for fd in kept:
                 os.close(fd)

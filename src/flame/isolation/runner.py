@@ -40,6 +40,7 @@ from flame.isolation.spawn import (
 )
 from flame.node.context import Context
 from flame.privacy.markers import from_plain, to_plain
+from flame.wire.envelope import DEFAULT_MAX_BYTES
 
 __all__ = [
     "ChildRunner",
@@ -55,6 +56,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _STOP_TIMEOUT = 5.0
+MAX_CHILD_ITEMS = 1_000_000
+"""JSON values in one frame from the child (arrays travel as raw bytes and do not count)."""
 _SLICE = 1.0  # s: how often a wait served for the child looks for an abort
 
 
@@ -168,6 +171,7 @@ class ChildRunner:
         capture_output: bool = False,
         hide: Sequence[str | Path] = (),
         allow_messages: bool = True,
+        max_frame_bytes: int = DEFAULT_MAX_BYTES,
     ) -> None:
         locator = locate(analyze)
         if locator is None:
@@ -184,6 +188,7 @@ class ChildRunner:
         self.hide = child_hidden_paths(hide, locator.get("file") or locator.get("path"))
         self.readable = child_readable(locator)
         self.allow_messages = allow_messages
+        self.max_frame_bytes = max_frame_bytes  # the broker's message limit on a node
         self.meter = RowMeter()
         self.network = "not started"
         self.confinement = "not started"
@@ -215,7 +220,9 @@ class ChildRunner:
             self.cut_network, self.capture_output, hide=self.hide, read=self.readable
         )
         relay_output(self._process)  # never the node's own terminal or log descriptors
-        self._channel = Channel(ours)
+        # what a child sends is capped like a broker message, and in JSON values: a small
+        # frame must not decode into gigabytes of Python objects here
+        self._channel = Channel(ours, max_bytes=self.max_frame_bytes, max_items=MAX_CHILD_ITEMS)
         if self.hide:  # a node's runtime (next to keys and tokens); not the analyst's own
             # while the child boots, and before it is sent any analysis code to run: nothing
             # the runtime imports later can have been planted by the analysis
