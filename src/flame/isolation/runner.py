@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -95,6 +96,16 @@ def preload_runtime() -> None:
         except ImportError:  # an optional dependency (pyarrow) that is not installed
             log.debug("not preloaded (not installed): %s", name)
     _preloaded = True
+
+
+def _kill_group(process: subprocess.Popen[bytes]) -> None:
+    """Kill the child's process group (it leads a session of its own) while its leader is
+    not yet reaped, so the group id cannot belong to anyone else. Where the child runs as
+    PID 1 of its own PID namespace (`_boot`), ending it ends every process it started; this
+    is the fallback where that namespace is not available (a process that left the group
+    with setsid() is then out of reach)."""
+    with contextlib.suppress(OSError):
+        os.killpg(process.pid, signal.SIGKILL)
 
 
 class AnalysisAt:
@@ -305,6 +316,7 @@ class ChildRunner:
             try:
                 process.wait(timeout=_STOP_TIMEOUT)
             except subprocess.TimeoutExpired:
+                _kill_group(process)
                 process.kill()
                 process.wait(timeout=_STOP_TIMEOUT)
             empty_scratch(process)  # nothing the child wrote outlives its run
@@ -359,6 +371,7 @@ class ChildRunner:
         process, channel = self._process, self._channel
         self._process = self._channel = None
         if process is not None and process.poll() is None:
+            _kill_group(process)
             process.kill()
             process.wait(timeout=_STOP_TIMEOUT)
         if process is not None:
