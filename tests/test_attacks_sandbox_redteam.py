@@ -667,13 +667,6 @@ def aggregate(results):
 """
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="open: an analysis's own exception quoting a data value (KeyError: 'patient0') "
-    "leaves the node verbatim under the default send_tracebacks = true, even under an "
-    "epsilon budget: only flame's reader messages are marked (privacy/quoting.py), "
-    "runtime.report_failure withholds nothing else",
-)
 def test_a_data_value_in_the_analysis_own_error_stays_on_its_node(
     mqtt_broker: Any, tmp_path: Path
 ) -> None:
