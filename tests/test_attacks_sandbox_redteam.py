@@ -181,7 +181,9 @@ _SYS_PROCESS_VM_READV = 310
 
 def parent_reader(data: Any, epoch: int = 0, previous: Any = None) -> Any:
     params = flame.context().params
-    ppid = os.getppid()
+    # the runtime's pid as this machine sees it: in its own PID namespace the child's
+    # getppid() is 0 (its parent is outside), which would make kill(ppid) hit its own group
+    ppid = int(params["runtime"])
     libc = ctypes.CDLL(None, use_errno=True)
     libc.syscall.restype = ctypes.c_long
     libc.ptrace.restype = ctypes.c_long
@@ -256,7 +258,9 @@ def parent_reader(data: Any, epoch: int = 0, previous: Any = None) -> Any:
 def test_a_hostile_analysis_cannot_read_signal_or_trace_the_runtime(tmp_path: Path) -> None:
     paths = _node(tmp_path)
     canary = ctypes.create_string_buffer(SECRET.encode())
-    ctx = _context(key=str(paths["key"]), address=str(ctypes.addressof(canary)))
+    ctx = _context(
+        key=str(paths["key"]), address=str(ctypes.addressof(canary)), runtime=os.getpid()
+    )
     got: list[int] = []
     previous = signal.signal(signal.SIGWINCH, lambda signum, frame: got.append(signum))
     try:
