@@ -27,9 +27,10 @@ _CHUNK = 64 * 1024
 relay_log = logging.getLogger("flame.analysis")
 
 
-def relay_output(process: subprocess.Popen[bytes]) -> list[threading.Thread]:
-    """Start relaying the child's stdout (INFO) and stderr (WARNING); the threads end at
-    the child's EOF (its exit, or its last descriptor closed)."""
+def relay_output(process: subprocess.Popen[bytes], node_id: str = "") -> list[threading.Thread]:
+    """Start relaying the child's stdout (INFO) and stderr (WARNING), stamped with the
+    node's id (the relay thread has no node context of its own); the threads end at the
+    child's EOF (its exit, or its last descriptor closed)."""
     threads = []
     for stream, level, label in (
         (process.stdout, logging.INFO, "analysis output"),
@@ -38,7 +39,7 @@ def relay_output(process: subprocess.Popen[bytes]) -> list[threading.Thread]:
         if stream is None:
             continue
         thread = threading.Thread(
-            target=_relay, args=(stream, level, label), name=f"flame-{label}", daemon=True
+            target=_relay, args=(stream, level, label, node_id), name=f"flame-{label}", daemon=True
         )
         thread.start()
         threads.append(thread)
@@ -54,7 +55,8 @@ def clean(raw: bytes) -> str:
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
-def _relay(stream: IO[bytes], level: int, label: str) -> None:
+def _relay(stream: IO[bytes], level: int, label: str, node_id: str) -> None:
+    extra = {"node_id": node_id} if node_id else None
     fd = stream.fileno()
     pending = b""
     skipping = False  # the rest of an over-long line is dropped up to its newline
@@ -69,7 +71,7 @@ def _relay(stream: IO[bytes], level: int, label: str) -> None:
             dropped += 1
             return
         lines += 1
-        relay_log.log(level, "%s: %s", label, line[:MAX_LINE])
+        relay_log.log(level, "%s: %s", label, line[:MAX_LINE], extra=extra)
 
     with contextlib.suppress(OSError, ValueError):
         while True:
@@ -91,6 +93,8 @@ def _relay(stream: IO[bytes], level: int, label: str) -> None:
     if pending and not skipping:
         emit(pending)
     if dropped:
-        relay_log.warning("%s: %d further line(s) dropped (at most %d)", label, dropped, lines)
+        relay_log.warning(
+            "%s: %d further line(s) dropped (at most %d)", label, dropped, lines, extra=extra
+        )
     with contextlib.suppress(OSError):
         stream.close()

@@ -230,7 +230,8 @@ class ChildRunner:
         self._process, ours = warm or spawn_child(
             self.cut_network, self.capture_output, hide=self.hide, read=self.readable
         )
-        relay_output(self._process)  # never the node's own terminal or log descriptors
+        # never the node's own terminal or log descriptors: pipes, relayed as log lines
+        relay_output(self._process, self.context.node_id or "")
         # what a child sends is capped like a broker message, and in JSON values: a small
         # frame must not decode into gigabytes of Python objects here
         self._channel = Channel(ours, max_bytes=self.max_frame_bytes, max_items=MAX_CHILD_ITEMS)
