@@ -257,7 +257,8 @@ def aggregate(results):
     ],
 )
 def test_the_runtimes_own_tags_cannot_be_forged(tmp_path: Path, kind: str, fields: str) -> None:
-    policy = _policy(tmp_path, min_cell_count=5)
+    # send_tracebacks set explicitly: under a budget error text otherwise stays on the node
+    policy = _policy(tmp_path, min_cell_count=5, send_tracebacks=True)
     broker, wire = _wire()
     with pytest.raises(RunFailed, match="unknown marker kind"):
         _simulate(

@@ -181,7 +181,9 @@ _SYS_PROCESS_VM_READV = 310
 
 def parent_reader(data: Any, epoch: int = 0, previous: Any = None) -> Any:
     params = flame.context().params
-    ppid = os.getppid()
+    # the runtime's pid as this machine sees it: in its own PID namespace the child's
+    # getppid() is 0 (its parent is outside), which would make kill(ppid) hit its own group
+    ppid = int(params["runtime"])
     libc = ctypes.CDLL(None, use_errno=True)
     libc.syscall.restype = ctypes.c_long
     libc.ptrace.restype = ctypes.c_long
@@ -256,7 +258,9 @@ def parent_reader(data: Any, epoch: int = 0, previous: Any = None) -> Any:
 def test_a_hostile_analysis_cannot_read_signal_or_trace_the_runtime(tmp_path: Path) -> None:
     paths = _node(tmp_path)
     canary = ctypes.create_string_buffer(SECRET.encode())
-    ctx = _context(key=str(paths["key"]), address=str(ctypes.addressof(canary)))
+    ctx = _context(
+        key=str(paths["key"]), address=str(ctypes.addressof(canary)), runtime=os.getpid()
+    )
     got: list[int] = []
     previous = signal.signal(signal.SIGWINCH, lambda signum, frame: got.append(signum))
     try:
@@ -289,7 +293,8 @@ def lingerer(data: Any, epoch: int = 0, previous: Any = None) -> Any:
         os.setsid()
         if os.fork() > 0:
             os._exit(0)
-        os.write(write, str(os.getpid()).encode())
+        # its pid as this machine sees it (in a PID namespace os.getpid() is another number)
+        os.write(write, os.readlink("/proc/self").encode())
         os.close(write)
         end = time.monotonic() + 60
         n = 0
@@ -314,12 +319,6 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="open: a double-forked, setsid grandchild of the analysis outlives "
-    "ChildRunner.close() (it only waits for/kills the direct child) and keeps the "
-    "scratch folder and a data descriptor alive after the run",
-)
 def test_no_process_of_the_analysis_outlives_its_run(tmp_path: Path) -> None:
     paths = _node(tmp_path)
     result = _run(lingerer, _context(), paths)
@@ -408,12 +407,6 @@ def _memfd_attack(tmp_path: Path, mode: str) -> subprocess.CompletedProcess[str]
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="open: channel.receive maps the child's memfd MAP_PRIVATE without sealing or "
-    "copying it; the child keeps a dup and rewrites the result after the runtime decoded "
-    "(and checked) it: the arrays the runtime holds change under it",
-)
 def test_a_result_cannot_change_after_the_runtime_received_it(tmp_path: Path) -> None:
     done = _memfd_attack(tmp_path, "rewrite")
     assert done.returncode == 0, done.stderr[-2000:]
@@ -422,12 +415,6 @@ def test_a_result_cannot_change_after_the_runtime_received_it(tmp_path: Path) ->
     assert seen["sent"] == seen["checked"], seen
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="open: the child truncates the memfd of its result after sending it; the "
-    "runtime's next touch of the mapped arrays dies of SIGBUS (the node crashes without "
-    "reporting)",
-)
 def test_a_truncated_result_memfd_does_not_kill_the_runtime(tmp_path: Path) -> None:
     done = _memfd_attack(tmp_path, "truncate")
     assert done.returncode != -signal.SIGBUS, "the runtime process died of SIGBUS"
@@ -565,12 +552,6 @@ def test_no_spelling_of_a_reserved_tag_reaches_the_runtimes_state(tmp_path: Path
 # --- 7. the reviewed bytes: a symlink in the analysis folder ---------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="open: analysis_code_files/take_snapshot follow a symlinked code file out of the "
-    "analysis folder; its target (the node's key) is hashed and copied into the snapshot the "
-    "child may read",
-)
 def test_the_snapshot_does_not_copy_a_node_secret_through_a_symlinked_code_file(
     tmp_path: Path,
 ) -> None:
@@ -690,13 +671,6 @@ def aggregate(results):
 """
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="open: an analysis's own exception quoting a data value (KeyError: 'patient0') "
-    "leaves the node verbatim under the default send_tracebacks = true, even under an "
-    "epsilon budget: only flame's reader messages are marked (privacy/quoting.py), "
-    "runtime.report_failure withholds nothing else",
-)
 def test_a_data_value_in_the_analysis_own_error_stays_on_its_node(
     mqtt_broker: Any, tmp_path: Path
 ) -> None:
@@ -734,13 +708,6 @@ def aggregate(results):
 """
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="open: with forward_logs off (the default) the analysis child inherits the "
-    "runtime's own stdout/stderr descriptors (spawn.py: stdout/stderr=None); opened "
-    "before the Landlock domain, they stay writable and truncatable: the analysis wipes "
-    "the node's log file and forges its lines and its printed final value",
-)
 def test_the_analysis_cannot_wipe_or_forge_the_nodes_log(mqtt_broker: Any, tmp_path: Path) -> None:
     from broker import have_mosquitto
 
@@ -749,7 +716,11 @@ def test_the_analysis_cannot_wipe_or_forge_the_nodes_log(mqtt_broker: Any, tmp_p
     out = _federation(
         mqtt_broker, tmp_path, "logwipe", LOG_WIPER, "v\n1\n", FLAME_LOG_LEVEL="DEBUG"
     )
-    assert "FORGED" not in out["node-stderr"] and "FORGED" not in out["node-stdout"]
+    # what the analysis printed is relayed as its output, never as a line of the node's own
+    assert "FORGED" not in out["node-stdout"], out["node-stdout"][-2000:]
+    for line in out["node-stderr"].splitlines():
+        if "FORGED" in line:
+            assert "analysis stderr: FORGED" in line or "analysis output: " in line, line
     assert "approved on this node" in out["node-stderr"]  # written before the epoch: kept
 
 
@@ -796,12 +767,6 @@ finally:
 """
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="open: the runtime's channel accepts frames up to 1 TiB (Channel max_bytes=1<<40) "
-    "and decodes the JSON body item by item with no count or decoded-size cap: ~50 bytes "
-    "of runtime memory per wire byte ([{}, {}, ...]); a 500 MB result OOM-kills the node",
-)
 def test_a_result_cannot_make_the_runtime_allocate_far_more_than_it_sent(tmp_path: Path) -> None:
     (tmp_path / "amplifier.py").write_text(AMPLIFIER)
     victim = tmp_path / "victim.py"
@@ -836,13 +801,6 @@ def aggregate(results):
 """
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="open: ChildRunner._serve runs the child's receive/send with the child's own "
-    "timeout (float(args['timeout']), uncapped) in the runtime's main loop; the epoch "
-    "deadline and the aggregator's abort are only checked between messages, so the node "
-    "hangs for as long as the analysis asks",
-)
 def test_a_request_cannot_hold_the_runtime_past_its_epoch_deadline(
     mqtt_broker: Any, tmp_path: Path
 ) -> None:
@@ -992,12 +950,6 @@ def _heard(stream: Any, dgram: Any) -> list[str]:
     return heard
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="open: seccomp refuses only the connect() syscall; an io_uring IORING_OP_CONNECT "
-    "and a sendto() on a datagram socket reach any named Unix socket of the host (Landlock "
-    "ABI <= 7 does not cover them; the network namespace does not either)",
-)
 def test_the_analysis_reaches_no_named_unix_socket(tmp_path: Path) -> None:
     stream, dgram, stream_path, dgram_path = _listening(tmp_path)
     try:
@@ -1047,12 +999,6 @@ def metadata_changer(data: Any, epoch: int = 0, previous: Any = None) -> Any:
     return {"tries": json.dumps(tries)}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="open: seccomp refuses the xattr/chmod syscalls, but io_uring IORING_OP_FSETXATTR "
-    "sets extended attributes, POSIX ACLs included (a chmod in effect), on files the child "
-    "may only read",
-)
 def test_the_analysis_changes_no_metadata_of_what_it_may_only_read(tmp_path: Path) -> None:
     import importlib.util
 
@@ -1094,12 +1040,6 @@ def aggregate(results):
 """
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="open: quote_parser_message marks single-quoted values with the regex '([^']*)'; "
-    "DuckDB's \"Could not convert string 'O'Brien-XQ1' to INT32\" is cut at the value's own "
-    "apostrophe and the rest of the value (Brien-XQ1) leaves unmarked",
-)
 def test_a_value_with_an_apostrophe_in_a_sql_error_stays_on_its_node(
     mqtt_broker: Any, tmp_path: Path
 ) -> None:
@@ -1145,11 +1085,6 @@ def aggregate(results):
 """
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="open: on a real node the truncated result memfd kills `flame run` with SIGBUS "
-    "while it checks/sends the result: no error report, no failed status",
-)
 def test_a_real_node_survives_a_truncated_result_memfd(mqtt_broker: Any, tmp_path: Path) -> None:
     from broker import have_mosquitto
     from nodes import Federation, federation_env
@@ -1218,13 +1153,6 @@ with open(sys.argv[2], "w") as out:
 """
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="open: a node started from a terminal hands that terminal to the analysis child "
-    "(inherited stdio, same session); TIOCSTI on it types commands into the operator's "
-    "shell, which runs them unconfined after the node ends (Landlock's IOCTL_DEV right is "
-    "checked at open: inherited descriptors keep every ioctl)",
-)
 def test_the_analysis_cannot_type_into_the_operators_terminal(tmp_path: Path) -> None:
     import pty
 

@@ -21,10 +21,10 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from flame.analysis.code_hash import analysis_code_hash
 from flame.cli import main
 from flame.errors import ConfigError
 from flame.identity import Identity, Roster
-from flame.analysis.code_hash import analysis_code_hash
 from flame.ops.deploy_kube import kube_documents
 from flame.ops.deploy_spec import DeploySpec
 from flame.ops.deploy_yaml import dump, dump_all

@@ -131,3 +131,18 @@ def test_init_dockerignore_keeps_bytecode_and_pth_out_even_of_a_let_in_folder(
     assert not ignored("main.py") and not ignored("mypackage")
     for stray in ("__pycache__", "mypackage/__pycache__", "mypackage/x.pyc", "evil.pth"):
         assert ignored(stray), stray
+
+
+def test_the_code_hash_refuses_a_symlinked_code_file_naming_it(tmp_path: Path) -> None:
+    secret = tmp_path / "identity.key"
+    secret.write_text("NODE-KEY")
+    code = tmp_path / "code"
+    (code / "pkg").mkdir(parents=True)
+    (code / "main.py").write_text("def analyze(data):\n    return 1\n")
+    (code / "notes.py").symlink_to(secret)
+    with pytest.raises(AnalysisLoadError, match=r"notes\.py"):
+        analysis_code_hash(code / "main.py")
+    (code / "notes.py").unlink()
+    (code / "pkg" / "inner").symlink_to(tmp_path, target_is_directory=True)
+    (tmp_path / "x.py").write_text("X = 1\n")
+    analysis_code_hash(code / "main.py")  # a symlinked folder is not walked at all

@@ -25,6 +25,9 @@ from flame.privacy.quoting import (
         ("Conversion Error: Could not convert string 'patient0' to INT32", "to INT32"),
         ('invalid input syntax for type integer: "patient0"', "invalid input syntax"),
         ("some message naming patient0 without quotes", ""),
+        ("Conversion Error: Could not convert string 'O'patient0' to INT32", "to INT32"),
+        ("Could not convert string 'patient0 to INT32", ""),
+        ("Could not convert 'a' and \"b'patient0\" here", "here"),
     ],
 )
 def test_quoted_data_is_withheld_and_the_rest_kept(message: str, kept: str) -> None:
@@ -65,3 +68,13 @@ def test_forwarded_log_lines_never_carry_quoted_data() -> None:
     forwarder.emit(record)
     lines = "\n".join(forwarder.take())
     assert "got 3" in lines and "patient0" not in lines
+
+
+def test_a_frame_with_too_many_json_values_is_refused_before_parsing() -> None:
+    from flame.errors import MessageError
+    from flame.wire.envelope import Envelope, decode, encode
+
+    frame = encode(Envelope("a", "n", "n", "message", 0, {"x": [{}] * 1000}, "result"))
+    assert decode(frame, max_items=5000).body == {"x": [{}] * 1000}
+    with pytest.raises(MessageError, match="numpy arrays"):
+        decode(frame, max_items=1000)

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from flame.errors import ConfigError
+from flame.errors import AnalysisLoadError, ConfigError
 
 __all__ = ["code_hash"]
 
@@ -130,14 +130,37 @@ def analysis_code_files(path: str | Path) -> list[Path]:
             continue
         if file.name.startswith("test_") or file.name == "conftest.py":
             continue  # pytest files (an image ships without them); see README
-        if file.suffix in _CODE_SUFFIXES and file.is_file():
+        if file.suffix in _CODE_SUFFIXES and (file.is_file() or file.is_symlink()):
             files.add(file)
             if len(files) > _MAX_CODE_FILES:
                 raise ConfigError(
                     f"analysis {path}: more than {_MAX_CODE_FILES} code files under {root}; "
                     "put the analysis in a folder of its own"
                 )
+    for file in files:
+        _refuse_outside(file, root)
     return sorted(files)
+
+
+def _refuse_outside(file: Path, root: Path) -> None:
+    """A code file that is a symlink, lies under a symlinked folder, or whose real path
+    leaves the analysis folder is refused, naming it: the hash and the snapshot would
+    otherwise cover (and copy for the child) whatever it points at, a node key included."""
+
+    relative = file.relative_to(root)
+    current = root
+    for part in relative.parts:
+        current = current / part
+        if current.is_symlink():
+            raise AnalysisLoadError(
+                f"analysis code file {relative} is (or lies under) a symbolic link "
+                f"({current.relative_to(root)}); replace it with the file itself"
+            )
+    real_root = root.resolve()
+    if not file.resolve().is_relative_to(real_root) or not file.is_file():
+        raise AnalysisLoadError(
+            f"analysis code file {relative} is not a regular file inside {root}"
+        )
 
 
 def analysis_code_hash(path: str | Path) -> str:

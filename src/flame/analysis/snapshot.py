@@ -84,7 +84,7 @@ def take_snapshot(path: str | Path) -> Snapshot:
         for file in files:
             target = root.joinpath(*file.relative_to(origin).parts)
             target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(file.read_bytes())
+            target.write_bytes(_read_no_follow(file))
             target.chmod(0o444)
     except OSError as exc:
         _remove(root)
@@ -93,6 +93,15 @@ def take_snapshot(path: str | Path) -> Snapshot:
         Path(folder).chmod(0o555)
     entry = root / source.name if source.is_file() else root
     return Snapshot(entry, root, analysis_code_hash(entry))
+
+
+def _read_no_follow(file: Path) -> bytes:
+    """The bytes of a regular file, never through a symlink swapped in after the check."""
+    fd = os.open(file, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb") as stream:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(f"{file.name} is not a regular file")
+        return stream.read()
 
 
 def _remove(root: Path) -> None:

@@ -23,6 +23,7 @@ import ctypes
 import os
 import struct
 import sys
+from typing import Any
 
 _CREATE, _ADD_RULE, _RESTRICT = 444, 445, 446  # same numbers on x86_64 and aarch64
 _VERSION = 1 << 0
@@ -174,8 +175,10 @@ def confine(readable: list[str], writable: list[str], hidden: list[str], *, cut_
     return f"Landlock ABI {abi} allow-list: " + ", ".join(what)
 
 
-# --- seccomp: no connect(), no metadata changes -----------------------------------------------
-_AUDIT_ARCH = {"x86_64": (0xC000003E, 42), "aarch64": (0xC00000B7, 203)}  # (arch, connect)
+# --- seccomp: no connect(), no Unix sockets, no io_uring, no metadata changes ----------------
+_AUDIT_ARCH = {"x86_64": 0xC000003E, "aarch64": 0xC00000B7}
+_CONNECT = {"x86_64": 42, "aarch64": 203}
+_SOCKET = {"x86_64": 41, "aarch64": 198}
 # chmod/chown/utime*/xattr families: Landlock (up to ABI 7) does not cover them, so a child
 # could make the runtime's files world-writable or touch them even where it may not write.
 _METADATA = {
@@ -183,44 +186,66 @@ _METADATA = {
     "aarch64": (5, 6, 7, 14, 15, 16, 52, 53, 54, 55, 88),
 }
 _METADATA_NEW = (452, 463, 466)  # fchmodat2, setxattrat, removexattrat (same on both)
+# io_uring_setup/enter/register (same on both): its operations (connect, socket, fsetxattr,
+# ...) are never seen by a syscall filter, so the ring itself is refused
+_IO_URING = (425, 426, 427)
+_AF_UNIX = 1
 _PR_SET_SECCOMP, _SECCOMP_MODE_FILTER = 22, 2
-_RET_ALLOW, _RET_ERRNO, _EACCES, _EPERM = 0x7FFF0000, 0x00050000, 13, 1
+_RET_ALLOW, _RET_ERRNO = 0x7FFF0000, 0x00050000
+_EACCES, _EPERM, _ENOSYS = 13, 1, 38
 _LD_ABS_W, _JEQ_K, _JGE_K, _RET_K = 0x20, 0x15, 0x35, 0x06
+_ARG0_LOW = 16  # seccomp_data.args[0], its low 32 bits (both are little-endian)
+
+
+def _filter(machine: str, *, connect: bool) -> list[tuple[int, int, int, int]]:
+    """The classic BPF program: jumps to named returns, resolved to forward offsets."""
+    ops: list[tuple[int, Any, Any, int]] = [
+        (_LD_ABS_W, 0, 0, 4),  # seccomp_data.arch
+        (_JEQ_K, 0, "eperm", _AUDIT_ARCH[machine]),  # another ABI (int 0x80): refused
+        (_LD_ABS_W, 0, 0, 0),  # seccomp_data.nr
+        (_JGE_K, "eperm", 0, 0x40000000),  # x32 system call numbers: refused
+    ]
+    ops += [(_JEQ_K, "eperm", 0, nr) for nr in (*_METADATA[machine], *_METADATA_NEW)]
+    ops += [(_JEQ_K, "enosys", 0, nr) for nr in _IO_URING]
+    if connect:
+        ops.append((_JEQ_K, "eacces", 0, _CONNECT[machine]))
+        ops.append((_JEQ_K, "socket", 0, _SOCKET[machine]))
+    ops.append((_RET_K, 0, 0, _RET_ALLOW))
+    labels = {"socket": len(ops)}
+    ops += [
+        (_LD_ABS_W, 0, 0, _ARG0_LOW),  # socket(domain, ...): no AF_UNIX socket
+        (_JEQ_K, "eacces", 0, _AF_UNIX),
+        (_RET_K, 0, 0, _RET_ALLOW),
+    ]
+    for name, value in (("eperm", _EPERM), ("eacces", _EACCES), ("enosys", _ENOSYS)):
+        labels[name] = len(ops)
+        ops.append((_RET_K, 0, 0, _RET_ERRNO | value))
+    program = []
+    for i, (code, jt, jf, k) in enumerate(ops):
+        jt = labels[jt] - i - 1 if isinstance(jt, str) else jt
+        jf = labels[jf] - i - 1 if isinstance(jf, str) else jf
+        program.append((code, jt, jf, k))
+    return program
 
 
 def forbid_syscalls(*, connect: bool) -> str:
-    """A seccomp filter refusing file metadata changes (EPERM), connect() when `connect`
+    """A seccomp filter refusing file metadata changes (EPERM), io_uring (ENOSYS: libraries
+    fall back to plain syscalls), connect() and creating an AF_UNIX socket when `connect`
     (EACCES), and syscalls of any other ABI.
 
-    Why connect: Landlock (up to ABI 7) does not cover connecting to a named Unix socket,
-    and the network namespace only cuts IP: a local database, container engine or broker
-    socket on the node's filesystem would still answer. The child needs no new connection:
-    it talks to the runtime over the socket it inherited.
+    Why: Landlock (up to ABI 7) covers neither connecting to a named Unix socket, nor
+    sending a datagram to one, and the network namespace only cuts IP: a local database,
+    container engine or broker socket on the node's filesystem would still answer. The
+    child needs no new socket of that kind: it talks to the runtime over the socket it
+    inherited (socketpair() stays allowed: it reaches nothing). io_uring performs connect,
+    socket and fsetxattr operations without the syscalls this filter sees.
     """
     import platform
 
     machine = platform.machine()
-    arch = _AUDIT_ARCH.get(machine)
-    if not sys.platform.startswith("linux") or arch is None:
+    if not sys.platform.startswith("linux") or machine not in _AUDIT_ARCH:
         return "syscalls not filtered (no seccomp filter for this platform)"
-    audit_arch, nr_connect = arch
-    refused = [*_METADATA[machine], *_METADATA_NEW]
-    n = len(refused) + (1 if connect else 0)
-    program = [
-        (_LD_ABS_W, 0, 0, 4),  # seccomp_data.arch
-        (_JEQ_K, 0, n + 3, audit_arch),  # another ABI (int 0x80, x32): refused
-        (_LD_ABS_W, 0, 0, 0),  # seccomp_data.nr
-        (_JGE_K, n + 1, 0, 0x40000000),  # x32 system call numbers: refused
-    ]
-    for k, number in enumerate(refused):  # -> the EPERM return (jumps count from the next)
-        program.append((_JEQ_K, n - k, 0, number))
-    if connect:  # -> the EACCES return (past ALLOW and EPERM)
-        program.append((_JEQ_K, 2, 0, nr_connect))
-    program += [
-        (_RET_K, 0, 0, _RET_ALLOW),
-        (_RET_K, 0, 0, _RET_ERRNO | _EPERM),
-        (_RET_K, 0, 0, _RET_ERRNO | _EACCES),
-    ]
+    program = _filter(machine, connect=connect)
     code = b"".join(struct.pack("=HBBI", *op) for op in program)
     filters = ctypes.create_string_buffer(code, len(code))
     fprog = struct.pack("=HxxxxxxQ", len(program), ctypes.addressof(filters))
@@ -233,4 +258,6 @@ def forbid_syscalls(*, connect: bool) -> str:
         return f"syscalls not filtered ({os.strerror(ctypes.get_errno())})"
     if libc.prctl(_PR_SET_SECCOMP, _SECCOMP_MODE_FILTER, buffer, 0, 0):
         return f"syscalls not filtered ({os.strerror(ctypes.get_errno())})"
-    return "connect() and metadata changes refused" if connect else "metadata changes refused"
+    if connect:
+        return "connect(), Unix sockets, io_uring and metadata changes refused"
+    return "io_uring and metadata changes refused"

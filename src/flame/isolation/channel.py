@@ -11,6 +11,7 @@ them, in `passed`, for the caller to take; anyone else's are closed and the fram
 
 from __future__ import annotations
 
+import fcntl
 import mmap
 import os
 import socket
@@ -29,22 +30,50 @@ SHARED_THRESHOLD = 256 * 1024
 _MAX_INLINE = 64 * 1024 * 1024
 
 
+_SEALS = getattr(fcntl, "F_SEAL_WRITE", 8) | getattr(fcntl, "F_SEAL_SHRINK", 2)
+_SEALS |= getattr(fcntl, "F_SEAL_GROW", 4)
+
+
+def _check_sealed(fd: int, size: int) -> None:
+    """Refuse a shared-memory frame the sender could still rewrite or truncate after we
+    checked it (a rewrite changes a result after the policy passed it; a truncation makes
+    the next touch of its arrays kill this process with SIGBUS)."""
+    try:
+        seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+    except OSError:
+        raise MessageError("shared-memory frame is not a sealable memfd") from None
+    if seals & _SEALS != _SEALS:
+        raise MessageError("shared-memory frame is not sealed against writes and resizing")
+    if os.fstat(fd).st_size < size:
+        raise MessageError("shared-memory frame is shorter than announced")
+
+
 class ChannelClosed(EOFError):
     """The other side closed the socket (or died)."""
 
 
 def _memfd_supported() -> bool:
-    return hasattr(os, "memfd_create") and hasattr(socket, "send_fds")
+    return (
+        hasattr(os, "memfd_create")
+        and hasattr(socket, "send_fds")
+        and hasattr(fcntl, "F_ADD_SEALS")
+    )
 
 
 class Channel:
     """One end of the parent/child socket: `send(op, body)`, `receive() -> (op, body)`."""
 
     def __init__(
-        self, sock: socket.socket, *, max_bytes: int = 1 << 40, accept_descriptors: bool = False
+        self,
+        sock: socket.socket,
+        *,
+        max_bytes: int = 1 << 40,
+        max_items: int | None = None,
+        accept_descriptors: bool = False,
     ) -> None:
         self.sock = sock
         self.max_bytes = max_bytes
+        self.max_items = max_items  # JSON values per frame (the runtime's: a child's frames)
         self.shared = _memfd_supported() and sock.family == socket.AF_UNIX
         self.accept_descriptors = accept_descriptors
         self.passed: list[int] = []  # descriptors of the last frame (accept_descriptors)
@@ -64,9 +93,10 @@ class Channel:
                 self.sock.sendall(part)
             return
         if self.shared and size >= SHARED_THRESHOLD:
-            fd = os.memfd_create("flame-frame", os.MFD_CLOEXEC)
+            fd = os.memfd_create("flame-frame", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
             try:
                 _write_all(fd, parts)
+                fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SEALS | fcntl.F_SEAL_SEAL)
                 socket.send_fds(self.sock, [_HEAD.pack(_MEMFD, size)], [fd])
             finally:
                 os.close(fd)
@@ -91,9 +121,9 @@ class Channel:
             if mode == _MEMFD:
                 if len(fds) != 1:
                     raise MessageError("shared-memory frame without its descriptor")
-                if os.fstat(fds[0]).st_size < size:
-                    raise MessageError("shared-memory frame is shorter than announced")
-                # A private copy-on-write mapping: arrays decode as writable views of it.
+                _check_sealed(fds[0], size)
+                # A private copy-on-write mapping of a sealed memfd: arrays decode as
+                # writable views of it, and nobody can change or shrink it under them.
                 frame: Any = mmap.mmap(fds[0], size, flags=mmap.MAP_PRIVATE)
             elif mode == _INLINE and not fds and size <= _MAX_INLINE:
                 frame = bytearray(size)
@@ -112,7 +142,9 @@ class Channel:
             # frames may be huge (arrays in a memfd); a table's decoded size is capped like a
             # broker message's: a hostile child's few-byte table must not inflate here
             tables = min(self.max_bytes, DEFAULT_MAX_BYTES)
-            envelope = decode(frame, max_bytes=self.max_bytes, max_table_bytes=tables)
+            envelope = decode(
+                frame, max_bytes=self.max_bytes, max_table_bytes=tables, max_items=self.max_items
+            )
         except MessageError:
             for fd in kept:
                 os.close(fd)

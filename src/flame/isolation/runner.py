@@ -16,13 +16,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
 
@@ -31,6 +31,8 @@ from flame.data.sources.descriptor import open_read_only, reachable
 from flame.errors import AnalysisError, FlameError, PolicyRefused, RunTimeout
 from flame.isolation.channel import Channel, ChannelClosed
 from flame.isolation.inprocess import InProcessRunner, Outcome, RowMeter, Runner
+from flame.isolation.locate import AnalysisAt, locate, not_isolable
+from flame.isolation.output import relay_output
 from flame.isolation.reach import child_hidden_paths, child_readable, settings_paths
 from flame.isolation.spawn import (
     empty_scratch,
@@ -40,14 +42,17 @@ from flame.isolation.spawn import (
 )
 from flame.node.context import Context
 from flame.privacy.markers import from_plain, to_plain
+from flame.wire.envelope import DEFAULT_MAX_BYTES
 
 __all__ = [
+    "AnalysisAt",
     "ChildRunner",
     "InProcessRunner",
     "Outcome",
     "Runner",
     "RowMeter",
     "locate",
+    "not_isolable",
     "scrubbed_environment",
     "settings_paths",
 ]
@@ -55,17 +60,9 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _STOP_TIMEOUT = 5.0
-
-
-def _relay_output(stream: IO[bytes]) -> None:
-    """The analysis child's prints and log lines, as lines of this node's log (so they can
-    be forwarded when the node's policy allows it)."""
-    relay = logging.getLogger("flame.analysis")
-    with contextlib.suppress(OSError, ValueError):
-        for raw in stream:
-            line = raw.decode(errors="replace").rstrip()
-            if line:
-                relay.info("%s", line[:1000])
+MAX_CHILD_ITEMS = 1_000_000
+"""JSON values in one frame from the child (arrays travel as raw bytes and do not count)."""
+_SLICE = 1.0  # s: how often a wait served for the child looks for an abort
 
 
 RUNTIME_MODULES = (
@@ -104,64 +101,14 @@ def preload_runtime() -> None:
     _preloaded = True
 
 
-class AnalysisAt:
-    """`analyze` of the analysis at `path`, never imported into the node runtime: only the
-    isolated child loads it (what `flame run` does on an analysis node), so not even the
-    analysis modules' top-level code runs where the keys and tokens are."""
-
-    __name__ = __qualname__ = "analyze"
-
-    def __init__(self, path: str | Path) -> None:
-        from flame.analysis.snapshot import take_snapshot
-
-        self.origin = str(Path(path).resolve())
-        snapshot = take_snapshot(path)  # the reviewed bytes, read-only; refuses stray bytecode
-        self.path = str(snapshot.path)
-        self.code = snapshot.code
-        """SHA-256 of the snapshot (what `flame hash` prints for the same files)."""
-        self._flame_locator = {"path": self.path, "root": str(snapshot.root)}
-
-    def __call__(self, data: Any, epoch: int = 0, previous: Any = None) -> Any:
-        raise FlameError(f"the analysis at {self.path} runs only in its isolated child")
-
-
-def locate(function: Callable[..., Any]) -> dict[str, Any] | None:
-    """Where the child can find `function` again (module, file, qualified name), or None
-    for a lambda, a closure or code typed at a prompt."""
-    original = getattr(function, "__wrapped__", function)
-    given = getattr(original, "_flame_locator", None)
-    if isinstance(given, dict):
-        return given
-    qualname = getattr(original, "__qualname__", "")
-    module_name = getattr(original, "__module__", None)
-    if not qualname or "<" in qualname or module_name is None:
-        return None
-    module = sys.modules.get(module_name)
-    file = getattr(module, "__file__", None) if module is not None else None
-    if isinstance(file, str) and file.startswith("<"):  # `python -` (<stdin>), exec'd code
-        file = None
-    if module_name == "__main__" and not file:
-        return None
-    return {"module": module_name, "file": file, "qualname": qualname}
-
-
-def not_isolable(function: Callable[..., Any]) -> str:
-    """Why `function` cannot run in an isolated child, and the fix ("" when it can)."""
-    if locate(function) is not None:
-        return ""
-    original = getattr(function, "__wrapped__", function)
-    name = getattr(original, "__name__", "analyze")
-    if "<" in getattr(original, "__qualname__", "<"):
-        why = "it is a lambda or a nested function; define it at the top level of a .py file"
-    else:
-        module = sys.modules.get(getattr(original, "__module__", "") or "")
-        where = getattr(module, "__file__", None) or "a prompt or notebook cell"
-        why = f"it was defined in {where}, not in a file; save the analysis as a .py file"
-    return (
-        f"{name} cannot run isolated (the child process imports it from its file): {why} "
-        "(e.g. `flame simulate analysis.py --data ...`), or pass isolate=False to "
-        "flame.simulate"
-    )
+def _kill_group(process: subprocess.Popen[bytes]) -> None:
+    """Kill the child's process group (it leads a session of its own) while its leader is
+    not yet reaped, so the group id cannot belong to anyone else. Where the child runs as
+    PID 1 of its own PID namespace (`_boot`), ending it ends every process it started; this
+    is the fallback where that namespace is not available (a process that left the group
+    with setsid() is then out of reach)."""
+    with contextlib.suppress(OSError):
+        os.killpg(process.pid, signal.SIGKILL)
 
 
 class ChildRunner:
@@ -178,6 +125,7 @@ class ChildRunner:
         capture_output: bool = False,
         hide: Sequence[str | Path] = (),
         allow_messages: bool = True,
+        max_frame_bytes: int = DEFAULT_MAX_BYTES,
     ) -> None:
         locator = locate(analyze)
         if locator is None:
@@ -187,17 +135,19 @@ class ChildRunner:
         self.context = context
         self.timeout = timeout
         self.cut_network = cut_network
-        self.capture_output = capture_output  # the child's stderr as node log lines
+        self.capture_output = capture_output  # forward_logs: no warm child (see start)
         # Called about once a second while the child computes; what it raises ends the wait
         # (the node runtime uses it to stop at an abort or a finished run).
         self.on_wait: Callable[[], None] | None = None
         self.hide = child_hidden_paths(hide, locator.get("file") or locator.get("path"))
         self.readable = child_readable(locator)
         self.allow_messages = allow_messages
+        self.max_frame_bytes = max_frame_bytes  # the broker's message limit on a node
         self.meter = RowMeter()
         self.network = "not started"
         self.confinement = "not started"
         self._declared: Any = None
+        self._deadline = float("inf")
         self._process: subprocess.Popen[bytes] | None = None
         self._channel: Channel | None = None
 
@@ -223,11 +173,11 @@ class ChildRunner:
         self._process, ours = warm or spawn_child(
             self.cut_network, self.capture_output, hide=self.hide, read=self.readable
         )
-        if self.capture_output and self._process.stdout is not None:
-            threading.Thread(
-                target=_relay_output, args=(self._process.stdout,), daemon=True
-            ).start()
-        self._channel = Channel(ours)
+        # never the node's own terminal or log descriptors: pipes, relayed as log lines
+        relay_output(self._process, self.context.node_id or "")
+        # what a child sends is capped like a broker message, and in JSON values: a small
+        # frame must not decode into gigabytes of Python objects here
+        self._channel = Channel(ours, max_bytes=self.max_frame_bytes, max_items=MAX_CHILD_ITEMS)
         if self.hide:  # a node's runtime (next to keys and tokens); not the analyst's own
             # while the child boots, and before it is sent any analysis code to run: nothing
             # the runtime imports later can have been planted by the analysis
@@ -310,6 +260,7 @@ class ChildRunner:
             try:
                 process.wait(timeout=_STOP_TIMEOUT)
             except subprocess.TimeoutExpired:
+                _kill_group(process)
                 process.kill()
                 process.wait(timeout=_STOP_TIMEOUT)
             empty_scratch(process)  # nothing the child wrote outlives its run
@@ -317,6 +268,7 @@ class ChildRunner:
     # --- the conversation --------------------------------------------------------------------
     def _request(self, op: str, body: Any, answer: str, *, deadline: float) -> dict[str, Any]:
         assert self._channel is not None
+        self._deadline = deadline  # what the child's own waits are capped at (`_wait_for`)
         self._channel.send(op, body)
         for kind, reply in self._messages(deadline):
             if kind == "call":
@@ -363,6 +315,7 @@ class ChildRunner:
         process, channel = self._process, self._channel
         self._process = self._channel = None
         if process is not None and process.poll() is None:
+            _kill_group(process)
             process.kill()
             process.wait(timeout=_STOP_TIMEOUT)
         if process is not None:
@@ -437,16 +390,11 @@ class ChildRunner:
                     str(args["category"]),
                     args.get("body"),
                     to=to,
-                    timeout=float(args.get("timeout", 30.0)),
+                    timeout=self._wait_for(args),
                 )
             )
         if op == "receive":
-            got = ctx.receive(
-                str(args["category"]),
-                senders=args.get("senders"),
-                timeout=float(args.get("timeout", 30.0)),
-            )
-            return {"messages": got.messages, "missing": got.missing}
+            return self._receive(str(args["category"]), args.get("senders"), args)
         if op == "save":
             ctx.save(str(args["tag"]), args.get("value"))
             return None
@@ -455,6 +403,33 @@ class ChildRunner:
             value = ctx.load(str(args["tag"]), missing)
             return {"present": value is not missing, "value": None if value is missing else value}
         raise FlameError(f"unknown request {op[:40]!r}")
+
+    def _wait_for(self, args: dict[str, Any]) -> float:
+        """The child's requested wait, capped at what is left of the epoch: a request
+        must not hold the runtime past its deadline."""
+        try:
+            asked = float(args.get("timeout", 30.0))
+        except (TypeError, ValueError):
+            raise FlameError("timeout must be a number") from None
+        if asked != asked:  # NaN
+            raise FlameError("timeout must be a number")
+        return max(0.0, min(asked, self._deadline - time.monotonic()))
+
+    def _receive(self, category: str, senders: Any, args: dict[str, Any]) -> dict[str, Any]:
+        """`Context.receive` in slices of at most a second, watching for an abort (or the
+        end of the run) between them like a computing child (`on_wait`)."""
+        end = time.monotonic() + self._wait_for(args)
+        wanted = None if senders is None else [str(s) for s in senders]
+        messages: dict[str, Any] = {}
+        while True:
+            left = max(0.0, end - time.monotonic())
+            got = self.context.receive(category, senders=wanted, timeout=min(left, _SLICE))
+            messages.update(got.messages)
+            wanted = list(got.missing)
+            if not wanted or left <= _SLICE:
+                return {"messages": messages, "missing": sorted(wanted)}
+            if self.on_wait is not None:
+                self.on_wait()
 
     def _source_call(self, args: dict[str, Any]) -> Any:
         source = self.data.source(str(args["source"]))

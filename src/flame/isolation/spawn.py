@@ -106,8 +106,11 @@ def spawn_child(
     hide: Sequence[str] = (),
     read: Iterable[str] | None = None,
 ) -> tuple[subprocess.Popen[bytes], socket.socket]:
-    """A new analysis child and our end of its socket (with `capture_output`, its stdout
-    and stderr on one pipe for the caller to relay). Its Landlock domain (`_landlock`) lets
+    """A new analysis child and our end of its socket. Its stdout and stderr are always
+    pipes for the caller to relay (`output.relay_output`; `capture_output` is kept for
+    callers and changes nothing here), its stdin /dev/null, and it leads a new session: it
+    never holds the node's terminal or log descriptors (no TIOCSTI, no truncating the log),
+    and a process group the runtime can kill. Its Landlock domain (`_landlock`) lets
     it read `read` (default: `python_readable()`) and write only a new private scratch
     folder (its TMPDIR and working directory, removed by `empty_scratch`); `hide`: paths
     carved out of those even where a readable folder holds them."""
@@ -131,9 +134,10 @@ def spawn_child(
             env=env,
             cwd=scratch,
             stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE if capture_output else None,
-            stderr=subprocess.STDOUT if capture_output else None,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
             close_fds=True,
+            start_new_session=True,
         )
     except BaseException:
         ours.close()

@@ -66,7 +66,11 @@ class NodePolicy(BaseModel):
     )
     forward_logs: bool = Field(False, description="whether analysis logs may leave the node")
     send_tracebacks: bool = Field(
-        True, description="whether a failing analysis's traceback may leave the node"
+        True,
+        description="whether a failing analysis's traceback and error message may leave the "
+        "node; default true, but false when this policy protects records (epsilon_budget, "
+        "min_cell_count or min_rows set) and does not set it itself: an analysis's own error "
+        "text can quote a data value",
     )
     allow_messages: bool = Field(
         True, description="whether an isolated analyze may send free-form messages to nodes"
@@ -78,6 +82,19 @@ class NodePolicy(BaseModel):
     def _budget(self) -> NodePolicy:
         if self.delta_budget > 0 and self.epsilon_budget is None:
             raise ValueError("delta_budget: set epsilon_budget too (the ledger tracks both)")
+        return self
+
+    @model_validator(mode="after")
+    def _tracebacks(self) -> NodePolicy:
+        """A policy that protects records keeps error text home unless it says otherwise
+        (not marked as set: `quoted_may_leave` still needs an explicit true)."""
+        protects = (
+            self.epsilon_budget is not None
+            or self.min_cell_count is not None
+            or self.min_rows is not None
+        )
+        if protects and "send_tracebacks" not in self.model_fields_set:
+            object.__setattr__(self, "send_tracebacks", False)
         return self
 
     @model_validator(mode="after")

@@ -19,7 +19,6 @@ OPEN, CLOSE = "\u2039", "\u203a"
 WITHHELD = f"{OPEN}withheld: quotes the node's data{CLOSE}"
 _SPAN = re.compile(f"{OPEN}[^{CLOSE}]*(?:{CLOSE}|$)")
 _ROW = re.compile(r"^(CSV parse error: Expected \d+ columns, got \d+)(: )(.*)$", re.S)
-_VALUE = re.compile(r"'([^']*)'|\"([^\"]*)\"")
 
 
 def quote_data(text: str) -> str:
@@ -29,14 +28,19 @@ def quote_data(text: str) -> str:
 
 def quote_parser_message(message: str) -> str:
     """A reader's (pyarrow's, DuckDB's, PostgreSQL's) message with the data it quotes
-    marked: the row after a CSV column-count error, quoted values ('...' or "..."), else
-    the whole message."""
+    marked: the row after a CSV column-count error, everything from its first to its last
+    quote (' or "), else the whole message."""
     row = _ROW.match(message)
     if row:
         return row.group(1) + row.group(2) + quote_data(row.group(3))
-    if _VALUE.search(message):
-        return _VALUE.sub(lambda m: quote_data(m.group(0)), message)
-    return quote_data(message)
+    # From the first quote to the last, of either kind, as one fragment: a value may hold
+    # quotes itself ('O'Brien'), so pairing them up would let part of it out (fail closed).
+    starts = [i for i in (message.find("'"), message.find('"')) if i >= 0]
+    last = max(message.rfind("'"), message.rfind('"'))
+    if not starts or last <= min(starts):
+        return quote_data(message)  # no quoted value, or one lone quote: all of it
+    first = min(starts)
+    return message[:first] + quote_data(message[first : last + 1]) + message[last + 1 :]
 
 
 def withhold_quoted(text: str) -> str:

@@ -374,9 +374,12 @@ def decode(
     *,
     max_bytes: int = DEFAULT_MAX_BYTES,
     max_table_bytes: int | None = None,
+    max_items: int | None = None,
 ) -> Envelope:
     """Parse and validate one frame. Arrays are views of a bytearray or mmap frame, copies
-    otherwise. A table may take at most `max_table_bytes` (default `max_bytes`) decoded."""
+    otherwise. A table may take at most `max_table_bytes` (default `max_bytes`) decoded.
+    `max_items` bounds the JSON values of the header (counted from its commas, brackets and
+    braces before parsing: `[{},{},...]` costs ~25 bytes of memory per byte sent)."""
     view = memoryview(frame).cast("B")
     if view.nbytes > max_bytes:
         raise MessageError(f"message of {view.nbytes} bytes is over the limit of {max_bytes}")
@@ -390,8 +393,16 @@ def decode(
     body_start = _PREFIX.size + header_length
     if body_start > view.nbytes:
         raise MessageError("frame header length points past the end of the message")
+    text = bytes(view[_PREFIX.size : body_start])
+    if max_items is not None:
+        items = text.count(b",") + text.count(b"{") + text.count(b"[")
+        if items > max_items:
+            raise MessageError(
+                f"message body has about {items} values, over the limit of {max_items}; "
+                "send large numeric data as numpy arrays (they travel as raw bytes)"
+            )
     try:
-        raw = json.loads(bytes(view[_PREFIX.size : body_start]))
+        raw = json.loads(text)
     except (ValueError, RecursionError):
         raise MessageError("frame header is invalid: invalid JSON") from None
     try:
