@@ -23,7 +23,7 @@ import uuid
 from collections import Counter, deque
 from collections.abc import Sequence
 from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flame.aggregator.fanout import Fanout
 from flame.aggregator.honesty import warn_if_dishonest
@@ -53,11 +53,13 @@ from flame.node.status_board import STATUS_INTERVAL, StatusBoard
 from flame.privacy.disclosure import reveal_suppressed, unwrap_release
 from flame.privacy.tracebacks import trim_traceback_text
 from flame.secure.fields import SecureKeys
-from flame.secure.masking import MaskingSettings
-from flame.secure.masking_sum import MaskingSummer
 from flame.secure.summer import SecureSummer
 from flame.transport.base import Delivery, Transport
 from flame.utils import logs as _logging
+
+if TYPE_CHECKING:  # masking loads only for FLAME_SECURE__SCHEME=masking
+    from flame.secure.masking import MaskingSettings
+    from flame.secure.masking_sum import MaskingSummer
 from flame.utils.deadline import Deadline
 from flame.utils.redact import describe_exception, redact
 from flame.wire.envelope import EVERYONE, Envelope, Kind, encode_parts
@@ -131,7 +133,9 @@ class Aggregator:
         self.secure_sum: SecureSummer | MaskingSummer = SecureSummer(
             keys, epoch_timeout, self.context, None if keys is None else keys.confirm_fraction
         )
-        if masking is not None:  # FLAME_SECURE__SCHEME=masking: flame.secure.masking_sum
+        if masking is not None:  # FLAME_SECURE__SCHEME=masking (imported only then)
+            from flame.secure.masking_sum import MaskingSummer
+
             self.secure_sum = MaskingSummer(
                 masking, epoch_timeout, self.context, self.participants, transport.auth
             )

@@ -9,18 +9,21 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import numpy.typing as npt
-from phe.paillier import PaillierPublicKey
 
-from flame.protocols.paillier._math import Mpz
 from flame.protocols.paillier.errors import (
     AggregationOverflowError,
     SecureAggregationError,
     ValueOutOfBoundsError,
 )
+
+if TYPE_CHECKING:  # the masking scheme reuses this encoding without phe or gmpy2
+    from phe.paillier import PaillierPublicKey
+
+    from flame.protocols.paillier._math import Mpz
 
 __all__ = ["SecureSumSpec", "SlotLayout", "encode_fixed_point"]
 
