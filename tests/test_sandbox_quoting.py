@@ -45,7 +45,10 @@ def test_the_reader_marks_the_row_it_quotes(tmp_path: Path) -> None:
     (tmp_path / "x.csv").write_text("age;bmi\n62;26,402;patient0\n")
     with pytest.raises(DataError) as failed:
         Data({"local": LocalSource(tmp_path)}).read_csv("x.csv")
-    assert "patient0" in str(failed.value)  # the analysis (and the node's log) see it
+    # the reader names file and line and never quotes the row (issue 22); had it quoted one,
+    # the quote would be withheld before leaving the node
+    assert "'x.csv'" in str(failed.value) and "line 2" in str(failed.value)
+    assert "patient0" not in str(failed.value)
     assert "patient0" not in withhold_quoted(str(failed.value))
 
 
