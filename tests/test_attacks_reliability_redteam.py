@@ -201,15 +201,20 @@ def test_volatile_broker_restart_then_node_restarted_clock_back(tmp_path: Path) 
     assert values[AGGREGATOR] == expected
 
 
-def test_operator_replays_a_higher_generation_from_an_earlier_run(row: Row) -> None:
+@pytest.mark.xfail(
+    strict=True,
+    reason="open: the generation restarts at 1 when the broker holds no status of the node; "
+    "the next run's aggregator learns run 1's generation-2 process from its persistent "
+    "session, so the live node-2 (generation 1) is 'an earlier process' that 'shows nothing "
+    "new': it never comes online and run 2 fails at the presence deadline (missing: node-2)",
+)
+def test_retained_statuses_cleared_between_runs_hide_a_restarted_node(row: Row) -> None:
     """Run 1 of the analysis: node-2 crashes once and comes back (generation 2); it finishes.
-    The retained statuses are cleared afterwards (an operator's clean-up, or a broker without
-    persistence restarted), so run 2 starts at generation 1 again. While run 2 computes, the
-    operator re-publishes a genuine generation-2 status of run 1. Safe: the replay is refused
-    and run 2 completes with the right result. (Held: the aggregator's persistent session
-    hands it run 1's later statuses of that process, so the replay is 'behind'.)"""
-    import json
-
+    The retained statuses are then cleared (an operator's routine clean-up of a finished
+    analysis, or a broker without persistence restarted), and the analysis is run again under
+    the same id. Safe: run 2 completes right (no replay, no attacker, no wrong clock).
+    Seen: `ignored a stale status of node-2 (state 'waiting'): an earlier process ... shows
+    nothing new`, then `only 2 of 3 nodes came online within 60 s (missing: node-2)`."""
     folder = write_analysis(row.tmp / "analysis", slow={"*": 0.3, "node-2": 1.5})
     expected = simulated(folder, NODES, epochs=3)
     operator = Operator(row.broker, row.analysis_id)
@@ -221,23 +226,11 @@ def test_operator_replays_a_higher_generation_from_an_earlier_run(row: Row) -> N
         first.kill("node-2")
         first.start("node-2")
         assert first.finish(timeout=90)[AGGREGATOR] == expected
-        old = [
-            p
-            for p in operator.statuses("node-2")
-            if json.loads(p).get("gen") == 2 and _state(p) == "computing"
-        ]
-        assert old, "no generation-2 status of node-2 in run 1"
         for node in (AGGREGATOR, *NODES):
             operator.publish_retained(node, b"")  # clean-up between runs
         time.sleep(0.5)
         second = row.federation(folder, epochs=3, FLAME_EPOCH_TIMEOUT="300")
-        began = time.time()
         second.start_all()
-        while True:  # run 2's node-2 in epoch 1 (the watcher still holds run 1's statuses)
-            body = watcher.wait_for("node-2", "computing", 1, timeout=90)
-            if float(body.get("since", 0)) >= began - 1:
-                break
-        operator.publish_retained("node-2", old[-1])
         values = second.finish(timeout=90)
     finally:
         operator.close()
