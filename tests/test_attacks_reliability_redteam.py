@@ -272,6 +272,46 @@ def test_split_brain_with_different_clocks_fails_loudly(
         assert "two processes claim node 'node-2'" in logs, aggregator.tail()
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="open: a routine status of an already verified process is trusted without its "
+    "signature (transport/base.py _trusted_status), and the aggregator takes the data version "
+    "for the epoch record from the latest status (aggregator/server.py, `_statuses[...]"
+    "['data']`): the operator writes any data version into the run's history",
+)
+def test_operator_forges_the_data_version_in_the_history(row: Row) -> None:
+    """The broker operator re-publishes node-2's genuine 'computing' status with another
+    `data` digest (and the next seq; the signature no longer matches) while node-2 computes
+    the last epoch. Safe: the history records node-2's genuine data version (the one its
+    signed statuses carry), or the forged status is dropped."""
+    import json
+
+    folder = write_analysis(row.tmp / "analysis", slow={"*": 0.3, "node-2": 3.0})
+    operator = Operator(row.broker, row.analysis_id)
+    forged = "f" * 64
+    try:
+        watcher = row.watch()
+        federation = row.federation(folder, epochs=2, FLAME_EPOCH_TIMEOUT="300")
+        federation.start_all()
+        watcher.wait_for("node-2", "computing", 1, timeout=90)
+        time.sleep(0.3)
+        genuine = [
+            json.loads(p)
+            for p in operator.statuses("node-2")
+            if _state(p) == "computing" and json.loads(p).get("epoch") == 1
+        ][-1]
+        real = genuine["data"]
+        assert isinstance(real, str) and len(real) == 64
+        fake = {**genuine, "data": forged, "seq": genuine["seq"] + 1}
+        operator.publish_retained("node-2", json.dumps(fake, separators=(",", ":")).encode())
+        done = watcher.wait_for(AGGREGATOR, "done", timeout=90)
+        federation.finish(timeout=60)
+    finally:
+        operator.close()
+    versions = (done.get("last_epoch") or {}).get("data_versions") or {}
+    assert versions.get("node-2") == real, versions
+
+
 # --- partitions at bad moments --------------------------------------------------------------
 
 
