@@ -205,6 +205,7 @@ def simulate(
             log_traceback=False,  # the aggregator's log, in this same process, shows it
             resend_interval=config.resend_interval,
             isolate=isolate,
+            pooled=isolate,  # children forked per epoch from one server, a few at a time
             policy=policies[node],
         )
         client.context.params = dict(config.params)

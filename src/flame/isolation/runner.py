@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -33,6 +34,7 @@ from flame.isolation.channel import Channel, ChannelClosed
 from flame.isolation.inprocess import InProcessRunner, Outcome, RowMeter, Runner
 from flame.isolation.reach import child_hidden_paths, child_readable, settings_paths
 from flame.isolation.spawn import (
+    ChildProcess,
     empty_scratch,
     scrubbed_environment,
     spawn_child,
@@ -198,7 +200,7 @@ class ChildRunner:
         self.network = "not started"
         self.confinement = "not started"
         self._declared: Any = None
-        self._process: subprocess.Popen[bytes] | None = None
+        self._process: ChildProcess | None = None
         self._channel: Channel | None = None
 
     @property
@@ -215,18 +217,7 @@ class ChildRunner:
         if self._process is not None:
             return
         self._declared = None
-        # a child started early by `prestart` (flame simulate) if one waits, else a new one
-        # (warm children know no paths to hide: they serve runs that hide nothing)
-        warm = (
-            None if self.capture_output or self.hide else take_warm(self.cut_network, self.readable)
-        )
-        self._process, ours = warm or spawn_child(
-            self.cut_network, self.capture_output, hide=self.hide, read=self.readable
-        )
-        if self.capture_output and self._process.stdout is not None:
-            threading.Thread(
-                target=_relay_output, args=(self._process.stdout,), daemon=True
-            ).start()
+        self._process, ours = self._obtain()
         self._channel = Channel(ours)
         if self.hide:  # a node's runtime (next to keys and tokens); not the analyst's own
             # while the child boots, and before it is sent any analysis code to run: nothing
@@ -261,6 +252,20 @@ class ChildRunner:
             self.network,
             self.confinement,
         )
+
+    def _obtain(self) -> tuple[ChildProcess, socket.socket]:
+        """A child process for this runner and our end of its socket."""
+        # a child started early by `prestart` (flame simulate) if one waits, else a new one
+        # (warm children know no paths to hide: they serve runs that hide nothing)
+        warm = (
+            None if self.capture_output or self.hide else take_warm(self.cut_network, self.readable)
+        )
+        process, ours = warm or spawn_child(
+            self.cut_network, self.capture_output, hide=self.hide, read=self.readable
+        )
+        if self.capture_output and process.stdout is not None:
+            threading.Thread(target=_relay_output, args=(process.stdout,), daemon=True).start()
+        return process, ours
 
     def _load(self, sources: dict[str, str], ctx: Context) -> dict[str, Any]:
         return self._request(
