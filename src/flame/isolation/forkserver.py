@@ -3,7 +3,7 @@
 `flame simulate` (and `flame.simulate(isolate=True)`) run each node's `analyze` in a child
 forked per call from one warmed, confined server instead of one cold interpreter per node;
 at most `slots()` of those children compute at a time (one per core by default,
-FLAME_SIMULATE_WORKERS to change it), so 100 or 1,000 nodes cost a few processes, not one
+FLAME_SIMULATE_WORKERS to change it, 0 for one spawned child per node), so 100 or 1,000 nodes cost a few processes, not one
 each. The server is a fresh interpreter (`subprocess`, `close_fds`, its own session): nothing
 of this process (a notebook kernel's sockets, threads or atfork handlers) reaches it.
 """
@@ -212,15 +212,16 @@ def prestart_server(read: Iterable[str] = (), *, cut_network: bool = True) -> No
 
 def slots() -> int:
     """How many pooled children may compute at once: FLAME_SIMULATE_WORKERS, else one per
-    core this process may use."""
+    core this process may use; 0: no pool (one spawned child per node for the whole run,
+    as on a production node)."""
     given = os.environ.get(WORKERS_ENV, "").strip()
     if given:
         try:
             count = int(given)
         except ValueError:
             raise FlameError(f"{WORKERS_ENV} must be a whole number, not {given[:20]!r}") from None
-        if count < 1:
-            raise FlameError(f"{WORKERS_ENV} must be at least 1")
+        if count < 0:
+            raise FlameError(f"{WORKERS_ENV} must be 0 (no pool) or more")
         return count
     return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1)
 
@@ -230,7 +231,7 @@ def slot() -> threading.BoundedSemaphore:
     global _slots
     with _servers_lock:
         if _slots is None:
-            _slots = threading.BoundedSemaphore(slots())
+            _slots = threading.BoundedSemaphore(max(1, slots()))
         return _slots
 
 
