@@ -132,8 +132,18 @@ def test_a_thousand_isolated_nodes_finish_with_a_few_processes(tmp_path: Path) -
     (tmp_path / "analysis.py").write_text(ANALYSIS)
     env = {**os.environ, "FLAME_SIMULATE_WORKERS": "2", "FLAME_EPOCH_TIMEOUT": "600"}
     process = subprocess.Popen(
-        [sys.executable, "-m", "flame", "simulate", "analysis.py", "--data", "data", "--quiet",
-         "--output", "out.json"],
+        [
+            sys.executable,
+            "-m",
+            "flame",
+            "simulate",
+            "analysis.py",
+            "--data",
+            "data",
+            "--quiet",
+            "--output",
+            "out.json",
+        ],
         cwd=tmp_path,
         env=env,
         stdout=subprocess.PIPE,
@@ -152,7 +162,7 @@ def test_a_thousand_isolated_nodes_finish_with_a_few_processes(tmp_path: Path) -
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
     try:
-        out, err = process.communicate(timeout=840)
+        _out, err = process.communicate(timeout=840)
     finally:
         stop.set()
         process.kill()

@@ -104,7 +104,7 @@ def _warm_children(args: argparse.Namespace) -> None:
     from flame.isolation.forkserver import prestart_server
 
     folder = args.analysis if args.analysis.is_dir() else args.analysis.parent
-    prestart_server(read=[str(folder)])
+    prestart_server(read=[str(folder)], analysis=str(args.analysis))
 
 
 def _cmd_simulate(args: argparse.Namespace) -> int:

@@ -3,9 +3,10 @@
 `flame simulate` (and `flame.simulate(isolate=True)`) run each node's `analyze` in a child
 forked per call from one warmed, confined server instead of one cold interpreter per node;
 at most `slots()` of those children compute at a time (one per core by default,
-FLAME_SIMULATE_WORKERS to change it, 0 for one spawned child per node), so 100 or 1,000 nodes cost a few processes, not one
-each. The server is a fresh interpreter (`subprocess`, `close_fds`, its own session): nothing
-of this process (a notebook kernel's sockets, threads or atfork handlers) reaches it.
+FLAME_SIMULATE_WORKERS to change it, 0 for one spawned child per node), so 100 or 1,000
+nodes cost a few processes, not one each. The server is a fresh interpreter (`subprocess`,
+`close_fds`, its own session): nothing of this process (a notebook kernel's sockets,
+threads or atfork handlers) reaches it.
 """
 
 from __future__ import annotations
@@ -79,7 +80,13 @@ class ForkServer:
     """One running `zygote`: confined to read `readable` (minus `hide`), write its pool
     folder, network cut unless asked; `fork()` gives a new child and our socket to it."""
 
-    def __init__(self, cut_network: bool, readable: Sequence[str], hide: Sequence[str] = ()):
+    def __init__(
+        self,
+        cut_network: bool,
+        readable: Sequence[str],
+        hide: Sequence[str] = (),
+        warm: Sequence[str] = (),
+    ) -> None:
         self.cut_network = cut_network
         self.readable = frozenset(os.path.realpath(p) for p in readable)
         self.hide = tuple(hide)
@@ -94,6 +101,8 @@ class ForkServer:
         command += ["--write", self.root]
         for path in self.hide:
             command += ["--hide", path]
+        for name in warm:
+            command += ["--warm", name]
         env = scrubbed_environment()
         env.update(TMPDIR=self.root, PYTHONDONTWRITEBYTECODE="1")
         try:
@@ -188,26 +197,62 @@ _slots: threading.BoundedSemaphore | None = None
 
 
 def server_for(
-    cut_network: bool, readable: Iterable[str], hide: Sequence[str] = ()
+    cut_network: bool,
+    readable: Iterable[str],
+    hide: Sequence[str] = (),
+    analysis: str | None = None,
 ) -> ForkServer:
     """A running fork server whose children may read `readable` (one is started if none
-    is): kept for the life of this process, so a notebook's next run starts warm."""
+    is, warmed with what the `analysis` file imports): kept for the life of this process,
+    so a notebook's next run starts warm."""
     needed = list(readable)
     with _servers_lock:
         for server in _servers:
             if server.covers(cut_network, needed, hide):
                 return server
-        server = ForkServer(cut_network, needed, hide)
+        server = ForkServer(cut_network, needed, hide, top_imports(analysis))
         _servers.append(server)
         return server
 
 
-def prestart_server(read: Iterable[str] = (), *, cut_network: bool = True) -> None:
+def prestart_server(
+    read: Iterable[str] = (), *, cut_network: bool = True, analysis: str | None = None
+) -> None:
     """Start a fork server now (it imports while the caller does), able to read what
-    Python needs and `read` (the analysis)."""
+    Python needs and `read` (the analysis folder)."""
     readable = python_readable(with_script_dir=True) + [os.path.realpath(p) for p in read]
     with contextlib.suppress(OSError):
-        server_for(cut_network, readable)
+        server_for(cut_network, readable, analysis=analysis)
+
+
+def top_imports(analysis: str | None) -> list[str]:
+    """The top-level packages the analysis file (or folder's `analysis.py`/`__init__.py`)
+    imports absolutely, for the server to import before forking; [] when unreadable."""
+    if not analysis:
+        return []
+    import ast
+    from pathlib import Path
+
+    path = Path(analysis)
+    if path.is_dir():
+        path = next((p for p in (path / "analysis.py", path / "__init__.py") if p.is_file()), path)
+    try:
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+    except (OSError, SyntaxError, ValueError, UnicodeDecodeError):
+        return []
+    names: list[str] = []
+    for node in tree.body:
+        if isinstance(node, ast.Import):
+            found = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found = [node.module]
+        else:
+            continue
+        for name in found:
+            top = name.split(".")[0]
+            if top.isidentifier() and top not in names and top != "flame":
+                names.append(top)
+    return names[:20]
 
 
 def slots() -> int:

@@ -65,7 +65,9 @@ class PooledRunner(ChildRunner):
         """Nothing to start: a child is forked when an epoch runs."""
 
     def _obtain(self) -> tuple[ChildProcess, socket.socket]:
-        return server_for(self.cut_network, self.readable, self.hide).fork()
+        analysis = self.locator.get("file") or self.locator.get("path")
+        server = server_for(self.cut_network, self.readable, self.hide, analysis=analysis)
+        return server.fork()
 
     def run(self, epoch: int, previous: Any) -> Outcome:
         self._acquire()
@@ -79,8 +81,8 @@ class PooledRunner(ChildRunner):
                 )
             return super().run(epoch, previous)
         finally:
+            self._release()  # the next child may start while this one is stopped
             self.close()
-            self._release()
 
     def _dispatch(self, op: str, args: dict[str, Any]) -> Any:
         if op not in _BLOCKING:

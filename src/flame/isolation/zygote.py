@@ -37,20 +37,25 @@ WARM_MODULES = (
     "flame.secure.fields",
     "flame.wire.envelope",
     "flame.wire.tables",
+    "flame.data.columns",
+    "flame.data.csv_columns",
+    "flame.errors",
     "pyarrow",
+    "pyarrow.compute",
     "pyarrow.csv",
-    "pandas",
 )
 """Imported once here, before any fork: each node's child starts with them loaded (shared
-copy-on-write pages). The analysis itself is never imported here: every fork imports it
-afresh, so module-level globals never carry from one node (or epoch) to the next."""
+copy-on-write pages), plus the libraries the analysis imports at its top (`--warm NAME`,
+e.g. pandas; not by default: a bigger server forks slower). The analysis itself is never
+imported here (its folder is not on this path): every fork imports it afresh, so
+module-level globals never carry from one node (or epoch) to the next."""
 
 
-def _warm() -> None:
+def _warm(extra: list[str]) -> None:
     import importlib
 
-    for name in WARM_MODULES:
-        with contextlib.suppress(ImportError):
+    for name in [*WARM_MODULES, *extra]:
+        with contextlib.suppress(Exception):  # a library failing here fails in the child too
             importlib.import_module(name)
 
 
@@ -100,7 +105,7 @@ def serve(fd: int, network: str, confinement: str, landlock: ModuleType, argv: l
     closes our socket."""
     import socket
 
-    _warm()
+    _warm(_options(argv, "--warm"))
     control = Channel(socket.socket(fileno=fd), accept_descriptors=True)
     control.send("ready", {"pid": os.getpid(), "network": network, "confinement": confinement})
     while True:
