@@ -172,3 +172,20 @@ def test_a_thousand_isolated_nodes_finish_with_a_few_processes(tmp_path: Path) -
     assert value == {"n": nodes, "total": float(sum(range(nodes)))}, value
     # the server and at most two computing children (plus one still exiting): not one per node
     assert 1 <= peak <= 6, peak
+
+
+def test_the_server_warms_installed_libraries_never_the_analysis_own_modules(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What the server imports before forking is in every child's memory: only the stdlib
+    and site-packages, never a module of the analysis folder (even when it is on the path)."""
+    from flame.isolation.forkserver import top_imports
+
+    (tmp_path / "helpers.py").write_text("SHARED = []\n")
+    (tmp_path / "analysis.py").write_text(
+        "import numpy\nimport json, helpers\nfrom helpers import SHARED\nimport not_installed_x\n"
+        "from . import sibling\nimport flame\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert top_imports(str(tmp_path / "analysis.py")) == ["numpy", "json"]
+    assert top_imports(str(tmp_path)) == ["numpy", "json"]  # a folder: its analysis.py

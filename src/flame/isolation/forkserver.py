@@ -250,9 +250,35 @@ def top_imports(analysis: str | None) -> list[str]:
             continue
         for name in found:
             top = name.split(".")[0]
-            if top.isidentifier() and top not in names and top != "flame":
+            if top.isidentifier() and top not in names and top != "flame" and _installed(top):
                 names.append(top)
     return names[:20]
+
+
+def _installed(name: str) -> bool:
+    """Whether `name` is found in the stdlib or site-packages (not the analysis's own folder
+    or another path: analysis code must never run in the server, whose memory every child
+    inherits). Finding a top-level module runs none of its code."""
+    import importlib.util
+    import sysconfig
+
+    try:
+        spec = importlib.util.find_spec(name)
+    except (ImportError, ValueError):
+        return False
+    if spec is None:
+        return False
+    places = [spec.origin or "", *(spec.submodule_search_locations or [])]
+    if spec.origin in ("built-in", "frozen"):
+        return True
+    roots = [
+        os.path.realpath(p)
+        for k, p in sysconfig.get_paths().items()
+        if k in ("stdlib", "platstdlib", "purelib", "platlib")
+    ]
+    return all(
+        p and any(_within(os.path.realpath(p), root) for root in roots) for p in places if p
+    ) and any(places)
 
 
 def slots() -> int:
