@@ -193,9 +193,9 @@ def simulate(
     policies = node_policies(policy if policy is not None else config.policy, participants)
     pooled = False
     if isolate:  # children forked per epoch from one server, a few at a time
-        from flame.isolation.forkserver import slots
+        from flame.isolation.forkserver import slots, supported
 
-        pooled = slots() > 0
+        pooled = supported() and slots() > 0
     failures: dict[str, BaseException] = {}
     history: list[EpochRecord] = []  # finished epochs, for `output` when the run fails
 

@@ -29,7 +29,15 @@ from flame.errors import FlameError
 from flame.isolation.channel import Channel, ChannelClosed
 from flame.isolation.spawn import BOOT, python_readable, register_scratch, scrubbed_environment
 
-__all__ = ["ForkServer", "ForkedProcess", "prestart_server", "server_for", "slot", "slots"]
+__all__ = [
+    "ForkServer",
+    "ForkedProcess",
+    "prestart_server",
+    "server_for",
+    "slot",
+    "slots",
+    "supported",
+]
 
 _READY_TIMEOUT = 120.0
 _STOP_TIMEOUT = 5.0
@@ -220,6 +228,8 @@ def prestart_server(
 ) -> None:
     """Start a fork server now (it imports while the caller does), able to read what
     Python needs and `read` (the analysis folder)."""
+    if not supported() or slots() == 0:
+        return
     readable = python_readable(with_script_dir=True) + [os.path.realpath(p) for p in read]
     with contextlib.suppress(OSError):
         server_for(cut_network, readable, analysis=analysis)
@@ -279,6 +289,16 @@ def _installed(name: str) -> bool:
     return all(
         p and any(_within(os.path.realpath(p), root) for root in roots) for p in places if p
     ) and any(places)
+
+
+def supported() -> bool:
+    """Whether this platform can run the fork server (Linux: fork, pidfd, descriptor passing)."""
+    return (
+        sys.platform.startswith("linux")
+        and hasattr(os, "pidfd_open")
+        and hasattr(signal, "pidfd_send_signal")
+        and hasattr(socket, "send_fds")
+    )
 
 
 def slots() -> int:
