@@ -59,45 +59,18 @@ class DescriptorSource:
         size = os.fstat(fd).st_size
 
         def reopen() -> IO[bytes]:
-            """A reader of its own (position and all) over the one descriptor, reading with
-            pread: a whole-file memory map would count the file toward this process's RSS
-            (once per node reading at the same time, in a simulation)."""
-            return cast("IO[bytes]", _PositionalReader(fd, size))
+            """A zero-copy reader over a read-only map of the file: pyarrow parses it at
+            native speed, and its pages stay the kernel's to drop (out of core)."""
+            import pyarrow as pa
+
+            if size == 0:
+                reader: Any = pa.BufferReader(b"")
+            else:
+                view = mmap.mmap(fd, size, access=mmap.ACCESS_READ)
+                reader = pa.BufferReader(pa.py_buffer(view))
+            return cast("IO[bytes]", reader)
 
         return Opener(fd, reopen)
-
-
-class _PositionalReader(io.RawIOBase):
-    """Reads `fd` from its own position with `os.preadv` (the descriptor's offset is
-    untouched, so readers of one descriptor do not disturb each other); does not close it."""
-
-    def __init__(self, fd: int, size: int) -> None:
-        super().__init__()
-        self._fd = fd
-        self._size = size
-        self._position = 0
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: Any) -> int:
-        view = memoryview(buffer).cast("B")
-        if not view.nbytes or self._position >= self._size:
-            return 0
-        got = os.preadv(self._fd, [view], self._position)
-        self._position += got
-        return got
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._position, io.SEEK_END: self._size}[whence]
-        self._position = max(0, base + offset)
-        return self._position
-
-    def tell(self) -> int:
-        return self._position
 
 
 class Opener:
@@ -122,7 +95,7 @@ class Opener:
             self.close()
 
 
-_PIECE = 4 * 1024 * 1024  # a multiple of the page size (pages are released per piece)
+_PIECE = 32 * 1024 * 1024
 
 
 def _simple_lines(fd: int, size: int, quoted: bool, delimiter: int = 44) -> int | None:
@@ -136,17 +109,12 @@ def _simple_lines(fd: int, size: int, quoted: bool, delimiter: int = 44) -> int 
     with mmap.mmap(fd, size, access=mmap.ACCESS_READ) as view:
         data = np.frombuffer(view, dtype=np.uint8)
         try:
-            return _count_pieces(data, size, quoted, delimiter, view)
+            return _count_pieces(data, size, quoted, delimiter)
         finally:
             del data  # the map closes only when no array views it
 
 
-def _count_pieces(
-    data: Any, size: int, quoted: bool, delimiter: int, view: mmap.mmap | None = None
-) -> int | None:
-    """Counted piece by piece; each piece's pages of the map `view` are dropped from this
-    process's memory once counted (they stay in the page cache): a whole-file map would
-    otherwise count the file toward RSS, once per node reading it at the same time."""
+def _count_pieces(data: Any, size: int, quoted: bool, delimiter: int) -> int | None:
     import numpy as np
 
     if data[0] == 10:
@@ -175,8 +143,6 @@ def _count_pieces(
                 newlines = newlines[~inside]
                 quote_parity = (quote_parity + int(quotes.size)) % 2
         lines += int(newlines.size)
-        if view is not None and hasattr(mmap, "MADV_DONTNEED"):
-            view.madvise(mmap.MADV_DONTNEED, start, min(_PIECE, size - start))
     if quote_parity:
         return None  # an unclosed quote
     return lines + (0 if data[-1] == 10 else 1)
