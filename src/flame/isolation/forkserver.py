@@ -191,6 +191,8 @@ class ForkServer:
     def stop(self) -> None:
         """Close our socket (the server exits; running children end with their channels)."""
         self._channel.close()
+        if self._ready is None:  # still importing (a command that failed early): no wait
+            self.process.kill()
         try:
             self.process.wait(timeout=_STOP_TIMEOUT)
         except subprocess.TimeoutExpired:

@@ -107,6 +107,15 @@ def serve(fd: int, network: str, confinement: str, landlock: ModuleType, argv: l
 
     _warm(_options(argv, "--warm"))
     control = Channel(socket.socket(fileno=fd), accept_descriptors=True)
+    # the runtime may end at any point (e.g. a usage error while this server imported)
+    with contextlib.suppress(ChannelClosed, ConnectionError):
+        _loop(control, landlock, argv, network, confinement)
+    return 0
+
+
+def _loop(
+    control: Channel, landlock: ModuleType, argv: list[str], network: str, confinement: str
+) -> None:
     control.send("ready", {"pid": os.getpid(), "network": network, "confinement": confinement})
     while True:
         try:
@@ -115,7 +124,7 @@ def serve(fd: int, network: str, confinement: str, landlock: ModuleType, argv: l
             _reap()
             continue
         except (ChannelClosed, ConnectionError):
-            return 0
+            return
         passed, control.passed = control.passed, []
         scratch = body.get("scratch") if isinstance(body, dict) else None
         if op != "fork" or len(passed) != 1 or not isinstance(scratch, str):
