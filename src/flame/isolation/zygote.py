@@ -107,6 +107,10 @@ def serve(fd: int, network: str, confinement: str, landlock: ModuleType, argv: l
 
     _warm(_options(argv, "--warm"))
     control = Channel(socket.socket(fileno=fd), accept_descriptors=True)
+    import gc
+
+    gc.collect()
+    gc.freeze()  # the warm objects: never scanned by a child's collector, so never copied
     # the runtime may end at any point (e.g. a usage error while this server imported)
     with contextlib.suppress(ChannelClosed, ConnectionError):
         _loop(control, landlock, argv, network, confinement)
