@@ -44,8 +44,16 @@ def analyze(data, epoch, previous):
                 stolen.append(handle.read())
         except OSError as exc:
             stolen.append(type(exc).__name__)
-    return {"seen": ",".join(SEEN), "cwd": os.getcwd(), "server": os.getppid(),
-            "pid": os.getpid(), "stolen": ",".join(stolen)}
+    with open("/proc/self/stat") as stat:  # as the host sees them (a PID namespace or not)
+        text = stat.read()
+    pid, ppid = int(text.split(" ", 1)[0]), int(text.rsplit(")", 1)[1].split()[1])
+    try:  # the server's memory map: another process, outside this child's domain
+        with open(f"/proc/{ppid}/maps") as handle:
+            server = "read " + handle.read(20)
+    except OSError as exc:
+        server = type(exc).__name__
+    return {"seen": ",".join(SEEN), "cwd": os.getcwd(), "server": ppid,
+            "pid": pid, "stolen": ",".join(stolen), "server_maps": server}
 
 def aggregate(results, epoch, previous):
     return {"paths": {n: r["cwd"] for n, r in results.items()},
@@ -84,6 +92,7 @@ def test_pooled_nodes_see_neither_each_others_scratch_nor_globals(
         for node, r in run.items():
             assert r["seen"] == node, (epoch, node, r)  # the analysis imported afresh
             assert "secret of" not in r["stolen"], (epoch, node, r)
+            assert not r["server_maps"].startswith("read"), (epoch, node, r)
             expected = 1 if epoch == 0 else 2  # the peer's scratch; in epoch 1 also its own old one
             assert len(r["stolen"].split(",")) == expected
     assert not snoop.SEEN  # nothing ran in this process

@@ -82,7 +82,9 @@ def test_flame_simulate_starts_its_fork_server_early_and_uses_it(tmp_path) -> No
     spawned per node, and the server is gone when the command exits."""
     (tmp_path / "analysis.py").write_text(
         "import os\n\n"
-        "def analyze(data):\n    return {'parent': os.getppid()}\n\n"
+        "def analyze(data):\n"
+        "    with open('/proc/self/stat') as stat:  # the parent as the host sees it\n"
+        "        return {'parent': int(stat.read().rsplit(')', 1)[1].split()[1])}\n\n"
         "def aggregate(results):\n    return sorted(r['parent'] for r in results.values())\n"
     )
     for node in ("a", "b", "c"):
@@ -105,8 +107,14 @@ def test_flame_simulate_starts_its_fork_server_early_and_uses_it(tmp_path) -> No
         "forkserver.ForkServer.__init__ = starting\n"
         "from flame.cli import main\n"
         "code = main(sys.argv[1:])\n"
+        "def tree(pid):\n"
+        "    import os\n"
+        "    kids = [int(p) for p in os.listdir('/proc') if p.isdigit()\n"
+        "            and open(f'/proc/{p}/stat').read().rsplit(')', 1)[1].split()[1] == str(pid)]\n"
+        "    return [pid] + [d for k in kids for d in tree(k)]\n"
         "print('spawned', sorted(spawned), 'early', early,\n"
-        "      'servers', [s.process.pid for s in forkserver._servers])\n"
+        "      'servers', [s.process.pid for s in forkserver._servers],\n"
+        "      'tree', tree(forkserver._servers[0].process.pid))\n"
         "sys.exit(code)\n"
     )
     done = subprocess.run(
@@ -121,8 +129,9 @@ def test_flame_simulate_starts_its_fork_server_early_and_uses_it(tmp_path) -> No
     assert json.loads(tail.split("early")[1].split("servers")[0].replace("True", "true")) == [
         True
     ]  # one server, started before flame.simulate was imported
-    servers = json.loads(tail.split("servers")[1])
-    assert len(servers) == 1 and used == servers * 3  # all three nodes: children of it
+    servers = json.loads(tail.split("servers")[1].split("tree")[0])
+    tree = json.loads(tail.split("tree")[1])  # the server (and its PID-namespace init)
+    assert len(servers) == 1 and len(set(used)) == 1 and used[0] in tree  # all 3 nodes
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         try:

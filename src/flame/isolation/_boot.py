@@ -53,6 +53,8 @@ def _confine(argv: list[str], keep_network: bool) -> str:
     import _landlock  # type: ignore[import-not-found]  # this folder is still sys.path[0]
 
     readable = [*_option(argv, "--read"), sys.path[0]]
+    if "--zygote" in argv:  # each fork's own layer narrows this to its /proc/self
+        readable.append("/proc")
     confined = str(
         _landlock.confine(
             readable,

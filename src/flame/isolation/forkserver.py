@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import logging
 import os
 import select
 import shutil
@@ -24,10 +25,11 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterable, Sequence
+from typing import IO
 
 from flame.errors import FlameError
 from flame.isolation.channel import Channel, ChannelClosed
-from flame.isolation.spawn import BOOT, python_readable, register_scratch, scrubbed_environment
+from flame.isolation.spawn import BOOT, python_readable, scrubbed_environment
 
 __all__ = [
     "ForkServer",
@@ -48,8 +50,9 @@ class ForkedProcess:
     """A child of the fork server, watched and stopped through its pidfd (it is not our
     child, so its exit code is unknown: `returncode` is -1 once it has exited)."""
 
-    def __init__(self, pid: int, pidfd: int) -> None:
-        self.pid = pid
+    def __init__(self, pid: int, pidfd: int, scratch: str) -> None:
+        self.pid = pid  # as the server sees it (it may run in its own PID namespace)
+        self.scratch = scratch  # removed by `spawn.empty_scratch` once it has exited
         self._pidfd = pidfd
         self.returncode: int | None = None
 
@@ -120,8 +123,12 @@ class ForkServer:
                 env=env,
                 cwd=self.root,
                 stdin=subprocess.DEVNULL,
+                # never the caller's terminal or log descriptors (every child inherits them):
+                # a pipe, relayed as log lines of flame.analysis
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
                 close_fds=True,
-                start_new_session=True,  # a terminal's Ctrl-C is the runtime's to handle
+                start_new_session=True,  # no controlling terminal; Ctrl-C is the runtime's
             )
         except BaseException:
             ours.close()
@@ -131,6 +138,8 @@ class ForkServer:
             theirs.close()
         self._channel = Channel(ours, accept_descriptors=True)
         self._ready: dict[str, object] | None = None
+        if self.process.stdout is not None:
+            threading.Thread(target=_relay, args=(self.process.stdout,), daemon=True).start()
 
     def covers(self, cut_network: bool, readable: Iterable[str], hide: Sequence[str]) -> bool:
         """Whether this server's children can serve a runner with these settings."""
@@ -184,9 +193,7 @@ class ForkServer:
             ours.close()
             shutil.rmtree(scratch, ignore_errors=True)
             raise FlameError(f"the analysis fork server refused to fork ({op!r})")
-        process = ForkedProcess(pid, passed[0])
-        register_scratch(process.pid, scratch)
-        return process, ours
+        return ForkedProcess(pid, passed[0], scratch), ours
 
     def stop(self) -> None:
         """Close our socket (the server exits; running children end with their channels)."""
@@ -342,6 +349,16 @@ def _stop_all() -> None:
     for server in servers:
         with contextlib.suppress(OSError):
             server.stop()
+
+
+def _relay(stream: IO[bytes]) -> None:
+    """The children's prints and log lines, as lines of this process's log."""
+    relay = logging.getLogger("flame.analysis")
+    with contextlib.suppress(OSError, ValueError):
+        for raw in stream:
+            line = raw.decode(errors="replace").rstrip()
+            if line:
+                relay.info("%s", line[:1000])
 
 
 def _within(path: str, folder: str) -> bool:

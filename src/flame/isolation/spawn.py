@@ -28,7 +28,6 @@ __all__ = [
     "ChildProcess",
     "empty_scratch",
     "prestart",
-    "register_scratch",
     "python_readable",
     "scratch_of",
     "scrubbed_environment",
@@ -106,14 +105,12 @@ def scratch_of(process: _HasPid) -> str | None:
         return _scratch_of.get(process.pid)
 
 
-def register_scratch(pid: int, scratch: str) -> None:
-    """The private folder of a child started elsewhere (the fork server), for `empty_scratch`."""
-    with _lock:
-        _scratch_of[pid] = scratch
-
-
 def empty_scratch(process: _HasPid) -> None:
     """Remove the child's scratch folder (after it exited: nothing it wrote survives)."""
+    own = getattr(process, "scratch", None)  # a fork server's child carries its own
+    if isinstance(own, str):
+        shutil.rmtree(own, ignore_errors=True)
+        return
     with _lock:
         scratch = _scratch_of.pop(process.pid, None)
         _readable_of.pop(process.pid, None)
