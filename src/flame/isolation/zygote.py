@@ -79,6 +79,7 @@ def _run_child(
 ) -> int:
     """In the fork: forget the server, confine to `scratch`, serve one node's runtime."""
     control.close()
+    _own_pid_namespace(fd)
     os.chdir(scratch)
     os.environ["TMPDIR"] = scratch
     tempfile.tempdir = None  # recomputed from TMPDIR: this call's scratch, not the server's
@@ -97,6 +98,39 @@ def _run_child(
     from flame.isolation.child import main
 
     return main(fd, network, f"{confinement} (forked, layer 2)")
+
+
+def _own_pid_namespace(channel_fd: int) -> None:
+    """Serve as PID 1 of a new PID namespace: when it ends (or is killed with this process,
+    PDEATHSIG), the kernel ends everything the analysis started, so nothing it forked
+    outlives its call; this process stays behind only to wait and exit as it did. Best
+    effort: where the namespace is refused, serve here."""
+    import ctypes
+    import select
+    import signal
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.unshare(0x20000000) != 0:  # CLONE_NEWPID
+        return
+    alive_r, alive_w = os.pipe()  # EOF on alive_r: this process is gone
+    pid = os.fork()
+    if pid == 0:
+        os.close(alive_w)
+        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+        if select.select([alive_r], [], [], 0)[0]:  # died before the line above: follow it
+            os._exit(1)
+        os.close(alive_r)
+        return
+    os.close(alive_r)
+    os.close(channel_fd)  # the channel is the namespace's init's: its EOF is the child's
+    while True:
+        try:
+            _, status = os.waitpid(pid, 0)
+            break
+        except InterruptedError:
+            continue
+    code = os.waitstatus_to_exitcode(status)
+    os._exit(code & 0xFF if code >= 0 else 128 - code)
 
 
 def serve(fd: int, network: str, confinement: str, landlock: ModuleType, argv: list[str]) -> int:
