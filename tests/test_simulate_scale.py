@@ -84,8 +84,10 @@ def test_pooled_nodes_see_neither_each_others_scratch_nor_globals(
         forkserver.reset_slots()
     runs = result.value["runs"]
     assert len(runs) == 2
-    servers = {r["server"] for run in runs for r in run.values()}
-    assert len(servers) == 1 and os.getpid() not in servers  # one server forked them all
+    from flame.isolation.forkserver import _servers
+
+    assert any(str(tmp_path) in server.readable for server in _servers)  # a server served
+    assert os.getpid() not in {r["server"] for run in runs for r in run.values()}
     pids = [r["pid"] for run in runs for r in run.values()]
     assert len(set(pids)) == 4  # a fresh child per node and epoch
     for epoch, run in enumerate(runs):
@@ -179,8 +181,9 @@ def test_a_thousand_isolated_nodes_finish_with_a_few_processes(tmp_path: Path) -
     assert process.returncode == 0, err[-3000:]
     value = json.loads((tmp_path / "out.json").read_text())["result"]
     assert value == {"n": nodes, "total": float(sum(range(nodes)))}, value
-    # the server and at most two computing children (plus one still exiting): not one per node
-    assert 1 <= peak <= 6, peak
+    # the server and at most two computing children (each a waiter and its PID namespace's
+    # init), plus ones still exiting: not one per node
+    assert 1 <= peak <= 12, peak
 
 
 def test_the_server_warms_installed_libraries_never_the_analysis_own_modules(
