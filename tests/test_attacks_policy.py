@@ -553,7 +553,7 @@ def aggregate(results):
 
 
 def test_a_message_sent_after_analyze_returned_is_checked_in_the_epoch_it_leaves(
-    tmp_path: Path,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A thread outliving its epoch sends while the runtime is between epochs: it is heard
     only in the next epoch and checked against that epoch's rows (none read yet, min_rows =
@@ -567,6 +567,9 @@ def test_a_message_sent_after_analyze_returned_is_checked_in_the_epoch_it_leaves
             late.append(envelope)
         return True
 
+    # a child that lives for the whole run, as on a production node (a pooled child is
+    # stopped when its epoch ends, and the late thread with it)
+    monkeypatch.setenv("FLAME_SIMULATE_WORKERS", "0")
     path = tmp_path / "analysis.py"
     path.write_text(textwrap.dedent(LATE))
     functions = load_analysis(path).functions

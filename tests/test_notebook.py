@@ -134,3 +134,78 @@ def test_python_stdin_uses_the_worker_processes(tmp_path) -> None:
     assert int(done.stdout.split("workers")[1]) >= 1
     for bad in ("Traceback", "BrokenProcessPool", "worker processes failed", "KeyboardInterrupt"):
         assert bad not in done.stderr, done.stderr[-2000:]
+
+
+ISOLATED_ANALYSIS = """\
+import numpy as np
+import flame
+
+def analyze(data):
+    x = np.asarray(data.read_csv()["v"])
+    return {"n": int(x.size), "total": float(x.sum())}
+
+def analyze_secure(data):
+    x = np.asarray(data.read_csv()["v"])
+    return {"n": int(x.size), "s": flame.secure(float(x.sum()))}
+
+def aggregate(results):
+    out = {"n": sum(r["n"] for r in results.values())}
+    if results.secure:
+        out["total"] = float(results.secure["s"])
+    else:
+        out["total"] = sum(r["total"] for r in results.values())
+    return out
+"""
+
+ISOLATED_CELLS = (
+    """\
+import logging, sys, threading
+import flame
+from nb_analysis import analyze, analyze_secure, aggregate
+logging.basicConfig(stream=sys.stderr, level=logging.WARNING)
+""",
+    """\
+inproc = flame.simulate(analyze, aggregate, data="nodes")
+print("inproc", inproc.value)
+""",
+    """\
+iso = flame.simulate(analyze, aggregate, data="nodes", isolate=True)
+print("isolated", iso.value, iso.value == inproc.value)
+""",
+    """\
+sec = flame.simulate(analyze_secure, aggregate, data="nodes", isolate=True, secure=True)
+print("isolated-secure", sec.value, sec.value == inproc.value)
+""",
+    """\
+again = flame.simulate(analyze, aggregate, data="nodes", isolate=True)  # the warm server
+print("again", again.value == inproc.value, threading.active_count() < 50)
+""",
+)
+
+
+def test_isolated_simulate_in_a_jupyter_kernel(tmp_path, capfd: pytest.CaptureFixture[str]) -> None:
+    """isolate=True (plain and secure) from a kernel that holds ZeroMQ sockets and threads:
+    finishes (a hang fails at the cell timeout), agrees with in-process, no traceback."""
+    (tmp_path / "nb_analysis.py").write_text(ISOLATED_ANALYSIS)
+    for node, rows in {"a": "v\n1\n2\n", "b": "v\n4\n", "c": "v\n8\n16\n"}.items():
+        (tmp_path / "nodes" / node).mkdir(parents=True)
+        (tmp_path / "nodes" / node / "x.csv").write_text(rows)
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell(src) for src in ISOLATED_CELLS]
+    client = nbclient.NotebookClient(
+        nb, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+    )
+    client.execute()
+    outputs = [_texts(cell) for cell in nb.cells]
+    assert "inproc {'n': 5, 'total': 31.0}" in outputs[1]
+    assert "isolated {'n': 5, 'total': 31.0} True" in outputs[2]
+    assert "isolated-secure {'n': 5, 'total': 31.0} True" in outputs[3]
+    assert "again True True" in outputs[4]
+    for cell in nb.cells:
+        for out in cell.outputs:
+            assert out.output_type != "error", out
+            for bad in ("Traceback", "ZMQError", "non-socket"):
+                assert bad not in out.get("text", ""), out
+    captured = capfd.readouterr()
+    for bad in ("Traceback", "ZMQError", "non-socket"):
+        assert bad not in captured.err + captured.out

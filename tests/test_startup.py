@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import flame
 
@@ -75,36 +76,39 @@ def test_unknown_attribute_is_an_attribute_error() -> None:
         raise AssertionError("expected AttributeError")
 
 
-def test_flame_simulate_starts_its_analysis_children_early_and_uses_them(tmp_path) -> None:
-    """The CLI starts one child per node folder before its own imports; the run takes those
-    children (same pids) instead of spawning new ones, and none is left behind."""
+def test_flame_simulate_starts_its_fork_server_early_and_uses_it(tmp_path) -> None:
+    """The CLI starts the analysis fork server before its own imports (issue 23: not one
+    cold child per node); every node's analyze runs in a child of that server, no child is
+    spawned per node, and the server is gone when the command exits."""
     (tmp_path / "analysis.py").write_text(
         "import os\n\n"
         "def analyze(data):\n"
-        "    pid = int(os.readlink('/proc/self'))  # as the host sees it (PID namespace)\n"
-        "    with open(f'/proc/{pid}/stat') as stat:\n"
-        "        ppid = int(stat.read().rsplit(')', 1)[1].split()[1])\n"
-        "    return {'pid': [pid, ppid]}\n\n"
-        "def aggregate(results):\n    return sorted(r['pid'] for r in results.values())\n"
+        "    with open('/proc/self/stat') as stat:  # the parent as the host sees it\n"
+        "        return {'parent': int(stat.read().rsplit(')', 1)[1].split()[1])}\n\n"
+        "def aggregate(results):\n    return sorted(r['parent'] for r in results.values())\n"
     )
-    for node in ("a", "b"):
+    for node in ("a", "b", "c"):
         (tmp_path / "data" / node).mkdir(parents=True)
         (tmp_path / "data" / node / "x.csv").write_text("v\n1\n")
     probe = (
         "import sys\n"
-        "from flame.isolation import spawn\n"
-        "started = []\n"
+        "from flame.isolation import forkserver, spawn\n"
+        "spawned, early = [], []\n"
         "original = spawn.spawn_child\n"
-        "def counting(cut, capture=False, **kw):\n"
-        "    process, sock = original(cut, capture, **kw)\n"
-        "    started.append(process.pid)\n"
+        "def counting(*args, **kw):\n"
+        "    process, sock = original(*args, **kw)\n"
+        "    spawned.append(process.pid)\n"
         "    return process, sock\n"
         "spawn.spawn_child = counting\n"
-        "import flame.isolation.runner as runner\n"
-        "runner.spawn_child = counting\n"
+        "started = forkserver.ForkServer.__init__\n"
+        "def starting(self, *args, **kw):\n"
+        "    early.append('flame.simulate' not in sys.modules)\n"
+        "    started(self, *args, **kw)\n"
+        "forkserver.ForkServer.__init__ = starting\n"
         "from flame.cli import main\n"
         "code = main(sys.argv[1:])\n"
-        "print('spawned', sorted(started))\n"
+        "print('spawned', sorted(spawned), 'early', early,\n"
+        "      'servers', [s.process.pid for s in forkserver._servers])\n"
         "sys.exit(code)\n"
     )
     done = subprocess.run(
@@ -114,18 +118,27 @@ def test_flame_simulate_starts_its_analysis_children_early_and_uses_them(tmp_pat
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     used = json.loads(done.stdout[: done.stdout.index("spawned")])
-    spawned = json.loads(done.stdout.split("spawned")[1])
-    # both children were the early ones: the analysis runs in the spawned process, or (in a
-    # PID namespace) in the one process it forks
-    assert len(used) == 2
-    assert sorted(pid if pid in spawned else ppid for pid, ppid in used) == spawned
-    for pid in spawned:
+    tail = done.stdout.split("spawned")[1]
+    assert json.loads(tail.split("early")[0]) == []  # no child per node
+    assert json.loads(tail.split("early")[1].split("servers")[0].replace("True", "true")) == [
+        True
+    ]  # one server, started before flame.simulate was imported
+    servers = json.loads(tail.split("servers")[1])
+    # one server; each node's analyze ran in a process of its own (a per-call waiter's
+    # PID namespace)
+    assert len(servers) == 1 and len(set(used)) == 3
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
         try:
-            os.kill(pid, 0)
+            os.kill(servers[0], 0)
         except ProcessLookupError:
-            continue
-        with open(f"/proc/{pid}/stat") as stat:
-            assert stat.read().split(") ")[-1][:1] == "Z", f"child {pid} still runs"
+            break
+        with open(f"/proc/{servers[0]}/stat") as stat:
+            if stat.read().split(") ")[-1][:1] == "Z":
+                break
+        time.sleep(0.1)
+    else:
+        raise AssertionError("the fork server outlived the command")
 
 
 def test_unused_early_children_are_stopped_at_exit() -> None:

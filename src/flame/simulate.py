@@ -133,6 +133,10 @@ def simulate(
     mapping node id -> policy; default: FLAME_POLICY's file, if set.
     `isolate=True` runs each node's `analyze` in a child process as on a production node
     (the `flame simulate` command does); `analyze` must then live in a module or file.
+    The children are forked per epoch from one confined server, FLAME_SIMULATE_WORKERS
+    (default: one per core) computing at a time; module globals do not carry over between
+    epochs (keep state with `flame.context().save/load`). FLAME_SIMULATE_WORKERS=0: one
+    spawned child per node for the whole run, as `flame run` does.
     Raises `RunFailed` with the failing node and its error if any node fails.
     """
     refuse_nested_run("flame.simulate")
@@ -198,6 +202,11 @@ def simulate(
         keys.verifier = auths[config.aggregator_id].roster.verifier("analysis")
     secrets = config.secrets()
     policies = node_policies(policy if policy is not None else config.policy, participants)
+    pooled = False
+    if isolate:  # children forked per epoch from one server, a few at a time
+        from flame.isolation.forkserver import slots, supported
+
+        pooled = supported() and slots() > 0
     failures: dict[str, BaseException] = {}
     history: list[EpochRecord] = []  # finished epochs, for `output` when the run fails
 
@@ -216,6 +225,7 @@ def simulate(
             log_traceback=False,  # the aggregator's log, in this same process, shows it
             resend_interval=config.resend_interval,
             isolate=isolate,
+            pooled=pooled,
             policy=policies[node],
             masking=masking,
         )

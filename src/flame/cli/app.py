@@ -98,15 +98,13 @@ class _Progress:
 
 
 def _warm_children(args: argparse.Namespace) -> None:
-    """Start one analysis child per node folder now: they import while we do (see spawn)."""
-    if args.in_process or args.nodes is not None or not args.data.is_dir():
+    """Start the analysis fork server now: it imports while we do (see forkserver)."""
+    if args.in_process:
         return
-    from flame.isolation.spawn import prestart
+    from flame.isolation.forkserver import prestart_server
 
-    with contextlib.suppress(OSError):
-        count = sum(1 for p in args.data.iterdir() if p.is_dir() and not p.name.startswith("."))
-        folder = args.analysis if args.analysis.is_dir() else args.analysis.parent
-        prestart(count, read=[str(folder)])
+    folder = args.analysis if args.analysis.is_dir() else args.analysis.parent
+    prestart_server(read=[str(folder)], analysis=str(args.analysis))
 
 
 def _cmd_simulate(args: argparse.Namespace) -> int:

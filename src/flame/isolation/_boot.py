@@ -1,4 +1,5 @@
-"""Entry script of the analysis child: `python .../flame/isolation/_boot.py FD`.
+"""Entry script of the analysis child: `python .../flame/isolation/_boot.py FD` (with
+`--zygote`: of the fork server, `zygote`, which forks the children instead).
 
 Run as a script (not `-m`) so that nothing, not even numpy's thread pools, starts before the
 child tries to leave the network namespace (unshare needs a single-threaded process). It never
@@ -90,6 +91,8 @@ def _confine(argv: list[str], keep_network: bool) -> str:
     import _landlock  # type: ignore[import-not-found]  # this folder is still sys.path[0]
 
     readable = [*_option(argv, "--read"), sys.path[0]]
+    if "--zygote" in argv:  # each fork's own layer narrows this to its /proc/self
+        readable.append("/proc")
     confined = str(
         _landlock.confine(
             readable,
@@ -106,8 +109,13 @@ if __name__ == "__main__":
     keep = "--keep-network" in sys.argv
     network = _unshare(keep)
     confinement = _confine(sys.argv, keep)
+    landlock = sys.modules.pop("_landlock")
     del sys.path[0]  # this folder: its module names must not shadow anything
-    sys.modules.pop("_landlock", None)
+    if "--zygote" in sys.argv:  # the fork server: each fork confines itself further
+        from flame.isolation.zygote import serve
+
+        sys.exit(serve(int(sys.argv[1]), network, confinement, landlock, sys.argv))
+    del landlock
     from flame.isolation.child import main
 
     sys.exit(main(int(sys.argv[1]), network, confinement))

@@ -7,13 +7,14 @@ from __future__ import annotations
 import csv
 import io
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import IO, Any, Protocol
 
 import numpy as np
 
-from flame.data import Data, FileSource
+from flame.data import Data, FileSource, LocalSource
 from flame.node.context import Context, active
 
 __all__ = ["InProcessRunner", "Outcome", "RowMeter", "Runner"]
@@ -114,6 +115,33 @@ class _MeteredSource:
         return io.BytesIO(content)
 
 
+def _metered(name: str, source: Any, meter: RowMeter) -> Any:
+    """`source` as `analyze` gets it in process: a node folder is served by descriptor, as
+    in the isolated child (same path check, rows counted from the file without reading it
+    into memory, and `read_csv` streams it into numpy); other file sources are counted
+    from their bytes."""
+    if isinstance(source, LocalSource):
+        from flame.data.sources.descriptor import (
+            DescriptorSource,
+            count_records,
+            open_read_only,
+        )
+
+        def fetch(file_name: str) -> int:
+            fd = open_read_only(source.root, file_name)
+            try:
+                meter.descriptor(name, file_name, fd, count_records)
+            except BaseException:
+                os.close(fd)
+                raise
+            return fd
+
+        return DescriptorSource(name, source.files, fetch)
+    if isinstance(source, FileSource):
+        return _MeteredSource(source, meter)
+    return source
+
+
 class InProcessRunner:
     """`analyze` in the node's own process: fast, for the Python API and tests. The policy is
     still checked on what comes back, but the analysis shares the runtime's memory."""
@@ -126,8 +154,7 @@ class InProcessRunner:
             self.data: Any = data
             return
         metered: dict[str, object] = {
-            name: _MeteredSource(source, self.meter) if isinstance(source, FileSource) else source
-            for name, source in data.sources.items()
+            name: _metered(name, source, self.meter) for name, source in data.sources.items()
         }
         self.data = Data(metered, node_id=data.node_id)
 

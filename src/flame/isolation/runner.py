@@ -17,6 +17,7 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -35,6 +36,7 @@ from flame.isolation.locate import AnalysisAt, locate, not_isolable
 from flame.isolation.output import relay_output
 from flame.isolation.reach import child_hidden_paths, child_readable, settings_paths
 from flame.isolation.spawn import (
+    ChildProcess,
     empty_scratch,
     scrubbed_environment,
     spawn_child,
@@ -101,12 +103,14 @@ def preload_runtime() -> None:
     _preloaded = True
 
 
-def _kill_group(process: subprocess.Popen[bytes]) -> None:
+def _kill_group(process: ChildProcess) -> None:
     """Kill the child's process group (it leads a session of its own) while its leader is
     not yet reaped, so the group id cannot belong to anyone else. Where the child runs as
     PID 1 of its own PID namespace (`_boot`), ending it ends every process it started; this
     is the fallback where that namespace is not available (a process that left the group
     with setsid() is then out of reach)."""
+    if not isinstance(process, subprocess.Popen):
+        return  # a fork server's child: its pid is of the server's namespace, not ours
     with contextlib.suppress(OSError):
         os.killpg(process.pid, signal.SIGKILL)
 
@@ -148,7 +152,7 @@ class ChildRunner:
         self.confinement = "not started"
         self._declared: Any = None
         self._deadline = float("inf")
-        self._process: subprocess.Popen[bytes] | None = None
+        self._process: ChildProcess | None = None
         self._channel: Channel | None = None
 
     @property
@@ -165,16 +169,7 @@ class ChildRunner:
         if self._process is not None:
             return
         self._declared = None
-        # a child started early by `prestart` (flame simulate) if one waits, else a new one
-        # (warm children know no paths to hide: they serve runs that hide nothing)
-        warm = (
-            None if self.capture_output or self.hide else take_warm(self.cut_network, self.readable)
-        )
-        self._process, ours = warm or spawn_child(
-            self.cut_network, self.capture_output, hide=self.hide, read=self.readable
-        )
-        # never the node's own terminal or log descriptors: pipes, relayed as log lines
-        relay_output(self._process, self.context.node_id or "")
+        self._process, ours = self._obtain()
         # what a child sends is capped like a broker message, and in JSON values: a small
         # frame must not decode into gigabytes of Python objects here
         self._channel = Channel(ours, max_bytes=self.max_frame_bytes, max_items=MAX_CHILD_ITEMS)
@@ -211,6 +206,20 @@ class ChildRunner:
             self.network,
             self.confinement,
         )
+
+    def _obtain(self) -> tuple[ChildProcess, socket.socket]:
+        """A child process for this runner and our end of its socket."""
+        # a child started early by `prestart` (flame simulate) if one waits, else a new one
+        # (warm children know no paths to hide: they serve runs that hide nothing)
+        warm = (
+            None if self.capture_output or self.hide else take_warm(self.cut_network, self.readable)
+        )
+        process, ours = warm or spawn_child(
+            self.cut_network, self.capture_output, hide=self.hide, read=self.readable
+        )
+        # never the node's own terminal or log descriptors: pipes, relayed as log lines
+        relay_output(process, self.context.node_id or "")
+        return process, ours
 
     def _load(self, sources: dict[str, str], ctx: Context) -> dict[str, Any]:
         return self._request(

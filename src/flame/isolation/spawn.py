@@ -22,8 +22,10 @@ import tempfile
 import threading
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any, Protocol
 
 __all__ = [
+    "ChildProcess",
     "empty_scratch",
     "prestart",
     "python_readable",
@@ -78,14 +80,37 @@ def python_readable(*, with_script_dir: bool = False) -> list[str]:
     return seen
 
 
-def scratch_of(process: subprocess.Popen[bytes]) -> str | None:
+class _HasPid(Protocol):
+    pid: int
+
+
+class ChildProcess(Protocol):
+    """What the runner needs of a child: a `subprocess.Popen` or a fork server's child."""
+
+    pid: int
+
+    @property
+    def returncode(self) -> int | Any: ...
+
+    def poll(self) -> int | None: ...
+
+    def wait(self, timeout: float | None = None) -> int: ...
+
+    def kill(self) -> None: ...
+
+
+def scratch_of(process: _HasPid) -> str | None:
     """The private writable folder of a child we spawned."""
     with _lock:
         return _scratch_of.get(process.pid)
 
 
-def empty_scratch(process: subprocess.Popen[bytes]) -> None:
+def empty_scratch(process: _HasPid) -> None:
     """Remove the child's scratch folder (after it exited: nothing it wrote survives)."""
+    own = getattr(process, "scratch", None)  # a fork server's child carries its own
+    if isinstance(own, str):
+        shutil.rmtree(own, ignore_errors=True)
+        return
     with _lock:
         scratch = _scratch_of.pop(process.pid, None)
         _readable_of.pop(process.pid, None)

@@ -153,6 +153,7 @@ class AnalysisClient:
         resend_interval: float = 10.0,
         log_traceback: bool = True,
         isolate: bool = False,
+        pooled: bool = False,
         policy: NodePolicy | None = None,
         hide: Sequence[str | Path] = (),
         code: str | None = None,
@@ -195,6 +196,7 @@ class AnalysisClient:
         # flame's error texts quoting the node's data leave only if the policy says so
         self.quoted_data_leaves = quoted_may_leave(self.policy)
         self.isolate = isolate
+        self.pooled = pooled  # isolated children forked per epoch from a fork server
         self._rows_read: Callable[[], int] = lambda: 0  # rows analyze was served this epoch
         self.hide = list(hide)  # node paths the isolated analysis may not open
         self.gate = Gate(
@@ -711,7 +713,21 @@ class AnalysisClient:
 
     def _runner(self, functions: AnalysisFunctions, data: Any) -> Runner:
         """Where `analyze` runs: an isolated child (nodes, CLI) or this process (Python API)."""
-        if self.isolate:
+        if self.isolate and self.pooled:
+            from flame.isolation.pooled import PooledRunner
+
+            child: ChildRunner = PooledRunner(
+                functions.analyze,
+                data,
+                self.context,
+                timeout=self.wait_timeout,
+                cut_network=self.policy.cut_network,
+                hide=self.hide,
+                allow_messages=self.policy.allow_messages,
+            )
+            child.on_wait = self._watch_while_computing
+            runner: Runner = child
+        elif self.isolate:
             child = ChildRunner(
                 functions.analyze,
                 data,
@@ -723,7 +739,7 @@ class AnalysisClient:
                 allow_messages=self.policy.allow_messages,
             )
             child.on_wait = self._watch_while_computing
-            runner: Runner = child
+            runner = child
         else:
             runner = InProcessRunner(functions.analyze, data, self.context)
         hidden = [os.path.realpath(str(p)) for p in self.hide]

@@ -123,7 +123,7 @@ class Opener:
             self.close()
 
 
-_PIECE = 32 * 1024 * 1024
+_PIECE = 4 * 1024 * 1024  # per reading thread: 10 nodes reading at once hold 10 pieces
 
 
 def _simple_lines(fd: int, size: int, quoted: bool, delimiter: int = 44) -> int | None:
