@@ -120,6 +120,7 @@ EXPECTED = {"diagnosis": ["asthma", "cold", "flu"], "n": [2, 4, 4]}
 
 
 def test_python_takes_params_and_a_nodes_file_like_the_cli(federation: Path) -> None:
+    sys.modules.pop("analysis", None)  # another test's module of that name, if any
     sys.path.insert(0, str(federation))
     try:
         import analysis  # type: ignore[import-not-found]
