@@ -510,14 +510,6 @@ def _colluder_store(s3: object, bucket: str) -> object:
     return MinioStore.from_settings(StorageSettings(**s3.settings(bucket=bucket)))  # type: ignore[attr-defined]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="open: with FLAME_STORAGE__CLAIM_CHECK every node holds the credentials of the "
-    "aggregator's run store; a colluding node pre-seeds {analysis}/final/ and the run ends "
-    "exit 0 everywhere with its made-up result (manifest unsigned, its sha256 never checked, "
-    "a missing code_sha256 passes _same_code)",
-)
 def test_a_node_with_the_shared_store_cannot_plant_the_final_result(
     mqtt_broker: Broker, tmp_path: Path, s3_server: object, s3_bucket: str
 ) -> None:
@@ -556,12 +548,6 @@ def test_a_node_with_the_shared_store_cannot_plant_the_final_result(
     assert not planted, f"exit 0 with the planted result: {planted} (codes {codes})"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="open: with FLAME_STORAGE__CLAIM_CHECK every node can read "
-    "{analysis}/logs/forwarded.json (other nodes' forwarded log lines) from the shared store",
-)
 def test_a_node_with_the_shared_store_reads_no_other_nodes_forwarded_logs(
     mqtt_broker: Broker, tmp_path: Path, s3_server: object, s3_bucket: str
 ) -> None:
