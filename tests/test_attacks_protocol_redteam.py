@@ -204,18 +204,10 @@ def _retained(broker: Broker, analysis: str, user: str, topic: str = "+") -> dic
     return seen
 
 
-_TRACEBACK_LEAK = pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="open: with the default policy (send_tracebacks = true) a failing node's exception "
-    "message (a data row) goes into the aggregator's retained `failed` status (reason, "
-    "traceback) and the nodes' own (reason), which every roster member may read",
-)
-
 
 @pytest.mark.parametrize(
     "send_tracebacks",
-    [pytest.param(True, marks=_TRACEBACK_LEAK, id="default"), pytest.param(False, id="no_tb")],
+    [pytest.param(True, id="default"), pytest.param(False, id="no_tb")],
 )
 def test_a_member_outside_the_analysis_reads_no_node_traceback(
     mqtt_broker: Broker, tmp_path: Path, send_tracebacks: bool
@@ -672,12 +664,6 @@ def test_replayed_kickoffs_aggregates_and_results_change_nothing(
 # --- flame status and a forged aggregator status ----------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="open: RunStatus.result_location (src/flame/ops/status.py) takes `location` and "
-    "`sha256` from the aggregator's status even when it is NOT VERIFIED / not current",
-)
 def test_flame_status_shows_no_result_location_from_an_unverified_status(
     mqtt_broker: Broker, tmp_path: Path
 ) -> None:
@@ -846,13 +832,6 @@ def aggregate(results):
 """
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="open: forwarded log lines keep terminal control sequences (only line breaks are "
-    "split, LogForwarder.emit; Aggregator._note_logs stores them as sent): `flame status "
-    "--logs` writes a node's ESC sequences to the operator's terminal",
-)
 def test_flame_status_logs_prints_no_control_sequences_from_a_node(
     mqtt_broker: Broker, tmp_path: Path
 ) -> None:

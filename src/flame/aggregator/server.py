@@ -59,6 +59,8 @@ from flame.secure.summer import SecureSummer
 from flame.transport.base import Delivery, Transport
 from flame.utils import logs as _logging
 from flame.utils.deadline import Deadline
+from flame.utils.printable import escape_controls
+from flame.utils.public_reason import public_reason
 from flame.utils.redact import describe_exception, redact
 from flame.wire.envelope import EVERYONE, Envelope, Kind, encode_parts
 
@@ -610,9 +612,11 @@ class Aggregator:
         return True
 
     def _abort(self, reason: str, epoch: int, exc: BaseException | None = None) -> None:
-        """Every node is told, then the retained status says `failed` with the reason (and the
-        failing analysis's traceback, when its node sent one) after this process is gone."""
-        body = {"reason": reason, "run": self.run_id, "session": self.session}
+        """Every node is told, then the retained status says `failed` after this process is
+        gone: with the public reason only (who, epoch, exception type; every roster member
+        reads statuses). The message and traceback stay in this log and the failure record."""
+        public = public_reason(reason)
+        body = {"reason": public, "run": self.run_id, "session": self.session}
         for node in self.participants:
             try:
                 self._send(node, "abort", epoch, body, timeout=_SEND_TIMEOUT)
@@ -623,7 +627,7 @@ class Aggregator:
         if isinstance(traceback_text, str) and traceback_text:
             extra["traceback"] = traceback_text
         with contextlib.suppress(TransportError):
-            self.board.now(self._status("failed", epoch, **extra))
+            self.board.now(self._status("failed", epoch, reason=public))
         self._save_logs()
         keep = getattr(self.store, "save_failure", None)
         if callable(keep):
@@ -781,7 +785,7 @@ class Aggregator:
         if envelope.sender not in self.participants or not isinstance(lines, list):
             return
         for line in lines[:200]:
-            text = redact(str(line)[:MAX_LINE], self.secrets)
+            text = escape_controls(redact(str(line)[:MAX_LINE], self.secrets))
             node_log.info("[%s] %s", envelope.sender, text)
             self._logs.append(f"{envelope.sender}: {text}")
         self._logs_new = True

@@ -57,6 +57,7 @@ from flame.secure.masking import MASK, MASKED, MaskingNode, MaskingSettings
 from flame.transport.base import Transport
 from flame.utils import logs as _logging
 from flame.utils.deadline import Deadline
+from flame.utils.public_reason import public_reason
 from flame.utils.redact import describe_exception
 from flame.wire.envelope import Envelope
 
@@ -400,7 +401,8 @@ class AnalysisClient:
                     ),
                     _GOODBYE_TIMEOUT,
                 )
-            self.board.now(self._status("failed", epoch, reason=reason))
+            # every roster member reads statuses: no exception message (red team B2)
+            self.board.now(self._status("failed", epoch, reason=public_reason(reason)))
         except Exception as send_exc:  # the failure report must not mask the failure
             log.error("could not report the failure to the aggregator: %s", send_exc)
 
