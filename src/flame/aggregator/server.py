@@ -283,6 +283,7 @@ class Aggregator:
             "epochs": result.epochs,
             "location": result.location,
             "run": self.run_id,
+            **({"code": self.code} if self.code else {}),  # nodes of other code refuse it
         }
         self._broadcast("finished", last, body)
         self._kickoff = ("finished", last, body)

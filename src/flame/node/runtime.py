@@ -44,6 +44,7 @@ from flame.isolation.runner import ChildRunner, InProcessRunner, Outcome, Runner
 from flame.node.context import Context
 from flame.node.log_forward import LOG_CATEGORY, LogForwarder
 from flame.node.mailbox import Mailbox
+from flame.node.run_end import ends_this_run
 from flame.node.secure_answers import SecureAnswers
 from flame.node.status_board import StatusBoard
 from flame.privacy.disclosure import wrap_release
@@ -218,7 +219,7 @@ class AnalysisClient:
         self._resend_at = 0.0
         self._link = 0
         self._aggregator_session: str | None = None  # the live aggregator process
-        self._aggregator_last: tuple[str | None, str | None] = (None, None)  # session, state
+        self._aggregator_last: dict[str, Any] = {}  # its latest verified status
         self._parked: list[Envelope] = []
         self._forwarder: LogForwarder | None = None
         self._said_goodbye = False
@@ -573,10 +574,7 @@ class AnalysisClient:
             return Instruction("abort", -1, reason=problem)
         state = body.get("state")
         session = body.get("session")
-        self._aggregator_last = (
-            session if isinstance(session, str) else None,
-            state if isinstance(state, str) else None,
-        )
+        self._aggregator_last = body
         if state == "offline" or (body.get("online") is False and state not in ("failed",)):
             log.warning("aggregator %s is offline; waiting for it", self.aggregator_id)
             return None
@@ -609,8 +607,13 @@ class AnalysisClient:
         if not isinstance(session, str):
             return True
         if self._aggregator_session is None:
-            last_session, last_state = self._aggregator_last
-            if envelope.kind == "finished" and last_state == "done" and session == last_session:
+            last = self._aggregator_last
+            if (
+                envelope.kind == "finished"
+                and last.get("state") == "done"
+                and session == last.get("session")
+                and ends_this_run(last, body, self.code)
+            ):
                 return True  # the run ended before this node joined: take its result
             self._parked.append(envelope)
             return False
@@ -762,6 +765,8 @@ class AnalysisClient:
                 withheld=body.get("withheld") is True,
             )
         if envelope.kind == "finished":
+            if not ends_this_run(None, body, self.code):
+                return None
             location = body.get("location")
             return Instruction(
                 "finished",
