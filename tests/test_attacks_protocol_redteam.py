@@ -384,14 +384,6 @@ def test_a_status_verified_for_one_analysis_or_node_is_refused_for_another(tmp_p
 # --- a lying reporter and the confirmers' sample ---------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="open: SecureSummer._enough_confirmations counts replies, not coverage: with the "
-    "operator holding all confirmers but max(1, min_contributors - 1), one confirmer checks "
-    "fraction = 3/(n-1) of the ciphertexts, so a lie in one ciphertext ends exit 0 with "
-    "probability 1 - 3/(n-1) (67% at n = 10) instead of the documented e^-3",
-)
 def test_a_lying_reporter_with_all_but_one_confirmer_held_is_caught() -> None:
     """The aggregator's real decision logic (SecureSummer._decrypt and
     _enough_confirmations) with the real confirmer check (verify_reported_sum at the fraction
@@ -746,19 +738,11 @@ def aggregate(results):
 """
 
 
-_STALE_FINISHED = pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="open: a node that sees the aggregator's retained `done` status of an earlier run "
-    "takes a replayed `finished` of that run (runtime._from_current_aggregator) without "
-    "comparing the status's code hash with its own: exit 0 with the other code's result",
-)
-
 
 @pytest.mark.parametrize(
     "replay",
     [
-        pytest.param(True, marks=_STALE_FINISHED, id="replayed"),
+        pytest.param(True, id="replayed"),
         pytest.param(False, id="not_replayed"),
     ],
 )
