@@ -134,8 +134,10 @@ def test_single_key_two_decrypters_are_not_asked_for_two_sets_of_one_field(
 @pytest.mark.xfail(
     strict=True,
     raises=AssertionError,
-    reason="open: single-key decryption requests carry every node's lone signed ciphertext "
-    "to each decrypter, which holds the private key: an honest-but-curious node reads them all",
+    reason="accepted: single-key decryption requests carry every node's lone signed "
+    "ciphertext to each decrypter, which holds the private key, so an honest-but-curious key "
+    "holder reads them all: the price of re-adding signed contributions in single-key mode; "
+    "threshold keys are the production mode (docs/threat-model.md)",
 )
 def test_single_key_a_curious_decrypter_learns_no_other_nodes_value(
     mqtt_broker: Broker, tmp_path: Path, paillier: tuple[Path, Path]
@@ -262,9 +264,9 @@ def aggregate(results):
 @pytest.mark.xfail(
     strict=True,
     raises=AssertionError,
-    reason="open (documented trust: README 'The aggregator is trusted to run aggregate "
-    "honestly'): an equivocating aggregator gives node-1 another aggregate and final result "
-    "than node-0 and node-2; every process exits 0, nobody notices",
+    reason="accepted: the aggregator is trusted to compute and distribute the aggregate "
+    "honestly; an equivocating aggregator gives node-1 another aggregate and final result "
+    "than node-0 and node-2; every process exits 0, nobody notices (docs/threat-model.md)",
 )
 def test_an_equivocating_aggregator_is_noticed(mqtt_broker: Broker, tmp_path: Path) -> None:
     """Nodes never compare the aggregates they were sent (no signed digest of the epoch's
