@@ -198,11 +198,12 @@ class StatusClient:
             layout = AnalysisLayout(analysis_id)
             latest = layout.latest_checkpoint(store)
             if latest is not None:
+                key = layout.checkpoint(latest)
                 try:
-                    checkpoint = store.get_json(layout.checkpoint(latest))
+                    checkpoint = trusted_record(self.config, analysis_id, key, store.get_json(key))
                 except ObjectNotFound:
                     checkpoint = None
-                records = checkpoint.get("history") if isinstance(checkpoint, dict) else None
+                records = checkpoint.get("history") if checkpoint is not None else None
         parsed = [EpochInfo.from_dict(item) for item in records or []]
         return [record for record in parsed if record is not None]
 
