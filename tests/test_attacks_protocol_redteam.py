@@ -134,8 +134,10 @@ def test_single_key_two_decrypters_are_not_asked_for_two_sets_of_one_field(
 @pytest.mark.xfail(
     strict=True,
     raises=AssertionError,
-    reason="open: single-key decryption requests carry every node's lone signed ciphertext "
-    "to each decrypter, which holds the private key: an honest-but-curious node reads them all",
+    reason="accepted: single-key decryption requests carry every node's lone signed "
+    "ciphertext to each decrypter, which holds the private key, so an honest-but-curious key "
+    "holder reads them all: the price of re-adding signed contributions in single-key mode; "
+    "threshold keys are the production mode (docs/threat-model.md)",
 )
 def test_single_key_a_curious_decrypter_learns_no_other_nodes_value(
     mqtt_broker: Broker, tmp_path: Path, paillier: tuple[Path, Path]
@@ -204,18 +206,10 @@ def _retained(broker: Broker, analysis: str, user: str, topic: str = "+") -> dic
     return seen
 
 
-_TRACEBACK_LEAK = pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="open: with the default policy (send_tracebacks = true) a failing node's exception "
-    "message (a data row) goes into the aggregator's retained `failed` status (reason, "
-    "traceback) and the nodes' own (reason), which every roster member may read",
-)
-
 
 @pytest.mark.parametrize(
     "send_tracebacks",
-    [pytest.param(True, marks=_TRACEBACK_LEAK, id="default"), pytest.param(False, id="no_tb")],
+    [pytest.param(True, id="default"), pytest.param(False, id="no_tb")],
 )
 def test_a_member_outside_the_analysis_reads_no_node_traceback(
     mqtt_broker: Broker, tmp_path: Path, send_tracebacks: bool
@@ -270,9 +264,9 @@ def aggregate(results):
 @pytest.mark.xfail(
     strict=True,
     raises=AssertionError,
-    reason="open (documented trust: README 'The aggregator is trusted to run aggregate "
-    "honestly'): an equivocating aggregator gives node-1 another aggregate and final result "
-    "than node-0 and node-2; every process exits 0, nobody notices",
+    reason="accepted: the aggregator is trusted to compute and distribute the aggregate "
+    "honestly; an equivocating aggregator gives node-1 another aggregate and final result "
+    "than node-0 and node-2; every process exits 0, nobody notices (docs/threat-model.md)",
 )
 def test_an_equivocating_aggregator_is_noticed(mqtt_broker: Broker, tmp_path: Path) -> None:
     """Nodes never compare the aggregates they were sent (no signed digest of the epoch's
@@ -392,14 +386,6 @@ def test_a_status_verified_for_one_analysis_or_node_is_refused_for_another(tmp_p
 # --- a lying reporter and the confirmers' sample ---------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="open: SecureSummer._enough_confirmations counts replies, not coverage: with the "
-    "operator holding all confirmers but max(1, min_contributors - 1), one confirmer checks "
-    "fraction = 3/(n-1) of the ciphertexts, so a lie in one ciphertext ends exit 0 with "
-    "probability 1 - 3/(n-1) (67% at n = 10) instead of the documented e^-3",
-)
 def test_a_lying_reporter_with_all_but_one_confirmer_held_is_caught() -> None:
     """The aggregator's real decision logic (SecureSummer._decrypt and
     _enough_confirmations) with the real confirmer check (verify_reported_sum at the fraction
@@ -510,14 +496,6 @@ def _colluder_store(s3: object, bucket: str) -> object:
     return MinioStore.from_settings(StorageSettings(**s3.settings(bucket=bucket)))  # type: ignore[attr-defined]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="open: with FLAME_STORAGE__CLAIM_CHECK every node holds the credentials of the "
-    "aggregator's run store; a colluding node pre-seeds {analysis}/final/ and the run ends "
-    "exit 0 everywhere with its made-up result (manifest unsigned, its sha256 never checked, "
-    "a missing code_sha256 passes _same_code)",
-)
 def test_a_node_with_the_shared_store_cannot_plant_the_final_result(
     mqtt_broker: Broker, tmp_path: Path, s3_server: object, s3_bucket: str
 ) -> None:
@@ -556,12 +534,6 @@ def test_a_node_with_the_shared_store_cannot_plant_the_final_result(
     assert not planted, f"exit 0 with the planted result: {planted} (codes {codes})"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="open: with FLAME_STORAGE__CLAIM_CHECK every node can read "
-    "{analysis}/logs/forwarded.json (other nodes' forwarded log lines) from the shared store",
-)
 def test_a_node_with_the_shared_store_reads_no_other_nodes_forwarded_logs(
     mqtt_broker: Broker, tmp_path: Path, s3_server: object, s3_bucket: str
 ) -> None:
@@ -686,12 +658,6 @@ def test_replayed_kickoffs_aggregates_and_results_change_nothing(
 # --- flame status and a forged aggregator status ----------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="open: RunStatus.result_location (src/flame/ops/status.py) takes `location` and "
-    "`sha256` from the aggregator's status even when it is NOT VERIFIED / not current",
-)
 def test_flame_status_shows_no_result_location_from_an_unverified_status(
     mqtt_broker: Broker, tmp_path: Path
 ) -> None:
@@ -774,19 +740,11 @@ def aggregate(results):
 """
 
 
-_STALE_FINISHED = pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="open: a node that sees the aggregator's retained `done` status of an earlier run "
-    "takes a replayed `finished` of that run (runtime._from_current_aggregator) without "
-    "comparing the status's code hash with its own: exit 0 with the other code's result",
-)
-
 
 @pytest.mark.parametrize(
     "replay",
     [
-        pytest.param(True, marks=_STALE_FINISHED, id="replayed"),
+        pytest.param(True, id="replayed"),
         pytest.param(False, id="not_replayed"),
     ],
 )
@@ -860,13 +818,6 @@ def aggregate(results):
 """
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="open: forwarded log lines keep terminal control sequences (only line breaks are "
-    "split, LogForwarder.emit; Aggregator._note_logs stores them as sent): `flame status "
-    "--logs` writes a node's ESC sequences to the operator's terminal",
-)
 def test_flame_status_logs_prints_no_control_sequences_from_a_node(
     mqtt_broker: Broker, tmp_path: Path
 ) -> None:

@@ -321,6 +321,11 @@ def test_a_tampered_result_is_refused(
         update={"storage": config.storage.model_copy(update={"bucket": bucket})}
     )
     target = tmp_path / "r.bin"
+    # with the roster: no manifest signed by the aggregator names these bytes: not offered
+    with pytest.raises(Exception, match="no final result"):
+        st.StatusClient(config).download("tampered", target)
+    # without one (an unsigned run): the bytes' SHA-256 is checked against their metadata
+    config = config.model_copy(update={"roster": None})
     with pytest.raises(Exception, match="SHA-256") as caught:
         st.StatusClient(config).download("tampered", target)
     assert "Integrity" in type(caught.value).__name__
@@ -345,7 +350,9 @@ def test_watch_reports_a_failing_node_and_exits_1(
             watcher.wait(10)
     assert watcher.returncode == 1, out
     watched = _messages(out.splitlines())
-    assert "clinic-b: failed in epoch 1: ValueError: no such column: weight" in watched, watched
+    # statuses (every roster member reads them) name the exception type, not its message
+    assert "clinic-b: failed in epoch 1: ValueError (details: the logs)" in watched, watched
+    assert not any("no such column" in m for m in watched), watched
     assert any(
         m.startswith("aggregator (aggregation): failed in epoch 1: node 'clinic-b' failed")
         for m in watched
@@ -353,6 +360,8 @@ def test_watch_reports_a_failing_node_and_exits_1(
     assert "run failed" in watched
     assert "analysis status-fail: failed" in out.splitlines()  # the summary after the live lines
     assert "no such column" in outputs["aggregator.err"]
+    shown = _flame(["status", "status-fail"], _as_operator(env)).communicate(timeout=60)[0]
+    assert "the failure: node 'clinic-b' failed in epoch 1: ValueError: no such column" in shown
 
 
 def test_watch_gives_up_at_its_timeout(broker: Broker, s3: S3Server) -> None:

@@ -188,7 +188,7 @@ def _run(
             quorum=config.quorum,
             epoch_timeout=config.epoch_timeout,
             presence_timeout=config.presence_timeout,
-            store=open_run_store(config, functions, node_id, code=code),
+            store=open_run_store(config, functions, node_id, code=code, auth=auth),
             on_event=on_event,
             seed=config.seed,
             secrets=secrets,

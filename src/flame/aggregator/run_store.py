@@ -18,6 +18,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from flame.aggregator.records import Checkpoint, EpochRecord, RunResult, RunStore
+from flame.aggregator.signed_store import check_sha256, sign_record, verify_record
 from flame.clients.object_store import AnalysisLayout, ObjectNotFound, ObjectStore, StorageError
 from flame.errors import ConfigError, FlameError
 from flame.wire.envelope import pack, unpack
@@ -25,6 +26,8 @@ from flame.wire.envelope import pack, unpack
 if TYPE_CHECKING:
     from flame.analysis.functions import AnalysisFunctions
     from flame.config import FlameConfig
+    from flame.identity import Authenticator
+    from flame.identity.roster import Roster
 
 __all__ = [
     "MemoryState",
@@ -51,7 +54,12 @@ def forwarded_logs_key(analysis_id: str) -> str:
 
 
 class StorageRunStore:
-    """The aggregator's `RunStore` on MinIO/S3 or a local folder."""
+    """The aggregator's `RunStore` on MinIO/S3 or a local folder.
+
+    With `auth` (a roster run) every record the aggregator acts on again is signed with its
+    identity and verified before use (`flame.aggregator.signed_store`). `shared`: the claim
+    check gives every node this store's credentials, so nothing only the operator may read
+    (forwarded log lines, failure details) is written to it."""
 
     def __init__(
         self,
@@ -61,32 +69,53 @@ class StorageRunStore:
         *,
         provenance: dict[str, Any] | None = None,
         retry_s: float = 120.0,
+        auth: Authenticator | None = None,
+        shared: bool = False,
     ) -> None:
         self.store = store
         self.retry_s = retry_s
         self.layout = AnalysisLayout(analysis_id)
         self.aggregator_id = aggregator_id
         self.provenance = dict(provenance or {})
+        self.auth = auth
+        self.shared = shared
         store.ensure_bucket()
 
+    def _sign(self, key: str, record: dict[str, Any]) -> dict[str, Any]:
+        if self.auth is None:
+            return record
+        return sign_record(self.auth.identity, self.layout.analysis_id, key, record)
+
+    def _verified(self, key: str) -> dict[str, Any]:
+        record = self.store.get_json(key)
+        if self.auth is None:
+            if not isinstance(record, dict):
+                raise ConfigError(f"storage object {key!r}: not a JSON object")
+            return record
+        roster = self.auth.roster
+        return verify_record(roster, self.aggregator_id, self.layout.analysis_id, key, record)
+
     def _same_code(self, stored: dict[str, Any], what: str) -> None:
-        """Refuse to mix runs of different analysis code under one analysis id."""
+        """Refuse to mix runs of different analysis code under one analysis id (a record
+        without a code hash is refused too: it cannot show it is of this code)."""
         mine, theirs = self.provenance.get("code_sha256"), stored.get("code_sha256")
-        if mine and theirs and mine != theirs:
+        if mine and mine != theirs:
             raise ConfigError(
                 f"FLAME_ANALYSIS_ID / analysis_id: {self.layout.analysis_id!r} has a {what} "
-                "from different analysis code; use a new analysis id (or remove "
-                f"{self.layout.root} from storage) to start over"
+                f"from {'different' if theirs else 'unnamed'} analysis code; use a new "
+                f"analysis id (or remove {self.layout.root} from storage) to start over"
             )
 
     def load_final(self) -> RunResult | None:
         """The stored result of a run that already finished under this analysis id."""
         try:
-            manifest = self.store.get_json(self.layout.manifest())
+            manifest = self._verified(self.layout.manifest())
         except ObjectNotFound:
             return None
         self._same_code(manifest, "finished run")
-        value = unpack(self.store.get_bytes(self.layout.final_result()))
+        data = self.store.get_bytes(self.layout.final_result())
+        check_sha256(self.layout.final_result(), data, manifest.get("result", {}).get("sha256"))
+        value = unpack(data)
         return RunResult(
             self.layout.analysis_id,
             value,
@@ -100,9 +129,12 @@ class StorageRunStore:
         epoch = self.layout.latest_checkpoint(self.store)
         if epoch is None:
             return None
-        meta = self.store.get_json(self.layout.checkpoint(epoch))
+        meta = self._verified(self.layout.checkpoint(epoch))
         self._same_code(meta, "checkpoint")
-        value = unpack(self.store.get_bytes(self.layout.epoch_result(epoch, self.aggregator_id)))
+        key = self.layout.epoch_result(epoch, self.aggregator_id)
+        data = self.store.get_bytes(key)
+        check_sha256(key, data, meta.get("aggregate_sha256"))
+        value = unpack(data)
         history = [_record(item) for item in meta["history"]]
         return Checkpoint(int(meta["next_epoch"]), value, history)
 
@@ -132,19 +164,18 @@ class StorageRunStore:
         key = self.layout.epoch_result(epoch, self.aggregator_id)
         data = pack(checkpoint.previous)
         stored = self._persist(key, lambda: self.store.put_bytes(key, data))
-        self._persist(
-            self.layout.checkpoint(epoch),
-            lambda: self.store.put_json(
-                self.layout.checkpoint(epoch),
-                {
-                    "next_epoch": checkpoint.next_epoch,
-                    "aggregate_sha256": stored.sha256,
-                    "history": [record.to_dict() for record in checkpoint.history],
-                    "saved": time.time(),
-                    "code_sha256": self.provenance.get("code_sha256"),
-                },
-            ),
+        meta_key = self.layout.checkpoint(epoch)
+        meta = self._sign(
+            meta_key,
+            {
+                "next_epoch": checkpoint.next_epoch,
+                "aggregate_sha256": stored.sha256,
+                "history": [record.to_dict() for record in checkpoint.history],
+                "saved": time.time(),
+                "code_sha256": self.provenance.get("code_sha256"),
+            },
         )
+        self._persist(meta_key, lambda: self.store.put_json(meta_key, meta))
 
     def save_final(self, result: RunResult) -> str:
         from flame import __version__
@@ -162,21 +193,28 @@ class StorageRunStore:
             "result": {"key": stored.key, "sha256": stored.sha256, "size": stored.size},
             **self.provenance,
         }
+        manifest = self._sign(self.layout.manifest(), manifest)
         self._persist(
             self.layout.manifest(), lambda: self.store.put_json(self.layout.manifest(), manifest)
         )
         return stored.uri or stored.key
 
-    def save_failure(self, record: dict[str, Any]) -> str:
+    def save_failure(self, record: dict[str, Any]) -> str | None:
         """Keep why the run failed (reason, node, epoch, the analysis traceback when sent)
-        under `{analysis}/failures/`; one attempt: a failing run must not wait on storage."""
+        under `{analysis}/failures/`; one attempt: a failing run must not wait on storage.
+        Not in a store shared with the nodes (claim check): then only the aggregator's log."""
+        if self.shared:
+            return None
         key = f"{self.layout.root}failures/{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.json"
         self.store.put_json(key, {**record, "code_sha256": self.provenance.get("code_sha256")})
         return key
 
     def save_logs(self, lines: list[str]) -> None:
         """The nodes' latest forwarded log lines, kept with the run (`flame status --logs`):
-        readable with the storage credentials, never from the broker. One attempt."""
+        readable with the storage credentials, never from the broker. One attempt. Not in a
+        store every node can read (claim check): then only in the aggregator's own log."""
+        if self.shared:
+            return
         key = forwarded_logs_key(self.layout.analysis_id)
         self.store.put_json(key, {"lines": lines, "saved": time.time()})
 
@@ -269,10 +307,29 @@ def load_result(analysis_id: str, *, epoch: int | None = None, config: Any = Non
     else:
         key = layout.epoch_result(epoch, config.aggregator_id)
         what = f"aggregate of epoch {epoch}"
+    record = layout.manifest() if epoch is None else layout.checkpoint(epoch)
     try:
-        return unpack(store.get_bytes(key))
+        meta = store.get_json(record)
+        data = store.get_bytes(key)
     except ObjectNotFound:
         raise FlameError(f"analysis {analysis_id!r} has no stored {what}") from None
+    if config.roster is not None:
+        roster = _roster(config)
+        meta = verify_record(roster, config.aggregator_id, analysis_id, record, meta)
+    if not isinstance(meta, dict):
+        raise ConfigError(f"storage object {record!r}: not a JSON object")
+    expected = (
+        meta.get("result", {}).get("sha256") if epoch is None else meta.get("aggregate_sha256")
+    )
+    check_sha256(key, data, expected)
+    return unpack(data)
+
+
+def _roster(config: FlameConfig) -> Roster:
+    from flame.identity import Roster
+
+    assert config.roster is not None
+    return Roster.load(config.roster)
 
 
 def code_hash(functions: AnalysisFunctions) -> str:
@@ -294,9 +351,11 @@ def open_run_store(
     functions: AnalysisFunctions,
     aggregator_id: str,
     code: str | None = None,
+    auth: Authenticator | None = None,
 ) -> RunStore | None:
     """Checkpoints and final results on the configured storage (None: keep nothing).
-    `code`: the analysis's SHA-256 when known (else that of the functions' files)."""
+    `code`: the analysis's SHA-256 when known (else that of the functions' files); `auth`:
+    the aggregator's identity and roster (its records are then signed and verified)."""
     if not _has_storage(config):
         return None  # without importing the S3 client: a simulation starts faster
     from flame.clients.minio_client import open_store
@@ -318,6 +377,8 @@ def open_run_store(
         aggregator_id,
         provenance=provenance,
         retry_s=config.storage.retry_s,
+        auth=auth,
+        shared=config.storage.claim_check,
     )
 
 

@@ -61,6 +61,8 @@ if TYPE_CHECKING:  # masking loads only for FLAME_SECURE__SCHEME=masking
     from flame.secure.masking import MaskingSettings
     from flame.secure.masking_sum import MaskingSummer
 from flame.utils.deadline import Deadline
+from flame.utils.printable import escape_controls
+from flame.utils.public_reason import public_reason
 from flame.utils.redact import describe_exception, redact
 from flame.wire.envelope import EVERYONE, Envelope, Kind, encode_parts
 
@@ -285,6 +287,7 @@ class Aggregator:
             "epochs": result.epochs,
             "location": result.location,
             "run": self.run_id,
+            **({"code": self.code} if self.code else {}),  # nodes of other code refuse it
         }
         self._broadcast("finished", last, body)
         self._kickoff = ("finished", last, body)
@@ -614,9 +617,11 @@ class Aggregator:
         return True
 
     def _abort(self, reason: str, epoch: int, exc: BaseException | None = None) -> None:
-        """Every node is told, then the retained status says `failed` with the reason (and the
-        failing analysis's traceback, when its node sent one) after this process is gone."""
-        body = {"reason": reason, "run": self.run_id, "session": self.session}
+        """Every node is told, then the retained status says `failed` after this process is
+        gone: with the public reason only (who, epoch, exception type; every roster member
+        reads statuses). The message and traceback stay in this log and the failure record."""
+        public = public_reason(reason)
+        body = {"reason": public, "run": self.run_id, "session": self.session}
         for node in self.participants:
             try:
                 self._send(node, "abort", epoch, body, timeout=_SEND_TIMEOUT)
@@ -627,7 +632,7 @@ class Aggregator:
         if isinstance(traceback_text, str) and traceback_text:
             extra["traceback"] = traceback_text
         with contextlib.suppress(TransportError):
-            self.board.now(self._status("failed", epoch, **extra))
+            self.board.now(self._status("failed", epoch, reason=public))
         self._save_logs()
         keep = getattr(self.store, "save_failure", None)
         if callable(keep):
@@ -785,7 +790,7 @@ class Aggregator:
         if envelope.sender not in self.participants or not isinstance(lines, list):
             return
         for line in lines[:200]:
-            text = redact(str(line)[:MAX_LINE], self.secrets)
+            text = escape_controls(redact(str(line)[:MAX_LINE], self.secrets))
             node_log.info("[%s] %s", envelope.sender, text)
             self._logs.append(f"{envelope.sender}: {text}")
         self._logs_new = True

@@ -12,6 +12,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from flame.utils.printable import escape_controls
+
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -67,6 +69,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
     from flame.config import load_config
     from flame.errors import RunTimeout
     from flame.ops import status as st
+    from flame.ops.status_storage import failure_record
 
     client = st.StatusClient(load_config())
     if args.watch:
@@ -76,14 +79,14 @@ def _cmd_status(args: argparse.Namespace) -> int:
                 if change.kind == "watching":
                     _err(f"watching analysis {args.analysis_id} (Ctrl-C to stop)")
                     continue
-                print(st.render_change(change), flush=True)
+                print(escape_controls(st.render_change(change)), flush=True)
                 run = change.run if change.kind == "end" else run
         except RunTimeout as exc:
             _err(f"flame status: {exc}")
             return EXIT_FAILED
         assert run is not None
         for line in st.render_status(run):
-            print(line, flush=True)
+            print(escape_controls(line), flush=True)
         code = EXIT_FAILED if run.state == "failed" else EXIT_OK
     else:
         run = client.status(args.analysis_id)
@@ -91,10 +94,12 @@ def _cmd_status(args: argparse.Namespace) -> int:
             print(json.dumps(run.to_dict(), indent=2))
         else:
             for line in st.render_status(run):
-                print(line)
+                print(escape_controls(line))
             logs = client.forwarded_logs(args.analysis_id) if args.logs else None
-            for line in _outcome_details(run, logs=args.logs, forwarded=logs):
-                print(line)
+            failed = client.has_storage and run.state == "failed"
+            failure = failure_record(client._storage() if failed else None, args.analysis_id)
+            for line in _outcome_details(run, logs=args.logs, forwarded=logs, failure=failure):
+                print(escape_controls(line))  # node-written text: no control sequence shown
         code = EXIT_FAILED if run.problems and not (run.nodes or run.history) else EXIT_OK
     if args.download is not None:
         final = client.download(args.analysis_id, args.download)
@@ -105,23 +110,31 @@ def _cmd_status(args: argparse.Namespace) -> int:
     return code
 
 
-def _outcome_details(run: Any, *, logs: bool, forwarded: list[str] | None = None) -> list[str]:
-    """What the aggregator's retained status keeps beyond one line: the failing analysis's
-    traceback (when its node sent one); with --logs, the nodes' forwarded log lines, which
-    the aggregator keeps with the run in storage (never in a status every member reads)."""
-    aggregator = run.aggregator
-    extra = aggregator.extra if aggregator is not None else {}
+def _outcome_details(
+    run: Any,
+    *,
+    logs: bool,
+    forwarded: list[str] | None = None,
+    failure: dict[str, Any] | None = None,
+) -> list[str]:
+    """Beyond the statuses' one line (which every roster member reads, so it names only the
+    exception type): the failure record the aggregator kept in storage (reason, traceback);
+    with --logs, the nodes' forwarded log lines, also kept in storage."""
     lines: list[str] = []
-    traceback_text = extra.get("traceback")
-    if run.state == "failed" and isinstance(traceback_text, str) and traceback_text:
-        lines += ["the failing analysis:", *("  " + line for line in traceback_text.splitlines())]
+    if failure is not None:
+        lines.append(f"the failure: {str(failure.get('reason'))[:2000]}")
+        traceback_text = failure.get("traceback")
+        if isinstance(traceback_text, str) and traceback_text:
+            lines += ["the failing analysis:", *("  " + t for t in traceback_text.splitlines())]
     if logs:
         if forwarded:
             lines += ["node logs (latest):", *(f"  {str(line)[:400]}" for line in forwarded)]
         else:
             lines.append(
                 "node logs: none kept (a node forwards only if its policy allows; the "
-                "aggregator keeps them in its storage: configure FLAME_STORAGE__* to read them)"
+                "aggregator keeps them in its storage, configure FLAME_STORAGE__* to read them, "
+                "unless the claim check shares that storage with the nodes: then only in the "
+                "aggregator's own log)"
             )
     return lines
 

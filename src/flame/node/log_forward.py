@@ -14,6 +14,7 @@ from collections import deque
 from collections.abc import Iterable
 
 from flame.privacy.quoting import withhold_quoted
+from flame.utils.printable import escape_controls
 from flame.utils.redact import redact
 
 __all__ = ["LOG_CATEGORY", "LogForwarder"]
@@ -49,8 +50,8 @@ class LogForwarder(logging.Handler):
                 self.dropped += 1
                 return
             self.accepted += 1
-            for line in text.splitlines()[:40]:
-                self._lines.append(line[:MAX_LINE])
+            for line in text.splitlines()[:40]:  # then no control sequence leaves the node
+                self._lines.append(escape_controls(line)[:MAX_LINE])
 
     def take(self) -> list[str]:
         with self._lock_lines:

@@ -44,6 +44,7 @@ from flame.isolation.runner import ChildRunner, InProcessRunner, Outcome, Runner
 from flame.node.context import Context
 from flame.node.log_forward import LOG_CATEGORY, LogForwarder
 from flame.node.mailbox import Mailbox
+from flame.node.run_end import ends_this_run
 from flame.node.secure_answers import SecureAnswers
 from flame.node.status_board import StatusBoard
 from flame.privacy.disclosure import wrap_release
@@ -57,6 +58,7 @@ from flame.secure.masking import MASK, MASKED, MaskingNode, MaskingSettings
 from flame.transport.base import Transport
 from flame.utils import logs as _logging
 from flame.utils.deadline import Deadline
+from flame.utils.public_reason import public_reason
 from flame.utils.redact import describe_exception
 from flame.wire.envelope import Envelope
 
@@ -220,7 +222,7 @@ class AnalysisClient:
         self._aggregator_away = False  # its last will said offline; cleared by its next status
         self._link = 0
         self._aggregator_session: str | None = None  # the live aggregator process
-        self._aggregator_last: tuple[str | None, str | None] = (None, None)  # session, state
+        self._aggregator_last: dict[str, Any] = {}  # its latest verified status
         self._parked: list[Envelope] = []
         self._forwarder: LogForwarder | None = None
         self._said_goodbye = False
@@ -403,7 +405,8 @@ class AnalysisClient:
                     ),
                     _GOODBYE_TIMEOUT,
                 )
-            self.board.now(self._status("failed", epoch, reason=reason))
+            # every roster member reads statuses: no exception message (red team B2)
+            self.board.now(self._status("failed", epoch, reason=public_reason(reason)))
         except Exception as send_exc:  # the failure report must not mask the failure
             log.error("could not report the failure to the aggregator: %s", send_exc)
 
@@ -574,10 +577,7 @@ class AnalysisClient:
             return Instruction("abort", -1, reason=problem)
         state = body.get("state")
         session = body.get("session")
-        self._aggregator_last = (
-            session if isinstance(session, str) else None,
-            state if isinstance(state, str) else None,
-        )
+        self._aggregator_last = body
         if state == "offline" or (body.get("online") is False and state not in ("failed",)):
             log.warning("aggregator %s is offline; waiting for it", self.aggregator_id)
             self._aggregator_away = True
@@ -615,8 +615,13 @@ class AnalysisClient:
         if not isinstance(session, str):
             return True
         if self._aggregator_session is None:
-            last_session, last_state = self._aggregator_last
-            if envelope.kind == "finished" and last_state == "done" and session == last_session:
+            last = self._aggregator_last
+            if (
+                envelope.kind == "finished"
+                and last.get("state") == "done"
+                and session == last.get("session")
+                and ends_this_run(last, body, self.code)
+            ):
                 return True  # the run ended before this node joined: take its result
             self._parked.append(envelope)
             return False
@@ -782,6 +787,8 @@ class AnalysisClient:
                 withheld=body.get("withheld") is True,
             )
         if envelope.kind == "finished":
+            if not ends_this_run(None, body, self.code):
+                return None
             location = body.get("location")
             return Instruction(
                 "finished",

@@ -39,6 +39,7 @@ from flame.ops.status_records import (
     _same,
 )
 from flame.ops.status_render import render_change, render_epoch, render_status
+from flame.ops.status_storage import trusted_record
 from flame.transport.status_order import StatusOrder
 
 __all__ = [
@@ -163,11 +164,12 @@ class StatusClient:
         store = self._storage()
         if store is None:
             return None
+        key = AnalysisLayout(analysis_id).manifest()
         try:
-            data = store.get_json(AnalysisLayout(analysis_id).manifest())
+            data = store.get_json(key)
         except ObjectNotFound:
             return None
-        return data if isinstance(data, dict) else None
+        return trusted_record(self.config, analysis_id, key, data)  # signed, with a roster
 
     def forwarded_logs(self, analysis_id: str) -> list[str] | None:
         """The nodes' forwarded log lines the aggregator kept with the run (storage only:
@@ -196,11 +198,12 @@ class StatusClient:
             layout = AnalysisLayout(analysis_id)
             latest = layout.latest_checkpoint(store)
             if latest is not None:
+                key = layout.checkpoint(latest)
                 try:
-                    checkpoint = store.get_json(layout.checkpoint(latest))
+                    checkpoint = trusted_record(self.config, analysis_id, key, store.get_json(key))
                 except ObjectNotFound:
                     checkpoint = None
-                records = checkpoint.get("history") if isinstance(checkpoint, dict) else None
+                records = checkpoint.get("history") if checkpoint is not None else None
         parsed = [EpochInfo.from_dict(item) for item in records or []]
         return [record for record in parsed if record is not None]
 
@@ -217,6 +220,11 @@ class StatusClient:
         except ObjectNotFound:
             return None
         manifest = self.manifest(analysis_id) or {}
+        named = manifest.get("result")
+        if self.config.roster is not None and (
+            not isinstance(named, dict) or named.get("sha256") != stored.sha256
+        ):
+            return None  # no signed manifest names these bytes: not shown as the result
         location = stored.uri or str(getattr(store, "root", "")) + "/" + key
         return FinalResult(
             key=key,

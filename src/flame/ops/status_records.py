@@ -109,7 +109,7 @@ class NodeStatus:
             text += f" {'in ' if self.state == 'failed' else ''}epoch {self.epoch}"
         if self.state == "computing" and self.progress is not None:
             text += f" ({self.progress:.0%})"
-        if self.reason:
+        if self.reason and self.verified is not False:  # a forged status's text: not shown
             text += f": {self.reason}"
         if self.current is False:
             text += f"  [NOT CURRENT: {self.stale or 'stale'}]"
@@ -199,12 +199,15 @@ class RunStatus:
 
     @property
     def result_location(self) -> FinalResult | None:
-        """The final result: from storage, else as the aggregator's status announced it."""
+        """The final result: from storage, else as the aggregator's current status announced
+        it; nothing from a status that is not verified (forged) or not current (red team B6)."""
         if self.final is not None:
             return self.final
         aggregator = self.aggregator
-        location = aggregator.extra.get("location") if aggregator is not None else None
-        if aggregator is None or not isinstance(location, str) or not location:
+        if aggregator is None or aggregator.verified is False or aggregator.current is False:
+            return None
+        location = aggregator.extra.get("location")
+        if not isinstance(location, str) or not location:
             return None
         sha256 = aggregator.extra.get("sha256")
         return FinalResult("", location, sha256 if isinstance(sha256, str) else None, None)

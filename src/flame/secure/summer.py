@@ -230,19 +230,49 @@ class SecureSummer:
         plain = {p: np.asarray(v, dtype=np.float64) for p, v in plain.items()}
         if confirmers:
             fraction = self.confirm_fraction or min(1.0, 3.0 / len(confirmers))
-            replies = self._ask(
-                epoch,
-                confirmers,
-                {**request, "reported": plain, "fraction": fraction},
-                required=False,
-            )
-            for node, reply in replies.items():
-                if not isinstance(reply.get("confirmed"), int):
-                    raise RunFailed(
-                        f"node {node!r} sent a malformed confirmation", node=node, epoch=epoch
-                    )
+            # the chance a lie in one ciphertext escapes every confirmer, all of them answering
+            target = (1.0 - min(1.0, fraction)) ** len(confirmers)
+            confirm = {**request, "reported": plain, "fraction": fraction}
+            replies = self._confirmations(epoch, confirmers, confirm)
             self._enough_confirmations(epoch, reporter, confirmers, replies)
+            escape = (1.0 - min(1.0, fraction)) ** len(replies)
+            if escape > target * (1 + 1e-9):
+                # Too few answered (held back?): the ones that did check more, so the chance
+                # of a lie escaping stays the configured one (red team B3).
+                wider = 1.0 if target <= 0 else min(1.0, 1.0 - target ** (1.0 / len(replies)))
+                log.warning(
+                    "epoch %d: %d of %d confirmers answered; asking them to check %.0f%% of "
+                    "the ciphertexts",
+                    epoch,
+                    len(replies),
+                    len(confirmers),
+                    100 * wider,
+                )
+                again = self._confirmations(epoch, list(replies), {**confirm, "fraction": wider})
+                escape = (1.0 - wider) ** len(again)
+                if escape > target * (1 + 1e-9):
+                    missing = sorted(set(confirmers) - set(again))
+                    raise RunFailed(
+                        f"epoch {epoch}: the secure sum reported by {reporter!r} was confirmed "
+                        f"over too little of it ({len(again)} of {len(confirmers)} confirmers "
+                        f"answered the wider check); the unconfirmed sum is not used (no "
+                        f"confirmation from {', '.join(missing)})",
+                        node=missing[0] if missing else None,
+                        epoch=epoch,
+                    )
         return plain
+
+    def _confirmations(
+        self, epoch: int, confirmers: list[str], body: dict[str, Any]
+    ) -> dict[str, dict[str, Any]]:
+        """The confirmers' replies (those that answered in time), each checked for form."""
+        replies = self._ask(epoch, confirmers, body, required=False)
+        for node, reply in replies.items():
+            if not isinstance(reply.get("confirmed"), int):
+                raise RunFailed(
+                    f"node {node!r} sent a malformed confirmation", node=node, epoch=epoch
+                )
+        return replies
 
     def _enough_confirmations(
         self, epoch: int, reporter: str, confirmers: list[str], replies: dict[str, Any]
