@@ -358,6 +358,7 @@ class AnalysisClient:
             traceback_text = analysis_traceback(exc, self.secrets)
         else:
             traceback_text = trim_traceback_text(traceback_text, self.secrets)
+        full = (reason, traceback_text)
         if self.log_traceback:
             log.error("epoch %d failed: %s\n%s", epoch, reason, traceback_text)
         else:
@@ -375,6 +376,8 @@ class AnalysisClient:
             name = _public_type(exc)
             reason = f"{name} (message withheld: this node's policy has send_tracebacks = false)"
             body["error"] = reason
+        if reason != full[0] and not self.log_traceback:  # what stays here, said here (simulate)
+            log.error("epoch %d failed: %s\n%s", epoch, full[0], full[1])
         self._say_goodbye(epoch, reason, body)
         return reason
 
