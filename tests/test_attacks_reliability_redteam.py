@@ -272,13 +272,6 @@ def test_split_brain_with_different_clocks_fails_loudly(
         assert "two processes claim node 'node-2'" in logs, aggregator.tail()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="open: a routine status of an already verified process is trusted without its "
-    "signature (transport/base.py _trusted_status), and the aggregator takes the data version "
-    "for the epoch record from the latest status (aggregator/server.py, `_statuses[...]"
-    "['data']`): the operator writes any data version into the run's history",
-)
 def test_operator_forges_the_data_version_in_the_history(row: Row) -> None:
     """The broker operator re-publishes node-2's genuine 'computing' status with another
     `data` digest (and the next seq; the signature no longer matches) while node-2 computes
