@@ -438,12 +438,6 @@ def _rewrite_in_place_keeping_stat(path: Path) -> None:
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="open: the fingerprint check compares size, mtime and inode only (the head hash "
-    "is taken at start and never re-checked), so a same-size in-place rewrite with the mtime "
-    "restored goes unseen: exit 0 with a result computed on two versions of the data",
-)
 def test_data_rewritten_in_place_with_its_mtime_restored(row: Row) -> None:
     folder = write_analysis(row.tmp / "analysis", slow={"*": 0.3, "node-2": 2.0})
     expected = simulated(folder, NODES, epochs=3)
@@ -460,11 +454,6 @@ def test_data_rewritten_in_place_with_its_mtime_restored(row: Row) -> None:
         assert "'values.csv' changed during the run" in aggregator.stderr(), aggregator.tail()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="open: DataVersions.check never re-hashes; a same-size rewrite with mtime "
-    "restored is not 'changed' (unit view of the run-level hole above)",
-)
 def test_data_versions_unit_in_place_rewrite(tmp_path: Path) -> None:
     folder = tmp_path / "d"
     folder.mkdir()
@@ -531,11 +520,6 @@ def test_csv_errors_never_carry_cell_values(tmp_path: Path, content: bytes) -> N
     assert SECRET not in str(caught.value)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="open (pre-existing, flame/data/readers.py:167): the stray-text warning quotes the "
-    "first text cell of a numeric column; with forward_logs it leaves the node",
-)
 def test_stray_text_warning_does_not_quote_the_cell(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
