@@ -101,12 +101,6 @@ def _state(payload: bytes) -> str:
 # --- broker operator: replays ---------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="open: a replay of a dead node's own latest status after its last will brings it "
-    "back under a quorum (same seq is accepted as a reconnect's republish), so every later "
-    "epoch waits out the epoch deadline for a node known gone",
-)
 def test_operator_replays_a_dead_nodes_last_status_under_quorum(row: Row) -> None:
     """node-3 is SIGKILLed in epoch 1 under FLAME_QUORUM=2; its last will marks it gone. The
     broker operator then re-publishes node-3's own latest genuine status (the 'computing'

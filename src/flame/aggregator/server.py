@@ -746,7 +746,7 @@ class Aggregator:
             return  # a failure of an earlier process of that node
         self._statuses[node] = body
         self._online.add(node)
-        self._gone.back(node, session)
+        self._gone.back(node, session, body)
         if not isinstance(session, str):
             return
         key = f"{session}:{body.get('link', 0)}"
