@@ -70,3 +70,13 @@ def test_a_replayed_status_of_a_node_gone_by_its_will_does_not_bring_it_back() -
     assert gone.note("c", "offline: its connection ended")
     gone.back("c", "i2", {**last, "instance": "i2", "seq": 1})  # a restart
     assert "c" not in gone
+
+
+def test_a_missing_node_whose_statuses_were_ignored_as_stale_is_named_so() -> None:
+    """The presence error says when a 'missing' node's statuses were dropped as stale, so the
+    operator does not look for a node that is down when it is live (red-team 4)."""
+    from flame.aggregator.membership import missing_text
+
+    text = missing_text(["node-2", "node-3"], {"node-2": 3})
+    assert text.startswith("node-2 (3 status(es) of it ignored as stale")
+    assert text.endswith(", node-3")

@@ -16,7 +16,7 @@ from typing import Any
 
 from flame.errors import RunFailed
 
-__all__ = ["Gone", "Instances", "code_problem"]
+__all__ = ["Gone", "Instances", "code_problem", "missing_text"]
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +25,17 @@ def _gone(body: dict[str, Any]) -> bool:
     """A status of a process that is ending or gone (offline, farewell, done, failed): it may
     arrive after the next instance's first status (a last will, a queued leftover)."""
     return body.get("state") in ("offline", "done", "failed") or body.get("online") is False
+
+
+def missing_text(missing: list[str], stale: dict[str, int]) -> str:
+    """Missing nodes, each with how many of its statuses were ignored as stale: such a node
+    may be live, its statuses taken for an earlier process's (see status_order)."""
+    return ", ".join(
+        f"{node} ({stale[node]} status(es) of it ignored as stale: see the warnings above)"
+        if stale.get(node)
+        else node
+        for node in missing
+    )
 
 
 class Instances:

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from flame.aggregator.fanout import Fanout
 from flame.aggregator.honesty import warn_if_dishonest
-from flame.aggregator.membership import Gone, Instances, code_problem
+from flame.aggregator.membership import Gone, Instances, code_problem, missing_text
 from flame.aggregator.records import (
     Checkpoint,
     EpochRecord,
@@ -388,7 +388,8 @@ class Aggregator:
             missing = [n for n in self.participants if n not in self._online]
             raise RunTimeout(
                 f"only {len(self._online)} of {len(self.participants)} nodes came online within "
-                f"{self.presence_timeout:g} s (missing: {', '.join(missing)}); quorum is "
+                f"{self.presence_timeout:g} s (missing: "
+                f"{missing_text(missing, self.transport.stale_by_node)}); quorum is "
                 f"{self.quorum}"
             )
 
