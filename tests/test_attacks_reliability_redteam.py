@@ -98,15 +98,16 @@ def _state(payload: bytes) -> str:
     return str(json.loads(payload).get("state"))
 
 
+def own_storage(tmp: Path) -> dict[str, str]:
+    """Each node's own storage (one folder; keys are per node): where it keeps its process
+    generation, so a broker that lost the retained statuses cannot reset it. Without any
+    storage a node has only the broker's copy (documented limit, logged at connect)."""
+    return {"FLAME_STORAGE__RESULTS_DIR": str(tmp / "storage")}
+
+
 # --- broker operator: replays ---------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="open: a replay of a dead node's own latest status after its last will brings it "
-    "back under a quorum (same seq is accepted as a reconnect's republish), so every later "
-    "epoch waits out the epoch deadline for a node known gone",
-)
 def test_operator_replays_a_dead_nodes_last_status_under_quorum(row: Row) -> None:
     """node-3 is SIGKILLed in epoch 1 under FLAME_QUORUM=2; its last will marks it gone. The
     broker operator then re-publishes node-3's own latest genuine status (the 'computing'
@@ -139,14 +140,6 @@ def test_operator_replays_a_dead_nodes_last_status_under_quorum(row: Row) -> Non
         operator.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="open: the generation is read from the broker's retained status only; with it "
-    "cleared (an operator, or a broker without persistence restarted while the node was "
-    "down), a node restarted with its clock stepped back gets the same generation and an "
-    "earlier `since` than its predecessor, so its statuses are 'an earlier process' and the "
-    "run stalls to the epoch deadline",
-)
 def test_node_restarted_clock_back_after_its_retained_status_was_cleared(row: Row) -> None:
     """node-2 is SIGKILLed in epoch 1; its retained status is cleared (an empty retained
     message: what a broker operator, or a volatile broker's restart, leaves); node-2 restarts
@@ -157,7 +150,9 @@ def test_node_restarted_clock_back_after_its_retained_status_was_cleared(row: Ro
     operator = Operator(row.broker, row.analysis_id)
     try:
         watcher = row.watch()
-        federation = row.federation(folder, epochs=3, FLAME_EPOCH_TIMEOUT="300")
+        federation = row.federation(
+            folder, epochs=3, FLAME_EPOCH_TIMEOUT="300", **own_storage(row.tmp)
+        )
         federation.start_all()
         watcher.wait_for("node-2", "computing", 1, timeout=90)
         federation.kill("node-2")
@@ -170,12 +165,6 @@ def test_node_restarted_clock_back_after_its_retained_status_was_cleared(row: Ro
     assert values[AGGREGATOR] == expected
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="open: same hole without any attacker: a broker restarted without persistence "
-    "forgets the dead node's retained status, so its next process (clock stepped back) "
-    "starts at generation 1 again and is taken for a stale replay",
-)
 def test_volatile_broker_restart_then_node_restarted_clock_back(tmp_path: Path) -> None:
     """No operator: node-2 crashes in epoch 1, the broker (persistence off) restarts while
     node-2 is down, node-2 comes back with its clock 10 min back (an NTP step)."""
@@ -185,7 +174,9 @@ def test_volatile_broker_restart_then_node_restarted_clock_back(tmp_path: Path) 
         row = Row(tmp_path, broker, "rt-volatile-clock-back")
         try:
             watcher = row.watch()
-            federation = row.federation(folder, epochs=3, FLAME_EPOCH_TIMEOUT="300")
+            federation = row.federation(
+                folder, epochs=3, FLAME_EPOCH_TIMEOUT="300", **own_storage(tmp_path)
+            )
             federation.start_all()
             watcher.wait_for("node-2", "computing", 1, timeout=90)
             federation.kill("node-2")
@@ -201,13 +192,6 @@ def test_volatile_broker_restart_then_node_restarted_clock_back(tmp_path: Path) 
     assert values[AGGREGATOR] == expected
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="open: the generation restarts at 1 when the broker holds no status of the node; "
-    "the next run's aggregator learns run 1's generation-2 process from its persistent "
-    "session, so the live node-2 (generation 1) is 'an earlier process' that 'shows nothing "
-    "new': it never comes online and run 2 fails at the presence deadline (missing: node-2)",
-)
 def test_retained_statuses_cleared_between_runs_hide_a_restarted_node(row: Row) -> None:
     """Run 1 of the analysis: node-2 crashes once and comes back (generation 2); it finishes.
     The retained statuses are then cleared (an operator's routine clean-up of a finished
@@ -220,7 +204,7 @@ def test_retained_statuses_cleared_between_runs_hide_a_restarted_node(row: Row) 
     operator = Operator(row.broker, row.analysis_id)
     try:
         watcher = row.watch()
-        first = row.federation(folder, epochs=3, FLAME_EPOCH_TIMEOUT="300")
+        first = row.federation(folder, epochs=3, FLAME_EPOCH_TIMEOUT="300", **own_storage(row.tmp))
         first.start_all()
         watcher.wait_for("node-2", "computing", 1, timeout=90)
         first.kill("node-2")
@@ -229,8 +213,13 @@ def test_retained_statuses_cleared_between_runs_hide_a_restarted_node(row: Row) 
         for node in (AGGREGATOR, *NODES):
             operator.publish_retained(node, b"")  # clean-up between runs
         time.sleep(0.5)
-        second = row.federation(folder, epochs=3, FLAME_EPOCH_TIMEOUT="300")
-        second.start_all()
+        second = row.federation(
+            folder, epochs=3, FLAME_EPOCH_TIMEOUT="300", **own_storage(row.tmp)
+        )
+        # A new run, not a resume of run 1's checkpoints: its aggregator starts on empty storage.
+        second.start(AGGREGATOR, FLAME_STORAGE__RESULTS_DIR=str(row.tmp / "aggregator-run-2"))
+        for node in NODES:
+            second.start(node)
         values = second.finish(timeout=90)
     finally:
         operator.close()
@@ -272,13 +261,6 @@ def test_split_brain_with_different_clocks_fails_loudly(
         assert "two processes claim node 'node-2'" in logs, aggregator.tail()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="open: a routine status of an already verified process is trusted without its "
-    "signature (transport/base.py _trusted_status), and the aggregator takes the data version "
-    "for the epoch record from the latest status (aggregator/server.py, `_statuses[...]"
-    "['data']`): the operator writes any data version into the run's history",
-)
 def test_operator_forges_the_data_version_in_the_history(row: Row) -> None:
     """The broker operator re-publishes node-2's genuine 'computing' status with another
     `data` digest (and the next seq; the signature no longer matches) while node-2 computes
@@ -445,12 +427,6 @@ def _rewrite_in_place_keeping_stat(path: Path) -> None:
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="open: the fingerprint check compares size, mtime and inode only (the head hash "
-    "is taken at start and never re-checked), so a same-size in-place rewrite with the mtime "
-    "restored goes unseen: exit 0 with a result computed on two versions of the data",
-)
 def test_data_rewritten_in_place_with_its_mtime_restored(row: Row) -> None:
     folder = write_analysis(row.tmp / "analysis", slow={"*": 0.3, "node-2": 2.0})
     expected = simulated(folder, NODES, epochs=3)
@@ -467,11 +443,6 @@ def test_data_rewritten_in_place_with_its_mtime_restored(row: Row) -> None:
         assert "'values.csv' changed during the run" in aggregator.stderr(), aggregator.tail()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="open: DataVersions.check never re-hashes; a same-size rewrite with mtime "
-    "restored is not 'changed' (unit view of the run-level hole above)",
-)
 def test_data_versions_unit_in_place_rewrite(tmp_path: Path) -> None:
     folder = tmp_path / "d"
     folder.mkdir()
@@ -538,11 +509,6 @@ def test_csv_errors_never_carry_cell_values(tmp_path: Path, content: bytes) -> N
     assert SECRET not in str(caught.value)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="open (pre-existing, flame/data/readers.py:167): the stray-text warning quotes the "
-    "first text cell of a numeric column; with forward_logs it leaves the node",
-)
 def test_stray_text_warning_does_not_quote_the_cell(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -140,3 +140,18 @@ def test_flame_status_marks_statuses_of_another_run_not_current() -> None:
     run = RunStatus("a", nodes=marked, aggregator_id="aggregator")
     assert run.state == "running", "an earlier run's 'done' does not finish this one"
     assert "NOT CURRENT" in marked["aggregator"].describe()
+
+
+def test_after_its_last_will_only_a_newly_signed_status_brings_a_process_back() -> None:
+    """A replay of a dead process's last genuine status (same seq) after its will is stale;
+    the live process, reconnecting, re-signs with the next seq and is taken (red-team 1)."""
+    order = StatusOrder(STARTED)
+    node = Process(STARTED - 100)
+    will = node.status("offline", STARTED - 100)
+    computing = node.status("computing", STARTED + 1)
+    assert order.check("n", computing) is None
+    assert order.check("n", will) is None  # it died: the broker fired its will
+    assert "replay" in str(order.check("n", computing))  # the operator re-publishes it
+    renewed = node.status("computing", STARTED + 30)  # the same process, reconnected
+    assert order.check("n", renewed) is None
+    assert order.check("n", renewed) is None  # republished unchanged: fine while it lives

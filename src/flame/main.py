@@ -45,9 +45,13 @@ def node_transport(
                 "FLAME_STORAGE__ENDPOINT (a store every node shares)"
             )
         claim_check = StorageClaimCheck(store, config.analysis_id, node_id)
-    return MqttTransport(
+    from flame.transport.generation import open_generation_store
+
+    transport = MqttTransport(
         config.broker, config.analysis_id, node_id, claim_check=claim_check, auth=auth
     )
+    transport.generation_store = open_generation_store(config, node_id)
+    return transport
 
 
 def node_data_handle(config: FlameConfig) -> Data:

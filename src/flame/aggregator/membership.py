@@ -16,7 +16,7 @@ from typing import Any
 
 from flame.errors import RunFailed
 
-__all__ = ["Gone", "Instances", "code_problem"]
+__all__ = ["Gone", "Instances", "code_problem", "missing_text"]
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +25,17 @@ def _gone(body: dict[str, Any]) -> bool:
     """A status of a process that is ending or gone (offline, farewell, done, failed): it may
     arrive after the next instance's first status (a last will, a queued leftover)."""
     return body.get("state") in ("offline", "done", "failed") or body.get("online") is False
+
+
+def missing_text(missing: list[str], stale: dict[str, int]) -> str:
+    """Missing nodes, each with how many of its statuses were ignored as stale: such a node
+    may be live, its statuses taken for an earlier process's (see status_order)."""
+    return ", ".join(
+        f"{node} ({stale[node]} status(es) of it ignored as stale: see the warnings above)"
+        if stale.get(node)
+        else node
+        for node in missing
+    )
 
 
 class Instances:
@@ -70,6 +81,8 @@ class Gone:
         self.quorum = quorum
         self._why: dict[str, str] = {}
         self._process: dict[str, str] = {}  # node -> the process that failed or refused
+        self._latest: dict[str, tuple[str, int]] = {}  # node -> (instance, seq) last seen
+        self._ended: dict[str, tuple[str, int]] = {}  # node -> its latest when it went
 
     def __contains__(self, node: object) -> bool:
         return node in self._why
@@ -84,19 +97,33 @@ class Gone:
             return True
         log.warning("node %s is gone (%s); the epochs go on with the quorum", node, reason)
         self._why[node] = reason
+        if node in self._latest:
+            self._ended[node] = self._latest[node]
         if process is not None:
             self._process[node] = process
         return True
 
-    def back(self, node: str, session: Any) -> None:
-        """A status of `node` that is not a goodbye: back, unless of the process that ended."""
+    def back(self, node: str, session: Any, status: dict[str, Any] | None = None) -> None:
+        """A status of `node` that is not a goodbye: back, unless of the process that ended,
+        or of the process that went (its will) with no higher `seq` than before it went: a
+        live process re-signs its status on reconnect; a replay of its last one cannot."""
+        instance, seq = (status or {}).get("instance"), (status or {}).get("seq")
+        mark = (instance, seq) if type(instance) is str and type(seq) is int else None
         if node not in self._why:
+            if mark is not None:
+                self._latest[node] = mark
             return
         ended = self._process.get(node)
         if ended is not None and (not isinstance(session, str) or session == ended):
             return  # a leftover status of the process that failed or refused
+        went = self._ended.get(node)
+        if went is not None and (mark is None or (mark[0] == went[0] and mark[1] <= went[1])):
+            return  # the process that went, replayed (or a status without its number)
         del self._why[node]
         self._process.pop(node, None)
+        self._ended.pop(node, None)
+        if mark is not None:
+            self._latest[node] = mark
         log.info("node %s is back", node)
 
     def text(self, node: str) -> str:

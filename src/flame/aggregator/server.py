@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from flame.aggregator.fanout import Fanout
 from flame.aggregator.honesty import warn_if_dishonest
-from flame.aggregator.membership import Gone, Instances, code_problem
+from flame.aggregator.membership import Gone, Instances, code_problem, missing_text
 from flame.aggregator.records import (
     Checkpoint,
     EpochRecord,
@@ -391,7 +391,8 @@ class Aggregator:
             missing = [n for n in self.participants if n not in self._online]
             raise RunTimeout(
                 f"only {len(self._online)} of {len(self.participants)} nodes came online within "
-                f"{self.presence_timeout:g} s (missing: {', '.join(missing)}); quorum is "
+                f"{self.presence_timeout:g} s (missing: "
+                f"{missing_text(missing, self.transport.stale_by_node)}); quorum is "
                 f"{self.quorum}"
             )
 
@@ -751,7 +752,7 @@ class Aggregator:
             return  # a failure of an earlier process of that node
         self._statuses[node] = body
         self._online.add(node)
-        self._gone.back(node, session)
+        self._gone.back(node, session, body)
         if not isinstance(session, str):
             return
         key = f"{session}:{body.get('link', 0)}"

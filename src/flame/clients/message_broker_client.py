@@ -210,8 +210,8 @@ class MessageBrokerClient:
         # Connections that found the broker without our session (restarted without
         # persistence, or the session expired): whatever was queued for us is gone.
         self.sessions_lost = 0
-        # Called (network thread) on such a connection; may return a new birth payload.
-        self.on_session_lost: Callable[[], bytes | None] | None = None
+        # Called (network thread) on every reconnect; may return a new birth payload.
+        self.on_reconnect: Callable[[], bytes | None] | None = None
         # Another client connected with our client id (MQTT 5 reason 0x8E): a second process
         # claims this node. We do not reconnect (that would take turns with it); the hook
         # (network thread) is told once.
@@ -339,11 +339,11 @@ class MessageBrokerClient:
                 self._acks.expect(mid)  # so its SUBACK is consumed, not parked
         with self._birth_lock:
             if self._birth is not None and self._generation > 1:
-                if session_lost and self.on_session_lost is not None:
+                if self.on_reconnect is not None:  # re-signed: a replay cannot pass for it
                     try:
-                        renewed = self.on_session_lost()
+                        renewed = self.on_reconnect()
                     except Exception as exc:  # a hook must not break the network thread
-                        log.warning("%s: session-lost hook failed: %r", self.client_id, exc)
+                        log.warning("%s: reconnect hook failed: %r", self.client_id, exc)
                         renewed = None
                     if renewed is not None:
                         self._birth = (self._birth[0], renewed)

@@ -47,7 +47,6 @@ FORMATS = {
     ".ndjson": "json",
 }
 _NUMBER = r"^\s*[-+]?((\d+\.?\d*|\.\d+)([eE][-+]?\d+)?|inf)\s*$"
-_SHOWN = 40
 
 
 @dataclass
@@ -164,15 +163,12 @@ def recover_numbers(
             file_name = name
             break
         offset += rows
-    value = str(data[first].as_py())
-    shown = value if len(value) <= _SHOWN else value[: _SHOWN - 3] + "..."
-    log.warning(
+    log.warning(  # never the cell's value: logs may be forwarded off the node
         "column %r of %s: %d text cell(s) in a numeric column were read as missing "
-        "(first: %r at row %d)",
+        "(first at row %d)",
         column,
         file_name,
         stray,
-        shown,
         first - offset + 1,
     )
     report.invalid[column] = report.invalid.get(column, 0) + stray

@@ -6,9 +6,11 @@ later epochs compute on other data than earlier ones, silently. Now such a run f
 next check, naming the source and the file; the fingerprint digest goes into the node's
 statuses, so the aggregator's history (and manifest) says which data version each epoch used.
 
-A fingerprint is cheap: size, modification time, inode and the SHA-256 of the file's first
-MiB. Files of local sources only (a folder on this machine); SQL, HTTP, FHIR and S3 sources
-are not covered.
+A fingerprint is cheap: size, modification time, status-change time (ctime: `utime` can put
+an mtime back, not a ctime), inode and the SHA-256 of the file's first MiB, re-hashed at every
+check. A rewrite beyond the first MiB that keeps size and mtime still moves the ctime (only
+root, resetting the system clock, could hide it). Files of local sources only (a folder on
+this machine); SQL, HTTP, FHIR and S3 sources are not covered.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ class Fingerprint:
     mtime_ns: int
     inode: int
     head_sha256: str
+    ctime_ns: int = 0
 
     def differs(self, other: Fingerprint) -> str | None:
         """How `other` (now) differs from this one (at start), in words; None: the same."""
@@ -47,6 +50,10 @@ class Fingerprint:
             return f"its size changed from {self.size} to {other.size} bytes"
         if other.mtime_ns != self.mtime_ns:
             return "it was modified"
+        if self.head_sha256 and other.head_sha256 and other.head_sha256 != self.head_sha256:
+            return "its content was rewritten in place"
+        if other.ctime_ns != self.ctime_ns:
+            return "it was rewritten or its attributes changed in place (ctime moved)"
         return None
 
 
@@ -56,7 +63,7 @@ def _stat(path: Path, *, hash_head: bool) -> Fingerprint:
     if hash_head:
         with path.open("rb") as stream:
             digest = hashlib.sha256(stream.read(_HEAD)).hexdigest()
-    return Fingerprint(info.st_size, info.st_mtime_ns, info.st_ino, digest)
+    return Fingerprint(info.st_size, info.st_mtime_ns, info.st_ino, digest, info.st_ctime_ns)
 
 
 class DataVersions:
@@ -101,7 +108,7 @@ class DataVersions:
         """DataError naming the first file that changed, vanished or appeared since `take`."""
         for (source, file), (path, before) in self._files.items():
             try:
-                now = _stat(path, hash_head=False)
+                now = _stat(path, hash_head=True)
             except OSError:
                 raise DataError(
                     f"data source {source!r}: {file!r} was removed during the run; "

@@ -126,6 +126,7 @@ class Transport(abc.ABC):
         self._verified: OrderedDict[bytes, None] = OrderedDict()  # see `_trusted_status`
         self.status_order = StatusOrder(self.since)  # which statuses of others are current
         self.stale_statuses = 0
+        self.stale_by_node: dict[str, int] = {}  # for "missing" messages: ignored, not silent
 
     # --- signing: what every implementation sends and accepts ---------------------------------
     def use_auth(self, auth: Authenticator) -> None:
@@ -213,6 +214,8 @@ class Transport(abc.ABC):
         stale = self.status_order.check(node, status, signed=self.auth is not None)
         if stale is not None:
             self.stale_statuses += 1
+            if node in self.stale_by_node or len(self.stale_by_node) < 10_000:
+                self.stale_by_node[node] = self.stale_by_node.get(node, 0) + 1
             quiet = gone(status) and "conflict" not in status  # a departed process's goodbye
             (log.info if quiet else log.warning)(
                 "%s ignored a stale status of %s (state %r): %s",

@@ -173,8 +173,10 @@ class MqttTransport(Transport, ProcessClaims):
         return json.dumps(to_jsonable(self.sign_status(full)), separators=(",", ":")).encode()
 
     def _renew_status(self) -> bytes | None:
-        """The broker lost our session: republish the status with the new `link` count, so
-        watchers (the aggregator) know that what was queued for us is gone."""
+        """After every reconnect: the status signed again, with the next `seq` (a will may
+        have fired meanwhile, and only a higher `seq` brings a process back: a replay of its
+        last status cannot; see status_order) and the `link` count (when the broker lost our
+        session, watchers learn that what was queued for us is gone)."""
         return self._status_payload(self._last_status) if self._last_status else None
 
     def _new_client(
@@ -217,7 +219,7 @@ class MqttTransport(Transport, ProcessClaims):
             retain=True,
         )
         client = self._new_client(client_id_for(self.analysis_id, self.node_id), will)
-        client.on_session_lost = self._renew_status
+        client.on_reconnect = self._renew_status
         client.on_taken_over = self._on_taken_over
         self.conflict = None
         # Signed: chunk manifests must be signed by a roster member before anything is buffered.
@@ -300,8 +302,12 @@ class MqttTransport(Transport, ProcessClaims):
         """
         if not self._connected:
             raise TransportError(f"cannot announce: {self.node_id} is not connected")
+        # `_last_status` first: a reconnect re-signing it meanwhile signs this one, not the one
+        # before, so whichever copy arrives last (the higher `seq`) is the newest status.
+        before, self._last_status = self._last_status, dict(status)
         payload = self._status_payload(status)
         if len(payload) > MAX_STATUS_BYTES:
+            self._last_status = before
             raise TransportError(f"status of {len(payload)} bytes is over {MAX_STATUS_BYTES}")
         previous, self._status_pending = self._status_pending, None
         if previous is not None:
@@ -309,7 +315,6 @@ class MqttTransport(Transport, ProcessClaims):
             previous.abandon()  # superseded: its acknowledgement is no longer awaited
             if refusal is not None:
                 raise TransportError(f"{self.node_id} could not announce its status: {refusal}")
-        self._last_status = dict(status)
         pending = self.client.set_birth(status_topic(self.analysis_id, self.node_id), payload)
         if self._announced:
             self._status_pending = pending

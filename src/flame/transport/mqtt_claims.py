@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     )
     from flame.config import BrokerSettings
     from flame.identity.signing import Authenticator
+    from flame.transport.generation import GenerationStore
 
 __all__ = ["ProcessClaims"]
 
@@ -47,6 +48,7 @@ class ProcessClaims(abc.ABC):
     conflict: str | None
     _client: MessageBrokerClient | None
     _connected: bool
+    generation_store: GenerationStore | None = None  # this node's own copy (see generation)
 
     @abc.abstractmethod
     def _new_client(
@@ -137,7 +139,8 @@ class ProcessClaims(abc.ABC):
             self._client.disconnect()
 
     def _next_generation(self) -> int:
-        """One more than the generation of this node's status the broker holds (0 if none):
+        """One more than the higher of the generation of this node's status the broker holds
+        (0 if none) and the one in its own storage (`flame.transport.generation`):
         what orders this process after its predecessors, whatever either clock says. Read on
         a short connection of its own, because the last will (signed with the generation)
         must be fixed before the node's own connection is made."""
@@ -159,7 +162,18 @@ class ProcessClaims(abc.ABC):
             self.auth is None or self.auth.verify_status(self.analysis_id, self.node_id, status)
         ):
             previous = process_generation(status) or 0
-        return previous + 1
+        keeper = self.generation_store
+        if keeper is None:
+            log.info(
+                "%s keeps no process generation of its own (no storage configured): if the "
+                "broker loses its retained status, a restart with the clock stepped back is "
+                "taken for a stale replay",
+                self.node_id,
+            )
+            return previous + 1
+        generation = max(previous, keeper.load()) + 1  # never lowered by a lost status
+        keeper.save(generation)
+        return generation
 
     def _check_conflict(self) -> None:
         if self.conflict is not None:

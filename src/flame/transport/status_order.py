@@ -13,8 +13,11 @@ snapshot), and only between processes of the same generation does a wall clock d
 
 A receiver accepts, per node:
 * the current process's statuses in order (`seq` never goes back; the same `seq` again is the
-  status republished after a reconnect). Its last will is the exception: signed at connect,
-  it is older than what followed, and it only says "offline";
+  status republished unchanged). Its last will is the exception: signed at connect, it is
+  older than what followed, and it only says "offline". Once a process's will (or goodbye)
+  was seen, only a status with a higher `seq` than any before it brings that process back: a
+  process re-signs its status with the next `seq` on every reconnect, so a replay of its last
+  status (same `seq`) cannot revive a node that died;
 * a newer process (higher `gen`, or the same `gen` and a later `since`): a restart, which
   becomes the current one;
 * an earlier process only with a status signed after this receiver started (give or take
@@ -23,8 +26,10 @@ A receiver accepts, per node:
 Everything else, and a `conflict` report signed before this receiver started, is stale: a
 replay or a leftover, dropped with a WARNING (a departed earlier process's goodbye: INFO).
 What this cannot catch: a replay, within `CLOCK_SKEW` of a receiver's start, of statuses
-signed just before it; and (the one exception above) the current process's last will, which
-a replay can show again after the process came back (until its next status).
+signed just before it; (the one exception above) the current process's last will, which
+a replay can show again after the process came back (until its next status); and, for a
+receiver that started after the will (it never saw the will), a replay of the dead process's
+last status: its own view begins there.
 """
 
 from __future__ import annotations
@@ -70,6 +75,7 @@ class _Node:
     current: str | None = None
     current_key: tuple[int, float] = (-1, float("-inf"))  # (gen, since) of the current one
     seqs: OrderedDict[str, int] = field(default_factory=OrderedDict)  # instance -> highest
+    ended: str | None = None  # the current process, once its will or goodbye was seen
 
 
 class StatusOrder:
@@ -107,6 +113,11 @@ class StatusOrder:
             assert last is not None
             if seq < last and status.get("state") != "offline":
                 return f"sequence number {seq} of process {instance[:12]} is behind {last}"
+            if state.ended == instance and seq <= last and not gone(status):
+                return (
+                    f"process {instance[:12]} went offline after its sequence number {last}; "
+                    f"a status of it numbered {seq} is a replay"
+                )
         elif state.current is not None and key <= state.current_key:
             # An earlier process of this node than the current one.
             if gone(status) and "conflict" not in status:
@@ -125,7 +136,11 @@ class StatusOrder:
             return None
         if last is None or seq > last:
             state.seqs[instance] = seq
+            if state.ended == instance and not gone(status):
+                state.ended = None  # back after a reconnect: a newly signed status
         if instance == state.current:
+            if gone(status):
+                state.ended = instance
             return None  # the common case: the current process, in order
         state.seqs.move_to_end(instance)
         while len(state.seqs) > _INSTANCES_PER_NODE:
@@ -136,6 +151,7 @@ class StatusOrder:
             del state.seqs[oldest]
         if state.current is None or key > state.current_key or instance == state.current:
             state.current, state.current_key = instance, max(key, state.current_key)
+            state.ended = instance if gone(status) else None
         return None
 
 
