@@ -209,3 +209,77 @@ def test_isolated_simulate_in_a_jupyter_kernel(tmp_path, capfd: pytest.CaptureFi
     captured = capfd.readouterr()
     for bad in ("Traceback", "ZMQError", "non-socket"):
         assert bad not in captured.err + captured.out
+
+
+CELL_DEFINED = (
+    """\
+import logging, sys
+import numpy as np
+import flame
+logging.basicConfig(stream=sys.stderr, level=logging.WARNING)
+SCALE = 2.0
+""",
+    """\
+def scaled(x):
+    return x * SCALE
+
+def analyze(data):
+    x = np.asarray(data.read_csv()["v"])
+    return {"n": int(x.size), "total": float(scaled(x).sum())}
+
+def analyze_secure(data):
+    x = np.asarray(data.read_csv()["v"])
+    return {"n": int(x.size), "s": flame.secure(float(scaled(x).sum()))}
+
+def aggregate(results):
+    out = {"n": sum(r["n"] for r in results.values())}
+    if results.secure:
+        out["total"] = float(results.secure["s"])
+    else:
+        out["total"] = sum(r["total"] for r in results.values())
+    return out
+""",
+    """\
+inproc = flame.simulate(analyze, aggregate, data="nodes")
+iso = flame.simulate(analyze, aggregate, data="nodes", isolate=True)
+sec = flame.simulate(analyze_secure, aggregate, data="nodes", isolate=True, secure=True)
+print("cells", inproc.value, iso.value == inproc.value, sec.value == inproc.value)
+""",
+    """\
+WEIGHTS = np.ones(3)
+def analyze_w(data):
+    return {"n": len(WEIGHTS)}
+try:
+    flame.simulate(analyze_w, aggregate, data="nodes", isolate=True)
+except flame.FlameError as refused:
+    print("refused", "'WEIGHTS'" in str(refused), "isolate=False" in str(refused))
+""",
+)
+
+
+def test_functions_defined_in_notebook_cells_run_isolated(
+    tmp_path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """The way a notebook is written: analyze, its helpers and constants typed into cells.
+    isolate=True exports them as a file for the child (no fork of the kernel), agrees with
+    the in-process run, plain and secure; a name that cannot be copied is refused by name."""
+    for node, rows in {"a": "v\n1\n2\n", "b": "v\n4\n", "c": "v\n8\n16\n"}.items():
+        (tmp_path / "nodes" / node).mkdir(parents=True)
+        (tmp_path / "nodes" / node / "x.csv").write_text(rows)
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell(src) for src in CELL_DEFINED]
+    client = nbclient.NotebookClient(
+        nb, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+    )
+    client.execute()
+    outputs = [_texts(cell) for cell in nb.cells]
+    assert "cells {'n': 5, 'total': 62.0} True True" in outputs[2]
+    assert "refused True True" in outputs[3]
+    for cell in nb.cells:
+        for out in cell.outputs:
+            assert out.output_type != "error", out
+            for bad in ("Traceback", "ZMQError", "non-socket"):
+                assert bad not in out.get("text", ""), out
+    captured = capfd.readouterr()
+    for bad in ("Traceback", "ZMQError", "non-socket"):
+        assert bad not in captured.err + captured.out

@@ -36,7 +36,8 @@ class AnalysisAt:
 
 def locate(function: Callable[..., Any]) -> dict[str, Any] | None:
     """Where the child can find `function` again (module, file, qualified name), or None
-    for a lambda, a closure or code typed at a prompt."""
+    for a lambda, a closure or code typed at a prompt. A notebook cell's function is written
+    out as a file first (`cell_export`); that raises FlameError for a name it cannot copy."""
     original = getattr(function, "__wrapped__", function)
     given = getattr(original, "_flame_locator", None)
     if isinstance(given, dict):
@@ -49,15 +50,20 @@ def locate(function: Callable[..., Any]) -> dict[str, Any] | None:
     file = getattr(module, "__file__", None) if module is not None else None
     if isinstance(file, str) and file.startswith("<"):  # `python -` (<stdin>), exec'd code
         file = None
-    if module_name == "__main__" and not file:
-        return None
+    if module_name == "__main__" and not file:  # a notebook cell keeps its source
+        from flame.isolation.cell_export import export_cell_function
+
+        return export_cell_function(original)
     return {"module": module_name, "file": file, "qualname": qualname}
 
 
 def not_isolable(function: Callable[..., Any]) -> str:
     """Why `function` cannot run in an isolated child, and the fix ("" when it can)."""
-    if locate(function) is not None:
-        return ""
+    try:
+        if locate(function) is not None:
+            return ""
+    except FlameError as refused:  # a notebook name that cannot be copied: says which
+        return str(refused)
     original = getattr(function, "__wrapped__", function)
     name = getattr(original, "__name__", "analyze")
     if "<" in getattr(original, "__qualname__", "<"):

@@ -1,0 +1,198 @@
+"""Notebook code made into a file an isolated child can import.
+
+A function typed into a Jupyter or IPython cell has no file, but the kernel keeps each cell's
+source (`linecache`), so the child need not share the kernel's memory (forking a kernel that
+holds ZeroMQ sockets and threads is what used to hang). The exported module holds the
+function's source and, recursively, exactly the notebook names its code loads: modules become
+imports, functions from files become imports, notebook functions are copied as source, and
+plain literals (numbers, strings, containers of them) are written out. Anything else (an
+array, a DataFrame, an open connection) is refused by name: copying live objects would need
+pickle, and the analysis should compute them itself.
+"""
+
+from __future__ import annotations
+
+import ast
+import dis
+import hashlib
+import inspect
+import os
+import tempfile
+import textwrap
+import types
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from flame.errors import FlameError
+
+__all__ = ["export_cell_function"]
+
+_LOADS = frozenset({"LOAD_GLOBAL", "LOAD_NAME"})
+_LITERALS = (type(None), bool, int, float, complex, str, bytes)
+_MAX_LITERAL_CHARS = 1_000_000
+_directory: Path | None = None
+
+
+def _global_loads(code: types.CodeType) -> list[str]:
+    """Names the code (and its nested functions and comprehensions) loads as globals."""
+    names: list[str] = []
+    for instruction in dis.get_instructions(code):
+        if instruction.opname in _LOADS and isinstance(instruction.argval, str):
+            names.append(instruction.argval)
+    for constant in code.co_consts:
+        if isinstance(constant, types.CodeType):
+            names.extend(_global_loads(constant))
+    return names
+
+
+def _definition_loads(source: str) -> list[str]:
+    """Names a `def` statement itself evaluates: its decorators and default values."""
+    tree = ast.parse(source)
+    node = tree.body[0] if tree.body else None
+    if not isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+        return []
+    parts: list[ast.AST] = [*node.decorator_list, *node.args.defaults]
+    parts += [d for d in node.args.kw_defaults if d is not None]
+    return [
+        n.id for part in parts for n in ast.walk(part)
+        if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)
+    ]
+
+
+def _is_literal(value: Any, depth: int = 0) -> bool:
+    if depth > 20:
+        return False
+    if isinstance(value, _LITERALS):
+        return True
+    if isinstance(value, list | tuple | set | frozenset):
+        return all(_is_literal(item, depth + 1) for item in value)
+    if isinstance(value, dict):
+        items = value.items()
+        return all(_is_literal(k, depth + 1) and _is_literal(v, depth + 1) for k, v in items)
+    return False
+
+
+def _literal_source(name: str, value: Any) -> str | None:
+    """`name = <literal>` when the value reads back equal and of the same type, else None."""
+    if type(value) in (set, frozenset) and not value:
+        text = f"{type(value).__name__}()"
+    else:
+        if not _is_literal(value):
+            return None
+        text = repr(value)
+        if len(text) > _MAX_LITERAL_CHARS:
+            return None
+        try:
+            back = ast.literal_eval(text)
+        except (ValueError, SyntaxError, MemoryError, RecursionError):
+            return None  # nan, inf, or a container of them
+        if type(value) is frozenset:
+            text, back = f"frozenset({text})", frozenset(back)
+        if back != value or type(back) is not type(value):
+            return None
+    return f"{name} = {text}"
+
+
+class _Exporter:
+    def __init__(self, namespace: dict[str, Any], root: str) -> None:
+        self.namespace = namespace
+        self.root = root
+        self.imports: dict[str, str] = {}
+        self.literals: dict[str, str] = {}
+        self.functions: dict[str, str] = {}  # in dependency order: what a def needs first
+
+    def refuse(self, name: str, value: Any, why: str) -> FlameError:
+        return FlameError(
+            f"{self.root} cannot run isolated: it uses the notebook name {name!r} "
+            f"({type(value).__name__}), which {why}; compute it inside {self.root}, define it in "
+            f"a .py file and import it, or pass isolate=False to flame.simulate"
+        )
+
+    def add_function(self, name: str, function: types.FunctionType) -> None:
+        if name in self.functions:
+            return
+        if "<" in function.__qualname__ or "." in function.__qualname__:
+            raise self.refuse(name, function, "is a lambda, a method or a nested function")
+        try:
+            source = textwrap.dedent(inspect.getsource(function))
+        except (OSError, TypeError):
+            raise self.refuse(name, function, "has no source the kernel kept") from None
+        self.functions[name] = ""  # placeholder: a recursive function refers to itself
+        for needed in [*_definition_loads(source), *_global_loads(function.__code__)]:
+            self.add_name(needed)
+        del self.functions[name]
+        if function.__name__ != name:
+            source += f"\n{name} = {function.__name__}\n"
+        self.functions[name] = source
+
+    def add_name(self, name: str) -> None:
+        if name in self.imports or name in self.literals or name in self.functions:
+            return
+        if name not in self.namespace:
+            return  # a builtin, or a name the function defines itself at run time
+        value = self.namespace[name]
+        if isinstance(value, types.ModuleType):
+            self.imports[name] = f"import {value.__name__} as {name}"
+            return
+        module = getattr(value, "__module__", None)
+        qualname = getattr(value, "__qualname__", None)
+        if module == "__main__" and isinstance(value, types.FunctionType):
+            self.add_function(name, value)
+            return
+        if module == "__main__" and isinstance(value, type):
+            raise self.refuse(name, value, "is a class defined in a cell")
+        if (
+            isinstance(module, str) and module != "__main__" and isinstance(qualname, str)
+            and "<" not in qualname and "." not in qualname
+            and isinstance(value, types.FunctionType | types.BuiltinFunctionType | type)
+        ):
+            self.imports[name] = f"from {module} import {qualname} as {name}"
+            return
+        literal = _literal_source(name, value)
+        if literal is None:
+            raise self.refuse(name, value, "cannot be written out as source")
+        self.literals[name] = literal
+
+    def module_source(self) -> str:
+        return "\n".join(
+            [
+                f'"""{self.root} and the notebook names it uses, exported by flame for an '
+                'isolated child."""',
+                "from __future__ import annotations",
+                *self.imports.values(),
+                *self.literals.values(),
+                *self.functions.values(),
+            ]
+        ) + "\n"
+
+
+def _export_directory() -> Path:
+    """One private folder per process (0700), removed with the process's temporary files."""
+    global _directory
+    if _directory is None or not _directory.is_dir():
+        _directory = Path(tempfile.mkdtemp(prefix="flame-cells-"))
+    return _directory
+
+
+def export_cell_function(function: Callable[..., Any]) -> dict[str, Any] | None:
+    """A child locator for `function` defined in a notebook or IPython cell, or None when
+    its source is not kept (code typed into `python -` or the plain REPL). Raises FlameError
+    naming a notebook name the function uses that cannot be copied."""
+    if not isinstance(function, types.FunctionType):
+        return None
+    try:
+        inspect.getsource(function)
+    except (OSError, TypeError):
+        return None
+    name = function.__name__
+    exporter = _Exporter(function.__globals__, name)
+    exporter.add_function(name, function)
+    source = exporter.module_source()
+    digest = hashlib.sha256(source.encode()).hexdigest()[:20]
+    path = _export_directory() / f"flame_cell_{digest}.py"
+    if not path.exists():
+        partial = path.with_suffix(".tmp")
+        partial.write_text(source, encoding="utf-8")
+        os.replace(partial, path)
+    return {"module": f"flame_cell_{digest}", "file": str(path), "qualname": name}
