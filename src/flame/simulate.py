@@ -203,6 +203,10 @@ def simulate(
     secrets = config.secrets()
     policies = node_policies(policy if policy is not None else config.policy, participants)
     pooled = False
+    if not isolate:  # one thread per node in this process: see flame.utils.malloc
+        from flame.utils.malloc import cap_malloc_arenas
+
+        cap_malloc_arenas()
     if isolate:  # children forked per epoch from one server, a few at a time
         from flame.isolation.forkserver import slots, supported
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 import csv
 import fnmatch
 import io
+import os
+import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack
 from pathlib import Path
@@ -27,6 +29,12 @@ if TYPE_CHECKING:  # pyarrow is imported on the first table read (keeps start-up
     import pyarrow as pa
 
 __all__ = ["Data", "FileSource", "LocalSource", "MemorySource", "Table"]
+
+# Tables parsed at once in this process. A node reads one at a time anyway; an in-process
+# simulation runs every node's `analyze` in its own thread, and ten nodes parsing at once held
+# every node's parse buffers together (W1 in benchmarks/simulate_scale.py) on two cores that
+# parse no faster for it. Only the parse waits: `analyze` itself may block on messages.
+_PARSING = threading.BoundedSemaphore(max(2, len(os.sched_getaffinity(0))))
 
 Table = dict[str, "np.ndarray"]
 
@@ -129,7 +137,8 @@ class Data:
         """
         from flame.data.columns import Columns
 
-        return Columns(self._read_csv(name, source, columns))
+        with _PARSING:
+            return Columns(self._read_csv(name, source, columns))
 
     def _read_csv(
         self, name: str | None, source: str | None, columns: Sequence[str] | None

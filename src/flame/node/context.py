@@ -140,7 +140,8 @@ class Context:
     def send(
         self, category: str, body: Any, *, to: Iterable[str] | None = None, timeout: float = 30.0
     ) -> set[str]:
-        """Send `body` to nodes (default: every other node); return who acknowledged in time.
+        """Send `body` to nodes (default: every other analysis node); return who acknowledged
+        in time.
 
         On an analysis node the body first passes the node's policy, like a result."""
         if not isinstance(category, str) or category.startswith(RESERVED_PREFIX):
@@ -148,7 +149,7 @@ class Context:
                 f"message category {category!r} is reserved for flame's own messages; "
                 f"choose a category that does not start with {RESERVED_PREFIX!r}"
             )
-        targets = self._others() if to is None else list(to)
+        targets = self._peers() if to is None else list(to)
         if self.outgoing is not None and not set(targets) <= set(self._others()):
             raise PolicyRefused(  # the address would carry what analyze put in it
                 "a message recipient is outside this run: analyze sends only to the run's "
@@ -183,8 +184,9 @@ class Context:
     def receive(
         self, category: str, *, senders: Iterable[str] | None = None, timeout: float = 30.0
     ) -> Received:
-        """Wait for one message of `category` from each sender (default: every other node)."""
-        expected = set(self._others() if senders is None else senders)
+        """Wait for one message of `category` from each sender (default: every other analysis
+        node)."""
+        expected = set(self._peers() if senders is None else senders)
         messages: dict[str, Any] = {}
         deadline = Deadline(timeout)
 
@@ -215,6 +217,13 @@ class Context:
     def _others(self) -> list[str]:
         everyone = [*self.participants, self.aggregator_id]
         return [node for node in everyone if node != self.node_id]
+
+    def _peers(self) -> list[str]:
+        """Default recipients and senders: the other analysis nodes. The aggregator only by
+        name (`to=[ctx.aggregator_id]`): it is no analysis peer, never answers a node's
+        message round, and a default that included it sent it node-to-node data and made
+        every default `send` wait its whole timeout for an acknowledgement."""
+        return [node for node in self.participants if node != self.node_id]
 
     # --- node-local state --------------------------------------------------------------------
     def save(self, tag: str, value: Any) -> None:
