@@ -1,1 +1,1 @@
-"""The aggregation node: epoch loop, presence and run choice, fanout, run store, records."""
+"""The aggregation node: epoch loop, presence, sending, failures, run store, records."""

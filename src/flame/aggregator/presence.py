@@ -1,0 +1,270 @@
+"""Who is there: the participants' presence, processes and broker sessions, from their statuses.
+
+A part of `Aggregator` (`flame.aggregator.server`), kept apart so that the epoch loop reads as
+one: the wait for the nodes to come online, the choice of the run to continue from their
+retained statuses, each status noted (offline, failed, back, a new broker session that gets
+the kick-off again, an outsider told it is not a participant) and the farewell after the last
+epoch. The per-node bookkeeping underneath is `membership` (instances, the gone of a quorum).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import uuid
+from collections import Counter
+from typing import TYPE_CHECKING, Any
+
+from flame.aggregator.membership import Gone, Instances, code_problem, missing_text
+from flame.aggregator.records import Event
+from flame.aggregator.sending import SEND_TIMEOUT
+from flame.errors import RunFailed, RunTimeout, TransportError
+from flame.node.status_board import STATUS_INTERVAL
+from flame.utils.deadline import Deadline
+from flame.wire.envelope import Envelope, Kind
+
+if TYPE_CHECKING:
+    from flame.aggregator.fanout import Fanout
+    from flame.node.mailbox import Mailbox
+    from flame.transport.base import Transport
+
+__all__ = ["NOT_PARTICIPANT", "Presence"]
+
+log = logging.getLogger(__name__)
+
+NOT_PARTICIPANT = "not_participant"  # an abort's code (the analysis client's constant)
+_FAREWELL = 5.0  # seconds to see the nodes take `finished` (re-sent after a lost session)
+_SETTLE_SLACK = 0.25  # seconds beyond the status interval for a node's last status to arrive
+
+
+class Presence:
+    """The aggregator's view of who is online, in which process, and who is gone."""
+
+    # the aggregator's, used here
+    participants: list[str]
+    quorum: int
+    code: str | None
+    run_id: str | None
+    session: str
+    transport: Transport
+    mailbox: Mailbox
+    presence_timeout: float
+    epoch_timeout: float
+    _kickoff: tuple[Kind, int, Any] | None
+    _epoch: int
+    _fanout: Fanout
+
+    if TYPE_CHECKING:
+
+        def _send(
+            self, node: str, kind: Kind, epoch: int, body: Any, timeout: float | None = None
+        ) -> None: ...
+        def _emit(self, event: Event) -> None: ...
+        def _fail_from(self, envelope: Envelope) -> None: ...
+        def _note_logs(self, envelope: Envelope) -> None: ...
+        def _is_logs(self, envelope: Envelope) -> bool: ...
+
+    def _init_presence(self) -> None:
+        self._instances = Instances()
+        self._sessions: dict[str, str] = {}  # node -> "process session:broker link"
+        self._processes: dict[str, str] = {}  # node -> process session seen in this run
+        self._statuses: dict[str, dict[str, Any]] = {}
+        self._online: set[str] = set()
+        # Under a quorum: nodes known gone (last will, failed status, error report, policy
+        # refusal) and why. They hold no epoch; a new status of theirs brings them back.
+        self._gone = Gone(self.participants, self.quorum)
+        self._withheld: set[str] = set()  # nodes whose policy declines other sites' aggregates
+        self._told: set[str] = set()
+
+    def _choose_run(self, *, resuming: bool) -> None:
+        """Continue the nodes' run where that is sound, else start over under a new run id.
+
+        Sound: resuming from a checkpoint (the aggregate the nodes need is in it), or every
+        node still in epoch 0 (their cached results are all we need). A run whose nodes are
+        past epoch 0 while this aggregator has no checkpoint lost the previous aggregate with
+        the previous aggregator process: computing it again from epoch 0 is the only way.
+        """
+        if not resuming and any(s.get("run") for s in self._statuses.values()):
+            self._settle_statuses()
+        statuses = {n: s for n, s in self._statuses.items() if n in self._online}
+        runs = Counter(s["run"] for s in statuses.values() if isinstance(s.get("run"), str))
+        ahead = sorted(
+            node
+            for node, s in statuses.items()
+            if isinstance(s.get("run"), str) and isinstance(s.get("epoch"), int) and s["epoch"] > 0
+        )
+        if runs and (resuming or not ahead):
+            self.run_id = runs.most_common(1)[0][0]
+            log.info("continuing run %s of the nodes", self.run_id)
+            return
+        self.run_id = uuid.uuid4().hex[:16]
+        if ahead:
+            furthest = max(int(statuses[node]["epoch"]) for node in ahead)
+            log.warning(
+                "nodes are in epoch %d of run %s, but this aggregator has no checkpoint (no "
+                "storage): starting the analysis over as run %s",
+                furthest,
+                runs.most_common(1)[0][0],
+                self.run_id,
+            )
+
+    def _settle_statuses(self) -> None:
+        """Read statuses until none has come for a status interval (plus slack): a node's
+        routine status may wait that long in its board (`status_board`), and where the nodes
+        stand must not be judged from one they have already left behind (nodes seemingly in
+        epoch 0 but past it would be sent epoch 0 of their run again and never answer)."""
+        quiet = STATUS_INTERVAL + _SETTLE_SLACK
+        deadline = Deadline(8 * quiet)
+        while not deadline.passed():
+            wait = Deadline(min(quiet, deadline.left()))
+            envelope = self.mailbox.next(self._is_status_or_error, wait)
+            if envelope is None:
+                return
+            self._note_presence(envelope)
+
+    def _await_farewell(self, answered: set[str]) -> None:
+        """Briefly see the nodes take `finished`; one whose broker session was lost meanwhile
+        gets it again (see `_note_status`). Stragglers still computing are not waited for;
+        a node that `answered` the last epoch is, whatever its (coalesced) status last said:
+        its statuses must not outlive this process in the broker session, where the next
+        aggregator process of this analysis would read them as current."""
+        deadline = Deadline(min(_FAREWELL, self.epoch_timeout))
+        while not deadline.passed():
+            waiting = [
+                node
+                for node in self.participants
+                if node in self._online
+                and (state := self._statuses.get(node, {}).get("state")) not in ("done", "failed")
+                and (state != "computing" or node in answered)
+            ]
+            if not waiting:
+                return
+            envelope = self.mailbox.next(self._is_status_or_error, deadline)
+            if envelope is None:
+                return
+            if envelope.kind == "message":
+                self._note_logs(envelope)
+            elif envelope.kind == "status":
+                with contextlib.suppress(RunFailed):
+                    self._note_status(envelope, rejoin_epoch=self._kickoff_epoch())
+
+    def _kickoff_epoch(self) -> int | None:
+        return None if self._kickoff is None else self._kickoff[1]
+
+    def _await_presence(self) -> None:
+        """Wait for every participant, or for quorum when the presence deadline passes."""
+        deadline = Deadline(self.presence_timeout)
+        self._emit(Event("waiting", expected=len(self.participants)))
+        while len(self._online) < len(self.participants):
+            envelope = self.mailbox.next(self._is_status_or_error, deadline)
+            if envelope is None:
+                break
+            self._note_presence(envelope)
+        if len(self._online) < self.quorum:
+            missing = [n for n in self.participants if n not in self._online]
+            raise RunTimeout(
+                f"only {len(self._online)} of {len(self.participants)} nodes came online within "
+                f"{self.presence_timeout:g} s (missing: "
+                f"{missing_text(missing, self.transport.stale_by_node)}); quorum is "
+                f"{self.quorum}"
+            )
+
+    def _tell_outsider(self, node: str, body: dict[str, Any]) -> None:
+        """A live analysis node that is not in our participant list is told so (it exits 2)
+        rather than waiting for kick-offs that never come."""
+        if node == self.transport.node_id or body.get("role") != "analysis":
+            return
+        if body.get("state") in ("offline", "done", "failed") or body.get("online") is False:
+            return
+        key = f"{node}:{body.get('session')}"
+        if key in self._told:
+            return
+        self._told.add(key)
+        listed = ", ".join(self.participants[:20]) + (
+            ", ..." if len(self.participants) > 20 else ""
+        )
+        reason = (
+            f"node {node!r} is not a participant of analysis {self.transport.analysis_id!r} "
+            f"(the aggregator's participants: {listed})"
+        )
+        log.warning("%s; telling it", reason)
+        try:
+            self._send(
+                node,
+                "abort",
+                self._epoch,
+                {
+                    "reason": reason,
+                    "code": NOT_PARTICIPANT,
+                    "run": self.run_id,
+                    "session": self.session,
+                },
+                timeout=SEND_TIMEOUT,
+            )
+        except (TransportError, RunFailed) as exc:
+            log.warning("could not tell %s: %s", node, exc)
+
+    def _note_status(self, envelope: Envelope, rejoin_epoch: int | None = None) -> None:
+        node = envelope.sender
+        body = envelope.body
+        if not isinstance(body, dict):
+            return
+        if node not in self.participants:
+            self._tell_outsider(node, body)
+            return
+        problem = self._instances.note(node, body) or code_problem(
+            node, body, self.code, self.run_id or ""
+        )
+        if problem is not None:
+            raise RunFailed(problem, node=node)
+        state = body.get("state")
+        session = body.get("session")
+        if body.get("share_aggregate") is False:
+            self._withheld.add(node)
+        self._fanout.note(node, body)
+        if state == "offline" or body.get("online") is False:
+            if node in self._online:
+                log.warning("node %s went offline", node)
+            self._online.discard(node)
+            if state == "offline":  # a last will (or a clean exit before the end)
+                self._gone.note(node, "offline: its connection ended")
+            return
+        if state == "failed":
+            self._online.discard(node)
+            if isinstance(session, str) and self._processes.get(node) == session:
+                # Its error report should have come first; the status is the backstop.
+                reason = str(body.get("reason") or "failed")[:500]
+                if self._gone.note(node, f"failed: {reason}", self._processes.get(node)):
+                    return
+                raise RunFailed(
+                    f"node {node!r} {reason}"
+                    if reason.startswith("stopped: ")
+                    else f"node {node!r} failed: {reason}",
+                    node=node,
+                )
+            return  # a failure of an earlier process of that node
+        self._statuses[node] = body
+        self._online.add(node)
+        self._gone.back(node, session, body)
+        if not isinstance(session, str):
+            return
+        key = f"{session}:{body.get('link', 0)}"
+        if self._sessions.get(node) == key:
+            return
+        self._sessions[node] = key
+        self._processes[node] = session
+        if self._kickoff is not None and rejoin_epoch is not None:
+            log.info("node %s (re)joined or lost its broker session; sending it again", node)
+            self._send(node, *self._kickoff)
+
+    def _note_presence(self, envelope: Envelope) -> None:
+        """A status, error report or forwarded log lines, while no result is expected."""
+        if envelope.kind == "message":
+            self._note_logs(envelope)
+        elif envelope.kind == "error":
+            self._fail_from(envelope)  # raises unless from an earlier process or an outsider
+        else:
+            self._note_status(envelope)
+
+    def _is_status_or_error(self, envelope: Envelope) -> bool:
+        return envelope.kind in ("status", "error") or self._is_logs(envelope)
