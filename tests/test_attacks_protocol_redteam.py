@@ -215,7 +215,7 @@ def test_a_member_outside_the_analysis_reads_no_node_traceback(
     mqtt_broker: Broker, tmp_path: Path, send_tracebacks: bool
 ) -> None:
     """Issue 21 hole 5 moved forwarded log lines out of the retained status, but
-    Aggregator._abort (src/flame/aggregator/server.py) still puts the failing node's
+    Aggregator._abort (src/flame/aggregator/failures.py) still puts the failing node's
     `traceback` (and the reason) into the retained `failed` status. The default policy
     (send_tracebacks = true) lets the traceback leave the node *for the aggregator*; the ACL
     lets every roster member read every status. Safe outcome: node-5, a roster member

@@ -1,4 +1,4 @@
-"""Under a quorum, nodes known gone hold no epoch (flame.aggregator.server): a failed node is a
+"""Under a quorum, nodes known gone hold no epoch (flame.aggregator.presence): a failed node is a
 missing answer recorded with its reason; too many gone fails the run at once, naming them."""
 
 from __future__ import annotations
