@@ -106,7 +106,7 @@ def mosquitto() -> Iterator[str]:
 
 
 def _host_port(url: str) -> tuple[str, int]:
-    from flame.clients.message_broker_client import parse_broker_url
+    from flame.clients.broker_address import parse_broker_url
 
     address = parse_broker_url(url)
     return address.host, address.port

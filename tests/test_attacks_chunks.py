@@ -138,7 +138,7 @@ def test_forged_chunk_manifests_are_dropped_before_any_buffering(
                     yield bytes(next(chunks))
 
         topic = inbox_topic(analysis, "aggregator")
-        with caplog.at_level(logging.WARNING, logger="flame.transport.mqtt"):
+        with caplog.at_level(logging.WARNING, logger="flame.transport.mqtt_receive"):
             sent = _flood(attacker, topic, forgeries())
             honest = _honest(analysis, "alice")
             alice.send(honest)  # chunked, after the whole flood in the same inbox

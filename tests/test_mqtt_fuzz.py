@@ -192,7 +192,7 @@ def test_fuzzed_inbox_and_status_feed(
         publisher.publish(inbox_topic(analysis, NODE), encode(good), timeout=30)
 
         started = time.monotonic()
-        with caplog.at_level(logging.WARNING, logger="flame.transport.mqtt"):
+        with caplog.at_level(logging.WARNING, logger="flame.transport.mqtt_receive"):
             got = None
             while time.monotonic() - started < 120:
                 item = node.receive(10)
@@ -289,7 +289,7 @@ def test_a_run_completes_while_the_aggregator_inbox_is_flooded(
     flooder = threading.Thread(target=flood)
     flooder.start()
     try:
-        with caplog.at_level(logging.WARNING, logger="flame.transport.mqtt"):
+        with caplog.at_level(logging.WARNING, logger="flame.transport.mqtt_receive"):
             result = simulate(analyze, aggregate, data=data, config=config, broker=factory)
     finally:
         flooder.join(60)

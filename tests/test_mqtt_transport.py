@@ -262,7 +262,7 @@ def test_misaddressed_and_junk_frames_are_dropped(
         admin.publish(topic, b"", timeout=5)
         good = envelope(analysis, "alice", "bob", "fine")
         admin.publish(topic, encode(good), timeout=5)
-        with caplog.at_level(logging.WARNING, logger="flame.transport.mqtt"):
+        with caplog.at_level(logging.WARNING, logger="flame.transport.mqtt_receive"):
             got = bob.receive(5)
         assert got is not None and got.id == good.id
         drops = [r.getMessage() for r in caplog.records if "bob dropped" in r.getMessage()]
@@ -607,7 +607,7 @@ def test_incomplete_reassembly_is_dropped_after_the_timeout(
         assert bob.receive(0.3) is None
         assert bob._reassembler.open_transfers == 1
         assert bob._reassembler.pending_bytes == len(encode(sent))
-        with caplog.at_level(logging.WARNING, logger="flame.transport.mqtt"):
+        with caplog.at_level(logging.WARNING, logger="flame.transport.mqtt_receive"):
             assert bob.receive(0.5) is None
             time.sleep(0.2)
             assert bob.receive(0.1) is None
@@ -632,7 +632,7 @@ def test_corrupted_chunk_fails_the_checksum(nodes: Nodes, caplog: pytest.LogCapt
     chunks[1][-1] ^= 0xFF
     admin = raw_client(nodes.broker)
     try:
-        with caplog.at_level(logging.WARNING, logger="flame.transport.mqtt"):
+        with caplog.at_level(logging.WARNING, logger="flame.transport.mqtt_receive"):
             for chunk in chunks:
                 admin.publish(inbox_topic(analysis, "bob"), chunk, timeout=5)
             assert bob.receive(1.0) is None

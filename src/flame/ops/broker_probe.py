@@ -68,7 +68,7 @@ def tcp_reachable(host: str, port: int, timeout: float) -> str | None:
 
 def broker_address(url: str) -> tuple[str, int, bool, str]:
     """(host, port, tls, protocol) as the MQTT transport reads the URL; ConfigError if bad."""
-    from flame.clients.message_broker_client import parse_broker_url
+    from flame.clients.broker_address import parse_broker_url
 
     try:
         address = parse_broker_url(url)

@@ -85,15 +85,12 @@ class StatusOrder:
         self.started = time.time() if started is None else started
         self._nodes: dict[str, _Node] = {}
 
-    def check(
-        self, node: str, status: dict[str, Any], *, verified: bool = True, signed: bool = True
-    ) -> str | None:
+    def check(self, node: str, status: dict[str, Any], *, signed: bool = True) -> str | None:
         """None to act on `status` (and remember it), else why it is stale.
 
-        `verified=False` (a routine update whose signature was not checked) is ordered like
-        the others but never moves the order forward, so a forgery cannot hide later ones.
-        `signed=False` (an unsigned run, where anyone may write anything anyway): a status
-        without the process fields is let through unordered."""
+        In a signed run `status` must be verified first: whatever passes moves the order
+        forward. `signed=False` (an unsigned run, where anyone may write anything anyway): a
+        status without the process fields is let through unordered."""
         fields = process_fields(status)
         gen = process_generation(status)
         if fields is None or gen is None:
@@ -132,8 +129,6 @@ class StatusOrder:
                     f"an earlier process ({instance[:12]}) shows nothing new "
                     f"(sequence number {seq}, seen {last if last is not None else 'none'})"
                 )
-        if not verified:
-            return None
         if last is None or seq > last:
             state.seqs[instance] = seq
             if state.ended == instance and not gone(status):

@@ -4,8 +4,12 @@ its process-claim checks."""
 from __future__ import annotations
 
 import hashlib
+import re
 
-__all__ = ["broadcast_topic", "client_id_for", "inbox_topic", "status_topic"]
+__all__ = ["VALID_NAME", "broadcast_topic", "client_id_for", "inbox_topic", "status_topic"]
+
+# An analysis or node id that can stand as one topic level (no wildcard, no separator).
+VALID_NAME = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 
 
 def inbox_topic(analysis_id: str, node_id: str) -> str:
