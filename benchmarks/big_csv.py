@@ -16,20 +16,16 @@ cannot be far below ~1.8x. Target: <= 2x the file for numeric columns.
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
-from data import write_csv  # the same generated clinic export
+from data import child, write_csv  # the same generated clinic export, run alike
 
 CHILD = r"""
-import json, sys, tempfile, time
-from pathlib import Path
-mode, folder = sys.argv[1], sys.argv[2]
+import json, sys, time
+mode, folder, here = sys.argv[1], sys.argv[2], sys.argv[3]
 def kb(pid, field):
     with open(f"/proc/{pid}/status") as f:
         for line in f:
@@ -40,23 +36,9 @@ import numpy, pyarrow, pyarrow.csv
 import flame.data, flame.data.csv_columns
 pid = "self"
 if mode == "isolated":
-    from flame.data import Data
-    from flame.node.context import Context
-    from flame.node.mailbox import Mailbox
-    from flame.isolation.runner import ChildRunner
-    from flame.analysis.loader import load_analysis
-    from flame.transport.memory import MemoryBroker, MemoryTransport
-    code = Path(tempfile.mkdtemp()) / "iso_read.py"
-    code.write_text("import pyarrow.csv, flame.data.csv_columns, flame.data.sources.descriptor\n"
-                    "def analyze(data):\n    c = data.read_csv('big.csv')\n"
-                    "    return len(next(iter(c.values())))\n"
-                    "def aggregate(results):\n    return results\n")
-    context = Context(analysis_id="bench", node_id="n", role="analysis", participants=["n"],
-                      aggregator_id="aggregator", seed=1,
-                      mailbox=Mailbox(MemoryTransport(MemoryBroker(), "bench", "n")))
-    runner = ChildRunner(load_analysis(code).functions.analyze, Data.from_path(folder, "n"),
-                         context, hide=[folder])
-    runner.start()
+    sys.path.insert(0, here)
+    from data import isolated_reader
+    runner = isolated_reader(folder)
     pid = runner._process.pid  # the child reads: its RSS is the figure
 base = kb(pid, "VmRSS")
 with open(f"/proc/{pid}/clear_refs", "w") as f:
@@ -79,18 +61,6 @@ print(json.dumps({"seconds": seconds, "extra_kb": peak - base, "rows": rows}))
 """
 
 
-def child(mode: str, folder: Path) -> dict[str, Any]:
-    out = subprocess.run(
-        [sys.executable, "-c", CHILD, mode, str(folder)],
-        capture_output=True,
-        text=True,
-        timeout=1800,
-        check=True,
-    )
-    result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
-    return result
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--mb", type=float, default=300.0, help="file size to generate")
@@ -102,7 +72,9 @@ def main() -> None:
         write_csv(path, int(args.mb * 1e6 / 17.8))  # about 17.8 bytes per row
         size = path.stat().st_size
         modes = ("pyarrow", "flame", "projected", "isolated")
-        runs = {mode: [child(mode, folder) for _ in range(args.repeats)] for mode in modes}
+        runs = {
+            mode: [child(CHILD, mode, folder, 1800) for _ in range(args.repeats)] for mode in modes
+        }
     print(f"\nbig numeric CSV: {size / 1e6:.0f} MB, {runs['flame'][0]['rows']:,} rows x 4 columns")
     print(f"{'reader':<36}{'time s':>9}{'reading MB':>12}{'RSS / file':>12}")
     figures = {}

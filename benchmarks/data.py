@@ -35,7 +35,7 @@ from typing import Any
 
 CHILD = r"""
 import json, resource, sys, time
-mode, path = sys.argv[1], sys.argv[2]
+mode, path, here = sys.argv[1], sys.argv[2], sys.argv[3]
 def status_kb(field):
     with open("/proc/self/status") as f:
         for line in f:
@@ -56,26 +56,9 @@ import flame.data, flame.data.readers
 if mode == "sql":
     import duckdb, flame.data.sources.duckdb
 if mode == "isolated":  # analyze in its Landlock-confined child, data folder hidden
-    import tempfile
-    from pathlib import Path
-    from flame.data import Data
-    from flame.node.context import Context
-    from flame.node.mailbox import Mailbox
-    from flame.isolation.runner import ChildRunner
-    from flame.analysis.loader import load_analysis
-    from flame.transport.memory import MemoryBroker, MemoryTransport
-    code = Path(tempfile.mkdtemp()) / "iso_read.py"
-    # imported when the child loads the analysis, as the other modes import before timing
-    code.write_text("import pyarrow.csv, flame.data.csv_columns, flame.data.sources.descriptor\n"
-                    "def analyze(data):\n    c = data.read_csv('big.csv')\n"
-                    "    return len(next(iter(c.values())))\n"
-                    "def aggregate(results):\n    return results\n")
-    context = Context(analysis_id="bench", node_id="n", role="analysis", participants=["n"],
-                      aggregator_id="aggregator", seed=1,
-                      mailbox=Mailbox(MemoryTransport(MemoryBroker(), "bench", "n")))
-    runner = ChildRunner(load_analysis(code).functions.analyze, Data.from_path(path, "n"),
-                         context, hide=[path])
-    runner.start()
+    sys.path.insert(0, here)
+    from data import isolated_reader
+    runner = isolated_reader(path)
 base = rss_kb()
 exact = reset_peak()
 start = time.perf_counter()
@@ -100,12 +83,53 @@ print(json.dumps({"seconds": seconds, "peak_kb": peak, "base_kb": base, "rows": 
 """
 
 
-def child(mode: str, folder: Path) -> dict[str, Any]:
+READ_BIG = (  # the modules are imported when the child loads the analysis, before timing
+    "import pyarrow.csv, flame.data.csv_columns, flame.data.sources.descriptor\n"
+    "def analyze(data):\n    c = data.read_csv('big.csv')\n"
+    "    return len(next(iter(c.values())))\n"
+    "def aggregate(results):\n    return results\n"
+)
+
+
+def isolated_runner(folder: str | Path, code: str) -> Any:
+    """`code`'s analyze in its isolated child, started: the folder hidden by Landlock, its
+    files passed as read-only descriptors. `.run(epoch, None)` is one epoch."""
+    from flame.analysis.loader import load_analysis
+    from flame.data import Data
+    from flame.isolation.runner import ChildRunner
+    from flame.node.context import Context
+    from flame.node.mailbox import Mailbox
+    from flame.transport.memory import MemoryBroker, MemoryTransport
+
+    path = Path(tempfile.mkdtemp()) / "iso_read.py"
+    path.write_text(code)
+    context = Context(
+        analysis_id="bench",
+        node_id="n",
+        role="analysis",
+        participants=["n"],
+        aggregator_id="aggregator",
+        seed=1,
+        mailbox=Mailbox(MemoryTransport(MemoryBroker(), "bench", "n")),
+    )
+    analyze = load_analysis(path).functions.analyze
+    runner = ChildRunner(analyze, Data.from_path(folder, "n"), context, hide=[folder])
+    runner.start()
+    return runner
+
+
+def isolated_reader(folder: str | Path) -> Any:
+    """The isolated child whose epoch reads big.csv; `.run(0, None).result` is its rows."""
+    return isolated_runner(folder, READ_BIG)
+
+
+def child(script: str, mode: str, folder: Path, timeout: float = 600) -> dict[str, Any]:
+    """`script` in a fresh interpreter (argv: mode, folder, this folder); its last JSON line."""
     out = subprocess.run(
-        [sys.executable, "-c", CHILD, mode, str(folder)],
+        [sys.executable, "-c", script, mode, str(folder), str(Path(__file__).parent)],
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=timeout,
         check=True,
     )
     result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
@@ -156,7 +180,7 @@ def csv_benchmark(folder: Path, rows: int, repeats: int) -> dict[str, Any]:
     runs: dict[str, list[dict[str, Any]]] = {"flame": [], "pyarrow": [], "isolated": []}
     for _ in range(repeats):
         for mode in runs:  # interleaved, so machine noise hits both alike
-            runs[mode].append(child(mode, folder))
+            runs[mode].append(child(CHILD, mode, folder))
     med = {
         mode: {
             "seconds": statistics.median(r["seconds"] for r in results),
@@ -193,8 +217,8 @@ def duckdb_benchmark(folder: Path, rows: int) -> dict[str, Any]:
     path = folder / "huge.csv"
     write_csv(path, rows, seed=1)
     size = path.stat().st_size
-    ours = child("sql", folder)
-    base = child("pyarrow_mean", folder)
+    ours = child(CHILD, "sql", folder)
+    base = child(CHILD, "pyarrow_mean", folder)
     peak_mb = ours["peak_kb"] / 1024
     print(f"\nColumn mean of a {size / 1e6:.0f} MB CSV ({rows:,} rows)")
     print(f"{'path':<40}{'time s':>9}{'peak RSS MB':>13}")

@@ -21,7 +21,8 @@ from pathlib import Path
 
 import pytest
 from broker import Broker, have_mosquitto
-from nodes import AGGREGATOR, Federation, NodeProcess, federation_env
+from nodes import AGGREGATOR, Federation, NodeProcess
+from redteam_harness import retained_statuses, run_of, status_logs
 
 from flame.protocols.paillier import write_keypair
 
@@ -29,6 +30,7 @@ pytestmark = pytest.mark.skipif(not have_mosquitto(), reason="needs the mosquitt
 
 NODES = ["node-0", "node-1", "node-2"]
 VALUES = {"node-0": "1 2 3", "node-1": "10 20", "node-2": "100"}  # sums 6, 30, 100
+TWO_VALUES = {"node-0": "1 2 3", "node-1": "10 20"}  # sums 6, 30
 PATCH_DIR = Path(__file__).parent / "redteam_protocol"
 SECURE_ANALYSIS = """
 import flame
@@ -47,20 +49,9 @@ def paillier(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return write_keypair(tmp_path_factory.mktemp("keys"), 2048)
 
 
-def _write_data(folder: Path, values: dict[str, str]) -> Path:
-    data = folder / "data"
-    for node, text in values.items():
-        (data / node).mkdir(parents=True, exist_ok=True)
-        (data / node / "v.txt").write_text(text)
-    return data
-
-
 def _single_key(
     broker: Broker, folder: Path, keys: tuple[Path, Path], **extra: str
 ) -> tuple[Federation, dict[str, str]]:
-    data = _write_data(folder, VALUES)
-    code = folder / "analysis.py"
-    code.write_text(textwrap.dedent(SECURE_ANALYSIS))
     settings = {
         "FLAME_SECURE__ENABLED": "true",
         "FLAME_SECURE__PUBLIC_KEY_FILE": str(keys[0]),
@@ -68,9 +59,10 @@ def _single_key(
         **extra,
     }
     analysis = f"rt-protocol-{time.monotonic_ns()}"
-    env = federation_env(broker, analysis, NODES, epoch_timeout=20, **settings)
     private = {"FLAME_SECURE__PRIVATE_KEY_FILE": str(keys[1])}
-    return Federation(env, code, data, NODES, folder / "logs"), private
+    return run_of(
+        broker, folder, analysis, SECURE_ANALYSIS, VALUES, epoch_timeout=20, **settings
+    ), private
 
 
 @contextlib.contextmanager
@@ -184,29 +176,6 @@ def aggregate(results):
 """
 
 
-def _retained(broker: Broker, analysis: str, user: str, topic: str = "+") -> dict[str, bytes]:
-    """Every retained message under flame/ANALYSIS/<topic>/status as broker user `user`."""
-    import paho.mqtt.client as mqtt
-
-    from flame.transport.mqtt import status_topic
-
-    seen: dict[str, bytes] = {}
-    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"{user}-{time.time_ns()}")
-    client.username_pw_set(user, broker.password)
-    client.on_message = lambda _c, _u, m: seen.__setitem__(str(m.topic), bytes(m.payload))
-    client.connect(broker.host, broker.port, keepalive=30)
-    client.subscribe(status_topic(analysis, topic), qos=1)
-    client.loop_start()
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and status_topic(analysis, AGGREGATOR) not in seen:
-        time.sleep(0.1)
-    time.sleep(1.0)
-    client.loop_stop()
-    client.disconnect()
-    return seen
-
-
-
 @pytest.mark.parametrize(
     "send_tracebacks",
     [pytest.param(True, id="default"), pytest.param(False, id="no_tb")],
@@ -222,11 +191,7 @@ def test_a_member_outside_the_analysis_reads_no_node_traceback(
     outside the analysis, reads no byte of the row."""
     analysis = f"rt-protocol-tb-{time.monotonic_ns()}"
     nodes = ["node-0", "node-1"]
-    data = _write_data(tmp_path, {"node-0": "1 2 3", "node-1": "10 20"})
-    code = tmp_path / "analysis.py"
-    code.write_text(textwrap.dedent(FAILING_ANALYSIS))
-    env = federation_env(mqtt_broker, analysis, nodes)
-    fed = Federation(env, code, data, nodes, tmp_path / "logs")
+    fed = run_of(mqtt_broker, tmp_path, analysis, FAILING_ANALYSIS, TWO_VALUES)
     try:
         aggregator = fed.start(AGGREGATOR)
         policy = tmp_path / "policy.toml"
@@ -237,7 +202,7 @@ def test_a_member_outside_the_analysis_reads_no_node_traceback(
             assert aggregator.wait(120) != 0
     finally:
         fed.close()
-    seen = _retained(mqtt_broker, analysis, "node-5")
+    seen = retained_statuses(mqtt_broker, analysis, "node-5")
     with _precondition():
         assert seen, "node-5 read no status at all"
     leaked = {
@@ -274,11 +239,7 @@ def test_an_equivocating_aggregator_is_noticed(mqtt_broker: Broker, tmp_path: Pa
     differs from everyone else's. Safe outcome: no two processes end exit 0 with different
     final results."""
     analysis = f"rt-protocol-eq-{time.monotonic_ns()}"
-    data = _write_data(tmp_path, VALUES)
-    code = tmp_path / "analysis.py"
-    code.write_text(textwrap.dedent(EPOCHS_ANALYSIS))
-    env = federation_env(mqtt_broker, analysis, NODES, epochs=2)
-    fed = Federation(env, code, data, NODES, tmp_path / "logs")
+    fed = run_of(mqtt_broker, tmp_path, analysis, EPOCHS_ANALYSIS, VALUES, epochs=2)
     out = tmp_path / "unused.json"
     try:
         aggregator = _patched(fed, AGGREGATOR, "equivocating_aggregator", out)
@@ -325,11 +286,7 @@ def test_a_genuine_status_moved_to_another_node_changes_nothing(
     from test_attacks_status import Spy
 
     analysis = f"rt-protocol-move-{time.monotonic_ns()}"
-    data = _write_data(tmp_path, VALUES)
-    code = tmp_path / "analysis.py"
-    code.write_text(textwrap.dedent(SLOW_EPOCHS_ANALYSIS))
-    env = federation_env(mqtt_broker, analysis, NODES, epochs=2)
-    fed = Federation(env, code, data, NODES, tmp_path / "logs")
+    fed = run_of(mqtt_broker, tmp_path, analysis, SLOW_EPOCHS_ANALYSIS, VALUES, epochs=2)
     spy = Spy(mqtt_broker, analysis)
     try:
         fed.start_all()
@@ -464,14 +421,17 @@ def test_a_lying_reporter_with_all_but_one_confirmer_held_is_caught() -> None:
 def _shared_store_federation(
     broker: Broker, folder: Path, s3: object, bucket: str, analysis: str, **extra: str
 ) -> Federation:
-    data = _write_data(folder, VALUES)
-    code = folder / "analysis.py"
-    code.write_text(textwrap.dedent(LOGGING_ANALYSIS))
     storage = s3.settings(bucket=bucket)  # type: ignore[attr-defined]
-    env = federation_env(
-        broker, analysis, NODES, storage=storage, FLAME_STORAGE__CLAIM_CHECK="true", **extra
+    return run_of(
+        broker,
+        folder,
+        analysis,
+        LOGGING_ANALYSIS,
+        VALUES,
+        storage=storage,
+        FLAME_STORAGE__CLAIM_CHECK="true",
+        **extra,
     )
-    return Federation(env, code, data, NODES, folder / "logs")
 
 
 LOGGING_ANALYSIS = f"""
@@ -630,11 +590,7 @@ def test_replayed_kickoffs_aggregates_and_results_change_nothing(
     from test_attacks_status import Spy
 
     analysis = f"rt-protocol-replay-{time.monotonic_ns()}"
-    data = _write_data(tmp_path, VALUES)
-    code = tmp_path / "analysis.py"
-    code.write_text(textwrap.dedent(THREE_EPOCHS_ANALYSIS))
-    env = federation_env(mqtt_broker, analysis, NODES, epochs=3)
-    fed = Federation(env, code, data, NODES, tmp_path / "logs")
+    fed = run_of(mqtt_broker, tmp_path, analysis, THREE_EPOCHS_ANALYSIS, VALUES, epochs=3)
     recorder = Recorder(mqtt_broker, analysis)
     spy = Spy(mqtt_broker, analysis)
     try:
@@ -675,12 +631,7 @@ def test_flame_status_shows_no_result_location_from_an_unverified_status(
     from flame.transport.mqtt import status_topic
 
     analysis = f"rt-protocol-flame-status-{time.monotonic_ns()}"
-    nodes = ["node-0", "node-1"]
-    data = _write_data(tmp_path, {"node-0": "1 2 3", "node-1": "10 20"})
-    code = tmp_path / "analysis.py"
-    code.write_text(textwrap.dedent(EPOCHS_ANALYSIS))
-    env = federation_env(mqtt_broker, analysis, nodes)
-    fed = Federation(env, code, data, nodes, tmp_path / "logs")
+    fed = run_of(mqtt_broker, tmp_path, analysis, EPOCHS_ANALYSIS, TWO_VALUES)
     try:
         fed.start_all()
         with _precondition():
@@ -713,7 +664,7 @@ def test_flame_status_shows_no_result_location_from_an_unverified_status(
         "FLAME_BROKER__URL": mqtt_broker.url,
         "FLAME_BROKER__USERNAME": "node-5",
         "FLAME_BROKER__TOKEN": mqtt_broker.password,
-        "FLAME_ROSTER": env["FLAME_ROSTER"],
+        "FLAME_ROSTER": fed.env["FLAME_ROSTER"],
     }
     shown = subprocess.run(
         [sys.executable, "-m", "flame", "status", analysis],
@@ -740,7 +691,6 @@ def aggregate(results):
 """
 
 
-
 @pytest.mark.parametrize(
     "replay",
     [
@@ -759,12 +709,14 @@ def test_a_node_takes_no_finished_of_a_run_of_other_code(
     with 36, the result of code A, though it runs code B (the aggregator itself refuses a
     stored result of other code). Safe outcome: node-0 does not end exit 0 with 36."""
     analysis = f"rt-protocol-rerun-{time.monotonic_ns()}"
-    nodes = ["node-0", "node-1"]
-    data = _write_data(tmp_path, {"node-0": "1 2 3", "node-1": "10 20"})
-    code = tmp_path / "analysis.py"
-    code.write_text(textwrap.dedent(FACTOR_ANALYSIS.format(factor=1)))
-    env = federation_env(mqtt_broker, analysis, nodes, presence_timeout=20)
-    fed = Federation(env, code, data, nodes, tmp_path / "logs")
+    fed = run_of(
+        mqtt_broker,
+        tmp_path,
+        analysis,
+        FACTOR_ANALYSIS.format(factor=1),
+        TWO_VALUES,
+        presence_timeout=20,
+    )
     recorder = Recorder(mqtt_broker, analysis)
     try:
         fed.start_all()
@@ -775,8 +727,8 @@ def test_a_node_takes_no_finished_of_a_run_of_other_code(
     recorder.client.unsubscribe([f"flame/{analysis}/+/inbox", f"flame/{analysis}/broadcast"])
     with recorder.lock:  # node-0's own inbox only
         recorder.frames = [(t, p) for t, p in recorder.frames if t.endswith("/node-0/inbox")]
-    code.write_text(textwrap.dedent(FACTOR_ANALYSIS.format(factor=2)))  # code B
-    second = Federation(env, code, data, nodes, tmp_path / "logs2")
+    fed.analysis.write_text(textwrap.dedent(FACTOR_ANALYSIS.format(factor=2)))  # code B
+    second = Federation(fed.env, fed.analysis, fed.data, fed.nodes, tmp_path / "logs2")
     from test_attacks_status import Spy
 
     spy = Spy(mqtt_broker, analysis)
@@ -824,21 +776,11 @@ def test_flame_status_logs_prints_no_control_sequences_from_a_node(
     """The analysis code on node-1 (whose policy forwards logs) logs a line with ANSI
     escapes that move the cursor up and erase a line, then a line attributed to node-0.
     Safe outcome: `flame status --logs` prints no ESC (0x1b) byte."""
-    import subprocess
-    import sys
-
-    from nodes import clean_env
-
     analysis = f"rt-protocol-esc-{time.monotonic_ns()}"
-    nodes = ["node-0", "node-1"]
-    data = _write_data(tmp_path, {"node-0": "1 2 3", "node-1": "10 20"})
-    code = tmp_path / "analysis.py"
-    code.write_text(textwrap.dedent(ESCAPE_ANALYSIS))
+    fed = run_of(mqtt_broker, tmp_path, analysis, ESCAPE_ANALYSIS, TWO_VALUES)
     policy = tmp_path / "policy.toml"
     policy.write_text("forward_logs = true\n")
     results = tmp_path / "results"
-    env = federation_env(mqtt_broker, analysis, nodes)
-    fed = Federation(env, code, data, nodes, tmp_path / "logs")
     try:
         fed.start(AGGREGATOR, FLAME_STORAGE__RESULTS_DIR=str(results))
         fed.start("node-0")
@@ -847,20 +789,7 @@ def test_flame_status_logs_prints_no_control_sequences_from_a_node(
             assert fed.finish(timeout=120)[AGGREGATOR] == {"total": 36.0}
     finally:
         fed.close()
-    operator = {
-        **clean_env(),
-        "FLAME_BROKER__URL": mqtt_broker.url,
-        "FLAME_BROKER__USERNAME": "admin",
-        "FLAME_BROKER__TOKEN": mqtt_broker.password,
-        "FLAME_ROSTER": env["FLAME_ROSTER"],
-        "FLAME_STORAGE__RESULTS_DIR": str(results),
-    }
-    shown = subprocess.run(
-        [sys.executable, "-m", "flame", "status", analysis, "--logs"],
-        env=operator,
-        capture_output=True,
-        timeout=60,
-    )
+    shown = status_logs(mqtt_broker, fed.env["FLAME_ROSTER"], analysis, results, text=False)
     with _precondition():
         assert b"forged by node-1" in shown.stdout, shown.stdout[-2000:] + shown.stderr[-2000:]
     assert b"\x1b" not in shown.stdout, shown.stdout[-2000:]

@@ -11,6 +11,7 @@ Epoch deadlines are far beyond each test's own bound, so a stall fails the test,
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -22,7 +23,7 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 import pytest
 from broker import ADMIN, Broker, have_mosquitto
-from nodes import AGGREGATOR, shifted_clock
+from nodes import AGGREGATOR, Federation, StatusWatcher, shifted_clock
 from servers.tcp_proxy import TcpProxy
 from test_fault_matrix import (
     NODES,
@@ -213,9 +214,7 @@ def test_retained_statuses_cleared_between_runs_hide_a_restarted_node(row: Row) 
         for node in (AGGREGATOR, *NODES):
             operator.publish_retained(node, b"")  # clean-up between runs
         time.sleep(0.5)
-        second = row.federation(
-            folder, epochs=3, FLAME_EPOCH_TIMEOUT="300", **own_storage(row.tmp)
-        )
+        second = row.federation(folder, epochs=3, FLAME_EPOCH_TIMEOUT="300", **own_storage(row.tmp))
         # A new run, not a resume of run 1's checkpoints: its aggregator starts on empty storage.
         second.start(AGGREGATOR, FLAME_STORAGE__RESULTS_DIR=str(row.tmp / "aggregator-run-2"))
         for node in NODES:
@@ -297,6 +296,32 @@ def test_operator_forges_the_data_version_in_the_history(row: Row) -> None:
 # --- partitions at bad moments --------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def _through_proxy(
+    row: Row, folder: Path, link: str, *, epochs: int, **extra: str
+) -> Iterator[tuple[TcpProxy, Federation, StatusWatcher]]:
+    """The run of `folder` with `link`'s broker connection through a TcpProxy the test cuts
+    (send timeout 2 s, epoch deadline 300 s): the aggregator starts first, an analysis
+    `link` after the other nodes; `row`'s status watcher is on before any of them."""
+    with TcpProxy("127.0.0.1", row.broker.port) as proxy:
+        watcher = row.watch()
+        federation = row.federation(
+            folder,
+            epochs=epochs,
+            FLAME_BROKER__SEND_TIMEOUT="2",
+            FLAME_EPOCH_TIMEOUT="300",
+            **extra,
+        )
+        through = {"FLAME_BROKER__URL": f"mqtt://{proxy.endpoint}"}
+        federation.start(AGGREGATOR, **(through if link == AGGREGATOR else {}))
+        for node in NODES:
+            if node != link:
+                federation.start(node)
+        if link != AGGREGATOR:
+            federation.start(link, **through)
+        yield proxy, federation, watcher
+
+
 def test_node_partitioned_while_the_aggregator_says_finished(row: Row) -> None:
     """node-2's link black-holes right after its last result reached the broker, for 20 s
     (past 1.5 x keepalive: the broker drops it and fires its will): the aggregator finishes
@@ -304,14 +329,7 @@ def test_node_partitioned_while_the_aggregator_says_finished(row: Row) -> None:
     persistent session holds `finished`), not exit 1 or keep re-sending forever."""
     folder = write_analysis(row.tmp / "analysis", slow={"*": 0.3})
     expected = simulated(folder, NODES, epochs=2)
-    with TcpProxy("127.0.0.1", row.broker.port) as proxy:
-        watcher = row.watch()
-        federation = row.federation(
-            folder, epochs=2, FLAME_BROKER__SEND_TIMEOUT="2", FLAME_EPOCH_TIMEOUT="300"
-        )
-        for node in (AGGREGATOR, "node-1", "node-3"):
-            federation.start(node)
-        federation.start("node-2", FLAME_BROKER__URL=f"mqtt://{proxy.endpoint}")
+    with _through_proxy(row, folder, "node-2", epochs=2) as (proxy, federation, watcher):
         watcher.wait_for("node-2", "sent", 1, timeout=90)
         proxy.black_hole_for(20)
         values = federation.finish(timeout=120)
@@ -328,18 +346,11 @@ def test_partition_in_the_middle_of_a_chunked_result(row: Row) -> None:
         row.tmp / "analysis", slow={"*": 0.3, "node-2": 1.0}, pad={"node-2": 256 * 1024}
     )
     expected = simulated(folder, NODES, epochs=2)
-    with TcpProxy("127.0.0.1", row.broker.port) as proxy:
-        watcher = row.watch()
-        federation = row.federation(
-            folder,
-            epochs=2,
-            FLAME_BROKER__SEND_TIMEOUT="2",
-            FLAME_BROKER__CHUNK_SIZE="16384",
-            FLAME_EPOCH_TIMEOUT="300",
-        )
-        for node in (AGGREGATOR, "node-1", "node-3"):
-            federation.start(node)
-        federation.start("node-2", FLAME_BROKER__URL=f"mqtt://{proxy.endpoint}")
+    with _through_proxy(row, folder, "node-2", epochs=2, FLAME_BROKER__CHUNK_SIZE="16384") as (
+        proxy,
+        federation,
+        watcher,
+    ):
         watcher.wait_for("node-2", "computing", 0, timeout=90)
         proxy.uplink_rate = 64_000
         time.sleep(1.0 + 2.5)  # analyze (1 s), then into the transfer
@@ -358,18 +369,11 @@ def test_node_back_after_being_declared_gone_under_quorum(row: Row) -> None:
     import re
 
     folder = write_analysis(row.tmp / "analysis", slow={"*": 2.0, "node-3": 1.0})
-    with TcpProxy("127.0.0.1", row.broker.port) as proxy:
-        watcher = row.watch()
-        federation = row.federation(
-            folder,
-            epochs=6,
-            FLAME_QUORUM="2",
-            FLAME_BROKER__SEND_TIMEOUT="2",
-            FLAME_EPOCH_TIMEOUT="300",
-        )
-        for node in (AGGREGATOR, "node-1", "node-2"):
-            federation.start(node)
-        federation.start("node-3", FLAME_BROKER__URL=f"mqtt://{proxy.endpoint}")
+    with _through_proxy(row, folder, "node-3", epochs=6, FLAME_QUORUM="2") as (
+        proxy,
+        federation,
+        watcher,
+    ):
         watcher.wait_for("node-3", "computing", 1, timeout=90)
         proxy.black_hole_for(20)
         values = federation.finish(timeout=150)
@@ -389,14 +393,7 @@ def test_flapping_link_every_second(row: Row) -> None:
     """The aggregator's link black-holes 1 s, flows 1 s, for 24 s across several epochs."""
     folder = write_analysis(row.tmp / "analysis", slow={"*": 0.3})
     expected = simulated(folder, NODES, epochs=4)
-    with TcpProxy("127.0.0.1", row.broker.port) as proxy:
-        federation = row.federation(
-            folder, epochs=4, FLAME_BROKER__SEND_TIMEOUT="2", FLAME_EPOCH_TIMEOUT="300"
-        )
-        federation.start(AGGREGATOR, FLAME_BROKER__URL=f"mqtt://{proxy.endpoint}")
-        for node in NODES:
-            federation.start(node)
-        watcher = row.watch()
+    with _through_proxy(row, folder, AGGREGATOR, epochs=4) as (proxy, federation, watcher):
         watcher.wait_for(AGGREGATOR, "collecting", 0, timeout=90)
         for _ in range(12):
             proxy.black_hole_for(1.0)
@@ -443,12 +440,17 @@ def test_data_rewritten_in_place_with_its_mtime_restored(row: Row) -> None:
         assert "'values.csv' changed during the run" in aggregator.stderr(), aggregator.tail()
 
 
-def test_data_versions_unit_in_place_rewrite(tmp_path: Path) -> None:
+def _fingerprinted(tmp_path: Path, text: str) -> tuple[Path, DataVersions]:
+    """tmp_path/d/values.csv holding `text`, and the data version taken of that folder."""
     folder = tmp_path / "d"
     folder.mkdir()
     target = folder / "values.csv"
-    target.write_text("value\n1.25\n2.5\n")
-    versions = DataVersions.take({"local": LocalSource(folder)})
+    target.write_text(text)
+    return target, DataVersions.take({"local": LocalSource(folder)})
+
+
+def test_data_versions_unit_in_place_rewrite(tmp_path: Path) -> None:
+    target, versions = _fingerprinted(tmp_path, "value\n1.25\n2.5\n")
     _rewrite_in_place_keeping_stat(target)
     with pytest.raises(DataError, match=r"'values\.csv' changed during the run"):
         versions.check()
@@ -457,11 +459,7 @@ def test_data_versions_unit_in_place_rewrite(tmp_path: Path) -> None:
 def test_data_touched_without_change_is_a_loud_failure_not_silent(tmp_path: Path) -> None:
     """Touch only (content unchanged): a loud, named failure is safe (if strict); a pass is
     also safe. What must not happen is a crash without the file's name."""
-    folder = tmp_path / "d"
-    folder.mkdir()
-    target = folder / "values.csv"
-    target.write_text("value\n1.25\n")
-    versions = DataVersions.take({"local": LocalSource(folder)})
+    target, versions = _fingerprinted(tmp_path, "value\n1.25\n")
     info = os.stat(target)
     os.utime(target, ns=(info.st_atime_ns, info.st_mtime_ns + 5_000_000_000))
     try:
@@ -471,11 +469,7 @@ def test_data_touched_without_change_is_a_loud_failure_not_silent(tmp_path: Path
 
 
 def test_data_appended_in_place_fails_naming_it(tmp_path: Path) -> None:
-    folder = tmp_path / "d"
-    folder.mkdir()
-    target = folder / "values.csv"
-    target.write_text("value\n1.25\n")
-    versions = DataVersions.take({"local": LocalSource(folder)})
+    target, versions = _fingerprinted(tmp_path, "value\n1.25\n")
     info = os.stat(target)
     with target.open("a") as handle:
         handle.write("2.5\n")

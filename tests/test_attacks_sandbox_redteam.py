@@ -26,6 +26,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from broker import have_mosquitto
+from redteam_harness import one_node_federation
 
 import flame
 from flame.aggregator.run_store import NodeState
@@ -36,6 +38,8 @@ from flame.isolation.runner import AnalysisAt, ChildRunner
 from flame.node.context import Context
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux sandbox")
+
+needs_mosquitto = pytest.mark.skipif(not have_mosquitto(), reason="needs the mosquitto binary")
 
 SECRET = "RT-SECRET-9f1c2e"
 
@@ -625,25 +629,16 @@ def _federation(
 ) -> dict[str, str]:
     """One aggregator and one analysis node run `analysis_text` (approved by hash) on
     `csv`; what each printed (stdout + stderr), the node's log files kept apart."""
-    from nodes import Federation, federation_env
-
-    from flame.analysis.code_hash import analysis_code_hash
-
-    analysis = tmp_path / "code" / "analysis.py"
-    analysis.parent.mkdir()
-    analysis.write_text(textwrap.dedent(analysis_text))
-    data = tmp_path / "data"
-    (data / NODE).mkdir(parents=True)
-    (data / NODE / "x.csv").write_text(csv)
-    env = federation_env(
+    federation = one_node_federation(
         broker,
+        tmp_path,
+        tmp_path / "code" / "analysis.py",
+        textwrap.dedent(analysis_text),
         f"{name}-{tmp_path.name}",
-        [NODE],
-        presence_timeout=20,
+        node=NODE,
+        csv=csv,
         epoch_timeout=30,
-        FLAME_APPROVED_CODE=analysis_code_hash(analysis),
     )
-    federation = Federation(env, analysis, data, [NODE], tmp_path / "logs")
     try:
         federation.start("aggregator")
         federation.start(NODE, **node_env)
@@ -671,13 +666,10 @@ def aggregate(results):
 """
 
 
+@needs_mosquitto
 def test_a_data_value_in_the_analysis_own_error_stays_on_its_node(
     mqtt_broker: Any, tmp_path: Path
 ) -> None:
-    from broker import have_mosquitto
-
-    if not have_mosquitto():
-        pytest.skip("needs the mosquitto binary")
     policy = tmp_path / "policy.toml"
     policy.write_text(f'epsilon_budget = 5.0\nledger_dir = "{tmp_path / "ledger"}"\n')
     out = _federation(
@@ -708,11 +700,8 @@ def aggregate(results):
 """
 
 
+@needs_mosquitto
 def test_the_analysis_cannot_wipe_or_forge_the_nodes_log(mqtt_broker: Any, tmp_path: Path) -> None:
-    from broker import have_mosquitto
-
-    if not have_mosquitto():
-        pytest.skip("needs the mosquitto binary")
     out = _federation(
         mqtt_broker, tmp_path, "logwipe", LOG_WIPER, "v\n1\n", FLAME_LOG_LEVEL="DEBUG"
     )
@@ -801,30 +790,19 @@ def aggregate(results):
 """
 
 
+@needs_mosquitto
 def test_a_request_cannot_hold_the_runtime_past_its_epoch_deadline(
     mqtt_broker: Any, tmp_path: Path
 ) -> None:
-    from broker import have_mosquitto
-    from nodes import Federation, federation_env
-
-    from flame.analysis.code_hash import analysis_code_hash
-
-    if not have_mosquitto():
-        pytest.skip("needs the mosquitto binary")
-    analysis = tmp_path / "staller.py"
-    analysis.write_text(STALLER)
-    data = tmp_path / "data"
-    (data / NODE).mkdir(parents=True)
-    (data / NODE / "x.csv").write_text("v\n1\n")
-    env = federation_env(
+    federation = one_node_federation(
         mqtt_broker,
+        tmp_path,
+        tmp_path / "staller.py",
+        STALLER,
         f"stall-{tmp_path.name}",
-        [NODE],
-        presence_timeout=20,
+        node=NODE,
         epoch_timeout=5,
-        FLAME_APPROVED_CODE=analysis_code_hash(analysis),
     )
-    federation = Federation(env, analysis, data, [NODE], tmp_path / "logs")
     try:
         federation.start("aggregator")
         node = federation.start(NODE)
@@ -1040,13 +1018,10 @@ def aggregate(results):
 """
 
 
+@needs_mosquitto
 def test_a_value_with_an_apostrophe_in_a_sql_error_stays_on_its_node(
     mqtt_broker: Any, tmp_path: Path
 ) -> None:
-    from broker import have_mosquitto
-
-    if not have_mosquitto():
-        pytest.skip("needs the mosquitto binary")
     out = _federation(mqtt_broker, tmp_path, "apostrophe", APOSTROPHE, "age,name\n62,O'Brien-XQ1\n")
     assert "SQL failed" in out["aggregator"], out["aggregator"][-2000:]  # the failure arrives
     assert "withheld" in out["aggregator"]
@@ -1085,28 +1060,17 @@ def aggregate(results):
 """
 
 
+@needs_mosquitto
 def test_a_real_node_survives_a_truncated_result_memfd(mqtt_broker: Any, tmp_path: Path) -> None:
-    from broker import have_mosquitto
-    from nodes import Federation, federation_env
-
-    from flame.analysis.code_hash import analysis_code_hash
-
-    if not have_mosquitto():
-        pytest.skip("needs the mosquitto binary")
-    analysis = tmp_path / "sigbus.py"
-    analysis.write_text(SIGBUS_NODE)
-    data = tmp_path / "data"
-    (data / NODE).mkdir(parents=True)
-    (data / NODE / "x.csv").write_text("v\n1\n")
-    env = federation_env(
+    federation = one_node_federation(
         mqtt_broker,
+        tmp_path,
+        tmp_path / "sigbus.py",
+        SIGBUS_NODE,
         f"sigbus-{tmp_path.name}",
-        [NODE],
-        presence_timeout=20,
+        node=NODE,
         epoch_timeout=20,
-        FLAME_APPROVED_CODE=analysis_code_hash(analysis),
     )
-    federation = Federation(env, analysis, data, [NODE], tmp_path / "logs")
     try:
         federation.start("aggregator")
         code = federation.start(NODE).wait(90)

@@ -6,11 +6,20 @@ later epochs compute on other data than earlier ones, silently. Now such a run f
 next check, naming the source and the file; the fingerprint digest goes into the node's
 statuses, so the aggregator's history (and manifest) says which data version each epoch used.
 
-A fingerprint is cheap: size, modification time, status-change time (ctime: `utime` can put
-an mtime back, not a ctime), inode and the SHA-256 of the file's first MiB, re-hashed at every
-check. A rewrite beyond the first MiB that keeps size and mtime still moves the ctime (only
-root, resetting the system clock, could hide it). Files of local sources only (a folder on
-this machine); SQL, HTTP, FHIR and S3 sources are not covered.
+A fingerprint is size, modification time, status-change time (ctime: `utime` can put an
+mtime back, not a ctime), inode and the SHA-256 of the file's first MiB, all from one open
+descriptor. Files of local sources only (a folder on this machine); SQL, HTTP, FHIR and S3
+sources are not covered.
+
+Why the head is re-hashed at every check, not only when the stat changed: an unprivileged
+writer can rewrite a file in place keeping size, mtime, ctime and inode. Stores through a
+shared writable mapping (`mmap`) move the times only when a clean page is first written;
+to a page already dirty they move nothing until writeback cleans it (about 30 s on ext4,
+never on tmpfs: measured on Linux 6.18), and two `write` calls in one tick of the coarse
+file clock (a few ms, before multigrain timestamps) leave one ctime. The hash catches those
+rewrites within the first MiB (tests/test_data_versions.py maps and rewrites a file); beyond
+it they go unseen. What the two checks cost an epoch: benchmarks/data_versions.py (1 % to
+17 % of an epoch whose analysis reads every file, 1,000 small or 100 large ones).
 """
 
 from __future__ import annotations
@@ -58,11 +67,23 @@ class Fingerprint:
 
 
 def _stat(path: Path, *, hash_head: bool) -> Fingerprint:
-    info = os.stat(path)
-    digest = ""
-    if hash_head:
-        with path.open("rb") as stream:
-            digest = hashlib.sha256(stream.read(_HEAD)).hexdigest()
+    """The stat and the head's hash of one open file (no rename can come between them)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        info = os.fstat(fd)
+        digest = ""
+        if hash_head:
+            hasher = hashlib.sha256()
+            left = _HEAD
+            while left > 0:
+                chunk = os.read(fd, left)
+                if not chunk:
+                    break
+                hasher.update(chunk)
+                left -= len(chunk)
+            digest = hasher.hexdigest()
+    finally:
+        os.close(fd)
     return Fingerprint(info.st_size, info.st_mtime_ns, info.st_ino, digest, info.st_ctime_ns)
 
 
