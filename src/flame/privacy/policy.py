@@ -7,17 +7,22 @@ before the analysis child starts, and enforced by that runtime on every result.
 
 from __future__ import annotations
 
+import logging
 import math
 import re
+from collections.abc import Collection
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from flame.errors import ConfigError
 from flame.utils.hints import did_you_mean, name_list
 
-__all__ = ["NodePolicy", "load_policy"]
+__all__ = ["NodePolicy", "load_policy", "read_policy"]
+
+log = logging.getLogger(__name__)
+M = TypeVar("M", bound=BaseModel)
 
 
 class NodePolicy(BaseModel):
@@ -131,29 +136,52 @@ def load_policy(path: str | Path | None, *, base: Path | None = None) -> NodePol
     """The policy in `path` (None: the default policy); errors name the file and the field."""
     if path is None:
         return NodePolicy()
-    path = Path(path)
+    return read_policy(Path(path), NodePolicy, base=base)
+
+
+def read_policy(
+    path: Path,
+    model: type[M],
+    *,
+    base: Path | None = None,
+    ignore: Collection[str] = (),
+    what: str = "policy",
+) -> M:
+    """A policy file as `model`: errors name the file and the field; keys in `ignore` (rules
+    of another role's policy, e.g. a node's in a file the aggregator shares) are dropped
+    with a warning; a relative ledger_dir is beside the file, and the default one
+    .flame-ledger there (or in `base`)."""
     from flame.config import read_config_file
 
     try:
         raw = read_config_file(path)
     except ConfigError as exc:
         raise ConfigError(re.sub(r"^FLAME_CONFIG", "FLAME_POLICY", str(exc))) from None
+    dropped = sorted(key for key in raw if key in ignore)
+    if dropped:
+        log.warning(
+            "FLAME_POLICY %s: %s do(es) not apply to this %s; ignored",
+            path,
+            ", ".join(dropped),
+            what,
+        )
+        raw = {key: value for key, value in raw.items() if key not in ignore}
     if raw.get("ledger_dir") is not None and not Path(str(raw["ledger_dir"])).is_absolute():
         raw["ledger_dir"] = str((path.parent / str(raw["ledger_dir"])).resolve())
     try:
-        policy = NodePolicy.model_validate(raw)
+        policy = model.model_validate(raw)
     except ValidationError as exc:
         lines = []
         for error in exc.errors():
             where = ".".join(str(p) for p in error["loc"]) or "policy"
             message = error["msg"]
             if error["type"] == "extra_forbidden" and len(error["loc"]) == 1:
-                known = NodePolicy.model_fields
+                known = model.model_fields
                 hint = did_you_mean(where, known) or f"; the settings: {name_list(known, 30)}"
-                message = f"is not a policy setting{hint}"
+                message = f"is not a {what} setting{hint}"
             lines.append(f"FLAME_POLICY {path}: {where}: {message}")
         raise ConfigError("\n".join(lines)) from None
-    if policy.ledger_dir is None:
+    if getattr(policy, "ledger_dir", "absent") is None:
         folder = (base or path.parent).resolve() / ".flame-ledger"
         policy = policy.model_copy(update={"ledger_dir": folder})
     return policy
