@@ -178,7 +178,8 @@ def read_policy(
             if error["type"] == "extra_forbidden" and len(error["loc"]) == 1:
                 known = model.model_fields
                 hint = did_you_mean(where, known) or f"; the settings: {name_list(known, 30)}"
-                message = f"is not a {what} setting{hint}"
+                article = "an" if what[:1] in "aeiou" else "a"
+                message = f"is not {article} {what} setting{hint}"
             lines.append(f"FLAME_POLICY {path}: {where}: {message}")
         raise ConfigError("\n".join(lines)) from None
     if getattr(policy, "ledger_dir", "absent") is None:
