@@ -214,6 +214,7 @@ def _generator() -> ModuleType:
 
 def test_every_setting_is_documented() -> None:
     from flame.config import DataSourceSettings, FlameConfig
+    from flame.privacy.central import AggregatorPolicy
     from flame.privacy.policy import NodePolicy
 
     gen = _generator()
@@ -226,6 +227,7 @@ def test_every_setting_is_documented() -> None:
     for model, markdown in (
         (DataSourceSettings, gen.data_source_markdown()),
         (NodePolicy, gen.policy_markdown()),
+        (AggregatorPolicy, gen.aggregator_policy_markdown()),
     ):
         for name, field in model.model_fields.items():
             assert field.description, f"{model.__name__}.{name} has no description"

@@ -6,6 +6,7 @@ replaces it with Markdown built from the code itself, so the reference cannot dr
 * `settings`    every `FLAME_*` variable, from the pydantic models in `flame.config`
 * `data-source` the fields of one data source (`FLAME_DATA` entries, `[[data]]` in a file)
 * `policy`      every node-policy key, from `flame.privacy.policy.NodePolicy`
+* `aggregator-policy` every key of the aggregator's policy, from `flame.privacy.central`
 * `cli`         every `flame` command's `--help`, from the argument parsers
 * `api`         the public API (`flame.__all__`) with signatures and docstrings
 * `layout`      the source tree, from the packages' and modules' docstrings
@@ -152,6 +153,12 @@ def policy_markdown() -> str:
     from flame.privacy.policy import NodePolicy
 
     return _field_table(NodePolicy, "key")
+
+
+def aggregator_policy_markdown() -> str:
+    from flame.privacy.central import AggregatorPolicy
+
+    return _field_table(AggregatorPolicy, "key")
 
 
 # --- CLI --------------------------------------------------------------------------------------
@@ -408,6 +415,7 @@ GENERATORS: dict[str, Callable[[], str]] = {
     "settings": settings_markdown,
     "data-source": data_source_markdown,
     "policy": policy_markdown,
+    "aggregator-policy": aggregator_policy_markdown,
     "cli": cli_markdown,
     "api": api_markdown,
     "layout": layout_markdown,
