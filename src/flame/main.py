@@ -184,6 +184,11 @@ def _run(
             keys.verifier = auth.roster.verifier("analysis")
     transport = node_transport(config, node_id, auth)
     if role == "aggregation":
+        from flame.privacy.central import CentralDP, load_aggregator_policy
+
+        central = CentralDP(  # the aggregator operator's budget for noise on the aggregate
+            load_aggregator_policy(config.policy), node_id=node_id, analysis_id=config.analysis_id
+        )
         aggregator = Aggregator(
             transport,
             functions,
@@ -199,6 +204,7 @@ def _run(
             keys=keys,
             code=code,
             masking=masking,
+            central=central,
         )
         aggregator.context.params = dict(config.params)
         return aggregator.execute().value

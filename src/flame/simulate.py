@@ -24,6 +24,7 @@ from flame.errors import ConfigError, DataError, FlameError, RunFailed, RunTimeo
 from flame.isolation.child import refuse_nested_run
 from flame.node.runtime import AnalysisClient
 from flame.ops.run_output import failure_document, run_document, write_document
+from flame.privacy.central import AggregatorPolicy, CentralDP, load_aggregator_policy
 from flame.privacy.policy import NodePolicy, load_policy
 from flame.secure.fields import SecureKeys
 from flame.secure.simulation_keys import SecureMode, parse_secure, simulation_keys
@@ -115,6 +116,7 @@ def simulate(
     isolate: bool = False,
     policy: PolicySpec | Mapping[str, PolicySpec] | None = None,
     output: str | Path | None = None,
+    aggregator_policy: AggregatorPolicy | str | Path | None = None,
 ) -> RunResult:
     """Run `analyze` on every node's data and `aggregate` once per epoch; return the result.
 
@@ -131,6 +133,8 @@ def simulate(
     `output` writes the run as JSON (`flame report` renders it), also when the run fails.
     `policy` is the node policy (a `NodePolicy` or a policy file) for every node, or a
     mapping node id -> policy; default: FLAME_POLICY's file, if set.
+    `aggregator_policy` (an `AggregatorPolicy` or a policy file) is the aggregator's budget
+    for central DP: noise on `flame.dp` markers `aggregate` returns (none: they are refused).
     `isolate=True` runs each node's `analyze` in a child process as on a production node
     (the `flame simulate` command does); `analyze` must then live in a module or file.
     The children are forked per epoch from one confined server, FLAME_SIMULATE_WORKERS
@@ -202,6 +206,12 @@ def simulate(
         keys.verifier = auths[config.aggregator_id].roster.verifier("analysis")
     secrets = config.secrets()
     policies = node_policies(policy if policy is not None else config.policy, participants)
+    central = CentralDP(
+        load_aggregator_policy(aggregator_policy),
+        node_id=config.aggregator_id,
+        analysis_id=config.analysis_id,
+        where="flame simulate --aggregator-policy FILE, flame.simulate(aggregator_policy=...)",
+    )
     pooled = False
     if not isolate:  # one thread per node in this process: see flame.utils.malloc
         from flame.utils.malloc import cap_malloc_arenas
@@ -262,6 +272,7 @@ def simulate(
         keys=None if keys is None else keys.public_only(),
         code=code,
         masking=masking,
+        central=central,
     )
     aggregator.context.params = dict(config.params)
     for thread in threads:

@@ -44,6 +44,7 @@ from flame.errors import ConfigError, RunFailed, RunTimeout, stop_signal
 from flame.node.context import Context, active
 from flame.node.mailbox import Mailbox
 from flame.node.status_board import StatusBoard
+from flame.privacy.central import CentralDP
 from flame.privacy.disclosure import reveal_suppressed, unwrap_release
 from flame.secure.fields import SecureKeys
 from flame.secure.summer import SecureSummer
@@ -84,6 +85,7 @@ class Aggregator(Presence, Sending, Failures):
         keys: SecureKeys | None = None,
         code: str | None = None,
         masking: MaskingSettings | None = None,
+        central: CentralDP | None = None,
     ) -> None:
         if not participants:
             raise ValueError("an aggregator needs at least one participant")
@@ -96,6 +98,10 @@ class Aggregator(Presence, Sending, Failures):
         self.presence_timeout = presence_timeout
         self.store = store
         self.on_event = on_event
+        # noise for flame.dp markers in the aggregate, from the aggregator's own budget
+        self.central = central or CentralDP(
+            None, node_id=transport.node_id, analysis_id=transport.analysis_id
+        )
         self.secrets = list(secrets)
         if keys is not None and keys.private_key is not None:
             raise ConfigError(
@@ -354,7 +360,11 @@ class Aggregator(Presence, Sending, Failures):
         self.context.epoch = epoch
         results = {node: reveal_suppressed(result) for node, result in results.items()}
         results = self.secure_sum(results, epoch)
-        return self._call("aggregate", epoch, results, previous=previous)
+        value = self._call("aggregate", epoch, results, previous=previous)
+        value, central = self.central.release(value, epoch)  # before anything sees it
+        if central is not None:
+            self._privacy[self.transport.node_id] = central.report()
+        return value
 
     def _converged(self, value: Any, previous: Any, epoch: int) -> bool:
         if self.functions.converged is None:

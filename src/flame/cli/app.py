@@ -152,6 +152,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
                 isolate=not args.in_process,
                 policy=_policy_arguments(args.policy),
                 output=args.output,
+                aggregator_policy=args.aggregator_policy,
             )
         except (RunFailed, RunTimeout):
             _wrote(args.output)
@@ -323,6 +324,13 @@ def _parser() -> argparse.ArgumentParser:
         default=[],
         metavar="[NODE=]FILE",
         help="node policy file for every node, or NODE=FILE for one node (repeatable)",
+    )
+    sim.add_argument(
+        "--aggregator-policy",
+        type=Path,
+        metavar="FILE",
+        help="the aggregator's policy: its budget for central DP (flame.dp markers in what "
+        "aggregate returns; without one they are refused)",
     )
     sim.add_argument(
         "--in-process",

@@ -227,6 +227,10 @@ def _privacy_section(records: list[dict[str, Any]], nodes: list[str]) -> str:
     """Per-epoch privacy reports of the nodes (DP spend, suppressed cells), when recorded."""
     if not any(isinstance(item.get("privacy"), dict) and item["privacy"] for item in records):
         return ""
+    spenders = {
+        str(k) for item in records if isinstance(item.get("privacy"), dict) for k in item["privacy"]
+    }
+    nodes = [*nodes, *sorted(spenders - set(nodes))]  # the aggregator's own (central DP) too
     totals: dict[str, list[tuple[float, float]]] = {}
     running: dict[str, float] = {}
     rows = []
