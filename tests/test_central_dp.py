@@ -221,7 +221,7 @@ ANALYSIS = textwrap.dedent(
         return {"total": flame.dp.laplace(total, sensitivity=1.0, epsilon=0.5), "epoch": epoch}
     """
 )
-VALUES = {"n1": [1000.0, 2000.123456789], "n2": [3000.0], "n3": [1777.0]}  # sum: EXACT
+VALUES = {"node-1": [1000.0, 2000.123456789], "node-2": [3000.0], "node-3": [1777.0]}  # sum: EXACT
 
 
 def write_analysis(folder: Path) -> Path:
@@ -314,4 +314,60 @@ def test_cli_budget_refusal_leaves_no_exact_value_anywhere(tmp_path: Path) -> No
     assert kept, "the search does not see the values the run store keeps"
     exact = [EXACT_TEXT.encode(), struct.pack("<d", EXACT), struct.pack(">d", EXACT)]
     leaked = [where for where, data in texts.items() if any(form in data for form in exact)]
+    assert not leaked, f"the exact aggregate is in {leaked}"
+
+
+# --- flame run: the aggregation node of a real federation over Mosquitto ------------------------
+
+
+def test_flame_run_aggregator_applies_its_own_budget_over_a_real_broker(
+    mqtt_broker: Any, tmp_path: Path
+) -> None:
+    from nodes import Federation, federation_env
+
+    folder = write_analysis(tmp_path / "study")
+    nodes = sorted(VALUES)
+    policy = tmp_path / "aggregator-policy.toml"  # min_cell_count: a node rule, ignored here
+    policy.write_text('epsilon_budget = 1.2\nmin_cell_count = 5\nledger_dir = "ledger"\n')
+
+    def federation(name: str, epochs: int) -> Federation:
+        env = federation_env(
+            mqtt_broker, f"central-{os.getpid()}-{name}", nodes, epochs=epochs,
+            presence_timeout=90, epoch_timeout=90,
+        )  # fmt: skip
+        return Federation(env, folder / "analysis.py", folder / "data", nodes, tmp_path / name)
+
+    released = federation("released", epochs=2)
+    try:
+        released.start("aggregator", FLAME_POLICY=str(policy))
+        for node in nodes:
+            released.start(node)
+        values = released.finish()
+    finally:
+        released.close()
+    assert (
+        values["aggregator"]["total"] != EXACT and abs(values["aggregator"]["total"] - EXACT) < 200
+    )
+    assert all(values[node] == values["aggregator"] for node in nodes)  # one draw, for everyone
+    assert [(e["epoch"], e["epsilon"]) for e in entries(tmp_path / "ledger")] == [
+        (0, 0.5),
+        (1, 0.5),
+    ]
+
+    refused = federation("refused", epochs=1)  # 0.2 of 1.2 left: epoch 0 is refused
+    try:
+        aggregator = refused.start("aggregator", FLAME_POLICY=str(policy))
+        for node in nodes:
+            refused.start(node)
+        assert aggregator.wait(120) == 1
+        for node in nodes:
+            assert refused.processes[node].wait(120) != 0
+    finally:
+        refused.close()
+    assert "central DP refused epoch 0's aggregate" in aggregator.stderr()
+    assert "rule: epsilon_budget" in aggregator.stderr() and "FLAME_POLICY" in aggregator.stderr()
+    assert len(entries(tmp_path / "ledger")) == 2
+    outputs = [p for p in (tmp_path / "refused").rglob("*") if p.is_file()]
+    assert outputs
+    leaked = [str(p) for p in outputs if EXACT_TEXT in p.read_text(errors="replace")]
     assert not leaked, f"the exact aggregate is in {leaked}"
