@@ -33,6 +33,7 @@ CLI_TO_PYTHON: dict[str, tuple[str, ...] | str] = {
     "secure": ("secure",),
     "broker": ("broker",),  # a MemoryBroker, or a factory such as mqtt_transport_factory
     "policy": ("policy",),
+    "aggregator_policy": ("aggregator_policy",),
     "in_process": ("isolate",),
     "quiet": ("on_event",),  # the progress lines are what on_event receives
     "verbose": "not a parameter: logging.getLogger('flame').setLevel(logging.DEBUG)",
@@ -55,6 +56,7 @@ PYTHON_TO_CLI: dict[str, tuple[str, ...] | str] = {
     "isolate": ("in_process",),
     "policy": ("policy",),
     "output": ("output",),
+    "aggregator_policy": ("aggregator_policy",),
 }
 
 
