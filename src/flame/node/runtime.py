@@ -5,10 +5,11 @@ compute e+1), `finished` or `abort`. A node that restarts simply waits; the aggr
 its new session and sends it the current epoch again.
 
 This module is the epoch loop; its jobs live beside it: `instructions` (which kick-offs are
-new, run ids), `aggregator_watch` (the aggregator's live process and status), `delivery`
-(a result counts once the aggregator acknowledges it; re-sent until then), `compute` (where
-`analyze` runs) and `failure` (whatever stops the node other than `finished` is announced:
-an error report to the aggregator and a `failed` status with the reason).
+new, run ids), `aggregator_watch` (the aggregator's live process and status), `compute`
+(where `analyze` runs), `secure_answers` (secure fields sealed, the aggregator's requests
+answered), `delivery` (a result counts once the aggregator acknowledges it; re-sent until
+then) and `failure` (whatever stops the node other than `finished` is announced: an error
+report to the aggregator and a `failed` status with the reason).
 """
 
 from __future__ import annotations
@@ -40,8 +41,8 @@ from flame.privacy.disclosure import wrap_release
 from flame.privacy.policy import NodePolicy
 from flame.privacy.quoting import quoted_may_leave
 from flame.privacy.release import Gate
-from flame.secure.fields import Precomputer, SecureKeys, seal
-from flame.secure.masking import MASK, MASKED, MaskingNode, MaskingSettings
+from flame.secure.fields import SecureKeys
+from flame.secure.masking import MaskingNode, MaskingSettings
 from flame.transport.base import Transport
 from flame.utils import logs as _logging
 from flame.utils.deadline import Deadline
@@ -97,9 +98,9 @@ class AnalysisClient:
         self.session = uuid.uuid4().hex
         self.secrets = list(secrets)
         self.keys = keys
-        self.masking = None  # FLAME_SECURE__SCHEME=masking: flame.secure.masking
+        masking_node = None  # FLAME_SECURE__SCHEME=masking: flame.secure.masking
         if masking is not None:
-            self.masking = MaskingNode(
+            masking_node = MaskingNode(
                 masking,
                 transport.analysis_id,
                 transport.node_id,
@@ -109,8 +110,6 @@ class AnalysisClient:
                 state,
             )
         self.log_traceback = log_traceback  # off where the aggregator logs to the same place
-        self._precomputer: Precomputer | None = None
-        self._specs: dict[str, Any] = {}  # field -> the encoding this node sealed it with
         self.context = Context(
             analysis_id=transport.analysis_id,
             node_id=transport.node_id,
@@ -136,7 +135,7 @@ class AnalysisClient:
             min_contributors=None if keys is None else keys.min_contributors,
         )
         self._privacy: dict[str, Any] = {}  # per epoch: DP spend, suppressed cells
-        self._secure = SecureAnswers(keys, transport, lambda: self.context._state)
+        self._secure = SecureAnswers(keys, transport, lambda: self.context._state, masking_node)
         self.code = code  # SHA-256 of the analysis code, announced for the aggregator to compare
         self.delivery = Delivery(
             transport, aggregator_id, resend_interval, lambda: self.context.epoch
@@ -157,9 +156,7 @@ class AnalysisClient:
 
     # --- the protocol steps ------------------------------------------------------------------
     def connect(self) -> None:
-        if self.keys is not None and self.keys.private_key is None and self._precomputer is None:
-            self._precomputer = Precomputer(self.keys)
-            self._precomputer.fill(self.keys.precompute)
+        self._secure.start()
         if self.policy.share_aggregate:  # the kick-offs everyone gets, with the aggregate
             self.transport.take_broadcasts()
         self.transport.connect(self._status("waiting"))
@@ -189,7 +186,7 @@ class AnalysisClient:
                     )
                 continue
             if envelope.kind == "message":
-                self._answer_decrypt(envelope)
+                self._secure.answer(envelope)
                 continue
             if envelope.kind == "ack":
                 self.delivery.note_ack(envelope, self.instructions.run)
@@ -217,15 +214,7 @@ class AnalysisClient:
 
     def send_results(self, epoch: int, result: Any, privacy: dict[str, Any] | None = None) -> None:
         """Send this epoch's result to the aggregator; it is re-sent until acknowledged."""
-        self._specs = {}
-        if self.keys is not None:
-            self.keys.used_ciphertexts = 0
-        origin = (self.transport.analysis_id, epoch, self.transport.node_id)
-        if self.masking is not None:
-            body = self.masking.seal(result, epoch)
-        else:
-            body = seal(result, self.keys, self._specs, origin)
-            self._secure.sent(epoch, body, self._specs)
+        body = self._secure.seal(result, epoch)
         if privacy is not None and _notable(privacy):
             body = wrap_release(body, privacy)  # recorded in the run's history and manifest
         envelope = Envelope(
@@ -243,8 +232,7 @@ class AnalysisClient:
             while len(self._privacy) > 50:  # the status keeps the latest epochs
                 del self._privacy[next(iter(self._privacy))]
         self.board.soon(self._status("sent", epoch, **self._metrics()))
-        if self._precomputer is not None and self.keys is not None:
-            self._precomputer.fill(self.keys.used_ciphertexts)  # for the next epoch
+        self._secure.refill()
 
     def await_aggregation(self) -> Instruction:
         """Wait for the aggregate of the epoch just sent (or the final result / an abort)."""
@@ -353,8 +341,7 @@ class AnalysisClient:
         finally:
             _logging.set_epoch(None)
             runner.close()
-            if self._precomputer is not None:
-                self._precomputer.stop()
+            self._secure.stop()
             self.delivery.forward_logs()
             if forwarder is not None:
                 logging.getLogger().removeHandler(forwarder)
@@ -405,14 +392,6 @@ class AnalysisClient:
         )
         self._rows_read = lambda: runner.rows_read
         return runner
-
-    def _answer_decrypt(self, envelope: Envelope) -> None:
-        if envelope.category == MASK:  # a round of a masked secure sum
-            mask = self.masking.answer(envelope) if self.masking is not None else None
-            error = {"error": "this node does not sum with masking (FLAME_SECURE__SCHEME)"}
-            self.transport.send(envelope.reply("message", mask or error, category=MASKED))
-            return
-        self._secure.answer(envelope)
 
     def _status(self, state: str, epoch: int = -1, **extra: Any) -> dict[str, Any]:
         status = {
