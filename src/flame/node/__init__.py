@@ -1,1 +1,2 @@
-"""The analysis node runtime: epoch loop, result delivery, status board, context, mailbox."""
+"""The analysis node runtime: epoch loop, result delivery, failure reports, the aggregator
+watch, status board, context, mailbox."""

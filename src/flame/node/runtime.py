@@ -4,62 +4,48 @@ The aggregator drives the epochs: `start` (epoch 0, or a resume), `aggregate` (e
 compute e+1), `finished` or `abort`. A node that restarts simply waits; the aggregator sees
 its new session and sends it the current epoch again.
 
-Delivery is end to end: a result counts once the aggregator acknowledges it (an `ack`
-envelope), not when the broker has it. Until then the node re-sends it after the broker lost
-its session and on a backing-off timer. Every kick-off names a run id; a `start` under a new
-run id (an aggregator that restarted without storage) makes the node start over, and nothing
-of a run it left is acted on again. Whatever stops the node other than `finished` (a failure,
-an abort, SIGINT/SIGTERM) is announced: an error report to the aggregator and a `failed`
-status with the reason.
+This module is the epoch loop; its jobs live beside it: `instructions` (which kick-offs are
+new, run ids), `aggregator_watch` (the aggregator's live process and status), `compute`
+(where `analyze` runs), `secure_answers` (secure fields sealed, the aggregator's requests
+answered), `delivery` (a result counts once the aggregator acknowledges it; re-sent until
+then) and `failure` (whatever stops the node other than `finished` is announced: an error
+report to the aggregator and a `failed` status with the reason).
 """
 
 from __future__ import annotations
 
-import builtins
 import contextlib
 import logging
-import os
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from flame.aggregator.membership import Instances
 from flame.analysis.functions import AnalysisFunctions
 from flame.data.versions import DataVersions
-from flame.errors import (
-    AnalysisError,
-    ConfigError,
-    FlameError,
-    NotAcknowledged,
-    PolicyRefused,
-    RunFailed,
-    RunTimeout,
-    TransportError,
-    stop_signal,
-)
-from flame.isolation.runner import ChildRunner, InProcessRunner, Outcome, Runner
+from flame.errors import ConfigError, RunFailed, RunTimeout, stop_signal
+from flame.isolation.runner import Runner
+from flame.node.aggregator_watch import AggregatorWatch
+from flame.node.compute import Interrupted, analyze_epoch, make_runner, stop_at_once
 from flame.node.context import Context
-from flame.node.log_forward import LOG_CATEGORY, LogForwarder
+from flame.node.delivery import Delivery
+from flame.node.failure import FailureReports
+from flame.node.instructions import NOT_PARTICIPANT, Instruction, InstructionReader
+from flame.node.log_forward import LogForwarder
 from flame.node.mailbox import Mailbox
-from flame.node.run_end import ends_this_run
 from flame.node.secure_answers import SecureAnswers
 from flame.node.status_board import StatusBoard
 from flame.privacy.disclosure import wrap_release
 from flame.privacy.policy import NodePolicy
-from flame.privacy.quoting import quoted_may_leave, withhold_quoted
-from flame.privacy.release import Gate, column_reader
-from flame.privacy.tracebacks import analysis_traceback, trim_traceback_text
-from flame.secure.endorse import ENDORSE
-from flame.secure.fields import DECRYPT, Precomputer, SecureKeys, seal
-from flame.secure.masking import MASK, MASKED, MaskingNode, MaskingSettings
+from flame.privacy.quoting import quoted_may_leave
+from flame.privacy.release import Gate
+from flame.secure.fields import SecureKeys
+from flame.secure.masking import MaskingNode, MaskingSettings
 from flame.transport.base import Transport
 from flame.utils import logs as _logging
 from flame.utils.deadline import Deadline
-from flame.utils.public_reason import public_reason
-from flame.utils.redact import describe_exception
 from flame.wire.envelope import Envelope
 
 __all__ = ["NOT_PARTICIPANT", "AnalysisClient", "Instruction"]
@@ -77,65 +63,9 @@ def _notable(privacy: dict[str, Any] | None) -> bool:
     )
 
 
-class _Interrupted(Exception):
-    """The aggregator ended the run (abort, finished) while this node was computing."""
-
-    def __init__(self, instruction: Instruction) -> None:
-        super().__init__(instruction.kind)
-        self.instruction = instruction
-
-
-def _stop_at_once(runner: Runner) -> None:
-    """A run that failed or was stopped does not wait for its analysis child to finish."""
-    kill = getattr(runner, "_abandon", None)
-    if callable(kill):
-        with contextlib.suppress(Exception):
-            kill()
-
-
 log = logging.getLogger(__name__)
 
-_CONTROL = ("start", "aggregate", "finished", "abort")
-NOT_PARTICIPANT = "not_participant"  # an abort's code: this node is not in the run's roster
 _TICK = 1.0  # seconds between checks for re-sends while waiting
-_MAX_RESEND_INTERVAL = 120.0
-_GOODBYE_TIMEOUT = 5.0  # seconds for a last report or a re-send: never stall on a dead broker
-
-
-@dataclass(frozen=True)
-class Instruction:
-    """What the aggregator told this node to do next."""
-
-    kind: str
-    epoch: int
-    previous: Any = None
-    value: Any = None
-    converged: bool = False
-    location: str | None = None
-    reason: str = ""
-    run: str | None = None
-    code: str = ""
-    withheld: bool = False
-    """The aggregator sent no aggregate (it believes this node's policy declines them)."""
-
-
-def _raised_by_analysis(exc: BaseException) -> bool:
-    """An exception of the analyst's code (in the child or in this process), not flame's.
-    Every AnalysisError is: the child chooses its type name, and even flame's own words for
-    it (ProtocolError, ProcessExit) echo what the child sent or its exit status."""
-    return isinstance(exc, AnalysisError) or not isinstance(exc, FlameError)
-
-
-def _public_type(exc: BaseException) -> str:
-    """The failure's type as it may leave under send_tracebacks = false: a built-in exception
-    name or flame's own, else `Exception` (an analysis may name a class after a record)."""
-    name = getattr(exc, "remote_type", None) or type(exc).__name__
-    known = getattr(builtins, name, None) if isinstance(name, str) else None
-    if name in ("ProtocolError", "ProcessExit") or (
-        isinstance(known, type) and issubclass(known, BaseException)
-    ):
-        return str(name)
-    return "Exception"
 
 
 class AnalysisClient:
@@ -168,9 +98,9 @@ class AnalysisClient:
         self.session = uuid.uuid4().hex
         self.secrets = list(secrets)
         self.keys = keys
-        self.masking = None  # FLAME_SECURE__SCHEME=masking: flame.secure.masking
+        masking_node = None  # FLAME_SECURE__SCHEME=masking: flame.secure.masking
         if masking is not None:
-            self.masking = MaskingNode(
+            masking_node = MaskingNode(
                 masking,
                 transport.analysis_id,
                 transport.node_id,
@@ -179,10 +109,7 @@ class AnalysisClient:
                 transport.auth,
                 state,
             )
-        self.resend_interval = resend_interval
         self.log_traceback = log_traceback  # off where the aggregator logs to the same place
-        self._precomputer: Precomputer | None = None
-        self._specs: dict[str, Any] = {}  # field -> the encoding this node sealed it with
         self.context = Context(
             analysis_id=transport.analysis_id,
             node_id=transport.node_id,
@@ -208,36 +135,32 @@ class AnalysisClient:
             min_contributors=None if keys is None else keys.min_contributors,
         )
         self._privacy: dict[str, Any] = {}  # per epoch: DP spend, suppressed cells
-        self._last_epoch = -1
-        self._secure = SecureAnswers(keys, transport, lambda: self.context._state)
+        self._secure = SecureAnswers(keys, transport, lambda: self.context._state, masking_node)
         self.code = code  # SHA-256 of the analysis code, announced for the aggregator to compare
-        self._instances = Instances()  # the aggregator's process: two at once stop the run
-        self._last_sent: Envelope | None = None
+        self.delivery = Delivery(
+            transport, aggregator_id, resend_interval, lambda: self.context.epoch
+        )
+        self.watch = AggregatorWatch(aggregator_id, on_back=self.delivery.hurry)
+        self.instructions = InstructionReader(self.delivery)
         self._epoch_started = time.perf_counter()
-        self._run: str | None = None
-        self._left_runs: set[str] = set()
-        self._acked = True
-        self._resend_every = resend_interval
-        self._resend_at = 0.0
-        self._aggregator_away = False  # its last will said offline; cleared by its next status
-        self._link = 0
-        self._aggregator_session: str | None = None  # the live aggregator process
-        self._aggregator_last: dict[str, Any] = {}  # its latest verified status
-        self._parked: list[Envelope] = []
-        self._forwarder: LogForwarder | None = None
-        self._said_goodbye = False
         self.board = StatusBoard(transport)  # routine statuses kept off the critical path
+        self.failures = FailureReports(
+            transport,
+            aggregator_id,
+            self.session,
+            self.board,
+            self._status,
+            self.delivery.forward_logs,
+        )
         self._versions: DataVersions | None = None
 
     # --- the protocol steps ------------------------------------------------------------------
     def connect(self) -> None:
-        if self.keys is not None and self.keys.private_key is None and self._precomputer is None:
-            self._precomputer = Precomputer(self.keys)
-            self._precomputer.fill(self.keys.precompute)
+        self._secure.start()
         if self.policy.share_aggregate:  # the kick-offs everyone gets, with the aggregate
             self.transport.take_broadcasts()
         self.transport.connect(self._status("waiting"))
-        self._link = self.transport.link
+        self.delivery.link = self.transport.link
         self.transport.watch([self.aggregator_id])
 
     def await_instruction(self) -> Instruction:
@@ -250,9 +173,9 @@ class AnalysisClient:
         deadline = Deadline(self.wait_timeout)
         chosen: Instruction | None = None
         while True:
-            self._keep_delivering()
+            self.delivery.keep_delivering()
             wait = Deadline(0.0 if chosen is not None else min(deadline.left(), _TICK))
-            envelope = self._unparked() or self.mailbox.next(self._from_aggregator, wait)
+            envelope = self.watch.unparked() or self.mailbox.next(self.watch.from_aggregator, wait)
             if envelope is None:
                 if chosen is not None:
                     return chosen
@@ -263,22 +186,22 @@ class AnalysisClient:
                     )
                 continue
             if envelope.kind == "message":
-                self._answer_decrypt(envelope)
+                self._secure.answer(envelope)
                 continue
             if envelope.kind == "ack":
-                self._note_ack(envelope)
+                self.delivery.note_ack(envelope, self.instructions.run)
                 continue
             if envelope.kind == "status":
-                stop = self._note_aggregator_status(envelope)
+                stop = self.watch.note_status(envelope)
                 if stop is not None:
                     return stop
                 continue
-            if not self._from_current_aggregator(envelope):
+            if not self.watch.from_current(envelope, self.code):
                 continue
-            instruction = self._admit(envelope)
+            instruction = self.instructions.admit(envelope, self.code)
             if instruction is None:
                 continue
-            self._acked = True  # the aggregator moved on: what it needed of us has arrived
+            self.delivery.acked = True  # the aggregator moved on: what it needed has arrived
             if instruction.kind in ("finished", "abort"):
                 return instruction
             if chosen is not None:
@@ -291,15 +214,7 @@ class AnalysisClient:
 
     def send_results(self, epoch: int, result: Any, privacy: dict[str, Any] | None = None) -> None:
         """Send this epoch's result to the aggregator; it is re-sent until acknowledged."""
-        self._specs = {}
-        if self.keys is not None:
-            self.keys.used_ciphertexts = 0
-        origin = (self.transport.analysis_id, epoch, self.transport.node_id)
-        if self.masking is not None:
-            body = self.masking.seal(result, epoch)
-        else:
-            body = seal(result, self.keys, self._specs, origin)
-            self._secure.sent(epoch, body, self._specs)
+        body = self._secure.seal(result, epoch)
         if privacy is not None and _notable(privacy):
             body = wrap_release(body, privacy)  # recorded in the run's history and manifest
         envelope = Envelope(
@@ -309,29 +224,15 @@ class AnalysisClient:
             "result",
             epoch,
             body,
-            self._run,
+            self.instructions.run,
         )
-        self._last_epoch = epoch
-        self._last_sent = envelope
-        self._acked = False
-        self._resend_every = self.resend_interval
-        try:
-            self.transport.send(envelope)
-        except NotAcknowledged as exc:
-            # Not a refusal: the broker is out of reach (a partition, a slow uplink). The
-            # result is kept and re-sent with backoff; only the aggregator's epoch deadline
-            # (its abort, or this node's wait for the next instruction) ends the run.
-            log.warning(
-                "epoch %d: result not acknowledged yet, keeping it and re-sending: %s", epoch, exc
-            )
-        self._resend_at = time.monotonic() + self._resend_every
+        self.delivery.send(envelope)
         if _notable(privacy):
             self._privacy[str(epoch)] = privacy
             while len(self._privacy) > 50:  # the status keeps the latest epochs
                 del self._privacy[next(iter(self._privacy))]
         self.board.soon(self._status("sent", epoch, **self._metrics()))
-        if self._precomputer is not None and self.keys is not None:
-            self._precomputer.fill(self.keys.used_ciphertexts)  # for the next epoch
+        self._secure.refill()
 
     def await_aggregation(self) -> Instruction:
         """Wait for the aggregate of the epoch just sent (or the final result / an abort)."""
@@ -340,78 +241,21 @@ class AnalysisClient:
     def report_failure(
         self, epoch: int, exc: BaseException, *, traceback_text: str | None = None
     ) -> str:
-        """Tell the aggregator this node failed; returns the (secret-free) reason sent.
-
-        `traceback_text` (already trimmed, e.g. from an isolated child process) is sent when
-        the node's policy allows; without it, the traceback of `exc` is formatted here.
-        """
-        reason = describe_exception(exc, self.secrets)
-        body: dict[str, Any] = {
-            "node": self.transport.node_id,
-            "epoch": epoch,
-            "error": reason,
-            "session": self.session,
-        }
-        if traceback_text is None:
-            traceback_text = getattr(exc, "traceback_text", None)  # from the analysis child
-        if not traceback_text:
-            traceback_text = analysis_traceback(exc, self.secrets)
-        else:
-            traceback_text = trim_traceback_text(traceback_text, self.secrets)
-        full = (reason, traceback_text)
-        if self.log_traceback:
-            log.error("epoch %d failed: %s\n%s", epoch, reason, traceback_text)
-        else:
-            log.debug("epoch %d failed: %s", epoch, reason)
-        if not self.quoted_data_leaves:  # a parser's words quoting a record stay here
-            reason, traceback_text = withhold_quoted(reason), withhold_quoted(traceback_text)
-            body["error"] = reason
-        if isinstance(exc, PolicyRefused):
-            # The aggregator may count it as a missing answer (under a quorum) instead of a
-            # failure; a refusal's text is flame's own, and no traceback goes with it.
-            body["refused"] = True
-        elif self.policy.send_tracebacks:
-            body["traceback"] = traceback_text
-        elif _raised_by_analysis(exc):  # its message is as free to carry records as a traceback
-            name = _public_type(exc)
-            reason = f"{name} (message withheld: this node's policy has send_tracebacks = false)"
-            body["error"] = reason
-        if reason != full[0] and not self.log_traceback:  # what stays here, said here (simulate)
-            log.error("epoch %d failed: %s\n%s", epoch, full[0], full[1])
-        self._say_goodbye(epoch, reason, body)
-        return reason
+        """Tell the aggregator this node failed; returns the (secret-free) reason sent
+        (what the report may carry: node/failure)."""
+        return self.failures.failure(
+            epoch,
+            exc,
+            secrets=self.secrets,
+            policy=self.policy,
+            log_traceback=self.log_traceback,
+            quoted_data_leaves=self.quoted_data_leaves,
+            traceback_text=traceback_text,
+        )
 
     def report_stop(self, epoch: int, signal_name: str) -> str:
         """Tell the aggregator this node was stopped (SIGINT/SIGTERM) before it exits."""
-        reason = f"stopped: {signal_name}"
-        body = {"node": self.transport.node_id, "epoch": epoch, "error": reason}
-        body["session"] = self.session
-        self._say_goodbye(epoch, reason, {**body, "stopped": signal_name})
-        return reason
-
-    def _say_goodbye(self, epoch: int, reason: str, body: dict[str, Any] | None) -> None:
-        """The error report (if any) and the `failed` status; once, and never raising."""
-        if self._said_goodbye:
-            return
-        self._said_goodbye = True
-        self._forward_logs()
-        try:
-            if body is not None:
-                self.transport.send(
-                    Envelope(
-                        self.transport.analysis_id,
-                        self.transport.node_id,
-                        self.aggregator_id,
-                        "error",
-                        epoch,
-                        body,
-                    ),
-                    _GOODBYE_TIMEOUT,
-                )
-            # every roster member reads statuses: no exception message (red team B2)
-            self.board.now(self._status("failed", epoch, reason=public_reason(reason)))
-        except Exception as send_exc:  # the failure report must not mask the failure
-            log.error("could not report the failure to the aggregator: %s", send_exc)
+        return self.failures.stop(epoch, signal_name)
 
     # --- the whole run -----------------------------------------------------------------------
     def run(self, functions: AnalysisFunctions, data: Any) -> Instruction:
@@ -424,13 +268,13 @@ class AnalysisClient:
         forwarder = LogForwarder(self.secrets) if self.policy.forward_logs else None
         if forwarder is not None:
             logging.getLogger().addHandler(forwarder)
-            self._forwarder = forwarder
+            self.delivery.forwarder = forwarder
         runner = self._runner(functions, data)
         try:
             interrupted: Instruction | None = None
             try:
                 runner.start()  # the child starts while the aggregator gathers the nodes
-            except _Interrupted as stop:  # an abort (or the end) arrived meanwhile: keep it
+            except Interrupted as stop:  # an abort (or the end) arrived meanwhile: keep it
                 interrupted = stop.instruction
             except Exception as exc:  # tried again, and reported, in the first epoch
                 log.warning("the analysis could not be started yet: %s", exc)
@@ -438,7 +282,7 @@ class AnalysisClient:
                 instruction = interrupted or self.await_instruction()
                 interrupted = None
                 if instruction.kind == "abort":
-                    self._say_goodbye(instruction.epoch, instruction.reason, None)
+                    self.failures.goodbye(instruction.epoch, instruction.reason, None)
                     if instruction.code == NOT_PARTICIPANT:
                         raise ConfigError(instruction.reason)
                     raise RunFailed(instruction.reason, epoch=instruction.epoch)
@@ -464,15 +308,15 @@ class AnalysisClient:
                     runner.start()
                     self.gate.before(epoch, runner.declared_spend)  # before any data is read
                     self._check_data()
-                    outcome = self._analyze(runner, epoch, instruction.previous)
+                    outcome = analyze_epoch(runner, self.gate, epoch, instruction.previous)
                     self._check_data()  # read during analyze: the same version as before
                     release = self.gate.release(epoch, outcome)  # policy, here in the runtime
                     self.send_results(epoch, release.result, release.report())
-                except _Interrupted as stop:
+                except Interrupted as stop:
                     log.warning(
                         "stopping epoch %d: the aggregator said %s", epoch, stop.instruction.kind
                     )
-                    _stop_at_once(runner)
+                    stop_at_once(runner)
                     interrupted = stop.instruction
                     continue
                 except (Exception, SystemExit) as exc:
@@ -485,159 +329,25 @@ class AnalysisClient:
                 log.debug("epoch %d: result sent in %.3f s", epoch, time.perf_counter() - started)
         except KeyboardInterrupt as exc:
             self.report_stop(epoch, stop_signal(exc))
-            _stop_at_once(runner)
+            stop_at_once(runner)
             raise
         except (RunFailed, ConfigError):
-            _stop_at_once(runner)
+            stop_at_once(runner)
             raise
         except Exception as exc:
             # Lost the broker, heard nothing, could not send: say so while we still can.
-            self._say_goodbye(
-                epoch,
-                describe_exception(exc, self.secrets),
-                {
-                    "node": self.transport.node_id,
-                    "epoch": epoch,
-                    "error": describe_exception(exc, self.secrets),
-                    "session": self.session,
-                },
-            )
+            self.failures.lost(epoch, exc, self.secrets)
             raise
         finally:
             _logging.set_epoch(None)
             runner.close()
-            if self._precomputer is not None:
-                self._precomputer.stop()
-            self._forward_logs()
+            self._secure.stop()
+            self.delivery.forward_logs()
             if forwarder is not None:
                 logging.getLogger().removeHandler(forwarder)
             self._drain()
             self.board.close()
             self.transport.close()
-
-    # --- delivery ----------------------------------------------------------------------------
-    def _forward_logs(self) -> None:
-        """This node's collected log lines to the aggregator (policy `forward_logs`)."""
-        if self._forwarder is None:
-            return
-        lines = self._forwarder.take()
-        if not lines:
-            return
-        envelope = Envelope(
-            self.transport.analysis_id,
-            self.transport.node_id,
-            self.aggregator_id,
-            "message",
-            max(self.context.epoch, 0),
-            {"lines": lines},
-            LOG_CATEGORY,
-        )
-        try:
-            self.transport.send(envelope, _GOODBYE_TIMEOUT)
-        except Exception as exc:  # forwarding is best effort
-            log.debug("could not forward %d log lines: %s", len(lines), exc)
-
-    def _keep_delivering(self) -> None:
-        """Re-send the unacknowledged result: at once after a lost session, else on a timer."""
-        self._forward_logs()
-        if self._acked or self._last_sent is None:
-            return
-        link = self.transport.link
-        if link != self._link:
-            self._link = link
-            self._resend("the broker lost this node's session")
-        elif time.monotonic() >= self._resend_at:
-            self._resend(f"not acknowledged within {self._resend_every:g} s")
-            self._resend_every = min(self._resend_every * 2, _MAX_RESEND_INTERVAL)
-        else:
-            return
-        self._resend_at = time.monotonic() + self._resend_every
-
-    def _resend(self, why: str) -> None:
-        assert self._last_sent is not None
-        log.info("re-sending the result of epoch %d (%s)", self._last_sent.epoch, why)
-        again = replace(self._last_sent, id=uuid.uuid4().hex, sent=time.time())
-        try:
-            self.transport.send(again, _GOODBYE_TIMEOUT)
-        except TransportError as exc:
-            log.warning("could not re-send the result of epoch %d: %s", again.epoch, exc)
-
-    def _note_ack(self, envelope: Envelope) -> None:
-        body = envelope.body if isinstance(envelope.body, dict) else {}
-        if (
-            self._last_sent is not None
-            and body.get("epoch") == self._last_sent.epoch
-            and body.get("run") in (None, self._run)
-        ):
-            self._acked = True
-
-    def _note_aggregator_status(self, envelope: Envelope) -> Instruction | None:
-        """Track the aggregator's process; its `failed` status stops us even if the abort is
-        lost. A stale status of an earlier aggregator process (other session) is not acted on."""
-        body = envelope.body if isinstance(envelope.body, dict) else {}
-        problem = self._instances.note(self.aggregator_id, body)
-        if problem is not None:
-            return Instruction("abort", -1, reason=problem)
-        state = body.get("state")
-        session = body.get("session")
-        self._aggregator_last = body
-        if state == "offline" or (body.get("online") is False and state not in ("failed",)):
-            log.warning("aggregator %s is offline; waiting for it", self.aggregator_id)
-            self._aggregator_away = True
-            return None
-        if self._aggregator_away:  # back (partition over, or restarted): re-send at once,
-            self._aggregator_away = False  # not when the backed-off timer next fires
-            self._resend_every = self.resend_interval
-            self._resend_at = 0.0
-        if state == "failed":
-            if session is not None and session == self._aggregator_session:
-                epoch = body.get("epoch")
-                return Instruction(
-                    "abort",
-                    epoch if isinstance(epoch, int) else -1,
-                    reason=str(body.get("reason") or "the aggregator failed")[:2000],
-                )
-            return None
-        if state == "done" or not isinstance(session, str):
-            return None
-        if session != self._aggregator_session and self._aggregator_session is not None:
-            log.info("aggregator %s restarted (new process)", self.aggregator_id)
-        self._aggregator_session = session
-        return None
-
-    def _from_current_aggregator(self, envelope: Envelope) -> bool:
-        """Whether a control message comes from the aggregator process running now.
-
-        A persistent broker session can hold an abort or kick-off of an earlier run of this
-        analysis id (an aggregator process that is gone). Each names its process session;
-        one from another process than the live one is dropped. Until the live one is known
-        (its retained status arrives right after connecting), messages wait here.
-        """
-        body = envelope.body if isinstance(envelope.body, dict) else {}
-        session = body.get("session")
-        if not isinstance(session, str):
-            return True
-        if self._aggregator_session is None:
-            last = self._aggregator_last
-            if (
-                envelope.kind == "finished"
-                and last.get("state") == "done"
-                and session == last.get("session")
-                and ends_this_run(last, body, self.code)
-            ):
-                return True  # the run ended before this node joined: take its result
-            self._parked.append(envelope)
-            return False
-        if session == self._aggregator_session:
-            return True
-        log.info("ignored a %s from an earlier aggregator process", envelope.kind)
-        return False
-
-    def _unparked(self) -> Envelope | None:
-        """A parked control message, once the live aggregator process is known."""
-        if self._parked and self._aggregator_session is not None:
-            return self._parked.pop(0)
-        return None
 
     def _drain(self) -> None:
         """Take (and acknowledge to the broker) what is queued before leaving, so a later
@@ -647,171 +357,41 @@ class AnalysisClient:
         with contextlib.suppress(Exception):
             self.mailbox.next(lambda envelope: False, Deadline(0.2))
 
-    def _admit(self, envelope: Envelope) -> Instruction | None:
-        """The instruction in `envelope` if it is new for this node, after run-id bookkeeping."""
-        if isinstance(envelope.body, dict) and envelope.body.get("probe") is True:
-            return None  # the aggregator asking whether broadcasts reach us: the transport noted it
-        instruction = self._parse(envelope)
-        if instruction is None:
-            return None
-        run = instruction.run
-        if run is not None and run != self._run:
-            if run in self._left_runs:
-                log.info("ignored a %s of run %s, which this node left", instruction.kind, run)
-                return None
-            if instruction.kind in ("start", "aggregate"):
-                if self._run is not None:
-                    log.warning(
-                        "the aggregator started run %s over (this node was in run %s, epoch "
-                        "%d); computing again from epoch %d",
-                        run,
-                        self._run,
-                        self._last_epoch,
-                        instruction.epoch,
-                    )
-                    self._left_runs.add(self._run)
-                    self._last_epoch = -1
-                    self._last_sent = None
-                    self._acked = True
-                self._run = run
-        if instruction.kind in ("start", "aggregate") and instruction.epoch <= self._last_epoch:
-            if instruction.epoch == self._last_epoch and self._last_sent is not None:
-                # A restarted aggregator may have lost it: send again, never recompute.
-                self._resend("the aggregator asked for this epoch again")
-            return None
-        return instruction
-
     # --- helpers -----------------------------------------------------------------------------
     def _watch_while_computing(self) -> None:
         """While the analysis child computes: an abort or the end of the run (a slow node
         under a quorum) stops it now, not when its epoch is done."""
         while True:
-            envelope = self.mailbox.next(self._is_stop, Deadline(0.0))
+            envelope = self.mailbox.next(self.watch.is_stop, Deadline(0.0))
             if envelope is None:
                 return
             if envelope.kind == "status":
-                stop = self._note_aggregator_status(envelope)
+                stop = self.watch.note_status(envelope)
                 if stop is not None:
-                    raise _Interrupted(stop)
+                    raise Interrupted(stop)
                 continue
-            if not self._from_current_aggregator(envelope):
+            if not self.watch.from_current(envelope, self.code):
                 continue
-            instruction = self._admit(envelope)
+            instruction = self.instructions.admit(envelope, self.code)
             if instruction is not None:
-                raise _Interrupted(instruction)
-
-    def _is_stop(self, envelope: Envelope) -> bool:
-        return envelope.sender == self.aggregator_id and envelope.kind in (
-            "abort",
-            "finished",
-            "status",
-        )
-
-    def _analyze(self, runner: Runner, epoch: int, previous: Any) -> Outcome:
-        """One epoch of `analyze`; a message the policy refused fails it with that reason."""
-        try:
-            outcome = runner.run(epoch, previous)
-        except _Interrupted:
-            raise
-        except Exception:
-            self.gate.refused(epoch)  # the node's own refusal caused this: say so
-            raise
-        self.gate.refused(epoch)  # analyze caught the refusal and went on: the epoch fails
-        return outcome
+                raise Interrupted(instruction)
 
     def _runner(self, functions: AnalysisFunctions, data: Any) -> Runner:
-        """Where `analyze` runs: an isolated child (nodes, CLI) or this process (Python API)."""
-        if self.isolate and self.pooled:
-            from flame.isolation.pooled import PooledRunner
-
-            child: ChildRunner = PooledRunner(
-                functions.analyze,
-                data,
-                self.context,
-                timeout=self.wait_timeout,
-                cut_network=self.policy.cut_network,
-                hide=self.hide,
-                allow_messages=self.policy.allow_messages,
-            )
-            child.on_wait = self._watch_while_computing
-            runner: Runner = child
-        elif self.isolate:
-            child = ChildRunner(
-                functions.analyze,
-                data,
-                self.context,
-                timeout=self.wait_timeout,
-                cut_network=self.policy.cut_network,
-                capture_output=self.policy.forward_logs,
-                hide=self.hide,
-                allow_messages=self.policy.allow_messages,
-            )
-            child.on_wait = self._watch_while_computing
-            runner = child
-        else:
-            runner = InProcessRunner(functions.analyze, data, self.context)
-        hidden = [os.path.realpath(str(p)) for p in self.hide]
-        self.gate.reader = column_reader(data, hidden)  # flame.dp statistics read data here
+        """Where `analyze` runs (node/compute), its rows read counted for progress."""
+        runner = make_runner(
+            functions,
+            data,
+            self.context,
+            self.gate,
+            isolate=self.isolate,
+            pooled=self.pooled,
+            timeout=self.wait_timeout,
+            policy=self.policy,
+            hide=self.hide,
+            on_wait=self._watch_while_computing,
+        )
         self._rows_read = lambda: runner.rows_read
-        # what analyze sends to other nodes leaves only as the policy allows (like a result)
-        self.context.outgoing = lambda body: self.gate.message(
-            self.context.epoch, body, runner.rows_read
-        )
         return runner
-
-    def _from_aggregator(self, envelope: Envelope) -> bool:
-        return envelope.sender == self.aggregator_id and (
-            envelope.kind in _CONTROL
-            or envelope.kind in ("status", "ack")
-            or (envelope.kind == "message" and envelope.category in (DECRYPT, ENDORSE, MASK))
-        )
-
-    def _answer_decrypt(self, envelope: Envelope) -> None:
-        if envelope.category == MASK:  # a round of a masked secure sum
-            mask = self.masking.answer(envelope) if self.masking is not None else None
-            error = {"error": "this node does not sum with masking (FLAME_SECURE__SCHEME)"}
-            self.transport.send(envelope.reply("message", mask or error, category=MASKED))
-            return
-        self._secure.answer(envelope)
-
-    def _parse(self, envelope: Envelope) -> Instruction | None:
-        body = envelope.body if isinstance(envelope.body, dict) else {}
-        run = body.get("run") if isinstance(body.get("run"), str) else None
-        if envelope.kind == "start":
-            return Instruction("start", envelope.epoch, previous=body.get("previous"), run=run)
-        if envelope.kind == "aggregate":
-            return Instruction(
-                "aggregate",
-                envelope.epoch + 1,
-                previous=body.get("value"),
-                value=body.get("value"),
-                converged=bool(body.get("converged", False)),
-                run=run,
-                withheld=body.get("withheld") is True,
-            )
-        if envelope.kind == "finished":
-            if not ends_this_run(None, body, self.code):
-                return None
-            location = body.get("location")
-            return Instruction(
-                "finished",
-                envelope.epoch,
-                value=body.get("value"),
-                converged=bool(body.get("converged", False)),
-                location=location if isinstance(location, str) else None,
-                run=run,
-                withheld=body.get("withheld") is True,
-            )
-        if envelope.kind == "abort":
-            code = body.get("code")
-            return Instruction(
-                "abort",
-                envelope.epoch,
-                reason=str(body.get("reason", "aborted"))[:2000],
-                run=run,
-                code=code if isinstance(code, str) else "",
-            )
-        return None
 
     def _status(self, state: str, epoch: int = -1, **extra: Any) -> dict[str, Any]:
         status = {
@@ -819,7 +399,7 @@ class AnalysisClient:
             "role": "analysis",
             "session": self.session,
             **({"code": self.code} if self.code else {}),
-            "run": self._run,
+            "run": self.instructions.run,
             "epoch": epoch,
             "time": time.time(),
             **extra,

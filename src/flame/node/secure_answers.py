@@ -1,9 +1,12 @@
-"""An analysis node's answers to the aggregator's secure-aggregation requests.
+"""An analysis node's side of secure sums: its result sealed, the aggregator's requests answered.
 
-Threshold mode: the share holder (`flame.secure.threshold.ThresholdParty`) endorses and
-decrypts. Single-key mode: `flame.secure.single_key.SingleKeyDecrypter` re-adds the signed
-contributions and keeps the differencing guard. Either way, a request is answered with a
-reply or an error, never by raising: a malformed request must not stop the node.
+Sealing: `flame.secure` fields encrypted (Paillier; a node without the private key computes
+ciphertexts ahead) or masked (FLAME_SECURE__SCHEME=masking). Answers: threshold mode, the
+share holder (`flame.secure.threshold.ThresholdParty`) endorses and decrypts; single-key
+mode, `flame.secure.single_key.SingleKeyDecrypter` re-adds the signed contributions and
+keeps the differencing guard; masking, `flame.secure.masking` answers its rounds. Either
+way, a request is answered with a reply or an error, never by raising: a malformed request
+must not stop the node.
 """
 
 from __future__ import annotations
@@ -13,7 +16,8 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from flame.secure.endorse import ENDORSE, ENDORSED
-from flame.secure.fields import DECRYPTED
+from flame.secure.fields import DECRYPTED, Precomputer, seal
+from flame.secure.masking import MASK, MASKED, MaskingNode
 from flame.secure.single_key import SingleKeyDecrypter
 
 if TYPE_CHECKING:
@@ -27,15 +31,50 @@ log = logging.getLogger(__name__)
 
 
 class SecureAnswers:
-    """Answers DECRYPT and ENDORSE requests for one node (see the module)."""
+    """Seals one node's results and answers the aggregator's DECRYPT, ENDORSE and MASK
+    requests (see the module)."""
 
     def __init__(
-        self, keys: SecureKeys | None, transport: Transport, state: Callable[[], Any]
+        self,
+        keys: SecureKeys | None,
+        transport: Transport,
+        state: Callable[[], Any],
+        masking: MaskingNode | None = None,
     ) -> None:
         self.keys = keys
         self.transport = transport
         self._state = state  # the node-local state (read when first needed)
+        self.masking = masking  # FLAME_SECURE__SCHEME=masking: flame.secure.masking
         self._single: SingleKeyDecrypter | None = None
+        self._precomputer: Precomputer | None = None
+        self._specs: dict[str, Any] = {}  # field -> the encoding this node sealed it with
+
+    def start(self) -> None:
+        """Before connecting: ciphertexts computed ahead (keys without a private key)."""
+        if self.keys is not None and self.keys.private_key is None and self._precomputer is None:
+            self._precomputer = Precomputer(self.keys)
+            self._precomputer.fill(self.keys.precompute)
+
+    def seal(self, result: Any, epoch: int) -> Any:
+        """`result` with its `flame.secure` fields sealed for the aggregator."""
+        self._specs = {}
+        if self.keys is not None:
+            self.keys.used_ciphertexts = 0
+        origin = (self.transport.analysis_id, epoch, self.transport.node_id)
+        if self.masking is not None:
+            return self.masking.seal(result, epoch)
+        body = seal(result, self.keys, self._specs, origin)
+        self.sent(epoch, body, self._specs)
+        return body
+
+    def refill(self) -> None:
+        """After a result left: precompute what it used, for the next epoch."""
+        if self._precomputer is not None and self.keys is not None:
+            self._precomputer.fill(self.keys.used_ciphertexts)  # for the next epoch
+
+    def stop(self) -> None:
+        if self._precomputer is not None:
+            self._precomputer.stop()
 
     def sent(self, epoch: int, body: Any, specs: dict[str, Any]) -> None:
         """This node sent `body` for `epoch`: what a single-key decryption must contain."""
@@ -44,6 +83,11 @@ class SecureAnswers:
             single.sent(epoch, body, specs)
 
     def answer(self, envelope: Envelope) -> None:
+        if envelope.category == MASK:  # a round of a masked secure sum
+            mask = self.masking.answer(envelope) if self.masking is not None else None
+            error = {"error": "this node does not sum with masking (FLAME_SECURE__SCHEME)"}
+            self.transport.send(envelope.reply("message", mask or error, category=MASKED))
+            return
         keys = self.keys
         single = self._single_key()
         if envelope.category == ENDORSE:  # endorse a contribution set before decrypting
