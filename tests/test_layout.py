@@ -35,7 +35,6 @@ OVER_LIMIT = {
     "flame.aggregator.server",
     "flame.clients.message_broker_client",
     "flame.node.runtime",
-    "flame.secure.fields",
     "flame.transport.mqtt",
 }
 

@@ -63,7 +63,7 @@ class MaskingSettings:
 
     @classmethod
     def from_settings(cls, settings: SecureAggregationSettings) -> MaskingSettings:
-        from flame.secure.fields import SecureKeys
+        from flame.secure.keys import SecureKeys
 
         return cls(
             SecureKeys.spec_of(settings),
@@ -138,7 +138,7 @@ class MaskingNode:
         are checked against their bound now (before anything is masked) and kept here."""
         from flame.protocols.masking import Binding, MaskingClient, Session, encode_to_ring
         from flame.protocols.paillier import SecureAggregationError, ValueOutOfBoundsError
-        from flame.secure.fields import Secure, _replace
+        from flame.secure.marked import Secure, _replace
 
         def change(path: str, value: Any) -> Any:
             if not isinstance(value, Secure):
