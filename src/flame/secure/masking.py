@@ -136,7 +136,7 @@ class MaskingNode:
     def seal(self, result: Any, epoch: int) -> Any:
         """Every `flame.secure(...)` in `result` -> its signed key advertisement; the values
         are checked against their bound now (before anything is masked) and kept here."""
-        from flame.protocols.masking import Binding, MaskingClient, Session, encode_to_ring
+        from flame.protocols.masking import Binding, MaskingClient, RingInput, Session
         from flame.protocols.paillier import SecureAggregationError, ValueOutOfBoundsError
         from flame.secure.marked import Secure, _replace
 
@@ -146,7 +146,7 @@ class MaskingNode:
             field = path or "value"
             try:
                 spec = self.settings.spec_for(value.bound, value.precision)
-                encoded = encode_to_ring(value.values, spec, field=field)
+                encoded = RingInput.encode(value.values, spec, field=field)
                 session = Session(
                     Binding(self.analysis_id, epoch, path),
                     self.participants,
@@ -172,11 +172,11 @@ class MaskingNode:
                     "shape": shape,
                     "precision": spec.precision,
                     "bound": spec.bound,
-                    "n": encoded.size,
+                    "n": encoded.ring.size,
                 }
             )
             with self._lock:
-                self._pending[(epoch, path)] = _Pending(client, value.values)
+                self._pending[(epoch, path)] = _Pending(client, encoded)
             return Sealed(SCHEME, advert.to_bytes())
 
         with self._lock:  # an earlier epoch's unfinished sums are abandoned

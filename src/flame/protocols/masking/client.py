@@ -26,11 +26,13 @@ from flame.protocols.masking.agreement import (
     private_raw,
     public_raw,
     seal_share,
+    share_key,
 )
-from flame.protocols.masking.encoding import encode_to_ring
+from flame.protocols.masking.encoding import RingInput
 from flame.protocols.masking.errors import MaskingError, ProtocolViolation
 from flame.protocols.masking.messages import Message, b64d, b64e, open_message
-from flame.protocols.masking.session import Session, add_mask, self_mask_key
+from flame.protocols.masking.prg import MaskTerm, add_masks
+from flame.protocols.masking.session import Session, self_mask_key
 from flame.protocols.masking.shamir import PRIME, split_bytes
 
 __all__ = ["MaskingClient", "parse_share", "parse_survivors"]
@@ -90,6 +92,7 @@ class MaskingClient:
         self._u2: tuple[str, ...] = ()
         self._u3: tuple[str, ...] = ()
         self._held: dict[str, tuple[int, int]] = {}  # v -> (share of v's s key, of v's seed)
+        self._share_keys: dict[str, bytes] = {}  # v -> the key sealing shares with v
 
     def _advance(self, expected: str, following: str) -> None:
         if self._stage != expected:
@@ -99,7 +102,9 @@ class MaskingClient:
             )
         self._stage = following
 
-    def _make(self, round: str, body: dict[str, object], vector: bytes = b"") -> Message:
+    def _make(
+        self, round: str, body: dict[str, object], vector: bytes | memoryview = b""
+    ) -> Message:
         msg = Message(self.session.binding, round, self.node_id, body, vector)
         return msg.signed(self._identity)
 
@@ -161,17 +166,25 @@ class MaskingClient:
                 self._held[v] = (s_shares[x], b_shares[x])
                 continue
             plain = json.dumps({"s": format(s_shares[x], "x"), "b": format(b_shares[x], "x")})
+            key = share_key(self._c, self._u1[v][0], self._context, self.node_id, v)
+            self._share_keys[v] = key  # opens v's shares to this node in the next round
             sealed[v] = b64e(
-                seal_share(self._c, self._u1[v][0], self._context, self.node_id, v, plain.encode())
+                seal_share(key, self._u1[v][0], self._context, self.node_id, v, plain.encode())
             )
         commit = hashlib.sha256(b"flame-masking-seed\0" + self._context + self._seed).digest()
         return self._make("shares", {"to": sealed, "seed_commit": b64e(commit)})
 
     def masked_input(self, ciphertexts: Message | bytes, values: object) -> Message:
         """Round 2: the input, encoded (refused past its bound before any mask is made),
-        plus this node's self mask and its pairwise masks with every node of U2."""
+        plus this node's self mask and its pairwise masks with every node of U2. `values`
+        may be a `RingInput` encoded (and so checked) earlier for this session's spec."""
         self._advance("masked", "consistency")
-        encoded = encode_to_ring(values, self.session.spec, field=self.session.binding.field)
+        spec, field = self.session.spec, self.session.binding.field
+        if not isinstance(values, RingInput):
+            values = RingInput.encode(values, spec, field=field)
+        elif values.spec != spec or values.ring.dtype != self.session.dtype:
+            raise MaskingError(f"{field}: the input was encoded for another spec")
+        encoded = values.ring
         msg = self._from_server(ciphertexts, "ciphertexts")
         u2 = parse_survivors(self.session, msg.body.get("u2"), "ciphertexts: u2")
         sealed = msg.body.get("from")
@@ -182,7 +195,12 @@ class MaskingClient:
         self.session.require(u2, "nodes that shared keys (U2)")
         for v, raw in sealed.items():
             plain = open_share(
-                self._c, self._u1[v][0], self._context, v, self.node_id, b64d(raw, v)
+                self._share_keys.get(v, self._c),
+                self._u1[v][0],
+                self._context,
+                v,
+                self.node_id,
+                b64d(raw, v),
             )
             try:
                 shares = json.loads(plain)
@@ -192,15 +210,16 @@ class MaskingClient:
                 raise ProtocolViolation(f"ciphertexts: shares from {v!r} are malformed")
             self._held[v] = (parse_share(shares.get("s"), v), parse_share(shares.get("b"), v))
         self._u2 = u2
-        acc = encoded.copy()
+        acc = encoded.astype(encoded.dtype.newbyteorder("<"))  # a copy, masked in place
         bits = self.session.bits
-        add_mask(acc, self_mask_key(self._seed, self._context, self.node_id), bits, +1)
+        masks: list[MaskTerm] = [(self_mask_key(self._seed, self._context, self.node_id), +1)]
         for v in u2:
             if v == self.node_id:
                 continue
             key = pair_mask_key(self._s, self._u1[v][1], self._context, self.node_id, v)
-            add_mask(acc, key, bits, +1 if self.node_id < v else -1)
-        vector = acc.astype(acc.dtype.newbyteorder("<"), copy=False).tobytes()
+            masks.append((key, +1 if self.node_id < v else -1))
+        add_masks(acc, masks, bits)
+        vector = acc.data.cast("B")  # the wire bytes, without another copy
         return self._make("masked", {"length": int(acc.size), "bits": bits}, vector)
 
     def consistency(self, survivors: Message | bytes) -> Message:

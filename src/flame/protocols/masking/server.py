@@ -23,7 +23,8 @@ from flame.protocols.masking.client import PAIR, SELF, parse_share
 from flame.protocols.masking.encoding import decode_sum
 from flame.protocols.masking.errors import MaskingError, ProtocolViolation
 from flame.protocols.masking.messages import Message, b64d, b64e, open_message
-from flame.protocols.masking.session import Session, add_mask, self_mask_key
+from flame.protocols.masking.prg import MaskTerm, add_masks
+from flame.protocols.masking.session import Session, self_mask_key
 from flame.protocols.masking.shamir import combine_bytes
 from flame.protocols.paillier.errors import ContributorCountError
 
@@ -233,13 +234,14 @@ class MaskingServer:
         total = self._total
         bits = self.session.bits
         reveals = {u: self._reveals[u] for u in u5}
+        masks: list[MaskTerm] = []  # every mask left in the total, removed at once below
         for v in self._u3:
             shares = {self.session.index(u): int(r[SELF][v], 16) for u, r in reveals.items()}
             seed = combine_bytes(shares, t)
             check = hashlib.sha256(b"flame-masking-seed\0" + self._context + seed).digest()
             if check != self._commits[v]:
                 raise MaskingError(f"the self-mask seed of {v!r} does not match its commitment")
-            add_mask(total, self_mask_key(seed, self._context, v), bits, -1)
+            masks.append((self_mask_key(seed, self._context, v), -1))
         for v in sorted(set(self._u2) - set(self._u3)):
             shares = {self.session.index(u): int(r[PAIR][v], 16) for u, r in reveals.items()}
             private = X25519PrivateKey.from_private_bytes(combine_bytes(shares, t))
@@ -247,6 +249,7 @@ class MaskingServer:
                 raise MaskingError(f"the pairwise key of dropped node {v!r} does not match its key")
             for w in self._u3:
                 key = pair_mask_key(private, self._pks[w][1], self._context, v, w)
-                add_mask(total, key, bits, -1 if w < v else +1)
+                masks.append((key, -1 if w < v else +1))
+        add_masks(total, masks, bits)
         encoded = decode_sum(total, self.session.spec, len(self._u3))
         return MaskedSum(encoded, self._u3, self.session.spec.scale)

@@ -12,7 +12,7 @@ import numpy.typing as npt
 from flame.protocols.masking.encoding import ring_bits
 from flame.protocols.masking.errors import MaskingError
 from flame.protocols.masking.messages import Binding
-from flame.protocols.masking.prg import RING_DTYPES, derive_key, expand_mask
+from flame.protocols.masking.prg import RING_DTYPES, add_masks, derive_key
 from flame.protocols.paillier.encoding import SecureSumSpec
 
 __all__ = ["Session", "add_mask", "self_mask_key"]
@@ -83,9 +83,5 @@ def self_mask_key(seed: bytes, context: bytes, node: str) -> bytes:
 
 
 def add_mask(acc: Ring, key: bytes, bits: int, sign: int) -> None:
-    """acc += sign * PRG(key) mod 2**bits, in place."""
-    mask = expand_mask(key, acc.size, bits)
-    if sign > 0:
-        np.add(acc, mask, out=acc)
-    else:
-        np.subtract(acc, mask, out=acc)
+    """acc += sign * PRG(key) mod 2**bits, in place (many masks: `prg.add_masks`)."""
+    add_masks(acc, [(key, sign)], bits)
