@@ -126,17 +126,21 @@ class MaskingClient:
         return self._make("advertise", body)
 
     def share_keys(self, keys: Message | bytes) -> Message:
-        """Round 1: check U1's signed advertisements; seal shares of this node's pairwise
-        private key and self-mask seed to each of them (t of |U1|)."""
+        """Round 1: check the signed advertisements of U1 (on a sparse graph: of this node's
+        neighbours in U1); seal shares of this node's pairwise private key and self-mask
+        seed to each of them (t of |U1|, or t_k of its neighbours and itself)."""
         self._advance("share", "masked")
         msg = self._from_server(keys, "keys")
         adverts = msg.body.get("adverts")
         if not isinstance(adverts, dict):
             raise ProtocolViolation("keys: no advertisements")
         participants = set(self.session.participants)
+        mine = self.session.holders(self.node_id)
         for node, raw in adverts.items():
             if node not in participants:
                 raise ProtocolViolation(f"keys: advertisement of non-participant {node!r}")
+            if node not in mine:
+                raise ProtocolViolation(f"keys: advertisement of {node!r}, not a neighbour")
             ad = open_message(
                 b64d(raw, f"advertisement of {node!r}"),
                 binding=self.session.binding,
@@ -149,15 +153,18 @@ class MaskingClient:
             if len(c_pk) != KEY_BYTES or len(s_pk) != KEY_BYTES:
                 raise ProtocolViolation(f"keys: malformed public keys of {node!r}")
             self._u1[node] = (c_pk, s_pk)
-        mine = (public_raw(self._c), public_raw(self._s))
-        if self._u1.get(self.node_id) != mine:
+        own = (public_raw(self._c), public_raw(self._s))
+        if self._u1.get(self.node_id) != own:
             raise ProtocolViolation("keys: this node's own keys are missing or substituted")
         all_keys = [k for pair in self._u1.values() for k in pair]
         if len(set(all_keys)) != len(all_keys):
             raise ProtocolViolation("keys: two advertised public keys are equal")
-        self.session.require(self._u1, "advertised keys (U1)")
+        if self.session.graph.sparse:
+            self.session.require_holders(self._u1, "this node's neighbours that advertised keys")
+        else:
+            self.session.require(self._u1, "advertised keys (U1)")
         holders = {v: self.session.index(v) for v in self._u1}
-        t = self.session.threshold
+        t = self.session.shares_needed
         s_shares = split_bytes(private_raw(self._s), t, holders.values())
         b_shares = split_bytes(self._seed, t, holders.values())
         sealed: dict[str, str] = {}
@@ -188,9 +195,10 @@ class MaskingClient:
         msg = self._from_server(ciphertexts, "ciphertexts")
         u2 = parse_survivors(self.session, msg.body.get("u2"), "ciphertexts: u2")
         sealed = msg.body.get("from")
-        if not isinstance(sealed, dict) or set(sealed) != set(u2) - {self.node_id}:
+        peers = set(u2) & self.session.neighbours(self.node_id)
+        if not isinstance(sealed, dict) or set(sealed) != peers:
             raise ProtocolViolation("ciphertexts: the shares do not match the list U2")
-        if self.node_id not in u2 or not set(u2) <= set(self._u1):
+        if self.node_id not in u2 or not peers <= set(self._u1):
             raise ProtocolViolation("ciphertexts: U2 is not a subset of U1 holding this node")
         self.session.require(u2, "nodes that shared keys (U2)")
         for v, raw in sealed.items():
@@ -213,9 +221,7 @@ class MaskingClient:
         acc = encoded.astype(encoded.dtype.newbyteorder("<"))  # a copy, masked in place
         bits = self.session.bits
         masks: list[MaskTerm] = [(self_mask_key(self._seed, self._context, self.node_id), +1)]
-        for v in u2:
-            if v == self.node_id:
-                continue
+        for v in sorted(peers):
             key = pair_mask_key(self._s, self._u1[v][1], self._context, self.node_id, v)
             masks.append((key, +1 if self.node_id < v else -1))
         add_masks(acc, masks, bits)
@@ -267,6 +273,14 @@ class MaskingClient:
                     f"unmask: asks for the {kind!r} share of {node!r}, but the signed survivor "
                     f"set allows only its {allowed!r} share; refused"
                 )
+            if kind == SELF and self.session.graph.sparse:
+                kept = len(self.session.neighbours(node) & set(u3))
+                if kept < self.session.shares_needed:
+                    raise ProtocolViolation(
+                        f"unmask: {node!r} kept {kept} neighbours in the survivor set, fewer "
+                        f"than {self.session.shares_needed}: its self-mask share could expose "
+                        "its input; refused"
+                    )
             s_share, b_share = self._held[node]
             out[kind][node] = format(b_share if kind == SELF else s_share, "x")
         return self._make("reveal", {SELF: out[SELF], PAIR: out[PAIR]})
