@@ -158,3 +158,21 @@ def test_a_sparse_sum_with_dropouts_at_every_round_is_exact() -> None:
     survivors = [v for v in members if drop.get(v) not in ("shares", "masked")]
     assert list(run.result.contributors) == survivors
     assert np.array_equal(run.result.encoded, exact(values, survivors))
+
+
+def test_a_node_with_too_few_neighbours_left_shares_nothing() -> None:
+    """Two of a node's four neighbours never advertise: its shares would go to 3 holders,
+    fewer than t_k = 4, so it abandons the sum instead of sharing below the threshold."""
+    members = nodes(12)
+    sess = Session(BINDING, members, 7, SPEC, degree=4)
+    me = members[0]
+    silent = set(sorted(sess.neighbours(me))[:2])
+    assert sess.shares_needed == 4
+    clients = {v: MaskingClient(sess, v) for v in members}
+    server = MaskingServer(sess)
+    for v, c in clients.items():
+        advert = c.advertise()
+        if v not in silent:
+            server.receive(advert.to_bytes())
+    with pytest.raises(MaskingError, match="the shares need 4"):
+        clients[me].share_keys(server.keys()[me].to_bytes())

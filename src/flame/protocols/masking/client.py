@@ -160,7 +160,9 @@ class MaskingClient:
         if len(set(all_keys)) != len(all_keys):
             raise ProtocolViolation("keys: two advertised public keys are equal")
         if self.session.graph.sparse:
-            self.session.require_holders(self._u1, "this node's neighbours that advertised keys")
+            self.session.require(
+                self._u1, "this node's neighbours that advertised keys", holders=True
+            )
         else:
             self.session.require(self._u1, "advertised keys (U1)")
         holders = {v: self.session.index(v) for v in self._u1}

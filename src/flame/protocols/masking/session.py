@@ -105,21 +105,15 @@ class Session:
         """Who holds shares of `node`'s secrets (its neighbours and itself)."""
         return self.graph.holders(node)
 
-    def require_holders(self, nodes: Iterable[str], what: str) -> None:
-        """At least t_k share holders in `nodes`, or the sum is abandoned (MaskingError)."""
+    def require(self, nodes: Iterable[str], what: str, *, holders: bool = False) -> None:
+        """At least t nodes in `nodes` (with `holders`: t_k, for a node's share holders on a
+        sparse graph), or the sum is abandoned (MaskingError)."""
         count = len(set(nodes))
-        if count < self.shares_needed:
+        needed = self.shares_needed if holders else self.threshold
+        if count < needed:
+            need = "the shares need" if holders else "the masking threshold needs"
             raise MaskingError(
-                f"{what}: {count} nodes, the shares need {self.shares_needed}; "
-                "the sum is abandoned (nothing was revealed)"
-            )
-
-    def require(self, nodes: Iterable[str], what: str) -> None:
-        """At least t nodes in `nodes`, or the sum is abandoned (MaskingError)."""
-        count = len(set(nodes))
-        if count < self.threshold:
-            raise MaskingError(
-                f"{what}: {count} nodes, the masking threshold needs {self.threshold}; "
+                f"{what}: {count} nodes, {need} {needed}; "
                 "the sum is abandoned (nothing was revealed)"
             )
 
