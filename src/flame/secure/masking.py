@@ -102,6 +102,7 @@ def signing_keys(
 class _Pending:
     client: MaskingClient
     values: Any
+    length: int
 
 
 class MaskingNode:
@@ -176,7 +177,7 @@ class MaskingNode:
                 }
             )
             with self._lock:
-                self._pending[(epoch, path)] = _Pending(client, encoded)
+                self._pending[(epoch, path)] = _Pending(client, encoded, encoded.ring.size)
             return Sealed(SCHEME, advert.to_bytes())
 
         with self._lock:  # an earlier epoch's unfinished sums are abandoned
@@ -203,7 +204,7 @@ class MaskingNode:
                     return {"error": f"no masked sum of {path!r} is open in epoch {envelope.epoch}"}
                 client = pending.client
                 if step == "keys":
-                    reply = client.share_keys(sealed.data)
+                    reply = client.share_keys(sealed.data, length=pending.length)
                 elif step == "ciphertexts":
                     reply = client.masked_input(sealed.data, pending.values)
                     pending.values = None  # masked and sent: the node keeps no copy

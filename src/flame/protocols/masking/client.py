@@ -14,8 +14,11 @@ from __future__ import annotations
 import hashlib
 import json
 import secrets
+import threading
 from collections.abc import Mapping
 
+import numpy as np
+import numpy.typing as npt
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
@@ -31,7 +34,7 @@ from flame.protocols.masking.agreement import (
 from flame.protocols.masking.encoding import RingInput
 from flame.protocols.masking.errors import MaskingError, ProtocolViolation
 from flame.protocols.masking.messages import Message, b64d, b64e, open_message
-from flame.protocols.masking.prg import MaskTerm, add_masks
+from flame.protocols.masking.prg import RING_DTYPES, MaskTerm, add_masks
 from flame.protocols.masking.session import Session, self_mask_key
 from flame.protocols.masking.shamir import PRIME, split_bytes
 
@@ -61,6 +64,29 @@ def parse_survivors(session: Session, value: object, what: str) -> tuple[str, ..
     if nodes != tuple(sorted(set(nodes))) or not set(nodes) <= set(session.participants):
         raise ProtocolViolation(f"{what}: not a sorted list of distinct participants")
     return nodes
+
+
+class _Premask:
+    """The sum of a node's masks, made in a thread while the node waits for the next round
+    (ChaCha20 and numpy release the GIL); `result` waits for it."""
+
+    def __init__(self, length: int, bits: int, masks: list[MaskTerm]) -> None:
+        self._acc = np.zeros(length, dtype=np.dtype(RING_DTYPES[bits]).newbyteorder("<"))
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(
+            target=self._run, args=(bits, masks), name="flame-premask", daemon=True
+        )
+        self._thread.start()
+
+    def _run(self, bits: int, masks: list[MaskTerm]) -> None:
+        try:
+            add_masks(self._acc, masks, bits)
+        except BaseException as exc:  # handed to the caller of result()
+            self._error = exc
+
+    def result(self) -> npt.NDArray[np.unsignedinteger] | None:
+        self._thread.join()
+        return None if self._error is not None else self._acc
 
 
 class MaskingClient:
@@ -93,6 +119,7 @@ class MaskingClient:
         self._u3: tuple[str, ...] = ()
         self._held: dict[str, tuple[int, int]] = {}  # v -> (share of v's s key, of v's seed)
         self._share_keys: dict[str, bytes] = {}  # v -> the key sealing shares with v
+        self._premask: _Premask | None = None
 
     def _advance(self, expected: str, following: str) -> None:
         if self._stage != expected:
@@ -125,10 +152,12 @@ class MaskingClient:
         body.update(c_pk=b64e(public_raw(self._c)), s_pk=b64e(public_raw(self._s)))
         return self._make("advertise", body)
 
-    def share_keys(self, keys: Message | bytes) -> Message:
+    def share_keys(self, keys: Message | bytes, *, length: int | None = None) -> Message:
         """Round 1: check the signed advertisements of U1 (on a sparse graph: of this node's
         neighbours in U1); seal shares of this node's pairwise private key and self-mask
-        seed to each of them (t of |U1|, or t_k of its neighbours and itself)."""
+        seed to each of them (t of |U1|, or t_k of its neighbours and itself). Given the
+        input's `length`, the node starts making its masks (self and with every neighbour
+        in U1) in the background, to be ready when the next round asks for its input."""
         self._advance("share", "masked")
         msg = self._from_server(keys, "keys")
         adverts = msg.body.get("adverts")
@@ -181,7 +210,22 @@ class MaskingClient:
                 seal_share(key, self._u1[v][0], self._context, self.node_id, v, plain.encode())
             )
         commit = hashlib.sha256(b"flame-masking-seed\0" + self._context + self._seed).digest()
-        return self._make("shares", {"to": sealed, "seed_commit": b64e(commit)})
+        reply = self._make("shares", {"to": sealed, "seed_commit": b64e(commit)})
+        if length is not None and length > 0:
+            peers = set(self._u1) & self.session.neighbours(self.node_id)
+            self._premask = _Premask(length, self.session.bits, self._masks(peers))
+        return reply
+
+    def _masks(self, peers: set[str], *, own: bool = True) -> list[MaskTerm]:
+        """This node's self mask (+, unless not `own`) and its pairwise masks with `peers`
+        (the sign set by the order of the two ids)."""
+        masks: list[MaskTerm] = []
+        if own:
+            masks.append((self_mask_key(self._seed, self._context, self.node_id), +1))
+        for v in sorted(peers):
+            key = pair_mask_key(self._s, self._u1[v][1], self._context, self.node_id, v)
+            masks.append((key, +1 if self.node_id < v else -1))
+        return masks
 
     def masked_input(self, ciphertexts: Message | bytes, values: object) -> Message:
         """Round 2: the input, encoded (refused past its bound before any mask is made),
@@ -220,13 +264,17 @@ class MaskingClient:
                 raise ProtocolViolation(f"ciphertexts: shares from {v!r} are malformed")
             self._held[v] = (parse_share(shares.get("s"), v), parse_share(shares.get("b"), v))
         self._u2 = u2
-        acc = encoded.astype(encoded.dtype.newbyteorder("<"))  # a copy, masked in place
         bits = self.session.bits
-        masks: list[MaskTerm] = [(self_mask_key(self._seed, self._context, self.node_id), +1)]
-        for v in sorted(peers):
-            key = pair_mask_key(self._s, self._u1[v][1], self._context, self.node_id, v)
-            masks.append((key, +1 if self.node_id < v else -1))
-        add_masks(acc, masks, bits)
+        premask, self._premask = self._premask, None
+        ready = premask.result() if premask is not None else None
+        if ready is not None and ready.size == encoded.size:
+            acc = ready  # made while waiting: remove the masks of neighbours not in U2
+            gone = (set(self._u1) & self.session.neighbours(self.node_id)) - peers
+            add_masks(acc, [(key, -sign) for key, sign in self._masks(gone, own=False)], bits)
+            np.add(acc, encoded, out=acc)
+        else:
+            acc = encoded.astype(encoded.dtype.newbyteorder("<"))  # a copy, masked in place
+            add_masks(acc, self._masks(peers), bits)
         vector = acc.data.cast("B")  # the wire bytes, without another copy
         return self._make("masked", {"length": int(acc.size), "bits": bits}, vector)
 
