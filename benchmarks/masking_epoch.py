@@ -26,6 +26,7 @@ import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from flame.protocols.masking import Binding, Session, run_local
+from flame.protocols.masking.graph import SPARSE_FROM, degree_for
 from flame.protocols.paillier import SecureSumSpec
 
 SPEC = SecureSumSpec(precision=16, bound=1024.0, max_nodes=100)
@@ -236,8 +237,11 @@ def main() -> None:
         survivors = [v for v in values if v not in drop]
         exact = sum(np.rint(values[v] * SPEC.scale).astype(np.int64) for v in survivors)
         ok = np.array_equal(run.result.encoded, exact)
+        graph = degree_for(nodes) if nodes >= SPARSE_FROM else None
+        shape = f"sparse graph, k = {graph[0]}, t_k = {graph[1]}" if graph else "complete graph"
         print(
-            f"100 nodes x 100,000 values, 10 dropping after sharing keys: {seconds:.1f} s, "
+            f"100 nodes x 100,000 values ({shape}), 10 dropping after sharing keys: "
+            f"{seconds:.1f} s, "
             f"survivors' exact sum: {'yes' if ok else 'NO'} ({len(run.result.contributors)} "
             f"contributors), {(run.bytes_up + run.bytes_down) / (nodes * size):.2f} B/value"
         )

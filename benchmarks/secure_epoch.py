@@ -165,7 +165,7 @@ def main() -> None:
     for label, seconds, err, counted, offline in rows:
         note = f" ({offline})" if offline else ""
         print(
-            f"| {label}{note} | {seconds:.1f} | {seconds / plain_s:.0f}x | {err:.1e} | "
+            f"| {label}{note} | {seconds:.2f} | {seconds / plain_s:.1f}x | {err:.1e} | "
             f"{'met' if seconds <= 60 else 'NOT met'} | {counted.per_value(nodes * size)} |"
         )
     print(f"| flame plaintext epoch (baseline) | {plain_s:.2f} | 1x | 0 | | |")

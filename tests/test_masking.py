@@ -107,6 +107,27 @@ def test_long_masks_are_the_library_keystream_across_chunks() -> None:
     assert keystream(key, 8 * n) == direct
 
 
+@pytest.mark.parametrize("bits", [32, 64])
+@pytest.mark.parametrize("workers", [1, 3])
+def test_add_masks_is_the_sum_of_the_masks_block_by_block(bits: int, workers: int) -> None:
+    """add_masks makes each stream a block at a time (streams going on across blocks) and
+    may split the masks over threads: the same words as adding whole masks one by one."""
+    from flame.protocols.masking.prg import RING_DTYPES, add_masks
+
+    dtype = RING_DTYPES[bits]
+    n = (1 << 18) // (bits // 8) * 2 + 7  # over two blocks, not a multiple of a block
+    rng = np.random.default_rng(5)
+    start = rng.integers(0, 1 << 32, n, dtype=np.uint64).astype(dtype)
+    masks = [(bytes([i]) * 32, 1 if i % 3 else -1) for i in range(1, 6)]
+    expected = start.copy()
+    for key, sign in masks:
+        mask = expand_mask(key, n, bits)
+        expected = expected + mask if sign > 0 else expected - mask
+    acc = start.copy()
+    add_masks(acc, masks, bits, workers=workers)
+    assert acc.dtype == dtype and np.array_equal(acc, expected)
+
+
 # --- Shamir -------------------------------------------------------------------------------
 
 

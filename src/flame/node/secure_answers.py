@@ -15,13 +15,15 @@ import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from flame.secure.decrypt import DECRYPTED
 from flame.secure.endorse import ENDORSE, ENDORSED
-from flame.secure.fields import DECRYPTED, Precomputer, seal
+from flame.secure.keys import Precomputer
 from flame.secure.masking import MASK, MASKED, MaskingNode
+from flame.secure.sealing import seal
 from flame.secure.single_key import SingleKeyDecrypter
 
 if TYPE_CHECKING:
-    from flame.secure.fields import SecureKeys
+    from flame.secure.keys import SecureKeys
     from flame.transport.base import Transport
     from flame.wire.envelope import Envelope
 

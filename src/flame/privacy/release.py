@@ -27,7 +27,7 @@ from flame.isolation.inprocess import Outcome
 from flame.privacy.disclosure import Counts, apply_cell_rule
 from flame.privacy.ledger import BudgetLedger, Spend
 from flame.privacy.policy import NodePolicy
-from flame.secure.fields import Secure
+from flame.secure.marked import Secure
 from flame.utils.hints import did_you_mean, name_list
 
 __all__ = ["ColumnReader", "Gate", "Release", "column_reader"]

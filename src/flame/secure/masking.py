@@ -63,7 +63,7 @@ class MaskingSettings:
 
     @classmethod
     def from_settings(cls, settings: SecureAggregationSettings) -> MaskingSettings:
-        from flame.secure.fields import SecureKeys
+        from flame.secure.keys import SecureKeys
 
         return cls(
             SecureKeys.spec_of(settings),
@@ -102,6 +102,7 @@ def signing_keys(
 class _Pending:
     client: MaskingClient
     values: Any
+    length: int
 
 
 class MaskingNode:
@@ -136,9 +137,9 @@ class MaskingNode:
     def seal(self, result: Any, epoch: int) -> Any:
         """Every `flame.secure(...)` in `result` -> its signed key advertisement; the values
         are checked against their bound now (before anything is masked) and kept here."""
-        from flame.protocols.masking import Binding, MaskingClient, Session, encode_to_ring
+        from flame.protocols.masking import Binding, MaskingClient, RingInput, Session
         from flame.protocols.paillier import SecureAggregationError, ValueOutOfBoundsError
-        from flame.secure.fields import Secure, _replace
+        from flame.secure.marked import Secure, _replace
 
         def change(path: str, value: Any) -> Any:
             if not isinstance(value, Secure):
@@ -146,7 +147,7 @@ class MaskingNode:
             field = path or "value"
             try:
                 spec = self.settings.spec_for(value.bound, value.precision)
-                encoded = encode_to_ring(value.values, spec, field=field)
+                encoded = RingInput.encode(value.values, spec, field=field)
                 session = Session(
                     Binding(self.analysis_id, epoch, path),
                     self.participants,
@@ -172,11 +173,11 @@ class MaskingNode:
                     "shape": shape,
                     "precision": spec.precision,
                     "bound": spec.bound,
-                    "n": encoded.size,
+                    "n": encoded.ring.size,
                 }
             )
             with self._lock:
-                self._pending[(epoch, path)] = _Pending(client, value.values)
+                self._pending[(epoch, path)] = _Pending(client, encoded, encoded.ring.size)
             return Sealed(SCHEME, advert.to_bytes())
 
         with self._lock:  # an earlier epoch's unfinished sums are abandoned
@@ -203,7 +204,7 @@ class MaskingNode:
                     return {"error": f"no masked sum of {path!r} is open in epoch {envelope.epoch}"}
                 client = pending.client
                 if step == "keys":
-                    reply = client.share_keys(sealed.data)
+                    reply = client.share_keys(sealed.data, length=pending.length)
                 elif step == "ciphertexts":
                     reply = client.masked_input(sealed.data, pending.values)
                     pending.values = None  # masked and sent: the node keeps no copy

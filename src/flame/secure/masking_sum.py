@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from flame.identity.signing import Authenticator
     from flame.node.context import Context
     from flame.protocols.masking import MaskingServer
-    from flame.secure.fields import Results
+    from flame.secure.marked import Results
 
 __all__ = ["MaskingSummer"]
 
@@ -51,13 +51,9 @@ class MaskingSummer:
     refusals: dict[str, str] = field(default_factory=dict)
 
     def __call__(self, results: dict[str, Any], epoch: int) -> Results:
-        from flame.secure.fields import Results, Summed, _plain, _replace, _walk
+        from flame.secure.marked import Results, _plain, sealed_fields, strip_sealed
 
-        sealed: dict[str, dict[str, Sealed]] = {}
-        for node, result in results.items():
-            for path, value in _walk(result):
-                if isinstance(value, Sealed):
-                    sealed.setdefault(path, {})[node] = value
+        sealed = sealed_fields(results)
         if not sealed:
             return Results(results)
         self.refusals = {}
@@ -75,11 +71,7 @@ class MaskingSummer:
                 raise RunFailed(self._failure(epoch, path, exc), epoch=epoch) from exc
             plain[path] = _plain(total.values().reshape(item.shape), item.precision)
             contributors[path] = list(total.contributors)
-        stripped = {
-            node: _replace(result, lambda p, v: Summed(p) if isinstance(v, Sealed) else v)
-            for node, result in results.items()
-        }
-        return Results(stripped, plain, contributors)
+        return Results(strip_sealed(results), plain, contributors)
 
     def _open(self, epoch: int, path: str, by_node: dict[str, Sealed]) -> _Field:
         """A session for one field, fed with every node's advertisement (round 0)."""

@@ -18,7 +18,7 @@ from typing import Any
 
 from flame.config import FlameConfig
 from flame.errors import ConfigError
-from flame.secure.fields import SecureKeys
+from flame.secure.keys import SecureKeys
 
 __all__ = ["SecureMode", "parse_secure", "simulation_keys"]
 

@@ -50,7 +50,7 @@ if TYPE_CHECKING:
     from phe.paillier import PaillierPublicKey
 
     from flame.protocols.paillier import EncryptedVector
-    from flame.secure.fields import SecureKeys
+    from flame.secure.keys import SecureKeys
 
 __all__ = ["SIGNED", "SingleKeyDecrypter", "add_signed", "sign_contribution"]
 
@@ -145,7 +145,7 @@ class SingleKeyDecrypter:
     def sent(self, epoch: int, body: Any, specs: Mapping[str, Any]) -> None:
         """This node sent `body` (its sealed result) for `epoch`: only that epoch is
         decrypted, and only sums that hold these very contributions."""
-        from flame.secure.fields import _walk
+        from flame.secure.marked import _walk
 
         self._epoch, self._specs = epoch, dict(specs)
         self._sent = {
@@ -172,7 +172,7 @@ class SingleKeyDecrypter:
             return {"error": str(exc)}
 
     def _signed(self, epoch: int, body: dict[str, Any]) -> dict[str, Any]:
-        from flame.secure.fields import answer_vectors
+        from flame.secure.decrypt import answer_vectors
 
         fields = body.get("contributions")
         if not isinstance(fields, dict) or not fields:
@@ -286,7 +286,7 @@ class SingleKeyDecrypter:
         """An unsigned run (nothing is authenticated there): the aggregator's sums, with the
         contributor-set guard over the names it gives."""
         from flame.protocols.paillier import EncryptedVector
-        from flame.secure.fields import answer_decrypt
+        from flame.secure.decrypt import answer_decrypt
 
         sums, who = body.get("sums"), body.get("contributors")
         if not isinstance(sums, dict) or not isinstance(who, dict):

@@ -15,24 +15,15 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from flame.errors import FlameError, RunFailed
-from flame.secure.fields import (
-    DECRYPT,
-    DECRYPTED,
-    SCHEME,
-    Results,
-    SecureKeys,
-    Summed,
-    _as_floats,
-    _plain,
-    _replace,
-    _spec_hint,
-    _walk,
-)
+from flame.secure.decrypt import DECRYPT, DECRYPTED
+from flame.secure.marked import Results, _as_floats, _plain, sealed_fields, strip_sealed
+from flame.secure.sealing import SCHEME, _spec_hint
 from flame.wire.envelope import Envelope, Sealed
 
 if TYPE_CHECKING:
     from flame.node.context import Context
     from flame.protocols.paillier import EncryptedVector
+    from flame.secure.keys import SecureKeys
     from flame.secure.threshold import ThresholdCollector
 
 __all__ = ["SecureSummer"]
@@ -52,11 +43,7 @@ class SecureSummer:
     _fixed: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     def __call__(self, results: dict[str, Any], epoch: int) -> Results:
-        sealed: dict[str, dict[str, Sealed]] = {}
-        for node, result in results.items():
-            for path, value in _walk(result):
-                if isinstance(value, Sealed):
-                    sealed.setdefault(path, {})[node] = value
+        sealed = sealed_fields(results)
         if not sealed:
             return Results(results)
         if self.keys is None:
@@ -97,11 +84,7 @@ class SecureSummer:
             precision[path] = total.layout.precision
         decrypted = self._decrypt(epoch, sums, contributors, sealed if signed else None)
         plain = {p: _plain(v, precision[p]) for p, v in decrypted.items()}
-        stripped = {
-            node: _replace(result, lambda p, v: Summed(p) if isinstance(v, Sealed) else v)
-            for node, result in results.items()
-        }
-        return Results(stripped, plain, contributors)
+        return Results(strip_sealed(results), plain, contributors)
 
     def _threshold(
         self, results: dict[str, Any], sealed: dict[str, dict[str, Sealed]], epoch: int
@@ -146,11 +129,7 @@ class SecureSummer:
             floats = _as_floats(sums) / float(2**total.layout.precision)
             plain[path] = _plain(floats.reshape(total.shape), total.layout.precision)
         contributors = {path: sorted(by_node) for path, by_node in sealed.items()}
-        stripped = {
-            node: _replace(result, lambda p, v: Summed(p) if isinstance(v, Sealed) else v)
-            for node, result in results.items()
-        }
-        return Results(stripped, plain, contributors)
+        return Results(strip_sealed(results), plain, contributors)
 
     def _signed_fields(
         self, sealed: dict[str, dict[str, Sealed]], epoch: int

@@ -8,7 +8,7 @@ party in one process). Errors are SecureAggregationError subclasses.
 """
 
 from flame.protocols.masking.client import MaskingClient
-from flame.protocols.masking.encoding import decode_sum, encode_to_ring, ring_bits
+from flame.protocols.masking.encoding import RingInput, decode_sum, encode_to_ring, ring_bits
 from flame.protocols.masking.errors import MaskingError, ProtocolViolation
 from flame.protocols.masking.local import LocalRun, run_local
 from flame.protocols.masking.messages import Binding, Message
@@ -24,6 +24,7 @@ __all__ = [
     "MaskingServer",
     "Message",
     "ProtocolViolation",
+    "RingInput",
     "Session",
     "decode_sum",
     "encode_to_ring",

@@ -19,7 +19,15 @@ from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from flame.protocols.masking.errors import ProtocolViolation
 from flame.protocols.masking.prg import derive_key
 
-__all__ = ["KEY_BYTES", "open_share", "pair_mask_key", "private_raw", "public_raw", "seal_share"]
+__all__ = [
+    "KEY_BYTES",
+    "open_share",
+    "pair_mask_key",
+    "private_raw",
+    "public_raw",
+    "seal_share",
+    "share_key",
+]
 
 KEY_BYTES = 32
 
@@ -58,18 +66,25 @@ def pair_mask_key(
     return derive_key(secret, b"flame-masking-pair-v1", context + b"\0" + _pair(me, peer))
 
 
+def share_key(
+    private: X25519PrivateKey, peer_public: bytes, context: bytes, me: str, peer: str
+) -> bytes:
+    """The ChaCha20-Poly1305 key sealing shares between `me` and `peer`, either way (the same
+    on both; a node that seals to a peer and later opens the peer's shares makes it once)."""
+    secret = _exchange(private, peer_public, f"share key of {me!r} and {peer!r}")
+    return derive_key(secret, b"flame-masking-share-v1", context + b"\0" + _pair(me, peer))
+
+
 def _share_cipher(
-    private: X25519PrivateKey, peer_public: bytes, context: bytes, sender: str, recipient: str
+    key: bytes, context: bytes, sender: str, recipient: str
 ) -> tuple[ChaCha20Poly1305, bytes, bytes]:
-    secret = _exchange(private, peer_public, f"share key of {sender!r} -> {recipient!r}")
-    key = derive_key(secret, b"flame-masking-share-v1", context + b"\0" + _pair(sender, recipient))
     direction = f"{sender}\0{recipient}".encode()
     nonce = hashlib.sha256(b"flame-masking-share-nonce\0" + direction).digest()[:12]
     return ChaCha20Poly1305(key), nonce, context + b"\0" + direction
 
 
 def seal_share(
-    private: X25519PrivateKey,
+    private: X25519PrivateKey | bytes,
     peer_public: bytes,
     context: bytes,
     sender: str,
@@ -77,20 +92,31 @@ def seal_share(
     plaintext: bytes,
 ) -> bytes:
     """`plaintext` sealed from `sender` to `recipient` (one message per direction and session:
-    the key is fresh per session, the nonce fixed by the direction)."""
-    aead, nonce, aad = _share_cipher(private, peer_public, context, sender, recipient)
+    the key is fresh per session, the nonce fixed by the direction). `private` may be the
+    pair's `share_key` instead of the sender's private key."""
+    key = (
+        private
+        if isinstance(private, bytes)
+        else share_key(private, peer_public, context, sender, recipient)
+    )
+    aead, nonce, aad = _share_cipher(key, context, sender, recipient)
     return aead.encrypt(nonce, plaintext, aad)
 
 
 def open_share(
-    private: X25519PrivateKey,
+    private: X25519PrivateKey | bytes,
     peer_public: bytes,
     context: bytes,
     sender: str,
     recipient: str,
     sealed: bytes,
 ) -> bytes:
-    aead, nonce, aad = _share_cipher(private, peer_public, context, sender, recipient)
+    key = (
+        private
+        if isinstance(private, bytes)
+        else share_key(private, peer_public, context, recipient, sender)
+    )
+    aead, nonce, aad = _share_cipher(key, context, sender, recipient)
     try:
         return aead.decrypt(nonce, sealed, aad)
     except InvalidTag:

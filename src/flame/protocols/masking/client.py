@@ -14,8 +14,11 @@ from __future__ import annotations
 import hashlib
 import json
 import secrets
+import threading
 from collections.abc import Mapping
 
+import numpy as np
+import numpy.typing as npt
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
@@ -26,11 +29,13 @@ from flame.protocols.masking.agreement import (
     private_raw,
     public_raw,
     seal_share,
+    share_key,
 )
-from flame.protocols.masking.encoding import encode_to_ring
+from flame.protocols.masking.encoding import RingInput
 from flame.protocols.masking.errors import MaskingError, ProtocolViolation
 from flame.protocols.masking.messages import Message, b64d, b64e, open_message
-from flame.protocols.masking.session import Session, add_mask, self_mask_key
+from flame.protocols.masking.prg import RING_DTYPES, MaskTerm, add_masks
+from flame.protocols.masking.session import Session, self_mask_key
 from flame.protocols.masking.shamir import PRIME, split_bytes
 
 __all__ = ["MaskingClient", "parse_share", "parse_survivors"]
@@ -59,6 +64,29 @@ def parse_survivors(session: Session, value: object, what: str) -> tuple[str, ..
     if nodes != tuple(sorted(set(nodes))) or not set(nodes) <= set(session.participants):
         raise ProtocolViolation(f"{what}: not a sorted list of distinct participants")
     return nodes
+
+
+class _Premask:
+    """The sum of a node's masks, made in a thread while the node waits for the next round
+    (ChaCha20 and numpy release the GIL); `result` waits for it."""
+
+    def __init__(self, length: int, bits: int, masks: list[MaskTerm]) -> None:
+        self._acc = np.zeros(length, dtype=np.dtype(RING_DTYPES[bits]).newbyteorder("<"))
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(
+            target=self._run, args=(bits, masks), name="flame-premask", daemon=True
+        )
+        self._thread.start()
+
+    def _run(self, bits: int, masks: list[MaskTerm]) -> None:
+        try:
+            add_masks(self._acc, masks, bits)
+        except BaseException as exc:  # handed to the caller of result()
+            self._error = exc
+
+    def result(self) -> npt.NDArray[np.unsignedinteger] | None:
+        self._thread.join()
+        return None if self._error is not None else self._acc
 
 
 class MaskingClient:
@@ -90,6 +118,8 @@ class MaskingClient:
         self._u2: tuple[str, ...] = ()
         self._u3: tuple[str, ...] = ()
         self._held: dict[str, tuple[int, int]] = {}  # v -> (share of v's s key, of v's seed)
+        self._share_keys: dict[str, bytes] = {}  # v -> the key sealing shares with v
+        self._premask: _Premask | None = None
 
     def _advance(self, expected: str, following: str) -> None:
         if self._stage != expected:
@@ -99,7 +129,9 @@ class MaskingClient:
             )
         self._stage = following
 
-    def _make(self, round: str, body: dict[str, object], vector: bytes = b"") -> Message:
+    def _make(
+        self, round: str, body: dict[str, object], vector: bytes | memoryview = b""
+    ) -> Message:
         msg = Message(self.session.binding, round, self.node_id, body, vector)
         return msg.signed(self._identity)
 
@@ -120,18 +152,24 @@ class MaskingClient:
         body.update(c_pk=b64e(public_raw(self._c)), s_pk=b64e(public_raw(self._s)))
         return self._make("advertise", body)
 
-    def share_keys(self, keys: Message | bytes) -> Message:
-        """Round 1: check U1's signed advertisements; seal shares of this node's pairwise
-        private key and self-mask seed to each of them (t of |U1|)."""
+    def share_keys(self, keys: Message | bytes, *, length: int | None = None) -> Message:
+        """Round 1: check the signed advertisements of U1 (on a sparse graph: of this node's
+        neighbours in U1); seal shares of this node's pairwise private key and self-mask
+        seed to each of them (t of |U1|, or t_k of its neighbours and itself). Given the
+        input's `length`, the node starts making its masks (self and with every neighbour
+        in U1) in the background, to be ready when the next round asks for its input."""
         self._advance("share", "masked")
         msg = self._from_server(keys, "keys")
         adverts = msg.body.get("adverts")
         if not isinstance(adverts, dict):
             raise ProtocolViolation("keys: no advertisements")
         participants = set(self.session.participants)
+        mine = self.session.holders(self.node_id)
         for node, raw in adverts.items():
             if node not in participants:
                 raise ProtocolViolation(f"keys: advertisement of non-participant {node!r}")
+            if node not in mine:
+                raise ProtocolViolation(f"keys: advertisement of {node!r}, not a neighbour")
             ad = open_message(
                 b64d(raw, f"advertisement of {node!r}"),
                 binding=self.session.binding,
@@ -144,15 +182,20 @@ class MaskingClient:
             if len(c_pk) != KEY_BYTES or len(s_pk) != KEY_BYTES:
                 raise ProtocolViolation(f"keys: malformed public keys of {node!r}")
             self._u1[node] = (c_pk, s_pk)
-        mine = (public_raw(self._c), public_raw(self._s))
-        if self._u1.get(self.node_id) != mine:
+        own = (public_raw(self._c), public_raw(self._s))
+        if self._u1.get(self.node_id) != own:
             raise ProtocolViolation("keys: this node's own keys are missing or substituted")
         all_keys = [k for pair in self._u1.values() for k in pair]
         if len(set(all_keys)) != len(all_keys):
             raise ProtocolViolation("keys: two advertised public keys are equal")
-        self.session.require(self._u1, "advertised keys (U1)")
+        if self.session.graph.sparse:
+            self.session.require(
+                self._u1, "this node's neighbours that advertised keys", holders=True
+            )
+        else:
+            self.session.require(self._u1, "advertised keys (U1)")
         holders = {v: self.session.index(v) for v in self._u1}
-        t = self.session.threshold
+        t = self.session.shares_needed
         s_shares = split_bytes(private_raw(self._s), t, holders.values())
         b_shares = split_bytes(self._seed, t, holders.values())
         sealed: dict[str, str] = {}
@@ -161,28 +204,57 @@ class MaskingClient:
                 self._held[v] = (s_shares[x], b_shares[x])
                 continue
             plain = json.dumps({"s": format(s_shares[x], "x"), "b": format(b_shares[x], "x")})
+            key = share_key(self._c, self._u1[v][0], self._context, self.node_id, v)
+            self._share_keys[v] = key  # opens v's shares to this node in the next round
             sealed[v] = b64e(
-                seal_share(self._c, self._u1[v][0], self._context, self.node_id, v, plain.encode())
+                seal_share(key, self._u1[v][0], self._context, self.node_id, v, plain.encode())
             )
         commit = hashlib.sha256(b"flame-masking-seed\0" + self._context + self._seed).digest()
-        return self._make("shares", {"to": sealed, "seed_commit": b64e(commit)})
+        reply = self._make("shares", {"to": sealed, "seed_commit": b64e(commit)})
+        if length is not None and length > 0:
+            peers = set(self._u1) & self.session.neighbours(self.node_id)
+            self._premask = _Premask(length, self.session.bits, self._masks(peers))
+        return reply
+
+    def _masks(self, peers: set[str], *, own: bool = True) -> list[MaskTerm]:
+        """This node's self mask (+, unless not `own`) and its pairwise masks with `peers`
+        (the sign set by the order of the two ids)."""
+        masks: list[MaskTerm] = []
+        if own:
+            masks.append((self_mask_key(self._seed, self._context, self.node_id), +1))
+        for v in sorted(peers):
+            key = pair_mask_key(self._s, self._u1[v][1], self._context, self.node_id, v)
+            masks.append((key, +1 if self.node_id < v else -1))
+        return masks
 
     def masked_input(self, ciphertexts: Message | bytes, values: object) -> Message:
         """Round 2: the input, encoded (refused past its bound before any mask is made),
-        plus this node's self mask and its pairwise masks with every node of U2."""
+        plus this node's self mask and its pairwise masks with every node of U2. `values`
+        may be a `RingInput` encoded (and so checked) earlier for this session's spec."""
         self._advance("masked", "consistency")
-        encoded = encode_to_ring(values, self.session.spec, field=self.session.binding.field)
+        spec, field = self.session.spec, self.session.binding.field
+        if not isinstance(values, RingInput):
+            values = RingInput.encode(values, spec, field=field)
+        elif values.spec != spec or values.ring.dtype != self.session.dtype:
+            raise MaskingError(f"{field}: the input was encoded for another spec")
+        encoded = values.ring
         msg = self._from_server(ciphertexts, "ciphertexts")
         u2 = parse_survivors(self.session, msg.body.get("u2"), "ciphertexts: u2")
         sealed = msg.body.get("from")
-        if not isinstance(sealed, dict) or set(sealed) != set(u2) - {self.node_id}:
+        peers = set(u2) & self.session.neighbours(self.node_id)
+        if not isinstance(sealed, dict) or set(sealed) != peers:
             raise ProtocolViolation("ciphertexts: the shares do not match the list U2")
-        if self.node_id not in u2 or not set(u2) <= set(self._u1):
+        if self.node_id not in u2 or not peers <= set(self._u1):
             raise ProtocolViolation("ciphertexts: U2 is not a subset of U1 holding this node")
         self.session.require(u2, "nodes that shared keys (U2)")
         for v, raw in sealed.items():
             plain = open_share(
-                self._c, self._u1[v][0], self._context, v, self.node_id, b64d(raw, v)
+                self._share_keys.get(v, self._c),
+                self._u1[v][0],
+                self._context,
+                v,
+                self.node_id,
+                b64d(raw, v),
             )
             try:
                 shares = json.loads(plain)
@@ -192,15 +264,18 @@ class MaskingClient:
                 raise ProtocolViolation(f"ciphertexts: shares from {v!r} are malformed")
             self._held[v] = (parse_share(shares.get("s"), v), parse_share(shares.get("b"), v))
         self._u2 = u2
-        acc = encoded.copy()
         bits = self.session.bits
-        add_mask(acc, self_mask_key(self._seed, self._context, self.node_id), bits, +1)
-        for v in u2:
-            if v == self.node_id:
-                continue
-            key = pair_mask_key(self._s, self._u1[v][1], self._context, self.node_id, v)
-            add_mask(acc, key, bits, +1 if self.node_id < v else -1)
-        vector = acc.astype(acc.dtype.newbyteorder("<"), copy=False).tobytes()
+        premask, self._premask = self._premask, None
+        ready = premask.result() if premask is not None else None
+        if ready is not None and ready.size == encoded.size:
+            acc = ready  # made while waiting: remove the masks of neighbours not in U2
+            gone = (set(self._u1) & self.session.neighbours(self.node_id)) - peers
+            add_masks(acc, [(key, -sign) for key, sign in self._masks(gone, own=False)], bits)
+            np.add(acc, encoded, out=acc)
+        else:
+            acc = encoded.astype(encoded.dtype.newbyteorder("<"))  # a copy, masked in place
+            add_masks(acc, self._masks(peers), bits)
+        vector = acc.data.cast("B")  # the wire bytes, without another copy
         return self._make("masked", {"length": int(acc.size), "bits": bits}, vector)
 
     def consistency(self, survivors: Message | bytes) -> Message:
@@ -248,6 +323,14 @@ class MaskingClient:
                     f"unmask: asks for the {kind!r} share of {node!r}, but the signed survivor "
                     f"set allows only its {allowed!r} share; refused"
                 )
+            if kind == SELF and self.session.graph.sparse:
+                kept = len(self.session.neighbours(node) & set(u3))
+                if kept < self.session.shares_needed:
+                    raise ProtocolViolation(
+                        f"unmask: {node!r} kept {kept} neighbours in the survivor set, fewer "
+                        f"than {self.session.shares_needed}: its self-mask share could expose "
+                        "its input; refused"
+                    )
             s_share, b_share = self._held[node]
             out[kind][node] = format(b_share if kind == SELF else s_share, "x")
         return self._make("reveal", {SELF: out[SELF], PAIR: out[PAIR]})

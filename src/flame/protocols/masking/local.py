@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from flame.protocols.masking.client import MaskingClient
@@ -85,7 +86,7 @@ def run_local(
             up(client.advertise())
     for v, data in down(server.keys()).items():
         if alive(v, "shares"):
-            up(clients[v].share_keys(data))
+            up(clients[v].share_keys(data, length=int(np.size(values[v]))))  # type: ignore[arg-type]
     for v, data in down(server.ciphertexts()).items():
         if alive(v, "masked"):
             up(clients[v].masked_input(data, values[v]))

@@ -15,6 +15,8 @@ import binascii
 import hashlib
 import json
 import struct
+import threading
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
@@ -53,6 +55,32 @@ ROUNDS = (
 )
 
 
+class _Verified:
+    """Signatures that verified, remembered by SHA-256(public key | digest | signature) in a
+    bounded, process-wide set. When the nodes of a simulation share one process, the
+    advertisements and consistency signatures that every node checks are then verified once
+    (the server already did); a node in a process of its own never sees one triple twice,
+    and only a successful verification is ever remembered."""
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._seen: OrderedDict[bytes, None] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def has(self, entry: bytes) -> bool:
+        with self._lock:
+            return entry in self._seen
+
+    def add(self, entry: bytes) -> None:
+        with self._lock:
+            self._seen[entry] = None
+            if len(self._seen) > self._limit:
+                self._seen.popitem(last=False)
+
+
+_VERIFIED = _Verified(1 << 14)
+
+
 @dataclass(frozen=True)
 class Binding:
     """The session one message belongs to: one secure sum of one field in one epoch."""
@@ -87,13 +115,14 @@ def b64d(text: object, what: str) -> bytes:
 
 @dataclass(frozen=True)
 class Message:
-    """One protocol message. `body` holds JSON values only; `vector` raw masked words."""
+    """One protocol message. `body` holds JSON values only; `vector` raw masked words (any
+    bytes-like: a node's masked input or a read message's slice, neither copied)."""
 
     binding: Binding
     round: str
     sender: str
     body: Mapping[str, Any]
-    vector: bytes = b""
+    vector: bytes | memoryview = b""
     signature: bytes = b""
 
     def header(self) -> bytes:
@@ -119,12 +148,17 @@ class Message:
         return replace(self, signature=key.sign(self._digest()))
 
     def verify(self, key: Ed25519PublicKey) -> None:
+        digest = self._digest()
+        seen = hashlib.sha256(key.public_bytes_raw() + digest + self.signature).digest()
+        if _VERIFIED.has(seen):
+            return
         try:
-            key.verify(self.signature, self._digest())
+            key.verify(self.signature, digest)
         except InvalidSignature:
             raise ProtocolViolation(
                 f"{self.round!r} message claiming to be from {self.sender!r}: bad signature"
             ) from None
+        _VERIFIED.add(seen)
 
     def to_bytes(self) -> bytes:
         header = self.header()
@@ -140,11 +174,16 @@ class Message:
         )
 
     @classmethod
-    def from_bytes(cls, data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES) -> Message:
+    def from_bytes(
+        cls, data: bytes | bytearray | memoryview, *, max_bytes: int = DEFAULT_MAX_BYTES
+    ) -> Message:
         """Parse (not verify) a message; ProtocolViolation saying what is malformed."""
+        size = memoryview(data).nbytes
+        if size > max_bytes:
+            raise ProtocolViolation(f"masking message of {size} bytes is over the limit")
+        if not isinstance(data, bytes):  # the vector stays a view of `data`: never mutable
+            data = bytes(data)
         view = memoryview(data)
-        if view.nbytes > max_bytes:
-            raise ProtocolViolation(f"masking message of {view.nbytes} bytes is over the limit")
         if view.nbytes < _HEAD.size:
             raise ProtocolViolation("masking message is too short")
         magic, version, header_len = _HEAD.unpack_from(view)
@@ -161,7 +200,7 @@ class Message:
         pos += _VECTOR_LEN.size
         if view.nbytes < pos + vector_len + 1:
             raise ProtocolViolation("masking message is truncated (vector)")
-        vector = bytes(view[pos : pos + vector_len])
+        vector = view[pos : pos + vector_len]  # a view: `data` is not copied again
         pos += vector_len
         sig_len = view[pos]
         signature = bytes(view[pos + 1 :])

@@ -23,7 +23,8 @@ from flame.protocols.masking.client import PAIR, SELF, parse_share
 from flame.protocols.masking.encoding import decode_sum
 from flame.protocols.masking.errors import MaskingError, ProtocolViolation
 from flame.protocols.masking.messages import Message, b64d, b64e, open_message
-from flame.protocols.masking.session import Session, add_mask, self_mask_key
+from flame.protocols.masking.prg import MaskTerm, add_masks
+from flame.protocols.masking.session import Session, self_mask_key
 from flame.protocols.masking.shamir import combine_bytes
 from flame.protocols.paillier.errors import ContributorCountError
 
@@ -128,8 +129,11 @@ class MaskingServer:
             self._pks[msg.sender] = (c_pk, s_pk)
         elif msg.round == "shares":
             sealed = body.get("to")
-            if not isinstance(sealed, dict) or set(sealed) != set(self._adverts) - {msg.sender}:
-                raise ProtocolViolation(f"shares from {msg.sender!r}: not one for each node of U1")
+            expected = set(self._adverts) & self.session.neighbours(msg.sender)
+            if not isinstance(sealed, dict) or set(sealed) != expected:
+                raise ProtocolViolation(
+                    f"shares from {msg.sender!r}: not one for each neighbour in U1"
+                )
             if not all(isinstance(v, str) for v in sealed.values()):
                 raise ProtocolViolation(f"shares from {msg.sender!r}: malformed")
             commit = b64d(body.get("seed_commit"), "seed_commit")
@@ -144,9 +148,10 @@ class MaskingServer:
                 raise ProtocolViolation(f"consistency from {msg.sender!r}: another survivor set")
             self._consistency[msg.sender] = msg
         elif msg.round == "reveal":
+            held = self.session.holders(msg.sender)
             for kind, nodes in ((SELF, self._u3), (PAIR, set(self._u2) - set(self._u3))):
                 part = body.get(kind)
-                if not isinstance(part, dict) or set(part) != set(nodes):
+                if not isinstance(part, dict) or set(part) != set(nodes) & held:
                     raise ProtocolViolation(
                         f"reveal from {msg.sender!r}: not the {kind} shares asked"
                     )
@@ -190,7 +195,12 @@ class MaskingServer:
         """Close round 0: every node of U1 gets the signed advertisements of U1."""
         u1 = self._close("advertise", "nodes that advertised keys (U1)")
         adverts = {v: b64e(self._adverts[v].to_bytes()) for v in sorted(u1)}
-        return {v: self._send("keys", {"adverts": adverts}) for v in sorted(u1)}
+        return {
+            v: self._send(
+                "keys", {"adverts": {w: adverts[w] for w in sorted(u1 & self.session.holders(v))}}
+            )
+            for v in sorted(u1)
+        }
 
     def ciphertexts(self) -> dict[str, Message]:
         """Close round 1: each node of U2 gets the sealed shares addressed to it."""
@@ -199,7 +209,12 @@ class MaskingServer:
         return {
             u: self._send(
                 "ciphertexts",
-                {"u2": list(self._u2), "from": {v: self._sealed[v][u] for v in self._u2 if v != u}},
+                {
+                    "u2": list(self._u2),
+                    "from": {
+                        v: self._sealed[v][u] for v in self._u2 if v in self.session.neighbours(u)
+                    },
+                },
             )
             for u in self._u2
         }
@@ -219,34 +234,57 @@ class MaskingServer:
         """Close round 3: ask each node of U4 for the self-mask share of every survivor and
         the pairwise-key share of every node that dropped after sharing keys."""
         u4 = self._close("consistency", "consistency signatures on U3 (U4)")
+        if self.session.graph.sparse:  # the nodes would refuse: stop here, saying why
+            for v in self._u3:
+                kept = len(self.session.neighbours(v) & set(self._u3))
+                if kept < self.session.shares_needed:
+                    self._stage = "done"
+                    raise MaskingError(
+                        f"{v!r} kept {kept} neighbours in the survivor set, the masking graph "
+                        f"needs {self.session.shares_needed}; the sum is abandoned"
+                    )
         signatures = {v: b64e(self._consistency[v].to_bytes()) for v in sorted(u4)}
-        want = [[v, SELF if v in self._u3 else PAIR] for v in self._u2]
-        body = {"u3": list(self._u3), "signatures": signatures, "want": want}
-        return {u: self._send("unmask", body) for u in sorted(u4)}
+        out = {}
+        for u in sorted(u4):
+            held = self.session.holders(u)
+            want = [[v, SELF if v in self._u3 else PAIR] for v in self._u2 if v in held]
+            body = {"u3": list(self._u3), "signatures": signatures, "want": want}
+            out[u] = self._send("unmask", body)
+        return out
 
     def result(self) -> MaskedSum:
         """Close round 4: reconstruct the secrets asked for, remove every mask, decode."""
         u5 = self._close("reveal", "nodes that revealed shares (U5)")
         if self._total is None:
             raise MaskingError("no masked input arrived")
-        t = self.session.threshold
+        t = self.session.shares_needed
         total = self._total
         bits = self.session.bits
         reveals = {u: self._reveals[u] for u in u5}
+        masks: list[MaskTerm] = []  # every mask left in the total, removed at once below
         for v in self._u3:
-            shares = {self.session.index(u): int(r[SELF][v], 16) for u, r in reveals.items()}
+            shares = {
+                self.session.index(u): int(r[SELF][v], 16)
+                for u, r in reveals.items()
+                if v in r[SELF]
+            }
             seed = combine_bytes(shares, t)
             check = hashlib.sha256(b"flame-masking-seed\0" + self._context + seed).digest()
             if check != self._commits[v]:
                 raise MaskingError(f"the self-mask seed of {v!r} does not match its commitment")
-            add_mask(total, self_mask_key(seed, self._context, v), bits, -1)
+            masks.append((self_mask_key(seed, self._context, v), -1))
         for v in sorted(set(self._u2) - set(self._u3)):
-            shares = {self.session.index(u): int(r[PAIR][v], 16) for u, r in reveals.items()}
+            shares = {
+                self.session.index(u): int(r[PAIR][v], 16)
+                for u, r in reveals.items()
+                if v in r[PAIR]
+            }
             private = X25519PrivateKey.from_private_bytes(combine_bytes(shares, t))
             if public_raw(private) != self._pks[v][1]:
                 raise MaskingError(f"the pairwise key of dropped node {v!r} does not match its key")
-            for w in self._u3:
+            for w in sorted(self.session.neighbours(v) & set(self._u3)):
                 key = pair_mask_key(private, self._pks[w][1], self._context, v, w)
-                add_mask(total, key, bits, -1 if w < v else +1)
+                masks.append((key, -1 if w < v else +1))
+        add_masks(total, masks, bits)
         encoded = decode_sum(total, self.session.spec, len(self._u3))
         return MaskedSum(encoded, self._u3, self.session.spec.scale)

@@ -4,15 +4,16 @@ that both the nodes (adding masks) and the server (removing them) use."""
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import numpy.typing as npt
 
 from flame.protocols.masking.encoding import ring_bits
 from flame.protocols.masking.errors import MaskingError
+from flame.protocols.masking.graph import SPARSE_FROM, MaskGraph, degree_for, graph_seed
 from flame.protocols.masking.messages import Binding
-from flame.protocols.masking.prg import RING_DTYPES, derive_key, expand_mask
+from flame.protocols.masking.prg import RING_DTYPES, add_masks, derive_key
 from flame.protocols.paillier.encoding import SecureSumSpec
 
 __all__ = ["Session", "add_mask", "self_mask_key"]
@@ -27,13 +28,22 @@ class Session:
 
     t must be a strict majority of the participants: the server then cannot split the
     nodes into two groups that each reconstruct a different half of one node's secrets,
-    and every round needs at least t nodes left (fewer: the sum is abandoned)."""
+    and every round needs at least t nodes left (fewer: the sum is abandoned). On the
+    complete graph t is also the Shamir threshold; on a sparse graph (`graph`) a node's
+    secrets are shared among its neighbours, t_k of k + 1 (`shares_needed`), and t
+    still bounds U1..U4 and the consistency signatures."""
 
     binding: Binding
     participants: tuple[str, ...]
     threshold: int
     spec: SecureSumSpec
     server: str = "aggregator"
+    degree: int | None = None
+    """Neighbours per node: None picks the graph (`graph.SPARSE_FROM`); n - 1 or more is the
+    complete graph; fewer, a sparse graph of that degree (tests, benchmarks)."""
+    share_threshold: int | None = None
+    """t_k of a sparse graph given a `degree` (default: floor(2(k+1)/3) + 1 of k + 1)."""
+    graph: MaskGraph = field(init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         ordered = tuple(sorted(set(self.participants)))
@@ -53,6 +63,20 @@ class Session:
         if self.server in ordered:
             raise MaskingError("the server cannot also be a participant of its sum")
         ring_bits(self.spec)
+        degree, share_threshold = self.degree, self.share_threshold
+        if degree is None and n >= SPARSE_FROM and (auto := degree_for(n)) is not None:
+            degree, share_threshold = auto
+        if degree is not None and degree >= n - 1:
+            degree = None
+        if degree is None:
+            share_threshold = self.threshold
+        elif share_threshold is None:
+            share_threshold = min(degree + 1, 2 * (degree + 1) // 3 + 1)
+        if not 1 <= share_threshold <= (n if degree is None else degree + 1):
+            raise MaskingError(f"share threshold {share_threshold} is out of range")
+        seed = graph_seed(self.binding.context(), ordered)
+        object.__setattr__(self, "graph", MaskGraph(ordered, degree, seed))
+        object.__setattr__(self, "share_threshold", share_threshold)
 
     @property
     def bits(self) -> int:
@@ -68,12 +92,28 @@ class Session:
         except ValueError:
             raise MaskingError(f"{node!r} is not a participant of this sum") from None
 
-    def require(self, nodes: Iterable[str], what: str) -> None:
-        """At least t nodes in `nodes`, or the sum is abandoned (MaskingError)."""
+    @property
+    def shares_needed(self) -> int:
+        """Shares that rebuild one node's secret: t (complete graph) or t_k (sparse)."""
+        assert self.share_threshold is not None
+        return self.share_threshold
+
+    def neighbours(self, node: str) -> frozenset[str]:
+        return self.graph.neighbours(node)
+
+    def holders(self, node: str) -> frozenset[str]:
+        """Who holds shares of `node`'s secrets (its neighbours and itself)."""
+        return self.graph.holders(node)
+
+    def require(self, nodes: Iterable[str], what: str, *, holders: bool = False) -> None:
+        """At least t nodes in `nodes` (with `holders`: t_k, for a node's share holders on a
+        sparse graph), or the sum is abandoned (MaskingError)."""
         count = len(set(nodes))
-        if count < self.threshold:
+        needed = self.shares_needed if holders else self.threshold
+        if count < needed:
+            need = "the shares need" if holders else "the masking threshold needs"
             raise MaskingError(
-                f"{what}: {count} nodes, the masking threshold needs {self.threshold}; "
+                f"{what}: {count} nodes, {need} {needed}; "
                 "the sum is abandoned (nothing was revealed)"
             )
 
@@ -83,9 +123,5 @@ def self_mask_key(seed: bytes, context: bytes, node: str) -> bytes:
 
 
 def add_mask(acc: Ring, key: bytes, bits: int, sign: int) -> None:
-    """acc += sign * PRG(key) mod 2**bits, in place."""
-    mask = expand_mask(key, acc.size, bits)
-    if sign > 0:
-        np.add(acc, mask, out=acc)
-    else:
-        np.subtract(acc, mask, out=acc)
+    """acc += sign * PRG(key) mod 2**bits, in place (many masks: `prg.add_masks`)."""
+    add_masks(acc, [(key, sign)], bits)

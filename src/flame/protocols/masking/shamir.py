@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Iterable, Mapping
+from functools import lru_cache
 
 from flame.protocols.masking.errors import MaskingError
 
@@ -42,17 +43,25 @@ def split(secret: int, threshold: int, xs: Iterable[int]) -> dict[int, int]:
     return shares
 
 
-def _interpolate(points: list[tuple[int, int]], at: int) -> int:
-    """The value at `at` of the polynomial through `points` (Lagrange)."""
-    total = 0
-    for i, (xi, yi) in enumerate(points):
+@lru_cache(maxsize=4096)
+def _weights(xs: tuple[int, ...], at: int) -> tuple[int, ...]:
+    """Lagrange weights of the points `xs` at `at`: the same holders rebuild many secrets
+    (every survivor's seed), so each set of weights is worked out once."""
+    weights = []
+    for i, xi in enumerate(xs):
         num, den = 1, 1
-        for j, (xj, _) in enumerate(points):
+        for j, xj in enumerate(xs):
             if i != j:
                 num = num * (at - xj) % PRIME
                 den = den * (xi - xj) % PRIME
-        total = (total + yi * num * pow(den, -1, PRIME)) % PRIME
-    return total
+        weights.append(num * pow(den, -1, PRIME) % PRIME)
+    return tuple(weights)
+
+
+def _interpolate(points: list[tuple[int, int]], at: int) -> int:
+    """The value at `at` of the polynomial through `points` (Lagrange)."""
+    weights = _weights(tuple(x for x, _ in points), at)
+    return sum(w * y for w, (_, y) in zip(weights, points, strict=True)) % PRIME
 
 
 def combine(shares: Mapping[int, int], threshold: int) -> int:

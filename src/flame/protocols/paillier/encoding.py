@@ -149,7 +149,7 @@ def _as_float_array(values: object, field: str) -> npt.NDArray[np.float64]:
     if arr.dtype.kind not in "biufO":
         raise SecureAggregationError(f"{field}: expected numbers, got dtype {arr.dtype}")
     try:
-        return arr.astype(np.float64)
+        return arr.astype(np.float64, copy=False)
     except (TypeError, ValueError, OverflowError):
         raise SecureAggregationError(f"{field}: expected real numbers") from None
 
