@@ -232,7 +232,7 @@ def simulate(
             participants=participants,
             wait_timeout=config.presence_timeout + 2 * config.epoch_timeout,
             seed=config.seed,
-            state=open_node_state(config, node),
+            state=open_node_state(config, node, simulated=True),
             secrets=secrets,
             keys=None if keys is None else _node_keys(keys, auths[node]),
             code=code,

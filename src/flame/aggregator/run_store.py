@@ -264,16 +264,19 @@ class RuntimeState:
 class MemoryState:
     """Node-local state kept in memory, when no storage is configured (simulation)."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, whole_run_here: bool = False) -> None:
         self._values: dict[str, bytes] = {}
         self._lock = threading.Lock()
         self._reserved: MemoryState | None = None
+        # True in a simulation: the run, its throwaway keys and this state end together, so
+        # there is no restart that could forget what this state remembers.
+        self.whole_run_here = whole_run_here
 
     def reserved(self) -> MemoryState:
         """The runtime's own state, apart from the analyst's tags."""
         with self._lock:
             if self._reserved is None:
-                self._reserved = MemoryState()
+                self._reserved = MemoryState(whole_run_here=self.whole_run_here)
             return self._reserved
 
     def save(self, tag: str, value: Any) -> None:
@@ -391,10 +394,10 @@ def _roster_fingerprint(config: FlameConfig) -> str | None:
     return Roster.load(config.roster).fingerprint
 
 
-def open_node_state(config: FlameConfig, node_id: str) -> Any:
+def open_node_state(config: FlameConfig, node_id: str, *, simulated: bool = False) -> Any:
     """Where `context().save/load` keep this node's values."""
     if not _has_storage(config):
-        return MemoryState()
+        return MemoryState(whole_run_here=simulated)
     from flame.clients.minio_client import open_store
 
     store = open_store(config.storage)

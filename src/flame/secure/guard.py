@@ -206,7 +206,9 @@ class GuardLedger:
     def _load(self) -> None:
         if self._loaded or self._state is None:
             return
-        if type(self._state).__name__ == "MemoryState":
+        if type(self._state).__name__ == "MemoryState" and not getattr(
+            self._state, "whole_run_here", False
+        ):
             log.warning(  # README: a restarted holder without it can be asked for a second set
                 "no node storage (FLAME_STORAGE__RESULTS_DIR or a bucket): this key holder's "
                 "differencing guard is kept in memory only and forgotten on a restart"
