@@ -30,7 +30,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import numpy as np
@@ -60,9 +60,12 @@ F = TypeVar("F", bound=Callable[..., Any])
 @register("noise")
 @dataclass(frozen=True)
 class Noise:
-    """A value the node releases only with noise of the given mechanism and parameters."""
+    """A value the node releases only with noise of the given mechanism and parameters.
 
-    values: Any
+    Its repr leaves `values` out: a marker that ends up in an error message or a log line
+    (one the release never reached) must not print the exact value it guards."""
+
+    values: Any = field(repr=False)
     mechanism: str
     sensitivity: float
     epsilon: float
