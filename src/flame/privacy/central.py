@@ -2,8 +2,9 @@
 
 For set-ups that trust the aggregator with the nodes' exact results (as the FLAME platform's
 examples do). `aggregate` returns `flame.dp.laplace(total, sensitivity, epsilon)` or
-`flame.dp.gaussian(...)` anywhere in its value (dicts, lists, tuples); the aggregator
-runtime, never the aggregate code, checks every marker (a forged one is refused), charges
+`flame.dp.gaussian(...)` anywhere in its value (plain dicts, lists, tuples; a marker anywhere
+else is refused); the aggregator runtime, never the aggregate code, checks a copy of every
+marker made of exact numbers after its values are read (a forged one is refused), charges
 the epoch's whole spend to the aggregator's ledger (refused: nothing is drawn, the run
 fails, the exact value goes nowhere), then draws each marker's noise once with OpenDP's
 samplers (a CSPRNG, unseedable). Only the noisy value is used afterwards: sent to the nodes
