@@ -245,7 +245,7 @@ def _walk(value: Any, path: str, visit: Callable[[Any, str], Any]) -> Any:
         pairs = list(dict.items(value))
         new = {}
         for key, item in pairs:
-            if _holds_marker(key):
+            if type(key) not in _PLAIN and _holds_marker(key):
                 raise _Unwalked(
                     f"a flame.dp marker is a dict key at {path or 'the top'!r}; keys are not "
                     "released: return a plain dict/list with the markers as values"
@@ -297,7 +297,9 @@ def _holds_marker(value: Any, depth: int = 0) -> bool:
         return True
     inner = depth + 1
     if isinstance(value, np.ndarray):
-        return value.dtype == object and any(_holds_marker(v, inner) for v in value.flat)
+        return value.dtype == object and any(
+            type(v) not in _PLAIN and _holds_marker(v, inner) for v in value.flat
+        )
     if isinstance(value, np.generic):
         return False
     if isinstance(value, dict):
@@ -313,7 +315,7 @@ def _holds_marker(value: Any, depth: int = 0) -> bool:
         items = list(value)
     else:
         return False
-    return any(_holds_marker(v, inner) for v in items)
+    return any(type(v) not in _PLAIN and _holds_marker(v, inner) for v in items)
 
 
 def _table_parts(table: Any) -> list[Any]:
