@@ -30,8 +30,9 @@ def test_int_keyed_dicts_keep_their_keys() -> None:
 
 
 def test_a_keyed_dict_with_an_unsendable_key_names_the_path() -> None:
-    with pytest.raises(TypeError, match=r"body\.x: dict key \(1, 2\)"):
+    with pytest.raises(TypeError, match=r"body\.x: a dict key of type tuple") as refused:
         round_trip({"x": {(1, 2): 1, 3: 4}})
+    assert "(1, 2)" not in str(refused.value)  # a key may be a value: only its type is named
 
 
 def test_pandas_frame_with_index_nullable_categorical_datetime() -> None:

@@ -30,7 +30,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import numpy as np
@@ -60,9 +60,12 @@ F = TypeVar("F", bound=Callable[..., Any])
 @register("noise")
 @dataclass(frozen=True)
 class Noise:
-    """A value the node releases only with noise of the given mechanism and parameters."""
+    """A value the node releases only with noise of the given mechanism and parameters.
 
-    values: Any
+    Its repr leaves `values` out: a marker that ends up in an error message or a log line
+    (one the release never reached) must not print the exact value it guards."""
+
+    values: Any = field(repr=False)
     mechanism: str
     sensitivity: float
     epsilon: float
@@ -378,12 +381,7 @@ def noise_scale(marker: Noise) -> float:
 def add_noise(values: Any, mechanism: str, scale: float, path: str) -> Any:
     """`values` plus OpenDP noise (a float, or a float64 array of the same shape)."""
     dp = _opendp()
-    try:
-        array = np.asarray(values, dtype=np.float64)
-    except (TypeError, ValueError):
-        raise FlameError(f"flame.dp at {path or 'the top'!r}: values must be numbers") from None
-    if not np.isfinite(array).all():
-        raise FlameError(f"flame.dp at {path or 'the top'!r}: values must be finite numbers")
+    array = numbers(values, path)
     make = dp.m.make_laplace if mechanism == "laplace" else dp.m.make_gaussian
     metric = dp.l1_distance(T=float) if mechanism == "laplace" else dp.l2_distance(T=float)
     if array.ndim == 0:
@@ -393,3 +391,68 @@ def add_noise(values: Any, mechanism: str, scale: float, path: str) -> Any:
     sampler = make(dp.vector_domain(dp.atom_domain(T=float, nan=False)), metric, scale=scale)
     noisy = np.asarray(sampler(array.reshape(-1).tolist()), dtype=np.float64)
     return noisy.reshape(array.shape)
+
+
+# --- a marker as the runtime uses it: exact built-ins, read once ---------------------------
+
+
+def numbers(values: Any, path: str) -> np.ndarray:
+    """A marker's values as a fresh float64 array of finite numbers (FlameError otherwise).
+    Converting runs the analyst's __array__/__float__: do it before reading the other fields."""
+    where = f"flame.dp at {path or 'the top'!r}"
+    if isinstance(values, (str, bytes, dict)):
+        raise FlameError(f"{where}: values must be numbers")
+    try:
+        array = np.array(values, dtype=np.float64)  # a copy: nothing the analyst still holds
+    except Exception:
+        raise FlameError(f"{where}: values must be numbers") from None
+    if not np.isfinite(array).all():
+        raise FlameError(f"{where}: values must be finite numbers")
+    return array
+
+
+def snapshot(marker: Noise, values: np.ndarray) -> Noise:
+    """`marker` rebuilt around `values` (already `numbers`) from exact built-ins: each field
+    read once, numbers through float()/int(), text through str, anything else kept for
+    `check` to refuse. A subclass or a hook that rewrites the frozen marker cannot make the
+    spend charged differ from the noise drawn: check this copy, charge and noise only it."""
+    return Noise(
+        values,
+        _text(marker.mechanism),
+        _real(marker.sensitivity),
+        _real(marker.epsilon),
+        _real(marker.delta),
+        _whole(marker.contributors),
+    )
+
+
+def statistic_snapshot(stat: Statistic) -> Statistic:
+    """`stat` rebuilt from exact built-ins, each field read once (as `snapshot`)."""
+    bins = stat.bins
+    return Statistic(
+        _text(stat.kind),
+        _text(stat.column),
+        _real(stat.epsilon),
+        _real(stat.delta),
+        _text(stat.file),
+        _text(stat.source),
+        [_real(b) for b in list(bins)] if isinstance(bins, (list, tuple)) else bins,
+        _whole(stat.contributors),
+    )
+
+
+def _real(value: Any) -> Any:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        return value
+    try:
+        return float(value)
+    except (OverflowError, TypeError, ValueError):
+        return math.nan  # refused by check
+
+
+def _whole(value: Any) -> Any:
+    return int(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+
+def _text(value: Any) -> Any:
+    return str.__str__(value) if isinstance(value, str) else value

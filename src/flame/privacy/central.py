@@ -2,8 +2,9 @@
 
 For set-ups that trust the aggregator with the nodes' exact results (as the FLAME platform's
 examples do). `aggregate` returns `flame.dp.laplace(total, sensitivity, epsilon)` or
-`flame.dp.gaussian(...)` anywhere in its value (dicts, lists, tuples); the aggregator
-runtime, never the aggregate code, checks every marker (a forged one is refused), charges
+`flame.dp.gaussian(...)` anywhere in its value (plain dicts, lists, tuples; a marker anywhere
+else is refused); the aggregator runtime, never the aggregate code, checks a copy of every
+marker made of exact numbers after its values are read (a forged one is refused), charges
 the epoch's whole spend to the aggregator's ledger (refused: nothing is drawn, the run
 fails, the exact value goes nowhere), then draws each marker's noise once with OpenDP's
 samplers (a CSPRNG, unseedable). Only the noisy value is used afterwards: sent to the nodes
@@ -18,7 +19,7 @@ one, a marker is refused: nobody has agreed to spend, and nothing would account 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping, Sequence, Set
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,15 +27,17 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from flame.dp import Noise, Statistic, add_noise, noise_scale
+from flame.dp import Noise, Statistic, add_noise, noise_scale, numbers, snapshot
 from flame.errors import FlameError, PolicyRefused, RunFailed
 from flame.privacy.ledger import BudgetLedger, Spend
 from flame.privacy.policy import NodePolicy, read_policy
+from flame.wire.tables import is_table
 
 __all__ = ["AggregatorPolicy", "CentralDP", "load_aggregator_policy"]
 
 log = logging.getLogger(__name__)
 
+MARKERS = (Noise, Statistic)
 WHERE = "FLAME_POLICY on the aggregation node"  # where `flame run` reads the aggregator's budget
 
 
@@ -140,9 +143,12 @@ class CentralDP:
         """`value` with every marker's noise drawn, charged first; (value, None) unchanged
         when it holds none. RunFailed names the field and the setting, never a value."""
         found: list[_Marked] = []
-        _walk(value, "", lambda marker, path: self._checked(marker, path, epoch, found))
+        try:
+            _walk(value, "", lambda marker, path: self._checked(marker, path, epoch, found))
+        except _Unwalked as exc:
+            raise self._fail(epoch, str(exc)) from None
         if not found:
-            return value, None
+            return _unmarked(value, epoch, self), None
         spend = Spend()
         for item in found:
             spend = spend + Spend(item.marker.epsilon, item.marker.delta)
@@ -156,7 +162,7 @@ class CentralDP:
             )
             for item in found
         )
-        released = _walk(value, "", lambda _marker, _path: next(noisy))
+        released = _unmarked(_walk(value, "", lambda _marker, _path: next(noisy)), epoch, self)
         log.info(
             "central DP, epoch %d: noise drawn once for %d field(s), spent epsilon %g, delta %g",
             epoch,
@@ -180,34 +186,32 @@ class CentralDP:
                 "no data: return it from analyze, or noise the aggregate with "
                 "flame.dp.laplace/gaussian",
             )
-        if not isinstance(marker, Noise):
-            raise self._fail(
-                epoch,
-                f"a flame.dp marker at {where!r} sits inside an array or object the aggregator "
-                "does not look into: put it in a dict, list or tuple",
-            )
         if self.ledger is None:
             raise self._fail(
                 epoch,
                 f"aggregate returned flame.dp noise at {where!r}, but the aggregator has no "
                 f"central-DP budget: set epsilon_budget in the aggregator's policy ({self.where})",
             )
+        # the values first (their __array__/__float__ may rewrite the frozen marker), then a
+        # copy of exact built-ins, checked: only the copy is charged and noised
         try:
-            marker.check(path)
-        except FlameError as exc:
-            raise self._fail(epoch, f"{exc} (a forged marker)") from None
-        if marker.contributors != 1:
-            raise self._fail(
-                epoch,
-                f"flame.dp at {where!r}: contributors={marker.contributors} splits noise over "
-                "nodes; the aggregator adds all of it (leave contributors at 1)",
-            )
-        values = _numbers(marker.values)
-        if values is None:
+            values = numbers(marker.values, path)
+        except FlameError:
             raise self._fail(
                 epoch, f"flame.dp at {where!r}: values must be finite numbers (or arrays of them)"
+            ) from None
+        copy = snapshot(marker, values)
+        try:
+            copy.check(path)
+        except FlameError as exc:
+            raise self._fail(epoch, f"{exc} (a forged marker)") from None
+        if copy.contributors != 1:
+            raise self._fail(
+                epoch,
+                f"flame.dp at {where!r}: contributors={copy.contributors} splits noise over "
+                "nodes; the aggregator adds all of it (leave contributors at 1)",
             )
-        found.append(_Marked(path, marker, values))
+        found.append(_Marked(path, copy, values))
         return marker
 
     def _charge(self, spend: Spend, epoch: int, fields: list[str]) -> Spend:
@@ -225,33 +229,113 @@ class CentralDP:
             ) from None
 
 
-def _numbers(values: Any) -> np.ndarray | None:
-    """The marker's values as finite float64 (None: not numbers)."""
-    if isinstance(values, (str, bytes, dict)):
-        return None
-    try:
-        array = np.asarray(values, dtype=np.float64)
-    except (TypeError, ValueError):
-        return None
-    return array if np.isfinite(array).all() else None
+class _Unwalked(Exception):
+    """A marker where the release does not look (its text names the place, never a value)."""
 
 
 def _walk(value: Any, path: str, visit: Callable[[Any, str], Any]) -> Any:
-    """`value` rebuilt with each flame.dp marker replaced by `visit(marker, path)`."""
-    if isinstance(value, (Noise, Statistic)):
+    """`value` rebuilt with each flame.dp marker replaced by `visit(marker, path)`. Only exact
+    dicts (read with dict.items), lists and tuples are walked: a subclass may answer items()
+    or iteration with anything. A marker anywhere else (a table cell, a set, a dict key, a
+    Mapping, an object array) is refused (_Unwalked), never passed on un-noised."""
+    if isinstance(value, MARKERS):
         return visit(value, path)
-    if isinstance(value, dict):
-        new = {k: _walk(v, f"{path}.{k}" if path else str(k), visit) for k, v in value.items()}
-        return value if all(new[k] is v for k, v in value.items()) else new
-    if isinstance(value, (list, tuple)):
+    kind = type(value)
+    if kind is dict:
+        pairs = list(dict.items(value))
+        new = {}
+        for key, item in pairs:
+            if type(key) not in _PLAIN and _holds_marker(key):
+                raise _Unwalked(
+                    f"a flame.dp marker is a dict key at {path or 'the top'!r}; keys are not "
+                    "released: return a plain dict/list with the markers as values"
+                )
+            new[key] = _walk(item, f"{path}.{key}" if path else str(key), visit)
+        return value if all(new[k] is v for k, v in pairs) else new
+    if kind is list or kind is tuple:
         items = [_walk(v, f"{path}[{i}]", visit) for i, v in enumerate(value)]
         if all(new is old for new, old in zip(items, value, strict=True)):
-            return value  # untouched (a namedtuple stays one)
-        return items if isinstance(value, list) else tuple(items)
-    if (
-        isinstance(value, np.ndarray)
-        and value.dtype == object
-        and any(isinstance(v, (Noise, Statistic)) for v in value.reshape(-1))
-    ):
-        return visit(None, path)  # refused by the checking visit
+            return value
+        return items if kind is list else tuple(items)
+    if _holds_marker(value):
+        what = (
+            "an array of objects"
+            if isinstance(value, np.ndarray)
+            else f"a value of type {kind.__name__} (not a plain dict, list or tuple)"
+        )
+        raise _Unwalked(
+            f"a flame.dp marker at {path or 'the top'!r} sits inside {what}, which the "
+            "aggregator does not look into: return a plain dict/list of markers (e.g. "
+            "{'total': flame.dp.laplace(...)}) and build tables from the released values"
+        )
     return value
+
+
+def _unmarked(value: Any, epoch: int, central: CentralDP) -> Any:
+    """`value`, once no marker is left anywhere in it (the backstop before it is stored,
+    sent or returned: a marker still inside would carry its exact values)."""
+    if _holds_marker(value):
+        raise central._fail(
+            epoch, "a flame.dp marker is still in the aggregate after its release (refused)"
+        )
+    return value
+
+
+_PLAIN = frozenset({str, bytes, bytearray, int, float, complex, bool, type(None), range})
+_DEPTH = 200  # deeper than the wire sends (100): refused as holding one
+
+
+def _holds_marker(value: Any, depth: int = 0) -> bool:
+    """Whether a flame.dp marker is anywhere in `value`: dict keys and values (read from the
+    dict itself), sequences, sets, Mappings, numpy object arrays at any depth, and pandas and
+    polars tables (object cells, labels, attrs). Other objects are opaque here; the wire
+    encoder sends none of them (and refuses any marker that reaches it)."""
+    kind = type(value)
+    if kind in _PLAIN:
+        return False
+    if isinstance(value, MARKERS) or depth > _DEPTH:
+        return True
+    inner = depth + 1
+    if isinstance(value, np.ndarray):
+        return value.dtype == object and any(
+            type(v) not in _PLAIN and _holds_marker(v, inner) for v in value.flat
+        )
+    if isinstance(value, np.generic):
+        return False
+    if isinstance(value, dict):
+        items: Iterable[Any] = [*dict.keys(value), *dict.values(value)]
+    elif isinstance(value, (list, tuple, set, frozenset)):
+        base: Any = next(b for b in (list, tuple, set, frozenset) if isinstance(value, b))
+        items = list(base.__iter__(value))  # the container's own items, not its __iter__
+    elif is_table(value):
+        items = _table_parts(value)
+    elif isinstance(value, Mapping):
+        items = [part for pair in value.items() for part in pair]
+    elif isinstance(value, (Sequence, Set)):  # deque, views, custom sequences
+        items = list(value)
+    else:
+        return False
+    return any(type(v) not in _PLAIN and _holds_marker(v, inner) for v in items)
+
+
+def _table_parts(table: Any) -> list[Any]:
+    """The parts of a pandas or polars table that can hold Python objects."""
+    parts: list[Any] = []
+    if type(table).__module__.startswith("polars"):
+        columns = table.get_columns() if hasattr(table, "get_columns") else [table]
+        return [c.to_list() for c in columns if "Object" in str(c.dtype)]
+    if type(table).__module__.startswith("pyarrow"):
+        return parts  # Arrow holds no Python objects
+    frame = table.to_frame() if hasattr(table, "to_frame") else table
+    parts.extend([dict(table.attrs), list(frame.columns), _labels(frame.index)])
+    for position in range(frame.shape[1]):
+        column = frame.iloc[:, position]
+        if column.dtype == object:
+            parts.append(column.tolist())
+        elif str(column.dtype) == "category":
+            parts.append(_labels(column.cat.categories))
+    return parts
+
+
+def _labels(index: Any) -> list[Any]:
+    return index.tolist() if index.dtype == object or str(index.dtype) == "category" else []

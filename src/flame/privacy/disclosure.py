@@ -9,7 +9,7 @@ fails with a message naming the field and the rule, never the value.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -25,9 +25,10 @@ SUPPRESSED = "suppressed"
 @register("counts")
 @dataclass(frozen=True)
 class Counts:
-    """Counts (a scalar or an array of cells) the node's small-cell rule applies to."""
+    """Counts (a scalar or an array of cells) the node's small-cell rule applies to (its
+    repr leaves them out: small cells must not reach an error text or a log line)."""
 
-    values: Any
+    values: Any = field(repr=False)
 
 
 def counts(values: Any) -> Counts:

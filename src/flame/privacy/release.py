@@ -21,7 +21,16 @@ import numpy as np
 from flame.data import Data
 from flame.data.sources.descriptor import open_read_only
 from flame.data.sources.local import LocalSource
-from flame.dp import Noise, Statistic, add_noise, measure, noise_scale
+from flame.dp import (
+    Noise,
+    Statistic,
+    add_noise,
+    measure,
+    noise_scale,
+    numbers,
+    snapshot,
+    statistic_snapshot,
+)
 from flame.errors import FlameError, PolicyRefused
 from flame.isolation.inprocess import Outcome
 from flame.privacy.disclosure import Counts, apply_cell_rule
@@ -278,22 +287,29 @@ class Gate:
                     "use flame.dp.sum/mean/count/histogram (rule: trust_sensitivity = false)"
                 )
             inner = self._resolve(value.values, path, encrypted, release, result)
-            return self._noise(replace(value, values=inner), path, encrypted, release)
-        if isinstance(value, dict):
+            return self._noise(value, inner, path, encrypted, release)
+        if isinstance(value, dict):  # its own items (a subclass's items() could hide one)
             return {
                 k: self._resolve(v, f"{path}.{k}" if path else str(k), encrypted, release, result)
-                for k, v in value.items()
+                for k, v in dict.items(value)
             }
         if isinstance(value, (list, tuple)):
+            items = list.__iter__(value) if isinstance(value, list) else tuple.__iter__(value)
             return [
                 self._resolve(v, f"{path}[{i}]", encrypted, release, result)
-                for i, v in enumerate(value)
+                for i, v in enumerate(items)
             ]
         return value
 
-    def _noise(self, value: Noise, path: str, encrypted: bool, release: Release) -> Any:
-        """`value.values` with the marker's noise, its spend added to the release."""
+    def _noise(
+        self, marker: Noise, values: Any, path: str, encrypted: bool, release: Release
+    ) -> Any:
+        """`values` (the marker's, resolved) with the marker's noise, its spend added to the
+        release. Values are converted first (in process, the analyst's __array__ may rewrite
+        the frozen marker), then the marker is copied from exact built-ins and the copy is
+        checked, charged and noised."""
         try:
+            value = snapshot(marker, numbers(values, path))
             value.check(path)
         except FlameError as exc:
             raise PolicyRefused(str(exc)) from None
@@ -314,7 +330,7 @@ class Gate:
         spend = release.spend + Spend(value.epsilon, value.delta)
         if self.ledger is not None:  # before the draw: no noise the budget cannot pay for
             self.ledger.check(spend, f"field {path or 'value'!r}")
-        noisy = add_noise(value.values, value.mechanism, noise_scale(value), path)
+        noisy = add_noise(value.values, value.mechanism, noise_scale(value), path)  # the copy
         release.spend = spend
         return noisy
 
@@ -323,6 +339,7 @@ class Gate:
         sensitivity derived by OpenDP, never taken from the analysis."""
         field_name = path or "value"
         try:
+            stat = statistic_snapshot(stat)  # exact built-ins, read once: what is checked is used
             stat.check(path)
         except FlameError as exc:
             raise PolicyRefused(str(exc)) from None
@@ -361,12 +378,12 @@ class Gate:
             marker = Noise(
                 exact, stat.mechanism, sensitivity, stat.epsilon, stat.delta, stat.contributors
             )
-            return self._noise(marker, path, encrypted, release)
+            return self._noise(marker, exact, path, encrypted, release)
         assert bounds is not None
         halves = []
         for kind in ("sum", "count"):
             exact, sensitivity = measure(kind, values, bounds, None, stat.mechanism)
             marker = Noise(exact, stat.mechanism, sensitivity, stat.epsilon / 2, stat.delta / 2)
-            halves.append(float(self._noise(marker, path, encrypted, release)))
+            halves.append(float(self._noise(marker, exact, path, encrypted, release)))
         total, n = halves
         return float(np.clip(total / max(n, 1.0), bounds[0], bounds[1]))

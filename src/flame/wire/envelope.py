@@ -217,11 +217,17 @@ class _Encoder:
             return {"$b": self.blob(memoryview(obj).cast("B"))}
         if isinstance(obj, Sealed):
             return {"$sealed": self.blob(memoryview(obj.data).cast("B")), "scheme": obj.scheme}
+        if getattr(type(obj), "_flame_kind", None) is not None:  # flame.privacy.markers
+            raise TypeError(  # the runtime resolves every marker it sees; never its values
+                f"{path}: a {type(obj).__name__} marker (flame.secure, flame.counts or "
+                "flame.dp) reached the wire unresolved; put markers in plain dicts and lists "
+                "of the value returned, not in tables, sets or other objects"
+            )
         if isinstance(obj, Mapping) and not all(isinstance(key, str) for key in obj):
-            return {
+            return {  # a path names a non-str key by its position, never by its text
                 "$kd": [
-                    [wire_tables.dict_key(k, path), self.value(v, f"{path}[{k!r}]", depth + 1)]
-                    for k, v in obj.items()
+                    [wire_tables.dict_key(k, path), self.value(v, f"{path}[#{i}]", depth + 1)]
+                    for i, (k, v) in enumerate(obj.items())
                 ]
             }
         if isinstance(obj, Mapping):
@@ -229,7 +235,7 @@ class _Encoder:
             for key, item in obj.items():
                 if not isinstance(key, str):
                     raise TypeError(
-                        f"{path}: dict key {key!r} is a {type(key).__name__}; use str keys"
+                        f"{path}: a dict key of type {type(key).__name__}; use str keys"
                     )
                 escaped = "$" + key if key.startswith("$") else key
                 out[escaped] = self.value(item, f"{path}.{key}", depth + 1)

@@ -93,12 +93,55 @@ def _as_arrow(obj: Any, kind: str, path: str) -> tuple[pa.Table, dict[str, Any]]
         )
     else:
         frame = obj
-    if kind.startswith("pandas."):
-        try:
+    if kind.startswith("polars.") and any(_opaque(t) for t in frame.schema.values()):
+        raise TypeError(_unconvertible(frame, kind, path, polars_objects=True))
+    try:
+        if kind.startswith("pandas."):
             return pa.Table.from_pandas(frame), extra
-        except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as exc:
-            raise TypeError(f"{path}: this DataFrame cannot be sent as Arrow: {exc}") from None
-    return frame.to_arrow(), extra
+        return frame.to_arrow(), extra
+    except Exception:  # their words quote the cell (repr of the value): never passed on
+        raise TypeError(_unconvertible(frame, kind, path)) from None
+
+
+def _opaque(dtype: Any) -> bool:
+    """A polars Object dtype (also nested): Arrow gets the objects' addresses, not them."""
+    if type(dtype).__name__ == "Object":
+        return True
+    inner = getattr(dtype, "inner", None)
+    fields = getattr(dtype, "fields", None) or []
+    return (inner is not None and _opaque(inner)) or any(_opaque(f.dtype) for f in fields)
+
+
+def _unconvertible(frame: Any, kind: str, path: str, *, polars_objects: bool = False) -> str:
+    """Why a table cannot become Arrow, naming its column and the types of the values in it,
+    never a value: the converters' own messages quote the cell they failed on."""
+    import pyarrow as pa
+
+    for name in list(getattr(frame, "columns", [])):
+        try:
+            column = frame[name]
+            if polars_objects:
+                if _opaque(column.dtype):
+                    raise TypeError("an Object column")
+            elif kind.startswith("pandas."):
+                pa.Array.from_pandas(column)
+            else:
+                column.to_arrow()
+        except Exception:
+            if isinstance(name, str):
+                label = "(the values)" if name == _SERIES_COLUMN else repr(name[:64])
+            else:
+                label = f"named by a {type(name).__name__}"
+            try:
+                types = sorted({type(v).__name__ for v in list(column.head(10_000))})
+            except Exception:
+                types = ["?"]
+            return (
+                f"{path}: this {kind} cannot be sent as Arrow: column {label} holds values of "
+                f"type {', '.join(types[:5])}; tables may hold numbers, strings, booleans, dates "
+                "(flame.dp markers belong in a plain dict or list, not in a table cell)"
+            )
+    return f"{path}: this {kind} cannot be sent as Arrow (its index or column names cannot be)"
 
 
 def encode_table(obj: Any, path: str) -> tuple[dict[str, Any], pa.Buffer] | None:
@@ -286,9 +329,10 @@ def dict_key(key: Any, path: str) -> Any:
     """A dict key as JSON (int, float, bool, None or str); TypeError for anything else."""
     if hasattr(key, "item") and not isinstance(key, (str, bytes)):  # numpy scalars
         key = key.item()
-    if not isinstance(key, KEY_TYPES):
+    if not isinstance(key, KEY_TYPES):  # its type, never its text (a key may be a value)
         raise TypeError(
-            f"{path}: dict key {key!r} is a {type(key).__name__}; use str, int or float keys"
+            f"{path}: a dict key of type {type(key).__name__} cannot be sent; use str, int or "
+            "float keys"
         )
     return key
 
@@ -313,7 +357,10 @@ def to_columns(obj: Any) -> dict[str, list[Any]]:
         # The index is data (diagnosis labels, value_counts' values): its columns come
         # first; only pandas' default 0..n-1 index, which says nothing, is left out.
         frame = frame.reset_index(drop=_default_index(frame.index))
-        table = pa.Table.from_pandas(frame, preserve_index=False)
+        try:
+            table = pa.Table.from_pandas(frame, preserve_index=False)
+        except Exception:  # pyarrow's words quote the value it failed on
+            raise TypeError(_unconvertible(frame, kind, "value")) from None
     columns = table.to_pydict()
     if kind.endswith(".Series"):
         name = str(extra.get("name"))
