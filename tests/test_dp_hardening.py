@@ -100,6 +100,7 @@ def test_markers_do_not_print_their_values() -> None:
     assert "4242" not in repr(flame.dp.laplace(EXACT, 1.0, 1.0))
     assert "4242" not in str(flame.dp.gaussian([EXACT], 1.0, 1.0, 1e-6))
     assert "4242" not in repr(flame.counts(int(EXACT)))
+    assert "4242" not in repr(flame.secure(EXACT)) and "4242" not in str(flame.secure([EXACT]))
 
 
 @pytest.mark.parametrize("entry", [{"epsilon": float("nan")}, {"epsilon": -1.0}, {"delta": "0"}])

@@ -9,7 +9,7 @@ which each summed field stands as `Summed` (`strip_sealed`) beside `results.secu
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -31,9 +31,10 @@ __all__ = [
 @register("secure")
 @dataclass(frozen=True)
 class Secure:
-    """A value `analyze` wants summed under encryption (see `flame.secure`)."""
+    """A value `analyze` wants summed under encryption (see `flame.secure`). Its repr
+    leaves the values out: an error that prints the marker must not print what it hides."""
 
-    values: Any
+    values: Any = field(repr=False)
     bound: float | None = None
     precision: int | None = None
 
