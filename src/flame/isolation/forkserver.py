@@ -211,6 +211,7 @@ class ForkServer:
 _servers: list[ForkServer] = []
 _servers_lock = threading.Lock()
 _slots: threading.BoundedSemaphore | None = None
+_chosen: dict[tuple[bool, tuple[str, ...], tuple[str, ...]], ForkServer] = {}
 
 
 def server_for(
@@ -223,12 +224,18 @@ def server_for(
     is, warmed with what the `analysis` file imports): kept for the life of this process,
     so a notebook's next run starts warm."""
     needed = list(readable)
+    key = (cut_network, tuple(needed), tuple(hide))
     with _servers_lock:
+        known = _chosen.get(key)  # asked once per node and epoch: skip resolving paths
+        if known is not None and known in _servers and known.process.poll() is None:
+            return known
         for server in _servers:
             if server.covers(cut_network, needed, hide):
+                _chosen[key] = server
                 return server
         server = ForkServer(cut_network, needed, hide, top_imports(analysis))
         _servers.append(server)
+        _chosen[key] = server
         return server
 
 
@@ -346,6 +353,7 @@ def _stop_all() -> None:
     with _servers_lock:
         servers = list(_servers)
         _servers.clear()
+        _chosen.clear()
     for server in servers:
         with contextlib.suppress(OSError):
             server.stop()
