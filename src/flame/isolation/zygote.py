@@ -53,11 +53,13 @@ module-level globals never carry from one node (or epoch) to the next."""
 
 
 def _warm(extra: list[str]) -> None:
+    import codecs
     import importlib
 
     for name in [*WARM_MODULES, *extra]:
         with contextlib.suppress(Exception):  # a library failing here fails in the child too
             importlib.import_module(name)
+    codecs.lookup("utf-8-sig")  # what `Data.read_text` decodes with (a lookup imports it)
 
 
 def _reap() -> None:
