@@ -86,10 +86,13 @@ def _within(path: str, folder: str) -> bool:
 _resolved: dict[str, str] = {}
 """Paths resolved by an earlier `confine` in this process: the fork server's own call
 resolves the allow-list once, and each of its forks (which confines itself again with the
-same list) skips a few hundred stat calls."""
+same list) skips a few hundred stat calls. Absolute paths only, never /proc: /proc/self
+is another process's folder in each fork."""
 
 
 def _real(path: str) -> str:
+    if _within(path, "/proc") or not os.path.isabs(path):
+        return os.path.realpath(path)
     real = _resolved.get(path)
     if real is None:
         real = _resolved[path] = os.path.realpath(path)
