@@ -259,3 +259,22 @@ def test_a_pooled_child_declaring_another_spend_is_stopped_before_any_request_is
         runner.run(0, None)
     assert state.saved == {}
     assert runner._process is None and runner._channel is None  # stopped, not left running
+
+
+def test_the_server_warms_secure_fields_only_for_an_analysis_that_mentions_them(
+    tmp_path: Path,
+) -> None:
+    """flame.secure.fields brings flame's settings and pydantic into the server (and so into
+    every fork): only where the analysis's files name `secure` or `Results`."""
+    from flame.isolation.forkserver import SECURE_FIELDS, warm_for
+
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    (plain / "analysis.py").write_text("def analyze(data):\n    return 1\n")
+    assert SECURE_FIELDS not in warm_for(str(plain / "analysis.py"))
+    assert SECURE_FIELDS not in warm_for(str(plain))
+    (plain / "helper.py").write_text("import flame\n\ndef total(x):\n    return flame.secure(x)\n")
+    assert SECURE_FIELDS in warm_for(str(plain))  # a folder: any of its files
+    assert SECURE_FIELDS not in warm_for(str(plain / "analysis.py"))
+    (tmp_path / "typed.py").write_text("from flame import Results\n")
+    assert SECURE_FIELDS in warm_for(str(tmp_path / "typed.py"))

@@ -35,7 +35,6 @@ WARM_MODULES = (
     "flame.node.context",
     "flame.privacy.markers",
     "flame.privacy.tracebacks",
-    "flame.secure.fields",
     "flame.wire.envelope",
     "flame.wire.tables",
     "flame.data.columns",
@@ -47,7 +46,8 @@ WARM_MODULES = (
 )
 """Imported once here, before any fork: each node's child starts with them loaded (shared
 copy-on-write pages), plus the libraries the analysis imports at its top (`--warm NAME`,
-e.g. pandas; not by default: a bigger server forks slower). The analysis itself is never
+e.g. pandas; not by default: a bigger server forks slower; flame.secure.fields only for
+an analysis that mentions it, `forkserver.warm_for`). The analysis itself is never
 imported here (its folder is not on this path): every fork imports it afresh, so
 module-level globals never carry from one node (or epoch) to the next."""
 
