@@ -230,8 +230,8 @@ class _State:
 def test_a_pooled_child_declaring_another_spend_is_stopped_before_any_request_is_served(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """"load" and "analyze" go to a forked child together; its declared spend is still
-    checked before the runtime serves any of its requests."""
+    """The "load" and "analyze" requests go to a forked child together; its declared spend is
+    still checked before the runtime serves any of its requests."""
     from flame.data import Data
     from flame.errors import AnalysisError
     from flame.isolation.forkserver import supported
