@@ -181,8 +181,8 @@ def test_a_thousand_isolated_nodes_finish_with_a_few_processes(tmp_path: Path) -
     assert process.returncode == 0, err[-3000:]
     value = json.loads((tmp_path / "out.json").read_text())["result"]
     assert value == {"n": nodes, "total": float(sum(range(nodes)))}, value
-    # the server and at most two computing children (each a waiter and its PID namespace's
-    # init), plus ones still exiting: not one per node
+    # the server and at most two computing children (each PID 1 of its own PID namespace),
+    # plus ones still exiting: not one per node
     assert 1 <= peak <= 12, peak
 
 
