@@ -2,7 +2,8 @@
 
 A node that finished normally leaves the run with a goodbye status (`done`, online false):
 that is no reason for a warning per node (100 nodes printed 100 "went offline" lines at the
-end of every successful `flame simulate`). A node that vanishes mid-run still warns.
+end of every successful `flame simulate`). A node that vanishes mid-run (its last will,
+state `offline`) still warns.
 """
 
 from __future__ import annotations
@@ -33,12 +34,6 @@ def _count(data: Data) -> int:
     return len(list(data.rows("x.csv")))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="open: aggregator/server.py `_note_status` warns 'node %s went offline' for a "
-    "node's goodbye after `done` (fix proposed in the simscale branch's report; that module "
-    "is being split)",
-)
 def test_a_successful_run_warns_of_no_node_going_offline(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -47,4 +42,5 @@ def test_a_successful_run_warns_of_no_node_going_offline(
     assert result.value == len(NODES)
     offline = [r.getMessage() for r in caplog.records if "went offline" in r.getMessage()]
     assert offline == []
+
 
