@@ -3,7 +3,8 @@
     python benchmarks/simulate_scale.py [--nodes 100] [--w1] [--big 1000]
 
 Rows, each run as a fresh process whose whole process tree is sampled every 50 ms (wall
-time, peak of the summed RSS and of the summed PSS, peak process count):
+time, CPU time of the tree, peak of the summed RSS and of the summed PSS, peak process
+count):
 - `flame simulate` (the CLI: isolated children forked per epoch from one fork server),
 - `flame.simulate` in process on the same data, in the same run (the ratio to compare),
 - Flower's simulation with as many clients, when `flwr` is importable (skipped otherwise),
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -126,7 +128,9 @@ def _memory(pid: int) -> tuple[int, int]:
 
 
 def measure(command: list[str], cwd: Path, env: dict[str, str] | None = None) -> dict[str, float]:
-    """Wall time and the tree's peak summed RSS/PSS and process count while `command` runs."""
+    """Wall time, CPU time of the whole tree (user + system: what load on a shared machine
+    barely changes), and the tree's peak summed RSS/PSS and process count."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     process = subprocess.Popen(
         command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
@@ -141,10 +145,13 @@ def measure(command: list[str], cwd: Path, env: dict[str, str] | None = None) ->
         time.sleep(0.05)
     wall = time.perf_counter() - start
     out, err = process.communicate()
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     if process.returncode != 0:
         print(f"  failed ({process.returncode}): {err[-800:]}", file=sys.stderr)
     return {
         "wall": wall,
+        "cpu": cpu,
         "rss": peak_rss / 2**20,
         "pss": peak_pss / 2**20,
         "processes": peak_count,
@@ -154,10 +161,15 @@ def measure(command: list[str], cwd: Path, env: dict[str, str] | None = None) ->
 
 
 def _row(name: str, m: dict[str, float], base: dict[str, float] | None = None) -> None:
-    ratio = f"  {m['wall'] / base['wall']:.1f}x in-process time" if base else ""
+    ratio = (
+        f"  {m['wall'] / base['wall']:.1f}x in-process time ({m['cpu'] / base['cpu']:.1f}x CPU)"
+        if base
+        else ""
+    )
     print(
-        f"{name:<44} {m['wall']:7.2f} s  RSS {m['rss']:7.0f} MB  PSS {m['pss']:7.0f} MB  "
-        f"{int(m['processes']):4d} processes{'' if m['ok'] else '  FAILED'}{ratio}"
+        f"{name:<44} {m['wall']:7.2f} s  CPU {m['cpu']:6.2f} s  RSS {m['rss']:6.0f} MB  "
+        f"PSS {m['pss']:6.0f} MB  {int(m['processes']):4d} processes"
+        f"{'' if m['ok'] else '  FAILED'}{ratio}"
     )
 
 
@@ -181,7 +193,8 @@ def main() -> None:
         (folder / "inproc.py").write_text(IN_PROCESS)
         data = tiny_nodes(folder, args.nodes)
         flame_cli = [sys.executable, "-m", "flame", "simulate", "analysis.py", "--quiet"]
-        print(f"{args.nodes} tiny nodes, one epoch")
+        load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+        print(f"{args.nodes} tiny nodes, one epoch (load average {load})")
         inproc = measure([sys.executable, "inproc.py", data.name], folder)
         _row("flame.simulate in process", inproc)
         cli = measure([*flame_cli, "--data", data.name], folder)

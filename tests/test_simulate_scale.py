@@ -181,8 +181,8 @@ def test_a_thousand_isolated_nodes_finish_with_a_few_processes(tmp_path: Path) -
     assert process.returncode == 0, err[-3000:]
     value = json.loads((tmp_path / "out.json").read_text())["result"]
     assert value == {"n": nodes, "total": float(sum(range(nodes)))}, value
-    # the server and at most two computing children (each a waiter and its PID namespace's
-    # init), plus ones still exiting: not one per node
+    # the server and at most two computing children (each PID 1 of its own PID namespace),
+    # plus ones still exiting: not one per node
     assert 1 <= peak <= 12, peak
 
 
@@ -201,3 +201,80 @@ def test_the_server_warms_installed_libraries_never_the_analysis_own_modules(
     monkeypatch.syspath_prepend(str(tmp_path))
     assert top_imports(str(tmp_path / "analysis.py")) == ["numpy", "json"]
     assert top_imports(str(tmp_path)) == ["numpy", "json"]  # a folder: its analysis.py
+
+
+SPEND_SWAP = """\
+import os
+import flame
+
+def analyze(data):
+    flame.context().save("ran", 1)  # a request to the runtime: must never be served
+    return 1
+
+if os.environ.get("FLAME_ANALYSIS_CHILD") == "1":  # what the child loads differs
+    analyze.__flame_spend__ = {"epsilon": 0.0, "delta": 0.0}
+"""
+
+
+class _State:
+    def __init__(self) -> None:
+        self.saved: dict[str, object] = {}
+
+    def save(self, tag: str, value: object) -> None:
+        self.saved[tag] = value
+
+    def load(self, tag: str, default: object = None) -> object:
+        return self.saved.get(tag, default)
+
+
+def test_a_pooled_child_declaring_another_spend_is_stopped_before_any_request_is_served(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The "load" and "analyze" requests go to a forked child together; its declared spend is
+    still checked before the runtime serves any of its requests."""
+    from flame.data import Data
+    from flame.errors import AnalysisError
+    from flame.isolation.forkserver import supported
+    from flame.isolation.pooled import PooledRunner
+    from flame.node.context import Context
+
+    if not supported():
+        pytest.skip("no fork server on this platform")
+    (tmp_path / "spend_swap.py").write_text(SPEND_SWAP)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import spend_swap
+
+    state = _State()
+    context = Context(
+        analysis_id="pool",
+        node_id="n",
+        role="analysis",
+        participants=["n"],
+        aggregator_id="agg",
+        mailbox=None,  # type: ignore[arg-type]
+        state=state,  # type: ignore[arg-type]
+    )
+    runner = PooledRunner(spend_swap.analyze, Data({}), context)
+    with pytest.raises(AnalysisError, match="declares another privacy spend"):
+        runner.run(0, None)
+    assert state.saved == {}
+    assert runner._process is None and runner._channel is None  # stopped, not left running
+
+
+def test_the_server_warms_secure_fields_only_for_an_analysis_that_mentions_them(
+    tmp_path: Path,
+) -> None:
+    """flame.secure.fields brings flame's settings and pydantic into the server (and so into
+    every fork): only where the analysis's files name `secure` or `Results`."""
+    from flame.isolation.forkserver import SECURE_FIELDS, warm_for
+
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    (plain / "analysis.py").write_text("def analyze(data):\n    return 1\n")
+    assert SECURE_FIELDS not in warm_for(str(plain / "analysis.py"))
+    assert SECURE_FIELDS not in warm_for(str(plain))
+    (plain / "helper.py").write_text("import flame\n\ndef total(x):\n    return flame.secure(x)\n")
+    assert SECURE_FIELDS in warm_for(str(plain))  # a folder: any of its files
+    assert SECURE_FIELDS not in warm_for(str(plain / "analysis.py"))
+    (tmp_path / "typed.py").write_text("from flame import Results\n")
+    assert SECURE_FIELDS in warm_for(str(tmp_path / "typed.py"))

@@ -83,9 +83,12 @@ def test_flame_simulate_starts_its_fork_server_early_and_uses_it(tmp_path) -> No
     (tmp_path / "analysis.py").write_text(
         "import os\n\n"
         "def analyze(data):\n"
-        "    with open('/proc/self/stat') as stat:  # the parent as the host sees it\n"
-        "        return {'parent': int(stat.read().rsplit(')', 1)[1].split()[1])}\n\n"
-        "def aggregate(results):\n    return sorted(r['parent'] for r in results.values())\n"
+        "    with open('/proc/self/stat') as stat:  # as the host sees them\n"
+        "        text = stat.read()\n"
+        "    return {'pid': int(text.split(' ', 1)[0]),\n"
+        "            'parent': int(text.rsplit(')', 1)[1].split()[1])}\n\n"
+        "def aggregate(results):\n"
+        "    return sorted([r['pid'], r['parent']] for r in results.values())\n"
     )
     for node in ("a", "b", "c"):
         (tmp_path / "data" / node).mkdir(parents=True)
@@ -107,8 +110,9 @@ def test_flame_simulate_starts_its_fork_server_early_and_uses_it(tmp_path) -> No
         "forkserver.ForkServer.__init__ = starting\n"
         "from flame.cli import main\n"
         "code = main(sys.argv[1:])\n"
+        "import os\n"
         "print('spawned', sorted(spawned), 'early', early,\n"
-        "      'servers', [s.process.pid for s in forkserver._servers])\n"
+        "      'servers', [s.process.pid for s in forkserver._servers], 'me', os.getpid())\n"
         "sys.exit(code)\n"
     )
     done = subprocess.run(
@@ -123,10 +127,12 @@ def test_flame_simulate_starts_its_fork_server_early_and_uses_it(tmp_path) -> No
     assert json.loads(tail.split("early")[1].split("servers")[0].replace("True", "true")) == [
         True
     ]  # one server, started before flame.simulate was imported
-    servers = json.loads(tail.split("servers")[1])
-    # one server; each node's analyze ran in a process of its own (a per-call waiter's
-    # PID namespace)
-    assert len(servers) == 1 and len(set(used)) == 3
+    servers = json.loads(tail.split("servers")[1].split("me")[0])
+    me = int(tail.split("me")[1])
+    # one server; each node's analyze ran in a process of its own, forked by the server
+    # (PID 1 of its own PID namespace), not by this process
+    assert len(servers) == 1 and len({pid for pid, _ in used}) == 3
+    assert len({parent for _, parent in used}) == 1 and used[0][1] != me
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         try:

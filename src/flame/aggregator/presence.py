@@ -223,7 +223,7 @@ class Presence:
             self._withheld.add(node)
         self._fanout.note(node, body)
         if state == "offline" or body.get("online") is False:
-            if node in self._online:
+            if node in self._online and state != "done":  # "done": a finished node's goodbye
                 log.warning("node %s went offline", node)
             self._online.discard(node)
             if state == "offline":  # a last will (or a clean exit before the end)

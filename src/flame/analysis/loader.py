@@ -103,6 +103,8 @@ def _module_folder(module: ModuleType) -> Path | None:
 
 def _forget_analysis_modules() -> None:
     """Drop modules of earlier analyses (helpers too), so names cannot leak between them."""
+    if not _analysis_folders:  # none loaded yet (every forked analysis child): resolving
+        return  # each module's path would cost thousands of stat calls for nothing
     for name, module in list(sys.modules.items()):
         if module is not None and _module_folder(module) in _analysis_folders:
             del sys.modules[name]

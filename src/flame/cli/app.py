@@ -123,7 +123,10 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         secrets=config.secrets(),
     )
     analysis = load_analysis(args.analysis)
-    progress = None if args.quiet else _Progress(sys.stderr)
+    import gc
+
+    gc.freeze()  # what is loaded by now lives to the end: a hundred node threads' collections
+    progress = None if args.quiet else _Progress(sys.stderr)  # need not scan it again
     with contextlib.ExitStack() as stack:
         broker_url = args.broker
         if broker_url == "embedded":

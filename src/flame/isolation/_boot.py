@@ -114,7 +114,12 @@ if __name__ == "__main__":
     if "--zygote" in sys.argv:  # the fork server: each fork confines itself further
         from flame.isolation.zygote import serve
 
-        sys.exit(serve(int(sys.argv[1]), network, confinement, landlock, sys.argv))
+        code = serve(int(sys.argv[1]), network, confinement, landlock, sys.argv)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        import os
+
+        os._exit(code)  # nothing to finalize (no files, no data): skip tearing down numpy & co
     del landlock
     from flame.isolation.child import main
 

@@ -83,6 +83,22 @@ def _within(path: str, folder: str) -> bool:
     return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
 
 
+_resolved: dict[str, str] = {}
+"""Paths resolved by an earlier `confine` in this process: the fork server's own call
+resolves the allow-list once, and each of its forks (which confines itself again with the
+same list) skips a few hundred stat calls. Absolute paths only, never /proc: /proc/self
+is another process's folder in each fork."""
+
+
+def _real(path: str) -> str:
+    if _within(path, "/proc") or not os.path.isabs(path):
+        return os.path.realpath(path)
+    real = _resolved.get(path)
+    if real is None:
+        real = _resolved[path] = os.path.realpath(path)
+    return real
+
+
 def confine(readable: list[str], writable: list[str], hidden: list[str], *, cut_tcp: bool) -> str:
     """Enter the allow-list domain; a sentence saying what is enforced (starting with
     "no confinement" when nothing is)."""
@@ -109,7 +125,7 @@ def confine(readable: list[str], writable: list[str], hidden: list[str], *, cut_
     ruleset = libc.syscall(_CREATE, buffer, ctypes.c_size_t(len(attr)), ctypes.c_uint32(0))
     if ruleset < 0:
         return f"no confinement (ruleset refused: {os.strerror(ctypes.get_errno())})"
-    secret = sorted({os.path.realpath(p) for p in hidden if p})
+    secret = sorted({_real(p) for p in hidden if p})
     try:
 
         def allow(path: str, rights: int) -> None:
@@ -150,7 +166,7 @@ def confine(readable: list[str], writable: list[str], hidden: list[str], *, cut_
                     if path not in inside and path not in ancestors:
                         allow(path, rights)
 
-        roots = {os.path.realpath(p) for p in [*readable, *SYSTEM_READABLE] if p}
+        roots = {_real(p) for p in [*readable, *SYSTEM_READABLE] if p}
         for root in sorted(roots):
             allow_tree(root, _READ & fs)
         for path in SYSTEM_WRITABLE:

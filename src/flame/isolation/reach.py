@@ -47,7 +47,21 @@ def settings_paths(*settings: Any) -> list[Path]:
 def child_hidden_paths(paths: Sequence[str | Path], analysis_file: str | None) -> list[str]:
     """The node paths carved out of the child's readable folders (and refused by every file
     request), minus any it needs to start (a path holding Python, flame or the analysis code
-    is left visible, with a warning)."""
+    is left visible, with a warning, once). Remembered: a simulation asks once per node and
+    epoch with the same settings."""
+    key = (tuple(str(p) for p in paths), analysis_file)
+    known = _hidden.get(key)
+    if known is None:
+        if len(_hidden) >= 64:
+            _hidden.clear()
+        known = _hidden[key] = tuple(_hidden_paths(paths, analysis_file))
+    return list(known)
+
+
+_hidden: dict[tuple[tuple[str, ...], str | None], tuple[str, ...]] = {}
+
+
+def _hidden_paths(paths: Sequence[str | Path], analysis_file: str | None) -> list[str]:
     needed = [sys.prefix, sys.base_prefix, sys.exec_prefix, str(Path(__file__).parents[1])]
     if analysis_file:
         needed.append(analysis_file)

@@ -223,23 +223,23 @@ class ChildRunner:
 
     def _load(self, sources: dict[str, str], ctx: Context) -> dict[str, Any]:
         return self._request(
-            "load",
-            {
-                "analyze": self.locator,
-                "sys_path": [p for p in sys.path if p and Path(p).is_dir()]
-                if "path" not in self.locator
-                else [],
-                "sources": sources,
-                "node_id": ctx.node_id,
-                "analysis_id": ctx.analysis_id,
-                "aggregator_id": ctx.aggregator_id,
-                "participants": ctx.participants,
-                "seed": ctx._seed,
-                "params": ctx.params,
-            },
-            "ready",
-            deadline=time.monotonic() + 120.0,
+            "load", self._load_body(sources, ctx), "ready", deadline=time.monotonic() + 120.0
         )
+
+    def _load_body(self, sources: dict[str, str], ctx: Context) -> dict[str, Any]:
+        return {
+            "analyze": self.locator,
+            "sys_path": [p for p in sys.path if p and Path(p).is_dir()]
+            if "path" not in self.locator
+            else [],
+            "sources": sources,
+            "node_id": ctx.node_id,
+            "analysis_id": ctx.analysis_id,
+            "aggregator_id": ctx.aggregator_id,
+            "participants": ctx.participants,
+            "seed": ctx._seed,
+            "params": ctx.params,
+        }
 
     def run(self, epoch: int, previous: Any) -> Outcome:
         self.start()
@@ -250,6 +250,9 @@ class ChildRunner:
             "result",
             deadline=time.monotonic() + self.timeout,
         )
+        return self._outcome(body)
+
+    def _outcome(self, body: dict[str, Any]) -> Outcome:
         try:
             result = from_plain(body["value"])
         except ValueError as exc:
@@ -276,9 +279,16 @@ class ChildRunner:
 
     # --- the conversation --------------------------------------------------------------------
     def _request(self, op: str, body: Any, answer: str, *, deadline: float) -> dict[str, Any]:
+        self._post(op, body, deadline=deadline)
+        return self._answer(answer, deadline)
+
+    def _post(self, op: str, body: Any, *, deadline: float) -> None:
         assert self._channel is not None
         self._deadline = deadline  # what the child's own waits are capped at (`_wait_for`)
         self._channel.send(op, body)
+
+    def _answer(self, answer: str, deadline: float) -> dict[str, Any]:
+        """Serve the child's calls until its `answer` (or a failure) comes."""
         for kind, reply in self._messages(deadline):
             if kind == "call":
                 self._serve(reply)

@@ -61,22 +61,33 @@ _lock = threading.Lock()
 _warm: list[tuple[subprocess.Popen[bytes], socket.socket, bool]] = []
 _readable_of: dict[int, frozenset[str]] = {}  # pid -> what its domain lets it read
 _scratch_of: dict[int, str] = {}  # pid -> its private writable folder
+_python_readable: dict[tuple[str, ...], tuple[str, ...]] = {}  # import path -> readable
 
 
 def python_readable(*, with_script_dir: bool = False) -> list[str]:
     """What a child needs to read to run Python and flame: the interpreter's prefixes, the
     stdlib and site-packages, flame's own folder and this process's import path (without
-    its first entry, the script's folder or the working directory, unless asked)."""
+    its first entry, the script's folder or the working directory, unless asked).
+    Remembered per import path: a simulation asks once per node and epoch, and resolving
+    every entry's symlinks costs a few hundred stat calls each time."""
+    entries = tuple(sys.path if with_script_dir else sys.path[1:])
+    with _lock:
+        known = _python_readable.get(entries)
+    if known is not None:
+        return list(known)
     paths = [sys.prefix, sys.base_prefix, sys.exec_prefix]
     paths += [p for k, p in sysconfig.get_paths().items() if "lib" in k or k.endswith("stdlib")]
     paths.append(str(Path(__file__).resolve().parents[2]))  # the folder holding flame
-    entries = sys.path if with_script_dir else sys.path[1:]
     paths += [p for p in entries if p and os.path.exists(p)]
     seen: list[str] = []
     for path in paths:
         real = os.path.realpath(path)
         if real not in seen and real != os.sep:
             seen.append(real)
+    with _lock:
+        if len(_python_readable) >= 16:  # sys.path keeps changing: keep only recent ones
+            _python_readable.clear()
+        _python_readable[entries] = tuple(seen)
     return seen
 
 

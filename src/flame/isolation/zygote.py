@@ -26,6 +26,7 @@ __all__ = ["serve"]
 
 WARM_MODULES = (
     "numpy",
+    "numpy.random",
     "flame.isolation.child",
     "flame.analysis.functions",
     "flame.data",
@@ -34,7 +35,6 @@ WARM_MODULES = (
     "flame.node.context",
     "flame.privacy.markers",
     "flame.privacy.tracebacks",
-    "flame.secure.fields",
     "flame.wire.envelope",
     "flame.wire.tables",
     "flame.data.columns",
@@ -46,17 +46,20 @@ WARM_MODULES = (
 )
 """Imported once here, before any fork: each node's child starts with them loaded (shared
 copy-on-write pages), plus the libraries the analysis imports at its top (`--warm NAME`,
-e.g. pandas; not by default: a bigger server forks slower). The analysis itself is never
+e.g. pandas; not by default: a bigger server forks slower; flame.secure.fields only for
+an analysis that mentions it, `forkserver.warm_for`). The analysis itself is never
 imported here (its folder is not on this path): every fork imports it afresh, so
 module-level globals never carry from one node (or epoch) to the next."""
 
 
 def _warm(extra: list[str]) -> None:
+    import codecs
     import importlib
 
     for name in [*WARM_MODULES, *extra]:
         with contextlib.suppress(Exception):  # a library failing here fails in the child too
             importlib.import_module(name)
+    codecs.lookup("utf-8-sig")  # what `Data.read_text` decodes with (a lookup imports it)
 
 
 def _reap() -> None:
@@ -79,7 +82,6 @@ def _run_child(
 ) -> int:
     """In the fork: forget the server, confine to `scratch`, serve one node's runtime."""
     control.close()
-    _own_pid_namespace(fd)
     os.chdir(scratch)
     os.environ["TMPDIR"] = scratch
     tempfile.tempdir = None  # recomputed from TMPDIR: this call's scratch, not the server's
@@ -100,37 +102,37 @@ def _run_child(
     return main(fd, network, f"{confinement} (forked, layer 2)")
 
 
-def _own_pid_namespace(channel_fd: int) -> None:
-    """Serve as PID 1 of a new PID namespace: when it ends (or is killed with this process,
-    PDEATHSIG), the kernel ends everything the analysis started, so nothing it forked
-    outlives its call; this process stays behind only to wait and exit as it did. Best
-    effort: where the namespace is refused, serve here."""
-    import ctypes
-    import select
-    import signal
+class _PidNamespaces:
+    """Each fork as PID 1 of a PID namespace of its own: when it ends (or the runtime kills
+    it), the kernel ends everything the analysis started, so nothing it forked outlives its
+    call. The server asks for a new namespace before each fork (unshare) and goes back to
+    its own for the next (setns): one process per node, not a waiter plus the node's init.
+    Best effort: where a namespace is refused, the fork runs in the server's."""
 
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.unshare(0x20000000) != 0:  # CLONE_NEWPID
-        return
-    alive_r, alive_w = os.pipe()  # EOF on alive_r: this process is gone
-    pid = os.fork()
-    if pid == 0:
-        os.close(alive_w)
-        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
-        if select.select([alive_r], [], [], 0)[0]:  # died before the line above: follow it
-            os._exit(1)
-        os.close(alive_r)
-        return
-    os.close(alive_r)
-    os.close(channel_fd)  # the channel is the namespace's init's: its EOF is the child's
-    while True:
+    def __init__(self) -> None:
+        import ctypes
+
+        self._libc: Any = None
+        self._own = -1
         try:
-            _, status = os.waitpid(pid, 0)
-            break
-        except InterruptedError:
-            continue
-    code = os.waitstatus_to_exitcode(status)
-    os._exit(code & 0xFF if code >= 0 else 128 - code)
+            libc = ctypes.CDLL(None, use_errno=True)
+            self._own = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return
+        self._libc = libc
+
+    def enter(self) -> bool:
+        """The next fork starts a new PID namespace (its PID 1); False where refused."""
+        return self._libc is not None and self._libc.unshare(_CLONE_NEWPID) == 0
+
+    def leave(self) -> None:
+        """Forks after this one start in the server's own namespace again (else the next
+        unshare is refused); without that, stop asking for namespaces."""
+        if self._libc is not None and self._libc.setns(self._own, _CLONE_NEWPID) != 0:
+            self._libc = None
+
+
+_CLONE_NEWPID = 0x20000000
 
 
 def serve(fd: int, network: str, confinement: str, landlock: ModuleType, argv: list[str]) -> int:
@@ -154,6 +156,7 @@ def serve(fd: int, network: str, confinement: str, landlock: ModuleType, argv: l
 def _loop(
     control: Channel, landlock: ModuleType, argv: list[str], network: str, confinement: str
 ) -> None:
+    namespaces = _PidNamespaces()
     control.send("ready", {"pid": os.getpid(), "network": network, "confinement": confinement})
     while True:
         try:
@@ -173,7 +176,15 @@ def _loop(
         child_fd = passed[0]
         sys.stdout.flush()
         sys.stderr.flush()
-        pid = os.fork()
+        entered = namespaces.enter()
+        try:
+            pid = os.fork()
+        except BaseException:
+            if entered:
+                namespaces.leave()
+            raise
+        if pid != 0 and entered:
+            namespaces.leave()
         if pid == 0:  # the node's child: never returns into this loop
             code = 1
             try:
