@@ -52,3 +52,34 @@ def test_messages_between_nodes_over_mqtt(fresh_broker: Broker) -> None:
     config = load_config(analysis_id="messaging", epoch_timeout=60, presence_timeout=60)
     factory = mqtt_transport_factory(fresh_broker.settings(), "messaging")
     check(flame.simulate(analyze, aggregate, data=NODES, config=config, broker=factory).value)
+
+
+def test_runtime_requests_are_delivered_but_not_acknowledged() -> None:
+    """Free-form messages are acknowledged (`send` waits for that); the runtime's own
+    request/reply traffic (secure-sum rounds) is answered by its reply instead, so its acks
+    were envelopes nobody read."""
+    from flame.node.context import RESERVED_PREFIX
+    from flame.node.mailbox import RUNTIME_PREFIX, Mailbox
+    from flame.secure.masking import MASK
+    from flame.transport.memory import MemoryBroker, MemoryTransport
+    from flame.utils.deadline import Deadline
+    from flame.wire.envelope import Envelope
+
+    assert RUNTIME_PREFIX == RESERVED_PREFIX  # analysts cannot send what goes unacknowledged
+    broker = MemoryBroker()
+    broker.record = True
+    sender = MemoryTransport(broker, "a", "aggregator")
+    receiver = MemoryTransport(broker, "a", "node-0")
+    for transport in (sender, receiver):
+        transport.connect({"state": "waiting"})
+    mailbox = Mailbox(receiver)
+    sent = [
+        Envelope("a", "aggregator", "node-0", "message", 1, {"round": "keys"}, MASK),
+        Envelope("a", "aggregator", "node-0", "message", 1, {"v": 1}, "share"),
+    ]
+    for envelope in sent:
+        sender.send(envelope)
+    got = [mailbox.next(lambda e: e.kind == "message", Deadline(5.0)) for _ in sent]
+    assert [e.id for e in got if e is not None] == [e.id for e in sent]
+    acks = [e.body["ack"] for e in broker.delivered if e.kind == "ack"]
+    assert acks == [sent[1].id]

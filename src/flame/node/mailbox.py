@@ -3,6 +3,12 @@
 Delivery is at least once, so every envelope id is processed once. A node often waits for one
 kind of message while others arrive (a peer's free-form message during `analyze`, a status
 while awaiting results); those are kept in order until someone asks for them.
+
+A free-form message is acknowledged (its sender's `flame.context().send` waits for that); the
+runtime's own request/reply traffic (categories under `RUNTIME_PREFIX`: secure-sum rounds,
+endorsements, forwarded logs) is not. Nobody waits for those acks, the reply (or the next
+round) is the answer, and each cost a signed envelope both ways: in a masked sum, half of
+every round's envelopes.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ log = logging.getLogger(__name__)
 _SEEN_LIMIT = 100_000
 _PENDING_LIMIT = 10_000
 _POLL = 0.5
+RUNTIME_PREFIX = "flame."  # = node.context.RESERVED_PREFIX: analysts cannot send these
 
 
 class Mailbox:
@@ -47,7 +54,7 @@ class Mailbox:
             if not self._first_time(envelope):
                 log.debug("%s ignored duplicate message %s", self.transport.node_id, envelope.id)
                 continue
-            if envelope.kind == "message":
+            if envelope.kind == "message" and not _runtime(envelope):
                 self._acknowledge(envelope)
             if accept(envelope):
                 return envelope
@@ -73,3 +80,8 @@ class Mailbox:
             self.transport.send(envelope.reply("ack", {"ack": envelope.id}))
         except TransportError as exc:
             log.warning("could not acknowledge a message from %s: %s", envelope.sender, exc)
+
+
+def _runtime(envelope: Envelope) -> bool:
+    """The runtime's own traffic, never sent by `flame.context().send` (see the module)."""
+    return isinstance(envelope.category, str) and envelope.category.startswith(RUNTIME_PREFIX)
