@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from flame.errors import FlameError, PolicyRefused
-from flame.node.mailbox import Mailbox
+from flame.node.mailbox import RUNTIME_PREFIX, Mailbox
 from flame.node.params import Params
 from flame.utils.deadline import Deadline
 from flame.wire.envelope import Envelope
@@ -28,7 +28,7 @@ __all__ = ["Context", "Received", "context"]
 
 log = logging.getLogger(__name__)
 
-RESERVED_PREFIX = "flame."
+RESERVED_PREFIX = RUNTIME_PREFIX  # the runtime's own traffic: unacknowledged, never the analyst's
 """Message categories of flame's own traffic (secure sums, endorsements): not for analyses."""
 RESERVED_TAGS = ("flame-", "flame.")
 """Node-state tags of the runtime (compared ignoring case: some storage folds it)."""

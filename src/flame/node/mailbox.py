@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 _SEEN_LIMIT = 100_000
 _PENDING_LIMIT = 10_000
 _POLL = 0.5
-RUNTIME_PREFIX = "flame."  # = node.context.RESERVED_PREFIX: analysts cannot send these
+RUNTIME_PREFIX = "flame."  # node.context.RESERVED_PREFIX: analysts cannot send these
 
 
 class Mailbox:
