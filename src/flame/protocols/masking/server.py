@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from flame.protocols.masking.agreement import KEY_BYTES, pair_mask_key, public_raw
-from flame.protocols.masking.client import PAIR, SELF, parse_share
+from flame.protocols.masking.client import PAIR, SELF, open_peers, parse_share
 from flame.protocols.masking.encoding import decode_sum
 from flame.protocols.masking.errors import MaskingError, ProtocolViolation
 from flame.protocols.masking.messages import Message, b64d, b64e, open_message
@@ -73,6 +73,7 @@ class MaskingServer:
         self._u2: tuple[str, ...] = ()
         self._u3: tuple[str, ...] = ()
         self._length: int | None = None
+        self._peers: dict[str, tuple[str, frozenset[str]]] = {}  # statement, whom it masked with
         self._total: npt.NDArray[np.unsignedinteger] | None = None
         self._consistency: dict[str, Message] = {}
         self._reveals: dict[str, dict[str, dict[str, str]]] = {}
@@ -169,6 +170,19 @@ class MaskingServer:
             raise ProtocolViolation(
                 f"masked input from {msg.sender!r} has {length} values, the others {self._length}"
             )
+        raw = msg.body.get("peers")
+        peers = open_peers(self.session, raw, msg.sender, self._keys)
+        if peers != self.session.neighbours(msg.sender) & set(self._u2):
+            raise ProtocolViolation(
+                f"masked input from {msg.sender!r}: it says it masked with other nodes than "
+                "its neighbours in U2"
+            )
+        if len(peers) < self.session.peers_needed:
+            raise ProtocolViolation(
+                f"masked input from {msg.sender!r}: masked with {len(peers)} peers, fewer "
+                f"than {self.session.peers_needed}"
+            )
+        self._peers[msg.sender] = (str(raw), peers)
         dtype = np.dtype(self.session.dtype).newbyteorder("<")
         vector = np.frombuffer(msg.vector, dtype=dtype)
         if self._total is None:
@@ -234,21 +248,27 @@ class MaskingServer:
         """Close round 3: ask each node of U4 for the self-mask share of every survivor and
         the pairwise-key share of every node that dropped after sharing keys."""
         u4 = self._close("consistency", "consistency signatures on U3 (U4)")
-        if self.session.graph.sparse:  # the nodes would refuse: stop here, saying why
-            for v in self._u3:
-                kept = len(self.session.neighbours(v) & set(self._u3))
-                if kept < self.session.shares_needed:
-                    self._stage = "done"
-                    raise MaskingError(
-                        f"{v!r} kept {kept} neighbours in the survivor set, the masking graph "
-                        f"needs {self.session.shares_needed}; the sum is abandoned"
-                    )
+        u3 = set(self._u3)
+        for v in self._u3:  # the nodes would refuse its self-mask share: stop, saying why
+            kept = len(self._peers[v][1] & u3)
+            if kept < self.session.peers_needed:
+                self._stage = "done"
+                raise MaskingError(
+                    f"{v!r} kept {kept} neighbours it masked with in the survivor set, the "
+                    f"sum needs {self.session.peers_needed}; the sum is abandoned"
+                )
         signatures = {v: b64e(self._consistency[v].to_bytes()) for v in sorted(u4)}
         out = {}
         for u in sorted(u4):
             held = self.session.holders(u)
-            want = [[v, SELF if v in self._u3 else PAIR] for v in self._u2 if v in held]
-            body = {"u3": list(self._u3), "signatures": signatures, "want": want}
+            want = [[v, SELF if v in u3 else PAIR] for v in self._u2 if v in held]
+            statements = {v: self._peers[v][0] for v in self._u3 if v in held and v != u}
+            body = {
+                "u3": list(self._u3),
+                "signatures": signatures,
+                "want": want,
+                "masked": statements,
+            }
             out[u] = self._send("unmask", body)
         return out
 
