@@ -1,5 +1,6 @@
-"""The signed statement of whom a node masked with: a lying server that tells one node a
-different U2 cannot strip its masks."""
+"""The signed statement of whom a node masked with, and the input length the server fixes:
+a lying server that tells one node a different U2 cannot strip its masks, and one node
+with another length is refused without locking out the rest."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from flame.protocols.masking import (
     Binding,
     MaskingClient,
+    MaskingError,
     MaskingServer,
     Message,
     ProtocolViolation,
@@ -32,7 +34,7 @@ def nodes(n: int) -> tuple[str, ...]:
 class Party:
     """Every node of a session, the honest server, and the server's key to forge with."""
 
-    def __init__(self, sess: Session) -> None:
+    def __init__(self, sess: Session, *, length: int | None = None) -> None:
         self.sess = sess
         self.ids = {v: Ed25519PrivateKey.generate() for v in (*sess.participants, "aggregator")}
         pubs = {k: v.public_key() for k, v in self.ids.items()}
@@ -40,7 +42,9 @@ class Party:
             v: MaskingClient(sess, v, identity=self.ids[v], identities=pubs)
             for v in sess.participants
         }
-        self.server = MaskingServer(sess, identity=self.ids["aggregator"], identities=pubs)
+        self.server = MaskingServer(
+            sess, identity=self.ids["aggregator"], identities=pubs, length=length
+        )
         rng = np.random.default_rng(5)
         self.values = {v: rng.uniform(-100, 100, LENGTH) for v in sess.participants}
 
@@ -48,11 +52,12 @@ class Party:
         msg = Message(self.sess.binding, round, "aggregator", body)
         return msg.signed(self.ids["aggregator"]).to_bytes()
 
-    def share_keys(self) -> None:
+    def share_keys(self, lengths: dict[str, int] | None = None) -> None:
         for c in self.clients.values():
             self.server.receive(c.advertise().to_bytes())
         for v, m in self.server.keys().items():
-            self.server.receive(self.clients[v].share_keys(m.to_bytes(), length=LENGTH).to_bytes())
+            n = (lengths or {}).get(v, LENGTH)
+            self.server.receive(self.clients[v].share_keys(m.to_bytes(), length=n).to_bytes())
 
 
 def _lie_about_u2(
@@ -170,3 +175,57 @@ def test_the_server_refuses_a_statement_that_does_not_match_u2() -> None:
         else:
             party.server.receive(msg.to_bytes())
     assert party.server.survivors().keys() == set(sess.participants) - {liar}
+
+
+def test_a_length_given_up_front_refuses_other_lengths_in_shares_and_input() -> None:
+    sess = Session(BINDING, nodes(6), 4, SPEC)
+    party = Party(sess, length=LENGTH)
+    rogue = sess.participants[0]
+    with pytest.raises(ProtocolViolation, match="an input of 3 values, the sum has 8"):
+        party.share_keys({rogue: 3})
+    with pytest.raises(MaskingError, match="positive"):
+        MaskingServer(sess, length=0)
+
+
+def test_a_node_stating_another_length_is_left_out_and_the_rest_sum_exactly() -> None:
+    """No length given up front: the length t nodes stated wins; the node that stated
+    another is left out of U2 and the others' sum is exact."""
+    sess = Session(BINDING, nodes(6), 4, SPEC)
+    party = Party(sess)
+    rogue = sess.participants[0]
+    party.share_keys({rogue: 3})
+    cts = party.server.ciphertexts()
+    assert rogue not in cts and party.server.refused == 1
+    for v, m in cts.items():
+        party.server.receive(
+            party.clients[v].masked_input(m.to_bytes(), party.values[v]).to_bytes()
+        )
+    for v, m in party.server.survivors().items():
+        party.server.receive(party.clients[v].consistency(m.to_bytes()).to_bytes())
+    for v, m in party.server.unmask().items():
+        party.server.receive(party.clients[v].reveal(m.to_bytes()).to_bytes())
+    total = party.server.result()
+    keep = [v for v in sess.participants if v != rogue]
+    want = sum(np.rint(party.values[v] * SPEC.scale).astype(np.int64) for v in keep)
+    assert total.contributors == tuple(keep) and np.array_equal(total.encoded, want)
+
+
+def test_a_wrong_length_with_a_valid_statement_arriving_first_is_refused_alone() -> None:
+    """The red team's lock-out, with the rogue's masked input otherwise well formed (its
+    signed peer statement included): it stated the right length with its shares, then
+    sends 3 values first; it is refused and every honest input is taken."""
+    sess = Session(BINDING, nodes(6), 5, SPEC)
+    party = Party(sess)
+    party.share_keys()
+    rogue = sess.participants[0]
+    cts = party.server.ciphertexts()
+    real = party.clients[rogue].masked_input(cts[rogue].to_bytes(), party.values[rogue])
+    body = {**real.body, "length": 3}
+    fake = Message(BINDING, "masked", rogue, body, bytes(24)).signed(party.ids[rogue])
+    with pytest.raises(ProtocolViolation, match="has 3 values, the sum 8"):
+        party.server.receive(fake.to_bytes())
+    for v, m in cts.items():
+        if v != rogue:
+            msg = party.clients[v].masked_input(m.to_bytes(), party.values[v])
+            party.server.receive(msg.to_bytes())
+    assert party.server.survivors().keys() == set(sess.participants) - {rogue}

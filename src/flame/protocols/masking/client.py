@@ -146,6 +146,7 @@ class MaskingClient:
         self._held: dict[str, tuple[int, int]] = {}  # v -> (share of v's s key, of v's seed)
         self._share_keys: dict[str, bytes] = {}  # v -> the key sealing shares with v
         self._premask: _Premask | None = None
+        self._length: int | None = None  # the input length this node stated
         self._peers: frozenset[str] = frozenset()  # whom it masked with
 
     def _advance(self, expected: str, following: str) -> None:
@@ -184,7 +185,8 @@ class MaskingClient:
         neighbours in U1); seal shares of this node's pairwise private key and self-mask
         seed to each of them (t of |U1|, or t_k of its neighbours and itself). Given the
         input's `length`, the node starts making its masks (self and with every neighbour
-        in U1) in the background, to be ready when the next round asks for its input."""
+        in U1) in the background, to be ready when the next round asks for its input, and
+        states the length in its signed reply (the server refuses other lengths)."""
         self._advance("share", "masked")
         msg = self._from_server(keys, "keys")
         adverts = msg.body.get("adverts")
@@ -237,7 +239,10 @@ class MaskingClient:
                 seal_share(key, self._u1[v][0], self._context, self.node_id, v, plain.encode())
             )
         commit = hashlib.sha256(b"flame-masking-seed\0" + self._context + self._seed).digest()
-        reply = self._make("shares", {"to": sealed, "seed_commit": b64e(commit)})
+        body: dict[str, object] = {"to": sealed, "seed_commit": b64e(commit)}
+        if length is not None and length > 0:
+            self._length = body["length"] = int(length)
+        reply = self._make("shares", body)
         if length is not None and length > 0:
             peers = set(self._u1) & self.session.neighbours(self.node_id)
             self._premask = _Premask(length, self.session.bits, self._masks(peers))
@@ -268,6 +273,10 @@ class MaskingClient:
         elif values.spec != spec or values.ring.dtype != self.session.dtype:
             raise MaskingError(f"{field}: the input was encoded for another spec")
         encoded = values.ring
+        if self._length is not None and encoded.size != self._length:
+            raise MaskingError(
+                f"{field}: {encoded.size} values, but this node stated {self._length}"
+            )
         msg = self._from_server(ciphertexts, "ciphertexts")
         u2 = parse_survivors(self.session, msg.body.get("u2"), "ciphertexts: u2")
         sealed = msg.body.get("from")

@@ -2,6 +2,11 @@
 survivors for exactly the shares that remove the masks, and sums. It never sees a node's
 input alone: only sums of masked inputs, with the masks of the summed nodes cancelling.
 
+Every masked input has one length: the one given up front (`length`), else the one the
+nodes of U2 stated with their shares (when they differ: the one t of them stated; nodes
+stating another are left out of U2), else that of the first masked input. A vector of
+another length is refused, never the sum.
+
 Use: `receive` every message of the current round (refusals raise ProtocolViolation and
 change nothing), then close the round with the next method (`keys`, `ciphertexts`,
 `survivors`, `unmask`, `result`), which returns the message for each node still in.
@@ -56,9 +61,12 @@ class MaskingServer:
         identity: Ed25519PrivateKey | None = None,
         identities: Mapping[str, Ed25519PublicKey] | None = None,
         min_contributors: int = 1,
+        length: int | None = None,
     ) -> None:
         if (identity is None) != (identities is None):
             raise MaskingError("signed mode needs both the server's identity and the roster's keys")
+        if length is not None and (isinstance(length, bool) or length < 1):
+            raise MaskingError("the masked inputs' length must be a positive int")
         self.session = session
         self._identity = identity
         self._keys = dict(identities) if identities is not None else None
@@ -72,7 +80,8 @@ class MaskingServer:
         self._commits: dict[str, bytes] = {}
         self._u2: tuple[str, ...] = ()
         self._u3: tuple[str, ...] = ()
-        self._length: int | None = None
+        self._length: int | None = length
+        self._stated: dict[str, int] = {}  # the input length each node stated with its shares
         self._peers: dict[str, tuple[str, frozenset[str]]] = {}  # statement, whom it masked with
         self._total: npt.NDArray[np.unsignedinteger] | None = None
         self._consistency: dict[str, Message] = {}
@@ -140,6 +149,16 @@ class MaskingServer:
             commit = b64d(body.get("seed_commit"), "seed_commit")
             if len(commit) != 32:
                 raise ProtocolViolation(f"shares from {msg.sender!r}: malformed seed commitment")
+            stated = body.get("length")
+            if stated is not None:
+                if not isinstance(stated, int) or isinstance(stated, bool) or stated < 1:
+                    raise ProtocolViolation(f"shares from {msg.sender!r}: bad length")
+                if self._length is not None and stated != self._length:
+                    raise ProtocolViolation(
+                        f"shares from {msg.sender!r}: an input of {stated} values, the sum "
+                        f"has {self._length}"
+                    )
+                self._stated[msg.sender] = stated
             self._sealed[msg.sender] = sealed
             self._commits[msg.sender] = commit
         elif msg.round == "masked":
@@ -166,9 +185,10 @@ class MaskingServer:
             raise ProtocolViolation(f"masked input from {msg.sender!r}: bad length")
         if bits != self.session.bits or len(msg.vector) != length * self.session.bits // 8:
             raise ProtocolViolation(f"masked input from {msg.sender!r}: wrong ring or size")
-        if self._length is not None and length != self._length:
+        expected = self._length if self._length is not None else self._stated.get(msg.sender)
+        if expected is not None and length != expected:
             raise ProtocolViolation(
-                f"masked input from {msg.sender!r} has {length} values, the others {self._length}"
+                f"masked input from {msg.sender!r} has {length} values, the sum {expected}"
             )
         raw = msg.body.get("peers")
         peers = open_peers(self.session, raw, msg.sender, self._keys)
@@ -219,6 +239,27 @@ class MaskingServer:
     def ciphertexts(self) -> dict[str, Message]:
         """Close round 1: each node of U2 gets the sealed shares addressed to it."""
         u2 = self._close("shares", "nodes that shared keys (U2)")
+        if self._length is None and self._stated:
+            counts: dict[int, int] = {}
+            for v in u2 & set(self._stated):
+                counts[self._stated[v]] = counts.get(self._stated[v], 0) + 1
+            agreed = [
+                n for n, c in counts.items() if c >= self.session.threshold or len(counts) == 1
+            ]
+            if not agreed:
+                self._stage = "done"
+                raise MaskingError(
+                    "the nodes stated different input lengths, none by t of them; "
+                    "the sum is abandoned"
+                )
+            self._length = agreed[0]  # t is a strict majority: at most one
+            u2 = {v for v in u2 if self._stated.get(v, self._length) == self._length}
+            self.refused += len(set(self._stated) - u2)
+            try:
+                self.session.require(u2, "nodes that shared keys of the agreed length (U2)")
+            except MaskingError:
+                self._stage = "done"
+                raise
         self._u2 = tuple(sorted(u2))
         return {
             u: self._send(
