@@ -11,6 +11,7 @@ masked input arrived. A node's refusal is logged with its reason and named if th
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -129,6 +130,7 @@ class MaskingSummer:
                 identity=identity,
                 identities=keys,
                 min_contributors=self.settings.min_contributors,
+                length=math.prod(shape) or None,  # a vector of another length is refused
             )
         except (FlameError, TypeError, ValueError) as exc:
             raise RunFailed(f"cannot start the masked sum of {path!r}: {exc}", epoch=epoch) from exc

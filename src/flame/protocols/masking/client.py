@@ -2,11 +2,16 @@
 network: each method takes the server's message of the previous round and returns the
 node's message for the next. Called out of order or twice, a method refuses.
 
-The rule that keeps a node's input hidden even from a server that lies: for every other
+The rules that keep a node's input hidden even from a server that lies: for every other
 node v a node reveals exactly one kind of share, fixed by whether v is in the survivor set
 U3 that at least t nodes signed: v in U3 -> the share of v's self-mask seed; v dropped
 (shared keys, sent no input) -> the share of v's pairwise key. A request asking for both
-kinds, for the other kind, or under another survivor set is refused as a whole.
+kinds, for the other kind, or under another survivor set is refused as a whole. And the
+self-mask share of a survivor v only when v's own signed statement of the peers it masked
+with (sent with its masked input, relayed by the server) leaves at least
+`Session.peers_needed` of them in U3: one of them is then honest, and the mask of that pair
+stays on v's input whatever U2 the server told v or declares dropped. A node masks only
+when U2 leaves it that many peers.
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ from flame.protocols.masking.prg import RING_DTYPES, MaskTerm, add_masks
 from flame.protocols.masking.session import Session, self_mask_key
 from flame.protocols.masking.shamir import PRIME, split_bytes
 
-__all__ = ["MaskingClient", "parse_share", "parse_survivors"]
+__all__ = ["MaskingClient", "open_peers", "parse_share", "parse_survivors"]
 
 SELF, PAIR = "self", "pair"
 
@@ -64,6 +69,27 @@ def parse_survivors(session: Session, value: object, what: str) -> tuple[str, ..
     if nodes != tuple(sorted(set(nodes))) or not set(nodes) <= set(session.participants):
         raise ProtocolViolation(f"{what}: not a sorted list of distinct participants")
     return nodes
+
+
+def open_peers(
+    session: Session,
+    raw: object,
+    node: str,
+    keys: Mapping[str, Ed25519PublicKey] | None,
+) -> frozenset[str]:
+    """The peers `node` masked with, from its signed "peers" statement (base64 wire bytes):
+    its neighbours less those it lists as skipped."""
+    if raw is None:
+        raise ProtocolViolation(f"no signed statement of the peers {node!r} masked with")
+    statement = open_message(
+        b64d(raw, f"peers of {node!r}"),
+        binding=session.binding,
+        round="peers",
+        keys=keys,
+        senders={node},
+    )
+    skipped = parse_survivors(session, statement.body.get("skipped"), f"peers of {node!r}")
+    return session.neighbours(node) - set(skipped)
 
 
 class _Premask:
@@ -120,6 +146,8 @@ class MaskingClient:
         self._held: dict[str, tuple[int, int]] = {}  # v -> (share of v's s key, of v's seed)
         self._share_keys: dict[str, bytes] = {}  # v -> the key sealing shares with v
         self._premask: _Premask | None = None
+        self._length: int | None = None  # the input length this node stated
+        self._peers: frozenset[str] = frozenset()  # whom it masked with
 
     def _advance(self, expected: str, following: str) -> None:
         if self._stage != expected:
@@ -157,7 +185,8 @@ class MaskingClient:
         neighbours in U1); seal shares of this node's pairwise private key and self-mask
         seed to each of them (t of |U1|, or t_k of its neighbours and itself). Given the
         input's `length`, the node starts making its masks (self and with every neighbour
-        in U1) in the background, to be ready when the next round asks for its input."""
+        in U1) in the background, to be ready when the next round asks for its input, and
+        states the length in its signed reply (the server refuses other lengths)."""
         self._advance("share", "masked")
         msg = self._from_server(keys, "keys")
         adverts = msg.body.get("adverts")
@@ -210,7 +239,10 @@ class MaskingClient:
                 seal_share(key, self._u1[v][0], self._context, self.node_id, v, plain.encode())
             )
         commit = hashlib.sha256(b"flame-masking-seed\0" + self._context + self._seed).digest()
-        reply = self._make("shares", {"to": sealed, "seed_commit": b64e(commit)})
+        body: dict[str, object] = {"to": sealed, "seed_commit": b64e(commit)}
+        if length is not None and length > 0:
+            self._length = body["length"] = int(length)
+        reply = self._make("shares", body)
         if length is not None and length > 0:
             peers = set(self._u1) & self.session.neighbours(self.node_id)
             self._premask = _Premask(length, self.session.bits, self._masks(peers))
@@ -229,8 +261,11 @@ class MaskingClient:
 
     def masked_input(self, ciphertexts: Message | bytes, values: object) -> Message:
         """Round 2: the input, encoded (refused past its bound before any mask is made),
-        plus this node's self mask and its pairwise masks with every node of U2. `values`
-        may be a `RingInput` encoded (and so checked) earlier for this session's spec."""
+        plus this node's self mask and its pairwise masks with every node (neighbour) of U2,
+        and a signed statement of the neighbours it did not mask with. Refused when U2
+        leaves fewer than `Session.peers_needed` peers: the server could then declare them
+        all dropped and strip every mask. `values` may be a `RingInput` encoded (and so
+        checked) earlier for this session's spec."""
         self._advance("masked", "consistency")
         spec, field = self.session.spec, self.session.binding.field
         if not isinstance(values, RingInput):
@@ -238,6 +273,10 @@ class MaskingClient:
         elif values.spec != spec or values.ring.dtype != self.session.dtype:
             raise MaskingError(f"{field}: the input was encoded for another spec")
         encoded = values.ring
+        if self._length is not None and encoded.size != self._length:
+            raise MaskingError(
+                f"{field}: {encoded.size} values, but this node stated {self._length}"
+            )
         msg = self._from_server(ciphertexts, "ciphertexts")
         u2 = parse_survivors(self.session, msg.body.get("u2"), "ciphertexts: u2")
         sealed = msg.body.get("from")
@@ -247,6 +286,12 @@ class MaskingClient:
         if self.node_id not in u2 or not peers <= set(self._u1):
             raise ProtocolViolation("ciphertexts: U2 is not a subset of U1 holding this node")
         self.session.require(u2, "nodes that shared keys (U2)")
+        if len(peers) < self.session.peers_needed:
+            raise ProtocolViolation(
+                f"ciphertexts: U2 leaves this node {len(peers)} peers to mask with, fewer than "
+                f"{self.session.peers_needed}: declared dropped, they would expose its input; "
+                "refused"
+            )
         for v, raw in sealed.items():
             plain = open_share(
                 self._share_keys.get(v, self._c),
@@ -264,6 +309,9 @@ class MaskingClient:
                 raise ProtocolViolation(f"ciphertexts: shares from {v!r} are malformed")
             self._held[v] = (parse_share(shares.get("s"), v), parse_share(shares.get("b"), v))
         self._u2 = u2
+        self._peers = frozenset(peers)
+        skipped = sorted(self.session.neighbours(self.node_id) - peers)
+        statement = self._make("peers", {"skipped": skipped}).to_bytes()
         bits = self.session.bits
         premask, self._premask = self._premask, None
         ready = premask.result() if premask is not None else None
@@ -276,7 +324,8 @@ class MaskingClient:
             acc = encoded.astype(encoded.dtype.newbyteorder("<"))  # a copy, masked in place
             add_masks(acc, self._masks(peers), bits)
         vector = acc.data.cast("B")  # the wire bytes, without another copy
-        return self._make("masked", {"length": int(acc.size), "bits": bits}, vector)
+        body = {"length": int(acc.size), "bits": bits, "peers": b64e(statement)}
+        return self._make("masked", body, vector)
 
     def consistency(self, survivors: Message | bytes) -> Message:
         """Round 3: sign U3, the nodes whose masked input the server says it has."""
@@ -303,6 +352,9 @@ class MaskingClient:
         want = msg.body.get("want")
         if not isinstance(want, list):
             raise ProtocolViolation("unmask: no list of wanted shares")
+        statements = msg.body.get("masked", {})
+        if not isinstance(statements, dict):
+            raise ProtocolViolation("unmask: malformed peer statements")
         out: dict[str, dict[str, str]] = {SELF: {}, PAIR: {}}
         for item in want:
             if not (
@@ -323,13 +375,18 @@ class MaskingClient:
                     f"unmask: asks for the {kind!r} share of {node!r}, but the signed survivor "
                     f"set allows only its {allowed!r} share; refused"
                 )
-            if kind == SELF and self.session.graph.sparse:
-                kept = len(self.session.neighbours(node) & set(u3))
-                if kept < self.session.shares_needed:
+            if kind == SELF:
+                peers = (
+                    self._peers
+                    if node == self.node_id
+                    else open_peers(self.session, statements.get(node), node, self._keys)
+                )
+                kept = len(peers & set(u3))
+                if kept < self.session.peers_needed:
                     raise ProtocolViolation(
-                        f"unmask: {node!r} kept {kept} neighbours in the survivor set, fewer "
-                        f"than {self.session.shares_needed}: its self-mask share could expose "
-                        "its input; refused"
+                        f"unmask: {node!r} kept {kept} neighbours it masked with in the "
+                        f"survivor set, fewer than {self.session.peers_needed}: its self-mask "
+                        "share could expose its input; refused"
                     )
             s_share, b_share = self._held[node]
             out[kind][node] = format(b_share if kind == SELF else s_share, "x")

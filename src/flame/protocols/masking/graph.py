@@ -15,9 +15,10 @@ gives. A node's secrets are Shamir-shared among its neighbours and itself, t_k o
   * completion: every node keeps t_k of its k neighbours when DROPOUT * n nodes drop at
     random, except with probability <= 2**-ABORT_BITS (else the sum is abandoned, never
     wrong).
-A node reveals the self-mask share of a survivor only when at least t_k of that
-survivor's neighbours survived too: one of them is then honest, so its pairwise mask with
-the survivor stays secret, however the server declares nodes dropped.
+A node reveals the self-mask share of a survivor only when at least t_k of the neighbours
+that survivor signed it masked with survived too (`client`): one of them is then honest, so
+their pairwise mask stays on the survivor's input, whatever U2 the server told whom and
+whomever it declares dropped.
 """
 
 from __future__ import annotations

@@ -47,7 +47,8 @@ ROUNDS = (
     "keys",  # server -> node: the signed advertisements of U1
     "shares",  # node -> server: encrypted Shamir shares for each other node of U1
     "ciphertexts",  # server -> node: the shares addressed to it, from U2
-    "masked",  # node -> server: the masked input
+    "masked",  # node -> server: the masked input, with its signed "peers" statement
+    "peers",  # node -> holders via the server (inside "masked"): whom it did not mask with
     "survivors",  # server -> node: U3, the nodes whose masked input arrived
     "consistency",  # node -> server: its signature on U3
     "unmask",  # server -> node: U3, the signatures of U4, which share of whom it wants

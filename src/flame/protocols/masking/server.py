@@ -2,6 +2,11 @@
 survivors for exactly the shares that remove the masks, and sums. It never sees a node's
 input alone: only sums of masked inputs, with the masks of the summed nodes cancelling.
 
+Every masked input has one length: the one given up front (`length`), else the one the
+nodes of U2 stated with their shares (when they differ: the one t of them stated; nodes
+stating another are left out of U2), else that of the first masked input. A vector of
+another length is refused, never the sum.
+
 Use: `receive` every message of the current round (refusals raise ProtocolViolation and
 change nothing), then close the round with the next method (`keys`, `ciphertexts`,
 `survivors`, `unmask`, `result`), which returns the message for each node still in.
@@ -19,7 +24,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from flame.protocols.masking.agreement import KEY_BYTES, pair_mask_key, public_raw
-from flame.protocols.masking.client import PAIR, SELF, parse_share
+from flame.protocols.masking.client import PAIR, SELF, open_peers, parse_share
 from flame.protocols.masking.encoding import decode_sum
 from flame.protocols.masking.errors import MaskingError, ProtocolViolation
 from flame.protocols.masking.messages import Message, b64d, b64e, open_message
@@ -56,9 +61,12 @@ class MaskingServer:
         identity: Ed25519PrivateKey | None = None,
         identities: Mapping[str, Ed25519PublicKey] | None = None,
         min_contributors: int = 1,
+        length: int | None = None,
     ) -> None:
         if (identity is None) != (identities is None):
             raise MaskingError("signed mode needs both the server's identity and the roster's keys")
+        if length is not None and (isinstance(length, bool) or length < 1):
+            raise MaskingError("the masked inputs' length must be a positive int")
         self.session = session
         self._identity = identity
         self._keys = dict(identities) if identities is not None else None
@@ -72,7 +80,9 @@ class MaskingServer:
         self._commits: dict[str, bytes] = {}
         self._u2: tuple[str, ...] = ()
         self._u3: tuple[str, ...] = ()
-        self._length: int | None = None
+        self._length: int | None = length
+        self._stated: dict[str, int] = {}  # the input length each node stated with its shares
+        self._peers: dict[str, tuple[str, frozenset[str]]] = {}  # statement, whom it masked with
         self._total: npt.NDArray[np.unsignedinteger] | None = None
         self._consistency: dict[str, Message] = {}
         self._reveals: dict[str, dict[str, dict[str, str]]] = {}
@@ -139,6 +149,16 @@ class MaskingServer:
             commit = b64d(body.get("seed_commit"), "seed_commit")
             if len(commit) != 32:
                 raise ProtocolViolation(f"shares from {msg.sender!r}: malformed seed commitment")
+            stated = body.get("length")
+            if stated is not None:
+                if not isinstance(stated, int) or isinstance(stated, bool) or stated < 1:
+                    raise ProtocolViolation(f"shares from {msg.sender!r}: bad length")
+                if self._length is not None and stated != self._length:
+                    raise ProtocolViolation(
+                        f"shares from {msg.sender!r}: an input of {stated} values, the sum "
+                        f"has {self._length}"
+                    )
+                self._stated[msg.sender] = stated
             self._sealed[msg.sender] = sealed
             self._commits[msg.sender] = commit
         elif msg.round == "masked":
@@ -165,10 +185,24 @@ class MaskingServer:
             raise ProtocolViolation(f"masked input from {msg.sender!r}: bad length")
         if bits != self.session.bits or len(msg.vector) != length * self.session.bits // 8:
             raise ProtocolViolation(f"masked input from {msg.sender!r}: wrong ring or size")
-        if self._length is not None and length != self._length:
+        expected = self._length if self._length is not None else self._stated.get(msg.sender)
+        if expected is not None and length != expected:
             raise ProtocolViolation(
-                f"masked input from {msg.sender!r} has {length} values, the others {self._length}"
+                f"masked input from {msg.sender!r} has {length} values, the sum {expected}"
             )
+        raw = msg.body.get("peers")
+        peers = open_peers(self.session, raw, msg.sender, self._keys)
+        if peers != self.session.neighbours(msg.sender) & set(self._u2):
+            raise ProtocolViolation(
+                f"masked input from {msg.sender!r}: it says it masked with other nodes than "
+                "its neighbours in U2"
+            )
+        if len(peers) < self.session.peers_needed:
+            raise ProtocolViolation(
+                f"masked input from {msg.sender!r}: masked with {len(peers)} peers, fewer "
+                f"than {self.session.peers_needed}"
+            )
+        self._peers[msg.sender] = (str(raw), peers)
         dtype = np.dtype(self.session.dtype).newbyteorder("<")
         vector = np.frombuffer(msg.vector, dtype=dtype)
         if self._total is None:
@@ -205,6 +239,27 @@ class MaskingServer:
     def ciphertexts(self) -> dict[str, Message]:
         """Close round 1: each node of U2 gets the sealed shares addressed to it."""
         u2 = self._close("shares", "nodes that shared keys (U2)")
+        if self._length is None and self._stated:
+            counts: dict[int, int] = {}
+            for v in u2 & set(self._stated):
+                counts[self._stated[v]] = counts.get(self._stated[v], 0) + 1
+            agreed = [
+                n for n, c in counts.items() if c >= self.session.threshold or len(counts) == 1
+            ]
+            if not agreed:
+                self._stage = "done"
+                raise MaskingError(
+                    "the nodes stated different input lengths, none by t of them; "
+                    "the sum is abandoned"
+                )
+            self._length = agreed[0]  # t is a strict majority: at most one
+            u2 = {v for v in u2 if self._stated.get(v, self._length) == self._length}
+            self.refused += len(set(self._stated) - u2)
+            try:
+                self.session.require(u2, "nodes that shared keys of the agreed length (U2)")
+            except MaskingError:
+                self._stage = "done"
+                raise
         self._u2 = tuple(sorted(u2))
         return {
             u: self._send(
@@ -234,21 +289,27 @@ class MaskingServer:
         """Close round 3: ask each node of U4 for the self-mask share of every survivor and
         the pairwise-key share of every node that dropped after sharing keys."""
         u4 = self._close("consistency", "consistency signatures on U3 (U4)")
-        if self.session.graph.sparse:  # the nodes would refuse: stop here, saying why
-            for v in self._u3:
-                kept = len(self.session.neighbours(v) & set(self._u3))
-                if kept < self.session.shares_needed:
-                    self._stage = "done"
-                    raise MaskingError(
-                        f"{v!r} kept {kept} neighbours in the survivor set, the masking graph "
-                        f"needs {self.session.shares_needed}; the sum is abandoned"
-                    )
+        u3 = set(self._u3)
+        for v in self._u3:  # the nodes would refuse its self-mask share: stop, saying why
+            kept = len(self._peers[v][1] & u3)
+            if kept < self.session.peers_needed:
+                self._stage = "done"
+                raise MaskingError(
+                    f"{v!r} kept {kept} neighbours it masked with in the survivor set, the "
+                    f"sum needs {self.session.peers_needed}; the sum is abandoned"
+                )
         signatures = {v: b64e(self._consistency[v].to_bytes()) for v in sorted(u4)}
         out = {}
         for u in sorted(u4):
             held = self.session.holders(u)
-            want = [[v, SELF if v in self._u3 else PAIR] for v in self._u2 if v in held]
-            body = {"u3": list(self._u3), "signatures": signatures, "want": want}
+            want = [[v, SELF if v in u3 else PAIR] for v in self._u2 if v in held]
+            statements = {v: self._peers[v][0] for v in self._u3 if v in held and v != u}
+            body = {
+                "u3": list(self._u3),
+                "signatures": signatures,
+                "want": want,
+                "masked": statements,
+            }
             out[u] = self._send("unmask", body)
         return out
 

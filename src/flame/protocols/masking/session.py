@@ -26,12 +26,14 @@ class Session:
     """One secure sum: its binding, the nodes that may take part (sorted; a node's Shamir
     index is its position + 1), the threshold t and the fixed-point spec.
 
-    t must be a strict majority of the participants: the server then cannot split the
-    nodes into two groups that each reconstruct a different half of one node's secrets,
-    and every round needs at least t nodes left (fewer: the sum is abandoned). On the
-    complete graph t is also the Shamir threshold; on a sparse graph (`graph`) a node's
-    secrets are shared among its neighbours, t_k of k + 1 (`shares_needed`), and t
-    still bounds U1..U4 and the consistency signatures."""
+    t must be a strict majority of the participants. Every honest node signs at most one
+    survivor set U3 and a node reveals shares only under a U3 that t nodes signed; two
+    different such sets share at least 2t - n signers, so while fewer than 2t - n nodes
+    collude with the server (c < 2t - n; a strict majority makes this hold for c = 0) all
+    honest nodes act on the same U3. Every round needs at least t nodes left (fewer: the
+    sum is abandoned). On the complete graph t is also the Shamir threshold; on a sparse
+    graph (`graph`) a node's secrets are shared among its neighbours, t_k of k + 1
+    (`shares_needed`), and t still bounds U1..U4 and the consistency signatures."""
 
     binding: Binding
     participants: tuple[str, ...]
@@ -97,6 +99,15 @@ class Session:
         """Shares that rebuild one node's secret: t (complete graph) or t_k (sparse)."""
         assert self.share_threshold is not None
         return self.share_threshold
+
+    @property
+    def peers_needed(self) -> int:
+        """Peers a survivor must have masked with, and still have in the signed U3, before
+        its self-mask share is revealed: enough that one of them is honest, so that pair's
+        mask stays on its input. Sparse: t_k (no node has t_k corrupt neighbours, see
+        `graph`). Complete: t - 1 (while c < 2t - n <= t - 1 nodes collude, t - 1 peers
+        hold an honest one; with t = n the sum over everyone else is already known)."""
+        return self.shares_needed if self.graph.sparse else self.threshold - 1
 
     def neighbours(self, node: str) -> frozenset[str]:
         return self.graph.neighbours(node)
