@@ -83,11 +83,31 @@ def test_only_names_the_code_loads_are_copied_not_every_notebook_variable() -> N
     assert _load(locator)(np.array([1, 2])) == 6
 
 
+def test_numeric_arrays_scalars_and_non_finite_floats_are_copied_exactly() -> None:
+    ns = _notebook(
+        "import numpy as np\n"
+        "W = np.arange(12, dtype=np.float32).reshape(3, 4) / 7\n"
+        "M = np.array([[True, False]])\nC = np.array([1 + 2j, np.nan])\n"
+        "S = np.int16(-7)\nLIMIT = float('nan')\nTOP = float('-inf')\n",
+        "def analyze(data):\n    return W, M, C, S, LIMIT, TOP\n",
+    )
+    locator = export_cell_function(ns["analyze"])
+    assert locator is not None
+    w, m, c, s, limit, top = _load(locator)(None)
+    for got, want in ((w, ns["W"]), (m, ns["M"]), (c, ns["C"])):
+        assert got.dtype == want.dtype and got.shape == want.shape
+        assert got.tobytes() == want.tobytes() and got.flags.writeable
+    assert type(s) is np.int16 and s == -7
+    assert math.isnan(limit) and top == float("-inf")
+
+
 @pytest.mark.parametrize(
     ("setup", "name", "kind"),
     [
-        ("import numpy as np\nWEIGHTS = np.ones(3)\n", "WEIGHTS", "ndarray"),
-        ("LIMIT = float('nan')\n", "LIMIT", "float"),
+        ("import numpy as np\nWEIGHTS = np.array(['a', None], dtype=object)\n", "WEIGHTS",
+         "ndarray"),
+        ("import pandas as pd\nWEIGHTS = pd.DataFrame({'w': [1.0, 2.0]})\n", "WEIGHTS",
+         "DataFrame"),
         ("class Model:\n    pass\nWEIGHTS = Model\n", "WEIGHTS", "type"),
     ],
 )
@@ -111,7 +131,9 @@ def test_code_without_kept_source_is_not_exported() -> None:
 
 
 def test_not_isolable_reports_the_refusal_instead_of_raising() -> None:
-    ns = _notebook("import numpy as np\nW = np.zeros(2)\n", "def analyze(data):\n    return W\n")
+    ns = _notebook(
+        "import numpy as np\nW = np.array([object()])\n", "def analyze(data):\n    return W\n"
+    )
     main = sys.modules["__main__"]
     saved = getattr(main, "__file__", None)
     try:

@@ -225,11 +225,12 @@ import logging, sys
 import numpy as np
 import flame
 logging.basicConfig(stream=sys.stderr, level=logging.WARNING)
-SCALE = 2.0
+SCALE = np.float64(2.0)
+OFFSETS = np.zeros(1)
 """,
     """\
 def scaled(x):
-    return x * SCALE
+    return x * SCALE + OFFSETS[0]
 
 def analyze(data):
     x = np.asarray(data.read_csv()["v"])
@@ -254,7 +255,7 @@ sec = flame.simulate(analyze_secure, aggregate, data="nodes", isolate=True, secu
 print("cells", inproc.value, iso.value == inproc.value, sec.value == inproc.value)
 """,
     """\
-WEIGHTS = np.ones(3)
+WEIGHTS = np.array([object(), object()])
 def analyze_w(data):
     return {"n": len(WEIGHTS)}
 try:

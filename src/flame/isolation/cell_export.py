@@ -5,9 +5,10 @@ source (`linecache`), so the child need not share the kernel's memory (forking a
 holds ZeroMQ sockets and threads is what used to hang). The exported module holds the
 function's source and, recursively, exactly the notebook names its code loads: modules become
 imports, functions from files become imports, notebook functions are copied as source, and
-plain literals (numbers, strings, containers of them) are written out. Anything else (an
-array, a DataFrame, an open connection) is refused by name: copying live objects would need
-pickle, and the analysis should compute them itself.
+plain literals (numbers, strings, containers of them) and numeric numpy arrays (their exact
+bytes) are written out. Anything else (a DataFrame, an object array, an open connection) is
+refused by name: copying live objects would need pickle, and the analysis should compute them
+itself.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import dis
 import hashlib
 import inspect
 import os
+import sys
 import tempfile
 import textwrap
 import types
@@ -73,8 +75,36 @@ def _is_literal(value: Any, depth: int = 0) -> bool:
     return False
 
 
+_ARRAY_KINDS = frozenset("biufc")  # bool, int, uint, float, complex: raw bytes say it all
+_MAX_ARRAY_BYTES = 16 * 1024 * 1024
+
+
+def _numpy_source(name: str, value: Any) -> str | None:
+    """A numeric numpy array or scalar as the exact bytes it holds (hex), typed and shaped;
+    None for anything numpy can hold that bytes do not describe (objects, strings)."""
+    numpy = sys.modules.get("numpy")
+    if numpy is None or not isinstance(value, numpy.ndarray | numpy.generic):
+        return None
+    array = numpy.asarray(value)
+    if array.dtype.kind not in _ARRAY_KINDS or array.nbytes > _MAX_ARRAY_BYTES:
+        return None
+    data = numpy.ascontiguousarray(array).tobytes().hex()
+    made = (
+        f"__import__('numpy').frombuffer(bytes.fromhex({data!r}), "
+        f"dtype={array.dtype.str!r}).reshape({array.shape!r})"
+    )
+    if isinstance(value, numpy.generic):
+        return f"{name} = {made}[()]"
+    return f"{name} = {made}.copy()"  # writable, like the notebook's own array
+
+
 def _literal_source(name: str, value: Any) -> str | None:
     """`name = <literal>` when the value reads back equal and of the same type, else None."""
+    if type(value) is float and (value != value or abs(value) == float("inf")):
+        return f"{name} = float({repr(value)!r})"  # nan, inf: no literal, and exact this way
+    numeric = _numpy_source(name, value)
+    if numeric is not None:
+        return numeric
     if type(value) in (set, frozenset) and not value:
         text = f"{type(value).__name__}()"
     else:
