@@ -16,12 +16,12 @@ import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from masking_parties import SPEC, nodes
+from masking_parties import Party as _Party
 
 from flame.protocols.masking import (
     Binding,
-    MaskingClient,
     MaskingError,
-    MaskingServer,
     Message,
     ProtocolViolation,
     RingInput,
@@ -34,42 +34,15 @@ from flame.protocols.masking.messages import b64e
 from flame.protocols.masking.prg import add_masks
 from flame.protocols.masking.session import self_mask_key
 from flame.protocols.masking.shamir import combine_bytes
-from flame.protocols.paillier import SecureAggregationError, SecureSumSpec
+from flame.protocols.paillier import SecureAggregationError
 
-SPEC = SecureSumSpec(precision=16, bound=1024.0, max_nodes=1000)
 BINDING = Binding("ana-redteam", 5, "update")
 LENGTH = 16
 
 
-def nodes(n: int) -> tuple[str, ...]:
-    return tuple(f"node{i:03d}" for i in range(n))
-
-
-class Party:
-    """Every node of one session plus an aggregator that can sign anything it likes."""
-
-    def __init__(self, sess: Session, seed: int = 11) -> None:
-        self.sess = sess
-        self.ids = {v: Ed25519PrivateKey.generate() for v in (*sess.participants, "aggregator")}
-        pubs = {k: v.public_key() for k, v in self.ids.items()}
-        self.clients = {
-            v: MaskingClient(sess, v, identity=self.ids[v], identities=pubs)
-            for v in sess.participants
-        }
-        self.server = MaskingServer(sess, identity=self.ids["aggregator"], identities=pubs)
-        rng = np.random.default_rng(seed)
-        self.values = {v: rng.uniform(-1000, 1000, LENGTH) for v in sess.participants}
-
-    def forge(self, round: str, body: dict[str, Any]) -> bytes:
-        msg = Message(self.sess.binding, round, "aggregator", body)
-        return msg.signed(self.ids["aggregator"]).to_bytes()
-
-    def share_keys(self) -> None:
-        """Rounds 0 and 1, honestly relayed: every node advertises and seals its shares."""
-        for c in self.clients.values():
-            self.server.receive(c.advertise().to_bytes())
-        for v, m in self.server.keys().items():
-            self.server.receive(self.clients[v].share_keys(m.to_bytes(), length=LENGTH).to_bytes())
+def Party(sess: Session, seed: int = 11) -> _Party:
+    """The shared party with this file's vectors (16 values in ±1000)."""
+    return _Party(sess, length=LENGTH, seed=seed, spread=1000.0)
 
 
 def _refused(call: Any, *args: Any) -> Any:

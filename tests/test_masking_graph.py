@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from masking_parties import SPEC, ids_for, nodes
 
 from flame.protocols.masking import (
     Binding,
@@ -22,18 +23,8 @@ from flame.protocols.masking import (
 )
 from flame.protocols.masking.graph import SPARSE_FROM, degree_for
 from flame.protocols.masking.messages import b64e
-from flame.protocols.paillier import SecureSumSpec
 
-SPEC = SecureSumSpec(precision=16, bound=1024.0, max_nodes=1000)
 BINDING = Binding("ana-graph", 2, "update")
-
-
-def nodes(n: int) -> tuple[str, ...]:
-    return tuple(f"node{i:03d}" for i in range(n))
-
-
-def ids_for(members: tuple[str, ...]) -> dict[str, Ed25519PrivateKey]:
-    return {v: Ed25519PrivateKey.generate() for v in (*members, "aggregator")}
 
 
 def exact(values: dict[str, Any], keep: list[str]) -> Any:

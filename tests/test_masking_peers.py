@@ -4,15 +4,13 @@ with another length is refused without locking out the rest."""
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 import pytest
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from masking_parties import SPEC, nodes
+from masking_parties import Party as _Party
 
 from flame.protocols.masking import (
     Binding,
-    MaskingClient,
     MaskingError,
     MaskingServer,
     Message,
@@ -20,44 +18,14 @@ from flame.protocols.masking import (
     Session,
 )
 from flame.protocols.masking.messages import b64e
-from flame.protocols.paillier import SecureSumSpec
 
-SPEC = SecureSumSpec(precision=16, bound=1024.0, max_nodes=1000)
 BINDING = Binding("ana-peers", 3, "update")
 LENGTH = 8
 
 
-def nodes(n: int) -> tuple[str, ...]:
-    return tuple(f"node{i:03d}" for i in range(n))
-
-
-class Party:
-    """Every node of a session, the honest server, and the server's key to forge with."""
-
-    def __init__(self, sess: Session, *, length: int | None = None) -> None:
-        self.sess = sess
-        self.ids = {v: Ed25519PrivateKey.generate() for v in (*sess.participants, "aggregator")}
-        pubs = {k: v.public_key() for k, v in self.ids.items()}
-        self.clients = {
-            v: MaskingClient(sess, v, identity=self.ids[v], identities=pubs)
-            for v in sess.participants
-        }
-        self.server = MaskingServer(
-            sess, identity=self.ids["aggregator"], identities=pubs, length=length
-        )
-        rng = np.random.default_rng(5)
-        self.values = {v: rng.uniform(-100, 100, LENGTH) for v in sess.participants}
-
-    def forge(self, round: str, body: dict[str, Any]) -> bytes:
-        msg = Message(self.sess.binding, round, "aggregator", body)
-        return msg.signed(self.ids["aggregator"]).to_bytes()
-
-    def share_keys(self, lengths: dict[str, int] | None = None) -> None:
-        for c in self.clients.values():
-            self.server.receive(c.advertise().to_bytes())
-        for v, m in self.server.keys().items():
-            n = (lengths or {}).get(v, LENGTH)
-            self.server.receive(self.clients[v].share_keys(m.to_bytes(), length=n).to_bytes())
+def Party(sess: Session, *, length: int | None = None) -> _Party:
+    """The shared party with this file's vectors (8 values in ±100); `length`: the server's."""
+    return _Party(sess, length=LENGTH, server_length=length)
 
 
 def _lie_about_u2(
