@@ -83,6 +83,23 @@ def test_only_names_the_code_loads_are_copied_not_every_notebook_variable() -> N
     assert _load(locator)(np.array([1, 2])) == 6
 
 
+def test_a_cell_class_is_copied_from_the_cell_its_methods_came_from() -> None:
+    ns = _notebook(
+        "import math\nFACTOR = 3\n",
+        "class Base:\n    def scale(self, x):\n        return x * FACTOR\n",
+        "def deco(cls):\n    return cls\n\n@deco\nclass Stats(Base):\n    OFFSET = FACTOR + 1\n"
+        "    def __init__(self, xs):\n        self.xs = xs\n"
+        "    @property\n    def total(self):\n        return math.fsum(self.xs) + self.OFFSET\n"
+        "    @staticmethod\n    def make(xs):\n        return Stats(xs)\n",
+        "def analyze(data):\n    s = Stats.make(data)\n    return s.scale(s.total)\n",
+    )
+    locator = export_cell_function(ns["analyze"])
+    assert locator is not None
+    text = Path(locator["file"]).read_text()
+    assert text.index("class Base") < text.index("@deco\nclass Stats(Base)")
+    assert _load(locator)([1.0, 2.0]) == ns["analyze"]([1.0, 2.0]) == 21.0
+
+
 def test_numeric_arrays_scalars_and_non_finite_floats_are_copied_exactly() -> None:
     ns = _notebook(
         "import numpy as np\n"
@@ -108,7 +125,7 @@ def test_numeric_arrays_scalars_and_non_finite_floats_are_copied_exactly() -> No
          "ndarray"),
         ("import pandas as pd\nWEIGHTS = pd.DataFrame({'w': [1.0, 2.0]})\n", "WEIGHTS",
          "DataFrame"),
-        ("class Model:\n    pass\nWEIGHTS = Model\n", "WEIGHTS", "type"),
+        ("class Model:\n    pass\nWEIGHTS = Model\n", "WEIGHTS", "type"),  # no method: no cell
     ],
 )
 def test_a_name_that_cannot_be_copied_is_refused_by_name_with_the_fix(

@@ -4,11 +4,11 @@ A function typed into a Jupyter or IPython cell has no file, but the kernel keep
 source (`linecache`), so the child need not share the kernel's memory (forking a kernel that
 holds ZeroMQ sockets and threads is what used to hang). The exported module holds the
 function's source and, recursively, exactly the notebook names its code loads: modules become
-imports, functions from files become imports, notebook functions are copied as source, and
-plain literals (numbers, strings, containers of them) and numeric numpy arrays (their exact
-bytes) are written out. Anything else (a DataFrame, an object array, an open connection) is
-refused by name: copying live objects would need pickle, and the analysis should compute them
-itself.
+imports, functions from files become imports, notebook functions and classes (found through
+their methods' cells) are copied as source, and plain literals (numbers, strings, containers
+of them) and numeric numpy arrays (their exact bytes) are written out. Anything else (a
+DataFrame, an object array, an open connection) is refused by name: copying live objects
+would need pickle, and the analysis should compute them itself.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import ast
 import dis
 import hashlib
 import inspect
+import linecache
 import os
 import sys
 import tempfile
@@ -60,6 +61,60 @@ def _definition_loads(source: str) -> list[str]:
         n.id for part in parts for n in ast.walk(part)
         if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)
     ]
+
+
+def _methods(cls: type) -> list[types.FunctionType]:
+    """The functions a class body defined (plain, static, class methods, properties)."""
+    found: list[types.FunctionType] = []
+    for member in vars(cls).values():
+        for candidate in (
+            member,
+            getattr(member, "__func__", None),
+            getattr(member, "fget", None),
+            getattr(member, "fset", None),
+        ):
+            if isinstance(candidate, types.FunctionType):
+                found.append(candidate)
+    return found
+
+
+def _class_statement(cls: type) -> tuple[str, ast.ClassDef] | None:
+    """The source of `class ...:` (decorators included) and its statement, from the cell
+    that holds the class's methods; None when it has none or the cell is not kept."""
+    for method in _methods(cls):
+        filename = method.__code__.co_filename
+        text = "".join(linecache.getlines(filename))
+        if not text:
+            continue
+        try:
+            tree = ast.parse(text)
+        except SyntaxError:
+            continue
+        line = method.__code__.co_firstlineno
+        for statement in tree.body:
+            if (
+                isinstance(statement, ast.ClassDef)
+                and statement.name == cls.__name__
+                and statement.lineno <= line <= (statement.end_lineno or 0)
+            ):
+                first = min([statement.lineno, *(d.lineno for d in statement.decorator_list)])
+                lines = text.splitlines(keepends=True)[first - 1 : statement.end_lineno]
+                return textwrap.dedent("".join(lines)), statement
+    return None
+
+
+def _class_level(statement: ast.ClassDef) -> list[ast.AST]:
+    """What a class statement evaluates itself: decorators, bases, keywords, and its body
+    outside the method bodies (a method's own loads come from its bytecode)."""
+    parts: list[ast.AST] = [*statement.decorator_list, *statement.bases]
+    parts += [keyword.value for keyword in statement.keywords]
+    for item in statement.body:
+        if isinstance(item, ast.FunctionDef | ast.AsyncFunctionDef):
+            parts += [*item.decorator_list, *item.args.defaults]
+            parts += [d for d in item.args.kw_defaults if d is not None]
+        else:
+            parts.append(item)
+    return parts
 
 
 def _is_literal(value: Any, depth: int = 0) -> bool:
@@ -156,6 +211,31 @@ class _Exporter:
             source += f"\n{name} = {function.__name__}\n"
         self.functions[name] = source
 
+    def add_class(self, name: str, cls: type) -> None:
+        """A class typed into a cell: its statement found in the cell its methods came from
+        (classes keep no file, but their functions keep their cell's name)."""
+        if name in self.functions:
+            return
+        found = _class_statement(cls)
+        if found is None or "." in cls.__qualname__ or "<" in cls.__qualname__:
+            raise self.refuse(name, cls, "is a class defined in a cell whose source is not kept")
+        source, statement = found
+        self.functions[name] = ""  # placeholder: methods may name their own class
+        needed = [
+            n.id
+            for part in _class_level(statement)
+            for n in ast.walk(part)
+            if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)
+        ]
+        for method in _methods(cls):
+            needed += _global_loads(method.__code__)
+        for each in needed:
+            self.add_name(each)
+        del self.functions[name]
+        if cls.__name__ != name:
+            source += f"\n{name} = {cls.__name__}\n"
+        self.functions[name] = source
+
     def add_name(self, name: str) -> None:
         if name in self.imports or name in self.literals or name in self.functions:
             return
@@ -171,7 +251,8 @@ class _Exporter:
             self.add_function(name, value)
             return
         if module == "__main__" and isinstance(value, type):
-            raise self.refuse(name, value, "is a class defined in a cell")
+            self.add_class(name, value)
+            return
         if (
             isinstance(module, str) and module != "__main__" and isinstance(qualname, str)
             and "<" not in qualname and "." not in qualname
