@@ -268,15 +268,15 @@ class MemoryState:
         self._values: dict[str, bytes] = {}
         self._lock = threading.Lock()
         self._reserved: MemoryState | None = None
-        # True in a simulation: the run, its throwaway keys and this state end together, so
+        # False in a simulation: the run, its throwaway keys and this state end together, so
         # there is no restart that could forget what this state remembers.
-        self.whole_run_here = whole_run_here
+        self.forgotten_on_restart = not whole_run_here
 
     def reserved(self) -> MemoryState:
         """The runtime's own state, apart from the analyst's tags."""
         with self._lock:
             if self._reserved is None:
-                self._reserved = MemoryState(whole_run_here=self.whole_run_here)
+                self._reserved = MemoryState(whole_run_here=not self.forgotten_on_restart)
             return self._reserved
 
     def save(self, tag: str, value: Any) -> None:

@@ -206,9 +206,7 @@ class GuardLedger:
     def _load(self) -> None:
         if self._loaded or self._state is None:
             return
-        if type(self._state).__name__ == "MemoryState" and not getattr(
-            self._state, "whole_run_here", False
-        ):
+        if getattr(self._state, "forgotten_on_restart", False):  # MemoryState outside simulate
             log.warning(  # README: a restarted holder without it can be asked for a second set
                 "no node storage (FLAME_STORAGE__RESULTS_DIR or a bucket): this key holder's "
                 "differencing guard is kept in memory only and forgotten on a restart"
