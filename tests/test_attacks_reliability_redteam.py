@@ -362,14 +362,17 @@ def test_partition_in_the_middle_of_a_chunked_result(row: Row) -> None:
 
 def test_node_back_after_being_declared_gone_under_quorum(row: Row) -> None:
     """node-3's link black-holes for 20 s while it sends its epoch-1 result under
-    FLAME_QUORUM=2 (past 1.5 x keepalive: its will fires, it is gone, the epochs go on);
+    FLAME_QUORUM=2 (keepalive 5 s, so the broker's 1.5 x keepalive passes with 12 s to spare
+    even on a loaded machine: its will fires, it is gone, the epochs go on);
     then the link returns with the held result. Safe: that late result is not mixed into a
     later epoch nor counted twice: the final estimate equals the pooled estimate over the
     nodes each epoch actually used (as the aggregator's log names them)."""
     import re
 
     folder = write_analysis(row.tmp / "analysis", slow={"*": 2.0, "node-3": 1.0})
-    with _through_proxy(row, folder, "node-3", epochs=6, FLAME_QUORUM="2") as (
+    with _through_proxy(
+        row, folder, "node-3", epochs=6, FLAME_QUORUM="2", FLAME_BROKER__KEEPALIVE="5"
+    ) as (
         proxy,
         federation,
         watcher,
