@@ -236,7 +236,7 @@ def _masked_vector(binding: Binding, values: Any, seed_session: int = 4) -> np.n
     party.share_keys()
     m = party.server.ciphertexts()["node000"]
     out = party.clients["node000"].masked_input(m.to_bytes(), values)
-    return np.frombuffer(out.vector, dtype="<u8").copy()
+    return np.frombuffer(out.vector, dtype=np.dtype(sess.dtype).newbyteorder("<")).copy()
 
 
 def test_two_fields_or_epochs_with_equal_inputs_get_unrelated_masks() -> None:

@@ -20,6 +20,7 @@ from flame.protocols.masking import (
     Message,
     ProtocolViolation,
     Session,
+    ring_bits,
     run_local,
 )
 from flame.protocols.masking.local import DROP_POINTS
@@ -167,6 +168,19 @@ def test_integer_sum_is_exact_including_extremes() -> None:
     values[NODES[0]][:2] = [2**20, -(2**20)]
     run = run_local(session(spec=INT_SPEC), values)
     assert run.result.encoded.tolist() == sum(values[v] for v in NODES).tolist()
+
+
+def test_the_ring_is_sized_for_the_participants_and_their_extremes_sum_exactly() -> None:
+    """max_nodes=1000 would need a 64-bit ring; 6 participants fit in 32 bits, and every
+    node at +bound (or -bound) still decodes exactly, not wrapped."""
+    spec = SecureSumSpec(precision=16, bound=2.0**12, max_nodes=1000)
+    assert ring_bits(spec) == 64
+    sess = session(spec=spec)
+    assert sess.bits == 32 and ring_bits(replace(spec, max_nodes=len(NODES))) == 32
+    for sign in (1.0, -1.0):
+        values = {v: np.full(100, sign * 2.0**12) for v in NODES}
+        run = run_local(sess, values)
+        assert run.result.encoded.tolist() == [int(sign * len(NODES) * 2**28)] * 100
 
 
 def test_masked_input_hides_the_value_and_costs_one_ring_word_per_value() -> None:
@@ -468,4 +482,4 @@ def test_a_node_that_masks_values_past_the_bound_spoils_only_a_refused_sum() -> 
 
 def test_spec_too_wide_for_a_64_bit_ring_is_refused() -> None:
     with pytest.raises(SecureAggregationError, match="below 2\\*\\*64"):
-        Session(BINDING, NODES, 4, SecureSumSpec(precision=40, bound=2.0**20, max_nodes=100))
+        Session(BINDING, NODES, 4, SecureSumSpec(precision=40, bound=2.0**21, max_nodes=100))

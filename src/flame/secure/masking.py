@@ -146,15 +146,15 @@ class MaskingNode:
                 return value
             field = path or "value"
             try:
-                spec = self.settings.spec_for(value.bound, value.precision)
-                encoded = RingInput.encode(value.values, spec, field=field)
                 session = Session(
                     Binding(self.analysis_id, epoch, path),
                     self.participants,
                     self.settings.threshold_for(len(self.participants)),
-                    spec,
+                    self.settings.spec_for(value.bound, value.precision),
                     self.aggregator_id,
                 )
+                spec = session.spec  # narrowed to the participants: the ring the sum uses
+                encoded = RingInput.encode(value.values, spec, field=field)
             except ValueOutOfBoundsError as exc:
                 raise ValueOutOfBoundsError(
                     f"{exc}; raise the bound with flame.secure(value, bound=...) or "

@@ -4,7 +4,7 @@ that both the nodes (adding masks) and the server (removing them) use."""
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import numpy.typing as npt
@@ -25,6 +25,9 @@ Ring = npt.NDArray[np.unsignedinteger]
 class Session:
     """One secure sum: its binding, the nodes that may take part (sorted; a node's Shamir
     index is its position + 1), the threshold t and the fixed-point spec.
+
+    `spec` is narrowed to the n participants (max_nodes = n): every party of the sum
+    derives the same ring, the narrowest that holds n bounded values.
 
     t must be a strict majority of the participants. Every honest node signs at most one
     survivor set U3 and a node reveals shares only under a U3 that t nodes signed; two
@@ -64,6 +67,9 @@ class Session:
             )
         if self.server in ordered:
             raise MaskingError("the server cannot also be a participant of its sum")
+        # the ring only has to hold this sum's n contributions, not max_nodes': often half
+        # the width (32 bits), so half the keystream, the additions and the bytes sent
+        object.__setattr__(self, "spec", replace(self.spec, max_nodes=n))
         ring_bits(self.spec)
         degree, share_threshold = self.degree, self.share_threshold
         if degree is None and n >= SPARSE_FROM and (auto := degree_for(n)) is not None:
