@@ -189,7 +189,9 @@ def test_a_wrong_length_with_a_valid_statement_arriving_first_is_refused_alone()
     cts = party.server.ciphertexts()
     real = party.clients[rogue].masked_input(cts[rogue].to_bytes(), party.values[rogue])
     body = {**real.body, "length": 3}
-    fake = Message(BINDING, "masked", rogue, body, bytes(3 * sess.bits // 8)).signed(party.ids[rogue])
+    fake = Message(BINDING, "masked", rogue, body, bytes(3 * sess.bits // 8)).signed(
+        party.ids[rogue]
+    )
     with pytest.raises(ProtocolViolation, match="has 3 values, the sum 8"):
         party.server.receive(fake.to_bytes())
     for v, m in cts.items():

@@ -296,11 +296,40 @@ def _check_keys(config: FlameConfig) -> list[CheckItem]:
     return items
 
 
+def _check_aggregator_policy(config: FlameConfig) -> CheckItem:
+    """On the aggregation node FLAME_POLICY is the operator's central-DP budget, read as
+    `flame run` reads it there (node rules such as min_count do not apply to it)."""
+    from flame.privacy.central import CentralDP, load_aggregator_policy
+
+    target = str(config.policy) if config.policy is not None else "(none: FLAME_POLICY unset)"
+    try:
+        central = CentralDP(
+            load_aggregator_policy(config.policy),
+            node_id=config.node_id or "aggregator",
+            analysis_id=config.analysis_id,
+        )
+    except (ConfigError, FlameError) as exc:
+        return CheckItem("FAIL", "policy", target, str(exc), "fix FLAME_POLICY's file")
+    if central.ledger is None:
+        return CheckItem(
+            "ok", "policy", target, "aggregator: no central-DP budget (markers refused)"
+        )
+    left = central.ledger.remaining()
+    detail = (
+        f"aggregator central DP: epsilon_budget={central.policy.epsilon_budget:g} "
+        f"budget_scope={central.policy.budget_scope}; left: epsilon {left.epsilon:g}, "
+        f"delta {left.delta:g} (ledger {central.ledger.path})"
+    )
+    return CheckItem("ok", "policy", target, detail)
+
+
 def _check_policy(config: FlameConfig) -> CheckItem:
     """The node policy in force, one line: the rules and what is left of the budget."""
     from flame.privacy.policy import load_policy
     from flame.privacy.release import Gate
 
+    if config.role == "aggregation":
+        return _check_aggregator_policy(config)
     try:
         policy = load_policy(config.policy)
     except ConfigError as exc:
