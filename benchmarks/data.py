@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -121,6 +122,49 @@ def isolated_runner(folder: str | Path, code: str) -> Any:
 def isolated_reader(folder: str | Path) -> Any:
     """The isolated child whose epoch reads big.csv; `.run(0, None).result` is its rows."""
     return isolated_runner(folder, READ_BIG)
+
+
+def _proc_children(pid: int) -> list[int]:
+    children: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        children += [int(c) for c in (task / "children").read_text().split()]
+    return children
+
+
+def _nspids(pid: int) -> list[int]:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("NSpid:"):
+            return [int(p) for p in line.split()[1:]]
+    return [pid]
+
+
+def reading_process(runner: Any) -> tuple[int | None, str]:
+    """The pid (in our namespace) of the process that runs a started runner's `analyze`, or
+    None and why not. `runner._process.pid` is not it: a spawned child (`_boot`) forks the
+    analysis as PID 1 of a new PID namespace and only waits for it; a fork server's child has
+    a pid of the server's namespace. So: the leaf below a spawned child, or the leaf among
+    our descendants whose inner pid is the forked child's."""
+    process = runner._process
+    try:
+        if isinstance(process, subprocess.Popen):
+            pid = process.pid
+            while children := _proc_children(pid):
+                if len(children) != 1:
+                    return None, f"pid {pid} has {len(children)} children, expected one"
+                pid = children[0]
+            return pid, ""
+        found, todo = [], _proc_children(os.getpid())
+        while todo:
+            pid = todo.pop()
+            children = _proc_children(pid)
+            todo += children
+            if not children and process.pid in _nspids(pid)[1:]:
+                found.append(pid)
+        if len(found) == 1:
+            return found[0], ""
+        return None, f"{len(found)} processes match the fork server's pid {process.pid}"
+    except (OSError, ValueError) as exc:  # no /proc, or no task/children (kernel config)
+        return None, f"/proc walk failed: {type(exc).__name__}: {exc}"
 
 
 def child(script: str, mode: str, folder: Path, timeout: float = 600) -> dict[str, Any]:
