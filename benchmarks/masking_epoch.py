@@ -6,10 +6,12 @@ round trip: keys, sealed Shamir shares, ChaCha20 masks, consistency signatures, 
 The plaintext row is the same data summed with no protection: each node's float64 vector
 to bytes, the server reads and adds them. A Flower SecAgg+ row drives flwr's own client mod
 functions and the server workflow's unmask arithmetic in the same way (skipped when flwr is
-not importable). Network, broker and process costs are not in any row: see
-benchmarks/secure_epoch.py for whole `flame simulate` epochs.
+not importable). Network, broker and process costs are not in those rows; the last table
+times whole `flame simulate` epochs (memory broker), plaintext and masking in turn, with
+`analyze` in process (the Python API's default) and in an isolated child per node (the
+`flame simulate` command's default), the analysis in benchmarks/masking_analysis.py.
 
-    python benchmarks/masking_epoch.py [--quick] [--no-large]
+    python benchmarks/masking_epoch.py [--quick] [--no-large] [--rounds 7]
 """
 
 from __future__ import annotations
@@ -17,12 +19,17 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import os
+import statistics
+import sys
 import time
 from collections.abc import Callable
 from functools import partial
 from typing import Any
 
 import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # masking_analysis, isolated too
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from flame.protocols.masking import Binding, Session, run_local
@@ -125,8 +132,12 @@ def flower_row(values: dict[str, np.ndarray], threshold: int) -> tuple[np.ndarra
     return out * (q_range / q_total) * n, wire  # Flower returns the mean; times n: the sum
 
 
-def simulate_rows(shapes: list[tuple[int, int]]) -> None:
-    """Whole `flame simulate` epochs over the memory broker: plaintext vs masking."""
+def simulate_rows(shapes: list[tuple[int, int]], rounds: int) -> None:
+    """Whole `flame simulate` epochs over the memory broker: plaintext vs masking, in turn
+    (medians of `rounds` pairs, after a warm-up pair), with analyze in process and in an
+    isolated child per node (the CLI's default)."""
+    import masking_analysis as analysis
+
     import flame
     from flame.config import load_config
     from flame.testing import MemoryBroker, memory_data
@@ -134,34 +145,27 @@ def simulate_rows(shapes: list[tuple[int, int]]) -> None:
 
     print()
     print(
-        "flame simulate, one epoch (memory broker, every node a thread of this process; "
-        "best of 2 after a warm-up run)"
+        f"flame simulate, one epoch (memory broker; median of {rounds} plaintext/masking pairs "
+        "run in turn after a warm-up pair; CPU: this process's, without the isolated children's)"
     )
     print(
-        "| nodes x values | plaintext epoch s | masking epoch s | ratio | wire B/value, "
-        "plaintext | masking |"
+        "| nodes x values | analyze | plaintext epoch s (CPU) | masking epoch s (CPU) | ratio "
+        "(median of pairs) | wire B/value, plaintext | masking |"
     )
-    print("|---|---:|---:|---:|---:|---:|")
+    print("|---|---|---:|---:|---:|---:|---:|")
+
+    def cpu() -> float:
+        return time.process_time()
+
     for nodes, size in shapes:
         rng = np.random.default_rng(2)
-        updates = {f"node{i:03d}": rng.uniform(-100, 100, size) for i in range(nodes)}
-        data = {node: memory_data({"x": b"1"}, node) for node in updates}
-
-        def analyze(data: Any, updates: Any = updates) -> Any:
-            return {"update": flame.secure(updates[data.node_id])}
-
-        def analyze_plain(data: Any, updates: Any = updates) -> Any:
-            return {"update": updates[data.node_id]}
-
-        def aggregate(results: Any) -> Any:
-            if getattr(results, "secure", None):
-                return results.secure["update"]
-            return sum(r["update"] for r in results.values())
-
-        warm = {node: data[node] for node in list(data)[:2]}  # imports, first threads
-        flame.simulate(analyze_plain, aggregate, data=warm, epochs=1)
-        row = []
-        for secure in (False, True):
+        data = {
+            f"node{i:03d}": memory_data(
+                {"update": rng.uniform(-100, 100, size).astype("<f8").tobytes()}, f"node{i:03d}"
+            )
+            for i in range(nodes)
+        }
+        for isolate in (False, True):
             wire = [0]
 
             def count(envelope: Any, wire: list[int] = wire) -> bool:
@@ -169,33 +173,49 @@ def simulate_rows(shapes: list[tuple[int, int]]) -> None:
                     wire[0] += sum(len(p) for p in encode_parts(envelope))
                 return True
 
-            settings = {"enabled": secure, "scheme": "masking", "bound": 1024.0}
-            config = load_config(secure=settings, epoch_timeout=600)
-            best = float("inf")
-            for _ in range(2):
+            def epoch(
+                secure: bool,
+                isolate: bool = isolate,
+                data: dict[str, Any] = data,
+                wire: list[int] = wire,
+                count: Callable[[Any], bool] = count,
+            ) -> tuple[float, float, int, Any]:
+                settings = {"enabled": secure, "scheme": "masking", "bound": 1024.0}
+                config = load_config(secure=settings, epoch_timeout=600)
                 wire[0] = 0
-                start = time.perf_counter()
+                started, cpu_started = time.perf_counter(), cpu()
                 out = flame.simulate(
-                    analyze if secure else analyze_plain,
-                    aggregate,
+                    analysis.analyze_masked if secure else analysis.analyze_plain,
+                    analysis.aggregate,
                     data=data,
                     config=config,
                     broker=MemoryBroker(on_send=count),
+                    isolate=isolate,
                 )
-                best = min(best, time.perf_counter() - start)
-            row.append((best, wire[0] / (nodes * size), out.value))
-        (plain_s, plain_b, plain_v), (mask_s, mask_b, mask_v) = row
-        assert float(np.abs(plain_v - mask_v).max()) <= SPEC.max_error(nodes) + 1e-6
-        print(
-            f"| {nodes} x {size:,} | {plain_s:.2f} | {mask_s:.2f} | {mask_s / plain_s:.2f}x "
-            f"| {plain_b:.2f} | {mask_b:.2f} |"
-        )
+                return time.perf_counter() - started, cpu() - cpu_started, wire[0], out.value
+
+            epoch(False), epoch(True)  # warm-up: imports, threads, isolated children
+            plain, masked = [], []
+            for _ in range(rounds):
+                plain.append(epoch(False))
+                masked.append(epoch(True))
+            err = float(np.abs(plain[-1][3] - masked[-1][3]).max())
+            assert err <= SPEC.max_error(nodes) + 1e-6, err
+            ratio = statistics.median(m[0] / p[0] for p, m in zip(plain, masked, strict=True))
+            p_s, p_cpu = (statistics.median(x[i] for x in plain) for i in (0, 1))
+            m_s, m_cpu = (statistics.median(x[i] for x in masked) for i in (0, 1))
+            print(
+                f"| {nodes} x {size:,} | {'isolated child' if isolate else 'in process'} "
+                f"| {p_s:.3f} ({p_cpu:.3f}) | {m_s:.3f} ({m_cpu:.3f}) | {ratio:.2f}x "
+                f"| {plain[-1][2] / (nodes * size):.2f} | {masked[-1][2] / (nodes * size):.2f} |"
+            )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="10 x 10,000 and 10 x 100,000 only")
     parser.add_argument("--no-large", action="store_true", help="skip 100 nodes x 100,000")
+    parser.add_argument("--rounds", type=int, default=7, help="simulate pairs per row")
     args = parser.parse_args()
     rng = np.random.default_rng(1)
     shapes = [(10, 10_000), (10, 100_000)] if args.quick else [(10, 100_000), (10, 1_000_000)]
@@ -226,7 +246,7 @@ def main() -> None:
             f"{mask_b:.2f} ({run.by_round['masked'] / count:.2f}) | {plain_bytes / count:.2f} | "
             f"{flower} | {versus} |"
         )
-    simulate_rows(shapes)
+    simulate_rows(shapes, args.rounds)
     if not (args.quick or args.no_large):
         nodes, size = 100, 100_000
         values = {f"node{i:03d}": rng.uniform(-100, 100, size) for i in range(nodes)}
