@@ -6,6 +6,11 @@ node until the aggregator, having collected the results, drives the other rounds
 `flame.secure.mask` messages, which the node answers (`MaskingNode.answer`) while it waits
 for the next epoch. The aggregator's side is `flame.secure.masking_sum`.
 
+With a roster the transport signs and verifies every envelope, so the protocol runs
+carrier-authenticated: the node's replies to the aggregator carry no signature of their own
+and the aggregator's requests are taken only from envelopes the aggregator signed; what
+other nodes read (advertisement, peer statement, consistency signature) stays signed.
+
 The differencing guard (`flame.secure.masking_guard`) is kept by the node, since the
 aggregator chooses the survivor set, in its node-local state.
 """
@@ -124,6 +129,7 @@ class MaskingNode:
         self.participants = tuple(sorted(participants))
         self.aggregator_id = aggregator_id
         self._identity, self._keys = signing_keys(auth, [*self.participants, aggregator_id])
+        self.carrier_authenticated = auth is not None  # the transport verifies every envelope
         self._pending: dict[tuple[int, str], _Pending] = {}
         self.guard = MaskingGuard(
             analysis_id,
@@ -165,7 +171,11 @@ class MaskingNode:
             except SecureAggregationError as exc:
                 raise FlameError(f"flame.secure(...) at {field!r}: {exc}") from None
             client = MaskingClient(
-                session, self.node_id, identity=self._identity, identities=self._keys
+                session,
+                self.node_id,
+                identity=self._identity,
+                identities=self._keys,
+                carrier_authenticated=self.carrier_authenticated,
             )
             shape = [int(s) for s in np.shape(value.values)]
             advert = client.advertise(
@@ -189,6 +199,9 @@ class MaskingNode:
         messages, or {"error": why} (nothing of this round is sent then)."""
         from flame.protocols.masking import Message, ProtocolViolation
 
+        if envelope.sender != self.aggregator_id:  # before any session's state moves
+            log.warning("refused a masking request from %r, not the aggregator", envelope.sender)
+            return {"error": "masking requests are taken from the aggregator only"}
         body = envelope.body if isinstance(envelope.body, dict) else {}
         step, messages = body.get("round"), body.get("messages")
         if step not in ROUND_OF_STEP or not isinstance(messages, dict):
@@ -202,19 +215,19 @@ class MaskingNode:
                     pending = self._pending.get((envelope.epoch, path))
                 if pending is None:
                     return {"error": f"no masked sum of {path!r} is open in epoch {envelope.epoch}"}
-                client = pending.client
+                client, sender = pending.client, envelope.sender  # verified by the transport
                 if step == "keys":
-                    reply = client.share_keys(sealed.data, length=pending.length)
+                    reply = client.share_keys(sealed.data, length=pending.length, sender=sender)
                 elif step == "ciphertexts":
-                    reply = client.masked_input(sealed.data, pending.values)
+                    reply = client.masked_input(sealed.data, pending.values, sender=sender)
                     pending.values = None  # masked and sent: the node keeps no copy
                 elif step == "survivors":
                     u3 = Message.from_bytes(sealed.data).body.get("u3")
                     chosen = self.guard.check(envelope.epoch, path, u3)
-                    reply = client.consistency(sealed.data)  # verified, signed, not yet sent
+                    reply = client.consistency(sealed.data, sender=sender)  # signed, not sent
                     self.guard.record(envelope.epoch, path, chosen)
                 else:
-                    reply = client.reveal(sealed.data)
+                    reply = client.reveal(sealed.data, sender=sender)
                     with self._lock:
                         self._pending.pop((envelope.epoch, path), None)
                 out[path] = Sealed(SCHEME, reply.to_bytes())

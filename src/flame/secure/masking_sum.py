@@ -6,6 +6,8 @@ aggregator runs rounds 1-4 of `flame.protocols.masking` for every field at once:
 that does not answer within the epoch timeout, or whose message is refused, has dropped out;
 the sum goes on while at least t nodes are left in every round and is that of the nodes whose
 masked input arrived. A node's refusal is logged with its reason and named if the sum fails.
+With a roster the sessions run carrier-authenticated: every node message is handed to its
+session with the sender its signed envelope proved, and must name it.
 """
 
 from __future__ import annotations
@@ -131,12 +133,13 @@ class MaskingSummer:
                 identities=keys,
                 min_contributors=self.settings.min_contributors,
                 length=math.prod(shape) or None,  # a vector of another length is refused
+                carrier_authenticated=self.auth is not None,  # the transport verifies senders
             )
         except (FlameError, TypeError, ValueError) as exc:
             raise RunFailed(f"cannot start the masked sum of {path!r}: {exc}", epoch=epoch) from exc
         for node, item in sorted(by_node.items()):
             try:
-                server.receive(item.data)
+                server.receive(item.data, sender=node)  # the result's verified sender
             except ProtocolViolation as exc:
                 log.warning("epoch %d: left %s out of the sum of %r: %s", epoch, node, path, exc)
         return _Field(server, tuple(int(s) for s in shape), precision)
@@ -180,7 +183,7 @@ class MaskingSummer:
                 if path not in fields or not isinstance(item, Sealed):
                     continue
                 try:
-                    fields[path].server.receive(item.data)
+                    fields[path].server.receive(item.data, sender=node)  # envelope's sender
                 except ProtocolViolation as exc:
                     self.refusals[node] = f"{step}: its message was refused: {exc}"
                     log.warning("epoch %d: refused %s's %r message: %s", epoch, node, step, exc)

@@ -38,7 +38,13 @@ from flame.protocols.masking.agreement import (
 )
 from flame.protocols.masking.encoding import RingInput
 from flame.protocols.masking.errors import MaskingError, ProtocolViolation
-from flame.protocols.masking.messages import Message, b64d, b64e, open_message
+from flame.protocols.masking.messages import (
+    POINT_TO_POINT,
+    Message,
+    b64d,
+    b64e,
+    open_message,
+)
 from flame.protocols.masking.prg import RING_DTYPES, MaskTerm, add_masks
 from flame.protocols.masking.session import Session, self_mask_key
 from flame.protocols.masking.shamir import PRIME, split_bytes
@@ -118,7 +124,14 @@ class _Premask:
 class MaskingClient:
     """One node's part in one session. Signed mode when `identities` (Ed25519 public keys
     of every participant and of the server) is given: then `identity` signs this node's
-    messages and every message it acts on must carry its sender's valid signature."""
+    messages and every message it acts on must carry its sender's valid signature.
+
+    `carrier_authenticated` (signed mode only; a flame run with a roster): the messages
+    between this node and the server travel in envelopes signed with the same identity
+    keys, so its point-to-point messages (`messages.POINT_TO_POINT`) carry no signature of
+    their own; each server message must then be handed over with the `sender` its carrier
+    verified, which must be the server. What other nodes read (advertisement, peer
+    statement, consistency signature) stays signed."""
 
     def __init__(
         self,
@@ -127,10 +140,14 @@ class MaskingClient:
         *,
         identity: Ed25519PrivateKey | None = None,
         identities: Mapping[str, Ed25519PublicKey] | None = None,
+        carrier_authenticated: bool = False,
     ) -> None:
         session.index(node_id)
         if (identity is None) != (identities is None):
             raise MaskingError("signed mode needs both this node's identity and the roster's keys")
+        if carrier_authenticated and identity is None:
+            raise MaskingError("carrier-authenticated mode needs signed mode (a roster)")
+        self.carrier_authenticated = carrier_authenticated
         self.session = session
         self.node_id = node_id
         self._identity = identity
@@ -161,15 +178,29 @@ class MaskingClient:
         self, round: str, body: dict[str, object], vector: bytes | memoryview = b""
     ) -> Message:
         msg = Message(self.session.binding, round, self.node_id, body, vector)
+        if self.carrier_authenticated and round in POINT_TO_POINT:
+            return msg  # the envelope carrying it is signed with the same key
         return msg.signed(self._identity)
 
-    def _from_server(self, message: Message | bytes, round: str) -> Message:
+    def _from_server(self, message: Message | bytes, round: str, sender: str | None) -> Message:
+        """The server's message of `round`; `sender` is who the carrier says sent it
+        (required in carrier-authenticated mode, where the message itself is unsigned)."""
+        carrier = self.carrier_authenticated
+        if not isinstance(message, Message):
+            message = Message.from_bytes(message)
+        if carrier and sender is None:
+            raise ProtocolViolation(
+                f"{self.node_id}: {message.round!r} message from {message.sender!r} without "
+                "the sender its carrier authenticated, which this unsigned round needs: refused"
+            )
         return open_message(
             message,
             binding=self.session.binding,
             round=round,
-            keys=self._keys,
+            keys=None if carrier else self._keys,
             senders={self.session.server},
+            carrier=sender,
+            unsigned=carrier,
         )
 
     def advertise(self, extra: Mapping[str, object] | None = None) -> Message:
@@ -180,7 +211,9 @@ class MaskingClient:
         body.update(c_pk=b64e(public_raw(self._c)), s_pk=b64e(public_raw(self._s)))
         return self._make("advertise", body)
 
-    def share_keys(self, keys: Message | bytes, *, length: int | None = None) -> Message:
+    def share_keys(
+        self, keys: Message | bytes, *, length: int | None = None, sender: str | None = None
+    ) -> Message:
         """Round 1: check the signed advertisements of U1 (on a sparse graph: of this node's
         neighbours in U1); seal shares of this node's pairwise private key and self-mask
         seed to each of them (t of |U1|, or t_k of its neighbours and itself). Given the
@@ -188,7 +221,7 @@ class MaskingClient:
         in U1) in the background, to be ready when the next round asks for its input, and
         states the length in its signed reply (the server refuses other lengths)."""
         self._advance("share", "masked")
-        msg = self._from_server(keys, "keys")
+        msg = self._from_server(keys, "keys", sender)
         adverts = msg.body.get("adverts")
         if not isinstance(adverts, dict):
             raise ProtocolViolation("keys: no advertisements")
@@ -259,7 +292,9 @@ class MaskingClient:
             masks.append((key, +1 if self.node_id < v else -1))
         return masks
 
-    def masked_input(self, ciphertexts: Message | bytes, values: object) -> Message:
+    def masked_input(
+        self, ciphertexts: Message | bytes, values: object, *, sender: str | None = None
+    ) -> Message:
         """Round 2: the input, encoded (refused past its bound before any mask is made),
         plus this node's self mask and its pairwise masks with every node (neighbour) of U2,
         and a signed statement of the neighbours it did not mask with. Refused when U2
@@ -277,7 +312,7 @@ class MaskingClient:
             raise MaskingError(
                 f"{field}: {encoded.size} values, but this node stated {self._length}"
             )
-        msg = self._from_server(ciphertexts, "ciphertexts")
+        msg = self._from_server(ciphertexts, "ciphertexts", sender)
         u2 = parse_survivors(self.session, msg.body.get("u2"), "ciphertexts: u2")
         sealed = msg.body.get("from")
         peers = set(u2) & self.session.neighbours(self.node_id)
@@ -327,10 +362,10 @@ class MaskingClient:
         body = {"length": int(acc.size), "bits": bits, "peers": b64e(statement)}
         return self._make("masked", body, vector)
 
-    def consistency(self, survivors: Message | bytes) -> Message:
+    def consistency(self, survivors: Message | bytes, *, sender: str | None = None) -> Message:
         """Round 3: sign U3, the nodes whose masked input the server says it has."""
         self._advance("consistency", "reveal")
-        msg = self._from_server(survivors, "survivors")
+        msg = self._from_server(survivors, "survivors", sender)
         u3 = parse_survivors(self.session, msg.body.get("u3"), "survivors: u3")
         if not set(u3) <= set(self._u2) or self.node_id not in u3:
             raise ProtocolViolation("survivors: U3 is not a subset of U2 holding this node")
@@ -338,11 +373,11 @@ class MaskingClient:
         self._u3 = u3
         return self._make("consistency", {"u3": list(u3)})
 
-    def reveal(self, unmask: Message | bytes) -> Message:
+    def reveal(self, unmask: Message | bytes, *, sender: str | None = None) -> Message:
         """Round 4: for each node the server asks about, exactly one kind of share, or a
         refusal of the whole request (ProtocolViolation) and nothing revealed."""
         self._advance("reveal", "done")
-        msg = self._from_server(unmask, "unmask")
+        msg = self._from_server(unmask, "unmask", sender)
         u3 = parse_survivors(self.session, msg.body.get("u3"), "unmask: u3")
         if u3 != self._u3:
             raise ProtocolViolation(

@@ -38,9 +38,13 @@ def run_local(
     drop: Mapping[str, str] | None = None,
     identities: Mapping[str, Ed25519PrivateKey] | None = None,
     min_contributors: int = 1,
+    carrier_authenticated: bool = False,
 ) -> LocalRun:
     """Run every round; `drop` maps a node to the round at which it goes silent;
-    `identities` (private keys of every participant and the server) turns on signing."""
+    `identities` (private keys of every participant and the server) turns on signing;
+    `carrier_authenticated` (with them) leaves the point-to-point messages unsigned, as a
+    run whose envelopes are signed does: this process is their carrier, each message handed
+    over with its sender."""
     drop = dict(drop or {})
     publics: dict[str, Ed25519PublicKey] | None = None
     if identities is not None:
@@ -51,6 +55,7 @@ def run_local(
             v,
             identity=identities[v] if identities is not None else None,
             identities=publics,
+            carrier_authenticated=carrier_authenticated,
         )
         for v in values
     }
@@ -59,14 +64,16 @@ def run_local(
         identity=identities[session.server] if identities is not None else None,
         identities=publics,
         min_contributors=min_contributors,
+        carrier_authenticated=carrier_authenticated,
     )
     run = LocalRun(result=MaskedSum.__new__(MaskedSum))
+    server_id = session.server
 
-    def up(msg: Message) -> None:
+    def up(node: str, msg: Message) -> None:
         data = msg.to_bytes()
         run.bytes_up += len(data)
         run.by_round[msg.round] = run.by_round.get(msg.round, 0) + len(data)
-        server.receive(data)
+        server.receive(data, sender=node)
 
     def down(messages: Mapping[str, Message]) -> dict[str, bytes]:
         out = {}
@@ -83,18 +90,19 @@ def run_local(
 
     for v, client in clients.items():
         if alive(v, "advertise"):
-            up(client.advertise())
+            up(v, client.advertise())
     for v, data in down(server.keys()).items():
         if alive(v, "shares"):
-            up(clients[v].share_keys(data, length=int(np.size(values[v]))))  # type: ignore[arg-type]
+            length = int(np.size(values[v]))  # type: ignore[arg-type]
+            up(v, clients[v].share_keys(data, length=length, sender=server_id))
     for v, data in down(server.ciphertexts()).items():
         if alive(v, "masked"):
-            up(clients[v].masked_input(data, values[v]))
+            up(v, clients[v].masked_input(data, values[v], sender=server_id))
     for v, data in down(server.survivors()).items():
         if alive(v, "consistency"):
-            up(clients[v].consistency(data))
+            up(v, clients[v].consistency(data, sender=server_id))
     for v, data in down(server.unmask()).items():
         if alive(v, "reveal"):
-            up(clients[v].reveal(data))
+            up(v, clients[v].reveal(data, sender=server_id))
     run.result = server.result()
     return run

@@ -1,5 +1,13 @@
 """Protocol messages: bound to (analysis, epoch, field, round, sender) and signed.
 
+Which are signed: with a roster, every message a third party acts on (`FORWARDED`: a key
+advertisement, a consistency signature, a peer statement) always carries its sender's
+signature, since the aggregator relays it and only that signature vouches for it. A
+point-to-point message (`POINT_TO_POINT`) carries one only when no carrier authenticates
+it: in a flame run with a roster its envelope is already signed by the same identity key
+over the same bytes, so the parties run in carrier-authenticated mode and the receiver
+pins the sender the carrier verified instead (`open_message(carrier=...)`).
+
 Wire form: b"FLMK" | u8 version | u32 len(header) | header | u64 len(vector) | vector |
 u8 len(signature) | signature. The header is canonical JSON (sorted keys, no spaces) of the
 binding, round, sender and body; the vector is the masked input, raw little-endian words.
@@ -27,6 +35,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from flame.protocols.masking.errors import ProtocolViolation
 
 __all__ = [
+    "FORWARDED",
+    "POINT_TO_POINT",
     "ROUNDS",
     "Binding",
     "Message",
@@ -54,6 +64,11 @@ ROUNDS = (
     "unmask",  # server -> node: U3, the signatures of U4, which share of whom it wants
     "reveal",  # node -> server: the requested shares
 )
+
+FORWARDED = frozenset({"advertise", "consistency", "peers"})
+"""Relayed by the aggregator to other nodes: always signed in signed mode."""
+POINT_TO_POINT = frozenset(ROUNDS) - FORWARDED
+"""Read only by their one recipient: unsigned when the carrier authenticates the sender."""
 
 
 class _Verified:
@@ -231,9 +246,19 @@ def open_message(
     round: str,
     keys: Mapping[str, Ed25519PublicKey] | None,
     senders: frozenset[str] | set[str] | None = None,
+    carrier: str | None = None,
+    unsigned: bool = False,
 ) -> Message:
     """`message` checked: this session's binding, this round, an allowed sender and (when
-    `keys` is given: signed mode) that sender's valid signature. Raises ProtocolViolation."""
+    `keys` is given: signed mode) that sender's valid signature. `carrier` is the sender the
+    transport authenticated (its signed envelope): the message must then name it. With
+    `unsigned` (a point-to-point round in carrier-authenticated mode, which needs `carrier`)
+    the message must carry no signature: the envelope's covers it. Raises
+    ProtocolViolation naming the round and the claimed sender."""
+    if unsigned and (carrier is None or keys is not None):
+        raise ProtocolViolation(
+            f"a {round!r} message can go unsigned only with a carrier-authenticated sender"
+        )
     msg = message if isinstance(message, Message) else Message.from_bytes(message)
     if msg.binding != binding:
         raise ProtocolViolation(
@@ -244,11 +269,25 @@ def open_message(
         raise ProtocolViolation(
             f"a {msg.round!r} message from {msg.sender!r} where a {round!r} message was expected"
         )
+    if carrier is not None and msg.sender != carrier:
+        raise ProtocolViolation(
+            f"{round!r} message in the name of {msg.sender!r} arrived from {carrier!r}: refused"
+        )
     if senders is not None and msg.sender not in senders:
         raise ProtocolViolation(f"{round!r} message from {msg.sender!r}, who may not send it")
+    if unsigned and msg.signature:
+        raise ProtocolViolation(
+            f"{round!r} message from {msg.sender!r} is signed, but this round travels "
+            "unsigned (its carrier authenticates it): refused"
+        )
     if keys is not None:
         key = keys.get(msg.sender)
         if key is None:
             raise ProtocolViolation(f"{round!r} message from {msg.sender!r}: no known identity")
+        if not msg.signature:
+            raise ProtocolViolation(
+                f"{round!r} message from {msg.sender!r} is unsigned, but this round must "
+                "carry its sender's signature: refused"
+            )
         msg.verify(key)
     return msg

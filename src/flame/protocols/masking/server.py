@@ -27,7 +27,13 @@ from flame.protocols.masking.agreement import KEY_BYTES, pair_mask_key, public_r
 from flame.protocols.masking.client import PAIR, SELF, open_peers, parse_share
 from flame.protocols.masking.encoding import decode_sum
 from flame.protocols.masking.errors import MaskingError, ProtocolViolation
-from flame.protocols.masking.messages import Message, b64d, b64e, open_message
+from flame.protocols.masking.messages import (
+    POINT_TO_POINT,
+    Message,
+    b64d,
+    b64e,
+    open_message,
+)
 from flame.protocols.masking.prg import MaskTerm, add_masks
 from flame.protocols.masking.session import Session, self_mask_key
 from flame.protocols.masking.shamir import combine_bytes
@@ -52,7 +58,13 @@ class MaskedSum:
 
 
 class MaskingServer:
-    """The aggregator's part in one session (signed mode as for MaskingClient)."""
+    """The aggregator's part in one session (signed mode as for MaskingClient).
+
+    `carrier_authenticated` (signed mode only; a flame run with a roster): the nodes'
+    point-to-point messages ("shares", "masked", "reveal") come unsigned, each handed to
+    `receive` with the `sender` its signed envelope proved, which it must name; the
+    server's own messages go unsigned. Forwarded ones (advertisements, consistency
+    signatures, peer statements) are signed and checked as ever."""
 
     def __init__(
         self,
@@ -62,9 +74,13 @@ class MaskingServer:
         identities: Mapping[str, Ed25519PublicKey] | None = None,
         min_contributors: int = 1,
         length: int | None = None,
+        carrier_authenticated: bool = False,
     ) -> None:
         if (identity is None) != (identities is None):
             raise MaskingError("signed mode needs both the server's identity and the roster's keys")
+        if carrier_authenticated and identities is None:
+            raise MaskingError("carrier-authenticated mode needs signed mode (a roster)")
+        self.carrier_authenticated = carrier_authenticated
         if length is not None and (isinstance(length, bool) or length < 1):
             raise MaskingError("the masked inputs' length must be a positive int")
         self.session = session
@@ -105,17 +121,29 @@ class MaskingServer:
             return set(self._consistency)
         return set()
 
-    def receive(self, message: Message | bytes) -> Message:
-        """Check one node's message for the current round and keep it (or refuse it)."""
+    def receive(self, message: Message | bytes, *, sender: str | None = None) -> Message:
+        """Check one node's message for the current round and keep it (or refuse it).
+        `sender`: the node its carrier authenticated (its signed envelope); the message
+        must name it. Required for the unsigned rounds of carrier-authenticated mode."""
         try:
             if self._stage == "done":
                 raise ProtocolViolation("the sum is complete; no more messages are accepted")
+            if not isinstance(message, Message):
+                message = Message.from_bytes(message)
+            unsigned = self.carrier_authenticated and self._stage in POINT_TO_POINT
+            if unsigned and sender is None:
+                raise ProtocolViolation(
+                    f"{message.round!r} message from {message.sender!r} without the sender its "
+                    "carrier authenticated, which this unsigned round needs: refused"
+                )
             msg = open_message(
                 message,
                 binding=self.session.binding,
                 round=self._stage,
-                keys=self._keys,
+                keys=None if unsigned else self._keys,
                 senders=self._allowed(),
+                carrier=sender,
+                unsigned=unsigned,
             )
             if msg.sender in self._got:
                 raise ProtocolViolation(
@@ -221,9 +249,10 @@ class MaskingServer:
         return nodes
 
     def _send(self, round: str, body: Mapping[str, object]) -> Message:
-        return Message(self.session.binding, round, self.session.server, body).signed(
-            self._identity
-        )
+        msg = Message(self.session.binding, round, self.session.server, body)
+        if self.carrier_authenticated:  # every server message is point-to-point
+            return msg
+        return msg.signed(self._identity)
 
     def keys(self) -> dict[str, Message]:
         """Close round 0: every node of U1 gets the signed advertisements of U1."""
