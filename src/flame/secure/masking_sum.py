@@ -52,6 +52,9 @@ class MaskingSummer:
     participants: Sequence[str]
     auth: Authenticator | None = None
     refusals: dict[str, str] = field(default_factory=dict)
+    run_id: str | None = None
+    """The aggregator's run id (set by the aggregator before each epoch), bound into every
+    message: what a node signed in another run is not taken in this one."""
 
     def __call__(self, results: dict[str, Any], epoch: int) -> Results:
         from flame.secure.marked import Results, _plain, sealed_fields, strip_sealed
@@ -121,7 +124,7 @@ class MaskingSummer:
             members = sorted(self.participants)
             identity, keys = signing_keys(self.auth, [*members, self.context.node_id])
             session = Session(
-                Binding(self.context.analysis_id, epoch, path),
+                Binding(self.context.analysis_id, epoch, path, self.run_id or ""),
                 tuple(members),
                 self.settings.threshold_for(len(members)),
                 spec,

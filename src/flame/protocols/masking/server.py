@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from flame.protocols.masking.agreement import KEY_BYTES, pair_mask_key, public_raw
-from flame.protocols.masking.client import PAIR, SELF, open_peers, parse_share
+from flame.protocols.masking.client import PAIR, SELF, check_keys, open_peers, parse_share
 from flame.protocols.masking.encoding import decode_sum
 from flame.protocols.masking.errors import MaskingError, ProtocolViolation
 from flame.protocols.masking.messages import (
@@ -194,6 +194,7 @@ class MaskingServer:
         elif msg.round == "consistency":
             if body.get("u3") != list(self._u3):
                 raise ProtocolViolation(f"consistency from {msg.sender!r}: another survivor set")
+            check_keys(body, self._pks[msg.sender], f"consistency from {msg.sender!r}")
             self._consistency[msg.sender] = msg
         elif msg.round == "reveal":
             held = self.session.holders(msg.sender)
@@ -219,7 +220,7 @@ class MaskingServer:
                 f"masked input from {msg.sender!r} has {length} values, the sum {expected}"
             )
         raw = msg.body.get("peers")
-        peers = open_peers(self.session, raw, msg.sender, self._keys)
+        peers = open_peers(self.session, raw, msg.sender, self._keys, self._pks[msg.sender])
         if peers != self.session.neighbours(msg.sender) & set(self._u2):
             raise ProtocolViolation(
                 f"masked input from {msg.sender!r}: it says it masked with other nodes than "
