@@ -144,6 +144,7 @@ class MaskingSummer:
             try:
                 server.receive(item.data, sender=node)  # the result's verified sender
             except ProtocolViolation as exc:
+                self.refusals[node] = f"advertise: its advertisement was refused: {exc}"
                 log.warning("epoch %d: left %s out of the sum of %r: %s", epoch, node, path, exc)
         return _Field(server, tuple(int(s) for s in shape), precision)
 

@@ -23,7 +23,7 @@ import numpy.typing as npt
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from flame.protocols.masking.agreement import KEY_BYTES, pair_mask_key, public_raw
+from flame.protocols.masking.agreement import KEY_BYTES, check_point, pair_mask_key, public_raw
 from flame.protocols.masking.client import PAIR, SELF, check_keys, open_peers, parse_share
 from flame.protocols.masking.encoding import decode_sum
 from flame.protocols.masking.errors import MaskingError, ProtocolViolation
@@ -163,6 +163,17 @@ class MaskingServer:
             s_pk = b64d(body.get("s_pk"), "s_pk")
             if len(c_pk) != KEY_BYTES or len(s_pk) != KEY_BYTES:
                 raise ProtocolViolation(f"advertise from {msg.sender!r}: malformed public keys")
+            # what every honest node would refuse the whole round for (client.share_keys):
+            # refused here, so only this node is left out
+            if c_pk == s_pk:
+                raise ProtocolViolation(f"advertise from {msg.sender!r}: its two keys are equal")
+            taken = {k for pair in self._pks.values() for k in pair}
+            if c_pk in taken or s_pk in taken:
+                raise ProtocolViolation(
+                    f"advertise from {msg.sender!r}: a key another node already advertised"
+                )
+            for key in (c_pk, s_pk):
+                check_point(key, f"advertise from {msg.sender!r}")
             self._adverts[msg.sender] = msg
             self._pks[msg.sender] = (c_pk, s_pk)
         elif msg.round == "shares":
