@@ -75,6 +75,9 @@ class MaskingSummer:
                 total = item.server.result()
             except FlameError as exc:
                 raise RunFailed(self._failure(epoch, path, exc), epoch=epoch) from exc
+            for node in sorted(item.server.bad_revealers):  # refused, the sum rebuilt without
+                self.refusals[node] = f"unmask: revealed shares of {path!r} that were altered"
+                log.warning("epoch %d: %s revealed altered shares of %r", epoch, node, path)
             plain[path] = _plain(total.values().reshape(item.shape), item.precision)
             contributors[path] = list(total.contributors)
         return Results(strip_sealed(results), plain, contributors)
