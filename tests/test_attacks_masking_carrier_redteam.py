@@ -225,6 +225,7 @@ def test_a_rogue_extra_sealed_field_does_not_lock_the_honest_nodes_out() -> None
     contributors = out.contributors["x"]
     assert set(HONEST) <= set(contributors)
     assert np.array_equal(out.secure["x"], exact(contributors))
+    assert out.contributors["y"] == [] and "y" not in out.secure  # visibly not summed
 
 
 def test_a_rogue_reveal_does_not_abort_the_sum() -> None:

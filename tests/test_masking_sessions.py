@@ -75,3 +75,21 @@ def test_a_message_of_another_run_is_refused_and_the_run_changes_the_keys() -> N
         server.receive(advert.to_bytes())
     assert one.binding.context() != two.binding.context()
     assert Binding("ana", 0, "x").context() == b'["ana",0,"x"]'  # no run: as before
+
+
+def test_a_node_binds_the_run_of_its_kick_off_into_what_it_seals() -> None:
+    """`MaskingNode.seal(..., run)` (the run the node's kick-off named): the advertisement's
+    binding carries it, and sealing the same epoch in another run gives another binding."""
+    import flame
+    from flame.identity import throwaway
+    from flame.protocols.paillier import SecureSumSpec
+    from flame.secure.masking import MaskingNode, MaskingSettings
+
+    settings = MaskingSettings(SecureSumSpec(precision=16, bound=1024.0, max_nodes=100))
+    auth = throwaway("agg", NODES)[NODES[0]]
+    node = MaskingNode(settings, "ana", NODES[0], NODES, "agg", auth)
+    bindings = [
+        Message.from_bytes(node.seal({"x": flame.secure(np.ones(2))}, 0, run)["x"].data).binding
+        for run in ("r1", "r2")
+    ]
+    assert [b.run for b in bindings] == ["r1", "r2"] and bindings[0] != bindings[1]
