@@ -17,7 +17,7 @@ from flame.protocols.masking import (
     ProtocolViolation,
     Session,
 )
-from flame.protocols.masking.messages import b64e
+from flame.protocols.masking.messages import b64d, b64e
 
 BINDING = Binding("ana-peers", 3, "update")
 LENGTH = 8
@@ -135,7 +135,9 @@ def test_the_server_refuses_a_statement_that_does_not_match_u2() -> None:
         msg = party.clients[v].masked_input(m.to_bytes(), party.values[v])
         if v == liar:
             skipped = [sess.participants[1]]
-            statement = Message(BINDING, "peers", v, {"skipped": skipped}).signed(party.ids[v])
+            keys = Message.from_bytes(b64d(msg.body["peers"], "p")).body["keys"]  # its own
+            statement = Message(BINDING, "peers", v, {"skipped": skipped, "keys": keys})
+            statement = statement.signed(party.ids[v])
             body = {**msg.body, "peers": b64e(statement.to_bytes())}
             msg = Message(BINDING, "masked", v, body, msg.vector).signed(party.ids[v])
             with pytest.raises(ProtocolViolation, match="other nodes than its neighbours in U2"):

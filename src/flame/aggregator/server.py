@@ -359,6 +359,8 @@ class Aggregator(Presence, Sending, Failures):
     def _aggregate_parameters(self, results: dict[str, Any], epoch: int, previous: Any) -> Any:
         self.context.epoch = epoch
         results = {node: reveal_suppressed(result) for node, result in results.items()}
+        if not isinstance(self.secure_sum, SecureSummer):  # masking binds the run's id
+            self.secure_sum.run_id = self.run_id
         results = self.secure_sum(results, epoch)
         value = self._call("aggregate", epoch, results, previous=previous)
         value, central = self.central.release(value, epoch)  # before anything sees it

@@ -214,7 +214,7 @@ class AnalysisClient:
 
     def send_results(self, epoch: int, result: Any, privacy: dict[str, Any] | None = None) -> None:
         """Send this epoch's result to the aggregator; it is re-sent until acknowledged."""
-        body = self._secure.seal(result, epoch)
+        body = self._secure.seal(result, epoch, self.instructions.run)
         if privacy is not None and _notable(privacy):
             body = wrap_release(body, privacy)  # recorded in the run's history and manifest
         envelope = Envelope(

@@ -57,14 +57,14 @@ class SecureAnswers:
             self._precomputer = Precomputer(self.keys)
             self._precomputer.fill(self.keys.precompute)
 
-    def seal(self, result: Any, epoch: int) -> Any:
+    def seal(self, result: Any, epoch: int, run: str | None = None) -> Any:
         """`result` with its `flame.secure` fields sealed for the aggregator."""
         self._specs = {}
         if self.keys is not None:
             self.keys.used_ciphertexts = 0
         origin = (self.transport.analysis_id, epoch, self.transport.node_id)
         if self.masking is not None:
-            return self.masking.seal(result, epoch)
+            return self.masking.seal(result, epoch, run)
         body = seal(result, self.keys, self._specs, origin)
         self.sent(epoch, body, self._specs)
         return body

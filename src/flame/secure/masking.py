@@ -140,9 +140,10 @@ class MaskingNode:
         )
         self._lock = threading.Lock()
 
-    def seal(self, result: Any, epoch: int) -> Any:
+    def seal(self, result: Any, epoch: int, run: str | None = None) -> Any:
         """Every `flame.secure(...)` in `result` -> its signed key advertisement; the values
-        are checked against their bound now (before anything is masked) and kept here."""
+        are checked against their bound now (before anything is masked) and kept here.
+        `run`: the run id of the kick-off this node follows, bound into every message."""
         from flame.protocols.masking import Binding, MaskingClient, RingInput, Session
         from flame.protocols.paillier import SecureAggregationError, ValueOutOfBoundsError
         from flame.secure.marked import Secure, _replace
@@ -153,7 +154,7 @@ class MaskingNode:
             field = path or "value"
             try:
                 session = Session(
-                    Binding(self.analysis_id, epoch, path),
+                    Binding(self.analysis_id, epoch, path, run or ""),
                     self.participants,
                     self.settings.threshold_for(len(self.participants)),
                     self.settings.spec_for(value.bound, value.precision),

@@ -52,6 +52,9 @@ class MaskingSummer:
     participants: Sequence[str]
     auth: Authenticator | None = None
     refusals: dict[str, str] = field(default_factory=dict)
+    run_id: str | None = None
+    """The aggregator's run id (set by the aggregator before each epoch), bound into every
+    message: what a node signed in another run is not taken in this one."""
 
     def __call__(self, results: dict[str, Any], epoch: int) -> Results:
         from flame.secure.marked import Results, _plain, sealed_fields, strip_sealed
@@ -60,9 +63,22 @@ class MaskingSummer:
         if not sealed:
             return Results(results)
         self.refusals = {}
-        fields = {
-            path: self._open(epoch, path, by_node) for path, by_node in sorted(sealed.items())
-        }
+        t = self.settings.threshold_for(len(self.participants))
+        short = {path for path, by_node in sealed.items() if len(by_node) < t}
+        if short == set(sealed):  # nothing to sum: failed as ever, in _open's words
+            short = set()
+        fields = {}
+        for path, by_node in sorted(sealed.items()):
+            if path in short:  # one node's extra field does not stop the others' sums
+                log.warning(
+                    "epoch %d: %r was sealed by %s only, fewer than t = %d: not summed",
+                    epoch,
+                    path,
+                    ", ".join(sorted(by_node)),
+                    t,
+                )
+                continue
+            fields[path] = self._open(epoch, path, by_node, t)
         for step in _STEPS:
             self._round(epoch, step, fields)
         plain: dict[str, Any] = {}
@@ -72,12 +88,19 @@ class MaskingSummer:
                 total = item.server.result()
             except FlameError as exc:
                 raise RunFailed(self._failure(epoch, path, exc), epoch=epoch) from exc
+            for node in sorted(item.server.bad_revealers):  # refused, the sum rebuilt without
+                self.refusals[node] = f"unmask: revealed shares of {path!r} that were altered"
+                log.warning("epoch %d: %s revealed altered shares of %r", epoch, node, path)
             plain[path] = _plain(total.values().reshape(item.shape), item.precision)
             contributors[path] = list(total.contributors)
+        for path in sorted(short):  # visible as not summed: no value, no contributor
+            contributors[path] = []
         return Results(strip_sealed(results), plain, contributors)
 
-    def _open(self, epoch: int, path: str, by_node: dict[str, Sealed]) -> _Field:
-        """A session for one field, fed with every node's advertisement (round 0)."""
+    def _open(self, epoch: int, path: str, by_node: dict[str, Sealed], t: int) -> _Field:
+        """A session for one field, fed with the advertisement (round 0) of every node that
+        marked it with the encoding (shape, precision, bound) at least t nodes agree on; a
+        node with another is left out and named, not the whole sum failed."""
         from flame.protocols.masking import (
             Binding,
             MaskingServer,
@@ -107,13 +130,27 @@ class MaskingSummer:
             ):
                 raise RunFailed(f"node {node!r} sent {path!r} without a valid shape", node=node)
             encodings[node] = (tuple(shape), body.get("precision"), body.get("bound"))
-        if len(set(encodings.values())) != 1:
+        counts: dict[Any, int] = {}
+        for encoding in encodings.values():
+            counts[encoding] = counts.get(encoding, 0) + 1
+        agreed = [e for e, c in counts.items() if c >= t or len(counts) == 1]
+        if not agreed:
             raise RunFailed(
-                f"the nodes marked {path!r} differently (shape, bound or precision): every "
-                "node must mark it with the same flame.secure(..., bound=, precision=) and "
-                "FLAME_SECURE__*"
+                f"the nodes marked {path!r} differently (shape, bound or precision), none "
+                f"the same as t = {t} others: every node must mark it with the same "
+                "flame.secure(..., bound=, precision=) and FLAME_SECURE__*"
             )
-        shape, precision, bound = next(iter(encodings.values()))
+        shape, precision, bound = agreed[0]  # t is a strict majority: at most one
+        for node in sorted(n for n, e in encodings.items() if e != agreed[0]):
+            self.refusals[node] = f"advertise: it marked {path!r} unlike {t} other nodes"
+            log.warning(
+                "epoch %d: left %s out of the sum of %r: %s",
+                epoch,
+                node,
+                path,
+                "another shape, bound or precision than the other nodes",
+            )
+            by_node = {n: item for n, item in by_node.items() if n != node}
         if not isinstance(precision, int) or not isinstance(bound, (int, float)):
             raise RunFailed(f"the advertisements of {path!r} carry no valid encoding", epoch=epoch)
         try:
@@ -121,7 +158,7 @@ class MaskingSummer:
             members = sorted(self.participants)
             identity, keys = signing_keys(self.auth, [*members, self.context.node_id])
             session = Session(
-                Binding(self.context.analysis_id, epoch, path),
+                Binding(self.context.analysis_id, epoch, path, self.run_id or ""),
                 tuple(members),
                 self.settings.threshold_for(len(members)),
                 spec,
@@ -141,6 +178,7 @@ class MaskingSummer:
             try:
                 server.receive(item.data, sender=node)  # the result's verified sender
             except ProtocolViolation as exc:
+                self.refusals[node] = f"advertise: its advertisement was refused: {exc}"
                 log.warning("epoch %d: left %s out of the sum of %r: %s", epoch, node, path, exc)
         return _Field(server, tuple(int(s) for s in shape), precision)
 

@@ -21,6 +21,7 @@ from flame.protocols.masking.prg import derive_key
 
 __all__ = [
     "KEY_BYTES",
+    "check_point",
     "open_share",
     "pair_mask_key",
     "private_raw",
@@ -51,6 +52,13 @@ def _exchange(private: X25519PrivateKey, public: bytes, what: str) -> bytes:
         return private.exchange(X25519PublicKey.from_public_bytes(public))
     except ValueError:
         raise ProtocolViolation(f"{what}: a degenerate X25519 public key") from None
+
+
+def check_point(public: bytes, what: str) -> None:
+    """ProtocolViolation if `public` is no usable X25519 key (wrong length, or a low-order
+    point such as all zeros: `cryptography` refuses an exchange with one), tried with a
+    throwaway key, so the aggregator can refuse what every node would refuse."""
+    _exchange(X25519PrivateKey.generate(), public, what)
 
 
 def _pair(a: str, b: str) -> bytes:

@@ -49,9 +49,30 @@ from flame.protocols.masking.prg import RING_DTYPES, MaskTerm, add_masks
 from flame.protocols.masking.session import Session, self_mask_key
 from flame.protocols.masking.shamir import PRIME, split_bytes
 
-__all__ = ["MaskingClient", "open_peers", "parse_share", "parse_survivors"]
+__all__ = ["MaskingClient", "keys_digest", "open_peers", "parse_share", "parse_survivors"]
 
 SELF, PAIR = "self", "pair"
+
+
+def keys_digest(keys: tuple[bytes, bytes]) -> str:
+    """What a node's forwarded statements carry of its session: a digest of the two fresh
+    public keys it advertised (c_pk, s_pk). A statement is taken only with the keys the
+    verifier holds for its signer from THIS session's verified advertisements, so one signed
+    in an earlier session of the same binding (a restarted sum) is refused."""
+    c_pk, s_pk = keys
+    return b64e(hashlib.sha256(b"flame-masking-keys-v1\0" + c_pk + s_pk).digest())
+
+
+def check_keys(body: Mapping[str, object], keys: tuple[bytes, bytes] | None, what: str) -> None:
+    """`body` names its signer's keys of this session; checked against `keys` when known."""
+    stated = body.get("keys")
+    if not isinstance(stated, str) or len(stated) != 44:
+        raise ProtocolViolation(f"{what}: names no keys of its session")
+    if keys is not None and stated != keys_digest(keys):
+        raise ProtocolViolation(
+            f"{what}: signed with other keys than its signer advertised in this session "
+            "(from an earlier session of the same sum): refused"
+        )
 
 
 def parse_share(text: object, what: str) -> int:
@@ -82,9 +103,11 @@ def open_peers(
     raw: object,
     node: str,
     keys: Mapping[str, Ed25519PublicKey] | None,
+    advertised: tuple[bytes, bytes],
 ) -> frozenset[str]:
     """The peers `node` masked with, from its signed "peers" statement (base64 wire bytes):
-    its neighbours less those it lists as skipped."""
+    its neighbours less those it lists as skipped. The statement must name `advertised`,
+    the keys `node` advertised in this session (every holder of its shares has them)."""
     if raw is None:
         raise ProtocolViolation(f"no signed statement of the peers {node!r} masked with")
     statement = open_message(
@@ -94,6 +117,7 @@ def open_peers(
         keys=keys,
         senders={node},
     )
+    check_keys(statement.body, advertised, f"peers of {node!r}")
     skipped = parse_survivors(session, statement.body.get("skipped"), f"peers of {node!r}")
     return session.neighbours(node) - set(skipped)
 
@@ -346,7 +370,8 @@ class MaskingClient:
         self._u2 = u2
         self._peers = frozenset(peers)
         skipped = sorted(self.session.neighbours(self.node_id) - peers)
-        statement = self._make("peers", {"skipped": skipped}).to_bytes()
+        own = self._u1[self.node_id]
+        statement = self._make("peers", {"skipped": skipped, "keys": keys_digest(own)}).to_bytes()
         bits = self.session.bits
         premask, self._premask = self._premask, None
         ready = premask.result() if premask is not None else None
@@ -371,7 +396,9 @@ class MaskingClient:
             raise ProtocolViolation("survivors: U3 is not a subset of U2 holding this node")
         self.session.require(u3, "nodes that sent masked input (U3)")
         self._u3 = u3
-        return self._make("consistency", {"u3": list(u3)})
+        return self._make(
+            "consistency", {"u3": list(u3), "keys": keys_digest(self._u1[self.node_id])}
+        )
 
     def reveal(self, unmask: Message | bytes, *, sender: str | None = None) -> Message:
         """Round 4: for each node the server asks about, exactly one kind of share, or a
@@ -414,7 +441,9 @@ class MaskingClient:
                 peers = (
                     self._peers
                     if node == self.node_id
-                    else open_peers(self.session, statements.get(node), node, self._keys)
+                    else open_peers(
+                        self.session, statements.get(node), node, self._keys, self._u1[node]
+                    )
                 )
                 kept = len(peers & set(u3))
                 if kept < self.session.peers_needed:
@@ -442,5 +471,11 @@ class MaskingClient:
             )
             if sig.body.get("u3") != list(self._u3):
                 raise ProtocolViolation(f"unmask: {node!r} signed a different survivor set")
+            # the signer's keys of this session, where this node has them (its neighbours;
+            # on the complete graph everyone). A non-neighbour's is only checked for form: a
+            # signature of an earlier session of this binding (which names the run, so the
+            # same run) says the same U3, for an honest node's guard signs at most one
+            # survivor set per (epoch, field), kept in its node-local state across restarts
+            check_keys(sig.body, self._u1.get(node), f"consistency of {node!r}")
             signers.append(node)
         self.session.require(signers, "consistency signatures on U3")

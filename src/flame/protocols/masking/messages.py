@@ -1,4 +1,4 @@
-"""Protocol messages: bound to (analysis, epoch, field, round, sender) and signed.
+"""Protocol messages: bound to (analysis, epoch, field, run, round, sender) and signed.
 
 Which are signed: with a roster, every message a third party acts on (`FORWARDED`: a key
 advertisement, a consistency signature, a peer statement) always carries its sender's
@@ -12,7 +12,7 @@ Wire form: b"FLMK" | u8 version | u32 len(header) | header | u64 len(vector) | v
 u8 len(signature) | signature. The header is canonical JSON (sorted keys, no spaces) of the
 binding, round, sender and body; the vector is the masked input, raw little-endian words.
 The Ed25519 signature is over b"flame-masking-v1\\0" + SHA-256(header) + SHA-256(vector),
-so a message relabelled for another analysis, epoch, field, round or sender no longer
+so a message relabelled for another analysis, epoch, field, run, round or sender no longer
 verifies, and one replayed into another session fails the binding check.
 """
 
@@ -51,6 +51,7 @@ _HEAD = struct.Struct(">4sBI")
 _VECTOR_LEN = struct.Struct(">Q")
 _CONTEXT = b"flame-masking-v1\0"
 DEFAULT_MAX_BYTES = 1 << 31
+_HEADER_FIELDS = {"analysis", "epoch", "field", "round", "sender", "body"}  # and "run" if any
 
 ROUNDS = (
     "advertise",  # node -> server: its two public keys
@@ -99,21 +100,31 @@ _VERIFIED = _Verified(1 << 14)
 
 @dataclass(frozen=True)
 class Binding:
-    """The session one message belongs to: one secure sum of one field in one epoch."""
+    """The session one message belongs to: one secure sum of one field in one epoch of one
+    run. `run` is the run id both sides know in a flame run (the aggregator's, the one the
+    node's kick-off named): a run started over under a new id re-runs its epochs with fresh
+    keys, and nothing signed in one run is then taken in another. "" = no run (the protocol
+    used on its own), which leaves the header and context as they were."""
 
     analysis: str
     epoch: int
     field: str
+    run: str = ""
 
     def __post_init__(self) -> None:
         if not isinstance(self.analysis, str) or not isinstance(self.field, str):
             raise ProtocolViolation("binding: analysis and field must be strings")
         if not isinstance(self.epoch, int) or isinstance(self.epoch, bool) or self.epoch < 0:
             raise ProtocolViolation("binding: epoch must be a non-negative int")
+        if not isinstance(self.run, str):
+            raise ProtocolViolation("binding: run must be a string")
 
     def context(self) -> bytes:
         """Unambiguous bytes of the binding (for key derivation and AEAD data)."""
-        return json.dumps([self.analysis, self.epoch, self.field], separators=(",", ":")).encode()
+        parts: list[object] = [self.analysis, self.epoch, self.field]
+        if self.run:
+            parts.append(self.run)
+        return json.dumps(parts, separators=(",", ":")).encode()
 
 
 def b64e(data: bytes) -> str:
@@ -150,6 +161,8 @@ class Message:
             "sender": self.sender,
             "body": self.body,
         }
+        if self.binding.run:
+            head["run"] = self.binding.run
         return json.dumps(head, sort_keys=True, separators=(",", ":")).encode()
 
     def _digest(self) -> bytes:
@@ -222,20 +235,16 @@ class Message:
         signature = bytes(view[pos + 1 :])
         if len(signature) != sig_len:
             raise ProtocolViolation("masking message has a malformed signature field")
-        if not isinstance(head, dict) or set(head) != {
-            "analysis",
-            "epoch",
-            "field",
-            "round",
-            "sender",
-            "body",
-        }:
+        if not isinstance(head, dict) or set(head) - {"run"} != _HEADER_FIELDS:
             raise ProtocolViolation("masking message header has the wrong fields")
+        run = head.get("run", "")
+        if "run" in head and (not isinstance(run, str) or not run):
+            raise ProtocolViolation("masking message header names no valid run")
         if head["round"] not in ROUNDS or not isinstance(head["sender"], str):
             raise ProtocolViolation("masking message names an unknown round or no sender")
         if not isinstance(head["body"], dict):
             raise ProtocolViolation("masking message body is not an object")
-        binding = Binding(head["analysis"], head["epoch"], head["field"])
+        binding = Binding(head["analysis"], head["epoch"], head["field"], run)
         return cls(binding, head["round"], head["sender"], head["body"], vector, signature)
 
 
@@ -263,7 +272,7 @@ def open_message(
     if msg.binding != binding:
         raise ProtocolViolation(
             f"{msg.round!r} message from {msg.sender!r} belongs to another session "
-            "(analysis, epoch or field differ): replayed or relabelled"
+            "(analysis, epoch, field or run differ): replayed or relabelled"
         )
     if msg.round != round:
         raise ProtocolViolation(

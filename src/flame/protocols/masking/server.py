@@ -15,16 +15,17 @@ change nothing), then close the round with the next method (`keys`, `ciphertexts
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from itertools import combinations
 
 import numpy as np
 import numpy.typing as npt
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from flame.protocols.masking.agreement import KEY_BYTES, pair_mask_key, public_raw
-from flame.protocols.masking.client import PAIR, SELF, open_peers, parse_share
+from flame.protocols.masking.agreement import KEY_BYTES, check_point, pair_mask_key, public_raw
+from flame.protocols.masking.client import PAIR, SELF, check_keys, open_peers, parse_share
 from flame.protocols.masking.encoding import decode_sum
 from flame.protocols.masking.errors import MaskingError, ProtocolViolation
 from flame.protocols.masking.messages import (
@@ -36,13 +37,17 @@ from flame.protocols.masking.messages import (
 )
 from flame.protocols.masking.prg import MaskTerm, add_masks
 from flame.protocols.masking.session import Session, self_mask_key
-from flame.protocols.masking.shamir import combine_bytes
+from flame.protocols.masking.shamir import combine_bytes, off_polynomial
 from flame.protocols.paillier.errors import ContributorCountError
 
 __all__ = ["MaskedSum", "MaskingServer"]
 
 # the stages in order; each accepts the node messages of the round of its name
 _ORDER = ["advertise", "shares", "masked", "consistency", "reveal", "done"]
+# a robust reconstruction leaves out at most this many revealed shares, trying at most this
+# many sets of them: enough for a few rogue revealers, bounded for the aggregator's CPU
+_MAX_EXCLUDED = 3
+_MAX_TRIES = 5000
 
 
 @dataclass(frozen=True)
@@ -103,6 +108,7 @@ class MaskingServer:
         self._consistency: dict[str, Message] = {}
         self._reveals: dict[str, dict[str, dict[str, str]]] = {}
         self.refused = 0
+        self.bad_revealers: set[str] = set()  # revealed shares off the secret's polynomial
 
     @property
     def stage(self) -> str:
@@ -163,6 +169,17 @@ class MaskingServer:
             s_pk = b64d(body.get("s_pk"), "s_pk")
             if len(c_pk) != KEY_BYTES or len(s_pk) != KEY_BYTES:
                 raise ProtocolViolation(f"advertise from {msg.sender!r}: malformed public keys")
+            # what every honest node would refuse the whole round for (client.share_keys):
+            # refused here, so only this node is left out
+            if c_pk == s_pk:
+                raise ProtocolViolation(f"advertise from {msg.sender!r}: its two keys are equal")
+            taken = {k for pair in self._pks.values() for k in pair}
+            if c_pk in taken or s_pk in taken:
+                raise ProtocolViolation(
+                    f"advertise from {msg.sender!r}: a key another node already advertised"
+                )
+            for key in (c_pk, s_pk):
+                check_point(key, f"advertise from {msg.sender!r}")
             self._adverts[msg.sender] = msg
             self._pks[msg.sender] = (c_pk, s_pk)
         elif msg.round == "shares":
@@ -194,6 +211,7 @@ class MaskingServer:
         elif msg.round == "consistency":
             if body.get("u3") != list(self._u3):
                 raise ProtocolViolation(f"consistency from {msg.sender!r}: another survivor set")
+            check_keys(body, self._pks[msg.sender], f"consistency from {msg.sender!r}")
             self._consistency[msg.sender] = msg
         elif msg.round == "reveal":
             held = self.session.holders(msg.sender)
@@ -219,7 +237,7 @@ class MaskingServer:
                 f"masked input from {msg.sender!r} has {length} values, the sum {expected}"
             )
         raw = msg.body.get("peers")
-        peers = open_peers(self.session, raw, msg.sender, self._keys)
+        peers = open_peers(self.session, raw, msg.sender, self._keys, self._pks[msg.sender])
         if peers != self.session.neighbours(msg.sender) & set(self._u2):
             raise ProtocolViolation(
                 f"masked input from {msg.sender!r}: it says it masked with other nodes than "
@@ -347,34 +365,65 @@ class MaskingServer:
         u5 = self._close("reveal", "nodes that revealed shares (U5)")
         if self._total is None:
             raise MaskingError("no masked input arrived")
-        t = self.session.shares_needed
         total = self._total
         bits = self.session.bits
         reveals = {u: self._reveals[u] for u in u5}
         masks: list[MaskTerm] = []  # every mask left in the total, removed at once below
         for v in self._u3:
-            shares = {
-                self.session.index(u): int(r[SELF][v], 16)
-                for u, r in reveals.items()
-                if v in r[SELF]
-            }
-            seed = combine_bytes(shares, t)
-            check = hashlib.sha256(b"flame-masking-seed\0" + self._context + seed).digest()
-            if check != self._commits[v]:
-                raise MaskingError(f"the self-mask seed of {v!r} does not match its commitment")
+            shares = {u: int(r[SELF][v], 16) for u, r in reveals.items() if v in r[SELF]}
+
+            def committed(seed: bytes, v: str = v) -> bool:
+                check = hashlib.sha256(b"flame-masking-seed\0" + self._context + seed).digest()
+                return check == self._commits[v]
+
+            seed = self._rebuild(shares, committed, f"the self-mask seed of {v!r}")
             masks.append((self_mask_key(seed, self._context, v), -1))
         for v in sorted(set(self._u2) - set(self._u3)):
-            shares = {
-                self.session.index(u): int(r[PAIR][v], 16)
-                for u, r in reveals.items()
-                if v in r[PAIR]
-            }
-            private = X25519PrivateKey.from_private_bytes(combine_bytes(shares, t))
-            if public_raw(private) != self._pks[v][1]:
-                raise MaskingError(f"the pairwise key of dropped node {v!r} does not match its key")
+            shares = {u: int(r[PAIR][v], 16) for u, r in reveals.items() if v in r[PAIR]}
+
+            def advertised(raw: bytes, v: str = v) -> bool:
+                return public_raw(X25519PrivateKey.from_private_bytes(raw)) == self._pks[v][1]
+
+            raw = self._rebuild(shares, advertised, f"the pairwise key of dropped node {v!r}")
+            private = X25519PrivateKey.from_private_bytes(raw)
             for w in sorted(self.session.neighbours(v) & set(self._u3)):
                 key = pair_mask_key(private, self._pks[w][1], self._context, v, w)
                 masks.append((key, -1 if w < v else +1))
+        if self.bad_revealers:
+            self.refused += len(self.bad_revealers)
         add_masks(total, masks, bits)
         encoded = decode_sum(total, self.session.spec, len(self._u3))
         return MaskedSum(encoded, self._u3, self.session.spec.scale)
+
+    def _rebuild(self, shares: dict[str, int], valid: Callable[[bytes], bool], what: str) -> bytes:
+        """The secret the revealed `shares` ({revealer: y}) rebuild, checked by `valid`
+        (its commitment or advertised public key). When they disagree or rebuild a wrong
+        secret, a revealer altered its share: leave out the revealers already caught, then
+        every set of up to `_MAX_EXCLUDED` of the others (at most `_MAX_TRIES` sets), take
+        the first set whose remaining (at least t_k) shares lie on one polynomial and pass
+        the check, and name the revealers off it (`bad_revealers`). Refused (MaskingError)
+        only if no such set is found."""
+        t = self.session.shares_needed
+        index = self.session.index
+        order = sorted(shares, key=lambda u: (u in self.bad_revealers, u))
+        tries = 0
+        for size in range(min(len(shares) - t, _MAX_EXCLUDED) + 1):
+            for left_out in combinations(reversed(order), size):
+                kept = {index(u): shares[u] for u in shares if u not in left_out}
+                tries += 1
+                if tries > _MAX_TRIES:
+                    break
+                try:
+                    secret = combine_bytes(kept, t)
+                except MaskingError:
+                    continue
+                if not valid(secret):
+                    continue
+                base = {index(u): shares[u] for u in order if u not in left_out}
+                off = off_polynomial(base, {index(u): shares[u] for u in shares}, t)
+                self.bad_revealers.update(u for u in shares if index(u) in off)
+                return secret
+        raise MaskingError(
+            f"{what}: no {t} of the {len(shares)} revealed shares rebuild it (tried "
+            f"{min(tries, _MAX_TRIES)} sets); the sum is abandoned"
+        )

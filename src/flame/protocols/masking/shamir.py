@@ -13,7 +13,15 @@ from functools import lru_cache
 
 from flame.protocols.masking.errors import MaskingError
 
-__all__ = ["PRIME", "SECRET_BYTES", "combine", "combine_bytes", "split", "split_bytes"]
+__all__ = [
+    "PRIME",
+    "SECRET_BYTES",
+    "combine",
+    "combine_bytes",
+    "off_polynomial",
+    "split",
+    "split_bytes",
+]
 
 PRIME = (1 << 521) - 1
 """A Mersenne prime: larger than every 32-byte secret."""
@@ -77,6 +85,13 @@ def combine(shares: Mapping[int, int], threshold: int) -> int:
         if _interpolate(base, x) != y:
             raise MaskingError("the shares do not lie on one polynomial: a share was altered")
     return _interpolate(base, 0)
+
+
+def off_polynomial(base: Mapping[int, int], shares: Mapping[int, int], threshold: int) -> set[int]:
+    """The x of every share in `shares` off the polynomial through `threshold` of the `base`
+    shares (a share a revealer altered, once `base` is known good)."""
+    points = sorted(base.items())[:threshold]
+    return {x for x, y in shares.items() if _interpolate(points, x) != y}
 
 
 def split_bytes(secret: bytes, threshold: int, xs: Iterable[int]) -> dict[int, int]:
