@@ -85,3 +85,53 @@ def test_a_reveal_of_altered_shares_by_too_many_still_refuses() -> None:
     party.server._reveals[sess.participants[2]] = party.server._reveals[sess.participants[1]]
     with pytest.raises(MaskingError, match="no 4 of the 5 revealed shares rebuild it"):
         party.server.result()
+
+
+def test_an_aggregate_reading_a_field_too_few_nodes_sealed_is_told_why() -> None:
+    """In `flame simulate` (roster, every envelope signed) one node seals a field "y" the
+    others do not: "x" is summed, "y" is not, and an `aggregate` that reads
+    results.secure["y"] fails naming the field and why, not with a bare KeyError."""
+    import flame
+    from flame.config import load_config
+    from flame.errors import RunFailed
+    from flame.testing import MemoryBroker
+
+    members = ("node-a", "node-b", "node-c", "node-d")
+
+    def analyze(data: Any, epoch: int, previous: Any) -> dict[str, Any]:
+        out = {"x": flame.secure(np.ones(3))}
+        if data.node_id == "node-a":
+            out["y"] = flame.secure(np.ones(3))
+        return out
+
+    def aggregate(results: Any, epoch: int, previous: Any) -> Any:
+        return {"x": results.secure["x"], "y": results.secure["y"]}
+
+    config = load_config(
+        secure={"enabled": True, "scheme": "masking", "bound": 1024.0},
+        epoch_timeout=30,
+        presence_timeout=30,
+    )
+    with pytest.raises(RunFailed) as caught:
+        flame.simulate(
+            analyze,
+            aggregate,
+            data={v: {"v.csv": "v\n1\n"} for v in members},
+            config=config,
+            broker=MemoryBroker(),
+        )
+    text = str(caught.value)
+    assert "aggregate failed in epoch 0" in text and "KeyError" in text
+    assert "'y' was not summed this epoch" in text and "results.contributors['y']" in text
+
+
+def test_other_key_errors_in_aggregate_get_no_such_hint() -> None:
+    from flame.aggregator.server import _unsummed_hint
+    from flame.secure.marked import Results
+
+    results = Results({}, {"x": np.ones(2)}, {"x": ["node-a", "node-b"], "y": []})
+    assert _unsummed_hint(KeyError("y"), results).startswith(" (the secure field 'y'")
+    assert _unsummed_hint(KeyError("x"), results) == ""  # summed: the analysis's own error
+    assert _unsummed_hint(KeyError("column"), results) == ""  # not a secure field
+    assert _unsummed_hint(ValueError("y"), results) == ""
+    assert _unsummed_hint(KeyError("y"), {"node-a": {}}) == ""  # plain results

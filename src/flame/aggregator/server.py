@@ -381,7 +381,8 @@ class Aggregator(Presence, Sending, Failures):
                 return function(first, epoch=epoch, **kwargs)
         except Exception as exc:
             raise RunFailed(
-                f"{name} failed in epoch {epoch}: {describe_exception(exc, self.secrets)}",
+                f"{name} failed in epoch {epoch}: {describe_exception(exc, self.secrets)}"
+                + _unsummed_hint(exc, first),
                 node=self.transport.node_id,
                 epoch=epoch,
             ) from exc
@@ -447,3 +448,20 @@ def _size(envelope: Envelope) -> int:
         return sum(memoryview(part).nbytes for part in encode_parts(envelope))
     except (TypeError, ValueError):
         return 0
+
+
+def _unsummed_hint(exc: Exception, results: Any) -> str:
+    """Why `results.secure[path]` has no value when its secure sum left the field out (too
+    few nodes sealed it): a bare KeyError would not say."""
+    key = exc.args[0] if isinstance(exc, KeyError) and exc.args else None
+    contributors = getattr(results, "contributors", None)
+    secure = getattr(results, "secure", None)
+    if not isinstance(key, str) or not isinstance(contributors, dict):
+        return ""
+    if contributors.get(key) != [] or (isinstance(secure, dict) and key in secure):
+        return ""
+    return (
+        f" (the secure field {key!r} was not summed this epoch: fewer nodes than the masking "
+        "threshold sealed it, so results.secure has no value for it and "
+        f"results.contributors[{key!r}] is empty; the aggregator's log names who sealed it)"
+    )
