@@ -9,6 +9,7 @@ two pairs or two purposes.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 
 from cryptography.exceptions import InvalidTag
@@ -58,7 +59,13 @@ def check_point(public: bytes, what: str) -> None:
     """ProtocolViolation if `public` is no usable X25519 key (wrong length, or a low-order
     point such as all zeros: `cryptography` refuses an exchange with one), tried with a
     throwaway key, so the aggregator can refuse what every node would refuse."""
-    _exchange(X25519PrivateKey.generate(), public, what)
+    _exchange(_probe(), public, what)
+
+
+@functools.cache
+def _probe() -> X25519PrivateKey:
+    """One throwaway key per process for `check_point` (its exchanges are discarded)."""
+    return X25519PrivateKey.generate()
 
 
 def _pair(a: str, b: str) -> bytes:

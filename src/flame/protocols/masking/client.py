@@ -210,13 +210,6 @@ class MaskingClient:
         """The server's message of `round`; `sender` is who the carrier says sent it
         (required in carrier-authenticated mode, where the message itself is unsigned)."""
         carrier = self.carrier_authenticated
-        if not isinstance(message, Message):
-            message = Message.from_bytes(message)
-        if carrier and sender is None:
-            raise ProtocolViolation(
-                f"{self.node_id}: {message.round!r} message from {message.sender!r} without "
-                "the sender its carrier authenticated, which this unsigned round needs: refused"
-            )
         return open_message(
             message,
             binding=self.session.binding,

@@ -264,11 +264,14 @@ def open_message(
     `unsigned` (a point-to-point round in carrier-authenticated mode, which needs `carrier`)
     the message must carry no signature: the envelope's covers it. Raises
     ProtocolViolation naming the round and the claimed sender."""
-    if unsigned and (carrier is None or keys is not None):
-        raise ProtocolViolation(
-            f"a {round!r} message can go unsigned only with a carrier-authenticated sender"
-        )
+    if unsigned and keys is not None:
+        raise ProtocolViolation(f"a {round!r} message cannot be both unsigned and signed")
     msg = message if isinstance(message, Message) else Message.from_bytes(message)
+    if unsigned and carrier is None:
+        raise ProtocolViolation(
+            f"{msg.round!r} message from {msg.sender!r} without the sender its carrier "
+            "authenticated, which this unsigned round needs: refused"
+        )
     if msg.binding != binding:
         raise ProtocolViolation(
             f"{msg.round!r} message from {msg.sender!r} belongs to another session "

@@ -134,14 +134,7 @@ class MaskingServer:
         try:
             if self._stage == "done":
                 raise ProtocolViolation("the sum is complete; no more messages are accepted")
-            if not isinstance(message, Message):
-                message = Message.from_bytes(message)
             unsigned = self.carrier_authenticated and self._stage in POINT_TO_POINT
-            if unsigned and sender is None:
-                raise ProtocolViolation(
-                    f"{message.round!r} message from {message.sender!r} without the sender its "
-                    "carrier authenticated, which this unsigned round needs: refused"
-                )
             msg = open_message(
                 message,
                 binding=self.session.binding,
@@ -419,8 +412,7 @@ class MaskingServer:
                     continue
                 if not valid(secret):
                     continue
-                base = {index(u): shares[u] for u in order if u not in left_out}
-                off = off_polynomial(base, {index(u): shares[u] for u in shares}, t)
+                off = off_polynomial(kept, {index(u): shares[u] for u in shares}, t)
                 self.bad_revealers.update(u for u in shares if index(u) in off)
                 return secret
         raise MaskingError(
