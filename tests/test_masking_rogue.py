@@ -3,15 +3,19 @@ instead of relaying what makes every honest node refuse the round, or abandoning
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
 import numpy as np
 import pytest
-from masking_parties import SPEC, Party, nodes
+from masking_parties import SPEC, Party, Run, nodes
 
-from flame.protocols.masking import Binding, MaskingError, ProtocolViolation, Session
+from flame.errors import RunFailed
+from flame.protocols.masking import Binding, MaskingError, Message, ProtocolViolation, Session
 from flame.protocols.masking.messages import b64e
+from flame.wire.envelope import Sealed
 
 BINDING = Binding("ana", 0, "x")
 
@@ -93,7 +97,6 @@ def test_an_aggregate_reading_a_field_too_few_nodes_sealed_is_told_why() -> None
     results.secure["y"] fails naming the field and why, not with a bare KeyError."""
     import flame
     from flame.config import load_config
-    from flame.errors import RunFailed
     from flame.testing import MemoryBroker
 
     members = ("node-a", "node-b", "node-c", "node-d")
@@ -135,3 +138,146 @@ def test_other_key_errors_in_aggregate_get_no_such_hint() -> None:
     assert _unsummed_hint(KeyError("column"), results) == ""  # not a secure field
     assert _unsummed_hint(ValueError("y"), results) == ""
     assert _unsummed_hint(KeyError("y"), {"node-a": {}}) == ""  # plain results
+
+
+# --- in a run: a result the aggregator cannot take for one field --------------------------
+
+MEMBERS = ("n0", "n1", "n2", "n3", "n4")  # t = 4 (floor(2n/3) + 1)
+ROGUE = "n1"
+HONEST = tuple(v for v in MEMBERS if v != ROGUE)
+VALUES = {v: np.random.default_rng(11).uniform(-100, 100, 6) + i for i, v in enumerate(MEMBERS)}
+
+
+def _exact(members: tuple[str, ...]) -> Any:
+    return sum(np.rint(VALUES[v] * 2**16).astype(np.int64) for v in members) / 2**16
+
+
+def _advert(**change: Any) -> Callable[[Run, Sealed], Sealed]:
+    """The rogue's own advertisement of "x" with `change` in its body, signed by itself."""
+
+    def forge(run: Run, sealed: Sealed) -> Sealed:
+        ad = Message.from_bytes(sealed.data)
+        forged = replace(ad, body={**ad.body, **change}, signature=b"")
+        return Sealed("masking", forged.signed(run.auths[ROGUE].identity.key).to_bytes())
+
+    return forge
+
+
+ROGUE_RESULTS: dict[str, Callable[[Run, Sealed], Sealed]] = {
+    "paillier-scheme": lambda run, sealed: Sealed("paillier", b"\x00" * 64),
+    "unknown-scheme": lambda run, sealed: Sealed("x" * 32, sealed.data),
+    "not-a-message": lambda run, sealed: Sealed("masking", b"no masking message"),
+    "empty": lambda run, sealed: Sealed("masking", b""),
+    "no-shape": _advert(shape="3x2"),
+    "negative-shape": _advert(shape=[-6]),
+    "list-precision": _advert(precision=[16]),
+    "bool-precision": _advert(precision=True),
+    "text-bound": _advert(bound="1024"),
+    "nan-bound": _advert(bound=float("nan")),
+    "huge-bound": _advert(bound=10**400),
+}
+
+
+@pytest.mark.parametrize("what", sorted(ROGUE_RESULTS))
+def test_a_result_of_another_scheme_or_no_valid_advertisement_leaves_one_node_out(
+    what: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """One node's "x" is sealed with another scheme (a node left on paillier, by mistake or
+    not) or is no masking advertisement of a valid encoding: that node is left out of the
+    sum, named in the refusals and logged (no key material, no values), and the sum of the
+    t others stands. Before: RunFailed (a TypeError for a list precision) for the epoch."""
+    run = Run(MEMBERS, VALUES)
+    results = run.sealed()
+    results[ROGUE] = {"x": ROGUE_RESULTS[what](run, results[ROGUE]["x"])}
+    with caplog.at_level(logging.WARNING, logger="flame.secure.masking_sum"):
+        out, summer = run.run(results)
+    assert out.contributors["x"] == list(HONEST)
+    assert np.array_equal(out.secure["x"], _exact(HONEST))
+    assert set(summer.refusals) == {ROGUE} and "'x'" in summer.refusals[ROGUE]
+    logged = [r.getMessage() for r in caplog.records if ROGUE in r.getMessage()]
+    assert logged and all(len(m) < 400 for m in logged)
+    assert not any(pk in m for m in logged for pk in ("c_pk", "s_pk", "xxxxxxxxxxxxxxxxxxxxx"))
+    if what.endswith("scheme"):
+        assert "FLAME_SECURE__SCHEME=masking" in summer.refusals[ROGUE]
+
+
+def test_a_wrong_scheme_from_all_but_fewer_than_t_is_a_misconfiguration() -> None:
+    """Two of five nodes on paillier leave three masked results, fewer than t = 4: the
+    epoch fails naming both and telling the user to set the scheme on every node."""
+    run = Run(MEMBERS, VALUES)
+    results = run.sealed()
+    for v in ("n3", "n1"):
+        results[v] = {"x": Sealed("paillier", b"\x00" * 64)}
+    with pytest.raises(RunFailed) as caught:
+        run.run(results)
+    text = str(caught.value)
+    assert "'n1', 'n3'" in text and "'paillier'" in text
+    assert "every node needs FLAME_SECURE__SCHEME=masking" in text
+
+
+def test_a_wrong_scheme_from_every_node_says_how_to_fix_it() -> None:
+    run = Run(MEMBERS, VALUES)
+    results = {v: {"x": Sealed("paillier", b"\x00" * 64)} for v in MEMBERS}
+    with pytest.raises(RunFailed, match="every node needs FLAME_SECURE__SCHEME=masking"):
+        run.run(results)
+
+
+def test_too_few_valid_advertisements_fail_naming_the_refused_nodes() -> None:
+    """Two unparsable advertisements of five leave three, fewer than t = 4: the sum fails
+    as before (never a sum of fewer than t), and the failure names both refused nodes."""
+    run = Run(MEMBERS, VALUES)
+    results = run.sealed()
+    for v in ("n1", "n3"):
+        results[v] = {"x": Sealed("masking", b"no masking message")}
+    with pytest.raises(RunFailed) as caught:
+        run.run(results)
+    text = str(caught.value)
+    assert "Refused by: n1 (advertise:" in text and "; n3 (advertise:" in text
+
+
+def test_no_valid_advertisement_at_all_fails_saying_so() -> None:
+    run = Run(MEMBERS, VALUES)
+    results = {v: {"x": Sealed("masking", b"no masking message")} for v in MEMBERS}
+    with pytest.raises(RunFailed) as caught:
+        run.run(results)
+    text = str(caught.value)
+    assert "no node sent a valid advertisement" in text and "n4 (advertise: its 'x' is" in text
+
+
+def test_in_flame_simulate_a_node_left_on_another_scheme_is_left_out(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """End to end (roster, signed envelopes): one node's sealed "x" has another scheme, as
+    from a node left on FLAME_SECURE__SCHEME=paillier. The run ends with the others' sum,
+    the node is absent from the contributors, and the aggregator's warning says why."""
+    import flame
+    from flame.config import load_config
+    from flame.secure.masking import MaskingNode
+    from flame.testing import MemoryBroker
+
+    seal = MaskingNode.seal
+
+    def rogue(self: MaskingNode, result: Any, epoch: int, run: str | None = None) -> Any:
+        out = seal(self, result, epoch, run)
+        return {"x": Sealed("paillier", b"\x00" * 64)} if self.node_id == ROGUE else out
+
+    monkeypatch.setattr(MaskingNode, "seal", rogue)
+    config = load_config(
+        secure={"enabled": True, "scheme": "masking", "bound": 1024.0},
+        epoch_timeout=30,
+        presence_timeout=30,
+    )
+    with caplog.at_level(logging.WARNING, logger="flame.secure.masking_sum"):
+        result = flame.simulate(
+            lambda data, epoch, previous: {"x": flame.secure(VALUES[data.node_id])},
+            lambda results, epoch, previous: (results.secure["x"], results.contributors["x"]),
+            data={v: {"v.csv": "v\n1\n"} for v in MEMBERS},
+            config=config,
+            broker=MemoryBroker(),
+        )
+    total, who = result.value
+    assert who == list(HONEST) and np.array_equal(total, _exact(HONEST))
+    assert any(
+        f"left {ROGUE} out" in r.getMessage() and "FLAME_SECURE__SCHEME=masking" in r.getMessage()
+        for r in caplog.records
+    )

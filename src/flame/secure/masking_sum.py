@@ -100,46 +100,32 @@ class MaskingSummer:
     def _open(self, epoch: int, path: str, by_node: dict[str, Sealed], t: int) -> _Field:
         """A session for one field, fed with the advertisement (round 0) of every node that
         marked it with the encoding (shape, precision, bound) at least t nodes agree on; a
-        node with another is left out and named, not the whole sum failed."""
-        from flame.protocols.masking import (
-            Binding,
-            MaskingServer,
-            Message,
-            ProtocolViolation,
-            Session,
-        )
+        node with another, another scheme or no valid advertisement is left out and named,
+        not the whole sum failed."""
+        from flame.protocols.masking import Binding, MaskingServer, ProtocolViolation, Session
 
+        by_node = self._masked_only(epoch, path, by_node, t)
         encodings = {}
         for node, item in sorted(by_node.items()):
-            if item.scheme != SCHEME:
-                raise RunFailed(
-                    f"node {node!r} sent {path!r} sealed with {item.scheme!r}; this run sums "
-                    "with masking (every node needs FLAME_SECURE__SCHEME=masking)",
-                    node=node,
-                    epoch=epoch,
-                )
-            try:
-                body = Message.from_bytes(item.data).body
-            except FlameError as exc:
-                raise RunFailed(
-                    f"node {node!r} sent a malformed {path!r}: {exc}", node=node
-                ) from exc
-            shape = body.get("shape")
-            if not isinstance(shape, list) or not all(
-                isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
-            ):
-                raise RunFailed(f"node {node!r} sent {path!r} without a valid shape", node=node)
-            encodings[node] = (tuple(shape), body.get("precision"), body.get("bound"))
+            encoding = _encoding(item.data)
+            if isinstance(encoding, str):
+                self._leave_out(epoch, path, node, f"advertise: its {path!r} {encoding}")
+                continue
+            encodings[node] = encoding
+        by_node = {n: item for n, item in by_node.items() if n in encodings}
         counts: dict[Any, int] = {}
         for encoding in encodings.values():
             counts[encoding] = counts.get(encoding, 0) + 1
         agreed = [e for e, c in counts.items() if c >= t or len(counts) == 1]
         if not agreed:
-            raise RunFailed(
-                f"the nodes marked {path!r} differently (shape, bound or precision), none "
+            why = (
+                "no node sent a valid advertisement"
+                if not encodings
+                else f"the nodes marked {path!r} differently (shape, bound or precision), none "
                 f"the same as t = {t} others: every node must mark it with the same "
                 "flame.secure(..., bound=, precision=) and FLAME_SECURE__*"
             )
+            raise RunFailed(self._failure(epoch, path, FlameError(why)), epoch=epoch)
         shape, precision, bound = agreed[0]  # t is a strict majority: at most one
         for node in sorted(n for n, e in encodings.items() if e != agreed[0]):
             self.refusals[node] = f"advertise: it marked {path!r} unlike {t} other nodes"
@@ -151,8 +137,6 @@ class MaskingSummer:
                 "another shape, bound or precision than the other nodes",
             )
             by_node = {n: item for n, item in by_node.items() if n != node}
-        if not isinstance(precision, int) or not isinstance(bound, (int, float)):
-            raise RunFailed(f"the advertisements of {path!r} carry no valid encoding", epoch=epoch)
         try:
             spec = self.settings.spec_for(float(bound), precision)
             members = sorted(self.participants)
@@ -239,3 +223,57 @@ class MaskingSummer:
             named = "; ".join(f"{n} ({r})" for n, r in sorted(self.refusals.items()))
             text += f". Refused by: {named}"
         return text[:2000]
+
+    def _masked_only(
+        self, epoch: int, path: str, by_node: dict[str, Sealed], t: int
+    ) -> dict[str, Sealed]:
+        """The items sealed with masking. A node that sealed `path` with another scheme (left
+        on paillier, say) is left out and named; when that leaves fewer than t, the run is
+        misconfigured and the epoch fails saying so."""
+        other = {n: item.scheme for n, item in by_node.items() if item.scheme != SCHEME}
+        if other and len(by_node) - len(other) < t:
+            schemes = ", ".join(sorted({repr(s[:20]) for s in other.values()}))
+            raise RunFailed(
+                f"nodes {', '.join(repr(n) for n in sorted(other))} sent {path!r} sealed with "
+                f"{schemes}, leaving {len(by_node) - len(other)} masked of the t = {t} needed; "
+                "this run sums with masking (every node needs FLAME_SECURE__SCHEME=masking)",
+                epoch=epoch,
+            )
+        for node, scheme in sorted(other.items()):
+            self._leave_out(
+                epoch,
+                path,
+                node,
+                f"advertise: it sealed {path!r} with {scheme[:20]!r}, not masking (set "
+                "FLAME_SECURE__SCHEME=masking on it)",
+            )
+        return {n: item for n, item in by_node.items() if n not in other}
+
+    def _leave_out(self, epoch: int, path: str, node: str, reason: str) -> None:
+        self.refusals[node] = reason
+        log.warning("epoch %d: left %s out of the sum of %r: %s", epoch, node, path, reason)
+
+
+def _encoding(data: bytes) -> tuple[tuple[int, ...], int, float] | str:
+    """A node's advertised (shape, precision, bound), or what is wrong with it: no masking
+    message, no valid shape or no valid encoding. Only its form is read, never a key."""
+    from flame.protocols.masking import Message
+
+    try:
+        body = Message.from_bytes(data).body
+    except FlameError as exc:
+        return f"is malformed ({exc})"
+    shape, precision, bound = body.get("shape"), body.get("precision"), body.get("bound")
+    if not isinstance(shape, list) or not all(
+        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+    ):
+        return "has no valid shape"
+    try:
+        value = float(bound) if isinstance(bound, (int, float)) else math.nan
+    except OverflowError:
+        value = math.nan
+    if not isinstance(precision, int) or isinstance(precision, bool):
+        return "has no valid precision"
+    if isinstance(bound, bool) or not math.isfinite(value):
+        return "has no valid bound"
+    return tuple(shape), precision, value
