@@ -331,9 +331,22 @@ def make_identities(nodes: int) -> Path:
 
 
 def child_nodes(
-    url: str, analysis: str, first: int, count: int, total: int, ids: str = "-"
+    url: str,
+    analysis: str,
+    first: int,
+    count: int,
+    total: int,
+    ids: str = "-",
+    *,
+    functions: Any = None,
+    data: Any = None,
+    masking: Any = None,
+    isolate: bool = False,
 ) -> None:
-    """Run `count` analysis nodes as threads of this process, each with its own connection."""
+    """Run `count` analysis nodes as threads of this process, each with its own connection.
+    `functions`, `data` (node id -> Data), `masking` (MaskingSettings) and `isolate` (analyze
+    in a child, a deployed node's default) let another benchmark run its own analysis through
+    the same harness (benchmarks/masking_broker.py)."""
     from flame.aggregator.run_store import MemoryState
     from flame.analysis.functions import AnalysisFunctions
     from flame.data import Data, MemorySource
@@ -341,7 +354,13 @@ def child_nodes(
 
     settings = BrokerSettings(url=url, connect_timeout=120, send_timeout=120)
     participants = _participants(total)
-    functions = AnalysisFunctions.of(_analyze, _aggregate, None)
+    if functions is None:
+        functions = AnalysisFunctions.of(_analyze, _aggregate, None)
+
+    def tiny(node: str) -> Data:
+        return Data({"memory": MemorySource({"d.txt": b"1"})}, node_id=node)
+
+    data_of = tiny if data is None else data
     failures: list[str] = []
 
     def run(node: str) -> None:
@@ -351,9 +370,11 @@ def child_nodes(
             participants=participants,
             wait_timeout=600,
             state=MemoryState(),
+            masking=masking,
+            isolate=isolate,
         )
         try:
-            client.run(functions, Data({"memory": MemorySource({"d.txt": b"1"})}, node_id=node))
+            client.run(functions, data_of(node))
         except Exception as exc:
             failures.append(f"{node}: {exc}")
 
@@ -381,27 +402,57 @@ def epoch_times(
     out (it ends at the aggregate), so with it a kick-off that waited on the broker for each
     node in turn went unmeasured while the nodes answered during it. Returns the epoch times,
     the whole run's time and, for comparison with earlier figures, the records' durations."""
-    from flame.aggregator.server import Aggregator
     from flame.analysis.functions import AnalysisFunctions
+
+    script = str(Path(__file__).resolve())
+    result, total = run_over_broker(
+        url,
+        nodes,
+        epochs,
+        ids,
+        AnalysisFunctions.of(_analyze, _aggregate, None),
+        lambda analysis, first, count: [
+            script,
+            "--child-nodes",
+            url,
+            analysis,
+            str(first),
+            str(count),
+            str(nodes),
+            str(ids) if ids is not None else "-",
+        ],
+    )
+    assert result.value["n"] == nodes, result.value
+    return cycle_times(result), total, [record.duration for record in result.history]
+
+
+def cycle_times(result: Any) -> list[float]:
+    """Each epoch's start to the next epoch's start (see `epoch_times`)."""
+    starts = [record.started for record in result.history]
+    return [after - before for before, after in itertools.pairwise(starts)]
+
+
+def run_over_broker(
+    url: str,
+    nodes: int,
+    epochs: int,
+    ids: Path | None,
+    functions: Any,
+    worker_args: Any,
+    masking: Any = None,
+) -> tuple[Any, float]:
+    """One run: the Aggregator in this process, the nodes in worker processes started as
+    `python *worker_args(analysis, first, count)` (each runs `child_nodes`). Returns the
+    RunResult and the whole run's seconds, worker start-up and connects included."""
+    from flame.aggregator.server import Aggregator
 
     analysis = f"bench-ep-{nodes}-{os.getpid()}-{time.monotonic_ns() % 10**6}"
     settings = BrokerSettings(url=url, connect_timeout=120, send_timeout=120)
-    script = str(Path(__file__).resolve())
     per_process = nodes_per_process(nodes)
     started = time.perf_counter()
     workers = [
         subprocess.Popen(
-            [
-                sys.executable,
-                script,
-                "--child-nodes",
-                url,
-                analysis,
-                str(first),
-                str(min(per_process, nodes - first)),
-                str(nodes),
-                str(ids) if ids is not None else "-",
-            ]
+            [sys.executable, *worker_args(analysis, first, min(per_process, nodes - first))]
         )
         for first in range(0, nodes, per_process)
     ]
@@ -413,11 +464,12 @@ def epoch_times(
                 "aggregator",
                 auth=_auth(str(ids), "aggregator") if ids is not None else None,
             ),
-            AnalysisFunctions.of(_analyze, _aggregate, None),
+            functions,
             participants=_participants(nodes),
             epochs=epochs,
             epoch_timeout=300,
             presence_timeout=300,
+            masking=masking,
         )
         result = aggregator.execute()
     finally:
@@ -427,11 +479,7 @@ def epoch_times(
             except subprocess.TimeoutExpired:
                 worker.kill()
                 worker.wait(10)
-    total = time.perf_counter() - started
-    assert result.value["n"] == nodes, result.value
-    starts = [record.started for record in result.history]
-    cycles = [after - before for before, after in itertools.pairwise(starts)]
-    return cycles, total, [record.duration for record in result.history]
+    return result, time.perf_counter() - started
 
 
 # --- 5. analyze isolated in a child process vs in-process ----------------------------------------
