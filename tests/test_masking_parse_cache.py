@@ -9,7 +9,7 @@ import copy
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from flame.protocols.masking import Binding, Message, ProtocolViolation
+from flame.protocols.masking import Binding, Message, ProtocolViolation, messages
 from flame.protocols.masking.messages import b64e, open_message
 
 BINDING = Binding("ana", 3, "x", "run1")
@@ -75,3 +75,16 @@ def test_a_point_to_point_message_is_not_shared_between_readers() -> None:
     first = open_message(msg, binding=BINDING, round="survivors", keys=None)
     second = open_message(msg, binding=BINDING, round="survivors", keys=None)
     assert first is not second and first.body is not second.body
+
+
+def test_only_a_message_that_passed_every_check_is_kept() -> None:
+    key, forger = Ed25519PrivateKey.generate(), Ed25519PrivateKey.generate()
+    keys = {"n1": key.public_key()}
+    forged, genuine = _advert(forger), _advert(key)
+    with pytest.raises(ProtocolViolation, match="bad signature"):
+        open_message(forged, binding=BINDING, round="advertise", keys=keys)
+    with pytest.raises(ProtocolViolation, match="another session"):
+        open_message(genuine, binding=Binding("ana", 9, "x"), round="advertise", keys=keys)
+    assert forged not in messages._PARSED._seen and genuine not in messages._PARSED._seen
+    open_message(genuine, binding=BINDING, round="advertise", keys=keys)
+    assert genuine in messages._PARSED._seen

@@ -139,8 +139,9 @@ class _Parsed:
     once per process: bytes -> (the message, with a read-only body, and its signed digest),
     bounded. When the nodes of a simulation share one process, every node opens the same
     relayed bytes; each still runs every check of `open_message` (binding, round, sender,
-    signature), only the parse and the digest are reused. Small messages without a vector
-    only; a point-to-point message is read once and never kept."""
+    signature), only the parse and the digest are reused. Kept only once a message passed
+    those checks (junk cannot fill it), and only small ones without a vector; a
+    point-to-point message is read once and never kept."""
 
     MAX_BYTES = 16 * 1024
 
@@ -149,27 +150,26 @@ class _Parsed:
         self._seen: OrderedDict[bytes, tuple[Message, bytes]] = OrderedDict()
         self._lock = threading.Lock()
 
-    def get(self, data: bytes) -> tuple[Message, bytes] | None:
-        with self._lock:
-            return self._seen.get(data)
-
-    def parse(self, data: bytes | bytearray | memoryview) -> tuple[Message, bytes | None]:
-        """The message of `data` and, when cached, its digest (else None: compute it)."""
+    def parse(self, data: bytes | bytearray | memoryview) -> tuple[Message, bytes | None, bool]:
+        """The message of `data`, its digest when known (else None) and whether it may be
+        kept (`keep`, after its checks): then its body is already read-only."""
         if type(data) is not bytes or len(data) > self.MAX_BYTES:
-            return Message.from_bytes(data), None
-        hit = self.get(data)
+            return Message.from_bytes(data), None, False
+        with self._lock:
+            hit = self._seen.get(data)
         if hit is not None:
-            return hit
+            return hit[0], hit[1], False
         msg = Message.from_bytes(data)
         if msg.round not in FORWARDED or len(msg.vector):
-            return msg, None
+            return msg, None, False
         msg = replace(msg, body=_frozen(msg.body), vector=b"")
-        entry = (msg, msg._digest())
+        return msg, msg._digest(), True
+
+    def keep(self, data: bytes, msg: Message, digest: bytes) -> None:
         with self._lock:
-            self._seen[data] = entry
+            self._seen[data] = (msg, digest)
             if len(self._seen) > self._limit:
                 self._seen.popitem(last=False)
-        return entry
 
 
 @dataclass(frozen=True)
@@ -341,11 +341,11 @@ def open_message(
     ProtocolViolation naming the round and the claimed sender."""
     if unsigned and keys is not None:
         raise ProtocolViolation(f"a {round!r} message cannot be both unsigned and signed")
-    digest = None
+    digest, keep = None, False
     if isinstance(message, Message):
         msg = message
     else:
-        msg, digest = _PARSED.parse(message)
+        msg, digest, keep = _PARSED.parse(message)
     if unsigned and carrier is None:
         raise ProtocolViolation(
             f"{msg.round!r} message from {msg.sender!r} without the sender its carrier "
@@ -381,7 +381,9 @@ def open_message(
                 "carry its sender's signature: refused"
             )
         msg.verify(key, digest)
+    if keep and digest is not None and isinstance(message, bytes):
+        _PARSED.keep(message, msg, digest)  # every check passed: later readers reuse the parse
     return msg
 
 
-_PARSED = _Parsed(1 << 12)
+_PARSED = _Parsed(1 << 11)
