@@ -250,9 +250,11 @@ class Message:
             return self
         return replace(self, signature=key.sign(self._digest()))
 
-    def verify(self, key: Ed25519PublicKey, digest: bytes | None = None) -> None:
-        """Check the signature; `digest` (from the parse cache) is this message's own."""
-        digest = self._digest() if digest is None else digest
+    def verify(self, key: Ed25519PublicKey) -> None:
+        self._verify(key, self._digest())
+
+    def _verify(self, key: Ed25519PublicKey, digest: bytes) -> None:
+        """`digest` is this message's own (`_digest`, or kept with its cached parse)."""
         seen = hashlib.sha256(key.public_bytes_raw() + digest + self.signature).digest()
         if _VERIFIED.has(seen):
             return
@@ -380,7 +382,7 @@ def open_message(
                 f"{round!r} message from {msg.sender!r} is unsigned, but this round must "
                 "carry its sender's signature: refused"
             )
-        msg.verify(key, digest)
+        msg._verify(key, msg._digest() if digest is None else digest)
     if keep and digest is not None and isinstance(message, bytes):
         _PARSED.keep(message, msg, digest)  # every check passed: later readers reuse the parse
     return msg
