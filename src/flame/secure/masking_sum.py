@@ -176,8 +176,11 @@ class MaskingSummer:
                 messages = getattr(item.server, step)()
             except FlameError as exc:
                 raise RunFailed(self._failure(epoch, path, exc), epoch=epoch) from exc
-            for node, msg in messages.items():
-                outgoing.setdefault(node, {})[path] = Sealed(SCHEME, msg.to_bytes())
+            encoded: dict[int, Sealed] = {}  # a message the server made once for many nodes
+            for node, msg in messages.items():  # (U1's adverts, U3) is encoded once
+                if id(msg) not in encoded:  # `messages` holds every msg: ids stay unique
+                    encoded[id(msg)] = Sealed(SCHEME, msg.to_bytes())
+                outgoing.setdefault(node, {})[path] = encoded[id(msg)]
         transport = self.context._mailbox.transport
         for node, messages in sorted(outgoing.items()):
             transport.send(

@@ -128,6 +128,7 @@ _NAME_PATTERN = re.compile(_NAME[1:-1])
 _REQUIRED = ("id", "analysis", "sender", "recipient", "kind", "epoch", "sent")
 _OPTIONAL = ("category", "body", "blobs")
 _MAX_BLOBS = 100_000
+_SCALARS = frozenset({str, int, float, bool, type(None)})
 
 
 def _is_int(value: Any) -> bool:
@@ -192,6 +193,15 @@ class _Encoder:
     def value(self, obj: Any, path: str, depth: int = 0) -> Any:
         if depth > _MAX_DEPTH:
             raise TypeError(f"{path}: nests deeper than {_MAX_DEPTH} levels")
+        kind = type(obj)  # exact built-in types first, as the checks below would treat them:
+        if kind in _SCALARS:  # the ABC and numpy checks cost more than the value itself
+            return obj
+        if kind is dict and all(type(key) is str for key in obj):
+            return self._mapping(obj, path, depth)
+        if kind is list or kind is tuple:
+            return [self.value(item, f"{path}[{i}]", depth + 1) for i, item in enumerate(obj)]
+        if kind is Sealed:
+            return {"$sealed": self.blob(memoryview(obj.data).cast("B")), "scheme": obj.scheme}
         if obj is None or isinstance(obj, (bool, str)):
             return obj
         if isinstance(obj, (int, float)):
@@ -231,15 +241,7 @@ class _Encoder:
                 ]
             }
         if isinstance(obj, Mapping):
-            out: dict[str, Any] = {}
-            for key, item in obj.items():
-                if not isinstance(key, str):
-                    raise TypeError(
-                        f"{path}: a dict key of type {type(key).__name__}; use str keys"
-                    )
-                escaped = "$" + key if key.startswith("$") else key
-                out[escaped] = self.value(item, f"{path}.{key}", depth + 1)
-            return out
+            return self._mapping(obj, path, depth)
         if isinstance(obj, (list, tuple)):
             return [self.value(item, f"{path}[{i}]", depth + 1) for i, item in enumerate(obj)]
         table = wire_tables.encode_table(obj, path)
@@ -250,6 +252,15 @@ class _Encoder:
             f"{path}: a {type(obj).__name__} cannot be sent; use dicts, lists, numbers, "
             "strings, bytes, numpy arrays or tables (pandas, polars, Arrow)"
         )
+
+    def _mapping(self, obj: Mapping[Any, Any], path: str, depth: int) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, item in obj.items():
+            if not isinstance(key, str):
+                raise TypeError(f"{path}: a dict key of type {type(key).__name__}; use str keys")
+            escaped = "$" + key if key.startswith("$") else key
+            out[escaped] = self.value(item, f"{path}.{key}", depth + 1)
+        return out
 
 
 def encode_parts(envelope: Envelope) -> list[bytes | memoryview]:
@@ -458,9 +469,6 @@ def pack(value: Any) -> bytes:
 def unpack(data: bytes | bytearray, *, max_bytes: int = 1 << 40) -> Any:
     """The value `pack` stored; MessageError if the bytes are not such a value."""
     return decode(data, max_bytes=max_bytes).body
-
-
-_SCALARS = frozenset({str, int, float, bool, type(None)})
 
 
 def to_jsonable(value: Any) -> Any:

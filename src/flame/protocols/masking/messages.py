@@ -98,6 +98,80 @@ class _Verified:
 _VERIFIED = _Verified(1 << 14)
 
 
+class _FrozenDict(dict[str, Any]):
+    """A parsed body shared by every reader of one cached message: it refuses changes, so no
+    reader sees what another wrote. Still a dict (isinstance, ==, json.dumps as before);
+    a copy (copy, deepcopy) is a plain, mutable dict."""
+
+    def _refuse(self, *args: object, **kwargs: object) -> None:
+        raise TypeError("a parsed masking message body is read-only")
+
+    __setitem__ = __delitem__ = __ior__ = _refuse  # type: ignore[assignment]
+    clear = pop = popitem = setdefault = update = _refuse  # type: ignore[assignment]
+
+    def __reduce_ex__(self, protocol: object) -> tuple[Any, ...]:
+        return (dict, (dict(self),))
+
+
+class _FrozenList(list[Any]):
+    """A list of a read-only body (see _FrozenDict)."""
+
+    def _refuse(self, *args: object, **kwargs: object) -> None:
+        raise TypeError("a parsed masking message body is read-only")
+
+    __setitem__ = __delitem__ = __iadd__ = __imul__ = _refuse  # type: ignore[assignment]
+    append = extend = insert = remove = pop = clear = sort = reverse = _refuse
+
+    def __reduce_ex__(self, protocol: object) -> tuple[Any, ...]:
+        return (list, (list(self),))
+
+
+def _frozen(value: Any) -> Any:
+    if isinstance(value, dict):
+        return _FrozenDict((k, _frozen(v)) for k, v in value.items())
+    if isinstance(value, list):
+        return _FrozenList(_frozen(v) for v in value)
+    return value  # str, int, float, bool, None: immutable
+
+
+class _Parsed:
+    """Forwarded messages (advertisements, consistency signatures, peer statements) parsed
+    once per process: bytes -> (the message, with a read-only body, and its signed digest),
+    bounded. When the nodes of a simulation share one process, every node opens the same
+    relayed bytes; each still runs every check of `open_message` (binding, round, sender,
+    signature), only the parse and the digest are reused. Kept only once a message passed
+    those checks (junk cannot fill it), and only small ones without a vector; a
+    point-to-point message is read once and never kept."""
+
+    MAX_BYTES = 16 * 1024
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._seen: OrderedDict[bytes, tuple[Message, bytes]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def parse(self, data: bytes | bytearray | memoryview) -> tuple[Message, bytes | None, bool]:
+        """The message of `data`, its digest when known (else None) and whether it may be
+        kept (`keep`, after its checks): then its body is already read-only."""
+        if type(data) is not bytes or len(data) > self.MAX_BYTES:
+            return Message.from_bytes(data), None, False
+        with self._lock:
+            hit = self._seen.get(data)
+        if hit is not None:
+            return hit[0], hit[1], False
+        msg = Message.from_bytes(data)
+        if msg.round not in FORWARDED or len(msg.vector):
+            return msg, None, False
+        msg = replace(msg, body=_frozen(msg.body), vector=b"")
+        return msg, msg._digest(), True
+
+    def keep(self, data: bytes, msg: Message, digest: bytes) -> None:
+        with self._lock:
+            self._seen[data] = (msg, digest)
+            if len(self._seen) > self._limit:
+                self._seen.popitem(last=False)
+
+
 @dataclass(frozen=True)
 class Binding:
     """The session one message belongs to: one secure sum of one field in one epoch of one
@@ -177,7 +251,10 @@ class Message:
         return replace(self, signature=key.sign(self._digest()))
 
     def verify(self, key: Ed25519PublicKey) -> None:
-        digest = self._digest()
+        self._verify(key, self._digest())
+
+    def _verify(self, key: Ed25519PublicKey, digest: bytes) -> None:
+        """`digest` is this message's own (`_digest`, or kept with its cached parse)."""
         seen = hashlib.sha256(key.public_bytes_raw() + digest + self.signature).digest()
         if _VERIFIED.has(seen):
             return
@@ -266,7 +343,11 @@ def open_message(
     ProtocolViolation naming the round and the claimed sender."""
     if unsigned and keys is not None:
         raise ProtocolViolation(f"a {round!r} message cannot be both unsigned and signed")
-    msg = message if isinstance(message, Message) else Message.from_bytes(message)
+    digest, keep = None, False
+    if isinstance(message, Message):
+        msg = message
+    else:
+        msg, digest, keep = _PARSED.parse(message)
     if unsigned and carrier is None:
         raise ProtocolViolation(
             f"{msg.round!r} message from {msg.sender!r} without the sender its carrier "
@@ -301,5 +382,10 @@ def open_message(
                 f"{round!r} message from {msg.sender!r} is unsigned, but this round must "
                 "carry its sender's signature: refused"
             )
-        msg.verify(key)
+        msg._verify(key, msg._digest() if digest is None else digest)
+    if keep and digest is not None and isinstance(message, bytes):
+        _PARSED.keep(message, msg, digest)  # every check passed: later readers reuse the parse
     return msg
+
+
+_PARSED = _Parsed(1 << 11)

@@ -269,12 +269,16 @@ class MaskingServer:
         """Close round 0: every node of U1 gets the signed advertisements of U1."""
         u1 = self._close("advertise", "nodes that advertised keys (U1)")
         adverts = {v: b64e(self._adverts[v].to_bytes()) for v in sorted(u1)}
-        return {
-            v: self._send(
-                "keys", {"adverts": {w: adverts[w] for w in sorted(u1 & self.session.holders(v))}}
-            )
-            for v in sorted(u1)
-        }
+        built: dict[frozenset[str], Message] = {}  # one message per set of holders (complete
+        out = {}  # graph: one for all), so the caller encodes it once
+        for v in sorted(u1):
+            shown = frozenset(u1 & self.session.holders(v))
+            if shown not in built:
+                built[shown] = self._send(
+                    "keys", {"adverts": {w: adverts[w] for w in sorted(shown)}}
+                )
+            out[v] = built[shown]
+        return out
 
     def ciphertexts(self) -> dict[str, Message]:
         """Close round 1: each node of U2 gets the sealed shares addressed to it."""
@@ -323,7 +327,8 @@ class MaskingServer:
                 f"{len(u3)} masked inputs arrived, the sum needs at least {self.min_contributors}"
             )
         self._u3 = tuple(sorted(u3))
-        return {u: self._send("survivors", {"u3": list(self._u3)}) for u in self._u3}
+        message = self._send("survivors", {"u3": list(self._u3)})  # the same for every node
+        return dict.fromkeys(self._u3, message)
 
     def unmask(self) -> dict[str, Message]:
         """Close round 3: ask each node of U4 for the self-mask share of every survivor and
