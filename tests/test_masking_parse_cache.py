@@ -20,26 +20,18 @@ def _advert(key: Ed25519PrivateKey, sender: str = "n1") -> bytes:
     return Message(BINDING, "advertise", sender, body).signed(key).to_bytes()
 
 
-def test_a_cached_body_is_read_only_and_the_same_for_every_reader() -> None:
+def test_every_reader_of_a_cached_message_gets_a_body_of_its_own() -> None:
     key = Ed25519PrivateKey.generate()
     data, keys = _advert(key), {"n1": key.public_key()}
-    first = open_message(data, binding=BINDING, round="advertise", keys=keys, senders={"n1"})
-    for change in (
-        lambda b: b.__setitem__("c_pk", "x"),
-        lambda b: b.pop("s_pk"),
-        lambda b: b.update(shape=[9]),
-        lambda b: b["shape"].append(9),
-        lambda b: b["shape"].__setitem__(0, 9),
-        lambda b: b["shape"].sort(reverse=True),
-    ):
-        with pytest.raises(TypeError, match="read-only"):
-            change(first.body)
-    second = open_message(data, binding=BINDING, round="advertise", keys=keys, senders={"n1"})
-    assert second.body == Message.from_bytes(data).body
-    assert second.body["shape"] == [2, 3] and isinstance(second.body["shape"], list)
-    mine = copy.deepcopy(second.body)  # a reader that wants to change it takes a copy
-    mine["shape"].append(4)
-    assert second.body["shape"] == [2, 3]
+    signed = copy.deepcopy(Message.from_bytes(data).body)
+    for _ in range(3):  # the first read parses and keeps; the later ones are cache hits
+        got = open_message(data, binding=BINDING, round="advertise", keys=keys, senders={"n1"})
+        assert got.body == signed
+        got.body["c_pk"] = "x"  # type: ignore[index]
+        got.body.pop("s_pk")  # type: ignore[attr-defined]
+        got.body["shape"].append(9)
+        dict.__init__(got.body, shape=[7])  # type: ignore[arg-type]
+    assert (data in messages._PARSED._seen) and messages._PARSED._seen[data][0].body == signed
 
 
 def test_a_cached_parse_still_runs_every_check() -> None:

@@ -98,50 +98,42 @@ class _Verified:
 _VERIFIED = _Verified(1 << 14)
 
 
-class _FrozenDict(dict[str, Any]):
-    """A parsed body shared by every reader of one cached message: it refuses changes, so no
-    reader sees what another wrote. Still a dict (isinstance, ==, json.dumps as before);
-    a copy (copy, deepcopy) is a plain, mutable dict."""
-
-    def _refuse(self, *args: object, **kwargs: object) -> None:
-        raise TypeError("a parsed masking message body is read-only")
-
-    __setitem__ = __delitem__ = __ior__ = _refuse  # type: ignore[assignment]
-    clear = pop = popitem = setdefault = update = _refuse  # type: ignore[assignment]
-
-    def __reduce_ex__(self, protocol: object) -> tuple[Any, ...]:
-        return (dict, (dict(self),))
+_MAX_DEPTH = 16  # a protocol body nests 3 deep; deeper is refused before it is walked
 
 
-class _FrozenList(list[Any]):
-    """A list of a read-only body (see _FrozenDict)."""
+def _depth(value: Any) -> int:
+    """How deep `value` (parsed JSON) nests, walked without recursion."""
+    deepest, todo = 0, [(value, 1)]
+    while todo:
+        item, level = todo.pop()
+        deepest = max(deepest, level)
+        if level > _MAX_DEPTH:
+            break
+        if isinstance(item, dict):
+            todo.extend((v, level + 1) for v in item.values())
+        elif isinstance(item, list):
+            todo.extend((v, level + 1) for v in item)
+    return deepest
 
-    def _refuse(self, *args: object, **kwargs: object) -> None:
-        raise TypeError("a parsed masking message body is read-only")
 
-    __setitem__ = __delitem__ = __iadd__ = __imul__ = _refuse  # type: ignore[assignment]
-    append = extend = insert = remove = pop = clear = sort = reverse = _refuse
-
-    def __reduce_ex__(self, protocol: object) -> tuple[Any, ...]:
-        return (list, (list(self),))
-
-
-def _frozen(value: Any) -> Any:
+def _copy(value: Any) -> Any:
+    """A private copy of a parsed JSON body (its depth already bounded by from_bytes)."""
     if isinstance(value, dict):
-        return _FrozenDict((k, _frozen(v)) for k, v in value.items())
+        return {k: _copy(v) for k, v in value.items()}
     if isinstance(value, list):
-        return _FrozenList(_frozen(v) for v in value)
+        return [_copy(v) for v in value]
     return value  # str, int, float, bool, None: immutable
 
 
 class _Parsed:
     """Forwarded messages (advertisements, consistency signatures, peer statements) parsed
-    once per process: bytes -> (the message, with a read-only body, and its signed digest),
-    bounded. When the nodes of a simulation share one process, every node opens the same
-    relayed bytes; each still runs every check of `open_message` (binding, round, sender,
-    signature), only the parse and the digest are reused. Kept only once a message passed
-    those checks (junk cannot fill it), and only small ones without a vector; a
-    point-to-point message is read once and never kept."""
+    once per process: bytes -> (the message and its signed digest), bounded. When the nodes
+    of a simulation share one process, every node opens the same relayed bytes; each still
+    runs every check of `open_message` (binding, round, sender, signature), only the parse
+    and the digest are reused, and each reader gets a body of its own: the kept one is
+    never handed out, so nothing a reader does to its body reaches another. Kept only once
+    a message passed those checks (junk cannot fill it), and only small ones without a
+    vector; a point-to-point message is read once and never kept."""
 
     MAX_BYTES = 16 * 1024
 
@@ -152,22 +144,23 @@ class _Parsed:
 
     def parse(self, data: bytes | bytearray | memoryview) -> tuple[Message, bytes | None, bool]:
         """The message of `data`, its digest when known (else None) and whether it may be
-        kept (`keep`, after its checks): then its body is already read-only."""
+        kept (`keep`, after its checks)."""
         if type(data) is not bytes or len(data) > self.MAX_BYTES:
             return Message.from_bytes(data), None, False
         with self._lock:
             hit = self._seen.get(data)
         if hit is not None:
-            return hit[0], hit[1], False
+            return replace(hit[0], body=_copy(hit[0].body)), hit[1], False
         msg = Message.from_bytes(data)
         if msg.round not in FORWARDED or len(msg.vector):
             return msg, None, False
-        msg = replace(msg, body=_frozen(msg.body), vector=b"")
+        msg = replace(msg, vector=b"")
         return msg, msg._digest(), True
 
     def keep(self, data: bytes, msg: Message, digest: bytes) -> None:
+        kept = replace(msg, body=_copy(msg.body))  # not the body the first reader holds
         with self._lock:
-            self._seen[data] = (msg, digest)
+            self._seen[data] = (kept, digest)
             if len(self._seen) > self._limit:
                 self._seen.popitem(last=False)
 
@@ -300,8 +293,10 @@ class Message:
             raise ProtocolViolation("masking message is truncated (header)")
         try:
             head = json.loads(bytes(view[_HEAD.size : pos]))
-        except (UnicodeDecodeError, json.JSONDecodeError):
+        except (UnicodeDecodeError, ValueError, RecursionError):  # ValueError: JSON, digits
             raise ProtocolViolation("masking message header is not JSON") from None
+        if _depth(head) > _MAX_DEPTH:
+            raise ProtocolViolation(f"masking message header nests deeper than {_MAX_DEPTH}")
         (vector_len,) = _VECTOR_LEN.unpack_from(view, pos)
         pos += _VECTOR_LEN.size
         if view.nbytes < pos + vector_len + 1:
