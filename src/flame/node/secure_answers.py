@@ -86,8 +86,16 @@ class SecureAnswers:
 
     def answer(self, envelope: Envelope) -> None:
         if envelope.category == MASK:  # a round of a masked secure sum
-            mask = self.masking.answer(envelope) if self.masking is not None else None
             error = {"error": "this node does not sum with masking (FLAME_SECURE__SCHEME)"}
+            try:
+                mask = self.masking.answer(envelope) if self.masking is not None else None
+            except Exception as exc:  # a request no check foresaw: refused, the node goes on
+                log.error(
+                    "refused a masking request of epoch %d: unexpected %s",
+                    envelope.epoch,
+                    type(exc).__name__,  # its text may hold what the request carried
+                )
+                mask = {"error": f"the node could not handle the request ({type(exc).__name__})"}
             self.transport.send(envelope.reply("message", mask or error, category=MASKED))
             return
         keys = self.keys

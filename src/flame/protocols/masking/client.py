@@ -355,7 +355,7 @@ class MaskingClient:
             )
             try:
                 shares = json.loads(plain)
-            except json.JSONDecodeError:
+            except (ValueError, RecursionError):  # bad JSON, too many digits, too deep
                 raise ProtocolViolation(f"ciphertexts: shares from {v!r} are malformed") from None
             if not isinstance(shares, dict):
                 raise ProtocolViolation(f"ciphertexts: shares from {v!r} are malformed")
