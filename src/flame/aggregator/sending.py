@@ -64,7 +64,9 @@ class Sending:
                 everyone = self._envelope(EVERYONE, kind, epoch, body)
                 delivery += self.transport.broadcast(everyone, listening)
             elif isinstance(body, dict) and self._fanout.probe_now(kind):
-                probe = {**body, "probe": True}  # nodes it reaches say so in their statuses
+                # Nodes it reaches say so in their statuses; they act on nothing else in it, so
+                # it carries no aggregate (a large one would not fit the one-frame probe).
+                probe = {**{k: v for k, v in body.items() if k != "value"}, "probe": True}
                 self.transport.probe_broadcast(self._envelope(EVERYONE, kind, epoch, probe))
         except TypeError as exc:
             raise RunFailed(f"the aggregate of epoch {epoch} cannot be sent: {exc}") from exc

@@ -261,15 +261,21 @@ class Authenticator:
 
         return sign
 
-    def chunk_check(self, analysis_id: str) -> Callable[[str, bytes, bytes], str | None]:
-        """Checks chunk manifests sent to this node: why one is refused, or None."""
-        context = _CHUNK_CONTEXT + f"{analysis_id}\0{self.node_id}\0".encode()
+    def chunk_check(
+        self, analysis_id: str, recipient: str | None = None, *, role: str | None = None
+    ) -> Callable[[str, bytes, bytes], str | None]:
+        """Checks chunk manifests sent to `recipient` (default: this node), signed by a
+        member of `role` if given: why one is refused, or None. The recipient is in what is
+        signed, so chunks signed for one node never pass as a broadcast (EVERYONE) or back."""
+        context = _CHUNK_CONTEXT + f"{analysis_id}\0{recipient or self.node_id}\0".encode()
         roster = self.roster
 
         def check(signer: str, manifest: bytes, signature: bytes) -> str | None:
             member = roster.get(signer)
             if member is None:
                 return "signer is not in the roster"
+            if role is not None and member.role != role:
+                return f"signer is of role {member.role!r}, not {role!r}"
             try:
                 member.public_key.verify(signature, context + manifest)
             except InvalidSignature:

@@ -36,6 +36,7 @@ from flame.transport.topics import (
     status_topic,
 )
 from flame.wire.chunks import ClaimCheck, Reassembler
+from flame.wire.envelope import EVERYONE
 
 if TYPE_CHECKING:
     from flame.config import BrokerSettings, FlameConfig
@@ -101,12 +102,22 @@ class MqttTransport(MqttStatus, MqttSending, MqttReceiving, ProcessClaims):
         self._take_broadcasts = False  # asked for (take_broadcasts) ...
         self._subscribed_broadcasts = False  # ... and subscribed ...
         self._heard_broadcast = False  # ... and one arrived: statuses say "broadcast": true
+        timeout = (
+            reassembly_timeout if reassembly_timeout is not None else 2 * settings.send_timeout
+        )
         self._reassembler = Reassembler(
             max_bytes=settings.max_message_bytes,
-            timeout=reassembly_timeout
-            if reassembly_timeout is not None
-            else 2 * settings.send_timeout,
+            timeout=timeout,
             max_transfers=max_transfers,
+            max_total_bytes=max_reassembly_bytes,
+        )
+        # Chunks on the broadcast topic (one kick-off at a time from the aggregator) are
+        # reassembled apart, within the same limits: a transfer id or a budget shared with
+        # the inbox would let chunks of one channel complete or starve a transfer of the other.
+        self._broadcast_reassembler = Reassembler(
+            max_bytes=settings.max_message_bytes,
+            timeout=timeout,
+            max_transfers=max(2, max_transfers // 4),
             max_total_bytes=max_reassembly_bytes,
         )
         self._watching: set[str] | None = set()
@@ -187,6 +198,11 @@ class MqttTransport(MqttStatus, MqttSending, MqttReceiving, ProcessClaims):
         # Signed: chunk manifests must be signed by a roster member before anything is buffered.
         auth = self.auth
         self._reassembler.check = None if auth is None else auth.chunk_check(self.analysis_id)
+        self._broadcast_reassembler.check = (  # signed for EVERYONE, by the aggregator
+            None
+            if auth is None
+            else auth.chunk_check(self.analysis_id, EVERYONE, role="aggregation")
+        )
         client.connect()
         self._announced = False
         self._status_pending = None

@@ -1,11 +1,13 @@
 """Receiving over the broker (`MqttTransport`'s part): what arrives, checked and decoded.
 
-Frames on an inbox are one of three kinds, told apart by their first three bytes: a flame
-frame (`FLM`, see `flame.wire.envelope`), a chunk of a larger frame (`FLC`) or a claim-check
-reference (`FLR`, see `flame.wire.chunks.ClaimCheck`). paho's network thread only queues what
-arrives; decoding, reassembly and verification happen in `receive()`, on the caller's thread,
-and every frame that fails any check is logged once and dropped. Statuses of watched nodes
-arrive as envelopes of kind `status` (`Transport.status_envelope`).
+Frames on an inbox or the broadcast topic are one of three kinds, told apart by their first
+three bytes: a flame frame (`FLM`, see `flame.wire.envelope`), a chunk of a larger frame (`FLC`;
+a broadcast's chunks are reassembled apart, their manifest signed for EVERYONE by the
+aggregator) or a claim-check reference (`FLR`, see `flame.wire.chunks.ClaimCheck`). paho's
+network thread only queues what arrives; decoding, reassembly and verification happen in
+`receive()`, on the caller's thread, and every frame that fails any check is logged once and
+dropped. Statuses of watched nodes arrive as envelopes of kind `status`
+(`Transport.status_envelope`).
 
 Why a module of its own: this is where a hostile frame meets the node, so it reads as one.
 """
@@ -29,7 +31,7 @@ from flame.wire.chunks import (
     Reassembler,
     decode_reference,
 )
-from flame.wire.envelope import EVERYONE, MAGIC, Envelope
+from flame.wire.envelope import BROADCAST_KINDS, EVERYONE, MAGIC, Envelope
 
 if TYPE_CHECKING:
     from flame.clients.message_broker_client import IncomingMessage, MessageBrokerClient
@@ -52,6 +54,7 @@ class MqttReceiving(Transport):
     _subscribed_broadcasts: bool
     _heard_broadcast: bool
     _reassembler: Reassembler
+    _broadcast_reassembler: Reassembler
     _watching: set[str] | None
     _claim_check: ClaimCheck | None
     dropped: int
@@ -69,8 +72,9 @@ class MqttReceiving(Transport):
         deadline = Deadline(timeout)
         while True:
             self._check_conflict()
-            for dropped in self._reassembler.expire():
-                self._drop(f"an incomplete {dropped}")
+            for reassembler in (self._reassembler, self._broadcast_reassembler):
+                for dropped in reassembler.expire():
+                    self._drop(f"an incomplete {dropped}")
             message = client.get(deadline.left())
             if message is None:
                 return None
@@ -130,12 +134,13 @@ class MqttReceiving(Transport):
         magic = payload[:3]
         frame: bytes | bytearray
         try:
-            if broadcast and magic not in (MAGIC, SIGNED_MAGIC):
-                raise MessageError("a broadcast is one whole frame (no chunks, no claim check)")
             if magic == CHUNK_MAGIC:
                 if len(payload) > limit + _MAX_CHUNK_HEADER:
                     raise MessageError(f"chunk of {len(payload)} bytes is over the limit")
-                whole = self._reassembler.add(payload)
+                # A broadcast's chunks go to a reassembler of their own, whose manifests must
+                # be signed for EVERYONE by the aggregator (signed runs).
+                chunks = self._broadcast_reassembler if broadcast else self._reassembler
+                whole = chunks.add(payload)
                 if whole is None:
                     return None
                 frame = whole
@@ -156,6 +161,9 @@ class MqttReceiving(Transport):
         recipient = EVERYONE if broadcast else self.node_id
         if envelope.analysis != self.analysis_id or envelope.recipient != recipient:
             self._drop(f"a message addressed to {envelope.analysis}/{envelope.recipient}")
+            return None
+        if broadcast and envelope.kind not in BROADCAST_KINDS:  # decode refuses it already
+            self._drop(f"a {envelope.kind!r} message on the broadcast topic")
             return None
         if broadcast and not self._heard_broadcast:
             # Only now is it known that the broker lets broadcasts through to this node

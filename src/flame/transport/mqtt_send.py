@@ -1,9 +1,10 @@
 """Sending envelopes over the broker (`MqttTransport`'s part).
 
 Why a module of its own: how a frame travels depends on its size, and that is its own job. A
-small frame is one QoS 1 publish (many at once for `dispatch`, one signed frame on the
-broadcast topic for `broadcast`); a frame over `chunk_size` goes as chunks with a window in
-flight; with a claim check, a large frame goes to storage and the message carries its key.
+small frame is one QoS 1 publish (many at once for `dispatch`); a frame over `chunk_size` goes
+as chunks with a window in flight; with a claim check, a large frame goes to storage and the
+message carries its key. A `broadcast` does the same once, on the broadcast topic, signed for
+EVERYONE (its chunk manifest too), whatever its size.
 Every wait for a PUBACK is the send timeout plus the frame's size at `min_send_rate`.
 """
 
@@ -140,21 +141,36 @@ class MqttSending(Transport):
     def broadcast(
         self, envelope: Envelope, recipients: Sequence[str], timeout: float | None = None
     ) -> Delivery:
+        """Once on the broadcast topic, whatever its size: one frame, chunks whose manifest
+        is signed for EVERYONE, or one stored copy and its reference (claim check). Chunks
+        and the claim check are confirmed before this returns, as in `dispatch`."""
         if len(recipients) < 2 or not self._connected:
             return super().broadcast(envelope, recipients, timeout)
         self._check_conflict()
-        frame = self._broadcast_frame(envelope)
-        if frame is None:  # chunks are signed per recipient
-            return super().broadcast(envelope, recipients, timeout)
+        parts = self.outgoing(replace(envelope, recipient=EVERYONE))
+        size = frame_size(parts)
+        limit = self.settings.max_message_bytes
+        who = f"{len(recipients)} nodes"
+        if size > limit:
+            raise TransportError(
+                f"broadcast to {who} is {size} bytes, over the broker limit of {limit}"
+            )
+        wait = timeout if timeout is not None else self.settings.send_timeout
+        self.bytes_sent += size
         try:
-            pending = self.client.publish_nowait(self._broadcast, frame)
+            if self._claim_check is not None and size > self._claim_check_threshold:
+                self._send_claim_check(self._broadcast, parts, size, wait)
+            elif size > self.settings.chunk_size:
+                self._send_chunks(self._broadcast, EVERYONE, parts, wait)
+            else:
+                pending = self.client.publish_nowait(self._broadcast, b"".join(parts))
+                return Delivery([(f"{who} (broadcast)", pending)], self.patience(size, wait))
         except TransportError as exc:
-            raise wrap_send_error(exc, f"cannot broadcast to {len(recipients)} nodes") from None
-        self.bytes_sent += len(frame)
-        wait = self.patience(len(frame), timeout)
-        return Delivery([(f"{len(recipients)} nodes (broadcast)", pending)], wait)
+            raise wrap_send_error(exc, f"cannot broadcast to {who}") from None
+        return Delivery()
 
     def probe_broadcast(self, envelope: Envelope) -> None:
+        """Only a probe that fits one frame goes (the aggregator's carries no aggregate)."""
         frame = self._broadcast_frame(envelope) if self._connected else None
         if frame is None:
             return
