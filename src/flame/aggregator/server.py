@@ -360,7 +360,12 @@ class Aggregator(Presence, Sending, Failures):
         self.context.epoch = epoch
         results = {node: reveal_suppressed(result) for node, result in results.items()}
         if not isinstance(self.secure_sum, SecureSummer):  # masking binds the run's id
+            from flame.secure.masking_sum import RoundPresence
+
             self.secure_sum.run_id = self.run_id
+            self.secure_sum.presence = RoundPresence(  # a node gone mid-round is not waited for
+                self._is_status_or_error, self._note_presence, self._online.__contains__
+            )
         results = self.secure_sum(results, epoch)
         value = self._call("aggregate", epoch, results, previous=previous)
         value, central = self.central.release(value, epoch)  # before anything sees it
