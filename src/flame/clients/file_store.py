@@ -45,6 +45,7 @@ __all__ = [
 
 CHUNK_SIZE = 1024 * 1024
 INDEX_DIR = ".flame-index"
+OVER_LIMIT = "{key}: an object of {size} bytes, over the {limit} expected: not read"
 _MISMATCH = "{key}: SHA-256 mismatch (object changed after it was written)"
 
 
@@ -181,9 +182,11 @@ class FileStore:
             raise IntegrityError(f"{key}: checksum index entry is unreadable") from None
         return StoredObject(self.bucket, key, digest, size, self._uri(key), meta)
 
-    def get_bytes(self, key: str) -> bytes:
+    def get_bytes(self, key: str, *, max_bytes: int | None = None) -> bytes:
         for attempt in (1, 2):
             expected = self.stat(key)
+            if max_bytes is not None and expected.size > max_bytes:
+                raise StorageError(OVER_LIMIT.format(key=key, size=expected.size, limit=max_bytes))
             try:
                 data = self._path(key).read_bytes()
             except FileNotFoundError:

@@ -31,7 +31,7 @@ from minio import Minio
 from minio.error import MinioException, S3Error, ServerError
 from urllib3.exceptions import HTTPError as Urllib3Error
 
-from flame.clients.file_store import CHUNK_SIZE, FileStore, atomic_writer, read_chunks
+from flame.clients.file_store import CHUNK_SIZE, OVER_LIMIT, FileStore, atomic_writer, read_chunks
 from flame.clients.minio_connect import make_minio_client, parse_endpoint
 from flame.clients.object_store import (
     SHA256_META,
@@ -308,7 +308,7 @@ class MinioStore:
         size = int(info.size or 0)
         return StoredObject(self.bucket, key, str(digest), size, self._uri(key), user)
 
-    def get_bytes(self, key: str) -> bytes:
+    def get_bytes(self, key: str, *, max_bytes: int | None = None) -> bytes:
         full = self._full(key)
         try:
             response = self.client.get_object(self.bucket, full)
@@ -316,7 +316,16 @@ class MinioStore:
             self._fail(exc, key, "download")
         try:
             expected = response.headers.get(_META_HEADER)
-            data = response.read()
+            if max_bytes is None:
+                data = response.read()
+            else:  # the declared length first, then never more than the limit read
+                declared = response.headers.get("Content-Length", "")
+                if declared.isdigit() and int(declared) > max_bytes:
+                    size = int(declared)
+                    raise StorageError(OVER_LIMIT.format(key=key, size=size, limit=max_bytes))
+                data = response.read(max_bytes + 1)
+                if len(data) > max_bytes:
+                    raise StorageError(f"{key}: an object over the {max_bytes} bytes expected")
         except (Urllib3Error, OSError) as exc:
             self._fail(exc, key, "download")
         finally:

@@ -150,8 +150,9 @@ class ObjectStore(Protocol):
 
     def put_json(self, key: str, value: Any) -> StoredObject: ...
 
-    def get_bytes(self, key: str) -> bytes:
-        """The object's bytes, verified against its SHA-256 (IntegrityError otherwise)."""
+    def get_bytes(self, key: str, *, max_bytes: int | None = None) -> bytes:
+        """The object's bytes, verified against its SHA-256 (IntegrityError otherwise).
+        `max_bytes`: refused (StorageError) before more than that is read into memory."""
         ...
 
     def get_to_file(self, key: str, path: StrPath) -> StoredObject:

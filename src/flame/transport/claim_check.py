@@ -73,4 +73,6 @@ class StorageClaimCheck:
     def fetch(self, reference: str, size: int) -> bytearray:
         if not reference.startswith(self.layout.root):
             raise ValueError("claim-check reference outside this analysis")
-        return bytearray(self.store.get_bytes(reference))
+        # never more than the reference declares into memory (a reference may name any
+        # object of the analysis, and the declared size is already within the limit)
+        return bytearray(self.store.get_bytes(reference, max_bytes=size))
