@@ -250,7 +250,7 @@ class MaskingSummer:
 
         def wanted(envelope: Envelope) -> bool:
             if envelope.kind == "message" and envelope.category == MASKED:
-                return envelope.sender in waiting and envelope.epoch == epoch
+                return envelope.sender in waiting and envelope.epoch <= epoch
             return presence.watches(envelope)
 
         while waiting:
@@ -258,6 +258,8 @@ class MaskingSummer:
             if envelope is None:
                 break
             if envelope.kind == "message" and envelope.category == MASKED:
+                if envelope.epoch < epoch:  # an answer to an earlier epoch's round: dropped
+                    continue
                 replies[envelope.sender] = envelope.body
                 waiting.discard(envelope.sender)
                 continue
