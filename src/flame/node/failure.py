@@ -10,7 +10,6 @@ raising, with a short timeout: a dead broker must not stall or mask the failure.
 
 from __future__ import annotations
 
-import builtins
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -22,7 +21,7 @@ from flame.privacy.policy import NodePolicy
 from flame.privacy.quoting import withhold_quoted
 from flame.privacy.tracebacks import analysis_traceback, trim_traceback_text
 from flame.transport.base import Transport
-from flame.utils.public_reason import public_reason
+from flame.utils.public_reason import public_reason, public_type
 from flame.utils.redact import describe_exception
 from flame.wire.envelope import Envelope
 
@@ -42,12 +41,9 @@ def _public_type(exc: BaseException) -> str:
     """The failure's type as it may leave under send_tracebacks = false: a built-in exception
     name or flame's own, else `Exception` (an analysis may name a class after a record)."""
     name = getattr(exc, "remote_type", None) or type(exc).__name__
-    known = getattr(builtins, name, None) if isinstance(name, str) else None
-    if name in ("ProtocolError", "ProcessExit") or (
-        isinstance(known, type) and issubclass(known, BaseException)
-    ):
-        return str(name)
-    return "Exception"
+    if not isinstance(name, str):
+        return "Exception"
+    return name if name in ("ProtocolError", "ProcessExit") else public_type(name)
 
 
 class FailureReports:
@@ -119,7 +115,10 @@ class FailureReports:
             body["error"] = reason
         if reason != full[0] and not log_traceback:  # what stays here, said here (simulate)
             log.error("epoch %d failed: %s\n%s", epoch, full[0], full[1])
-        self.goodbye(epoch, reason, body)
+        public = None
+        if _raised_by_analysis(exc) and not isinstance(exc, PolicyRefused):
+            public = f"{_public_type(exc)} (details: the logs)"  # its text stays home
+        self.goodbye(epoch, reason, body, public=public)
         return reason
 
     def stop(self, epoch: int, signal_name: str) -> str:
@@ -143,8 +142,11 @@ class FailureReports:
             },
         )
 
-    def goodbye(self, epoch: int, reason: str, body: dict[str, Any] | None) -> None:
-        """The error report (if any) and the `failed` status; once, and never raising."""
+    def goodbye(
+        self, epoch: int, reason: str, body: dict[str, Any] | None, public: str | None = None
+    ) -> None:
+        """The error report (if any) and the `failed` status, with `public` as its reason
+        (default: `reason` without an exception message); once, and never raising."""
         if self.said:
             return
         self.said = True
@@ -163,6 +165,7 @@ class FailureReports:
                     GOODBYE_TIMEOUT,
                 )
             # every roster member reads statuses: no exception message (red team B2)
-            self.board.now(self._status("failed", epoch, reason=public_reason(reason)))
+            shown = public if public is not None else public_reason(reason)
+            self.board.now(self._status("failed", epoch, reason=shown))
         except Exception as send_exc:  # the failure report must not mask the failure
             log.error("could not report the failure to the aggregator: %s", send_exc)

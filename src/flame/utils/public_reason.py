@@ -10,9 +10,12 @@ refusal) are written by flame, never by the analysis, and are kept.
 
 from __future__ import annotations
 
+import builtins
 import re
 
-__all__ = ["public_reason"]
+from flame import errors
+
+__all__ = ["public_reason", "public_type"]
 
 # "<who> failed in epoch N: TypeName: message", "aggregator failed: TypeName: message",
 # "analyze failed in epoch N: ..." (the analysis's exception: `describe_exception`'s form).
@@ -26,15 +29,26 @@ _BARE = re.compile(r"^(?P<type>[A-Z][\w.]{0,80}): ")  # describe_exception's "Ty
 _DETAILS = " (details: the logs)"
 
 
+def public_type(name: str) -> str:
+    """`name` if it is a built-in exception's or flame's own (flame.errors), else
+    `Exception`: an analysis may name its exception class after a record."""
+    for module in (builtins, errors):
+        known = getattr(module, name, None)
+        if isinstance(known, type) and issubclass(known, BaseException):
+            return name
+    return "Exception"
+
+
 def public_reason(reason: str) -> str:
-    """`reason` without the analysis's exception message (its type is kept)."""
+    """`reason` without the analysis's exception message (its type is kept when it is a
+    built-in's or flame's own; `Exception` otherwise)."""
     match = _ANALYSIS_FAILURE.match(reason.strip())
     if match is None:
         bare = _BARE.match(reason)
-        return f"{bare['type']}{_DETAILS}" if bare else reason[:500]
+        return f"{public_type(bare['type'])}{_DETAILS}" if bare else reason[:500]
     head, inner = match["head"], match["inner"]
     nested = _ANALYSIS_FAILURE.match(inner)  # "aggregator failed: aggregate failed ..."
     if nested is not None:
         return f"{head}: {public_reason(inner).removesuffix(_DETAILS)}{_DETAILS}"
     name = _TYPE.match(inner)
-    return f"{head}: {name[0] if name else 'error'}{_DETAILS}"
+    return f"{head}: {public_type(name[0]) if name else 'error'}{_DETAILS}"
