@@ -345,6 +345,11 @@ def _check_policy(config: FlameConfig) -> CheckItem:
             detail += f" (ledger {gate.ledger.path})"
         except FlameError as exc:
             return CheckItem("FAIL", "policy", str(config.policy), str(exc))
+        if policy.release == "any":  # a DP budget, yet unmarked values leave unnoised
+            detail += (
+                '; WARNING: release = "any" lets unmarked values leave without noise; set '
+                'release = "protected" so that only flame.dp and flame.secure values leave'
+            )
     target = str(config.policy) if config.policy is not None else "(none: FLAME_POLICY unset)"
     return CheckItem("ok", "policy", target, detail)
 

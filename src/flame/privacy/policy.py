@@ -66,6 +66,12 @@ class NodePolicy(BaseModel):
         description="under an epsilon_budget, release flame.dp.laplace/gaussian with the "
         "analysis's own sensitivity claim (only for reviewed code)",
     )
+    release: Literal["any", "protected"] = Field(
+        "any",
+        description="any: unmarked values leave as they are (the rules apply to marked ones); "
+        "protected: every value that leaves must be DP-noised (flame.dp.*) or summed under "
+        "encryption (flame.secure); anything else refuses the epoch",
+    )
     share_aggregate: bool = Field(
         True, description="whether this node asks to receive other sites' aggregates"
     )
@@ -74,8 +80,8 @@ class NodePolicy(BaseModel):
         True,
         description="whether a failing analysis's traceback and error message may leave the "
         "node; default true, but false when this policy protects records (epsilon_budget, "
-        "min_cell_count or min_rows set) and does not set it itself: an analysis's own error "
-        "text can quote a data value",
+        "min_cell_count or min_rows set, or release = protected) and does not set it "
+        "itself: an analysis's own error text can quote a data value",
     )
     allow_messages: bool = Field(
         True, description="whether an isolated analyze may send free-form messages to nodes"
@@ -97,6 +103,7 @@ class NodePolicy(BaseModel):
             self.epsilon_budget is not None
             or self.min_cell_count is not None
             or self.min_rows is not None
+            or self.release == "protected"
         )
         if protects and "send_tracebacks" not in self.model_fields_set:
             object.__setattr__(self, "send_tracebacks", False)

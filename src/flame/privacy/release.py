@@ -6,6 +6,9 @@ after it (rows read against `min_rows`, small cells of `flame.counts`, noise for
 markers, the spend charged to the ledger). Only then is the result encrypted and signed.
 A message passes the same checks when it is sent (rows read so far), one body for all its
 recipients; a refused message fails the epoch, even if `analyze` catches the error.
+Under `release = "protected"` (an allow-list) a value outside every flame.dp marker and
+flame.secure is refused in the same walk, before anything is charged or sent
+(`flame.privacy.protected` says why flame.counts alone is not enough).
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from flame.isolation.inprocess import Outcome
 from flame.privacy.disclosure import Counts, apply_cell_rule
 from flame.privacy.ledger import BudgetLedger, Spend
 from flame.privacy.policy import NodePolicy
+from flame.privacy.protected import unprotected
 from flame.secure.marked import Secure
 from flame.utils.hints import did_you_mean, name_list
 
@@ -195,8 +199,11 @@ class Gate:
 
     def lets_progress_out(self, rows_read: int) -> bool:
         """Whether analyze's progress may go out in the node's status: it is a number the
-        analysis picks, a small message, so it needs allow_messages and min_rows met."""
+        analysis picks, a small message, so it needs allow_messages and min_rows met, and
+        (an unprotected number) never leaves under release = "protected"."""
         minimum = self.policy.min_rows
+        if self.policy.release == "protected":
+            return False
         return self.policy.allow_messages and (minimum is None or rows_read >= minimum)
 
     def refused(self, epoch: int) -> None:
@@ -243,8 +250,16 @@ class Gate:
         return release
 
     def _resolve(
-        self, value: Any, path: str, encrypted: bool, release: Release, result: bool = True
+        self,
+        value: Any,
+        path: str,
+        encrypted: bool,
+        release: Release,
+        result: bool = True,
+        noised: bool = False,
     ) -> Any:
+        """`value` as it may leave: markers resolved, each value checked against the rules;
+        `encrypted`/`noised`: it is inside flame.secure / a flame.dp marker."""
         if isinstance(value, Secure):
             if not result:
                 raise PolicyRefused(
@@ -255,13 +270,13 @@ class Gate:
         if isinstance(value, Counts) and isinstance(value.values, dict):
             return {  # a dict of cells (e.g. {"F|<40": 3, ...}): the rule per entry
                 k: self._resolve(
-                    Counts(v), f"{path}.{k}" if path else str(k), encrypted, release, result
+                    Counts(v), f"{path}.{k}" if path else str(k), encrypted, release, result, noised
                 )
                 for k, v in value.values.items()
             }
         if isinstance(value, Counts):
             spent_before = release.spend
-            inner = self._resolve(value.values, path, encrypted, release, result)
+            inner = self._resolve(value.values, path, encrypted, release, result, noised)
             try:
                 released, hidden = apply_cell_rule(
                     inner,
@@ -286,19 +301,27 @@ class Gate:
                     "analysis's own sensitivity; this node derives it from its public bounds: "
                     "use flame.dp.sum/mean/count/histogram (rule: trust_sensitivity = false)"
                 )
-            inner = self._resolve(value.values, path, encrypted, release, result)
+            inner = self._resolve(value.values, path, encrypted, release, result, True)
             return self._noise(value, inner, path, encrypted, release)
         if isinstance(value, dict):  # its own items (a subclass's items() could hide one)
             return {
-                k: self._resolve(v, f"{path}.{k}" if path else str(k), encrypted, release, result)
+                k: self._resolve(
+                    v, f"{path}.{k}" if path else str(k), encrypted, release, result, noised
+                )
                 for k, v in dict.items(value)
             }
         if isinstance(value, (list, tuple)):
             items = list.__iter__(value) if isinstance(value, list) else tuple.__iter__(value)
             return [
-                self._resolve(v, f"{path}[{i}]", encrypted, release, result)
+                self._resolve(v, f"{path}[{i}]", encrypted, release, result, noised)
                 for i, v in enumerate(items)
             ]
+        if self.policy.release == "protected" and not (encrypted or noised or value is None):
+            raise PolicyRefused(
+                f"field {path or 'value'!r}: {unprotected(value)} leaves unprotected; this "
+                "node releases only flame.dp values and flame.secure sums (rule: release = "
+                "protected)"
+            )
         return value
 
     def _noise(
