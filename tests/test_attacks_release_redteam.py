@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pydantic import ValidationError
 
 import flame
 from flame.analysis.loader import load_analysis
@@ -128,9 +129,12 @@ def test_protected_without_a_budget_releases_a_laplace_of_tiny_sensitivity(
     (An epsilon of 1e12 with a true sensitivity works the same: no ledger, no limit.)
     Claimed: laplace/gaussian pass only "where trust_sensitivity lets them through"
     (trust_sensitivity is false here), every value leaves noised. `release = "protected"`
-    should require an epsilon_budget, or refuse the analysis's sensitivity without one."""
-    policy = NodePolicy(release="protected")
-    got = _outcome(tmp_path, TINY_SENSITIVITY, policy)
+    should require an epsilon_budget, or refuse the analysis's sensitivity without one.
+    Fixed: the policy refuses `release = "protected"` without an epsilon_budget (and so the
+    analysis's own sensitivity is refused unless trust_sensitivity says otherwise)."""
+    with pytest.raises(ValidationError, match="epsilon_budget"):
+        NodePolicy(release="protected")
+    got = _outcome(tmp_path, TINY_SENSITIVITY, _policy(tmp_path))
     assert not _leaked(got), got
 
 
@@ -194,16 +198,18 @@ def test_suppressed_cell_counts_in_the_privacy_report_carry_a_record(tmp_path: P
     and `Release.report` sends the counts; the allow-list looks only at values. Claimed:
     only dp-noised values and secure sums leave (structure aside: here the structure is
     fixed and the same on every node). Under "protected" the suppressed counts should stay
-    on the node (or be refused: a small cell inside flame.secure needs no count outside)."""
+    on the node (or be refused: a small cell inside flame.secure needs no count outside).
+    Fixed: flame.secure alone is no protection under the rule (its values must be noised),
+    and the suppressed counts are not reported under it."""
     policy = _policy(tmp_path, min_cell_count=5)
-    run = _run(tmp_path, SUPPRESSED, policy, secure=True)
-    report = {node: record.get("suppressed", {}) for node, record in run.history[0].privacy.items()}
-    decoded = {
-        node: int("".join(str(got.get(f"d{i}", 0)) for i in range(5)))
-        for node, got in report.items()
-        if node in FIRST
-    }
-    assert decoded != FIRST, report
+    got = _outcome(tmp_path, SUPPRESSED, policy, secure=True)  # refused: counts are not noised
+    assert isinstance(got, str) and "rule: release = protected" in got, got
+    assert not _leaked(got), got
+    # and where counts are noised, the number of suppressed cells stays on the node
+    noised = SUPPRESSED.replace("flame.secure(flame.counts(", "flame.counts(flame.dp.laplace(")
+    noised = noised.replace("), bound=1e3)", ", 1.0, 0.01))")
+    run = _run(tmp_path, noised, _policy(tmp_path, min_cell_count=5, trust_sensitivity=True))
+    assert all("suppressed" not in record for record in run.history[0].privacy.values())
 
 
 # --- attacks refused --------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from flame.analysis.functions import AnalysisFunctions
+from flame.errors import PolicyRefused
 from flame.isolation.runner import ChildRunner, InProcessRunner, Outcome, Runner
 from flame.node.context import Context
 from flame.node.instructions import Instruction
@@ -95,6 +96,12 @@ def make_runner(
 
 def analyze_epoch(runner: Runner, gate: Gate, epoch: int, previous: Any) -> Outcome:
     """One epoch of `analyze`; a message the policy refused fails it with that reason."""
+    if gate.policy.release == "protected" and isinstance(runner, InProcessRunner):
+        raise PolicyRefused(  # code in the runtime's own process could undo any rule
+            f"epoch {epoch}: this node releases only values it noised, which analyze in the "
+            "runtime's own process could undo: run it isolated (flame.simulate(isolate=True), "
+            "policy isolate = true) (rule: release = protected)"
+        )
     try:
         outcome = runner.run(epoch, previous)
     except Interrupted:

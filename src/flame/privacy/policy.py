@@ -69,8 +69,9 @@ class NodePolicy(BaseModel):
     release: Literal["any", "protected"] = Field(
         "any",
         description="any: unmarked values leave as they are (the rules apply to marked ones); "
-        "protected: every value that leaves must be DP-noised (flame.dp.*) or summed under "
-        "encryption (flame.secure); anything else refuses the epoch",
+        "protected: every value that leaves must be noised by this node (flame.dp.*, also "
+        "inside flame.secure); anything else refuses the epoch. Needs epsilon_budget and "
+        "isolate = true",
     )
     share_aggregate: bool = Field(
         True, description="whether this node asks to receive other sites' aggregates"
@@ -93,6 +94,14 @@ class NodePolicy(BaseModel):
     def _budget(self) -> NodePolicy:
         if self.delta_budget > 0 and self.epsilon_budget is None:
             raise ValueError("delta_budget: set epsilon_budget too (the ledger tracks both)")
+        if self.release == "protected":
+            if self.epsilon_budget is None:  # without one, any epsilon is noise in name only
+                raise ValueError(
+                    'release = "protected": set epsilon_budget (and ledger_dir) too; without a '
+                    "budget an analysis may spend any epsilon"
+                )
+            if not self.isolate:  # code in the runtime's own process can undo any rule
+                raise ValueError('release = "protected" needs isolate = true')
         return self
 
     @model_validator(mode="after")

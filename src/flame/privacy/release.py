@@ -289,7 +289,7 @@ class Gate:
             except PolicyRefused:
                 release.noisy_refusal = release.spend != spent_before  # decided on noise
                 raise
-            if hidden:
+            if hidden and self.policy.release != "protected":  # a count the analysis steers
                 release.suppressed[path or "value"] = hidden
             return released
         if isinstance(value, Statistic):
@@ -316,11 +316,14 @@ class Gate:
                 self._resolve(v, f"{path}[{i}]", encrypted, release, result, noised)
                 for i, v in enumerate(items)
             ]
-        if self.policy.release == "protected" and not (encrypted or noised or value is None):
+        if self.policy.release == "protected" and not (noised or value is None):
+            # flame.secure alone is no protection against the analysis: code that puts each
+            # node's record in its own slot makes the sum the list of records
+            where = "inside flame.secure, " if encrypted else ""
             raise PolicyRefused(
-                f"field {path or 'value'!r}: {unprotected(value)} leaves unprotected; this "
-                "node releases only flame.dp values and flame.secure sums (rule: release = "
-                "protected)"
+                f"field {path or 'value'!r}: {where}{unprotected(value)} leaves without noise; "
+                "this node releases only values it noised (flame.dp.*, also inside "
+                "flame.secure) (rule: release = protected)"
             )
         return value
 
