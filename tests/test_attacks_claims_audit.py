@@ -21,8 +21,9 @@ from flame.analysis.loader import load_analysis
 from flame.errors import RunFailed
 from flame.privacy.policy import NodePolicy, load_policy
 
-RECORDS = {"node-0": {"x.csv": "v\n4711\n4712\n"}, "node-1": {"x.csv": "v\n4711\n4712\n"}}
-SECRET = "4711"  # a record of both nodes; no uuid, hash or signature holds it by chance below
+ROWS = "v\nqz4711\nqz4712\n"  # letters too: a timestamp or a uuid cannot hold it by chance
+RECORDS = {"node-0": {"x.csv": ROWS}, "node-1": {"x.csv": ROWS}}
+SECRET = "qz4711"  # a record of both nodes (a short number matched a status's "time" once)
 
 
 def _recording_broker(wire: list[str], statuses: list[str]) -> Any:
@@ -96,7 +97,7 @@ def test_an_exception_class_named_after_a_record_names_no_record_in_a_retained_s
     error text"; Failure reasons: a roster member outside the analysis reads no patient id from
     a retained status; node policy: what leaves is "which built-in exception type").
     ATTACK (hostile analysis code, default policy): name the exception *class* after two records
-    (`Patient4711x4712`, a valid identifier); a roster member outside the analysis reads every
+    (`Patientqz4711xqz4712`, a valid identifier); a roster member outside the analysis reads every
     retained status. (Under send_tracebacks = false the node already reduces the type to a
     built-in name; the retained status does not.)"""
     raise_line = 'raise type("Patient" + "x".join(rows), (Exception,), {})()'
