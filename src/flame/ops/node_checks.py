@@ -348,7 +348,7 @@ def _check_policy(config: FlameConfig) -> CheckItem:
         if policy.release == "any":  # a DP budget, yet unmarked values leave unnoised
             detail += (
                 '; WARNING: release = "any" lets unmarked values leave without noise; set '
-                'release = "protected" so that only flame.dp and flame.secure values leave'
+                'release = "protected" so that only values this node noised leave'
             )
     target = str(config.policy) if config.policy is not None else "(none: FLAME_POLICY unset)"
     return CheckItem("ok", "policy", target, detail)
