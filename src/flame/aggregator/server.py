@@ -41,7 +41,7 @@ from flame.aggregator.records import (
 from flame.aggregator.sending import Sending
 from flame.analysis.functions import AnalysisFunctions
 from flame.errors import ConfigError, RunFailed, RunTimeout, stop_signal
-from flame.node.context import Context, active
+from flame.node.context import Context, Liveness, active
 from flame.node.mailbox import Mailbox
 from flame.node.status_board import StatusBoard
 from flame.privacy.central import CentralDP
@@ -360,10 +360,8 @@ class Aggregator(Presence, Sending, Failures):
         self.context.epoch = epoch
         results = {node: reveal_suppressed(result) for node, result in results.items()}
         if not isinstance(self.secure_sum, SecureSummer):  # masking binds the run's id
-            from flame.secure.masking_sum import RoundPresence
-
             self.secure_sum.run_id = self.run_id
-            self.secure_sum.presence = RoundPresence(  # a node gone mid-round is not waited for
+            self.secure_sum.presence = Liveness(  # a node gone mid-round is not waited for
                 self._is_status_or_error, self._note_presence, self._online.__contains__
             )
         results = self.secure_sum(results, epoch)

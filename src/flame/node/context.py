@@ -48,6 +48,18 @@ _current: contextvars.ContextVar[Context] = contextvars.ContextVar("flame_contex
 
 
 @dataclass(frozen=True)
+class Liveness:
+    """Who is still there while `Context.receive` waits (the aggregator's presence): a
+    sender whose connection ended (its last will) is not waited for until the timeout."""
+
+    watches: Callable[[Envelope], bool]
+    """Whether it takes this envelope (status, error report, forwarded logs)."""
+    note: Callable[[Envelope], None]
+    """Take it (may raise RunFailed: a node's error report, as in any wait)."""
+    online: Callable[[str], bool]
+
+
+@dataclass(frozen=True)
 class Received:
     """What `Context.receive` collected: bodies by sender, and who did not answer in time."""
 
@@ -186,23 +198,42 @@ class Context:
     ) -> Received:
         """Wait for one message of `category` from each sender (default: every other analysis
         node)."""
+        return self._gather(category, senders, timeout, None)
+
+    def _gather(
+        self,
+        category: str,
+        senders: Iterable[str] | None,
+        timeout: float,
+        presence: Liveness | None,
+    ) -> Received:
+        """`receive`; with `presence` (the aggregator's, in its runtime rounds) statuses and
+        error reports arriving meanwhile are handed to it, and a sender it no longer sees
+        online is not waited for."""
         expected = set(self._peers() if senders is None else senders)
+        waiting = set(expected)
         messages: dict[str, Any] = {}
         deadline = Deadline(timeout)
 
         def wanted(envelope: Envelope) -> bool:
-            return (
+            if (
                 envelope.kind == "message"
                 and envelope.category == category
-                and envelope.sender in expected
-                and envelope.sender not in messages
+                and envelope.sender in waiting
                 and envelope.epoch <= self.epoch
-            )
+            ):
+                return True
+            return presence is not None and presence.watches(envelope)
 
-        while len(messages) < len(expected):
+        while waiting:
             envelope = self._mailbox.next(wanted, deadline)
             if envelope is None:
                 break
+            if envelope.kind != "message" or envelope.category != category:
+                assert presence is not None  # only it takes anything else
+                presence.note(envelope)  # its owner's own handling (may raise RunFailed)
+                waiting = {node for node in waiting if presence.online(node)}
+                continue
             if envelope.epoch < self.epoch:
                 log.info(
                     "dropped a stale %r message from %s (epoch %d)",
@@ -212,6 +243,7 @@ class Context:
                 )
                 continue
             messages[envelope.sender] = envelope.body
+            waiting.discard(envelope.sender)
         return Received(messages, sorted(expected - set(messages)))
 
     def _others(self) -> list[str]:

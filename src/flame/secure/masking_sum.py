@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -24,11 +24,11 @@ from flame.wire.envelope import Envelope, Sealed
 
 if TYPE_CHECKING:
     from flame.identity.signing import Authenticator
-    from flame.node.context import Context, Received
+    from flame.node.context import Context, Liveness
     from flame.protocols.masking import MaskingServer
     from flame.secure.marked import Results
 
-__all__ = ["MaskingSummer", "RoundPresence"]
+__all__ = ["MaskingSummer"]
 
 log = logging.getLogger(__name__)
 
@@ -40,18 +40,6 @@ class _Field:
     server: MaskingServer
     shape: tuple[int, ...]
     precision: int
-
-
-@dataclass(frozen=True)
-class RoundPresence:
-    """The aggregator's presence, fed while a masking round waits, so that a node whose
-    connection ended (its last will) is not waited for until the epoch timeout."""
-
-    watches: Callable[[Envelope], bool]
-    """Whether the aggregator's presence takes this envelope (status, error, forwarded logs)."""
-    note: Callable[[Envelope], None]
-    """Take it (may raise RunFailed: a node's error report, as in any wait)."""
-    online: Callable[[str], bool]
 
 
 @dataclass
@@ -67,8 +55,9 @@ class MaskingSummer:
     run_id: str | None = None
     """The aggregator's run id (set by the aggregator before each epoch), bound into every
     message: what a node signed in another run is not taken in this one."""
-    presence: RoundPresence | None = None
-    """The aggregator's presence, fed while a round waits (set by the aggregator)."""
+    presence: Liveness | None = None
+    """The aggregator's presence, fed while a round waits (set by the aggregator): a node
+    gone mid-round is not waited for."""
 
     def __call__(self, results: dict[str, Any], epoch: int) -> Results:
         from flame.secure.marked import Results, _plain, sealed_fields, strip_sealed
@@ -208,7 +197,12 @@ class MaskingSummer:
                     MASK,
                 )
             )
-        received = self._collect(epoch, sorted(outgoing))
+        senders = sorted(outgoing)
+        received = (
+            self.context._gather(MASKED, senders, self.timeout, self.presence)
+            if self.presence is not None  # the aggregator's runtime: gone nodes not waited for
+            else self.context.receive(MASKED, senders=senders, timeout=self.timeout)
+        )
         for node, reply in sorted(received.messages.items()):
             if not isinstance(reply, dict) or "error" in reply or "messages" not in reply:
                 reason = str(reply.get("error"))[:300] if isinstance(reply, dict) else "malformed"
@@ -234,38 +228,6 @@ class MaskingSummer:
                 step,
                 ", ".join(received.missing),
             )
-
-    def _collect(self, epoch: int, senders: list[str]) -> Received:
-        """Each sender's reply to this round, until the epoch timeout; a sender that goes
-        offline meanwhile (a last will: killed, or its link cut for the broker's keepalive)
-        is not waited for: it has dropped out, which the protocol is made to absorb."""
-        presence = self.presence
-        if presence is None:
-            return self.context.receive(MASKED, senders=senders, timeout=self.timeout)
-        from flame.node.context import Received as Replies
-        from flame.utils.deadline import Deadline
-
-        deadline, replies = Deadline(self.timeout), {}
-        waiting = set(senders)
-
-        def wanted(envelope: Envelope) -> bool:
-            if envelope.kind == "message" and envelope.category == MASKED:
-                return envelope.sender in waiting and envelope.epoch <= epoch
-            return presence.watches(envelope)
-
-        while waiting:
-            envelope = self.context._mailbox.next(wanted, deadline)
-            if envelope is None:
-                break
-            if envelope.kind == "message" and envelope.category == MASKED:
-                if envelope.epoch < epoch:  # an answer to an earlier epoch's round: dropped
-                    continue
-                replies[envelope.sender] = envelope.body
-                waiting.discard(envelope.sender)
-                continue
-            presence.note(envelope)  # the aggregator's own handling of it
-            waiting = {node for node in waiting if presence.online(node)}
-        return Replies(replies, sorted(set(senders) - set(replies)))
 
     def _failure(self, epoch: int, path: str, exc: Exception) -> str:
         text = f"the masked secure sum of {path!r} in epoch {epoch} failed: {exc}"
