@@ -13,6 +13,7 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from pydantic import ValidationError
 
@@ -54,6 +55,8 @@ def _leaked(value: Any) -> bool:
         return any(_leaked(v) for v in value.values())
     if isinstance(value, (list, tuple)):
         return any(_leaked(v) for v in value)
+    if isinstance(value, np.ndarray) and value.dtype.kind in "biuf":
+        return any(_leaked(float(v)) for v in value.ravel())
     try:
         number = float(value)
     except (TypeError, ValueError):
