@@ -202,6 +202,28 @@ def test_multiple_statements_with_a_set_are_still_refused(
         source.close()
 
 
+@pytest.mark.parametrize(
+    "value",
+    ["' or '1'='1", "x'); select pg_sleep(5); --", "%s %(x)s ? $$ ' \\' \"", "a' union select 'b"],
+)
+def test_query_params_stay_values_not_sql(
+    value: str, postgres_server: PostgresServer, postgres_databases: Callable[[], str]
+) -> None:
+    """Refused: a param crafted as SQL (quotes, `%`-style and `?` marks, a dollar quote) is
+    bound as a value through the `?` rewrite; it neither widens the match nor runs."""
+    database = postgres_databases()
+    postgres_server.execute(database, "create table t (v text); insert into t values ('a')")
+    source = SqlSource("db", postgres_server.url(database), statement_timeout=2.0)
+    try:
+        started = time.monotonic()
+        table = source.query("select count(*) as n, ? as echo from t where v = ?", [value, value])
+        assert table.column("n")[0].as_py() == 0
+        assert table.column("echo")[0].as_py() == value
+        assert time.monotonic() - started < 2.0
+    finally:
+        source.close()
+
+
 # --- FHIR: paging -------------------------------------------------------------------------
 @pytest.fixture
 def endless_fhir() -> Iterator[tuple[_Server, dict[str, int]]]:
@@ -431,3 +453,90 @@ def test_a_dot_file_the_analysis_can_read_is_in_the_data_version(tmp_path: Path)
     except DataError as exc:
         noticed = ".late.csv" in str(exc)
     assert not readable or noticed, "readable by name, changed mid-run, change not noticed"
+
+
+def test_a_file_past_the_first_ten_thousand_is_in_the_data_version(tmp_path: Path) -> None:
+    """Seat: a node folder of many small files (one per patient is common). `DataVersions`
+    fingerprints the first 10,000 names only and then also skips the "appeared" check
+    (versions.py `_MAX_FILES`), so a rewrite of a later file, which the analysis reads as any
+    other, fails nothing (docs/faults.md: "a data file replaced mid-run: the epoch fails
+    naming the source and the file"; the limit is in no document)."""
+    for i in range(10_001):
+        (tmp_path / f"p{i:05d}.csv").write_text("v\n1\n")
+    versions = DataVersions.take({"local": LocalSource(tmp_path, "local")})
+    (tmp_path / "p10000.csv").write_text("v\n2\n3\n")
+    with pytest.raises(DataError, match=r"p10000\.csv"):
+        versions.check()
+
+
+def test_a_deeply_nested_json_answer_is_a_data_error_naming_the_source() -> None:
+    """Seat: hostile/broken data API. `_HttpService._json` turns ValueError into a DataError,
+    but json's RecursionError (100,000 nested arrays, 200 kB) escapes as it is: no source,
+    no path, and in the runtime's `_serve` (which catches FlameError, OSError, TypeError,
+    ValueError, KeyError) not a reply to the child but an exception out of the request
+    loop. Secure: a DataError naming the source."""
+    body = b"[" * 100_000 + b"]" * 100_000
+
+    def handle(request: BaseHTTPRequestHandler) -> None:
+        request.send_response(200)
+        request.send_header("Content-Type", "application/fhir+json")
+        request.send_header("Content-Length", str(len(body)))
+        request.end_headers()
+        request.wfile.write(body)
+
+    server = _Server(handle)
+    source = FhirSource("fhir", server.base + "/fhir", timeout=5.0, retries=0)
+    try:
+        with pytest.raises(DataError, match="'fhir'"):
+            list(source.search("Observation"))
+    finally:
+        source.close()
+        server.stop()
+
+
+STEAL = """
+def analyze(data):
+    try:
+        data.read_bytes("values.csv", source="api")
+    except Exception as exc:
+        return {"got": str(exc)}
+    return {"got": ""}
+
+def aggregate(results):
+    return results
+"""
+
+
+def test_the_isolated_analysis_does_not_get_the_data_api_token_from_an_error(
+    tmp_path: Path,
+) -> None:
+    """Seats together: a data API that echoes the Authorization header in its reason phrase
+    (a debug proxy does) and an analysis that reads the error. The runtime's reply to the
+    child (`ChildRunner._serve`) is `str(exc)` unredacted, so the token of a mounted
+    `token_file` (which `FlameConfig.secrets()` does not list, so no log redaction either)
+    reaches the confined child, which returns it. Secure: no token in what leaves."""
+    token_file = tmp_path / "api.token"
+    token_file.write_text(TOKEN)
+
+    def handle(request: BaseHTTPRequestHandler) -> None:
+        if request.path.endswith("/files/"):  # the listing (probed at start) works
+            _json(request, ["values.csv"])
+            return
+        request.send_response(400, f"Bad {request.headers.get('Authorization') or ''}")
+        request.send_header("Content-Length", "0")
+        request.end_headers()
+
+    server = _Server(handle)
+    path = tmp_path / "analysis.py"
+    path.write_text(textwrap.dedent(STEAL))
+    functions = load_analysis(path).functions
+    tokens = TokenSource(TokenSettings(token_file=token_file), "data API 'api'")
+    source = HttpFileSource("api", server.base + "/files", tokens, timeout=2.0, retries=0)
+    nodes = {"node-0": Data({"api": source}, node_id="node-0")}
+    try:
+        result = flame.simulate(functions.analyze, functions.aggregate, data=nodes, isolate=True)
+    finally:
+        server.stop()
+    text = repr(getattr(result, "value", result))
+    assert "HTTP 400" in text  # the analysis did get the error
+    assert TOKEN not in text
