@@ -116,8 +116,7 @@ class PooledRunner(ChildRunner):
     def _acquire(self) -> None:
         slots = slot()
         while not slots.acquire(timeout=1.0):
-            if self.on_wait is not None:
-                self.on_wait()  # an abort or a finished run ends the wait
+            self._watch()  # an abort or a finished run ends the wait
         self._held = True
 
     def _release(self) -> None:

@@ -44,6 +44,8 @@ from flame.isolation.spawn import (
 )
 from flame.node.context import Context
 from flame.privacy.markers import from_plain, to_plain
+from flame.utils.deadline import call_deadline
+from flame.utils.logs import mask_credentials
 from flame.wire.envelope import DEFAULT_MAX_BYTES
 
 __all__ = [
@@ -152,6 +154,7 @@ class ChildRunner:
         self.confinement = "not started"
         self._declared: Any = None
         self._deadline = float("inf")
+        self._stopping: BaseException | None = None
         self._process: ChildProcess | None = None
         self._channel: Channel | None = None
 
@@ -343,19 +346,28 @@ class ChildRunner:
             channel.close()
 
     def _serve(self, call: Any) -> None:
+        """One call of the child, served within what is left of its deadline (a data source
+        call too: `call_deadline`). The reply's error text has credentials masked; an
+        unforeseen exception (a source's RecursionError, say) is named by its type only."""
         assert self._channel is not None
         try:
             if not isinstance(call, dict) or not isinstance(call.get("args"), dict):
                 raise FlameError("malformed request")
-            if call.get("op") == "open":
-                self._send_descriptor(from_plain(call["args"]))
-                return
-            value = self._dispatch(str(call.get("op")), from_plain(call["args"]))
-            self._channel.send("reply", {"value": to_plain(value)})
+            with call_deadline(self._deadline):
+                if call.get("op") == "open":
+                    self._send_descriptor(from_plain(call["args"]))
+                    return
+                value = self._dispatch(str(call.get("op")), from_plain(call["args"]))
+            reply: dict[str, Any] = {"value": to_plain(value)}
         except (FlameError, OSError, TypeError, ValueError, KeyError) as exc:
-            self._channel.send(
-                "reply", {"error": " ".join(str(exc).split())[:500], "type": type(exc).__name__}
-            )
+            text = mask_credentials(" ".join(str(exc).split()))
+            reply = {"error": text[:500], "type": type(exc).__name__}
+        except Exception as exc:
+            if exc is self._stopping:  # on_wait's abort: it ends the wait, not the call
+                raise
+            name = type(exc).__name__
+            reply = {"error": f"the node failed serving this request ({name})", "type": name}
+        self._channel.send("reply", reply)
 
     def _send_descriptor(self, args: dict[str, Any]) -> None:
         """A file of a node folder, opened read-only here and passed to the child, which
@@ -447,8 +459,18 @@ class ChildRunner:
             wanted = list(got.missing)
             if not wanted or left <= _SLICE:
                 return {"messages": messages, "missing": sorted(wanted)}
-            if self.on_wait is not None:
-                self.on_wait()
+            self._watch()
+
+    def _watch(self) -> None:
+        """`on_wait` during a call of the child; what it raises (an abort, the end of the
+        run) ends the call and is passed on by `_serve`, not replied to the child."""
+        if self.on_wait is None:
+            return
+        try:
+            self.on_wait()
+        except Exception as exc:
+            self._stopping = exc
+            raise
 
     def _source_call(self, args: dict[str, Any]) -> Any:
         source = self.data.source(str(args["source"]))

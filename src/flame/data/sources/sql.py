@@ -1,8 +1,13 @@
 """PostgreSQL as a data source: read-only queries streamed into Arrow record batches.
 
 Every query runs in a READ ONLY transaction (a write is refused by the server, not by
-parsing), under a server-side `statement_timeout`, through a server-side (named) cursor that
-is fetched `batch_rows` rows at a time, so a large result never sits in memory twice.
+parsing), through a server-side (named) cursor that is fetched `batch_rows` rows at a time, so
+a large result never sits in memory twice. Every statement (each FETCH too) runs under the
+statement timeout, set for the transaction at its start and enforced from here as well (a
+watchdog cancels it): the query cannot switch it off (`SET`, `set_config`), and the
+transaction is always rolled back, so nothing a query sets outlives it on the kept
+connection. Inside a node serving an isolated analysis, the limit is also capped at what is
+left of the epoch (`flame.utils.deadline.call_deadline`).
 NUMERIC becomes float64. Errors name the source and what went wrong; the password (from the
 URL or from `token` / `token_file`) never appears in a message or a log line.
 
@@ -11,6 +16,7 @@ URL or from `token` / `token_file`) never appears in a message or a log line.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import uuid
@@ -24,6 +30,7 @@ from flame.clients.token import TokenError, TokenSource, redact, source_service_
 from flame.config import DataSourceSettings
 from flame.data.sources.placeholders import STYLE_HINT, psycopg_query
 from flame.errors import DataError
+from flame.utils.deadline import call_left
 
 __all__ = ["SqlSource"]
 
@@ -51,6 +58,9 @@ _ARROW_TYPES: dict[str, pa.DataType] = {
 }
 
 
+_GRACE = 0.5
+"""Seconds the watchdog gives the server's own statement timeout before it cancels."""
+
 _PRIVILEGED_ROLES = (
     "pg_read_server_files",
     "pg_write_server_files",
@@ -67,6 +77,12 @@ select r.rolsuper, r.rolname,
              order by p.rolname)
 from pg_roles r where r.rolname = current_user
 """
+
+
+def _cancel(connection: Any) -> None:
+    """Cancel the running statement (from the watchdog's thread; errors are the server's)."""
+    with contextlib.suppress(Exception):
+        connection.cancel_safe(timeout=5.0)
 
 
 def _psycopg() -> Any:
@@ -107,6 +123,7 @@ class SqlSource:
         self.allow_privileged_role = allow_privileged_role
         self._connection: Any = None
         self._lock = threading.Lock()
+        self._limit_why = f"the statement timeout of {statement_timeout:g} s"
         parts = urlsplit(url)
         self._secrets = [s for s in (parts.password, url) if s]
         host = parts.hostname or "localhost"
@@ -147,10 +164,7 @@ class SqlSource:
         detail = redact(text if isinstance(text, str) else text[0], secrets)[:300]
         prefix = f"data source {self.name!r} ({self.where}): {what}"
         if isinstance(exc, errors.QueryCanceled):
-            return DataError(
-                f"{prefix}: the statement ran past the statement timeout of "
-                f"{self.statement_timeout:g} s ({detail})"
-            )
+            return DataError(f"{prefix}: the statement ran past {self._limit_why} ({detail})")
         if isinstance(exc, errors.ReadOnlySqlTransaction):
             return DataError(f"{prefix}: refused, the source is read-only ({detail})")
         if isinstance(exc, (errors.InvalidPassword, errors.InvalidAuthorizationSpecification)):
@@ -277,23 +291,54 @@ class SqlSource:
         self, connection: Any, sql: str, params: QueryParams, *, server_side: bool
     ) -> Iterator[pa.RecordBatch]:
         name = f"flame_{uuid.uuid4().hex[:12]}" if server_side else None
-        with connection.transaction(), connection.cursor(name=name) as cursor:
-            if server_side:
-                cursor.itersize = self.batch_rows
-                cursor.execute(sql, params)
-            else:
-                cursor.execute("select 1")  # takes the snapshot: no switch to read-write
-                cursor.execute(sql, params, prepare=True)
-            schema = self._schema(cursor.description or [])
-            produced = False
-            while cursor.description is not None:
-                rows = cursor.fetchmany(self.batch_rows)
-                if not rows:
-                    break
-                produced = True
-                yield self._batch(schema, rows)
-            if not produced:
-                yield pa.RecordBatch.from_pylist([], schema=schema)
+        # rolled back, never committed: a SET or set_config(..., false) of the query ends here
+        with connection.transaction(force_rollback=True):
+            with self._watched(connection) as limit:
+                connection.execute(
+                    "select set_config('statement_timeout', %s, true)",
+                    [str(max(1, round(limit * 1000)))],
+                )
+            with connection.cursor(name=name) as cursor:
+                with self._watched(connection):
+                    if server_side:
+                        cursor.itersize = self.batch_rows
+                        cursor.execute(sql, params)
+                    else:
+                        cursor.execute("select 1")  # the snapshot: no switch to read-write
+                        cursor.execute(sql, params, prepare=True)
+                schema = self._schema(cursor.description or [])
+                produced = False
+                while cursor.description is not None:
+                    with self._watched(connection):  # each FETCH: the query may have reset it
+                        rows = cursor.fetchmany(self.batch_rows)
+                    if not rows:
+                        break
+                    produced = True
+                    yield self._batch(schema, rows)
+                if not produced:
+                    yield pa.RecordBatch.from_pylist([], schema=schema)
+
+    @contextlib.contextmanager
+    def _watched(self, connection: Any) -> Iterator[float]:
+        """One statement's limit (the statement timeout, or less when the epoch ends sooner),
+        enforced by cancelling the statement from a timer if the server has not."""
+        limit = call_left(self.statement_timeout)
+        if limit < self.statement_timeout:
+            self._limit_why = f"the epoch's deadline ({limit:.1f} s were left)"
+        else:
+            self._limit_why = f"the statement timeout of {self.statement_timeout:g} s"
+        if limit <= 0:
+            raise DataError(
+                f"data source {self.name!r} ({self.where}): no time left before the epoch's "
+                "deadline"
+            )
+        timer = threading.Timer(limit + _GRACE, _cancel, [connection])
+        timer.daemon = True
+        timer.start()
+        try:
+            yield limit
+        finally:
+            timer.cancel()
 
     def query(self, sql: str, params: QueryParams = None) -> pa.Table:
         """The whole result as a `pyarrow.Table` (`?`, `%s` or `%(name)s` placeholders)."""
