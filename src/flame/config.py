@@ -12,7 +12,6 @@ import re
 import sys
 from pathlib import Path
 from typing import Annotated, Any, Literal
-from urllib.parse import urlsplit
 
 from pydantic import (
     BaseModel,
@@ -32,6 +31,7 @@ from pydantic_settings import (
 )
 
 from flame.errors import ConfigError
+from flame.utils.redact import file_secret, url_password
 from flame.utils.settings_errors import format_validation_error as _format_errors
 
 __all__ = [
@@ -374,6 +374,8 @@ class FlameConfig(BaseSettings):
                 if secret:
                     found.append(secret)
             elif isinstance(value, BaseModel):
+                if isinstance(value, TokenSettings) and value.token_file is not None:
+                    found.append(file_secret(value.token_file))  # the mounted token, as it is
                 for name in type(value).model_fields:
                     walk(getattr(value, name))
             elif isinstance(value, list):
@@ -381,27 +383,17 @@ class FlameConfig(BaseSettings):
                     walk(item)
 
         walk(self)
-        found.extend(p for p in (_url_password(s.url) for s in self.data) if p)
-        return found
+        found.extend(p for p in (url_password(s.url) for s in self.data) if p)
+        return [secret for secret in found if secret]  # an unreadable token file gives ""
 
     def public_dict(self) -> dict[str, Any]:
         """The config as JSON-ready data with secrets masked (for manifests and `flame check`)."""
         public: dict[str, Any] = json.loads(self.model_dump_json())
         for entry in public.get("data", []):  # a password inside a source URL (postgresql://)
-            password = _url_password(entry.get("url"))
+            password = url_password(entry.get("url"))
             if password:
                 entry["url"] = entry["url"].replace(f":{password}@", ":**********@", 1)
         return public
-
-
-def _url_password(url: str | None) -> str | None:
-    """The password in a URL's user info (`scheme://user:password@host`), if any."""
-    if not url or "@" not in url:
-        return None
-    try:
-        return urlsplit(url).password
-    except ValueError:
-        return None
 
 
 class _FileSource(PydanticBaseSettingsSource):

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable
+from pathlib import Path
+from urllib.parse import urlsplit
 
 MASK = "***"
 
@@ -12,6 +15,23 @@ def redact(text: str, secrets: Iterable[str]) -> str:
     for secret in sorted({s for s in secrets if s and len(s) >= 4}, key=len, reverse=True):
         text = text.replace(secret, MASK)
     return text
+
+
+def file_secret(path: Path) -> str:
+    """The secret held in a file (a mounted token), "" when it cannot be read."""
+    with contextlib.suppress(OSError, UnicodeDecodeError):
+        return path.read_text(encoding="utf-8").strip()
+    return ""
+
+
+def url_password(url: str | None) -> str | None:
+    """The password in a URL's user info (`scheme://user:password@host`), if any."""
+    if not url or "@" not in url:
+        return None
+    try:
+        return urlsplit(url).password
+    except ValueError:
+        return None
 
 
 def describe_exception(exc: BaseException, secrets: Iterable[str] = ()) -> str:

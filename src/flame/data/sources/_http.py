@@ -1,15 +1,22 @@
 """Shared HTTP machinery of the HTTP file and FHIR sources: timeouts, retries, safe errors.
 
-Every call has a timeout; connection errors, 429 and 5xx are retried with exponential
-backoff (honouring `Retry-After`, capped), other 4xx are not, because asking again with the
-same token or query cannot succeed. Errors name the source, the URL path (never the query
-string, which may hold search terms or page tokens) and the status; the bearer token is never
-logged or put in a message.
+Every call has a timeout, per socket operation and for the whole answer: a body must arrive
+within `timeout` plus its size at `MIN_RATE` (a server trickling a byte at a time cannot
+hold the caller), up to a size cap, and never past the current `call_deadline` (what is
+left of a node's epoch). Connection errors, 429 and 5xx are retried with exponential backoff
+(honouring `Retry-After`, capped), other 4xx are not, because asking again with the same
+token or query cannot succeed; any status outside 2xx is an error (redirects are not
+followed). Errors name the source, the URL path (never the query string, which may hold
+search terms or page tokens) and the status with its standard phrase (never the server's,
+which can echo anything); the bearer token is never logged or put in a message.
 """
 
 from __future__ import annotations
 
 import email.utils
+import http
+import io
+import json
 import logging
 import random
 import tempfile
@@ -25,14 +32,27 @@ import httpx
 from flame.clients.token import TokenSource, redact
 from flame.config import DataSourceSettings
 from flame.errors import DataError
+from flame.utils.deadline import call_left
 
-__all__ = ["CHUNK_SIZE", "DEFAULT_SPOOL_THRESHOLD", "HttpStatusError", "Params"]
+__all__ = [
+    "CHUNK_SIZE",
+    "DEFAULT_SPOOL_THRESHOLD",
+    "MAX_JSON_BYTES",
+    "MIN_RATE",
+    "HttpStatusError",
+    "Params",
+]
 
 log = logging.getLogger(__name__)
 
 DEFAULT_SPOOL_THRESHOLD = 8 * 1024 * 1024
 """Files larger than this are spooled to a temp file instead of memory."""
 CHUNK_SIZE = 256 * 1024
+MIN_RATE = 16 * 1024
+"""Bytes/s an answer must average after its first `timeout` seconds."""
+MAX_JSON_BYTES = 64 * 1024 * 1024
+"""The largest JSON answer (a FHIR page, a file index) read into memory."""
+_MAX_ERROR_BYTES = 64 * 1024  # of an error answer, read for its OperationOutcome
 _RETRY_STATUSES = {429, 500, 502, 503, 504}
 
 _S = TypeVar("_S", bound="_HttpService")
@@ -65,6 +85,14 @@ def _retry_after(value: str | None) -> float | None:
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=timezone.utc)
     return max(0.0, float((moment - datetime.now(timezone.utc)).total_seconds()))
+
+
+def _phrase(status: int) -> str:
+    """The standard reason phrase: the server's own can echo the request (and its token)."""
+    try:
+        return http.HTTPStatus(status).phrase
+    except ValueError:
+        return "(non-standard status)"
 
 
 def _spool(threshold: int) -> IO[bytes]:
@@ -123,6 +151,7 @@ class _HttpService:
         self.base_url = base_url if base_url.endswith("/") else base_url + "/"
         self._base = httpx.URL(self.base_url)
         self._tokens = tokens
+        self._sent: set[str] = set()  # tokens sent: masked in every message (`_clean`)
         self.timeout = timeout
         self.retries = retries
         self.backoff = backoff
@@ -155,7 +184,32 @@ class _HttpService:
         return (url.scheme, url.host, url.port) == (base.scheme, base.host, base.port)
 
     def _where(self, method: str, url: httpx.URL) -> str:
-        return f"data source {self.name!r}: {method} {url.path}"
+        return self._clean(f"data source {self.name!r}: {method} {url.path}")
+
+    def _clean(self, text: str) -> str:
+        """`text` with every token sent so far masked (a next link's path can carry one)."""
+        return redact(text, self._sent)
+
+    def _body(
+        self, response: httpx.Response, where: str, sink: IO[bytes], started: float, cap: int
+    ) -> None:
+        """The answer's body into `sink`, within its time (`timeout` plus its size at
+        `MIN_RATE`, never past the `call_deadline`) and at most `cap` bytes."""
+        got = 0
+        for chunk in response.iter_bytes():  # as it arrives: the clock is checked per read
+            got += len(chunk)
+            if got > cap:
+                raise DataError(f"{where}: the answer is larger than {cap:,} bytes")
+            sink.write(chunk)
+            spent = time.monotonic() - started
+            if spent > self.timeout + got / MIN_RATE:
+                raise DataError(
+                    f"{where}: too slow, {got:,} bytes in {spent:.1f} s (an answer must "
+                    f"arrive within the {self.timeout:g} s timeout plus 1 s per "
+                    f"{MIN_RATE // 1024} KiB)"
+                )
+            if call_left() <= 0:
+                raise DataError(f"{where}: the epoch's deadline passed during the download")
 
     def _delay(self, attempt: int, response: httpx.Response | None) -> float:
         if response is not None:
@@ -165,11 +219,13 @@ class _HttpService:
         base = self.backoff * (2.0**attempt)
         return min(self.max_backoff, base * random.uniform(0.75, 1.25))
 
-    def _detail(self, response: httpx.Response, token: str | None) -> str:
+    def _detail(self, response: httpx.Response, token: str | None, started: float) -> str:
         """The first diagnostic of a FHIR OperationOutcome, if the server sent one."""
+        sink = io.BytesIO()
         try:
-            body = response.json()
-        except (ValueError, UnicodeDecodeError, httpx.ResponseNotRead):
+            self._body(response, "", sink, started, _MAX_ERROR_BYTES)
+            body = json.loads(sink.getvalue())
+        except (ValueError, UnicodeDecodeError, RecursionError, DataError, httpx.HTTPError):
             return ""
         if not isinstance(body, dict) or body.get("resourceType") != "OperationOutcome":
             return ""
@@ -186,36 +242,45 @@ class _HttpService:
         url: str | httpx.URL,
         *,
         params: Params | None = None,
-        stream: bool = False,
         accept: str = "application/json",
     ) -> httpx.Response:
+        """A 2xx answer, its body not yet read; other statuses and failures: DataError."""
         target = httpx.URL(url)
         if not self._same_origin(target):
             raise DataError(
-                f"data source {self.name!r}: refusing to follow a link to another host "
-                f"({target.host}); the token is only sent to {self._base.host}"
+                self._clean(
+                    f"data source {self.name!r}: refusing to follow a link to another host "
+                    f"({target.host}); the token is only sent to {self._base.host}"
+                )
             )
         where = self._where(method, target)
         attempts = self.retries + 1
         rotated = False
         attempt = 0
         while True:
+            left = call_left(self.timeout)
+            if left <= 0:
+                raise DataError(f"{where}: no time left before the epoch's deadline")
             token = self._token()
             headers = {"Accept": accept}
             if token:
+                self._sent.add(token)
                 headers["Authorization"] = f"Bearer {token}"
-            request = self._client.build_request(method, target, params=params, headers=headers)
+            request = self._client.build_request(
+                method, target, params=params, headers=headers, timeout=httpx.Timeout(left)
+            )
             response: httpx.Response | None = None
+            started = time.monotonic()
             try:
-                response = self._client.send(request, stream=stream)
+                response = self._client.send(request, stream=True)
             except httpx.TimeoutException:
-                problem = f"timed out after {self.timeout:g} s"
+                problem = f"timed out after {left:g} s"
             except httpx.TransportError as exc:
                 problem = f"connection failed ({type(exc).__name__})"
             else:
                 status = response.status_code
-                if status < 400:
-                    return response
+                if 200 <= status < 300:
+                    return response  # streamed: the caller reads it (`_body`) and closes it
                 if status == 401 and not rotated and self._tokens is not None:
                     rotated = True
                     if self._token() != token:  # the secret rotated under us: try the new one
@@ -223,22 +288,25 @@ class _HttpService:
                         log.info("%s: HTTP 401, retrying once with the rotated token", where)
                         continue
                 if status not in _RETRY_STATUSES:
-                    if stream:
-                        response.read()
-                    detail = self._detail(response, token)
+                    detail = self._detail(response, token, started) if status >= 400 else ""
                     response.close()
                     hint = {401: " (token rejected)", 403: " (access denied)"}.get(status, "")
+                    if status < 400:
+                        hint = " (not a 2xx answer; redirects are not followed)"
                     raise HttpStatusError(
-                        f"{where} -> HTTP {status} {response.reason_phrase}{hint}{detail}", status
+                        self._clean(f"{where} -> HTTP {status} {_phrase(status)}{hint}{detail}"),
+                        status,
                     )
-                problem = f"HTTP {status} {response.reason_phrase}"
+                problem = f"HTTP {status} {_phrase(status)}"
             if attempt + 1 >= attempts:
                 if response is not None:
                     response.close()
-                raise DataError(f"{where} -> {problem} (after {attempts} attempts)")
+                raise DataError(f"{where} -> {problem} (after {attempt + 1} attempts)")
             delay = self._delay(attempt, response)
             if response is not None:
                 response.close()
+            if delay >= call_left():
+                raise DataError(f"{where} -> {problem} (no time left for a retry)")
             attempt += 1
             log.warning(
                 "%s -> %s; retry %d/%d in %.2f s", where, problem, attempt, self.retries, delay
@@ -246,10 +314,22 @@ class _HttpService:
             time.sleep(delay)
 
     def _json(self, method: str, url: str | httpx.URL, params: Params | None = None) -> Any:
+        """The answer parsed as JSON; DataError (naming the source) for anything else."""
         response = self._request(method, url, params=params, accept="application/fhir+json")
+        started = time.monotonic()
+        where = self._where(method, httpx.URL(url))
+        sink = io.BytesIO()
         try:
-            return response.json()
+            self._body(response, where, sink, started, MAX_JSON_BYTES)
+        except httpx.TimeoutException:
+            raise DataError(f"{where}: timed out reading the answer") from None
+        except httpx.TransportError as exc:
+            raise DataError(f"{where}: answer interrupted ({type(exc).__name__})") from None
+        finally:
+            response.close()
+        try:
+            return json.loads(sink.getvalue())
         except (ValueError, UnicodeDecodeError):
-            raise DataError(
-                f"{self._where(method, httpx.URL(url))}: response is not valid JSON"
-            ) from None
+            raise DataError(f"{where}: response is not valid JSON") from None
+        except RecursionError:
+            raise DataError(f"{where}: response is JSON nested too deeply to read") from None

@@ -1,4 +1,10 @@
-"""FHIR R4 REST search as a data source: paged, optionally as columns."""
+"""FHIR R4 REST search as a data source: paged, optionally as columns.
+
+A search follows the server's `next` links, and stops with an error naming the source when
+a link repeats, leads to another host, or the search passes `max_pages` pages (10,000) or
+`max_resources` resources (1,000,000): a server minting fresh links forever cannot keep
+the node paging and its memory growing. Inside a node the epoch's deadline bounds it too.
+"""
 
 from __future__ import annotations
 
@@ -18,6 +24,8 @@ from flame.errors import DataError
 __all__ = ["FhirSource"]
 
 _RESOURCE_TYPE = re.compile(r"^[A-Z][A-Za-z]{1,63}$")
+MAX_PAGES = 10_000
+MAX_RESOURCES = 1_000_000
 
 
 def _walk(resource: Any, path: Sequence[str]) -> Any:
@@ -75,10 +83,14 @@ class FhirSource(_HttpService):
         tokens: TokenSource | None = None,
         *,
         page_size: int | None = None,
+        max_pages: int = MAX_PAGES,
+        max_resources: int = MAX_RESOURCES,
         **options: Any,
     ) -> None:
         super().__init__(name, base_url, tokens, **options)
         self.page_size = page_size
+        self.max_pages = max_pages
+        self.max_resources = max_resources
 
     def _type_url(self, resource_type: str) -> str:
         if not _RESOURCE_TYPE.match(resource_type):
@@ -104,9 +116,17 @@ class FhirSource(_HttpService):
         url: str | None = self._type_url(resource_type)
         first = True
         seen: set[str] = set()
+        pages = resources = 0
         while url is not None:
+            if pages >= self.max_pages:
+                raise DataError(
+                    f"data source {self.name!r}: the search passed {self.max_pages:,} pages "
+                    "(max_pages); stopping instead of paging forever (a larger _count "
+                    "gives fewer pages)"
+                )
             bundle = self._bundle(url, query if first else None)
             first = False
+            pages += 1
             entries = bundle.get("entry") or []
             if not isinstance(entries, list):
                 raise DataError(f"data source {self.name!r}: Bundle.entry is not a list")
@@ -118,6 +138,12 @@ class FhirSource(_HttpService):
                 resource = entry.get("resource")
                 if isinstance(resource, dict) and mode in (None, "match"):
                     page.append(resource)
+            resources += len(page)
+            if resources > self.max_resources:
+                raise DataError(
+                    f"data source {self.name!r}: the search passed {self.max_resources:,} "
+                    "resources (max_resources); narrow the search"
+                )
             yield page
             url = None
             for link in bundle.get("link") or []:

@@ -5,6 +5,9 @@ The protocol (any static server with a JSON index can serve it):
 * `GET {base}/` returns a JSON array of file names, relative and '/'-separated;
 * `GET {base}/{name}` (each path segment percent-encoded) returns the file's bytes, 404
   when there is no such file.
+
+Any other status is an error, a 3xx too (redirects are not followed). A file is read up to
+`max_bytes` (16 GiB) and within the time `_HttpService._body` allows.
 """
 
 from __future__ import annotations
@@ -18,7 +21,6 @@ import httpx
 
 from flame.clients.token import TokenError, TokenSource, source_service_name
 from flame.data.sources._http import (
-    CHUNK_SIZE,
     DEFAULT_SPOOL_THRESHOLD,
     HttpStatusError,
     _check_name,
@@ -26,10 +28,14 @@ from flame.data.sources._http import (
     _spool,
 )
 from flame.errors import DataError
+from flame.utils.deadline import call_left
 
 __all__ = ["HttpFileSource"]
 
 log = logging.getLogger(__name__)
+
+MAX_FILE_BYTES = 16 * 1024**3
+"""The largest file read (to a temp file): a broken or hostile API cannot fill the disk."""
 
 
 class HttpFileSource(_HttpService):
@@ -44,10 +50,12 @@ class HttpFileSource(_HttpService):
         tokens: TokenSource | None = None,
         *,
         spool_threshold: int = DEFAULT_SPOOL_THRESHOLD,
+        max_bytes: int = MAX_FILE_BYTES,
         **options: Any,
     ) -> None:
         super().__init__(name, base_url, tokens, **options)
         self.spool_threshold = spool_threshold
+        self.max_bytes = max_bytes
 
     def files(self) -> list[str]:
         names = self._json("GET", self.base_url)
@@ -58,30 +66,34 @@ class HttpFileSource(_HttpService):
         return sorted(_check_name(self.name, n) for n in names)
 
     def open(self, name: str) -> IO[bytes]:
-        """The file, streamed into memory up to the spool threshold, to a temp file above."""
+        """The file, streamed into memory up to the spool threshold, to a temp file above;
+        at most `max_bytes`, within the time `_body` allows."""
         _check_name(self.name, name)
         url = self.base_url + quote(name, safe="/")
+        where = self._where("GET", httpx.URL(url))
         attempt = 0
         while True:
-            response = self._request("GET", url, stream=True, accept="*/*")
+            response = self._request("GET", url, accept="*/*")
             spool = _spool(self.spool_threshold)
             try:
-                for chunk in response.iter_bytes(CHUNK_SIZE):
-                    spool.write(chunk)
+                self._body(response, where, spool, time.monotonic(), self.max_bytes)
             except httpx.TransportError as exc:
                 spool.close()
                 problem = f"download interrupted ({type(exc).__name__})"
                 if attempt >= self.retries:
                     raise DataError(
-                        f"{self._where('GET', httpx.URL(url))} -> {problem} "
-                        f"(after {attempt + 1} attempts)"
+                        f"{where} -> {problem} (after {attempt + 1} attempts)"
                     ) from None
                 delay = self._delay(attempt, None)
+                if delay >= call_left():
+                    raise DataError(f"{where} -> {problem} (no time left for a retry)") from None
                 attempt += 1
-                where = self._where("GET", httpx.URL(url))
                 log.warning("%s -> %s; retry in %.2f s", where, problem, delay)
                 time.sleep(delay)
                 continue
+            except BaseException:
+                spool.close()
+                raise
             finally:
                 response.close()
             spool.seek(0)
