@@ -8,8 +8,10 @@ statuses, so the aggregator's history (and manifest) says which data version eac
 
 A fingerprint is size, modification time, status-change time (ctime: `utime` can put an
 mtime back, not a ctime), inode and the SHA-256 of the file's first MiB, all from one open
-descriptor. Files of local sources only (a folder on this machine); SQL, HTTP, FHIR and S3
-sources are not covered.
+descriptor. Every file a local source lists is fingerprinted, however many (a check costs
+one open, stat and head hash per file); names starting with '.' are neither listed nor
+readable by the analysis (`LocalSource.files`, `resolve_node_file`). Files of local
+sources only (a folder on this machine); SQL, HTTP, FHIR and S3 sources are not covered.
 
 Why the head is re-hashed at every check, not only when the stat changed: an unprivileged
 writer can rewrite a file in place keeping size, mtime, ctime and inode. Stores through a
@@ -40,7 +42,6 @@ __all__ = ["DataVersions", "Fingerprint"]
 log = logging.getLogger(__name__)
 
 _HEAD = 1024 * 1024  # bytes hashed per file
-_MAX_FILES = 10_000  # beyond this a source is fingerprinted by its first files only
 
 
 @dataclass(frozen=True)
@@ -101,7 +102,7 @@ class DataVersions:
             if not isinstance(source, LocalSource):
                 continue
             versions._sources[name] = source
-            for file in source.files()[:_MAX_FILES]:
+            for file in source.files():  # all of them: a file left out could change unseen
                 path = source.path(file)
                 try:
                     versions._files[(name, file)] = (path, _stat(path, hash_head=True))
@@ -144,8 +145,6 @@ class DataVersions:
                 )
         for name, local in self._sources.items():
             known = {file for (owner, file) in self._files if owner == name}
-            if len(known) >= _MAX_FILES:
-                continue
             added = [file for file in local.files() if file not in known]
             if added:
                 raise DataError(

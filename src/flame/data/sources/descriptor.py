@@ -226,10 +226,15 @@ def resolve_node_file(root: str | os.PathLike[str], name: str, hidden: Sequence[
     """The one path check for every file the analysis asks for (`open`, `read`, `files`,
     flame.dp reads): the real path of `name` in the folder `root`. Refused: names leaving
     the folder (`..`, absolute) and a name that resolves (through symlinks) into one of the
-    node's `hidden` paths (keys, tokens, policy) other than the data folder itself."""
+    node's `hidden` paths (keys, tokens, policy) other than the data folder itself, and a
+    name with a part starting with '.': what `LocalSource.files()` lists (and the data
+    version fingerprints) is what can be read."""
     from flame.data.sources.base import safe_relative
+    from flame.data.sources.local import dot_name
 
     relative = safe_relative(name)
+    if dot_name(relative):
+        raise DataError(f"cannot read {name!r}: names starting with '.' are not data files")
     base = os.path.realpath(root)
     real = os.path.realpath(os.path.join(base, *relative.split("/")))
     for secret in hidden:

@@ -11,7 +11,13 @@ from flame.data.encodings import normalize_encoding
 from flame.data.sources.base import safe_relative
 from flame.errors import DataError
 
-__all__ = ["LocalSource", "MemorySource"]
+__all__ = ["LocalSource", "MemorySource", "dot_name"]
+
+
+def dot_name(relative: str) -> bool:
+    """Whether a relative '/'-separated name has a part starting with '.' (hidden files,
+    `.git`, editors' temp files): no local source lists, reads or fingerprints those."""
+    return any(part.startswith(".") for part in relative.split("/"))
 
 
 class LocalSource:
@@ -34,16 +40,22 @@ class LocalSource:
                 raise DataError(f"data source {name!r}: {exc}") from None
 
     def files(self) -> list[str]:
+        """Every regular file below the folder, except names with a part starting with '.'
+        (which `path` refuses, so what is listed is what can be read)."""
         return sorted(
             p.relative_to(self.root).as_posix()
             for p in self.root.rglob("*")
-            if p.is_file()
-            and not any(part.startswith(".") for part in p.relative_to(self.root).parts)
+            if p.is_file() and not dot_name(p.relative_to(self.root).as_posix())
         )
 
     def path(self, name: str) -> Path:
         """The file's path on disk, so readers (pyarrow, DuckDB) can read it natively."""
-        return self.root / safe_relative(name)
+        relative = safe_relative(name)
+        if dot_name(relative):
+            raise DataError(
+                f"data source {self.name!r}: {name!r} starts with '.', which is not a data file"
+            )
+        return self.root / relative
 
     def open(self, name: str) -> IO[bytes]:
         try:
