@@ -257,7 +257,10 @@ def test_a_fhir_server_with_endless_fresh_next_links_is_not_paged_forever(
     `source_call`, which materialises the whole list) busy and growing without end. Secure:
     a DataError within a bounded number of pages or time."""
     server, state = endless_fhir
-    source = FhirSource("fhir", server.base + "/fhir", timeout=2.0, retries=0)
+    # max_pages given: the default cap (10,000 pages) is far past this loopback server's
+    # rate (~23 pages/s measured: 8 s is ~180 pages); a node's epoch deadline bounds the
+    # search sooner (test_a_search_served_for_the_analysis_ends_at_the_call_deadline)
+    source = FhirSource("fhir", server.base + "/fhir", timeout=2.0, retries=0, max_pages=100)
     thread, outcome = _in_thread(lambda: sum(1 for _ in source.search("Observation")))
     thread.join(8.0)
     still_paging = thread.is_alive()
@@ -267,6 +270,7 @@ def test_a_fhir_server_with_endless_fresh_next_links_is_not_paged_forever(
     source.close()
     assert not still_paging, f"still paging after 8 s ({pages} pages fetched)"
     assert isinstance(outcome.get("error"), DataError)
+    assert "'fhir'" in str(outcome["error"]) and "max_pages" in str(outcome["error"])
 
 
 def test_a_fhir_next_link_looping_back_to_an_earlier_page_stops() -> None:
