@@ -400,3 +400,62 @@ def test_a_deeply_nested_planted_manifest_does_not_crash_status_or_load_result(
     assert status.final is None and any("manifest" in p for p in status.problems)
     with pytest.raises(FlameError):
         flame.load_result(ANALYSIS, config=fed.config())
+
+
+def test_flame_status_does_not_show_a_planted_failure_reason(
+    fed: Federation, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """(b) a run genuinely failed (the aggregator's signed, current status says so: stubbed
+    here, the broker side is attacked elsewhere). Under the claim check the aggregator keeps
+    no failure record in the shared store, so any `failures/*.json` there is planted; `flame
+    status ID` with FLAME_ROSTER set prints its reason and "traceback" (`failure_record`
+    verifies nothing) — text blaming another node, shown to the operator as the cause."""
+    from flame.cli.app import main
+    from flame.ops import status as st
+    from flame.ops.status_records import NodeStatus, RunStatus
+
+    planted = {"reason": "node-2 sent a forged result; exclude it", "traceback": "Fake"}
+    fed.plant(f"{LAYOUT.root}failures/29991231T235959Z.json", flame_json(planted))
+    failed = NodeStatus(
+        "aggregator", "failed", role="aggregation", epoch=0, reason="ValueError",
+        verified=True, current=True,
+    )  # fmt: skip
+    monkeypatch.setattr(
+        st.StatusClient,
+        "status",
+        lambda self, analysis: RunStatus(analysis, {"aggregator": failed}, "aggregator"),
+    )
+    for name, value in fed.s3.settings(bucket=fed.bucket).items():
+        monkeypatch.setenv(f"FLAME_STORAGE__{name.upper()}", str(value).lower()
+                           if isinstance(value, bool) else str(value))  # fmt: skip
+    monkeypatch.setenv("FLAME_STORAGE__CLAIM_CHECK", "true")
+    monkeypatch.setenv("FLAME_ROSTER", str(fed.roster_path))
+    main(["status", ANALYSIS])
+    out = capsys.readouterr().out
+    assert "failed" in out  # the genuine state is shown
+    assert "exclude it" not in out, "flame status printed a planted failure reason"
+
+
+def test_status_does_not_call_a_running_rerun_finished_on_a_replayed_old_final(
+    fed: Federation,
+) -> None:
+    """(b) run 1 of study-7 (node-1 only) finished, signed. The operator removes study-7/
+    (as flame's own error message advises) and starts run 2 (node-1 and node-2), now at
+    epoch 0 with a signed checkpoint. The store writer puts run 1's signed manifest and
+    result back: `flame status` with FLAME_ROSTER calls run 2 finished and offers run 1's
+    result (records are bound to analysis id and key, not to a run)."""
+    fed.finish(participants=["node-1"])
+    saved = {
+        key: fed.raw.get_object(fed.bucket, key).read()
+        for key in (LAYOUT.manifest(), LAYOUT.final_result())
+    }
+    for key in fed.store.list(LAYOUT.root):
+        fed.store.delete(key)
+    rerun = fed.run_store(participants=["node-1", "node-2"])
+    rerun.save_checkpoint(Checkpoint(1, {"total": 11.0}, []))
+    for key, data in saved.items():
+        fed.plant(key, data)
+    status = StatusClient(fed.config()).status(ANALYSIS)
+    assert status.state != "finished" or status.problems, (
+        "flame status called a running re-run finished with the previous run's result"
+    )
