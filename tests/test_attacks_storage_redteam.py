@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from broker import Broker
+from broker import Broker, have_mosquitto
 from servers.s3_server import S3Server
 
 import flame
@@ -459,3 +459,93 @@ def test_status_does_not_call_a_running_rerun_finished_on_a_replayed_old_final(
     assert status.state != "finished" or status.problems, (
         "flame status called a running re-run finished with the previous run's result"
     )
+
+
+SLOW_WHEN_BIG = """
+import time
+
+def analyze(data):
+    v = [float(x) for x in data.read_text("v.txt").split()]
+    if sum(v) > 1000:
+        time.sleep(20)  # run 2's node-0: still computing when the replay lands
+    return {"x": sum(v)}
+
+def aggregate(results):
+    return {"total": sum(r["x"] for r in results.values())}
+"""
+
+
+def test_a_node_takes_no_finished_of_an_earlier_run_of_the_same_code(
+    mqtt_broker: Broker, tmp_path: Path
+) -> None:
+    """(a) run 1 of study X finishes ({"total": 36}); the operator records the aggregator's
+    signed `finished` frames. Run 2 of X, same approved code, new data at node-0 (honest
+    total 3030), is in epoch 0 (node-0 computing, in run 2 since its kick-off). The operator
+    re-publishes run 1's `finished` to node-0. `read_instruction` checks only the code hash
+    (`ends_this_run(None, ...)`) and `InstructionReader.admit` lets a `finished` of a run
+    other than the node's current one through (only left runs are refused): would node-0 exit
+    0 with run 1's result. Safe outcome: node-0 does not exit 0 with 36. (Refused: the
+    node binds a `finished` to the aggregator process it runs under.)"""
+    if not have_mosquitto():
+        pytest.skip("needs the mosquitto binary")
+    import time as clock
+
+    from nodes import Federation as Processes
+    from redteam_harness import run_of
+    from test_attacks_protocol_redteam import Recorder
+    from test_attacks_status import Spy
+
+    from flame.identity.signing import verify_envelope
+
+    analysis = f"rt-store-rerun-{clock.monotonic_ns()}"
+    fed = run_of(
+        mqtt_broker, tmp_path, analysis, SLOW_WHEN_BIG, {"node-0": "1 2 3", "node-1": "10 20"}
+    )
+    recorder = Recorder(mqtt_broker, analysis)
+    try:
+        fed.start_all()
+        assert fed.finish(timeout=120)["node-0"] == {"total": 36.0}
+    finally:
+        fed.close()
+    roster = Roster.load(Path(fed.env["FLAME_ROSTER"]))
+    with recorder.lock:
+        finished = []
+        for topic, payload in recorder.frames:
+            try:
+                envelope = verify_envelope(payload, roster)
+            except Exception:  # chunks, acks, statuses, references: not replayed here
+                continue
+            if envelope.kind == "finished" and envelope.recipient in ("node-0", "*"):
+                finished.append((topic, payload))
+        recorder.frames = finished
+    assert finished, "run 1's finished was not recorded"
+    (fed.data / "node-0" / "v.txt").write_text("1000 2000\n")
+    second = Processes(fed.env, fed.analysis, fed.data, fed.nodes, tmp_path / "logs2")
+    spy = Spy(mqtt_broker, analysis)
+    try:
+        second.start_all()
+        deadline = clock.monotonic() + 60
+        while clock.monotonic() < deadline:
+            if any(s.get("state") == "computing" for s in spy.statuses("node-0")[-1:]):
+                break
+            clock.sleep(0.1)
+        else:
+            raise RuntimeError("precondition: node-0 never computed in run 2")
+        clock.sleep(1.0)
+        assert recorder.replay() >= 1
+        node = second.processes["node-0"]
+        try:
+            code = node.wait(60)
+        except AssertionError:
+            code = None
+        value = node.value() if code == 0 else None
+    finally:
+        spy.close()
+        recorder.close()
+        second.close()
+    assert not (code == 0 and value == {"total": 36.0}), (
+        f"node-0 exited {code} with run 1's result {value} during run 2"
+    )
+    log_text = (tmp_path / "logs2" / "node-0.0.err").read_text(encoding="utf-8")
+    assert "ignored a finished" in log_text  # the replay reached node-0 and was refused
+    assert code == 0 and value == {"total": 3030.0}
