@@ -11,17 +11,25 @@ in memory; only then the run fails, naming the object and the cause.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from flame.aggregator.records import Checkpoint, EpochRecord, RunResult, RunStore
-from flame.aggregator.signed_store import check_sha256, sign_record, verify_record
+from flame.aggregator.signed_store import sign_record
+from flame.aggregator.stored_reads import (
+    check_final_run,
+    epoch_value,
+    final_value,
+    verified_record,
+)
 from flame.clients.object_store import AnalysisLayout, ObjectNotFound, ObjectStore, StorageError
 from flame.errors import ConfigError, FlameError
-from flame.wire.envelope import pack, unpack
+from flame.wire.envelope import pack, to_jsonable, unpack
 
 if TYPE_CHECKING:
     from flame.analysis.functions import AnalysisFunctions
@@ -42,6 +50,10 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
+_RUN_FIELDS = ("participants", "params", "roster_sha256")
+"""Provenance a stored record must share with this run (beside the code) to be taken as its
+own: a signed final or checkpoint of a run with other participants, parameters or roster
+is not this run's, however genuine its signature."""
 
 
 def _record(data: dict[str, Any]) -> EpochRecord:
@@ -79,6 +91,9 @@ class StorageRunStore:
         self.provenance = dict(provenance or {})
         self.auth = auth
         self.shared = shared
+        # Which run the records are of: new per run, taken over from the checkpoint a resumed
+        # run continues; signed into each record so a final of an earlier run is told apart.
+        self.run = uuid.uuid4().hex[:16]
         store.ensure_bucket()
 
     def _sign(self, key: str, record: dict[str, Any]) -> dict[str, Any]:
@@ -87,17 +102,15 @@ class StorageRunStore:
         return sign_record(self.auth.identity, self.layout.analysis_id, key, record)
 
     def _verified(self, key: str) -> dict[str, Any]:
-        record = self.store.get_json(key)
-        if self.auth is None:
-            if not isinstance(record, dict):
-                raise ConfigError(f"storage object {key!r}: not a JSON object")
-            return record
-        roster = self.auth.roster
-        return verify_record(roster, self.aggregator_id, self.layout.analysis_id, key, record)
+        roster = self.auth.roster if self.auth is not None else None
+        return verified_record(
+            self.store, self.layout, key, roster=roster, aggregator_id=self.aggregator_id
+        )
 
     def _same_code(self, stored: dict[str, Any], what: str) -> None:
         """Refuse to mix runs of different analysis code under one analysis id (a record
-        without a code hash is refused too: it cannot show it is of this code)."""
+        without a code hash is refused too: it cannot show it is of this code), or of other
+        participants, parameters or roster (named by field, never by value)."""
         mine, theirs = self.provenance.get("code_sha256"), stored.get("code_sha256")
         if mine and mine != theirs:
             raise ConfigError(
@@ -105,6 +118,20 @@ class StorageRunStore:
                 f"from {'different' if theirs else 'unnamed'} analysis code; use a new "
                 f"analysis id (or remove {self.layout.root} from storage) to start over"
             )
+        for field in _RUN_FIELDS:
+            if field in self.provenance and _comparable(field, stored.get(field)) != (
+                _comparable(field, self.provenance[field])
+            ):
+                raise ConfigError(
+                    f"FLAME_ANALYSIS_ID / analysis_id: {self.layout.analysis_id!r} has a "
+                    f"{what} of a run with other {field}; use a new analysis id (or remove "
+                    f"{self.layout.root} from storage) to start over"
+                )
+
+    def _run_provenance(self) -> dict[str, Any]:
+        """What a checkpoint records of its run, so a resume can check it is the same run."""
+        fields = {name: self.provenance[name] for name in _RUN_FIELDS if name in self.provenance}
+        return {"code_sha256": self.provenance.get("code_sha256"), **fields, "run": self.run}
 
     def load_final(self) -> RunResult | None:
         """The stored result of a run that already finished under this analysis id."""
@@ -113,9 +140,7 @@ class StorageRunStore:
         except ObjectNotFound:
             return None
         self._same_code(manifest, "finished run")
-        data = self.store.get_bytes(self.layout.final_result())
-        check_sha256(self.layout.final_result(), data, manifest.get("result", {}).get("sha256"))
-        value = unpack(data)
+        value = final_value(self.store, self.layout, manifest)
         return RunResult(
             self.layout.analysis_id,
             value,
@@ -131,10 +156,9 @@ class StorageRunStore:
             return None
         meta = self._verified(self.layout.checkpoint(epoch))
         self._same_code(meta, "checkpoint")
-        key = self.layout.epoch_result(epoch, self.aggregator_id)
-        data = self.store.get_bytes(key)
-        check_sha256(key, data, meta.get("aggregate_sha256"))
-        value = unpack(data)
+        value = epoch_value(self.store, self.layout, self.aggregator_id, epoch, meta)
+        if isinstance(meta.get("run"), str):
+            self.run = meta["run"]  # the resumed run goes on: its final is of the same run
         history = [_record(item) for item in meta["history"]]
         return Checkpoint(int(meta["next_epoch"]), value, history)
 
@@ -170,9 +194,10 @@ class StorageRunStore:
             {
                 "next_epoch": checkpoint.next_epoch,
                 "aggregate_sha256": stored.sha256,
+                "aggregate_size": stored.size,
                 "history": [record.to_dict() for record in checkpoint.history],
                 "saved": time.time(),
-                "code_sha256": self.provenance.get("code_sha256"),
+                **self._run_provenance(),
             },
         )
         self._persist(meta_key, lambda: self.store.put_json(meta_key, meta))
@@ -192,6 +217,7 @@ class StorageRunStore:
             "history": [record.to_dict() for record in result.history],
             "result": {"key": stored.key, "sha256": stored.sha256, "size": stored.size},
             **self.provenance,
+            "run": self.run,
         }
         manifest = self._sign(self.layout.manifest(), manifest)
         self._persist(
@@ -206,7 +232,8 @@ class StorageRunStore:
         if self.shared:
             return None
         key = f"{self.layout.root}failures/{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.json"
-        self.store.put_json(key, {**record, "code_sha256": self.provenance.get("code_sha256")})
+        body = {**record, "code_sha256": self.provenance.get("code_sha256"), "run": self.run}
+        self.store.put_json(key, self._sign(key, body))  # signed: `flame status` shows it
         return key
 
     def save_logs(self, lines: list[str]) -> None:
@@ -305,27 +332,34 @@ def load_result(analysis_id: str, *, epoch: int | None = None, config: Any = Non
             "FLAME_STORAGE__ENDPOINT or FLAME_STORAGE__RESULTS_DIR: needed to read stored results"
         )
     layout = AnalysisLayout(analysis_id)
-    if epoch is None:
-        key, what = layout.final_result(), "final result"
-    else:
-        key = layout.epoch_result(epoch, config.aggregator_id)
-        what = f"aggregate of epoch {epoch}"
-    record = layout.manifest() if epoch is None else layout.checkpoint(epoch)
+    what = "final result" if epoch is None else f"aggregate of epoch {epoch}"
+    roster = _roster(config) if config.roster is not None else None
+
+    def read(key: str) -> dict[str, Any]:
+        return verified_record(
+            store, layout, key, roster=roster, aggregator_id=config.aggregator_id
+        )
+
     try:
-        meta = store.get_json(record)
-        data = store.get_bytes(key)
+        if epoch is not None:
+            meta = read(layout.checkpoint(epoch))
+            return epoch_value(store, layout, config.aggregator_id, epoch, meta)
+        manifest = read(layout.manifest())
+        newest = layout.latest_checkpoint(store)
+        check_final_run(
+            layout, manifest, None if newest is None else read(layout.checkpoint(newest))
+        )
+        return final_value(store, layout, manifest)
     except ObjectNotFound:
         raise FlameError(f"analysis {analysis_id!r} has no stored {what}") from None
-    if config.roster is not None:
-        roster = _roster(config)
-        meta = verify_record(roster, config.aggregator_id, analysis_id, record, meta)
-    if not isinstance(meta, dict):
-        raise ConfigError(f"storage object {record!r}: not a JSON object")
-    expected = (
-        meta.get("result", {}).get("sha256") if epoch is None else meta.get("aggregate_sha256")
-    )
-    check_sha256(key, data, expected)
-    return unpack(data)
+
+
+def _comparable(field: str, value: Any) -> Any:
+    """`value` as JSON stores it (participants in any order), to compare with a record."""
+    plain = json.loads(json.dumps(to_jsonable(value), sort_keys=True))
+    if field == "participants" and isinstance(plain, list):
+        return sorted(plain, key=str)
+    return plain
 
 
 def _roster(config: FlameConfig) -> Roster:

@@ -97,7 +97,9 @@ def _cmd_status(args: argparse.Namespace) -> int:
                 print(escape_controls(line))
             logs = client.forwarded_logs(args.analysis_id) if args.logs else None
             failed = client.has_storage and run.state == "failed"
-            failure = failure_record(client._storage() if failed else None, args.analysis_id)
+            failure = failure_record(
+                client._storage() if failed else None, args.analysis_id, client.config
+            )
             for line in _outcome_details(run, logs=args.logs, forwarded=logs, failure=failure):
                 print(escape_controls(line))  # node-written text: no control sequence shown
         code = EXIT_FAILED if run.problems and not (run.nodes or run.history) else EXIT_OK

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from flame.clients.object_store import (
+    MAX_JSON_BYTES,
     IntegrityError,
     ObjectNotFound,
     ObjectStore,
@@ -219,7 +220,7 @@ class FileStore:
         return expected
 
     def get_json(self, key: str) -> Any:
-        return decode_json(key, self.get_bytes(key))
+        return decode_json(key, self.get_bytes(key, max_bytes=MAX_JSON_BYTES))
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()

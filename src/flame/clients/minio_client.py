@@ -34,6 +34,7 @@ from urllib3.exceptions import HTTPError as Urllib3Error
 from flame.clients.file_store import CHUNK_SIZE, OVER_LIMIT, FileStore, atomic_writer, read_chunks
 from flame.clients.minio_connect import make_minio_client, parse_endpoint
 from flame.clients.object_store import (
+    MAX_JSON_BYTES,
     SHA256_META,
     AnalysisLayout,
     IntegrityError,
@@ -366,7 +367,7 @@ class MinioStore:
         return StoredObject(self.bucket, key, str(expected), size, self._uri(key))
 
     def get_json(self, key: str) -> Any:
-        return decode_json(key, self.get_bytes(key))
+        return decode_json(key, self.get_bytes(key, max_bytes=MAX_JSON_BYTES))
 
     def exists(self, key: str) -> bool:
         try:

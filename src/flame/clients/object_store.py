@@ -23,6 +23,7 @@ from flame.errors import FlameError
 __all__ = [
     "AnalysisLayout",
     "IntegrityError",
+    "MAX_JSON_BYTES",
     "ObjectNotFound",
     "ObjectStore",
     "SHA256_META",
@@ -39,6 +40,11 @@ __all__ = [
 
 SHA256_META = "flame-sha256"
 """User-metadata name of the object's SHA-256 (S3 sends it as `x-amz-meta-flame-sha256`)."""
+
+MAX_JSON_BYTES = 16 << 20
+"""The most `get_json` reads of one record (manifest, checkpoint, log lines): a planted
+giant object under a record's key is refused before it is read into memory."""
+_MAX_JSON_DEPTH = 64  # flame's records nest a few levels; a planted one may nest 100,000
 
 StrPath = str | os.PathLike[str]
 Payload = bytes | bytearray | memoryview | np.ndarray
@@ -282,10 +288,28 @@ def encode_json(key: str, value: Any) -> bytes:
 
 
 def decode_json(key: str, data: bytes) -> Any:
+    """The JSON value of a stored record; StorageError naming `key` for anything that is not
+    plain, shallow JSON (a deeply nested planted object must not crash a reader)."""
     try:
-        return json.loads(data)
-    except (UnicodeDecodeError, ValueError):
+        value = json.loads(data)
+    except (UnicodeDecodeError, ValueError, RecursionError):
         raise StorageError(f"{key}: object is not valid JSON") from None
+    if _too_deep(value):
+        raise StorageError(f"{key}: object nests deeper than {_MAX_JSON_DEPTH} levels")
+    return value
+
+
+def _too_deep(value: Any) -> bool:
+    """Whether `value` nests deeper than `_MAX_JSON_DEPTH` (iterative: no recursion)."""
+    pending: list[tuple[Any, int]] = [(value, 0)]
+    while pending:
+        item, depth = pending.pop()
+        if isinstance(item, (dict, list)):
+            if depth >= _MAX_JSON_DEPTH:
+                return True
+            children = item.values() if isinstance(item, dict) else item
+            pending.extend((child, depth + 1) for child in children)
+    return False
 
 
 def _check_id(what: str, value: str) -> None:

@@ -7,6 +7,7 @@ and the epoch aggregates; a run without a final result yet shows up to its last 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -36,10 +37,13 @@ def load_run(source: str | Path, *, config: Any = None) -> dict[str, Any]:
 
 
 def _from_storage(analysis_id: str, config: Any) -> dict[str, Any]:
+    """The run as storage keeps it, read through the same checks as `flame.load_result`:
+    with FLAME_ROSTER only records the aggregator signed, and only bytes they name."""
     from flame.aggregator.records import numeric_summary
+    from flame.aggregator.stored_reads import check_final_run, epoch_value, final_value
     from flame.clients.object_store import AnalysisLayout, ObjectNotFound
     from flame.config import load_config
-    from flame.wire.envelope import to_jsonable, unpack
+    from flame.wire.envelope import to_jsonable
 
     config = config if config is not None else load_config()
     if config.storage.endpoint is None and config.storage.results_dir is None:
@@ -52,11 +56,19 @@ def _from_storage(analysis_id: str, config: Any) -> dict[str, Any]:
     store = open_store(config.storage)
     assert store is not None
     layout = AnalysisLayout(analysis_id)
+    read = _reader(store, layout, config)
     try:
-        manifest = store.get_json(layout.manifest())
-        value = unpack(store.get_bytes(layout.final_result()))
+        manifest = read(layout.manifest())
     except ObjectNotFound:
-        return _unfinished(store, layout, analysis_id, config.aggregator_id)
+        return _unfinished(store, layout, analysis_id, config.aggregator_id, read)
+    newest = layout.latest_checkpoint(store)
+    try:
+        check_final_run(
+            layout, manifest, None if newest is None else read(layout.checkpoint(newest))
+        )
+        value = final_value(store, layout, manifest)
+    except ObjectNotFound:
+        raise FlameError(f"analysis {analysis_id!r}: its final result is missing") from None
     history = [dict(item) for item in manifest.get("history", [])]
     for item in history:  # runs before per-epoch summaries: read the stored aggregates
         if "summary" in item:
@@ -66,11 +78,12 @@ def _from_storage(analysis_id: str, config: Any) -> dict[str, Any]:
             item["summary"] = numeric_summary(value)
             continue
         try:
-            aggregate = unpack(store.get_bytes(layout.epoch_result(epoch, config.aggregator_id)))
+            meta = read(layout.checkpoint(epoch))
+            aggregate = epoch_value(store, layout, config.aggregator_id, epoch, meta)
         except ObjectNotFound:
             continue
         item["summary"] = numeric_summary(aggregate)
-    extra = {k: v for k, v in manifest.items() if k not in ("history", "result")}
+    extra = {k: v for k, v in manifest.items() if k not in ("history", "result", "sig")}
     return {
         "analysis_id": manifest.get("analysis_id", analysis_id),
         "result": to_jsonable(value),
@@ -82,10 +95,31 @@ def _from_storage(analysis_id: str, config: Any) -> dict[str, Any]:
     }
 
 
-def _unfinished(store: Any, layout: Any, analysis_id: str, aggregator_id: str) -> dict[str, Any]:
+def _reader(store: Any, layout: Any, config: Any) -> Callable[[str], dict[str, Any]]:
+    """Reads a record as the aggregator would act on it (signed, with a roster)."""
+    from flame.aggregator.stored_reads import verified_record
+
+    roster = None
+    if config.roster is not None:
+        from flame.identity import Roster
+
+        roster = Roster.load(config.roster)
+
+    def read(key: str) -> dict[str, Any]:
+        return verified_record(
+            store, layout, key, roster=roster, aggregator_id=config.aggregator_id
+        )
+
+    return read
+
+
+def _unfinished(
+    store: Any, layout: Any, analysis_id: str, aggregator_id: str, read: Callable[[str], Any]
+) -> dict[str, Any]:
     """A run without a final result (running, failed, stopped): its last checkpoint."""
+    from flame.aggregator.stored_reads import epoch_value
     from flame.clients.object_store import ObjectNotFound
-    from flame.wire.envelope import to_jsonable, unpack
+    from flame.wire.envelope import to_jsonable
 
     epoch = layout.latest_checkpoint(store)
     if epoch is None:
@@ -93,9 +127,9 @@ def _unfinished(store: Any, layout: Any, analysis_id: str, aggregator_id: str) -
             f"analysis {analysis_id!r} has neither a final result nor a checkpoint in storage "
             "(wrong analysis id, or a different FLAME_STORAGE__PREFIX?)"
         )
-    meta = store.get_json(layout.checkpoint(epoch))
+    meta = read(layout.checkpoint(epoch))
     try:
-        value = unpack(store.get_bytes(layout.epoch_result(epoch, aggregator_id)))
+        value = epoch_value(store, layout, aggregator_id, epoch, meta)
     except ObjectNotFound:
         value = None
     return {

@@ -39,7 +39,7 @@ from flame.ops.status_records import (
     _same,
 )
 from flame.ops.status_render import render_change, render_epoch, render_status
-from flame.ops.status_storage import trusted_record
+from flame.ops.status_storage import of_this_run, trusted_record
 from flame.transport.status_order import StatusOrder
 
 __all__ = [
@@ -164,12 +164,16 @@ class StatusClient:
         store = self._storage()
         if store is None:
             return None
-        key = AnalysisLayout(analysis_id).manifest()
+        layout = AnalysisLayout(analysis_id)
+        key = layout.manifest()
         try:
             data = store.get_json(key)
         except ObjectNotFound:
             return None
-        return trusted_record(self.config, analysis_id, key, data)  # signed, with a roster
+        manifest = trusted_record(self.config, analysis_id, key, data)  # signed, with a roster
+        if manifest is not None:
+            of_this_run(self.config, store, layout, manifest)
+        return manifest
 
     def forwarded_logs(self, analysis_id: str) -> list[str] | None:
         """The nodes' forwarded log lines the aggregator kept with the run (storage only:
@@ -305,14 +309,13 @@ class StatusClient:
         return replace(final, sha256=digest.hexdigest(), size=path.stat().st_size)
 
     def result(self, analysis_id: str) -> Any:
-        """The final aggregate itself (verified, decoded from flame's storage format)."""
-        from flame.clients.object_store import AnalysisLayout
-        from flame.wire.envelope import unpack
+        """The final aggregate itself, decoded from flame's storage format and verified as
+        `flame.load_result` verifies it (against the manifest, signed with a roster)."""
+        from flame.aggregator.run_store import load_result
 
-        store = self._storage()
-        if store is None:
+        if self._storage() is None:
             raise StatusError("no storage configured")
-        return unpack(store.get_bytes(AnalysisLayout(analysis_id).final_result()))
+        return load_result(analysis_id, config=self.config)
 
     # --- following a live run ----------------------------------------------------------------
     def watch(self, analysis_id: str, *, timeout: float | None = None) -> Iterator[StatusChange]:

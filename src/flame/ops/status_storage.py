@@ -15,7 +15,7 @@ from flame.errors import ConfigError
 if TYPE_CHECKING:
     from flame.config import FlameConfig
 
-__all__ = ["failure_record", "trusted_record"]
+__all__ = ["failure_record", "of_this_run", "trusted_record"]
 
 log = logging.getLogger(__name__)
 
@@ -40,9 +40,36 @@ def trusted_record(
         return None
 
 
-def failure_record(store: Any, analysis_id: str) -> dict[str, Any] | None:
+def of_this_run(config: FlameConfig, store: Any, layout: Any, manifest: dict[str, Any]) -> None:
+    """A final counts only for the run of the newest checkpoint (a final of an earlier run
+    put back beside a re-run is not this run's end): StatusError otherwise."""
+    from flame.aggregator.stored_reads import check_final_run
+    from flame.clients.object_store import ObjectNotFound
+    from flame.ops.status_records import StatusError
+
+    newest = layout.latest_checkpoint(store)
+    if newest is None:
+        return
+    key = layout.checkpoint(newest)
+    try:
+        checkpoint = trusted_record(config, layout.analysis_id, key, store.get_json(key))
+    except ObjectNotFound:
+        return
+    if checkpoint is None:
+        raise StatusError(f"{key}: not signed by the aggregator; the final is not shown")
+    try:
+        check_final_run(layout, manifest, checkpoint)
+    except ConfigError as exc:
+        raise StatusError(str(exc)) from None
+
+
+def failure_record(
+    store: Any, analysis_id: str, config: FlameConfig | None = None
+) -> dict[str, Any] | None:
     """The latest failure record the aggregator kept with the run (reason, node, epoch,
-    traceback), or None (no storage, none kept, or a store shared with the nodes)."""
+    traceback), or None (no storage, none kept, a store shared with the nodes, or, with a
+    roster in `config`, a record the aggregator did not sign: its text is not shown as the
+    aggregator's words)."""
     from flame.clients.object_store import AnalysisLayout, StorageError
 
     if store is None:
@@ -54,4 +81,6 @@ def failure_record(store: Any, analysis_id: str) -> dict[str, Any] | None:
     except (StorageError, OSError, ValueError) as exc:
         log.warning("could not read the failure record: %s", exc)
         return None
+    if config is not None and keys:
+        return trusted_record(config, analysis_id, keys[-1], data)
     return data if isinstance(data, dict) else None
