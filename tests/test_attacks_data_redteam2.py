@@ -406,3 +406,42 @@ def test_dot_name_spellings_are_refused(dot_folder: Path, name: str) -> None:
         LocalSource(dot_folder).open(name)
     with pytest.raises(DataError):
         resolve_node_file(dot_folder, name)
+
+
+SWALLOW_FUNCTION = (
+    "create function swallow() returns int language plpgsql as $$ "
+    "declare t0 timestamptz := clock_timestamp(); begin "
+    "while clock_timestamp() < t0 + interval '15 seconds' loop "
+    "begin perform pg_sleep(0.1); exception when query_canceled then null; end; "
+    "end loop; return 1; end $$; grant execute on function swallow() to public"
+)
+
+
+def test_a_select_of_a_function_swallowing_the_cancel_has_its_connection_ended(
+    postgres_server: PostgresServer, postgres_databases: Callable[[], str]
+) -> None:
+    """DO is refused, but a function the database already has can trap the cancel too: the
+    watchdog then shuts the socket and terminates the backend."""
+    database = postgres_databases()
+    postgres_server.execute(database, SWALLOW_FUNCTION)
+    source = SqlSource("db", postgres_server.url(database), statement_timeout=1.0)
+    try:
+        started = time.monotonic()
+        thread, outcome = _in_thread(lambda: source.query("select swallow() as v"))
+        thread.join(8.0)
+        still_running = thread.is_alive()
+        if still_running:
+            _terminate(postgres_server, database)
+            thread.join(20.0)
+        assert not still_running, "the query ran past its statement timeout and the cancel"
+        assert isinstance(outcome.get("error"), DataError)
+        assert "ignored the cancel" in str(outcome["error"])
+        assert time.monotonic() - started < 8.0
+        with postgres_server.admin(database) as admin:  # the backend is gone, not just the socket
+            row = admin.execute(
+                "select count(*) from pg_stat_activity where query like 'select swallow()%'"
+            ).fetchone()
+        assert row is not None and row[0] == 0
+        assert source.query("select 1 as ok").num_rows == 1  # usable again: a new connection
+    finally:
+        source.close()
