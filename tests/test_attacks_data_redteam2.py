@@ -445,3 +445,43 @@ def test_a_select_of_a_function_swallowing_the_cancel_has_its_connection_ended(
         assert source.query("select 1 as ok").num_rows == 1  # usable again: a new connection
     finally:
         source.close()
+
+
+@pytest.mark.parametrize(
+    ("diagnostics", "shown"),
+    [(f"unknown parameter near {TOKEN[5:13]}", False), ("unknown parameter 'foo'", True)],
+)
+def test_a_diagnostic_sharing_eight_characters_with_the_token_is_dropped(
+    diagnostics: str, shown: bool
+) -> None:
+    def handle(request: BaseHTTPRequestHandler) -> None:
+        outcome = {"resourceType": "OperationOutcome", "issue": [{"diagnostics": diagnostics}]}
+        _json(request, outcome, status=400)
+
+    server = _Server(handle)
+    source = FhirSource("fhir", server.base + "/fhir", _tokens(), timeout=2.0, retries=0)
+    try:
+        with pytest.raises(DataError, match="400") as err:
+            list(source.search("Observation"))
+        assert (diagnostics in str(err.value)) is shown
+        assert TOKEN[5:13] not in str(err.value)
+    finally:
+        source.close()
+        server.stop()
+
+
+def test_a_token_prefix_as_the_resource_type_is_not_echoed() -> None:
+    prefix = TOKEN[:20]
+
+    def handle(request: BaseHTTPRequestHandler) -> None:
+        _json(request, {"resourceType": prefix})
+
+    server = _Server(handle)
+    source = FhirSource("fhir", server.base + "/fhir", _tokens(), timeout=2.0, retries=0)
+    try:
+        with pytest.raises(DataError, match="expected a FHIR Bundle") as err:
+            list(source.search("Observation"))
+        assert prefix.lower() not in str(err.value).lower()
+    finally:
+        source.close()
+        server.stop()

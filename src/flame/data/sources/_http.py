@@ -19,6 +19,7 @@ import io
 import json
 import logging
 import random
+import re
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
@@ -208,6 +209,15 @@ class _HttpService:
 
     def _where(self, method: str, url: httpx.URL) -> str:
         return self._clean(f"data source {self.name!r}: {method} {url.path}")
+
+    def _echoable(self, value: object) -> bool:
+        """Whether a server's word (a resourceType) may appear in a message: a plain name
+        that shares no `_TOKEN_RUN` characters with a token sent."""
+        return (
+            isinstance(value, str)
+            and re.fullmatch(r"[A-Za-z]{1,64}", value) is not None
+            and not any(_shares_run(value, secret) for secret in self._sent)
+        )
 
     def _clean(self, text: str) -> str:
         """`text` with every token sent so far masked (a next link's path can carry one)."""

@@ -392,9 +392,10 @@ class SqlSource:
                 f"data source {self.name!r} ({self.where}): no time left before the epoch's "
                 "deadline"
             )
+        done = threading.Event()  # a kill racing the statement's end must not end the next
         timers = [
             threading.Timer(limit + _GRACE, _cancel, [connection]),
-            threading.Timer(limit + _GRACE + _KILL_AFTER, self._kill, [connection]),
+            threading.Timer(limit + _GRACE + _KILL_AFTER, self._kill, [connection, done]),
         ]
         for timer in timers:
             timer.daemon = True
@@ -402,12 +403,15 @@ class SqlSource:
         try:
             yield limit
         finally:
+            done.set()
             for timer in timers:
                 timer.cancel()
 
-    def _kill(self, connection: Any) -> None:
+    def _kill(self, connection: Any, done: threading.Event) -> None:
         """End a statement that ignored the cancel: shut its socket (the query fails now)
         and terminate its backend, which would otherwise run on, from a fresh connection."""
+        if done.is_set():
+            return
         self._killed = True
         pid = connection.info.backend_pid
         _shut(connection)
