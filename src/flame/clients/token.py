@@ -29,6 +29,7 @@ from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 from flame.config import TokenSettings
 from flame.errors import FlameError
+from flame.utils.redact import redact as _redact
 
 if TYPE_CHECKING:
     from flame.config import FlameConfig
@@ -437,10 +438,8 @@ def check_service_tokens(
 
 
 def redact(text: str, secrets: Iterable[str], mask: str = "***") -> str:
-    """`text` with every secret (longest first, so overlaps cannot leak a tail) masked."""
-    for secret in sorted({s for s in secrets if s and len(s) >= 4}, key=len, reverse=True):
-        text = text.replace(secret, mask)
-    return text
+    """`text` with every secret masked, in any letter case (`flame.utils.redact.redact`)."""
+    return _redact(text, secrets, mask)
 
 
 class RedactingFilter(logging.Filter):

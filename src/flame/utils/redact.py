@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Iterable
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -10,10 +11,11 @@ from urllib.parse import urlsplit
 MASK = "***"
 
 
-def redact(text: str, secrets: Iterable[str]) -> str:
-    """`text` with every secret (of 4+ characters) replaced by a mask."""
+def redact(text: str, secrets: Iterable[str], mask: str = MASK) -> str:
+    """`text` with every secret (of 4+ characters, longest first so overlaps cannot leak a
+    tail) masked, in any letter case: a URL host that carries one comes back lowercased."""
     for secret in sorted({s for s in secrets if s and len(s) >= 4}, key=len, reverse=True):
-        text = text.replace(secret, MASK)
+        text = re.sub(re.escape(secret), lambda _: mask, text, flags=re.IGNORECASE)
     return text
 
 

@@ -19,6 +19,7 @@ import io
 import json
 import logging
 import random
+import re
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
@@ -31,6 +32,7 @@ import httpx
 
 from flame.clients.token import TokenSource, redact
 from flame.config import DataSourceSettings
+from flame.data.sources._deadline_io import deadline, deadline_client
 from flame.errors import DataError
 from flame.utils.deadline import call_left
 
@@ -54,6 +56,8 @@ MAX_JSON_BYTES = 64 * 1024 * 1024
 """The largest JSON answer (a FHIR page, a file index) read into memory."""
 _MAX_ERROR_BYTES = 64 * 1024  # of an error answer, read for its OperationOutcome
 _RETRY_STATUSES = {429, 500, 502, 503, 504}
+_GRACE = 0.5  # seconds past the time left before an exchange's sockets are refused
+_TOKEN_RUN = 8  # a diagnostic sharing this many characters with a token is dropped
 
 _S = TypeVar("_S", bound="_HttpService")
 
@@ -97,6 +101,28 @@ def _phrase(status: int) -> str:
 
 def _spool(threshold: int) -> IO[bytes]:
     return tempfile.SpooledTemporaryFile(max_size=threshold)
+
+
+def check_progress(where: str, got: int, started: float, timeout: float, cap: int) -> None:
+    """DataError once a download passes `cap` bytes, its time (`timeout` plus its size at
+    `MIN_RATE`) or the `call_deadline`; called after each chunk (HTTP and S3 sources)."""
+    if got > cap:
+        raise DataError(f"{where}: the answer is larger than {cap:,} bytes")
+    spent = time.monotonic() - started
+    if spent > timeout + got / MIN_RATE:
+        raise DataError(
+            f"{where}: too slow, {got:,} bytes in {spent:.1f} s (an answer must arrive "
+            f"within the {timeout:g} s timeout plus 1 s per {MIN_RATE // 1024} KiB)"
+        )
+    if call_left() <= 0:
+        raise DataError(f"{where}: the epoch's deadline passed during the download")
+
+
+def _shares_run(text: str, secret: str) -> bool:
+    """Whether `text` holds any `_TOKEN_RUN` consecutive characters of `secret` (any case)."""
+    folded = text.casefold()
+    secret = secret.casefold()
+    return any(secret[i : i + _TOKEN_RUN] in folded for i in range(len(secret) - _TOKEN_RUN + 1))
 
 
 def _check_name(source: str, name: str) -> str:
@@ -157,9 +183,7 @@ class _HttpService:
         self.backoff = backoff
         self.max_backoff = max_backoff
         self._owns_client = client is None
-        self._client = client or httpx.Client(
-            timeout=httpx.Timeout(timeout), follow_redirects=False
-        )
+        self._client = client or deadline_client(timeout)
 
     def close(self) -> None:
         if self._owns_client:
@@ -186,6 +210,15 @@ class _HttpService:
     def _where(self, method: str, url: httpx.URL) -> str:
         return self._clean(f"data source {self.name!r}: {method} {url.path}")
 
+    def _echoable(self, value: object) -> bool:
+        """Whether a server's word (a resourceType) may appear in a message: a plain name
+        that shares no `_TOKEN_RUN` characters with a token sent."""
+        return (
+            isinstance(value, str)
+            and re.fullmatch(r"[A-Za-z]{1,64}", value) is not None
+            and not any(_shares_run(value, secret) for secret in self._sent)
+        )
+
     def _clean(self, text: str) -> str:
         """`text` with every token sent so far masked (a next link's path can carry one)."""
         return redact(text, self._sent)
@@ -196,20 +229,11 @@ class _HttpService:
         """The answer's body into `sink`, within its time (`timeout` plus its size at
         `MIN_RATE`, never past the `call_deadline`) and at most `cap` bytes."""
         got = 0
-        for chunk in response.iter_bytes():  # as it arrives: the clock is checked per read
-            got += len(chunk)
-            if got > cap:
-                raise DataError(f"{where}: the answer is larger than {cap:,} bytes")
-            sink.write(chunk)
-            spent = time.monotonic() - started
-            if spent > self.timeout + got / MIN_RATE:
-                raise DataError(
-                    f"{where}: too slow, {got:,} bytes in {spent:.1f} s (an answer must "
-                    f"arrive within the {self.timeout:g} s timeout plus 1 s per "
-                    f"{MIN_RATE // 1024} KiB)"
-                )
-            if call_left() <= 0:
-                raise DataError(f"{where}: the epoch's deadline passed during the download")
+        with deadline(time.monotonic() + call_left(self.timeout + cap / MIN_RATE) + _GRACE):
+            for chunk in response.iter_bytes():  # as it arrives: the clock is checked per read
+                got += len(chunk)
+                check_progress(where, got, started, self.timeout, cap)
+                sink.write(chunk)
 
     def _delay(self, attempt: int, response: httpx.Response | None) -> float:
         if response is not None:
@@ -220,7 +244,11 @@ class _HttpService:
         return min(self.max_backoff, base * random.uniform(0.75, 1.25))
 
     def _detail(self, response: httpx.Response, token: str | None, started: float) -> str:
-        """The first diagnostic of a FHIR OperationOutcome, if the server sent one."""
+        """The first diagnostic of a FHIR OperationOutcome, if the server sent one and it
+        cannot carry a token: none for 401/403 (servers quote the token they rejected), and
+        none that shares a run of `_TOKEN_RUN` characters with a token sent."""
+        if response.status_code in (401, 403):
+            return ""
         sink = io.BytesIO()
         try:
             self._body(response, "", sink, started, _MAX_ERROR_BYTES)
@@ -233,7 +261,9 @@ class _HttpService:
         if not isinstance(issues, list) or not issues or not isinstance(issues[0], dict):
             return ""
         text = str(issues[0].get("diagnostics") or issues[0].get("code") or "")
-        text = redact(text, [token] if token else [])
+        sent = {*self._sent, *([token] if token else [])}
+        if any(_shares_run(text, secret) for secret in sent):
+            return ""
         return f": {text[:200]}" if text else ""
 
     def _request(
@@ -250,7 +280,7 @@ class _HttpService:
             raise DataError(
                 self._clean(
                     f"data source {self.name!r}: refusing to follow a link to another host "
-                    f"({target.host}); the token is only sent to {self._base.host}"
+                    "(the token is only sent to the source's own host)"
                 )
             )
         where = self._where(method, target)
@@ -272,7 +302,8 @@ class _HttpService:
             response: httpx.Response | None = None
             started = time.monotonic()
             try:
-                response = self._client.send(request, stream=True)
+                with deadline(started + left + _GRACE):  # headers trickled: still bounded
+                    response = self._client.send(request, stream=True)
             except httpx.TimeoutException:
                 problem = f"timed out after {left:g} s"
             except httpx.TransportError as exc:

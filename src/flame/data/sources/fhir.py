@@ -101,8 +101,9 @@ class FhirSource(_HttpService):
         body = self._json("GET", url, params)
         if not isinstance(body, dict) or body.get("resourceType") != "Bundle":
             kind = body.get("resourceType") if isinstance(body, dict) else type(body).__name__
+            shown = repr(kind) if self._echoable(kind) else "something else"
             raise DataError(
-                f"{self._where('GET', httpx.URL(url))}: expected a FHIR Bundle, got {kind!r}"
+                f"{self._where('GET', httpx.URL(url))}: expected a FHIR Bundle, got {shown}"
             )
         return body
 

@@ -1,7 +1,13 @@
-"""Objects under an S3 / MinIO bucket prefix as a file source."""
+"""Objects under an S3 / MinIO bucket prefix as a file source.
+
+A read has the HTTP file source's bounds: at most `max_bytes` (16 GiB), within `timeout`
+plus its size at `MIN_RATE`, and never past the `call_deadline` (what is left of a node's
+epoch); the body is read as it arrives, so a trickling server is stopped between bytes.
+"""
 
 from __future__ import annotations
 
+import time
 from typing import IO, Any, Literal
 
 from minio.error import MinioException, S3Error
@@ -11,8 +17,15 @@ from flame.clients.minio_client import make_minio_client, parse_endpoint
 from flame.clients.object_store import StorageError
 from flame.clients.token import TokenError, TokenSource, source_service_name
 from flame.config import DataSourceSettings
-from flame.data.sources._http import CHUNK_SIZE, DEFAULT_SPOOL_THRESHOLD, _check_name, _spool
+from flame.data.sources._http import (
+    CHUNK_SIZE,
+    DEFAULT_SPOOL_THRESHOLD,
+    _check_name,
+    _spool,
+    check_progress,
+)
 from flame.errors import DataError
+from flame.utils.deadline import call_left
 
 __all__ = ["S3Source"]
 
@@ -30,6 +43,8 @@ class S3Source:
         prefix: str = "",
         *,
         spool_threshold: int = DEFAULT_SPOOL_THRESHOLD,
+        timeout: float = 30.0,
+        max_bytes: int = 16 * 1024**3,
     ) -> None:
         if prefix and not prefix.endswith("/"):
             prefix += "/"
@@ -38,6 +53,8 @@ class S3Source:
         self.bucket = bucket
         self.prefix = prefix
         self.spool_threshold = spool_threshold
+        self.timeout = timeout
+        self.max_bytes = max_bytes
 
     @classmethod
     def from_settings(
@@ -59,7 +76,9 @@ class S3Source:
             retries=settings.retries,
             token_source=tokens,
         )
-        return cls(settings.name, client, settings.bucket, settings.prefix)
+        return cls(
+            settings.name, client, settings.bucket, settings.prefix, timeout=settings.timeout
+        )
 
     def _fail(self, exc: Exception, key: str | None) -> DataError:
         where = f"data source {self.name!r}: s3://{self.bucket}/{key or self.prefix}"
@@ -83,13 +102,26 @@ class S3Source:
             raise self._fail(exc, None) from None
 
     def open(self, name: str) -> IO[bytes]:
+        """The object, spooled, within the bounds the module names."""
         key = self.prefix + _check_name(self.name, name)
+        where = f"data source {self.name!r}: s3://{self.bucket}/{key}"
+        if call_left() <= 0:
+            raise DataError(f"{where}: no time left before the epoch's deadline")
         spool = _spool(self.spool_threshold)
+        started = time.monotonic()
         try:
             response = self.client.get_object(self.bucket, key)
             try:
-                for chunk in response.stream(CHUNK_SIZE):
+                got = 0
+                # read1: what has arrived (read(n) waits for n bytes, a trickle fills it slowly)
+                read = getattr(response, "read1", None) or response.read
+                while chunk := read(CHUNK_SIZE):
+                    got += len(chunk)
+                    check_progress(where, got, started, self.timeout, self.max_bytes)
                     spool.write(chunk)
+            except DataError:
+                spool.close()
+                raise
             finally:
                 response.close()
                 response.release_conn()

@@ -7,7 +7,10 @@ statement timeout, set for the transaction at its start and enforced from here a
 watchdog cancels it): the query cannot switch it off (`SET`, `set_config`), and the
 transaction is always rolled back, so nothing a query sets outlives it on the kept
 connection. Inside a node serving an isolated analysis, the limit is also capped at what is
-left of the epoch (`flame.utils.deadline.call_deadline`).
+left of the epoch (`flame.utils.deadline.call_deadline`). A statement that survives the
+cancel (PL/pgSQL can trap it) is ended `_KILL_AFTER` seconds later: its socket is shut and
+its backend terminated from a fresh connection. Anonymous code blocks (`DO`) and `CALL` are
+refused; session-level advisory locks are released after every query.
 NUMERIC becomes float64. Errors name the source and what went wrong; the password (from the
 URL or from `token` / `token_file`) never appears in a message or a log line.
 
@@ -18,9 +21,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import re
+import socket
 import threading
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
@@ -61,6 +67,12 @@ _ARROW_TYPES: dict[str, pa.DataType] = {
 _GRACE = 0.5
 """Seconds the watchdog gives the server's own statement timeout before it cancels."""
 
+_KILL_AFTER = 1.5
+"""Seconds after the cancel before a statement that ignored it has its connection ended."""
+
+_PROCEDURAL = re.compile(r"\s*(?:(?:--[^\n]*(?:\n|$)|/\*.*?\*/)\s*)*(do|call)\b", re.I | re.S)
+"""DO and CALL: procedural code, which can trap the cancel and the statement timeout."""
+
 _PRIVILEGED_ROLES = (
     "pg_read_server_files",
     "pg_write_server_files",
@@ -83,6 +95,16 @@ def _cancel(connection: Any) -> None:
     """Cancel the running statement (from the watchdog's thread; errors are the server's)."""
     with contextlib.suppress(Exception):
         connection.cancel_safe(timeout=5.0)
+
+
+def _shut(connection: Any) -> None:
+    """Shut the connection's socket down: the thread waiting on it gets an error at once
+    (closing the connection itself from another thread would race with that thread)."""
+    with (
+        contextlib.suppress(Exception),
+        socket.socket(fileno=os.dup(connection.pgconn.socket)) as sock,
+    ):
+        sock.shutdown(socket.SHUT_RDWR)
 
 
 def _psycopg() -> Any:
@@ -122,6 +144,7 @@ class SqlSource:
         self.batch_rows = batch_rows
         self.allow_privileged_role = allow_privileged_role
         self._connection: Any = None
+        self._killed = False  # the last statement ignored the cancel and was ended
         self._lock = threading.Lock()
         self._limit_why = f"the statement timeout of {statement_timeout:g} s"
         parts = urlsplit(url)
@@ -163,6 +186,11 @@ class SqlSource:
         text = primary or str(exc).strip().splitlines()[-1:] or [""]
         detail = redact(text if isinstance(text, str) else text[0], secrets)[:300]
         prefix = f"data source {self.name!r} ({self.where}): {what}"
+        if self._killed:
+            return DataError(
+                f"{prefix}: the statement ran past {self._limit_why} and ignored the cancel, "
+                "so its connection was ended"
+            )
         if isinstance(exc, errors.QueryCanceled):
             return DataError(f"{prefix}: the statement ran past {self._limit_why} ({detail})")
         if isinstance(exc, errors.ReadOnlySqlTransaction):
@@ -272,24 +300,56 @@ class SqlSource:
         sql = psycopg_query(sql, params)  # `?` as data.sql takes them
         with self._lock:
             connection = self._connect()
+            self._killed = False
             produced = False
             try:
-                try:
-                    for batch in self._stream(connection, sql, params, server_side=True):
-                        produced = True
-                        yield batch
+                try:  # closed here, not by the garbage collector: its transaction ends first
+                    with contextlib.closing(
+                        self._stream(connection, sql, params, server_side=True)
+                    ) as stream:
+                        for batch in stream:
+                            produced = True
+                            yield batch
                 except psycopg.errors.SyntaxError:
                     if produced:
                         raise
+                    if _PROCEDURAL.match(sql):
+                        raise DataError(
+                            f"data source {self.name!r} ({self.where}): refused, DO and CALL "
+                            "run procedural code; send a query"
+                        ) from None
                     yield from self._stream(connection, sql, params, server_side=False)
             except psycopg.Error as exc:
                 if connection.broken:
-                    self._connection = None
+                    self._drop(connection)
                 raise self._fail(exc, "query failed") from None
+            finally:
+                self._reset(connection)
+
+    def _drop(self, connection: Any) -> None:
+        with contextlib.suppress(Exception):
+            connection.close()
+        if self._connection is connection:
+            self._connection = None
+
+    def _reset(self, connection: Any) -> None:
+        """Release session-level advisory locks (a rollback keeps them): held past the query
+        they would block other clients or pass a signal to the next query. On any error the
+        connection is dropped instead."""
+        psycopg = _psycopg()
+        idle = psycopg.pq.TransactionStatus.IDLE
+        if connection.closed or connection.broken or connection.info.transaction_status != idle:
+            self._drop(connection)
+            return
+        try:
+            with connection.transaction(force_rollback=True):
+                connection.execute("select pg_advisory_unlock_all()")
+        except Exception:
+            self._drop(connection)
 
     def _stream(
         self, connection: Any, sql: str, params: QueryParams, *, server_side: bool
-    ) -> Iterator[pa.RecordBatch]:
+    ) -> Generator[pa.RecordBatch, None, None]:
         name = f"flame_{uuid.uuid4().hex[:12]}" if server_side else None
         # rolled back, never committed: a SET or set_config(..., false) of the query ends here
         with connection.transaction(force_rollback=True):
@@ -332,13 +392,41 @@ class SqlSource:
                 f"data source {self.name!r} ({self.where}): no time left before the epoch's "
                 "deadline"
             )
-        timer = threading.Timer(limit + _GRACE, _cancel, [connection])
-        timer.daemon = True
-        timer.start()
+        done = threading.Event()  # a kill racing the statement's end must not end the next
+        timers = [
+            threading.Timer(limit + _GRACE, _cancel, [connection]),
+            threading.Timer(limit + _GRACE + _KILL_AFTER, self._kill, [connection, done]),
+        ]
+        for timer in timers:
+            timer.daemon = True
+            timer.start()
         try:
             yield limit
         finally:
-            timer.cancel()
+            done.set()
+            for timer in timers:
+                timer.cancel()
+
+    def _kill(self, connection: Any, done: threading.Event) -> None:
+        """End a statement that ignored the cancel: shut its socket (the query fails now)
+        and terminate its backend, which would otherwise run on, from a fresh connection."""
+        if done.is_set():
+            return
+        self._killed = True
+        pid = connection.info.backend_pid
+        _shut(connection)
+        log.warning("data source %r (%s): a statement ignored the cancel", self.name, self.where)
+        kwargs: dict[str, Any] = {
+            "connect_timeout": max(1, round(self.connect_timeout)),
+            "options": "-c statement_timeout=5000",
+            "application_name": "flame-kill",
+        }
+        with contextlib.suppress(Exception):
+            password = self._password_now()
+            if password is not None:
+                kwargs["password"] = password
+            with _psycopg().connect(self._url, autocommit=True, **kwargs) as other:
+                other.execute("select pg_terminate_backend(%s)", [pid])
 
     def query(self, sql: str, params: QueryParams = None) -> pa.Table:
         """The whole result as a `pyarrow.Table` (`?`, `%s` or `%(name)s` placeholders)."""
