@@ -195,3 +195,13 @@ def test_an_unforeseen_error_serving_the_child_is_named_by_its_type_only(tmp_pat
     text = json.dumps(getattr(result, "value", result), default=repr)
     assert "RuntimeError" in text
     assert TOKEN not in text and "internal state" not in text
+
+
+def test_the_data_client_bounds_every_socket_operation_with_this_httpx() -> None:
+    """The header bound reaches into httpx's pool (no public hook): if an httpx release moves
+    it, this fails here instead of the bound silently stopping (the client only warns)."""
+    from flame.data.sources._deadline_io import _Backend, deadline_client
+
+    with deadline_client(1.0) as client:
+        backend = client._transport._pool._network_backend  # type: ignore[attr-defined]
+        assert isinstance(backend, _Backend)

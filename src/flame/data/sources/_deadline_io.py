@@ -10,6 +10,7 @@ time left before it, and refused once it has passed (httpx reports a timeout).
 from __future__ import annotations
 
 import contextlib
+import logging
 import ssl
 import threading
 import time
@@ -22,6 +23,8 @@ import httpx
 __all__ = ["deadline", "deadline_client"]
 
 _local = threading.local()
+_unbounded_said = threading.Event()
+log = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
@@ -102,4 +105,11 @@ def deadline_client(timeout: float) -> httpx.Client:
     pool: Any = getattr(transport, "_pool", None)
     if pool is not None and hasattr(pool, "_network_backend"):
         pool._network_backend = _Backend()
+    elif not _unbounded_said.is_set():  # an httpx without the pool this reaches into
+        _unbounded_said.set()
+        log.warning(
+            "this httpx (%s) has no network backend to bound: a data API's headers are "
+            "bounded per read only, not by the call's time limit",
+            httpx.__version__,
+        )
     return httpx.Client(timeout=httpx.Timeout(timeout), follow_redirects=False, transport=transport)
