@@ -348,3 +348,91 @@ def test_a_member_cannot_make_a_new_run_adopt_an_old_run_id_and_take_a_replayed_
     print(f"new run id {run!r}, earlier {old_run!r}; sum {box['result'].value['sum']}")
     assert run != old_run, "the colluder chose the new run's id"
     assert box["result"].value["sum"] == 300.0 + 30.0 + 5.0, "a's old data was counted"
+
+
+# --- 5. duplicates of its own result are kept whole until the aggregator is idle ---------------
+def slow_b(data: Data, epoch: int, previous: Any) -> dict[str, float]:
+    from flame import context
+
+    if context().node_id == "b":
+        time.sleep(4.0)  # the epoch stays open while the colluder floods
+    return analyze(data, epoch, previous)
+
+
+def test_duplicates_of_a_members_result_are_not_kept_whole_while_it_floods() -> None:
+    """sending.py `_acknowledge_later` queues every result envelope (body and all) for an
+    ack, also a second result of a node that already answered, before it is "ignored"; the
+    queue is emptied by `_send_acks` only when `mailbox.next` comes back empty. The colluder
+    answers, then keeps the aggregator's inbox busy with signed copies of a 256 KiB result,
+    each with a fresh id: every one stays in memory while the epoch is open (and honest
+    nodes' acks wait behind them). Secure: a duplicate answer is acknowledged or dropped at
+    once; what one node's duplicates may pin is bounded (≤ 16 MiB)."""
+    fed = Federation(epochs=1, analyze_fn=slow_b)
+    fed.start_honest()
+    fed.evil_connect()
+    box = fed.run_aggregator()
+    run = _run_of(fed.evil_next(("start",)))
+    fed.evil.send(fed.evil_result(0, {"sum": 5.0, "n": 1.0}, run))
+    blob = np.ones((256 << 10) // 8)
+    frames = [
+        b"".join(fed.evil.outgoing(fed.evil_result(0, {"sum": 5.0, "blob": blob}, run)))
+        for _ in range(160)
+    ]
+    peak = {"bytes": 0}
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            held = 0
+            for _, envelope in list(fed.aggregator._unacked):
+                body = envelope.body if isinstance(envelope.body, dict) else {}
+                held += sum(v.nbytes for v in body.values() if isinstance(v, np.ndarray))
+            peak["bytes"] = max(peak["bytes"], held)
+            time.sleep(0.02)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    for frame in frames:
+        fed.broker.inject(ANALYSIS, "aggregator", frame)
+    fed.join(box)
+    done.set()
+    watcher.join(5)
+    assert "result" in box, box.get("error")
+    assert box["result"].value["sum"] == 38.0
+    print(f"the aggregator held {peak['bytes'] >> 20} MiB of one node's duplicate results")
+    assert peak["bytes"] <= 16 << 20, f"{peak['bytes'] >> 20} MiB of duplicates kept whole"
+
+
+# --- 6. forwarded node logs: one member's lines push out every other node's ----------------------
+def test_a_member_cannot_push_an_honest_nodes_forwarded_lines_out_of_the_run_logs() -> None:
+    """threat-model.md: the aggregator keeps "the latest 500 lines" of forwarded node logs
+    with the run (`flame status ID --logs`), one deque for all nodes (failures.py
+    `_note_logs`), 200 lines per message. An honest node's forwarded warning, then three
+    log messages of the colluder (its own policy is its own word): a's line is gone from
+    what is kept, and the aggregator's own log took 600 lines of the colluder's text.
+    Secure: each node's share of the kept lines is bounded (a per-node quota)."""
+    fed = Federation(epochs=1)
+    fed.start_honest()
+    fed.evil_connect()
+    box = fed.run_aggregator()
+    run = _run_of(fed.evil_next(("start",)))
+    forwarder_of_a = fed.transport("a")  # a's own log forwarder (its policy: forward_logs)
+    forwarder_of_a._connected = True
+    warning = "WARNING disk nearly full on the data volume"
+    forwarder_of_a.send(
+        Envelope(ANALYSIS, "a", "aggregator", "message", 0, {"lines": [warning]}, "flame.logs")
+    )
+    time.sleep(0.5)
+    for batch in range(3):
+        lines = [f"all is well {batch}-{i}" for i in range(200)]
+        fed.evil.send(
+            Envelope(ANALYSIS, EVIL, "aggregator", "message", 0, {"lines": lines}, "flame.logs")
+        )
+    time.sleep(0.5)
+    kept = list(fed.aggregator._logs)
+    fed.evil.send(fed.evil_result(0, {"sum": 5.0, "n": 1.0}, run))
+    fed.join(box)
+    assert "result" in box, box.get("error")
+    from_evil = sum(1 for line in kept if line.startswith(f"{EVIL}: "))
+    print(f"kept {len(kept)} forwarded lines, {from_evil} of them the colluder's")
+    assert any(warning in line for line in kept), "a's forwarded warning was pushed out"
