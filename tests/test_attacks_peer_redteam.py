@@ -436,3 +436,154 @@ def test_a_member_cannot_push_an_honest_nodes_forwarded_lines_out_of_the_run_log
     from_evil = sum(1 for line in kept if line.startswith(f"{EVIL}: "))
     print(f"kept {len(kept)} forwarded lines, {from_evil} of them the colluder's")
     assert any(warning in line for line in kept), "a's forwarded warning was pushed out"
+
+
+# --- 4 over Mosquitto: real `flame run` processes, the colluder plays node-1 ----------------------
+MQTT_NODES = ["node-0", "node-1"]
+MQTT_ANALYSIS = """
+import time
+
+def analyze(data):
+    time.sleep(%(delay)s)  # the replay arrives first
+    v = [float(x) for x in data.read_text("v.txt").split()]
+    return {"sum": sum(v), "n": len(v)}
+
+def aggregate(results):
+    return {"sum": sum(r["sum"] for r in results.values()), "nodes": sorted(results)}
+"""
+
+
+def _mqtt_federation(broker: Any, tmp_path: Any, analysis: str, values: dict[str, str]) -> Any:
+    import textwrap
+
+    from nodes import Federation as Processes
+    from nodes import federation_env
+
+    data = tmp_path / "data"
+    for node, text in values.items():
+        (data / node).mkdir(parents=True, exist_ok=True)
+        (data / node / "v.txt").write_text(text)
+    code = tmp_path / "analysis.py"
+    code.write_text(textwrap.dedent(MQTT_ANALYSIS % {"delay": 3}))
+    env = federation_env(broker, analysis, MQTT_NODES, presence_timeout=60, epoch_timeout=60)
+    return Processes(env, code, data, MQTT_NODES, tmp_path / "logs")
+
+
+class _Wire:
+    """The broker operator's raw client: records topics, publishes anything."""
+
+    def __init__(self, broker: Any, topics: list[str]) -> None:
+        import paho.mqtt.client as mqtt
+        from broker import ADMIN
+
+        self.got: list[tuple[str, bytes]] = []
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"op-{uuid.uuid4()}")
+        self.client.username_pw_set(ADMIN, broker.password)
+        self.client.on_message = lambda _c, _u, m: self.got.append((m.topic, bytes(m.payload)))
+        self.client.connect(broker.host, broker.port, keepalive=30)
+        for topic in topics:
+            self.client.subscribe(topic, qos=1)
+        self.client.loop_start()
+
+    def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
+        self.client.publish(topic, payload, qos=1, retain=retain).wait_for_publish(30)
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+def test_mqtt_a_member_makes_a_new_run_take_an_old_runs_replayed_result(
+    mqtt_broker: Any, tmp_path: Any
+) -> None:
+    """Test 4 with real processes over Mosquitto, the second run as an operator starts it
+    again (same analysis id, no storage); the colluder (node-1's key, the operator's broker)
+    announces node-1 as in epoch 0 of run R1 and answers for node-1. Secure: the new run
+    counts node-0's current data (100), not its replayed result of R1 (1 2 3)."""
+    import json
+    from pathlib import Path
+
+    import pytest
+    from broker import have_mosquitto
+
+    if not have_mosquitto():
+        pytest.skip("needs the mosquitto binary")
+    from flame.identity import Authenticator, Identity, Roster, verify_envelope
+    from flame.transport.mqtt import inbox_topic, status_topic
+
+    analysis = f"peer-redteam-run-{time.monotonic_ns()}"
+    first = _mqtt_federation(
+        mqtt_broker, tmp_path / "one", analysis, {"node-0": "1 2 3", "node-1": "10 20"}
+    )
+    roster = Roster.load(Path(first.env["FLAME_ROSTER"]))
+    wire = _Wire(mqtt_broker, [inbox_topic(analysis, "aggregator"), status_topic(analysis, "+")])
+    try:
+        first.start_all()
+        assert first.finish(timeout=120)["aggregator"]["sum"] == 36.0
+        time.sleep(0.5)
+    finally:
+        first.close()
+    old, old_run, code = [], None, None
+    for topic, payload in wire.got:
+        if topic == status_topic(analysis, "node-1"):
+            with_code = json.loads(payload).get("code")
+            code = with_code if isinstance(with_code, str) else code
+            continue
+        try:
+            envelope = verify_envelope(payload, roster)
+        except Exception:
+            continue
+        if envelope.kind == "result" and envelope.sender == "node-0":
+            old.append(payload)
+            old_run = envelope.category
+    assert old and old_run and code, "the operator saw no result of node-0 / no code hash"
+
+    second = _mqtt_federation(
+        mqtt_broker, tmp_path / "two", analysis, {"node-0": "100", "node-1": "10 20"}
+    )
+    keys = Path(second.env["TEST_FLAME_IDENTITY_DIR"])
+    colluder = Authenticator(Identity.load("node-1", keys / "node-1.key"), roster)
+    signer = MemoryTransport(MemoryBroker(), analysis, "node-1", auth=colluder)
+    wire.got.clear()
+    wire.client.subscribe(inbox_topic(analysis, "node-1"), qos=1)
+    lie = {
+        "state": "waiting",
+        "role": "analysis",
+        "session": uuid.uuid4().hex,
+        "run": old_run,  # "I am in epoch 0 of run R1"
+        "epoch": 0,
+        "code": code,
+        "time": time.time(),
+    }
+    try:
+        second.start("aggregator")
+        second.start("node-0")
+        time.sleep(2.0)  # node-1's process "starts" after the aggregator, as a late node does
+        signer.since, signer.generation = round(time.time(), 3), 1000  # its own word
+        lie["time"] = time.time()
+        wire.publish(
+            status_topic(analysis, "node-1"),
+            json.dumps(signer.sign_status(lie)).encode(),
+            retain=True,
+        )
+        run = None
+        deadline = time.monotonic() + 60
+        while run is None and time.monotonic() < deadline:
+            for topic, payload in list(wire.got):
+                if topic != inbox_topic(analysis, "node-1"):
+                    continue
+                with_run = verify_envelope(payload, roster)
+                if with_run.kind == "start":
+                    run = _run_of(with_run)
+            time.sleep(0.1)
+        assert run is not None, "node-1 got no kick-off\n" + second.processes["aggregator"].tail()
+        for payload in old:  # the operator replays node-0's result of R1
+            wire.publish(inbox_topic(analysis, "aggregator"), payload)
+        answer = Envelope(analysis, "node-1", "aggregator", "result", 0, {"sum": 30.0}, run)
+        wire.publish(inbox_topic(analysis, "aggregator"), b"".join(signer.outgoing(answer)))
+        values = second.finish(timeout=120)
+    finally:
+        wire.close()
+        second.close()
+    print(f"run {run} (earlier {old_run}): {values['aggregator']}")
+    assert values["aggregator"]["sum"] == 130.0, "node-0's data of the earlier run counted"
