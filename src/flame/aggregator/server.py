@@ -6,11 +6,12 @@ a failing node aborts the run for everyone with that node's reason.
 
 Every kick-off names a run id. A restarted aggregator learns where the run stands from the
 nodes' retained statuses (run id, epoch): with a checkpoint, or while the nodes are still in
-epoch 0, it continues the nodes' run (they re-send cached results); otherwise, having lost the
-previous aggregate, it starts the analysis over under a new run id, which the nodes accept.
-Results are acknowledged end to end (`ack`), and a node whose broker session was lost (its
-status' `link` count changed) is sent the current kick-off again. Any stop other than a
-finished run (a failure, SIGINT/SIGTERM) sends every node an abort with the reason.
+epoch 0, it continues the nodes' run (they re-send cached results) if a quorum of participants
+name it and none another; otherwise it starts the analysis over under a new run id, which the
+nodes accept. Results are acknowledged end to end (`ack`), and a node whose broker session was
+lost (its status' `link` count grew) is sent the current kick-off again (rate-limited). Any
+stop other than a finished run (a failure, SIGINT/SIGTERM) sends every node an abort with the
+reason.
 
 This module is the epoch loop; its parts by job are `presence` (who is there, the run to
 continue, the farewell), `sending` (kick-offs, control messages, acks) and `failures` (error
@@ -291,12 +292,13 @@ class Aggregator(Presence, Sending, Failures):
             wait = deadline
             if self._unacked:
                 wait = Deadline(min(deadline.left(), self._unacked[0][0] - time.monotonic()))
-            if not self._kickoff_accepted(wait=False):  # look again soon
+            if not self._kickoff_accepted(wait=False) or self._owed:  # look again soon
                 wait = Deadline(min(wait.left(), _DELIVERY_POLL))
             envelope = self.mailbox.next(self._is_protocol, wait)
+            self._send_acks()  # the due ones, also while the inbox stays busy
+            self.resend_owed()
             if envelope is None:
                 if not deadline.passed():
-                    self._send_acks()
                     continue
                 break
             if envelope.kind == "status":
