@@ -81,20 +81,21 @@ class Presence:
         self._told: set[str] = set()
 
     def _choose_run(self, *, resuming: bool) -> None:
-        """Continue the nodes' run where that is sound, else start over under a new run id.
+        """The run id of this aggregator process's kick-offs; a result counts only under it.
 
-        Sound: resuming from a checkpoint (the aggregate the nodes need is in it), or every
-        node still in epoch 0 (their cached results are all we need). A run whose nodes are
-        past epoch 0 while this aggregator has no checkpoint lost the previous aggregate with
-        the previous aggregator process: computing it again from epoch 0 is the only way.
+        Without a checkpoint every aggregator process names a run of its own (a fresh random
+        id): a status is its node's own word, and a run id taken from one (a member naming an
+        earlier run while the honest nodes name none yet) let the broker operator's replay of
+        an honest node's signed result of that run count as its answer (threat-model.md,
+        *Replays*). Nodes still in epoch 0 send their cached result again under the new id
+        (`flame.node.instructions`); nodes past it lost the previous aggregate with the
+        previous aggregator process and compute again from epoch 0.
 
-        A run id is taken from the nodes' statuses only when at least a quorum of participants
-        name it and none names another: a status is its node's own word, and one member that
-        names an earlier run (alone, while the honest nodes name none yet) would otherwise
-        make this run accept that run's replayed results (threat-model.md, *Replays*).
+        Resuming from a checkpoint, the nodes' run is continued (the aggregate they need is in
+        it) when at least a quorum of participants name it and none names another.
         """
         if not resuming and any(s.get("run") for s in self._statuses.values()):
-            self._settle_statuses()
+            self._settle_statuses()  # to say truly where the nodes stand
         statuses = {n: s for n, s in self._statuses.items() if n in self._online}
         runs = Counter(s["run"] for s in statuses.values() if isinstance(s.get("run"), str))
         ahead = sorted(
@@ -103,7 +104,7 @@ class Presence:
             if isinstance(s.get("run"), str) and isinstance(s.get("epoch"), int) and s["epoch"] > 0
         )
         agreed = next(iter(runs)) if len(runs) == 1 and sum(runs.values()) >= self.quorum else None
-        if agreed is not None and (resuming or not ahead):
+        if resuming and agreed is not None:
             self.run_id = agreed
             log.info("continuing run %s of the nodes", self.run_id)
             return
@@ -121,13 +122,14 @@ class Presence:
             named = ", ".join(
                 f"{node} ({s['run']})" for node, s in sorted(statuses.items()) if s.get("run")
             )
-            log.warning(
-                "not continuing a run the nodes name: %s; a run is continued only when at "
-                "least %d participants (the quorum) name it and none names another; this is "
-                "run %s",
-                named,
-                self.quorum,
+            log.info(
+                "this is run %s; the nodes named %s%s",
                 self.run_id,
+                named,
+                " (a checkpoint's run is continued only when at least a quorum of participants"
+                " name it and none names another)"
+                if resuming
+                else " (nodes in epoch 0 send their result again under this run)",
             )
 
     def _settle_statuses(self) -> None:

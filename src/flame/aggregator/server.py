@@ -4,14 +4,14 @@ presence -> for each epoch: send the kick-off, await results (all, or quorum at 
 deadline), aggregate, decide convergence, checkpoint -> finished. Every wait has a deadline;
 a failing node aborts the run for everyone with that node's reason.
 
-Every kick-off names a run id. A restarted aggregator learns where the run stands from the
-nodes' retained statuses (run id, epoch): with a checkpoint, or while the nodes are still in
-epoch 0, it continues the nodes' run (they re-send cached results) if a quorum of participants
-name it and none another; otherwise it starts the analysis over under a new run id, which the
-nodes accept. Results are acknowledged end to end (`ack`), and a node whose broker session was
-lost (its status' `link` count grew) is sent the current kick-off again (rate-limited). Any
-stop other than a finished run (a failure, SIGINT/SIGTERM) sends every node an abort with the
-reason.
+Every kick-off names a run id, and a result counts only under the run id of this process's
+kick-offs. Without a checkpoint a process names a run of its own: nodes still in epoch 0 send
+their cached results again under it, nodes past it (the previous aggregate is lost) start the
+analysis over. With a checkpoint it continues the nodes' run if a quorum of participants name
+it and none another. Results are acknowledged end to end (`ack`), and a node whose broker
+session was lost (its status' `link` count grew) is sent the current kick-off again
+(rate-limited). Any stop other than a finished run (a failure, SIGINT/SIGTERM) sends every
+node an abort with the reason.
 
 This module is the epoch loop; its parts by job are `presence` (who is there, the run to
 continue, the farewell), `sending` (kick-offs, control messages, acks) and `failures` (error
