@@ -61,3 +61,40 @@ def test_a_member_outside_the_analysis_reads_no_forwarded_log_line(
     # The operator, with the storage credentials, reads them.
     shown = status_logs(mqtt_broker, fed.env["FLAME_ROSTER"], analysis, results, text=True)
     assert ROW in shown.stdout, shown.stdout[-2000:] + shown.stderr[-2000:]
+
+
+def test_each_nodes_forwarded_lines_are_kept_within_its_share_and_written_rate_limited(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """One node's flood keeps only its own latest lines (its share of the 500) and reaches
+    the aggregator's own log at most 200 lines per window; another node's line stays."""
+    import logging
+
+    from flame.aggregator import failures
+    from flame.aggregator.server import Aggregator
+    from flame.analysis.functions import AnalysisFunctions
+    from flame.transport.memory import MemoryBroker, MemoryTransport
+    from flame.wire.envelope import Envelope
+
+    nodes = ["a", "b", "c", "d", "e"]
+    aggregator = Aggregator(
+        MemoryTransport(MemoryBroker(), "logs", "aggregator"),
+        AnalysisFunctions.of(lambda data: 0, lambda results: 0),
+        participants=nodes,
+    )
+
+    def forward(node: str, lines: list[str]) -> None:
+        body = {"lines": lines}
+        envelope = Envelope("logs", node, "aggregator", "message", 0, body, "flame.logs")
+        aggregator._note_logs(envelope)
+
+    forward("a", ["disk nearly full"])
+    with caplog.at_level(logging.INFO, logger="flame.node_logs"):
+        for batch in range(5):
+            forward("e", [f"noise {batch}-{i}" for i in range(200)])
+    kept = list(aggregator._logs)
+    assert "a: disk nearly full" in kept
+    assert sum(line.startswith("e: ") for line in kept) == 500 // len(nodes)
+    assert kept[-1] == "e: noise 4-199"
+    written = [r for r in caplog.records if r.name == "flame.node_logs"]
+    assert len(written) == failures._LOG_LINES_PER_WINDOW

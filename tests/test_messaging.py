@@ -83,3 +83,44 @@ def test_runtime_requests_are_delivered_but_not_acknowledged() -> None:
     assert [e.id for e in got if e is not None] == [e.id for e in sent]
     acks = [e.body["ack"] for e in broker.delivered if e.kind == "ack"]
     assert acks == [sent[1].id]
+
+
+def test_unasked_messages_are_bounded_in_bytes_per_sender(caplog) -> None:
+    """One sender's free-form messages nobody asked for yet pin at most 16 MiB; its oldest go
+    first, its newest (however large) is kept, another sender's and the runtime's traffic
+    are not touched, and the sender is named in one warning for the burst."""
+    import logging
+
+    import numpy as np
+
+    from flame.node.mailbox import PENDING_BYTES_PER_SENDER, Mailbox
+    from flame.transport.memory import MemoryBroker, MemoryTransport
+    from flame.utils.deadline import Deadline
+    from flame.wire.envelope import Envelope
+
+    broker = MemoryBroker()
+    peers = {n: MemoryTransport(broker, "a", n) for n in ("loud", "quiet", "node-0")}
+    for transport in peers.values():
+        transport.connect({"state": "waiting"})
+    mailbox = Mailbox(peers["node-0"])
+
+    def send(sender: str, kind: str, mib: float, category: str | None = "chat") -> Envelope:
+        body = {"blob": np.ones(int(mib * (1 << 20)) // 8)}
+        envelope = Envelope("a", sender, "node-0", kind, 0, body, category)  # type: ignore[arg-type]
+        peers[sender].send(envelope)
+        return envelope
+
+    first_quiet = send("quiet", "message", 1)
+    status_like = send("loud", "result", 4, None)  # the runtime's class: not the free budget
+    loud = [send("loud", "message", 1) for _ in range(30)]
+    big = send("loud", "message", 20)  # over the budget alone: kept, the rest of loud's go
+    with caplog.at_level(logging.WARNING, logger="flame.node.mailbox"):
+        assert mailbox.next(lambda e: False, Deadline(1.0)) is None
+    held = [e.id for e in mailbox._pending]
+    assert first_quiet.id in held and status_like.id in held and big.id in held
+    assert not any(e.id in held for e in loud)
+    loud_free = [e for e in mailbox._pending if e.sender == "loud" and e.kind == "message"]
+    free = sum(e.body["blob"].nbytes for e in loud_free)
+    assert free == 20 << 20 and PENDING_BYTES_PER_SENDER == 16 << 20
+    warnings = [r.getMessage() for r in caplog.records if "not asked for yet" in r.getMessage()]
+    assert len(warnings) == 1 and warnings[0].startswith("loud ")

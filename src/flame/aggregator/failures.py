@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections import deque
+from collections import Counter, deque
 from typing import TYPE_CHECKING, Any
 
 from flame.aggregator.sending import SEND_TIMEOUT
@@ -35,6 +35,9 @@ log = logging.getLogger(__name__)
 node_log = logging.getLogger("flame.node_logs")  # lines the nodes forwarded (policy)
 
 _KEPT_LOG_LINES = 500  # forwarded node log lines kept with the run (storage), latest
+_MIN_LINES_PER_NODE = 20  # each node's share of them is at least this many lines
+_LOG_WINDOW = 10.0  # seconds over which a node's lines written to this log are counted
+_LOG_LINES_PER_WINDOW = 200  # a node's forwarded lines written to this log per window
 _LOG_SAVE_EVERY = 5.0  # seconds between writes of the forwarded lines to storage
 
 
@@ -59,7 +62,13 @@ class Failures:
         def _status(self, state: str, epoch: int = -1, **extra: Any) -> dict[str, Any]: ...
 
     def _init_failures(self) -> None:
-        self._logs: deque[str] = deque(maxlen=_KEPT_LOG_LINES)
+        # Each node's latest lines, within its share: one node's flood must not push out
+        # another's lines (`_owners` names the node of each line of `_logs`).
+        self._logs: deque[str] = deque()
+        self._owners: deque[str] = deque()
+        self._lines_of: Counter[str] = Counter()
+        self._log_share = max(_MIN_LINES_PER_NODE, _KEPT_LOG_LINES // len(self.participants))
+        self._log_window: dict[str, tuple[float, int]] = {}  # node -> (window start, lines)
         self._logs_saved = 0.0  # monotonic time of the last write to storage
         self._logs_new = False  # lines arrived since then
 
@@ -133,13 +142,45 @@ class Failures:
         lines = body.get("lines")
         if envelope.sender not in self.participants or not isinstance(lines, list):
             return
+        node = envelope.sender
         for line in lines[:200]:
             text = escape_controls(redact(str(line)[:MAX_LINE], self.secrets))
-            node_log.info("[%s] %s", envelope.sender, text)
-            self._logs.append(f"{envelope.sender}: {text}")
+            if self._may_write(node):
+                node_log.info("[%s] %s", node, text)
+            self._keep_line(node, f"{node}: {text}")
         self._logs_new = True
         if time.monotonic() - self._logs_saved >= _LOG_SAVE_EVERY:
             self._save_logs()  # else with a later batch, or at the end of the run
+
+    def _keep_line(self, node: str, line: str) -> None:
+        """Keep a line within its node's share: its own oldest line goes, no one else's."""
+        if self._lines_of[node] >= self._log_share:
+            index = self._owners.index(node)
+            del self._owners[index]
+            del self._logs[index]
+            self._lines_of[node] -= 1
+        self._lines_of[node] += 1
+        self._owners.append(node)
+        self._logs.append(line)
+
+    def _may_write(self, node: str) -> bool:
+        """Whether this log takes another of the node's lines in the current window (at most
+        `_LOG_LINES_PER_WINDOW`); the lines held back are counted once the window ends."""
+        now = time.monotonic()
+        start, count = self._log_window.get(node, (now, 0))
+        if now - start >= _LOG_WINDOW:
+            if count > _LOG_LINES_PER_WINDOW:
+                log.warning(
+                    "%d forwarded lines of %s not written to this log (at most %d per %g s); "
+                    "the latest are kept with the run",
+                    count - _LOG_LINES_PER_WINDOW,
+                    node,
+                    _LOG_LINES_PER_WINDOW,
+                    _LOG_WINDOW,
+                )
+            start, count = now, 0
+        self._log_window[node] = (start, count + 1)
+        return count < _LOG_LINES_PER_WINDOW
 
     def _save_logs(self) -> None:
         """New forwarded lines to storage (one attempt; a log must not stall the run)."""

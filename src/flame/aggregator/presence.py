@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 import uuid
 from collections import Counter
 from typing import TYPE_CHECKING, Any
@@ -35,6 +36,7 @@ log = logging.getLogger(__name__)
 NOT_PARTICIPANT = "not_participant"  # an abort's code (the analysis client's constant)
 _FAREWELL = 5.0  # seconds to see the nodes take `finished` (re-sent after a lost session)
 _SETTLE_SLACK = 0.25  # seconds beyond the status interval for a node's last status to arrive
+_RESEND_EVERY = 2.0  # seconds: at most one kick-off re-sent to a node per this interval
 
 
 class Presence:
@@ -66,7 +68,9 @@ class Presence:
 
     def _init_presence(self) -> None:
         self._instances = Instances()
-        self._sessions: dict[str, str] = {}  # node -> "process session:broker link"
+        self._sessions: dict[str, tuple[str, int]] = {}  # node -> (process session, link)
+        self._resent: dict[str, float] = {}  # node -> monotonic time the kick-off went again
+        self._owed: dict[str, tuple[str, int]] = {}  # re-sends held back by `_RESEND_EVERY`
         self._processes: dict[str, str] = {}  # node -> process session seen in this run
         self._statuses: dict[str, dict[str, Any]] = {}
         self._online: set[str] = set()
@@ -77,15 +81,21 @@ class Presence:
         self._told: set[str] = set()
 
     def _choose_run(self, *, resuming: bool) -> None:
-        """Continue the nodes' run where that is sound, else start over under a new run id.
+        """The run id of this aggregator process's kick-offs; a result counts only under it.
 
-        Sound: resuming from a checkpoint (the aggregate the nodes need is in it), or every
-        node still in epoch 0 (their cached results are all we need). A run whose nodes are
-        past epoch 0 while this aggregator has no checkpoint lost the previous aggregate with
-        the previous aggregator process: computing it again from epoch 0 is the only way.
+        Without a checkpoint every aggregator process names a run of its own (a fresh random
+        id): a status is its node's own word, and a run id taken from one (a member naming an
+        earlier run while the honest nodes name none yet) let the broker operator's replay of
+        an honest node's signed result of that run count as its answer (threat-model.md,
+        *Replays*). Nodes still in epoch 0 send their cached result again under the new id
+        (`flame.node.instructions`); nodes past it lost the previous aggregate with the
+        previous aggregator process and compute again from epoch 0.
+
+        Resuming from a checkpoint, the nodes' run is continued (the aggregate they need is in
+        it) when at least a quorum of participants name it and none names another.
         """
         if not resuming and any(s.get("run") for s in self._statuses.values()):
-            self._settle_statuses()
+            self._settle_statuses()  # to say truly where the nodes stand
         statuses = {n: s for n, s in self._statuses.items() if n in self._online}
         runs = Counter(s["run"] for s in statuses.values() if isinstance(s.get("run"), str))
         ahead = sorted(
@@ -93,12 +103,13 @@ class Presence:
             for node, s in statuses.items()
             if isinstance(s.get("run"), str) and isinstance(s.get("epoch"), int) and s["epoch"] > 0
         )
-        if runs and (resuming or not ahead):
-            self.run_id = runs.most_common(1)[0][0]
+        agreed = next(iter(runs)) if len(runs) == 1 and sum(runs.values()) >= self.quorum else None
+        if resuming and agreed is not None:
+            self.run_id = agreed
             log.info("continuing run %s of the nodes", self.run_id)
             return
         self.run_id = uuid.uuid4().hex[:16]
-        if ahead:
+        if ahead and not resuming:
             furthest = max(int(statuses[node]["epoch"]) for node in ahead)
             log.warning(
                 "nodes are in epoch %d of run %s, but this aggregator has no checkpoint (no "
@@ -106,6 +117,19 @@ class Presence:
                 furthest,
                 runs.most_common(1)[0][0],
                 self.run_id,
+            )
+        elif runs:
+            named = ", ".join(
+                f"{node} ({s['run']})" for node, s in sorted(statuses.items()) if s.get("run")
+            )
+            log.info(
+                "this is run %s; the nodes named %s%s",
+                self.run_id,
+                named,
+                " (a checkpoint's run is continued only when at least a quorum of participants"
+                " name it and none names another)"
+                if resuming
+                else " (nodes in epoch 0 send their result again under this run)",
             )
 
     def _settle_statuses(self) -> None:
@@ -248,12 +272,29 @@ class Presence:
         self._gone.back(node, session, body)
         if not isinstance(session, str):
             return
-        key = f"{session}:{body.get('link', 0)}"
-        if self._sessions.get(node) == key:
-            return
-        self._sessions[node] = key
+        link = body.get("link", 0)
+        link = link if isinstance(link, int) and not isinstance(link, bool) else 0
+        known = self._sessions.get(node)
+        if known is not None and known[0] == session and link <= known[1]:
+            return  # not a new broker session: a status's word alone buys no re-send
         self._processes[node] = session
-        if self._kickoff is not None and rejoin_epoch is not None:
+        if self._kickoff is None or rejoin_epoch is None:
+            self._sessions[node] = (session, link)
+            self._owed.pop(node, None)
+            return
+        self._owed[node] = (session, link)
+        self.resend_owed()
+
+    def resend_owed(self) -> None:
+        """The current kick-off again to nodes with a new broker session, at most once per
+        `_RESEND_EVERY` each: a member flapping its `link` must not buy a whole aggregate
+        per status. One held back goes when its interval is over (the epoch loop calls)."""
+        now = time.monotonic()
+        for node, key in list(self._owed.items()):
+            if self._kickoff is None or now - self._resent.get(node, -1e9) < _RESEND_EVERY:
+                continue
+            del self._owed[node]
+            self._sessions[node], self._resent[node] = key, now
             log.info("node %s (re)joined or lost its broker session; sending it again", node)
             self._send(node, *self._kickoff)
 

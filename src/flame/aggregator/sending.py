@@ -12,19 +12,28 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 from flame.aggregator.fanout import Fanout
 from flame.errors import NotAcknowledged, RunFailed, TransportError
 from flame.transport.base import Delivery, Transport
 from flame.wire.envelope import EVERYONE, Envelope, Kind
 
-__all__ = ["SEND_TIMEOUT", "Sending"]
+__all__ = ["SEND_TIMEOUT", "Ack", "Sending"]
 
 log = logging.getLogger(__name__)
 
 SEND_TIMEOUT = 5.0  # seconds for an abort or ack: a dead broker must not delay the exit
 _ACK_DELAY = 0.2  # seconds a result waits for its epoch to complete before an explicit ack
+
+
+class Ack(NamedTuple):
+    """What an ack needs of a result: never the result itself (a member's duplicates of a
+    large result must not stay in memory until its ack is sent)."""
+
+    sender: str
+    id: str
+    epoch: int
 
 
 class Sending:
@@ -40,7 +49,7 @@ class Sending:
     def _init_sending(self) -> None:
         roster = self.transport.auth.roster if self.transport.auth is not None else None
         self._fanout = Fanout(self.participants, roster)  # broadcast or a copy each
-        self._unacked: list[tuple[float, Envelope]] = []  # (due, result) acks not sent yet
+        self._unacked: list[tuple[float, Ack]] = []  # (due, result) acks not sent yet
         self._late_acks: threading.Timer | None = None  # acks for a slow aggregate (see below)
         self._delivery: Delivery | None = None  # the kick-off until the broker accepted it all
 
@@ -110,23 +119,24 @@ class Sending:
     def _acknowledge_later(self, envelope: Envelope) -> bool:
         """Acknowledge this result unless the epoch completes first (its kick-off or the end
         of the run tells the node as much): a fast epoch costs no extra messages. True."""
-        self._unacked.append((time.monotonic() + _ACK_DELAY, envelope))
+        ack = Ack(envelope.sender, envelope.id, envelope.epoch)
+        self._unacked.append((time.monotonic() + _ACK_DELAY, ack))
         return True
 
     def _acknowledge_if_slow(self) -> None:
         """The last results of an epoch are acknowledged by the next kick-off, unless
         aggregating takes longer than `_ACK_DELAY` (a secure sum's decryption takes minutes):
         then by an ack, so that nodes do not re-send their results meanwhile."""
-        pending, self._unacked = [envelope for _, envelope in self._unacked], []
+        pending, self._unacked = [ack for _, ack in self._unacked], []
         if pending:
             self._late_acks = threading.Timer(_ACK_DELAY, self._acknowledge_all, (pending,))
             self._late_acks.daemon = True
             self._late_acks.start()
 
-    def _acknowledge_all(self, envelopes: list[Envelope]) -> None:
+    def _acknowledge_all(self, acks: list[Ack]) -> None:
         try:
-            for envelope in envelopes:
-                self._acknowledge(envelope)
+            for ack in acks:
+                self._acknowledge(ack)
         except Exception as exc:  # a timer thread: the node's re-send gets an ack later
             log.warning("could not acknowledge results: %s", type(exc).__name__)
 
@@ -136,20 +146,20 @@ class Sending:
         while self._unacked and self._unacked[0][0] <= now:
             self._acknowledge(self._unacked.pop(0)[1])
 
-    def _acknowledge(self, envelope: Envelope) -> bool:
+    def _acknowledge(self, result: Ack) -> bool:
         """Tell the node its result arrived (it re-sends until then); True, even if the ack
         cannot be sent now: the node's re-send will get another one."""
-        body = {"ack": envelope.id, "epoch": envelope.epoch, "run": self.run_id}
+        body = {"ack": result.id, "epoch": result.epoch, "run": self.run_id}
         ack = Envelope(
             self.transport.analysis_id,
             self.transport.node_id,
-            envelope.sender,
+            result.sender,
             "ack",
-            envelope.epoch,
+            result.epoch,
             body,
         )
         try:
             self.transport.post(ack)  # no wait for the broker: off the epoch's critical path
         except TransportError as exc:
-            log.warning("could not acknowledge %s's result: %s", envelope.sender, exc)
+            log.warning("could not acknowledge %s's result: %s", result.sender, exc)
         return True

@@ -4,13 +4,14 @@ presence -> for each epoch: send the kick-off, await results (all, or quorum at 
 deadline), aggregate, decide convergence, checkpoint -> finished. Every wait has a deadline;
 a failing node aborts the run for everyone with that node's reason.
 
-Every kick-off names a run id. A restarted aggregator learns where the run stands from the
-nodes' retained statuses (run id, epoch): with a checkpoint, or while the nodes are still in
-epoch 0, it continues the nodes' run (they re-send cached results); otherwise, having lost the
-previous aggregate, it starts the analysis over under a new run id, which the nodes accept.
-Results are acknowledged end to end (`ack`), and a node whose broker session was lost (its
-status' `link` count changed) is sent the current kick-off again. Any stop other than a
-finished run (a failure, SIGINT/SIGTERM) sends every node an abort with the reason.
+Every kick-off names a run id, and a result counts only under the run id of this process's
+kick-offs. Without a checkpoint a process names a run of its own: nodes still in epoch 0 send
+their cached results again under it, nodes past it (the previous aggregate is lost) start the
+analysis over. With a checkpoint it continues the nodes' run if a quorum of participants name
+it and none another. Results are acknowledged end to end (`ack`), and a node whose broker
+session was lost (its status' `link` count grew) is sent the current kick-off again
+(rate-limited). Any stop other than a finished run (a failure, SIGINT/SIGTERM) sends every
+node an abort with the reason.
 
 This module is the epoch loop; its parts by job are `presence` (who is there, the run to
 continue, the farewell), `sending` (kick-offs, control messages, acks) and `failures` (error
@@ -291,12 +292,13 @@ class Aggregator(Presence, Sending, Failures):
             wait = deadline
             if self._unacked:
                 wait = Deadline(min(deadline.left(), self._unacked[0][0] - time.monotonic()))
-            if not self._kickoff_accepted(wait=False):  # look again soon
+            if not self._kickoff_accepted(wait=False) or self._owed:  # look again soon
                 wait = Deadline(min(wait.left(), _DELIVERY_POLL))
             envelope = self.mailbox.next(self._is_protocol, wait)
+            self._send_acks()  # the due ones, also while the inbox stays busy
+            self.resend_owed()
             if envelope is None:
                 if not deadline.passed():
-                    self._send_acks()
                     continue
                 break
             if envelope.kind == "status":

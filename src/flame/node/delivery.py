@@ -128,6 +128,16 @@ class Delivery:
         except TransportError as exc:
             log.warning("could not re-send the result of epoch %d: %s", again.epoch, exc)
 
+    def rebind(self, run: str) -> None:
+        """The last result again, under run id `run` (a new aggregator process asked for it):
+        a fresh id and signature; re-sent until that process acknowledges it."""
+        assert self.last_sent is not None
+        self.last_sent = replace(self.last_sent, category=run)
+        self.acked = False
+        self.hurry()
+        self.resend(f"the aggregator asked for it as run {run}")
+        self.resend_at = time.monotonic() + self.resend_every
+
     def note_ack(self, envelope: Envelope, run: str | None) -> None:
         """An `ack` of the aggregator: the result of its epoch (in run `run`) has arrived."""
         body = envelope.body if isinstance(envelope.body, dict) else {}

@@ -4,7 +4,10 @@ Why apart from the epoch loop: acting on a kick-off once is bookkeeping of its o
 kick-off names a run id; a `start` under a new run id (an aggregator that restarted without
 storage) makes the node start over, and nothing of a run it left is acted on again. A kick-off
 of an epoch already sent is not computed again: the epoch just sent is re-sent instead (a
-restarted aggregator may have lost it).
+restarted aggregator may have lost it). A `start` of epoch 0 under a new run id while this
+node's epoch-0 result waits is answered with that result again, under the new run id (a new
+aggregator process names a run of its own, so a result of an earlier process never counts;
+under masking the result is bound to its run, so it is computed again).
 """
 
 from __future__ import annotations
@@ -87,10 +90,12 @@ def read_instruction(envelope: Envelope, code: str | None) -> Instruction | None
 class InstructionReader:
     """The run this node is in, the runs it left, and which instructions are new for it."""
 
-    def __init__(self, delivery: Delivery) -> None:
+    def __init__(self, delivery: Delivery, *, rebind: bool = True) -> None:
         self.delivery = delivery  # the epoch last sent, forgotten when the run starts over
         self.run: str | None = None
         self.left_runs: set[str] = set()
+        self.rebind = rebind  # an epoch-0 result may be sent again under a new run id
+        self.rebound: str | None = None  # the run to send it again under (the runtime does)
 
     def admit(self, envelope: Envelope, code: str | None) -> Instruction | None:
         """The instruction in `envelope` if it is new for this node, after run-id bookkeeping."""
@@ -106,6 +111,16 @@ class InstructionReader:
                 log.info("ignored a %s of run %s, which this node left", instruction.kind, run)
                 return None
             if instruction.kind in ("start", "aggregate"):
+                if self.run is not None and self._answered_start(instruction):
+                    log.info(
+                        "a new aggregator process asks for epoch 0 as run %s (this node was in "
+                        "run %s): sending its result again under it",
+                        run,
+                        self.run,
+                    )
+                    self.left_runs.add(self.run)
+                    self.run = self.rebound = run
+                    return None
                 if self.run is not None:
                     log.warning(
                         "the aggregator started run %s over (this node was in run %s, epoch "
@@ -124,3 +139,14 @@ class InstructionReader:
                 delivery.resend("the aggregator asked for this epoch again")
             return None
         return instruction
+
+    def _answered_start(self, instruction: Instruction) -> bool:
+        """A `start` of epoch 0 while this node's epoch-0 result is the one it last sent."""
+        delivery = self.delivery
+        return (
+            self.rebind
+            and instruction.kind == "start"
+            and instruction.epoch == 0
+            and delivery.last_epoch == 0
+            and delivery.last_sent is not None
+        )

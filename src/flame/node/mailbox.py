@@ -9,23 +9,32 @@ runtime's own request/reply traffic (categories under `RUNTIME_PREFIX`: secure-s
 endorsements, forwarded logs) is not. Nobody waits for those acks, the reply (or the next
 round) is the answer, and each cost a signed envelope both ways: in a masked sum, half of
 every round's envelopes.
+
+What waits unasked is bounded per sender in bytes, not only in count: every roster member may
+write to every inbox, so one member's burst of large signed messages must not pin memory in
+an honest node or the aggregator. Free-form messages (`flame.context().send`) may pin 16 MiB
+per sender; the runtime's own traffic (results, kick-offs, secure-sum rounds, which can be
+large and are asked for soon) 256 MiB. Beyond its budget a sender's oldest waiting envelopes
+of that class are dropped; the newest is always kept, so one large message is never refused.
 """
 
 from __future__ import annotations
 
 import logging
-from collections import OrderedDict, deque
+from collections import OrderedDict, defaultdict, deque
 from collections.abc import Callable
 
 from flame.errors import TransportError
 from flame.transport.base import Transport
 from flame.utils.deadline import Deadline
-from flame.wire.envelope import Envelope
+from flame.wire.envelope import Envelope, encode_parts
 
 log = logging.getLogger(__name__)
 
 _SEEN_LIMIT = 100_000
 _PENDING_LIMIT = 10_000
+PENDING_BYTES_PER_SENDER = 16 << 20  # what one sender's unasked free-form messages may pin
+PENDING_PROTOCOL_BYTES_PER_SENDER = 256 << 20  # and the rest of its unasked envelopes
 _POLL = 0.5
 RUNTIME_PREFIX = "flame."  # node.context.RESERVED_PREFIX: analysts cannot send these
 
@@ -37,12 +46,16 @@ class Mailbox:
         self.transport = transport
         self._pending: deque[Envelope] = deque()
         self._seen: OrderedDict[str, None] = OrderedDict()
+        self._held: defaultdict[str, int] = defaultdict(int)  # sender and class -> bytes pending
+        self._sizes: dict[int, int] = {}  # id() of a pending envelope -> its bytes
+        self._dropping: set[str] = set()  # over budget now (warned once per burst)
 
     def next(self, accept: Callable[[Envelope], bool], deadline: Deadline) -> Envelope | None:
         """The first envelope `accept` takes, buffered ones first; None at the deadline."""
-        for envelope in self._pending:
+        for index, envelope in enumerate(self._pending):
             if accept(envelope):
-                self._pending.remove(envelope)
+                del self._pending[index]
+                self._release(envelope)
                 return envelope
         while True:
             received = self.transport.receive(min(deadline.left(), _POLL))
@@ -62,8 +75,45 @@ class Mailbox:
                 continue  # nobody waits for it any more: its send() has timed out
             if len(self._pending) >= _PENDING_LIMIT:
                 dropped = self._pending.popleft()
+                self._release(dropped)
                 log.warning("inbox buffer full; dropped a %s from %s", dropped.kind, dropped.sender)
-            self._pending.append(envelope)
+            self._keep(envelope)
+
+    def _keep(self, envelope: Envelope) -> None:
+        """Buffer an envelope nobody asked for yet, within its sender's byte budget for its
+        class: beyond it, the sender's oldest waiting ones of that class go (one warning per
+        burst, naming the sender)."""
+        key, budget = _budget(envelope)
+        self._pending.append(envelope)
+        self._sizes[id(envelope)] = size = envelope_size(envelope)
+        self._held[key] += size
+        if self._held[key] <= budget:
+            return
+        dropped, kept = 0, deque[Envelope]()
+        for old in self._pending:  # the sender's oldest first; never the one just kept
+            over = self._held[key] > budget
+            if over and old is not envelope and _budget(old)[0] == key:
+                self._release(old)
+                dropped += 1
+            else:
+                kept.append(old)
+        self._pending = kept
+        if key not in self._dropping:
+            self._dropping.add(key)
+            log.warning(
+                "%s sent more than %d MiB of messages not asked for yet; dropped its oldest "
+                "waiting ones (%d now)",
+                envelope.sender,
+                budget >> 20,
+                dropped,
+            )
+
+    def _release(self, envelope: Envelope) -> None:
+        key = _budget(envelope)[0]
+        self._held[key] -= self._sizes.pop(id(envelope), 0)
+        if self._held[key] <= 0:
+            del self._held[key]
+            self._dropping.discard(key)  # the burst is over: warn again next time
 
     def _first_time(self, envelope: Envelope) -> bool:
         if envelope.kind == "status":
@@ -80,6 +130,24 @@ class Mailbox:
             self.transport.send(envelope.reply("ack", {"ack": envelope.id}))
         except TransportError as exc:
             log.warning("could not acknowledge a message from %s: %s", envelope.sender, exc)
+
+
+def _budget(envelope: Envelope) -> tuple[str, int]:
+    """The byte budget an unasked envelope counts against: its sender's, for its class."""
+    if envelope.kind == "message" and not _runtime(envelope):
+        return f"{envelope.sender}\0free", PENDING_BYTES_PER_SENDER
+    return f"{envelope.sender}\0runtime", PENDING_PROTOCOL_BYTES_PER_SENDER
+
+
+def envelope_size(envelope: Envelope) -> int:
+    """Bytes of a message in flame's wire encoding (its arrays are not copied): as received
+    when known, else encoded again."""
+    if envelope.wire_bytes is not None:
+        return envelope.wire_bytes
+    try:
+        return sum(memoryview(part).nbytes for part in encode_parts(envelope))
+    except (TypeError, ValueError):
+        return 0
 
 
 def _runtime(envelope: Envelope) -> bool:

@@ -141,7 +141,8 @@ class AnalysisClient:
             transport, aggregator_id, resend_interval, lambda: self.context.epoch
         )
         self.watch = AggregatorWatch(aggregator_id, on_back=self.delivery.hurry)
-        self.instructions = InstructionReader(self.delivery)
+        # under masking a result is bound to its run id: never sent again under another one
+        self.instructions = InstructionReader(self.delivery, rebind=masking_node is None)
         self._epoch_started = time.perf_counter()
         self.board = StatusBoard(transport)  # routine statuses kept off the critical path
         self.failures = FailureReports(
@@ -200,6 +201,7 @@ class AnalysisClient:
                 continue
             instruction = self.instructions.admit(envelope, self.code)
             if instruction is None:
+                self._send_again_if_asked()
                 continue
             self.delivery.acked = True  # the aggregator moved on: what it needed has arrived
             if instruction.kind in ("finished", "abort"):
@@ -211,6 +213,14 @@ class AnalysisClient:
                     instruction.epoch,
                 )
             chosen = instruction
+
+    def _send_again_if_asked(self) -> None:
+        """A new aggregator process asked for epoch 0 under a run of its own: the status
+        naming that run (and this node's code) first, then the cached result under it."""
+        run, self.instructions.rebound = self.instructions.rebound, None
+        if run is not None:
+            self.board.now(self._status("sent", 0))
+            self.delivery.rebind(run)
 
     def send_results(self, epoch: int, result: Any, privacy: dict[str, Any] | None = None) -> None:
         """Send this epoch's result to the aggregator; it is re-sent until acknowledged."""
