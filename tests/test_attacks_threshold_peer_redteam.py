@@ -19,21 +19,34 @@ from test_attacks_quorum import (
     _signed,
     _sum,
     _vector,
-    key,  # noqa: F401  (the module fixture: T = 2 of 4 holders a, b, c, d)
 )
-from test_attacks_threshold import RUN, VALUES, _party
+from test_attacks_threshold import RUN, VALUES, Members, _party
 
+from flame.errors import FlameError
 from flame.protocols.paillier import Encryptor, SecureSumSpec
 from flame.protocols.paillier.threshold import (
     InvalidPartialError,
     PartialDecryption,
     combine_partials,
+    generate_threshold_key,
     partial_decrypt,
     verify_partial,
 )
 from flame.protocols.paillier.threshold_partial import _prove
-from flame.secure.contributions import contribution_body, split_body, unpack_contribution
-from flame.wire.envelope import Envelope, Sealed
+from flame.secure.contributions import (
+    contribution_body,
+    split_body,
+    sum_contributions,
+    unpack_contribution,
+)
+from flame.wire.envelope import Envelope
+
+
+@pytest.fixture(scope="module")
+def key():  # type: ignore[no-untyped-def]
+    """T = 2 of 4 analysis nodes a, b, c, d (Q = 3); d is the colluder, c the victim."""
+    public, shares = generate_threshold_key(512, 2, ["a", "b", "c", "d"])
+    return public, {s.node_id: s for s in shares}, Members(["a", "b", "c", "d"])
 
 
 def test_a_negated_partial_passes_its_proof_but_changes_no_sum(key, tmp_path) -> None:  # type: ignore[no-untyped-def]
@@ -150,3 +163,55 @@ def test_a_partial_for_a_zero_ciphertext_vector_is_not_made(key) -> None:  # typ
     except Exception:
         refused = True
     assert refused
+
+
+def test_a_colluders_other_layout_or_shape_fails_the_epoch_naming_it(key) -> None:  # type: ignore[no-untyped-def]
+    """WORKS (blame): d sends a vector under another SecureSumSpec or shape (with a valid
+    proof). The aggregator's sum refuses it, but names nobody, unlike a bad proof
+    ("fails the epoch naming its node"): an operator cannot tell d from the honest nodes."""
+    from flame.protocols.paillier.errors import SpecMismatchError
+
+    public, _shares, members = key
+    good = _contributions(public, members, "bc")
+    wide = SecureSumSpec(precision=16, bound=2.0**15, max_nodes=10_000)
+    enc = Encryptor(public.paillier, workers=1)
+    for vector, opening in (enc.encrypt_opened([1.0, 2.0], wide), _vector(public, [1.0] * 3)):
+        forged = {**good, "d": _signed(members, "d", (vector, opening), public=public)}
+        with pytest.raises(FlameError) as caught:
+            sum_contributions(public, RUN, 0, "total", forged, members.verify)
+        assert isinstance(caught.value, SpecMismatchError) or "shape" in str(caught.value)
+        assert getattr(caught.value, "node", None) == "d", str(caught.value)
+
+
+def test_the_range_check_boundary_is_exactly_k_times_the_bound(key) -> None:  # type: ignore[no-untyped-def]
+    """d, a contributor, picks its whole plaintext. The sum of k = 3 must lie in
+    [-k*bound, k*bound]: d reaching exactly +k*bound (or -k*bound) with the others' values is
+    accepted (what the threat model says it cannot detect); one unit beyond is refused, also
+    below zero via n - x (a "negative" plaintext wraps mod n)."""
+    from flame.protocols.paillier import AggregationOverflowError
+    from flame.protocols.paillier.encoding import _unpack
+
+    public, shares, _members = key
+    spec = SecureSumSpec(precision=0, bound=100.0, max_nodes=3)
+    layout = spec.layout(public.paillier)
+    enc = Encryptor(public.paillier, workers=1)
+    width, top = 8 * layout.slot_bytes, layout.slots_per_ciphertext - 1
+
+    def plain(slots: list[int]) -> int:
+        value = sum((v + layout.max_abs) << (width * (top - j)) for j, v in enumerate(slots))
+        return value % public.n
+
+    def decrypt(packed: list[int]) -> list[int]:
+        cts = [enc.encrypt_raw([p])[0] for p in packed]
+        total = int(np.prod(cts, dtype=object) % public.nsquare)
+        partials = [partial_decrypt(shares[h], [total], b"ctx") for h in ("a", "b")]
+        got, _ = combine_partials(public, [total], partials, b"ctx")
+        return [int(x) for x in _unpack(got, layout, 2, 3)]
+
+    honest = plain([10, 20])
+    assert decrypt([plain([280, -100]), honest, honest]) == [300, -60]  # d: out of bound
+    assert decrypt([plain([-320, 20]), honest, honest]) == [-300, 60]
+    with pytest.raises(AggregationOverflowError):
+        decrypt([plain([281, 20]), honest, honest])
+    with pytest.raises(AggregationOverflowError):
+        decrypt([plain([-321, 20]), honest, honest])
