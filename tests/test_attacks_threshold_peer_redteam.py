@@ -148,7 +148,7 @@ def test_an_honest_holder_asked_after_endorsing_another_set_refuses(key, tmp_pat
     assert "error" in _ask(a, s2, e2) and "error" in _ask(b, s1, e1)
 
 
-def test_a_partial_for_a_zero_ciphertext_vector_is_not_made(key) -> None:  # type: ignore[no-untyped-def]
+def test_a_partial_over_c_1_is_harmless_and_over_n_refused(key) -> None:  # type: ignore[no-untyped-def]
     """A colluding holder's partial over c = 1 (Enc(0) with r = 1) proves nothing useful; the
     combiner still refuses ciphertexts that are not units (n itself)."""
     public, shares, _members = key
