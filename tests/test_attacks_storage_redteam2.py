@@ -254,12 +254,14 @@ def test_a_signed_record_stripped_of_its_run_and_size_is_refused(bucket: Bucket)
 
 
 def test_a_failure_record_renamed_to_sort_last_is_refused(bucket: Bucket) -> None:
-    """(b) a genuine signed failure record copied to a later-sorting name: the signature
-    binds the key, so the copy is not shown."""
+    """(b) a genuine signed failure record moved to a later-sorting name: the signature
+    binds the key, so the copy is not shown. (Moved, not copied: since failure_record walks
+    newest-first to the first verified record, a left original would rightly be shown.)"""
     store = bucket.run_store()
     key = store.save_failure({"reason": "old-cause-ZQX", "node": "node-1", "epoch": 0})
     assert key is not None
     data = bucket.raw.get_object(bucket.bucket, key).read()
     bucket.plant(f"{LAYOUT.root}failures/99991231T235959Z.json", data)
+    bucket.store.delete(key)
     shown = failure_record(bucket.store, ANALYSIS, bucket.config())
     assert shown is None  # the renamed copy is not taken as signed
