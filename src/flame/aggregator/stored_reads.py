@@ -104,8 +104,9 @@ def check_final_run(
     """Refuse a final manifest that is not the end of the run the checkpoints are of: of
     another run (the aggregator writes its final after its last checkpoint, under the same
     run), or naming other than one or two epochs after the newest checkpoint (the last epoch
-    is not checkpointed; with a roster, a final of two or more epochs and no checkpoint at
-    all is refused too): an earlier run's final put back beside a re-run's checkpoints."""
+    is not checkpointed, so a final of two or more epochs and no checkpoint at all is refused
+    too; with a roster one naming no epoch count): an earlier run's final put back beside a
+    re-run's checkpoints, alone or with some of its own checkpoints."""
     key = layout.manifest()
     named = manifest.get("result")
     size = named.get("size") if isinstance(named, dict) else None
@@ -116,7 +117,9 @@ def check_final_run(
             "(replayed or left from an earlier run); not using it"
         )
     epochs = manifest.get("epochs")
-    if (strict or _is_int(epochs)) and epochs not in (newest.epoch + 1, newest.epoch + 2):
+    if (strict or _is_int(epochs)) and not (
+        _is_int(epochs) and epochs in (newest.epoch + 1, newest.epoch + 2)
+    ):
         where = f"after epoch {newest.epoch}" if newest.record is not None else "none"
         raise ConfigError(
             f"storage object {key!r}: names {epochs!r} epochs, but the newest checkpoint is "
