@@ -21,12 +21,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from flame.aggregator.records import Checkpoint, EpochRecord, RunResult, RunStore
 from flame.aggregator.signed_store import sign_record
-from flame.aggregator.stored_reads import (
-    check_final_run,
-    epoch_value,
-    final_value,
-    verified_record,
-)
+from flame.aggregator.stored_reads import RunReads
 from flame.clients.object_store import AnalysisLayout, ObjectNotFound, ObjectStore, StorageError
 from flame.errors import ConfigError, FlameError
 from flame.wire.envelope import pack, to_jsonable, unpack
@@ -101,11 +96,10 @@ class StorageRunStore:
             return record
         return sign_record(self.auth.identity, self.layout.analysis_id, key, record)
 
-    def _verified(self, key: str) -> dict[str, Any]:
+    def _reads(self) -> RunReads:
+        """The records as every other reader checks them (`flame.aggregator.stored_reads`)."""
         roster = self.auth.roster if self.auth is not None else None
-        return verified_record(
-            self.store, self.layout, key, roster=roster, aggregator_id=self.aggregator_id
-        )
+        return RunReads(self.store, self.layout, roster=roster, aggregator_id=self.aggregator_id)
 
     def _same_code(self, stored: dict[str, Any], what: str) -> None:
         """Refuse to mix runs of different analysis code under one analysis id (a record
@@ -134,13 +128,15 @@ class StorageRunStore:
         return {"code_sha256": self.provenance.get("code_sha256"), **fields, "run": self.run}
 
     def load_final(self) -> RunResult | None:
-        """The stored result of a run that already finished under this analysis id."""
+        """The stored result of a run that already finished under this analysis id: only the
+        end of the run its checkpoints are of (not an earlier run's final put back)."""
+        reads = self._reads()
         try:
-            manifest = self._verified(self.layout.manifest())
+            manifest, _ = reads.manifest()
         except ObjectNotFound:
             return None
         self._same_code(manifest, "finished run")
-        value = final_value(self.store, self.layout, manifest)
+        value = reads.final_value(manifest)
         return RunResult(
             self.layout.analysis_id,
             value,
@@ -151,12 +147,14 @@ class StorageRunStore:
         )
 
     def load_checkpoint(self) -> Checkpoint | None:
-        epoch = self.layout.latest_checkpoint(self.store)
-        if epoch is None:
+        """The newest checkpoint, if every listed one is verified and of one run."""
+        reads = self._reads()
+        newest = reads.newest()
+        if newest.record is None:
             return None
-        meta = self._verified(self.layout.checkpoint(epoch))
+        meta = newest.record
         self._same_code(meta, "checkpoint")
-        value = epoch_value(self.store, self.layout, self.aggregator_id, epoch, meta)
+        value = reads.epoch_value(newest.epoch, meta)
         if isinstance(meta.get("run"), str):
             self.run = meta["run"]  # the resumed run goes on: its final is of the same run
         history = [_record(item) for item in meta["history"]]
@@ -334,22 +332,12 @@ def load_result(analysis_id: str, *, epoch: int | None = None, config: Any = Non
     layout = AnalysisLayout(analysis_id)
     what = "final result" if epoch is None else f"aggregate of epoch {epoch}"
     roster = _roster(config) if config.roster is not None else None
-
-    def read(key: str) -> dict[str, Any]:
-        return verified_record(
-            store, layout, key, roster=roster, aggregator_id=config.aggregator_id
-        )
-
+    reads = RunReads(store, layout, roster=roster, aggregator_id=config.aggregator_id)
     try:
-        if epoch is not None:
-            meta = read(layout.checkpoint(epoch))
-            return epoch_value(store, layout, config.aggregator_id, epoch, meta)
-        manifest = read(layout.manifest())
-        newest = layout.latest_checkpoint(store)
-        check_final_run(
-            layout, manifest, None if newest is None else read(layout.checkpoint(newest))
-        )
-        return final_value(store, layout, manifest)
+        if epoch is not None:  # only an epoch of the run every listed checkpoint is of
+            return reads.epoch_value(epoch, reads.checkpoint(epoch, reads.newest()))
+        manifest, _ = reads.manifest()
+        return reads.final_value(manifest)
     except ObjectNotFound:
         raise FlameError(f"analysis {analysis_id!r} has no stored {what}") from None
 

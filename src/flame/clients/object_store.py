@@ -53,6 +53,7 @@ Payload = bytes | bytearray | memoryview | np.ndarray
 _SEGMENT = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._=+@,-]*$")
 _ID = re.compile(r"^[A-Za-z0-9._-]+$")
 _META_NAME = re.compile(r"^[a-z0-9][a-z0-9-]*$")
+_EPOCH = re.compile(r"^[0-9]{6}\Z")  # `epoch_prefix`'s f"{epoch:06d}" for 0 <= epoch < 10**6
 
 
 class StorageError(FlameError):
@@ -250,11 +251,13 @@ class AnalysisLayout:
     # -- reading back what earlier epochs or runs left ("old information") ------------------
 
     def checkpointed_epochs(self, store: ObjectStore) -> list[int]:
-        """Epochs with a checkpoint, ascending."""
+        """Epochs with a checkpoint, ascending: only keys exactly as `checkpoint()` writes
+        them (six ASCII digits), so a planted `0000099/` or `99/` is not an epoch at all,
+        rather than one whose record is then not found under the canonical key."""
         found: list[int] = []
         for key in store.list(f"{self.analysis_id}/epochs/"):
             parts = key.split("/")
-            if len(parts) == 4 and parts[3] == "checkpoint.json" and parts[2].isdigit():
+            if len(parts) == 4 and parts[3] == "checkpoint.json" and _EPOCH.match(parts[2]):
                 found.append(int(parts[2]))
         return sorted(found)
 

@@ -7,11 +7,13 @@ and the epoch aggregates; a run without a final result yet shows up to its last 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flame.errors import FlameError
+
+if TYPE_CHECKING:
+    from flame.aggregator.stored_reads import RunReads
 
 __all__ = ["load_run"]
 
@@ -37,10 +39,10 @@ def load_run(source: str | Path, *, config: Any = None) -> dict[str, Any]:
 
 
 def _from_storage(analysis_id: str, config: Any) -> dict[str, Any]:
-    """The run as storage keeps it, read through the same checks as `flame.load_result`:
-    with FLAME_ROSTER only records the aggregator signed, and only bytes they name."""
+    """The run as storage keeps it, read through the same checks as `flame.load_result`
+    (`RunReads`): with FLAME_ROSTER only records the aggregator signed, of one run, and only
+    bytes they name."""
     from flame.aggregator.records import numeric_summary
-    from flame.aggregator.stored_reads import check_final_run, epoch_value, final_value
     from flame.clients.object_store import AnalysisLayout, ObjectNotFound
     from flame.config import load_config
     from flame.wire.envelope import to_jsonable
@@ -55,18 +57,13 @@ def _from_storage(analysis_id: str, config: Any) -> dict[str, Any]:
 
     store = open_store(config.storage)
     assert store is not None
-    layout = AnalysisLayout(analysis_id)
-    read = _reader(store, layout, config)
+    reads = _reads(store, AnalysisLayout(analysis_id), config)
     try:
-        manifest = read(layout.manifest())
+        manifest, newest = reads.manifest()
     except ObjectNotFound:
-        return _unfinished(store, layout, analysis_id, config.aggregator_id, read)
-    newest = layout.latest_checkpoint(store)
+        return _unfinished(reads, analysis_id)
     try:
-        check_final_run(
-            layout, manifest, None if newest is None else read(layout.checkpoint(newest))
-        )
-        value = final_value(store, layout, manifest)
+        value = reads.final_value(manifest)
     except ObjectNotFound:
         raise FlameError(f"analysis {analysis_id!r}: its final result is missing") from None
     history = [dict(item) for item in manifest.get("history", [])]
@@ -78,8 +75,7 @@ def _from_storage(analysis_id: str, config: Any) -> dict[str, Any]:
             item["summary"] = numeric_summary(value)
             continue
         try:
-            meta = read(layout.checkpoint(epoch))
-            aggregate = epoch_value(store, layout, config.aggregator_id, epoch, meta)
+            aggregate = reads.epoch_value(epoch, reads.checkpoint(epoch, newest))
         except ObjectNotFound:
             continue
         item["summary"] = numeric_summary(aggregate)
@@ -95,41 +91,32 @@ def _from_storage(analysis_id: str, config: Any) -> dict[str, Any]:
     }
 
 
-def _reader(store: Any, layout: Any, config: Any) -> Callable[[str], dict[str, Any]]:
-    """Reads a record as the aggregator would act on it (signed, with a roster)."""
-    from flame.aggregator.stored_reads import verified_record
+def _reads(store: Any, layout: Any, config: Any) -> RunReads:
+    """The run's records as the aggregator would act on them (signed, with a roster)."""
+    from flame.aggregator.stored_reads import RunReads
 
     roster = None
     if config.roster is not None:
         from flame.identity import Roster
 
         roster = Roster.load(config.roster)
-
-    def read(key: str) -> dict[str, Any]:
-        return verified_record(
-            store, layout, key, roster=roster, aggregator_id=config.aggregator_id
-        )
-
-    return read
+    return RunReads(store, layout, roster=roster, aggregator_id=config.aggregator_id)
 
 
-def _unfinished(
-    store: Any, layout: Any, analysis_id: str, aggregator_id: str, read: Callable[[str], Any]
-) -> dict[str, Any]:
+def _unfinished(reads: RunReads, analysis_id: str) -> dict[str, Any]:
     """A run without a final result (running, failed, stopped): its last checkpoint."""
-    from flame.aggregator.stored_reads import epoch_value
     from flame.clients.object_store import ObjectNotFound
     from flame.wire.envelope import to_jsonable
 
-    epoch = layout.latest_checkpoint(store)
-    if epoch is None:
+    newest = reads.newest()
+    meta, epoch = newest.record, newest.epoch
+    if meta is None:
         raise FlameError(
             f"analysis {analysis_id!r} has neither a final result nor a checkpoint in storage "
             "(wrong analysis id, or a different FLAME_STORAGE__PREFIX?)"
         )
-    meta = read(layout.checkpoint(epoch))
     try:
-        value = epoch_value(store, layout, aggregator_id, epoch, meta)
+        value = reads.epoch_value(epoch, meta)
     except ObjectNotFound:
         value = None
     return {

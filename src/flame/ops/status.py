@@ -39,7 +39,7 @@ from flame.ops.status_records import (
     _same,
 )
 from flame.ops.status_render import render_change, render_epoch, render_status
-from flame.ops.status_storage import of_this_run, trusted_record
+from flame.ops.status_storage import newest_checkpoint, of_this_run, trusted_record
 from flame.transport.status_order import StatusOrder
 
 __all__ = [
@@ -193,21 +193,14 @@ class StatusClient:
 
     def history(self, analysis_id: str) -> list[EpochInfo]:
         """Per-epoch records: from the manifest when finished, else the latest checkpoint."""
-        from flame.clients.object_store import AnalysisLayout, ObjectNotFound
+        from flame.clients.object_store import AnalysisLayout
 
         manifest = self.manifest(analysis_id)
         records: Any = manifest.get("history") if manifest else None
         store = self._storage()
         if records is None and store is not None:
-            layout = AnalysisLayout(analysis_id)
-            latest = layout.latest_checkpoint(store)
-            if latest is not None:
-                key = layout.checkpoint(latest)
-                try:
-                    checkpoint = trusted_record(self.config, analysis_id, key, store.get_json(key))
-                except ObjectNotFound:
-                    checkpoint = None
-                records = checkpoint.get("history") if checkpoint is not None else None
+            checkpoint = newest_checkpoint(self.config, store, AnalysisLayout(analysis_id))
+            records = checkpoint.get("history") if checkpoint is not None else None
         parsed = [EpochInfo.from_dict(item) for item in records or []]
         return [record for record in parsed if record is not None]
 
