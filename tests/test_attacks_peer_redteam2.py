@@ -203,3 +203,79 @@ def test_a_member_cannot_pin_more_than_the_free_form_budget_by_naming_a_runtime_
     )
     print(f"node a holds {held >> 20} MiB of the colluder's 'flame.junk' messages")
     assert held <= 16 << 20, f"node a holds {held >> 20} MiB sent by one peer"
+
+
+# --- 6. operator + colluder: replayed statuses make a checkpoint continue an old run -----------
+class _Store:
+    """A checkpoint of epoch 0 (taken in some run; it does not say which)."""
+
+    def __init__(self) -> None:
+        self.final: Any = None
+
+    def load_final(self) -> Any:
+        return None
+
+    def load_checkpoint(self) -> Any:
+        from flame.aggregator.records import Checkpoint
+
+        return Checkpoint(1, {"sum": 0.0, "n": 0.0, "nodes": 0.0}, [])
+
+    def save_checkpoint(self, checkpoint: Any) -> None:
+        pass
+
+    def save_final(self, result: Any) -> str:
+        self.final = result
+        return "memory"
+
+
+def test_replayed_statuses_cannot_make_a_checkpoint_continue_an_old_run() -> None:
+    """presence._choose_run, resuming from a checkpoint: the nodes' run is continued when a
+    quorum of participants name it and none another. The checkpoint does not name its run,
+    and a status is taken as the node's word whenever it was signed. The operator captured
+    a's and b's signed retained statuses (run R_old, epoch 1) and their signed epoch-1 results
+    in an earlier run; for a restarted aggregator with a checkpoint (next epoch 1) it serves
+    those statuses as retained ones (the honest processes are not up yet), the colluder
+    names R_old too. Secure: the aggregator does not continue R_old on replayed statuses (the
+    checkpoint's own run id, or statuses signed after this process started), and the
+    replayed results of R_old never count."""
+    statuses: dict[str, dict[str, Any]] = {}
+    results: list[bytes] = []
+
+    def spy(envelope: Envelope) -> bool:
+        if envelope.kind == "result" and envelope.sender in HONEST and envelope.epoch == 1:
+            results.append(bytes(envelope.signed or b""))
+        return True
+
+    first = Federation(epochs=2, on_send=spy)
+    first.start_honest()
+    first.evil_connect()
+    box = first.run_aggregator()
+    old_run = _run_of(first.evil_next(("start",)))
+    first.evil.send(first.evil_result(0, {"sum": 5.0, "n": 1.0}, old_run))
+    first.evil_next(("aggregate",))
+    deadline = time.monotonic() + 10
+    while len(statuses) < 2 and time.monotonic() < deadline:
+        for node, status in first.broker.statuses(ANALYSIS).items():
+            if node in HONEST and status.get("run") == old_run and status.get("epoch") == 1:
+                statuses[node] = status
+        time.sleep(0.01)
+    first.evil.send(first.evil_result(1, {"sum": 7.0, "n": 1.0}, old_run))
+    first.join(box)
+    assert "result" in box and len(statuses) == 2 and results, (statuses.keys(), len(results))
+
+    second = Federation(epochs=2, auths=first.auths)  # quorum: all three
+    second.aggregator.store = _Store()  # type: ignore[assignment]
+    for node, status in statuses.items():  # the operator's retained statuses
+        second.broker.set_status(ANALYSIS, node, status)
+    second.evil_session = uuid.uuid4().hex
+    second.evil_connect(run=old_run)
+    box = second.run_aggregator()
+    kickoff = second.evil_next(("aggregate", "start"))
+    run = _run_of(kickoff)
+    if run == old_run:
+        for frame in results:
+            second.broker.inject(ANALYSIS, "aggregator", frame)
+        second.evil.send(second.evil_result(1, {"sum": 7.0, "n": 1.0}, run))
+    box["thread"].join(30)
+    print(f"kick-off run {run}, earlier {old_run}; {box.get('result') or box.get('error')}")
+    assert run != old_run, "a checkpoint continued the old run on replayed statuses"
