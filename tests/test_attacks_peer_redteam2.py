@@ -65,7 +65,9 @@ def test_a_member_cannot_evict_an_honest_peers_acknowledged_message_by_count() -
     for i in range(10_000):
         body = {"i": i}
         broker.inject(
-            ANALYSIS, "a", b"".join(t[EVIL].outgoing(Envelope(ANALYSIS, EVIL, "a", "message", 0, body, "x")))
+            ANALYSIS,
+            "a",
+            b"".join(t[EVIL].outgoing(Envelope(ANALYSIS, EVIL, "a", "message", 0, body, "x"))),
         )
     _drain(inbox, 3.0)
     got = inbox.next(lambda e: e.sender == "b" and e.category == "chat", Deadline(0.5))
@@ -98,7 +100,9 @@ def test_a_replayed_start_of_an_earlier_aggregator_process_does_not_pull_a_node_
     first.start_honest()
     first.evil_connect()
     box = first.run_aggregator()
-    first.evil.send(first.evil_result(0, {"sum": 5.0, "n": 1.0}, _run_of(first.evil_next(("start",)))))
+    first.evil.send(
+        first.evil_result(0, {"sum": 5.0, "n": 1.0}, _run_of(first.evil_next(("start",))))
+    )
     first.join(box)
     assert "result" in box and captured
 
@@ -279,3 +283,42 @@ def test_replayed_statuses_cannot_make_a_checkpoint_continue_an_old_run() -> Non
     box["thread"].join(30)
     print(f"kick-off run {run}, earlier {old_run}; {box.get('result') or box.get('error')}")
     assert run != old_run, "a checkpoint continued the old run on replayed statuses"
+
+
+# --- 7. kick-offs re-sent for "new processes": the colluder starts a new one 40 times a second --
+def test_a_member_starting_new_processes_gets_kick_offs_at_most_every_two_seconds() -> None:
+    """presence.py re-sends the current kick-off to a node whose process is new (a status of
+    another `instance`), at most once per 2 s per node. The colluder connects 60 fresh
+    transports of its own key within ~1.5 s (each a new instance, never an earlier one, so no
+    "two processes" conflict) while the epoch with a 1 MiB aggregate is open. Refused: at
+    most one re-send per 2 s."""
+    from test_attacks_peer_redteam import big_aggregate
+
+    sent = {"count": 0}
+
+    def count(envelope: Envelope) -> bool:
+        if envelope.recipient == EVIL and envelope.kind == "aggregate":
+            sent["count"] += 1
+        return True
+
+    fed = Federation(epochs=2, aggregate_fn=big_aggregate, on_send=count)
+    fed.start_honest()
+    fed.evil_connect()
+    box = fed.run_aggregator()
+    run = _run_of(fed.evil_next(("start",)))
+    fed.evil.send(fed.evil_result(0, {"sum": 5.0, "n": 1.0}, run))
+    fed.evil_next(("aggregate",))
+    before, started = sent["count"], time.monotonic()
+    for _ in range(60):
+        twin = fed.transport(EVIL)
+        fed.evil_session = uuid.uuid4().hex
+        twin.connect(fed.evil_status("computing", 1))
+        time.sleep(0.025)
+    time.sleep(0.5)
+    elapsed = time.monotonic() - started
+    resent = sent["count"] - before
+    fed.evil.send(fed.evil_result(1, {"sum": 7.0, "n": 1.0}, run))
+    fed.join(box)
+    print(f"60 new processes in {elapsed:.1f} s -> {resent} kick-offs re-sent")
+    assert "result" in box, box.get("error")
+    assert resent <= 1 + int(elapsed / 2.0), resent
