@@ -11,14 +11,19 @@ assert the secure behaviour and fail on the current code (see the report of bran
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
 from typing import Any
 
-from test_attacks_peer_redteam import ANALYSIS, EVIL, HONEST, Federation, _run_of
+from test_attacks_peer_redteam import ANALYSIS, EVIL, HONEST, Federation, _run_of, aggregate
 
+from flame.analysis.functions import AnalysisFunctions
+from flame.data import Data
+from flame.data.sources import MemorySource
 from flame.identity import throwaway
 from flame.node.mailbox import Mailbox
+from flame.node.runtime import AnalysisClient
 from flame.transport.memory import MemoryBroker, MemoryTransport
 from flame.utils.deadline import Deadline
 from flame.wire.envelope import Envelope, encode_parts
@@ -322,3 +327,93 @@ def test_a_member_starting_new_processes_gets_kick_offs_at_most_every_two_second
     print(f"60 new processes in {elapsed:.1f} s -> {resent} kick-offs re-sent")
     assert "result" in box, box.get("error")
     assert resent <= 1 + int(elapsed / 2.0), resent
+
+
+# --- 8. an aggregate of the old process queued with the new process's `start` -----------------
+def epoch_of_previous(data: Data, epoch: int, previous: Any) -> dict[str, Any]:
+    return {"epoch": float(epoch), "previous": previous}
+
+
+def test_a_node_rebound_to_a_new_run_does_not_answer_it_from_the_old_runs_aggregate() -> None:
+    """runtime.await_instruction keeps the newest queued kick-off (`chosen`) and reads on
+    with a zero wait; instructions.admit may meanwhile rebind the node to a new run (a
+    `start` of epoch 0 of a new aggregator process while the node's epoch-0 result is its
+    last). The broker operator holds the aggregate of epoch 0 of run R1 (the process that
+    sent it then ended) and delivers it together with the new process's status and `start`
+    of R2. The node rebinds to R2 and still returns R1's aggregate as its next instruction:
+    it computes epoch 1 from R1's aggregate and sends it under run R2, where R2's epoch 1
+    will take it as computed from R2's own epoch-0 aggregate (a wrong aggregate, exit 0).
+    Secure: after moving to R2 nothing of R1 is acted on (no epoch-1 result under R2 before
+    R2 sent an aggregate)."""
+    import sys
+
+    broker = MemoryBroker()
+    auths = throwaway("aggregator", ["a"])
+    functions = AnalysisFunctions.of(epoch_of_previous, aggregate)
+    client = AnalysisClient(
+        MemoryTransport(broker, ANALYSIS, "a", auth=auths["a"]),
+        aggregator_id="aggregator",
+        participants=["a"],
+        wait_timeout=20,
+        resend_interval=5.0,
+    )
+    outcome: dict[str, Any] = {}
+
+    def play() -> None:
+        data = Data({"memory": MemorySource({"x.csv": "x\n1\n"})}, node_id="a")
+        try:
+            outcome["a"] = client.run(functions, data).value
+        except BaseException as exc:
+            outcome["a"] = exc
+
+    def aggregator(session: str) -> MemoryTransport:
+        transport = MemoryTransport(broker, ANALYSIS, "aggregator", auth=auths["aggregator"])
+        transport.connect(
+            {"state": "running", "role": "aggregator", "session": session, "epoch": 0}
+        )
+        transport.watch(["a"])
+        return transport
+
+    def control(kind: str, session: str, run: str, **body: Any) -> Envelope:
+        return Envelope(
+            ANALYSIS, "aggregator", "a", kind, 0, {**body, "run": run, "session": session}
+        )
+
+    s1, s2, r1, r2 = uuid.uuid4().hex, uuid.uuid4().hex, "run-one-" + "1" * 8, "run-two-" + "2" * 8
+    one = aggregator(s1)
+    threading.Thread(target=play, daemon=True).start()
+    one.send(control("start", s1, r1, previous=None))
+    first = _next_result(one, 10)
+    assert first.epoch == 0 and first.category == r1
+    one._connected = False  # process one ends; its aggregate of epoch 0 was held by the operator
+    held = b"".join(one.outgoing(control("aggregate", s1, r1, value={"from": "R1"})))
+    two = MemoryTransport(broker, ANALYSIS, "aggregator", auth=auths["aggregator"])
+    start = b"".join(two.outgoing(control("start", s2, r2, previous=None)))
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1.0)  # the three arrive together, as the operator releases them
+    try:
+        broker.inject(ANALYSIS, "a", held)
+        two.connect({"state": "running", "role": "aggregator", "session": s2, "epoch": 0})
+        broker.inject(ANALYSIS, "a", start)
+    finally:
+        sys.setswitchinterval(interval)
+    two.watch(["a"])
+    seen = []
+    deadline = time.monotonic() + 6
+    while time.monotonic() < deadline:
+        envelope = two.receive(0.2)
+        if envelope is not None and envelope.kind == "result":
+            seen.append((envelope.epoch, envelope.category, envelope.body))
+    two.send(control("abort", s2, r2, reason="test over"))
+    print(f"results to the new process: {seen}")
+    assert (0, r2) in [(e, c) for e, c, _ in seen], "a did not re-send its epoch-0 result"
+    assert not [s for s in seen if s[0] >= 1], "a answered R2 from R1's aggregate"
+
+
+def _next_result(transport: MemoryTransport, timeout: float) -> Envelope:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        envelope = transport.receive(0.2)
+        if envelope is not None and envelope.kind == "result":
+            return envelope
+    raise AssertionError("no result")
