@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import struct
+from collections import Counter
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -189,6 +190,7 @@ def sum_contributions(
     from flame.protocols.paillier import EncryptedVector
 
     vectors = []
+    decoded: list[tuple[str, Any, EncryptedVector]] = []
     seen: set[bytes] = set()
     for node, sealed in sorted(contributions.items()):
         check_scheme(node, path, sealed)
@@ -214,9 +216,33 @@ def sum_contributions(
                     "another contribution"
                 )
             seen.add(raw)
+        decoded.append((node, proof, vector))
+    _refuse_the_odd_encoding(path, decoded)  # before any proof over a vector not summed
+    for node, proof, vector in decoded:
         check_proof(public, analysis, epoch, path, node, proof, vector)
         vectors.append(vector)
     return EncryptedVector.sum(vectors)
+
+
+def _refuse_the_odd_encoding(path: str, decoded: list[tuple[str, Any, EncryptedVector]]) -> None:
+    """A contribution under another key, layout or shape than most is refused naming its
+    sender, so the operator can tell who sent it (the sum alone would name nobody)."""
+    counts = Counter((v.key_id, v.layout, v.shape) for _, _, v in decoded)
+    ranked = counts.most_common(2)
+    if len(ranked) < 2:
+        return
+    if ranked[0][1] == ranked[1][1]:
+        raise FlameError(
+            f"the contributions to {path!r} disagree on key, layout or shape with no majority: "
+            "every node must mark it with the same flame.secure(..., bound=, precision=)"
+        )
+    for node, _, vector in decoded:
+        if (vector.key_id, vector.layout, vector.shape) != ranked[0][0]:
+            raise InvalidContributionError(
+                f"the contribution of {node!r} to {path!r} has another key, layout or shape "
+                "than most contributions",
+                node,
+            )
 
 
 SIGNED = "paillier-s1"
