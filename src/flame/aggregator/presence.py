@@ -21,6 +21,7 @@ from flame.aggregator.records import Event
 from flame.aggregator.sending import SEND_TIMEOUT
 from flame.errors import RunFailed, RunTimeout, TransportError
 from flame.node.status_board import STATUS_INTERVAL
+from flame.transport.status_order import CLOCK_SKEW
 from flame.utils.deadline import Deadline
 from flame.wire.envelope import Envelope, Kind
 
@@ -80,7 +81,7 @@ class Presence:
         self._withheld: set[str] = set()  # nodes whose policy declines other sites' aggregates
         self._told: set[str] = set()
 
-    def _choose_run(self, *, resuming: bool) -> None:
+    def _choose_run(self, *, resuming: bool, run: str | None = None) -> None:
         """The run id of this aggregator process's kick-offs; a result counts only under it.
 
         Without a checkpoint every aggregator process names a run of its own (a fresh random
@@ -91,8 +92,13 @@ class Presence:
         (`flame.node.instructions`); nodes past it lost the previous aggregate with the
         previous aggregator process and compute again from epoch 0.
 
-        Resuming from a checkpoint, the nodes' run is continued (the aggregate they need is in
-        it) when at least a quorum of participants name it and none names another.
+        Resuming from a checkpoint, the checkpoint's own run (`run`, signed into it) is
+        continued, and only when at least a quorum of participants name it in statuses signed
+        since this process started (give or take `CLOCK_SKEW`) and none names another: a
+        status is signed whenever it was sent, and retained ones of an earlier run replayed
+        by the broker operator once made a checkpoint continue that run, its replayed results
+        counting. Otherwise this process names a run of its own, and the nodes compute the
+        checkpoint's next epoch again from its aggregate.
         """
         if not resuming and any(s.get("run") for s in self._statuses.values()):
             self._settle_statuses()  # to say truly where the nodes stand
@@ -103,10 +109,17 @@ class Presence:
             for node, s in statuses.items()
             if isinstance(s.get("run"), str) and isinstance(s.get("epoch"), int) and s["epoch"] > 0
         )
-        agreed = next(iter(runs)) if len(runs) == 1 and sum(runs.values()) >= self.quorum else None
-        if resuming and agreed is not None:
-            self.run_id = agreed
-            log.info("continuing run %s of the nodes", self.run_id)
+        signed_since = self.transport.since - CLOCK_SKEW
+        fresh = sum(
+            1
+            for s in statuses.values()
+            if s.get("run") == run
+            and isinstance(s.get("at"), (int, float))
+            and s["at"] >= signed_since
+        )
+        if resuming and run is not None and set(runs) == {run} and fresh >= self.quorum:
+            self.run_id = run
+            log.info("continuing run %s of the checkpoint and the nodes", self.run_id)
             return
         self.run_id = uuid.uuid4().hex[:16]
         if ahead and not resuming:
@@ -127,7 +140,7 @@ class Presence:
                 self.run_id,
                 named,
                 " (a checkpoint's run is continued only when at least a quorum of participants"
-                " name it and none names another)"
+                " name it in statuses signed since this process started and none names another)"
                 if resuming
                 else " (nodes in epoch 0 send their result again under this run)",
             )

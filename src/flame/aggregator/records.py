@@ -206,6 +206,8 @@ class Checkpoint:
     next_epoch: int
     previous: Any
     history: list[EpochRecord]
+    run: str | None = None
+    """The run id of the kick-offs (the nodes' run): only this run may be continued."""
 
 
 class RunStore(Protocol):

@@ -158,7 +158,9 @@ class StorageRunStore:
         if isinstance(meta.get("run"), str):
             self.run = meta["run"]  # the resumed run goes on: its final is of the same run
         history = [_record(item) for item in meta["history"]]
-        return Checkpoint(int(meta["next_epoch"]), value, history)
+        nodes_run = meta.get("nodes_run")  # the nodes' run id (signed with the record)
+        run = nodes_run if isinstance(nodes_run, str) else None
+        return Checkpoint(int(meta["next_epoch"]), value, history, run)
 
     def _persist(self, key: str, write: Callable[[], _T]) -> _T:
         """`write()`, retried with backoff for up to `retry_s` s; StorageError naming `key`
@@ -195,6 +197,7 @@ class StorageRunStore:
                 "aggregate_size": stored.size,
                 "history": [record.to_dict() for record in checkpoint.history],
                 "saved": time.time(),
+                "nodes_run": checkpoint.run,
                 **self._run_provenance(),
             },
         )

@@ -7,8 +7,10 @@ a failing node aborts the run for everyone with that node's reason.
 Every kick-off names a run id, and a result counts only under the run id of this process's
 kick-offs. Without a checkpoint a process names a run of its own: nodes still in epoch 0 send
 their cached results again under it, nodes past it (the previous aggregate is lost) start the
-analysis over. With a checkpoint it continues the nodes' run if a quorum of participants name
-it and none another. Results are acknowledged end to end (`ack`), and a node whose broker
+analysis over. With a checkpoint it continues the checkpoint's run (signed into it) if a
+quorum of participants name it in statuses signed since this process started and none names
+another; else it names a run of its own and the nodes compute the checkpoint's next epoch
+again under it. Results are acknowledged end to end (`ack`), and a node whose broker
 session was lost (its status' `link` count grew) is sent the current kick-off again
 (rate-limited). Any stop other than a finished run (a failure, SIGINT/SIGTERM) sends every
 node an abort with the reason.
@@ -108,7 +110,7 @@ class Aggregator(Presence, Sending, Failures):
             raise ConfigError(
                 "the aggregation node must not hold the private key of secure aggregation"
             )
-        self.mailbox = Mailbox(transport)
+        self.mailbox = Mailbox(transport, transport.node_id)
         self.code = code  # SHA-256 of the analysis code: every node must announce the same
         self.board = StatusBoard(transport)  # routine statuses kept off the critical path
         self.session = uuid.uuid4().hex
@@ -186,7 +188,9 @@ class Aggregator(Presence, Sending, Failures):
         if checkpoint:
             log.info("resuming from checkpoint: next epoch %d", first)
         self._await_presence()
-        self._choose_run(resuming=checkpoint is not None)
+        self._choose_run(
+            resuming=checkpoint is not None, run=checkpoint.run if checkpoint else None
+        )
         if first == 0:
             self._kickoff = ("start", 0, {"previous": None, "run": self.run_id})
         else:
@@ -232,7 +236,8 @@ class Aggregator(Presence, Sending, Failures):
                 # Before the kick-off: an aggregator restarted after it must not resume behind
                 # the nodes (they would be an epoch ahead, their results "future", the run stuck
                 # until the epoch timeout). The record here lacks the kick-off's bytes.
-                self.store.save_checkpoint(Checkpoint(epoch + 1, value, [*history, record]))
+                checkpoint = Checkpoint(epoch + 1, value, [*history, record], self.run_id)
+                self.store.save_checkpoint(checkpoint)
             if not last:
                 self._send_parameters(epoch, value)
                 record = replace(record, bytes_sent=self.transport.bytes_sent - sent)
@@ -312,7 +317,7 @@ class Aggregator(Presence, Sending, Failures):
             elif envelope.kind == "result":
                 if envelope.sender not in self.participants:
                     log.warning("ignored a result from %r, not a participant", envelope.sender)
-                elif envelope.category is not None and envelope.category != self.run_id:
+                elif envelope.category != self.run_id:  # naming no run: no run's
                     log.info(
                         "ignored %s's result of run %s (this is run %s)",
                         envelope.sender,

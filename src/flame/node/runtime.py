@@ -92,7 +92,7 @@ class AnalysisClient:
         masking: MaskingSettings | None = None,
     ) -> None:
         self.transport = transport
-        self.mailbox = Mailbox(transport)
+        self.mailbox = Mailbox(transport, aggregator_id)
         self.aggregator_id = aggregator_id
         self.wait_timeout = wait_timeout
         self.session = uuid.uuid4().hex
@@ -169,7 +169,9 @@ class AnalysisClient:
 
         When several kick-offs are queued (a slow node under a quorum), only the newest counts,
         and a queued `finished` or `abort` wins over any kick-off: a finished run is not
-        worked through epoch by epoch.
+        worked through epoch by epoch. One queued before the node moved to another run (a new
+        aggregator process's `start`) is dropped: it would answer the new run from the old
+        run's aggregate.
         """
         deadline = Deadline(self.wait_timeout)
         chosen: Instruction | None = None
@@ -199,7 +201,12 @@ class AnalysisClient:
                 continue
             if not self.watch.from_current(envelope, self.code):
                 continue
+            run = self.instructions.run
             instruction = self.instructions.admit(envelope, self.code)
+            if chosen is not None and self.instructions.run != run:
+                # the node moved to another run: a kick-off of the run it left is not acted on
+                log.info("dropped the queued kick-off of epoch %d of run %s", chosen.epoch, run)
+                chosen = None
             if instruction is None:
                 self._send_again_if_asked()
                 continue
