@@ -45,7 +45,7 @@ from flame.aggregator.sending import Sending
 from flame.analysis.functions import AnalysisFunctions
 from flame.errors import ConfigError, RunFailed, RunTimeout, stop_signal
 from flame.node.context import Context, Liveness, active
-from flame.node.mailbox import Mailbox
+from flame.node.mailbox import Mailbox, envelope_size
 from flame.node.status_board import StatusBoard
 from flame.privacy.central import CentralDP
 from flame.privacy.disclosure import reveal_suppressed, unwrap_release
@@ -59,7 +59,7 @@ if TYPE_CHECKING:  # masking loads only for FLAME_SECURE__SCHEME=masking
     from flame.secure.masking_sum import MaskingSummer
 from flame.utils.deadline import Deadline
 from flame.utils.redact import describe_exception
-from flame.wire.envelope import Envelope, Kind, encode_parts
+from flame.wire.envelope import Envelope, Kind
 
 __all__ = ["Aggregator"]
 
@@ -337,7 +337,7 @@ class Aggregator(Presence, Sending, Failures):
                     if privacy is not None:
                         self._privacy[envelope.sender] = privacy
                     self._arrivals[envelope.sender] = time.monotonic() - started
-                    self._result_bytes[envelope.sender] = _size(envelope)
+                    self._result_bytes[envelope.sender] = envelope_size(envelope)
                     version = self._statuses.get(envelope.sender, {}).get("data")
                     if isinstance(version, str) and len(version) == 64:
                         self._data_versions[envelope.sender] = version
@@ -447,17 +447,6 @@ class Aggregator(Presence, Sending, Failures):
             privacy=dict(self._privacy),
             result_bytes=dict(self._result_bytes),
         )
-
-
-def _size(envelope: Envelope) -> int:
-    """Bytes of a message in flame's wire encoding (its arrays are not copied): as received
-    when known, else encoded again."""
-    if envelope.wire_bytes is not None:
-        return envelope.wire_bytes
-    try:
-        return sum(memoryview(part).nbytes for part in encode_parts(envelope))
-    except (TypeError, ValueError):
-        return 0
 
 
 def _unsummed_hint(exc: Exception, results: Any) -> str:
