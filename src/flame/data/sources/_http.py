@@ -50,6 +50,9 @@ log = logging.getLogger(__name__)
 DEFAULT_SPOOL_THRESHOLD = 8 * 1024 * 1024
 """Files larger than this are spooled to a temp file instead of memory."""
 CHUNK_SIZE = 256 * 1024
+MAX_FILE_BYTES = 16 * 1024**3
+"""The largest file a source reads (to a temp file): a broken or hostile server cannot fill
+the disk."""
 MIN_RATE = 16 * 1024
 """Bytes/s an answer must average after its first `timeout` seconds."""
 MAX_JSON_BYTES = 64 * 1024 * 1024

@@ -22,6 +22,7 @@ import httpx
 from flame.clients.token import TokenError, TokenSource, source_service_name
 from flame.data.sources._http import (
     DEFAULT_SPOOL_THRESHOLD,
+    MAX_FILE_BYTES,
     HttpStatusError,
     _check_name,
     _HttpService,
@@ -33,10 +34,6 @@ from flame.utils.deadline import call_left
 __all__ = ["HttpFileSource"]
 
 log = logging.getLogger(__name__)
-
-MAX_FILE_BYTES = 16 * 1024**3
-"""The largest file read (to a temp file): a broken or hostile API cannot fill the disk."""
-
 
 class HttpFileSource(_HttpService):
     """Files over HTTP (protocol in the module docstring); a `flame.data.FileSource`."""

@@ -20,6 +20,7 @@ from flame.config import DataSourceSettings
 from flame.data.sources._http import (
     CHUNK_SIZE,
     DEFAULT_SPOOL_THRESHOLD,
+    MAX_FILE_BYTES,
     _check_name,
     _spool,
     check_progress,
@@ -44,7 +45,7 @@ class S3Source:
         *,
         spool_threshold: int = DEFAULT_SPOOL_THRESHOLD,
         timeout: float = 30.0,
-        max_bytes: int = 16 * 1024**3,
+        max_bytes: int = MAX_FILE_BYTES,
     ) -> None:
         if prefix and not prefix.endswith("/"):
             prefix += "/"
